@@ -1,0 +1,65 @@
+"""sluiceway: a stream processing engine for Python.
+
+>>> import sluiceway as sw
+>>> flow = sw.Flow("hello")
+>>> out = sw.sinks.Collect()
+>>> flow.source(sw.sources.Iterable(range(5))).filter(lambda x: x % 2 == 0).sink(out)
+>>> _ = sw.run(flow)
+>>> out.items
+[0, 2, 4]
+"""
+
+from sluiceway import sinks, sources, testing
+from sluiceway.errors import (
+    BadInputError,
+    ChannelOverflowError,
+    FlowCancelledError,
+    FlowDefinitionError,
+    FlowFailedError,
+    OperatorError,
+    SluicewayError,
+)
+from sluiceway.flow import Flow, KeyedStream, Stream
+from sluiceway.metrics import FlowSnapshot
+from sluiceway.policies import Backoff, DeadLetter, DeadLetterRecord, ErrorPolicy, Fail, Retry
+from sluiceway.runtime.channel import Overflow
+from sluiceway.runtime.executor import RunResult
+from sluiceway.runtime.handle import FlowHandle, run, run_async, start
+from sluiceway.runtime.messages import Batch
+from sluiceway.time import Clock, SystemClock, VirtualClock
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backoff",
+    "BadInputError",
+    "Batch",
+    "ChannelOverflowError",
+    "Clock",
+    "DeadLetter",
+    "DeadLetterRecord",
+    "ErrorPolicy",
+    "Fail",
+    "Flow",
+    "FlowCancelledError",
+    "FlowDefinitionError",
+    "FlowFailedError",
+    "FlowHandle",
+    "FlowSnapshot",
+    "KeyedStream",
+    "OperatorError",
+    "Overflow",
+    "Retry",
+    "RunResult",
+    "SluicewayError",
+    "Stream",
+    "SystemClock",
+    "VirtualClock",
+    "__version__",
+    "run",
+    "run_async",
+    "sinks",
+    "sources",
+    "start",
+    "testing",
+]

@@ -1,0 +1,151 @@
+"""Every exception sluiceway raises, in one place.
+
+The tree::
+
+    SluicewayError
+    ├── FlowDefinitionError        the flow is not valid; raised while building or before
+    │                              anything runs (also a ValueError)
+    ├── BadInputError              a source met a malformed record; names where (file:line)
+    ├── FlowFailedError            a running flow stopped because of an error
+    │   ├── OperatorError          user code raised under the `fail` policy; carries the record
+    │   └── ChannelOverflowError   an edge with ``overflow=Overflow.FAIL`` was full
+    ├── FlowCancelledError         the flow was cancelled before it drained (grace period over,
+    │                              or a second stop signal); carries what was not flushed
+    └── channel endings
+        ├── EndOfStream            every writer closed and the channel is empty
+        ├── ClosedResourceError    this side was already closed by us
+        └── BrokenResourceError    the other side went away
+
+Messages quote the bad value and say where it came from, e.g.
+``operator 'map_parse' failed on record {'id': 7} (ValueError: bad amount)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "BadInputError",
+    "BrokenResourceError",
+    "ChannelOverflowError",
+    "ClosedResourceError",
+    "EndOfStream",
+    "FlowCancelledError",
+    "FlowDefinitionError",
+    "FlowFailedError",
+    "OperatorError",
+    "SluicewayError",
+    "short_repr",
+]
+
+_REPR_LIMIT = 200
+
+
+def short_repr(value: object, limit: int = _REPR_LIMIT) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages.
+
+    >>> short_repr("x" * 500, limit=12)
+    "'xxxxxxxx..."
+    """
+    try:
+        text = repr(value)
+    except Exception as exc:  # noqa: BLE001 - a broken __repr__ must not hide the real error
+        text = f"<unrepresentable {type(value).__name__}: {exc!r}>"
+    if len(text) > limit:
+        text = text[: max(0, limit - 3)] + "..."
+    return text
+
+
+class SluicewayError(Exception):
+    """Base class of every sluiceway exception."""
+
+
+class FlowDefinitionError(SluicewayError, ValueError):
+    """The flow is not valid (a dangling stream, a reused sink, a bad argument...)."""
+
+
+class BadInputError(SluicewayError):
+    """A source read a record it cannot decode.
+
+    Attributes:
+        where: a human-readable position, e.g. ``events.jsonl:12``.
+        raw: the raw input (a line of text, a CSV row), truncated in messages only.
+        reason: what was wrong with it.
+    """
+
+    def __init__(self, where: str, raw: object, reason: str) -> None:
+        self.where = where
+        self.raw = raw
+        self.reason = reason
+        super().__init__(f"bad input at {where}: {reason} (input: {short_repr(raw)})")
+
+
+class FlowFailedError(SluicewayError):
+    """A running flow stopped because of an error.  ``__cause__`` holds the original."""
+
+    def __init__(self, message: str, *, flow: str, operator: str | None = None) -> None:
+        self.flow = flow
+        self.operator = operator
+        super().__init__(message)
+
+
+class OperatorError(FlowFailedError):
+    """User code raised inside an operator whose error policy is ``fail``.
+
+    Attributes:
+        record: the record being processed (the full object; the message truncates it).
+        attempts: how many times the operator tried it.
+    """
+
+    def __init__(
+        self, *, flow: str, operator: str, record: Any, cause: BaseException, attempts: int = 1
+    ) -> None:
+        self.record = record
+        self.attempts = attempts
+        tries = f" after {attempts} attempts" if attempts > 1 else ""
+        super().__init__(
+            f"operator {operator!r} in flow {flow!r} failed{tries} on record "
+            f"{short_repr(record)}: {type(cause).__name__}: {cause}",
+            flow=flow,
+            operator=operator,
+        )
+
+
+class ChannelOverflowError(FlowFailedError):
+    """An edge with ``overflow=Overflow.FAIL`` received more records than it could hold."""
+
+    def __init__(self, *, flow: str, edge: str, capacity: int, incoming: int) -> None:
+        self.edge = edge
+        self.capacity = capacity
+        super().__init__(
+            f"channel {edge!r} in flow {flow!r} overflowed: capacity {capacity} records, "
+            f"{incoming} more arrived while it was full (overflow=Overflow.FAIL); "
+            "raise the capacity or choose a dropping or blocking overflow policy",
+            flow=flow,
+            operator=edge,
+        )
+
+
+class FlowCancelledError(SluicewayError):
+    """The flow was cancelled before it had drained.
+
+    Attributes:
+        unflushed: records that were still in flight, by the channel or operator holding them.
+    """
+
+    def __init__(self, message: str, unflushed: dict[str, int]) -> None:
+        self.unflushed = dict(unflushed)
+        lost = ", ".join(f"{k}: {v}" for k, v in sorted(unflushed.items()) if v) or "nothing"
+        super().__init__(f"{message}; not flushed: {lost}")
+
+
+class EndOfStream(SluicewayError):
+    """Every writer of a channel has closed and nothing is left to read."""
+
+
+class ClosedResourceError(SluicewayError):
+    """This end of a channel was already closed by its owner."""
+
+
+class BrokenResourceError(SluicewayError):
+    """The other end of a channel went away (its reader stopped)."""

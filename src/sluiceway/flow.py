@@ -1,0 +1,458 @@
+"""The logical dataflow and its fluent builder.
+
+Building a flow runs nothing: :class:`Flow` records operators and edges, checks each
+argument as it is given (so a mistake is reported at the line that made it), and
+:meth:`Flow.validate` checks the whole graph before a run.
+
+>>> import sluiceway as sw
+>>> flow = sw.Flow("doubling")
+>>> out = sw.sinks.Collect()
+>>> flow.source(sw.sources.Iterable([1, 2, 3])).map(lambda x: x * 2).sink(out)
+>>> _ = sw.run(flow)
+>>> out.items
+[2, 4, 6]
+
+Every stream method returns a new stream; a stream may feed several consumers (fan-out),
+and :meth:`Stream.merge` joins streams (fan-in).  Operators are named after their kind and
+function (``map_enrich``), or by ``name=``; names appear in errors and metrics.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import sys
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Generic, TypeVar
+
+from sluiceway.connectors.base import Sink, Source
+from sluiceway.errors import FlowDefinitionError
+from sluiceway.operators.base import OpSpec
+from sluiceway.operators.batching import BatchSpec
+from sluiceway.operators.io import SinkSpec, SourceSpec
+from sluiceway.operators.stateless import (
+    BranchSpec,
+    BufferSpec,
+    FilterSpec,
+    FlatMapSpec,
+    InspectSpec,
+    KeyBySpec,
+    MapSpec,
+    MergeSpec,
+    PortSpec,
+)
+from sluiceway.policies import DeadLetter, ErrorPolicy, Fail, check_policy
+from sluiceway.runtime.channel import Overflow
+
+__all__ = ["Flow", "KeyedStream", "Node", "Stream"]
+
+T = TypeVar("T")
+U = TypeVar("U")
+K = TypeVar("K", bound=Hashable)
+
+_DEFAULT_CAPACITY = 1024
+
+
+@dataclass(eq=False)
+class Node:
+    """One operator in the logical graph."""
+
+    id: int
+    name: str
+    spec: OpSpec
+    inputs: list[Node]
+    where: str
+    keyed: bool = False
+    consumers: list[Node] = field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
+
+    def describe(self) -> str:
+        return f"{self.name!r} ({self.kind}, defined at {self.where})"
+
+
+def _user_location() -> str:
+    """``file:line`` of the first frame outside the builder (where the user called us)."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__") == __name__:
+        frame = frame.f_back  # type: ignore[assignment]
+    if frame is None:  # pragma: no cover - always a caller
+        return "<unknown>"
+    return f"{frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno}"
+
+
+def _fn_label(fn: object) -> str:
+    name = getattr(fn, "__name__", type(fn).__name__)
+    name = "lambda" if name == "<lambda>" else name
+    return re.sub(r"\W+", "_", name).strip("_") or "fn"
+
+
+def _check_callable(fn: object, method: str) -> None:
+    if not callable(fn):
+        raise TypeError(f"{method}() expects a callable, got {type(fn).__name__} {fn!r}")
+
+
+def to_seconds(value: object, what: str) -> float:
+    """A duration given as float seconds or ``timedelta``, checked to be > 0."""
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise TypeError(f"{what} must be seconds (float) or a timedelta, got {value!r}")
+    if not seconds > 0:
+        raise ValueError(f"{what} must be > 0 seconds, got {value!r}")
+    return seconds
+
+
+def _positive_int(value: object, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{what} must be >= 1, got {value!r}")
+    return value
+
+
+class Flow:
+    """A dataflow under construction: sources, operators, sinks.
+
+    Args:
+        name: the flow's name (in errors, metrics and logs).
+        channel_capacity: records held by an implicit channel (before a ``merge`` or a
+            timed ``batch``); ``buffer(capacity=...)`` sets its own.
+    """
+
+    def __init__(self, name: str, *, channel_capacity: int = _DEFAULT_CAPACITY) -> None:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"Flow name must be a non-empty string, got {name!r}")
+        self.name = name
+        self.channel_capacity = _positive_int(channel_capacity, "channel_capacity")
+        self.nodes: list[Node] = []
+        self._names: set[str] = set()
+        self._ids = itertools.count()
+        self._sinks: dict[int, Node] = {}
+        self._sources: dict[int, Node] = {}
+
+    def __repr__(self) -> str:
+        return f"Flow({self.name!r}, {len(self.nodes)} operators)"
+
+    def source(
+        self, source: Source, *, name: str | None = None, on_error: Fail | DeadLetter = Fail()
+    ) -> Stream[Any]:
+        """Add a source; returns its stream.
+
+        Args:
+            source: a :class:`~sluiceway.connectors.base.Source`, e.g.
+                ``sw.sources.Iterable(records)``.
+            name: the operator name (default ``source_<Class>``).
+            on_error: for malformed input: ``Fail()`` (stop, naming file and line) or
+                ``DeadLetter(sink)``.
+        """
+        if not isinstance(source, Source):
+            hint = ""
+            if isinstance(source, Iterable):
+                hint = "; wrap it: flow.source(sw.sources.Iterable(...))"
+            raise TypeError(
+                f"Flow.source() expects a sluiceway Source, got {type(source).__name__}{hint}"
+            )
+        if not isinstance(on_error, Fail | DeadLetter):
+            raise TypeError(
+                f"Flow.source(on_error=...) must be sw.Fail() or sw.DeadLetter(sink) "
+                f"(a malformed record cannot be retried), got {on_error!r}"
+            )
+        prior = self._sources.get(id(source))
+        if prior is not None:
+            raise FlowDefinitionError(
+                f"this {source.describe()} source object is already used by {prior.describe()}; "
+                "create one source object per flow.source() call"
+            )
+        node = self._add(SourceSpec(source, on_error), [], name, f"source_{type(source).__name__}")
+        self._sources[id(source)] = node
+        return Stream(self, node)
+
+    # -- internals used by Stream ----------------------------------------------------
+
+    def _add(
+        self,
+        spec: OpSpec,
+        inputs: list[Node],
+        name: str | None,
+        default_name: str,
+        *,
+        keyed: bool = False,
+    ) -> Node:
+        if name is None:
+            name = default_name
+            n = 2
+            while name in self._names:
+                name = f"{default_name}_{n}"
+                n += 1
+        elif not isinstance(name, str) or not name:
+            raise TypeError(f"operator name must be a non-empty string, got {name!r}")
+        elif name in self._names:
+            raise FlowDefinitionError(
+                f"operator name {name!r} is already used in flow {self.name!r}; "
+                "names must be unique"
+            )
+        node = Node(next(self._ids), name, spec, inputs, _user_location(), keyed)
+        for i in inputs:
+            i.consumers.append(node)
+        self.nodes.append(node)
+        self._names.add(name)
+        return node
+
+    def _add_sink(self, sink: object, inputs: list[Node], name: str | None, policy: object) -> None:
+        if not isinstance(sink, Sink):
+            raise TypeError(
+                f"sink() expects a sluiceway Sink (e.g. sw.sinks.Collect()), "
+                f"got {type(sink).__name__} {sink!r}"
+            )
+        prior = self._sinks.get(id(sink))
+        if prior is not None:
+            raise FlowDefinitionError(
+                f"this {sink.describe()} sink object is already used by {prior.describe()}; "
+                "a sink receives one stream -- merge the streams first, or use two sinks"
+            )
+        on_error = check_policy(policy, "sink()")
+        node = self._add(SinkSpec(sink, on_error), inputs, name, f"sink_{type(sink).__name__}")
+        self._sinks[id(sink)] = node
+
+    # -- validation ------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Check the whole graph; raises :class:`FlowDefinitionError` naming the problem.
+
+        A flow must have a source and a sink, every stream must be consumed, and the graph
+        must be acyclic.
+        """
+        if not any(isinstance(n.spec, SourceSpec) for n in self.nodes):
+            raise FlowDefinitionError(f"flow {self.name!r} has no source: add flow.source(...)")
+        if not any(isinstance(n.spec, SinkSpec) for n in self.nodes):
+            raise FlowDefinitionError(
+                f"flow {self.name!r} has no sink: its results would go nowhere; add .sink(...)"
+            )
+        for n in self.nodes:
+            if not isinstance(n.spec, SinkSpec) and not n.consumers:
+                raise FlowDefinitionError(
+                    f"the stream from operator {n.describe()} in flow {self.name!r} is never "
+                    "consumed: send it to a .sink(...) or remove it"
+                )
+        self.topological_order()
+
+    def topological_order(self) -> list[Node]:
+        """The nodes, every node after its inputs.  Raises on a cycle."""
+        indegree = {id(n): len(n.inputs) for n in self.nodes}
+        ready = [n for n in self.nodes if not n.inputs]
+        order: list[Node] = []
+        while ready:
+            n = ready.pop(0)
+            order.append(n)
+            for c in n.consumers:
+                indegree[id(c)] -= 1
+                if indegree[id(c)] == 0:
+                    ready.append(c)
+        if len(order) != len(self.nodes):
+            stuck = [n.name for n in self.nodes if indegree[id(n)] > 0]
+            raise FlowDefinitionError(
+                f"flow {self.name!r} has a cycle through operators {', '.join(stuck)}"
+            )
+        return order
+
+
+class Stream(Generic[T]):
+    """A stream of records of type ``T``, built by :class:`Flow` and its operators."""
+
+    def __init__(self, flow: Flow, node: Node) -> None:
+        self.flow = flow
+        self.node = node
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} from {self.node.describe()}>"
+
+    def _derive(
+        self, spec: OpSpec, name: str | None, default: str, *, keyed: bool | None = None
+    ) -> Node:
+        k = self.node.keyed if keyed is None else keyed
+        return self.flow._add(spec, [self.node], name, default, keyed=k)
+
+    def _fn_op(
+        self, spec_cls: type[Any], method: str, fn: object, name: str | None, on_error: object
+    ) -> Node:
+        _check_callable(fn, method)
+        policy = check_policy(on_error, f"{method}()")
+        return self._derive(spec_cls(fn, policy), name, f"{method}_{_fn_label(fn)}")
+
+    def _wrap(self, node: Node) -> Any:
+        return Stream(self.flow, node)
+
+    def map(
+        self, fn: Callable[[T], U], *, name: str | None = None, on_error: ErrorPolicy = Fail()
+    ) -> Stream[U]:
+        """Apply ``fn`` to every record.
+
+        >>> import sluiceway as sw
+        >>> sw.testing.run_collect(lambda s: s.map(str.upper), ["a", "b"])
+        ['A', 'B']
+        """
+        return self._wrap(self._fn_op(MapSpec, "map", fn, name, on_error))  # type: ignore[no-any-return]
+
+    def filter(
+        self,
+        predicate: Callable[[T], object],
+        *,
+        name: str | None = None,
+        on_error: ErrorPolicy = Fail(),
+    ) -> Stream[T]:
+        """Keep the records for which ``predicate`` is truthy.
+
+        >>> import sluiceway as sw
+        >>> sw.testing.run_collect(lambda s: s.filter(lambda x: x % 2), [1, 2, 3])
+        [1, 3]
+        """
+        return self._wrap(self._fn_op(FilterSpec, "filter", predicate, name, on_error))  # type: ignore[no-any-return]
+
+    def flat_map(
+        self,
+        fn: Callable[[T], Iterable[U]],
+        *,
+        name: str | None = None,
+        on_error: ErrorPolicy = Fail(),
+    ) -> Stream[U]:
+        """Replace every record by the records of the iterable ``fn`` returns.
+
+        >>> import sluiceway as sw
+        >>> sw.testing.run_collect(lambda s: s.flat_map(str.split), ["a b", "c"])
+        ['a', 'b', 'c']
+        """
+        return self._wrap(self._fn_op(FlatMapSpec, "flat_map", fn, name, on_error))  # type: ignore[no-any-return]
+
+    def inspect(
+        self, fn: Callable[[T], object], *, name: str | None = None, on_error: ErrorPolicy = Fail()
+    ) -> Stream[T]:
+        """Call ``fn`` on every record for its side effect; records pass unchanged."""
+        return self._wrap(self._fn_op(InspectSpec, "inspect", fn, name, on_error))  # type: ignore[no-any-return]
+
+    def key_by(
+        self, fn: Callable[[T], K], *, name: str | None = None, on_error: ErrorPolicy = Fail()
+    ) -> KeyedStream[K, T]:
+        """Attach the key ``fn(record)`` to every record, for keyed (stateful) operators.
+
+        The key travels beside the record (values are unchanged) and survives ``map``,
+        ``filter``, ``flat_map``, ``inspect`` and ``buffer``.
+        """
+        _check_callable(fn, "key_by")
+        policy = check_policy(on_error, "key_by()")
+        node = self._derive(KeyBySpec(fn, policy), name, f"key_by_{_fn_label(fn)}", keyed=True)
+        return KeyedStream(self.flow, node)
+
+    def merge(
+        self, *others: Stream[Any], name: str | None = None, capacity: int | None = None
+    ) -> Stream[Any]:
+        """Join this stream with ``others`` (fan-in) through one bounded channel.
+
+        Records from each input keep their order; inputs interleave as they arrive.
+        """
+        if not others:
+            raise TypeError("merge() needs at least one other stream to merge with")
+        for o in others:
+            if not isinstance(o, Stream):
+                raise TypeError(f"merge() expects streams, got {type(o).__name__} {o!r}")
+            if o.flow is not self.flow:
+                raise FlowDefinitionError(
+                    f"merge(): {o!r} belongs to flow {o.flow.name!r}, not {self.flow.name!r}"
+                )
+        streams = [self, *others]
+        if len({id(s.node) for s in streams}) != len(streams):
+            raise FlowDefinitionError("merge(): the same stream is given twice")
+        keyed = {s.node.keyed for s in streams}
+        if len(keyed) > 1:
+            raise FlowDefinitionError(
+                "merge(): inputs must be all keyed or all unkeyed; call key_by() after the merge"
+            )
+        cap = None if capacity is None else _positive_int(capacity, "merge capacity")
+        node = self.flow._add(
+            MergeSpec(cap), [s.node for s in streams], name, "merge", keyed=keyed.pop()
+        )
+        return self._wrap(node)  # type: ignore[no-any-return]
+
+    def branch(
+        self,
+        predicate: Callable[[T], object],
+        *,
+        name: str | None = None,
+        on_error: ErrorPolicy = Fail(),
+    ) -> tuple[Stream[T], Stream[T]]:
+        """Split into ``(matching, rest)`` by ``predicate``, evaluated once per record.
+
+        >>> import sluiceway as sw
+        >>> flow = sw.Flow("split")
+        >>> evens, odds = flow.source(sw.sources.Iterable(range(5))).branch(lambda x: x % 2 == 0)
+        >>> a, b = sw.sinks.Collect(), sw.sinks.Collect()
+        >>> evens.sink(a); odds.sink(b)
+        >>> _ = sw.run(flow)
+        >>> a.items, b.items
+        ([0, 2, 4], [1, 3])
+        """
+        node = self._fn_op(BranchSpec, "branch", predicate, name, on_error)
+        yes = self.flow._add(PortSpec(0), [node], None, f"{node.name}_true", keyed=node.keyed)
+        no = self.flow._add(PortSpec(1), [node], None, f"{node.name}_false", keyed=node.keyed)
+        return self._wrap(yes), self._wrap(no)
+
+    def batch(
+        self,
+        max_size: int,
+        max_delay: float | timedelta | None = None,
+        *,
+        name: str | None = None,
+    ) -> Stream[list[T]]:
+        """Group records into lists of up to ``max_size``; with ``max_delay``, a list is
+        also emitted once its first record has waited that long (on the flow's clock).
+        Whatever is left is flushed at end of input and on graceful shutdown.
+
+        >>> import sluiceway as sw
+        >>> sw.testing.run_collect(lambda s: s.batch(2), [1, 2, 3, 4, 5])
+        [[1, 2], [3, 4], [5]]
+        """
+        size = _positive_int(max_size, "batch max_size")
+        delay = None if max_delay is None else to_seconds(max_delay, "batch max_delay")
+        node = self._derive(BatchSpec(size, delay), name, "batch", keyed=False)
+        return Stream(self.flow, node)
+
+    def buffer(
+        self,
+        capacity: int,
+        overflow: Overflow = Overflow.BLOCK,
+        *,
+        name: str | None = None,
+    ) -> Stream[T]:
+        """Put a bounded channel of ``capacity`` records here, with an overflow policy.
+
+        The operators after it run in their own stage, so a burst upstream is absorbed
+        (``BLOCK``), shed (``DROP_NEWEST``/``DROP_OLDEST``, counted) or refused (``FAIL``).
+        """
+        cap = _positive_int(capacity, "buffer capacity")
+        if not isinstance(overflow, Overflow):
+            raise TypeError(
+                f"buffer overflow must be an sw.Overflow (BLOCK, DROP_NEWEST, DROP_OLDEST, "
+                f"FAIL), got {overflow!r}"
+            )
+        return self._wrap(self._derive(BufferSpec(cap, overflow), name, "buffer"))  # type: ignore[no-any-return]
+
+    def sink(self, sink: Sink, *, name: str | None = None, on_error: ErrorPolicy = Fail()) -> None:
+        """Send this stream to ``sink``.  A sink object receives exactly one stream."""
+        self.flow._add_sink(sink, [self.node], name, on_error)
+
+
+class KeyedStream(Stream[T], Generic[K, T]):
+    """A stream whose records carry a key (see :meth:`Stream.key_by`).
+
+    Keys survive ``map``, ``filter``, ``flat_map``, ``inspect`` and ``buffer``; keyed
+    windows and state (later chapters of the docs) build on this.
+    """
+
+    def _wrap(self, node: Node) -> Any:
+        return KeyedStream(self.flow, node) if node.keyed else Stream(self.flow, node)

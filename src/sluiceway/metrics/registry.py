@@ -1,0 +1,162 @@
+"""The in-process metrics registry.
+
+Operators own an :class:`OperatorMetrics` and bump its counters once per micro-batch
+(plain attribute increments: no locks, no lookups on the hot path).  Channels keep their
+own counters (:meth:`~sluiceway.runtime.channel.ChannelReader.statistics`).  Everything
+else -- the live console view, a Prometheus exporter, tests -- reads
+:meth:`MetricsRegistry.snapshot`, a frozen copy, and derives rates from two snapshots with
+:meth:`FlowSnapshot.rates_since`.  Adding an exporter never touches an operator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sluiceway.runtime.channel import ChannelReader, ChannelStatistics
+from sluiceway.time import Clock
+
+__all__ = ["FlowSnapshot", "MetricsRegistry", "OperatorMetrics", "OperatorSnapshot", "Rates"]
+
+
+class OperatorMetrics:
+    """Mutable counters of one operator (source, transform or sink)."""
+
+    __slots__ = (
+        "dead_letters",
+        "errors",
+        "kind",
+        "name",
+        "records_in",
+        "records_out",
+        "retries",
+        "stage",
+    )
+
+    def __init__(self, name: str, kind: str, stage: int) -> None:
+        self.name = name
+        self.kind = kind
+        self.stage = stage
+        self.records_in = 0
+        self.records_out = 0
+        self.errors = 0
+        self.retries = 0
+        self.dead_letters = 0
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorSnapshot:
+    """One operator's counters at an instant.
+
+    ``dropped`` counts records dropped by the overflow policy of the channel that feeds
+    this operator (0 when it has none).
+    """
+
+    name: str
+    kind: str
+    stage: int
+    records_in: int
+    records_out: int
+    errors: int
+    retries: int
+    dead_letters: int
+    dropped: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rates:
+    """Per-second rates between two snapshots."""
+
+    records_in: dict[str, float]
+    records_out: dict[str, float]
+    backpressure: dict[str, float]
+    """Per channel: the fraction of wall time its writers spent blocked (0..1 per writer)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FlowSnapshot:
+    """All counters of a flow at one instant of its clock."""
+
+    flow: str
+    time: float
+    operators: tuple[OperatorSnapshot, ...]
+    channels: tuple[ChannelStatistics, ...]
+
+    def operator(self, name: str) -> OperatorSnapshot:
+        """The snapshot of one operator, by name."""
+        for op in self.operators:
+            if op.name == name:
+                return op
+        known = ", ".join(o.name for o in self.operators)
+        raise KeyError(f"no operator named {name!r} in flow {self.flow!r}; known: {known}")
+
+    def channel(self, name: str) -> ChannelStatistics:
+        """The statistics of one channel, by name."""
+        for ch in self.channels:
+            if ch.name == name:
+                return ch
+        known = ", ".join(c.name for c in self.channels)
+        raise KeyError(f"no channel named {name!r} in flow {self.flow!r}; known: {known}")
+
+    def rates_since(self, earlier: FlowSnapshot) -> Rates:
+        """Rates per second of clock time from ``earlier`` to this snapshot."""
+        dt = self.time - earlier.time
+        if dt <= 0:
+            return Rates({}, {}, {})
+        before = {o.name: o for o in earlier.operators}
+        rin: dict[str, float] = {}
+        rout: dict[str, float] = {}
+        for op in self.operators:
+            prev = before.get(op.name)
+            if prev is not None:
+                rin[op.name] = (op.records_in - prev.records_in) / dt
+                rout[op.name] = (op.records_out - prev.records_out) / dt
+        ch_before = {c.name: c for c in earlier.channels}
+        bp: dict[str, float] = {}
+        for ch in self.channels:
+            prev_ch = ch_before.get(ch.name)
+            if prev_ch is not None:
+                bp[ch.name] = (ch.blocked_seconds - prev_ch.blocked_seconds) / dt
+        return Rates(rin, rout, bp)
+
+
+class MetricsRegistry:
+    """Holds every operator's counters and every channel of one running flow."""
+
+    def __init__(self, flow: str, clock: Clock) -> None:
+        self.flow = flow
+        self.clock = clock
+        self._operators: dict[str, OperatorMetrics] = {}
+        self._channels: dict[str, ChannelReader] = {}
+        self._feeds: dict[str, str] = {}
+
+    def operator(self, name: str, kind: str, stage: int) -> OperatorMetrics:
+        """Register (or return) the counters of operator ``name``."""
+        m = self._operators.get(name)
+        if m is None:
+            m = self._operators[name] = OperatorMetrics(name, kind, stage)
+        return m
+
+    def add_channel(self, reader: ChannelReader, feeds: str) -> None:
+        """Register a channel and the operator it feeds."""
+        self._channels[reader.name] = reader
+        self._feeds[feeds] = reader.name
+
+    def snapshot(self) -> FlowSnapshot:
+        """A frozen copy of every counter, stamped with the clock's monotonic time."""
+        channels = tuple(r.statistics() for r in self._channels.values())
+        dropped = {c.name: c.records_dropped for c in channels}
+        ops = tuple(
+            OperatorSnapshot(
+                name=m.name,
+                kind=m.kind,
+                stage=m.stage,
+                records_in=m.records_in,
+                records_out=m.records_out,
+                errors=m.errors,
+                retries=m.retries,
+                dead_letters=m.dead_letters,
+                dropped=dropped.get(self._feeds.get(m.name, ""), 0),
+            )
+            for m in self._operators.values()
+        )
+        return FlowSnapshot(self.flow, self.clock.monotonic(), ops, channels)

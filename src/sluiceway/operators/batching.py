@@ -1,0 +1,110 @@
+"""``stream.batch(max_size, max_delay)``: group records into lists.
+
+A list is emitted when it reaches ``max_size`` records, or ``max_delay`` seconds (on the
+flow's clock) after its first record arrived, whichever comes first; what is left is
+flushed at end of input and on graceful shutdown.  With ``max_delay`` the operator needs a
+processing-time timer, so it starts a stage of its own behind a channel.
+
+Marble diagram, ``max_size=3, max_delay=2``::
+
+    input:   a b c d . . . e
+    time:    0 0 0 1 2 3 4 5
+    output:  [a,b,c]   [d]     (d flushed at t=3, two seconds after it arrived)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from sluiceway.operators.base import BuildContext, OpSpec, Step
+from sluiceway.runtime.messages import Batch
+from sluiceway.time import Clock
+
+__all__ = ["BatchSpec"]
+
+
+class _BatchStep(Step):
+    def __init__(self, ctx: BuildContext, max_size: int, max_delay: float | None) -> None:
+        super().__init__(ctx.name, ctx.metrics)
+        self.max_size = max_size
+        self.max_delay = max_delay
+        self.clock: Clock = ctx.clock
+        self.values: list[Any] = []
+        self.timestamps: list[float] | None = None
+        self.deadline: float | None = None
+
+    def uses_timer(self) -> bool:
+        return self.max_delay is not None
+
+    async def push(self, batch: Batch) -> None:
+        n = len(batch.values)
+        if not n:
+            return
+        self.metrics.records_in += n
+        if not self.values and self.max_delay is not None:
+            self.deadline = self.clock.monotonic() + self.max_delay
+        self.values.extend(batch.values)
+        if batch.timestamps is not None:
+            if self.timestamps is None:
+                self.timestamps = []
+            self.timestamps.extend(batch.timestamps)
+        size = self.max_size
+        if len(self.values) < size:
+            return
+        full = len(self.values) - len(self.values) % size
+        chunks = [self.values[i : i + size] for i in range(0, full, size)]
+        ts = self.timestamps
+        out_ts = None if ts is None else [max(ts[i : i + size]) for i in range(0, full, size)]
+        del self.values[:full]
+        if ts is not None:
+            del ts[:full]
+        if self.values and self.max_delay is not None:
+            self.deadline = self.clock.monotonic() + self.max_delay
+        elif not self.values:
+            self.deadline = None
+        await self._emit_lists(chunks, out_ts)
+
+    async def _emit_lists(self, chunks: list[list[Any]], ts: list[float] | None) -> None:
+        self.metrics.records_out += len(chunks)
+        out = Batch(chunks, ts)
+        for child in self.children:
+            await child.push(out)
+
+    async def flush(self) -> None:
+        if not self.values:
+            return
+        chunk, self.values = self.values, []
+        ts, self.timestamps = self.timestamps, None
+        self.deadline = None
+        await self._emit_lists([chunk], None if ts is None else [max(ts)])
+
+    def next_deadline(self) -> float | None:
+        return self.deadline
+
+    async def on_timer(self, now: float) -> None:
+        if self.deadline is not None and now >= self.deadline:
+            await self.flush()
+
+    async def finish(self) -> None:
+        await self.flush()
+        await super().finish()
+
+    def pending(self) -> int:
+        return len(self.values)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchSpec(OpSpec):
+    """Group records into lists of at most ``max_size``, waiting at most ``max_delay``."""
+
+    max_size: int
+    max_delay: float | None = None
+    kind: ClassVar[str] = "batch"
+
+    @property
+    def boundary(self) -> bool:
+        return self.max_delay is not None
+
+    def build(self, ctx: BuildContext) -> Step:
+        return _BatchStep(ctx, self.max_size, self.max_delay)

@@ -1,0 +1,146 @@
+"""Error policies: what an operator does when user code (or a sink, or input) fails.
+
+* :class:`Fail` (the default) stops the flow with an
+  :class:`~sluiceway.errors.OperatorError` naming the operator, the record and the cause.
+* :class:`Retry` calls again with exponential backoff and jitter on the injected clock,
+  then falls back to ``then`` (``Fail()`` by default, or a :class:`DeadLetter`).
+* :class:`DeadLetter` writes a :class:`DeadLetterRecord` (the record, the exception, the
+  operator, the attempt count, the time) to a sink of your choice and goes on.
+
+A record is never silently lost: it is either in the output, in a dead-letter sink, or
+the flow stops with an error that names it.
+
+>>> Backoff(initial=0.1, multiplier=2.0, max_delay=1.0, jitter=0.0).delay(4)
+0.8
+>>> Retry(attempts=0)
+Traceback (most recent call last):
+  ...
+ValueError: Retry attempts must be >= 1 (the total number of tries), got 0
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sluiceway.connectors.base import Sink
+
+__all__ = ["Backoff", "DeadLetter", "DeadLetterRecord", "ErrorPolicy", "Fail", "Retry"]
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    """Stop the flow with an error naming the operator, the record and the cause."""
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Exponential backoff: ``initial * multiplier**(n-1)``, capped, with jitter.
+
+    Args:
+        initial: the delay before the first retry, in seconds.
+        multiplier: growth factor per retry (>= 1).
+        max_delay: cap on any single delay, in seconds.
+        jitter: a fraction in [0, 1]; each delay is scaled by a random factor in
+            ``[1 - jitter, 1 + jitter]`` (then capped) so that many retrying workers
+            do not hammer a service in lock-step.
+    """
+
+    initial: float = 0.1
+    multiplier: float = 2.0
+    max_delay: float = 30.0
+    jitter: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.initial < 0:
+            raise ValueError(f"Backoff initial delay must be >= 0, got {self.initial!r}")
+        if self.multiplier < 1:
+            raise ValueError(f"Backoff multiplier must be >= 1, got {self.multiplier!r}")
+        if self.max_delay < self.initial:
+            raise ValueError(
+                f"Backoff max_delay ({self.max_delay!r}) must be >= initial ({self.initial!r})"
+            )
+        if not 0 <= self.jitter <= 1:
+            raise ValueError(f"Backoff jitter must be in [0, 1], got {self.jitter!r}")
+
+    def delay(self, retry: int, rng: random.Random | None = None) -> float:
+        """The delay before retry number ``retry`` (1 for the first retry)."""
+        base = min(self.max_delay, self.initial * self.multiplier ** max(0, retry - 1))
+        if self.jitter and rng is not None:
+            base *= 1.0 + rng.uniform(-self.jitter, self.jitter)
+        return min(self.max_delay, max(0.0, base))
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class DeadLetter:
+    """Write failed records to ``sink`` as :class:`DeadLetterRecord` objects and go on."""
+
+    sink: Sink
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """Try a failing record again, up to ``attempts`` tries in total.
+
+    Args:
+        attempts: total tries including the first (so ``Retry(3)`` retries twice).
+        backoff: delays between tries, slept on the flow's clock.
+        then: what to do once every try has failed: ``Fail()`` or ``DeadLetter(sink)``.
+        retry_on: only these exception types are retried; others go to ``then`` at once.
+    """
+
+    attempts: int = 3
+    backoff: Backoff = field(default_factory=Backoff)
+    then: Fail | DeadLetter = field(default_factory=Fail)
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError(
+                f"Retry attempts must be >= 1 (the total number of tries), got {self.attempts!r}"
+            )
+        if not isinstance(self.then, Fail | DeadLetter):
+            raise TypeError(
+                f"Retry(then=...) must be Fail() or DeadLetter(sink), got {self.then!r}"
+            )
+
+
+ErrorPolicy = Fail | Retry | DeadLetter
+
+
+def check_policy(policy: object, where: str) -> ErrorPolicy:
+    """Validate an ``on_error=`` argument, with a message naming ``where``."""
+    if isinstance(policy, Fail | Retry | DeadLetter):
+        return policy
+    raise TypeError(
+        f"{where}: on_error must be sw.Fail(), sw.Retry(...) or sw.DeadLetter(sink), got {policy!r}"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterRecord:
+    """A record that could not be processed, with why.
+
+    Attributes:
+        record: the original record (for bad input: the raw line or row).
+        error_type: the exception's class name.
+        error_message: ``str()`` of the exception.
+        operator: the operator (or source, or sink) that failed.
+        flow: the flow's name.
+        attempts: how many times it was tried.
+        time: wall-clock time of the final failure, from the flow's clock.
+    """
+
+    record: Any
+    error_type: str
+    error_message: str
+    operator: str
+    flow: str
+    attempts: int
+    time: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict, e.g. for a JSON sink."""
+        return asdict(self)

@@ -1,0 +1,1 @@
+"""The runtime: bounded channels, in-band messages and the executor that runs stages."""

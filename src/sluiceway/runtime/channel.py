@@ -1,0 +1,354 @@
+"""Bounded channels between stages, counted in records, with an overflow policy per edge.
+
+A channel has one reader and one or more writers (fan-in).  Its capacity counts records,
+not batches: a batch larger than the free room is split, and under ``Overflow.BLOCK`` the
+writer awaits room for the rest.  Control messages (watermarks, barriers) are queued in
+order with the data but never dropped and never counted against the capacity.  When every
+writer has closed and the queue is empty, :meth:`ChannelReader.receive` raises
+:class:`~sluiceway.errors.EndOfStream`.
+
+>>> import asyncio
+>>> from sluiceway.time import VirtualClock
+>>> async def demo() -> tuple[list[int], int]:
+...     writers, reader = open_channel(
+...         2, clock=VirtualClock(), name="demo", overflow=Overflow.DROP_OLDEST)
+...     await writers[0].send(Batch([1, 2, 3]))     # 3 records, room for 2: 1 dropped
+...     writers[0].close()
+...     got = reader.receive_nowait()
+...     return got.values, reader.statistics().records_dropped
+>>> asyncio.run(demo())
+([2, 3], 1)
+
+Every writer measures the time it spent blocked; ``blocked_seconds`` per second of wall
+time is the backpressure ratio shown to users.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections import deque
+from dataclasses import dataclass
+
+from sluiceway.errors import (
+    BrokenResourceError,
+    ChannelOverflowError,
+    ClosedResourceError,
+    EndOfStream,
+)
+from sluiceway.runtime.messages import Batch, Control
+from sluiceway.time import Clock
+
+__all__ = [
+    "ChannelReader",
+    "ChannelStatistics",
+    "ChannelWriter",
+    "Overflow",
+    "TaggedControl",
+    "open_channel",
+]
+
+
+class Overflow(enum.Enum):
+    """What a full channel does with more records.
+
+    ``BLOCK`` (default, lossless) makes the writer wait; ``DROP_NEWEST`` drops the
+    incoming records; ``DROP_OLDEST`` drops the oldest queued records; ``FAIL`` stops
+    the flow with :class:`~sluiceway.errors.ChannelOverflowError`.  Drops are counted.
+    """
+
+    BLOCK = "block"
+    DROP_NEWEST = "drop_newest"
+    DROP_OLDEST = "drop_oldest"
+    FAIL = "fail"
+
+
+@dataclass(frozen=True, slots=True)
+class TaggedControl:
+    """A control message as the reader sees it: which writer (input) sent it."""
+
+    message: Control
+    input_index: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelStatistics:
+    """A point-in-time view of one channel's counters."""
+
+    name: str
+    capacity: int
+    overflow: Overflow
+    fill: int
+    max_fill: int
+    records_sent: int
+    records_received: int
+    records_dropped: int
+    blocked_seconds: float
+    writers_open: int
+
+
+class _Channel:
+    __slots__ = (
+        "blocked_seconds",
+        "blocked_since",
+        "broken",
+        "capacity",
+        "clock",
+        "fill",
+        "flow",
+        "max_fill",
+        "name",
+        "overflow",
+        "queue",
+        "reader_waiter",
+        "records_dropped",
+        "records_received",
+        "records_sent",
+        "writer_waiters",
+        "writers_open",
+    )
+
+    def __init__(
+        self, capacity: int, overflow: Overflow, clock: Clock, name: str, flow: str, writers: int
+    ) -> None:
+        self.capacity = capacity
+        self.overflow = overflow
+        self.clock = clock
+        self.name = name
+        self.flow = flow
+        self.queue: deque[Batch | TaggedControl] = deque()
+        self.fill = 0
+        self.max_fill = 0
+        self.writers_open = writers
+        self.reader_waiter: asyncio.Future[None] | None = None
+        self.writer_waiters: list[asyncio.Future[None]] = []
+        self.records_sent = 0
+        self.records_received = 0
+        self.records_dropped = 0
+        self.blocked_seconds = 0.0
+        self.blocked_since: dict[int, float] = {}
+        self.broken = False
+
+    def wake_reader(self) -> None:
+        w = self.reader_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def wake_writers(self) -> None:
+        waiters, self.writer_waiters = self.writer_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    def put(self, batch: Batch) -> None:
+        self.queue.append(batch)
+        self.fill += len(batch)
+        self.records_sent += len(batch)
+        self.max_fill = max(self.max_fill, self.fill)
+        self.wake_reader()
+
+    def drop_oldest(self, excess: int) -> None:
+        kept: deque[Batch | TaggedControl] = deque()
+        for item in self.queue:
+            if excess > 0 and isinstance(item, Batch):
+                n = len(item)
+                if n <= excess:
+                    excess -= n
+                    self.fill -= n
+                    self.records_dropped += n
+                    continue
+                kept.append(item.slice(excess))
+                self.fill -= excess
+                self.records_dropped += excess
+                excess = 0
+            else:
+                kept.append(item)
+        self.queue = kept
+
+
+class ChannelWriter:
+    """The sending side of a channel, for one input of its reader.
+
+    ``close()`` means end of stream from this writer; the reader sees the end once every
+    writer has closed.
+    """
+
+    __slots__ = ("_ch", "_closed", "index")
+
+    def __init__(self, channel: _Channel, index: int) -> None:
+        self._ch = channel
+        self.index = index
+        self._closed = False
+
+    @property
+    def name(self) -> str:
+        return self._ch.name
+
+    @property
+    def room(self) -> int:
+        """Records that fit before the channel is full (0 when full)."""
+        return max(0, self._ch.capacity - self._ch.fill)
+
+    async def send(self, batch: Batch) -> None:
+        """Queue a batch, applying the channel's overflow policy when it is full."""
+        ch = self._ch
+        if self._closed:
+            raise ClosedResourceError(f"channel {ch.name!r}: send() after close()")
+        if ch.broken:
+            raise BrokenResourceError(f"channel {ch.name!r}: its reader has stopped")
+        n = len(batch)
+        if n == 0:
+            return
+        room = ch.capacity - ch.fill
+        if n <= room:
+            ch.put(batch)
+            return
+        policy = ch.overflow
+        if policy is Overflow.BLOCK:
+            await self._send_blocking(batch)
+        elif policy is Overflow.DROP_NEWEST:
+            if room > 0:
+                ch.put(batch.slice(0, room))
+            ch.records_dropped += n - max(room, 0)
+        elif policy is Overflow.DROP_OLDEST:
+            if n > ch.capacity:
+                ch.records_dropped += n - ch.capacity
+                batch = batch.slice(n - ch.capacity)
+                n = ch.capacity
+            ch.drop_oldest(ch.fill + n - ch.capacity)
+            ch.put(batch)
+        else:
+            raise ChannelOverflowError(flow=ch.flow, edge=ch.name, capacity=ch.capacity, incoming=n)
+
+    async def _send_blocking(self, batch: Batch) -> None:
+        ch = self._ch
+        clock = ch.clock
+        loop = asyncio.get_running_loop()
+        while True:
+            room = ch.capacity - ch.fill
+            if room >= len(batch):
+                ch.put(batch)
+                return
+            if room > 0:
+                ch.put(batch.slice(0, room))
+                batch = batch.slice(room)
+            waiter: asyncio.Future[None] = loop.create_future()
+            ch.writer_waiters.append(waiter)
+            started = clock.monotonic()
+            ch.blocked_since[self.index] = started
+            try:
+                await waiter
+            finally:
+                del ch.blocked_since[self.index]
+                ch.blocked_seconds += clock.monotonic() - started
+            if ch.broken:
+                raise BrokenResourceError(f"channel {ch.name!r}: its reader has stopped")
+
+    def send_control(self, message: Control) -> None:
+        """Queue a control message; never blocks, never dropped."""
+        ch = self._ch
+        if self._closed:
+            raise ClosedResourceError(f"channel {ch.name!r}: send_control() after close()")
+        ch.queue.append(TaggedControl(message, self.index))
+        ch.wake_reader()
+
+    def close(self) -> None:
+        """End of stream from this writer.  Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._ch.writers_open -= 1
+        self._ch.wake_reader()
+
+
+class ChannelReader:
+    """The receiving side of a channel."""
+
+    __slots__ = ("_ch",)
+
+    def __init__(self, channel: _Channel) -> None:
+        self._ch = channel
+
+    @property
+    def name(self) -> str:
+        return self._ch.name
+
+    @property
+    def fill(self) -> int:
+        return self._ch.fill
+
+    def receive_nowait(self) -> Batch | TaggedControl | None:
+        """The next item if one is queued, else None.  Raises EndOfStream at the end."""
+        ch = self._ch
+        if ch.queue:
+            item = ch.queue.popleft()
+            if isinstance(item, Batch):
+                n = len(item)
+                ch.fill -= n
+                ch.records_received += n
+                if ch.writer_waiters:
+                    ch.wake_writers()
+            return item
+        if ch.writers_open == 0:
+            raise EndOfStream(ch.name)
+        return None
+
+    async def receive(self, deadline: float | None = None) -> Batch | TaggedControl | None:
+        """Wait for the next item; None if ``deadline`` (clock time) passed first."""
+        item = self.receive_nowait()
+        if item is not None:
+            return item
+        ch = self._ch
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        ch.reader_waiter = waiter
+        try:
+            await ch.clock.wait_until(waiter, deadline)
+        finally:
+            ch.reader_waiter = None
+        return self.receive_nowait()
+
+    def close(self) -> None:
+        """The reader is gone: blocked and future writers get BrokenResourceError."""
+        self._ch.broken = True
+        self._ch.wake_writers()
+
+    def statistics(self) -> ChannelStatistics:
+        ch = self._ch
+        blocked = ch.blocked_seconds
+        if ch.blocked_since:
+            now = ch.clock.monotonic()
+            blocked += sum(now - t for t in ch.blocked_since.values())
+        return ChannelStatistics(
+            name=ch.name,
+            capacity=ch.capacity,
+            overflow=ch.overflow,
+            fill=ch.fill,
+            max_fill=ch.max_fill,
+            records_sent=ch.records_sent,
+            records_received=ch.records_received,
+            records_dropped=ch.records_dropped,
+            blocked_seconds=blocked,
+            writers_open=ch.writers_open,
+        )
+
+
+def open_channel(
+    capacity: int,
+    *,
+    clock: Clock,
+    name: str,
+    overflow: Overflow = Overflow.BLOCK,
+    writers: int = 1,
+    flow: str = "",
+) -> tuple[list[ChannelWriter], ChannelReader]:
+    """Create a channel; returns one writer per input and the reader.
+
+    Raises:
+        ValueError: if ``capacity < 1`` or ``writers < 1``.
+    """
+    if capacity < 1:
+        raise ValueError(f"channel capacity must be >= 1 record, got {capacity!r}")
+    if writers < 1:
+        raise ValueError(f"a channel needs at least one writer, got {writers!r}")
+    ch = _Channel(capacity, overflow, clock, name, flow, writers)
+    return [ChannelWriter(ch, i) for i in range(writers)], ChannelReader(ch)

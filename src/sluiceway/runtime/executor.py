@@ -1,0 +1,452 @@
+"""Runs a physical plan: one asyncio task per stage, all owned by one TaskGroup.
+
+Lifecycle: open dead-letter sinks, sinks, then sources; run every stage; close sources,
+sinks, dead-letter sinks (also after an error).  An error in any stage cancels the others
+and surfaces as one exception naming the operator.
+
+Stopping (``request_stop``, or SIGINT/SIGTERM through :func:`sluiceway.run`): sources stop
+pulling, in-flight batches drain through the channels, ``batch`` operators flush, sinks
+close.  If that takes longer than the grace period (or a second stop is forced), the flow
+is cancelled and :class:`~sluiceway.errors.FlowCancelledError` reports exactly which
+channels and operators still held how many records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from sluiceway.connectors.base import Sink, SinkContext, Source, SourceContext
+from sluiceway.errors import (
+    BadInputError,
+    EndOfStream,
+    FlowCancelledError,
+    FlowFailedError,
+    OperatorError,
+    SluicewayError,
+)
+from sluiceway.flow import Flow, Node
+from sluiceway.metrics.registry import FlowSnapshot, MetricsRegistry
+from sluiceway.operators.base import BuildContext, SendStep, Step
+from sluiceway.operators.errors import DeadLetterWriter, ErrorHandler
+from sluiceway.operators.io import SinkSpec, SourceSpec
+from sluiceway.operators.stateless import PortSpec
+from sluiceway.plan import PhysicalPlan, StagePlan, plan
+from sluiceway.policies import DeadLetter, DeadLetterRecord, Retry
+from sluiceway.runtime.channel import ChannelReader, ChannelWriter, open_channel
+from sluiceway.runtime.messages import Batch
+from sluiceway.time import Clock, SystemClock, TimerHandle, yield_now
+
+__all__ = ["Executor", "RunResult"]
+
+log = logging.getLogger("sluiceway")
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """How a run ended.
+
+    Attributes:
+        flow: the flow's name.
+        metrics: every counter at the end of the run.
+        stopped: True if the run ended because a stop was requested (signal or
+            ``handle.stop()``) rather than because every source ended.
+        elapsed: clock seconds from start to end.
+    """
+
+    flow: str
+    metrics: FlowSnapshot
+    stopped: bool
+    elapsed: float
+
+
+class _Stage:
+    def __init__(self, ex: Executor, sp: StagePlan, head: Step, steps: list[Step]) -> None:
+        self.ex = ex
+        self.plan = sp
+        self.head = head
+        self.steps = steps
+        self.timer_steps = [s for s in steps if s.uses_timer()]
+        self.inflight = 0
+        self.task: asyncio.Task[Any] | None = None
+        self.pulling = False
+        self.stop_cancel = False
+
+    @property
+    def label(self) -> str:
+        return f"stage {self.plan.index} ({' -> '.join(n.name for n in self.plan.nodes)})"
+
+    async def run(self) -> None:
+        self.task = asyncio.current_task()
+        try:
+            await self._run()
+        except (SluicewayError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            raise FlowFailedError(
+                f"{self.label} in flow {self.ex.flow.name!r} crashed: {type(exc).__name__}: {exc}",
+                flow=self.ex.flow.name,
+                operator=self.plan.head.name,
+            ) from exc
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
+
+class _SourceStage(_Stage):
+    def __init__(
+        self, ex: Executor, sp: StagePlan, head: Step, steps: list[Step], source: Source
+    ) -> None:
+        super().__init__(ex, sp, head, steps)
+        self.source = source
+        self.sends = [s.writer for s in steps if isinstance(s, SendStep)]
+
+    def credit(self) -> int:
+        """How many records to ask for: the batch limit, or less if a channel is full."""
+        n = self.ex.max_batch_size
+        for w in self.sends:
+            room = w.room
+            n = min(n, room)
+        return max(1, n)
+
+    async def _run(self) -> None:
+        ex, head, source = self.ex, self.head, self.source
+        task = self.task
+        assert task is not None
+        try:
+            while not ex.stop_requested:
+                self.pulling = True
+                try:
+                    batch = await source.next_batch(self.credit())
+                except asyncio.CancelledError:
+                    if self.stop_cancel:
+                        self.stop_cancel = False
+                        if task.uncancel() == 0:
+                            break
+                    raise
+                finally:
+                    self.pulling = False
+                if batch is None:
+                    break
+                if batch.values:
+                    self.inflight = len(batch.values)
+                    await head.push(batch)
+                    self.inflight = 0
+                await yield_now()
+        except (SluicewayError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            raise FlowFailedError(
+                f"source {self.plan.head.name!r} in flow {ex.flow.name!r} failed: "
+                f"{type(exc).__name__}: {exc}",
+                flow=ex.flow.name,
+                operator=self.plan.head.name,
+            ) from exc
+        await head.finish()
+
+
+class _ChannelStage(_Stage):
+    def __init__(
+        self, ex: Executor, sp: StagePlan, head: Step, steps: list[Step], reader: ChannelReader
+    ) -> None:
+        super().__init__(ex, sp, head, steps)
+        self.reader = reader
+
+    def _deadline(self) -> float | None:
+        deadline: float | None = None
+        for s in self.timer_steps:
+            d = s.next_deadline()
+            if d is not None and (deadline is None or d < deadline):
+                deadline = d
+        return deadline
+
+    async def _fire_timers(self) -> None:
+        now = self.ex.clock.monotonic()
+        for s in self.timer_steps:
+            d = s.next_deadline()
+            if d is not None and d <= now:
+                await s.on_timer(now)
+
+    async def _run(self) -> None:
+        reader, head, clock = self.reader, self.head, self.ex.clock
+        timed = bool(self.timer_steps)
+        while True:
+            deadline = self._deadline() if timed else None
+            if deadline is not None and clock.monotonic() >= deadline:
+                await self._fire_timers()
+                continue
+            try:
+                item = await reader.receive(deadline)
+            except EndOfStream:
+                break
+            if item is None:
+                await self._fire_timers()
+            elif isinstance(item, Batch):
+                self.inflight = len(item.values)
+                await head.push(item)
+                self.inflight = 0
+            else:
+                await head.control(item.message)
+        await head.finish()
+
+
+class Executor:
+    """Builds the runtime objects for a flow and runs them.  Use :func:`sluiceway.start`."""
+
+    def __init__(
+        self,
+        flow: Flow,
+        *,
+        clock: Clock | None = None,
+        grace_period: float = 10.0,
+        max_batch_size: int = 1024,
+        seed: int | None = None,
+    ) -> None:
+        if grace_period < 0:
+            raise ValueError(f"grace_period must be >= 0 seconds, got {grace_period!r}")
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size!r}")
+        self.flow = flow
+        self.clock = clock or SystemClock()
+        self.grace_period = grace_period
+        self.max_batch_size = max_batch_size
+        self.plan: PhysicalPlan = plan(flow)
+        self.metrics = MetricsRegistry(flow.name, self.clock)
+        self.stop_requested = False
+        self._rng = random.Random(seed)
+        self._forced: str | None = None
+        self._unflushed: dict[str, int] = {}
+        self._grace_timer: TimerHandle | None = None
+        self._main: asyncio.Task[Any] | None = None
+        self._readers: list[ChannelReader] = []
+        self._dead_letters: dict[int, DeadLetterWriter] = {}
+        self._sources: list[tuple[Node, Source]] = []
+        self._sinks: list[tuple[Node, Sink]] = []
+        self.stages = self._build()
+
+    # -- building ----------------------------------------------------------------------
+
+    def _build(self) -> list[_Stage]:
+        flow, clock = self.flow, self.clock
+        for node in flow.nodes:
+            policy = getattr(node.spec, "on_error", None)
+            final = policy.then if isinstance(policy, Retry) else policy
+            if isinstance(final, DeadLetter) and id(final.sink) not in self._dead_letters:
+                self._dead_letters[id(final.sink)] = DeadLetterWriter(final.sink, flow.name)
+        writers: dict[int, list[ChannelWriter]] = {}
+        readers: dict[int, ChannelReader] = {}
+        for cp in self.plan.channels:
+            ws, r = open_channel(
+                cp.capacity,
+                clock=clock,
+                name=cp.name,
+                overflow=cp.overflow,
+                writers=len(cp.writers),
+                flow=flow.name,
+            )
+            writers[cp.target.id], readers[cp.target.id] = ws, r
+            self.metrics.add_channel(r, feeds=cp.target.name)
+            self._readers.append(r)
+        steps: dict[int, Step] = {}
+        for node in flow.topological_order():
+            stage = self.plan.stage_of[node.id]
+            m = self.metrics.operator(node.name, node.kind, stage)
+            policy = getattr(node.spec, "on_error", None)
+            errors = None
+            if policy is not None:
+                errors = ErrorHandler(
+                    policy,
+                    flow=flow.name,
+                    operator=node.name,
+                    clock=clock,
+                    metrics=m,
+                    dead_letters=self._dead_letters,
+                    rng=self._rng,
+                )
+            ctx = BuildContext(flow.name, node.name, clock, m, errors, self.max_batch_size)
+            step = steps[node.id] = node.spec.build(ctx)
+            if node.id in writers:
+                for i, parent in enumerate(node.inputs):
+                    send = SendStep(node.name, m, writers[node.id][i])
+                    steps[parent.id].children.append(send)
+            else:
+                for parent in node.inputs:
+                    steps[parent.id].children.append(step)
+            if isinstance(node.spec, SourceSpec):
+                self._sources.append((node, node.spec.source))
+            elif isinstance(node.spec, SinkSpec):
+                self._sinks.append((node, node.spec.sink))
+        for node in flow.nodes:  # branch outputs in port order
+            if any(isinstance(c.spec, PortSpec) for c in node.consumers):
+                by_port = {id(steps[c.id]): c.spec.port for c in node.consumers}  # type: ignore[attr-defined]
+                steps[node.id].children.sort(key=lambda s: by_port[id(s)])
+        stages: list[_Stage] = []
+        for sp in self.plan.stages:
+            st_steps = [steps[n.id] for n in sp.nodes]
+            st_steps += [c for s in st_steps for c in s.children if isinstance(c, SendStep)]
+            head = steps[sp.head.id]
+            src = sp.source
+            if src is not None:
+                stages.append(_SourceStage(self, sp, head, st_steps, src.source))
+            else:
+                stages.append(_ChannelStage(self, sp, head, st_steps, readers[sp.head.id]))
+        return stages
+
+    # -- running -----------------------------------------------------------------------
+
+    async def run(self) -> RunResult:
+        """Run until every source ends (or a stop), then close everything."""
+        self._main = asyncio.current_task()
+        started = self.clock.monotonic()
+        opened: list[Source | Sink] = []
+        try:
+            await self._open(opened)
+            async with asyncio.TaskGroup() as tg:
+                for st in self.stages:
+                    tg.create_task(st.run(), name=f"{self.flow.name}/stage{st.plan.index}")
+        except asyncio.CancelledError:
+            if self._forced is not None and asyncio.current_task().uncancel() == 0:  # type: ignore[union-attr]
+                raise FlowCancelledError(
+                    f"flow {self.flow.name!r} cancelled: {self._forced}", self._unflushed
+                ) from None
+            raise
+        except BaseExceptionGroup as group:
+            raise _one_error(group, self.flow.name) from None
+        finally:
+            if self._grace_timer is not None:
+                self._grace_timer.cancel()
+            await self._close(opened)
+        return RunResult(
+            self.flow.name,
+            self.metrics.snapshot(),
+            self.stop_requested,
+            self.clock.monotonic() - started,
+        )
+
+    async def _open(self, opened: list[Source | Sink]) -> None:
+        flow, clock = self.flow.name, self.clock
+        for w in self._dead_letters.values():
+            await w.sink.open(SinkContext(flow, f"dead_letter_{w.sink.describe()}", clock))
+            opened.append(w.sink)
+        for node, sink in self._sinks:
+            await sink.open(SinkContext(flow, node.name, clock))
+            opened.append(sink)
+        for node, source in self._sources:
+            spec = node.spec
+            assert isinstance(spec, SourceSpec)
+            await source.open(
+                SourceContext(
+                    flow,
+                    node.name,
+                    clock,
+                    self._bad_input_handler(node, spec),
+                    not isinstance(spec.on_error, DeadLetter),
+                )
+            )
+            opened.append(source)
+
+    def _bad_input_handler(self, node: Node, spec: SourceSpec) -> Any:
+        m = self.metrics.operator(node.name, node.kind, self.plan.stage_of[node.id])
+        policy = spec.on_error
+        writer = self._dead_letters.get(id(policy.sink)) if isinstance(policy, DeadLetter) else None
+
+        async def bad_input(err: BadInputError) -> None:
+            m.errors += 1
+            if writer is None:
+                raise OperatorError(
+                    flow=self.flow.name, operator=node.name, record=err.raw, cause=err
+                )
+            await writer.write(
+                [
+                    DeadLetterRecord(
+                        record=err.raw,
+                        error_type=type(err).__name__,
+                        error_message=str(err),
+                        operator=node.name,
+                        flow=self.flow.name,
+                        attempts=1,
+                        time=self.clock.time(),
+                    )
+                ]
+            )
+            m.dead_letters += 1
+
+        return bad_input
+
+    async def _close(self, opened: list[Source | Sink]) -> None:
+        # Sources first, then sinks, then dead-letter sinks: reverse of opening.
+        errors: list[BaseException] = []
+        for obj in reversed(opened):
+            try:
+                await obj.close()
+            except Exception as exc:  # noqa: BLE001 - close the others, then report
+                errors.append(exc)
+                log.error("closing %s in flow %r failed: %r", obj.describe(), self.flow.name, exc)
+        if errors and self._forced is None:
+            raise FlowFailedError(
+                f"closing {len(errors)} connector(s) of flow {self.flow.name!r} failed; "
+                f"first: {type(errors[0]).__name__}: {errors[0]}",
+                flow=self.flow.name,
+            ) from errors[0]
+
+    # -- stopping ----------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Stop pulling from sources and drain; force cancellation after the grace period."""
+        if self.stop_requested:
+            return
+        self.stop_requested = True
+        for st in self.stages:
+            if isinstance(st, _SourceStage) and st.pulling and st.task is not None:
+                st.stop_cancel = True
+                st.task.cancel("stop requested")
+        self._grace_timer = self.clock.call_at(
+            self.clock.monotonic() + self.grace_period,
+            lambda: self.force_stop(f"grace period of {self.grace_period:g}s exceeded"),
+        )
+
+    def force_stop(self, reason: str = "forced stop") -> None:
+        """Cancel the flow now, recording what it still held."""
+        if self._forced is not None or self._main is None or self._main.done():
+            return
+        self._forced = reason
+        self._unflushed = self.unflushed()
+        self._main.cancel(reason)
+
+    def unflushed(self) -> dict[str, int]:
+        """Records still held right now: per channel, per holding operator, per stage."""
+        held: dict[str, int] = {}
+        for r in self._readers:
+            if r.fill:
+                held[f"channel {r.name}"] = r.fill
+        for st in self.stages:
+            if st.inflight:
+                held[f"in process in {st.label}"] = st.inflight
+            for s in st.steps:
+                if s.pending():
+                    held[f"operator {s.name}"] = s.pending()
+        return held
+
+
+def _one_error(group: BaseExceptionGroup[BaseException], flow: str) -> BaseException:
+    """The first real error of a stage group (the others are usually its consequences)."""
+    errors = [e for e in _leaves(group) if not isinstance(e, asyncio.CancelledError)]
+    for e in errors:
+        if isinstance(e, SluicewayError):
+            return e
+    if not errors:
+        return FlowFailedError(f"flow {flow!r} failed", flow=flow)
+    first = errors[0]
+    wrapped = FlowFailedError(f"flow {flow!r} failed: {type(first).__name__}: {first}", flow=flow)
+    wrapped.__cause__ = first
+    return wrapped
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in group.exceptions:
+        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return out

@@ -1,0 +1,194 @@
+"""Starting and stopping flows: :func:`run`, :func:`run_async`, :func:`start`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import threading
+
+from sluiceway.flow import Flow
+from sluiceway.metrics.registry import FlowSnapshot
+from sluiceway.runtime.executor import Executor, RunResult
+from sluiceway.time import Clock
+
+__all__ = ["FlowHandle", "run", "run_async", "start"]
+
+log = logging.getLogger("sluiceway")
+
+
+class FlowHandle:
+    """A running flow.  Get one from :func:`start` inside a running event loop.
+
+    >>> import asyncio, sluiceway as sw
+    >>> async def main() -> int:
+    ...     flow = sw.Flow("forever")
+    ...     out = sw.sinks.Collect()
+    ...     flow.source(sw.sources.Generator(lambda: iter(int, 1), rate=100)).sink(out)
+    ...     handle = sw.start(flow, clock=sw.VirtualClock())
+    ...     await handle.clock.sleep(2.505)
+    ...     result = await handle.stop()
+    ...     return result.metrics.operator("sink_Collect").records_in
+    >>> asyncio.run(main())
+    250
+    """
+
+    def __init__(self, executor: Executor) -> None:
+        self._executor = executor
+        self._task: asyncio.Task[RunResult] = asyncio.get_running_loop().create_task(
+            executor.run(), name=f"sluiceway flow {executor.flow.name}"
+        )
+
+    @property
+    def flow(self) -> Flow:
+        return self._executor.flow
+
+    @property
+    def clock(self) -> Clock:
+        return self._executor.clock
+
+    def metrics(self) -> FlowSnapshot:
+        """A snapshot of every counter right now."""
+        return self._executor.metrics.snapshot()
+
+    def unflushed(self) -> dict[str, int]:
+        """Records held in channels and operators right now."""
+        return self._executor.unflushed()
+
+    def describe(self) -> str:
+        """The physical plan: stages, fused operators, channels."""
+        return self._executor.plan.describe()
+
+    def done(self) -> bool:
+        return self._task.done()
+
+    def request_stop(self) -> None:
+        """Begin a graceful stop (returns at once; safe from a signal handler)."""
+        self._executor.request_stop()
+
+    def force_stop(self, reason: str = "forced stop") -> None:
+        """Cancel now; :meth:`wait` then raises FlowCancelledError with what was held."""
+        self._executor.force_stop(reason)
+
+    async def wait(self) -> RunResult:
+        """Wait for the flow to end; returns its result or raises its error."""
+        return await asyncio.shield(self._task)
+
+    async def stop(self) -> RunResult:
+        """Stop gracefully (drain within the grace period) and wait for the end."""
+        self.request_stop()
+        return await self.wait()
+
+
+def start(
+    flow: Flow,
+    *,
+    clock: Clock | None = None,
+    grace_period: float = 10.0,
+    max_batch_size: int = 1024,
+    seed: int | None = None,
+) -> FlowHandle:
+    """Start ``flow`` in the running event loop and return its handle.
+
+    Args:
+        flow: the flow to run (validated first; errors are raised here).
+        clock: the clock to use (default :class:`~sluiceway.time.SystemClock`).
+        grace_period: seconds a stop may take to drain before the flow is cancelled.
+        max_batch_size: the most records a source is asked for at once.
+        seed: seeds the random jitter of retry backoff, for reproducible runs.
+    """
+    executor = Executor(
+        flow, clock=clock, grace_period=grace_period, max_batch_size=max_batch_size, seed=seed
+    )
+    return FlowHandle(executor)
+
+
+async def run_async(
+    flow: Flow,
+    *,
+    clock: Clock | None = None,
+    grace_period: float = 10.0,
+    max_batch_size: int = 1024,
+    seed: int | None = None,
+) -> RunResult:
+    """Run ``flow`` to completion in the running event loop (no signal handling)."""
+    handle = start(
+        flow, clock=clock, grace_period=grace_period, max_batch_size=max_batch_size, seed=seed
+    )
+    return await handle.wait()
+
+
+def run(
+    flow: Flow,
+    *,
+    clock: Clock | None = None,
+    grace_period: float = 10.0,
+    max_batch_size: int = 1024,
+    seed: int | None = None,
+    handle_signals: bool = True,
+) -> RunResult:
+    """Run ``flow`` until its sources end or a stop signal, and return the result.
+
+    On SIGINT or SIGTERM the flow stops gracefully: sources stop pulling, in-flight
+    records drain (at most ``grace_period`` seconds), batches flush, sinks close.  A
+    second signal, or the grace period running out, cancels the flow and raises
+    :class:`~sluiceway.errors.FlowCancelledError` listing what was not flushed.
+
+    Raises:
+        FlowDefinitionError: the flow is not valid.
+        FlowFailedError: an operator failed under the ``fail`` policy (or a connector broke).
+        FlowCancelledError: the flow was cancelled before it drained.
+        RuntimeError: called from inside a running event loop (use :func:`run_async`).
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        raise RuntimeError(
+            "sw.run() cannot be called from a running event loop; use `await sw.run_async(flow)`"
+        )
+
+    async def main() -> RunResult:
+        handle = start(
+            flow, clock=clock, grace_period=grace_period, max_batch_size=max_batch_size, seed=seed
+        )
+        installed = _install_signals(handle) if handle_signals else []
+        try:
+            return await handle.wait()
+        finally:
+            loop = asyncio.get_running_loop()
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+
+    return asyncio.run(main())
+
+
+def _install_signals(handle: FlowHandle) -> list[signal.Signals]:
+    if threading.current_thread() is not threading.main_thread():
+        return []
+    loop = asyncio.get_running_loop()
+    received: list[signal.Signals] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig)
+        if len(received) == 1:
+            print(  # noqa: T201 - the user pressed Ctrl-C in a terminal: answer there
+                f"\nsluiceway: {sig.name} received, stopping flow {handle.flow.name!r} "
+                f"(draining; signal again to force)",
+                file=sys.stderr,
+                flush=True,
+            )
+            handle.request_stop()
+        else:
+            handle.force_stop(f"second signal ({sig.name})")
+
+    installed: list[signal.Signals] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, on_signal, sig)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover - non-Unix
+            continue
+        installed.append(sig)
+    return installed

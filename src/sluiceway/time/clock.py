@@ -1,0 +1,249 @@
+"""The injected clock: the only place in sluiceway that reads or sleeps on real time.
+
+Everything that waits (batch timeouts, retry backoff, rate-paced sources, polling a
+growing file) asks a :class:`Clock`.  :class:`SystemClock` is the real one.
+:class:`VirtualClock` moves only when a test says so (:meth:`VirtualClock.advance`) or,
+with ``autojump=True`` (the default), jumps straight to the next timer as soon as every
+task is blocked, so a flow that "waits" ten minutes finishes in milliseconds:
+
+>>> import asyncio
+>>> clock = VirtualClock()
+>>> async def nap() -> float:
+...     await clock.sleep(600)
+...     return clock.monotonic()
+>>> asyncio.run(nap())
+600.0
+
+Two notions of time are offered: :meth:`Clock.monotonic` for durations and deadlines,
+and :meth:`Clock.time` for wall-clock timestamps (seconds since the epoch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time as _time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Protocol
+
+__all__ = ["Clock", "SystemClock", "TimerHandle", "VirtualClock", "yield_now"]
+
+
+class TimerHandle(Protocol):
+    """A scheduled callback that can be cancelled before it runs."""
+
+    def cancel(self) -> None: ...
+
+
+class Clock(ABC):
+    """Reads time and schedules wake-ups.  Injected into everything that waits."""
+
+    @abstractmethod
+    def monotonic(self) -> float:
+        """Seconds on a clock that never goes backwards (for durations and deadlines)."""
+
+    @abstractmethod
+    def time(self) -> float:
+        """Wall-clock seconds since the Unix epoch (for timestamps shown to users)."""
+
+    @abstractmethod
+    def call_at(self, when: float, callback: Callable[[], None]) -> TimerHandle:
+        """Run ``callback`` in the running event loop once ``monotonic() >= when``."""
+
+    async def sleep_until(self, when: float) -> None:
+        """Suspend the calling task until ``monotonic() >= when``."""
+        if when <= self.monotonic():
+            # Still yield, so a loop of zero-length sleeps cannot starve other tasks.
+            await _yield_once()
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        handle = self.call_at(when, lambda: _resolve(fut))
+        try:
+            await fut
+        finally:
+            handle.cancel()
+
+    async def sleep(self, seconds: float) -> None:
+        """Suspend the calling task for ``seconds`` (negative means zero)."""
+        await self.sleep_until(self.monotonic() + max(0.0, seconds))
+
+    async def wait_until(self, fut: asyncio.Future[None], deadline: float | None) -> bool:
+        """Wait for ``fut`` or ``deadline``, whichever comes first.
+
+        Returns True if ``fut`` completed.  ``fut`` is not cancelled on timeout, so the
+        caller keeps ownership of it.
+        """
+        if deadline is None:
+            await fut
+            return True
+        if fut.done():
+            return True
+        wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        handle = self.call_at(deadline, lambda: _resolve(wake))
+        fut.add_done_callback(lambda _f: _resolve(wake))
+        try:
+            await wake
+        finally:
+            handle.cancel()
+        return fut.done()
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+async def _yield_once() -> None:
+    await asyncio.sleep(0)
+
+
+async def yield_now() -> None:
+    """Let other tasks run (the runtime calls this between a source's batches)."""
+    await asyncio.sleep(0)
+
+
+class SystemClock(Clock):
+    """The real clock: ``time.monotonic`` for deadlines, ``time.time`` for timestamps."""
+
+    def monotonic(self) -> float:
+        return _time.monotonic()
+
+    def time(self) -> float:
+        return _time.time()
+
+    def call_at(self, when: float, callback: Callable[[], None]) -> TimerHandle:
+        loop = asyncio.get_running_loop()
+        # The default loop's time() is time.monotonic(); convert in case it is not.
+        return loop.call_at(loop.time() + (when - _time.monotonic()), callback)
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(max(0.0, seconds))
+
+    def __repr__(self) -> str:
+        return "SystemClock()"
+
+
+class _VirtualTimer:
+    __slots__ = ("callback", "cancelled", "when")
+
+    def __init__(self, when: float, callback: Callable[[], None]) -> None:
+        self.when = when
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class VirtualClock(Clock):
+    """A clock that moves only when told to, or when every task is waiting on it.
+
+    Args:
+        start: the initial value of :meth:`monotonic`.
+        epoch: the wall-clock time (:meth:`time`) that corresponds to ``start``.
+        autojump: when True, as soon as the event loop has nothing runnable the clock
+            jumps to the earliest pending timer.  With False, only :meth:`advance`
+            moves time.
+
+    Timers that fall due at the same instant run in the order they were scheduled, so
+    runs on a virtual clock are deterministic.
+
+    >>> clock = VirtualClock(start=10.0, epoch=1_000.0, autojump=False)
+    >>> clock.advance(2.5)
+    >>> clock.monotonic(), clock.time()
+    (12.5, 1002.5)
+    """
+
+    def __init__(
+        self, *, start: float = 0.0, epoch: float = 1_700_000_000.0, autojump: bool = True
+    ) -> None:
+        self._now = float(start)
+        self._epoch_offset = float(epoch) - float(start)
+        self._autojump = autojump
+        self._timers: list[tuple[float, int, _VirtualTimer]] = []
+        self._seq = itertools.count()
+        self._driver_loop: asyncio.AbstractEventLoop | None = None
+        self._idle_checks = 0
+        self.jumps: list[float] = []
+        """Every instant the clock jumped to on its own (autojump), for tests to assert."""
+
+    def monotonic(self) -> float:
+        return self._now
+
+    def time(self) -> float:
+        return self._now + self._epoch_offset
+
+    def call_at(self, when: float, callback: Callable[[], None]) -> TimerHandle:
+        timer = _VirtualTimer(when, callback)
+        heapq.heappush(self._timers, (when, next(self._seq), timer))
+        if self._autojump:
+            self._ensure_driver()
+        return timer
+
+    def advance(self, seconds: float) -> None:
+        """Move time forward by ``seconds``, running every timer that falls due.
+
+        Timers run in time order, each with the clock set to its own instant.
+        """
+        if seconds < 0:
+            raise ValueError(f"cannot move a clock backwards: advance({seconds!r})")
+        self._run_until(self._now + seconds)
+
+    def next_deadline(self) -> float | None:
+        """The instant of the earliest pending timer, or None when there is none."""
+        self._drop_cancelled()
+        return self._timers[0][0] if self._timers else None
+
+    def _drop_cancelled(self) -> None:
+        while self._timers and self._timers[0][2].cancelled:
+            heapq.heappop(self._timers)
+
+    def _run_until(self, target: float) -> None:
+        while True:
+            self._drop_cancelled()
+            if not self._timers or self._timers[0][0] > target:
+                break
+            when, _, timer = heapq.heappop(self._timers)
+            self._now = max(self._now, when)
+            timer.callback()
+        self._now = max(self._now, target)
+
+    # -- autojump: a callback (not a task) that checks whether the loop is idle -------
+
+    def _ensure_driver(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if self._driver_loop is loop:
+            return
+        self._driver_loop = loop
+        self._idle_checks = 0
+        loop.call_soon(self._check_idle)
+
+    def _check_idle(self) -> None:
+        loop = self._driver_loop
+        assert loop is not None
+        ready = getattr(loop, "_ready", None)
+        if ready is not None:
+            idle = len(ready) == 0
+        else:  # an event loop without the private ready queue: settle for many hops
+            self._idle_checks += 1
+            idle = self._idle_checks >= 64
+        if idle:
+            self._idle_checks = 0
+            nxt = self.next_deadline()
+            if nxt is None:
+                self._driver_loop = None
+                return
+            self.jumps.append(nxt)
+            self._run_until(nxt)
+        if loop.is_closed():
+            self._driver_loop = None
+            return
+        loop.call_soon(self._check_idle)
+
+    def __repr__(self) -> str:
+        return f"VirtualClock(now={self._now!r}, autojump={self._autojump!r})"
