@@ -24,7 +24,7 @@ from sluiceway.metrics import FlowSnapshot
 from sluiceway.policies import Backoff, DeadLetter, DeadLetterRecord, ErrorPolicy, Fail, Retry
 from sluiceway.runtime.channel import Overflow
 from sluiceway.runtime.executor import RunResult
-from sluiceway.runtime.handle import FlowHandle, run, run_async, start
+from sluiceway.runtime.handle import FlowHandle, Monitor, run, run_async, start
 from sluiceway.runtime.messages import Batch
 from sluiceway.time import Clock, SystemClock, VirtualClock
 
@@ -47,6 +47,7 @@ __all__ = [
     "FlowHandle",
     "FlowSnapshot",
     "KeyedStream",
+    "Monitor",
     "OperatorError",
     "Overflow",
     "Retry",

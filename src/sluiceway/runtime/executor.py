@@ -314,7 +314,9 @@ class Executor:
                 ) from None
             raise
         except BaseExceptionGroup as group:
-            raise _one_error(group, self.flow.name) from None
+            err = _one_error(group, self.flow.name)
+            # Keep the error's own cause (the user's exception), drop the group context.
+            raise err from err.__cause__
         finally:
             if self._grace_timer is not None:
                 self._grace_timer.cancel()

@@ -7,13 +7,21 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Awaitable, Callable
 
 from sluiceway.flow import Flow
 from sluiceway.metrics.registry import FlowSnapshot
 from sluiceway.runtime.executor import Executor, RunResult
 from sluiceway.time import Clock
 
-__all__ = ["FlowHandle", "run", "run_async", "start"]
+__all__ = ["FlowHandle", "Monitor", "run", "run_async", "start"]
+
+Monitor = Callable[["FlowHandle"], Awaitable[None]]
+"""A coroutine function run beside a flow (a live view, a stop-after timer...).
+
+It receives the flow's handle, is cancelled when the flow ends, and may call
+``handle.request_stop()``.  An exception it raises stops the flow and is re-raised.
+"""
 
 log = logging.getLogger("sluiceway")
 
@@ -111,12 +119,35 @@ async def run_async(
     grace_period: float = 10.0,
     max_batch_size: int = 1024,
     seed: int | None = None,
+    monitor: Monitor | None = None,
 ) -> RunResult:
-    """Run ``flow`` to completion in the running event loop (no signal handling)."""
+    """Run ``flow`` to completion in the running event loop (no signal handling).
+
+    ``monitor``, if given, runs beside the flow (see :data:`Monitor`).
+    """
     handle = start(
         flow, clock=clock, grace_period=grace_period, max_batch_size=max_batch_size, seed=seed
     )
-    return await handle.wait()
+    return await _wait_with_monitor(handle, monitor)
+
+
+async def _wait_with_monitor(handle: FlowHandle, monitor: Monitor | None) -> RunResult:
+    if monitor is None:
+        return await handle.wait()
+    watcher = asyncio.ensure_future(monitor(handle))
+    try:
+        waiter = asyncio.ensure_future(handle.wait())
+        await asyncio.wait({watcher, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if watcher.done() and not watcher.cancelled() and watcher.exception() is not None:
+            handle.force_stop("monitor failed")
+            waiter.cancel()
+            await asyncio.gather(waiter, handle.wait(), return_exceptions=True)
+            watcher.result()  # re-raise the monitor's error
+        return await waiter
+    finally:
+        if not watcher.done():
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
 
 
 def run(
@@ -127,6 +158,7 @@ def run(
     max_batch_size: int = 1024,
     seed: int | None = None,
     handle_signals: bool = True,
+    monitor: Monitor | None = None,
 ) -> RunResult:
     """Run ``flow`` until its sources end or a stop signal, and return the result.
 
@@ -134,6 +166,7 @@ def run(
     records drain (at most ``grace_period`` seconds), batches flush, sinks close.  A
     second signal, or the grace period running out, cancels the flow and raises
     :class:`~sluiceway.errors.FlowCancelledError` listing what was not flushed.
+    ``monitor``, if given, runs beside the flow (see :data:`Monitor`).
 
     Raises:
         FlowDefinitionError: the flow is not valid.
@@ -156,7 +189,7 @@ def run(
         )
         installed = _install_signals(handle) if handle_signals else []
         try:
-            return await handle.wait()
+            return await _wait_with_monitor(handle, monitor)
         finally:
             loop = asyncio.get_running_loop()
             for sig in installed:

@@ -1,0 +1,110 @@
+"""The in-process metrics registry: operator counters, channel statistics, rates."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import pytest
+
+import sluiceway as sw
+from sluiceway.runtime.messages import Batch
+
+
+class PacedSink(sw.sinks.Sink):
+    """Takes ``delay`` clock seconds per record."""
+
+    def __init__(self, clock: sw.Clock, delay: float) -> None:
+        self.clock = clock
+        self.delay = delay
+
+    async def write(self, batch: Batch) -> None:
+        await self.clock.sleep(self.delay * len(batch.values))
+
+
+def test_counters_per_operator() -> None:
+    flow = sw.Flow("counts")
+    (
+        flow.source(sw.sources.Iterable(range(100)), name="src")
+        .filter(lambda x: x % 4 == 0, name="quarter")
+        .flat_map(lambda x: [x, x], name="twice")
+        .sink(sw.sinks.Collect(), name="out")
+    )
+    snap = sw.testing.run_flow(flow).metrics
+    got = {o.name: (o.kind, o.records_in, o.records_out) for o in snap.operators}
+    assert got == {
+        "src": ("source", 100, 100),
+        "quarter": ("filter", 100, 25),
+        "twice": ("flat_map", 25, 50),
+        "out": ("sink", 50, 50),
+    }
+    assert snap.flow == "counts"
+    with pytest.raises(KeyError, match="known: src, quarter, twice, out"):
+        snap.operator("nope")
+
+
+def _run_paced(per_record: float) -> tuple[sw.FlowSnapshot, sw.FlowSnapshot]:
+    clock = sw.VirtualClock()
+
+    async def main() -> tuple[sw.FlowSnapshot, sw.FlowSnapshot]:
+        flow = sw.Flow("bp")
+        (
+            flow.source(sw.sources.Generator(itertools.count, rate=1000), name="src")
+            .buffer(100, name="buf")
+            .sink(PacedSink(clock, per_record), name="out")
+        )
+        handle = sw.start(flow, clock=clock, max_batch_size=10)
+        await clock.sleep(10.0)
+        first = handle.metrics()
+        await clock.sleep(10.0)
+        second = handle.metrics()
+        handle.force_stop()
+        with pytest.raises(sw.FlowCancelledError):
+            await handle.wait()
+        return first, second
+
+    return asyncio.run(main())
+
+
+def test_backpressure_ratio_and_fill_on_a_virtual_clock() -> None:
+    first, second = _run_paced(0.002)  # the sink handles 500/s: half the offered rate
+    rates = second.rates_since(first)
+    ch = second.channel("buf.in")
+    assert ch.capacity == 100
+    assert ch.fill >= 90  # saturated
+    assert ch.max_fill <= 100
+    # The sink sets the pace; the source, always behind its schedule, is ready at every
+    # instant and so spends all its time blocked on the full channel.
+    assert rates.records_out["out"] == pytest.approx(500, rel=0.05)
+    assert rates.records_out["src"] == pytest.approx(500, rel=0.05)
+    assert rates.backpressure["buf.in"] == pytest.approx(1.0, abs=0.02)
+
+
+def test_no_backpressure_when_the_sink_keeps_up() -> None:
+    first, second = _run_paced(0.0005)  # the sink could take 2000/s
+    rates = second.rates_since(first)
+    assert rates.records_out["out"] == pytest.approx(1000, rel=0.05)
+    assert rates.backpressure["buf.in"] < 0.02
+    assert second.channel("buf.in").fill < 100
+
+
+def test_dropped_records_are_reported_on_the_operator_they_would_have_reached() -> None:
+    clock = sw.VirtualClock()
+    flow = sw.Flow("drops")
+    (
+        flow.source(sw.sources.Iterable(range(1000)), name="src")
+        .buffer(10, sw.Overflow.DROP_NEWEST, name="shed")
+        .sink(PacedSink(clock, 0.01), name="out")
+    )
+    snap = sw.testing.run_flow(flow, clock=clock, max_batch_size=50).metrics
+    shed = snap.operator("shed")
+    assert shed.dropped == snap.channel("shed.in").records_dropped > 0
+    assert shed.records_in + shed.dropped == 1000
+    assert snap.operator("out").records_in == shed.records_out
+
+
+def test_rates_need_time_to_pass() -> None:
+    flow = sw.Flow("r")
+    flow.source(sw.sources.Iterable([1])).sink(sw.sinks.Collect())
+    snap = sw.testing.run_flow(flow).metrics
+    assert snap.rates_since(snap).records_in == {}
