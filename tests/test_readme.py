@@ -1,0 +1,40 @@
+"""The README's Python examples run as written."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+
+
+def test_readme_opens_with_the_two_commands() -> None:
+    first_block = re.search(r"```sh\n(.*?)```", README.read_text(), flags=re.DOTALL)
+    assert first_block is not None
+    lines = [ln for ln in first_block.group(1).splitlines() if ln.strip()]
+    assert lines[0].startswith("pip install -e . && sluiceway demo")
+    assert lines[1].startswith("scripts/test")
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert "exec scripts/test" in ci
+
+
+def test_tutorial_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    ns: dict[str, Any] = {}
+    exec(python_blocks()[0], ns)
+    assert ns["out"].items == [{"user": "ann", "amount": 12.0, "amount_eur": 11.04}]
+    assert '"amount_eur": 11.04' in capsys.readouterr().out
+
+
+def test_testing_examples_pass() -> None:
+    block = next(b for b in python_blocks() if "def test_doubling" in b)
+    ns: dict[str, Any] = {}
+    exec(block, ns)
+    ns["test_doubling"]()
+    ns["test_batches_by_time"]()
