@@ -102,6 +102,7 @@ def test_grace_period_exceeded_reports_exactly_what_was_not_flushed() -> None:
         assert clock.monotonic() - started == pytest.approx(5.0)
         err = info.value
         assert "grace period of 5s exceeded" in str(err)
+        assert err.reason is sw.CancelReason.GRACE_PERIOD
         held = err.unflushed
         # The exact inventory: the 30-record buffer drained at once into the batcher's
         # (default, 1024-record) channel; the stage behind it is stuck in the sink with
@@ -123,8 +124,9 @@ def test_force_stop_cancels_at_once() -> None:
         await clock.sleep(1.0)
         handle.request_stop()
         handle.force_stop("second signal (SIGINT)")
-        with pytest.raises(sw.FlowCancelledError, match=r"second signal \(SIGINT\)"):
+        with pytest.raises(sw.FlowCancelledError, match=r"second signal \(SIGINT\)") as info:
             await handle.wait()
+        assert info.value.reason is sw.CancelReason.FORCED
 
     asyncio.run(main())
 

@@ -12,6 +12,7 @@
 from sluiceway import sinks, sources, testing
 from sluiceway.errors import (
     BadInputError,
+    CancelReason,
     ChannelOverflowError,
     FlowCancelledError,
     FlowDefinitionError,
@@ -34,6 +35,7 @@ __all__ = [
     "Backoff",
     "BadInputError",
     "Batch",
+    "CancelReason",
     "ChannelOverflowError",
     "Clock",
     "DeadLetter",

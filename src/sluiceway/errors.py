@@ -11,6 +11,7 @@ The tree::
     │   └── ChannelOverflowError   an edge with ``overflow=Overflow.FAIL`` was full
     ├── FlowCancelledError         the flow was cancelled before it drained (grace period over,
     │                              or a second stop signal); carries what was not flushed
+    │                              and why (CancelReason)
     └── channel endings
         ├── EndOfStream            every writer closed and the channel is empty
         ├── ClosedResourceError    this side was already closed by us
@@ -22,11 +23,14 @@ Messages quote the bad value and say where it came from, e.g.
 
 from __future__ import annotations
 
+import enum
+import signal
 from typing import Any
 
 __all__ = [
     "BadInputError",
     "BrokenResourceError",
+    "CancelReason",
     "ChannelOverflowError",
     "ClosedResourceError",
     "EndOfStream",
@@ -126,15 +130,39 @@ class ChannelOverflowError(FlowFailedError):
         )
 
 
+class CancelReason(enum.Enum):
+    """Why a flow was cancelled instead of drained."""
+
+    GRACE_PERIOD = "grace_period"
+    """A graceful stop took longer than the grace period."""
+    SIGNAL = "signal"
+    """A second SIGINT/SIGTERM arrived while the flow was draining."""
+    FORCED = "forced"
+    """Code called ``FlowHandle.force_stop()``."""
+    MONITOR = "monitor"
+    """A monitor running beside the flow failed."""
+
+
 class FlowCancelledError(SluicewayError):
     """The flow was cancelled before it had drained.
 
     Attributes:
         unflushed: records that were still in flight, by the channel or operator holding them.
+        reason: why (:class:`CancelReason`).
+        signal: the signal that forced it, when ``reason`` is ``CancelReason.SIGNAL``.
     """
 
-    def __init__(self, message: str, unflushed: dict[str, int]) -> None:
+    def __init__(
+        self,
+        message: str,
+        unflushed: dict[str, int],
+        *,
+        reason: CancelReason = CancelReason.FORCED,
+        signal: signal.Signals | None = None,
+    ) -> None:
         self.unflushed = dict(unflushed)
+        self.reason = reason
+        self.signal = signal
         lost = ", ".join(f"{k}: {v}" for k, v in sorted(unflushed.items()) if v) or "nothing"
         super().__init__(f"{message}; not flushed: {lost}")
 

@@ -16,12 +16,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import signal
 from dataclasses import dataclass
 from typing import Any
 
 from sluiceway.connectors.base import Sink, SinkContext, Source, SourceContext
 from sluiceway.errors import (
     BadInputError,
+    CancelReason,
     EndOfStream,
     FlowCancelledError,
     FlowFailedError,
@@ -218,6 +220,8 @@ class Executor:
         self.stop_requested = False
         self._rng = random.Random(seed)
         self._forced: str | None = None
+        self._forced_why = CancelReason.FORCED
+        self._forced_signal: signal.Signals | None = None
         self._unflushed: dict[str, int] = {}
         self._grace_timer: TimerHandle | None = None
         self._main: asyncio.Task[Any] | None = None
@@ -310,7 +314,10 @@ class Executor:
         except asyncio.CancelledError:
             if self._forced is not None and asyncio.current_task().uncancel() == 0:  # type: ignore[union-attr]
                 raise FlowCancelledError(
-                    f"flow {self.flow.name!r} cancelled: {self._forced}", self._unflushed
+                    f"flow {self.flow.name!r} cancelled: {self._forced}",
+                    self._unflushed,
+                    reason=self._forced_why,
+                    signal=self._forced_signal,
                 ) from None
             raise
         except BaseExceptionGroup as group:
@@ -407,14 +414,24 @@ class Executor:
                 st.task.cancel("stop requested")
         self._grace_timer = self.clock.call_at(
             self.clock.monotonic() + self.grace_period,
-            lambda: self.force_stop(f"grace period of {self.grace_period:g}s exceeded"),
+            lambda: self.force_stop(
+                f"grace period of {self.grace_period:g}s exceeded", why=CancelReason.GRACE_PERIOD
+            ),
         )
 
-    def force_stop(self, reason: str = "forced stop") -> None:
+    def force_stop(
+        self,
+        reason: str = "forced stop",
+        *,
+        why: CancelReason = CancelReason.FORCED,
+        sig: signal.Signals | None = None,
+    ) -> None:
         """Cancel the flow now, recording what it still held."""
         if self._forced is not None or self._main is None or self._main.done():
             return
         self._forced = reason
+        self._forced_why = why
+        self._forced_signal = sig
         self._unflushed = self.unflushed()
         self._main.cancel(reason)
 

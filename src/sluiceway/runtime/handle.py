@@ -9,6 +9,7 @@ import sys
 import threading
 from collections.abc import Awaitable, Callable
 
+from sluiceway.errors import CancelReason
 from sluiceway.flow import Flow
 from sluiceway.metrics.registry import FlowSnapshot
 from sluiceway.runtime.executor import Executor, RunResult
@@ -69,7 +70,13 @@ class FlowHandle:
         return self._executor.plan.describe()
 
     def done(self) -> bool:
+        """True once the flow has ended (drained, failed or cancelled)."""
         return self._task.done()
+
+    @property
+    def stopping(self) -> bool:
+        """True once a stop has been requested (the flow may still be draining)."""
+        return self._executor.stop_requested
 
     def request_stop(self) -> None:
         """Begin a graceful stop (returns at once; safe from a signal handler)."""
@@ -78,6 +85,9 @@ class FlowHandle:
     def force_stop(self, reason: str = "forced stop") -> None:
         """Cancel now; :meth:`wait` then raises FlowCancelledError with what was held."""
         self._executor.force_stop(reason)
+
+    def _force_by_signal(self, sig: signal.Signals) -> None:
+        self._executor.force_stop(f"second signal ({sig.name})", why=CancelReason.SIGNAL, sig=sig)
 
     async def wait(self) -> RunResult:
         """Wait for the flow to end; returns its result or raises its error."""
@@ -139,7 +149,7 @@ async def _wait_with_monitor(handle: FlowHandle, monitor: Monitor | None) -> Run
         waiter = asyncio.ensure_future(handle.wait())
         await asyncio.wait({watcher, waiter}, return_when=asyncio.FIRST_COMPLETED)
         if watcher.done() and not watcher.cancelled() and watcher.exception() is not None:
-            handle.force_stop("monitor failed")
+            handle._executor.force_stop("monitor failed", why=CancelReason.MONITOR)
             waiter.cancel()
             await asyncio.gather(waiter, handle.wait(), return_exceptions=True)
             watcher.result()  # re-raise the monitor's error
@@ -215,7 +225,7 @@ def _install_signals(handle: FlowHandle) -> list[signal.Signals]:
             )
             handle.request_stop()
         else:
-            handle.force_stop(f"second signal ({sig.name})")
+            handle._force_by_signal(sig)
 
     installed: list[signal.Signals] = []
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,0 +1,610 @@
+"""The ``sluiceway`` command: ``run`` a flow from a module or file, or ``demo``.
+
+::
+
+    sluiceway run myjob.flows:flow             # a module on the path (the current directory is)
+    sluiceway run path/to/job.py:build_flow    # a file; a Flow or a function returning one
+    sluiceway run myjob.flows:flow --describe  # print the physical plan and exit
+    sluiceway demo --duration 30 --rate 5000   # a synthetic clickstream, live in the terminal
+
+Exit codes: 0 the flow ended or stopped gracefully; 1 the flow failed, is not valid, was
+cancelled at the end of its grace period, or its code raised while loading; 2 the command
+line is wrong (bad option, target not found, not a Flow); 128 + N when a second signal N
+forced the stop (130 for a second Ctrl-C).
+
+This is the one module that wires a process together: it loads user code, chooses the
+monitors, runs the flow with :func:`sluiceway.run` (which handles SIGINT and SIGTERM: the
+first drains, a second forces) and turns every ending into one clear line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import importlib.util
+import inspect
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Awaitable, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any, NoReturn, TextIO
+
+import sluiceway as sw
+from sluiceway.console import LiveView, format_count
+from sluiceway.plan import plan as make_plan
+
+__all__ = ["CliError", "build_parser", "load_flow", "main"]
+
+_PACKAGE_DIR = Path(sw.__file__).resolve().parent
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+_EXIT_FAILED = 1
+_EXIT_USAGE = 2
+_EXIT_INTERRUPTED = 130
+
+log = logging.getLogger("sluiceway.cli")
+
+
+class CliError(Exception):
+    """An ending of the command: a one-line message, an exit code, maybe a detail line."""
+
+    def __init__(self, message: str, code: int, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.detail = detail
+
+
+# -- argument parsing -----------------------------------------------------------------
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds >= 0, got {text!r}"
+        ) from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
+def _log_level(text: str) -> str:
+    level = text.lower()
+    if level not in _LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(_LOG_LEVELS)}, got {text!r}")
+    return level
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``sluiceway`` command."""
+    parser = argparse.ArgumentParser(
+        prog="sluiceway",
+        description="sluiceway: run stream-processing flows from the command line.",
+        epilog="Run `sluiceway COMMAND --help` for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"sluiceway {sw.__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--grace-period",
+        type=_non_negative_float,
+        default=10.0,
+        metavar="S",
+        help="seconds a stop (Ctrl-C, SIGTERM) may take to drain before the flow is "
+        "cancelled (default: %(default)g)",
+    )
+    common.add_argument(
+        "--max-batch-size",
+        type=_positive_int,
+        default=1024,
+        metavar="N",
+        help="the most records a source is asked for at once (default: %(default)d)",
+    )
+    common.add_argument(
+        "--log-level",
+        type=_log_level,
+        default="warning",
+        metavar="LEVEL",
+        help=f"one of {', '.join(_LOG_LEVELS)} (default: %(default)s); "
+        "debug also prints tracebacks",
+    )
+
+    run = commands.add_parser(
+        "run",
+        parents=[common],
+        help="run a flow until its sources end or Ctrl-C",
+        description="Run a flow until its sources end, or until SIGINT/SIGTERM (the first "
+        "drains in-flight records within the grace period, a second forces the stop).",
+    )
+    run.add_argument(
+        "target",
+        metavar="TARGET",
+        help="MODULE:ATTR or path/to/file.py:ATTR, where ATTR is a sw.Flow or a function "
+        "with no arguments returning one (the current directory is importable)",
+    )
+    run.add_argument(
+        "--live",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="show a live table of operator and channel metrics on stderr, refreshed "
+        "every second (default: off, so the flow's own output stays readable)",
+    )
+    run.add_argument(
+        "--describe",
+        action="store_true",
+        help="print the physical plan (stages, fused operators, channels) and exit",
+    )
+    run.set_defaults(handler=_cmd_run)
+
+    demo = commands.add_parser(
+        "demo",
+        parents=[common],
+        help="run a synthetic clickstream demo, no servers needed",
+        description="A synthetic clickstream: clicks are parsed, bots filtered, purchases "
+        "priced, and every second summarised (top pages, purchases, revenue).",
+    )
+    demo.add_argument(
+        "--duration",
+        type=_non_negative_float,
+        default=0.0,
+        metavar="S",
+        help="stop gracefully after S seconds (default: 0, run until Ctrl-C)",
+    )
+    demo.add_argument(
+        "--rate",
+        type=_positive_float,
+        default=2000.0,
+        metavar="R",
+        help="clicks per second (default: %(default)g)",
+    )
+    demo.add_argument(
+        "--live",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="redraw a live table every second (default: when stdout is a terminal); "
+        "--no-live prints one plain line per second",
+    )
+    demo.add_argument(
+        "--seed", type=int, default=42, metavar="N", help="seeds the clicks (default: 42)"
+    )
+    demo.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+# -- loading a target -----------------------------------------------------------------
+
+
+def load_flow(target: str) -> sw.Flow:
+    """The flow named by ``MODULE:ATTR`` or ``path/to/file.py:ATTR``.
+
+    ``ATTR`` (dots allowed: ``jobs.daily``) is a :class:`~sluiceway.Flow`, or a callable
+    taking no arguments that returns one.  The current directory is put on ``sys.path``
+    first, as ``python -m`` does; for a file, its directory too, as ``python file.py`` does.
+
+    Raises:
+        CliError: with exit code 2 when the target cannot be found or is not a flow, and 1
+            when the user's code raised while importing or building the flow.
+    """
+    where, colon, attr = target.rpartition(":")
+    if not colon or not where or not attr:
+        raise CliError(
+            f"target {target!r} must be MODULE:ATTR or path/to/file.py:ATTR "
+            "(e.g. myjob.flows:flow)",
+            _EXIT_USAGE,
+        )
+    _put_on_path(os.getcwd())
+    is_file = where.endswith(".py") or "/" in where or os.sep in where
+    module = _import_file(where) if is_file else _import_module(where)
+    return _as_flow(_resolve(module, where, attr), f"{where}:{attr}")
+
+
+def _put_on_path(directory: str) -> None:
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+
+
+def _import_module(name: str) -> ModuleType:
+    if not all(part.isidentifier() for part in name.split(".")):
+        raise CliError(
+            f"{name!r} is not a module name; give a dotted module (myjob.flows) or a file "
+            "ending in .py (path/to/job.py)",
+            _EXIT_USAGE,
+        )
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if missing and (name == missing or name.startswith(missing + ".")):
+            raise CliError(
+                f"no module named {name!r} (looked in {os.getcwd()} and sys.path); run from "
+                "the directory that contains it, or give a file: path/to/file.py:ATTR",
+                _EXIT_USAGE,
+            ) from exc
+        raise _user_code_error(f"importing module {name!r} failed", exc) from exc
+    except Exception as exc:
+        raise _user_code_error(f"importing module {name!r} failed", exc) from exc
+
+
+def _import_file(where: str) -> ModuleType:
+    path = Path(where).expanduser()
+    if not path.is_file():
+        hint = f" (resolved to {path.resolve()})" if not path.is_absolute() else ""
+        what = "is a directory, not a .py file" if path.is_dir() else "not found"
+        raise CliError(f"file {where!r} {what}{hint}", _EXIT_USAGE)
+    path = path.resolve()
+    _put_on_path(str(path.parent))
+    name = path.stem if path.stem.isidentifier() else "sluiceway_target"
+    if name in sys.modules:
+        loaded = sys.modules[name]
+        if getattr(loaded, "__file__", None) == str(path):
+            return loaded
+        name = f"sluiceway_target_{path.stem if path.stem.isidentifier() else 'file'}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:  # pragma: no cover - a .py path always has one
+        raise CliError(f"cannot load {where!r} as a Python file", _EXIT_USAGE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # as an import would, so dataclasses and pickling work
+    try:
+        spec.loader.exec_module(module)
+    except BaseException as exc:
+        del sys.modules[name]
+        if isinstance(exc, Exception):
+            raise _user_code_error(f"importing {where!r} failed", exc) from exc
+        raise
+    return module
+
+
+def _resolve(module: ModuleType, label: str, attr: str) -> object:
+    value: object = module
+    walked: list[str] = []
+    for part in attr.split("."):
+        try:
+            value = getattr(value, part)
+        except AttributeError:
+            if walked:
+                owner = f"{label}:{'.'.join(walked)}"
+                raise CliError(f"{owner!r} has no attribute {part!r}", _EXIT_USAGE) from None
+            raise CliError(
+                f"{label!r} has no attribute {part!r}; {_flows_in(module, label)}", _EXIT_USAGE
+            ) from None
+        walked.append(part)
+    return value
+
+
+def _flows_in(module: ModuleType, label: str) -> str:
+    names = sorted(k for k, v in vars(module).items() if isinstance(v, sw.Flow))
+    if names:
+        return f"Flow objects in it: {', '.join(names)}"
+    return (
+        f"{label!r} defines no Flow at module level: define one "
+        "(flow = sw.Flow(...)) or name a function that returns one"
+    )
+
+
+def _as_flow(value: object, target: str) -> sw.Flow:
+    if isinstance(value, sw.Flow):
+        return value
+    if not callable(value):
+        raise CliError(
+            f"{target!r} is {_kind(value)}, not a sw.Flow or a function returning one",
+            _EXIT_USAGE,
+        )
+    required = _required_parameters(value)
+    if required:
+        raise CliError(
+            f"{target!r} needs arguments ({', '.join(required)}); name a Flow or a function "
+            "that can be called with no arguments",
+            _EXIT_USAGE,
+        )
+    try:
+        made = value()
+    except sw.FlowDefinitionError as exc:
+        raise CliError(f"{target}() built an invalid flow: {exc}", _EXIT_FAILED) from exc
+    except Exception as exc:
+        raise _user_code_error(f"calling {target}() failed", exc) from exc
+    if inspect.isawaitable(made):
+        if inspect.iscoroutine(made):
+            made.close()  # never awaited on purpose: say so instead of warning
+        raise CliError(
+            f"{target!r} is an async function; it must be a plain function returning a sw.Flow",
+            _EXIT_USAGE,
+        )
+    if not isinstance(made, sw.Flow):
+        raise CliError(
+            f"{target}() returned {_kind(made)}, not a sw.Flow; return the flow you built",
+            _EXIT_USAGE,
+        )
+    return made
+
+
+def _required_parameters(fn: Any) -> list[str]:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins have no signature: just call them
+        return []
+    return [
+        p.name
+        for p in sig.parameters.values()
+        if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+
+
+def _kind(value: object) -> str:
+    if inspect.ismodule(value):
+        return f"a module ({value.__name__})"
+    if isinstance(value, type):
+        return f"a class ({value.__name__})"
+    text = repr(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    name = type(value).__name__
+    article = "an" if name[:1].lower() in "aeiou" else "a"
+    return f"{article} {name} ({text})"
+
+
+def _user_code_error(what: str, exc: BaseException) -> CliError:
+    return CliError(f"{what}: {_describe_exception(exc)}", _EXIT_FAILED)
+
+
+def _describe_exception(exc: BaseException) -> str:
+    """``Type: message (at file.py:12 in fn)``, on one line."""
+    text = " ".join(str(exc).split())
+    if len(text) > 300:
+        text = text[:297] + "..."
+    head = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    where = _where(exc)
+    return f"{head} (at {where})" if where and not isinstance(exc, SyntaxError) else head
+
+
+def _where(exc: BaseException) -> str | None:
+    """``file.py:12 in fn``: the innermost frame outside sluiceway (else the innermost)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return None
+    outside = [f for f in frames if not _in_sluiceway(f.filename)]
+    frame = (outside or frames)[-1]
+    return f"{Path(frame.filename).name}:{frame.lineno} in {frame.name}"
+
+
+def _in_sluiceway(filename: str) -> bool:
+    try:
+        return Path(filename).resolve().is_relative_to(_PACKAGE_DIR)
+    except OSError:  # pragma: no cover - odd pseudo-filenames
+        return False
+
+
+def _cause_chain(exc: BaseException) -> str | None:
+    """``caused by KeyError: 'amount' (at jobs.py:7 in parse)``, following __cause__."""
+    parts: list[str] = []
+    seen = {id(exc)}
+    cause = _next_cause(exc)
+    while cause is not None and id(cause) not in seen and len(parts) < 3:
+        seen.add(id(cause))
+        parts.append(_describe_exception(cause))
+        cause = _next_cause(cause)
+    return "caused by " + " <- ".join(parts) if parts else None
+
+
+def _next_cause(exc: BaseException) -> BaseException | None:
+    if exc.__cause__ is not None:
+        return exc.__cause__
+    return None if exc.__suppress_context__ else exc.__context__
+
+
+# -- running --------------------------------------------------------------------------
+
+
+def _together(*monitors: sw.Monitor) -> sw.Monitor:
+    """One monitor that runs several side by side (all cancelled when the flow ends)."""
+
+    async def run_all(handle: sw.FlowHandle) -> None:
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for monitor in monitors:
+                    tg.create_task(_awaited(monitor(handle)))
+        except BaseExceptionGroup as group:
+            first = _first_error(group)
+            raise first from first.__cause__  # the monitor's own error, not the group
+
+    return run_all
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first real error in a task group's exceptions (a monitor's own, unwrapped)."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first_error(exc)
+        if not isinstance(exc, asyncio.CancelledError):
+            return exc
+    return group.exceptions[0]
+
+
+async def _awaited(awaitable: Awaitable[None]) -> None:
+    await awaitable
+
+
+def _stop_after(seconds: float) -> sw.Monitor:
+    """A monitor that requests a graceful stop after ``seconds`` of the flow's clock."""
+
+    async def stop(handle: sw.FlowHandle) -> None:
+        await handle.clock.sleep(seconds)
+        log.info("stopping flow %r after %gs (--duration)", handle.flow.name, seconds)
+        handle.request_stop()
+
+    return stop
+
+
+def _run_flow(flow: sw.Flow, args: argparse.Namespace, monitor: sw.Monitor | None) -> sw.RunResult:
+    """``sw.run`` with every ending turned into a :class:`CliError` with its exit code."""
+    try:
+        return sw.run(
+            flow,
+            grace_period=args.grace_period,
+            max_batch_size=args.max_batch_size,
+            monitor=monitor,
+        )
+    except sw.FlowDefinitionError as exc:
+        raise CliError(f"invalid flow: {exc}", _EXIT_FAILED) from exc
+    except sw.FlowFailedError as exc:
+        raise CliError(str(exc), _EXIT_FAILED, _cause_chain(exc)) from exc
+    except sw.FlowCancelledError as exc:
+        raise CliError(str(exc), _cancelled_exit_code(exc)) from exc
+
+
+def _cancelled_exit_code(exc: sw.FlowCancelledError) -> int:
+    # A second signal N is an interruption (128 + N); anything else (the grace period
+    # ran out, a failing monitor) means records were not flushed: a failure.
+    if exc.reason is sw.CancelReason.SIGNAL and exc.signal is not None:
+        return 128 + exc.signal.value
+    return _EXIT_FAILED
+
+
+def _totals(result: sw.RunResult) -> str:
+    ops = result.metrics.operators
+    produced = sum(o.records_out for o in ops if o.kind == "source")
+    delivered = sum(o.records_in for o in ops if o.kind == "sink")
+    errors = sum(o.errors for o in ops)
+    dead = sum(o.dead_letters for o in ops)
+    dropped = sum(c.records_dropped for c in result.metrics.channels)
+    how = "stopped" if result.stopped else "finished"
+    return (
+        f"flow {result.flow!r} {how} after {result.elapsed:.1f}s: "
+        f"{format_count(produced)} records in, {format_count(delivered)} out, "
+        f"{format_count(errors)} errors, {format_count(dead)} dead letters, "
+        f"{format_count(dropped)} dropped"
+    )
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    flow = load_flow(args.target)
+    if args.describe:
+        try:
+            print(make_plan(flow).describe())
+        except sw.FlowDefinitionError as exc:
+            raise CliError(f"invalid flow: {exc}", _EXIT_FAILED) from exc
+        return 0
+    monitor = LiveView(sys.stderr, interval=1.0, live=True) if args.live else None
+    result = _run_flow(flow, args, monitor)
+    print(f"sluiceway: {_totals(result)}", file=sys.stderr)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from sluiceway import demo  # noqa: PLC0415 - only the demo command needs it
+
+    out: TextIO = sys.stdout
+    live = out.isatty() if args.live is None else args.live
+    # Event time starts now on the wall clock (read through the injected clock).
+    tracker = demo.SummaryTracker()
+    flow = demo.build_demo_flow(
+        rate=args.rate, seed=args.seed, sink=tracker, epoch=sw.SystemClock().time()
+    )
+
+    def latest() -> str | None:
+        summary = tracker.latest
+        if summary is None:
+            return "waiting for the first window..."
+        label = "latest " if live else ""
+        return label + demo.format_summary(summary, tracker.windows)
+
+    until = f"for {args.duration:g}s" if args.duration else "until Ctrl-C"
+    print(
+        f"sluiceway demo: a synthetic clickstream at {args.rate:,.0f} clicks/s "
+        f"(seed {args.seed}), {until}",
+        file=out,
+        flush=True,
+    )
+    monitors: list[sw.Monitor] = [LiveView(out, interval=1.0, live=live, footer=latest)]
+    if args.duration:
+        monitors.append(_stop_after(args.duration))
+    result = _run_flow(flow, args, _together(*monitors))
+
+    m = result.metrics
+    clicks = m.operator("clicks").records_out
+    bots = m.operator("drop_bots").records_in - m.operator("drop_bots").records_out
+    seconds = max(result.elapsed, 1e-9)
+    print(
+        f"demo totals: {format_count(clicks)} clicks in {result.elapsed:.1f}s "
+        f"({clicks / seconds:,.0f}/s), {format_count(bots)} from bots dropped, "
+        f"{format_count(tracker.purchases)} purchases, EUR {tracker.revenue:,.2f} revenue, "
+        f"{format_count(tracker.windows)} windows, "
+        f"{format_count(sum(o.errors for o in m.operators))} errors",
+        file=out,
+        flush=True,
+    )
+    return 0
+
+
+# -- entry point ----------------------------------------------------------------------
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _fail(parser: argparse.ArgumentParser) -> NoReturn:
+    parser.print_help(sys.stderr)
+    raise SystemExit(_EXIT_USAGE)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``sluiceway`` command with ``argv`` (default ``sys.argv[1:]``).
+
+    Returns the exit code.  ``--help``, ``--version`` and bad options exit through
+    :class:`SystemExit`, as argparse does.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        _fail(parser)
+    _configure_logging(args.log_level)
+    debug = args.log_level == "debug"
+    try:
+        code: int = args.handler(args)
+    except CliError as exc:
+        if debug and (exc.__cause__ is not None):
+            traceback.print_exception(exc.__cause__, file=sys.stderr)
+        print(f"sluiceway: error: {exc}", file=sys.stderr)
+        if exc.detail:
+            print(f"sluiceway: {exc.detail}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:  # Ctrl-C while loading, before sw.run handles signals
+        print("sluiceway: interrupted", file=sys.stderr)
+        return _EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. `sluiceway demo --no-live | head`: the reader left
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return _EXIT_FAILED
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
