@@ -91,6 +91,12 @@ def _fn_label(fn: object) -> str:
     return re.sub(r"\W+", "_", name).strip("_") or "fn"
 
 
+def _class_label(obj: object) -> str:
+    """``JsonLinesSource`` -> ``JsonLines``: the class name without a Source/Sink suffix."""
+    name = type(obj).__name__
+    return re.sub(r"(Source|Sink)$", "", name) or name
+
+
 def _check_callable(fn: object, method: str) -> None:
     if not callable(fn):
         raise TypeError(f"{method}() expects a callable, got {type(fn).__name__} {fn!r}")
@@ -170,7 +176,7 @@ class Flow:
                 f"this {source.describe()} source object is already used by {prior.describe()}; "
                 "create one source object per flow.source() call"
             )
-        node = self._add(SourceSpec(source, on_error), [], name, f"source_{type(source).__name__}")
+        node = self._add(SourceSpec(source, on_error), [], name, f"source_{_class_label(source)}")
         self._sources[id(source)] = node
         return Stream(self, node)
 
@@ -218,7 +224,7 @@ class Flow:
                 "a sink receives one stream -- merge the streams first, or use two sinks"
             )
         on_error = check_policy(policy, "sink()")
-        node = self._add(SinkSpec(sink, on_error), inputs, name, f"sink_{type(sink).__name__}")
+        node = self._add(SinkSpec(sink, on_error), inputs, name, f"sink_{_class_label(sink)}")
         self._sinks[id(sink)] = node
 
     # -- validation ------------------------------------------------------------------

@@ -1,6 +1,17 @@
-"""Built-in sources: ``sw.sources.Iterable``, ``Generator`` (more in the connector docs)."""
+"""Built-in sources: ``Iterable``, ``Generator``, ``JsonLines``, ``Csv``, ``Stdin``."""
 
 from sluiceway.connectors.base import Source, SourceContext
+from sluiceway.connectors.files import Csv
+from sluiceway.connectors.files import JsonLinesSource as JsonLines
 from sluiceway.connectors.memory import Generator, Iterable
+from sluiceway.connectors.stdio import Stdin
 
-__all__ = ["Generator", "Iterable", "Source", "SourceContext"]
+__all__ = [
+    "Csv",
+    "Generator",
+    "Iterable",
+    "JsonLines",
+    "Source",
+    "SourceContext",
+    "Stdin",
+]

@@ -367,7 +367,7 @@ class Executor:
             if writer is None:
                 raise OperatorError(
                     flow=self.flow.name, operator=node.name, record=err.raw, cause=err
-                )
+                ) from err
             await writer.write(
                 [
                     DeadLetterRecord(

@@ -1,0 +1,766 @@
+r"""File connectors: JSON Lines and CSV sources, a JSON Lines sink.
+
+The sources read the file in binary chunks and track the byte offset of the next line
+they have not handed out, so :meth:`~JsonLinesSource.position` is exact and
+``resume_from=position`` restarts right there::
+
+    events.jsonl   {"id": 1}\n   \n   {"id": 2}\n   {"id":
+    offset         0             10   11            21      (no newline yet)
+    next_batch(9)  [{"id": 1}, {"id": 2}]  -> position {"offset": 21, "line": 3}
+    follow=True:   the partial line waits for its newline, polling on the flow's clock
+
+A malformed line is *bad input* naming ``path:line``.  Under the default ``Fail()``
+policy the flow stops, and the source's position points *at* the bad line (the good
+records before it are delivered first), so a fixed file can be resumed from there.
+Under ``flow.source(src, on_error=sw.DeadLetter(sink))`` the line becomes a
+:class:`~sluiceway.policies.DeadLetterRecord` and reading goes on.
+
+A source never holds good records while it reports a bad line: it returns them first
+and reports the bad line on the next call.  So a stop (which may cancel the source
+while it waits) can never lose a record; a dead letter whose write was cancelled half
+way is reported again on resume (at least once).
+
+Files are read and written with plain blocking calls, in chunks of 64 KiB: local files
+answer in microseconds, and asyncio offers no non-blocking file I/O.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import dataclasses
+import json
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import IO, Any, Literal, TypeGuard
+
+from sluiceway.connectors.base import PartialWriteError, Sink, SinkContext, Source, SourceContext
+from sluiceway.errors import BadInputError, short_repr
+from sluiceway.runtime.messages import Batch
+
+__all__ = ["Csv", "JsonLinesSink", "JsonLinesSource", "LineBuffer", "WriteMode"]
+
+_CHUNK = 64 * 1024
+
+WriteMode = Literal["append", "overwrite"]
+"""How :class:`JsonLinesSink` opens an existing file: add to its end, or start empty."""
+
+
+class LineBuffer:
+    r"""Splits a byte stream into lines and tracks the position of the lines taken.
+
+    Reading is tentative: :meth:`next_line` moves a cursor; :meth:`commit` marks every
+    line up to the cursor as consumed (that is what :attr:`offset` and :attr:`line`
+    report); :meth:`rollback` moves the cursor back, so a source can put back a line it
+    has read but decided not to hand out yet.
+
+    Args:
+        offset: the byte offset in the stream of the first byte fed.
+        line: how many lines came before that offset.
+
+    >>> buf = LineBuffer()
+    >>> buf.feed(b"a\nbc")
+    >>> buf.next_line(), buf.next_line()
+    (b'a\n', None)
+    >>> buf.commit()
+    >>> buf.offset, buf.line
+    (2, 1)
+    >>> buf.feed_eof()
+    >>> buf.next_line()
+    b'bc'
+    """
+
+    __slots__ = ("_base", "_buf", "_cur", "_cur_line", "_done", "_done_line", "eof")
+
+    def __init__(self, offset: int = 0, line: int = 0) -> None:
+        self._buf = b""
+        self._base = offset  # stream offset of _buf[0]
+        self._done = 0  # index in _buf of the committed position
+        self._done_line = line
+        self._cur = 0  # index in _buf of the cursor
+        self._cur_line = line
+        self.eof = False
+        """True once :meth:`feed_eof` was called: no more bytes will come."""
+
+    @property
+    def offset(self) -> int:
+        """The stream offset of the first line not yet committed."""
+        return self._base + self._done
+
+    @property
+    def line(self) -> int:
+        """How many lines were committed (so the next one is ``line + 1``)."""
+        return self._done_line
+
+    def feed(self, data: bytes) -> None:
+        """Append bytes read from the stream (dropping what is committed already)."""
+        if self._done:
+            self._buf = self._buf[self._done :]
+            self._base += self._done
+            self._cur -= self._done
+            self._done = 0
+        self._buf += data
+
+    def feed_eof(self) -> None:
+        """Mark the end of the stream: a last line without a newline becomes complete."""
+        self.eof = True
+
+    def next_line(self) -> bytes | None:
+        """The next complete line including its ``\n`` (at EOF: the rest), or None."""
+        buf, cur = self._buf, self._cur
+        end = buf.find(b"\n", cur) + 1
+        if end == 0:
+            if not self.eof or cur == len(buf):
+                return None
+            end = len(buf)
+        self._cur = end
+        self._cur_line += 1
+        return buf[cur:end]
+
+    def pending(self) -> bytes:
+        """The bytes read past the committed position (the lines not yet committed)."""
+        return self._buf[self._done : self._cur]
+
+    def commit(self) -> None:
+        """Consume every line read so far."""
+        self._done, self._done_line = self._cur, self._cur_line
+
+    def rollback(self) -> None:
+        """Put back every line read since the last :meth:`commit`."""
+        self._cur, self._cur_line = self._done, self._done_line
+
+
+# -- helpers shared by the sources ---------------------------------------------------
+
+
+def _check_encoding(encoding: str, what: str) -> str:
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise ValueError(f"{what}: unknown encoding {encoding!r}; try 'utf-8'") from None
+    if "\n".encode(encoding) != b"\n":
+        raise ValueError(
+            f"{what} splits lines on the byte b'\\n', so the encoding must be ASCII-compatible "
+            f"(e.g. 'utf-8', 'latin-1'), got {encoding!r}"
+        )
+    return encoding
+
+
+def _check_resume(resume_from: Mapping[str, int] | None, what: str) -> tuple[int, int]:
+    if resume_from is None:
+        return 0, 0
+    if isinstance(resume_from, Mapping):
+        offset, line = resume_from.get("offset"), resume_from.get("line", 0)
+        if _is_count(offset) and _is_count(line):
+            return offset, line
+    raise ValueError(
+        f"{what} resume_from must be a dict returned by position(), like "
+        f"{{'offset': 1024, 'line': 10}}, got {short_repr(resume_from)}"
+    )
+
+
+def _is_count(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _open_at(path: str, offset: int, what: str) -> IO[bytes]:
+    """Open ``path`` for reading at ``offset``, which must be the start of a line."""
+    f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by the source's close()
+    try:
+        if offset:
+            size = os.fstat(f.fileno()).st_size
+            if offset > size:
+                raise ValueError(
+                    f"{what}: cannot resume {path} at byte {offset}: the file has only {size} "
+                    "bytes (it was truncated or replaced since the position was taken)"
+                )
+            f.seek(offset - 1)
+            if f.read(1) != b"\n":
+                raise ValueError(
+                    f"{what}: cannot resume {path} at byte {offset}: that is not the start "
+                    "of a line (the file changed since the position was taken)"
+                )
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def _pull_line(lines: LineBuffer, f: IO[bytes], *, follow: bool) -> bytes | None:
+    """The next complete line, reading more of ``f`` as needed; None when there is none.
+
+    With ``follow`` the end of the file is not the end of the input: a partial last line
+    stays in the buffer until its newline arrives.
+    """
+    while True:
+        line = lines.next_line()
+        if line is not None or lines.eof:
+            return line
+        data = f.read(_CHUNK)
+        if data:
+            lines.feed(data)
+        elif follow:
+            return None
+        else:
+            lines.feed_eof()
+
+
+def _strip_eol(text: str) -> str:
+    if text.endswith("\n"):
+        text = text[:-1]
+    if text.endswith("\r"):
+        text = text[:-1]
+    return text
+
+
+def _decode(raw: bytes, encoding: str) -> tuple[str, str | None]:
+    """``(text without its line end, problem or None)``; bad bytes are shown escaped."""
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        shown = _strip_eol(raw.decode(encoding, "backslashreplace"))
+        return shown, (
+            f"cannot decode as {encoding} ({exc.reason} at byte {exc.start} of the line); "
+            "pass encoding=... if the file uses another encoding"
+        )
+    return _strip_eol(text), None
+
+
+def _hint(ctx: SourceContext) -> str:
+    if not ctx.fails_on_bad_input:
+        return ""
+    return (
+        "; fix the input, or set bad records aside with "
+        "flow.source(..., on_error=sw.DeadLetter(sink))"
+    )
+
+
+async def _report(ctx: SourceContext, where: str, raw: object, reason: str) -> None:
+    await ctx.bad_input(BadInputError(where=where, raw=raw, reason=reason + _hint(ctx)))
+
+
+def _not_open(what: str) -> RuntimeError:
+    return RuntimeError(f"{what} is not open: the runtime calls open() before next_batch()")
+
+
+# -- JSON Lines ----------------------------------------------------------------------
+
+
+class JsonLinesSource(Source):
+    r"""Records from a JSON Lines file: one JSON value per line (``sw.sources.JsonLines``).
+
+    Blank lines are skipped.  A last line without a newline is read at the end of the
+    file -- except with ``follow=True``, where it is incomplete until its newline comes.
+
+    Args:
+        path: the file to read.
+        follow: keep reading as the file grows (like ``tail -f``) instead of ending at
+            its end; the flow then runs until stopped.
+        poll_interval: with ``follow``, seconds to wait (on the flow's clock) before
+            looking for new lines again.
+        encoding: the text encoding of the file (ASCII-compatible).
+        resume_from: a :meth:`position` taken earlier: start reading there.
+
+    Raises:
+        ValueError: a bad argument (non-positive ``poll_interval``, unknown or not
+            ASCII-compatible encoding, malformed ``resume_from``); at ``open``, a
+            ``resume_from`` that does not fit the file any more.
+        OSError: at ``open``, the file cannot be opened (e.g. ``FileNotFoundError``).
+
+    >>> import os, tempfile, sluiceway as sw
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     path = os.path.join(tmp, "events.jsonl")
+    ...     with open(path, "w") as f:
+    ...         _ = f.write('{"id": 1}\n\n{"id": 2}')
+    ...     sw.testing.run_collect(lambda s: s, sw.sources.JsonLines(path))
+    [{'id': 1}, {'id': 2}]
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        follow: bool = False,
+        poll_interval: float = 0.25,
+        encoding: str = "utf-8",
+        resume_from: Mapping[str, int] | None = None,
+    ) -> None:
+        what = "sources.JsonLines"
+        if not (isinstance(poll_interval, int | float) and poll_interval > 0):
+            raise ValueError(f"{what} poll_interval must be > 0 seconds, got {poll_interval!r}")
+        self._path = os.fspath(path)
+        self._follow = bool(follow)
+        self._poll_interval = float(poll_interval)
+        self._encoding = _check_encoding(encoding, what)
+        self._start = _check_resume(resume_from, what)
+        self._lines = LineBuffer(*self._start)
+        self._file: IO[bytes] | None = None
+        self._ctx: SourceContext | None = None
+
+    async def open(self, ctx: SourceContext) -> None:
+        """Open the file at the start (or at ``resume_from``).
+
+        Raises:
+            OSError: the file cannot be opened.
+            ValueError: ``resume_from`` is past the end or not at the start of a line.
+        """
+        self._file = _open_at(self._path, self._start[0], "sources.JsonLines")
+        self._lines = LineBuffer(*self._start)
+        self._ctx = ctx
+
+    async def next_batch(self, max_records: int) -> Batch | None:
+        """Up to ``max_records`` parsed lines that are in the file now.
+
+        Returns None at the end of the file (never with ``follow=True``).  With
+        ``follow``, when nothing is there yet, waits ``poll_interval`` on the flow's clock
+        and looks again; cancelling that wait loses nothing.
+
+        Raises:
+            OperatorError: (from the runtime, under the ``Fail`` policy) a line is not
+                valid JSON or not valid text; :meth:`position` then points at it.
+        """
+        f, ctx, lines = self._file, self._ctx, self._lines
+        if f is None or ctx is None:
+            raise _not_open(self.describe())
+        records: list[Any] = []
+        while len(records) < max_records:
+            raw = _pull_line(lines, f, follow=self._follow)
+            if raw is None:
+                if records:
+                    break
+                if lines.eof:
+                    return None
+                await ctx.clock.sleep(self._poll_interval)
+                continue
+            text, problem = _decode(raw, self._encoding)
+            if problem is None:
+                if lines.line == 0 and text.startswith("\ufeff"):
+                    text = text[1:]  # a byte-order mark some editors write
+                if not text.strip():
+                    lines.commit()
+                    continue
+                try:
+                    records.append(json.loads(text))
+                except (ValueError, RecursionError) as exc:
+                    problem = _json_problem(exc)
+                else:
+                    lines.commit()
+                    continue
+            if records:  # hand out the good ones first; report this line next time
+                lines.rollback()
+                break
+            await _report(ctx, f"{self._path}:{lines.line + 1}", text, problem)
+            lines.commit()
+        return Batch(records)
+
+    def position(self) -> dict[str, int]:
+        """``{"offset": byte offset, "line": lines before it}`` of the next line to read.
+
+        Pass it back as ``resume_from=`` to continue from there.
+        """
+        return {"offset": self._lines.offset, "line": self._lines.line}
+
+    async def close(self) -> None:
+        """Close the file (safe to call twice)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def describe(self) -> str:
+        """``JsonLines(<path>)``."""
+        return f"JsonLines({self._path})"
+
+
+def _json_problem(exc: ValueError | RecursionError) -> str:
+    if isinstance(exc, json.JSONDecodeError):
+        return f"invalid JSON: {exc.msg} at column {exc.colno}; each line must be one JSON value"
+    if isinstance(exc, RecursionError):
+        return "invalid JSON: nested too deeply to parse"
+    return f"invalid JSON: {exc}"
+
+
+# -- CSV -----------------------------------------------------------------------------
+
+
+class _TextLines(Iterator[str]):
+    """Feeds decoded lines to ``csv.reader``, noting a line that failed to decode."""
+
+    def __init__(self, f: IO[bytes], lines: LineBuffer, encoding: str) -> None:
+        self.f = f
+        self.lines = lines
+        self.encoding = encoding
+        self.decode_error: UnicodeDecodeError | None = None
+
+    def __next__(self) -> str:
+        raw = _pull_line(self.lines, self.f, follow=False)
+        if raw is None:
+            raise StopIteration
+        try:
+            return raw.decode(self.encoding)
+        except UnicodeDecodeError as exc:
+            if self.decode_error is None:
+                self.decode_error = exc
+            return raw.decode(self.encoding, "backslashreplace")
+
+
+class Csv(Source):
+    r"""Records from a CSV file, as dicts keyed by the header row (``sw.sources.Csv``).
+
+    Blank lines are skipped; quoted fields may span lines (the row is then named by its
+    first line).  A row with the wrong number of fields, or whose conversion fails, is
+    bad input naming ``path:line``.
+
+    Args:
+        path: the file to read.
+        delimiter: the one-character field separator.
+        fieldnames: the field names; then the first row is data, not a header.
+        convert: per-field conversions of the text value, e.g. ``{"amount": float}``.
+        encoding: the text encoding of the file (ASCII-compatible).
+        resume_from: a :meth:`position` taken earlier: start reading there.
+
+    Raises:
+        ValueError: a bad argument; at ``open``, a missing or malformed header (duplicate
+            names, undecodable), a ``convert`` key that names no field, or a
+            ``resume_from`` that does not fit the file.
+        TypeError: a ``convert`` value is not callable.
+        OSError: at ``open``, the file cannot be opened.
+
+    >>> import os, tempfile, sluiceway as sw
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     path = os.path.join(tmp, "sales.csv")
+    ...     with open(path, "w") as f:
+    ...         _ = f.write("item,amount\npen,1.5\nink,2\n")
+    ...     sw.testing.run_collect(lambda s: s, sw.sources.Csv(path, convert={"amount": float}))
+    [{'item': 'pen', 'amount': 1.5}, {'item': 'ink', 'amount': 2.0}]
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        delimiter: str = ",",
+        fieldnames: Sequence[str] | None = None,
+        convert: Mapping[str, Callable[[str], Any]] | None = None,
+        encoding: str = "utf-8",
+        resume_from: Mapping[str, int] | None = None,
+    ) -> None:
+        what = "sources.Csv"
+        if not (isinstance(delimiter, str) and len(delimiter) == 1 and delimiter not in "\r\n"):
+            raise ValueError(
+                f"{what} delimiter must be one character (not a newline), got {delimiter!r}"
+            )
+        if fieldnames is not None:
+            if isinstance(fieldnames, str) or not all(isinstance(n, str) for n in fieldnames):
+                raise ValueError(
+                    f"{what} fieldnames must be a list of strings, got {short_repr(fieldnames)}"
+                )
+            fieldnames = _check_names(list(fieldnames), f"{what} fieldnames")
+        for name, fn in (convert or {}).items():
+            if not callable(fn):
+                raise TypeError(
+                    f"{what} convert[{name!r}] must be a callable taking the field's text "
+                    f"(e.g. float), got {short_repr(fn)}"
+                )
+        self._path = os.fspath(path)
+        self._delimiter = delimiter
+        self._fieldnames = fieldnames
+        self._convert = dict(convert or {})
+        self._encoding = _check_encoding(encoding, what)
+        self._start = _check_resume(resume_from, what)
+        self._names: list[str] | None = None
+        self._lines = LineBuffer(*self._start)
+        self._file: IO[bytes] | None = None
+        self._text: _TextLines | None = None
+        self._reader: Iterator[list[str]] = iter(())
+        self._ctx: SourceContext | None = None
+
+    async def open(self, ctx: SourceContext) -> None:
+        """Open the file and read its header (at the start, also when resuming).
+
+        Raises:
+            OSError: the file cannot be opened.
+            ValueError: the header is malformed, ``convert`` names a field the file does
+                not have, or ``resume_from`` does not fit the file.
+        """
+        what = "sources.Csv"
+        offset, line = self._start
+        f = _open_at(self._path, offset, what)
+        try:
+            lines = LineBuffer(offset, line)
+            if self._fieldnames is not None:
+                self._names = list(self._fieldnames)
+            else:
+                if offset:
+                    f.seek(0)
+                    lines = LineBuffer()
+                self._names = self._read_header(f, lines)
+                if offset:
+                    if self._names is not None and offset < lines.offset:
+                        raise ValueError(
+                            f"{what}: cannot resume {self._path} at byte {offset}: that is "
+                            "inside the header row"
+                        )
+                    f.seek(offset)
+                    lines = LineBuffer(offset, line)
+            unknown = sorted(set(self._convert) - set(self._names or ()))
+            if unknown and self._names is not None:
+                raise ValueError(
+                    f"{what}: convert names {unknown} but the fields of {self._path} are "
+                    f"{self._names}; fix the names in convert="
+                )
+        except BaseException:
+            f.close()
+            raise
+        self._file, self._lines, self._ctx = f, lines, ctx
+        self._text = _TextLines(f, lines, self._encoding)
+        self._reader = self._new_reader()
+
+    def _new_reader(self) -> Iterator[list[str]]:
+        assert self._text is not None
+        return csv.reader(self._text, delimiter=self._delimiter)
+
+    def _read_header(self, f: IO[bytes], lines: LineBuffer) -> list[str] | None:
+        text = _TextLines(f, lines, self._encoding)
+        reader = csv.reader(text, delimiter=self._delimiter)
+        where = f"sources.Csv: {self._path}:{lines.line + 1}"
+        try:
+            row: list[str] = []
+            while not row:
+                row = next(reader)
+        except StopIteration:
+            return None  # an empty file: no header, no records
+        except csv.Error as exc:
+            raise ValueError(
+                f"{where}: cannot read the header row: {exc}; fix it or pass fieldnames=[...]"
+            ) from None
+        if text.decode_error is not None:
+            raise ValueError(
+                f"{where}: the header row is not valid {self._encoding} "
+                f"({text.decode_error.reason}); pass encoding=... or fieldnames=[...]"
+            )
+        lines.commit()
+        if row[0].startswith("\ufeff"):
+            row[0] = row[0][1:]  # a byte-order mark, as spreadsheet programs write
+        return _check_names(row, f"{where}: the header row")
+
+    async def next_batch(self, max_records: int) -> Batch | None:
+        """Up to ``max_records`` rows as dicts; None at the end of the file.
+
+        Raises:
+            OperatorError: (from the runtime, under the ``Fail`` policy) a row is
+                malformed; :meth:`position` then points at its first line.
+        """
+        ctx, lines, text, names = self._ctx, self._lines, self._text, self._names
+        if ctx is None or text is None:
+            raise _not_open(self.describe())
+        if names is None:
+            return None
+        records: list[dict[str, Any]] = []
+        while len(records) < max_records:
+            text.decode_error = None
+            problem: str
+            try:
+                row = next(self._reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                self._reader = self._new_reader()
+                problem = f"malformed CSV: {exc}"
+            else:
+                if not row:  # a blank line
+                    lines.commit()
+                    continue
+                if text.decode_error is not None:
+                    problem = (
+                        f"cannot decode as {self._encoding} ({text.decode_error.reason}); "
+                        "pass encoding=... if the file uses another encoding"
+                    )
+                else:
+                    record, problem = self._make(names, row)
+                    if record is not None:
+                        records.append(record)
+                        lines.commit()
+                        continue
+            if records:  # hand out the good ones first; report this row next time
+                lines.rollback()
+                self._reader = self._new_reader()
+                break
+            raw = _strip_eol(lines.pending().decode(self._encoding, "backslashreplace"))
+            await _report(ctx, f"{self._path}:{lines.line + 1}", raw, problem)
+            lines.commit()
+        return Batch(records) if records else None
+
+    def _make(self, names: list[str], row: list[str]) -> tuple[dict[str, Any] | None, str]:
+        if len(row) != len(names):
+            return None, (f"expected {len(names)} fields ({', '.join(names)}), got {len(row)}")
+        record: dict[str, Any] = dict(zip(names, row, strict=True))
+        for name, fn in self._convert.items():
+            try:
+                record[name] = fn(record[name])
+            except Exception as exc:  # noqa: BLE001 - any conversion failure is bad input
+                fn_name = getattr(fn, "__name__", short_repr(fn))
+                return None, (
+                    f"field {name!r}: {fn_name}({record[name]!r}) failed: "
+                    f"{type(exc).__name__}: {exc}"
+                )
+        return record, ""
+
+    def position(self) -> dict[str, int]:
+        """``{"offset": byte offset, "line": lines before it}`` of the next row to read.
+
+        Pass it back as ``resume_from=`` to continue from there (the header is read again
+        from the start of the file).
+        """
+        return {"offset": self._lines.offset, "line": self._lines.line}
+
+    async def close(self) -> None:
+        """Close the file (safe to call twice)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def describe(self) -> str:
+        """``Csv(<path>)``."""
+        return f"Csv({self._path})"
+
+
+def _check_names(names: list[str], what: str) -> list[str]:
+    dups = sorted(n for n, count in Counter(names).items() if count > 1)
+    if dups:
+        raise ValueError(f"{what} repeats field names {dups}: {names}; every name must be unique")
+    if not names:
+        raise ValueError(f"{what} names no fields")
+    return names
+
+
+# -- the JSON Lines sink -------------------------------------------------------------
+
+
+def _to_json(value: Any) -> Any:
+    """``json.dumps`` fallback: ``to_dict()``, then dataclass fields, then ``str``."""
+    if isinstance(value, type):
+        return str(value)
+    to_dict = getattr(value, "to_dict", None)
+    if callable(to_dict):
+        return to_dict()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return str(value)
+
+
+def _open_for_writing(path: str, mode: WriteMode, encoding: str) -> IO[bytes]:
+    """Open ``path``; when appending after a torn last line, end that line first."""
+    if mode == "overwrite":
+        return open(path, "wb")
+    f = open(path, "a+b")  # noqa: SIM115 - the sink closes it in close()
+    try:
+        if os.fstat(f.fileno()).st_size:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write("\n".encode(encoding))
+                f.flush()
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+class JsonLinesSink(Sink):
+    r"""Writes one JSON line per record (``sw.sinks.JsonLines``).
+
+    Each micro-batch is written and flushed at once.  Objects with a ``to_dict()``
+    method (such as :class:`~sluiceway.policies.DeadLetterRecord`) and other dataclasses
+    are written as JSON objects, any other value JSON cannot represent as ``str(value)``.
+    Only whole lines ever reach the file: a record that cannot be serialized at all (a
+    dict with tuple keys, a cycle) raises
+    :class:`~sluiceway.connectors.base.PartialWriteError` after the records before it
+    were written, so the sink's error policy handles exactly that record.
+
+    Args:
+        path: the file to write.
+        mode: ``"append"`` (default) adds to an existing file; ``"overwrite"`` empties
+            it at ``open``.  When appending to a file whose last line lacks its newline
+            (a torn write), a newline is added first so records never merge.
+        encoding: the text encoding of the file.
+
+    Raises:
+        ValueError: an unknown ``mode`` or encoding.
+
+    >>> import os, tempfile, sluiceway as sw
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     path = os.path.join(tmp, "out.jsonl")
+    ...     flow = sw.Flow("write")
+    ...     flow.source(sw.sources.Iterable([{"id": 1}, "two"])).sink(sw.sinks.JsonLines(path))
+    ...     _ = sw.testing.run_flow(flow)
+    ...     with open(path) as f:
+    ...         print(f.read(), end="")
+    {"id": 1}
+    "two"
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        mode: WriteMode = "append",
+        encoding: str = "utf-8",
+    ) -> None:
+        if mode not in ("append", "overwrite"):
+            raise ValueError(f"sinks.JsonLines mode must be 'append' or 'overwrite', got {mode!r}")
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise ValueError(
+                f"sinks.JsonLines: unknown encoding {encoding!r}; try 'utf-8'"
+            ) from None
+        self._path = os.fspath(path)
+        self._mode: WriteMode = mode
+        self._encoding = encoding
+        self._file: IO[bytes] | None = None
+
+    async def open(self, ctx: SinkContext) -> None:
+        """Open (or create) the file for writing.
+
+        Raises:
+            OSError: the file cannot be opened.
+        """
+        self._file = _open_for_writing(self._path, self._mode, self._encoding)
+
+    async def write(self, batch: Batch) -> None:
+        """Write every record of ``batch`` as a line, then flush.
+
+        Raises:
+            PartialWriteError: record ``written`` could not be serialized; the records
+                before it are in the file, it and the ones after it are not.
+            OSError: the file could not be written.
+        """
+        f = self._file
+        if f is None:
+            raise RuntimeError(f"{self.describe()} is not open: the runtime calls open() first")
+        encoding = self._encoding
+        chunks: list[bytes] = []
+        for i, value in enumerate(batch.values):
+            try:
+                line = json.dumps(value, default=_to_json, ensure_ascii=False)
+                chunks.append(f"{line}\n".encode(encoding))
+            except Exception as exc:  # pinned to this record, see PartialWriteError
+                self._put(f, chunks)
+                raise PartialWriteError(i, exc) from exc
+        self._put(f, chunks)
+
+    @staticmethod
+    def _put(f: IO[bytes], chunks: list[bytes]) -> None:
+        if chunks:
+            f.write(b"".join(chunks))
+            f.flush()
+
+    async def close(self) -> None:
+        """Flush and close the file (safe to call twice)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def describe(self) -> str:
+        """``JsonLines(<path>)``."""
+        return f"JsonLines({self._path})"

@@ -1,0 +1,724 @@
+"""File and stdio connectors: JsonLines and Csv sources, the JsonLines sink, Stdin."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import dataclasses
+import io
+import json
+import os
+import select
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import sluiceway as sw
+from sluiceway.connectors.base import PartialWriteError, SinkContext, SourceContext
+from sluiceway.connectors.files import Csv, JsonLinesSink, JsonLinesSource, LineBuffer
+from sluiceway.connectors.stdio import Stdin
+from sluiceway.errors import BadInputError
+from sluiceway.runtime.messages import Batch
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def source_context(
+    clock: sw.Clock | None = None, *, fails: bool = True
+) -> tuple[SourceContext, list[BadInputError]]:
+    """A context like the runtime's: ``bad_input`` raises (fail) or records (dead letter)."""
+    reported: list[BadInputError] = []
+
+    async def bad_input(err: BadInputError) -> None:
+        reported.append(err)
+        if fails:
+            raise err
+
+    return SourceContext("test", "src", clock or sw.VirtualClock(), bad_input, fails), reported
+
+
+def drain(
+    source: sw.sources.Source, max_records: int = 1024, *, fails: bool = True
+) -> tuple[list[list[Any]], list[BadInputError]]:
+    """Open ``source``, pull batches until the end, close; the batches and bad inputs."""
+    ctx, reported = source_context(fails=fails)
+
+    async def main() -> list[list[Any]]:
+        await source.open(ctx)
+        batches: list[list[Any]] = []
+        try:
+            while (batch := await source.next_batch(max_records)) is not None:
+                batches.append(batch.values)
+        finally:
+            await source.close()
+        return batches
+
+    return asyncio.run(main()), reported
+
+
+def jsonl(path: Path, *records: Any) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def read_jsonl(path: Path) -> list[Any]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_exported_under_the_public_names() -> None:
+    assert sw.sources.JsonLines is JsonLinesSource
+    assert sw.sinks.JsonLines is JsonLinesSink
+    assert sw.sources.Csv is Csv
+    assert sw.sources.Stdin is Stdin
+    for name in ("JsonLines", "Csv", "Stdin"):
+        assert name in sw.sources.__all__
+    assert "JsonLines" in sw.sinks.__all__
+
+
+# -- JsonLines source ------------------------------------------------------------------
+
+
+def test_round_trip_source_map_sink(tmp_path: Path) -> None:
+    src_path = jsonl(tmp_path / "in.jsonl", *({"id": i, "amount": i * 1.5} for i in range(5)))
+    out_path = tmp_path / "out.jsonl"
+    flow = sw.Flow("round_trip")
+    (
+        flow.source(sw.sources.JsonLines(src_path))
+        .map(lambda r: {**r, "double": r["amount"] * 2})
+        .sink(sw.sinks.JsonLines(out_path))
+    )
+    result = sw.testing.run_flow(flow)
+    assert read_jsonl(out_path) == [
+        {"id": i, "amount": i * 1.5, "double": i * 3.0} for i in range(5)
+    ]
+    assert not result.stopped
+
+
+def test_next_batch_respects_max_records_and_advances_position(tmp_path: Path) -> None:
+    path = jsonl(tmp_path / "in.jsonl", *range(10))
+    src = JsonLinesSource(path)
+    ctx, _ = source_context()
+
+    async def main() -> list[tuple[list[Any], dict[str, int]]]:
+        await src.open(ctx)
+        seen = []
+        while (batch := await src.next_batch(3)) is not None:
+            seen.append((batch.values, src.position()))
+        await src.close()
+        return seen
+
+    seen = asyncio.run(main())
+    assert [values for values, _ in seen] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+    assert [pos for _, pos in seen] == [
+        {"offset": 6, "line": 3},
+        {"offset": 12, "line": 6},
+        {"offset": 18, "line": 9},
+        {"offset": 20, "line": 10},
+    ]
+
+
+def test_flow_batches_follow_max_batch_size(tmp_path: Path) -> None:
+    path = jsonl(tmp_path / "in.jsonl", *range(10))
+    sizes: list[int] = []
+    flow = sw.Flow("batches")
+    flow.source(sw.sources.JsonLines(path)).sink(
+        sw.sinks.Function(lambda values: sizes.append(len(values)), batched=True)
+    )
+    sw.testing.run_flow(flow, max_batch_size=3)
+    assert sizes == [3, 3, 3, 1]
+
+
+def test_blank_lines_are_skipped_but_counted(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_text('\n{"a": 1}\n   \n\r\n{"a": 2}\r\n\n')
+    src = JsonLinesSource(path)
+    batches, _ = drain(src)
+    assert batches == [[{"a": 1}, {"a": 2}]]
+    assert src.position() == {"offset": path.stat().st_size, "line": 6}
+
+
+def test_final_line_without_newline_is_read_at_the_end(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"a": 1}\n{"a": 2}')
+    src = JsonLinesSource(path)
+    assert drain(src)[0] == [[{"a": 1}, {"a": 2}]]
+    assert src.position() == {"offset": 17, "line": 2}
+
+
+def test_empty_file_ends_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "empty.jsonl"
+    path.write_bytes(b"")
+    assert drain(JsonLinesSource(path)) == ([], [])
+
+
+def test_byte_order_mark_is_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"a": 1}\n')
+    assert drain(JsonLinesSource(path))[0] == [[{"a": 1}]]
+
+
+def test_long_lines_across_read_chunks(tmp_path: Path) -> None:
+    records = [{"i": i, "pad": "x" * 50_000} for i in range(5)]
+    path = jsonl(tmp_path / "big.jsonl", *records)
+    batches, _ = drain(JsonLinesSource(path), max_records=2)
+    assert [r for b in batches for r in b] == records
+    assert [len(b) for b in batches] == [2, 2, 1]
+
+
+def test_resume_from_a_position_reads_the_rest_exactly_once(tmp_path: Path) -> None:
+    path = jsonl(tmp_path / "in.jsonl", *range(7))
+    first = JsonLinesSource(path)
+    ctx, _ = source_context()
+
+    async def take_two() -> list[Any]:
+        await first.open(ctx)
+        batch = await first.next_batch(2)
+        await first.close()
+        assert batch is not None
+        return batch.values
+
+    head = asyncio.run(take_two())
+    pos = first.position()
+    assert json.loads(json.dumps(pos)) == pos  # JSON-able, for checkpoints
+    rest_src = JsonLinesSource(path, resume_from=pos)
+    rest, _ = drain(rest_src)
+    assert head + [r for b in rest for r in b] == list(range(7))
+    assert rest_src.position()["line"] == 7
+
+
+def test_resume_from_a_position_that_does_not_fit_the_file(tmp_path: Path) -> None:
+    path = jsonl(tmp_path / "in.jsonl", 1, 2)
+    with pytest.raises(ValueError, match="only 4 bytes"):
+        drain(JsonLinesSource(path, resume_from={"offset": 99, "line": 9}))
+    with pytest.raises(ValueError, match="not the start of a line"):
+        drain(JsonLinesSource(path, resume_from={"offset": 1, "line": 0}))
+    with pytest.raises(ValueError, match="resume_from must be a dict returned by position"):
+        JsonLinesSource(path, resume_from={"offset": -1})
+
+
+def test_bad_arguments_are_explained(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="poll_interval must be > 0 seconds, got 0"):
+        sw.sources.JsonLines(tmp_path / "x", poll_interval=0)
+    with pytest.raises(ValueError, match=r"ASCII-compatible.*'utf-16'"):
+        sw.sources.JsonLines(tmp_path / "x", encoding="utf-16")
+    with pytest.raises(ValueError, match="unknown encoding 'nope'"):
+        sw.sources.JsonLines(tmp_path / "x", encoding="nope")
+    with pytest.raises(FileNotFoundError, match=r"missing\.jsonl"):
+        drain(sw.sources.JsonLines(tmp_path / "missing.jsonl"))
+
+
+def test_follow_tails_a_growing_file(tmp_path: Path) -> None:
+    path = jsonl(tmp_path / "log.jsonl", {"n": 0})
+    clock = sw.VirtualClock()
+    src = sw.sources.JsonLines(path, follow=True, poll_interval=0.25)
+    out: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    flow = sw.Flow("tail")
+    flow.source(src).sink(out)
+
+    def append(text: str) -> None:
+        with path.open("a") as f:
+            f.write(text)
+
+    async def main() -> sw.RunResult:
+        handle = sw.start(flow, clock=clock)
+        await handle.clock.sleep(1)
+        assert out.items == [{"n": 0}]
+        append('{"n": 1}\n{"n": 2}\n')
+        await handle.clock.sleep(1)
+        assert out.items == [{"n": 0}, {"n": 1}, {"n": 2}]
+        append('{"n": 3')  # a line still being written
+        await handle.clock.sleep(1)
+        assert len(out.items) == 3, "a partial line must wait for its newline"
+        append('}\n{"n": 4}\n')
+        await handle.clock.sleep(1)
+        assert out.items[3:] == [{"n": 3}, {"n": 4}]
+        append('{"n": 5')  # left partial when the flow stops
+        await handle.clock.sleep(1)
+        return await handle.stop()
+
+    result = asyncio.run(main())
+    assert result.stopped
+    assert out.items == [{"n": i} for i in range(5)]  # each exactly once
+    size = path.stat().st_size
+    assert src.position() == {"offset": size - len('{"n": 5'), "line": 5}
+    assert clock.monotonic() == pytest.approx(5.0)
+
+
+def test_follow_cancelled_while_waiting_loses_nothing(tmp_path: Path) -> None:
+    path = jsonl(tmp_path / "log.jsonl", 1)
+    clock = sw.VirtualClock()
+    src = JsonLinesSource(path, follow=True, poll_interval=10)
+    ctx, _ = source_context(clock)
+
+    async def main() -> list[Any]:
+        await src.open(ctx)
+        got = await src.next_batch(10)
+        assert got is not None
+        assert got.values == [1]
+        waiting = asyncio.ensure_future(src.next_batch(10))
+        await clock.sleep(1)  # the source is now waiting for its next poll
+        with path.open("a") as f:
+            f.write("2\n3")  # "3" is not complete yet
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert src.position() == {"offset": 2, "line": 1}
+        again = await src.next_batch(10)
+        await src.close()
+        assert again is not None
+        return again.values
+
+    assert asyncio.run(main()) == [2]
+    assert src.position() == {"offset": 4, "line": 2}
+
+
+def test_malformed_line_stops_the_flow_at_a_resumable_position(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    path.write_text('{"id": 1}\n{"id": 2}\n{"id": 3,,}\n{"id": 4}\n')
+    src = sw.sources.JsonLines(path)
+    out: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    flow = sw.Flow("strict")
+    flow.source(src, name="events").sink(out)
+    with pytest.raises(sw.OperatorError) as info:
+        sw.testing.run_flow(flow)
+    err = info.value
+    message = str(err)
+    assert f"{path}:3" in message
+    assert "invalid JSON" in message
+    assert '{"id": 3,,}' in message  # quotes the bad line
+    assert "on_error=sw.DeadLetter" in message  # and names the way out
+    assert err.operator == "events"
+    assert err.record == '{"id": 3,,}'
+    cause = err.__cause__
+    assert isinstance(cause, sw.BadInputError)
+    assert cause.where == f"{path}:3"
+    assert out.items == [{"id": 1}, {"id": 2}]  # the records before it were delivered
+    bad_at = len('{"id": 1}\n{"id": 2}\n')
+    assert src.position() == {"offset": bad_at, "line": 2}
+
+    # Fix the line and resume from the position: nothing lost, nothing doubled.
+    path.write_text('{"id": 1}\n{"id": 2}\n{"id": 3}\n{"id": 4}\n')
+    rest, _ = drain(sw.sources.JsonLines(path, resume_from=src.position()))
+    assert out.items + rest[0] == [{"id": i} for i in range(1, 5)]
+
+
+def test_bad_line_first_in_a_batch_is_reported_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_text("1\n2\nnope\n3\n")
+    src = JsonLinesSource(path)
+    ctx, reported = source_context()
+
+    async def main() -> None:
+        await src.open(ctx)
+        first = await src.next_batch(10)
+        assert first is not None
+        assert first.values == [1, 2]
+        with pytest.raises(BadInputError):
+            await src.next_batch(10)
+        await src.close()
+
+    asyncio.run(main())
+    assert [e.where for e in reported] == [f"{path}:3"]
+    assert src.position() == {"offset": 4, "line": 2}
+
+
+def test_invalid_utf8_is_bad_input(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'"ok"\n"caf\xe9"\n"fine"\n')
+    batches, reported = drain(JsonLinesSource(path), fails=False)
+    assert batches == [["ok"], ["fine"]]
+    (err,) = reported
+    assert err.where == f"{path}:2"
+    assert err.raw == '"caf\\xe9"'
+    assert "cannot decode as utf-8" in err.reason
+    assert "encoding=" in err.reason
+    latin, _ = drain(JsonLinesSource(path, encoding="latin-1"))
+    assert latin == [["ok", "café", "fine"]]
+
+
+def test_malformed_lines_go_to_the_dead_letter_sink(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"id": 1}\n{oops\n{"id": 2}\n[1, 2\n{"id": 3}\n')
+    out: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    dlq: sw.sinks.Collect[sw.DeadLetterRecord] = sw.sinks.Collect()
+    flow = sw.Flow("lenient")
+    flow.source(sw.sources.JsonLines(path), name="events", on_error=sw.DeadLetter(dlq)).sink(out)
+    result = sw.testing.run_flow(flow)
+    assert out.items == [{"id": 1}, {"id": 2}, {"id": 3}]
+    assert [d.record for d in dlq.items] == ["{oops", "[1, 2"]
+    first = dlq.items[0]
+    assert first.error_type == "BadInputError"
+    assert f"{path}:2" in first.error_message
+    assert "invalid JSON" in first.error_message
+    assert "on_error" not in first.error_message  # no advice when it is already handled
+    assert first.operator == "events"
+    assert first.flow == "lenient"
+    assert result.metrics.operator("events").dead_letters == 2
+
+
+# -- Csv source ------------------------------------------------------------------------
+
+
+def test_csv_header_and_convert(tmp_path: Path) -> None:
+    path = tmp_path / "sales.csv"
+    path.write_text('item,amount,note\npen,1.5,"a, b"\n\nink,2,"two\nlines"\n')
+    got = sw.testing.run_collect(
+        lambda s: s, sw.sources.Csv(path, convert={"amount": float}), max_batch_size=1
+    )
+    assert got == [
+        {"item": "pen", "amount": 1.5, "note": "a, b"},
+        {"item": "ink", "amount": 2.0, "note": "two\nlines"},
+    ]
+
+
+def test_csv_fieldnames_delimiter_bom_and_crlf(tmp_path: Path) -> None:
+    path = tmp_path / "plain.csv"
+    path.write_bytes(b"a;1\r\nb;2")
+    got = sw.testing.run_collect(
+        lambda s: s, sw.sources.Csv(path, delimiter=";", fieldnames=["k", "v"], convert={"v": int})
+    )
+    assert got == [{"k": "a", "v": 1}, {"k": "b", "v": 2}]
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbfid,name\r\n1,x\r\n")
+    assert sw.testing.run_collect(lambda s: s, sw.sources.Csv(bom)) == [{"id": "1", "name": "x"}]
+
+
+def test_csv_bad_rows_fail_naming_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "sales.csv"
+    path.write_text("item,amount\npen,1.5\nink\nbox,3\n")
+    src = sw.sources.Csv(path)
+    out: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    flow = sw.Flow("csv")
+    flow.source(src, name="sales").sink(out)
+    with pytest.raises(
+        sw.OperatorError, match=r"sales\.csv:3: expected 2 fields \(item, amount\), got 1"
+    ):
+        sw.testing.run_flow(flow)
+    assert out.items == [{"item": "pen", "amount": "1.5"}]
+    assert src.position() == {"offset": len("item,amount\npen,1.5\n"), "line": 2}
+
+
+def test_csv_bad_rows_as_dead_letters(tmp_path: Path) -> None:
+    path = tmp_path / "sales.csv"
+    path.write_bytes(b'item,amount\npen,1.5\nink,lots\ncup,"x\n2"\nbad,\xff\nbox,3\nfoo,1,2\n')
+    batches, reported = drain(Csv(path, convert={"amount": float}), fails=False)
+    assert batches == [[{"item": "pen", "amount": 1.5}], [{"item": "box", "amount": 3.0}]]
+    assert [(e.where, e.raw) for e in reported] == [
+        (f"{path}:3", "ink,lots"),
+        (f"{path}:4", 'cup,"x\n2"'),  # a quoted field spanning lines: named by its first line
+        (f"{path}:6", "bad,\\xff"),
+        (f"{path}:8", "foo,1,2"),
+    ]
+    assert reported[0].reason.startswith("field 'amount': float('lots') failed: ValueError")
+    assert "cannot decode as utf-8" in reported[2].reason
+    assert "expected 2 fields" in reported[3].reason
+
+
+def test_csv_parser_errors_are_bad_input(tmp_path: Path) -> None:
+    path = tmp_path / "wide.csv"
+    path.write_text("a,b\n1,2\n3," + "x" * 200 + "\n5,6\n")
+    limit = csv.field_size_limit(100)
+    try:
+        batches, reported = drain(Csv(path), fails=False)
+    finally:
+        csv.field_size_limit(limit)
+    assert batches == [[{"a": "1", "b": "2"}], [{"a": "5", "b": "6"}]]
+    (err,) = reported
+    assert err.where == f"{path}:3"
+    assert err.reason.startswith("malformed CSV: field larger than field limit (100)")
+
+
+def test_csv_resume_reads_the_header_again(tmp_path: Path) -> None:
+    path = tmp_path / "n.csv"
+    path.write_text("n\n" + "".join(f"{i}\n" for i in range(6)))
+    first = Csv(path, convert={"n": int})
+    ctx, _ = source_context()
+
+    async def take() -> list[Any]:
+        await first.open(ctx)
+        batch = await first.next_batch(4)
+        await first.close()
+        assert batch is not None
+        return batch.values
+
+    head = asyncio.run(take())
+    rest, _ = drain(Csv(path, convert={"n": int}, resume_from=first.position()))
+    assert [r["n"] for r in head + rest[0]] == list(range(6))
+
+
+def test_csv_setup_errors_are_explained(tmp_path: Path) -> None:
+    path = tmp_path / "h.csv"
+    path.write_text("id,id,x\n1,2,3\n")
+    with pytest.raises(ValueError, match=r"h\.csv:1: the header row repeats field names \['id'\]"):
+        drain(Csv(path))
+    path.write_text("id,amount\n1,2\n")
+    with pytest.raises(ValueError, match=r"convert names \['amout'\].*\['id', 'amount'\]"):
+        drain(Csv(path, convert={"amout": float}))
+    with pytest.raises(TypeError, match="convert\\['amount'\\] must be a callable"):
+        Csv(path, convert={"amount": "float"})  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match="delimiter must be one character"):
+        Csv(path, delimiter=";;")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    assert drain(Csv(empty)) == ([], [])
+
+
+# -- Stdin -----------------------------------------------------------------------------
+
+ECHO = textwrap.dedent(
+    """
+    import sluiceway as sw
+    flow = sw.Flow("echo")
+    flow.source(sw.sources.Stdin()).map(str.upper).sink(sw.sinks.Stdout())
+    sw.run(flow)
+    """
+)
+
+
+def test_stdin_from_a_pipe_in_a_real_process() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", ECHO],
+        input=b"alpha\nbeta\n\ngamma",
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout == b"ALPHA\nBETA\n\nGAMMA\n"
+
+
+def test_stdin_streams_each_line_as_it_arrives() -> None:
+    with subprocess.Popen(
+        [sys.executable, "-c", ECHO],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as proc:
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        try:
+            for word in ("one", "two"):
+                proc.stdin.write(f"{word}\n".encode())
+                proc.stdin.flush()
+                ready, _, _ = select.select([proc.stdout], [], [], 60)
+                assert ready, "the line did not come through before the input ended"
+                assert proc.stdout.readline() == f"{word.upper()}\n".encode()
+            proc.stdin.close()
+            assert proc.wait(timeout=60) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def test_stdin_redirected_from_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "in.txt"
+    path.write_text("x\ny\n")
+    with path.open("rb") as stdin:
+        proc = subprocess.run(
+            [sys.executable, "-c", ECHO], stdin=stdin, capture_output=True, timeout=60, check=False
+        )
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout == b"X\nY\n"
+
+
+def test_stdin_pipe_in_process_restores_blocking_mode() -> None:
+    r, w = os.pipe()
+    os.write(w, b"x\ny\n")
+    os.close(w)
+    with os.fdopen(r, "rb") as stream:
+        got = sw.testing.run_collect(lambda s: s, sw.sources.Stdin(stream=stream))
+        assert os.get_blocking(r), "the source must restore the descriptor's blocking mode"
+        assert not stream.closed
+    assert got == ["x", "y"]
+
+
+def test_stdin_reads_a_terminal() -> None:
+    pty = pytest.importorskip("pty")
+    master, slave = pty.openpty()
+    try:
+        os.write(master, b"hello\nworld\n")
+        with os.fdopen(slave, "rb", buffering=0, closefd=False) as stream:
+            out: sw.sinks.Collect[Any] = sw.sinks.Collect()
+            flow = sw.Flow("tty")
+            flow.source(sw.sources.Stdin(stream=stream)).sink(out)
+
+            async def main() -> sw.RunResult:
+                handle = sw.start(flow, clock=sw.VirtualClock())
+                for _ in range(1000):  # a terminal never ends: wait for the two lines
+                    if len(out.items) == 2:
+                        break
+                    await handle.clock.sleep(1)
+                return await handle.stop()
+
+            assert asyncio.run(main()).stopped
+            assert out.items == ["hello", "world"]
+            assert os.get_blocking(slave)
+    finally:
+        os.close(slave)
+        os.close(master)
+
+
+def test_stdin_stop_while_waiting_on_an_empty_pipe() -> None:
+    r, w = os.pipe()
+    try:
+        with os.fdopen(r, "rb") as stream:
+            flow = sw.Flow("idle")
+            out: sw.sinks.Collect[Any] = sw.sinks.Collect()
+            flow.source(sw.sources.Stdin(stream=stream)).sink(out)
+
+            async def main() -> sw.RunResult:
+                handle = sw.start(flow, clock=sw.VirtualClock())
+                await handle.clock.sleep(5)
+                return await handle.stop()
+
+            assert asyncio.run(main()).stopped
+            assert out.items == []
+            assert os.get_blocking(r)
+    finally:
+        os.close(w)
+
+
+def test_stdin_parse_failures_are_bad_input() -> None:
+    stream = io.BytesIO(b'{"a": 1}\nnot json\n[2]\n')
+    out: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    dlq: sw.sinks.Collect[sw.DeadLetterRecord] = sw.sinks.Collect()
+    flow = sw.Flow("stdin")
+    flow.source(
+        sw.sources.Stdin(parse=json.loads, stream=stream), on_error=sw.DeadLetter(dlq)
+    ).sink(out)
+    sw.testing.run_flow(flow)
+    assert out.items == [{"a": 1}, [2]]
+    (dead,) = dlq.items
+    assert dead.record == "not json"
+    assert "<stdin>:2" in dead.error_message
+    assert "loads() failed: JSONDecodeError" in dead.error_message
+
+    strict = sw.Flow("strict")
+    strict.source(sw.sources.Stdin(parse=int, stream=io.BytesIO(b"1\nx\n"))).sink(
+        sw.sinks.Collect()
+    )
+    with pytest.raises(sw.OperatorError, match=r"<stdin>:2: int\(\) failed: ValueError"):
+        sw.testing.run_flow(strict)
+
+
+# -- JsonLines sink --------------------------------------------------------------------
+
+
+def test_sink_serializes_dead_letter_records(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"id": 1}\n{broken\n')
+    dlq_path = tmp_path / "dead.jsonl"
+    out: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    flow = sw.Flow("dlq")
+    dlq = sw.sinks.JsonLines(dlq_path)
+    flow.source(sw.sources.JsonLines(path), name="events", on_error=sw.DeadLetter(dlq)).sink(out)
+    sw.testing.run_flow(flow)
+    (dead,) = read_jsonl(dlq_path)
+    assert dead["record"] == "{broken"
+    assert dead["error_type"] == "BadInputError"
+    assert f"{path}:2" in dead["error_message"]
+    assert dead["operator"] == "events"
+    assert set(dead) == {f.name for f in dataclasses.fields(sw.DeadLetterRecord)}
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+    y: int
+
+
+def test_sink_serializes_dataclasses_and_falls_back_to_str(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    records = [Point(1, 2), {"p": Point(3, 4), "s": {1}}, "é", None]
+    flow = sw.Flow("kinds")
+    flow.source(sw.sources.Iterable(records)).sink(sw.sinks.JsonLines(path))
+    sw.testing.run_flow(flow)
+    assert read_jsonl(path) == [{"x": 1, "y": 2}, {"p": {"x": 3, "y": 4}, "s": "{1}"}, "é", None]
+
+
+def test_sink_append_overwrite_and_torn_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    path.write_text('{"old": 1}\n{"torn": ')
+
+    def write(records: list[Any], mode: Any) -> None:
+        flow = sw.Flow("w")
+        flow.source(sw.sources.Iterable(records)).sink(sw.sinks.JsonLines(path, mode=mode))
+        sw.testing.run_flow(flow)
+
+    write([1, 2], "append")
+    assert path.read_text() == '{"old": 1}\n{"torn": \n1\n2\n'  # never merged into one line
+    write([3], "overwrite")
+    assert path.read_text() == "3\n"
+    with pytest.raises(ValueError, match="mode must be 'append' or 'overwrite', got 'a'"):
+        sw.sinks.JsonLines(path, mode="a")  # type: ignore[arg-type]
+
+
+def test_sink_partial_write_error_writes_only_whole_lines(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    sink = JsonLinesSink(path, mode="overwrite")
+
+    async def main() -> PartialWriteError:
+        await sink.open(SinkContext("t", "out", sw.VirtualClock()))
+        try:
+            with pytest.raises(PartialWriteError) as info:
+                await sink.write(Batch([{"a": 1}, {(1, 2): "tuple key"}, {"b": 2}]))
+        finally:
+            await sink.close()
+        return info.value
+
+    err = asyncio.run(main())
+    assert err.written == 1
+    assert isinstance(err.cause, TypeError)
+    assert path.read_text() == '{"a": 1}\n'
+
+
+def test_sink_unserializable_record_becomes_a_dead_letter(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    cyclic: list[Any] = []
+    cyclic.append(cyclic)
+    records = [1, {(1, 2): "x"}, 2, cyclic, 3]
+    dlq: sw.sinks.Collect[sw.DeadLetterRecord] = sw.sinks.Collect()
+    flow = sw.Flow("sink_dlq")
+    flow.source(sw.sources.Iterable(records)).sink(
+        sw.sinks.JsonLines(path), name="out", on_error=sw.DeadLetter(dlq)
+    )
+    result = sw.testing.run_flow(flow)
+    assert path.read_text() == "1\n2\n3\n"  # the good ones, each exactly once
+    assert [d.record for d in dlq.items] == [{(1, 2): "x"}, cyclic]
+    assert [d.error_type for d in dlq.items] == ["TypeError", "ValueError"]
+    assert result.metrics.operator("out").records_out == 3
+
+
+def test_sink_unserializable_record_fails_by_default(tmp_path: Path) -> None:
+    flow = sw.Flow("sink_fail")
+    flow.source(sw.sources.Iterable([1, {(1,): 2}])).sink(sw.sinks.JsonLines(tmp_path / "o.jsonl"))
+    with pytest.raises(sw.OperatorError, match=r"failed on record \{\(1,\): 2\}: TypeError"):
+        sw.testing.run_flow(flow)
+    assert (tmp_path / "o.jsonl").read_text() == "1\n"
+
+
+# -- the line buffer -------------------------------------------------------------------
+
+
+def test_line_buffer_rollback_and_pending() -> None:
+    buf = LineBuffer(offset=100, line=7)
+    buf.feed(b"ab\ncd\nef")
+    assert buf.next_line() == b"ab\n"
+    buf.commit()
+    assert buf.next_line() == b"cd\n"
+    assert buf.pending() == b"cd\n"
+    buf.rollback()
+    assert (buf.offset, buf.line) == (103, 8)
+    assert buf.next_line() == b"cd\n"
+    assert buf.next_line() is None  # "ef" is incomplete
+    buf.commit()
+    buf.feed(b"\n")
+    assert buf.next_line() == b"ef\n"
+    buf.commit()
+    assert (buf.offset, buf.line) == (109, 10)
+    buf.feed_eof()
+    assert buf.next_line() is None
