@@ -38,3 +38,17 @@ def test_testing_examples_pass() -> None:
     exec(block, ns)
     ns["test_doubling"]()
     ns["test_batches_by_time"]()
+
+
+def test_connectors_page_custom_sink_example_runs() -> None:
+    page = (README.parent / "docs" / "connectors.md").read_text()
+    block = re.findall(r"```python\n(.*?)```", page, flags=re.DOTALL)[-1]
+    import sluiceway as sw
+
+    ns: dict[str, Any] = {"sw": sw}
+    exec(block, ns)
+    flow = sw.Flow("upper")
+    sink = ns["Uppercase"]()
+    flow.source(sw.sources.Iterable(["a", "b"])).sink(sink)
+    sw.testing.run_flow(flow)
+    assert sink.lines == ["A", "B"]
