@@ -189,6 +189,25 @@ class ChannelWriter:
         """Records that fit before the channel is full (0 when full)."""
         return max(0, self._ch.capacity - self._ch.fill)
 
+    @property
+    def capacity(self) -> int:
+        return self._ch.capacity
+
+    @property
+    def overflow(self) -> Overflow:
+        return self._ch.overflow
+
+    async def wait_for_room(self, n: int) -> None:
+        """Wait until at least ``min(n, capacity)`` records fit; the wait counts as blocked.
+
+        A producer that can choose how much to produce (a source pulled on credit) calls
+        this before producing, so that under sustained backpressure it hands over full
+        batches instead of one record each time a single slot frees up.
+        """
+        need = min(n, self._ch.capacity)
+        while self._ch.capacity - self._ch.fill < need:
+            await self._wait_writable()
+
     async def send(self, batch: Batch) -> None:
         """Queue a batch, applying the channel's overflow policy when it is full."""
         ch = self._ch
@@ -222,8 +241,6 @@ class ChannelWriter:
 
     async def _send_blocking(self, batch: Batch) -> None:
         ch = self._ch
-        clock = ch.clock
-        loop = asyncio.get_running_loop()
         while True:
             room = ch.capacity - ch.fill
             if room >= len(batch):
@@ -232,17 +249,25 @@ class ChannelWriter:
             if room > 0:
                 ch.put(batch.slice(0, room))
                 batch = batch.slice(room)
-            waiter: asyncio.Future[None] = loop.create_future()
-            ch.writer_waiters.append(waiter)
-            started = clock.monotonic()
-            ch.blocked_since[self.index] = started
-            try:
-                await waiter
-            finally:
-                del ch.blocked_since[self.index]
-                ch.blocked_seconds += clock.monotonic() - started
-            if ch.broken:
-                raise BrokenResourceError(f"channel {ch.name!r}: its reader has stopped")
+            await self._wait_writable()
+
+    async def _wait_writable(self) -> None:
+        """Wait until the reader takes something (the wait is counted as blocked time)."""
+        ch = self._ch
+        clock = ch.clock
+        if ch.broken:
+            raise BrokenResourceError(f"channel {ch.name!r}: its reader has stopped")
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        ch.writer_waiters.append(waiter)
+        started = clock.monotonic()
+        ch.blocked_since[self.index] = started
+        try:
+            await waiter
+        finally:
+            del ch.blocked_since[self.index]
+            ch.blocked_seconds += clock.monotonic() - started
+        if ch.broken:
+            raise BrokenResourceError(f"channel {ch.name!r}: its reader has stopped")
 
     def send_control(self, message: Control) -> None:
         """Queue a control message; never blocks, never dropped."""

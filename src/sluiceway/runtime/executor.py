@@ -38,7 +38,7 @@ from sluiceway.operators.io import SinkSpec, SourceSpec
 from sluiceway.operators.stateless import PortSpec
 from sluiceway.plan import PhysicalPlan, StagePlan, plan
 from sluiceway.policies import DeadLetter, DeadLetterRecord, Retry
-from sluiceway.runtime.channel import ChannelReader, ChannelWriter, open_channel
+from sluiceway.runtime.channel import ChannelReader, ChannelWriter, Overflow, open_channel
 from sluiceway.runtime.messages import Batch
 from sluiceway.time import Clock, SystemClock, TimerHandle, yield_now
 
@@ -104,14 +104,28 @@ class _SourceStage(_Stage):
     ) -> None:
         super().__init__(ex, sp, head, steps)
         self.source = source
-        self.sends = [s.writer for s in steps if isinstance(s, SendStep)]
+        # Only lossless channels give credit: a dropping or failing channel must not slow
+        # the source down, or its policy would never apply.
+        self.sends = [
+            s.writer
+            for s in steps
+            if isinstance(s, SendStep) and s.writer.overflow is Overflow.BLOCK
+        ]
 
-    def credit(self) -> int:
-        """How many records to ask for: the batch limit, or less if a channel is full."""
+    async def credit(self) -> int:
+        """How many records to ask for: the batch limit, or the room downstream.
+
+        When a channel is nearly full, first wait until it has room for a useful batch
+        (a full batch, or half the channel if that is smaller).  Without this, sustained
+        backpressure grinds batches down to single records: each freed slot would be
+        filled by a one-record pull.
+        """
         n = self.ex.max_batch_size
         for w in self.sends:
-            room = w.room
-            n = min(n, room)
+            low_water = min(n, max(1, w.capacity // 2))
+            if w.room < low_water:
+                await w.wait_for_room(low_water)
+            n = min(n, w.room)
         return max(1, n)
 
     async def _run(self) -> None:
@@ -120,9 +134,12 @@ class _SourceStage(_Stage):
         assert task is not None
         try:
             while not ex.stop_requested:
+                n = await self.credit()
+                if ex.stop_requested:
+                    break
                 self.pulling = True
                 try:
-                    batch = await source.next_batch(self.credit())
+                    batch = await source.next_batch(n)
                 except asyncio.CancelledError:
                     if self.stop_cancel:
                         self.stop_cancel = False

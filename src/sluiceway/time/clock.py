@@ -226,18 +226,20 @@ class VirtualClock(Clock):
     def _check_idle(self) -> None:
         loop = self._driver_loop
         assert loop is not None
+        nxt = self.next_deadline()
+        if nxt is None:  # nothing to jump to: stop driving until a timer is scheduled
+            self._driver_loop = None
+            return
         ready = getattr(loop, "_ready", None)
         if ready is not None:
-            idle = len(ready) == 0
+            # Other virtual clocks' idle checks are not work: ignoring them lets several
+            # virtual clocks share one loop without keeping each other "busy" forever.
+            idle = all(_is_idle_check(h) for h in ready)
         else:  # an event loop without the private ready queue: settle for many hops
             self._idle_checks += 1
             idle = self._idle_checks >= 64
         if idle:
             self._idle_checks = 0
-            nxt = self.next_deadline()
-            if nxt is None:
-                self._driver_loop = None
-                return
             self.jumps.append(nxt)
             self._run_until(nxt)
         if loop.is_closed():
@@ -247,3 +249,8 @@ class VirtualClock(Clock):
 
     def __repr__(self) -> str:
         return f"VirtualClock(now={self._now!r}, autojump={self._autojump!r})"
+
+
+def _is_idle_check(handle: object) -> bool:
+    callback = getattr(handle, "_callback", None)
+    return getattr(callback, "__func__", None) is VirtualClock._check_idle
