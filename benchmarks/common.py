@@ -1,0 +1,117 @@
+"""Helpers shared by the benchmark modules: records, /proc readings, child processes.
+
+Every measurement runs in a fresh child process (``python benchmarks/<module>.py
+<entry> '<json params>'``) that prints one JSON object as its last line of stdout, so
+one workload's garbage, heap growth or GC state never leaks into another's figures.
+
+File names deliberately avoid pytest's ``test_*.py`` / ``*_test.py`` patterns.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "HERE",
+    "Params",
+    "Result",
+    "Row",
+    "child_main",
+    "fmt_int",
+    "make_record",
+    "percentile",
+    "proc_status_kb",
+    "render_table",
+    "run_child",
+]
+
+HERE = Path(__file__).resolve().parent
+
+Params = dict[str, Any]
+Result = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One line of the results table."""
+
+    workload: str
+    system: str
+    result: str
+    ratio: str = ""
+    target: str = ""
+    status: str = ""  # "PASS", "FAIL" or "" (a baseline, nothing to pass)
+
+
+def make_record(i: int) -> dict[str, Any]:
+    """The record every workload uses: ``{"id", "user", "amount"}``.
+
+    ``amount`` cycles through 0.0 .. 19.9, so ``amount * 1.1 > 10`` keeps 54.5 % of them.
+    """
+    return {"id": i, "user": f"user{i % 1000}", "amount": (i % 200) / 10.0}
+
+
+def proc_status_kb(field: str) -> int:
+    """A ``kB`` field of /proc/self/status (``VmRSS``: now, ``VmHWM``: peak so far)."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(f"{field} not in /proc/self/status")
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (``q`` in 0..100) of an already sorted sequence."""
+    if not sorted_values:
+        return math.nan
+    rank = max(1, math.ceil(q / 100.0 * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def fmt_int(n: float) -> str:
+    """``1234567`` -> ``1,234,567``."""
+    return f"{round(n):,}"
+
+
+def run_child(module: str, entry: str, params: Params, *, timeout: float = 600.0) -> Result:
+    """Run ``entry`` of ``benchmarks/<module>.py`` in a fresh interpreter; its JSON result."""
+    cmd = [sys.executable, str(HERE / f"{module}.py"), entry, json.dumps(params)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(
+            f"benchmark child {module}.{entry} failed (exit {proc.returncode}):\n"
+            f"{proc.stdout}\n{proc.stderr}"
+        )
+    result: Result = json.loads(lines[-1])
+    return result
+
+
+def child_main(entries: dict[str, Callable[[Params], Result]]) -> None:
+    """The ``__main__`` of a benchmark module: run one entry, print its JSON result."""
+    if len(sys.argv) != 3 or sys.argv[1] not in entries:
+        names = ", ".join(sorted(entries))
+        raise SystemExit(f"usage: {sys.argv[0]} {{{names}}} '<json params>'")
+    result = entries[sys.argv[1]](json.loads(sys.argv[2]))
+    print(json.dumps(result))
+
+
+def render_table(rows: Sequence[Row]) -> str:
+    """The rows as a Markdown table (readable in a terminal, pasteable into RESULTS.md)."""
+    header = ("workload", "system", "result", "ratio", "target", "pass/fail")
+    cells = [header] + [(r.workload, r.system, r.result, r.ratio, r.target, r.status) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
+
+    def line(c: Sequence[str]) -> str:
+        return "| " + " | ".join(s.ljust(w) for s, w in zip(c, widths, strict=True)) + " |"
+
+    out = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(c) for c in cells[1:]]
+    return "\n".join(out)

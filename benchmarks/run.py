@@ -1,0 +1,105 @@
+"""Run every sluiceway core benchmark and print one results table.
+
+    python benchmarks/run.py            # the full suite (a few minutes; figures in RESULTS.md)
+    python benchmarks/run.py --quick    # smaller sizes and durations, < 60 s (smoke test)
+    python benchmarks/run.py --only W2  # one workload (W1, W2, W3); may be repeated
+    python benchmarks/run.py --json out.json   # also write every raw figure
+
+Each measurement runs in its own child process (see ``common.run_child``).  Run it on an
+otherwise idle machine: the workloads are single-threaded, but a busy second core still
+disturbs timer wake-ups and therefore the latency figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+
+import bench_backpressure
+import bench_latency
+import bench_stateless
+from common import Result, Row, render_table
+
+WORKLOADS: dict[str, Callable[[bool], tuple[list[Row], Result]]] = {
+    "W1": bench_stateless.run,
+    "W2": bench_backpressure.run,
+    "W3": bench_latency.run,
+}
+
+
+def machine() -> dict[str, str]:
+    """What the figures were measured on."""
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    ram = "unknown"
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    ram = f"{int(line.split()[1]) / 1024**2:.1f} GiB"
+                    break
+    except OSError:
+        pass
+    return {
+        "date": datetime.date.today().isoformat(),
+        "cpus": str(os.cpu_count()),
+        "cpu": cpu,
+        "ram": ram,
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "os": platform.platform(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes: a < 60 s smoke run")
+    parser.add_argument(
+        "--only", action="append", choices=sorted(WORKLOADS), help="run only these workloads"
+    )
+    parser.add_argument("--json", metavar="PATH", help="also write every raw figure as JSON")
+    args = parser.parse_args(argv)
+
+    info = machine()
+    print(
+        f"sluiceway benchmarks ({'quick' if args.quick else 'full'}) - {info['date']}, "
+        f"{info['cpus']} CPUs ({info['cpu']}), {info['ram']} RAM, {info['python']}",
+        flush=True,
+    )
+    rows: list[Row] = []
+    raw: dict[str, object] = {"machine": info, "quick": args.quick}
+    t0 = time.monotonic()
+    for name in args.only or list(WORKLOADS):
+        started = time.monotonic()
+        print(f"  {name} ...", end="", flush=True)
+        got, details = WORKLOADS[name](args.quick)
+        print(f" {time.monotonic() - started:.1f} s", flush=True)
+        rows += got
+        raw[name] = details
+    print()
+    print(render_table(rows))
+    failed = [r for r in rows if r.status == "FAIL"]
+    print(
+        f"\n{sum(r.status == 'PASS' for r in rows)} passed, {len(failed)} failed "
+        f"in {time.monotonic() - t0:.1f} s"
+    )
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(raw, f, indent=2)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
