@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 
+import sluiceway as sw
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
@@ -43,8 +45,6 @@ def test_testing_examples_pass() -> None:
 def test_connectors_page_custom_sink_example_runs() -> None:
     page = (README.parent / "docs" / "connectors.md").read_text()
     block = re.findall(r"```python\n(.*?)```", page, flags=re.DOTALL)[-1]
-    import sluiceway as sw
-
     ns: dict[str, Any] = {"sw": sw}
     exec(block, ns)
     flow = sw.Flow("upper")

@@ -112,6 +112,8 @@ def to_seconds(value: object, what: str) -> float:
         raise TypeError(f"{what} must be seconds (float) or a timedelta, got {value!r}")
     if not seconds > 0:
         raise ValueError(f"{what} must be > 0 seconds, got {value!r}")
+    if seconds == float("inf"):
+        raise ValueError(f"{what} must be finite, got {value!r}; leave it out for no limit")
     return seconds
 
 

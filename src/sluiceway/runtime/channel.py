@@ -81,6 +81,7 @@ class ChannelStatistics:
     fill: int
     max_fill: int
     records_sent: int
+    """Records queued and not dropped since (``sent + dropped`` = every record offered)."""
     records_received: int
     records_dropped: int
     blocked_seconds: float
@@ -147,6 +148,12 @@ class _Channel:
         self.max_fill = max(self.max_fill, self.fill)
         self.wake_reader()
 
+    def evict(self, n: int) -> None:
+        """Queued records dropped: no longer sent (they will never be received)."""
+        self.fill -= n
+        self.records_sent -= n
+        self.records_dropped += n
+
     def drop_oldest(self, excess: int) -> None:
         kept: deque[Batch | TaggedControl] = deque()
         for item in self.queue:
@@ -154,12 +161,10 @@ class _Channel:
                 n = len(item)
                 if n <= excess:
                     excess -= n
-                    self.fill -= n
-                    self.records_dropped += n
+                    self.evict(n)
                     continue
                 kept.append(item.slice(excess))
-                self.fill -= excess
-                self.records_dropped += excess
+                self.evict(excess)
                 excess = 0
             else:
                 kept.append(item)
@@ -274,6 +279,8 @@ class ChannelWriter:
         ch = self._ch
         if self._closed:
             raise ClosedResourceError(f"channel {ch.name!r}: send_control() after close()")
+        if ch.broken:
+            raise BrokenResourceError(f"channel {ch.name!r}: its reader has stopped")
         ch.queue.append(TaggedControl(message, self.index))
         ch.wake_reader()
 
@@ -320,17 +327,20 @@ class ChannelReader:
 
     async def receive(self, deadline: float | None = None) -> Batch | TaggedControl | None:
         """Wait for the next item; None if ``deadline`` (clock time) passed first."""
-        item = self.receive_nowait()
-        if item is not None:
-            return item
         ch = self._ch
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        ch.reader_waiter = waiter
-        try:
-            await ch.clock.wait_until(waiter, deadline)
-        finally:
-            ch.reader_waiter = None
-        return self.receive_nowait()
+        while True:
+            item = self.receive_nowait()
+            if item is not None:
+                return item
+            if deadline is not None and ch.clock.monotonic() >= deadline:
+                return None
+            # Woken by data, by a writer closing (maybe not the last), or by the deadline.
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            ch.reader_waiter = waiter
+            try:
+                await ch.clock.wait_until(waiter, deadline)
+            finally:
+                ch.reader_waiter = None
 
     def close(self) -> None:
         """The reader is gone: blocked and future writers get BrokenResourceError."""
@@ -371,6 +381,8 @@ def open_channel(
     Raises:
         ValueError: if ``capacity < 1`` or ``writers < 1``.
     """
+    if not isinstance(capacity, int) or isinstance(capacity, bool):
+        raise TypeError(f"channel capacity must be an int (records), got {capacity!r}")
     if capacity < 1:
         raise ValueError(f"channel capacity must be >= 1 record, got {capacity!r}")
     if writers < 1:

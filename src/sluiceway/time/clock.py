@@ -176,6 +176,13 @@ class VirtualClock(Clock):
         return self._now + self._epoch_offset
 
     def call_at(self, when: float, callback: Callable[[], None]) -> TimerHandle:
+        if when <= self._now:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                pass
+            else:  # already due: run at the next turn of the loop, as asyncio would
+                return loop.call_soon(callback)
         timer = _VirtualTimer(when, callback)
         heapq.heappush(self._timers, (when, next(self._seq), timer))
         if self._autojump:
@@ -187,8 +194,11 @@ class VirtualClock(Clock):
 
         Timers run in time order, each with the clock set to its own instant.
         """
-        if seconds < 0:
-            raise ValueError(f"cannot move a clock backwards: advance({seconds!r})")
+        if not seconds >= 0:  # also rejects NaN
+            raise ValueError(
+                f"advance() needs a duration >= 0 seconds, got {seconds!r}"
+                + (" (a clock cannot move backwards)" if seconds < 0 else "")
+            )
         self._run_until(self._now + seconds)
 
     def next_deadline(self) -> float | None:
