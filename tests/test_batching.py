@@ -14,34 +14,11 @@ from typing import Any
 import pytest
 
 import sluiceway as sw
-from sluiceway.connectors.base import SinkContext, SourceContext
+from sluiceway.connectors.base import SinkContext
 from sluiceway.plan import plan
 from sluiceway.runtime.messages import Batch
+from sluiceway.testing import ScriptedSource
 from sluiceway.time import Clock, VirtualClock
-
-
-class Scripted(sw.sources.Source):
-    """Hands out micro-batch ``values`` at clock instant ``at`` for each ``(at, values)``."""
-
-    def __init__(self, script: list[tuple[float, list[Any]]]) -> None:
-        self.script = [(at, list(vs)) for at, vs in script]
-        self.clock: Clock | None = None
-
-    async def open(self, ctx: SourceContext) -> None:
-        self.clock = ctx.clock
-
-    async def next_batch(self, max_records: int) -> Batch | None:
-        assert self.clock is not None
-        if not self.script:
-            return None
-        at, vs = self.script[0]
-        await self.clock.sleep_until(at)
-        out, rest = vs[:max_records], vs[max_records:]
-        if rest:
-            self.script[0] = (at, rest)
-        else:
-            self.script.pop(0)
-        return Batch(out)
 
 
 class Timed(sw.sinks.Sink):
@@ -85,7 +62,7 @@ def test_size_triggered_lists(max_batch_size: int) -> None:
 
 
 def test_one_micro_batch_can_fill_several_lists() -> None:
-    got = run_batched(Scripted([(0.0, list(range(7)))]), 2, None)
+    got = run_batched(ScriptedSource([(0.0, list(range(7)))]), 2, None)
     assert got == [(0.0, [0, 1]), (0.0, [2, 3]), (0.0, [4, 5]), (0.0, [6])]
 
 
@@ -110,27 +87,27 @@ def test_lists_are_fresh_objects() -> None:
 def test_marble_diagram_from_the_docs() -> None:
     # input:  a b c d . . . e / time: 0 0 0 1 2 3 4 5 / output: [a,b,c] at 0, [d] at 3
     script = [(0.0, ["a", "b", "c"]), (1.0, ["d"]), (5.0, ["e"])]
-    got = run_batched(Scripted(script), 3, 2.0)
+    got = run_batched(ScriptedSource(script), 3, 2.0)
     assert got == [(0.0, ["a", "b", "c"]), (3.0, ["d"]), (5.0, ["e"])]  # e: end of input
 
 
 def test_delay_counts_from_the_first_record_of_the_list() -> None:
     # later records do not push the deadline back
     script = [(0.0, ["a"]), (1.5, ["b"]), (1.9, ["c"]), (10.0, ["d"]), (11.0, ["e"]), (30.0, ["f"])]
-    got = run_batched(Scripted(script), 100, 2.0)
+    got = run_batched(ScriptedSource(script), 100, 2.0)
     assert got == [(2.0, ["a", "b", "c"]), (12.0, ["d", "e"]), (30.0, ["f"])]
 
 
 def test_after_a_size_flush_the_remainder_starts_a_new_deadline() -> None:
     # [a] at 0; [b, c, d] at 1 fills [a, b, c]; d arrived at 1, so it is due at 3
     script = [(0.0, ["a"]), (1.0, ["b", "c", "d"]), (20.0, ["e"])]
-    got = run_batched(Scripted(script), 3, 2.0)
+    got = run_batched(ScriptedSource(script), 3, 2.0)
     assert got == [(1.0, ["a", "b", "c"]), (3.0, ["d"]), (20.0, ["e"])]
 
 
 def test_size_flush_before_the_deadline_cancels_it() -> None:
     script = [(0.0, ["a"]), (0.5, ["b"]), (1.0, ["c"]), (9.0, ["d"])]
-    got = run_batched(Scripted(script), 3, 2.0)
+    got = run_batched(ScriptedSource(script), 3, 2.0)
     # no empty or duplicate flush at t=2; d flushes at the end of input (t=9)
     assert got == [(1.0, ["a", "b", "c"]), (9.0, ["d"])]
 
@@ -160,13 +137,15 @@ def test_delay_flush_with_an_async_generator_source() -> None:
 
 def test_timedelta_delay() -> None:
     script = [(0.0, ["a"]), (3.0, ["b"])]
-    got = run_batched(Scripted(script), 10, timedelta(milliseconds=1500))
+    got = run_batched(ScriptedSource(script), 10, timedelta(milliseconds=1500))
     assert got == [(1.5, ["a"]), (3.0, ["b"])]
 
 
 def test_results_do_not_depend_on_micro_batch_size() -> None:
     script = [(float(t), [t * 10 + i for i in range(5)]) for t in range(6)]
-    runs = {n: run_batched(Scripted(script), 4, 0.5, max_batch_size=n) for n in (1, 2, 3, 1024)}
+    runs = {
+        n: run_batched(ScriptedSource(script), 4, 0.5, max_batch_size=n) for n in (1, 2, 3, 1024)
+    }
     assert len({repr(r) for r in runs.values()}) == 1, runs
     flat = [v for _, lst in runs[1024] for v in lst]
     assert flat == [v for _, vs in script for v in vs]
@@ -176,7 +155,7 @@ def test_results_do_not_depend_on_micro_batch_size() -> None:
 
 
 def test_remainder_is_flushed_at_end_of_input_without_delay() -> None:
-    got = run_batched(Scripted([(0.0, [1, 2, 3, 4, 5]), (7.0, [6])]), 4, None)
+    got = run_batched(ScriptedSource([(0.0, [1, 2, 3, 4, 5]), (7.0, [6])]), 4, None)
     assert got == [(0.0, [1, 2, 3, 4]), (7.0, [5, 6])]
 
 

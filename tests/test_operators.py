@@ -11,35 +11,12 @@ from typing import Any
 import pytest
 
 import sluiceway as sw
-from sluiceway.connectors.base import SinkContext, SourceContext
+from sluiceway.connectors.base import SinkContext
 from sluiceway.runtime.messages import Batch
+from sluiceway.testing import ScriptedSource
 from sluiceway.time import Clock, VirtualClock
 
 BATCH_SIZES = [1, 3, 1024]
-
-
-class Scripted(sw.sources.Source):
-    """Hands out micro-batch ``values`` at clock instant ``at`` for each ``(at, values)``."""
-
-    def __init__(self, script: list[tuple[float, list[Any]]]) -> None:
-        self.script = [(at, list(vs)) for at, vs in script]
-        self.clock: Clock | None = None
-
-    async def open(self, ctx: SourceContext) -> None:
-        self.clock = ctx.clock
-
-    async def next_batch(self, max_records: int) -> Batch | None:
-        assert self.clock is not None
-        if not self.script:
-            return None
-        at, vs = self.script[0]
-        await self.clock.sleep_until(at)
-        out, rest = vs[:max_records], vs[max_records:]
-        if rest:
-            self.script[0] = (at, rest)
-        else:
-            self.script.pop(0)
-        return Batch(out)
 
 
 class Recorder(sw.sinks.Sink):
@@ -311,8 +288,8 @@ def test_merge_of_inputs_at_different_speeds_delivers_each_record_when_it_arrive
     flow = sw.Flow("merge")
     out = Recorder()
     (
-        flow.source(Scripted(fast))
-        .merge(flow.source(Scripted(slow)), flow.source(Scripted(bursty)), capacity=2)
+        flow.source(ScriptedSource(fast))
+        .merge(flow.source(ScriptedSource(slow)), flow.source(ScriptedSource(bursty)), capacity=2)
         .sink(out)
     )
     run(flow)

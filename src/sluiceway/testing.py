@@ -13,15 +13,53 @@ import asyncio
 from collections.abc import AsyncIterable, Callable, Iterable
 from typing import Any
 
-from sluiceway.connectors.base import Source
+from sluiceway.connectors.base import Source, SourceContext
 from sluiceway.connectors.memory import Collect
 from sluiceway.connectors.memory import Iterable as IterableSource
 from sluiceway.flow import Flow, Stream
 from sluiceway.runtime.executor import RunResult
 from sluiceway.runtime.handle import run_async
+from sluiceway.runtime.messages import Batch
 from sluiceway.time import Clock, VirtualClock
 
-__all__ = ["VirtualClock", "run_collect", "run_flow"]
+__all__ = ["ScriptedSource", "VirtualClock", "run_collect", "run_flow"]
+
+
+class ScriptedSource(Source):
+    """A source that hands out given records at given instants of the flow's clock.
+
+    ``script`` is a list of ``(at, records)``: the records become available at clock time
+    ``at`` (split into several batches if the runtime asks for fewer); after the last
+    entry the source ends.  On a :class:`VirtualClock` this reproduces arrival patterns
+    exactly -- bursts, gaps, trickles -- for tests of timeouts and batching.
+
+    >>> flow = Flow("scripted")
+    >>> out: Collect[int] = Collect()
+    >>> flow.source(ScriptedSource([(0.0, [1, 2]), (5.0, [3])])).batch(10, 1.0).sink(out)
+    >>> _ = run_flow(flow)
+    >>> out.items
+    [[1, 2], [3]]
+    """
+
+    def __init__(self, script: Iterable[tuple[float, Iterable[Any]]]) -> None:
+        self._script = [(float(at), list(records)) for at, records in script]
+        self._clock: Clock | None = None
+
+    async def open(self, ctx: SourceContext) -> None:
+        self._clock = ctx.clock
+
+    async def next_batch(self, max_records: int) -> Batch | None:
+        assert self._clock is not None, "open() first"
+        if not self._script:
+            return None
+        at, records = self._script[0]
+        await self._clock.sleep_until(at)
+        out, rest = records[:max_records], records[max_records:]
+        if rest:
+            self._script[0] = (at, rest)
+        else:
+            self._script.pop(0)
+        return Batch(out)
 
 
 def run_flow(
