@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import io
 import itertools
@@ -726,3 +727,30 @@ def test_grace_period_running_out_exits_1(tmp_path: Path) -> None:
     assert proc.returncode == 1, err
     assert "sluiceway: error: flow 'endless' cancelled: grace period of 0.5s exceeded; " in err
     assert "in process in stage 1 (buf -> out): 1" in err
+
+
+def test_live_view_shows_a_stop_in_progress_inside_its_frame() -> None:
+    clock = sw.VirtualClock()
+    out = io.StringIO()
+
+    class Slow(sw.sinks.Sink):
+        async def write(self, batch: sw.Batch) -> None:
+            await clock.sleep(1.0 * len(batch.values))
+
+    flow = sw.Flow("slowdrain")
+    flow.source(sw.sources.Iterable(range(5))).buffer(10).sink(Slow())
+    view = console.LiveView(out, interval=1.0, live=True, width=100, color=False)
+
+    async def main() -> None:
+        handle = sw.start(flow, clock=clock, max_batch_size=1)
+        watcher = asyncio.ensure_future(view(handle))
+        await clock.sleep(0.5)
+        handle.request_stop()
+        await handle.wait()
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+
+    asyncio.run(main())
+    frames = out.getvalue()
+    assert "stopping: draining in-flight records (Ctrl-C again to force)" in frames

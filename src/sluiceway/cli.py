@@ -458,14 +458,25 @@ def _stop_after(seconds: float) -> sw.Monitor:
     return stop
 
 
-def _run_flow(flow: sw.Flow, args: argparse.Namespace, monitor: sw.Monitor | None) -> sw.RunResult:
-    """``sw.run`` with every ending turned into a :class:`CliError` with its exit code."""
+def _run_flow(
+    flow: sw.Flow,
+    args: argparse.Namespace,
+    monitor: sw.Monitor | None,
+    *,
+    live_table: bool = False,
+) -> sw.RunResult:
+    """``sw.run`` with every ending turned into a :class:`CliError` with its exit code.
+
+    With a live table on the terminal, the table shows a stop in progress itself (a
+    notice printed beside it would break its in-place redraw).
+    """
     try:
         return sw.run(
             flow,
             grace_period=args.grace_period,
             max_batch_size=args.max_batch_size,
             monitor=monitor,
+            announce_signals=not live_table,
         )
     except sw.FlowDefinitionError as exc:
         raise CliError(f"invalid flow: {exc}", _EXIT_FAILED) from exc
@@ -508,7 +519,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             raise CliError(f"invalid flow: {exc}", _EXIT_FAILED) from exc
         return 0
     monitor = LiveView(sys.stderr, interval=1.0, live=True) if args.live else None
-    result = _run_flow(flow, args, monitor)
+    result = _run_flow(flow, args, monitor, live_table=bool(args.live))
     print(f"sluiceway: {_totals(result)}", file=sys.stderr)
     return 0
 
@@ -541,7 +552,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     monitors: list[sw.Monitor] = [LiveView(out, interval=1.0, live=live, footer=latest)]
     if args.duration:
         monitors.append(_stop_after(args.duration))
-    result = _run_flow(flow, args, _together(*monitors))
+    result = _run_flow(flow, args, _together(*monitors), live_table=live)
 
     m = result.metrics
     clicks = m.operator("clicks").records_out

@@ -284,9 +284,11 @@ class LiveView:
         self.color = color
         self.footer = footer
         self._drawn = 0
+        self._handle: FlowHandle | None = None
 
     async def __call__(self, handle: FlowHandle) -> None:
         clock = handle.clock
+        self._handle = handle
         previous = handle.metrics()
         started = previous.time
         next_tick = started + self.interval
@@ -325,6 +327,10 @@ class LiveView:
         # One column short of the edge, so no terminal wraps a full line.
         width = (self.width or size.columns) - 1
         text = render(now, previous, width, started=started, color=self.color)
+        handle = self._handle
+        if handle is not None and handle.stopping and not handle.done():
+            # Shown here, inside the frame, so the in-place redraw stays aligned.
+            text = "stopping: draining in-flight records (Ctrl-C again to force)\n" + text
         extra = self._footer()
         if extra:
             text += "\n\n" + "\n".join(_cut(line, width) for line in extra.splitlines())

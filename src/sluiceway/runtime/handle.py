@@ -168,6 +168,7 @@ def run(
     max_batch_size: int = 1024,
     seed: int | None = None,
     handle_signals: bool = True,
+    announce_signals: bool = True,
     monitor: Monitor | None = None,
 ) -> RunResult:
     """Run ``flow`` until its sources end or a stop signal, and return the result.
@@ -177,6 +178,8 @@ def run(
     second signal, or the grace period running out, cancels the flow and raises
     :class:`~sluiceway.errors.FlowCancelledError` listing what was not flushed.
     ``monitor``, if given, runs beside the flow (see :data:`Monitor`).
+    ``announce_signals=False`` keeps the one-line notice of a first signal off stderr
+    (for a monitor that owns the terminal and shows ``handle.stopping`` itself).
 
     Raises:
         FlowDefinitionError: the flow is not valid.
@@ -197,7 +200,7 @@ def run(
         handle = start(
             flow, clock=clock, grace_period=grace_period, max_batch_size=max_batch_size, seed=seed
         )
-        installed = _install_signals(handle) if handle_signals else []
+        installed = _install_signals(handle, announce_signals) if handle_signals else []
         try:
             return await _wait_with_monitor(handle, monitor)
         finally:
@@ -208,7 +211,7 @@ def run(
     return asyncio.run(main())
 
 
-def _install_signals(handle: FlowHandle) -> list[signal.Signals]:
+def _install_signals(handle: FlowHandle, announce: bool) -> list[signal.Signals]:
     if threading.current_thread() is not threading.main_thread():
         return []
     loop = asyncio.get_running_loop()
@@ -217,12 +220,8 @@ def _install_signals(handle: FlowHandle) -> list[signal.Signals]:
     def on_signal(sig: signal.Signals) -> None:
         received.append(sig)
         if len(received) == 1:
-            print(  # noqa: T201 - the user pressed Ctrl-C in a terminal: answer there
-                f"\nsluiceway: {sig.name} received, stopping flow {handle.flow.name!r} "
-                f"(draining; signal again to force)",
-                file=sys.stderr,
-                flush=True,
-            )
+            if announce:
+                _announce(sig, handle)
             handle.request_stop()
         else:
             handle._force_by_signal(sig)
@@ -235,3 +234,12 @@ def _install_signals(handle: FlowHandle) -> list[signal.Signals]:
             continue
         installed.append(sig)
     return installed
+
+
+def _announce(sig: signal.Signals, handle: FlowHandle) -> None:
+    print(  # noqa: T201 - the user pressed Ctrl-C in a terminal: answer there
+        f"\nsluiceway: {sig.name} received, stopping flow {handle.flow.name!r} "
+        f"(draining; signal again to force)",
+        file=sys.stderr,
+        flush=True,
+    )
