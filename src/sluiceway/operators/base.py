@@ -51,11 +51,6 @@ class OpSpec:
     def channel_overflow(self) -> Overflow:
         return Overflow.BLOCK
 
-    @property
-    def user_function(self) -> Callable[..., Any] | None:
-        """The user callable this operator runs (for naming), if any."""
-        return None
-
     def build(self, ctx: BuildContext) -> Step:
         raise NotImplementedError
 

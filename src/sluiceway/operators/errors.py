@@ -10,7 +10,7 @@ from typing import Any
 from sluiceway.connectors.base import Sink
 from sluiceway.errors import FlowFailedError, OperatorError
 from sluiceway.metrics.registry import OperatorMetrics
-from sluiceway.policies import DeadLetter, DeadLetterRecord, ErrorPolicy, Fail, Retry
+from sluiceway.policies import DeadLetter, DeadLetterRecord, ErrorPolicy, Retry
 from sluiceway.runtime.messages import Batch
 from sluiceway.time import Clock
 
@@ -68,11 +68,6 @@ class ErrorHandler:
         self.rng = rng
         final = policy.then if isinstance(policy, Retry) else policy
         self._dead_letter = dead_letters[id(final.sink)] if isinstance(final, DeadLetter) else None
-
-    @property
-    def fails(self) -> bool:
-        """True when a failure ends the flow (no retry, no dead letters)."""
-        return isinstance(self.policy, Fail)
 
     async def recover(
         self, records: list[Any], exc: Exception, retry: Callable[[], Any]

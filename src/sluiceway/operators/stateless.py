@@ -48,10 +48,6 @@ class _UserFnSpec(OpSpec):
     fn: Callable[[Any], Any]
     on_error: ErrorPolicy = Fail()
 
-    @property
-    def user_function(self) -> Callable[..., Any]:
-        return self.fn
-
 
 class _MapStep(_UserFnStep):
     async def push(self, batch: Batch) -> None:

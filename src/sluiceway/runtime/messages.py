@@ -12,7 +12,7 @@ stream is not a message: a writer closing its side of a channel is the end.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable
 from dataclasses import dataclass
 from itertools import compress
 from typing import Any
@@ -71,35 +71,6 @@ class Batch:
     def with_values(self, values: list[Any]) -> Batch:
         """A batch with new values and the same timestamps and keys (same length)."""
         return Batch(values, self.timestamps, self.keys)
-
-    def rows(self) -> Iterator[tuple[Any, float | None, Hashable | None]]:
-        """Iterate ``(value, timestamp, key)`` triples (``None`` for absent columns)."""
-        n = len(self.values)
-        ts = self.timestamps if self.timestamps is not None else [None] * n
-        keys = self.keys if self.keys is not None else [None] * n
-        return zip(self.values, ts, keys, strict=True)
-
-    @staticmethod
-    def concat(batches: list[Batch]) -> Batch:
-        """Join batches (which must agree on which columns they carry)."""
-        if len(batches) == 1:
-            return batches[0]
-        values: list[Any] = []
-        for b in batches:
-            values.extend(b.values)
-        ts: list[float] | None = None
-        if batches and batches[0].timestamps is not None:
-            ts = []
-            for b in batches:
-                assert b.timestamps is not None
-                ts.extend(b.timestamps)
-        keys: list[Hashable] | None = None
-        if batches and batches[0].keys is not None:
-            keys = []
-            for b in batches:
-                assert b.keys is not None
-                keys.extend(b.keys)
-        return Batch(values, ts, keys)
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,7 +56,7 @@ class Clock(ABC):
         """Suspend the calling task until ``monotonic() >= when``."""
         if when <= self.monotonic():
             # Still yield, so a loop of zero-length sleeps cannot starve other tasks.
-            await _yield_once()
+            await yield_now()
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         handle = self.call_at(when, lambda: _resolve(fut))
@@ -93,10 +93,6 @@ class Clock(ABC):
 def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
-
-
-async def _yield_once() -> None:
-    await asyncio.sleep(0)
 
 
 async def yield_now() -> None:
