@@ -9,7 +9,7 @@
 [0, 2, 4]
 """
 
-from sluiceway import sinks, sources, testing
+from sluiceway import agg, sinks, sources, testing, watermarks, windows
 from sluiceway.errors import (
     BadInputError,
     CancelReason,
@@ -20,7 +20,7 @@ from sluiceway.errors import (
     OperatorError,
     SluicewayError,
 )
-from sluiceway.flow import Flow, KeyedStream, Stream
+from sluiceway.flow import Flow, KeyedStream, Stream, WindowedStream, WindowResultStream
 from sluiceway.metrics import FlowSnapshot
 from sluiceway.policies import Backoff, DeadLetter, DeadLetterRecord, ErrorPolicy, Fail, Retry
 from sluiceway.runtime.channel import Overflow
@@ -28,6 +28,7 @@ from sluiceway.runtime.executor import RunResult
 from sluiceway.runtime.handle import FlowHandle, Monitor, run, run_async, start
 from sluiceway.runtime.messages import Batch
 from sluiceway.time import Clock, SystemClock, VirtualClock
+from sluiceway.windows import LateRecord, WindowResult
 
 __version__ = "0.1.0"
 
@@ -49,6 +50,7 @@ __all__ = [
     "FlowHandle",
     "FlowSnapshot",
     "KeyedStream",
+    "LateRecord",
     "Monitor",
     "OperatorError",
     "Overflow",
@@ -58,11 +60,17 @@ __all__ = [
     "Stream",
     "SystemClock",
     "VirtualClock",
+    "WindowResult",
+    "WindowResultStream",
+    "WindowedStream",
     "__version__",
+    "agg",
     "run",
     "run_async",
     "sinks",
     "sources",
     "start",
     "testing",
+    "watermarks",
+    "windows",
 ]

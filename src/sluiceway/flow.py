@@ -24,13 +24,15 @@ import re
 import sys
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
 
+from sluiceway.agg import Aggregator, Apply, Reduce
 from sluiceway.connectors.base import Sink, Source
 from sluiceway.errors import FlowDefinitionError
 from sluiceway.operators.base import OpSpec
 from sluiceway.operators.batching import BatchSpec
+from sluiceway.operators.event_time import MergeSpec, WithTimestampsSpec
 from sluiceway.operators.io import SinkSpec, SourceSpec
 from sluiceway.operators.stateless import (
     BranchSpec,
@@ -40,13 +42,15 @@ from sluiceway.operators.stateless import (
     InspectSpec,
     KeyBySpec,
     MapSpec,
-    MergeSpec,
     PortSpec,
 )
 from sluiceway.policies import DeadLetter, ErrorPolicy, Fail, check_policy
 from sluiceway.runtime.channel import Overflow
+from sluiceway.watermarks import BoundedOutOfOrderness, Monotonic, WatermarkStrategy
+from sluiceway.windows.assigners import Session, Sliding, Tumbling
+from sluiceway.windows.operator import Aggregation, WindowSpec
 
-__all__ = ["Flow", "KeyedStream", "Node", "Stream"]
+__all__ = ["Flow", "KeyedStream", "Node", "Stream", "WindowResultStream", "WindowedStream"]
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -66,6 +70,8 @@ class Node:
     where: str
     keyed: bool = False
     consumers: list[Node] = field(default_factory=list)
+    timestamped: bool = False
+    """Records carry event time (``with_timestamps`` upstream, or window results)."""
 
     @property
     def kind(self) -> str:
@@ -114,6 +120,18 @@ def to_seconds(value: object, what: str) -> float:
         raise ValueError(f"{what} must be > 0 seconds, got {value!r}")
     if seconds == float("inf"):
         raise ValueError(f"{what} must be finite, got {value!r}; leave it out for no limit")
+    return seconds
+
+
+def _non_negative_seconds(value: object, what: str) -> float:
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise TypeError(f"{what} must be seconds (float) or a timedelta, got {value!r}")
+    if not 0 <= seconds < float("inf"):
+        raise ValueError(f"{what} must be finite and >= 0 seconds, got {value!r}")
     return seconds
 
 
@@ -192,6 +210,7 @@ class Flow:
         default_name: str,
         *,
         keyed: bool = False,
+        timestamped: bool = False,
     ) -> Node:
         if name is None:
             name = default_name
@@ -206,7 +225,9 @@ class Flow:
                 f"operator name {name!r} is already used in flow {self.name!r}; "
                 "names must be unique"
             )
-        node = Node(next(self._ids), name, spec, inputs, _user_location(), keyed)
+        node = Node(
+            next(self._ids), name, spec, inputs, _user_location(), keyed, timestamped=timestamped
+        )
         for i in inputs:
             i.consumers.append(node)
         self.nodes.append(node)
@@ -282,10 +303,17 @@ class Stream(Generic[T]):
         return f"<{type(self).__name__} from {self.node.describe()}>"
 
     def _derive(
-        self, spec: OpSpec, name: str | None, default: str, *, keyed: bool | None = None
+        self,
+        spec: OpSpec,
+        name: str | None,
+        default: str,
+        *,
+        keyed: bool | None = None,
+        timestamped: bool | None = None,
     ) -> Node:
         k = self.node.keyed if keyed is None else keyed
-        return self.flow._add(spec, [self.node], name, default, keyed=k)
+        ts = self.node.timestamped if timestamped is None else timestamped
+        return self.flow._add(spec, [self.node], name, default, keyed=k, timestamped=ts)
 
     def _fn_op(
         self, spec_cls: type[Any], method: str, fn: object, name: str | None, on_error: object
@@ -381,9 +409,22 @@ class Stream(Generic[T]):
             raise FlowDefinitionError(
                 "merge(): inputs must be all keyed or all unkeyed; call key_by() after the merge"
             )
+        timed = {s.node.timestamped for s in streams}
+        if len(timed) > 1:
+            untimed = next(s for s in streams if not s.node.timestamped)
+            raise FlowDefinitionError(
+                f"merge(): the stream from {untimed.node.describe()} has no event time while "
+                "others do; call with_timestamps() on it before merging"
+            )
         cap = None if capacity is None else _positive_int(capacity, "merge capacity")
+        event_time = timed.pop()
         node = self.flow._add(
-            MergeSpec(cap), [s.node for s in streams], name, "merge", keyed=keyed.pop()
+            MergeSpec(cap, len(streams), event_time),
+            [s.node for s in streams],
+            name,
+            "merge",
+            keyed=keyed.pop(),
+            timestamped=event_time,
         )
         return self._wrap(node)  # type: ignore[no-any-return]
 
@@ -406,8 +447,18 @@ class Stream(Generic[T]):
         ([0, 2, 4], [1, 3])
         """
         node = self._fn_op(BranchSpec, "branch", predicate, name, on_error)
-        yes = self.flow._add(PortSpec(0), [node], None, f"{node.name}_true", keyed=node.keyed)
-        no = self.flow._add(PortSpec(1), [node], None, f"{node.name}_false", keyed=node.keyed)
+        ports = [
+            self.flow._add(
+                PortSpec(i),
+                [node],
+                None,
+                f"{node.name}_{label}",
+                keyed=node.keyed,
+                timestamped=node.timestamped,
+            )
+            for i, label in enumerate(("true", "false"))
+        ]
+        yes, no = ports
         return self._wrap(yes), self._wrap(no)
 
     def batch(
@@ -450,6 +501,89 @@ class Stream(Generic[T]):
             )
         return self._wrap(self._derive(BufferSpec(cap, overflow), name, "buffer"))  # type: ignore[no-any-return]
 
+    def with_timestamps(
+        self,
+        fn: Callable[[T], float | datetime],
+        max_out_of_orderness: float | timedelta | None = None,
+        *,
+        watermarks: WatermarkStrategy | None = None,
+        idle_timeout: float | timedelta | None = None,
+        advance_when_idle: float | timedelta | None = None,
+        name: str | None = None,
+        on_error: ErrorPolicy = Fail(),
+    ) -> Stream[T]:
+        """Give every record an event time, ``fn(record)``, and the stream watermarks.
+
+        ``fn`` returns epoch seconds or an aware ``datetime``.  The watermark is the
+        largest event time so far minus ``max_out_of_orderness`` (default 0: the
+        monotonic strategy); ``watermarks=`` names a strategy instead.  See
+        docs/windows.md for ``idle_timeout`` and ``advance_when_idle``.
+
+        >>> import sluiceway as sw
+        >>> sw.testing.run_collect(
+        ...     lambda s: s.with_timestamps(lambda e: e[0], 1.0)
+        ...     .window(sw.windows.Tumbling(10)).aggregate(sw.agg.count())
+        ...     .map(lambda r: (r.start, r.value)),
+        ...     [(1.0,), (12.0,), (5.0,)])
+        [(0.0, 1), (10.0, 1)]
+        """
+        _check_callable(fn, "with_timestamps")
+        if watermarks is not None and max_out_of_orderness is not None:
+            raise TypeError("with_timestamps(): give max_out_of_orderness or watermarks, not both")
+        if watermarks is None:
+            watermarks = BoundedOutOfOrderness(max_out_of_orderness or 0.0)
+        elif not isinstance(watermarks, BoundedOutOfOrderness | Monotonic):
+            raise TypeError(
+                "with_timestamps(watermarks=...) expects sw.watermarks.BoundedOutOfOrderness(...) "
+                f"or sw.watermarks.Monotonic(), got {watermarks!r}"
+            )
+        bound = round(watermarks.bound * 1_000_000)
+        idle = None if idle_timeout is None else to_seconds(idle_timeout, "idle_timeout")
+        adv = (
+            None
+            if advance_when_idle is None
+            else to_seconds(advance_when_idle, "advance_when_idle")
+        )
+        policy = check_policy(on_error, "with_timestamps()")
+        spec = WithTimestampsSpec(
+            fn, bound, idle_timeout=idle, advance_when_idle=adv, on_error=policy
+        )
+        node = self._derive(spec, name, f"with_timestamps_{_fn_label(fn)}", timestamped=True)
+        return self._wrap(node)  # type: ignore[no-any-return]
+
+    def window(
+        self,
+        assigner: Tumbling | Sliding | Session,
+        *,
+        allowed_lateness: float | timedelta = 0.0,
+        early_every: float | timedelta | None = None,
+        time: str = "event",
+    ) -> WindowedStream:
+        """Group records into windows (per key on a keyed stream); then aggregate.
+
+        ``assigner`` is ``sw.windows.Tumbling``, ``Sliding`` or ``Session``.  Windows are
+        half-open, ``[start, end)``, and fire when the watermark reaches ``end``; see
+        docs/windows.md for lateness, early firing and processing time.
+        """
+        if not isinstance(assigner, Tumbling | Sliding | Session):
+            raise TypeError(
+                "window() expects sw.windows.Tumbling(...), Sliding(...) or Session(...), "
+                f"got {assigner!r}"
+            )
+        if time not in ("event", "processing"):
+            raise ValueError(f"window(time=...) must be 'event' or 'processing', got {time!r}")
+        if time == "event" and not self.node.timestamped:
+            raise FlowDefinitionError(
+                f"window(): the stream from {self.node.describe()} has no event time; call "
+                ".with_timestamps(fn, max_out_of_orderness) before it, or use "
+                "window(..., time='processing')"
+            )
+        lateness = _non_negative_seconds(allowed_lateness, "allowed_lateness")
+        early = None if early_every is None else to_seconds(early_every, "early_every")
+        return WindowedStream(
+            self, assigner, round(lateness * 1_000_000), early, time == "processing"
+        )
+
     def sink(self, sink: Sink, *, name: str | None = None, on_error: ErrorPolicy = Fail()) -> None:
         """Send this stream to ``sink``.  A sink object receives exactly one stream."""
         self.flow._add_sink(sink, [self.node], name, on_error)
@@ -464,3 +598,95 @@ class KeyedStream(Stream[T], Generic[K, T]):
 
     def _wrap(self, node: Node) -> Any:
         return KeyedStream(self.flow, node) if node.keyed else Stream(self.flow, node)
+
+
+class WindowedStream:
+    """A stream grouped into windows, waiting for its aggregation.
+
+    Call :meth:`aggregate`, :meth:`reduce` or :meth:`apply`; each returns the stream of
+    :class:`~sluiceway.windows.WindowResult`.
+    """
+
+    def __init__(
+        self,
+        stream: Stream[Any],
+        assigner: Tumbling | Sliding | Session,
+        lateness: int,
+        early_every: float | None,
+        processing_time: bool,
+    ) -> None:
+        self._stream = stream
+        self._assigner = assigner
+        self._lateness = lateness
+        self._early = early_every
+        self._processing = processing_time
+
+    def __repr__(self) -> str:
+        return f"<WindowedStream {self._assigner!r} over {self._stream.node.describe()}>"
+
+    def aggregate(
+        self, *agg: Aggregator[Any, Any], name: str | None = None, **named: Aggregator[Any, Any]
+    ) -> WindowResultStream:
+        """``aggregate(sw.agg.count())`` (value: the count) or ``aggregate(n=sw.agg.count(),
+        total=sw.agg.sum(f))`` (value: a dict of the named results)."""
+        if agg and named:
+            raise TypeError("aggregate(): give one aggregator, or named ones, not both")
+        if len(agg) > 1:
+            raise TypeError(
+                "aggregate(): several aggregators need names, e.g. aggregate(n=sw.agg.count(), "
+                "total=sw.agg.sum(f))"
+            )
+        if not agg and not named:
+            raise TypeError("aggregate() needs an aggregator, e.g. aggregate(sw.agg.count())")
+        if agg:
+            return self._build(Aggregation(agg, None), name, "aggregate")
+        return self._build(Aggregation(list(named.values()), list(named)), name, "aggregate")
+
+    def reduce(
+        self, fn: Callable[[Any, Any], Any], *, name: str | None = None
+    ) -> WindowResultStream:
+        """Combine a window's records pairwise with ``fn(a, b)``; value: the reduction."""
+        return self._build(Aggregation([Reduce(fn)], None), name, f"reduce_{_fn_label(fn)}")
+
+    def apply(
+        self, fn: Callable[[list[Any]], Any], *, name: str | None = None
+    ) -> WindowResultStream:
+        """``fn(records)`` over all of a window's records (held in memory until it fires)."""
+        return self._build(Aggregation([Apply(fn)], None), name, f"apply_{_fn_label(fn)}")
+
+    def _build(self, aggregation: Aggregation, name: str | None, what: str) -> WindowResultStream:
+        spec = WindowSpec(
+            self._assigner,
+            aggregation,
+            lateness=self._lateness,
+            early_every=self._early,
+            processing_time=self._processing,
+        )
+        label = type(self._assigner).__name__.lower()
+        node = self._stream._derive(spec, name, f"window_{label}_{what}", timestamped=True)
+        return WindowResultStream(self._stream.flow, node)
+
+
+class WindowResultStream(KeyedStream[Any, Any]):
+    """The results of a window operator; :meth:`late` is its side output of late records."""
+
+    def __init__(self, flow: Flow, node: Node) -> None:
+        super().__init__(flow, node)
+        self._late: Stream[Any] | None = None
+
+    def late(self) -> Stream[Any]:
+        """The records that arrived after their window closed, as ``sw.LateRecord``."""
+        if self._late is None:
+            spec = self.node.spec
+            assert isinstance(spec, WindowSpec)
+            spec.late_output = True
+            port = self.flow._add(
+                PortSpec(1),
+                [self.node],
+                None,
+                f"{self.node.name}_late",
+                keyed=self.node.keyed,
+                timestamped=True,
+            )
+            self._late = Stream(self.flow, port)
+        return self._late

@@ -10,6 +10,7 @@ else -- the live console view, a Prometheus exporter, tests -- reads
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from sluiceway.runtime.channel import ChannelReader, ChannelStatistics
@@ -25,11 +26,14 @@ class OperatorMetrics:
         "dead_letters",
         "errors",
         "kind",
+        "late",
         "name",
         "records_in",
         "records_out",
         "retries",
         "stage",
+        "state",
+        "watermark",
     )
 
     def __init__(self, name: str, kind: str, stage: int) -> None:
@@ -41,6 +45,9 @@ class OperatorMetrics:
         self.errors = 0
         self.retries = 0
         self.dead_letters = 0
+        self.late = 0
+        self.state = 0
+        self.watermark = -math.inf
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +55,9 @@ class OperatorSnapshot:
     """One operator's counters at an instant.
 
     ``dropped`` counts records dropped by the overflow policy of the channel that feeds
-    this operator (0 when it has none).
+    this operator (0 when it has none).  ``late`` counts records that arrived after their
+    window closed; ``state`` is the number of entries the operator holds (open windows);
+    ``watermark`` is the event-time watermark it last saw (``-inf`` before any).
     """
 
     name: str
@@ -60,6 +69,9 @@ class OperatorSnapshot:
     retries: int
     dead_letters: int
     dropped: int
+    late: int = 0
+    state: int = 0
+    watermark: float = -math.inf
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +168,9 @@ class MetricsRegistry:
                 retries=m.retries,
                 dead_letters=m.dead_letters,
                 dropped=dropped.get(self._feeds.get(m.name, ""), 0),
+                late=m.late,
+                state=m.state,
+                watermark=m.watermark,
             )
             for m in self._operators.values()
         )

@@ -13,7 +13,7 @@ from sluiceway.runtime.channel import ChannelWriter, Overflow
 from sluiceway.runtime.messages import Batch, Control
 from sluiceway.time import Clock
 
-__all__ = ["BuildContext", "OpSpec", "SendStep", "Step", "apply_each"]
+__all__ = ["BuildContext", "OpSpec", "SendStep", "Step", "apply_each", "without"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +85,14 @@ class Step:
         for child in self.children:
             await child.control(message)
 
+    async def push_input(self, batch: Batch, index: int) -> None:
+        """A batch from input ``index`` of a fan-in (default: :meth:`push`)."""
+        await self.push(batch)
+
+    async def control_input(self, message: Control, index: int) -> None:
+        """A control message from input ``index`` of a fan-in (default: :meth:`control`)."""
+        await self.control(message)
+
     async def finish(self) -> None:
         """End of input: flush what is held, then tell the children."""
         for child in self.children:
@@ -124,6 +132,14 @@ class SendStep(Step):
 
     async def finish(self) -> None:
         self.writer.close()
+
+
+def without(batch: Batch, failed: list[int]) -> Batch:
+    """``batch`` minus the records at ``failed`` (they went to the dead-letter sink)."""
+    mask = [True] * len(batch.values)
+    for i in failed:
+        mask[i] = False
+    return batch.select(mask)
 
 
 async def apply_each(

@@ -31,7 +31,8 @@ class _BatchStep(Step):
         self.max_delay = max_delay
         self.clock: Clock = ctx.clock
         self.values: list[Any] = []
-        self.timestamps: list[float] | None = None
+        self.timestamps: list[int] | None = None
+        self.watermarks: list[float] | None = None
         self.deadline: float | None = None
 
     def uses_timer(self) -> bool:
@@ -49,25 +50,35 @@ class _BatchStep(Step):
             if self.timestamps is None:
                 self.timestamps = []
             self.timestamps.extend(batch.timestamps)
+        if batch.watermarks is not None:
+            if self.watermarks is None:
+                self.watermarks = []
+            self.watermarks.extend(batch.watermarks)
         size = self.max_size
         if len(self.values) < size:
             return
         full = len(self.values) - len(self.values) % size
         chunks = [self.values[i : i + size] for i in range(0, full, size)]
-        ts = self.timestamps
+        ts, wms = self.timestamps, self.watermarks
+        # A list's event time is its latest record's; its watermark, its first record's.
         out_ts = None if ts is None else [max(ts[i : i + size]) for i in range(0, full, size)]
+        out_wms = None if wms is None else wms[0:full:size]
         del self.values[:full]
         if ts is not None:
             del ts[:full]
+        if wms is not None:
+            del wms[:full]
         if self.values and self.max_delay is not None:
             self.deadline = self.clock.monotonic() + self.max_delay
         elif not self.values:
             self.deadline = None
-        await self._emit_lists(chunks, out_ts)
+        await self._emit_lists(chunks, out_ts, out_wms)
 
-    async def _emit_lists(self, chunks: list[list[Any]], ts: list[float] | None) -> None:
+    async def _emit_lists(
+        self, chunks: list[list[Any]], ts: list[int] | None, wms: list[float] | None
+    ) -> None:
         self.metrics.records_out += len(chunks)
-        out = Batch(chunks, ts)
+        out = Batch(chunks, ts, None, wms)
         for child in self.children:
             await child.push(out)
 
@@ -76,8 +87,11 @@ class _BatchStep(Step):
             return
         chunk, self.values = self.values, []
         ts, self.timestamps = self.timestamps, None
+        wms, self.watermarks = self.watermarks, None
         self.deadline = None
-        await self._emit_lists([chunk], None if ts is None else [max(ts)])
+        await self._emit_lists(
+            [chunk], None if ts is None else [max(ts)], None if wms is None else wms[:1]
+        )
 
     def next_deadline(self) -> float | None:
         return self.deadline

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import compress
 from typing import Any, ClassVar
 
 from sluiceway.metrics.registry import OperatorMetrics
-from sluiceway.operators.base import BuildContext, OpSpec, Step, apply_each
+from sluiceway.operators.base import BuildContext, OpSpec, Step, apply_each, without
 from sluiceway.operators.errors import ErrorHandler
 from sluiceway.policies import ErrorPolicy, Fail
 from sluiceway.runtime.channel import Overflow
@@ -22,17 +22,15 @@ __all__ = [
     "InspectSpec",
     "KeyBySpec",
     "MapSpec",
-    "MergeSpec",
     "PortSpec",
 ]
 
 
-def _without(batch: Batch, failed: list[int]) -> Batch:
-    """``batch`` minus the records at ``failed`` (they went to the dead-letter sink)."""
-    mask = [True] * len(batch.values)
-    for i in failed:
-        mask[i] = False
-    return batch.select(mask)
+def _repeat(column: list[Any] | None, parts: list[list[Any]]) -> list[Any] | None:
+    """Each entry of ``column`` repeated once per output its record produced."""
+    if column is None:
+        return None
+    return [x for x, part in zip(column, parts, strict=True) for _ in part]
 
 
 class _UserFnStep(Step):
@@ -55,9 +53,9 @@ class _MapStep(_UserFnStep):
         self.metrics.records_in += len(values)
         out, failed = await apply_each(self.fn, values, self.errors)
         if failed is None:
-            await self.emit(Batch(out, batch.timestamps, batch.keys))
+            await self.emit(batch.with_values(out))
         else:
-            await self.emit(_without(batch, failed).with_values(out))
+            await self.emit(without(batch, failed).with_values(out))
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +76,7 @@ class _FilterStep(_UserFnStep):
         if failed is not None:
             for i in failed:  # dead-lettered records are not in the output
                 mask.insert(i, False)
-        if batch.timestamps is None and batch.keys is None:
+        if batch.timestamps is None and batch.keys is None:  # (no timestamps: no watermarks)
             await self.emit(Batch(list(compress(values, mask))))
         else:
             await self.emit(batch.select(mask))
@@ -105,19 +103,18 @@ class _FlatMapStep(_UserFnStep):
         self.metrics.records_in += len(values)
         lists, failed = await apply_each(self.fn, values, self.errors)
         if failed is not None:
-            batch = _without(batch, failed)
+            batch = without(batch, failed)
         out: list[Any] = []
         for part in lists:
             out.extend(part)
-        ts = batch.timestamps
-        keys = batch.keys
-        new_ts: list[float] | None = None
-        new_keys: list[Hashable] | None = None
-        if ts is not None:
-            new_ts = [t for t, part in zip(ts, lists, strict=True) for _ in part]
-        if keys is not None:
-            new_keys = [k for k, part in zip(keys, lists, strict=True) for _ in part]
-        await self.emit(Batch(out, new_ts, new_keys))
+        await self.emit(
+            Batch(
+                out,
+                _repeat(batch.timestamps, lists),
+                _repeat(batch.keys, lists),
+                _repeat(batch.watermarks, lists),
+            )
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +131,7 @@ class _InspectStep(_UserFnStep):
     async def push(self, batch: Batch) -> None:
         self.metrics.records_in += len(batch.values)
         _, failed = await apply_each(self.fn, batch.values, self.errors)
-        await self.emit(batch if failed is None else _without(batch, failed))
+        await self.emit(batch if failed is None else without(batch, failed))
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,8 +149,8 @@ class _KeyByStep(_UserFnStep):
         self.metrics.records_in += len(batch.values)
         keys, failed = await apply_each(self.fn, batch.values, self.errors)
         if failed is not None:
-            batch = _without(batch, failed)
-        await self.emit(Batch(batch.values, batch.timestamps, keys))
+            batch = without(batch, failed)
+        await self.emit(batch.with_keys(keys))
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +168,7 @@ class _BranchStep(_UserFnStep):
         self.metrics.records_in += len(batch.values)
         mask, failed = await apply_each(self.fn, batch.values, self.errors)
         if failed is not None:
-            batch = _without(batch, failed)
+            batch = without(batch, failed)
         mask = [bool(m) for m in mask]
         self.metrics.records_out += len(batch.values)
         yes, no = self.children  # the two port steps, in port order
@@ -202,25 +199,6 @@ class PortSpec(OpSpec):
 
     port: int
     kind: ClassVar[str] = "branch_output"
-
-    def build(self, ctx: BuildContext) -> Step:
-        return _Passthrough(ctx.name, ctx.metrics)
-
-
-@dataclass(frozen=True, slots=True)
-class MergeSpec(OpSpec):
-    """``stream.merge(*others)``: fan-in through one channel with one writer per input."""
-
-    capacity: int | None = None
-    kind: ClassVar[str] = "merge"
-
-    @property
-    def boundary(self) -> bool:
-        return True
-
-    @property
-    def channel_capacity(self) -> int | None:
-        return self.capacity
 
     def build(self, ctx: BuildContext) -> Step:
         return _Passthrough(ctx.name, ctx.metrics)

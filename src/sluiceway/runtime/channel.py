@@ -72,6 +72,13 @@ class TaggedControl:
 
 
 @dataclass(frozen=True, slots=True)
+class _InputMark:
+    """Queued before data from a different writer than the last: the reader tracks it."""
+
+    input_index: int
+
+
+@dataclass(frozen=True, slots=True)
 class ChannelStatistics:
     """A point-in-time view of one channel's counters."""
 
@@ -97,6 +104,7 @@ class _Channel:
         "clock",
         "fill",
         "flow",
+        "last_input",
         "max_fill",
         "name",
         "overflow",
@@ -117,7 +125,8 @@ class _Channel:
         self.clock = clock
         self.name = name
         self.flow = flow
-        self.queue: deque[Batch | TaggedControl] = deque()
+        self.queue: deque[Batch | TaggedControl | _InputMark] = deque()
+        self.last_input = 0
         self.fill = 0
         self.max_fill = 0
         self.writers_open = writers
@@ -141,7 +150,10 @@ class _Channel:
             if not w.done():
                 w.set_result(None)
 
-    def put(self, batch: Batch) -> None:
+    def put(self, batch: Batch, index: int) -> None:
+        if index != self.last_input:
+            self.queue.append(_InputMark(index))
+            self.last_input = index
         self.queue.append(batch)
         self.fill += len(batch)
         self.records_sent += len(batch)
@@ -155,7 +167,7 @@ class _Channel:
         self.records_dropped += n
 
     def drop_oldest(self, excess: int) -> None:
-        kept: deque[Batch | TaggedControl] = deque()
+        kept: deque[Batch | TaggedControl | _InputMark] = deque()
         for item in self.queue:
             if excess > 0 and isinstance(item, Batch):
                 n = len(item)
@@ -225,14 +237,14 @@ class ChannelWriter:
             return
         room = ch.capacity - ch.fill
         if n <= room:
-            ch.put(batch)
+            ch.put(batch, self.index)
             return
         policy = ch.overflow
         if policy is Overflow.BLOCK:
             await self._send_blocking(batch)
         elif policy is Overflow.DROP_NEWEST:
             if room > 0:
-                ch.put(batch.slice(0, room))
+                ch.put(batch.slice(0, room), self.index)
             ch.records_dropped += n - max(room, 0)
         elif policy is Overflow.DROP_OLDEST:
             if n > ch.capacity:
@@ -240,7 +252,7 @@ class ChannelWriter:
                 batch = batch.slice(n - ch.capacity)
                 n = ch.capacity
             ch.drop_oldest(ch.fill + n - ch.capacity)
-            ch.put(batch)
+            ch.put(batch, self.index)
         else:
             raise ChannelOverflowError(flow=ch.flow, edge=ch.name, capacity=ch.capacity, incoming=n)
 
@@ -249,10 +261,10 @@ class ChannelWriter:
         while True:
             room = ch.capacity - ch.fill
             if room >= len(batch):
-                ch.put(batch)
+                ch.put(batch, self.index)
                 return
             if room > 0:
-                ch.put(batch.slice(0, room))
+                ch.put(batch.slice(0, room), self.index)
                 batch = batch.slice(room)
             await self._wait_writable()
 
@@ -294,12 +306,17 @@ class ChannelWriter:
 
 
 class ChannelReader:
-    """The receiving side of a channel."""
+    """The receiving side of a channel.
 
-    __slots__ = ("_ch",)
+    ``input_index`` is the writer (input) that sent the batch received last; a fan-in
+    operator that treats its inputs differently (combining watermarks) reads it.
+    """
+
+    __slots__ = ("_ch", "input_index")
 
     def __init__(self, channel: _Channel) -> None:
         self._ch = channel
+        self.input_index = 0
 
     @property
     def name(self) -> str:
@@ -312,8 +329,11 @@ class ChannelReader:
     def receive_nowait(self) -> Batch | TaggedControl | None:
         """The next item if one is queued, else None.  Raises EndOfStream at the end."""
         ch = self._ch
-        if ch.queue:
+        while ch.queue:
             item = ch.queue.popleft()
+            if isinstance(item, _InputMark):
+                self.input_index = item.input_index
+                continue
             if isinstance(item, Batch):
                 n = len(item)
                 ch.fill -= n

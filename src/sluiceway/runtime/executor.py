@@ -205,10 +205,10 @@ class _ChannelStage(_Stage):
                 await self._fire_timers()
             elif isinstance(item, Batch):
                 self.inflight = len(item.values)
-                await head.push(item)
+                await head.push_input(item, reader.input_index)
                 self.inflight = 0
             else:
-                await head.control(item.message)
+                await head.control_input(item.message, item.input_index)
         await head.finish()
 
 
@@ -300,10 +300,14 @@ class Executor:
                 self._sources.append((node, node.spec.source))
             elif isinstance(node.spec, SinkSpec):
                 self._sinks.append((node, node.spec.sink))
-        for node in flow.nodes:  # branch outputs in port order
+        for node in flow.nodes:  # side outputs (branch, late records) last, in port order
             if any(isinstance(c.spec, PortSpec) for c in node.consumers):
-                by_port = {id(steps[c.id]): c.spec.port for c in node.consumers}  # type: ignore[attr-defined]
-                steps[node.id].children.sort(key=lambda s: by_port[id(s)])
+                by_port = {
+                    id(steps[c.id]): c.spec.port
+                    for c in node.consumers
+                    if isinstance(c.spec, PortSpec)
+                }
+                steps[node.id].children.sort(key=lambda s: by_port.get(id(s), -1))
         stages: list[_Stage] = []
         for sp in self.plan.stages:
             st_steps = [steps[n.id] for n in sp.nodes]

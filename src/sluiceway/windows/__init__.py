@@ -1,10 +1,18 @@
-"""Event-time windows: assigners (tumbling, sliding, session) and their arithmetic.
+"""Event-time windows: assigners (tumbling, sliding, session) and the window operator.
 
-Work in progress for the windows feature: the assigners and session merging are
-complete and tested; the ``window()`` operator that uses them is not built yet, so
-nothing here is exported from ``sluiceway`` itself.
+See docs/windows.md.  ``stream.window(sw.windows.Tumbling(10)).aggregate(...)``.
 """
 
 from sluiceway.windows.assigners import Session, Sessions, Sliding, Tumbling, seconds, ticks
+from sluiceway.windows.operator import LateRecord, WindowResult
 
-__all__ = ["Session", "Sessions", "Sliding", "Tumbling", "seconds", "ticks"]
+__all__ = [
+    "LateRecord",
+    "Session",
+    "Sessions",
+    "Sliding",
+    "Tumbling",
+    "WindowResult",
+    "seconds",
+    "ticks",
+]

@@ -206,6 +206,11 @@ class Sessions:
         ends[lo:hi] = [end]
         return (start, end), merged
 
+    def overlaps(self, t: int) -> bool:
+        """Whether a record at ``t`` would join (or bridge) an existing session."""
+        i = bisect_right(self._ends, t)
+        return i < len(self._starts) and self._starts[i] < t + self._gap
+
     def intervals(self) -> list[tuple[int, int]]:
         """Every session, in order."""
         return list(zip(self._starts, self._ends, strict=True))
