@@ -67,6 +67,10 @@ class Aggregator(Generic[A, R]):
         ``f`` names the extractor function.  None: use create/add calls."""
         return None
 
+    def _inline_result(self, acc: str) -> str | None:
+        """An expression for ``result`` of an inline-form accumulator (None: call it)."""
+        return None
+
 
 def _check_fn(fn: object, what: str) -> None:
     if fn is not None and not callable(fn):
@@ -108,6 +112,9 @@ class _Count(Aggregator[int, int]):
     def result(self, acc: int) -> int:
         return acc
 
+    def _inline_result(self, acc: str) -> str:
+        return acc
+
     def _inline(self, slot: str, f: str) -> tuple[str, list[str]]:
         return "1", [f"{slot} += 1"]
 
@@ -125,6 +132,9 @@ class _Sum(_Extracting):
         return acc1 + acc2
 
     def result(self, acc: Any) -> Any:
+        return acc
+
+    def _inline_result(self, acc: str) -> str:
         return acc
 
     def _inline(self, slot: str, f: str) -> tuple[str, list[str]]:
@@ -147,6 +157,9 @@ class _Mean(_Extracting):
 
     def result(self, acc: list[Any]) -> float:
         return acc[0] / acc[1]  # type: ignore[no-any-return]
+
+    def _inline_result(self, acc: str) -> str:
+        return f"{acc}[0] / {acc}[1]"
 
     def _inline(self, slot: str, f: str) -> tuple[str, list[str]]:
         return f"[{self._x(f)}, 1]", [f"m = {slot}", f"m[0] += {self._x(f)}", "m[1] += 1"]
@@ -190,6 +203,9 @@ class _Min(_Extreme):
     def better(self, x: Any, best: Any) -> bool:
         return bool(x < best)
 
+    def _inline_result(self, acc: str) -> str:
+        return acc
+
     def _inline(self, slot: str, f: str) -> tuple[str, list[str]]:
         return self._x(f), [f"x = {self._x(f)}", f"if x < {slot}: {slot} = x"]
 
@@ -199,6 +215,9 @@ class _Max(_Extreme):
 
     def better(self, x: Any, best: Any) -> bool:
         return bool(x > best)
+
+    def _inline_result(self, acc: str) -> str:
+        return acc
 
     def _inline(self, slot: str, f: str) -> tuple[str, list[str]]:
         return self._x(f), [f"x = {self._x(f)}", f"if x > {slot}: {slot} = x"]
@@ -231,6 +250,9 @@ class _Timed(_Extracting):
     def result(self, acc: Any) -> Any:
         return None if acc is EMPTY else acc[1]
 
+    def _inline_result(self, acc: str) -> str:
+        return f"{acc}[1]"
+
     def _inline(self, slot: str, f: str) -> tuple[str, list[str]]:
         cmp = ">=" if self.latest else "<"
         return f"[t, {self._x(f)}]", [f"if t {cmp} {slot}[0]: {slot} = [t, {self._x(f)}]"]
@@ -261,6 +283,9 @@ class _Collect(_Extracting):
     def result(self, acc: list[Any]) -> list[Any]:
         return list(acc)
 
+    def _inline_result(self, acc: str) -> str:
+        return f"list({acc})"
+
     def _inline(self, slot: str, f: str) -> tuple[str, list[str]]:
         return f"[{self._x(f)}]", [f"{slot}.append({self._x(f)})"]
 
@@ -280,6 +305,9 @@ class _CountDistinct(_Extracting):
 
     def result(self, acc: set[Hashable]) -> int:
         return len(acc)
+
+    def _inline_result(self, acc: str) -> str:
+        return f"len({acc})"
 
     def _inline(self, slot: str, f: str) -> tuple[str, list[str]]:
         return f"{{{self._x(f)}}}", [f"{slot}.add({self._x(f)})"]
@@ -305,6 +333,9 @@ class Reduce(Aggregator[Any, Any]):
         return acc1 if acc2 is EMPTY else self.fn(acc1, acc2)
 
     def result(self, acc: Any) -> Any:
+        return acc
+
+    def _inline_result(self, acc: str) -> str:
         return acc
 
     def _inline(self, slot: str, f: str) -> tuple[str, list[str]]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,7 +26,7 @@ from sluiceway.agg import Aggregator
 from sluiceway.operators.base import BuildContext, OpSpec, Step
 from sluiceway.runtime.messages import Batch, Control, Watermark
 from sluiceway.time import Clock
-from sluiceway.windows.assigners import Session, Sessions, Sliding, Tumbling, seconds
+from sluiceway.windows.assigners import Session, Sessions, Sliding, Tumbling
 
 __all__ = ["Aggregation", "LateRecord", "WindowResult", "WindowSpec"]
 
@@ -94,11 +95,12 @@ class LateRecord:
 
 
 class Aggregation:
-    """One or several aggregators compiled into ``init``/``add`` functions over a list.
+    """One or several aggregators compiled into code over a list accumulator.
 
-    The accumulator of a window is a list with one slot per aggregator.  ``add(acc, v,
-    t)`` updates every slot in one Python call; it is generated from the aggregators'
-    inline forms (user aggregators are called through ``create``/``add``).
+    The accumulator of a window is a list with one slot per aggregator.  The built-ins'
+    inline forms become the source of ``init(v, t)`` (the accumulator of a window's first
+    record), of the update statements the window operator compiles into its record loop,
+    and of ``result(acc)``; user aggregators are called through create/add/result.
     """
 
     def __init__(self, aggs: Sequence[Aggregator[Any, Any]], names: Sequence[str] | None) -> None:
@@ -110,37 +112,53 @@ class Aggregation:
                 )
         self.aggs = list(aggs)
         self.names = None if names is None else list(names)
-        ns: dict[str, Any] = {}
+        self.namespace: dict[str, Any] = {}
         init: list[str] = []
-        add: list[str] = []
+        self.add_lines: list[str] = []
+        results: list[str] = []
         for i, agg in enumerate(self.aggs):
-            ns[f"g{i}"] = agg
-            ns[f"f{i}"] = getattr(agg, "fn", None)
+            self.namespace[f"g{i}"] = agg
+            self.namespace[f"f{i}"] = getattr(agg, "fn", None)
             inline = agg._inline(f"a[{i}]", f"f{i}")
+            result = agg._inline_result(f"a[{i}]") if inline is not None else None
             if inline is None:
                 init.append(f"g{i}.add(g{i}.create(), v)")
-                add.append(f"a[{i}] = g{i}.add(a[{i}], v)")
+                self.add_lines.append(f"a[{i}] = g{i}.add(a[{i}], v)")
             else:
                 init.append(inline[0])
-                add.extend(inline[1])
+                self.add_lines.extend(inline[1])
+            results.append(result or f"g{i}.result(a[{i}])")
+        self.init_expr = f"[{', '.join(init)}]"
+        if self.names is None:
+            result_expr = results[0]
+        else:
+            result_expr = (
+                "{"
+                + ", ".join(f"{n!r}: {r}" for n, r in zip(self.names, results, strict=True))
+                + "}"
+            )
         src = (
-            f"def init(v, t):\n    return [{', '.join(init)}]\n"
-            f"def add(a, v, t):\n    " + "\n    ".join(add) + "\n"
+            f"def init(v, t):\n    return {self.init_expr}\n"
+            f"def add(a, v, t):\n    " + "\n    ".join(self.add_lines) + "\n"
+            f"def result(a):\n    return {result_expr}\n"
         )
-        exec(compile(src, "<sluiceway aggregation>", "exec"), ns)
-        self.init: Callable[[Any, int], list[Any]] = ns["init"]
-        self.add: Callable[[list[Any], Any, int], None] = ns["add"]
+        self.init: Callable[[Any, int], list[Any]] = self.compile(src)["init"]
+        self.add: Callable[[list[Any], Any, int], None] = self.compile(src)["add"]
+        self.result: Callable[[list[Any]], Any] = self.compile(src)["result"]
+
+    def compile(self, src: str) -> dict[str, Any]:
+        """Run generated ``src`` with the aggregators in scope; returns its namespace."""
+        ns = dict(self.namespace)
+        exec(compile(src, "<sluiceway window>", "exec"), ns)  # our own generated code
+        return ns
 
     def merge(self, a: list[Any], b: list[Any]) -> list[Any]:
         return [g.merge(x, y) for g, x, y in zip(self.aggs, a, b, strict=True)]
 
-    def result(self, acc: list[Any]) -> Any:
-        if self.names is None:
-            return self.aggs[0].result(acc[0])
-        return {n: g.result(x) for n, g, x in zip(self.names, self.aggs, acc, strict=True)}
-
 
 class _WindowStep(Step):
+    """What every window operator shares: output, late records, watermarks, timers."""
+
     def __init__(self, ctx: BuildContext, spec: WindowSpec) -> None:
         super().__init__(ctx.name, ctx.metrics)
         self.spec = spec
@@ -148,26 +166,15 @@ class _WindowStep(Step):
         self.clock: Clock = ctx.clock
         self.agg = spec.aggregation
         self.lateness = spec.lateness
-        a = spec.assigner
-        self.session = isinstance(a, Session)
-        if isinstance(a, Tumbling):
-            self.size, self.offset, self.slide = a.size_ticks, a.offset_ticks, a.size_ticks
-        elif isinstance(a, Sliding):
-            self.size, self.offset, self.slide = a.size_ticks, a.offset_ticks, a.slide_ticks
-        else:
-            self.size, self.offset, self.slide = a.gap_ticks, 0, 0
         self.wm: float = -_INF
-        self.accs: dict[tuple[Any, int], list[Any]] = {}
-        self.heap: list[tuple[int, int, tuple[Any, int]]] = []  # (end, seq, slot): to fire
-        self.expiry: list[tuple[int, int, tuple[Any, int]]] = []  # (end+L, seq, slot)
-        self.next_due: float = _INF  # earliest end in either heap
-        self.seq = 0
-        self.revs: dict[tuple[Any, int], int] = {}  # results emitted so far, per window
+        self.next_due: float = _INF  # the earliest watermark at which something happens
+        self.open = 0  # open windows
+        # Results emitted so far per window; needed only when a window can fire twice.
+        self.revs: dict[tuple[Any, int], int] | None = (
+            {} if spec.lateness or spec.early_every else None
+        )
         self.dirty: set[tuple[Any, int]] | None = set() if spec.early_every else None
         self.next_early: float | None = None
-        self.sessions: dict[Any, Sessions] = {}
-        self.session_ends: dict[tuple[Any, int], int] = {}
-        self.session_seqs: dict[tuple[Any, int], int] = {}
         self._outputs: tuple[list[Step], Step | None] | None = None
         self._warned = False
         # Output of the batch being processed.
@@ -190,26 +197,35 @@ class _WindowStep(Step):
                 self._outputs = (self.children, None)
         return self._outputs
 
-    def _result(self, slot: tuple[Any, int], end: int, kind: str, final: bool) -> None:
-        rev = self.revs.get(slot, 0)
-        key, start = slot
-        r = WindowResult(
-            key, seconds(start), seconds(end), self.agg.result(self.accs[slot]), rev, final, kind
+    def _result(self, k: Any, start: int, end: int, acc: list[Any], kind: str, final: bool) -> None:
+        rev = 0
+        revs = self.revs
+        if revs is not None:
+            slot = (k, start)
+            if final:
+                rev = revs.pop(slot, 0)
+            else:
+                rev = revs.get(slot, 0)
+                revs[slot] = rev + 1
+        self.out.append(
+            WindowResult(k, start / 1e6, end / 1e6, self.agg.result(acc), rev, final, kind)
         )
-        self.out.append(r)
         self.out_ts.append(end - 1)
-        self.out_keys.append(key)
+        self.out_keys.append(k)
         self.out_wms.append(self.wm)
-        if final:
-            self.revs.pop(slot, None)
-        else:
-            self.revs[slot] = rev + 1
 
     def _late(self, v: Any, k: Any, t: int, start: int, end: int) -> None:
-        self.late.append(LateRecord(v, k, seconds(t), seconds(start), seconds(end), self.wm / 1e6))
+        self.late.append(LateRecord(v, k, t / 1e6, start / 1e6, end / 1e6, self.wm / 1e6))
         self.late_ts.append(t)
         self.late_keys.append(k)
         self.late_wms.append(self.wm)
+
+    def _forget(self, k: Any, start: int) -> None:
+        """Window ``(k, start)`` is gone: drop its revision count and early mark."""
+        if self.revs is not None:
+            self.revs.pop((k, start), None)
+        if self.dirty is not None:
+            self.dirty.discard((k, start))
 
     async def _flush_output(self) -> None:
         main, late_child = self.outputs()
@@ -220,8 +236,7 @@ class _WindowStep(Step):
             for child in main:
                 await child.push(batch)
         if self.late:
-            n = len(self.late)
-            self.metrics.late += n
+            self.metrics.late += len(self.late)
             if late_child is not None:
                 batch = Batch(self.late, self.late_ts, self.late_keys, self.late_wms)
                 await late_child.push(batch)
@@ -234,55 +249,28 @@ class _WindowStep(Step):
                     self.flow,
                 )
             self.late, self.late_ts, self.late_keys, self.late_wms = [], [], [], []
-        self.metrics.state = len(self.accs)
+        self.metrics.state = self.open
         self.metrics.watermark = self.wm
 
-    # -- time --------------------------------------------------------------------------
+    async def emit(self, batch: Batch) -> None:  # pragma: no cover - output goes by ports
+        raise AssertionError("the window operator emits through _flush_output")
+
+    # -- records and time ----------------------------------------------------------------
+
+    def _records(self, values: list[Any], ts: list[int], keys: Any, wms: list[float]) -> None:
+        raise NotImplementedError
 
     def _advance(self, wm: float) -> None:
-        """Move to watermark ``wm``: fire what is due, free what expired.
+        """Move to watermark ``wm``: fire what is due, free what expired, set ``wm``.
 
-        The results carry the watermark from before this advance, so that downstream
-        (another window over the results) they are not behind the watermark.
+        Results carry the watermark from before this advance, so that downstream (a
+        window over the results) they are not behind the watermark.
         """
-        heap, expiry, accs, lateness = self.heap, self.expiry, self.accs, self.lateness
-        while heap and heap[0][0] <= wm:
-            end, seq, slot = heappop(heap)
-            if slot not in accs or (self.session and self.session_ends.get(slot) != end):
-                continue  # a session that grew or merged since: a newer entry stands for it
-            final = end + lateness <= wm
-            self._result(slot, end, "on_time", final)
-            if final:
-                self._free(slot)
-            else:
-                heappush(expiry, (end + lateness, seq, slot))
-        while expiry and expiry[0][0] <= wm:
-            due, _, slot = heappop(expiry)
-            if slot in accs and (not self.session or self.session_ends.get(slot) == due - lateness):
-                self._free(slot)
-        self.next_due = min(heap[0][0] if heap else _INF, expiry[0][0] if expiry else _INF)
-        self.wm = wm
+        raise NotImplementedError
 
-    def _free(self, slot: tuple[Any, int]) -> None:
-        del self.accs[slot]
-        self.revs.pop(slot, None)
-        if self.dirty is not None:
-            self.dirty.discard(slot)
-        if self.session:
-            del self.session_ends[slot]
-            del self.session_seqs[slot]
-            key, start = slot
-            sessions = self.sessions[key]
-            sessions.remove(start)
-            if not len(sessions):
-                del self.sessions[key]
-
-    def _opened_late(self, slot: tuple[Any, int], end: int, seq: int) -> None:
-        """A window whose end already passed got its first record (within lateness)."""
-        heappush(self.expiry, (end + self.lateness, seq, slot))
-        self.next_due = min(self.next_due, end + self.lateness)
-
-    # -- records -----------------------------------------------------------------------
+    def _early(self) -> None:
+        """Emit partial results of the windows changed since the last early firing."""
+        raise NotImplementedError
 
     async def push(self, batch: Batch) -> None:
         n = len(batch.values)
@@ -291,179 +279,25 @@ class _WindowStep(Step):
         self.metrics.records_in += n
         if self.spec.processing_time:
             now = round(self.clock.time() * 1e6)
+            if now > self.wm:
+                self._advance(now)
             ts: list[int] = [now] * n
-            wms: list[float] = [max(now, self.wm)] * n
+            wms: list[float] = [self.wm] * n
         else:
             assert batch.timestamps is not None
             assert batch.watermarks is not None
             ts, wms = batch.timestamps, batch.watermarks
-        keys = batch.keys if batch.keys is not None else repeat(None)
-        if self.session:
-            self._sessions(batch.values, ts, keys, wms)
-        elif self.slide == self.size:
-            self._tumbling(batch.values, ts, keys, wms)
-        else:
-            self._sliding(batch.values, ts, keys, wms)
+        self._records(batch.values, ts, batch.keys or repeat(None), wms)
         await self._flush_output()
 
-    def _tumbling(self, values: list[Any], ts: list[int], keys: Any, wms: list[float]) -> None:
-        accs, heap, init, add = self.accs, self.heap, self.agg.init, self.agg.add
-        size, off, lateness, dirty = self.size, self.offset, self.lateness, self.dirty
-        cur = self.wm
-        for v, t, k, w in zip(values, ts, keys, wms, strict=False):  # keys may be repeat()
-            if w > cur:
-                cur = w
-                if w >= self.next_due:
-                    self._advance(w)
-                else:
-                    self.wm = w
-            start = t - (t - off) % size
-            end = start + size
-            slot = (k, start)
-            acc = accs.get(slot)
-            if acc is None:
-                if end + lateness <= cur:
-                    self._late(v, k, t, start, end)
-                    continue
-                accs[slot] = init(v, t)
-                self.seq += 1
-                if end > cur:
-                    heappush(heap, (end, self.seq, slot))
-                    self.next_due = min(self.next_due, end)
-                else:
-                    self._opened_late(slot, end, self.seq)
-                    self._result(slot, end, "late", False)
-            else:
-                add(acc, v, t)
-                if end <= cur:
-                    self._result(slot, end, "late", False)
-            if dirty is not None:
-                dirty.add(slot)
-        self.wm = cur
-
-    def _sliding(self, values: list[Any], ts: list[int], keys: Any, wms: list[float]) -> None:
-        accs, heap, init, add = self.accs, self.heap, self.agg.init, self.agg.add
-        size, slide, off, lateness, dirty = (
-            self.size,
-            self.slide,
-            self.offset,
-            self.lateness,
-            self.dirty,
-        )
-        cur = self.wm
-        for v, t, k, w in zip(values, ts, keys, wms, strict=False):  # keys may be repeat()
-            if w > cur:
-                cur = w
-                if w >= self.next_due:
-                    self._advance(w)
-                else:
-                    self.wm = w
-            last = t - (t - off) % slide
-            # Oldest window first: the order in which they will fire.
-            for start in range(last - ((size - 1) // slide) * slide, last + 1, slide):
-                end = start + size
-                if end <= t:
-                    continue
-                slot = (k, start)
-                acc = accs.get(slot)
-                if acc is None:
-                    if end + lateness <= cur:
-                        self._late(v, k, t, start, end)
-                        continue
-                    accs[slot] = init(v, t)
-                    self.seq += 1
-                    if end > cur:
-                        heappush(heap, (end, self.seq, slot))
-                        self.next_due = min(self.next_due, end)
-                    else:
-                        self._opened_late(slot, end, self.seq)
-                        self._result(slot, end, "late", False)
-                else:
-                    add(acc, v, t)
-                    if end <= cur:
-                        self._result(slot, end, "late", False)
-                if dirty is not None:
-                    dirty.add(slot)
-        self.wm = cur
-
-    def _sessions(self, values: list[Any], ts: list[int], keys: Any, wms: list[float]) -> None:
-        accs, heap, init, add = self.accs, self.heap, self.agg.init, self.agg.add
-        gap, lateness, dirty = self.size, self.lateness, self.dirty
-        sessions, ends, seqs = self.sessions, self.session_ends, self.session_seqs
-        cur = self.wm
-        for v, t, k, w in zip(values, ts, keys, wms, strict=False):  # keys may be repeat()
-            if w > cur:
-                cur = w
-                if w >= self.next_due:
-                    self._advance(w)
-                else:
-                    self.wm = w
-            sess = sessions.get(k)
-            if sess is None:
-                sess = sessions[k] = Sessions(gap)
-            if t + gap + lateness <= cur and not sess.overlaps(t):
-                if not len(sess):
-                    del sessions[k]
-                self._late(v, k, t, t, t + gap)
-                continue
-            (start, end), merged = sess.add(t)
-            slot = (k, start)
-            if not merged:
-                acc = accs.get(slot)
-                if acc is not None:  # inside an existing session: it does not change
-                    add(acc, v, t)
-                    if end <= cur:
-                        self._result(slot, end, "late", False)
-                    if dirty is not None:
-                        dirty.add(slot)
-                    continue
-                accs[slot] = init(v, t)
-                self.seq += 1
-                seq = seqs[slot] = self.seq
-            else:
-                acc, seq, rev = self._merge_sessions(k, merged)
-                add(acc, v, t)
-                accs[slot] = acc
-                seqs[slot] = seq
-                if rev:
-                    self.revs[slot] = rev
-            ends[slot] = end
-            if end > cur:
-                heappush(heap, (end, seq, slot))
-                self.next_due = min(self.next_due, end)
-            else:
-                self._opened_late(slot, end, seq)
-                self._result(slot, end, "late", False)
-            if dirty is not None:
-                dirty.add(slot)
-        self.wm = cur
-
-    def _merge_sessions(self, k: Any, merged: list[tuple[int, int]]) -> tuple[list[Any], int, int]:
-        """Take the sessions ``merged`` out of the state; their combined accumulator and
-        opening order (the earliest) and revision count: the merged session continues
-        the revisions of the sessions it absorbed."""
-        acc: list[Any] | None = None
-        seq = self.seq + 1
-        rev = 0
-        for start, _ in merged:
-            old = (k, start)
-            part = self.accs.pop(old)
-            del self.session_ends[old]
-            seq = min(seq, self.session_seqs.pop(old))
-            rev = max(rev, self.revs.pop(old, 0))
-            if self.dirty is not None:
-                self.dirty.discard(old)
-            acc = part if acc is None else self.agg.merge(acc, part)
-        assert acc is not None
-        return acc, seq, rev
-
-    # -- control, timers, end ----------------------------------------------------------
-
     async def control(self, message: Control) -> None:
-        if isinstance(message, Watermark) and not message.idle and message.time > self.wm:
-            if self.spec.processing_time:
-                pass  # processing-time windows follow the clock, not upstream watermarks
-            elif message.time >= self.next_due:
+        if (
+            isinstance(message, Watermark)
+            and not message.idle
+            and not self.spec.processing_time  # those follow the clock
+            and message.time > self.wm
+        ):
+            if message.time >= self.next_due:
                 self._advance(message.time)
                 await self._flush_output()
             else:
@@ -472,17 +306,14 @@ class _WindowStep(Step):
         for child in self.children:
             await child.control(message)
 
-    async def emit(self, batch: Batch) -> None:  # pragma: no cover - output goes by ports
-        raise AssertionError("the window operator emits through _flush_output")
-
     def uses_timer(self) -> bool:
         return self.spec.processing_time or self.spec.early_every is not None
 
     def next_deadline(self) -> float | None:
         d: float | None = None
         if self.spec.processing_time and self.next_due < _INF:
-            now = self.clock.time()
-            d = self.clock.monotonic() + max(0.0, seconds(int(self.next_due)) - now)
+            wait = self.next_due / 1e6 - self.clock.time()
+            d = self.clock.monotonic() + max(0.0, wait)
         if self.spec.early_every is not None and self.dirty:
             if self.next_early is None:
                 self.next_early = self.clock.monotonic() + self.spec.early_every
@@ -493,28 +324,14 @@ class _WindowStep(Step):
     async def on_timer(self, now: float) -> None:
         if self.spec.processing_time:
             t = round(self.clock.time() * 1e6)
-            if t >= self.next_due:
+            if t > self.wm:
                 self._advance(t)
-            elif t > self.wm:
-                self.wm = t
         if self.next_early is not None and now >= self.next_early:
             self.next_early = None
-            self._fire_early()
+            self._early()
+            assert self.dirty is not None
+            self.dirty.clear()
         await self._flush_output()
-
-    def _fire_early(self) -> None:
-        assert self.dirty is not None
-        due = []
-        for slot in self.dirty:
-            if slot not in self.accs:
-                continue
-            end = self.session_ends[slot] if self.session else slot[1] + self.size
-            if end > self.wm:  # not fired on time yet
-                seq = self.session_seqs.get(slot, 0)
-                due.append((end, seq, slot))
-        self.dirty.clear()
-        for end, _, slot in sorted(due, key=lambda d: (d[0], d[1])):
-            self._result(slot, end, "early", False)
 
     async def finish(self) -> None:
         if self.wm < _INF:
@@ -524,7 +341,319 @@ class _WindowStep(Step):
 
     def pending(self) -> int:
         """Open windows (their contents are lost if the flow is cancelled)."""
-        return len(self.accs)
+        return self.open
+
+
+# The record loop of tumbling and sliding windows, compiled per operator with the
+# aggregation's update statements in place of ``{ADD}``.  ``{EACH}`` enumerates the
+# windows of a record; ``{AFTER}`` handles a window the watermark already passed (only
+# possible with allowed lateness) and marks windows for early firing.
+_GRID_LOOP = """
+def records(self, values, ts, keys, wms):
+    panes = self.panes
+    size = self.size
+    slide = self.slide
+    off = self.offset
+    back = self.back
+    cur = self.wm
+    due = self.next_due
+    for v, t, k, w in zip(values, ts, keys, wms):
+        if w > cur:
+            cur = w
+            if w >= due:
+                self._advance(w)
+                due = self.next_due
+{EACH}
+            pane = panes.get(start)
+            if pane is not None:
+                a = pane.get(k)
+                if a is not None:
+{ADD}
+{AFTER}
+                    continue
+            self.wm = cur
+            self._open(v, t, k, start, pane)
+            due = self.next_due
+    self.wm = cur
+"""
+_TUMBLING_EACH = """\
+        for start in (t - (t - off) % size,):"""
+_SLIDING_EACH = """\
+        last = t - (t - off) % slide
+        for start in range(last - back, last + 1, slide):"""
+_SLIDING_EACH_UNEVEN = (
+    _SLIDING_EACH
+    + """
+            if start + size <= t:
+                continue"""
+)
+_AFTER_LATE = """\
+                    if start + size <= cur:
+                        self.wm = cur
+                        self._result(k, start, start + size, a, "late", False)"""
+_AFTER_EARLY = """\
+                    self.dirty.add((k, start))"""
+
+
+class _GridWindowStep(_WindowStep):
+    """Tumbling and sliding windows: every key shares the same window grid.
+
+    State is ``panes``: window start -> {key: accumulator}, in the order keys opened
+    their window.  A heap holds the ends of panes yet to fire; with allowed lateness,
+    a second heap holds the expiry (end + lateness) of panes that fired.
+    """
+
+    def __init__(self, ctx: BuildContext, spec: WindowSpec, assigner: Tumbling | Sliding) -> None:
+        super().__init__(ctx, spec)
+        if isinstance(assigner, Tumbling):
+            self.size = self.slide = assigner.size_ticks
+            each = _TUMBLING_EACH
+        else:
+            self.size, self.slide = assigner.size_ticks, assigner.slide_ticks
+            each = _SLIDING_EACH if self.size % self.slide == 0 else _SLIDING_EACH_UNEVEN
+        self.offset = assigner.offset_ticks
+        self.back = ((self.size - 1) // self.slide) * self.slide
+        self.panes: dict[int, dict[Any, list[Any]]] = {}
+        self.heap: list[int] = []  # ends of panes to fire
+        self.expiry: list[int] = []  # end + lateness of panes that fired
+        after = []
+        if spec.lateness:
+            after.append(_AFTER_LATE)
+        if spec.early_every is not None:
+            after.append(_AFTER_EARLY)
+        add = "\n".join(" " * 20 + line for line in self.agg.add_lines)
+        src = _GRID_LOOP.format(EACH=each, ADD=add, AFTER="\n".join(after) or "")
+        records = self.agg.compile(src)["records"]
+        self._records = types.MethodType(records, self)  # type: ignore[method-assign]
+
+    def _open(self, v: Any, t: int, k: Any, start: int, pane: dict[Any, list[Any]] | None) -> None:
+        """The first record of window ``(k, start)`` (or one too late for it)."""
+        end = start + self.size
+        cur = self.wm
+        lateness = self.lateness
+        if end + lateness <= cur:
+            self._late(v, k, t, start, end)
+            return
+        if pane is None:
+            pane = self.panes[start] = {}
+            if end > cur:
+                heappush(self.heap, end)
+                self.next_due = min(self.next_due, end)
+            else:  # the window's time passed, but within allowed lateness
+                heappush(self.expiry, end + lateness)
+                self.next_due = min(self.next_due, end + lateness)
+        a = pane[k] = self.agg.init(v, t)
+        self.open += 1
+        if end <= cur:
+            self._result(k, start, end, a, "late", False)
+        if self.dirty is not None:
+            self.dirty.add((k, start))
+
+    def _advance(self, wm: float) -> None:
+        heap, expiry, panes = self.heap, self.expiry, self.panes
+        size, lateness = self.size, self.lateness
+        while heap and heap[0] <= wm:
+            end = heappop(heap)
+            start = end - size
+            pane = panes[start]
+            final = end + lateness <= wm
+            self._fire_pane(pane, start, end, final)
+            if final:
+                self._drop_pane(start)
+            else:
+                heappush(expiry, end + lateness)
+        while expiry and expiry[0] <= wm:
+            self._drop_pane(heappop(expiry) - lateness - size)
+        self.next_due = min(heap[0] if heap else _INF, expiry[0] if expiry else _INF)
+        self.wm = wm
+
+    def _fire_pane(self, pane: dict[Any, list[Any]], start: int, end: int, final: bool) -> None:
+        if self.revs is not None:
+            for k, a in pane.items():
+                self._result(k, start, end, a, "on_time", final)
+            return
+        # The common case (no lateness, no early firing): every result is final, revision 0.
+        result, s, e = self.agg.result, start / 1e6, end / 1e6
+        n = len(pane)
+        self.out.extend([WindowResult(k, s, e, result(a)) for k, a in pane.items()])
+        self.out_ts.extend(repeat(end - 1, n))
+        self.out_keys.extend(pane)
+        self.out_wms.extend(repeat(self.wm, n))
+
+    def _drop_pane(self, start: int) -> None:
+        pane = self.panes.pop(start)
+        self.open -= len(pane)
+        if self.revs is not None or self.dirty is not None:
+            for k in pane:
+                self._forget(k, start)
+
+    def _early(self) -> None:
+        dirty = self.dirty
+        assert dirty is not None
+        for start in sorted(self.panes):
+            end = start + self.size
+            if end <= self.wm:
+                continue  # fired on time already
+            for k, a in self.panes[start].items():
+                if (k, start) in dirty:
+                    self._result(k, start, end, a, "early", False)
+
+
+class _SessionWindowStep(_WindowStep):
+    """Session windows: per key, disjoint sessions that grow and merge.
+
+    State: ``accs[(key, start)]``, the session's end and opening order; ``sessions[key]``
+    the key's intervals.  The heap holds ``(end, opened, slot)`` for every end a session
+    had; entries whose session has since grown or merged are skipped when popped.
+    """
+
+    def __init__(self, ctx: BuildContext, spec: WindowSpec, assigner: Session) -> None:
+        super().__init__(ctx, spec)
+        self.gap = assigner.gap_ticks
+        self.accs: dict[tuple[Any, int], list[Any]] = {}
+        self.ends: dict[tuple[Any, int], int] = {}
+        self.opened: dict[tuple[Any, int], int] = {}
+        self.sessions: dict[Any, Sessions] = {}
+        self.heap: list[tuple[int, int, tuple[Any, int]]] = []
+        self.expiry: list[tuple[int, int, tuple[Any, int]]] = []
+        self.seq = 0
+
+    def _records(self, values: list[Any], ts: list[int], keys: Any, wms: list[float]) -> None:
+        accs, ends, add = self.accs, self.ends, self.agg.add
+        sessions, gap, lateness, dirty = self.sessions, self.gap, self.lateness, self.dirty
+        cur = self.wm
+        due = self.next_due
+        for v, t, k, w in zip(values, ts, keys, wms, strict=False):  # keys may be repeat()
+            if w > cur:
+                cur = w
+                if w >= due:
+                    self._advance(w)
+                    due = self.next_due
+            sess = sessions.get(k)
+            if sess is None:
+                sess = sessions[k] = Sessions(gap)
+            elif t + gap + lateness <= cur and not sess.overlaps(t):
+                self.wm = cur
+                self._late(v, k, t, t, t + gap)
+                continue
+            (start, end), merged = sess.add(t)
+            slot = (k, start)
+            if not merged or (len(merged) == 1 and merged[0][0] == start):
+                acc = accs.get(slot)
+                if acc is None:  # a new session
+                    if end + lateness <= cur:
+                        sess.remove(start)
+                        if not len(sess):
+                            del sessions[k]
+                        self.wm = cur
+                        self._late(v, k, t, start, end)
+                        continue
+                    accs[slot] = self.agg.init(v, t)
+                    self.seq += 1
+                    self.opened[slot] = self.seq
+                    self.open += 1
+                else:  # inside a session, or growing it at its end
+                    add(acc, v, t)
+                    if not merged:
+                        if end <= cur:
+                            self.wm = cur
+                            self._result(k, start, end, acc, "late", False)
+                        if dirty is not None:
+                            dirty.add(slot)
+                        continue
+            else:  # the record bridges sessions, or extends one backwards
+                self._merge(k, slot, merged, v, t)
+            ends[slot] = end
+            self.wm = cur
+            self._schedule(slot, end)
+            due = self.next_due
+            if dirty is not None:
+                dirty.add(slot)
+        self.wm = cur
+
+    def _merge(
+        self, k: Any, slot: tuple[Any, int], merged: list[tuple[int, int]], v: Any, t: int
+    ) -> None:
+        """Replace the sessions ``merged`` by ``slot``; it keeps the earliest opening and
+        continues their revisions."""
+        acc: list[Any] | None = None
+        opened = self.seq + 1
+        rev = 0
+        for start, _ in merged:
+            old = (k, start)
+            part = self.accs.pop(old)
+            del self.ends[old]
+            opened = min(opened, self.opened.pop(old))
+            if self.revs is not None:
+                rev = max(rev, self.revs.pop(old, 0))
+            if self.dirty is not None:
+                self.dirty.discard(old)
+            acc = part if acc is None else self.agg.merge(acc, part)
+        assert acc is not None
+        self.agg.add(acc, v, t)
+        self.accs[slot] = acc
+        self.opened[slot] = opened
+        self.open -= len(merged) - 1
+        if rev and self.revs is not None:
+            self.revs[slot] = rev
+
+    def _schedule(self, slot: tuple[Any, int], end: int) -> None:
+        """Session ``slot`` now ends at ``end``: fire it then (or now, if that passed)."""
+        if end > self.wm:
+            heappush(self.heap, (end, self.opened[slot], slot))
+            self.next_due = min(self.next_due, end)
+        else:  # within allowed lateness
+            heappush(self.expiry, (end + self.lateness, self.opened[slot], slot))
+            self.next_due = min(self.next_due, end + self.lateness)
+            self._result(slot[0], slot[1], end, self.accs[slot], "late", False)
+
+    def _advance(self, wm: float) -> None:
+        heap, expiry, accs, ends, lateness = (
+            self.heap,
+            self.expiry,
+            self.accs,
+            self.ends,
+            self.lateness,
+        )
+        while heap and heap[0][0] <= wm:
+            end, opened, slot = heappop(heap)
+            if ends.get(slot) != end:
+                continue  # the session grew or merged since: a newer entry stands for it
+            final = end + lateness <= wm
+            self._result(slot[0], slot[1], end, accs[slot], "on_time", final)
+            if final:
+                self._drop(slot)
+            else:
+                heappush(expiry, (end + lateness, opened, slot))
+        while expiry and expiry[0][0] <= wm:
+            due, _, slot = heappop(expiry)
+            if ends.get(slot) == due - lateness:
+                self._drop(slot)
+        self.next_due = min(heap[0][0] if heap else _INF, expiry[0][0] if expiry else _INF)
+        self.wm = wm
+
+    def _drop(self, slot: tuple[Any, int]) -> None:
+        k, start = slot
+        del self.accs[slot]
+        del self.ends[slot]
+        del self.opened[slot]
+        self.open -= 1
+        self._forget(k, start)
+        sessions = self.sessions[k]
+        sessions.remove(start)
+        if not len(sessions):
+            del self.sessions[k]
+
+    def _early(self) -> None:
+        dirty = self.dirty
+        assert dirty is not None
+        due = [
+            (self.ends[slot], self.opened[slot], slot)
+            for slot in dirty
+            if slot in self.accs and self.ends[slot] > self.wm
+        ]
+        for end, _, slot in sorted(due, key=lambda d: (d[0], d[1])):
+            self._result(slot[0], slot[1], end, self.accs[slot], "early", False)
 
 
 class WindowSpec(OpSpec):
@@ -553,4 +682,6 @@ class WindowSpec(OpSpec):
         return self.processing_time or self.early_every is not None
 
     def build(self, ctx: BuildContext) -> Step:
-        return _WindowStep(ctx, self)
+        if isinstance(self.assigner, Session):
+            return _SessionWindowStep(ctx, self, self.assigner)
+        return _GridWindowStep(ctx, self, self.assigner)
