@@ -85,10 +85,13 @@ class _WithTimestampsStep(Step):
         raw, failed = await apply_each(self.fn, batch.values, self.errors)
         if failed is not None:
             batch = without(batch, failed)
-        try:  # the common case, in C: finite int/float seconds
-            return batch, list(map(round, map(_MICROS.__mul__, raw)))
-        except (TypeError, ValueError, OverflowError):
-            pass
+        # The common case, in C: finite int/float seconds.  ``True in raw`` (also true for
+        # a timestamp 1 or 1.0) sends bools, which are numbers to Python, to the checks.
+        if True not in raw and False not in raw:
+            try:
+                return batch, list(map(float.__round__, map(_MICROS.__mul__, raw)))
+            except (TypeError, ValueError, OverflowError):
+                pass
         ticks: list[int] = []
         bad: list[int] = []
         for i, (v, t) in enumerate(zip(batch.values, raw, strict=True)):
@@ -111,18 +114,22 @@ class _WithTimestampsStep(Step):
         batch, ts = await self._ticks(batch)
         if not ts:
             return
-        acc = list(accumulate(ts, max, initial=self.max_t))
-        self.max_t = last = acc.pop()
+        before = self.max_t
+        self.max_t = last = max(before, max(ts))  # noqa: PLW3301 - max(ts) runs in C
         b = self.bound
-        wms = [m - b for m in acc] if b else acc
-        if wms[0] < self.wm:  # a processing-time advance ran ahead of the data
+        if before - b >= self.wm:  # the usual case: the column follows from the data
+            out = Batch(batch.values, ts, batch.keys, watermark_base=(before, b))
+        else:  # a processing-time advance ran ahead of the data: the column is clamped
             floor = self.wm
-            wms = [w if w > floor else floor for w in wms]
+            acc = list(accumulate(ts, max, initial=before))
+            acc.pop()
+            wms = [m - b if m - b > floor else floor for m in acc]
+            out = Batch(batch.values, ts, batch.keys, wms)
         self.last_arrival = self.clock.monotonic()
         if self.advance is not None:
             self.next_advance = self.last_arrival + self.advance
         self.idle = False
-        await self.emit(Batch(batch.values, ts, batch.keys, wms))
+        await self.emit(out)
         after = last - b
         if after > self.wm:
             self.wm = after

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass
-from itertools import compress
+from itertools import accumulate, compress
 from typing import Any
 
 __all__ = ["Barrier", "Batch", "Control", "Watermark"]
@@ -33,7 +33,7 @@ class Batch:
     2
     """
 
-    __slots__ = ("keys", "timestamps", "values", "watermarks")
+    __slots__ = ("_watermarks", "keys", "timestamps", "values", "watermark_base")
 
     def __init__(
         self,
@@ -41,11 +41,30 @@ class Batch:
         timestamps: list[int] | None = None,
         keys: list[Hashable] | None = None,
         watermarks: list[float] | None = None,
+        *,
+        watermark_base: tuple[float, int] | None = None,
     ) -> None:
         self.values = values
         self.timestamps = timestamps
         self.keys = keys
-        self.watermarks = watermarks
+        self._watermarks = watermarks
+        self.watermark_base = watermark_base
+        """``(base, bound)`` when the watermark column is implicit: before record ``i`` it
+        is ``max(base, *timestamps[:i]) - bound``.  ``with_timestamps`` emits this form;
+        the column is computed only if an operator asks for it (one that drops or
+        reorders records does), and a window operator can often skip it entirely."""
+
+    @property
+    def watermarks(self) -> list[float] | None:
+        """The watermark before each record (computed once from the implicit form)."""
+        wms = self._watermarks
+        if wms is None and self.watermark_base is not None:
+            assert self.timestamps is not None
+            base, bound = self.watermark_base
+            acc: list[float] = list(accumulate(self.timestamps, max, initial=base))
+            acc.pop()
+            wms = self._watermarks = [m - bound for m in acc] if bound else acc
+        return wms
 
     def __len__(self) -> int:
         return len(self.values)
@@ -77,11 +96,23 @@ class Batch:
 
     def with_values(self, values: list[Any]) -> Batch:
         """A batch with new values and the same other columns (same length)."""
-        return Batch(values, self.timestamps, self.keys, self.watermarks)
+        return Batch(
+            values,
+            self.timestamps,
+            self.keys,
+            self._watermarks,
+            watermark_base=self.watermark_base,
+        )
 
     def with_keys(self, keys: list[Hashable]) -> Batch:
         """A batch with new keys and the same other columns (same length)."""
-        return Batch(self.values, self.timestamps, keys, self.watermarks)
+        return Batch(
+            self.values,
+            self.timestamps,
+            keys,
+            self._watermarks,
+            watermark_base=self.watermark_base,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,7 @@ from sluiceway.agg import Aggregator
 from sluiceway.operators.base import BuildContext, OpSpec, Step
 from sluiceway.runtime.messages import Batch, Control, Watermark
 from sluiceway.time import Clock
-from sluiceway.windows.assigners import Session, Sessions, Sliding, Tumbling
+from sluiceway.windows.assigners import Session, Sliding, Tumbling
 
 __all__ = ["Aggregation", "LateRecord", "WindowResult", "WindowSpec"]
 
@@ -169,11 +169,7 @@ class _WindowStep(Step):
         self.wm: float = -_INF
         self.next_due: float = _INF  # the earliest watermark at which something happens
         self.open = 0  # open windows
-        # Results emitted so far per window; needed only when a window can fire twice.
-        self.revs: dict[tuple[Any, int], int] | None = (
-            {} if spec.lateness or spec.early_every else None
-        )
-        self.dirty: set[tuple[Any, int]] | None = set() if spec.early_every else None
+        self.dirty: Any = None  # windows changed since the last early firing
         self.next_early: float | None = None
         self._outputs: tuple[list[Step], Step | None] | None = None
         self._warned = False
@@ -197,16 +193,9 @@ class _WindowStep(Step):
                 self._outputs = (self.children, None)
         return self._outputs
 
-    def _result(self, k: Any, start: int, end: int, acc: list[Any], kind: str, final: bool) -> None:
-        rev = 0
-        revs = self.revs
-        if revs is not None:
-            slot = (k, start)
-            if final:
-                rev = revs.pop(slot, 0)
-            else:
-                rev = revs.get(slot, 0)
-                revs[slot] = rev + 1
+    def _emit(
+        self, k: Any, start: int, end: int, acc: list[Any], kind: str, final: bool, rev: int
+    ) -> None:
         self.out.append(
             WindowResult(k, start / 1e6, end / 1e6, self.agg.result(acc), rev, final, kind)
         )
@@ -219,13 +208,6 @@ class _WindowStep(Step):
         self.late_ts.append(t)
         self.late_keys.append(k)
         self.late_wms.append(self.wm)
-
-    def _forget(self, k: Any, start: int) -> None:
-        """Window ``(k, start)`` is gone: drop its revision count and early mark."""
-        if self.revs is not None:
-            self.revs.pop((k, start), None)
-        if self.dirty is not None:
-            self.dirty.discard((k, start))
 
     async def _flush_output(self) -> None:
         main, late_child = self.outputs()
@@ -344,11 +326,36 @@ class _WindowStep(Step):
         return self.open
 
 
-# The record loop of tumbling and sliding windows, compiled per operator with the
-# aggregation's update statements in place of ``{ADD}``.  ``{EACH}`` enumerates the
-# windows of a record; ``{AFTER}`` handles a window the watermark already passed (only
-# possible with allowed lateness) and marks windows for early firing.
-_GRID_LOOP = """
+# The record loop of tumbling and sliding windows, compiled per operator: ``{ADD}`` is
+# the aggregation's update statements, ``{AFTER}`` handles a window the watermark already
+# passed (possible only with allowed lateness) and marks windows for early firing.
+_TUMBLING_LOOP = """
+def records(self, values, ts, keys, wms):
+    panes = self.panes
+    size = self.size
+    off = self.offset
+    cur = self.wm
+    due = self.next_due
+    for v, t, k, w in zip(values, ts, keys, wms):
+        if w > cur:
+            cur = w
+            if w >= due:
+                self._advance(w)
+                due = self.next_due
+        start = {START}
+        pane = panes.get(start)
+        if pane is not None:
+            a = pane.get(k)
+            if a is not None:
+{ADD}
+{AFTER}
+                continue
+        self.wm = cur
+        self._open(v, t, k, start, pane)
+        due = self.next_due
+    self.wm = cur
+"""
+_SLIDING_LOOP = """
 def records(self, values, ts, keys, wms):
     panes = self.panes
     size = self.size
@@ -363,7 +370,9 @@ def records(self, values, ts, keys, wms):
             if w >= due:
                 self._advance(w)
                 due = self.next_due
-{EACH}
+        last = t - (t - off) % slide
+        for start in range(last - back, last + 1, slide):
+{UNEVEN}
             pane = panes.get(start)
             if pane is not None:
                 a = pane.get(k)
@@ -376,23 +385,57 @@ def records(self, values, ts, keys, wms):
             due = self.next_due
     self.wm = cur
 """
-_TUMBLING_EACH = """\
-        for start in (t - (t - off) % size,):"""
-_SLIDING_EACH = """\
+# The same loops for a batch in which the watermark can neither fire a window nor make a
+# record late (see _GridWindowStep.push): no watermark per record at all.
+_TUMBLING_FAST = """
+def records(self, values, ts, keys):
+    panes = self.panes
+    size = self.size
+    off = self.offset
+    for v, t, k in zip(values, ts, keys):
+        start = {START}
+        pane = panes.get(start)
+        if pane is not None:
+            a = pane.get(k)
+            if a is not None:
+{ADD}
+{AFTER}
+                continue
+        self._open(v, t, k, start, pane)
+"""
+_SLIDING_FAST = """
+def records(self, values, ts, keys):
+    panes = self.panes
+    size = self.size
+    slide = self.slide
+    off = self.offset
+    back = self.back
+    for v, t, k in zip(values, ts, keys):
         last = t - (t - off) % slide
-        for start in range(last - back, last + 1, slide):"""
-_SLIDING_EACH_UNEVEN = (
-    _SLIDING_EACH
-    + """
+        for start in range(last - back, last + 1, slide):
+{UNEVEN}
+            pane = panes.get(start)
+            if pane is not None:
+                a = pane.get(k)
+                if a is not None:
+{ADD}
+{AFTER}
+                    continue
+            self._open(v, t, k, start, pane)
+"""
+_UNEVEN = """\
             if start + size <= t:
                 continue"""
-)
 _AFTER_LATE = """\
-                    if start + size <= cur:
-                        self.wm = cur
-                        self._result(k, start, start + size, a, "late", False)"""
+if start + size <= cur:
+    self.wm = cur
+    self._result(k, start, start + size, a, "late", False)"""
 _AFTER_EARLY = """\
-                    self.dirty.add((k, start))"""
+self.dirty.add((k, start))"""
+
+
+def _indent(lines: list[str], n: int) -> str:
+    return "\n".join(" " * n + line for line in lines)
 
 
 class _GridWindowStep(_WindowStep):
@@ -407,24 +450,93 @@ class _GridWindowStep(_WindowStep):
         super().__init__(ctx, spec)
         if isinstance(assigner, Tumbling):
             self.size = self.slide = assigner.size_ticks
-            each = _TUMBLING_EACH
         else:
             self.size, self.slide = assigner.size_ticks, assigner.slide_ticks
-            each = _SLIDING_EACH if self.size % self.slide == 0 else _SLIDING_EACH_UNEVEN
         self.offset = assigner.offset_ticks
         self.back = ((self.size - 1) // self.slide) * self.slide
         self.panes: dict[int, dict[Any, list[Any]]] = {}
+        # Results emitted so far per window; needed only when a window can fire twice.
+        self.revs: dict[tuple[Any, int], int] | None = (
+            {} if spec.lateness or spec.early_every else None
+        )
+        self.dirty: set[tuple[Any, int]] | None = set() if spec.early_every else None
         self.heap: list[int] = []  # ends of panes to fire
         self.expiry: list[int] = []  # end + lateness of panes that fired
-        after = []
+        after: list[str] = []
         if spec.lateness:
-            after.append(_AFTER_LATE)
+            after += _AFTER_LATE.splitlines()
         if spec.early_every is not None:
-            after.append(_AFTER_EARLY)
-        add = "\n".join(" " * 20 + line for line in self.agg.add_lines)
-        src = _GRID_LOOP.format(EACH=each, ADD=add, AFTER="\n".join(after) or "")
-        records = self.agg.compile(src)["records"]
-        self._records = types.MethodType(records, self)  # type: ignore[method-assign]
+            after += _AFTER_EARLY.splitlines()
+        early = _AFTER_EARLY.splitlines() if spec.early_every is not None else []
+        if isinstance(assigner, Tumbling):
+            start = "t - t % size" if self.offset == 0 else "t - (t - off) % size"
+            loops = [
+                _TUMBLING_LOOP.format(
+                    START=start, ADD=_indent(self.agg.add_lines, 16), AFTER=_indent(after, 16)
+                ),
+                _TUMBLING_FAST.format(
+                    START=start, ADD=_indent(self.agg.add_lines, 16), AFTER=_indent(early, 16)
+                ),
+            ]
+        else:
+            uneven = "" if self.size % self.slide == 0 else _UNEVEN
+            loops = [
+                _SLIDING_LOOP.format(
+                    UNEVEN=uneven, ADD=_indent(self.agg.add_lines, 20), AFTER=_indent(after, 20)
+                ),
+                _SLIDING_FAST.format(
+                    UNEVEN=uneven, ADD=_indent(self.agg.add_lines, 20), AFTER=_indent(early, 20)
+                ),
+            ]
+        exact, fast = (self.agg.compile(src)["records"] for src in loops)
+        self._records = types.MethodType(exact, self)  # type: ignore[method-assign]
+        self._records_fast = types.MethodType(fast, self)
+
+    def _earliest_end(self, t: int) -> int:
+        """The earliest end among the windows holding instant ``t``."""
+        x = t - self.size
+        return x - (x - self.offset) % self.slide + self.slide + self.size
+
+    async def push(self, batch: Batch) -> None:
+        base = batch.watermark_base
+        if base is None or self.spec.processing_time or not batch.values:
+            await super().push(batch)
+            return
+        # With the implicit watermark column, skip it when no watermark inside this batch
+        # can matter: none reaches the next window end (nothing fires) and every record's
+        # windows end after the batch's last watermark (none is late).  The outcome is
+        # the same as record by record; a batch that does not qualify goes that way.
+        ts = batch.timestamps
+        assert ts is not None
+        first, bound = base
+        after = max(first, max(ts)) - bound  # noqa: PLW3301 - max(ts) runs in C
+        if after >= self.next_due or self._earliest_end(min(ts)) <= after:
+            await super().push(batch)
+            return
+        self.metrics.records_in += len(ts)
+        self._records_fast(batch.values, ts, batch.keys or repeat(None))
+        before_last = max(first, max(ts[:-1], default=first)) - bound
+        self.wm = max(self.wm, before_last)
+        await self._flush_output()
+
+    def _result(self, k: Any, start: int, end: int, acc: list[Any], kind: str, final: bool) -> None:
+        rev = 0
+        revs = self.revs
+        if revs is not None:
+            slot = (k, start)
+            if final:
+                rev = revs.pop(slot, 0)
+            else:
+                rev = revs.get(slot, 0)
+                revs[slot] = rev + 1
+        self._emit(k, start, end, acc, kind, final, rev)
+
+    def _forget(self, k: Any, start: int) -> None:
+        """Window ``(k, start)`` is gone: drop its revision count and early mark."""
+        if self.revs is not None:
+            self.revs.pop((k, start), None)
+        if self.dirty is not None:
+            self.dirty.discard((k, start))
 
     def _open(self, v: Any, t: int, k: Any, start: int, pane: dict[Any, list[Any]] | None) -> None:
         """The first record of window ``(k, start)`` (or one too late for it)."""
@@ -499,28 +611,33 @@ class _GridWindowStep(_WindowStep):
                     self._result(k, start, end, a, "early", False)
 
 
-class _SessionWindowStep(_WindowStep):
-    """Session windows: per key, disjoint sessions that grow and merge.
+# A session: [start, end, accumulator, opening order, results emitted, fired].  ``fired``:
+# it has fired for its current end (it fires again only after growing past it).
+_S, _E, _ACC, _OPENED, _REVS, _FIRED = range(6)
 
-    State: ``accs[(key, start)]``, the session's end and opening order; ``sessions[key]``
-    the key's intervals.  The heap holds ``(end, opened, slot)`` for every end a session
-    had; entries whose session has since grown or merged are skipped when popped.
+
+class _SessionWindowStep(_WindowStep):
+    """Session windows: per key, a short list of disjoint sessions that grow and merge.
+
+    ``sessions[key]`` lists the key's open sessions by start (nearly always one).  The heap
+    holds one live ``(due, n, key)`` entry per key, ``due[key]`` at or before the earliest
+    moment one of its sessions must fire or expire; sessions only grow, so growing one
+    needs no new entry -- when an entry comes due, the key's sessions are checked and the
+    key rescheduled.
     """
 
     def __init__(self, ctx: BuildContext, spec: WindowSpec, assigner: Session) -> None:
         super().__init__(ctx, spec)
         self.gap = assigner.gap_ticks
-        self.accs: dict[tuple[Any, int], list[Any]] = {}
-        self.ends: dict[tuple[Any, int], int] = {}
-        self.opened: dict[tuple[Any, int], int] = {}
-        self.sessions: dict[Any, Sessions] = {}
-        self.heap: list[tuple[int, int, tuple[Any, int]]] = []
-        self.expiry: list[tuple[int, int, tuple[Any, int]]] = []
+        self.sessions: dict[Any, list[list[Any]]] = {}
+        self.due: dict[Any, float] = {}
+        self.heap: list[tuple[float, int, Any]] = []
         self.seq = 0
+        # Early firing: the sessions changed since the last one, by identity.
+        self.dirty: dict[int, tuple[Any, list[Any]]] | None = {} if spec.early_every else None
 
     def _records(self, values: list[Any], ts: list[int], keys: Any, wms: list[float]) -> None:
-        accs, ends, add = self.accs, self.ends, self.agg.add
-        sessions, gap, lateness, dirty = self.sessions, self.gap, self.lateness, self.dirty
+        sessions, add, gap, dirty = self.sessions, self.agg.add, self.gap, self.dirty
         cur = self.wm
         due = self.next_due
         for v, t, k, w in zip(values, ts, keys, wms, strict=False):  # keys may be repeat()
@@ -529,131 +646,129 @@ class _SessionWindowStep(_WindowStep):
                 if w >= due:
                     self._advance(w)
                     due = self.next_due
-            sess = sessions.get(k)
-            if sess is None:
-                sess = sessions[k] = Sessions(gap)
-            elif t + gap + lateness <= cur and not sess.overlaps(t):
-                self.wm = cur
-                self._late(v, k, t, t, t + gap)
-                continue
-            (start, end), merged = sess.add(t)
-            slot = (k, start)
-            if not merged or (len(merged) == 1 and merged[0][0] == start):
-                acc = accs.get(slot)
-                if acc is None:  # a new session
-                    if end + lateness <= cur:
-                        sess.remove(start)
-                        if not len(sess):
-                            del sessions[k]
+            ss = sessions.get(k)
+            if ss is not None and len(ss) == 1:
+                s = ss[0]
+                e = t + gap
+                if s[_S] < e and t < s[_E]:  # the common case: in or next to its session
+                    add(s[_ACC], v, t)
+                    if t < s[_S]:  # noqa: PLR1730 - an if is cheaper than min() here
+                        s[_S] = t
+                    if e > s[_E]:  # noqa: PLR1730
+                        s[_E] = e
+                    if s[_E] <= cur or s[_FIRED]:
                         self.wm = cur
-                        self._late(v, k, t, start, end)
-                        continue
-                    accs[slot] = self.agg.init(v, t)
-                    self.seq += 1
-                    self.opened[slot] = self.seq
-                    self.open += 1
-                else:  # inside a session, or growing it at its end
-                    add(acc, v, t)
-                    if not merged:
-                        if end <= cur:
-                            self.wm = cur
-                            self._result(k, start, end, acc, "late", False)
-                        if dirty is not None:
-                            dirty.add(slot)
-                        continue
-            else:  # the record bridges sessions, or extends one backwards
-                self._merge(k, slot, merged, v, t)
-            ends[slot] = end
+                        self._changed(k, s)
+                        due = self.next_due
+                    if dirty is not None:
+                        dirty[id(s)] = (k, s)
+                    continue
             self.wm = cur
-            self._schedule(slot, end)
+            self._record(v, t, k, ss)
             due = self.next_due
-            if dirty is not None:
-                dirty.add(slot)
         self.wm = cur
 
-    def _merge(
-        self, k: Any, slot: tuple[Any, int], merged: list[tuple[int, int]], v: Any, t: int
-    ) -> None:
-        """Replace the sessions ``merged`` by ``slot``; it keeps the earliest opening and
-        continues their revisions."""
-        acc: list[Any] | None = None
-        opened = self.seq + 1
-        rev = 0
-        for start, _ in merged:
-            old = (k, start)
-            part = self.accs.pop(old)
-            del self.ends[old]
-            opened = min(opened, self.opened.pop(old))
-            if self.revs is not None:
-                rev = max(rev, self.revs.pop(old, 0))
-            if self.dirty is not None:
-                self.dirty.discard(old)
-            acc = part if acc is None else self.agg.merge(acc, part)
-        assert acc is not None
-        self.agg.add(acc, v, t)
-        self.accs[slot] = acc
-        self.opened[slot] = opened
-        self.open -= len(merged) - 1
-        if rev and self.revs is not None:
-            self.revs[slot] = rev
+    def _record(self, v: Any, t: int, k: Any, ss: list[list[Any]] | None) -> None:
+        """The general case: a new session, or one that joins several."""
+        e = t + self.gap
+        if ss is None:
+            ss = []
+        hits = [s for s in ss if s[_S] < e and t < s[_E]]
+        if not hits:
+            if e + self.lateness <= self.wm:
+                self._late(v, k, t, t, e)
+                return
+            self.seq += 1
+            s: list[Any] = [t, e, self.agg.init(v, t), self.seq, 0, False]
+            self.sessions[k] = ss
+            ss.append(s)
+            ss.sort(key=lambda x: x[_S])
+            self.open += 1
+        else:
+            s = hits[0]
+            for other in hits[1:]:  # the record bridges sessions: merge them into the first
+                s[_ACC] = self.agg.merge(s[_ACC], other[_ACC])
+                s[_E] = max(s[_E], other[_E])
+                s[_OPENED] = min(s[_OPENED], other[_OPENED])
+                s[_REVS] = max(s[_REVS], other[_REVS])
+                ss.remove(other)
+                self.open -= 1
+                if self.dirty is not None:
+                    self.dirty.pop(id(other), None)
+            s[_FIRED] = False
+            self.agg.add(s[_ACC], v, t)
+            s[_S] = min(s[_S], t)
+            s[_E] = max(s[_E], e)
+        self._changed(k, s)
+        if self.dirty is not None:
+            self.dirty[id(s)] = (k, s)
 
-    def _schedule(self, slot: tuple[Any, int], end: int) -> None:
-        """Session ``slot`` now ends at ``end``: fire it then (or now, if that passed)."""
-        if end > self.wm:
-            heappush(self.heap, (end, self.opened[slot], slot))
-            self.next_due = min(self.next_due, end)
-        else:  # within allowed lateness
-            heappush(self.expiry, (end + self.lateness, self.opened[slot], slot))
-            self.next_due = min(self.next_due, end + self.lateness)
-            self._result(slot[0], slot[1], end, self.accs[slot], "late", False)
+    def _changed(self, k: Any, s: list[Any]) -> None:
+        """Session ``s`` of ``k`` grew: fire it at once if its end passed, else make sure
+        it fires at its (new) end."""
+        end = s[_E]
+        if end <= self.wm:  # within allowed lateness (a late record would not get here)
+            self._emit(k, s[_S], end, s[_ACC], "late", False, s[_REVS])
+            s[_REVS] += 1
+            s[_FIRED] = True
+            self._schedule(k, end + self.lateness)
+        else:
+            s[_FIRED] = False
+            self._schedule(k, end)
+
+    def _schedule(self, k: Any, when: float) -> None:
+        if when < self.due.get(k, _INF):
+            self.due[k] = when
+            self.seq += 1
+            heappush(self.heap, (when, self.seq, k))
+            self.next_due = min(self.next_due, when)
 
     def _advance(self, wm: float) -> None:
-        heap, expiry, accs, ends, lateness = (
-            self.heap,
-            self.expiry,
-            self.accs,
-            self.ends,
-            self.lateness,
-        )
+        heap, due, sessions, lateness = self.heap, self.due, self.sessions, self.lateness
+        fired: list[tuple[int, int, Any, list[Any], bool]] = []
         while heap and heap[0][0] <= wm:
-            end, opened, slot = heappop(heap)
-            if ends.get(slot) != end:
-                continue  # the session grew or merged since: a newer entry stands for it
-            final = end + lateness <= wm
-            self._result(slot[0], slot[1], end, accs[slot], "on_time", final)
-            if final:
-                self._drop(slot)
+            d, _, k = heappop(heap)
+            if due.get(k) != d:
+                continue  # superseded by an earlier entry, which already ran
+            keep = []
+            nxt = _INF
+            for s in sessions[k]:
+                end = s[_E]
+                if not s[_FIRED] and end <= wm:
+                    s[_FIRED] = True
+                    fired.append((end, s[_OPENED], k, s, end + lateness <= wm))
+                if end + lateness <= wm:
+                    self.open -= 1
+                    if self.dirty is not None:
+                        self.dirty.pop(id(s), None)
+                    continue
+                keep.append(s)
+                nxt = min(nxt, end + lateness if s[_FIRED] else end)
+            if keep:
+                sessions[k] = keep
+                due[k] = nxt
+                self.seq += 1
+                heappush(heap, (nxt, self.seq, k))
             else:
-                heappush(expiry, (end + lateness, opened, slot))
-        while expiry and expiry[0][0] <= wm:
-            due, _, slot = heappop(expiry)
-            if ends.get(slot) == due - lateness:
-                self._drop(slot)
-        self.next_due = min(heap[0][0] if heap else _INF, expiry[0][0] if expiry else _INF)
+                del sessions[k]
+                del due[k]
+        fired.sort(key=lambda f: (f[0], f[1]))
+        for end, _, k, s, final in fired:
+            self._emit(k, s[_S], end, s[_ACC], "on_time", final, s[_REVS])
+            s[_REVS] += 1
+        self.next_due = heap[0][0] if heap else _INF
         self.wm = wm
-
-    def _drop(self, slot: tuple[Any, int]) -> None:
-        k, start = slot
-        del self.accs[slot]
-        del self.ends[slot]
-        del self.opened[slot]
-        self.open -= 1
-        self._forget(k, start)
-        sessions = self.sessions[k]
-        sessions.remove(start)
-        if not len(sessions):
-            del self.sessions[k]
 
     def _early(self) -> None:
         dirty = self.dirty
         assert dirty is not None
-        due = [
-            (self.ends[slot], self.opened[slot], slot)
-            for slot in dirty
-            if slot in self.accs and self.ends[slot] > self.wm
-        ]
-        for end, _, slot in sorted(due, key=lambda d: (d[0], d[1])):
-            self._result(slot[0], slot[1], end, self.accs[slot], "early", False)
+        due = sorted(
+            ((s[_E], s[_OPENED], k, s) for k, s in dirty.values() if s[_E] > self.wm),
+            key=lambda d: (d[0], d[1]),
+        )
+        for end, _, k, s in due:
+            self._emit(k, s[_S], end, s[_ACC], "early", False, s[_REVS])
+            s[_REVS] += 1
 
 
 class WindowSpec(OpSpec):
