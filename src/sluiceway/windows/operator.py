@@ -46,8 +46,10 @@ class WindowResult:
         value: the aggregate (a dict for named aggregates).
         revision: 0 for a window's first result, then 1, 2, ...; a later revision
             replaces the earlier one.
-        final: no later result for this window can follow.
-        kind: ``"on_time"``, ``"early"`` or ``"late"``.
+        final: the window's last result: no later one can follow.
+        kind: why it was emitted: ``"on_time"`` (the watermark reached ``end``),
+            ``"early"``, ``"late"`` (a late record within the allowed lateness) or
+            ``"final"`` (the window closed at ``end + allowed_lateness``).
     """
 
     key: Any
@@ -167,8 +169,8 @@ class _WindowStep(Step):
         self.agg = spec.aggregation
         self.lateness = spec.lateness
         self.wm: float = -_INF
+        self.rec_wm: float = -_INF  # the watermark carried by the last record seen
         self.next_due: float = _INF  # the earliest watermark at which something happens
-        self.open = 0  # open windows
         self.dirty: Any = None  # windows changed since the last early firing
         self.next_early: float | None = None
         self._outputs: tuple[list[Step], Step | None] | None = None
@@ -231,7 +233,7 @@ class _WindowStep(Step):
                     self.flow,
                 )
             self.late, self.late_ts, self.late_keys, self.late_wms = [], [], [], []
-        self.metrics.state = self.open
+        self.metrics.state = self.open_windows()
         self.metrics.watermark = self.wm
 
     async def emit(self, batch: Batch) -> None:  # pragma: no cover - output goes by ports
@@ -243,10 +245,12 @@ class _WindowStep(Step):
         raise NotImplementedError
 
     def _advance(self, wm: float) -> None:
-        """Move to watermark ``wm``: fire what is due, free what expired, set ``wm``.
+        """Move to watermark ``wm``: fire what is due, close what expired, set ``wm``.
 
-        Results carry the watermark from before this advance, so that downstream (a
-        window over the results) they are not behind the watermark.
+        The results carry (in their watermark column) the watermark of the last record
+        before them, ``rec_wm``: that depends only on the records, not on how many
+        steps -- control messages after each batch -- the watermark took to get here.
+        A window over the results is then as independent of batch cuts as this one.
         """
         raise NotImplementedError
 
@@ -321,14 +325,19 @@ class _WindowStep(Step):
             await self._flush_output()
         await super().finish()
 
+    def open_windows(self) -> int:
+        """How many windows the operator holds."""
+        raise NotImplementedError
+
     def pending(self) -> int:
         """Open windows (their contents are lost if the flow is cancelled)."""
-        return self.open
+        return self.open_windows()
 
 
-# The record loop of tumbling and sliding windows, compiled per operator: ``{ADD}`` is
-# the aggregation's update statements, ``{AFTER}`` handles a window the watermark already
-# passed (possible only with allowed lateness) and marks windows for early firing.
+# The record loops of tumbling and sliding windows, compiled per operator: ``{ADD}`` is
+# the aggregation's update statements, ``{INIT}`` its accumulator for a window's first
+# record, ``{MARK}`` marks the window for early firing.  The loop handles records for
+# windows the watermark has not reached; everything else goes to ``_open``.
 _TUMBLING_LOOP = """
 def records(self, values, ts, keys, wms):
     panes = self.panes
@@ -336,24 +345,30 @@ def records(self, values, ts, keys, wms):
     off = self.offset
     cur = self.wm
     due = self.next_due
+    last = self.rec_wm
     for v, t, k, w in zip(values, ts, keys, wms):
         if w > cur:
             cur = w
             if w >= due:
+                self.rec_wm = last
                 self._advance(w)
                 due = self.next_due
+        last = w
         start = {START}
         pane = panes.get(start)
-        if pane is not None:
+        if pane is not None and start + size > cur:
             a = pane.get(k)
             if a is not None:
 {ADD}
-{AFTER}
-                continue
+            else:
+                pane[k] = {INIT}
+{MARK}
+            continue
         self.wm = cur
         self._open(v, t, k, start, pane)
         due = self.next_due
     self.wm = cur
+    self.rec_wm = last
 """
 _SLIDING_LOOP = """
 def records(self, values, ts, keys, wms):
@@ -364,26 +379,32 @@ def records(self, values, ts, keys, wms):
     back = self.back
     cur = self.wm
     due = self.next_due
+    last = self.rec_wm
     for v, t, k, w in zip(values, ts, keys, wms):
         if w > cur:
             cur = w
             if w >= due:
+                self.rec_wm = last
                 self._advance(w)
                 due = self.next_due
+        last = w
         last = t - (t - off) % slide
         for start in range(last - back, last + 1, slide):
 {UNEVEN}
             pane = panes.get(start)
-            if pane is not None:
+            if pane is not None and start + size > cur:
                 a = pane.get(k)
                 if a is not None:
 {ADD}
-{AFTER}
-                    continue
+                else:
+                    pane[k] = {INIT}
+{MARK}
+                continue
             self.wm = cur
             self._open(v, t, k, start, pane)
             due = self.next_due
     self.wm = cur
+    self.rec_wm = last
 """
 # The same loops for a batch in which the watermark can neither fire a window nor make a
 # record late (see _GridWindowStep.push): no watermark per record at all.
@@ -399,8 +420,10 @@ def records(self, values, ts, keys):
             a = pane.get(k)
             if a is not None:
 {ADD}
-{AFTER}
-                continue
+            else:
+                pane[k] = {INIT}
+{MARK}
+            continue
         self._open(v, t, k, start, pane)
 """
 _SLIDING_FAST = """
@@ -419,19 +442,16 @@ def records(self, values, ts, keys):
                 a = pane.get(k)
                 if a is not None:
 {ADD}
-{AFTER}
-                    continue
+                else:
+                    pane[k] = {INIT}
+{MARK}
+                continue
             self._open(v, t, k, start, pane)
 """
 _UNEVEN = """\
             if start + size <= t:
                 continue"""
-_AFTER_LATE = """\
-if start + size <= cur:
-    self.wm = cur
-    self._result(k, start, start + size, a, "late", False)"""
-_AFTER_EARLY = """\
-self.dirty.add((k, start))"""
+_MARK = "self.dirty.add((k, start))"
 
 
 def _indent(lines: list[str], n: int) -> str:
@@ -462,32 +482,18 @@ class _GridWindowStep(_WindowStep):
         self.dirty: set[tuple[Any, int]] | None = set() if spec.early_every else None
         self.heap: list[int] = []  # ends of panes to fire
         self.expiry: list[int] = []  # end + lateness of panes that fired
-        after: list[str] = []
-        if spec.lateness:
-            after += _AFTER_LATE.splitlines()
-        if spec.early_every is not None:
-            after += _AFTER_EARLY.splitlines()
-        early = _AFTER_EARLY.splitlines() if spec.early_every is not None else []
+        add, init = self.agg.add_lines, self.agg.init_expr
+        mark = [_MARK] if spec.early_every is not None else []
         if isinstance(assigner, Tumbling):
             start = "t - t % size" if self.offset == 0 else "t - (t - off) % size"
-            loops = [
-                _TUMBLING_LOOP.format(
-                    START=start, ADD=_indent(self.agg.add_lines, 16), AFTER=_indent(after, 16)
-                ),
-                _TUMBLING_FAST.format(
-                    START=start, ADD=_indent(self.agg.add_lines, 16), AFTER=_indent(early, 16)
-                ),
-            ]
+            parts = {"START": start, "ADD": _indent(add, 16), "INIT": init}
+            parts["MARK"] = _indent(mark, 12)
+            loops = [_TUMBLING_LOOP.format(**parts), _TUMBLING_FAST.format(**parts)]
         else:
             uneven = "" if self.size % self.slide == 0 else _UNEVEN
-            loops = [
-                _SLIDING_LOOP.format(
-                    UNEVEN=uneven, ADD=_indent(self.agg.add_lines, 20), AFTER=_indent(after, 20)
-                ),
-                _SLIDING_FAST.format(
-                    UNEVEN=uneven, ADD=_indent(self.agg.add_lines, 20), AFTER=_indent(early, 20)
-                ),
-            ]
+            parts = {"UNEVEN": uneven, "ADD": _indent(add, 20), "INIT": init}
+            parts["MARK"] = _indent(mark, 16)
+            loops = [_SLIDING_LOOP.format(**parts), _SLIDING_FAST.format(**parts)]
         exact, fast = (self.agg.compile(src)["records"] for src in loops)
         self._records = types.MethodType(exact, self)  # type: ignore[method-assign]
         self._records_fast = types.MethodType(fast, self)
@@ -517,6 +523,7 @@ class _GridWindowStep(_WindowStep):
         self._records_fast(batch.values, ts, batch.keys or repeat(None))
         before_last = max(first, max(ts[:-1], default=first)) - bound
         self.wm = max(self.wm, before_last)
+        self.rec_wm = before_last
         await self._flush_output()
 
     def _result(self, k: Any, start: int, end: int, acc: list[Any], kind: str, final: bool) -> None:
@@ -539,7 +546,7 @@ class _GridWindowStep(_WindowStep):
             self.dirty.discard((k, start))
 
     def _open(self, v: Any, t: int, k: Any, start: int, pane: dict[Any, list[Any]] | None) -> None:
-        """The first record of window ``(k, start)`` (or one too late for it)."""
+        """A record for a window without a pane yet, or one the watermark passed."""
         end = start + self.size
         cur = self.wm
         lateness = self.lateness
@@ -554,35 +561,49 @@ class _GridWindowStep(_WindowStep):
             else:  # the window's time passed, but within allowed lateness
                 heappush(self.expiry, end + lateness)
                 self.next_due = min(self.next_due, end + lateness)
-        a = pane[k] = self.agg.init(v, t)
-        self.open += 1
-        if end <= cur:
+        a = pane.get(k)
+        if a is None:
+            a = pane[k] = self.agg.init(v, t)
+        else:
+            self.agg.add(a, v, t)
+        if end <= cur:  # a late firing, within allowed lateness
             self._result(k, start, end, a, "late", False)
         if self.dirty is not None:
             self.dirty.add((k, start))
 
+    def open_windows(self) -> int:
+        return sum(map(len, self.panes.values()))
+
     def _advance(self, wm: float) -> None:
         heap, expiry, panes = self.heap, self.expiry, self.panes
         size, lateness = self.size, self.lateness
-        while heap and heap[0] <= wm:
-            end = heappop(heap)
-            start = end - size
-            pane = panes[start]
-            final = end + lateness <= wm
-            self._fire_pane(pane, start, end, final)
-            if final:
+        self.wm = self.rec_wm  # what the results carry: see _WindowStep._advance
+        # Firings (at end) and closings (at end + lateness) in time order, firings first
+        # on a tie: the same sequence however the watermark got to ``wm``.
+        while True:
+            if heap and heap[0] <= wm and (not expiry or heap[0] <= expiry[0]):
+                end = heappop(heap)
+                start = end - size
+                self._fire_pane(panes[start], start, end, "on_time", not lateness)
+                if lateness:
+                    heappush(expiry, end + lateness)
+                else:
+                    self._drop_pane(start)
+            elif expiry and expiry[0] <= wm:
+                start = heappop(expiry) - lateness - size
+                self._fire_pane(panes[start], start, start + size, "final", True)
                 self._drop_pane(start)
             else:
-                heappush(expiry, end + lateness)
-        while expiry and expiry[0] <= wm:
-            self._drop_pane(heappop(expiry) - lateness - size)
+                break
         self.next_due = min(heap[0] if heap else _INF, expiry[0] if expiry else _INF)
         self.wm = wm
 
-    def _fire_pane(self, pane: dict[Any, list[Any]], start: int, end: int, final: bool) -> None:
+    def _fire_pane(
+        self, pane: dict[Any, list[Any]], start: int, end: int, kind: str, final: bool
+    ) -> None:
         if self.revs is not None:
             for k, a in pane.items():
-                self._result(k, start, end, a, "on_time", final)
+                self._result(k, start, end, a, kind, final)
             return
         # The common case (no lateness, no early firing): every result is final, revision 0.
         result, s, e = self.agg.result, start / 1e6, end / 1e6
@@ -594,7 +615,6 @@ class _GridWindowStep(_WindowStep):
 
     def _drop_pane(self, start: int) -> None:
         pane = self.panes.pop(start)
-        self.open -= len(pane)
         if self.revs is not None or self.dirty is not None:
             for k in pane:
                 self._forget(k, start)
@@ -633,19 +653,26 @@ class _SessionWindowStep(_WindowStep):
         self.due: dict[Any, float] = {}
         self.heap: list[tuple[float, int, Any]] = []
         self.seq = 0
+        self.open = 0
         # Early firing: the sessions changed since the last one, by identity.
         self.dirty: dict[int, tuple[Any, list[Any]]] | None = {} if spec.early_every else None
+
+    def open_windows(self) -> int:
+        return self.open
 
     def _records(self, values: list[Any], ts: list[int], keys: Any, wms: list[float]) -> None:
         sessions, add, gap, dirty = self.sessions, self.agg.add, self.gap, self.dirty
         cur = self.wm
         due = self.next_due
+        last = self.rec_wm
         for v, t, k, w in zip(values, ts, keys, wms, strict=False):  # keys may be repeat()
             if w > cur:
                 cur = w
                 if w >= due:
+                    self.rec_wm = last
                     self._advance(w)
                     due = self.next_due
+            last = w
             ss = sessions.get(k)
             if ss is not None and len(ss) == 1:
                 s = ss[0]
@@ -667,6 +694,7 @@ class _SessionWindowStep(_WindowStep):
             self._record(v, t, k, ss)
             due = self.next_due
         self.wm = cur
+        self.rec_wm = last
 
     def _record(self, v: Any, t: int, k: Any, ss: list[list[Any]] | None) -> None:
         """The general case: a new session, or one that joins several."""
@@ -725,7 +753,10 @@ class _SessionWindowStep(_WindowStep):
 
     def _advance(self, wm: float) -> None:
         heap, due, sessions, lateness = self.heap, self.due, self.sessions, self.lateness
-        fired: list[tuple[int, int, Any, list[Any], bool]] = []
+        self.wm = self.rec_wm  # what the results carry: see _WindowStep._advance
+        # (time, 0 = fires / 1 = closes, opening order, key, session): emitted sorted, so
+        # the sequence does not depend on the steps the watermark took to get here.
+        events: list[tuple[int, int, int, Any, list[Any]]] = []
         while heap and heap[0][0] <= wm:
             d, _, k = heappop(heap)
             if due.get(k) != d:
@@ -736,8 +767,10 @@ class _SessionWindowStep(_WindowStep):
                 end = s[_E]
                 if not s[_FIRED] and end <= wm:
                     s[_FIRED] = True
-                    fired.append((end, s[_OPENED], k, s, end + lateness <= wm))
+                    events.append((end, 0, s[_OPENED], k, s))
                 if end + lateness <= wm:
+                    if lateness:
+                        events.append((end + lateness, 1, s[_OPENED], k, s))
                     self.open -= 1
                     if self.dirty is not None:
                         self.dirty.pop(id(s), None)
@@ -752,9 +785,12 @@ class _SessionWindowStep(_WindowStep):
             else:
                 del sessions[k]
                 del due[k]
-        fired.sort(key=lambda f: (f[0], f[1]))
-        for end, _, k, s, final in fired:
-            self._emit(k, s[_S], end, s[_ACC], "on_time", final, s[_REVS])
+        events.sort(key=lambda e: (e[0], e[1], e[2]))
+        for _, closes, _, k, s in events:
+            if closes:
+                self._emit(k, s[_S], s[_E], s[_ACC], "final", True, s[_REVS])
+            else:
+                self._emit(k, s[_S], s[_E], s[_ACC], "on_time", not lateness, s[_REVS])
             s[_REVS] += 1
         self.next_due = heap[0][0] if heap else _INF
         self.wm = wm
