@@ -3,13 +3,12 @@
 See docs/windows.md.  ``stream.window(sw.windows.Tumbling(10)).aggregate(...)``.
 """
 
-from sluiceway.windows.assigners import Session, Sessions, Sliding, Tumbling, seconds, ticks
+from sluiceway.windows.assigners import Session, Sliding, Tumbling, seconds, ticks
 from sluiceway.windows.operator import LateRecord, WindowResult
 
 __all__ = [
     "LateRecord",
     "Session",
-    "Sessions",
     "Sliding",
     "Tumbling",
     "WindowResult",

@@ -14,11 +14,10 @@ bounds are exact: with floats, ``0.3 - 0.3 % 0.1`` is ``0.2``, which would put a
 from __future__ import annotations
 
 import math
-from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 from datetime import timedelta
 
-__all__ = ["Session", "Sessions", "Sliding", "Tumbling", "seconds", "ticks"]
+__all__ = ["Session", "Sliding", "Tumbling", "seconds", "ticks"]
 
 TICKS_PER_SECOND = 1_000_000
 
@@ -156,69 +155,3 @@ class Session:
 
     def __post_init__(self) -> None:
         _ = self.gap_ticks
-
-
-class Sessions:
-    """The sessions of one key: disjoint ``[start, end)`` intervals in ticks, merged on add.
-
-    >>> s = Sessions(gap=10)
-    >>> s.add(0), s.add(25)
-    (((0, 10), []), ((25, 35), []))
-    >>> s.add(12)                 # [12, 22) bridges nothing: 22 <= 25 and 12 >= 10
-    ((12, 22), [])
-    >>> s.add(18)                 # [18, 28) overlaps [12, 22) and [25, 35): all merge
-    ((12, 35), [(12, 22), (25, 35)])
-    >>> s.intervals()
-    [(0, 10), (12, 35)]
-    """
-
-    __slots__ = ("_ends", "_gap", "_starts")
-
-    def __init__(self, gap: int) -> None:
-        if gap < 1:
-            raise ValueError(f"session gap must be >= 1 tick, got {gap!r}")
-        self._gap = gap
-        self._starts: list[int] = []
-        self._ends: list[int] = []
-
-    def __len__(self) -> int:
-        return len(self._starts)
-
-    def add(self, t: int) -> tuple[tuple[int, int], list[tuple[int, int]]]:
-        """Add a record at ``t``; returns its session and the sessions merged into it.
-
-        The merged sessions (their accumulators must be merged into the returned one)
-        are removed; a record inside an existing session returns that session and ``[]``.
-        """
-        start, end = t, t + self._gap
-        starts, ends = self._starts, self._ends
-        # Sessions are disjoint and sorted, so their ends are sorted too. Overlapping
-        # ones satisfy s < end and e > start: a contiguous run [lo, hi).
-        lo = bisect_right(ends, start)
-        hi = bisect_left(starts, end)
-        if lo < hi and starts[lo] <= start and end <= ends[lo] and hi - lo == 1:
-            return (starts[lo], ends[lo]), []  # fully inside one session
-        merged = [(starts[i], ends[i]) for i in range(lo, hi)]
-        if merged:
-            start = min(start, merged[0][0])
-            end = max(end, merged[-1][1])
-        starts[lo:hi] = [start]
-        ends[lo:hi] = [end]
-        return (start, end), merged
-
-    def overlaps(self, t: int) -> bool:
-        """Whether a record at ``t`` would join (or bridge) an existing session."""
-        i = bisect_right(self._ends, t)
-        return i < len(self._starts) and self._starts[i] < t + self._gap
-
-    def intervals(self) -> list[tuple[int, int]]:
-        """Every session, in order."""
-        return list(zip(self._starts, self._ends, strict=True))
-
-    def remove(self, start: int) -> None:
-        """Forget the session starting at ``start`` (it has fired for good)."""
-        i = bisect_left(self._starts, start)
-        if i == len(self._starts) or self._starts[i] != start:
-            raise KeyError(f"no session starts at {start}")
-        del self._starts[i]
-        del self._ends[i]
