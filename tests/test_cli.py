@@ -503,9 +503,11 @@ def test_live_view_checks_its_arguments() -> None:
 # -- the demo flow --------------------------------------------------------------------
 
 
-def _run_demo(seconds: float, *, rate: float = 1000.0, seed: int = 3) -> tuple[list[Any], Any]:
+def _run_demo(
+    seconds: float, *, rate: float = 1000.0, seed: int = 3, late: Any = None
+) -> tuple[list[Any], Any]:
     out: sw.sinks.Collect[demo.WindowSummary] = sw.sinks.Collect()
-    flow = demo.build_demo_flow(rate=rate, seed=seed, sink=out)
+    flow = demo.build_demo_flow(rate=rate, seed=seed, sink=out, late=late)
 
     async def stop(handle: sw.FlowHandle) -> None:
         await handle.clock.sleep(seconds)
@@ -516,7 +518,8 @@ def _run_demo(seconds: float, *, rate: float = 1000.0, seed: int = 3) -> tuple[l
 
 
 def test_demo_flow_summarises_every_second() -> None:
-    summaries, result = _run_demo(3.5)
+    late: sw.sinks.Collect[sw.LateRecord] = sw.sinks.Collect()
+    summaries, result = _run_demo(3.5, late=late)
     m = result.metrics
     clicks = m.operator("clicks").records_out
     assert 3499 <= clicks <= 3500  # one per millisecond from t=0.001
@@ -525,10 +528,18 @@ def test_demo_flow_summarises_every_second() -> None:
     # Three full seconds, and the partial window flushed by the graceful stop.
     assert len(summaries) == 4
     assert all(900 <= s["events"] <= 1000 for s in summaries[:3])
-    # Nothing lost between the filter and the windows, purchases all counted.
-    assert sum(s["events"] for s in summaries) == humans
-    assert sum(s["purchases"] for s in summaries) == m.operator("is_purchase_true").records_out
-    assert sum(s["views"] + s["purchases"] for s in summaries) == humans
+    # Nothing lost between the filter and the windows: every human click is in a window
+    # or, more than half a second out of order, in the late output.
+    assert late.items, "some clicks arrive up to 0.8 s out of order: a few are late"
+    assert all(x.window_end <= x.watermark and x.lateness > 0 for x in late.items)
+    assert m.operator("window_1s").late == len(late.items)
+    assert sum(s["events"] for s in summaries) + len(late.items) == humans
+    late_purchases = sum(x.value["action"] == "purchase" for x in late.items)
+    assert (
+        sum(s["purchases"] for s in summaries) + late_purchases
+        == m.operator("is_purchase_true").records_out
+    )
+    assert sum(s["views"] + s["purchases"] for s in summaries) == humans - len(late.items)
     for s in summaries[:3]:
         assert s["purchases"] > 0
         assert s["revenue"] > 0
@@ -681,7 +692,7 @@ def test_demo_with_duration_in_a_real_process(tmp_path: Path) -> None:
     assert any("window #1: " in line for line in per_second)
     assert re.fullmatch(
         r"demo totals: [\d,]+ clicks in 2\.\ds \([\d,]+/s\), [\d,]+ from bots dropped, "
-        r"[\d,]+ purchases, EUR [\d,.]+ revenue, [23] windows, 0 errors",
+        r"[\d,]+ purchases, EUR [\d,.]+ revenue, [234] windows, [\d,]+ late clicks, 0 errors",
         lines[-1],
     ), lines[-1]
     clicks = int(lines[-1].split()[2].replace(",", ""))

@@ -531,8 +531,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     live = out.isatty() if args.live is None else args.live
     # Event time starts now on the wall clock (read through the injected clock).
     tracker = demo.SummaryTracker()
+    late = demo.LateCounter()
     flow = demo.build_demo_flow(
-        rate=args.rate, seed=args.seed, sink=tracker, epoch=sw.SystemClock().time()
+        rate=args.rate, seed=args.seed, sink=tracker, epoch=sw.SystemClock().time(), late=late
     )
 
     def latest() -> str | None:
@@ -562,7 +563,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         f"demo totals: {format_count(clicks)} clicks in {result.elapsed:.1f}s "
         f"({clicks / seconds:,.0f}/s), {format_count(bots)} from bots dropped, "
         f"{format_count(tracker.purchases)} purchases, EUR {tracker.revenue:,.2f} revenue, "
-        f"{format_count(tracker.windows)} windows, "
+        f"{format_count(tracker.windows)} windows, {format_count(late.count)} late clicks, "
         f"{format_count(sum(o.errors for o in m.operators))} errors",
         file=out,
         flush=True,

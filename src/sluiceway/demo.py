@@ -2,19 +2,21 @@
 
 ::
 
-    clicks -> enrich -> drop_bots -> is_purchase -+- true --> price -+
-                                                  +- false ----------+-> merge
-        merge -> window_1s -> summarize -> summaries
+    clicks -> enrich -> event_time -> drop_bots -> is_purchase -+- true --> price -+
+                                                                +- false ----------+-> merge
+        merge -> window_1s -+-> summarize -> summaries
+                            +-> late clicks (the window's late side output)
 
 ``clicks`` is a seeded, rate-paced :class:`~sluiceway.sources.Generator` of click events;
 ``enrich`` parses the raw fields (amount text to a number in EUR, bot detection from the
-user agent); ``drop_bots`` filters the bots out; ``is_purchase`` branches purchases from
-page views; ``price`` computes the net revenue of a purchase; the two branches merge again
-into the windowing step, which turns every second of clicks into one
-:class:`WindowSummary` (top pages, purchases, revenue).
-
-The windowing step lives alone in :func:`window_per_second`, so it can be swapped for a
-real event-time tumbling window without touching the rest.
+user agent); ``event_time`` gives each click its timestamp, with watermarks that allow it
+to arrive up to half a second out of order; ``drop_bots`` filters the bots out;
+``is_purchase`` branches purchases from page views; ``price`` computes the net revenue of
+a purchase; the two branches merge again (the merged watermark is the slower branch's)
+into an event-time tumbling window of one second, aggregated incrementally by
+:class:`ClickStats` into one :class:`WindowSummary` per second.  The few clicks that
+arrive more than half a second out of order, after their second has closed, go to the
+window's late output.
 
 >>> import sluiceway as sw
 >>> out = sw.sinks.Collect()
@@ -23,8 +25,8 @@ real event-time tumbling window without touching the rest.
 ...     await handle.clock.sleep(2.0)
 ...     handle.request_stop()
 >>> result = sw.run(flow, clock=sw.VirtualClock(), monitor=stop_after_2s)
->>> [s["events"] for s in out.items]  # clicks left after the bot filter, per window
-[95, 93]
+>>> [s["events"] for s in out.items]  # clicks left after the bot filter, per second
+[96, 92]
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ import sluiceway as sw
 __all__ = [
     "DEFAULT_EPOCH",
     "Click",
+    "ClickStats",
+    "LateCounter",
     "RawClick",
     "SummaryTracker",
     "WindowSummary",
@@ -134,8 +138,8 @@ def generate_clicks(*, rate: float, seed: int, epoch: float = DEFAULT_EPOCH) -> 
     prices = {page: round(rng.uniform(5, 250), 2) for page in PAGES}
     for i in itertools.count():
         ts = epoch + i / rate
-        if rng.random() < _LATE_SHARE:
-            ts -= rng.uniform(0.0, _MAX_LATENESS)
+        if rng.random() < _LATE_SHARE:  # out of order, but not from before the epoch
+            ts = max(epoch, ts - rng.uniform(0.0, _MAX_LATENESS))
         page = rng.choices(PAGES, cum_weights=_PAGE_CUM_WEIGHTS)[0]
         bot = rng.random() < _BOT_SHARE
         ua = rng.choice(_BOT_AGENTS if bot else _HUMAN_AGENTS)
@@ -190,38 +194,95 @@ def _price(click: Click) -> Click:
     return {**click, "revenue": round(click["amount_eur"] / (1 + _VAT), 2)}
 
 
+class _Stats:
+    """The accumulator of one window: counts, not clicks."""
+
+    __slots__ = ("end", "events", "purchases", "revenue", "start", "users", "views")
+
+    def __init__(self) -> None:
+        self.events = 0
+        self.purchases = 0
+        self.revenue = 0.0
+        self.users: set[str] = set()
+        self.views: Counter[str] = Counter()
+        self.start = math.inf
+        self.end = -math.inf
+
+
+class ClickStats(sw.agg.Aggregator[_Stats, WindowSummary]):
+    """An incremental aggregator: a window keeps page counts and user ids, not clicks.
+
+    Its result's ``start``/``end`` are the earliest and latest click times seen.
+    """
+
+    def create(self) -> _Stats:
+        return _Stats()
+
+    def add(self, acc: _Stats, value: Click) -> _Stats:
+        acc.events += 1
+        if value["action"] == "purchase":
+            acc.purchases += 1
+            acc.revenue += value["revenue"]
+        else:
+            acc.views[value["page"]] += 1
+        acc.users.add(value["user"])
+        acc.start = min(acc.start, value["ts"])
+        acc.end = max(acc.end, value["ts"])
+        return acc
+
+    def merge(self, acc1: _Stats, acc2: _Stats) -> _Stats:
+        out = _Stats()
+        for acc in (acc1, acc2):
+            out.events += acc.events
+            out.purchases += acc.purchases
+            out.revenue += acc.revenue
+            out.users |= acc.users
+            out.views.update(acc.views)
+            out.start = min(out.start, acc.start)
+            out.end = max(out.end, acc.end)
+        return out
+
+    def result(self, acc: _Stats) -> WindowSummary:
+        return {
+            "start": acc.start if acc.events else 0.0,
+            "end": acc.end if acc.events else 0.0,
+            "events": acc.events,
+            "views": sum(acc.views.values()),
+            "purchases": acc.purchases,
+            "revenue": round(acc.revenue, 2),
+            "users": len(acc.users),
+            "top_pages": acc.views.most_common(3),
+        }
+
+
 def summarize(clicks: list[Click]) -> WindowSummary:
-    """Add up one window of clicks.
+    """Add up a list of clicks the way a window does (:class:`ClickStats`).
 
     >>> c = enrich({"user": "u1", "page": "/", "ts": 3.0, "action": "view", "amount": "0",
     ...             "currency": "EUR", "ua": "Mozilla"})
     >>> summarize([c, c])["top_pages"]
     [('/', 2)]
     """
-    views = Counter(c["page"] for c in clicks if c["action"] == "view")
-    purchases = [c for c in clicks if c["action"] == "purchase"]
-    stamps = [c["ts"] for c in clicks]
-    return {
-        "start": min(stamps, default=0.0),
-        "end": max(stamps, default=0.0),
-        "events": len(clicks),
-        "views": sum(views.values()),
-        "purchases": len(purchases),
-        "revenue": round(sum(c["revenue"] for c in purchases), 2),
-        "users": len({c["user"] for c in clicks}),
-        "top_pages": views.most_common(3),
-    }
+    stats = ClickStats()
+    acc = stats.create()
+    for c in clicks:
+        acc = stats.add(acc, c)
+    return stats.result(acc)
 
 
-def window_per_second(stream: sw.Stream[Click], *, max_size: int) -> sw.Stream[WindowSummary]:
-    """The windowing step: about one second of clicks into one :class:`WindowSummary`.
+def _with_bounds(result: sw.WindowResult) -> WindowSummary:
+    """A window's summary, stamped with the window's bounds."""
+    summary: WindowSummary = result.value
+    return {**summary, "start": result.start, "end": result.end}
 
-    For now a processing-time ``batch`` (a list closes one second after its first click,
-    or at ``max_size`` clicks).  This is the one place to change when event-time tumbling
-    windows arrive: the rest of the demo only sees a stream of summaries.
+
+def window_per_second(stream: sw.Stream[Click]) -> sw.WindowResultStream:
+    """The windowing step: every second of event time into one :class:`WindowSummary`.
+
+    An event-time tumbling window of one second over all clicks (not per key); its
+    ``late()`` output has the clicks that came after their second closed.
     """
-    windows = stream.batch(max_size, max_delay=1.0, name="window_1s")
-    return windows.map(summarize, name="summarize")
+    return stream.window(sw.windows.Tumbling(1.0)).aggregate(ClickStats(), name="window_1s")
 
 
 def build_demo_flow(
@@ -230,6 +291,7 @@ def build_demo_flow(
     seed: int = 42,
     sink: sw.sinks.Sink | None = None,
     epoch: float = DEFAULT_EPOCH,
+    late: sw.sinks.Sink | None = None,
 ) -> sw.Flow:
     """The demo clickstream flow.
 
@@ -239,6 +301,8 @@ def build_demo_flow(
         sink: receives one :class:`WindowSummary` per window (default: printed as JSON
             lines on stdout, so ``sluiceway run sluiceway.demo:build_demo_flow`` works).
         epoch: event time of the first click.
+        late: receives the clicks that arrived after their window closed, as
+            :class:`~sluiceway.LateRecord` (default: counted and dropped).
     """
     if not (isinstance(rate, int | float) and rate > 0):
         raise ValueError(f"demo rate must be > 0 clicks/s, got {rate!r}")
@@ -246,15 +310,34 @@ def build_demo_flow(
     source = sw.sources.Generator(
         lambda: generate_clicks(rate=rate, seed=seed, epoch=epoch), rate=rate
     )
-    clicks = flow.source(source, name="clicks").map(enrich, name="enrich")
+    clicks = (
+        flow.source(source, name="clicks")
+        .map(enrich, name="enrich")
+        .with_timestamps(_timestamp, max_out_of_orderness=0.5, name="event_time")
+    )
     humans = clicks.filter(_is_human, name="drop_bots")
     purchases, views = humans.branch(_is_purchase, name="is_purchase")
     priced = purchases.map(_price, name="price")
     merged: sw.Stream[Click] = priced.merge(views, name="merge")
-    # A one-second list must fit in one batch at the configured rate, with room to spare.
-    summaries = window_per_second(merged, max_size=max(1024, math.ceil(rate * 2)))
+    windows = window_per_second(merged)
+    summaries = windows.map(_with_bounds, name="summarize")
     summaries.sink(sink if sink is not None else sw.sinks.Stdout(), name="summaries")
+    windows.late().sink(late if late is not None else LateCounter(), name="late_clicks")
     return flow
+
+
+def _timestamp(click: Click) -> float:
+    return click["ts"]
+
+
+class LateCounter(sw.sinks.Sink):
+    """Counts late clicks (the default home of the window's late output)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    async def write(self, batch: sw.Batch) -> None:
+        self.count += len(batch.values)
 
 
 class SummaryTracker(sw.sinks.Sink):

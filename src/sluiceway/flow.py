@@ -41,6 +41,7 @@ from sluiceway.operators.stateless import (
     FlatMapSpec,
     InspectSpec,
     KeyBySpec,
+    LateOutputSpec,
     MapSpec,
     PortSpec,
 )
@@ -681,7 +682,7 @@ class WindowResultStream(KeyedStream[Any, Any]):
             assert isinstance(spec, WindowSpec)
             spec.late_output = True
             port = self.flow._add(
-                PortSpec(1),
+                LateOutputSpec(1),
                 [self.node],
                 None,
                 f"{self.node.name}_late",

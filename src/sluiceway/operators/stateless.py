@@ -21,6 +21,7 @@ __all__ = [
     "FlatMapSpec",
     "InspectSpec",
     "KeyBySpec",
+    "LateOutputSpec",
     "MapSpec",
     "PortSpec",
 ]
@@ -202,6 +203,13 @@ class PortSpec(OpSpec):
 
     def build(self, ctx: BuildContext) -> Step:
         return _Passthrough(ctx.name, ctx.metrics)
+
+
+@dataclass(frozen=True, slots=True)
+class LateOutputSpec(PortSpec):
+    """The late-record side output of a window operator (``results.late()``)."""
+
+    kind: ClassVar[str] = "late_output"
 
 
 @dataclass(frozen=True, slots=True)
