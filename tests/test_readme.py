@@ -52,3 +52,22 @@ def test_connectors_page_custom_sink_example_runs() -> None:
     flow.source(sw.sources.Iterable(["a", "b"])).sink(sink)
     sw.testing.run_flow(flow)
     assert sink.lines == ["A", "B"]
+
+
+def test_windows_example_in_the_readme_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    block = next(b for b in python_blocks() if "sw.windows.Tumbling" in b)
+    exec(block, {})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        "('ann', 0.0, {'n': 2, 'total': 8.5})",
+        "('bob', 0.0, {'n': 1, 'total': 1.0})",
+        "('ann', 10.0, {'n': 1, 'total': 4.0})",
+    ]
+
+
+def test_every_example_in_the_windows_page_runs() -> None:
+    page = (README.parent / "docs" / "windows.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, flags=re.DOTALL)
+    assert blocks
+    for block in blocks:
+        exec(block, {})  # each block asserts its own results
