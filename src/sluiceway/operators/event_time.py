@@ -85,9 +85,9 @@ class _WithTimestampsStep(Step):
         raw, failed = await apply_each(self.fn, batch.values, self.errors)
         if failed is not None:
             batch = without(batch, failed)
-        # The common case, in C: finite int/float seconds.  ``True in raw`` (also true for
-        # a timestamp 1 or 1.0) sends bools, which are numbers to Python, to the checks.
-        if True not in raw and False not in raw:
+        # The common case, in C: finite int/float seconds.  Bools are numbers to Python:
+        # a batch with one goes through the checks, which refuse it.
+        if bool not in set(map(type, raw)):
             try:
                 return batch, list(map(float.__round__, map(_MICROS.__mul__, raw)))
             except (TypeError, ValueError, OverflowError):

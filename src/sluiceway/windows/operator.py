@@ -12,6 +12,7 @@ depends on where the stream was cut into batches.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import types
@@ -144,18 +145,25 @@ class Aggregation:
             f"def add(a, v, t):\n    " + "\n    ".join(self.add_lines) + "\n"
             f"def result(a):\n    return {result_expr}\n"
         )
-        self.init: Callable[[Any, int], list[Any]] = self.compile(src)["init"]
-        self.add: Callable[[list[Any], Any, int], None] = self.compile(src)["add"]
-        self.result: Callable[[list[Any]], Any] = self.compile(src)["result"]
+        ns = self.compile(src)
+        self.init: Callable[[Any, int], list[Any]] = ns["init"]
+        self.add: Callable[[list[Any], Any, int], None] = ns["add"]
+        self.result: Callable[[list[Any]], Any] = ns["result"]
 
     def compile(self, src: str) -> dict[str, Any]:
         """Run generated ``src`` with the aggregators in scope; returns its namespace."""
         ns = dict(self.namespace)
-        exec(compile(src, "<sluiceway window>", "exec"), ns)  # our own generated code
+        exec(_code(src), ns)  # our own generated code
         return ns
 
     def merge(self, a: list[Any], b: list[Any]) -> list[Any]:
         return [g.merge(x, y) for g, x, y in zip(self.aggs, a, b, strict=True)]
+
+
+@functools.lru_cache(maxsize=256)
+def _code(src: str) -> types.CodeType:
+    """Generated source, compiled once per distinct text."""
+    return compile(src, "<sluiceway window>", "exec")
 
 
 class _WindowStep(Step):
