@@ -1069,3 +1069,13 @@ def test_a_window_needs_an_assigner() -> None:
     stream = flow.source(sw.sources.Iterable([1])).with_timestamps(float)
     with pytest.raises(TypeError, match="Tumbling"):
         stream.window(10)  # type: ignore[arg-type]
+
+
+def test_a_new_session_after_one_that_fired_within_lateness_fires_at_its_own_end() -> None:
+    """Key a's first session [0, 2) fires at 4 (not final: lateness 10, kept until 12). A
+    second session of a, [6, 8), must fire when the watermark passes 8 (at 9), not at 12:
+    so the record at 7 that comes after 9 is a late firing of a session that fired."""
+    records = [rec(0.0), rec(4.0, "b"), rec(6.0), rec(9.0, "b"), rec(7.0), rec(30.0, "c")]
+    out = windowed(records, sw.windows.Session(2.0), lateness=10.0)
+    a_second = [r[3:] for r in out.full() if r[0] == "a" and r[1] == 6.0]
+    assert a_second == [(1, 0, False, "on_time"), (2, 1, False, "late"), (2, 2, True, "final")]

@@ -668,8 +668,11 @@ class _SessionWindowStep(_WindowStep):
     def open_windows(self) -> int:
         return self.open
 
-    def _records(self, values: list[Any], ts: list[int], keys: Any, wms: list[float]) -> None:
-        sessions, add, gap, dirty = self.sessions, self.agg.add, self.gap, self.dirty
+    def _records(  # noqa: PLR0915 - one hot loop; helpers would cost a call per record
+        self, values: list[Any], ts: list[int], keys: Any, wms: list[float]
+    ) -> None:
+        sessions, add, init = self.sessions, self.agg.add, self.agg.init
+        gap, dirty = self.gap, self.dirty
         cur = self.wm
         due = self.next_due
         last = self.rec_wm
@@ -682,22 +685,44 @@ class _SessionWindowStep(_WindowStep):
                     due = self.next_due
             last = w
             ss = sessions.get(k)
-            if ss is not None and len(ss) == 1:
-                s = ss[0]
-                e = t + gap
-                if s[_S] < e and t < s[_E]:  # the common case: in or next to its session
-                    add(s[_ACC], v, t)
-                    if t < s[_S]:  # noqa: PLR1730 - an if is cheaper than min() here
-                        s[_S] = t
-                    if e > s[_E]:  # noqa: PLR1730
-                        s[_E] = e
-                    if s[_E] <= cur or s[_FIRED]:
-                        self.wm = cur
-                        self._changed(k, s)
-                        due = self.next_due
+            e = t + gap
+            if ss is not None:
+                s = ss[-1]  # the key's latest session: where most records go
+                if s[_S] < e and t < s[_E]:
+                    if len(ss) == 1 or ss[-2][_E] <= t:  # in or next to it, bridging nothing
+                        add(s[_ACC], v, t)
+                        if t < s[_S]:  # noqa: PLR1730 - an if is cheaper than min() here
+                            s[_S] = t
+                        if e > s[_E]:  # noqa: PLR1730
+                            s[_E] = e
+                        if s[_E] <= cur or s[_FIRED]:
+                            self.wm = cur
+                            self._changed(k, s)
+                            due = self.next_due
+                        if dirty is not None:
+                            dirty[id(s)] = (k, s)
+                        continue
+                elif t >= s[_E] and e > cur and not s[_FIRED]:
+                    # A new session after the latest: the key's heap entry, due no later
+                    # than the end of the latest (which has not fired), stands for it too.
+                    self.seq += 1
+                    s = [t, e, init(v, t), self.seq, 0, False]
+                    ss.append(s)
+                    self.open += 1
                     if dirty is not None:
                         dirty[id(s)] = (k, s)
                     continue
+            elif e > cur:  # the first session of a key
+                self.seq += 1
+                s = [t, e, init(v, t), self.seq, 0, False]
+                sessions[k] = [s]
+                self.open += 1
+                self.wm = cur
+                self._schedule(k, e)
+                due = self.next_due
+                if dirty is not None:
+                    dirty[id(s)] = (k, s)
+                continue
             self.wm = cur
             self._record(v, t, k, ss)
             due = self.next_due
