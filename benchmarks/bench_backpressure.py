@@ -1,4 +1,4 @@
-"""W2 backpressure memory: a fast lazy source into a ~20,000 records/s sink.
+"""BP backpressure memory: a fast lazy source into a ~20,000 records/s sink.
 
 sluiceway: ``Generator(factory)`` (no rate: as fast as pulled) -> ``buffer(capacity)``
 -> ``Function(slow_sink, batched=True)``, where ``slow_sink`` awaits
@@ -180,7 +180,7 @@ def run_queue(params: Params) -> Result:
 
 
 def run(quick: bool) -> tuple[list[Row], Result]:
-    """Run W2 (each system in its own child process); the table rows."""
+    """Run BP (each system in its own child process); the table rows."""
     params: Params = {
         "records": 200_000 if quick else 2_000_000,
         "duration": 3.0 if quick else 20.0,
@@ -191,7 +191,7 @@ def run(quick: bool) -> tuple[list[Row], Result]:
     }
     s = run_child("bench_backpressure", "sluiceway", params)
     q = run_child("bench_backpressure", "queue", params)
-    wl = f"W2 backpressure ({params['duration']:g} s)"
+    wl = f"BP backpressure ({params['duration']:g} s)"
     grew_ok = s["growth_mb"] < TARGET_GROWTH_MB
     bound_ok = s["max_in_flight"] <= s["bound"] and s["channel_max_fill"] <= params["capacity"]
     lossless = s["pulled"] == s["sunk"]

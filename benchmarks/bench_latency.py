@@ -1,4 +1,4 @@
-"""W3 latency: a steady 10,000 records/s through map -> buffer(1000) -> map -> filter -> sink.
+"""LAT latency: a steady 10,000 records/s through map -> buffer(1000) -> map -> filter -> sink.
 
 The source is ``Generator(factory, rate=rate)`` on a ``SystemClock``.  Its factory runs
 inside ``Generator.open()``, immediately before the generator takes its own start time
@@ -187,11 +187,11 @@ def _fmt(res: Result, label: str) -> str:
 
 
 def run(quick: bool) -> tuple[list[Row], Result]:
-    """Run W3 (each system in its own child process); the table rows."""
+    """Run LAT (each system in its own child process); the table rows."""
     params: Params = {"rate": 10_000, "duration": 3.0 if quick else 10.0}
     s = run_child("bench_latency", "sluiceway", params)
     q = run_child("bench_latency", "queue", params)
-    wl = f"W3 latency ({fmt_int(params['rate'])} rec/s, {params['duration']:g} s)"
+    wl = f"LAT latency ({fmt_int(params['rate'])} rec/s, {params['duration']:g} s)"
     ok = s["due_p99_ms"] < TARGET_P99_MS
     rows = [
         Row(

@@ -2,8 +2,12 @@
 
     python benchmarks/run.py            # the full suite (a few minutes; figures in RESULTS.md)
     python benchmarks/run.py --quick    # smaller sizes and durations, < 60 s (smoke test)
-    python benchmarks/run.py --only W2  # one workload (W1, W2, W3); may be repeated
+    python benchmarks/run.py --only W2  # one workload (W1, BP, LAT, W2, W3, W4); may be repeated
     python benchmarks/run.py --json out.json   # also write every raw figure
+
+Workloads: W1 stateless map/filter, BP backpressure memory, LAT end-to-end latency, and the
+event-time windows W2 (tumbling), W3 (sliding) and W4 (session), which are compared with a
+plain Python loop and, when installed (``pip install -e '.[bench]'``), with Bytewax.
 
 Each measurement runs in its own child process (see ``common.run_child``).  Run it on an
 otherwise idle machine: the workloads are single-threaded, but a busy second core still
@@ -24,12 +28,19 @@ from collections.abc import Callable
 import bench_backpressure
 import bench_latency
 import bench_stateless
+import bench_windows
 from common import Result, Row, render_table
 
-WORKLOADS: dict[str, Callable[[bool], tuple[list[Row], Result]]] = {
+Workload = Callable[[bool], tuple[list[Row], Result]]
+
+
+WORKLOADS: dict[str, Workload] = {
     "W1": bench_stateless.run,
-    "W2": bench_backpressure.run,
-    "W3": bench_latency.run,
+    "BP": bench_backpressure.run,
+    "LAT": bench_latency.run,
+    "W2": bench_windows.run_w2,
+    "W3": bench_windows.run_w3,
+    "W4": bench_windows.run_w4,
 }
 
 
@@ -67,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a < 60 s smoke run")
     parser.add_argument(
-        "--only", action="append", choices=sorted(WORKLOADS), help="run only these workloads"
+        "--only",
+        action="append",
+        choices=list(WORKLOADS),
+        help="run only these workloads: W1 stateless, BP backpressure, LAT latency, "
+        "W2/W3/W4 tumbling/sliding/session windows",
     )
     parser.add_argument("--json", metavar="PATH", help="also write every raw figure as JSON")
     args = parser.parse_args(argv)
