@@ -1079,3 +1079,38 @@ def test_a_new_session_after_one_that_fired_within_lateness_fires_at_its_own_end
     out = windowed(records, sw.windows.Session(2.0), lateness=10.0)
     a_second = [r[3:] for r in out.full() if r[0] == "a" and r[1] == 6.0]
     assert a_second == [(1, 0, False, "on_time"), (2, 1, False, "late"), (2, 2, True, "final")]
+
+
+def test_the_window_metrics_report_late_records_state_and_watermark_in_seconds() -> None:
+    records = [rec(1.0), rec(12.0), rec(2.0), rec(13.0, "b")]
+    flow = sw.Flow("metrics")
+    out = (
+        flow.source(sw.sources.Iterable(records))
+        .with_timestamps(ts_of, name="ts")
+        .key_by(key_of)
+        .window(sw.windows.Tumbling(10))
+        .aggregate(sw.agg.count(), name="win")
+    )
+    out.late().sink(sw.sinks.Collect())
+    handle_box: list[sw.FlowHandle] = []
+    seen: list[tuple[int, int, float]] = []
+
+    def probe(r: Any) -> None:  # after the record at 13: a's [10, 20) and b's are open
+        m = handle_box[0].metrics().operator("win")
+        seen.append((m.late, m.state, m.watermark))
+
+    out.inspect(probe).sink(sw.sinks.Collect())
+
+    async def main() -> sw.RunResult:
+        handle = sw.start(flow, clock=sw.VirtualClock(), max_batch_size=1)
+        handle_box.append(handle)
+        return await handle.wait()
+
+    result = asyncio.run(main())
+    assert seen, "the probe ran"
+    # The record at 2 came after the watermark reached 12: late for [0, 10).
+    assert result.metrics.operator("win").late == 1
+    assert result.metrics.operator("ts").watermark == float("inf")  # end of input
+    assert result.metrics.operator("win").state == 0  # everything flushed and freed
+    # While running, the first result ([0, 10) of a, fired at watermark 12) saw:
+    assert seen[0] == (0, 1, 12.0)

@@ -57,7 +57,8 @@ class OperatorSnapshot:
     ``dropped`` counts records dropped by the overflow policy of the channel that feeds
     this operator (0 when it has none).  ``late`` counts records that arrived after their
     window closed; ``state`` is the number of entries the operator holds (open windows);
-    ``watermark`` is the event-time watermark it last saw (``-inf`` before any).
+    ``watermark`` is the event-time watermark it last saw, in epoch seconds (``-inf``
+    before any).
     """
 
     name: str

@@ -133,7 +133,7 @@ class _WithTimestampsStep(Step):
         after = last - b
         if after > self.wm:
             self.wm = after
-            self.metrics.watermark = after
+            self.metrics.watermark = after / _MICROS
             await self.control(Watermark(after))
 
     def uses_timer(self) -> bool:
@@ -156,7 +156,7 @@ class _WithTimestampsStep(Step):
                 moved = self.max_t - self.bound + quiet
                 if moved > self.wm:
                     self.wm = moved
-                    self.metrics.watermark = moved
+                    self.metrics.watermark = moved / _MICROS
                     await self.control(Watermark(moved))
         timeout = self.idle_timeout
         if timeout is not None and not self.idle and now >= self.last_arrival + timeout:
@@ -254,7 +254,7 @@ class _MergeStep(Step):
         low = min(active)
         if low > self.out:
             self.out = low
-            self.metrics.watermark = low
+            self.metrics.watermark = low / _MICROS
             await self.control(Watermark(low))
 
 

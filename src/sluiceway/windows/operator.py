@@ -220,18 +220,27 @@ class _WindowStep(Step):
         self.late_wms.append(self.wm)
 
     async def _flush_output(self) -> None:
+        """Send the results and late records gathered so far; metrics first, so that
+        whoever looks while they travel sees the state they came from."""
         main, late_child = self.outputs()
+        m = self.metrics
+        m.state = self.open_windows()
+        m.watermark = self.wm / 1e6
+        results, late = None, None
         if self.out:
-            batch = Batch(self.out, self.out_ts, self.out_keys, self.out_wms)
-            self.metrics.records_out += len(self.out)
+            results = Batch(self.out, self.out_ts, self.out_keys, self.out_wms)
+            m.records_out += len(self.out)
             self.out, self.out_ts, self.out_keys, self.out_wms = [], [], [], []
-            for child in main:
-                await child.push(batch)
         if self.late:
-            self.metrics.late += len(self.late)
+            late = Batch(self.late, self.late_ts, self.late_keys, self.late_wms)
+            m.late += len(self.late)
+            self.late, self.late_ts, self.late_keys, self.late_wms = [], [], [], []
+        if results is not None:
+            for child in main:
+                await child.push(results)
+        if late is not None:
             if late_child is not None:
-                batch = Batch(self.late, self.late_ts, self.late_keys, self.late_wms)
-                await late_child.push(batch)
+                await late_child.push(late)
             elif not self._warned:
                 self._warned = True
                 log.warning(
@@ -240,9 +249,6 @@ class _WindowStep(Step):
                     self.name,
                     self.flow,
                 )
-            self.late, self.late_ts, self.late_keys, self.late_wms = [], [], [], []
-        self.metrics.state = self.open_windows()
-        self.metrics.watermark = self.wm
 
     async def emit(self, batch: Batch) -> None:  # pragma: no cover - output goes by ports
         raise AssertionError("the window operator emits through _flush_output")
@@ -296,7 +302,7 @@ class _WindowStep(Step):
                 await self._flush_output()
             else:
                 self.wm = message.time
-                self.metrics.watermark = self.wm
+                self.metrics.watermark = self.wm / 1e6
         for child in self.children:
             await child.control(message)
 
