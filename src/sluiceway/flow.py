@@ -47,6 +47,7 @@ from sluiceway.operators.stateless import (
 )
 from sluiceway.policies import DeadLetter, ErrorPolicy, Fail, check_policy
 from sluiceway.runtime.channel import Overflow
+from sluiceway.time.durations import non_negative_seconds, positive_seconds
 from sluiceway.watermarks import BoundedOutOfOrderness, Monotonic, WatermarkStrategy
 from sluiceway.windows.assigners import Session, Sliding, Tumbling
 from sluiceway.windows.operator import Aggregation, WindowSpec
@@ -107,33 +108,6 @@ def _class_label(obj: object) -> str:
 def _check_callable(fn: object, method: str) -> None:
     if not callable(fn):
         raise TypeError(f"{method}() expects a callable, got {type(fn).__name__} {fn!r}")
-
-
-def to_seconds(value: object, what: str) -> float:
-    """A duration given as float seconds or ``timedelta``, checked to be > 0."""
-    if isinstance(value, timedelta):
-        seconds = value.total_seconds()
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        raise TypeError(f"{what} must be seconds (float) or a timedelta, got {value!r}")
-    if not seconds > 0:
-        raise ValueError(f"{what} must be > 0 seconds, got {value!r}")
-    if seconds == float("inf"):
-        raise ValueError(f"{what} must be finite, got {value!r}; leave it out for no limit")
-    return seconds
-
-
-def _non_negative_seconds(value: object, what: str) -> float:
-    if isinstance(value, timedelta):
-        seconds = value.total_seconds()
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        raise TypeError(f"{what} must be seconds (float) or a timedelta, got {value!r}")
-    if not 0 <= seconds < float("inf"):
-        raise ValueError(f"{what} must be finite and >= 0 seconds, got {value!r}")
-    return seconds
 
 
 def _positive_int(value: object, what: str) -> int:
@@ -478,7 +452,7 @@ class Stream(Generic[T]):
         [[1, 2], [3, 4], [5]]
         """
         size = _positive_int(max_size, "batch max_size")
-        delay = None if max_delay is None else to_seconds(max_delay, "batch max_delay")
+        delay = None if max_delay is None else positive_seconds(max_delay, "batch max_delay")
         node = self._derive(BatchSpec(size, delay), name, "batch", keyed=False)
         return Stream(self.flow, node)
 
@@ -539,11 +513,11 @@ class Stream(Generic[T]):
                 f"or sw.watermarks.Monotonic(), got {watermarks!r}"
             )
         bound = round(watermarks.bound * 1_000_000)
-        idle = None if idle_timeout is None else to_seconds(idle_timeout, "idle_timeout")
+        idle = None if idle_timeout is None else positive_seconds(idle_timeout, "idle_timeout")
         adv = (
             None
             if advance_when_idle is None
-            else to_seconds(advance_when_idle, "advance_when_idle")
+            else positive_seconds(advance_when_idle, "advance_when_idle")
         )
         policy = check_policy(on_error, "with_timestamps()")
         spec = WithTimestampsSpec(
@@ -579,8 +553,8 @@ class Stream(Generic[T]):
                 ".with_timestamps(fn, max_out_of_orderness) before it, or use "
                 "window(..., time='processing')"
             )
-        lateness = _non_negative_seconds(allowed_lateness, "allowed_lateness")
-        early = None if early_every is None else to_seconds(early_every, "early_every")
+        lateness = non_negative_seconds(allowed_lateness, "allowed_lateness")
+        early = None if early_every is None else positive_seconds(early_every, "early_every")
         return WindowedStream(
             self, assigner, round(lateness * 1_000_000), early, time == "processing"
         )

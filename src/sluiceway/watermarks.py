@@ -8,9 +8,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from datetime import timedelta
+
+from sluiceway.time.durations import non_negative_seconds
 
 __all__ = ["BoundedOutOfOrderness", "Monotonic", "WatermarkStrategy"]
 
@@ -29,16 +30,7 @@ class BoundedOutOfOrderness:
 
     @property
     def bound(self) -> float:
-        b = self.max_out_of_orderness
-        if isinstance(b, timedelta):
-            s = b.total_seconds()
-        elif isinstance(b, int | float) and not isinstance(b, bool):
-            s = float(b)
-        else:
-            raise TypeError(f"max_out_of_orderness must be seconds or a timedelta, got {b!r}")
-        if not math.isfinite(s) or s < 0:
-            raise ValueError(f"max_out_of_orderness must be finite and >= 0 seconds, got {b!r}")
-        return s
+        return non_negative_seconds(self.max_out_of_orderness, "max_out_of_orderness")
 
 
 @dataclass(frozen=True, slots=True)

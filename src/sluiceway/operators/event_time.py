@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 from sluiceway.operators.base import BuildContext, OpSpec, Step, apply_each, without
 from sluiceway.operators.errors import ErrorHandler
+from sluiceway.operators.stateless import make_passthrough
 from sluiceway.policies import ErrorPolicy, Fail
 from sluiceway.runtime.messages import Batch, Control, Watermark
 from sluiceway.time import Clock
@@ -258,13 +259,6 @@ class _MergeStep(Step):
             await self.control(Watermark(low))
 
 
-class _Passthrough(Step):
-    async def push(self, batch: Batch) -> None:
-        if batch.values:
-            self.metrics.records_in += len(batch.values)
-            await self.emit(batch)
-
-
 class MergeSpec(OpSpec):
     """``stream.merge(*others)``: fan-in through one channel with one writer per input."""
 
@@ -286,4 +280,4 @@ class MergeSpec(OpSpec):
     def build(self, ctx: BuildContext) -> Step:
         if self.event_time:
             return _MergeStep(ctx, self.inputs)
-        return _Passthrough(ctx.name, ctx.metrics)
+        return make_passthrough(ctx.name, ctx.metrics)

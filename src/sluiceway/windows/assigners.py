@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass
 from datetime import timedelta
 
+from sluiceway.time.durations import seconds_of
+
 __all__ = ["Session", "Sliding", "Tumbling", "seconds", "ticks"]
 
 TICKS_PER_SECOND = 1_000_000
@@ -33,12 +35,7 @@ def seconds(t: int) -> float:
 
 
 def _duration(value: object, what: str) -> int:
-    if isinstance(value, timedelta):
-        s = value.total_seconds()
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        s = float(value)
-    else:
-        raise TypeError(f"{what} must be seconds (float) or a timedelta, got {value!r}")
+    s = seconds_of(value, what)
     if not math.isfinite(s) or ticks(s) < 1:
         raise ValueError(
             f"{what} must be a finite duration of at least 1 microsecond, got {value!r}"
