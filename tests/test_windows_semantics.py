@@ -1114,3 +1114,46 @@ def test_the_window_metrics_report_late_records_state_and_watermark_in_seconds()
     assert result.metrics.operator("win").state == 0  # everything flushed and freed
     # While running, the first result ([0, 10) of a, fired at watermark 12) saw:
     assert seen[0] == (0, 1, 12.0)
+
+
+class ColumnSink(sw.sinks.Sink):
+    """Keeps each result with the watermark column value it travelled with."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[float, float, float]] = []
+
+    async def write(self, batch: sw.Batch) -> None:
+        assert batch.watermarks is not None
+        self.rows.extend(
+            (r.start, r.end, w / 1e6) for r, w in zip(batch.values, batch.watermarks, strict=True)
+        )
+
+
+@pytest.mark.parametrize(
+    "assigner",
+    [sw.windows.Tumbling(10), sw.windows.Sliding(10, 5), sw.windows.Sliding(10, 3)],
+    ids=["tumbling", "sliding", "sliding-uneven"],
+)
+@pytest.mark.parametrize("batch", [1, 1024])
+def test_results_carry_the_watermark_of_the_last_record_before_them(
+    assigner: Any, batch: int
+) -> None:
+    """Windows over the results see the same watermarks however batches were cut: a
+    result carries the watermark of the last record before it -- those that fire when the
+    watermark jumps to 12 (after the record at 12), and those flushed at end of input,
+    carry 2, the watermark the record at 12 came with, not 12 or +inf."""
+    flow = sw.Flow("carry")
+    sink = ColumnSink()
+    (
+        flow.source(sw.sources.Iterable([rec(0.0), rec(1.0), rec(2.0), rec(12.0)]))
+        .with_timestamps(ts_of)
+        .window(assigner)
+        .aggregate(sw.agg.count())
+        .sink(sink)
+    )
+    sw.testing.run_flow(flow, max_batch_size=batch)
+    assert any(end <= 12.0 for _, end, _ in sink.rows)  # fired by the watermark 12
+    assert any(end > 12.0 for _, end, _ in sink.rows)  # fired at end of input
+    # ([-9, 1) of the uneven sliding windows fires earlier, before the record at 2, when
+    # the record at 1 (watermark 0) was the last.)
+    assert all(w == (0.0 if end <= 1.0 else 2.0) for _, end, w in sink.rows), sink.rows

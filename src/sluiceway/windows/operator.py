@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import textwrap
 import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -348,43 +349,11 @@ class _WindowStep(Step):
         return self.open_windows()
 
 
-# The record loops of tumbling and sliding windows, compiled per operator: ``{ADD}`` is
-# the aggregation's update statements, ``{INIT}`` its accumulator for a window's first
-# record, ``{MARK}`` marks the window for early firing.  The loop handles records for
-# windows the watermark has not reached; everything else goes to ``_open``.
-_TUMBLING_LOOP = """
-def records(self, values, ts, keys, wms):
-    panes = self.panes
-    size = self.size
-    off = self.offset
-    cur = self.wm
-    due = self.next_due
-    last = self.rec_wm
-    for v, t, k, w in zip(values, ts, keys, wms):
-        if w > cur:
-            cur = w
-            if w >= due:
-                self.rec_wm = last
-                self._advance(w)
-                due = self.next_due
-        last = w
-        start = {START}
-        pane = panes.get(start)
-        if pane is not None and start + size > cur:
-            a = pane.get(k)
-            if a is not None:
-{ADD}
-            else:
-                pane[k] = {INIT}
-{MARK}
-            continue
-        self.wm = cur
-        self._open(v, t, k, start, pane)
-        due = self.next_due
-    self.wm = cur
-    self.rec_wm = last
-"""
-_SLIDING_LOOP = """
+# The record loops of tumbling and sliding windows, generated per operator (see
+# _grid_loops): ``exact`` follows the watermark record by record; ``fast`` is for a batch
+# in which no watermark can fire a window or make a record late (see
+# _GridWindowStep.push).  ``{WINDOWS}`` handles each window of a record.
+_EXACT = """
 def records(self, values, ts, keys, wms):
     panes = self.panes
     size = self.size
@@ -393,54 +362,20 @@ def records(self, values, ts, keys, wms):
     back = self.back
     cur = self.wm
     due = self.next_due
-    last = self.rec_wm
+    last_wm = self.rec_wm
     for v, t, k, w in zip(values, ts, keys, wms):
         if w > cur:
             cur = w
             if w >= due:
-                self.rec_wm = last
+                self.rec_wm = last_wm
                 self._advance(w)
                 due = self.next_due
-        last = w
-        last = t - (t - off) % slide
-        for start in range(last - back, last + 1, slide):
-{UNEVEN}
-            pane = panes.get(start)
-            if pane is not None and start + size > cur:
-                a = pane.get(k)
-                if a is not None:
-{ADD}
-                else:
-                    pane[k] = {INIT}
-{MARK}
-                continue
-            self.wm = cur
-            self._open(v, t, k, start, pane)
-            due = self.next_due
+        last_wm = w
+{WINDOWS}
     self.wm = cur
-    self.rec_wm = last
+    self.rec_wm = last_wm
 """
-# The same loops for a batch in which the watermark can neither fire a window nor make a
-# record late (see _GridWindowStep.push): no watermark per record at all.
-_TUMBLING_FAST = """
-def records(self, values, ts, keys):
-    panes = self.panes
-    size = self.size
-    off = self.offset
-    for v, t, k in zip(values, ts, keys):
-        start = {START}
-        pane = panes.get(start)
-        if pane is not None:
-            a = pane.get(k)
-            if a is not None:
-{ADD}
-            else:
-                pane[k] = {INIT}
-{MARK}
-            continue
-        self._open(v, t, k, start, pane)
-"""
-_SLIDING_FAST = """
+_FAST = """
 def records(self, values, ts, keys):
     panes = self.panes
     size = self.size
@@ -448,28 +383,55 @@ def records(self, values, ts, keys):
     off = self.offset
     back = self.back
     for v, t, k in zip(values, ts, keys):
-        last = t - (t - off) % slide
-        for start in range(last - back, last + 1, slide):
-{UNEVEN}
-            pane = panes.get(start)
-            if pane is not None:
-                a = pane.get(k)
-                if a is not None:
-{ADD}
-                else:
-                    pane[k] = {INIT}
-{MARK}
-                continue
-            self._open(v, t, k, start, pane)
+{WINDOWS}
 """
-_UNEVEN = """\
-            if start + size <= t:
-                continue"""
-_MARK = "self.dirty.add((k, start))"
+# One window ``start`` of record ``v``: the common case inline -- an open pane the
+# watermark has not reached, the aggregation's update statements (``{ADD}``) or its first
+# accumulator (``{INIT}``) -- everything else in ``_open``.  ``continue`` goes on with
+# the next window (sliding) or the next record (tumbling).
+_WINDOW = """\
+pane = panes.get(start)
+if pane is not None{ON_TIME}:
+    a = pane.get(k)
+    if a is not None:
+{ADD}
+    else:
+        pane[k] = {INIT}
+{MARK}
+    continue
+{BEFORE_OPEN}
+self._open(v, t, k, start, pane)
+{AFTER_OPEN}"""
 
 
-def _indent(lines: list[str], n: int) -> str:
-    return "\n".join(" " * n + line for line in lines)
+def _grid_loops(
+    agg: Aggregation, tumbling: bool, offset: bool, uneven: bool, early: bool
+) -> tuple[str, str]:
+    """The source of the exact and the fast record loop of a grid window operator."""
+    loops = []
+    for exact in (True, False):
+        window = _WINDOW.format(
+            ON_TIME=" and start + size > cur" if exact else "",
+            ADD=textwrap.indent("\n".join(agg.add_lines), " " * 8),
+            INIT=agg.init_expr,
+            MARK="    self.dirty.add((k, start))" if early else "",
+            BEFORE_OPEN="self.wm = cur" if exact else "",
+            AFTER_OPEN="due = self.next_due" if exact else "",
+        )
+        if tumbling:
+            start = "t - (t - off) % size" if offset else "t - t % size"
+            windows = textwrap.indent(f"start = {start}\n{window}", " " * 8)
+        else:
+            skip = "    if start + size <= t:\n        continue\n" if uneven else ""
+            windows = textwrap.indent(
+                "grid = t - (t - off) % slide\n"
+                "for start in range(grid - back, grid + 1, slide):\n"
+                + skip
+                + textwrap.indent(window, " " * 4),
+                " " * 8,
+            )
+        loops.append((_EXACT if exact else _FAST).format(WINDOWS=windows))
+    return loops[0], loops[1]
 
 
 class _GridWindowStep(_WindowStep):
@@ -496,18 +458,13 @@ class _GridWindowStep(_WindowStep):
         self.dirty: set[tuple[Any, int]] | None = set() if spec.early_every else None
         self.heap: list[int] = []  # ends of panes to fire
         self.expiry: list[int] = []  # end + lateness of panes that fired
-        add, init = self.agg.add_lines, self.agg.init_expr
-        mark = [_MARK] if spec.early_every is not None else []
-        if isinstance(assigner, Tumbling):
-            start = "t - t % size" if self.offset == 0 else "t - (t - off) % size"
-            parts = {"START": start, "ADD": _indent(add, 16), "INIT": init}
-            parts["MARK"] = _indent(mark, 12)
-            loops = [_TUMBLING_LOOP.format(**parts), _TUMBLING_FAST.format(**parts)]
-        else:
-            uneven = "" if self.size % self.slide == 0 else _UNEVEN
-            parts = {"UNEVEN": uneven, "ADD": _indent(add, 20), "INIT": init}
-            parts["MARK"] = _indent(mark, 16)
-            loops = [_SLIDING_LOOP.format(**parts), _SLIDING_FAST.format(**parts)]
+        loops = _grid_loops(
+            self.agg,
+            tumbling=isinstance(assigner, Tumbling),
+            offset=self.offset != 0,
+            uneven=self.size % self.slide != 0,
+            early=spec.early_every is not None,
+        )
         exact, fast = (self.agg.compile(src)["records"] for src in loops)
         self._records = types.MethodType(exact, self)  # type: ignore[method-assign]
         self._records_fast = types.MethodType(fast, self)
