@@ -700,20 +700,7 @@ def test_a_fast_input_does_not_make_a_slow_one_late(fast_ends_early: bool) -> No
 # -- idle inputs ----------------------------------------------------------------------------
 
 
-class TimedCollect(sw.sinks.Sink):
-    """Collects ``(clock instant, record)``: when each result came out."""
-
-    def __init__(self) -> None:
-        self.items: list[tuple[float, Any]] = []
-        self.clock: sw.Clock | None = None
-
-    async def open(self, ctx: sw.sinks.SinkContext) -> None:
-        self.clock = ctx.clock
-
-    async def write(self, batch: sw.Batch) -> None:
-        assert self.clock is not None
-        now = self.clock.monotonic()
-        self.items.extend((now, v) for v in batch.values)
+TimedCollect = sw.testing.TimedCollect
 
 
 def run_idle_scenario(

@@ -37,24 +37,7 @@ def rec(ts: Any, k: str = "a", **more: Any) -> dict[str, Any]:
     return {"k": k, "ts": ts, **more}
 
 
-class TimedCollect(sw.sinks.Sink):
-    """Collects ``(clock instant, record)``."""
-
-    def __init__(self) -> None:
-        self.items: list[tuple[float, Any]] = []
-        self.clock: sw.Clock | None = None
-
-    async def open(self, ctx: sw.sinks.SinkContext) -> None:
-        self.clock = ctx.clock
-
-    async def write(self, batch: sw.Batch) -> None:
-        assert self.clock is not None
-        now = self.clock.monotonic()
-        self.items.extend((now, v) for v in batch.values)
-
-    @property
-    def values(self) -> list[Any]:
-        return [v for _, v in self.items]
+TimedCollect = sw.testing.TimedCollect
 
 
 class Outcome:

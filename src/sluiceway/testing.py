@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import AsyncIterable, Callable, Iterable
 from typing import Any
 
-from sluiceway.connectors.base import Source, SourceContext
+from sluiceway.connectors.base import Sink, SinkContext, Source, SourceContext
 from sluiceway.connectors.memory import Collect
 from sluiceway.connectors.memory import Iterable as IterableSource
 from sluiceway.flow import Flow, Stream
@@ -22,7 +22,38 @@ from sluiceway.runtime.handle import run_async
 from sluiceway.runtime.messages import Batch
 from sluiceway.time import Clock, VirtualClock
 
-__all__ = ["ScriptedSource", "VirtualClock", "run_collect", "run_flow"]
+__all__ = ["ScriptedSource", "TimedCollect", "VirtualClock", "run_collect", "run_flow"]
+
+
+class TimedCollect(Sink):
+    """A sink that keeps ``(clock instant, record)``: when each record came out.
+
+    For tests of timing: timeouts, early window results, processing-time windows.
+
+    >>> flow = Flow("timed")
+    >>> out = TimedCollect()
+    >>> flow.source(ScriptedSource([(0.0, [1]), (5.0, [2])])).sink(out)
+    >>> _ = run_flow(flow)
+    >>> out.items, out.values
+    ([(0.0, 1), (5.0, 2)], [1, 2])
+    """
+
+    def __init__(self) -> None:
+        self.items: list[tuple[float, Any]] = []
+        self.clock: Clock | None = None
+
+    async def open(self, ctx: SinkContext) -> None:
+        self.clock = ctx.clock
+
+    async def write(self, batch: Batch) -> None:
+        assert self.clock is not None, "TimedCollect.write() before open()"
+        now = self.clock.monotonic()
+        self.items.extend((now, v) for v in batch.values)
+
+    @property
+    def values(self) -> list[Any]:
+        """The records, without their instants."""
+        return [v for _, v in self.items]
 
 
 class ScriptedSource(Source):
