@@ -9,7 +9,7 @@
 [0, 2, 4]
 """
 
-from sluiceway import agg, sinks, sources, testing, watermarks, windows
+from sluiceway import agg, flowcontrol, sinks, sources, testing, watermarks, windows
 from sluiceway.errors import (
     BadInputError,
     CancelReason,
@@ -21,6 +21,7 @@ from sluiceway.errors import (
     SluicewayError,
 )
 from sluiceway.flow import Flow, KeyedStream, Stream, WindowedStream, WindowResultStream
+from sluiceway.flowcontrol import Adaptive, CircuitBreaker, CircuitOpenError
 from sluiceway.metrics import FlowSnapshot
 from sluiceway.policies import Backoff, DeadLetter, DeadLetterRecord, ErrorPolicy, Fail, Retry
 from sluiceway.runtime.channel import Overflow
@@ -33,11 +34,14 @@ from sluiceway.windows import LateRecord, WindowResult
 __version__ = "0.1.0"
 
 __all__ = [
+    "Adaptive",
     "Backoff",
     "BadInputError",
     "Batch",
     "CancelReason",
     "ChannelOverflowError",
+    "CircuitBreaker",
+    "CircuitOpenError",
     "Clock",
     "DeadLetter",
     "DeadLetterRecord",
@@ -65,6 +69,7 @@ __all__ = [
     "WindowedStream",
     "__version__",
     "agg",
+    "flowcontrol",
     "run",
     "run_async",
     "sinks",

@@ -19,10 +19,11 @@ function (``map_enrich``), or by ``name=``; names appear in errors and metrics.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import re
 import sys
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar
@@ -30,6 +31,9 @@ from typing import Any, Generic, TypeVar
 from sluiceway.agg import Aggregator, Apply, Reduce
 from sluiceway.connectors.base import Sink, Source
 from sluiceway.errors import FlowDefinitionError
+from sluiceway.flowcontrol.adaptive import Adaptive
+from sluiceway.flowcontrol.breaker import CircuitBreaker
+from sluiceway.operators.async_io import AsyncMapSpec
 from sluiceway.operators.base import OpSpec
 from sluiceway.operators.batching import BatchSpec
 from sluiceway.operators.event_time import MergeSpec, WithTimestampsSpec
@@ -45,7 +49,7 @@ from sluiceway.operators.stateless import (
     MapSpec,
     PortSpec,
 )
-from sluiceway.policies import DeadLetter, ErrorPolicy, Fail, check_policy
+from sluiceway.policies import DeadLetter, ErrorPolicy, Fail, Retry, check_policy
 from sluiceway.runtime.channel import Overflow
 from sluiceway.time.durations import non_negative_seconds, positive_seconds
 from sluiceway.watermarks import BoundedOutOfOrderness, Monotonic, WatermarkStrategy
@@ -475,6 +479,73 @@ class Stream(Generic[T]):
                 f"FAIL), got {overflow!r}"
             )
         return self._wrap(self._derive(BufferSpec(cap, overflow), name, "buffer"))  # type: ignore[no-any-return]
+
+    def map_async(
+        self,
+        fn: Callable[[T], Awaitable[U]],
+        *,
+        concurrency: int | Adaptive = 16,
+        ordered: bool = True,
+        timeout: float | timedelta | None = None,
+        breaker: CircuitBreaker | None = None,
+        when_open: str = "wait",
+        name: str | None = None,
+        on_error: ErrorPolicy = Fail(),
+    ) -> Stream[U]:
+        """Call the async function ``fn`` for every record, up to ``concurrency`` at once.
+
+        When ``concurrency`` calls are in flight the operator stops taking input
+        (backpressure).  Results leave in input order unless ``ordered=False``.  Each call
+        may take ``timeout`` seconds; a failure or timeout goes to ``on_error``.
+        ``concurrency=sw.Adaptive(...)`` adapts the limit to measured latency;
+        ``breaker=sw.CircuitBreaker(...)`` pauses calls while the service fails
+        (``when_open="wait"``) or dead-letters records meanwhile (``"dead_letter"``).
+        See docs/flow-control.md.
+
+        >>> import sluiceway as sw
+        >>> async def double(x):
+        ...     return 2 * x
+        >>> sw.testing.run_collect(lambda s: s.map_async(double, concurrency=4), [1, 2, 3])
+        [2, 4, 6]
+        """
+        _check_callable(fn, "map_async")
+        if not inspect.iscoroutinefunction(fn) and not inspect.iscoroutinefunction(
+            getattr(fn, "__call__", None)  # noqa: B004 - an async callable object
+        ):
+            raise TypeError(
+                f"map_async() expects an async function (async def), got {fn!r}; "
+                "use map() for a plain function"
+            )
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int | Adaptive):
+            raise TypeError(
+                "map_async(concurrency=...) must be an int or sw.Adaptive(...), "
+                f"got {concurrency!r}"
+            )
+        if isinstance(concurrency, int) and concurrency < 1:
+            raise ValueError(f"map_async(concurrency=...) must be >= 1, got {concurrency!r}")
+        if breaker is not None and not isinstance(breaker, CircuitBreaker):
+            raise TypeError(f"map_async(breaker=...) expects sw.CircuitBreaker, got {breaker!r}")
+        if when_open not in ("wait", "dead_letter"):
+            raise ValueError(
+                f"map_async(when_open=...) must be 'wait' or 'dead_letter', got {when_open!r}"
+            )
+        policy = check_policy(on_error, "map_async()")
+        final = policy.then if isinstance(policy, Retry) else policy
+        if breaker is not None and when_open == "dead_letter" and not isinstance(final, DeadLetter):
+            raise FlowDefinitionError(
+                "map_async(when_open='dead_letter') needs on_error=sw.DeadLetter(sink) "
+                "(or a Retry that ends in one): the records must go somewhere"
+            )
+        spec = AsyncMapSpec(
+            fn,
+            concurrency=concurrency,
+            ordered=bool(ordered),
+            timeout=None if timeout is None else positive_seconds(timeout, "map_async timeout"),
+            breaker=breaker,
+            when_open=when_open,
+            on_error=policy,
+        )
+        return self._wrap(self._derive(spec, name, f"map_async_{_fn_label(fn)}"))  # type: ignore[no-any-return]
 
     def with_timestamps(
         self,

@@ -67,6 +67,9 @@ class Step:
         self.name = name
         self.metrics = metrics
         self.children: list[Step] = []
+        self.wake: Callable[[], None] = _nothing
+        """Called by a timer step with work of its own (e.g. an async call finished): its
+        stage stops waiting for input and calls :meth:`on_timer`.  Set by the runtime."""
 
     async def emit(self, batch: Batch) -> None:
         if not batch.values:
@@ -112,6 +115,10 @@ class Step:
 
     async def on_timer(self, now: float) -> None:
         """Called by the stage once ``now >= next_deadline()``."""
+
+
+def _nothing() -> None:
+    pass
 
 
 class SendStep(Step):

@@ -312,11 +312,21 @@ class ChannelReader:
     operator that treats its inputs differently (combining watermarks) reads it.
     """
 
-    __slots__ = ("_ch", "input_index")
+    __slots__ = ("_ch", "_interrupted", "input_index")
 
     def __init__(self, channel: _Channel) -> None:
         self._ch = channel
         self.input_index = 0
+        self._interrupted = False
+
+    def interrupt(self) -> None:
+        """Make the pending (or next) :meth:`receive` return None when nothing is queued.
+
+        The operator a channel feeds calls this when it has work of its own -- an async
+        call completed -- so its stage stops waiting for input and runs its timers.
+        """
+        self._interrupted = True
+        self._ch.wake_reader()
 
     @property
     def name(self) -> str:
@@ -346,12 +356,16 @@ class ChannelReader:
         return None
 
     async def receive(self, deadline: float | None = None) -> Batch | TaggedControl | None:
-        """Wait for the next item; None if ``deadline`` (clock time) passed first."""
+        """Wait for the next item; None if ``deadline`` (clock time) passed first, or if
+        :meth:`interrupt` was called."""
         ch = self._ch
         while True:
             item = self.receive_nowait()
             if item is not None:
                 return item
+            if self._interrupted:
+                self._interrupted = False
+                return None
             if deadline is not None and ch.clock.monotonic() >= deadline:
                 return None
             # Woken by data, by a writer closing (maybe not the last), or by the deadline.

@@ -317,7 +317,11 @@ class Executor:
             if src is not None:
                 stages.append(_SourceStage(self, sp, head, st_steps, src.source))
             else:
-                stages.append(_ChannelStage(self, sp, head, st_steps, readers[sp.head.id]))
+                reader = readers[sp.head.id]
+                for step in st_steps:
+                    if step.uses_timer():
+                        step.wake = reader.interrupt
+                stages.append(_ChannelStage(self, sp, head, st_steps, reader))
         return stages
 
     # -- running -----------------------------------------------------------------------
