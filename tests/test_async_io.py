@@ -317,3 +317,50 @@ def test_bad_arguments_are_refused_clearly() -> None:
         s.map_async(f, breaker=CircuitBreaker(), when_open="dead_letter")
     with pytest.raises(ValueError, match="failure_threshold"):
         CircuitBreaker(failure_threshold=0)
+
+
+class FlakySink(sw.sinks.Sink):
+    """Fails every write while ``down``; records each attempt's instant."""
+
+    def __init__(self, clock: sw.VirtualClock, down_until: float) -> None:
+        self.clock = clock
+        self.down_until = down_until
+        self.items: list[Any] = []
+        self.attempts: list[float] = []
+
+    async def write(self, batch: sw.Batch) -> None:
+        now = self.clock.monotonic()
+        self.attempts.append(now)
+        if now < self.down_until:
+            raise ConnectionError("sink down")
+        self.items.extend(batch.values)
+
+
+def test_a_breaker_on_a_sink_stops_writing_while_it_fails() -> None:
+    clock = sw.VirtualClock()
+    sink = FlakySink(clock, down_until=3.0)
+    breaker = CircuitBreaker(failure_threshold=3, reset_timeout=1.0, name="db")
+    flow = sw.Flow("sink-breaker")
+    policy = sw.Retry(attempts=100, backoff=sw.Backoff(initial=0.01, max_delay=0.01, jitter=0.0))
+    flow.source(sw.sources.Iterable(range(10))).sink(sink, breaker=breaker, on_error=policy)
+    run(flow, clock)
+    assert sink.items == list(range(10))
+    # Without the breaker, retries every 10 ms would make ~300 attempts in 3 s; with it,
+    # 3 failures open it, then one trial per second.
+    assert len(sink.attempts) <= 3 + 3 + 1
+    assert breaker.state == "closed"
+
+
+def test_a_breaker_on_a_sink_can_dead_letter_while_open() -> None:
+    clock = sw.VirtualClock()
+    sink = FlakySink(clock, down_until=0.25)
+    breaker = CircuitBreaker(failure_threshold=1, reset_timeout=0.5)
+    dead: sw.sinks.Collect[sw.DeadLetterRecord] = sw.sinks.Collect()
+    flow = sw.Flow("sink-breaker-dlq")
+    source = sw.sources.Generator(lambda: iter(range(10)), rate=10)
+    flow.source(source).sink(
+        sink, breaker=breaker, when_open="dead_letter", on_error=sw.DeadLetter(dead)
+    )
+    run(flow, clock)
+    assert sorted(sink.items + [d.record for d in dead.items]) == list(range(10))
+    assert {d.error_type for d in dead.items} == {"ConnectionError", "CircuitOpenError"}

@@ -114,6 +114,21 @@ def _check_callable(fn: object, method: str) -> None:
         raise TypeError(f"{method}() expects a callable, got {type(fn).__name__} {fn!r}")
 
 
+def _check_breaker(breaker: object, when_open: str, policy: ErrorPolicy, method: str) -> None:
+    if breaker is not None and not isinstance(breaker, CircuitBreaker):
+        raise TypeError(f"{method}(breaker=...) expects sw.CircuitBreaker, got {breaker!r}")
+    if when_open not in ("wait", "dead_letter"):
+        raise ValueError(
+            f"{method}(when_open=...) must be 'wait' or 'dead_letter', got {when_open!r}"
+        )
+    final = policy.then if isinstance(policy, Retry) else policy
+    if breaker is not None and when_open == "dead_letter" and not isinstance(final, DeadLetter):
+        raise FlowDefinitionError(
+            f"{method}(when_open='dead_letter') needs on_error=sw.DeadLetter(sink) "
+            "(or a Retry that ends in one): the records must go somewhere"
+        )
+
+
 def _positive_int(value: object, what: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r}")
@@ -213,7 +228,15 @@ class Flow:
         self._names.add(name)
         return node
 
-    def _add_sink(self, sink: object, inputs: list[Node], name: str | None, policy: object) -> None:
+    def _add_sink(
+        self,
+        sink: object,
+        inputs: list[Node],
+        name: str | None,
+        policy: object,
+        breaker: CircuitBreaker | None = None,
+        when_open: str = "wait",
+    ) -> None:
         if not isinstance(sink, Sink):
             raise TypeError(
                 f"sink() expects a sluiceway Sink (e.g. sw.sinks.Collect()), "
@@ -226,7 +249,9 @@ class Flow:
                 "a sink receives one stream -- merge the streams first, or use two sinks"
             )
         on_error = check_policy(policy, "sink()")
-        node = self._add(SinkSpec(sink, on_error), inputs, name, f"sink_{_class_label(sink)}")
+        _check_breaker(breaker, when_open, on_error, "sink")
+        spec = SinkSpec(sink, on_error, breaker, when_open)
+        node = self._add(spec, inputs, name, f"sink_{_class_label(sink)}")
         self._sinks[id(sink)] = node
 
     # -- validation ------------------------------------------------------------------
@@ -523,19 +548,8 @@ class Stream(Generic[T]):
             )
         if isinstance(concurrency, int) and concurrency < 1:
             raise ValueError(f"map_async(concurrency=...) must be >= 1, got {concurrency!r}")
-        if breaker is not None and not isinstance(breaker, CircuitBreaker):
-            raise TypeError(f"map_async(breaker=...) expects sw.CircuitBreaker, got {breaker!r}")
-        if when_open not in ("wait", "dead_letter"):
-            raise ValueError(
-                f"map_async(when_open=...) must be 'wait' or 'dead_letter', got {when_open!r}"
-            )
         policy = check_policy(on_error, "map_async()")
-        final = policy.then if isinstance(policy, Retry) else policy
-        if breaker is not None and when_open == "dead_letter" and not isinstance(final, DeadLetter):
-            raise FlowDefinitionError(
-                "map_async(when_open='dead_letter') needs on_error=sw.DeadLetter(sink) "
-                "(or a Retry that ends in one): the records must go somewhere"
-            )
+        _check_breaker(breaker, when_open, policy, "map_async")
         spec = AsyncMapSpec(
             fn,
             concurrency=concurrency,
@@ -630,9 +644,22 @@ class Stream(Generic[T]):
             self, assigner, round(lateness * 1_000_000), early, time == "processing"
         )
 
-    def sink(self, sink: Sink, *, name: str | None = None, on_error: ErrorPolicy = Fail()) -> None:
-        """Send this stream to ``sink``.  A sink object receives exactly one stream."""
-        self.flow._add_sink(sink, [self.node], name, on_error)
+    def sink(
+        self,
+        sink: Sink,
+        *,
+        name: str | None = None,
+        on_error: ErrorPolicy = Fail(),
+        breaker: CircuitBreaker | None = None,
+        when_open: str = "wait",
+    ) -> None:
+        """Send this stream to ``sink``.  A sink object receives exactly one stream.
+
+        ``breaker=sw.CircuitBreaker(...)``: while the sink keeps failing, stop writing --
+        hold records back (``when_open="wait"``: backpressure) or dead-letter them
+        (``"dead_letter"``, with ``on_error=sw.DeadLetter(...)``).
+        """
+        self.flow._add_sink(sink, [self.node], name, on_error, breaker, when_open)
 
 
 class KeyedStream(Stream[T], Generic[K, T]):

@@ -6,11 +6,13 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from sluiceway.connectors.base import PartialWriteError, Sink, Source
+from sluiceway.flowcontrol.breaker import CircuitBreaker, CircuitOpenError
 from sluiceway.operators.base import BuildContext, OpSpec, Step
 from sluiceway.operators.errors import ErrorHandler
 from sluiceway.operators.stateless import make_passthrough
 from sluiceway.policies import DeadLetter, ErrorPolicy, Fail
 from sluiceway.runtime.messages import Batch
+from sluiceway.time import Clock
 
 __all__ = ["SinkSpec", "SourceSpec"]
 
@@ -28,18 +30,21 @@ class SourceSpec(OpSpec):
 
 
 class _SinkStep(Step):
-    def __init__(self, ctx: BuildContext, sink: Sink) -> None:
+    def __init__(self, ctx: BuildContext, spec: SinkSpec) -> None:
         super().__init__(ctx.name, ctx.metrics)
         assert ctx.errors is not None
-        self.sink = sink
+        self.sink = spec.sink
         self.errors: ErrorHandler = ctx.errors
+        self.clock: Clock = ctx.clock
+        self.breaker = spec.breaker
+        self.when_open = spec.when_open
 
     async def push(self, batch: Batch) -> None:
         m = self.metrics
         m.records_in += len(batch.values)
         while batch.values:
             try:
-                await self.sink.write(batch)
+                await self._write(batch)
             except PartialWriteError as exc:
                 done = exc.written
                 m.records_out += done
@@ -52,8 +57,25 @@ class _SinkStep(Step):
                 m.records_out += len(batch.values)
                 return
 
+    async def _write(self, part: Batch) -> None:
+        """One write, through the circuit breaker if there is one."""
+        breaker, clock = self.breaker, self.clock
+        if breaker is None:
+            await self.sink.write(part)
+            return
+        while not breaker.try_start(clock.monotonic()):
+            if self.when_open == "dead_letter":
+                raise CircuitOpenError(f"circuit breaker {breaker.name!r} is open")
+            await clock.sleep(max(breaker.wait(clock.monotonic()), 0.001))
+        try:
+            await self.sink.write(part)
+        except Exception:
+            breaker.on_failure(clock.monotonic())
+            raise
+        breaker.on_success(clock.monotonic())
+
     async def _recover(self, part: Batch, exc: Exception) -> None:
-        ok, _ = await self.errors.recover(part.values, exc, lambda: self.sink.write(part))
+        ok, _ = await self.errors.recover(part.values, exc, lambda: self._write(part))
         if ok:
             self.metrics.records_out += len(part.values)
 
@@ -69,7 +91,9 @@ class SinkSpec(OpSpec):
 
     sink: Sink
     on_error: ErrorPolicy = Fail()
+    breaker: CircuitBreaker | None = None
+    when_open: str = "wait"
     kind: ClassVar[str] = "sink"
 
     def build(self, ctx: BuildContext) -> Step:
-        return _SinkStep(ctx, self.sink)
+        return _SinkStep(ctx, self)
