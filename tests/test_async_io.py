@@ -4,6 +4,8 @@ circuit breaking -- all on the virtual clock, with simulated services."""
 from __future__ import annotations
 
 import asyncio
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -364,3 +366,12 @@ def test_a_breaker_on_a_sink_can_dead_letter_while_open() -> None:
     run(flow, clock)
     assert sorted(sink.items + [d.record for d in dead.items]) == list(range(10))
     assert {d.error_type for d in dead.items} == {"ConnectionError", "CircuitOpenError"}
+
+
+def test_the_async_and_breaker_examples_in_the_docs_run() -> None:
+    page = (Path(__file__).resolve().parent.parent / "docs" / "flow-control.md").read_text()
+    section = page.split("## Async I/O and adaptive concurrency", 1)[1]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
+    assert blocks
+    for block in blocks:
+        exec(block, {"__name__": "docs_example"})

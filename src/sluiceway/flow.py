@@ -33,11 +33,13 @@ from sluiceway.connectors.base import Sink, Source
 from sluiceway.errors import FlowDefinitionError
 from sluiceway.flowcontrol.adaptive import Adaptive
 from sluiceway.flowcontrol.breaker import CircuitBreaker
+from sluiceway.flowcontrol.limiters import KeyedLimiter, Limiter
 from sluiceway.operators.async_io import AsyncMapSpec
 from sluiceway.operators.base import OpSpec
 from sluiceway.operators.batching import BatchSpec
 from sluiceway.operators.event_time import MergeSpec, WithTimestampsSpec
 from sluiceway.operators.io import SinkSpec, SourceSpec
+from sluiceway.operators.rate_limit import RateLimitSpec
 from sluiceway.operators.stateless import (
     BranchSpec,
     BufferSpec,
@@ -560,6 +562,45 @@ class Stream(Generic[T]):
             on_error=policy,
         )
         return self._wrap(self._derive(spec, name, f"map_async_{_fn_label(fn)}"))  # type: ignore[no-any-return]
+
+    def rate_limit(
+        self, limiter: Limiter | KeyedLimiter[Any], *, name: str | None = None
+    ) -> Stream[T]:
+        """Let records through no faster than ``limiter`` allows (shaping, not dropping).
+
+        ``limiter`` is one of ``sw.flowcontrol.TokenBucket``, ``LeakyBucket``,
+        ``FixedWindow``, ``SlidingWindowLog``, ``SlidingWindowCounter``, or a
+        ``KeyedLimiter`` (a rate per key, on a keyed stream).  The operator waits on the
+        flow's clock; its waiting holds the source back by backpressure.  See
+        docs/flow-control.md.
+
+        >>> import sluiceway as sw
+        >>> limit = sw.flowcontrol.TokenBucket(rate=10, burst=1)
+        >>> flow = sw.Flow("paced")
+        >>> out = sw.testing.TimedCollect()
+        >>> flow.source(sw.sources.Iterable(range(3))).rate_limit(limit).sink(out)
+        >>> _ = sw.testing.run_flow(flow)
+        >>> [round(t, 3) for t, _ in out.items]
+        [0.0, 0.1, 0.2]
+        """
+        if isinstance(limiter, KeyedLimiter):
+            if not self.node.keyed:
+                raise FlowDefinitionError(
+                    f"rate_limit(): a KeyedLimiter needs a keyed stream; the stream from "
+                    f"{self.node.describe()} has no keys: call key_by() first"
+                )
+            keyed = True
+        elif isinstance(limiter, Limiter):
+            keyed = False
+        else:
+            raise TypeError(
+                "rate_limit() expects a limiter from sw.flowcontrol (TokenBucket, LeakyBucket, "
+                "FixedWindow, SlidingWindowLog, SlidingWindowCounter, KeyedLimiter), "
+                f"got {limiter!r}"
+            )
+        label = type(limiter).__name__
+        node = self._derive(RateLimitSpec(limiter, keyed=keyed), name, f"rate_limit_{label}")
+        return self._wrap(node)  # type: ignore[no-any-return]
 
     def with_timestamps(
         self,

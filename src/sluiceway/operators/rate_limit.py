@@ -1,0 +1,67 @@
+"""``stream.rate_limit(limiter)``: shape the stream to a rate, by backpressure.
+
+Each record reserves one unit of the limiter (``reserve(1, now)``, on the flow's clock);
+when the limiter says wait, the records admitted so far move on and the operator sleeps.
+Sleeping holds up its stage, so the channel in front fills and the source is pulled more
+slowly: nothing is dropped unless the user puts a dropping ``buffer`` in front.  Order,
+timestamps, keys and watermarks are kept.  On a keyed stream with a ``KeyedLimiter``,
+each key has its own rate; a key that must wait holds up the records behind it (order
+is kept).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Protocol
+
+from sluiceway.operators.base import BuildContext, OpSpec, Step
+from sluiceway.runtime.messages import Batch
+from sluiceway.time import Clock
+
+__all__ = ["RateLimitSpec"]
+
+
+class _Reserving(Protocol):
+    def bind(self, clock: Clock) -> Any: ...
+
+
+class _RateLimitStep(Step):
+    def __init__(self, ctx: BuildContext, limiter: Any, keyed: bool) -> None:
+        super().__init__(ctx.name, ctx.metrics)
+        self.clock: Clock = ctx.clock
+        self.limiter = limiter.bind(ctx.clock)
+        self.keyed = keyed
+
+    async def push(self, batch: Batch) -> None:
+        n = len(batch.values)
+        if not n:
+            return
+        self.metrics.records_in += n
+        clock, limiter = self.clock, self.limiter
+        keys = batch.keys
+        start = 0
+        for i in range(n):
+            now = clock.monotonic()
+            if self.keyed:
+                assert keys is not None
+                wait = limiter.reserve(keys[i], 1, now)
+            else:
+                wait = limiter.reserve(1, now)
+            if wait > 0:
+                if i > start:  # what was admitted so far goes on now
+                    await self.emit(batch.slice(start, i))
+                    start = i
+                await clock.sleep(wait)
+        await self.emit(batch if start == 0 else batch.slice(start))
+
+
+class RateLimitSpec(OpSpec):
+    """``stream.rate_limit(limiter)``."""
+
+    kind: ClassVar[str] = "rate_limit"
+
+    def __init__(self, limiter: Any, *, keyed: bool) -> None:
+        self.limiter = limiter
+        self.keyed = keyed
+
+    def build(self, ctx: BuildContext) -> Step:
+        return _RateLimitStep(ctx, self.limiter, self.keyed)
