@@ -38,12 +38,20 @@ Each measurement is one child process (``measure``): build the data, ``gc.collec
 not exist in a real stream), reset the peak RSS, then time one run of one system including
 its source and sink.  Memory added = peak RSS (``VmHWM``) after the run - ``VmRSS`` before it.
 
+**W2-mem, W3-mem, W4-mem** (``run_memory``): the same three computations over 100,000
+users at 10,000 events/s of event time (``SCALE``), so that ~10^5 windows are open at once
+and the window state dominates the memory a run adds; plain loop and sluiceway only.  Peak
+RSS added (``measure``) and the ``tracemalloc`` peak (``traced``) of each, and the plain
+loop's peak number of open windows (``open_windows``).
+
 Results are checked, not trusted: every sink folds each result into a checksum (number of
 results, sum of counts, sum of totals, sum of window starts and ends in ms, sum of user
 numbers), and every system must give the plain loop's.  ``diff`` compares full result sets
 (and an offline batch computation), ``profile`` profiles one run:
 
     python benchmarks/bench_windows.py diff '{"workload": "W4", "events": 20000}'
+    python benchmarks/bench_windows.py open_windows \
+        '{"workload": "W2", "events": 1000000, "users": 100000, "rate": 10000}'
     python benchmarks/bench_windows.py profile '{"workload": "W2", "tool": "pyinstrument"}'
 """
 
@@ -56,7 +64,7 @@ import random
 import sys
 import time
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from importlib.metadata import version
 from typing import Any
@@ -179,7 +187,7 @@ Out = Checksum | Collector
 # --------------------------------------------------------------------------- plain loops
 
 
-def plain_tumbling(events: list[Event], out: Out, size: float, bound: float = BOUND) -> int:
+def plain_tumbling(events: Iterable[Event], out: Out, size: float, bound: float = BOUND) -> int:
     """Tumbling windows: count + sum(amount) per (user, window); returns the late count."""
     add = out.add
     heappush, heappop = heapq.heappush, heapq.heappop
@@ -220,7 +228,7 @@ def plain_tumbling(events: list[Event], out: Out, size: float, bound: float = BO
 
 
 def plain_sliding(
-    events: list[Event], out: Out, size: float, slide: float, bound: float = BOUND
+    events: Iterable[Event], out: Out, size: float, slide: float, bound: float = BOUND
 ) -> int:
     """Sliding windows (``size`` a multiple of ``slide``): count per (user, window)."""
     if size % slide:
@@ -261,7 +269,7 @@ def plain_sliding(
     return late
 
 
-def plain_session(events: list[Event], out: Out, gap: float, bound: float = BOUND) -> int:
+def plain_session(events: Iterable[Event], out: Out, gap: float, bound: float = BOUND) -> int:
     """Session windows ``[first, last + gap)`` per user: count per session.
 
     Times are integer microseconds.  Each user has a short list of open sessions
@@ -351,7 +359,7 @@ def plain_session(events: list[Event], out: Out, gap: float, bound: float = BOUN
     return late
 
 
-def run_plain(wl: str, events: list[Event], out: Out) -> int:
+def run_plain(wl: str, events: Iterable[Event], out: Out) -> int:
     spec = WORKLOADS[wl]
     if spec["kind"] == "tumbling":
         return plain_tumbling(events, out, spec["size"])
@@ -610,7 +618,12 @@ def _prepare(params: Params) -> tuple[str, str, int, list[Event]]:
     if system == "bytewax":  # imported before the memory baseline
         import bytewax.operators.windowing  # noqa: PLC0415
         import bytewax.testing  # noqa: F401, PLC0415
-    events = make_events(n, seed=int(params.get("seed", SEED)))
+    events = make_events(
+        n,
+        users=int(params.get("users", 1000)),
+        rate=float(params.get("rate", 1000.0)),
+        seed=int(params.get("seed", SEED)),
+    )
     gc.collect()
     gc.freeze()
     return wl, system, n, events
@@ -658,13 +671,103 @@ def traced(params: Params) -> Result:
     SYSTEMS[system](wl, events, out)
     current, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    return {"traced_peak_kb": peak / 1024, "traced_left_kb": current / 1024}
+    return {
+        "traced_peak_kb": peak / 1024,
+        "traced_left_kb": current / 1024,
+        "checksum": out.as_dict(),
+    }
+
+
+def open_windows(params: Params) -> Result:
+    """Child entry: how many windows the plain loop holds open at once (untimed).
+
+    Runs the plain loop over the events while noting which record it is at, so that each
+    result is known to fire while that record is processed (at the end of the input for
+    the windows left).  A window opens with the first record, in arrival order, of the
+    records it holds; for sessions that is per session of the final result, so two
+    sessions that a later record merges count as one from the earlier of their first
+    records (which undercounts briefly, by the merges pending).  The peak is the largest
+    number opened minus fired after any record.
+    """
+    wl, n = params["workload"], int(params["events"])
+    spec = WORKLOADS[wl]
+    events = make_events(
+        n,
+        users=int(params.get("users", 1000)),
+        rate=float(params.get("rate", 1000.0)),
+        seed=int(params.get("seed", SEED)),
+    )
+    at = [0]
+
+    def tracked() -> Iterator[Event]:
+        for i, e in enumerate(events):
+            at[0] = i
+            yield e
+        at[0] = n  # what fires after the input ended
+
+    fired: dict[tuple[str, int], int] = {}
+    out = Checksum()
+
+    class Tap:
+        def add(self, user: str, start: float, end: float, count: int, total: float) -> None:
+            out.add(user, start, end, count, total)
+            fired[(user, round(start * 1e6))] = at[0]
+
+    run_plain(wl, tracked(), Tap())  # type: ignore[arg-type]
+    opened: dict[tuple[str, int], int] = {}
+    if spec["kind"] == "session":
+        gap = round(spec["gap"] * 1e6)
+        by_user: dict[str, list[tuple[int, int]]] = {}
+        for i, e in enumerate(events):
+            by_user.setdefault(e["user"], []).append((round(e["ts"] * 1e6), i))
+        for user, recs in by_user.items():
+            recs.sort()
+            first, last, idx = recs[0][0], recs[0][0], recs[0][1]
+            for t, i in recs[1:]:
+                if t - last >= gap:
+                    opened[(user, first)] = idx
+                    first, idx = t, i
+                last = t
+                idx = min(idx, i)
+            opened[(user, first)] = idx
+    else:
+        size = round(spec["size"] * 1e6)
+        slide = round(spec.get("slide", spec["size"]) * 1e6)
+        for i, e in enumerate(events):
+            t = round(e["ts"] * 1e6)
+            start = t - t % slide
+            while start > t - size:
+                opened.setdefault((e["user"], start), i)
+                start -= slide
+    if opened.keys() != fired.keys():
+        raise RuntimeError(f"{wl}: windows opened and fired differ")
+    delta = [0] * (n + 1)
+    for w, i in opened.items():
+        delta[i] += 1
+        delta[fired[w]] -= 1
+    peak = peak_at = now = 0
+    for i in range(n):
+        now += delta[i]
+        if now > peak:
+            peak, peak_at = now, i
+    return {
+        "peak_open": peak,
+        "peak_at_event": peak_at,
+        "peak_at_ts": events[peak_at]["ts"],
+        "windows": len(opened),
+        "checksum": out.as_dict(),
+    }
 
 
 def diff(params: Params) -> Result:
     """Child entry: every system's full result set against the plain loop's."""
     wl, n = params["workload"], int(params["events"])
-    events = make_events(n, seed=int(params.get("seed", SEED)))
+    events = make_events(
+        n,
+        users=int(params.get("users", 1000)),
+        rate=float(params.get("rate", 1000.0)),
+        seed=int(params.get("seed", SEED)),
+    )
     ref = Collector()
     run_plain(wl, events, ref)
     want = sorted(ref.items)
@@ -891,6 +994,132 @@ def run_workload(wl: str, quick: bool) -> tuple[list[Row], Result]:
     return rows, {"events": n, "runs": runs, "traced": traces}
 
 
+# Memory at scale (W2-mem, W3-mem, W4-mem): the same computations over 100 times as many
+# users and 10 times the event rate, so that ~10^5 windows are open at once and the window
+# state, not the engine's fixed overhead (event loop, generated code, batch columns: ~0.5 MB
+# traced), is what a run adds.  Every user has ~10 events over the 100 s of event time.
+SCALE = {"users": 100_000, "rate": 10_000.0, "events": 1_000_000}
+SCALE_QUICK = {"users": 20_000, "rate": 2_000.0, "events": 200_000}
+
+
+def run_memory(wl: str, quick: bool) -> tuple[list[Row], Result]:
+    """Memory added at scale by the plain loop and sluiceway, and how many windows are open.
+
+    Per system: 2 timed children (interleaved; the worst RSS growth counts) and one
+    ``traced`` child on the same events; one ``open_windows`` child counts the plain
+    loop's open windows at its peak.  Bytewax is left out: with 100,000 keys it needs
+    ~45-90 s per run (``measure`` it by hand, see RESULTS.md).
+    """
+    scale = SCALE_QUICK if quick else SCALE
+    n, users = int(scale["events"]), int(scale["users"])
+    base = {"workload": wl, "events": n, "users": users, "rate": scale["rate"]}
+    title = f"{wl}-mem {WORKLOADS[wl]['title'][3:]}, {fmt_int(users)} users ({fmt_int(n)} ev)"
+    systems = ["plain", "sluiceway"]
+    runs: dict[str, list[Result]] = {s: [] for s in systems}
+    for rnd in range(2):
+        for system in systems if rnd % 2 == 0 else systems[::-1]:
+            runs[system].append(run_child("bench_windows", "measure", {**base, "system": system}))
+    traces = {
+        s: run_child("bench_windows", "traced", {**base, "system": s}, timeout=3600.0)
+        for s in systems
+    }
+    opened = run_child("bench_windows", "open_windows", base, timeout=3600.0)
+    raw: Result = {**base, "runs": runs, "traced": traces, "open_windows": opened}
+    if any("error" in r for r in runs["plain"]):
+        raise RuntimeError(f"the plain loop failed: {runs['plain']}")
+    ref = runs["plain"][0]["checksum"]
+    peak_open = opened["peak_open"]
+
+    def rss(system: str) -> float:
+        return max(r["added_kb"] for r in runs[system])
+
+    def rate(system: str) -> float:
+        return max(r["rate"] for r in runs[system])
+
+    def traced_kb(system: str) -> float:
+        return float(traces[system]["traced_peak_kb"])
+
+    def per_window(system: str) -> str:
+        return f"{traced_kb(system) * 1024 / peak_open:,.0f} B/open window"
+
+    rows = [
+        Row(
+            title,
+            "plain loop",
+            f"RSS {_mb(rss('plain'))}, traced {_mb(traced_kb('plain'), '')} "
+            f"({per_window('plain')}); {fmt_int(rate('plain'))} ev/s",
+            "1.00",
+        ),
+        Row(
+            title,
+            "open windows (plain loop)",
+            f"peak {fmt_int(peak_open)} open at event time {opened['peak_at_ts']:.1f} s; "
+            f"{fmt_int(opened['windows'])} windows in all",
+        ),
+    ]
+    checked = [*runs["plain"], traces["plain"], opened]
+    if any("error" in r for r in runs["sluiceway"]):
+        why = next(r["error"] for r in runs["sluiceway"] if "error" in r)
+        rows.append(Row(title, "sluiceway", why, "", "", "FAIL"))
+    else:
+        checked += [*runs["sluiceway"], traces["sluiceway"]]
+        late = sum(r["late"] for r in runs["sluiceway"])
+        rows.append(
+            Row(
+                title,
+                "sluiceway",
+                f"RSS {_mb(rss('sluiceway'))}, traced {_mb(traced_kb('sluiceway'), '')} "
+                f"({per_window('sluiceway')}); {fmt_int(rate('sluiceway'))} ev/s"
+                + (f"; {fmt_int(late)} LATE" if late else ""),
+                f"speed {rate('sluiceway') / rate('plain'):.2f}x loop",
+            )
+        )
+        for reading, sw_kb, loop_kb in (
+            ("RSS", rss("sluiceway"), rss("plain")),
+            ("traced", traced_kb("sluiceway"), traced_kb("plain")),
+        ):
+            ratio = sw_kb / loop_kb
+            rows.append(
+                Row(
+                    title,
+                    f"sluiceway memory ({reading})",
+                    f"{reading} peak added {_mb(sw_kb, '')} vs loop {_mb(loop_kb, '')}",
+                    f"{ratio:.2f}x loop",
+                    f"{reading} <= {TARGET_MEMORY_VS_LOOP:g}x loop",
+                    "PASS" if ratio <= TARGET_MEMORY_VS_LOOP else "FAIL",
+                )
+            )
+    same = all(r["checksum"] == ref for r in checked)
+    rows.append(
+        Row(
+            title,
+            "results (checksums)",
+            _checksum_text(ref, wl)
+            + (
+                f"; identical in all {len(checked)} children (loop, sluiceway)"
+                if same
+                else "; MISMATCH between the children"
+            ),
+            "",
+            "all systems equal",
+            "PASS" if same else "FAIL",
+        )
+    )
+    return rows, raw
+
+
+def run_w2_mem(quick: bool) -> tuple[list[Row], Result]:
+    return run_memory("W2", quick)
+
+
+def run_w3_mem(quick: bool) -> tuple[list[Row], Result]:
+    return run_memory("W3", quick)
+
+
+def run_w4_mem(quick: bool) -> tuple[list[Row], Result]:
+    return run_memory("W4", quick)
+
+
 def run_w2(quick: bool) -> tuple[list[Row], Result]:
     return run_workload("W2", quick)
 
@@ -904,4 +1133,12 @@ def run_w4(quick: bool) -> tuple[list[Row], Result]:
 
 
 if __name__ == "__main__":
-    child_main({"measure": measure, "traced": traced, "diff": diff, "profile": profile})
+    child_main(
+        {
+            "measure": measure,
+            "traced": traced,
+            "open_windows": open_windows,
+            "diff": diff,
+            "profile": profile,
+        }
+    )

@@ -1,13 +1,16 @@
 """Run every sluiceway core benchmark and print one results table.
 
-    python benchmarks/run.py            # the full suite (a few minutes; figures in RESULTS.md)
-    python benchmarks/run.py --quick    # smaller sizes and durations, < 60 s (smoke test)
-    python benchmarks/run.py --only W2  # one workload (W1, BP, LAT, W2, W3, W4); may be repeated
+    python benchmarks/run.py            # the full suite (~6 min; figures in RESULTS.md)
+    python benchmarks/run.py --quick    # smaller sizes and durations, ~75 s (smoke test)
+    python benchmarks/run.py --only W2  # one workload (W1, BP, LAT, W2, W3, W4, W2-mem,
+                                        # W3-mem, W4-mem); may be repeated
     python benchmarks/run.py --json out.json   # also write every raw figure
 
 Workloads: W1 stateless map/filter, BP backpressure memory, LAT end-to-end latency, and the
 event-time windows W2 (tumbling), W3 (sliding) and W4 (session), which are compared with a
 plain Python loop and, when installed (``pip install -e '.[bench]'``), with Bytewax.
+W2-mem, W3-mem and W4-mem measure the memory the same window computations add at scale
+(100,000 users, ~10^5 open windows), for the plain loop and sluiceway.
 
 Each measurement runs in its own child process (see ``common.run_child``).  Run it on an
 otherwise idle machine: the workloads are single-threaded, but a busy second core still
@@ -21,9 +24,11 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import bench_backpressure
 import bench_latency
@@ -41,7 +46,27 @@ WORKLOADS: dict[str, Workload] = {
     "W2": bench_windows.run_w2,
     "W3": bench_windows.run_w3,
     "W4": bench_windows.run_w4,
+    "W2-mem": bench_windows.run_w2_mem,
+    "W3-mem": bench_windows.run_w3_mem,
+    "W4-mem": bench_windows.run_w4_mem,
 }
+
+
+def code_version() -> str:
+    """The checkout measured: ``git rev-parse --short HEAD``, ``+ local changes`` when
+    ``src/`` differs from it (read-only: ``--no-optional-locks`` leaves the index alone)."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        cmd = ["git", "--no-optional-locks", "-C", str(root), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", "src")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit} + local changes in src/" if dirty else commit
 
 
 def machine() -> dict[str, str]:
@@ -65,6 +90,7 @@ def machine() -> dict[str, str]:
     except OSError:
         pass
     return {
+        "commit": code_version(),
         "date": datetime.date.today().isoformat(),
         "cpus": str(os.cpu_count()),
         "cpu": cpu,
@@ -76,13 +102,14 @@ def machine() -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes: a < 60 s smoke run")
+    parser.add_argument("--quick", action="store_true", help="small sizes: a ~75 s smoke run")
     parser.add_argument(
         "--only",
         action="append",
         choices=list(WORKLOADS),
         help="run only these workloads: W1 stateless, BP backpressure, LAT latency, "
-        "W2/W3/W4 tumbling/sliding/session windows",
+        "W2/W3/W4 tumbling/sliding/session windows, W2-mem/W3-mem/W4-mem their memory at "
+        "scale",
     )
     parser.add_argument("--json", metavar="PATH", help="also write every raw figure as JSON")
     args = parser.parse_args(argv)
@@ -90,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     print(
         f"sluiceway benchmarks ({'quick' if args.quick else 'full'}) - {info['date']}, "
-        f"{info['cpus']} CPUs ({info['cpu']}), {info['ram']} RAM, {info['python']}",
+        f"{info['cpus']} CPUs ({info['cpu']}), {info['ram']} RAM, {info['python']}, "
+        f"code {info['commit']}",
         flush=True,
     )
     rows: list[Row] = []
