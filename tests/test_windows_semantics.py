@@ -1140,3 +1140,22 @@ def test_results_carry_the_watermark_of_the_last_record_before_them(
     # ([-9, 1) of the uneven sliding windows fires earlier, before the record at 2, when
     # the record at 1 (watermark 0) was the last.)
     assert all(w == (0.0 if end <= 1.0 else 2.0) for _, end, w in sink.rows), sink.rows
+
+
+@pytest.mark.parametrize(
+    "assigner", [sw.windows.Tumbling(10), sw.windows.Sliding(10, 5), sw.windows.Session(3)]
+)
+def test_a_reduce_over_none_values_is_not_mistaken_for_an_empty_window(assigner: Any) -> None:
+    """Tumbling and sliding windows keep a lone accumulator without a list around it; a
+    reduce whose running value is None must still count as a window that has records."""
+    calls: list[tuple[Any, Any]] = []
+
+    def forget(a: Any, b: Any) -> None:
+        calls.append((a, b))
+
+    records = [rec(1.0, id=1), rec(2.0, id=2), rec(3.0, id=3)]
+    out = windowed(records, assigner, agg=lambda w: w.reduce(forget))
+    first = [r for r in out.results if r.start <= 1.0 < r.end]
+    assert first
+    assert all(r.value is None for r in first)  # not restarted by the record at 3
+    assert (None, rec(3.0, id=3)) in calls

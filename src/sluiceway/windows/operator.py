@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from heapq import heappop, heappush
-from itertools import repeat
+from itertools import islice, repeat
 from typing import Any, ClassVar
 
 from sluiceway.agg import Aggregator
@@ -35,6 +35,7 @@ __all__ = ["Aggregation", "LateRecord", "WindowResult", "WindowSpec"]
 log = logging.getLogger("sluiceway")
 
 _INF = math.inf
+_MISSING: Any = object()
 Assigner = Tumbling | Sliding | Session
 
 
@@ -99,40 +100,53 @@ class LateRecord:
 
 
 class Aggregation:
-    """One or several aggregators compiled into code over a list accumulator.
+    """One or several aggregators compiled into code over an accumulator.
 
-    The accumulator of a window is a list with one slot per aggregator.  The built-ins'
-    inline forms become the source of ``init(v, t)`` (the accumulator of a window's first
-    record), of the update statements the window operator compiles into its record loop,
-    and of ``result(acc)``; user aggregators are called through create/add/result.
+    The accumulator of a window is a list with one slot per aggregator -- or, in the
+    *bare* form (:meth:`bare`, one aggregator, used by tumbling and sliding windows), the
+    aggregator's own accumulator, e.g. an ``int`` for a count.  The built-ins' inline
+    forms become the source of ``init(v, t)`` (the accumulator of a window's first
+    record), of the update statements the window operator compiles into its record loop
+    (``add_lines``, on a variable ``a``), of ``add(a, v, t)`` (returns the accumulator)
+    and of ``result(a)``; user aggregators are called through create/add/result.
     """
 
-    def __init__(self, aggs: Sequence[Aggregator[Any, Any]], names: Sequence[str] | None) -> None:
+    def __init__(
+        self,
+        aggs: Sequence[Aggregator[Any, Any]],
+        names: Sequence[str] | None,
+        *,
+        bare: bool = False,
+    ) -> None:
         for a in aggs:
             if not isinstance(a, Aggregator):
                 raise TypeError(
                     f"aggregate() expects sw.agg aggregators (e.g. sw.agg.count()) or an "
                     f"sw.agg.Aggregator, got {type(a).__name__} {a!r}"
                 )
+        if bare and len(aggs) != 1:
+            raise ValueError("a bare accumulator holds exactly one aggregator")
         self.aggs = list(aggs)
         self.names = None if names is None else list(names)
-        self.namespace: dict[str, Any] = {}
+        self.is_bare = bare
+        self.namespace: dict[str, Any] = {"_MISSING": _MISSING}
         init: list[str] = []
         self.add_lines: list[str] = []
         results: list[str] = []
         for i, agg in enumerate(self.aggs):
+            slot = "a" if bare else f"a[{i}]"
             self.namespace[f"g{i}"] = agg
             self.namespace[f"f{i}"] = getattr(agg, "fn", None)
-            inline = agg._inline(f"a[{i}]", f"f{i}")
-            result = agg._inline_result(f"a[{i}]") if inline is not None else None
+            inline = agg._inline(slot, f"f{i}")
+            result = agg._inline_result(slot) if inline is not None else None
             if inline is None:
                 init.append(f"g{i}.add(g{i}.create(), v)")
-                self.add_lines.append(f"a[{i}] = g{i}.add(a[{i}], v)")
+                self.add_lines.append(f"{slot} = g{i}.add({slot}, v)")
             else:
                 init.append(inline[0])
                 self.add_lines.extend(inline[1])
-            results.append(result or f"g{i}.result(a[{i}])")
-        self.init_expr = f"[{', '.join(init)}]"
+            results.append(result or f"g{i}.result({slot})")
+        self.init_expr = init[0] if bare else f"[{', '.join(init)}]"
         if self.names is None:
             result_expr = results[0]
         else:
@@ -143,13 +157,17 @@ class Aggregation:
             )
         src = (
             f"def init(v, t):\n    return {self.init_expr}\n"
-            f"def add(a, v, t):\n    " + "\n    ".join(self.add_lines) + "\n"
+            f"def add(a, v, t):\n    " + "\n    ".join(self.add_lines) + "\n    return a\n"
             f"def result(a):\n    return {result_expr}\n"
         )
         ns = self.compile(src)
-        self.init: Callable[[Any, int], list[Any]] = ns["init"]
-        self.add: Callable[[list[Any], Any, int], None] = ns["add"]
-        self.result: Callable[[list[Any]], Any] = ns["result"]
+        self.init: Callable[[Any, int], Any] = ns["init"]
+        self.add: Callable[[Any, Any, int], Any] = ns["add"]
+        self.result: Callable[[Any], Any] = ns["result"]
+
+    def bare(self) -> Aggregation:
+        """The bare form of a one-aggregator aggregation (self if already bare)."""
+        return self if self.is_bare else Aggregation(self.aggs, self.names, bare=True)
 
     def compile(self, src: str) -> dict[str, Any]:
         """Run generated ``src`` with the aggregators in scope; returns its namespace."""
@@ -193,6 +211,9 @@ class _WindowStep(Step):
         self.late_ts: list[int] = []
         self.late_keys: list[Any] = []
         self.late_wms: list[float] = []
+        # Final panes fired and not yet sent: (pane, start, end, carried watermark).
+        self.fired: list[tuple[dict[Any, list[Any]], int, int, float]] = []
+        self.chunk = ctx.max_batch_size
 
     # -- output ------------------------------------------------------------------------
 
@@ -239,6 +260,8 @@ class _WindowStep(Step):
         if results is not None:
             for child in main:
                 await child.push(results)
+        while self.fired:
+            await self._send_pane(*self.fired.pop(0), main)
         if late is not None:
             if late_child is not None:
                 await late_child.push(late)
@@ -250,6 +273,24 @@ class _WindowStep(Step):
                     self.name,
                     self.flow,
                 )
+
+    async def _send_pane(
+        self, pane: dict[Any, list[Any]], start: int, end: int, wm: float, to: list[Step]
+    ) -> None:
+        """The results of a fired, final pane, built and sent a batch at a time."""
+        result, s, e = self.agg.result, start / 1e6, end / 1e6
+        items = iter(pane.items())
+        while chunk := list(islice(items, self.chunk)):
+            n = len(chunk)
+            batch = Batch(
+                [WindowResult(k, s, e, result(a)) for k, a in chunk],
+                [end - 1] * n,
+                [k for k, _ in chunk],
+                [wm] * n,
+            )
+            self.metrics.records_out += n
+            for child in to:
+                await child.push(batch)
 
     async def emit(self, batch: Batch) -> None:  # pragma: no cover - output goes by ports
         raise AssertionError("the window operator emits through _flush_output")
@@ -345,8 +386,8 @@ class _WindowStep(Step):
         raise NotImplementedError
 
     def pending(self) -> int:
-        """Open windows (their contents are lost if the flow is cancelled)."""
-        return self.open_windows()
+        """Open windows, and results of fired ones not sent yet (lost if cancelled)."""
+        return self.open_windows() + sum(len(f[0]) for f in self.fired)
 
 
 # The record loops of tumbling and sliding windows, generated per operator (see
@@ -360,6 +401,7 @@ def records(self, values, ts, keys, wms):
     slide = self.slide
     off = self.offset
     back = self.back
+    missing = _MISSING
     cur = self.wm
     due = self.next_due
     last_wm = self.rec_wm
@@ -382,6 +424,7 @@ def records(self, values, ts, keys):
     slide = self.slide
     off = self.offset
     back = self.back
+    missing = _MISSING
     for v, t, k in zip(values, ts, keys):
 {WINDOWS}
 """
@@ -392,8 +435,8 @@ def records(self, values, ts, keys):
 _WINDOW = """\
 pane = panes.get(start)
 if pane is not None{ON_TIME}:
-    a = pane.get(k)
-    if a is not None:
+    a = pane.get(k{MISSING})
+    if a is not {NONE}:
 {ADD}
     else:
         pane[k] = {INIT}
@@ -412,8 +455,14 @@ def _grid_loops(
     for exact in (True, False):
         window = _WINDOW.format(
             ON_TIME=" and start + size > cur" if exact else "",
-            ADD=textwrap.indent("\n".join(agg.add_lines), " " * 8),
+            ADD=textwrap.indent(
+                "\n".join([*agg.add_lines, "pane[k] = a"] if agg.is_bare else agg.add_lines),
+                " " * 8,
+            ),
             INIT=agg.init_expr,
+            # A bare accumulator may be None (a reduce over None values): a sentinel.
+            MISSING=", missing" if agg.is_bare else "",
+            NONE="missing" if agg.is_bare else "None",
             MARK="    self.dirty.add((k, start))" if early else "",
             BEFORE_OPEN="self.wm = cur" if exact else "",
             AFTER_OPEN="due = self.next_due" if exact else "",
@@ -458,6 +507,8 @@ class _GridWindowStep(_WindowStep):
         self.dirty: set[tuple[Any, int]] | None = set() if spec.early_every else None
         self.heap: list[int] = []  # ends of panes to fire
         self.expiry: list[int] = []  # end + lateness of panes that fired
+        if len(self.agg.aggs) == 1:  # the accumulator itself in the pane, no list around it
+            self.agg = self.agg.bare()
         loops = _grid_loops(
             self.agg,
             tumbling=isinstance(assigner, Tumbling),
@@ -532,11 +583,11 @@ class _GridWindowStep(_WindowStep):
             else:  # the window's time passed, but within allowed lateness
                 heappush(self.expiry, end + lateness)
                 self.next_due = min(self.next_due, end + lateness)
-        a = pane.get(k)
-        if a is None:
+        a = pane.get(k, _MISSING)
+        if a is _MISSING:
             a = pane[k] = self.agg.init(v, t)
         else:
-            self.agg.add(a, v, t)
+            a = pane[k] = self.agg.add(a, v, t)
         if end <= cur:  # a late firing, within allowed lateness
             self._result(k, start, end, a, "late", False)
         if self.dirty is not None:
@@ -576,13 +627,11 @@ class _GridWindowStep(_WindowStep):
             for k, a in pane.items():
                 self._result(k, start, end, a, kind, final)
             return
-        # The common case (no lateness, no early firing): every result is final, revision 0.
-        result, s, e = self.agg.result, start / 1e6, end / 1e6
-        n = len(pane)
-        self.out.extend([WindowResult(k, s, e, result(a)) for k, a in pane.items()])
-        self.out_ts.extend(repeat(end - 1, n))
-        self.out_keys.extend(pane)
-        self.out_wms.extend(repeat(self.wm, n))
+        # The common case (no lateness, no early firing): every result is final, revision
+        # 0, and the pane leaves the state now.  Its results are built when they are sent,
+        # a batch at a time: a pane of 100,000 keys never exists twice over in memory.
+        # (Without lateness nothing else produces results, so the order is kept.)
+        self.fired.append((pane, start, end, self.wm))
 
     def _drop_pane(self, start: int) -> None:
         pane = self.panes.pop(start)
