@@ -30,8 +30,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import bench_async_io
 import bench_backpressure
 import bench_latency
+import bench_limiters
+import bench_redis_limiter
 import bench_stateless
 import bench_windows
 from common import Result, Row, render_table
@@ -49,6 +52,9 @@ WORKLOADS: dict[str, Workload] = {
     "W2-mem": bench_windows.run_w2_mem,
     "W3-mem": bench_windows.run_w3_mem,
     "W4-mem": bench_windows.run_w4_mem,
+    "IO": bench_async_io.run,
+    "RL": bench_limiters.run,
+    "RRL": bench_redis_limiter.run,
 }
 
 

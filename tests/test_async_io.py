@@ -375,3 +375,30 @@ def test_the_async_and_breaker_examples_in_the_docs_run() -> None:
     assert blocks
     for block in blocks:
         exec(block, {"__name__": "docs_example"})
+
+
+def test_adaptive_baseline_does_not_creep_up_under_sustained_load() -> None:
+    """Rounds far above capacity (every call queued) must not become the new normal: the
+    limit keeps coming back down near the capacity however long the overload lasts."""
+    a = Adaptive(min=1, max=1000, initial=10)
+    capacity = 100
+
+    def round_at(limit: int) -> None:
+        latency = 0.010 * max(1.0, limit / capacity)
+        for _ in range(limit):
+            a.on_complete(latency, ok=True, in_flight=limit)
+
+    for _ in range(5000):
+        round_at(a.limit)
+    assert capacity <= a.limit <= 1.5 * capacity + 1
+    assert a.baseline == 0.010
+
+
+def test_adaptive_relearns_a_service_that_became_slower_for_good() -> None:
+    a = Adaptive(min=1, max=100, initial=50, baseline_rounds=5)
+    for _ in range(50):
+        a.on_complete(0.010, ok=True, in_flight=50)
+    for _ in range(2000):  # now 100 ms at any load
+        a.on_complete(0.100, ok=True, in_flight=a.limit)
+    assert a.baseline == 0.100
+    assert a.limit > 10  # growing again

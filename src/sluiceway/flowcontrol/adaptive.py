@@ -1,11 +1,16 @@
 """Adaptive concurrency: a limit on calls in flight, driven by measured latency and errors.
 
 An AIMD controller in the spirit of Netflix's concurrency-limits: it learns the service's
-latency when it is not loaded (the lowest latency seen recently), raises the limit by one
-per round of calls while latency holds, and cuts it by a factor when the round's latency
+latency when it is not loaded (the lowest latency seen), raises the limit by one per
+round of calls while latency holds, and cuts it by a factor when the round's latency
 rises past ``tolerance`` times that baseline, or when a call fails or times out.  A
 round is ``limit`` completed calls.  The limit rises only when it was actually reached
 during the round: an idle flow does not inflate it.
+
+The baseline never drifts up under load (that would let the limit creep past the
+service's capacity); it is re-learned only when the service is slower even at the lowest
+limit: ``baseline_rounds`` overloaded rounds in a row at ``min`` take the latest round's
+lowest latency as the new baseline.
 
 Pure logic: :meth:`Adaptive.on_complete` takes the latency measured by the caller.
 
@@ -38,8 +43,8 @@ class Adaptive:
         tolerance: a round whose mean latency exceeds ``tolerance`` x the baseline counts
             as overload.
         backoff: the factor the limit is multiplied by on overload or failure.
-        baseline_rounds: the baseline is the lowest latency of the last this many rounds
-            (so a service that becomes slower for good is re-learned).
+        baseline_rounds: overloaded rounds in a row at the ``min`` limit after which the
+            baseline is re-learned (a service that became slower for good).
     """
 
     min: int = 1
@@ -54,7 +59,8 @@ class Adaptive:
     _round_min: float = field(init=False, default=math.inf, repr=False)
     _round_failed: bool = field(init=False, default=False, repr=False)
     _round_saturated: bool = field(init=False, default=False, repr=False)
-    _mins: list[float] = field(init=False, default_factory=list, repr=False)
+    _base: float = field(init=False, default=math.inf, repr=False)
+    _slow_rounds: int = field(init=False, default=0, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("min", "max"):
@@ -77,7 +83,7 @@ class Adaptive:
     @property
     def baseline(self) -> float:
         """The latency of the unloaded service, as learned so far (inf before any round)."""
-        return min(self._mins, default=math.inf)
+        return self._base
 
     def on_complete(self, latency: float, *, ok: bool, in_flight: int) -> None:
         """A call completed after ``latency`` seconds; ``in_flight`` calls were running
@@ -92,13 +98,19 @@ class Adaptive:
 
     def _end_round(self) -> None:
         mean = self._round_sum / self._round_n
-        baseline = min(self.baseline, self._round_min)
-        if self._round_failed or mean > self.tolerance * baseline:
+        self._base = min(self._base, self._round_min)
+        overloaded = mean > self.tolerance * self._base
+        if self._round_failed or overloaded:
             self.limit = max(self.min, min(self.limit - 1, math.floor(self.limit * self.backoff)))
         elif self._round_saturated:
             self.limit = min(self.max, self.limit + 1)
-        self._mins.append(self._round_min)
-        del self._mins[: -self.baseline_rounds]
+        if overloaded and self.limit == self.min:
+            self._slow_rounds += 1
+            if self._slow_rounds >= self.baseline_rounds:  # slower even unloaded: re-learn
+                self._base = self._round_min
+                self._slow_rounds = 0
+        else:
+            self._slow_rounds = 0
         self._round_n = 0
         self._round_sum = 0.0
         self._round_min = math.inf
