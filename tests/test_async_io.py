@@ -344,9 +344,14 @@ def test_a_breaker_on_a_sink_stops_writing_while_it_fails() -> None:
     breaker = CircuitBreaker(failure_threshold=3, reset_timeout=1.0, name="db")
     flow = sw.Flow("sink-breaker")
     policy = sw.Retry(attempts=100, backoff=sw.Backoff(initial=0.01, max_delay=0.01, jitter=0.0))
-    flow.source(sw.sources.Iterable(range(10))).sink(sink, breaker=breaker, on_error=policy)
-    run(flow, clock)
+    flow.source(sw.sources.Iterable(range(10))).sink(
+        sink, breaker=breaker, on_error=policy, name="db_sink"
+    )
+    result = run(flow, clock)
     assert sink.items == list(range(10))
+    m = result.metrics.operator("db_sink")  # state changes are metrics too
+    assert m.circuit_state == "closed"
+    assert 1 <= m.circuit_opens <= 4
     # Without the breaker, retries every 10 ms would make ~300 attempts in 3 s; with it,
     # 3 failures open it, then one trial per second.
     assert len(sink.attempts) <= 3 + 3 + 1

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from sluiceway.time.durations import positive_seconds
 
-__all__ = ["CircuitBreaker", "CircuitOpenError"]
+__all__ = ["CircuitBreaker", "CircuitOpenError", "watch_breaker"]
 
 log = logging.getLogger("sluiceway")
 
@@ -62,7 +63,11 @@ class CircuitBreaker:
         self.opened_at = 0.0
         self.trials = 0  # in flight while half-open
         self.transitions = 0  # state changes so far (a metric)
-        self.on_change: Callable[[str, str], None] | None = None
+        self._listeners: list[Callable[[str, str], None]] = []
+
+    def subscribe(self, listener: Callable[[str, str], None]) -> None:
+        """Call ``listener(old, new)`` on every state change (operators keep metrics)."""
+        self._listeners.append(listener)
 
     def __repr__(self) -> str:
         return f"CircuitBreaker({self.name!r}, {self.state})"
@@ -71,8 +76,8 @@ class CircuitBreaker:
         old, self.state = self.state, state
         self.transitions += 1
         log.warning("circuit breaker %r: %s -> %s (%s)", self.name, old, state, why)
-        if self.on_change is not None:
-            self.on_change(old, state)
+        for listener in self._listeners:
+            listener(old, state)
 
     def wait(self, now: float) -> float:
         """Seconds until a call may start (0.0: now)."""
@@ -112,3 +117,15 @@ class CircuitBreaker:
         elif self.state == CLOSED and self.failures >= self.failure_threshold:
             self.opened_at = now
             self._set(OPEN, f"{self.failures} failures in a row")
+
+
+def watch_breaker(breaker: CircuitBreaker, metrics: Any) -> None:
+    """Keep an operator's ``circuit_state`` / ``circuit_opens`` metrics up to date."""
+    metrics.circuit_state = breaker.state
+
+    def changed(old: str, new: str) -> None:
+        metrics.circuit_state = new
+        if new == OPEN:
+            metrics.circuit_opens += 1
+
+    breaker.subscribe(changed)

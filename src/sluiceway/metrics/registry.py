@@ -23,6 +23,8 @@ class OperatorMetrics:
     """Mutable counters of one operator (source, transform or sink)."""
 
     __slots__ = (
+        "circuit_opens",
+        "circuit_state",
         "dead_letters",
         "errors",
         "kind",
@@ -48,6 +50,8 @@ class OperatorMetrics:
         self.late = 0
         self.state = 0
         self.watermark = -math.inf
+        self.circuit_state = ""
+        self.circuit_opens = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +62,8 @@ class OperatorSnapshot:
     this operator (0 when it has none).  ``late`` counts records that arrived after their
     window closed; ``state`` is the number of entries the operator holds (open windows);
     ``watermark`` is the event-time watermark it last saw, in epoch seconds (``-inf``
-    before any).
+    before any).  With a circuit breaker, ``circuit_state`` is its state (``closed``,
+    ``open``, ``half_open``; ``""`` without one) and ``circuit_opens`` how often it opened.
     """
 
     name: str
@@ -73,6 +78,8 @@ class OperatorSnapshot:
     late: int = 0
     state: int = 0
     watermark: float = -math.inf
+    circuit_state: str = ""
+    circuit_opens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +179,8 @@ class MetricsRegistry:
                 late=m.late,
                 state=m.state,
                 watermark=m.watermark,
+                circuit_state=m.circuit_state,
+                circuit_opens=m.circuit_opens,
             )
             for m in self._operators.values()
         )

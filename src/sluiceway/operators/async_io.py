@@ -23,7 +23,7 @@ from functools import partial
 from typing import Any, ClassVar
 
 from sluiceway.flowcontrol.adaptive import Adaptive
-from sluiceway.flowcontrol.breaker import CircuitBreaker, CircuitOpenError
+from sluiceway.flowcontrol.breaker import CircuitBreaker, CircuitOpenError, watch_breaker
 from sluiceway.operators.base import BuildContext, OpSpec, Step
 from sluiceway.operators.errors import ErrorHandler
 from sluiceway.policies import ErrorPolicy, Fail
@@ -46,6 +46,8 @@ class _AsyncMapStep(Step):
         self.adaptive = spec.concurrency if isinstance(spec.concurrency, Adaptive) else None
         self.fixed = spec.concurrency if isinstance(spec.concurrency, int) else 0
         self.breaker = spec.breaker
+        if self.breaker is not None:
+            watch_breaker(self.breaker, self.metrics)
         self.in_flight = 0
         self.seq = 0  # the next record's number
         self.next_out = 0  # ordered: the next number to leave

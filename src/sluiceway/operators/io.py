@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from sluiceway.connectors.base import PartialWriteError, Sink, Source
-from sluiceway.flowcontrol.breaker import CircuitBreaker, CircuitOpenError
+from sluiceway.flowcontrol.breaker import CircuitBreaker, CircuitOpenError, watch_breaker
 from sluiceway.operators.base import BuildContext, OpSpec, Step
 from sluiceway.operators.errors import ErrorHandler
 from sluiceway.operators.stateless import make_passthrough
@@ -37,6 +37,8 @@ class _SinkStep(Step):
         self.errors: ErrorHandler = ctx.errors
         self.clock: Clock = ctx.clock
         self.breaker = spec.breaker
+        if self.breaker is not None:
+            watch_breaker(self.breaker, self.metrics)
         self.when_open = spec.when_open
 
     async def push(self, batch: Batch) -> None:
