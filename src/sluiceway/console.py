@@ -289,7 +289,7 @@ class LiveView:
     async def __call__(self, handle: FlowHandle) -> None:
         clock = handle.clock
         self._handle = handle
-        previous = handle.metrics()
+        previous = first = handle.metrics()
         started = previous.time
         next_tick = started + self.interval
         try:
@@ -310,8 +310,10 @@ class LiveView:
         finally:
             if self.live:
                 # The flow has ended (or the view is being cancelled): leave the final
-                # counts on screen and give the cursor back.
-                self._draw(handle.metrics(), previous, started)
+                # counts on screen, with rates averaged over the whole run (the last
+                # tick may be a moment ago: rates over that would mean nothing), and
+                # give the cursor back.
+                self._draw(handle.metrics(), first, started)
                 self._write(_SHOW_CURSOR)
 
     def _footer(self) -> str | None:
