@@ -492,7 +492,8 @@ def test_live_view_redraws_in_place_and_ends_with_the_final_counts() -> None:
     assert final.endswith("\n\nfoot\n")
     # The last tick was a moment before the end: the final rates are over the whole run.
     title = re.search(r"t=(\d+\.\d)s  \(rates over the last (\d+\.\d)s\)", final)
-    assert title is not None and title.group(1) == title.group(2)
+    assert title is not None
+    assert title.group(1) == title.group(2)
     assert all(len(line) <= 99 for line in console.strip_ansi(text).splitlines())
 
 
