@@ -421,6 +421,20 @@ def test_render_fits_a_narrow_terminal_and_colors_are_optional() -> None:
     assert console.strip_ansi(colored) == plain
 
 
+def test_render_shows_late_records_and_watermark_lag_for_event_time_flows() -> None:
+    plain = FlowSnapshot("f", 1.0, (_op("s", "source", 0, 0, 1),), (), wall_time=110.0)
+    assert "wm lag" not in console.render(plain, None, 200)
+    window = OperatorSnapshot("win", "window", 0, 10, 2, 0, 0, 0, 0, late=3, watermark=100.0)
+    source = _op("s", "source", 0, 10, 10)
+    snap = FlowSnapshot("f", 1.0, (source, window), (), wall_time=102.5)
+    lines = console.render(snap, None, 200).splitlines()
+    assert lines[2].endswith("dead  late  wm lag")
+    assert lines[3].split()[-2:] == ["0", "-"]  # the source has no watermark
+    assert lines[4].split()[-2:] == ["3", "2.5s"]  # 3 late, watermark 2.5 s behind
+    assert snap.watermark_lag("win") == 2.5
+    assert snap.watermark_lag("s") is None
+
+
 def test_render_without_channels() -> None:
     snap = FlowSnapshot("f", 1.0, (_op("s", "source", 0, 0, 1),), ())
     assert "no channels" in console.render(snap, None, 80)

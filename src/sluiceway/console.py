@@ -29,6 +29,7 @@ standard library is used.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -146,28 +147,30 @@ def render(
 
     op_rows: list[list[str]] = []
     bad_ops: set[int] = set()
+    # Event-time flows get two more columns: late records, and watermark lag.
+    event_time = any(op.watermark != -math.inf or op.late for op in snapshot.operators)
     for i, op in enumerate(snapshot.operators):
         if op.errors or op.dead_letters or op.dropped:
             bad_ops.add(i)
-        op_rows.append(
-            [
-                _cut(op.name, _NAME_LIMIT),
-                op.kind,
-                str(op.stage),
-                format_count(op.records_in),
-                format_count(op.records_out),
-                format_rate(rates.records_in.get(op.name)),
-                format_rate(rates.records_out.get(op.name)),
-                format_count(op.errors),
-                format_count(op.retries),
-                format_count(op.dead_letters),
-            ]
-        )
-    ops = _table(
-        ["operator", "kind", "stage", "in", "out", "in/s", "out/s", "errors", "retries", "dead"],
-        op_rows,
-        left=2,
-    )
+        row = [
+            _cut(op.name, _NAME_LIMIT),
+            op.kind,
+            str(op.stage),
+            format_count(op.records_in),
+            format_count(op.records_out),
+            format_rate(rates.records_in.get(op.name)),
+            format_rate(rates.records_out.get(op.name)),
+            format_count(op.errors),
+            format_count(op.retries),
+            format_count(op.dead_letters),
+        ]
+        if event_time:
+            lag = snapshot.watermark_lag(op.name)
+            row += [format_count(op.late), "-" if lag is None else f"{lag:.1f}s"]
+        op_rows.append(row)
+    header = ["operator", "kind", "stage", "in", "out", "in/s", "out/s", "errors", "retries"]
+    header += ["dead", "late", "wm lag"] if event_time else ["dead"]
+    ops = _table(header, op_rows, left=2)
 
     ch_rows: list[list[str]] = []
     hot: set[int] = set()

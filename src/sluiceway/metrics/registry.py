@@ -100,6 +100,17 @@ class FlowSnapshot:
     time: float
     operators: tuple[OperatorSnapshot, ...]
     channels: tuple[ChannelStatistics, ...]
+    wall_time: float = math.nan
+    """The clock's wall time (epoch seconds) at the snapshot: event-time watermark lag is
+    ``wall_time - operator.watermark``."""
+
+    def watermark_lag(self, name: str) -> float | None:
+        """How far operator ``name``'s watermark is behind the wall clock, in seconds
+        (None before it has one, or once its input ended)."""
+        wm = self.operator(name).watermark
+        if not math.isfinite(wm) or not math.isfinite(self.wall_time):
+            return None
+        return self.wall_time - wm
 
     def operator(self, name: str) -> OperatorSnapshot:
         """The snapshot of one operator, by name."""
@@ -184,4 +195,6 @@ class MetricsRegistry:
             )
             for m in self._operators.values()
         )
-        return FlowSnapshot(self.flow, self.clock.monotonic(), ops, channels)
+        return FlowSnapshot(
+            self.flow, self.clock.monotonic(), ops, channels, wall_time=self.clock.time()
+        )
