@@ -407,3 +407,33 @@ def test_adaptive_relearns_a_service_that_became_slower_for_good() -> None:
         a.on_complete(0.100, ok=True, in_flight=a.limit)
     assert a.baseline == 0.100
     assert a.limit > 10  # growing again
+
+
+def test_a_forced_stop_cancels_the_calls_in_flight() -> None:
+    clock = sw.VirtualClock()
+    started: list[int] = []
+    finished: list[int] = []
+
+    async def slow(x: int) -> int:
+        started.append(x)
+        await clock.sleep(100.0)
+        finished.append(x)
+        return x
+
+    flow = sw.Flow("forced")
+    flow.source(sw.sources.Iterable(range(10))).map_async(slow, concurrency=5).sink(
+        sw.sinks.Collect()
+    )
+
+    async def main() -> None:
+        handle = sw.start(flow, clock=clock)
+        await clock.sleep(1.0)
+        handle.force_stop()
+        with pytest.raises(sw.FlowCancelledError) as err:
+            await handle.wait()
+        assert "operator map_async_slow" in str(err.value.unflushed)
+        await clock.sleep(200.0)  # long after the calls would have finished
+
+    asyncio.run(main())
+    assert len(started) == 5
+    assert finished == []  # cancelled with the flow, not left running behind it

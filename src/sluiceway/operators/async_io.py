@@ -257,6 +257,11 @@ class _AsyncMapStep(Step):
     def pending(self) -> int:
         return self.in_flight + sum(r is not None for r in self.done.values())
 
+    def close(self) -> None:
+        # A cancelled flow must not leave calls running behind it.
+        for task in self.tasks:
+            task.cancel("flow over")
+
 
 def _refuse(err: Exception) -> Callable[[], Any]:
     def again() -> Any:

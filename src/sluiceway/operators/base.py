@@ -105,6 +105,10 @@ class Step:
         """Records held inside this step (reported when a flow is cancelled)."""
         return 0
 
+    def close(self) -> None:
+        """The flow is over (ended, failed or cancelled): release what the step holds
+        beyond its stage's task, e.g. tasks it started."""
+
     def uses_timer(self) -> bool:
         """True when this step has processing-time deadlines (it then heads a stage)."""
         return False

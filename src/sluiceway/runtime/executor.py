@@ -352,6 +352,9 @@ class Executor:
         finally:
             if self._grace_timer is not None:
                 self._grace_timer.cancel()
+            for st in self.stages:
+                for step in st.steps:
+                    step.close()
             await self._close(opened)
         return RunResult(
             self.flow.name,
