@@ -6,6 +6,7 @@
     sluiceway run path/to/job.py:build_flow    # a file; a Flow or a function returning one
     sluiceway run myjob.flows:flow --describe  # print the physical plan and exit
     sluiceway demo --duration 30 --rate 5000   # a synthetic clickstream, live in the terminal
+    sluiceway run myjob.flows:flow --metrics-port 9100  # Prometheus metrics at :9100/metrics
 
 Exit codes: 0 the flow ended or stopped gracefully; 1 the flow failed, is not valid, was
 cancelled at the end of its grace period, or its code raised while loading; 2 the command
@@ -44,6 +45,7 @@ _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 _EXIT_FAILED = 1
 _EXIT_USAGE = 2
 _EXIT_INTERRUPTED = 130
+_MAX_PORT = 65535
 
 log = logging.getLogger("sluiceway.cli")
 
@@ -92,6 +94,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a port in 0..65535, got {text!r}") from None
+    if not 0 <= value <= _MAX_PORT:
+        raise argparse.ArgumentTypeError(f"must be a port in 0..65535, got {text!r}")
+    return value
+
+
 def _log_level(text: str) -> str:
     level = text.lower()
     if level not in _LOG_LEVELS:
@@ -134,9 +146,19 @@ def build_parser() -> argparse.ArgumentParser:
         "debug also prints tracebacks",
     )
 
+    metrics = argparse.ArgumentParser(add_help=False)
+    metrics.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics while the flow "
+        "runs (0: any free port; needs `pip install 'sluiceway[prometheus]'`)",
+    )
+
     run = commands.add_parser(
         "run",
-        parents=[common],
+        parents=[common, metrics],
         help="run a flow until its sources end or Ctrl-C",
         description="Run a flow until its sources end, or until SIGINT/SIGTERM (the first "
         "drains in-flight records within the grace period, a second forces the stop).",
@@ -192,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        parents=[common],
+        parents=[common, metrics],
         help="run a synthetic clickstream demo, no servers needed",
         description="A synthetic clickstream: clicks are parsed, bots filtered, purchases "
         "priced, and every second summarised (top pages, purchases, revenue).",
@@ -487,6 +509,30 @@ def _stop_after(seconds: float) -> sw.Monitor:
     return stop
 
 
+def _metrics_exporter(port: int | None) -> sw.Monitor | None:
+    """The Prometheus exporter of ``--metrics-port`` (None without the option)."""
+    if port is None:
+        return None
+    try:
+        from sluiceway.metrics.prometheus import (  # noqa: PLC0415 - an optional extra
+            PrometheusExporter,
+        )
+    except ModuleNotFoundError as exc:
+        raise CliError(
+            "--metrics-port needs prometheus-client: pip install 'sluiceway[prometheus]'",
+            _EXIT_USAGE,
+        ) from exc
+    exporter = PrometheusExporter(port)
+
+    async def serve(handle: sw.FlowHandle) -> None:
+        try:
+            await exporter(handle)
+        except OSError as exc:  # binding failed (port in use, no permission)
+            raise CliError(f"--metrics-port {port}: {exc}", _EXIT_USAGE) from exc
+
+    return serve
+
+
 def _run_flow(
     flow: sw.Flow,
     args: argparse.Namespace,
@@ -547,7 +593,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         except sw.FlowDefinitionError as exc:
             raise CliError(f"invalid flow: {exc}", _EXIT_FAILED) from exc
         return 0
-    monitor = LiveView(sys.stderr, interval=1.0, live=True) if args.live else None
+    monitors: list[sw.Monitor] = []
+    if args.live:
+        monitors.append(LiveView(sys.stderr, interval=1.0, live=True))
+    exporter = _metrics_exporter(args.metrics_port)
+    if exporter is not None:
+        monitors.append(exporter)
+    monitor = _together(*monitors) if monitors else None
     result = _run_flow(flow, args, monitor, live_table=bool(args.live))
     print(f"sluiceway: {_totals(result)}", file=sys.stderr)
     return 0
@@ -569,6 +621,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     out: TextIO = sys.stdout
     live = out.isatty() if args.live is None else args.live
+    exporter = _metrics_exporter(args.metrics_port)
     # Event time starts now on the wall clock (read through the injected clock).
     tracker = demo.SummaryTracker()
     late = demo.LateCounter()
@@ -593,6 +646,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     monitors: list[sw.Monitor] = [LiveView(out, interval=1.0, live=live, footer=latest)]
     if args.duration:
         monitors.append(_stop_after(args.duration))
+    if exporter is not None:
+        monitors.append(exporter)
     result = _run_flow(flow, args, _together(*monitors), live_table=live)
 
     m = result.metrics

@@ -35,8 +35,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 from collections.abc import Callable, Iterator
 from http import HTTPStatus
+from typing import Any
 from urllib.parse import urlsplit
 
 from sluiceway.metrics.registry import FlowSnapshot
@@ -48,8 +50,7 @@ try:
     from prometheus_client.registry import Collector, CollectorRegistry
 except ModuleNotFoundError as exc:  # pragma: no cover - the extra is part of dev
     raise ModuleNotFoundError(
-        "sluiceway.metrics.prometheus needs prometheus-client: "
-        "pip install 'sluiceway[prometheus]'",
+        "sluiceway.metrics.prometheus needs prometheus-client: pip install 'sluiceway[prometheus]'",
         name=exc.name,
     ) from exc
 
@@ -193,8 +194,9 @@ class PrometheusExporter:
         self.host = host
         self._port = port
         self._bound: int | None = None
+        self._running = False
         self._serving = asyncio.Event()
-        self._connections: set[asyncio.Task[object]] = set()
+        self._connections: set[asyncio.Task[Any]] = set()
 
     @property
     def port(self) -> int:
@@ -218,20 +220,34 @@ class PrometheusExporter:
         return self.port
 
     async def __call__(self, handle: FlowHandle) -> None:
-        if self._bound is not None:
+        if self._running:
             raise RuntimeError(
-                f"this PrometheusExporter already serves {self.url}; "
-                "create one exporter per flow"
+                f"this PrometheusExporter already serves {self.url}; create one exporter per flow"
             )
+        self._running = True  # before the first await: a second call is refused at once
+        try:
+            await self._serve(handle)
+        finally:
+            self._running = False
+
+    async def _serve(self, handle: FlowHandle) -> None:
         registry = CollectorRegistry()
         registry.register(FlowCollector(handle.metrics))
 
         async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await self._serve_connection(registry, reader, writer)
 
-        server = await asyncio.start_server(
-            on_connect, self.host, self._port, limit=_MAX_REQUEST_HEAD
-        )
+        try:
+            server = await asyncio.start_server(
+                on_connect, self.host, self._port, limit=_MAX_REQUEST_HEAD
+            )
+        except OSError as exc:
+            reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+            error = OSError(
+                f"cannot serve Prometheus metrics on {self.host}:{self._port}: {reason}"
+            )
+            error.errno = exc.errno
+            raise error from exc
         self._bound = int(server.sockets[0].getsockname()[1])
         self._serving.set()
         log.info("serving Prometheus metrics of flow %r on %s", handle.flow.name, self.url)
@@ -239,16 +255,23 @@ class PrometheusExporter:
         try:
             await asyncio.wait({ended})
         finally:
+            # Everything that must happen is done before the first await: the monitor is
+            # usually cancelled as the flow ends, maybe again while this cleanup waits.
             ended.cancel()
             server.close()
-            for task in list(self._connections):
-                task.cancel()
-            await asyncio.gather(ended, *self._connections, return_exceptions=True)
-            await server.wait_closed()
+            connections = list(self._connections)
             self._connections.clear()
+            for task in connections:
+                task.cancel()
             self._bound = None
             self._serving = asyncio.Event()  # a fresh one: the next run may be another loop
             log.info("stopped serving Prometheus metrics of flow %r", handle.flow.name)
+            closing = asyncio.ensure_future(_closed(server, [ended, *connections]))
+            try:
+                await asyncio.shield(closing)
+            except asyncio.CancelledError:
+                await closing  # quick: every task in it is cancelled already
+                raise
 
     async def _serve_connection(
         self,
@@ -285,12 +308,18 @@ class PrometheusExporter:
                 self._connections.discard(task)
 
 
+async def _closed(server: asyncio.Server, tasks: list[asyncio.Future[Any]]) -> None:
+    """Wait for cancelled ``tasks`` and a closed ``server`` to finish."""
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await server.wait_closed()
+
+
 def _respond(registry: CollectorRegistry, head: bytes) -> tuple[HTTPStatus, str, bytes]:
     """Status, content type and body for one request (``head``: request line + headers)."""
     plain = "text/plain; charset=utf-8"
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/"):  # noqa: PLR2004 - method target version
+    if len(parts) != 3 or not parts[2].startswith("HTTP/"):  # method, target, version
         return HTTPStatus.BAD_REQUEST, plain, b"bad request line\n"
     method, target, _ = parts
     if method not in ("GET", "HEAD"):
@@ -308,7 +337,7 @@ def _respond(registry: CollectorRegistry, head: bytes) -> tuple[HTTPStatus, str,
     encoder, content_type = choose_encoder(accept)
     try:
         body = encoder(registry)
-    except Exception as exc:  # noqa: BLE001 - a failed scrape must not stop the flow: answer 500
+    except Exception as exc:  # a failed scrape must not stop the flow: answer 500
         log.exception("collecting Prometheus metrics failed")
         return HTTPStatus.INTERNAL_SERVER_ERROR, plain, f"collect failed: {exc!r}\n".encode()
     return HTTPStatus.OK, content_type, body
