@@ -722,3 +722,29 @@ def test_line_buffer_rollback_and_pending() -> None:
     assert (buf.offset, buf.line) == (109, 10)
     buf.feed_eof()
     assert buf.next_line() is None
+
+
+def test_a_file_source_reports_its_unread_bytes_as_backlog(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(f'{{"n": {i}}}\n' for i in range(100)))
+    size = path.stat().st_size
+    seen: list[int | None] = []
+    boxes: list[sw.FlowHandle] = []
+    flow = sw.Flow("backlog")
+    (
+        flow.source(sw.sources.JsonLines(path), name="file")
+        .inspect(lambda _: seen.append(boxes[0].metrics().operator("file").backlog))
+        .sink(sw.sinks.Collect())
+    )
+
+    async def main() -> sw.RunResult:
+        handle = sw.start(flow, clock=sw.VirtualClock(), max_batch_size=10)
+        boxes.append(handle)
+        return await handle.wait()
+
+    result = asyncio.run(main())
+    backlogs = [b for b in seen if b is not None]
+    assert backlogs[0] == size - 10 * len('{"n": 0}\n')  # after the first batch of 10
+    assert backlogs == sorted(backlogs, reverse=True)
+    assert backlogs[-1] == 0
+    assert result.metrics.operator("file").backlog is None  # closed: unknown

@@ -149,6 +149,7 @@ def test_metric_families_names_labels_and_values() -> None:
         "sluiceway_window_state": "gauge",
         "sluiceway_watermark_seconds": "gauge",
         "sluiceway_circuit_open": "gauge",
+        "sluiceway_source_backlog": "gauge",
         "sluiceway_channel_fill": "gauge",
         "sluiceway_channel_capacity": "gauge",
         "sluiceway_channel_blocked_seconds": "counter",
@@ -193,8 +194,8 @@ def test_collector_reads_the_snapshot_at_every_collect() -> None:
 
     collector = FlowCollector(snap)
     assert calls == []  # nothing read until a scrape
-    assert len(list(collector.collect())) == 14
-    assert len(list(collector.collect())) == 14
+    assert len(list(collector.collect())) == 15
+    assert len(list(collector.collect())) == 15
     assert len(calls) == 2
 
 
@@ -470,3 +471,13 @@ def test_the_docs_example_runs() -> None:
     assert blocks
     for block in blocks:
         exec(block, {"__name__": "docs_example"})
+
+
+def test_a_source_backlog_is_a_gauge_only_where_known() -> None:
+    ops = (
+        OperatorSnapshot("file", "source", 0, 0, 10, 0, 0, 0, 0, backlog=1234),
+        OperatorSnapshot("gen", "source", 0, 0, 10, 0, 0, 0, 0),
+    )
+    families = {f.name: f for f in metric_families(FlowSnapshot("f", 1.0, ops, ()))}
+    samples = families["sluiceway_source_backlog"].samples
+    assert [(s.labels["operator"], s.value) for s in samples] == [("file", 1234.0)]

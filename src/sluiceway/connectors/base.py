@@ -77,6 +77,12 @@ class Source(ABC):
         """A JSON-able position from which reading could resume (None if unknown)."""
         return None
 
+    def backlog(self) -> int | None:
+        """How much input is waiting to be read, when the source knows (None: unknown):
+        unread bytes for a file, pending messages for a broker.  Read by the metrics (the
+        ``backlog`` of the source's operator), never on the hot path."""
+        return None
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources.  Called once, also after errors and cancellation."""
 

@@ -247,6 +247,12 @@ def _not_open(what: str) -> RuntimeError:
 # -- JSON Lines ----------------------------------------------------------------------
 
 
+def _unread(f: IO[bytes] | None, offset: int) -> int | None:
+    if f is None or f.closed:
+        return None
+    return max(0, os.fstat(f.fileno()).st_size - offset)
+
+
 class JsonLinesSource(Source):
     r"""Records from a JSON Lines file: one JSON value per line (``sw.sources.JsonLines``).
 
@@ -360,6 +366,10 @@ class JsonLinesSource(Source):
         Pass it back as ``resume_from=`` to continue from there.
         """
         return {"offset": self._lines.offset, "line": self._lines.line}
+
+    def backlog(self) -> int | None:
+        """Bytes of the file not read yet (None when it is not open)."""
+        return _unread(self._file, self._lines.offset)
 
     async def close(self) -> None:
         """Close the file (safe to call twice)."""
@@ -613,6 +623,10 @@ class Csv(Source):
         from the start of the file).
         """
         return {"offset": self._lines.offset, "line": self._lines.line}
+
+    def backlog(self) -> int | None:
+        """Bytes of the file not read yet (None when it is not open)."""
+        return _unread(self._file, self._lines.offset)
 
     async def close(self) -> None:
         """Close the file (safe to call twice)."""

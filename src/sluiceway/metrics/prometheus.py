@@ -90,7 +90,8 @@ def metric_families(snapshot: FlowSnapshot) -> list[Metric]:
     ``sluiceway_{records_in,records_out,errors,retries,dead_letters,dropped,late_records}
     _total``.  Gauges per operator: ``sluiceway_window_state`` (open windows),
     ``sluiceway_watermark_seconds`` (only once the operator has seen a watermark) and
-    ``sluiceway_circuit_open`` (only operators with a circuit breaker; 1 while open).
+    ``sluiceway_circuit_open`` (only operators with a circuit breaker; 1 while open),
+    ``sluiceway_source_backlog`` (only sources that know it: a file's unread bytes).
     Per channel (labels ``flow``, ``edge``): gauges ``sluiceway_channel_fill`` and
     ``sluiceway_channel_capacity``, counters ``sluiceway_channel_blocked_seconds_total``
     and ``sluiceway_channel_dropped_total``.
@@ -118,6 +119,11 @@ def metric_families(snapshot: FlowSnapshot) -> list[Metric]:
         "1 while the operator's circuit breaker is open, else 0.",
         labels=_OPERATOR_LABELS,
     )
+    backlog = GaugeMetricFamily(
+        "sluiceway_source_backlog",
+        "Input waiting to be read by the source, when it knows (bytes of a file).",
+        labels=_OPERATOR_LABELS,
+    )
     for op in snapshot.operators:
         labels = [flow, op.name, op.kind]
         state.add_metric(labels, op.state)
@@ -125,7 +131,9 @@ def metric_families(snapshot: FlowSnapshot) -> list[Metric]:
             watermark.add_metric(labels, op.watermark)
         if op.circuit_state:
             circuit.add_metric(labels, 1.0 if op.circuit_state == "open" else 0.0)
-    families += [state, watermark, circuit]
+        if op.backlog is not None:
+            backlog.add_metric(labels, op.backlog)
+    families += [state, watermark, circuit, backlog]
 
     fill = GaugeMetricFamily(
         "sluiceway_channel_fill", "Records queued in the channel now.", labels=_CHANNEL_LABELS

@@ -11,6 +11,7 @@ else -- the live console view, a Prometheus exporter, tests -- reads
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sluiceway.runtime.channel import ChannelReader, ChannelStatistics
@@ -64,6 +65,8 @@ class OperatorSnapshot:
     ``watermark`` is the event-time watermark it last saw, in epoch seconds (``-inf``
     before any).  With a circuit breaker, ``circuit_state`` is its state (``closed``,
     ``open``, ``half_open``; ``""`` without one) and ``circuit_opens`` how often it opened.
+    ``backlog`` is a source's unread input when it knows it (bytes of a file; None
+    otherwise).
     """
 
     name: str
@@ -80,6 +83,7 @@ class OperatorSnapshot:
     watermark: float = -math.inf
     circuit_state: str = ""
     circuit_opens: int = 0
+    backlog: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +163,7 @@ class MetricsRegistry:
         self._operators: dict[str, OperatorMetrics] = {}
         self._channels: dict[str, ChannelReader] = {}
         self._feeds: dict[str, str] = {}
+        self._backlogs: dict[str, Callable[[], int | None]] = {}
 
     def operator(self, name: str, kind: str, stage: int) -> OperatorMetrics:
         """Register (or return) the counters of operator ``name``."""
@@ -167,10 +172,23 @@ class MetricsRegistry:
             m = self._operators[name] = OperatorMetrics(name, kind, stage)
         return m
 
+    def add_backlog(self, operator: str, backlog: Callable[[], int | None]) -> None:
+        """Register how to read a source's backlog (called at snapshot time)."""
+        self._backlogs[operator] = backlog
+
     def add_channel(self, reader: ChannelReader, feeds: str) -> None:
         """Register a channel and the operator it feeds."""
         self._channels[reader.name] = reader
         self._feeds[feeds] = reader.name
+
+    def _backlog(self, name: str) -> int | None:
+        read = self._backlogs.get(name)
+        if read is None:
+            return None
+        try:
+            return read()
+        except (OSError, ValueError):  # a file closed or gone meanwhile: unknown
+            return None
 
     def snapshot(self) -> FlowSnapshot:
         """A frozen copy of every counter, stamped with the clock's monotonic time."""
@@ -192,6 +210,7 @@ class MetricsRegistry:
                 watermark=m.watermark,
                 circuit_state=m.circuit_state,
                 circuit_opens=m.circuit_opens,
+                backlog=self._backlog(m.name),
             )
             for m in self._operators.values()
         )
