@@ -34,6 +34,7 @@ import bench_async_io
 import bench_backpressure
 import bench_latency
 import bench_limiters
+import bench_observability
 import bench_redis_limiter
 import bench_stateless
 import bench_windows
@@ -55,6 +56,7 @@ WORKLOADS: dict[str, Workload] = {
     "IO": bench_async_io.run,
     "RL": bench_limiters.run,
     "RRL": bench_redis_limiter.run,
+    "OBS": bench_observability.run,
 }
 
 
