@@ -394,7 +394,9 @@ def test_render_shows_counts_rates_and_channels() -> None:
     lines = text.splitlines()
     assert lines[0] == "sluiceway  flow 'orders'  t=4.0s  (rates over the last 2.0s)"
     row = next(line for line in lines if line.startswith("parse"))
-    assert row.split() == ["parse", "map", "0", "5,000", "4,990", "2,000", "1,995", "10", "0", "0"]
+    assert row.split() == [
+        "parse", "map", "0", "5,000", "4,990", "2,000", "1,995", "10", "0", "0", "-"
+    ]  # fmt: skip
     chan = next(line for line in lines if line.startswith("out.in"))
     # 500/1000 full; blocked 1.5 s over 2 s: 75 % backpressure; 3 dropped.
     assert chan.split() == ["out.in", "500/1,000", "[#####.....]", "500", "75%", "3", "block"]
@@ -424,13 +426,15 @@ def test_render_fits_a_narrow_terminal_and_colors_are_optional() -> None:
 def test_render_shows_late_records_and_watermark_lag_for_event_time_flows() -> None:
     plain = FlowSnapshot("f", 1.0, (_op("s", "source", 0, 0, 1),), (), wall_time=110.0)
     assert "wm lag" not in console.render(plain, None, 200)
-    window = OperatorSnapshot("win", "window", 0, 10, 2, 0, 0, 0, 0, late=3, watermark=100.0)
+    window = OperatorSnapshot(
+        "win", "window", 0, 10, 2, 0, 0, 0, 0, late=3, watermark=100.0, latency_p99=0.0123
+    )
     source = _op("s", "source", 0, 10, 10)
     snap = FlowSnapshot("f", 1.0, (source, window), (), wall_time=102.5)
     lines = console.render(snap, None, 200).splitlines()
-    assert lines[2].endswith("dead  late  wm lag")
+    assert lines[2].split()[-5:] == ["dead", "p99", "late", "wm", "lag"]
     assert lines[3].split()[-2:] == ["0", "-"]  # the source has no watermark
-    assert lines[4].split()[-2:] == ["3", "2.5s"]  # 3 late, watermark 2.5 s behind
+    assert lines[4].split()[-3:] == ["12ms", "3", "2.5s"]  # p99; 3 late; watermark 2.5 s behind
     assert snap.watermark_lag("win") == 2.5
     assert snap.watermark_lag("s") is None
 

@@ -150,6 +150,7 @@ def test_metric_families_names_labels_and_values() -> None:
         "sluiceway_watermark_seconds": "gauge",
         "sluiceway_circuit_open": "gauge",
         "sluiceway_source_backlog": "gauge",
+        "sluiceway_stage_latency_seconds": "gauge",
         "sluiceway_channel_fill": "gauge",
         "sluiceway_channel_capacity": "gauge",
         "sluiceway_channel_blocked_seconds": "counter",
@@ -194,8 +195,8 @@ def test_collector_reads_the_snapshot_at_every_collect() -> None:
 
     collector = FlowCollector(snap)
     assert calls == []  # nothing read until a scrape
-    assert len(list(collector.collect())) == 15
-    assert len(list(collector.collect())) == 15
+    assert len(list(collector.collect())) == 16
+    assert len(list(collector.collect())) == 16
     assert len(calls) == 2
 
 
@@ -481,3 +482,20 @@ def test_a_source_backlog_is_a_gauge_only_where_known() -> None:
     families = {f.name: f for f in metric_families(FlowSnapshot("f", 1.0, ops, ()))}
     samples = families["sluiceway_source_backlog"].samples
     assert [(s.labels["operator"], s.value) for s in samples] == [("file", 1234.0)]
+
+
+def test_stage_latency_quantiles_only_for_stage_heads() -> None:
+    ops = (
+        OperatorSnapshot(
+            "src", "source", 0, 0, 10, 0, 0, 0, 0,
+            latency_p50=0.001, latency_p95=0.002, latency_p99=0.004,
+        ),
+        OperatorSnapshot("out", "sink", 0, 10, 10, 0, 0, 0, 0),
+    )  # fmt: skip
+    families = {f.name: f for f in metric_families(FlowSnapshot("f", 1.0, ops, ()))}
+    samples = families["sluiceway_stage_latency_seconds"].samples
+    assert [(s.labels["operator"], s.labels["quantile"], s.value) for s in samples] == [
+        ("src", "0.5", 0.001),
+        ("src", "0.95", 0.002),
+        ("src", "0.99", 0.004),
+    ]

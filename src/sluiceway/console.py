@@ -104,6 +104,17 @@ def strip_ansi(text: str) -> str:
     return _ANSI.sub("", text)
 
 
+def _seconds(value: float) -> str:
+    """A latency for the table: ``850us``, ``12ms``, ``1.5s``; ``-`` when unknown."""
+    if math.isnan(value):
+        return "-"
+    if value < 1e-3:
+        return f"{value * 1e6:.0f}us"
+    if value < 1.0:
+        return f"{value * 1e3:.0f}ms"
+    return f"{value:.1f}s"
+
+
 def _cut(line: str, width: int) -> str:
     return line if len(line) <= width else line[: max(0, width - 1)] + "~"
 
@@ -164,12 +175,13 @@ def render(
             format_count(op.retries),
             format_count(op.dead_letters),
         ]
+        row.append(_seconds(op.latency_p99))
         if event_time:
             lag = snapshot.watermark_lag(op.name)
             row += [format_count(op.late), "-" if lag is None else f"{lag:.1f}s"]
         op_rows.append(row)
     header = ["operator", "kind", "stage", "in", "out", "in/s", "out/s", "errors", "retries"]
-    header += ["dead", "late", "wm lag"] if event_time else ["dead"]
+    header += ["dead", "p99", "late", "wm lag"] if event_time else ["dead", "p99"]
     ops = _table(header, op_rows, left=2)
 
     ch_rows: list[list[str]] = []

@@ -119,6 +119,12 @@ def metric_families(snapshot: FlowSnapshot) -> list[Metric]:
         "1 while the operator's circuit breaker is open, else 0.",
         labels=_OPERATOR_LABELS,
     )
+    latency = GaugeMetricFamily(
+        "sluiceway_stage_latency_seconds",
+        "Per record, the time its batch took through the operator's stage (stage heads "
+        "only), by quantile; upper bounds of log buckets, within 19 %.",
+        labels=[*_OPERATOR_LABELS, "quantile"],
+    )
     backlog = GaugeMetricFamily(
         "sluiceway_source_backlog",
         "Input waiting to be read by the source, when it knows (bytes of a file).",
@@ -126,6 +132,13 @@ def metric_families(snapshot: FlowSnapshot) -> list[Metric]:
     )
     for op in snapshot.operators:
         labels = [flow, op.name, op.kind]
+        if not math.isnan(op.latency_p50):
+            for q, v in (
+                ("0.5", op.latency_p50),
+                ("0.95", op.latency_p95),
+                ("0.99", op.latency_p99),
+            ):
+                latency.add_metric([*labels, q], v)
         state.add_metric(labels, op.state)
         if math.isfinite(op.watermark):
             watermark.add_metric(labels, op.watermark)
@@ -133,7 +146,7 @@ def metric_families(snapshot: FlowSnapshot) -> list[Metric]:
             circuit.add_metric(labels, 1.0 if op.circuit_state == "open" else 0.0)
         if op.backlog is not None:
             backlog.add_metric(labels, op.backlog)
-    families += [state, watermark, circuit, backlog]
+    families += [state, watermark, circuit, backlog, latency]
 
     fill = GaugeMetricFamily(
         "sluiceway_channel_fill", "Records queued in the channel now.", labels=_CHANNEL_LABELS

@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from sluiceway.metrics.histogram import LatencyHistogram
 from sluiceway.runtime.channel import ChannelReader, ChannelStatistics
 from sluiceway.time import Clock
 
@@ -30,6 +31,7 @@ class OperatorMetrics:
         "errors",
         "kind",
         "late",
+        "latency",
         "name",
         "records_in",
         "records_out",
@@ -53,6 +55,9 @@ class OperatorMetrics:
         self.watermark = -math.inf
         self.circuit_state = ""
         self.circuit_opens = 0
+        self.latency = LatencyHistogram()
+        """Per record, the time its batch took through this operator's stage (recorded
+        for stage heads: the operator that takes batches from a source or a channel)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +71,9 @@ class OperatorSnapshot:
     before any).  With a circuit breaker, ``circuit_state`` is its state (``closed``,
     ``open``, ``half_open``; ``""`` without one) and ``circuit_opens`` how often it opened.
     ``backlog`` is a source's unread input when it knows it (bytes of a file; None
-    otherwise).
+    otherwise).  ``latency_p50/p95/p99`` (seconds; NaN for operators that do not head a
+    stage) are percentiles of the time a record's batch took through the operator's
+    stage -- every operator fused into it, including waiting for room downstream.
     """
 
     name: str
@@ -84,6 +91,9 @@ class OperatorSnapshot:
     circuit_state: str = ""
     circuit_opens: int = 0
     backlog: int | None = None
+    latency_p50: float = math.nan
+    latency_p95: float = math.nan
+    latency_p99: float = math.nan
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +221,9 @@ class MetricsRegistry:
                 circuit_state=m.circuit_state,
                 circuit_opens=m.circuit_opens,
                 backlog=self._backlog(m.name),
+                latency_p50=m.latency.percentile(50),
+                latency_p95=m.latency.percentile(95),
+                latency_p99=m.latency.percentile(99),
             )
             for m in self._operators.values()
         )

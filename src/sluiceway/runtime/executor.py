@@ -130,6 +130,7 @@ class _SourceStage(_Stage):
 
     async def _run(self) -> None:
         ex, head, source = self.ex, self.head, self.source
+        clock, latency = ex.clock, head.metrics.latency
         task = self.task
         assert task is not None
         try:
@@ -151,8 +152,10 @@ class _SourceStage(_Stage):
                 if batch is None:
                     break
                 if batch.values:
-                    self.inflight = len(batch.values)
+                    n = self.inflight = len(batch.values)
+                    t0 = clock.monotonic()
                     await head.push(batch)
+                    latency.observe(clock.monotonic() - t0, n)
                     self.inflight = 0
                 await yield_now()
         except (SluicewayError, asyncio.CancelledError):
@@ -191,6 +194,7 @@ class _ChannelStage(_Stage):
 
     async def _run(self) -> None:
         reader, head, clock = self.reader, self.head, self.ex.clock
+        latency = head.metrics.latency
         timed = bool(self.timer_steps)
         while True:
             deadline = self._deadline() if timed else None
@@ -204,8 +208,10 @@ class _ChannelStage(_Stage):
             if item is None:
                 await self._fire_timers()
             elif isinstance(item, Batch):
-                self.inflight = len(item.values)
+                n = self.inflight = len(item.values)
+                t0 = clock.monotonic()
                 await head.push_input(item, reader.input_index)
+                latency.observe(clock.monotonic() - t0, n)
                 self.inflight = 0
             else:
                 await head.control_input(item.message, item.input_index)
