@@ -27,6 +27,7 @@ import_or_missing("redis")
 
 import redis.asyncio as aioredis  # noqa: E402 - after the skip-or-fail check above
 
+import sluiceway as sw  # noqa: E402
 from sluiceway.errors import ClosedResourceError  # noqa: E402
 from sluiceway.flowcontrol.redis import (  # noqa: E402
     FixedWindowSpec,
@@ -456,3 +457,27 @@ def test_a_key_of_another_type_is_a_clear_error(redis_url: str, redis_prefix: st
             await admin.aclose()
 
     run(main())
+
+
+def test_rate_limit_operator_over_a_redis_limiter(redis_url: str, redis_prefix: str) -> None:
+    """A flow shaped by a limit kept in Redis: 20 per second, bursts of 2. Real time (the
+    limit is in Redis's clock): 12 records take at least (12 - 2) / 20 = 0.5 s."""
+    limiter = RedisLimiter(
+        redis_url, "flow", RedisLimiter.token_bucket(rate=20, burst=2), prefix=redis_prefix
+    )
+    flow = sw.Flow("redis-paced")
+    out = sw.testing.TimedCollect()
+    flow.source(sw.sources.Iterable(range(12))).rate_limit(limiter).sink(out)
+
+    async def main() -> float:
+        started = time.monotonic()
+        try:
+            await sw.run_async(flow)
+        finally:
+            await limiter.close()  # on the loop its connections belong to
+        return time.monotonic() - started
+
+    elapsed = asyncio.run(main())
+    assert out.values == list(range(12))  # nothing dropped, order kept
+    assert elapsed >= 0.45
+    assert elapsed < 3.0

@@ -569,8 +569,9 @@ class Stream(Generic[T]):
         """Let records through no faster than ``limiter`` allows (shaping, not dropping).
 
         ``limiter`` is one of ``sw.flowcontrol.TokenBucket``, ``LeakyBucket``,
-        ``FixedWindow``, ``SlidingWindowLog``, ``SlidingWindowCounter``, or a
-        ``KeyedLimiter`` (a rate per key, on a keyed stream).  The operator waits on the
+        ``FixedWindow``, ``SlidingWindowLog``, ``SlidingWindowCounter``, a
+        ``KeyedLimiter`` (a rate per key, on a keyed stream), or a ``RedisLimiter`` (a
+        limit shared by processes: a round trip per record).  The operator waits on the
         flow's clock; its waiting holds the source back by backpressure.  See
         docs/flow-control.md.
 
@@ -592,11 +593,20 @@ class Stream(Generic[T]):
             keyed = True
         elif isinstance(limiter, Limiter):
             keyed = False
+        elif inspect.iscoroutinefunction(getattr(limiter, "try_acquire", None)) and (
+            inspect.iscoroutinefunction(getattr(limiter, "acquire", None))
+        ):  # a remote limiter, e.g. sluiceway.flowcontrol.redis.RedisLimiter
+            node = self._derive(
+                RateLimitSpec(limiter, keyed=False, remote=True),
+                name,
+                f"rate_limit_{type(limiter).__name__}",
+            )
+            return self._wrap(node)
         else:
             raise TypeError(
                 "rate_limit() expects a limiter from sw.flowcontrol (TokenBucket, LeakyBucket, "
-                "FixedWindow, SlidingWindowLog, SlidingWindowCounter, KeyedLimiter), "
-                f"got {limiter!r}"
+                "FixedWindow, SlidingWindowLog, SlidingWindowCounter, KeyedLimiter, or a "
+                f"RedisLimiter), got {limiter!r}"
             )
         label = type(limiter).__name__
         node = self._derive(RateLimitSpec(limiter, keyed=keyed), name, f"rate_limit_{label}")

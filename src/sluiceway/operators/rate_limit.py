@@ -6,7 +6,8 @@ Sleeping holds up its stage, so the channel in front fills and the source is pul
 slowly: nothing is dropped unless the user puts a dropping ``buffer`` in front.  Order,
 timestamps, keys and watermarks are kept.  On a keyed stream with a ``KeyedLimiter``,
 each key has its own rate; a key that must wait holds up the records behind it (order
-is kept).
+is kept).  A ``RedisLimiter`` (a limit shared by processes) costs a round trip to Redis
+per record and limits the whole stream (its own ``key=`` picks the subject).
 """
 
 from __future__ import annotations
@@ -22,6 +23,31 @@ __all__ = ["RateLimitSpec"]
 
 class _Reserving(Protocol):
     def bind(self, clock: Clock) -> Any: ...
+
+
+class _AsyncRateLimitStep(Step):
+    """A limiter whose decisions are remote and async (``RedisLimiter``): a round trip
+    per record; when a record is not admitted at once, what was admitted goes on and the
+    step waits in ``acquire``."""
+
+    def __init__(self, ctx: BuildContext, limiter: Any) -> None:
+        super().__init__(ctx.name, ctx.metrics)
+        self.limiter = limiter
+
+    async def push(self, batch: Batch) -> None:
+        n = len(batch.values)
+        if not n:
+            return
+        self.metrics.records_in += n
+        limiter = self.limiter
+        start = 0
+        for i in range(n):
+            if not await limiter.try_acquire(1):
+                if i > start:
+                    await self.emit(batch.slice(start, i))
+                    start = i
+                await limiter.acquire(1)
+        await self.emit(batch if start == 0 else batch.slice(start))
 
 
 class _RateLimitStep(Step):
@@ -59,9 +85,12 @@ class RateLimitSpec(OpSpec):
 
     kind: ClassVar[str] = "rate_limit"
 
-    def __init__(self, limiter: Any, *, keyed: bool) -> None:
+    def __init__(self, limiter: Any, *, keyed: bool, remote: bool = False) -> None:
         self.limiter = limiter
         self.keyed = keyed
+        self.remote = remote
 
     def build(self, ctx: BuildContext) -> Step:
+        if self.remote:
+            return _AsyncRateLimitStep(ctx, self.limiter)
         return _RateLimitStep(ctx, self.limiter, self.keyed)
