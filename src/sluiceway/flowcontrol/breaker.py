@@ -22,6 +22,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from sluiceway.time import Clock
 from sluiceway.time.durations import positive_seconds
 
 __all__ = ["CircuitBreaker", "CircuitOpenError", "watch_breaker"]
@@ -99,6 +100,15 @@ class CircuitBreaker:
                 return False
             self.trials += 1
         return True
+
+    async def enter(self, clock: Clock, when_open: str) -> None:
+        """Start a call through the breaker: wait while it is open (``"wait"``), or
+        raise :class:`CircuitOpenError` (``"dead_letter"``: the caller's error policy
+        sends the record on)."""
+        while not self.try_start(clock.monotonic()):
+            if when_open == "dead_letter":
+                raise CircuitOpenError(f"circuit breaker {self.name!r} is open")
+            await clock.sleep(max(self.wait(clock.monotonic()), 0.001))
 
     def on_success(self, now: float) -> None:
         """A call that started completed successfully."""

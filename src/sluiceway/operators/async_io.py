@@ -155,10 +155,7 @@ class _AsyncMapStep(Step):
         clock = self.clock
         breaker = self.breaker
         if gate and breaker is not None:
-            while not breaker.try_start(clock.monotonic()):
-                if self.spec.when_open == "dead_letter":
-                    raise CircuitOpenError(f"circuit breaker {breaker.name!r} is open")
-                await clock.sleep(max(breaker.wait(clock.monotonic()), 0.001))
+            await breaker.enter(clock, self.spec.when_open)
         started = clock.monotonic()
         timeout = self.spec.timeout
         handle = None

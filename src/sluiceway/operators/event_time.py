@@ -24,6 +24,7 @@ from sluiceway.operators.stateless import make_passthrough
 from sluiceway.policies import ErrorPolicy, Fail
 from sluiceway.runtime.messages import Batch, Control, Watermark
 from sluiceway.time import Clock
+from sluiceway.windows.assigners import ticks
 
 __all__ = ["MergeSpec", "WithTimestampsSpec", "to_ticks"]
 
@@ -43,7 +44,7 @@ def to_ticks(t: object) -> int:
                 f"timestamp {t!r} is a naive datetime; give it a timezone "
                 "(e.g. datetime(..., tzinfo=timezone.utc)) or use epoch seconds"
             )
-        return round(t.timestamp() * _MICROS)
+        return ticks(t.timestamp())
     if isinstance(t, bool) or not isinstance(t, int | float):
         raise TypeError(
             f"timestamp must be epoch seconds (int or float) or an aware datetime, "
@@ -51,7 +52,7 @@ def to_ticks(t: object) -> int:
         )
     if not math.isfinite(t):
         raise ValueError(f"timestamp must be a finite number of seconds, got {t!r}")
-    return round(t * _MICROS)
+    return ticks(t)
 
 
 def _record_ticks(fn: Callable[[Any], object], value: Any) -> int:

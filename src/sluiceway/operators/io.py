@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from sluiceway.connectors.base import PartialWriteError, Sink, Source
-from sluiceway.flowcontrol.breaker import CircuitBreaker, CircuitOpenError, watch_breaker
+from sluiceway.flowcontrol.breaker import CircuitBreaker, watch_breaker
 from sluiceway.operators.base import BuildContext, OpSpec, Step
 from sluiceway.operators.errors import ErrorHandler
 from sluiceway.operators.stateless import make_passthrough
@@ -65,10 +65,7 @@ class _SinkStep(Step):
         if breaker is None:
             await self.sink.write(part)
             return
-        while not breaker.try_start(clock.monotonic()):
-            if self.when_open == "dead_letter":
-                raise CircuitOpenError(f"circuit breaker {breaker.name!r} is open")
-            await clock.sleep(max(breaker.wait(clock.monotonic()), 0.001))
+        await breaker.enter(clock, self.when_open)
         try:
             await self.sink.write(part)
         except Exception:

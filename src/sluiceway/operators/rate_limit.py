@@ -12,17 +12,13 @@ per record and limits the whole stream (its own ``key=`` picks the subject).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
 from sluiceway.operators.base import BuildContext, OpSpec, Step
 from sluiceway.runtime.messages import Batch
 from sluiceway.time import Clock
 
 __all__ = ["RateLimitSpec"]
-
-
-class _Reserving(Protocol):
-    def bind(self, clock: Clock) -> Any: ...
 
 
 class _AsyncRateLimitStep(Step):

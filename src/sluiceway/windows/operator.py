@@ -537,13 +537,16 @@ class _GridWindowStep(_WindowStep):
         ts = batch.timestamps
         assert ts is not None
         first, bound = base
-        after = max(first, max(ts)) - bound  # noqa: PLW3301 - max(ts) runs in C
+        hi = max(ts)
+        after = max(first, hi) - bound
         if after >= self.next_due or self._earliest_end(min(ts)) <= after:
             await super().push(batch)
             return
         self.metrics.records_in += len(ts)
         self._records_fast(batch.values, ts, batch.keys or repeat(None))
-        before_last = max(first, max(ts[:-1], default=first)) - bound
+        # The watermark the last record came with: the largest timestamp before it.
+        before = hi if ts[-1] < hi else max(ts[:-1], default=first)
+        before_last = max(first, before) - bound
         self.wm = max(self.wm, before_last)
         self.rec_wm = before_last
         await self._flush_output()
