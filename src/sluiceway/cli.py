@@ -7,6 +7,7 @@
     sluiceway run myjob.flows:flow --describe  # print the physical plan and exit
     sluiceway demo --duration 30 --rate 5000   # a synthetic clickstream, live in the terminal
     sluiceway run myjob.flows:flow --metrics-port 9100  # Prometheus metrics at :9100/metrics
+    sluiceway demo --ui-port 8080              # the web view: the graph, live, at :8080
 
 Exit codes: 0 the flow ended or stopped gracefully; 1 the flow failed, is not valid, was
 cancelled at the end of its grace period, or its code raised while loading; 2 the command
@@ -154,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PORT",
         help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics while the flow "
         "runs (0: any free port; needs `pip install 'sluiceway[prometheus]'`)",
+    )
+    metrics.add_argument(
+        "--ui-port",
+        type=_port,
+        default=None,
+        metavar="PORT",
+        help="serve the web view (the flow's graph with live numbers) at "
+        "http://127.0.0.1:PORT/ while the flow runs (0: any free port)",
     )
 
     run = commands.add_parser(
@@ -533,6 +542,35 @@ def _metrics_exporter(port: int | None) -> sw.Monitor | None:
     return serve
 
 
+def _with_web_view(port: int | None, inner: sw.Monitor | None) -> sw.Monitor | None:
+    """``inner`` beside the web view of ``--ui-port`` (``inner`` alone without the option).
+
+    The view binds first and its URL is printed on stderr before ``inner`` starts, so
+    the line comes before a live table's first frame.
+    """
+    if port is None:
+        return inner
+    from sluiceway.metrics.web import WebView  # noqa: PLC0415 - only --ui-port needs it
+
+    view = WebView(port)
+
+    async def serve(handle: sw.FlowHandle) -> None:
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(view(handle))
+                await view.wait_serving()
+                print(f"sluiceway: web view at {view.url}", file=sys.stderr, flush=True)
+                if inner is not None:
+                    await inner(handle)
+        except BaseExceptionGroup as group:
+            first = _first_error(group)
+            if isinstance(first, OSError):  # binding failed (port in use, no permission)
+                raise CliError(f"--ui-port {port}: {first}", _EXIT_USAGE) from first
+            raise first from first.__cause__
+
+    return serve
+
+
 def _run_flow(
     flow: sw.Flow,
     args: argparse.Namespace,
@@ -599,7 +637,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     exporter = _metrics_exporter(args.metrics_port)
     if exporter is not None:
         monitors.append(exporter)
-    monitor = _together(*monitors) if monitors else None
+    monitor = _with_web_view(args.ui_port, _together(*monitors) if monitors else None)
     result = _run_flow(flow, args, monitor, live_table=bool(args.live))
     print(f"sluiceway: {_totals(result)}", file=sys.stderr)
     return 0
@@ -648,7 +686,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         monitors.append(_stop_after(args.duration))
     if exporter is not None:
         monitors.append(exporter)
-    result = _run_flow(flow, args, _together(*monitors), live_table=live)
+    monitor = _with_web_view(args.ui_port, _together(*monitors))
+    result = _run_flow(flow, args, monitor, live_table=live)
 
     m = result.metrics
     clicks = m.operator("clicks").records_out

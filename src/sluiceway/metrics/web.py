@@ -1,0 +1,654 @@
+"""A web view of a running flow: its graph with live numbers, as a :data:`~sluiceway.Monitor`.
+
+::
+
+    import sluiceway as sw
+    from sluiceway.metrics.web import WebView
+
+    sw.run(flow, monitor=WebView(8080))   # open http://127.0.0.1:8080/
+
+``GET /`` is one static page (inline SVG, CSS and JavaScript, no build step, nothing
+fetched from elsewhere) that draws the dataflow graph -- operators as nodes grouped by
+fused stage, channels as edges with their fill -- and polls ``GET /api/flow`` about once a
+second.  Each node is coloured by its backpressure ratio, from green (never waits for
+room downstream) to red (always waits).
+
+Nothing here runs per record.  The view samples :meth:`FlowHandle.metrics()
+<sluiceway.FlowHandle.metrics>` every ``interval`` seconds of the flow's clock and derives
+rates from the last two samples (:meth:`FlowSnapshot.rates_since
+<sluiceway.FlowSnapshot.rates_since>`); a request reads the counters of that moment.  The
+HTTP server runs on the flow's event loop (asyncio streams, standard library only) and is
+closed, with every open connection, when the flow ends.
+
+The pure parts are :func:`flow_graph` (a flow's static layout) and :func:`flow_state`
+(the ``/api/flow`` document for a snapshot):
+
+>>> import sluiceway as sw
+>>> flow = sw.Flow("tiny")
+>>> nums = flow.source(sw.sources.Iterable([1, 2]), name="nums")
+>>> nums.buffer(8, name="buf").sink(sw.sinks.Collect(), name="out")
+>>> graph = flow_graph(flow)
+>>> [(n.name, n.stage, n.column, n.row) for n in graph.nodes]
+[('nums', 0, 0, 0), ('buf', 1, 1, 0), ('out', 1, 2, 0)]
+>>> [(e.source, e.target, e.channel) for e in graph.edges]
+[('nums', 'buf', 'buf.in'), ('buf', 'out', None)]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.resources
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, TypedDict
+from urllib.parse import urlsplit
+
+from sluiceway.flow import Flow, Node
+from sluiceway.metrics.registry import FlowSnapshot, OperatorSnapshot, Rates
+from sluiceway.operators.stateless import LateOutputSpec, PortSpec
+from sluiceway.plan import plan
+from sluiceway.runtime.handle import FlowHandle
+
+__all__ = [
+    "EdgeState",
+    "FlowGraph",
+    "FlowState",
+    "GraphEdge",
+    "GraphNode",
+    "GraphStage",
+    "NodeState",
+    "StageState",
+    "WebView",
+    "flow_graph",
+    "flow_state",
+]
+
+log = logging.getLogger("sluiceway.metrics")
+
+_MAX_REQUEST_HEAD = 16 * 1024  # request line + headers; a browser sends a few hundred bytes
+_MAX_PORT = 65535
+_MAX_COLUMNS = 8  # a wider graph wraps onto another band of rows, at a stage boundary
+_PAGE = "web.html"
+_ZEROS = (0, 0, 0, 0, 0, 0)  # records in/out, errors, retries, dead letters, dropped
+
+
+# -- the static graph ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GraphNode:
+    """One operator, placed on a grid: ``column`` (left to right) and ``row``."""
+
+    name: str
+    kind: str
+    stage: int
+    column: int
+    row: int
+    head: bool
+    """True for the operator that heads its stage (a source, or fed by a channel)."""
+
+
+@dataclass(frozen=True, slots=True)
+class GraphEdge:
+    """``source`` feeds ``target``, through ``channel`` (None: a call inside a stage).
+
+    ``port`` labels a side output: ``true``/``false`` after a branch, ``late`` after a
+    window (None for an ordinary edge).
+    """
+
+    source: str
+    target: str
+    channel: str | None
+    port: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class GraphStage:
+    """The operators fused into one stage (one task), in order; ``channel`` feeds it."""
+
+    index: int
+    operators: tuple[str, ...]
+    channel: str | None
+    writers: tuple[tuple[str, int], ...]
+    """Per channel this stage writes into: ``(channel, how many of its writers are here)``."""
+
+
+@dataclass(frozen=True, slots=True)
+class FlowGraph:
+    """A flow's operators, edges and stages, laid out on a grid (see :func:`flow_graph`)."""
+
+    flow: str
+    nodes: tuple[GraphNode, ...]
+    edges: tuple[GraphEdge, ...]
+    stages: tuple[GraphStage, ...]
+    columns: int
+    rows: int
+    channel_writers: dict[str, int]
+    """How many writers each channel has."""
+
+
+def _port(node: Node) -> str | None:
+    spec = node.spec
+    if isinstance(spec, LateOutputSpec):
+        return "late"
+    if isinstance(spec, PortSpec):
+        return "true" if spec.port == 0 else "false"
+    return None
+
+
+def flow_graph(flow: Flow, *, max_columns: int = _MAX_COLUMNS) -> FlowGraph:
+    """The operators of ``flow`` as a layered grid, by topological depth.
+
+    An operator's column is its depth (the longest path from a source).  Every stage
+    takes a rectangle of rows of its own, so the boxes drawn around fused stages never
+    overlap.  When a stage would reach past ``max_columns``, it starts a new band of
+    rows below, back at column 0 (the edges into it wrap around).
+
+    Raises:
+        FlowDefinitionError: when the flow is not valid (as :func:`sluiceway.plan.plan`).
+    """
+    physical = plan(flow)
+    depth: dict[int, int] = {}
+    for node in flow.topological_order():
+        depth[node.id] = 1 + max((depth[i.id] for i in node.inputs), default=-1)
+
+    # Bands: a stage starts a new band when it would reach too far right.
+    stages = sorted(physical.stages, key=lambda s: (min(depth[n.id] for n in s.nodes), s.index))
+    origin = 0
+    band_of: dict[int, int] = {}
+    origins: list[int] = [0]
+    for st in stages:
+        lo = min(depth[n.id] for n in st.nodes)
+        hi = max(depth[n.id] for n in st.nodes)
+        if hi - origin >= max_columns and lo > origin:
+            origin = lo
+            origins.append(origin)
+        band_of[st.index] = len(origins) - 1
+
+    # Rows: within a band, each stage takes the rows below everything already placed in
+    # the columns it spans (a skyline), one row per operator of its widest column.
+    place: dict[int, tuple[int, int]] = {}
+    top = 0
+    columns = 0
+    for band, band_origin in enumerate(origins):
+        free: dict[int, int] = {}
+        bottom = top
+        for st in (s for s in stages if band_of[s.index] == band):
+            cols: dict[int, list[Node]] = {}
+            for node in st.nodes:
+                cols.setdefault(depth[node.id] - band_origin, []).append(node)
+            start = max(free.get(c, top) for c in range(min(cols), max(cols) + 1))
+            height = max(len(ns) for ns in cols.values())
+            for c in range(min(cols), max(cols) + 1):
+                free[c] = start + height
+            for c, ns in cols.items():
+                for i, node in enumerate(ns):
+                    place[node.id] = (c, start + i)
+                columns = max(columns, c + 1)
+            bottom = max(bottom, start + height)
+        top = bottom
+
+    nodes = tuple(
+        GraphNode(n.name, n.kind, st.index, *place[n.id], head=n is st.head)
+        for st in physical.stages
+        for n in st.nodes
+    )
+    channel_of = {id(ch.target): ch.name for ch in physical.channels}
+    edges = tuple(
+        GraphEdge(i.name, n.name, channel_of.get(id(n)), _port(n))
+        for st in physical.stages
+        for n in st.nodes
+        for i in n.inputs
+    )
+    graph_stages = []
+    for st in physical.stages:
+        here = {id(n) for n in st.nodes}
+        writes = tuple(
+            (ch.name, sum(1 for w in ch.writers if id(w) in here))
+            for ch in physical.channels
+            if any(id(w) in here for w in ch.writers)
+        )
+        graph_stages.append(
+            GraphStage(
+                st.index,
+                tuple(n.name for n in st.nodes),
+                None if st.channel is None else st.channel.name,
+                writes,
+            )
+        )
+    return FlowGraph(
+        flow=flow.name,
+        nodes=nodes,
+        edges=edges,
+        stages=tuple(graph_stages),
+        columns=columns,
+        rows=top,
+        channel_writers={ch.name: len(ch.writers) for ch in physical.channels},
+    )
+
+
+# -- the /api/flow document ---------------------------------------------------------------
+
+
+class NodeState(TypedDict):
+    """One operator in ``/api/flow``.  Rates and ratios are None until known."""
+
+    name: str
+    kind: str
+    stage: int
+    column: int
+    row: int
+    head: bool
+    records_in: int
+    records_out: int
+    rate_in: float | None
+    rate_out: float | None
+    errors: int
+    retries: int
+    dead_letters: int
+    dropped: int
+    late: int
+    backpressure: float | None
+    latency_p50: float | None
+    latency_p95: float | None
+    latency_p99: float | None
+    watermark: float | None
+    watermark_lag: float | None
+    backlog: int | None
+    circuit_state: str | None
+
+
+class EdgeState(TypedDict):
+    """One edge in ``/api/flow``; the channel fields are None for an edge inside a stage."""
+
+    source: str
+    target: str
+    port: str | None
+    channel: str | None
+    fill: int | None
+    capacity: int | None
+    max_fill: int | None
+    overflow: str | None
+    dropped: int | None
+    blocked_ratio: float | None
+
+
+class StageState(TypedDict):
+    """One fused stage in ``/api/flow``."""
+
+    index: int
+    operators: list[str]
+    channel: str | None
+    backpressure: float | None
+
+
+class FlowState(TypedDict):
+    """The ``/api/flow`` document."""
+
+    flow: str
+    time: float
+    wall_time: float | None
+    elapsed: float | None
+    rates_over: float | None
+    stopping: bool
+    columns: int
+    rows: int
+    stages: list[StageState]
+    nodes: list[NodeState]
+    edges: list[EdgeState]
+
+
+def _finite(value: float) -> float | None:
+    """``value``, or None for NaN and infinities (which JSON cannot carry)."""
+    return value if math.isfinite(value) else None
+
+
+def flow_state(
+    graph: FlowGraph,
+    now: FlowSnapshot,
+    rates: Rates | None = None,
+    *,
+    rates_over: float | None = None,
+    started: float | None = None,
+    stopping: bool = False,
+) -> FlowState:
+    """The ``/api/flow`` document: ``graph`` with the counters of ``now``.
+
+    Args:
+        graph: the flow's layout (:func:`flow_graph`).
+        now: the counters to show.
+        rates: per-second rates (None: not known yet; rates and ratios are null).
+        rates_over: the seconds ``rates`` were measured over.
+        started: the clock time the flow started (for ``elapsed``; None: unknown).
+        stopping: whether a stop has been requested.
+
+    A stage's backpressure is the share of time it spent waiting for room in the
+    channels it writes into (its writers' blocked time per second, 0 to 1); every
+    operator fused into the stage shares it.  A stage that writes into no channel (it
+    ends in sinks) has 0.
+
+    >>> import sluiceway as sw
+    >>> flow = sw.Flow("tiny")
+    >>> flow.source(sw.sources.Iterable([1]), name="nums").sink(sw.sinks.Collect(), name="out")
+    >>> result = sw.run(flow, clock=sw.VirtualClock())
+    >>> state = flow_state(flow_graph(flow), result.metrics)
+    >>> [(n["name"], n["records_in"], n["records_out"], n["rate_out"]) for n in state["nodes"]]
+    [('nums', 1, 1, None), ('out', 1, 1, None)]
+    """
+    ops = {o.name: o for o in now.operators}
+    channels = {c.name: c for c in now.channels}
+    stage_bp: dict[int, float | None] = {}
+    for st in graph.stages:
+        if rates is None:
+            stage_bp[st.index] = None
+            continue
+        share = 0.0
+        for channel, writers in st.writers:
+            blocked = rates.backpressure.get(channel, 0.0)
+            share += blocked * writers / max(1, graph.channel_writers.get(channel, 1))
+        stage_bp[st.index] = min(1.0, max(0.0, share))
+
+    nodes: list[NodeState] = []
+    for node in graph.nodes:
+        op = ops.get(node.name) or OperatorSnapshot(node.name, node.kind, node.stage, *_ZEROS)
+        lag = now.watermark_lag(node.name)
+        nodes.append(
+            NodeState(
+                name=node.name,
+                kind=node.kind,
+                stage=node.stage,
+                column=node.column,
+                row=node.row,
+                head=node.head,
+                records_in=op.records_in,
+                records_out=op.records_out,
+                rate_in=None if rates is None else rates.records_in.get(node.name),
+                rate_out=None if rates is None else rates.records_out.get(node.name),
+                errors=op.errors,
+                retries=op.retries,
+                dead_letters=op.dead_letters,
+                dropped=op.dropped,
+                late=op.late,
+                backpressure=stage_bp.get(node.stage),
+                latency_p50=_finite(op.latency_p50),
+                latency_p95=_finite(op.latency_p95),
+                latency_p99=_finite(op.latency_p99),
+                watermark=_finite(op.watermark),
+                watermark_lag=None if lag is None else _finite(lag),
+                backlog=op.backlog,
+                circuit_state=op.circuit_state or None,
+            )
+        )
+
+    edges: list[EdgeState] = []
+    for edge in graph.edges:
+        ch = channels.get(edge.channel) if edge.channel is not None else None
+        ratio: float | None = None
+        if ch is not None and rates is not None:
+            ratio = rates.backpressure.get(ch.name)
+        edges.append(
+            EdgeState(
+                source=edge.source,
+                target=edge.target,
+                port=edge.port,
+                channel=edge.channel,
+                fill=None if ch is None else ch.fill,
+                capacity=None if ch is None else ch.capacity,
+                max_fill=None if ch is None else ch.max_fill,
+                overflow=None if ch is None else ch.overflow.value,
+                dropped=None if ch is None else ch.records_dropped,
+                blocked_ratio=ratio,
+            )
+        )
+    stages = [
+        StageState(
+            index=st.index,
+            operators=list(st.operators),
+            channel=st.channel,
+            backpressure=stage_bp[st.index],
+        )
+        for st in graph.stages
+    ]
+    return FlowState(
+        flow=now.flow,
+        time=now.time,
+        wall_time=_finite(now.wall_time),
+        elapsed=None if started is None else now.time - started,
+        rates_over=rates_over,
+        stopping=stopping,
+        columns=graph.columns,
+        rows=graph.rows,
+        stages=stages,
+        nodes=nodes,
+        edges=edges,
+    )
+
+
+# -- the server -----------------------------------------------------------------------------
+
+
+def page() -> bytes:
+    """The web view's page (``GET /``): one HTML file with inline CSS and JavaScript."""
+    return (
+        importlib.resources.files(__package__ or "sluiceway.metrics").joinpath(_PAGE).read_bytes()
+    )
+
+
+class WebView:
+    """A monitor that serves the web view of the flow it watches.
+
+    Pass it as ``sw.run(flow, monitor=WebView(8080))``: the page is served at
+    :attr:`url` while the flow runs, and the port is released when the flow ends.  One
+    view serves one flow at a time (it may serve another afterwards).
+
+    Args:
+        port: TCP port to listen on (0: any free port; see :meth:`wait_serving`).
+            Default 8080.
+        host: address to bind.  Default ``127.0.0.1`` (this machine only); ``0.0.0.0``
+            lets other machines look (the view is read-only, and has no authentication).
+        interval: seconds of the flow's clock between two samples; rates are measured
+            over the last such interval.  Default 1.
+
+    Raises:
+        ValueError: ``port`` is not in 0..65535, or ``interval`` is not > 0.
+        OSError: (when awaited) the address cannot be bound, e.g. the port is in use:
+            ``cannot serve the web view on 127.0.0.1:8080: address already in use``.
+    """
+
+    def __init__(self, port: int = 8080, host: str = "127.0.0.1", *, interval: float = 1.0) -> None:
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= _MAX_PORT:
+            raise ValueError(f"port must be a whole number in 0..{_MAX_PORT}, got {port!r}")
+        if isinstance(interval, bool) or not isinstance(interval, int | float) or not interval > 0:
+            raise ValueError(f"WebView interval must be > 0 seconds, got {interval!r}")
+        self.host = host
+        self.interval = float(interval)
+        self._port = port
+        self._bound: int | None = None
+        self._running = False
+        self._serving = asyncio.Event()
+        self._connections: set[asyncio.Task[Any]] = set()
+        self._previous: FlowSnapshot | None = None
+        self._latest: FlowSnapshot | None = None
+        self._started: float | None = None
+
+    @property
+    def port(self) -> int:
+        """The port being served (the chosen one for ``port=0``), else the configured one."""
+        return self._port if self._bound is None else self._bound
+
+    @property
+    def url(self) -> str:
+        """``http://host:port/``."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/"
+
+    @property
+    def serving(self) -> bool:
+        """True while the page and ``/api/flow`` are served."""
+        return self._bound is not None
+
+    async def wait_serving(self) -> int:
+        """Wait until the view accepts requests; returns the port."""
+        await self._serving.wait()
+        return self.port
+
+    async def __call__(self, handle: FlowHandle) -> None:
+        if self._running:
+            raise RuntimeError(
+                f"this WebView already serves {self.url}; create one WebView per flow"
+            )
+        self._running = True  # before the first await: a second call is refused at once
+        try:
+            await self._serve(handle)
+        finally:
+            self._running = False
+
+    async def _serve(self, handle: FlowHandle) -> None:
+        graph = flow_graph(handle.flow)
+        html = page()
+        self._previous, self._latest = None, handle.metrics()
+        self._started = self._latest.time
+
+        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await self._serve_connection(handle, graph, html, reader, writer)
+
+        try:
+            server = await asyncio.start_server(
+                on_connect, self.host, self._port, limit=_MAX_REQUEST_HEAD
+            )
+        except OSError as exc:
+            reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+            error = OSError(f"cannot serve the web view on {self.host}:{self._port}: {reason}")
+            error.errno = exc.errno
+            raise error from exc
+        self._bound = int(server.sockets[0].getsockname()[1])
+        self._serving.set()
+        log.info("serving the web view of flow %r on %s", handle.flow.name, self.url)
+        ended = asyncio.ensure_future(handle.wait())
+        sampler = asyncio.ensure_future(self._sample(handle))
+        try:
+            await asyncio.wait({ended, sampler}, return_when=asyncio.FIRST_COMPLETED)
+            if sampler.done():
+                sampler.result()  # a sampler never ends by itself: re-raise what broke it
+        finally:
+            # Everything that must happen is done before the first await: the monitor is
+            # usually cancelled as the flow ends, maybe again while this cleanup waits.
+            ended.cancel()
+            sampler.cancel()
+            server.close()
+            connections = list(self._connections)
+            self._connections.clear()
+            for task in connections:
+                task.cancel()
+            self._bound = None
+            self._serving = asyncio.Event()  # a fresh one: the next run may be another loop
+            log.info("stopped serving the web view of flow %r", handle.flow.name)
+            closing = asyncio.ensure_future(_closed(server, [ended, sampler, *connections]))
+            try:
+                await asyncio.shield(closing)
+            except asyncio.CancelledError:
+                await closing  # quick: every task in it is cancelled already
+                raise
+
+    async def _sample(self, handle: FlowHandle) -> None:
+        """Every ``interval`` of the flow's clock: keep the last two snapshots, for rates."""
+        clock = handle.clock
+        assert self._latest is not None
+        next_tick = self._latest.time + self.interval
+        while True:
+            await clock.sleep_until(next_tick)
+            self._previous, self._latest = self._latest, handle.metrics()
+            next_tick += self.interval
+            if next_tick <= clock.monotonic():  # fell behind: skip, do not burst
+                next_tick = clock.monotonic() + self.interval
+
+    def _state(self, handle: FlowHandle, graph: FlowGraph) -> FlowState:
+        previous, latest = self._previous, self._latest
+        rates = None
+        over = None
+        if previous is not None and latest is not None and latest.time > previous.time:
+            rates = latest.rates_since(previous)
+            over = latest.time - previous.time
+        return flow_state(
+            graph,
+            handle.metrics(),
+            rates,
+            rates_over=over,
+            started=self._started,
+            stopping=handle.stopping,
+        )
+
+    async def _serve_connection(
+        self,
+        handle: FlowHandle,
+        graph: FlowGraph,
+        html: bytes,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._connections.add(task)
+        try:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+                return  # the client left, or sent no HTTP request we can read
+            status, content_type, body = self._respond(handle, graph, html, head)
+            method = head.split(b" ", 1)[0]
+            writer.write(
+                (
+                    f"HTTP/1.1 {status.value} {status.phrase}\r\n"
+                    f"Content-Type: {content_type}\r\n"
+                    f"Content-Length: {len(body)}\r\n"
+                    "Cache-Control: no-store\r\n"
+                    "X-Content-Type-Options: nosniff\r\n"
+                    "Connection: close\r\n\r\n"
+                ).encode("latin-1")
+            )
+            if method != b"HEAD":
+                writer.write(body)
+            await writer.drain()
+        except ConnectionError:
+            return  # the client left mid-response: nothing to tell it
+        finally:
+            writer.close()
+            if task is not None:
+                self._connections.discard(task)
+
+    def _respond(
+        self, handle: FlowHandle, graph: FlowGraph, html: bytes, head: bytes
+    ) -> tuple[HTTPStatus, str, bytes]:
+        """Status, content type and body for one request (``head``: request line + headers)."""
+        plain = "text/plain; charset=utf-8"
+        parts = head.decode("latin-1").split("\r\n", 1)[0].split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):  # method, target, version
+            return HTTPStatus.BAD_REQUEST, plain, b"bad request line\n"
+        method, target, _ = parts
+        if method not in ("GET", "HEAD"):
+            return HTTPStatus.METHOD_NOT_ALLOWED, plain, b"only GET and HEAD\n"
+        path = urlsplit(target).path
+        if path in ("/", "/index.html"):
+            return HTTPStatus.OK, "text/html; charset=utf-8", html
+        if path != "/api/flow":
+            return (
+                HTTPStatus.NOT_FOUND,
+                plain,
+                b"not found; the view is at /, its data at /api/flow\n",
+            )
+        try:
+            body = json.dumps(self._state(handle, graph), allow_nan=False).encode()
+        except Exception as exc:  # a failed request must not stop the flow: answer 500
+            log.exception("building /api/flow failed")
+            return HTTPStatus.INTERNAL_SERVER_ERROR, plain, f"failed: {exc!r}\n".encode()
+        return HTTPStatus.OK, "application/json", body
+
+
+async def _closed(server: asyncio.Server, tasks: list[asyncio.Future[Any]]) -> None:
+    """Wait for cancelled ``tasks`` and a closed ``server`` to finish."""
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await server.wait_closed()
