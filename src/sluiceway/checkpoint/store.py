@@ -1,0 +1,830 @@
+"""The checkpoint store: complete checkpoints of a flow's state in one SQLite file.
+
+A checkpoint is a set of :class:`OperatorState` blobs (pickled by the runtime; the store
+never unpickles them) saved under an id in **one** SQLite transaction, so a crash in the
+middle of a save leaves the previous checkpoints exactly as they were.  The store keeps
+the newest ``keep`` checkpoints and prunes older ones in the same transaction.
+
+The file, ``DIR/checkpoints.db``::
+
+    meta         key -> value: application = sluiceway-checkpoints, format_version = 1,
+                 last_id (the largest id ever saved here: ids are never reused)
+    checkpoints  one row per checkpoint: id, flow, created, duration, size, operators,
+                 final, format_version, digest
+    parts        one row per operator state: checkpoint_id, name, kind, size, sha256, data
+
+Every read verifies what it returns: each blob against its sha256, and the checkpoint
+row against a digest over its id, flow, operator count and every part's name, kind and
+sha256.  A missing part, altered bytes or a changed count make the checkpoint *torn*;
+:meth:`CheckpointStore.latest` then falls back to the previous checkpoint that verifies,
+with a warning.  A file that is not a checkpoint store, that SQLite cannot read, or that
+a newer sluiceway wrote raises :class:`~sluiceway.errors.CheckpointCorruptError`.
+
+>>> import tempfile
+>>> with tempfile.TemporaryDirectory() as tmp, CheckpointStore(tmp, keep=2) as store:
+...     for n in (1, 2, 3):
+...         state = OperatorState("count", "map", bytes([n]))
+...         _ = store.save("clicks", n, {"count": state}, created=1.0e9 + n, duration=0.01)
+...     [info.id for info, problem in store.list()], store.next_id()
+...     store.latest("clicks").states["count"].data
+([3, 2], 4)
+b'\\x03'
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Self
+
+from sluiceway.errors import CheckpointCorruptError, CheckpointError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Checkpoint",
+    "CheckpointInfo",
+    "CheckpointNotFoundError",
+    "CheckpointStore",
+    "OperatorState",
+    "PartInfo",
+]
+
+FORMAT_VERSION: Final = 1
+"""The layout of the store file.  A file with a newer version is refused, never guessed at."""
+
+_APPLICATION: Final = "sluiceway-checkpoints"
+_TABLES: Final = frozenset({"meta", "checkpoints", "parts"})
+_BUSY_TIMEOUT_MS: Final = 10_000
+# A long-lived connection keeps its WAL file; after a checkpoint of the WAL into the
+# database, SQLite truncates the WAL back to this size (bytes), so one huge save does not
+# leave a huge WAL behind.
+_JOURNAL_SIZE_LIMIT: Final = 16 * 1024 * 1024
+
+log = logging.getLogger("sluiceway")
+
+_SCHEMA: Final = (
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE checkpoints (
+        id INTEGER PRIMARY KEY,
+        flow TEXT NOT NULL,
+        created REAL NOT NULL,
+        duration REAL NOT NULL,
+        size INTEGER NOT NULL,
+        operators INTEGER NOT NULL,
+        final INTEGER NOT NULL,
+        format_version INTEGER NOT NULL,
+        digest TEXT NOT NULL
+    )""",
+    "CREATE INDEX checkpoints_by_flow ON checkpoints (flow, id)",
+    """CREATE TABLE parts (
+        checkpoint_id INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (checkpoint_id, name)
+    )""",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorState:
+    """The saved state of one operator.
+
+    Attributes:
+        name: the operator's name, unique in its flow.
+        kind: the operator's kind, e.g. ``"map"``, ``"window"``, ``"source"``, ``"sink"``.
+        data: the state, pickled by the runtime.  The store hashes and keeps these bytes
+            and never unpickles them.
+    """
+
+    name: str
+    kind: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointInfo:
+    """What the store knows about a checkpoint, without its state.
+
+    Attributes:
+        id: the checkpoint id; ids increase within a store file and are never reused.
+        flow: the name of the flow that took it.
+        created: when it was taken, in epoch seconds (passed in by the caller's clock).
+        duration: how many seconds taking it took (passed in by the caller).
+        size: the total bytes of operator state.
+        operators: how many :class:`OperatorState` entries it holds.
+        final: whether it was taken as the flow stopped or ended.
+        format_version: the store format it was written in.
+    """
+
+    id: int
+    flow: str
+    created: float
+    duration: float
+    size: int
+    operators: int
+    final: bool
+    format_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A complete, verified checkpoint: its info and every operator's state by name."""
+
+    info: CheckpointInfo
+    states: dict[str, OperatorState]
+
+
+@dataclass(frozen=True, slots=True)
+class PartInfo:
+    """One operator state as stored, without its bytes (for ``inspect``).
+
+    Attributes:
+        name: the operator's name.
+        kind: the operator's kind.
+        size: the stored number of bytes.
+        sha256: the stored sha256 of the bytes, in hex.
+    """
+
+    name: str
+    kind: str
+    size: int
+    sha256: str
+
+
+class CheckpointNotFoundError(CheckpointError, KeyError):
+    """No checkpoint with the asked-for id is in the store (also a ``KeyError``)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+def _digest(
+    checkpoint_id: int,
+    flow: str,
+    *,
+    final: bool,
+    size: int,
+    count: int,
+    format_version: int,
+    parts: list[tuple[str, str, str]],
+) -> str:
+    """The checkpoint-level digest: over the row's identity and every part's hash."""
+    canonical = json.dumps(
+        [format_version, checkpoint_id, flow, final, size, count, sorted(parts)],
+        separators=(",", ":"),
+        ensure_ascii=True,
+    )
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
+def _check_state(key: object, state: object) -> OperatorState:
+    if not isinstance(state, OperatorState):
+        raise TypeError(f"states[{key!r}] must be an OperatorState, got {type(state).__name__}")
+    if key != state.name:
+        raise ValueError(
+            f"states must be keyed by operator name: key {key!r} holds the state of "
+            f"operator {state.name!r}"
+        )
+    if not isinstance(state.name, str) or not state.name:
+        raise ValueError(f"operator name must be a non-empty string, got {state.name!r}")
+    if not isinstance(state.kind, str) or not state.kind:
+        raise ValueError(
+            f"operator kind must be a non-empty string, got {state.kind!r} "
+            f"(operator {state.name!r})"
+        )
+    if not isinstance(state.data, bytes):
+        raise TypeError(
+            f"state data must be bytes, got {type(state.data).__name__} (operator {state.name!r})"
+        )
+    return state
+
+
+class CheckpointStore:
+    """Complete checkpoints in ``DIR/checkpoints.db``, the newest ``keep`` of them.
+
+    Args:
+        directory: where the store file lives.  Created by the first :meth:`save`; the
+            reading methods never create it (a missing file reads as no checkpoints).
+        keep: how many checkpoints to keep (of any flow in the file), at least 1.
+
+    Raises:
+        ValueError: ``keep`` is below 1.
+
+    Threading: the store holds one SQLite connection (``check_same_thread=False``) and a
+    lock that every method takes for its whole call.  So one writer thread (the runtime
+    saves through ``asyncio.to_thread``) and reads from the event-loop thread are safe; a
+    read waits at most for the save in progress.  Other *processes* (``sluiceway
+    checkpoints list`` beside a running flow) read without blocking the writer, because
+    the file is in WAL mode (see :meth:`_prepare_for_writing`).
+    """
+
+    FILENAME: Final = "checkpoints.db"
+
+    def __init__(self, directory: str | os.PathLike[str], *, keep: int = 3) -> None:
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"keep must be a whole number >= 1, got {keep!r}")
+        self._directory = Path(directory)
+        self._keep = keep
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._writable = False
+        self._closed = False
+
+    # -- public API ---------------------------------------------------------------------
+
+    @property
+    def path(self) -> Path:
+        """The store file: ``directory / "checkpoints.db"``."""
+        return self._directory / self.FILENAME
+
+    @property
+    def keep(self) -> int:
+        """How many checkpoints the store keeps."""
+        return self._keep
+
+    def save(
+        self,
+        flow: str,
+        checkpoint_id: int,
+        states: Mapping[str, OperatorState],
+        *,
+        created: float,
+        duration: float,
+        final: bool = False,
+    ) -> CheckpointInfo:
+        """Save a complete checkpoint atomically, then prune to the newest ``keep``.
+
+        Args:
+            flow: the flow's name.
+            checkpoint_id: greater than every id saved in this file before (see
+                :meth:`next_id`).
+            states: every operator's state, keyed by operator name.
+            created: when the checkpoint was taken, in epoch seconds.
+            duration: how long taking it took, in seconds (>= 0).
+            final: taken as the flow stopped or ended.
+
+        Returns:
+            The saved checkpoint's info.
+
+        Raises:
+            ValueError: the id does not increase, or an argument is out of range.
+            TypeError: a state is not an :class:`OperatorState` of bytes.
+            CheckpointCorruptError: the file is not a store this version can write.
+            CheckpointError: SQLite failed to write (disk full, permissions...).
+        """
+        if not isinstance(flow, str) or not flow:
+            raise ValueError(f"flow must be a non-empty string, got {flow!r}")
+        if isinstance(checkpoint_id, bool) or not isinstance(checkpoint_id, int):
+            raise TypeError(f"checkpoint id must be an int, got {checkpoint_id!r}")
+        if checkpoint_id < 1:
+            raise ValueError(f"checkpoint id must be >= 1, got {checkpoint_id}")
+        if not math.isfinite(created):
+            raise ValueError(f"created must be a finite number of epoch seconds, got {created!r}")
+        if not (math.isfinite(duration) and duration >= 0):
+            raise ValueError(f"duration must be a number of seconds >= 0, got {duration!r}")
+        checked = [_check_state(key, state) for key, state in states.items()]
+        hashes = [(s.name, s.kind, hashlib.sha256(s.data).hexdigest()) for s in checked]
+        size = sum(len(s.data) for s in checked)
+        info = CheckpointInfo(
+            id=checkpoint_id,
+            flow=flow,
+            created=float(created),
+            duration=float(duration),
+            size=size,
+            operators=len(checked),
+            final=bool(final),
+            format_version=FORMAT_VERSION,
+        )
+        digest = _digest(
+            checkpoint_id,
+            flow,
+            final=info.final,
+            size=size,
+            count=len(checked),
+            format_version=FORMAT_VERSION,
+            parts=hashes,
+        )
+        with self._lock:
+            conn = self._open_for_writing()
+            try:
+                with self._transaction(conn):
+                    last = self._last_id(conn)
+                    if checkpoint_id <= last:
+                        raise ValueError(
+                            f"checkpoint ids must increase: got {checkpoint_id}, but "
+                            f"{last} was already saved in {self.path} (next_id() is {last + 1})"
+                        )
+                    conn.execute(
+                        "INSERT INTO checkpoints (id, flow, created, duration, size, operators,"
+                        " final, format_version, digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            info.id,
+                            info.flow,
+                            info.created,
+                            info.duration,
+                            info.size,
+                            info.operators,
+                            int(info.final),
+                            info.format_version,
+                            digest,
+                        ),
+                    )
+                    conn.executemany(
+                        "INSERT INTO parts (checkpoint_id, name, kind, size, sha256, data)"
+                        " VALUES (?, ?, ?, ?, ?, ?)",
+                        (
+                            (checkpoint_id, s.name, s.kind, len(s.data), sha, s.data)
+                            for s, (_, _, sha) in zip(checked, hashes, strict=True)
+                        ),
+                    )
+                    conn.execute(
+                        "UPDATE meta SET value = ? WHERE key = 'last_id'", (str(checkpoint_id),)
+                    )
+                    self._prune(conn)
+            except sqlite3.Error as exc:
+                raise CheckpointError(
+                    f"could not save checkpoint {checkpoint_id} of flow {flow!r} to "
+                    f"{self.path}: {exc}"
+                ) from exc
+        return info
+
+    def latest(self, flow: str) -> Checkpoint | None:
+        """The newest checkpoint of ``flow`` that verifies, or None if it has none.
+
+        A torn newest checkpoint is skipped with a WARNING on the ``sluiceway`` logger
+        (naming its id, the file and why) and the previous one is returned.
+
+        Raises:
+            CheckpointCorruptError: ``flow`` has checkpoints but none verifies (the message
+                lists each one's reason), or the file is not a readable store.
+        """
+        with self._lock:
+            conn = self._open(create=False)
+            if conn is None:
+                return None
+            with self._reading():
+                ids = [
+                    row[0]
+                    for row in conn.execute(
+                        "SELECT id FROM checkpoints WHERE flow = ? ORDER BY id DESC", (flow,)
+                    )
+                ]
+                problems: list[str] = []
+                for checkpoint_id in ids:
+                    checkpoint, problem = self._read(conn, checkpoint_id)
+                    if problem is None:
+                        return checkpoint
+                    problems.append(f"checkpoint {checkpoint_id}: {problem}")
+                    log.warning(
+                        "checkpoint %d of flow %r in %s is torn (%s); trying the previous "
+                        "checkpoint",
+                        checkpoint_id,
+                        flow,
+                        self.path,
+                        problem,
+                    )
+        if not problems:
+            return None
+        raise CheckpointCorruptError(
+            f"no checkpoint of flow {flow!r} in {self.path} verifies: " + "; ".join(problems)
+        )
+
+    def load(self, checkpoint_id: int) -> Checkpoint:
+        """The checkpoint with this id, verified.
+
+        Raises:
+            CheckpointNotFoundError: no such checkpoint (also a ``KeyError``).
+            CheckpointCorruptError: it does not verify, or the file is not a readable store.
+        """
+        with self._lock:
+            conn = self._open(create=False)
+            if conn is None:
+                raise CheckpointNotFoundError(
+                    f"no checkpoint {checkpoint_id}: {self.path} does not exist"
+                )
+            with self._reading():
+                checkpoint, problem = self._read(conn, checkpoint_id)
+        if problem is not None:
+            raise CheckpointCorruptError(
+                f"checkpoint {checkpoint_id} in {self.path} is torn: {problem}"
+            )
+        return checkpoint
+
+    def list(self) -> list[tuple[CheckpointInfo, str | None]]:
+        """Every checkpoint, newest first, each with None if it verifies, else why not.
+
+        Raises:
+            CheckpointCorruptError: the file is not a readable store.
+        """
+        with self._lock:
+            conn = self._open(create=False)
+            if conn is None:
+                return []
+            with self._reading():
+                ids = [
+                    row[0] for row in conn.execute("SELECT id FROM checkpoints ORDER BY id DESC")
+                ]
+                found: builtins.list[tuple[CheckpointInfo, str | None]] = []
+                for checkpoint_id in ids:
+                    checkpoint, problem = self._read(conn, checkpoint_id)
+                    found.append((checkpoint.info, problem))
+        return found
+
+    def parts(self, checkpoint_id: int) -> builtins.list[PartInfo]:
+        """The stored parts of a checkpoint (name, kind, size, sha256), sorted by name.
+
+        Unlike :meth:`load` this does not verify: it shows what is there, also for a torn
+        checkpoint.
+
+        Raises:
+            CheckpointNotFoundError: no such checkpoint.
+            CheckpointCorruptError: the file is not a readable store.
+        """
+        with self._lock:
+            conn = self._open(create=False)
+            if conn is None:
+                raise CheckpointNotFoundError(
+                    f"no checkpoint {checkpoint_id}: {self.path} does not exist"
+                )
+            with self._reading():
+                self._row(conn, checkpoint_id)
+                rows = conn.execute(
+                    "SELECT name, kind, size, sha256 FROM parts WHERE checkpoint_id = ?"
+                    " ORDER BY name",
+                    (checkpoint_id,),
+                ).fetchall()
+        return [PartInfo(str(n), str(k), int(s), str(h)) for n, k, s, h in rows]
+
+    def next_id(self) -> int:
+        """1 + the largest id ever saved in this file (ids are never reused, not even
+        after :meth:`reset`); 1 for a new store."""
+        with self._lock:
+            conn = self._open(create=False)
+            if conn is None:
+                return 1
+            with self._reading():
+                return self._last_id(conn) + 1
+
+    def reset(self) -> int:
+        """Delete every checkpoint; returns how many there were.
+
+        The id counter is kept, so ids are never reused: something keyed by a checkpoint
+        id elsewhere (a sink's part file) cannot be mistaken for a later checkpoint.
+        Deleting the file starts a store over at 1.
+        """
+        with self._lock:
+            conn = self._open(create=False)
+            if conn is None:
+                return 0
+            self._prepare_for_writing(conn)
+            try:
+                with self._transaction(conn):
+                    count = int(conn.execute("SELECT count(*) FROM checkpoints").fetchone()[0])
+                    conn.execute("DELETE FROM parts")
+                    conn.execute("DELETE FROM checkpoints")
+            except sqlite3.DatabaseError as exc:
+                raise self._unreadable(exc) from exc
+        return count
+
+    def close(self) -> None:
+        """Close the store's connection.  Idempotent; the store cannot be used after."""
+        with self._lock:
+            self._closed = True
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                conn.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"CheckpointStore({str(self._directory)!r}, keep={self._keep})"
+
+    # -- opening ------------------------------------------------------------------------
+
+    def _open(self, *, create: bool) -> sqlite3.Connection | None:
+        """The connection, opened on first use; None if there is no store and not ``create``.
+
+        Called with the lock held.  A reading method never creates the directory or the
+        file; an empty SQLite file (a store whose creation was interrupted) reads as no
+        store, and the first save initializes it.
+        """
+        if self._closed:
+            raise CheckpointError(f"the checkpoint store at {self.path} is closed")
+        if self._conn is None:
+            self._conn = self._connect(create=create)
+        if self._conn is not None and create:
+            self._prepare_for_writing(self._conn)
+        return self._conn
+
+    def _open_for_writing(self) -> sqlite3.Connection:
+        conn = self._open(create=True)
+        assert conn is not None  # create=True opens or raises
+        return conn
+
+    def _connect(self, *, create: bool) -> sqlite3.Connection | None:
+        path = self.path
+        if path.is_dir():
+            raise CheckpointCorruptError(
+                f"{path} is a directory; expected the checkpoint store file (a SQLite "
+                "database) there"
+            )
+        if not path.exists():
+            if not create:
+                return None
+            try:
+                self._directory.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise CheckpointError(
+                    f"cannot create the checkpoint directory {self._directory}: {exc}"
+                ) from exc
+        # mode=rw never creates a file, so a reading method leaves no empty store behind.
+        mode = "rwc" if create else "rw"
+        try:
+            conn = sqlite3.connect(
+                f"{path.resolve().as_uri()}?mode={mode}",
+                uri=True,
+                isolation_level=None,  # autocommit: transactions are explicit BEGIN/COMMIT
+                check_same_thread=False,  # used by one thread at a time, under self._lock
+                timeout=_BUSY_TIMEOUT_MS / 1000,
+            )
+        except sqlite3.Error as exc:
+            raise CheckpointError(f"cannot open the checkpoint store {path}: {exc}") from exc
+        try:
+            is_store = self._validate(conn, initialize=create)
+            if is_store:
+                conn.execute("PRAGMA synchronous = FULL")
+        except BaseException:
+            conn.close()
+            raise
+        if not is_store:
+            conn.close()
+            return None
+        return conn
+
+    def _validate(self, conn: sqlite3.Connection, *, initialize: bool) -> bool:
+        """Check that the file is a sluiceway store of a format this version reads.
+
+        Returns False for an empty SQLite file when not ``initialize`` (it is initialized
+        otherwise).
+        """
+        try:
+            tables = {
+                str(row[0])
+                for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
+            if not tables:
+                if not initialize:
+                    return False
+                self._initialize(conn)
+                return True
+            if "meta" not in tables:
+                found = f"a SQLite database with tables {', '.join(sorted(tables))}"
+                raise self._not_a_store(found)
+            meta = {str(k): str(v) for k, v in conn.execute("SELECT key, value FROM meta")}
+        except sqlite3.DatabaseError as exc:
+            raise self._unreadable(exc) from exc
+        if meta.get("application") != _APPLICATION:
+            raise self._not_a_store(
+                f"a SQLite database whose meta table has application={meta.get('application')!r}"
+            )
+        raw = meta.get("format_version")
+        try:
+            version = int(raw) if raw is not None else 0
+        except ValueError:
+            version = 0
+        if version > FORMAT_VERSION:
+            raise CheckpointCorruptError(
+                f"{self.path} was written in checkpoint format version {version}, newer than "
+                f"this sluiceway reads (version {FORMAT_VERSION}); upgrade sluiceway, or use "
+                "another checkpoint directory"
+            )
+        if version < 1:
+            raise CheckpointCorruptError(
+                f"{self.path} is a sluiceway checkpoint store with an invalid format version "
+                f"{raw!r}; expected {FORMAT_VERSION}"
+            )
+        missing = _TABLES - tables
+        if missing or "last_id" not in meta:
+            what = f"tables {', '.join(sorted(missing))}" if missing else "the last_id entry"
+            raise CheckpointCorruptError(
+                f"{self.path} is a damaged sluiceway checkpoint store: {what} missing"
+            )
+        return True
+
+    def _initialize(self, conn: sqlite3.Connection) -> None:
+        with self._transaction(conn):
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            conn.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, ?)",
+                [
+                    ("application", _APPLICATION),
+                    ("format_version", str(FORMAT_VERSION)),
+                    ("last_id", "0"),
+                ],
+            )
+        _fsync_directory(self._directory)  # the new file's directory entry is durable too
+
+    def _prepare_for_writing(self, conn: sqlite3.Connection) -> None:
+        """Switch the file to WAL mode, once per connection, before the first write.
+
+        Why WAL rather than a rollback journal (DELETE): with synchronous=FULL both are
+        durable at COMMIT and atomic across a crash (uncommitted WAL frames are ignored on
+        recovery; a hot rollback journal is rolled back).  WAL adds that readers in other
+        processes (``sluiceway checkpoints list`` beside a running flow) never block the
+        flow's saves nor are blocked by them, and a commit is one sequential append plus
+        one fsync.  The cost: ``-wal``/``-shm`` files beside the store while it is open,
+        and a local file system (not NFS), as SQLite's WAL always needs.
+        """
+        if self._writable:
+            return
+        try:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            conn.execute(f"PRAGMA journal_size_limit = {_JOURNAL_SIZE_LIMIT}")
+        except sqlite3.Error as exc:
+            raise CheckpointError(f"cannot write the checkpoint store {self.path}: {exc}") from exc
+        if str(mode).lower() != "wal":  # pragma: no cover - only on file systems without WAL
+            log.warning("checkpoint store %s: WAL mode unavailable, using %s", self.path, mode)
+        self._writable = True
+
+    # -- reading ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """A read transaction (one consistent snapshot); SQLite errors become corrupt-file
+        errors naming the file."""
+        assert self._conn is not None
+        conn = self._conn
+        try:
+            conn.execute("BEGIN")
+            try:
+                yield
+            finally:
+                if conn.in_transaction:
+                    conn.execute("COMMIT")
+        except sqlite3.DatabaseError as exc:
+            raise self._unreadable(exc) from exc
+
+    @contextlib.contextmanager
+    def _transaction(self, conn: sqlite3.Connection) -> Iterator[None]:
+        """A write transaction: BEGIN IMMEDIATE ... COMMIT, rolled back on any error."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    @staticmethod
+    def _last_id(conn: sqlite3.Connection) -> int:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'last_id'").fetchone()
+        return int(row[0]) if row is not None else 0
+
+    def _row(self, conn: sqlite3.Connection, checkpoint_id: int) -> tuple[Any, ...]:
+        row = conn.execute(
+            "SELECT id, flow, created, duration, size, operators, final, format_version, digest"
+            " FROM checkpoints WHERE id = ?",
+            (checkpoint_id,),
+        ).fetchone()
+        if row is None:
+            have = [r[0] for r in conn.execute("SELECT id FROM checkpoints ORDER BY id")]
+            listed = ", ".join(map(str, have)) if have else "none"
+            raise CheckpointNotFoundError(
+                f"no checkpoint {checkpoint_id} in {self.path} (checkpoints there: {listed})"
+            )
+        return tuple(row)
+
+    def _read(self, conn: sqlite3.Connection, checkpoint_id: int) -> tuple[Checkpoint, str | None]:
+        """The checkpoint as stored, and None if it verifies, else the reason it does not."""
+        cid, flow, created, duration, size, count, final, version, digest = self._row(
+            conn, checkpoint_id
+        )
+        info = CheckpointInfo(
+            id=int(cid),
+            flow=str(flow),
+            created=float(created),
+            duration=float(duration),
+            size=int(size),
+            operators=int(count),
+            final=bool(final),
+            format_version=int(version),
+        )
+        states: dict[str, OperatorState] = {}
+        hashes: list[tuple[str, str, str]] = []
+        problems: list[str] = []
+        for name, kind, part_size, sha, data in conn.execute(
+            "SELECT name, kind, size, sha256, data FROM parts WHERE checkpoint_id = ?"
+            " ORDER BY name",
+            (checkpoint_id,),
+        ):
+            blob = bytes(data) if isinstance(data, bytes | bytearray | memoryview) else None
+            if blob is None:
+                problems.append(f"the state of operator {name!r} is not bytes")
+                continue
+            actual = hashlib.sha256(blob).hexdigest()
+            if len(blob) != part_size or actual != sha:
+                problems.append(
+                    f"the state of operator {name!r} was altered ({len(blob)} bytes with "
+                    f"sha256 {actual[:12]}, stored as {part_size} bytes with sha256 "
+                    f"{str(sha)[:12]})"
+                )
+            states[str(name)] = OperatorState(str(name), str(kind), blob)
+            hashes.append((str(name), str(kind), str(sha)))
+        if info.format_version > FORMAT_VERSION:
+            problems.append(
+                f"written in format version {info.format_version}, newer than this "
+                f"sluiceway reads ({FORMAT_VERSION})"
+            )
+        if len(states) != info.operators:
+            problems.append(f"{info.operators} operator states recorded but {len(states)} stored")
+        total = sum(len(s.data) for s in states.values())
+        if not problems and total != info.size:
+            problems.append(f"{info.size} bytes of state recorded but {total} stored")
+        if not problems:
+            expected = _digest(
+                info.id,
+                info.flow,
+                final=info.final,
+                size=info.size,
+                count=info.operators,
+                format_version=info.format_version,
+                parts=hashes,
+            )
+            if expected != digest:
+                problems.append("its digest does not match its row and parts (altered)")
+        return Checkpoint(info, states), "; ".join(problems) or None
+
+    # -- writing ------------------------------------------------------------------------
+
+    def _prune(self, conn: sqlite3.Connection) -> None:
+        keep = (self._keep,)
+        conn.execute(
+            "DELETE FROM parts WHERE checkpoint_id NOT IN"
+            " (SELECT id FROM checkpoints ORDER BY id DESC LIMIT ?)",
+            keep,
+        )
+        conn.execute(
+            "DELETE FROM checkpoints WHERE id NOT IN"
+            " (SELECT id FROM checkpoints ORDER BY id DESC LIMIT ?)",
+            keep,
+        )
+
+    # -- errors -------------------------------------------------------------------------
+
+    def _not_a_store(self, found: str) -> CheckpointCorruptError:
+        return CheckpointCorruptError(
+            f"{self.path} is not a sluiceway checkpoint store: found {found}; expected a "
+            f"store written by sluiceway (format version {FORMAT_VERSION}). Move the file "
+            "away or choose another checkpoint directory"
+        )
+
+    def _unreadable(self, exc: sqlite3.Error) -> CheckpointError:
+        """A SQLite error while reading: damage (CheckpointCorruptError) or not (busy,
+        I/O, permissions: CheckpointError), both naming the file."""
+        name = getattr(exc, "sqlite_errorname", "") or ""
+        damaged = name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or (
+            not name and not isinstance(exc, sqlite3.OperationalError)
+        )
+        if not damaged:
+            return CheckpointError(f"cannot read the checkpoint store {self.path}: {exc}")
+        return CheckpointCorruptError(
+            f"{self.path} is not a readable sluiceway checkpoint store: SQLite says "
+            f"{str(exc)!r} (the file is truncated, damaged or not a SQLite database); "
+            f"expected a store written by sluiceway (format version {FORMAT_VERSION})"
+        )
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a new file's directory entry durable (POSIX; a no-op elsewhere)."""
+    if os.name != "posix":  # pragma: no cover - Windows has no directory fsync
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
