@@ -355,7 +355,7 @@ def flow_state(
     nodes: list[NodeState] = []
     for node in graph.nodes:
         op = ops.get(node.name) or OperatorSnapshot(node.name, node.kind, node.stage, *_ZEROS)
-        lag = now.watermark_lag(node.name)
+        lag = now.wall_time - op.watermark  # as FlowSnapshot.watermark_lag, without a lookup
         nodes.append(
             NodeState(
                 name=node.name,
@@ -378,7 +378,7 @@ def flow_state(
                 latency_p95=_finite(op.latency_p95),
                 latency_p99=_finite(op.latency_p99),
                 watermark=_finite(op.watermark),
-                watermark_lag=None if lag is None else _finite(lag),
+                watermark_lag=_finite(lag),
                 backlog=op.backlog,
                 circuit_state=op.circuit_state or None,
             )
