@@ -39,6 +39,7 @@ from sluiceway.operators.base import OpSpec
 from sluiceway.operators.batching import BatchSpec
 from sluiceway.operators.event_time import MergeSpec, WithTimestampsSpec
 from sluiceway.operators.io import SinkSpec, SourceSpec
+from sluiceway.operators.keyed_state import KeyedProcessSpec, StatefulMapSpec, process_factory
 from sluiceway.operators.rate_limit import RateLimitSpec
 from sluiceway.operators.stateless import (
     BranchSpec,
@@ -53,6 +54,7 @@ from sluiceway.operators.stateless import (
 )
 from sluiceway.policies import DeadLetter, ErrorPolicy, Fail, Retry, check_policy
 from sluiceway.runtime.channel import Overflow
+from sluiceway.state import TTL, KeyedProcessFunction, as_ttl
 from sluiceway.time.durations import non_negative_seconds, positive_seconds
 from sluiceway.watermarks import BoundedOutOfOrderness, Monotonic, WatermarkStrategy
 from sluiceway.windows.assigners import Session, Sliding, Tumbling
@@ -722,6 +724,82 @@ class KeyedStream(Stream[T], Generic[K, T]):
 
     def _wrap(self, node: Node) -> Any:
         return KeyedStream(self.flow, node) if node.keyed else Stream(self.flow, node)
+
+    def stateful_map(
+        self,
+        fn: Callable[[Any, T], tuple[Any, U]],
+        *,
+        name: str | None = None,
+        ttl: float | timedelta | TTL | None = None,
+        on_error: ErrorPolicy = Fail(),
+    ) -> KeyedStream[K, U]:
+        """``fn(state, value) -> (state, output)`` with a state per key.
+
+        ``state`` is None for a key seen first (or whose state expired); returning None as
+        the new state deletes the key's state.  Each output leaves with the record's key
+        (and event time).  ``ttl=`` drops state not written for that long: seconds of
+        processing time, or ``sw.state.TTL(seconds, time="event")`` for event time.  A
+        record that fails (``on_error``) leaves its key's state as it was.  The state is
+        in checkpoints.  See docs/state.md.
+
+        >>> import sluiceway as sw
+        >>> def total(acc, x):
+        ...     acc = (acc or 0) + x
+        ...     return acc, acc
+        >>> sw.testing.run_collect(
+        ...     lambda s: s.key_by(lambda x: x % 2).stateful_map(total), [1, 2, 3, 4])
+        [1, 2, 4, 6]
+        """
+        _check_callable(fn, "stateful_map")
+        policy = check_policy(on_error, "stateful_map()")
+        t = as_ttl(ttl, "stateful_map(ttl=...)")
+        timestamped = self.node.timestamped
+        if t is not None and t.time == "event" and not timestamped:
+            raise FlowDefinitionError(
+                f"stateful_map(ttl=TTL(..., time='event')): the stream from "
+                f"{self.node.describe()} has no event time; call .with_timestamps(...) "
+                "before it, or use a processing-time TTL"
+            )
+        spec = StatefulMapSpec(fn, ttl=t, on_error=policy, timestamped=timestamped)
+        node = self._derive(spec, name, f"stateful_map_{_fn_label(fn)}")
+        return KeyedStream(self.flow, node)
+
+    def process(
+        self,
+        fn: KeyedProcessFunction | type | Callable[[Any, T], None],
+        *,
+        name: str | None = None,
+        on_error: ErrorPolicy = Fail(),
+    ) -> KeyedStream[K, Any]:
+        """A keyed process function: state, timers and any number of outputs per record.
+
+        ``fn`` has ``process(ctx, value)`` and, if it sets timers, ``on_timer(ctx,
+        time)``; a class is instantiated once per run; a plain function ``fn(ctx, value)``
+        is a ``process`` without timers.  ``ctx`` (a ``sw.state.ProcessContext``) has the
+        ``key``, ``timestamp``, ``watermark``, ``emit(value)``, ``value(name, ttl=...)``,
+        ``map(name, ttl=...)`` and ``timers``.  A failed record or timer (``on_error``)
+        leaves state, timers and output as they were.  See docs/state.md.
+
+        >>> import sluiceway as sw
+        >>> class FirstOfEach:
+        ...     def process(self, ctx, value):
+        ...         seen = ctx.value("seen")
+        ...         if not seen.get():
+        ...             seen.set(True)
+        ...             ctx.emit((ctx.key, value))
+        >>> sw.testing.run_collect(
+        ...     lambda s: s.key_by(len).process(FirstOfEach), ["a", "bb", "c", "dd", "eee"])
+        [(1, 'a'), (2, 'bb'), (3, 'eee')]
+        """
+        factory, has_timer = process_factory(fn)
+        policy = check_policy(on_error, "process()")
+        spec = KeyedProcessSpec(
+            factory,
+            on_error=policy,
+            timestamped=self.node.timestamped,
+            processing_timers=has_timer,
+        )
+        return KeyedStream(self.flow, self._derive(spec, name, f"process_{_fn_label(fn)}"))
 
 
 class WindowedStream:

@@ -1,0 +1,363 @@
+"""Keyed state for user code: ``keyed.process(fn)`` and ``keyed.stateful_map(fn)``.
+
+One step runs both: a keyed process function (``stateful_map`` is one of them, a few
+lines below).  Per record it sets the context (key, event time, watermark), calls the
+user's code under the operator's error policy, and collects what it emits.  The state
+lives in a :class:`~sluiceway.state.KeyedStore`, which logs every change while user code
+runs, so a record that fails -- and is dead-lettered, or retried -- leaves the state, the
+timers and the output as they were before it.
+
+Event time follows the watermark *column*: before each record the step advances to the
+watermark that record came with, expiring event-time TTLs and firing event-time timers
+that are due (in time order; at a tie, state expires first), exactly as the window
+operator does; ``Watermark`` control messages advance it further.  So what fires before
+which record depends only on the order of records, never on batch cuts.  At end of input
+the watermark becomes +infinity: every pending event-time timer fires.  Processing-time
+timers and TTLs run on the flow's clock (``clock.time()``) through the step's
+``next_deadline``/``on_timer``; pending processing-time timers are dropped at end of input.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from functools import partial
+from typing import Any, ClassVar
+
+from sluiceway.operators.base import BuildContext, OpSpec, Step
+from sluiceway.operators.errors import ErrorHandler
+from sluiceway.policies import ErrorPolicy, Fail
+from sluiceway.runtime.messages import Batch, Control, Watermark
+from sluiceway.state import TTL, KeyedStore, ProcessContext, TimerEvent
+from sluiceway.time import Clock
+
+__all__ = ["KeyedProcessSpec", "StatefulMapSpec"]
+
+_INF = math.inf
+_TICKS = 1_000_000
+
+
+class _KeyedProcessStep(Step):
+    def __init__(self, ctx: BuildContext, spec: KeyedProcessSpec) -> None:
+        super().__init__(ctx.name, ctx.metrics)
+        assert ctx.errors is not None
+        self.errors: ErrorHandler = ctx.errors
+        self.clock: Clock = ctx.clock
+        self.timestamped = spec.timestamped
+        self.timed = spec.boundary
+        self.fn = spec.factory()
+        self.process_fn: Callable[[ProcessContext[Any], Any], Any] = self.fn.process
+        self.timer_fn: Callable[[ProcessContext[Any], float], Any] | None = getattr(
+            self.fn, "on_timer", None
+        )
+        self.store = KeyedStore(ctx.name, ctx.clock, spec.timestamped)
+        self.ctx: ProcessContext[Any] = ProcessContext(
+            self.store, self._emit_one, self.timer_fn is not None
+        )
+        self.rec_wm: float = -_INF  # the watermark the last record came with
+        self.max_ts: float = -_INF  # the largest event time seen (ticks)
+        self.cur_ts: int | None = None  # event time of what is being handled (ticks)
+        self.cur_wm: float = -_INF  # the watermark its outputs carry
+        self.out: list[Any] = []
+        self.out_keys: list[Any] = []
+        self.out_ts: list[int] = []
+        self.out_wms: list[float] = []
+
+    # -- output ------------------------------------------------------------------------
+
+    def _emit_one(self, value: Any) -> None:
+        self.out.append(value)
+        self.out_keys.append(self.ctx.key)
+        if self.timestamped:
+            assert self.cur_ts is not None
+            self.out_ts.append(self.cur_ts)
+            self.out_wms.append(self.cur_wm)
+
+    def _truncate(self, n: int) -> None:
+        del self.out[n:], self.out_keys[n:]
+        if self.timestamped:
+            del self.out_ts[n:], self.out_wms[n:]
+
+    async def _flush(self) -> None:
+        m = self.metrics
+        m.state = len(self.store.data)
+        if self.timestamped:
+            m.watermark = self.store.wm / _TICKS
+        if not self.out:
+            return
+        if self.timestamped:
+            batch = Batch(self.out, self.out_ts, self.out_keys, self.out_wms)
+            self.out_ts, self.out_wms = [], []
+        else:
+            batch = Batch(self.out, None, self.out_keys)
+        self.out, self.out_keys = [], []
+        await self.emit(batch)
+
+    # -- running user code ---------------------------------------------------------------
+
+    async def _guarded(self, call: Callable[[], Any], record: Any) -> None:
+        """``call()`` as one transaction: on an exception its changes and outputs are
+        undone, and the error policy decides (retry, dead-letter, or fail)."""
+        store = self.store
+        mark = len(self.out)
+        store.begin()
+        try:
+            call()
+        except Exception as exc:  # noqa: BLE001 - any user error goes to the error policy
+            store.rollback()
+            self._truncate(mark)
+
+            def again() -> None:
+                store.begin()
+                try:
+                    call()
+                except BaseException:
+                    store.rollback()
+                    self._truncate(mark)
+                    raise
+                store.commit()
+
+            await self.errors.recover([record], exc, again)
+            self.store.proc_now = self.clock.time()  # retries waited on the clock
+        else:
+            store.commit()
+
+    async def _advance_event(self, wm: float) -> None:
+        """Fire the event-time timers due at ``wm`` (TTLs expire on the way)."""
+        store, ctx, timer_fn = self.store, self.ctx, self.timer_fn
+        while (due := store.next_timer("event", wm)) is not None:
+            key, t = due
+            assert timer_fn is not None
+            ctx.key, ctx.timestamp, ctx.time_domain = key, t / _TICKS, "event"
+            store.key, store.event_now = key, t
+            self.cur_ts, self.cur_wm = int(t), self.rec_wm
+            secs = t / _TICKS
+            await self._guarded(partial(timer_fn, ctx, secs), TimerEvent(key, secs, "event"))
+        ctx.time_domain = None
+
+    async def _fire_processing(self) -> None:
+        store, ctx, timer_fn = self.store, self.ctx, self.timer_fn
+        now = store.proc_now = self.clock.time()
+        while (due := store.next_timer("processing", now)) is not None:
+            key, t = due
+            assert timer_fn is not None
+            ctx.key, ctx.timestamp, ctx.time_domain = key, None, "processing"
+            store.key, store.event_now = key, self.max_ts
+            self.cur_ts = int(self.max_ts) if self.max_ts > -_INF else 0
+            self.cur_wm = self.rec_wm
+            await self._guarded(partial(timer_fn, ctx, t), TimerEvent(key, t, "processing"))
+            now = store.proc_now
+        ctx.time_domain = None
+
+    # -- the step ------------------------------------------------------------------------
+
+    async def push(self, batch: Batch) -> None:
+        values = batch.values
+        n = len(values)
+        if not n:
+            return
+        self.metrics.records_in += n
+        keys = batch.keys
+        if keys is None:  # pragma: no cover - the builder allows this on keyed streams only
+            raise TypeError(f"operator {self.name!r} got records without keys")
+        store, ctx, fn = self.store, self.ctx, self.process_fn
+        store.proc_now = now = self.clock.time()
+        if store.next_due("processing") <= now:
+            store.expire("processing", now)  # (due timers fired before this batch came in)
+        if not self.timestamped:
+            ctx.timestamp = None
+            for v, k in zip(values, keys, strict=True):
+                ctx.key = store.key = k
+                await self._guarded(partial(fn, ctx, v), v)
+        else:
+            ts, wms = batch.timestamps, batch.watermarks
+            assert ts is not None
+            assert wms is not None
+            due = store.next_due("event")
+            last = self.rec_wm
+            for v, k, t, w in zip(values, keys, ts, wms, strict=True):
+                if w > store.wm:
+                    store.wm = w
+                    if w >= due:
+                        self.rec_wm = last
+                        await self._advance_event(w)
+                        due = store.next_due("event")
+                last = w
+                ctx.key = store.key = k
+                ctx.timestamp = t / _TICKS
+                store.event_now = t
+                self.cur_ts, self.cur_wm = t, w
+                await self._guarded(partial(fn, ctx, v), v)
+                due = min(due, store.next_due("event"))  # timers set in the past fire next
+            self.rec_wm = last
+            hi = max(ts)
+            self.max_ts = max(self.max_ts, hi)
+        await self._flush()
+
+    async def control(self, message: Control) -> None:
+        store = self.store
+        if (
+            isinstance(message, Watermark)
+            and not message.idle
+            and self.timestamped
+            and message.time > store.wm
+        ):
+            store.wm = message.time
+            if message.time >= store.next_due("event"):
+                await self._advance_event(message.time)
+            await self._flush()
+        for child in self.children:
+            await child.control(message)
+
+    async def finish(self) -> None:
+        if self.timestamped:
+            self.store.wm = _INF
+            await self._advance_event(_INF)
+        await self._flush()
+        await super().finish()
+
+    def uses_timer(self) -> bool:
+        return self.timed
+
+    def next_deadline(self) -> float | None:
+        due = self.store.next_due("processing")
+        if due == _INF:
+            return None
+        return self.clock.monotonic() + max(0.0, due - self.clock.time())
+
+    async def on_timer(self, now: float) -> None:
+        await self._fire_processing()
+        await self._flush()
+
+    def pending(self) -> int:
+        return len(self.out)
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def snapshot(self) -> Any:
+        """Every key's state, TTL deadlines and pending timers, pickled into bytes.
+
+        Processing-time deadlines are stored as seconds remaining; on :meth:`restore`
+        they count from the restoring run's clock (the time between does not count).
+        """
+        return self.store.snapshot(
+            {"wm": self.store.wm, "rec_wm": self.rec_wm, "max_ts": self.max_ts}
+        )
+
+    def restore(self, state: Any) -> None:
+        extra = self.store.restore(state)
+        self.store.wm = extra["wm"]
+        self.rec_wm = extra["rec_wm"]
+        self.max_ts = extra["max_ts"]
+        self.metrics.state = len(self.store.data)
+
+
+def _has_on_timer(fn: object) -> bool:
+    return callable(getattr(fn, "on_timer", None))
+
+
+class KeyedProcessSpec(OpSpec):
+    """``keyed.process(fn)``: a keyed process function with state and timers.
+
+    ``factory()`` makes the process function for a run.  The operator runs in a stage of
+    its own (behind a channel) when the function has ``on_timer`` (it may set
+    processing-time timers) or ``stateful_map`` has a processing-time TTL.
+    """
+
+    kind: ClassVar[str] = "process"
+
+    def __init__(
+        self,
+        factory: Callable[[], Any],
+        *,
+        on_error: ErrorPolicy = Fail(),
+        timestamped: bool,
+        processing_timers: bool,
+    ) -> None:
+        self.factory = factory
+        self.on_error = on_error
+        self.timestamped = timestamped
+        self.processing_timers = processing_timers
+
+    @property
+    def boundary(self) -> bool:
+        return self.processing_timers
+
+    def build(self, ctx: BuildContext) -> Step:
+        return _KeyedProcessStep(ctx, self)
+
+
+def process_factory(fn: object) -> tuple[Callable[[], Any], bool]:
+    """``fn`` as ``keyed.process`` accepts it: a class (instantiated per run), an object
+    with ``process(ctx, value)``, or a plain function ``fn(ctx, value)``.  Returns the
+    factory and whether there is an ``on_timer``."""
+    if inspect.isclass(fn):
+        cls = fn
+        if not callable(getattr(cls, "process", None)):
+            raise TypeError(
+                f"process() expects an object with a process(ctx, value) method, got class "
+                f"{cls.__name__} without one"
+            )
+        return cls, _has_on_timer(cls)
+    if callable(getattr(fn, "process", None)):
+        return (lambda: fn), _has_on_timer(fn)
+    if callable(fn):
+        return (lambda: _FunctionProcess(fn)), False
+    raise TypeError(
+        f"process() expects an object with a process(ctx, value) method (and optionally "
+        f"on_timer(ctx, time)), or a function fn(ctx, value); got {type(fn).__name__} {fn!r}"
+    )
+
+
+class _FunctionProcess:
+    def __init__(self, fn: Callable[[ProcessContext[Any], Any], Any]) -> None:
+        self.process = fn
+
+
+class _StatefulMap:
+    """``stateful_map`` as a process function: one value state, one output per record."""
+
+    def __init__(self, fn: Callable[[Any, Any], Any], ttl: TTL | None) -> None:
+        self.fn = fn
+        self.ttl = ttl
+        self.state: Any = None
+
+    def process(self, ctx: ProcessContext[Any], value: Any) -> None:
+        state = self.state
+        if state is None:
+            state = self.state = ctx.value("state", ttl=self.ttl)
+        result = self.fn(state.get(), value)
+        if not isinstance(result, tuple) or len(result) != 2:
+            raise TypeError(
+                f"stateful_map's function must return a (state, output) pair, got {result!r}"
+            )
+        new, out = result
+        if new is None:
+            state.clear()
+        else:
+            state.set(new)
+        ctx.emit(out)
+
+
+class StatefulMapSpec(KeyedProcessSpec):
+    """``keyed.stateful_map(fn, ttl=...)``: ``fn(state, value) -> (state, output)``."""
+
+    kind: ClassVar[str] = "stateful_map"
+
+    def __init__(
+        self,
+        fn: Callable[[Any, Any], Any],
+        *,
+        ttl: TTL | None,
+        on_error: ErrorPolicy = Fail(),
+        timestamped: bool,
+    ) -> None:
+        self.fn = fn
+        self.ttl = ttl
+        super().__init__(
+            lambda: _StatefulMap(fn, ttl),
+            on_error=on_error,
+            timestamped=timestamped,
+            processing_timers=ttl is not None and ttl.time == "processing",
+        )
