@@ -9,7 +9,7 @@
 [0, 2, 4]
 """
 
-from sluiceway import agg, flowcontrol, sinks, sources, testing, watermarks, windows
+from sluiceway import agg, flowcontrol, sinks, sources, state, testing, watermarks, windows
 from sluiceway.errors import (
     BadInputError,
     CancelReason,
@@ -75,6 +75,7 @@ __all__ = [
     "sinks",
     "sources",
     "start",
+    "state",
     "testing",
     "watermarks",
     "windows",
