@@ -1,0 +1,863 @@
+"""Keyed state for user code: stateful_map, process (value/map state, TTL, timers),
+per-record error isolation, checkpoints (snapshot/restore), metrics, and docs/state.md."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import pickle
+import random
+import re
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sluiceway as sw
+from sluiceway.metrics.registry import OperatorMetrics
+from sluiceway.operators.base import BuildContext, OpSpec, Step
+from sluiceway.operators.errors import ErrorHandler
+from sluiceway.operators.keyed_state import KeyedProcessSpec, StatefulMapSpec, process_factory
+from sluiceway.runtime.messages import Batch, Control, Watermark
+from sluiceway.state import TTL, ProcessContext, TimerEvent
+
+S = 1_000_000  # ticks per second
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def count(state: int | None, value: Any) -> tuple[int, tuple[Any, int]]:
+    n = (state or 0) + 1
+    return n, (value, n)
+
+
+def keyed_flow(
+    records: Any, build: Any, *, key: Any = lambda r: r[0], ts: Any = None, bound: float = 0.0
+) -> tuple[sw.Flow, sw.sinks.Collect[Any]]:
+    flow = sw.Flow("state")
+    out: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    src = records if isinstance(records, sw.sources.Source) else sw.sources.Iterable(records)
+    s = flow.source(src)
+    if ts is not None:
+        s = s.with_timestamps(ts, bound)
+    build(s.key_by(key)).sink(out)
+    return flow, out
+
+
+class Capture(Step):
+    """The child of a step under test: every record with its columns, and controls."""
+
+    def __init__(self) -> None:
+        super().__init__("capture", OperatorMetrics("capture", "sink", 0))
+        self.rows: list[Any] = []
+
+    async def push(self, batch: Batch) -> None:
+        n = len(batch.values)
+        keys = batch.keys or [None] * n
+        ts = batch.timestamps or [None] * n
+        wms = batch.watermarks or [None] * n
+        self.rows.extend(zip(batch.values, keys, ts, wms, strict=True))
+
+    async def control(self, message: Control) -> None:
+        self.rows.append(("control", message))
+
+    async def finish(self) -> None:
+        self.rows.append("end")
+
+
+def make_step(
+    spec: OpSpec, clock: sw.VirtualClock, name: str = "op"
+) -> tuple[Step, Capture, OperatorMetrics]:
+    m = OperatorMetrics(name, spec.kind, 0)
+    errors = ErrorHandler(
+        sw.Fail(),
+        flow="t",
+        operator=name,
+        clock=clock,
+        metrics=m,
+        dead_letters={},
+        rng=random.Random(0),
+    )
+    step = spec.build(BuildContext("t", name, clock, m, errors, 1024))
+    cap = Capture()
+    step.children.append(cap)
+    return step, cap, m
+
+
+def event_batch(rows: list[tuple[Any, Any, int]], before: float) -> tuple[Batch, float]:
+    """(value, key, ticks) rows as a batch with a watermark column (bound 0)."""
+    wms: list[float] = []
+    hi = before
+    for _, _, t in rows:
+        wms.append(hi)
+        hi = max(hi, t)
+    batch = Batch([r[0] for r in rows], [r[2] for r in rows], [r[1] for r in rows], wms)
+    return batch, hi
+
+
+def process_spec(fn: Any, *, timestamped: bool = True) -> KeyedProcessSpec:
+    factory, has_timer = process_factory(fn)
+    return KeyedProcessSpec(factory, timestamped=timestamped, processing_timers=has_timer)
+
+
+# -- stateful_map ------------------------------------------------------------------------------
+
+
+def test_stateful_map_keeps_a_running_count_per_key() -> None:
+    out = sw.testing.run_collect(
+        lambda s: s.key_by(lambda w: w).stateful_map(count), ["a", "b", "a", "c", "a", "b"]
+    )
+    assert out == [("a", 1), ("b", 1), ("a", 2), ("c", 1), ("a", 3), ("b", 2)]
+
+
+def test_stateful_map_results_do_not_depend_on_batch_sizes() -> None:
+    words = [random.Random(3).choice("abcde") for _ in range(200)]
+    runs = []
+    for size in (1, 7, 1024):
+        flow, out = keyed_flow(words, lambda k: k.stateful_map(count), key=lambda w: w)
+        sw.testing.run_flow(flow, max_batch_size=size)
+        runs.append(out.items)
+    assert runs[0] == runs[1] == runs[2]
+    assert runs[0][-1][1] == words.count(words[-1])
+
+
+def test_returning_none_deletes_the_keys_state() -> None:
+    def until_reset(total: int | None, x: tuple[str, int]) -> tuple[int | None, Any]:
+        if x[1] == 0:
+            return None, ("reset", total)
+        total = (total or 0) + x[1]
+        return total, total
+
+    flow, out = keyed_flow(
+        [("a", 1), ("a", 2), ("b", 5), ("a", 0), ("a", 4), ("b", 0)],
+        lambda k: k.stateful_map(until_reset, name="sums"),
+    )
+    result = sw.testing.run_flow(flow)
+    assert out.items == [1, 3, 5, ("reset", 3), 4, ("reset", 5)]
+    assert result.metrics.operator("sums").state == 1  # only "a" holds state at the end
+
+
+def test_outputs_keep_key_timestamp_and_watermark_columns() -> None:
+    clock = sw.VirtualClock()
+    step, cap, _ = make_step(StatefulMapSpec(count, ttl=None, timestamped=True), clock)
+    batch, _ = event_batch([("x", "a", 5 * S), ("y", "b", 3 * S), ("z", "a", 9 * S)], -math.inf)
+    asyncio.run(step.push(batch))
+    assert cap.rows == [
+        (("x", 1), "a", 5 * S, -math.inf),
+        (("y", 1), "b", 3 * S, 5 * S),
+        (("z", 2), "a", 9 * S, 5 * S),
+    ]
+
+
+def test_stateful_map_output_feeds_a_keyed_event_time_window() -> None:
+    flow, out = keyed_flow(
+        [("a", 1.0), ("b", 2.0), ("a", 3.0), ("a", 12.0)],
+        lambda k: (
+            k.stateful_map(count)
+            .window(sw.windows.Tumbling(10))
+            .aggregate(sw.agg.count())
+            .map(lambda r: (r.key, r.start, r.value))
+        ),
+        ts=lambda r: r[1],
+    )
+    sw.testing.run_flow(flow)
+    assert sorted(out.items) == [("a", 0.0, 2), ("a", 10.0, 1), ("b", 0.0, 1)]
+
+
+def test_stateful_map_checks_its_arguments() -> None:
+    keyed = sw.Flow("f").source(sw.sources.Iterable([1])).key_by(lambda x: x)
+    with pytest.raises(TypeError, match="stateful_map\\(\\) expects a callable"):
+        keyed.stateful_map(5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"ttl=...\) must be > 0 seconds, got -1"):
+        keyed.stateful_map(count, ttl=-1)
+    with pytest.raises(TypeError, match=r"ttl=...\) must be seconds"):
+        keyed.stateful_map(count, ttl="5s")  # type: ignore[arg-type]
+    with pytest.raises(sw.FlowDefinitionError, match="has no event time"):
+        keyed.stateful_map(count, ttl=TTL(5, time="event"))
+    with pytest.raises(ValueError, match="'processing' or 'event'"):
+        TTL(5, time="wall")  # type: ignore[arg-type]
+
+
+def test_a_bad_return_value_goes_to_the_error_policy() -> None:
+    flow, _ = keyed_flow(["a"], lambda k: k.stateful_map(lambda s, v: v), key=lambda w: w)
+    with pytest.raises(sw.OperatorError, match="must return a \\(state, output\\) pair"):
+        sw.testing.run_flow(flow)
+
+
+# -- TTL ---------------------------------------------------------------------------------------
+
+
+def test_processing_time_ttl_expires_state_not_written_for_ttl() -> None:
+    script = sw.testing.ScriptedSource(
+        [(0.0, ["a"]), (3.0, ["a"]), (7.9, ["a"]), (12.95, ["a"]), (13.0, ["b"])]
+    )
+    flow, out = keyed_flow(
+        script, lambda k: k.stateful_map(count, ttl=5.0, name="ttl"), key=lambda w: w
+    )
+    result = sw.testing.run_flow(flow)
+    # written at 0, 3, 7.9: alive (< 5 s between writes); 12.95 is 5.05 s after 7.9.
+    assert out.items == [("a", 1), ("a", 2), ("a", 3), ("a", 1), ("b", 1)]
+    assert result.metrics.operator("ttl").state == 2
+
+
+def test_processing_time_ttl_frees_state_on_a_timer_without_new_records() -> None:
+    clock = sw.VirtualClock(autojump=False)
+    step, _, m = make_step(StatefulMapSpec(count, ttl=TTL(5), timestamped=False), clock)
+    assert step.uses_timer()
+    asyncio.run(step.push(Batch(["a", "b"], keys=["a", "b"])))
+    clock.advance(2)
+    asyncio.run(step.push(Batch(["b"], keys=["b"])))
+    assert m.state == 2
+    assert step.next_deadline() == pytest.approx(5.0)
+    clock.advance(3)
+    asyncio.run(step.on_timer(clock.monotonic()))
+    assert m.state == 1  # "a" expired at 5; "b" was written at 2
+    assert step.next_deadline() == pytest.approx(7.0)
+    clock.advance(2)
+    asyncio.run(step.on_timer(clock.monotonic()))
+    assert m.state == 0
+    assert step.next_deadline() is None
+
+
+def test_event_time_ttl_follows_the_watermark_not_the_clock() -> None:
+    records = [("a", 0.0), ("a", 1.0), ("b", 5.9), ("a", 6.5), ("b", 7.0), ("a", 30.0)]
+    flow, out = keyed_flow(
+        records,
+        lambda k: k.stateful_map(lambda n, r: count(n, r[0]), ttl=TTL(5, time="event"), name="ttl"),
+        ts=lambda r: r[1],
+    )
+    result = sw.testing.run_flow(flow)
+    # "a" written at t=1: alive while the watermark < 6.  The watermark before ("a", 6.5)
+    # is 5.9: alive.  Before ("a", 30.0) it is 7.0 < 6.5 + 5: alive again.
+    assert out.items == [("a", 1), ("a", 2), ("b", 1), ("a", 3), ("b", 2), ("a", 4)]
+    assert result.metrics.operator("ttl").state == 0  # end of input: the watermark is +inf
+
+    records = [("a", 0.0), ("b", 5.0), ("a", 6.0)]
+    flow, out = keyed_flow(
+        records,
+        lambda k: k.stateful_map(lambda n, r: count(n, r[0]), ttl=TTL(5, time="event")),
+        ts=lambda r: r[1],
+    )
+    sw.testing.run_flow(flow)
+    assert out.items == [("a", 1), ("b", 1), ("a", 1)]  # watermark 5 >= 0 + 5: expired
+
+
+def test_event_time_ttl_gives_the_same_results_for_any_batch_size() -> None:
+    rng = random.Random(11)
+    records = [(rng.choice("ab"), rng.uniform(0, 400)) for _ in range(200)]
+    runs = []
+    for size in (1, 5, 1024):
+        flow, out = keyed_flow(
+            records,
+            lambda k: k.stateful_map(lambda n, r: count(n, r[0]), ttl=TTL(3, time="event")),
+            ts=lambda r: r[1],
+            bound=1.0,
+        )
+        sw.testing.run_flow(flow, max_batch_size=size)
+        runs.append(out.items)
+    assert runs[0] == runs[1] == runs[2]
+    assert any(n == 1 for (k, n) in runs[0][10:])  # some state did expire
+
+
+def test_map_state_entries_expire_on_their_own() -> None:
+    class Recent:
+        def process(self, ctx: ProcessContext[Any], r: tuple[str, str, float]) -> None:
+            m = ctx.map("seen", ttl=TTL(10, time="event"))
+            m.put(r[1], ctx.timestamp)
+            ctx.emit(sorted(m.keys()))
+
+    flow, out = keyed_flow(
+        [("k", "x", 0.0), ("k", "y", 8.0), ("k", "z", 12.0), ("k", "w", 19.0)],
+        lambda k: k.process(Recent()),
+        ts=lambda r: r[2],
+    )
+    sw.testing.run_flow(flow)
+    assert out.items == [["x"], ["x", "y"], ["x", "y", "z"], ["w", "y", "z"]]
+
+
+# -- process: state and context ------------------------------------------------------------
+
+
+def test_process_context_and_map_state_operations() -> None:
+    seen: list[Any] = []
+
+    class Probe:
+        def process(self, ctx: ProcessContext[Any], r: tuple[str, float]) -> None:
+            m = ctx.map("m")
+            m.put(r[1], True)
+            seen.append((ctx.key, ctx.timestamp, ctx.watermark, ctx.time_domain))
+            ctx.emit((len(m), m.contains(r[1]), r[1] in m, m.get(-1, "none"), sorted(m.values())))
+            if len(m) == 2:
+                m.remove(r[1])
+                m.remove("absent")
+            if len(m) > 2:
+                m.clear()
+                ctx.emit(("cleared", len(m), m.items()))
+
+    flow, out = keyed_flow(
+        [("a", 1.0), ("a", 2.0), ("b", 3.0), ("a", 4.0), ("a", 5.0), ("a", 6.0)],
+        lambda k: k.process(Probe),
+        ts=lambda r: r[1],
+    )
+    sw.testing.run_flow(flow)
+    assert seen[:3] == [("a", 1.0, -math.inf, None), ("a", 2.0, 1.0, None), ("b", 3.0, 2.0, None)]
+    assert out.items == [
+        (1, True, True, "none", [True]),
+        (2, True, True, "none", [True, True]),
+        (1, True, True, "none", [True]),
+        (2, True, True, "none", [True, True]),
+        (2, True, True, "none", [True, True]),
+        (2, True, True, "none", [True, True]),
+    ]
+
+
+def test_value_state_get_set_clear_and_plain_function() -> None:
+    def fn(ctx: ProcessContext[Any], x: int) -> None:
+        s = ctx.value("last")
+        ctx.emit((s.exists, s.get("-")))
+        if x < 0:
+            s.clear()
+        else:
+            s.set(x)
+
+    out = sw.testing.run_collect(lambda s: s.key_by(lambda x: 0).process(fn), [1, 2, -1, 3])
+    assert out == [(False, "-"), (True, 1), (True, 2), (False, "-")]
+    assert out[0][0] is False
+
+
+def test_process_checks_its_arguments_and_declarations() -> None:
+    keyed = sw.Flow("f").source(sw.sources.Iterable([1])).key_by(lambda x: x)
+    with pytest.raises(TypeError, match="process\\(ctx, value\\)"):
+        keyed.process(5)  # type: ignore[arg-type]
+
+    class NoProcess:
+        pass
+
+    with pytest.raises(TypeError, match="without one"):
+        keyed.process(NoProcess)
+
+    def twice(ctx: ProcessContext[Any], x: int) -> None:
+        ctx.value("s")
+        ctx.map("s")
+
+    with pytest.raises(sw.OperatorError, match="already declared as value state"):
+        sw.testing.run_collect(lambda s: s.key_by(lambda x: x).process(twice), [1])
+
+    def timer_without_on_timer(ctx: ProcessContext[Any], x: int) -> None:
+        ctx.timers.at_processing_time(ctx.processing_time + 1)
+
+    with pytest.raises(sw.OperatorError, match="needs an on_timer"):
+        sw.testing.run_collect(lambda s: s.key_by(lambda x: x).process(timer_without_on_timer), [1])
+
+    class EventTimer:
+        def process(self, ctx: ProcessContext[Any], x: int) -> None:
+            ctx.timers.at_event_time(10.0)
+
+        def on_timer(self, ctx: ProcessContext[Any], t: float) -> None:
+            pass
+
+    with pytest.raises(sw.OperatorError, match="needs event time"):
+        sw.testing.run_collect(lambda s: s.key_by(lambda x: x).process(EventTimer), [1])
+
+
+# -- per-record errors -----------------------------------------------------------------------
+
+
+class Careless:
+    """Writes state, a map entry, a timer and an output, then fails on negative values."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def process(self, ctx: ProcessContext[Any], x: int) -> None:
+        self.calls += 1
+        total = ctx.value("total")
+        seen = ctx.map("seen")
+        total.set((total.get() or 0) + x)
+        seen.put(x, True)
+        ctx.timers.at_event_time(100.0 + x)
+        ctx.emit(("partial", x))
+        if x < 0 and self.calls % 2 == 1:
+            raise ValueError(f"bad {x}")
+        ctx.emit((ctx.key, total.get(), sorted(seen.keys())))
+
+    def on_timer(self, ctx: ProcessContext[Any], t: float) -> None:
+        ctx.emit(("timer", ctx.key, t))
+
+
+def test_a_dead_lettered_record_leaves_state_timers_and_output_untouched() -> None:
+    dlq: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    flow, out = keyed_flow(
+        [1, 2, -5, 3],
+        lambda k: k.process(Careless(), name="careless", on_error=sw.DeadLetter(dlq)),
+        key=lambda x: "k",
+        ts=lambda x: float(abs(x)),
+    )
+    result = sw.testing.run_flow(flow)
+    assert out.items == [
+        ("partial", 1),
+        ("k", 1, [1]),
+        ("partial", 2),
+        ("k", 3, [1, 2]),
+        ("partial", 3),
+        ("k", 6, [1, 2, 3]),  # -5 left no trace: not in the total, not in the map
+        ("timer", "k", 101.0),
+        ("timer", "k", 102.0),
+        ("timer", "k", 103.0),  # and no timer at 95
+    ]
+    assert [d.record for d in dlq.items] == [-5]
+    assert result.metrics.operator("careless").dead_letters == 1
+
+
+def test_a_retried_record_is_applied_exactly_once() -> None:
+    flow, out = keyed_flow(
+        [1, -5, 3],
+        lambda k: k.process(Careless(), on_error=sw.Retry(3, sw.Backoff(initial=0.1))),
+        key=lambda x: "k",
+        ts=lambda x: float(abs(x)),
+    )
+    sw.testing.run_flow(flow)
+    assert out.items == [
+        ("partial", 1),
+        ("k", 1, [1]),
+        ("partial", -5),
+        ("k", -4, [-5, 1]),  # the second attempt, on the state before the first
+        ("partial", 3),
+        ("k", -1, [-5, 1, 3]),
+        ("timer", "k", 95.0),
+        ("timer", "k", 101.0),
+        ("timer", "k", 103.0),
+    ]
+
+
+def test_stateful_map_dead_letter_keeps_the_previous_state() -> None:
+    def strict_sum(total: int | None, x: tuple[str, int]) -> tuple[int, int]:
+        if x[1] < 0:
+            raise ValueError("negative")
+        total = (total or 0) + x[1]
+        return total, total
+
+    dlq: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    flow, out = keyed_flow(
+        [("a", 1), ("a", -1), ("a", 2)],
+        lambda k: k.stateful_map(strict_sum, on_error=sw.DeadLetter(dlq)),
+    )
+    sw.testing.run_flow(flow)
+    assert out.items == [1, 3]
+    assert [d.record for d in dlq.items] == [("a", -1)]
+
+
+def test_a_failing_timer_is_dead_lettered_as_a_timer_event() -> None:
+    class BadTimer:
+        def process(self, ctx: ProcessContext[Any], x: int) -> None:
+            ctx.value("v").set(x)
+            ctx.timers.at_event_time(float(x) + 1)
+
+        def on_timer(self, ctx: ProcessContext[Any], t: float) -> None:
+            ctx.value("v").clear()
+            ctx.emit(("fired", t))
+            if t == 2.0:
+                raise RuntimeError("timer broke")
+
+    dlq: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    flow, out = keyed_flow(
+        [1, 5],
+        lambda k: k.process(BadTimer, name="bt", on_error=sw.DeadLetter(dlq)),
+        key=lambda x: x,
+        ts=float,
+    )
+    result = sw.testing.run_flow(flow)
+    assert out.items == [("fired", 6.0)]
+    assert [d.record for d in dlq.items] == [TimerEvent(1, 2.0, "event")]
+    assert result.metrics.operator("bt").state == 1  # the failed timer's clear() was undone
+
+
+# -- timers ----------------------------------------------------------------------------------
+
+
+class Reminder:
+    """For every record, an event-time timer ``delay`` seconds after it."""
+
+    def __init__(self, delay: float = 5.0) -> None:
+        self.delay = delay
+
+    def process(self, ctx: ProcessContext[Any], r: tuple[str, float]) -> None:
+        assert ctx.timestamp is not None
+        ctx.timers.at_event_time(ctx.timestamp + self.delay)
+        ctx.timers.at_event_time(ctx.timestamp + self.delay)  # twice: fires once
+        ctx.emit(("rec", ctx.key, ctx.timestamp))
+
+    def on_timer(self, ctx: ProcessContext[Any], t: float) -> None:
+        ctx.emit(("timer", ctx.key, t, ctx.timestamp, ctx.watermark, ctx.time_domain))
+
+
+def test_event_time_timers_fire_in_time_order_as_the_watermark_passes() -> None:
+    records = [("a", 0.0), ("b", 3.0), ("c", 1.0), ("d", 10.0), ("e", 11.0)]
+    runs = []
+    for size in (1, 2, 1024):
+        flow, out = keyed_flow(records, lambda k: k.process(Reminder), ts=lambda r: r[1], bound=2)
+        sw.testing.run_flow(flow, max_batch_size=size)
+        runs.append(out.items)
+    assert runs[0] == runs[1] == runs[2]
+    assert runs[0] == [
+        ("rec", "a", 0.0),
+        ("rec", "b", 3.0),
+        ("rec", "c", 1.0),
+        ("rec", "d", 10.0),
+        # the watermark before "e" is 10 - 2 = 8: timers at 5 (a), 6 (c), 8 (b) fire,
+        # in time order
+        ("timer", "a", 5.0, 5.0, 8.0, "event"),
+        ("timer", "c", 6.0, 6.0, 8.0, "event"),
+        ("timer", "b", 8.0, 8.0, 8.0, "event"),
+        ("rec", "e", 11.0),
+        # end of input: the watermark is +inf; the rest fire in time order
+        ("timer", "d", 15.0, 15.0, math.inf, "event"),
+        ("timer", "e", 16.0, 16.0, math.inf, "event"),
+    ]
+
+
+def test_event_timers_fire_on_watermark_controls_and_can_be_deleted() -> None:
+    class Cancel:
+        def process(self, ctx: ProcessContext[Any], x: str) -> None:
+            if x.startswith("-"):
+                ctx.timers.delete_event_time(20.0)
+            else:
+                ctx.timers.at_event_time(20.0)
+                ctx.timers.at_event_time(10.0)
+
+        def on_timer(self, ctx: ProcessContext[Any], t: float) -> None:
+            ctx.emit((ctx.key, t))
+
+    clock = sw.VirtualClock()
+    step, cap, _ = make_step(process_spec(Cancel), clock)
+
+    async def go() -> None:
+        b, _ = event_batch([("x", "k1", 1 * S), ("y", "k2", 2 * S), ("-y", "k2", 3 * S)], 0)
+        await step.push(b)
+        await step.control(Watermark(15 * S))
+        await step.control(Watermark(12 * S))  # going back: nothing
+        await step.finish()
+
+    asyncio.run(go())
+    assert cap.rows == [
+        (("k1", 10.0), "k1", 10 * S, 2 * S),
+        (("k2", 10.0), "k2", 10 * S, 2 * S),
+        ("control", Watermark(15 * S)),
+        ("control", Watermark(12 * S)),
+        (("k1", 20.0), "k1", 20 * S, 2 * S),  # k2's timer at 20 was deleted
+        "end",
+    ]
+
+
+def test_processing_time_timers_fire_on_the_flow_clock_in_time_order() -> None:
+    class Later:
+        def process(self, ctx: ProcessContext[Any], r: tuple[str, float]) -> None:
+            ctx.timers.at_processing_time(ctx.processing_time + r[1])
+            ctx.value("n").set(r[1])
+
+        def on_timer(self, ctx: ProcessContext[Any], t: float) -> None:
+            ctx.emit((ctx.key, ctx.value("n").get(), ctx.time_domain, ctx.timestamp))
+
+    script = sw.testing.ScriptedSource([(0.0, [("a", 5.0), ("b", 2.0)]), (30.0, [("c", 99.0)])])
+    flow = sw.Flow("pt")
+    out = sw.testing.TimedCollect()
+    flow.source(script).key_by(lambda r: r[0]).process(Later).sink(out)
+    sw.testing.run_flow(flow)
+    # c's timer (t=129) is still pending at end of input: dropped, not fired
+    assert out.items == [
+        (2.0, ("b", 2.0, "processing", None)),
+        (5.0, ("a", 5.0, "processing", None)),
+    ]
+
+
+def test_processing_timer_deletion_and_time_argument() -> None:
+    fired: list[float] = []
+
+    class Snooze:
+        def process(self, ctx: ProcessContext[Any], x: int) -> None:
+            now = ctx.timers.processing_time
+            if x == 0:
+                ctx.timers.at_processing_time(now + 1)
+                ctx.timers.at_processing_time(now + 2)
+            else:
+                ctx.timers.delete_processing_time(now - 0.5 + 1)
+
+        def on_timer(self, ctx: ProcessContext[Any], t: float) -> None:
+            fired.append(t - 1_700_000_000.0)
+
+    script = sw.testing.ScriptedSource([(0.0, [0]), (0.5, [1]), (5.0, [2])])
+    flow = sw.Flow("pt")
+    flow.source(script).key_by(lambda x: "k").process(Snooze).sink(sw.sinks.Collect())
+    sw.testing.run_flow(flow)
+    assert fired == [2.0]
+
+
+def test_timers_of_a_stream_without_event_time_end_with_the_input() -> None:
+    class Never:
+        def process(self, ctx: ProcessContext[Any], x: int) -> None:
+            assert ctx.watermark is None
+            assert ctx.timestamp is None
+            ctx.timers.at_processing_time(ctx.processing_time + 3600)
+            ctx.emit(x)
+
+        def on_timer(self, ctx: ProcessContext[Any], t: float) -> None:
+            ctx.emit("fired")
+
+    clock = sw.VirtualClock()
+    out = sw.testing.run_collect(lambda s: s.key_by(str).process(Never), [1, 2], clock=clock)
+    assert out == [1, 2]
+    assert clock.monotonic() < 1  # the flow did not wait for the timers
+
+
+# -- metrics ---------------------------------------------------------------------------------
+
+
+def test_metrics_state_counts_keys_held() -> None:
+    flow, _ = keyed_flow(
+        [("a", 1), ("b", 1), ("c", 1), ("b", 0)],
+        lambda k: k.stateful_map(lambda s, r: (r[1] or None, r), name="held"),
+    )
+    result = sw.testing.run_flow(flow)
+    assert result.metrics.operator("held").state == 2
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+
+
+class Everything:
+    """Value + map state with TTLs in both domains, timers in both domains, deletions."""
+
+    def process(self, ctx: ProcessContext[Any], v: int) -> None:
+        assert ctx.timestamp is not None
+        c = ctx.value("count", ttl=TTL(7, time="event"))
+        n = (c.get() or 0) + 1
+        c.set(n)
+        m = ctx.map("seen", ttl=3.0)
+        m.put(v % 3, ctx.timestamp)
+        ctx.emit(("rec", ctx.key, v, n, sorted(m.items())))
+        ctx.timers.at_event_time(ctx.timestamp + 2)
+        if v % 4 == 0:
+            ctx.timers.at_processing_time(ctx.processing_time + 1.5)
+        if v % 5 == 0:
+            ctx.timers.delete_event_time(ctx.timestamp + 2)
+
+    def on_timer(self, ctx: ProcessContext[Any], t: float) -> None:
+        c = ctx.value("count", ttl=TTL(7, time="event"))
+        ctx.emit(("timer", ctx.time_domain, ctx.key, t, c.get(), len(ctx.map("seen", ttl=3.0))))
+        if ctx.time_domain == "event" and (c.get() or 0) % 2 == 0:
+            c.clear()
+
+
+Rows = list[tuple[int, int, int, float]]  # (value, key, ticks, clock advance)
+
+
+async def drive(
+    step: Step, clock: sw.VirtualClock, rows: Rows, cuts: list[int], wm: float
+) -> float:
+    """Feed ``rows`` as batches cut at ``cuts``, advancing the clock and firing
+    processing-time timers between batches, a watermark control after each."""
+    bounds = [0, *cuts, len(rows)]
+    for a, b in itertools.pairwise(bounds):
+        if a == b:
+            continue
+        clock.advance(rows[a][3])
+        while (d := step.next_deadline()) is not None and d <= clock.monotonic():
+            await step.on_timer(clock.monotonic())
+        batch, wm = event_batch([(v, k, t) for v, k, t, _ in rows[a:b]], wm)
+        await step.push(batch)
+        await step.control(Watermark(wm))
+    return wm
+
+
+def run_whole(rows: Rows, cuts: list[int]) -> list[Any]:
+    clock = sw.VirtualClock(autojump=False)
+    step, cap, _ = make_step(process_spec(Everything), clock)
+
+    async def go() -> None:
+        await drive(step, clock, rows, cuts, -math.inf)
+        await step.finish()
+
+    asyncio.run(go())
+    return cap.rows
+
+
+def run_interrupted(rows: Rows, cuts: list[int], at: int, later: float = 0.0) -> list[Any]:
+    clock = sw.VirtualClock(autojump=False)
+    step, cap, _ = make_step(process_spec(Everything), clock)
+    first = [c for c in cuts if c < at]
+    rest = [c - at for c in cuts if c > at]
+    wm = asyncio.run(drive(step, clock, rows[:at], first, -math.inf))
+    blob = pickle.dumps(step.snapshot())
+    del step
+    clock2 = sw.VirtualClock(
+        start=clock.monotonic() + later, epoch=clock.time() + later, autojump=False
+    )
+    step2, cap2, _ = make_step(process_spec(Everything), clock2)
+    step2.restore(pickle.loads(blob))
+
+    async def go() -> None:
+        await drive(step2, clock2, rows[at:], rest, wm)
+        await step2.finish()
+
+    asyncio.run(go())
+    return cap.rows + cap2.rows
+
+
+def random_rows(rng: random.Random, n: int) -> Rows:
+    t = 0
+    rows: Rows = []
+    for i in range(n):
+        t += rng.randint(-2 * S, 3 * S)
+        rows.append((i, rng.randint(0, 3), max(0, t), rng.choice([0.0, 0.25, 1.0, 2.5])))
+    return rows
+
+
+def test_snapshot_restore_gives_the_same_output_as_one_run() -> None:
+    rng = random.Random(5)
+    rows = random_rows(rng, 60)
+    cuts = sorted(rng.sample(range(1, 60), 12))
+    whole = run_whole(rows, cuts)
+    assert any(r[0][0] == "timer" and r[0][1] == "processing" for r in whole if r != "end")
+    assert any(r[0][0] == "timer" and r[0][1] == "event" for r in whole if r != "end")
+    for at in (cuts[3], cuts[7]):
+        assert run_interrupted(rows, cuts, at) == whole
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    n=st.integers(1, 40),
+    cut_frac=st.floats(0, 1),
+    batches=st.integers(1, 10),
+)
+def test_snapshot_restore_property(seed: int, n: int, cut_frac: float, batches: int) -> None:
+    rng = random.Random(seed)
+    rows = random_rows(rng, n)
+    cuts = sorted(rng.sample(range(1, n), min(batches, n - 1))) if n > 1 else []
+    at = round(cut_frac * n)
+    cuts = sorted({*cuts, at} - {0, n})
+    assert run_interrupted(rows, cuts, at) == run_whole(rows, cuts)
+
+
+def test_restore_counts_processing_time_from_the_restoring_clock() -> None:
+    class Later:
+        def process(self, ctx: ProcessContext[Any], x: int) -> None:
+            ctx.timers.at_processing_time(ctx.processing_time + 10)
+            ctx.value("v", ttl=4.0).set(x)
+
+        def on_timer(self, ctx: ProcessContext[Any], t: float) -> None:
+            ctx.emit(("fired", t))
+
+    clock = sw.VirtualClock(autojump=False)
+    step, _, _ = make_step(process_spec(Later, timestamped=False), clock)
+    asyncio.run(step.push(Batch([1], keys=["k"])))
+    clock.advance(3)
+    state = pickle.loads(pickle.dumps(step.snapshot()))
+    assert state["keys"] == 1
+    step.metrics.state = 0
+
+    later = sw.VirtualClock(start=500.0, epoch=2_000_000_000.0, autojump=False)
+    step2, cap2, m2 = make_step(process_spec(Later, timestamped=False), later)
+    step2.restore(state)
+    assert m2.state == 1
+    # 7 s were left on the timer, 1 s on the TTL: from the restoring clock's now
+    assert step2.next_deadline() == pytest.approx(501.0)
+    later.advance(1)
+    asyncio.run(step2.on_timer(later.monotonic()))
+    assert m2.state == 0
+    assert step2.next_deadline() == pytest.approx(507.0)
+    later.advance(6)
+    asyncio.run(step2.on_timer(later.monotonic()))
+    assert cap2.rows == [(("fired", 2_000_000_007.0), "k", None, None)]
+
+
+def test_snapshot_shares_nothing_with_the_live_step() -> None:
+    class Append:
+        def process(self, ctx: ProcessContext[Any], x: int) -> None:
+            s = ctx.value("xs")
+            s.set([*(s.get() or []), x])
+            ctx.emit(s.get())
+
+    clock = sw.VirtualClock()
+    step, cap, _ = make_step(process_spec(Append, timestamped=False), clock)
+    asyncio.run(step.push(Batch([1], keys=["k"])))
+    snap = step.snapshot()
+    asyncio.run(step.push(Batch([2], keys=["k"])))
+    step2, cap2, _ = make_step(process_spec(Append, timestamped=False), clock)
+    step2.restore(snap)
+    asyncio.run(step2.push(Batch([3], keys=["k"])))
+    assert cap.rows[-1][0] == [1, 2]
+    assert cap2.rows == [([1, 3], "k", None, None)]
+
+
+def test_unpicklable_state_is_reported_with_operator_and_key() -> None:
+    def keep_lock(state: Any, x: str) -> tuple[Any, str]:
+        return threading.Lock(), x
+
+    clock = sw.VirtualClock()
+    spec = StatefulMapSpec(keep_lock, ttl=None, timestamped=False)
+    step, _, _ = make_step(spec, clock, name="locker")
+    asyncio.run(step.push(Batch(["a", "b"], keys=["key-a", "key-b"])))
+    with pytest.raises(TypeError, match="operator 'locker': state 'state' of key 'key-a'"):
+        step.snapshot()
+
+
+def test_restore_rejects_what_is_not_a_keyed_state_snapshot() -> None:
+    step, _, _ = make_step(process_spec(Everything), sw.VirtualClock())
+    with pytest.raises(ValueError, match="not a keyed-state snapshot"):
+        step.restore({"panes": {}})
+
+
+def test_stateful_map_and_process_specs_are_boundaries_only_with_processing_time() -> None:
+    assert StatefulMapSpec(count, ttl=TTL(1), timestamped=False).boundary
+    assert not StatefulMapSpec(count, ttl=TTL(1, time="event"), timestamped=True).boundary
+    assert not StatefulMapSpec(count, ttl=None, timestamped=False).boundary
+    assert process_spec(Everything).boundary
+    assert not process_spec(lambda ctx, v: None).boundary
+
+
+# -- public API and docs ----------------------------------------------------------------------
+
+
+def test_public_names() -> None:
+    assert "state" in sw.__all__
+    for name in (
+        "TTL",
+        "ValueState",
+        "MapState",
+        "ProcessContext",
+        "TimerService",
+        "TimerEvent",
+        "KeyedProcessFunction",
+    ):
+        assert name in sw.state.__all__
+        assert hasattr(sw.state, name)
+    assert isinstance(Reminder(), sw.state.KeyedProcessFunction)
+
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "state.md"
+
+
+def doc_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.DOTALL)
+
+
+def test_every_example_in_docs_state_runs_and_prints_what_it_says(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    blocks = doc_blocks()
+    assert len(blocks) >= 3
+    for block in blocks:
+        exec(block, {})
+        printed = capsys.readouterr().out.strip().splitlines()
+        expected = [
+            line.removeprefix("# -> ").strip()
+            for line in block.splitlines()
+            if line.startswith("# -> ")
+        ]
+        assert printed == expected, block
