@@ -570,3 +570,14 @@ def test_a_save_killed_mid_transaction_leaves_the_previous_checkpoint(tmp_path: 
             "crashy", 2, {"a": OperatorState("a", "map", b"second")}, created=3.0, duration=0.0
         )
         assert [(info.id, problem) for info, problem in store.list()] == [(2, None), (1, None)]
+
+
+# -- the documentation ----------------------------------------------------------------
+
+
+def test_the_store_example_in_the_docs_runs() -> None:
+    page = Path(__file__).resolve().parent.parent / "docs" / "checkpoints.md"
+    store_section = page.read_text().split("## The store", 1)[1].split("\n## ", 1)[0]
+    [block] = re.findall(r"```python\n(.*?)```", store_section, flags=re.DOTALL)
+    assert "store.latest(" in block
+    exec(compile(block, str(page), "exec"), {})

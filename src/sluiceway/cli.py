@@ -8,6 +8,7 @@
     sluiceway demo --duration 30 --rate 5000   # a synthetic clickstream, live in the terminal
     sluiceway run myjob.flows:flow --metrics-port 9100  # Prometheus metrics at :9100/metrics
     sluiceway demo --ui-port 8080              # the web view: the graph, live, at :8080
+    sluiceway checkpoints list DIR             # the checkpoints in DIR (also inspect, reset)
 
 Exit codes: 0 the flow ended or stopped gracefully; 1 the flow failed, is not valid, was
 cancelled at the end of its grace period, or its code raised while loading; 2 the command
@@ -253,6 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=42, metavar="N", help="seeds the clicks (default: 42)"
     )
     demo.set_defaults(handler=_cmd_demo)
+
+    # `checkpoints list|inspect|reset DIR`; that module imports CliError from this one.
+    from sluiceway.checkpoint.cli import add_checkpoints_command  # noqa: PLC0415
+
+    add_checkpoints_command(commands, log_level=_log_level)
     return parser
 
 

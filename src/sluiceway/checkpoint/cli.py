@@ -1,0 +1,347 @@
+"""``sluiceway checkpoints list|inspect|reset DIR``: look into a checkpoint store.
+
+::
+
+    sluiceway checkpoints list DIR             # a table, newest first, with each one's status
+    sluiceway checkpoints inspect DIR [ID]     # one checkpoint (default: the newest) by operator
+    sluiceway checkpoints inspect DIR --json   # the same, for scripts
+    sluiceway checkpoints reset DIR --yes      # delete every checkpoint
+
+Exit codes, as for the rest of the ``sluiceway`` command: 0 done; 1 the store is damaged
+or not a store, or the inspected checkpoint does not verify; 2 the command line is wrong
+(no store in DIR, no such checkpoint id, ``reset`` without ``--yes`` and no terminal to
+ask on).  ``list`` shows torn checkpoints in its status column and still exits 0.
+
+:func:`add_checkpoints_command` registers the subcommand on the ``sluiceway`` parser;
+:func:`run_checkpoints_command` carries it out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+from sluiceway.checkpoint.store import (
+    CheckpointInfo,
+    CheckpointNotFoundError,
+    CheckpointStore,
+    PartInfo,
+)
+from sluiceway.cli import CliError
+from sluiceway.errors import CheckpointError
+
+__all__ = ["add_checkpoints_command", "format_bytes", "run_checkpoints_command"]
+
+_EXIT_FAILED: Final = 1  # as in sluiceway.cli: a damaged store, a torn checkpoint
+_EXIT_USAGE: Final = 2  # as in sluiceway.cli: the command line names nothing usable
+_SHA_PREFIX: Final = 12
+_UNITS: Final = ("KiB", "MiB", "GiB", "TiB")
+_KIB: Final = 1024
+
+
+def format_bytes(n: int) -> str:
+    """A byte count for people: bytes below 1 KiB, else one decimal in binary units.
+
+    >>> format_bytes(0), format_bytes(1023), format_bytes(1536), format_bytes(5 * 2**30)
+    ('0 B', '1023 B', '1.5 KiB', '5.0 GiB')
+    """
+    if n < _KIB:
+        return f"{n} B"
+    value = float(n)
+    for unit in _UNITS:
+        value /= _KIB
+        if value < _KIB or unit == _UNITS[-1]:
+            return f"{value:.1f} {unit}"
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def format_utc(epoch: float) -> str:
+    """Epoch seconds as a UTC ISO 8601 time, to the second.
+
+    >>> format_utc(1_700_000_000.4)
+    '2023-11-14T22:13:20Z'
+    """
+    try:
+        return datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):  # not a time a datetime can hold
+        return f"{epoch!r} (epoch seconds)"
+
+
+def add_checkpoints_command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    *,
+    log_level: Callable[[str], str],
+) -> argparse.ArgumentParser:
+    """Add ``checkpoints list|inspect|reset`` to the ``sluiceway`` parser's subcommands.
+
+    Args:
+        commands: what ``ArgumentParser.add_subparsers()`` returned.
+        log_level: the ``--log-level`` argument type of the main parser.
+
+    Returns:
+        The ``checkpoints`` parser.
+    """
+    logging_options = argparse.ArgumentParser(add_help=False)
+    logging_options.add_argument(
+        "--log-level",
+        type=log_level,
+        default="warning",
+        metavar="LEVEL",
+        help="debug, info, warning, error or critical (default: %(default)s); "
+        "debug also prints tracebacks",
+    )
+    directory = argparse.ArgumentParser(add_help=False)
+    directory.add_argument(
+        "directory",
+        metavar="DIR",
+        type=Path,
+        help="the checkpoint directory (the one given to `sluiceway run --checkpoint-dir`), "
+        "which holds checkpoints.db",
+    )
+
+    checkpoints = commands.add_parser(
+        "checkpoints",
+        help="list, inspect or reset the checkpoints in a directory",
+        description="Look into a checkpoint store: list its checkpoints, inspect one "
+        "operator by operator, or delete them all.",
+    )
+    actions = checkpoints.add_subparsers(
+        dest="checkpoints_action", metavar="ACTION", title="actions", required=True
+    )
+
+    listing = actions.add_parser(
+        "list",
+        parents=[directory, logging_options],
+        help="a table of the checkpoints, newest first, with whether each verifies",
+        description="List the checkpoints in DIR, newest first: id, flow, when taken (UTC), "
+        "size, operators, whether final, and status (ok, or why it does not verify).",
+    )
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    listing.set_defaults(handler=run_checkpoints_command)
+
+    inspect = actions.add_parser(
+        "inspect",
+        parents=[directory, logging_options],
+        help="one checkpoint (default: the newest), operator by operator",
+        description="Show one checkpoint: its info and, per operator, name, kind, bytes "
+        "and sha256.  Exits 1 if it does not verify.",
+    )
+    inspect.add_argument(
+        "id",
+        metavar="ID",
+        nargs="?",
+        type=_checkpoint_id,
+        default=None,
+        help="the checkpoint id (default: the newest)",
+    )
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
+    inspect.set_defaults(handler=run_checkpoints_command)
+
+    reset = actions.add_parser(
+        "reset",
+        parents=[directory, logging_options],
+        help="delete every checkpoint in DIR",
+        description="Delete every checkpoint in DIR, so the next run starts from scratch. "
+        "Checkpoint ids keep counting up.  Asks first on a terminal; elsewhere pass --yes.",
+    )
+    reset.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    reset.set_defaults(handler=run_checkpoints_command)
+    return checkpoints
+
+
+def _checkpoint_id(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a checkpoint id (a whole number >= 1), got {text!r}"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be a checkpoint id (a whole number >= 1), got {text!r}"
+        )
+    return value
+
+
+def run_checkpoints_command(args: argparse.Namespace) -> int:
+    """Carry out ``sluiceway checkpoints ACTION DIR ...``; returns the exit code.
+
+    Raises:
+        CliError: no store in DIR, no such id, a damaged store, a refused reset.
+    """
+    directory = _store_directory(args.directory)
+    try:
+        with CheckpointStore(directory) as store:
+            if args.checkpoints_action == "list":
+                return _list(store, directory, as_json=args.json)
+            if args.checkpoints_action == "inspect":
+                return _inspect(store, args.id, as_json=args.json)
+            return _reset(store, confirmed=args.yes)
+    except CheckpointNotFoundError as exc:
+        raise CliError(str(exc), _EXIT_USAGE) from exc
+    except CheckpointError as exc:
+        raise CliError(str(exc), _EXIT_FAILED) from exc
+
+
+def _store_directory(given: Path) -> Path:
+    """The directory holding the store; also accepts the path of the store file itself."""
+    if given.is_file():
+        if given.name == CheckpointStore.FILENAME:
+            return given.parent
+        raise CliError(
+            f"{given} is a file; give the checkpoint directory, which holds "
+            f"{CheckpointStore.FILENAME}",
+            _EXIT_USAGE,
+        )
+    store_file = given / CheckpointStore.FILENAME
+    if not given.is_dir():
+        raise CliError(f"no checkpoint directory {given} (it does not exist)", _EXIT_USAGE)
+    if not store_file.exists():
+        raise CliError(
+            f"no checkpoint store in {given} ({store_file} does not exist); give the "
+            "directory passed to `sluiceway run --checkpoint-dir`",
+            _EXIT_USAGE,
+        )
+    return given
+
+
+def _write(line: str = "") -> None:
+    sys.stdout.write(line + "\n")
+
+
+def _status(problem: str | None) -> str:
+    return "ok" if problem is None else f"torn: {problem}"
+
+
+def _info_json(info: CheckpointInfo, problem: str | None) -> dict[str, Any]:
+    data = asdict(info)
+    data["created_utc"] = format_utc(info.created)
+    data["ok"] = problem is None
+    data["status"] = _status(problem)
+    return data
+
+
+def _list(store: CheckpointStore, directory: Path, *, as_json: bool) -> int:
+    found = store.list()
+    if as_json:
+        payload = {
+            "store": str(store.path),
+            "checkpoints": [_info_json(info, problem) for info, problem in found],
+        }
+        _write(json.dumps(payload, indent=2))
+        return 0
+    if not found:
+        _write(f"no checkpoints in {directory}")
+        return 0
+    header = ("ID", "FLOW", "CREATED (UTC)", "SIZE", "OPERATORS", "FINAL", "STATUS")
+    rows = [
+        (
+            str(info.id),
+            info.flow,
+            format_utc(info.created),
+            format_bytes(info.size),
+            str(info.operators),
+            "yes" if info.final else "no",
+            _status(problem),
+        )
+        for info, problem in found
+    ]
+    right = {0, 3, 4}  # numbers line up on the right
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        cells = [
+            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
+            for i, cell in enumerate(row)
+        ]
+        _write("  ".join(cells).rstrip())
+    torn = sum(problem is not None for _, problem in found)
+    summary = f"{len(found)} checkpoint{'s' if len(found) != 1 else ''} in {store.path}"
+    _write(summary + (f", {torn} torn" if torn else ""))
+    return 0
+
+
+def _inspect(store: CheckpointStore, checkpoint_id: int | None, *, as_json: bool) -> int:
+    found = store.list()
+    if not found:
+        raise CheckpointNotFoundError(f"no checkpoints in {store.path} to inspect")
+    if checkpoint_id is None:
+        info, problem = found[0]
+    else:
+        matches = [(i, p) for i, p in found if i.id == checkpoint_id]
+        if not matches:
+            ids = ", ".join(str(i.id) for i, _ in reversed(found))
+            raise CheckpointNotFoundError(
+                f"no checkpoint {checkpoint_id} in {store.path} (checkpoints there: {ids})"
+            )
+        info, problem = matches[0]
+    parts = store.parts(info.id)
+    code = 0 if problem is None else _EXIT_FAILED
+    if as_json:
+        payload = _info_json(info, problem)
+        payload["store"] = str(store.path)
+        payload["parts"] = [
+            {"name": p.name, "kind": p.kind, "bytes": p.size, "sha256": p.sha256} for p in parts
+        ]
+        _write(json.dumps(payload, indent=2))
+        return code
+    _write(f"checkpoint {info.id} of flow {info.flow!r} in {store.path}")
+    for label, value in [
+        ("created", format_utc(info.created)),
+        ("duration", f"{info.duration:.3f} s"),
+        ("size", f"{format_bytes(info.size)} ({info.size:,} bytes)"),
+        ("operators", str(info.operators)),
+        ("final", "yes" if info.final else "no"),
+        ("format version", str(info.format_version)),
+        ("status", _status(problem)),
+    ]:
+        _write(f"  {label + ':':<16}{value}")
+    _write(_parts_table(parts))
+    return code
+
+
+def _parts_table(parts: list[PartInfo]) -> str:
+    if not parts:
+        return "no operator states"
+    header = ("OPERATOR", "KIND", "BYTES", "SHA256")
+    rows = [(p.name, p.kind, f"{p.size:,}", p.sha256[:_SHA_PREFIX]) for p in parts]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = []
+    for row in [header, *rows]:
+        cells = [
+            cell.rjust(widths[i]) if i == 2 else cell.ljust(widths[i]) for i, cell in enumerate(row)
+        ]
+        lines.append(("  " + "  ".join(cells)).rstrip())
+    return "\n".join(lines)
+
+
+def _reset(store: CheckpointStore, *, confirmed: bool) -> int:
+    if not confirmed:
+        count = len(store.list())
+        if count == 0:
+            _write(f"no checkpoints in {store.path}; nothing to delete")
+            return 0
+        if not sys.stdin.isatty():
+            raise CliError(
+                f"refusing to delete {count} checkpoint{'s' if count != 1 else ''} in "
+                f"{store.path} without confirmation: pass --yes",
+                _EXIT_USAGE,
+            )
+        sys.stderr.write(
+            f"delete all {count} checkpoint{'s' if count != 1 else ''} in {store.path}? [y/N] "
+        )
+        sys.stderr.flush()
+        if sys.stdin.readline().strip().lower() not in {"y", "yes"}:
+            _write("nothing deleted")
+            return _EXIT_FAILED
+    deleted = store.reset()
+    _write(
+        f"deleted {deleted} checkpoint{'s' if deleted != 1 else ''} from {store.path} "
+        f"(the next checkpoint id is {store.next_id()})"
+    )
+    return 0
