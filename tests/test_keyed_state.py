@@ -247,6 +247,20 @@ def test_event_time_ttl_follows_the_watermark_not_the_clock() -> None:
     assert out.items == [("a", 1), ("b", 1), ("a", 1)]  # watermark 5 >= 0 + 5: expired
 
 
+def test_an_out_of_order_write_does_not_shorten_an_event_time_ttl() -> None:
+    records = [("a", 10.0), ("a", 4.0), ("b", 22.0), ("a", 23.0)]
+    flow, out = keyed_flow(
+        records,
+        lambda k: k.stateful_map(lambda n, r: count(n, r[0]), ttl=TTL(5, time="event")),
+        ts=lambda r: r[1],
+        bound=10.0,
+    )
+    sw.testing.run_flow(flow)
+    # "a" was last written at event time 10 (the write at 4 came late): alive until the
+    # watermark reaches 15; before ("a", 23.0) it is 22 - 10 = 12.
+    assert out.items == [("a", 1), ("a", 2), ("b", 1), ("a", 3)]
+
+
 def test_event_time_ttl_gives_the_same_results_for_any_batch_size() -> None:
     rng = random.Random(11)
     records = [(rng.choice("ab"), rng.uniform(0, 400)) for _ in range(200)]
