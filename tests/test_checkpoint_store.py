@@ -49,10 +49,22 @@ def store(tmp_path: Path) -> Iterator[CheckpointStore]:
         yield s
 
 
+_RAW: list[sqlite3.Connection] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_raw_connections() -> Iterator[None]:
+    yield
+    while _RAW:
+        _RAW.pop().close()
+
+
 def raw(store: CheckpointStore) -> sqlite3.Connection:
     """A second, plain connection to the store file, to damage it as a crash or a disk
-    would."""
-    return sqlite3.connect(store.path, isolation_level=None)
+    would (closed after the test)."""
+    conn = sqlite3.connect(store.path, isolation_level=None)
+    _RAW.append(conn)
+    return conn
 
 
 # -- saving and reading back ----------------------------------------------------------
