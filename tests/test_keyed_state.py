@@ -261,6 +261,29 @@ def test_an_out_of_order_write_does_not_shorten_an_event_time_ttl() -> None:
     assert out.items == [("a", 1), ("a", 2), ("b", 1), ("a", 3)]
 
 
+def test_state_cleared_and_written_again_late_expires_on_its_new_deadline() -> None:
+    class SetClearGet:
+        def process(self, ctx: ProcessContext[Any], r: tuple[str, str, float]) -> None:
+            v = ctx.value("v", ttl=TTL(7, time="event"))
+            if r[1] == "set":
+                v.set(r[2])
+            elif r[1] == "clear":
+                v.clear()
+            else:
+                ctx.emit((ctx.key, v.get()))
+
+    records = [
+        ("a", "set", 19.0),  # deadline 26
+        ("a", "clear", 20.0),
+        ("a", "set", 16.0),  # late (bound 10): deadline 23, earlier than the first one
+        ("b", "get", 34.0),
+        ("a", "get", 35.0),  # the watermark is 24 here: a's value has expired
+    ]
+    flow, out = keyed_flow(records, lambda k: k.process(SetClearGet), ts=lambda r: r[2], bound=10)
+    sw.testing.run_flow(flow)
+    assert out.items == [("b", None), ("a", None)]
+
+
 def test_event_time_ttl_gives_the_same_results_for_any_batch_size() -> None:
     rng = random.Random(11)
     records = [(rng.choice("ab"), rng.uniform(0, 400)) for _ in range(200)]
@@ -464,6 +487,42 @@ def test_stateful_map_dead_letter_keeps_the_previous_state() -> None:
     sw.testing.run_flow(flow)
     assert out.items == [1, 3]
     assert [d.record for d in dlq.items] == [("a", -1)]
+
+
+def test_stateful_map_retries_with_the_state_before_the_failure() -> None:
+    calls: list[tuple[Any, int]] = []
+
+    def flaky_sum(total: int | None, x: tuple[str, int]) -> tuple[int, int]:
+        calls.append((total, x[1]))
+        if x[1] == 2 and calls.count((total, 2)) == 1:
+            raise ConnectionError("flaky")
+        total = (total or 0) + x[1]
+        return total, total
+
+    for ttl in (None, 60.0):  # the plain loop and the one with TTL bookkeeping
+        calls.clear()
+        flow, out = keyed_flow(
+            [("a", 1), ("a", 2), ("a", 3)],
+            lambda k, ttl=ttl: k.stateful_map(
+                flaky_sum, ttl=ttl, on_error=sw.Retry(2, sw.Backoff(initial=0.5))
+            ),
+        )
+        sw.testing.run_flow(flow)
+        assert out.items == [1, 3, 6]
+        assert calls == [(None, 1), (1, 2), (1, 2), (3, 3)]
+
+
+def test_stateful_map_state_survives_snapshot_and_restore() -> None:
+    for ttl in (None, TTL(100)):
+        clock = sw.VirtualClock(autojump=False)
+        step, _, _ = make_step(StatefulMapSpec(count, ttl=ttl, timestamped=False), clock)
+        asyncio.run(step.push(Batch(["a", "b", "a"], keys=["a", "b", "a"])))
+        snap = pickle.loads(pickle.dumps(step.snapshot()))
+        step2, cap2, m2 = make_step(StatefulMapSpec(count, ttl=ttl, timestamped=False), clock)
+        step2.restore(snap)
+        assert m2.state == 2
+        asyncio.run(step2.push(Batch(["a", "c"], keys=["a", "c"])))
+        assert [r[0] for r in cap2.rows] == [("a", 3), ("c", 1)]
 
 
 def test_a_failing_timer_is_dead_lettered_as_a_timer_event() -> None:

@@ -147,7 +147,7 @@ class KeyedStore:
         self.declared: set[str] = set()
         self.deadlines: dict[tuple[Any, ...], float] = {}
         self.domain_of: dict[tuple[Any, ...], TimeDomain] = {}
-        self.scheduled: set[tuple[Any, ...]] = set()
+        self.scheduled: dict[tuple[Any, ...], float] = {}  # slot -> its heap entry's time
         self.ttl_heaps: dict[str, list[tuple[float, int, tuple[Any, ...]]]] = {
             "processing": [],
             "event": [],
@@ -258,8 +258,15 @@ class KeyedStore:
             self.undo.append((_U_DEADLINE, slot, old, self.domain_of.get(slot)))
         self.deadlines[slot] = deadline
         self.domain_of[slot] = domain
-        if slot not in self.scheduled:
-            self.scheduled.add(slot)
+        self._schedule(slot, deadline, domain)
+
+    def _schedule(self, slot: tuple[Any, ...], deadline: float, domain: str) -> None:
+        """Make sure a heap entry comes up at or before ``deadline`` (one entry per slot
+        is enough while deadlines only move later; a deleted slot written again with an
+        earlier event time needs an earlier one, and the later entry goes stale)."""
+        at = self.scheduled.get(slot)
+        if at is None or at > deadline:
+            self.scheduled[slot] = deadline
             heapq.heappush(self.ttl_heaps[domain], (deadline, next(self.seq), slot))
 
     def forget(self, slot: tuple[Any, ...]) -> None:
@@ -292,15 +299,17 @@ class KeyedStore:
         """Expire the TTL slots of ``domain`` whose deadline is at or before ``upto`` and
         earlier than any timer of that domain; return the earliest remaining deadline."""
         heap = self.ttl_heaps[domain]
+        scheduled = self.scheduled
         while heap and heap[0][0] <= upto:
-            _, _, slot = heapq.heappop(heap)
-            self.scheduled.discard(slot)
+            at, _, slot = heapq.heappop(heap)
+            if scheduled.get(slot) != at:
+                continue  # superseded by an earlier entry
+            del scheduled[slot]
             deadline = self.deadlines.get(slot)
             if deadline is None:
                 continue  # deleted meanwhile
             if deadline > upto:  # written again since: come back at the new deadline
-                self.scheduled.add(slot)
-                heapq.heappush(heap, (deadline, next(self.seq), slot))
+                self._schedule(slot, deadline, domain)
                 continue
             self._expire(slot)
         return heap[0][0] if heap else _INF
@@ -386,9 +395,7 @@ class KeyedStore:
                 else:
                     self.deadlines[slot] = old
                     self.domain_of[slot] = domain
-                    if slot not in self.scheduled:
-                        self.scheduled.add(slot)
-                        heapq.heappush(self.ttl_heaps[domain], (old, next(self.seq), slot))
+                    self._schedule(slot, old, domain)
             elif op == _U_TIMER_ADD:
                 _, domain, item = u
                 self.timers[domain].pop(item, None)
@@ -467,13 +474,13 @@ class KeyedStore:
         self.data = payload.pop("data")
         self.kinds = payload.pop("kinds")
         self.declared = set()
-        self.deadlines, self.domain_of, self.scheduled = {}, {}, set()
+        self.deadlines, self.domain_of, self.scheduled = {}, {}, {}
         self.ttl_heaps = {"processing": [], "event": []}
         for slot, dom, dl in payload.pop("ttl"):
             deadline = now + dl if dom == "processing" else dl
             self.deadlines[slot] = deadline
             self.domain_of[slot] = dom
-            self.scheduled.add(slot)
+            self.scheduled[slot] = deadline
             self.ttl_heaps[dom].append((deadline, next(self.seq), slot))
         self.timers = {"processing": {}, "event": {}}
         self.timer_heaps = {"processing": [], "event": []}

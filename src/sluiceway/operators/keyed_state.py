@@ -25,7 +25,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any, ClassVar
 
-from sluiceway.operators.base import BuildContext, OpSpec, Step
+from sluiceway.operators.base import BuildContext, OpSpec, Step, without
 from sluiceway.operators.errors import ErrorHandler
 from sluiceway.policies import ErrorPolicy, Fail
 from sluiceway.runtime.messages import Batch, Control, Watermark
@@ -207,8 +207,7 @@ class _KeyedProcessStep(Step):
             if message.time >= store.next_due("event"):
                 await self._advance_event(message.time)
             await self._flush()
-        for child in self.children:
-            await child.control(message)
+        await super().control(message)  # forwards; a checkpoint barrier snapshots here
 
     async def finish(self) -> None:
         if self.timestamped:
@@ -327,17 +326,67 @@ class _StatefulMap:
         state = self.state
         if state is None:
             state = self.state = ctx.value("state", ttl=self.ttl)
-        result = self.fn(state.get(), value)
-        if not isinstance(result, tuple) or len(result) != 2:
-            raise TypeError(
-                f"stateful_map's function must return a (state, output) pair, got {result!r}"
-            )
-        new, out = result
+        new, out = _pair(self.fn(state.get(), value))
         if new is None:
             state.clear()
         else:
             state.set(new)
         ctx.emit(out)
+
+
+def _pair(result: Any) -> tuple[Any, Any]:
+    if type(result) is not tuple or len(result) != 2:
+        raise TypeError(
+            f"stateful_map's function must return a (state, output) pair, got {result!r}"
+        )
+    return result
+
+
+def _call(fn: Callable[[Any, Any], Any], state: Any, value: Any) -> tuple[Any, Any]:
+    return _pair(fn(state, value))
+
+
+class _StatefulMapStep(_KeyedProcessStep):
+    """``stateful_map`` without a TTL: the same state layout and semantics as the process
+    function above, in a tighter loop.  ``fn`` returns the new state instead of writing
+    it, so a failing record has nothing to undo: the state is stored only on success."""
+
+    def __init__(self, ctx: BuildContext, spec: StatefulMapSpec) -> None:
+        super().__init__(ctx, spec)
+        self.user_fn = spec.fn
+
+    async def push(self, batch: Batch) -> None:
+        values = batch.values
+        if not values:
+            return
+        self.metrics.records_in += len(values)
+        keys = batch.keys
+        if keys is None:  # pragma: no cover - the builder allows this on keyed streams only
+            raise TypeError(f"operator {self.name!r} got records without keys")
+        data, fn = self.store.data, self.user_fn
+        out: list[Any] = []
+        failed: list[int] | None = None
+        for i, (v, k) in enumerate(zip(values, keys, strict=True)):
+            d = data.get(k)
+            state = None if d is None else d["state"]
+            try:
+                new, o = _pair(fn(state, v))
+            except Exception as exc:  # noqa: BLE001 - any user error goes to the error policy
+                ok, result = await self.errors.recover([v], exc, partial(_call, fn, state, v))
+                if not ok:
+                    failed = [i] if failed is None else [*failed, i]
+                    continue
+                new, o = result
+            if new is None:
+                if d is not None:
+                    del data[k]
+            elif d is None:
+                data[k] = {"state": new}
+            else:
+                d["state"] = new
+            out.append(o)
+        self.metrics.state = len(data)
+        await self.emit((batch if failed is None else without(batch, failed)).with_values(out))
 
 
 class StatefulMapSpec(KeyedProcessSpec):
@@ -361,3 +410,8 @@ class StatefulMapSpec(KeyedProcessSpec):
             timestamped=timestamped,
             processing_timers=ttl is not None and ttl.time == "processing",
         )
+
+    def build(self, ctx: BuildContext) -> Step:
+        if self.ttl is None:
+            return _StatefulMapStep(ctx, self)
+        return _KeyedProcessStep(ctx, self)
