@@ -817,6 +817,49 @@ def test_snapshot_restore_property(seed: int, n: int, cut_frac: float, batches: 
     assert run_interrupted(rows, cuts, at) == run_whole(rows, cuts)
 
 
+class EventOnly:
+    """Event-time state, TTL and timers only: the output must not depend on batching."""
+
+    def process(self, ctx: ProcessContext[Any], v: int) -> None:
+        assert ctx.timestamp is not None
+        c = ctx.value("count", ttl=TTL(4, time="event"))
+        c.set((c.get() or 0) + 1)
+        ctx.emit(("rec", ctx.key, v, c.get(), ctx.watermark))
+        ctx.timers.at_event_time(ctx.timestamp + v % 3)
+        if v % 4 == 0:
+            ctx.timers.delete_event_time(ctx.timestamp + 1)
+
+    def on_timer(self, ctx: ProcessContext[Any], t: float) -> None:
+        c = ctx.value("count", ttl=TTL(4, time="event"))
+        ctx.emit(("timer", ctx.key, t, c.get(), ctx.watermark))
+        if (c.get() or 0) > 2:
+            c.clear()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 10_000), n=st.integers(1, 40), a=st.integers(1, 10), b=st.integers(1, 10)
+)
+def test_event_time_output_does_not_depend_on_batch_cuts(seed: int, n: int, a: int, b: int) -> None:
+    rng = random.Random(seed)
+    rows = random_rows(rng, n)
+    outs = []
+    for k in (a, b):
+        cuts = sorted(rng.sample(range(1, n), min(k, n - 1))) if n > 1 else []
+        clock = sw.VirtualClock(autojump=False)
+        step, cap, _ = make_step(process_spec(EventOnly), clock)
+
+        async def go(
+            step: Step = step, clock: sw.VirtualClock = clock, cuts: list[int] = cuts
+        ) -> None:
+            await drive(step, clock, rows, cuts, -math.inf)
+            await step.finish()
+
+        asyncio.run(go())
+        outs.append([r for r in cap.rows if r == "end" or r[0] != "control"])
+    assert outs[0] == outs[1]
+
+
 def test_restore_counts_processing_time_from_the_restoring_clock() -> None:
     class Later:
         def process(self, ctx: ProcessContext[Any], x: int) -> None:
