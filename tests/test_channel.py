@@ -377,12 +377,12 @@ def test_control_messages_carry_the_writers_input_index() -> None:
     async def main() -> None:
         _, ws, r = make(10, writers=3)
         ws[2].send_control(Watermark(2.0))
-        ws[0].send_control(Barrier(1))
+        ws[0].send_control(Watermark(0.5))
         ws[1].send_control(Watermark(1.0))
         got = drain(r)
         assert [(c.message, c.input_index) for c in got if isinstance(c, TaggedControl)] == [
             (Watermark(2.0), 2),
-            (Barrier(1), 0),
+            (Watermark(0.5), 0),
             (Watermark(1.0), 1),
         ]
         assert [w.index for w in ws] == [0, 1, 2]

@@ -12,6 +12,11 @@ The tree::
     ├── FlowCancelledError         the flow was cancelled before it drained (grace period over,
     │                              or a second stop signal); carries what was not flushed
     │                              and why (CancelReason)
+    ├── CheckpointError            a checkpoint could not be written or restored
+    │   ├── CheckpointCorruptError a stored checkpoint fails its checks (torn, truncated,
+    │   │                          not a checkpoint store, a format this version can't read)
+    │   └── CheckpointMismatchError  the checkpoint belongs to a different flow (operators
+    │                              added, removed or changed since it was taken)
     └── channel endings
         ├── EndOfStream            every writer closed and the channel is empty
         ├── ClosedResourceError    this side was already closed by us
@@ -32,6 +37,9 @@ __all__ = [
     "BrokenResourceError",
     "CancelReason",
     "ChannelOverflowError",
+    "CheckpointCorruptError",
+    "CheckpointError",
+    "CheckpointMismatchError",
     "ClosedResourceError",
     "EndOfStream",
     "FlowCancelledError",
@@ -177,3 +185,17 @@ class ClosedResourceError(SluicewayError):
 
 class BrokenResourceError(SluicewayError):
     """The other end of a channel went away (its reader stopped)."""
+
+
+class CheckpointError(SluicewayError):
+    """A checkpoint could not be written, read or restored."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A stored checkpoint fails its checks: torn or truncated, altered bytes, not a
+    sluiceway checkpoint store, or written in a format this version cannot read."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The latest checkpoint was taken by a different flow: operators were added, removed,
+    renamed or changed kind since.  The message lists the differences."""

@@ -14,6 +14,14 @@ record and fails part-way raises :class:`PartialWriteError` so that the records 
 the failure are not written twice when the error policy retries.
 
 Both get a context at ``open`` with the flow's name, their own operator name and the clock.
+
+With checkpoints on (see ``docs/checkpoints.md``), a source's :meth:`Source.position` is
+stored with every checkpoint and handed back to :meth:`Source.restore` when the flow
+restarts; :meth:`Source.commit` tells it a checkpoint is complete (a broker source acks
+there).  A sink takes part in a two-phase commit: :meth:`Sink.pre_commit` at the
+barrier makes everything written so far durable and returns what :meth:`Sink.restore`
+needs to go back exactly there; :meth:`Sink.commit` follows once the checkpoint is
+stored.  A sink that does nothing of the kind is at-least-once.
 """
 
 from __future__ import annotations
@@ -52,15 +60,20 @@ class SourceContext:
     clock: Clock
     bad_input: Callable[[BadInputError], Awaitable[None]]
     fails_on_bad_input: bool
+    checkpointing: bool = False
+    """True when the flow takes checkpoints."""
 
 
 @dataclass(frozen=True, slots=True)
 class SinkContext:
-    """What a sink gets at ``open``: the flow's name, its own name and the clock."""
+    """What a sink gets at ``open``: the flow's name, its own name and the clock, and
+    whether the flow takes checkpoints (then :meth:`Sink.pre_commit`/:meth:`Sink.commit`
+    are called)."""
 
     flow: str
     name: str
     clock: Clock
+    checkpointing: bool = False
 
 
 class Source(ABC):
@@ -74,8 +87,31 @@ class Source(ABC):
         """Up to ``max_records`` records that are ready now, or None at end of input."""
 
     def position(self) -> Any:
-        """A JSON-able position from which reading could resume (None if unknown)."""
+        """A JSON-able position from which reading could resume (None if unknown).
+
+        Taken for every checkpoint between two batches: it must describe exactly the
+        records handed out so far."""
         return None
+
+    def restore(self, position: Any) -> None:
+        """Resume from ``position`` (a :meth:`position` of an earlier run) at ``open``.
+
+        Called before :meth:`open` when a flow restarts from a checkpoint.  A source that
+        cannot go back to a position keeps this default, which refuses: a checkpointed
+        flow needs replayable sources.
+        """
+        raise NotImplementedError(
+            f"source {self.describe()} cannot resume from a checkpoint position"
+        )
+
+    @property
+    def resumable(self) -> bool:
+        """True when the source implements :meth:`restore`."""
+        return type(self).restore is not Source.restore
+
+    async def commit(self, position: Any) -> None:  # noqa: B027 - optional hook
+        """A checkpoint holding ``position`` is complete: records before it will never be
+        asked for again (a broker source acknowledges them here)."""
 
     def backlog(self) -> int | None:
         """How much input is waiting to be read, when the source knows (None: unknown):
@@ -100,6 +136,24 @@ class Sink(ABC):
     @abstractmethod
     async def write(self, batch: Batch) -> None:
         """Write every record of ``batch`` (``batch.values``)."""
+
+    exactly_once: bool = False
+    """True when the sink's pre-commit/commit/restore make its output exactly-once."""
+
+    async def pre_commit(self, checkpoint_id: int | None) -> Any:
+        """A checkpoint barrier reached the sink: make everything written so far durable
+        and return what :meth:`restore` needs to go back to exactly this point (picklable).
+
+        ``checkpoint_id`` is None for the final checkpoint of a flow whose input ended.
+        Default: nothing (the sink is at-least-once)."""
+        return None
+
+    async def commit(self, checkpoint_id: int, state: Any) -> None:  # noqa: B027
+        """The checkpoint for which :meth:`pre_commit` returned ``state`` is stored."""
+
+    def restore(self, state: Any) -> None:  # noqa: B027 - optional hook
+        """Called before :meth:`open` when the flow restarts from a checkpoint, with what
+        :meth:`pre_commit` returned for it: undo anything written after that point."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Flush and release resources.  Called once, also after errors."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar
@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 from sluiceway.metrics.registry import OperatorMetrics
 from sluiceway.operators.errors import ErrorHandler
 from sluiceway.runtime.channel import ChannelWriter, Overflow
-from sluiceway.runtime.messages import Batch, Control
+from sluiceway.runtime.messages import Barrier, Batch, Control
 from sluiceway.time import Clock
 
 __all__ = ["BuildContext", "OpSpec", "SendStep", "Step", "apply_each", "without"]
@@ -70,6 +70,9 @@ class Step:
         self.wake: Callable[[], None] = _nothing
         """Called by a timer step with work of its own (e.g. an async call finished): its
         stage stops waiting for input and calls :meth:`on_timer`.  Set by the runtime."""
+        self.on_barrier: Callable[[Step, Barrier], Awaitable[None]] | None = None
+        """Set by the runtime when the flow takes checkpoints: called with this step when
+        a barrier passes it, before the barrier goes on to the children."""
 
     async def emit(self, batch: Batch) -> None:
         if not batch.values:
@@ -84,7 +87,15 @@ class Step:
         await self.emit(batch)
 
     async def control(self, message: Control) -> None:
-        """An in-band control message (default: forward to every child)."""
+        """An in-band control message (default: forward to every child).
+
+        A step that overrides this must forward through ``super().control(message)``:
+        that is where a checkpoint barrier takes the step's snapshot.  A step that holds
+        a control message back (behind records still in flight) forwards it later, and
+        its snapshot is taken then.
+        """
+        if self.on_barrier is not None and type(message) is Barrier:
+            await self.on_barrier(self, message)
         for child in self.children:
             await child.control(message)
 
@@ -104,6 +115,31 @@ class Step:
     def pending(self) -> int:
         """Records held inside this step (reported when a flow is cancelled)."""
         return 0
+
+    def snapshot(self) -> Any:
+        """The step's state for a checkpoint, or None when it holds none.
+
+        Called by the runtime when a checkpoint barrier reaches the step's stage: every
+        record before the barrier has been pushed, none after it.  Return a picklable
+        value that shares nothing mutable with the live step (the runtime pickles it at
+        once, but the step must not mutate it afterwards either way).  A step must never
+        emit records in response to a :class:`~sluiceway.runtime.messages.Barrier`.
+        """
+        return None
+
+    async def prepare_checkpoint(self, checkpoint_id: int | None) -> Any:
+        """The state to store for checkpoint ``checkpoint_id`` (None: the step's final
+        state, after the end of its input).  Default: :meth:`snapshot`.  A sink step
+        overrides it to make what it wrote durable first."""
+        return self.snapshot()
+
+    def restore(self, state: Any) -> None:
+        """Load a :meth:`snapshot` taken by an earlier run of the same flow.
+
+        Called after the step is built and before the flow starts.  Processing-time
+        deadlines restart from the restoring run's clock.
+        """
+        raise TypeError(f"operator {self.name!r} ({type(self).__name__}) holds no state to restore")
 
     def close(self) -> None:
         """The flow is over (ended, failed or cancelled): release what the step holds

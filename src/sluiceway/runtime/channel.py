@@ -21,6 +21,13 @@ writer has closed and the queue is empty, :meth:`ChannelReader.receive` raises
 
 Every writer measures the time it spent blocked; ``blocked_seconds`` per second of wall
 time is the backpressure ratio shown to users.
+
+Checkpoint barriers are *aligned* by the reader of a fan-in channel: once the barrier of
+checkpoint ``n`` has come from one input, that input's later items are held back until the
+barrier has come from every input that is still open; then the reader returns the barrier
+once and serves the held items, in order.  Held records leave the shared capacity (so the
+other inputs can still deliver their barrier: no deadlock) but count against their own
+writer, which therefore blocks after ``capacity`` held records: memory stays bounded.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from sluiceway.errors import (
     ClosedResourceError,
     EndOfStream,
 )
-from sluiceway.runtime.messages import Batch, Control
+from sluiceway.runtime.messages import Barrier, Batch, Control
 from sluiceway.time import Clock
 
 __all__ = [
@@ -102,8 +109,10 @@ class _Channel:
         "broken",
         "capacity",
         "clock",
+        "closed",
         "fill",
         "flow",
+        "held",
         "last_input",
         "max_fill",
         "name",
@@ -130,6 +139,10 @@ class _Channel:
         self.fill = 0
         self.max_fill = 0
         self.writers_open = writers
+        self.closed = [False] * writers
+        self.held = [0] * writers
+        """Per input: records the reader holds back while aligning a barrier; they count
+        against that input's own room, not against the shared ``fill``."""
         self.reader_waiter: asyncio.Future[None] | None = None
         self.writer_waiters: list[asyncio.Future[None]] = []
         self.records_sent = 0
@@ -204,7 +217,8 @@ class ChannelWriter:
     @property
     def room(self) -> int:
         """Records that fit before the channel is full (0 when full)."""
-        return max(0, self._ch.capacity - self._ch.fill)
+        ch = self._ch
+        return max(0, ch.capacity - ch.fill - ch.held[self.index])
 
     @property
     def capacity(self) -> int:
@@ -221,8 +235,9 @@ class ChannelWriter:
         this before producing, so that under sustained backpressure it hands over full
         batches instead of one record each time a single slot frees up.
         """
-        need = min(n, self._ch.capacity)
-        while self._ch.capacity - self._ch.fill < need:
+        ch = self._ch
+        need = min(n, ch.capacity)
+        while ch.capacity - ch.fill - ch.held[self.index] < need:
             await self._wait_writable()
 
     async def send(self, batch: Batch) -> None:
@@ -235,7 +250,7 @@ class ChannelWriter:
         n = len(batch)
         if n == 0:
             return
-        room = ch.capacity - ch.fill
+        room = ch.capacity - ch.fill - ch.held[self.index]
         if n <= room:
             ch.put(batch, self.index)
             return
@@ -259,7 +274,7 @@ class ChannelWriter:
     async def _send_blocking(self, batch: Batch) -> None:
         ch = self._ch
         while True:
-            room = ch.capacity - ch.fill
+            room = ch.capacity - ch.fill - ch.held[self.index]
             if room >= len(batch):
                 ch.put(batch, self.index)
                 return
@@ -302,6 +317,7 @@ class ChannelWriter:
             return
         self._closed = True
         self._ch.writers_open -= 1
+        self._ch.closed[self.index] = True
         self._ch.wake_reader()
 
 
@@ -312,12 +328,27 @@ class ChannelReader:
     operator that treats its inputs differently (combining watermarks) reads it.
     """
 
-    __slots__ = ("_ch", "_interrupted", "input_index")
+    __slots__ = (
+        "_aligning",
+        "_blocked",
+        "_ch",
+        "_cur",
+        "_interrupted",
+        "_replay",
+        "_stash",
+        "input_index",
+    )
 
     def __init__(self, channel: _Channel) -> None:
         self._ch = channel
         self.input_index = 0
+        self._cur = 0
         self._interrupted = False
+        self._aligning: Barrier | None = None
+        self._blocked: set[int] = set()
+        """Inputs whose barrier has come while the others' has not: their items wait."""
+        self._stash: list[tuple[Batch | TaggedControl, int]] = []
+        self._replay: deque[tuple[Batch | TaggedControl, int]] = deque()
 
     def interrupt(self) -> None:
         """Make the pending (or next) :meth:`receive` return None when nothing is queued.
@@ -334,26 +365,99 @@ class ChannelReader:
 
     @property
     def fill(self) -> int:
-        return self._ch.fill
+        """Records queued, including those held back while aligning a barrier."""
+        ch = self._ch
+        return ch.fill + sum(ch.held) if self._blocked else ch.fill
 
     def receive_nowait(self) -> Batch | TaggedControl | None:
-        """The next item if one is queued, else None.  Raises EndOfStream at the end."""
+        """The next item if one is queued, else None.  Raises EndOfStream at the end.
+
+        A checkpoint barrier from a fan-in's input is returned only once it has come
+        from every open input (see the module docs on alignment).
+        """
         ch = self._ch
-        while ch.queue:
-            item = ch.queue.popleft()
-            if isinstance(item, _InputMark):
-                self.input_index = item.input_index
+        queue, replay = ch.queue, self._replay
+        while True:
+            if replay:
+                item, idx = replay.popleft()
+            elif queue:
+                raw = queue.popleft()
+                if type(raw) is _InputMark:
+                    self._cur = raw.input_index
+                    continue
+                item = raw  # type: ignore[assignment]
+                idx = item.input_index if type(item) is TaggedControl else self._cur
+            else:
+                break
+            if self._blocked and idx in self._blocked:
+                self._hold(item, idx)
                 continue
-            if isinstance(item, Batch):
+            if type(item) is Batch:
                 n = len(item)
                 ch.fill -= n
                 ch.records_received += n
                 if ch.writer_waiters:
                     ch.wake_writers()
+                self.input_index = idx
+                return item
+            assert isinstance(item, TaggedControl)
+            if (
+                type(item.message) is Barrier
+                and len(ch.closed) > 1
+                and not self._align(item.message, idx)
+            ):
+                continue
             return item
+        if self._aligning is not None and self._aligned():
+            return self._release(self._aligning)
         if ch.writers_open == 0:
             raise EndOfStream(ch.name)
         return None
+
+    # -- barrier alignment -------------------------------------------------------------
+
+    def _hold(self, item: Batch | TaggedControl, idx: int) -> None:
+        self._stash.append((item, idx))
+        if type(item) is Batch:
+            ch = self._ch
+            n = len(item)
+            ch.fill -= n
+            ch.held[idx] += n
+            if ch.writer_waiters:
+                ch.wake_writers()
+
+    def _align(self, barrier: Barrier, idx: int) -> bool:
+        """A barrier from input ``idx``: True when it is now aligned (return it)."""
+        current = self._aligning
+        if current is None:
+            self._aligning = barrier
+        elif current != barrier:
+            raise AssertionError(
+                f"channel {self._ch.name!r}: barrier {barrier.checkpoint_id} from input "
+                f"{idx} while aligning barrier {current.checkpoint_id}"
+            )
+        self._blocked.add(idx)
+        if self._aligned():
+            self._release(barrier)
+            return True
+        return False
+
+    def _aligned(self) -> bool:
+        closed, blocked = self._ch.closed, self._blocked
+        return all(closed[i] or i in blocked for i in range(len(closed)))
+
+    def _release(self, barrier: Barrier) -> TaggedControl:
+        ch = self._ch
+        for item, idx in self._stash:
+            if type(item) is Batch:
+                n = len(item)
+                ch.held[idx] -= n
+                ch.fill += n
+        self._replay.extendleft(reversed(self._stash))
+        self._stash = []
+        self._blocked = set()
+        self._aligning = None
+        return TaggedControl(barrier, -1)
 
     async def receive(self, deadline: float | None = None) -> Batch | TaggedControl | None:
         """Wait for the next item; None if ``deadline`` (clock time) passed first, or if
