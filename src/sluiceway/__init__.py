@@ -14,6 +14,9 @@ from sluiceway.errors import (
     BadInputError,
     CancelReason,
     ChannelOverflowError,
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointMismatchError,
     FlowCancelledError,
     FlowDefinitionError,
     FlowFailedError,
@@ -25,6 +28,7 @@ from sluiceway.flowcontrol import Adaptive, CircuitBreaker, CircuitOpenError
 from sluiceway.metrics import FlowSnapshot
 from sluiceway.policies import Backoff, DeadLetter, DeadLetterRecord, ErrorPolicy, Fail, Retry
 from sluiceway.runtime.channel import Overflow
+from sluiceway.runtime.checkpointing import Checkpoints
 from sluiceway.runtime.executor import RunResult
 from sluiceway.runtime.handle import FlowHandle, Monitor, run, run_async, start
 from sluiceway.runtime.messages import Batch
@@ -40,6 +44,10 @@ __all__ = [
     "Batch",
     "CancelReason",
     "ChannelOverflowError",
+    "CheckpointCorruptError",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "Checkpoints",
     "CircuitBreaker",
     "CircuitOpenError",
     "Clock",

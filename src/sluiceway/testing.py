@@ -17,6 +17,7 @@ from sluiceway.connectors.base import Sink, SinkContext, Source, SourceContext
 from sluiceway.connectors.memory import Collect
 from sluiceway.connectors.memory import Iterable as IterableSource
 from sluiceway.flow import Flow, Stream
+from sluiceway.runtime.checkpointing import Checkpoints
 from sluiceway.runtime.executor import RunResult
 from sluiceway.runtime.handle import run_async
 from sluiceway.runtime.messages import Batch
@@ -99,10 +100,17 @@ def run_flow(
     clock: Clock | None = None,
     max_batch_size: int = 1024,
     seed: int | None = 0,
+    checkpoints: Checkpoints | None = None,
 ) -> RunResult:
     """Run ``flow`` to completion on a virtual clock (default) in a fresh event loop."""
     return asyncio.run(
-        run_async(flow, clock=clock or VirtualClock(), max_batch_size=max_batch_size, seed=seed)
+        run_async(
+            flow,
+            clock=clock or VirtualClock(),
+            max_batch_size=max_batch_size,
+            seed=seed,
+            checkpoints=checkpoints,
+        )
     )
 
 

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import IO, Any, Literal, TypeGuard
 
 from sluiceway.connectors.base import PartialWriteError, Sink, SinkContext, Source, SourceContext
-from sluiceway.errors import BadInputError, short_repr
+from sluiceway.errors import BadInputError, CheckpointError, short_repr
 from sluiceway.runtime.messages import Batch
 
 __all__ = ["Csv", "JsonLinesSink", "JsonLinesSource", "LineBuffer", "WriteMode"]
@@ -367,6 +367,10 @@ class JsonLinesSource(Source):
         """
         return {"offset": self._lines.offset, "line": self._lines.line}
 
+    def restore(self, position: Any) -> None:
+        """Resume at a :meth:`position` (like ``resume_from=``) when the file is opened."""
+        self._start = _check_resume(position, "sources.JsonLines")
+
     def backlog(self) -> int | None:
         """Bytes of the file not read yet (None when it is not open)."""
         return _unread(self._file, self._lines.offset)
@@ -624,6 +628,10 @@ class Csv(Source):
         """
         return {"offset": self._lines.offset, "line": self._lines.line}
 
+    def restore(self, position: Any) -> None:
+        """Resume at a :meth:`position` (like ``resume_from=``) when the file is opened."""
+        self._start = _check_resume(position, "sources.Csv")
+
     def backlog(self) -> int | None:
         """Bytes of the file not read yet (None when it is not open)."""
         return _unread(self._file, self._lines.offset)
@@ -680,6 +688,27 @@ def _open_for_writing(path: str, mode: WriteMode, encoding: str) -> IO[bytes]:
     return f
 
 
+def _open_truncated(path: str, length: int) -> IO[bytes]:
+    """Open ``path`` for appending after cutting it back to ``length`` bytes."""
+    try:
+        f = open(path, "r+b")  # noqa: SIM115 - the sink closes it in close()
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"sinks.JsonLines({path}): the checkpoint recorded {length} bytes written, "
+            "but the file is gone"
+        ) from None
+    size = os.fstat(f.fileno()).st_size
+    if size < length:
+        f.close()
+        raise CheckpointError(
+            f"sinks.JsonLines({path}): the checkpoint recorded {length} bytes written, "
+            f"but the file has only {size}; was it truncated or replaced?"
+        )
+    f.truncate(length)
+    f.seek(length)
+    return f
+
+
 class JsonLinesSink(Sink):
     r"""Writes one JSON line per record (``sw.sinks.JsonLines``).
 
@@ -691,11 +720,19 @@ class JsonLinesSink(Sink):
     :class:`~sluiceway.connectors.base.PartialWriteError` after the records before it
     were written, so the sink's error policy handles exactly that record.
 
+    With checkpoints on, the sink is **exactly-once**: at each barrier it flushes and
+    fsyncs the file and stores its length in the checkpoint; a restart from that
+    checkpoint first truncates the file to that length (what came after is written
+    again by the replay), and closing the sink cuts it back to the last completed
+    checkpoint.  A reader following the file while the flow runs may see lines that a
+    crash later takes back; the file at rest holds exactly the committed records.
+
     Args:
         path: the file to write.
         mode: ``"append"`` (default) adds to an existing file; ``"overwrite"`` empties
-            it at ``open``.  When appending to a file whose last line lacks its newline
-            (a torn write), a newline is added first so records never merge.
+            it at ``open`` (not when restarting from a checkpoint: then the file is cut
+            back to the checkpoint).  When appending to a file whose last line lacks its
+            newline (a torn write), a newline is added first so records never merge.
         encoding: the text encoding of the file.
 
     Raises:
@@ -732,14 +769,47 @@ class JsonLinesSink(Sink):
         self._mode: WriteMode = mode
         self._encoding = encoding
         self._file: IO[bytes] | None = None
+        self._restore_to: int | None = None
+        self._committed: int | None = None  # with checkpoints: the file's committed length
+
+    exactly_once = True
 
     async def open(self, ctx: SinkContext) -> None:
-        """Open (or create) the file for writing.
+        """Open (or create) the file for writing; when restarting from a checkpoint, cut
+        it back to the length that checkpoint recorded.
 
         Raises:
             OSError: the file cannot be opened.
+            CheckpointError: the file is shorter than the checkpoint recorded.
         """
-        self._file = _open_for_writing(self._path, self._mode, self._encoding)
+        if self._restore_to is None:
+            self._file = _open_for_writing(self._path, self._mode, self._encoding)
+        else:
+            self._file = _open_truncated(self._path, self._restore_to)
+        if ctx.checkpointing:
+            self._file.seek(0, os.SEEK_END)
+            self._committed = self._file.tell()
+
+    def restore(self, state: Any) -> None:
+        """Restart from a checkpoint that recorded ``{"length": n}``: cut back to ``n``."""
+        if not (isinstance(state, dict) and isinstance(state.get("length"), int)):
+            raise CheckpointError(
+                f"{self.describe()}: checkpoint state must be {{'length': bytes}}, got "
+                f"{short_repr(state)}"
+            )
+        self._restore_to = state["length"]
+
+    async def pre_commit(self, checkpoint_id: int | None) -> Any:
+        """Flush and fsync; the checkpoint records the file's length."""
+        f = self._file
+        if f is None:
+            raise RuntimeError(f"{self.describe()} is not open: the runtime calls open() first")
+        f.flush()
+        os.fsync(f.fileno())
+        return {"length": f.tell()}
+
+    async def commit(self, checkpoint_id: int, state: Any) -> None:
+        self._committed = state["length"]
 
     async def write(self, batch: Batch) -> None:
         """Write every record of ``batch`` as a line, then flush.
@@ -770,10 +840,15 @@ class JsonLinesSink(Sink):
             f.flush()
 
     async def close(self) -> None:
-        """Flush and close the file (safe to call twice)."""
-        if self._file is not None:
-            self._file.close()
+        """Flush and close the file (safe to call twice).  With checkpoints, first cut
+        it back to the last completed checkpoint: what follows was not committed and a
+        restart writes it again."""
+        f = self._file
+        if f is not None:
             self._file = None
+            with f:
+                if self._committed is not None and f.tell() > self._committed:
+                    f.truncate(self._committed)
 
     def describe(self) -> str:
         """``JsonLines(<path>)``."""

@@ -74,9 +74,20 @@ class Iterable(Source, Generic[T]):
         self._items = items
         self._puller: _IteratorPuller | None = None
         self._count = 0
+        self._skip = 0
 
     async def open(self, ctx: SourceContext) -> None:
-        self._puller = _IteratorPuller(_to_iterator(self._items, "sources.Iterable"))
+        it = _to_iterator(self._items, "sources.Iterable")
+        if self._skip:
+            if it is self._items:
+                raise ValueError(
+                    f"sources.Iterable cannot resume from position {self._skip}: its "
+                    f"{type(self._items).__name__} can be read only once; give it a list "
+                    "or another re-iterable collection, or use sources.Generator with a "
+                    "factory that makes the same sequence again"
+                )
+            await _skip(it, self._skip, "sources.Iterable")
+        self._puller = _IteratorPuller(it)
 
     async def next_batch(self, max_records: int) -> Batch | None:
         assert self._puller is not None, "open() first"
@@ -88,6 +99,32 @@ class Iterable(Source, Generic[T]):
 
     def position(self) -> int:
         return self._count
+
+    def restore(self, position: Any) -> None:
+        self._skip = self._count = _check_count(position, "sources.Iterable")
+
+
+def _check_count(position: Any, what: str) -> int:
+    if not isinstance(position, int) or isinstance(position, bool) or position < 0:
+        raise ValueError(f"{what} resumes from a record count, got {position!r}")
+    return position
+
+
+async def _skip(it: Iterator[Any] | AsyncIterator[Any], n: int, what: str) -> None:
+    """Skip the ``n`` records a checkpoint says were read; fewer means the input changed."""
+    got = 0
+    if isinstance(it, Iterator):
+        got = sum(1 for _ in islice(it, n))
+    else:
+        async for _ in it:
+            got += 1
+            if got == n:
+                break
+    if got < n:
+        raise ValueError(
+            f"{what} cannot resume from position {n}: its input now has only {got} "
+            "records (did the input change since the checkpoint?)"
+        )
 
 
 class Generator(Source, Generic[T]):
@@ -122,12 +159,16 @@ class Generator(Source, Generic[T]):
         self._start = 0.0
         self._emitted = 0
         self._count = 0
+        self._skip = 0
 
     async def open(self, ctx: SourceContext) -> None:
         made = self._factory()
         if inspect.isawaitable(made):
             made = await made
-        self._puller = _IteratorPuller(_to_iterator(made, "sources.Generator factory()"))
+        it = _to_iterator(made, "sources.Generator factory()")
+        if self._skip:
+            await _skip(it, self._skip, "sources.Generator")
+        self._puller = _IteratorPuller(it)
         self._clock = ctx.clock
         self._start = ctx.clock.monotonic()
 
@@ -160,6 +201,11 @@ class Generator(Source, Generic[T]):
 
     def position(self) -> int:
         return self._count
+
+    def restore(self, position: Any) -> None:
+        """Resume after ``position`` records: the factory must make the same sequence
+        again (records are skipped, not regenerated differently)."""
+        self._skip = self._count = _check_count(position, "sources.Generator")
 
 
 class Collect(Sink, Generic[T]):

@@ -107,6 +107,16 @@ class _BatchStep(Step):
     def pending(self) -> int:
         return len(self.values)
 
+    def snapshot(self) -> Any:
+        if not self.values:
+            return None
+        return (self.values, self.timestamps, self.watermarks)
+
+    def restore(self, state: Any) -> None:
+        self.values, self.timestamps, self.watermarks = state
+        if self.values and self.max_delay is not None:  # the delay restarts on this clock
+            self.deadline = self.clock.monotonic() + self.max_delay
+
 
 @dataclass(frozen=True, slots=True)
 class BatchSpec(OpSpec):

@@ -141,6 +141,15 @@ class _WithTimestampsStep(Step):
     def uses_timer(self) -> bool:
         return self.idle_timeout is not None or self.advance is not None
 
+    def snapshot(self) -> Any:
+        return (self.max_t, self.wm, self.idle)
+
+    def restore(self, state: Any) -> None:
+        # Idleness and advancing count processing time from the restoring run's start.
+        self.max_t, self.wm, self.idle = state
+        if self.wm > -_INF:
+            self.metrics.watermark = self.wm / _MICROS
+
     def next_deadline(self) -> float | None:
         d: float | None = None
         if self.idle_timeout is not None and not self.idle:
@@ -216,6 +225,14 @@ class _MergeStep(Step):
         self.wms: list[float] = [-_INF] * inputs
         self.idle = [False] * inputs
         self.out: float = -_INF
+
+    def snapshot(self) -> Any:
+        return (self.wms, self.idle, self.out)
+
+    def restore(self, state: Any) -> None:
+        self.wms, self.idle, self.out = state
+        if self.out > -_INF:
+            self.metrics.watermark = self.out / _MICROS
 
     def _others(self, i: int) -> float:
         low = _INF

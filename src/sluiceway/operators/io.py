@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from sluiceway.connectors.base import PartialWriteError, Sink, Source
 from sluiceway.flowcontrol.breaker import CircuitBreaker, watch_breaker
@@ -72,6 +72,12 @@ class _SinkStep(Step):
             breaker.on_failure(clock.monotonic())
             raise
         breaker.on_success(clock.monotonic())
+
+    async def prepare_checkpoint(self, checkpoint_id: int | None) -> Any:
+        return await self.sink.pre_commit(checkpoint_id)
+
+    def restore(self, state: Any) -> None:
+        self.sink.restore(state)
 
     async def _recover(self, part: Batch, exc: Exception) -> None:
         ok, _ = await self.errors.recover(part.values, exc, lambda: self._write(part))

@@ -39,7 +39,8 @@ from sluiceway.operators.stateless import PortSpec
 from sluiceway.plan import PhysicalPlan, StagePlan, plan
 from sluiceway.policies import DeadLetter, DeadLetterRecord, Retry
 from sluiceway.runtime.channel import ChannelReader, ChannelWriter, Overflow, open_channel
-from sluiceway.runtime.messages import Batch
+from sluiceway.runtime.checkpointing import Checkpoints, Coordinator
+from sluiceway.runtime.messages import Barrier, Batch
 from sluiceway.time import Clock, SystemClock, TimerHandle, yield_now
 
 __all__ = ["Executor", "RunResult"]
@@ -84,7 +85,8 @@ class _Stage:
     async def run(self) -> None:
         self.task = asyncio.current_task()
         try:
-            await self._run()
+            if await self._run() is not _HALTED:
+                await self.ex.stage_finished(self)
         except (SluicewayError, asyncio.CancelledError):
             raise
         except Exception as exc:
@@ -94,8 +96,11 @@ class _Stage:
                 operator=self.plan.head.name,
             ) from exc
 
-    async def _run(self) -> None:
+    async def _run(self) -> object:
         raise NotImplementedError
+
+
+_HALTED = object()  # a source stage stopped at a final checkpoint: nothing downstream ends
 
 
 class _SourceStage(_Stage):
@@ -111,6 +116,40 @@ class _SourceStage(_Stage):
             for s in steps
             if isinstance(s, SendStep) and s.writer.overflow is Overflow.BLOCK
         ]
+        self.barrier: int | None = None  # a checkpoint to start at the next batch boundary
+        self.barrier_cancel = False
+        self.signal: asyncio.Future[None] | None = None
+
+    def request_barrier(self, checkpoint_id: int) -> None:
+        """Start checkpoint ``checkpoint_id`` here before the next batch (interrupting a
+        pull that waits for input: pulls are cancellation-safe)."""
+        if self.task is None or self.task.done():
+            return
+        self.barrier = checkpoint_id
+        if self.signal is not None and not self.signal.done():
+            self.signal.set_result(None)
+        if self.pulling and not (self.barrier_cancel or self.stop_cancel):
+            self.barrier_cancel = True
+            self.task.cancel("checkpoint barrier")
+
+    async def _inject(self) -> bool:
+        """Send the pending barrier; True if it was the final one of a stop."""
+        checkpoint_id, self.barrier = self.barrier, None
+        assert checkpoint_id is not None
+        coord = self.ex.coordinator
+        assert coord is not None
+        final = coord.is_final(checkpoint_id)
+        coord.source_barrier(self.plan.head.name, checkpoint_id, self.source.position())
+        await self.head.control(Barrier(checkpoint_id))
+        return final
+
+    async def _halt(self) -> object:
+        """A stop with checkpoints: pass barriers on until the final one, then halt."""
+        while True:
+            if self.barrier is not None and await self._inject():
+                return _HALTED
+            self.signal = asyncio.get_running_loop().create_future()
+            await self.signal
 
     async def credit(self) -> int:
         """How many records to ask for: the batch limit, or the room downstream.
@@ -128,24 +167,30 @@ class _SourceStage(_Stage):
             n = min(n, w.room)
         return max(1, n)
 
-    async def _run(self) -> None:
+    async def _run(self) -> object:
         ex, head, source = self.ex, self.head, self.source
         clock, latency = ex.clock, head.metrics.latency
         task = self.task
         assert task is not None
         try:
-            while not ex.stop_requested:
-                n = await self.credit()
+            while True:
+                if self.barrier is not None:
+                    await self._inject()
                 if ex.stop_requested:
+                    if ex.coordinator is not None:
+                        return await self._halt()
                     break
+                n = await self.credit()
+                if ex.stop_requested or self.barrier is not None:
+                    continue
                 self.pulling = True
                 try:
                     batch = await source.next_batch(n)
                 except asyncio.CancelledError:
-                    if self.stop_cancel:
-                        self.stop_cancel = False
+                    if self.stop_cancel or self.barrier_cancel:
+                        self.stop_cancel = self.barrier_cancel = False
                         if task.uncancel() == 0:
-                            break
+                            continue
                     raise
                 finally:
                     self.pulling = False
@@ -168,6 +213,7 @@ class _SourceStage(_Stage):
                 operator=self.plan.head.name,
             ) from exc
         await head.finish()
+        return None
 
 
 class _ChannelStage(_Stage):
@@ -192,7 +238,7 @@ class _ChannelStage(_Stage):
             if d is not None and d <= now:
                 await s.on_timer(now)
 
-    async def _run(self) -> None:
+    async def _run(self) -> object:
         reader, head, clock = self.reader, self.head, self.ex.clock
         latency = head.metrics.latency
         timed = bool(self.timer_steps)
@@ -216,6 +262,7 @@ class _ChannelStage(_Stage):
             else:
                 await head.control_input(item.message, item.input_index)
         await head.finish()
+        return None
 
 
 class Executor:
@@ -229,7 +276,13 @@ class Executor:
         grace_period: float = 10.0,
         max_batch_size: int = 1024,
         seed: int | None = None,
+        checkpoints: Checkpoints | None = None,
     ) -> None:
+        if checkpoints is not None and not isinstance(checkpoints, Checkpoints):
+            raise TypeError(
+                f"checkpoints must be sw.Checkpoints(directory, interval=...), got "
+                f"{type(checkpoints).__name__}"
+            )
         if grace_period < 0:
             raise ValueError(f"grace_period must be >= 0 seconds, got {grace_period!r}")
         if max_batch_size < 1:
@@ -252,7 +305,24 @@ class Executor:
         self._dead_letters: dict[int, DeadLetterWriter] = {}
         self._sources: list[tuple[Node, Source]] = []
         self._sinks: list[tuple[Node, Sink]] = []
+        self._steps: dict[str, Step] = {}
+        self._running_stages = 0
+        self._halting = False
+        self._in_group = False
         self.stages = self._build()
+        self.coordinator: Coordinator | None = None
+        if checkpoints is not None:
+            self.coordinator = Coordinator(
+                flow,
+                checkpoints,
+                self.clock,
+                {n.name: src for n, src in self._sources},
+                {n.name: sink for n, sink in self._sinks},
+                self._request_barrier,
+            )
+            for name, step in self._steps.items():
+                if name not in self.coordinator.sources:
+                    step.on_barrier = self.coordinator.on_barrier
 
     # -- building ----------------------------------------------------------------------
 
@@ -294,7 +364,7 @@ class Executor:
                     rng=self._rng,
                 )
             ctx = BuildContext(flow.name, node.name, clock, m, errors, self.max_batch_size)
-            step = steps[node.id] = node.spec.build(ctx)
+            step = steps[node.id] = self._steps[node.name] = node.spec.build(ctx)
             if node.id in writers:
                 for i, parent in enumerate(node.inputs):
                     send = SendStep(node.name, m, writers[node.id][i])
@@ -338,31 +408,54 @@ class Executor:
         self._main = asyncio.current_task()
         started = self.clock.monotonic()
         opened: list[Source | Sink] = []
+        coord = self.coordinator
         try:
+            if coord is not None:
+                coord.restore(self._steps)
             await self._open(opened)
+            if coord is not None and coord.stats.restored_from is None:
+                await coord.initial(self._steps)
+            self._running_stages = len(self.stages)
+            self._in_group = True
             async with asyncio.TaskGroup() as tg:
                 for st in self.stages:
                     tg.create_task(st.run(), name=f"{self.flow.name}/stage{st.plan.index}")
+                if coord is not None:
+                    tg.create_task(coord.run(self._halt), name=f"{self.flow.name}/checkpoints")
+            self._in_group = False
+            if coord is not None:
+                await coord.end()
         except asyncio.CancelledError:
-            if self._forced is not None and asyncio.current_task().uncancel() == 0:  # type: ignore[union-attr]
+            self._in_group = False
+            task = asyncio.current_task()
+            assert task is not None
+            if self._halting and self._forced is None and task.uncancel() == 0:
+                pass  # stopped at a final checkpoint: a normal end
+            elif self._forced is not None and task.uncancel() == 0:
                 raise FlowCancelledError(
                     f"flow {self.flow.name!r} cancelled: {self._forced}",
                     self._unflushed,
                     reason=self._forced_why,
                     signal=self._forced_signal,
                 ) from None
-            raise
+            else:
+                raise
         except BaseExceptionGroup as group:
             err = _one_error(group, self.flow.name)
             # Keep the error's own cause (the user's exception), drop the group context.
             raise err from err.__cause__
         finally:
+            self._in_group = False
             if self._grace_timer is not None:
                 self._grace_timer.cancel()
             for st in self.stages:
                 for step in st.steps:
                     step.close()
-            await self._close(opened)
+            try:
+                await self._close(opened)
+            finally:
+                if coord is not None:
+                    coord.close()
         return RunResult(
             self.flow.name,
             self.metrics.snapshot(),
@@ -372,11 +465,12 @@ class Executor:
 
     async def _open(self, opened: list[Source | Sink]) -> None:
         flow, clock = self.flow.name, self.clock
+        checkpointing = self.coordinator is not None
         for w in self._dead_letters.values():
             await w.sink.open(SinkContext(flow, f"dead_letter_{w.sink.describe()}", clock))
             opened.append(w.sink)
         for node, sink in self._sinks:
-            await sink.open(SinkContext(flow, node.name, clock))
+            await sink.open(SinkContext(flow, node.name, clock, checkpointing))
             opened.append(sink)
         for node, source in self._sources:
             spec = node.spec
@@ -388,6 +482,7 @@ class Executor:
                     clock,
                     self._bad_input_handler(node, spec),
                     not isinstance(spec.on_error, DeadLetter),
+                    checkpointing,
                 )
             )
             opened.append(source)
@@ -436,15 +531,53 @@ class Executor:
                 flow=self.flow.name,
             ) from errors[0]
 
+    # -- checkpoints -------------------------------------------------------------------
+
+    def _request_barrier(self, checkpoint_id: int) -> None:
+        for st in self.stages:
+            if isinstance(st, _SourceStage):
+                st.request_barrier(checkpoint_id)
+
+    async def stage_finished(self, stage: _Stage) -> None:
+        """A stage's input ended and it has flushed: its operators' states are final."""
+        coord = self.coordinator
+        if coord is not None:
+            for node in stage.plan.nodes:
+                if node.name in coord.sources:
+                    coord.finished(node.name, coord.sources[node.name].position())
+                else:
+                    value = await self._steps[node.name].prepare_checkpoint(None)
+                    coord.finished(node.name, value)
+        self._running_stages -= 1
+        if coord is not None and self._running_stages == 0:
+            coord.stages_ended()
+
+    def _halt(self) -> None:
+        """The final checkpoint of a stop is stored: end the run without draining."""
+        self._halting = True
+        if self._in_group and self._main is not None and not self._main.done():
+            self._main.cancel("stopped at a checkpoint")
+
     # -- stopping ----------------------------------------------------------------------
 
     def request_stop(self) -> None:
-        """Stop pulling from sources and drain; force cancellation after the grace period."""
+        """Stop pulling from sources and drain; force cancellation after the grace period.
+
+        With checkpoints, stop at a final checkpoint instead of draining: operators keep
+        what they hold (in the checkpoint), and the next run goes on from there.
+        """
         if self.stop_requested:
             return
         self.stop_requested = True
+        if self.coordinator is not None:
+            self.coordinator.stop()
         for st in self.stages:
-            if isinstance(st, _SourceStage) and st.pulling and st.task is not None:
+            if (
+                isinstance(st, _SourceStage)
+                and st.pulling
+                and not st.barrier_cancel
+                and st.task is not None
+            ):
                 st.stop_cancel = True
                 st.task.cancel("stop requested")
         self._grace_timer = self.clock.call_at(

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from sluiceway.errors import CancelReason
 from sluiceway.flow import Flow
 from sluiceway.metrics.registry import FlowSnapshot
+from sluiceway.runtime.checkpointing import Checkpoints
 from sluiceway.runtime.executor import Executor, RunResult
 from sluiceway.time import Clock
 
@@ -106,6 +107,7 @@ def start(
     grace_period: float = 10.0,
     max_batch_size: int = 1024,
     seed: int | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> FlowHandle:
     """Start ``flow`` in the running event loop and return its handle.
 
@@ -115,9 +117,17 @@ def start(
         grace_period: seconds a stop may take to drain before the flow is cancelled.
         max_batch_size: the most records a source is asked for at once.
         seed: seeds the random jitter of retry backoff, for reproducible runs.
+        checkpoints: take checkpoints (``sw.Checkpoints(directory, interval=...)``) and
+            start from the latest one in that directory, if any.  A stop then ends at a
+            final checkpoint instead of draining.  See ``docs/checkpoints.md``.
     """
     executor = Executor(
-        flow, clock=clock, grace_period=grace_period, max_batch_size=max_batch_size, seed=seed
+        flow,
+        clock=clock,
+        grace_period=grace_period,
+        max_batch_size=max_batch_size,
+        seed=seed,
+        checkpoints=checkpoints,
     )
     return FlowHandle(executor)
 
@@ -130,13 +140,20 @@ async def run_async(
     max_batch_size: int = 1024,
     seed: int | None = None,
     monitor: Monitor | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> RunResult:
     """Run ``flow`` to completion in the running event loop (no signal handling).
 
-    ``monitor``, if given, runs beside the flow (see :data:`Monitor`).
+    ``monitor``, if given, runs beside the flow (see :data:`Monitor`); ``checkpoints``
+    as for :func:`start`.
     """
     handle = start(
-        flow, clock=clock, grace_period=grace_period, max_batch_size=max_batch_size, seed=seed
+        flow,
+        clock=clock,
+        grace_period=grace_period,
+        max_batch_size=max_batch_size,
+        seed=seed,
+        checkpoints=checkpoints,
     )
     return await _wait_with_monitor(handle, monitor)
 
@@ -170,6 +187,7 @@ def run(
     handle_signals: bool = True,
     announce_signals: bool = True,
     monitor: Monitor | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> RunResult:
     """Run ``flow`` until its sources end or a stop signal, and return the result.
 
@@ -177,7 +195,8 @@ def run(
     records drain (at most ``grace_period`` seconds), batches flush, sinks close.  A
     second signal, or the grace period running out, cancels the flow and raises
     :class:`~sluiceway.errors.FlowCancelledError` listing what was not flushed.
-    ``monitor``, if given, runs beside the flow (see :data:`Monitor`).
+    ``monitor``, if given, runs beside the flow (see :data:`Monitor`).  With
+    ``checkpoints`` (see :func:`start`), a first signal stops at a final checkpoint.
     ``announce_signals=False`` keeps the one-line notice of a first signal off stderr
     (for a monitor that owns the terminal and shows ``handle.stopping`` itself).
 
@@ -198,7 +217,12 @@ def run(
 
     async def main() -> RunResult:
         handle = start(
-            flow, clock=clock, grace_period=grace_period, max_batch_size=max_batch_size, seed=seed
+            flow,
+            clock=clock,
+            grace_period=grace_period,
+            max_batch_size=max_batch_size,
+            seed=seed,
+            checkpoints=checkpoints,
         )
         installed = _install_signals(handle, announce_signals) if handle_signals else []
         try:

@@ -345,8 +345,7 @@ class _WindowStep(Step):
             else:
                 self.wm = message.time
                 self.metrics.watermark = self.wm / 1e6
-        for child in self.children:
-            await child.control(message)
+        await super().control(message)
 
     def uses_timer(self) -> bool:
         return self.spec.processing_time or self.spec.early_every is not None
@@ -384,6 +383,29 @@ class _WindowStep(Step):
     def open_windows(self) -> int:
         """How many windows the operator holds."""
         raise NotImplementedError
+
+    # -- checkpoints -------------------------------------------------------------------
+
+    _STATE: ClassVar[tuple[str, ...]] = ("wm", "rec_wm", "next_due", "dirty")
+    """The attributes that hold the operator's state (the rest is configuration)."""
+
+    def snapshot(self) -> Any:
+        # Between batches, everything fired has been sent: only open windows remain.
+        assert not self.fired, "snapshot mid-batch"
+        assert not self.out, "snapshot mid-batch"
+        assert not self.late, "snapshot mid-batch"
+        state = {name: getattr(self, name) for name in self._STATE}
+        state["early_pending"] = self.next_early is not None
+        return state
+
+    def restore(self, state: Any) -> None:
+        for name in self._STATE:
+            setattr(self, name, state[name])
+        if state["early_pending"]:  # a processing-time deadline: restart it on this clock
+            assert self.spec.early_every is not None
+            self.next_early = self.clock.monotonic() + self.spec.early_every
+        self.metrics.state = self.open_windows()
+        self.metrics.watermark = self.wm / 1e6
 
     def pending(self) -> int:
         """Open windows, and results of fired ones not sent yet (lost if cancelled)."""
@@ -596,6 +618,8 @@ class _GridWindowStep(_WindowStep):
         if self.dirty is not None:
             self.dirty.add((k, start))
 
+    _STATE = (*_WindowStep._STATE, "panes", "revs", "heap", "expiry")
+
     def open_windows(self) -> int:
         return sum(map(len, self.panes.values()))
 
@@ -680,8 +704,15 @@ class _SessionWindowStep(_WindowStep):
         # Early firing: the sessions changed since the last one, by identity.
         self.dirty: dict[int, tuple[Any, list[Any]]] | None = {} if spec.early_every else None
 
+    _STATE = (*_WindowStep._STATE, "sessions", "due", "heap", "seq", "open")
+
     def open_windows(self) -> int:
         return self.open
+
+    def restore(self, state: Any) -> None:
+        super().restore(state)
+        if self.dirty:  # keyed by the identity of each session: new objects, new ids
+            self.dirty = {id(s): (k, s) for k, s in self.dirty.values()}
 
     def _records(  # noqa: PLR0915 - one hot loop; helpers would cost a call per record
         self, values: list[Any], ts: list[int], keys: Any, wms: list[float]

@@ -1,0 +1,327 @@
+"""Checkpoints at run time: barriers, snapshots, the two-phase commit, recovery.
+
+The coordinator asks every running source for a barrier every ``interval``.  A source
+stage records the source's position between two batches and sends
+:class:`~sluiceway.runtime.messages.Barrier` down its stage; every operator snapshots
+when the barrier passes it (fan-in channels align the barrier first, see
+:mod:`sluiceway.runtime.channel`), and a sink pre-commits (makes what it wrote durable).
+Once every operator has reported, the checkpoint is written to the store in one
+transaction, and only then are sinks told to commit and sources that the records before
+it will never be asked for again.
+
+An operator whose input has ended reports its final state once; it stands for that
+operator in every later checkpoint.  When every input ends, a last checkpoint of those
+final states is taken, so a restart does not replay what was already written.  A stop
+request takes a final checkpoint at a barrier and halts without draining: windows are not
+flushed early, the next run goes on from the checkpoint.
+
+See ``docs/checkpoints.md`` for the guarantees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sluiceway.checkpoint.store import Checkpoint, CheckpointStore, OperatorState
+from sluiceway.connectors.base import Sink, Source
+from sluiceway.errors import CheckpointError, CheckpointMismatchError
+from sluiceway.runtime.messages import Barrier
+from sluiceway.time import Clock
+from sluiceway.time.durations import positive_seconds
+
+if TYPE_CHECKING:
+    from sluiceway.flow import Flow
+    from sluiceway.operators.base import Step
+
+__all__ = ["CheckpointStats", "Checkpoints", "Coordinator"]
+
+log = logging.getLogger("sluiceway")
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoints:
+    """Take checkpoints of a flow, and restore the latest one when it starts again.
+
+    >>> Checkpoints("/tmp/ckpt", interval=2)
+    Checkpoints(directory='/tmp/ckpt', interval=2.0, keep=3)
+
+    Args:
+        directory: where the checkpoint store lives (created at the first checkpoint).
+        interval: seconds between the starts of two checkpoints (on the flow's clock).
+        keep: how many complete checkpoints to keep (older ones are deleted).
+
+    Raises:
+        ValueError: ``interval`` not > 0 seconds, or ``keep`` < 1.
+    """
+
+    directory: str | os.PathLike[str]
+    interval: float = 5.0
+    keep: int = 3
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "directory", os.fspath(self.directory))
+        object.__setattr__(
+            self, "interval", positive_seconds(self.interval, "Checkpoints interval")
+        )
+        if not isinstance(self.keep, int) or isinstance(self.keep, bool) or self.keep < 1:
+            raise ValueError(f"Checkpoints keep must be an int >= 1, got {self.keep!r}")
+
+
+@dataclass(slots=True)
+class CheckpointStats:
+    """What the checkpoints of a run did (read by the metrics)."""
+
+    completed: int = 0
+    last_id: int | None = None
+    last_duration: float = 0.0
+    """Seconds from the barrier's injection to the checkpoint being stored."""
+    last_size: int = 0
+    """Bytes of state in the last checkpoint."""
+    restored_from: int | None = None
+    """The checkpoint this run started from (None: a fresh start)."""
+
+
+@dataclass(slots=True, eq=False)
+class _InProgress:
+    id: int
+    started: float
+    waiting: set[str]
+    final: bool
+    ready: asyncio.Future[None]
+    states: dict[str, OperatorState] = field(default_factory=dict)
+    values: dict[str, Any] = field(default_factory=dict)
+    """Unpickled states of sources and sinks: handed to their commit()."""
+
+
+class Coordinator:
+    """Runs the checkpoints of one flow run (built by the executor when they are on)."""
+
+    def __init__(
+        self,
+        flow: Flow,
+        config: Checkpoints,
+        clock: Clock,
+        sources: dict[str, Source],
+        sinks: dict[str, Sink],
+        request_barrier: Callable[[int], None],
+    ) -> None:
+        self.flow = flow
+        self.config = config
+        self.clock = clock
+        self.store = CheckpointStore(config.directory, keep=config.keep)
+        self.kinds = {n.name: n.kind for n in flow.nodes}
+        self.sources = sources
+        self.sinks = sinks
+        self.request_barrier = request_barrier
+        self.stats = CheckpointStats()
+        self.final: dict[str, tuple[OperatorState, Any]] = {}
+        self.current: _InProgress | None = None
+        self.next_id = 1
+        self.stop_wanted = False
+        self.all_ended = False
+        self._wake: asyncio.Future[None] | None = None
+        self._last_final = False
+        for name, source in sources.items():
+            if not source.resumable:
+                raise CheckpointError(
+                    f"flow {flow.name!r} takes checkpoints, but its source {name!r} "
+                    f"({source.describe()}) cannot resume from a position; checkpoints "
+                    "need sources that can go back (files, lists, generators, brokers)"
+                )
+
+    # -- recovery ----------------------------------------------------------------------
+
+    def restore(self, steps: dict[str, Step]) -> Checkpoint | None:
+        """Load the latest complete checkpoint into the steps, sources and sinks."""
+        ckpt = self.store.latest(self.flow.name)
+        self.next_id = self.store.next_id()
+        if ckpt is None:
+            return None
+        self._check_compatible(ckpt)
+        where = f"checkpoint {ckpt.info.id} in {self.store.path}"
+        for name, st in ckpt.states.items():
+            try:
+                value = pickle.loads(st.data)
+            except Exception as exc:
+                raise CheckpointError(
+                    f"{where}: the state of operator {name!r} cannot be loaded: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            if name in self.sources:
+                self.sources[name].restore(value)
+            elif value is not None:
+                steps[name].restore(value)
+        self.stats.restored_from = ckpt.info.id
+        log.info("flow %r restored from checkpoint %d (%s)", self.flow.name, ckpt.info.id, where)
+        return ckpt
+
+    def _check_compatible(self, ckpt: Checkpoint) -> None:
+        stored = {name: st.kind for name, st in ckpt.states.items()}
+        if stored == self.kinds:
+            return
+        problems = [
+            f"operator {n!r} ({k}) is new" for n, k in self.kinds.items() if n not in stored
+        ]
+        problems += [
+            f"operator {n!r} ({k}) is gone" for n, k in stored.items() if n not in self.kinds
+        ]
+        problems += [
+            f"operator {n!r} was a {k}, is now a {self.kinds[n]}"
+            for n, k in stored.items()
+            if n in self.kinds and self.kinds[n] != k
+        ]
+        raise CheckpointMismatchError(
+            f"checkpoint {ckpt.info.id} in {self.store.path} was taken by a different "
+            f"version of flow {self.flow.name!r}: {'; '.join(sorted(problems))}.  Restore "
+            "the flow as it was, or start over with `sluiceway checkpoints reset "
+            f"{self.config.directory}`"
+        )
+
+    # -- reports from the stages -------------------------------------------------------
+
+    def _pickle(self, name: str, value: Any) -> OperatorState:
+        try:
+            data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            raise CheckpointError(
+                f"flow {self.flow.name!r}: the state of operator {name!r} cannot be "
+                f"checkpointed (pickled): {type(exc).__name__}: {exc}"
+            ) from exc
+        return OperatorState(name, self.kinds[name], data)
+
+    def _report(self, checkpoint_id: int, name: str, value: Any) -> None:
+        c = self.current
+        if c is None or c.id != checkpoint_id:
+            raise AssertionError(f"barrier {checkpoint_id} at {name!r} with no such checkpoint")
+        c.states[name] = self._pickle(name, value)
+        if name in self.sinks or name in self.sources:
+            c.values[name] = value
+        c.waiting.discard(name)
+        if not c.waiting and not c.ready.done():
+            c.ready.set_result(None)
+
+    async def on_barrier(self, step: Step, barrier: Barrier) -> None:
+        """The hook the runtime sets on every operator step."""
+        value = await step.prepare_checkpoint(barrier.checkpoint_id)
+        self._report(barrier.checkpoint_id, step.name, value)
+
+    def source_barrier(self, name: str, checkpoint_id: int, position: Any) -> None:
+        self._report(checkpoint_id, name, position)
+
+    def finished(self, name: str, value: Any) -> None:
+        """Operator ``name``'s input ended; ``value`` is its final state."""
+        state = self._pickle(name, value)
+        self.final[name] = (state, value)
+        c = self.current
+        if c is not None and name in c.waiting:
+            c.states[name] = state
+            c.values[name] = value
+            c.waiting.discard(name)
+            if not c.waiting and not c.ready.done():
+                c.ready.set_result(None)
+
+    # -- taking checkpoints ------------------------------------------------------------
+
+    def _begin(self, *, final: bool, inject: bool = True) -> _InProgress:
+        c = _InProgress(
+            self.next_id,
+            self.clock.monotonic(),
+            set(self.kinds) - set(self.final),
+            final,
+            asyncio.get_running_loop().create_future(),
+        )
+        self.next_id += 1
+        for name, (state, value) in self.final.items():
+            c.states[name] = state
+            c.values[name] = value
+        self.current = c
+        if not c.waiting:
+            c.ready.set_result(None)
+        elif inject:
+            self.request_barrier(c.id)
+        return c
+
+    async def _complete(self, c: _InProgress) -> None:
+        await c.ready
+        created = self.clock.time()
+        duration = self.clock.monotonic() - c.started
+        info = await asyncio.to_thread(
+            self.store.save,
+            self.flow.name,
+            c.id,
+            c.states,
+            created=created,
+            duration=duration,
+            final=c.final,
+        )
+        self.current = None
+        self._last_final = c.final
+        s = self.stats
+        s.completed += 1
+        s.last_id, s.last_duration, s.last_size = c.id, duration, info.size
+        log.debug("flow %r: checkpoint %d stored (%d bytes)", self.flow.name, c.id, info.size)
+        for name, sink in self.sinks.items():
+            await sink.commit(c.id, c.values.get(name))
+        for name, source in self.sources.items():
+            await source.commit(c.values.get(name))
+
+    async def initial(self, steps: dict[str, Step]) -> None:
+        """A fresh start: checkpoint the state before the first record, so that a crash
+        before the first periodic checkpoint goes back here (a sink then takes back
+        what it wrote, instead of keeping it and writing it again)."""
+        c = self._begin(final=False, inject=False)
+        for name in self.kinds:
+            if name in self.sources:
+                self._report(c.id, name, self.sources[name].position())
+            else:
+                self._report(c.id, name, await steps[name].prepare_checkpoint(c.id))
+        await self._complete(c)
+
+    async def run(self, halt: Callable[[], None]) -> None:
+        """Take a checkpoint every ``interval`` until the flow ends; on a stop, take a
+        final one and call ``halt``."""
+        clock, interval = self.clock, self.config.interval
+        next_at = clock.monotonic() + interval
+        while True:
+            self._wake = asyncio.get_running_loop().create_future()
+            woke = await clock.wait_until(self._wake, next_at)
+            if self.all_ended:
+                return
+            if self.stop_wanted:
+                break
+            if not woke:
+                next_at = clock.monotonic() + interval
+                await self._complete(self._begin(final=False))
+        await self._complete(self._begin(final=True))
+        halt()
+
+    def _poke(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    def stop(self) -> None:
+        """Stop at a final checkpoint (after the one in progress, if any)."""
+        self.stop_wanted = True
+        self._poke()
+
+    def stages_ended(self) -> None:
+        self.all_ended = True
+        self._poke()
+
+    def is_final(self, checkpoint_id: int) -> bool:
+        c = self.current
+        return c is not None and c.id == checkpoint_id and c.final
+
+    async def end(self) -> None:
+        """Every stage has finished: a last checkpoint of the final states."""
+        if self.current is None and not self._last_final:
+            await self._complete(self._begin(final=True))
+
+    def close(self) -> None:
+        self.store.close()

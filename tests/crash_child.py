@@ -1,0 +1,91 @@
+"""The flow the crash test kills (run as a subprocess by test_checkpoint_crash.py).
+
+Reads a JSON Lines file of ``{"id", "k", "t"}`` records, paced by a token bucket so a
+run lasts long enough to be killed mid-stream; splits the stream by parity and merges it
+back (a fan-in, so barriers are aligned); counts and sums per key in one-second event
+time windows; keeps a running count per key in user state; writes both to exactly-once
+JSON Lines sinks.  ``--sink naive`` swaps in a sink that neither truncates on restore nor
+at close: the at-least-once sink that must make the test fail.
+
+Usage: crash_child.py INPUT WORKDIR RATE [--sink atomic|naive]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import sluiceway as sw
+from sluiceway.connectors.files import JsonLinesSink
+from sluiceway.flowcontrol import TokenBucket
+
+STATE_EVERY = 50  # the user-state branch writes every 50th count of a key
+
+
+class NaiveJsonLines(JsonLinesSink):
+    """Appends and never takes anything back: duplicates after a crash."""
+
+    exactly_once = False
+
+    def restore(self, state: Any) -> None:
+        pass
+
+    async def pre_commit(self, checkpoint_id: int | None) -> Any:
+        return None
+
+    async def commit(self, checkpoint_id: int, state: Any) -> None:
+        pass
+
+    async def close(self) -> None:
+        self._committed = None
+        await super().close()
+
+
+def running_count(count: int | None, record: dict[str, Any]) -> tuple[int, Any]:
+    n = (count or 0) + 1
+    return n, {"k": record["k"], "n": n, "id": record["id"]} if n % STATE_EVERY == 0 else None
+
+
+def build(inp: str, work: Path, rate: float, naive: bool) -> sw.Flow:
+    sink = NaiveJsonLines if naive else sw.sinks.JsonLines
+    flow = sw.Flow("crash")
+    s = flow.source(sw.sources.JsonLines(inp), name="input")
+    s = s.rate_limit(TokenBucket(rate=rate, burst=500), name="pace")
+    s = s.with_timestamps(lambda r: r["t"], max_out_of_orderness=0.1, name="stamp")
+    evens = s.filter(lambda r: r["id"] % 2 == 0, name="evens")
+    odds = s.filter(lambda r: r["id"] % 2 == 1, name="odds")
+    keyed = evens.merge(odds, name="merged").key_by(lambda r: r["k"], name="by_key")
+    (
+        keyed.window(sw.windows.Tumbling(1.0))
+        .aggregate(n=sw.agg.count(), total=sw.agg.sum(lambda r: r["id"]), name="per_second")
+        .map(
+            lambda w: {
+                "k": w.key,
+                "start": w.start,
+                "count": w.value["n"],
+                "sum": w.value["total"],
+            },
+            name="window_row",
+        )
+        .sink(sink(work / "windows.jsonl"), name="windows_out")
+    )
+    if hasattr(keyed, "stateful_map"):
+        (
+            keyed.stateful_map(running_count, name="counts")
+            .filter(lambda row: row is not None, name="every_50th")
+            .sink(sink(work / "counts.jsonl"), name="counts_out")
+        )
+    return flow
+
+
+def main() -> None:
+    inp, work, rate = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3])
+    naive = "--sink" in sys.argv and sys.argv[sys.argv.index("--sink") + 1] == "naive"
+    flow = build(inp, work, rate, naive)
+    print("ready", flush=True)
+    sw.run(flow, checkpoints=sw.Checkpoints(work / "ckpt", interval=0.05))
+
+
+if __name__ == "__main__":
+    main()
