@@ -1,5 +1,7 @@
 """Built-in sources: ``Iterable``, ``Generator``, ``JsonLines``, ``Csv``, ``Stdin``."""
 
+import importlib
+
 from sluiceway.connectors.base import Source, SourceContext
 from sluiceway.connectors.files import Csv
 from sluiceway.connectors.files import JsonLinesSource as JsonLines
@@ -15,3 +17,21 @@ __all__ = [
     "SourceContext",
     "Stdin",
 ]
+
+
+# Broker connectors, imported on first use so that ``import sluiceway`` needs none of the
+# client libraries (they are extras: ``pip install 'sluiceway[nats]'`` and so on).
+_LAZY: dict[str, str] = {
+    # "Name": "sluiceway.connectors.<module>",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*__all__, *_LAZY])
