@@ -37,10 +37,6 @@ class NaiveJsonLines(JsonLinesSink):
     async def commit(self, checkpoint_id: int, state: Any) -> None:
         pass
 
-    async def close(self) -> None:
-        self._committed = None
-        await super().close()
-
 
 def running_count(count: int | None, record: dict[str, Any]) -> tuple[int, Any]:
     n = (count or 0) + 1

@@ -919,7 +919,7 @@ def test_unpicklable_state_is_reported_with_operator_and_key() -> None:
     spec = StatefulMapSpec(keep_lock, ttl=None, timestamped=False)
     step, _, _ = make_step(spec, clock, name="locker")
     asyncio.run(step.push(Batch(["a", "b"], keys=["key-a", "key-b"])))
-    with pytest.raises(TypeError, match="operator 'locker': state 'state' of key 'key-a'"):
+    with pytest.raises(sw.CheckpointError, match="operator 'locker': state 'state' of key 'key-a'"):
         step.snapshot()
 
 

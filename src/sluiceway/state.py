@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Generic, Literal, Protocol, TypeVar, runtime_checkable
 
+from sluiceway.errors import CheckpointError
 from sluiceway.operators.event_time import to_ticks
 from sluiceway.time import Clock
 from sluiceway.time.durations import positive_seconds
@@ -439,12 +440,12 @@ class KeyedStore:
             raise self._unpicklable(exc) from exc
         return {"format": 1, "operator": self.operator, "keys": len(self.data), "blob": blob}
 
-    def _unpicklable(self, exc: Exception) -> TypeError:
+    def _unpicklable(self, exc: Exception) -> CheckpointError:
         for key, d in self.data.items():
             try:
                 pickle.dumps(key)
             except Exception as why:  # noqa: BLE001 - reported below, with the key
-                return TypeError(
+                return CheckpointError(
                     f"operator {self.operator!r}: key {key!r} cannot be pickled for a "
                     f"checkpoint: {type(why).__name__}: {why}"
                 )
@@ -452,12 +453,12 @@ class KeyedStore:
                 try:
                     pickle.dumps(value)
                 except Exception as why:  # noqa: BLE001 - reported below, with the key
-                    return TypeError(
+                    return CheckpointError(
                         f"operator {self.operator!r}: state {name!r} of key {key!r} cannot be "
                         f"pickled for a checkpoint: {type(why).__name__}: {why}; keep state "
                         "to picklable values (numbers, strings, lists, dicts, dataclasses)"
                     )
-        return TypeError(
+        return CheckpointError(
             f"operator {self.operator!r}: its state cannot be pickled for a checkpoint: "
             f"{type(exc).__name__}: {exc}"
         )

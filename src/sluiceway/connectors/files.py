@@ -723,9 +723,10 @@ class JsonLinesSink(Sink):
     With checkpoints on, the sink is **exactly-once**: at each barrier it flushes and
     fsyncs the file and stores its length in the checkpoint; a restart from that
     checkpoint first truncates the file to that length (what came after is written
-    again by the replay), and closing the sink cuts it back to the last completed
-    checkpoint.  A reader following the file while the flow runs may see lines that a
-    crash later takes back; the file at rest holds exactly the committed records.
+    again by the replay).  A reader following the file while the flow runs, or reading
+    it after a run that failed, may see lines past the last checkpoint that the next run
+    takes back; once a run has ended or stopped, the file holds exactly the records of
+    its final checkpoint.
 
     Args:
         path: the file to write.
@@ -770,7 +771,6 @@ class JsonLinesSink(Sink):
         self._encoding = encoding
         self._file: IO[bytes] | None = None
         self._restore_to: int | None = None
-        self._committed: int | None = None  # with checkpoints: the file's committed length
 
     exactly_once = True
 
@@ -786,9 +786,6 @@ class JsonLinesSink(Sink):
             self._file = _open_for_writing(self._path, self._mode, self._encoding)
         else:
             self._file = _open_truncated(self._path, self._restore_to)
-        if ctx.checkpointing:
-            self._file.seek(0, os.SEEK_END)
-            self._committed = self._file.tell()
 
     def restore(self, state: Any) -> None:
         """Restart from a checkpoint that recorded ``{"length": n}``: cut back to ``n``."""
@@ -807,9 +804,6 @@ class JsonLinesSink(Sink):
         f.flush()
         os.fsync(f.fileno())
         return {"length": f.tell()}
-
-    async def commit(self, checkpoint_id: int, state: Any) -> None:
-        self._committed = state["length"]
 
     async def write(self, batch: Batch) -> None:
         """Write every record of ``batch`` as a line, then flush.
@@ -840,15 +834,10 @@ class JsonLinesSink(Sink):
             f.flush()
 
     async def close(self) -> None:
-        """Flush and close the file (safe to call twice).  With checkpoints, first cut
-        it back to the last completed checkpoint: what follows was not committed and a
-        restart writes it again."""
-        f = self._file
-        if f is not None:
+        """Flush and close the file (safe to call twice)."""
+        if self._file is not None:
+            self._file.close()
             self._file = None
-            with f:
-                if self._committed is not None and f.tell() > self._committed:
-                    f.truncate(self._committed)
 
     def describe(self) -> str:
         """``JsonLines(<path>)``."""

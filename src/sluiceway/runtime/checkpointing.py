@@ -15,6 +15,12 @@ final states is taken, so a restart does not replay what was already written.  A
 request takes a final checkpoint at a barrier and halts without draining: windows are not
 flushed early, the next run goes on from the checkpoint.
 
+Without checkpoints, a flow whose sources acknowledge (broker sources override
+:meth:`~sluiceway.connectors.base.Source.commit`) still gets barriers: *ack barriers*,
+every :data:`ACK_INTERVAL` seconds, carrying no state.  Once one has passed every sink,
+everything before it has been written, and the sources commit (acknowledge) up to the
+position it carried: acknowledgment after the sink, batched, at-least-once.
+
 See ``docs/checkpoints.md`` for the guarantees.
 """
 
@@ -26,6 +32,7 @@ import os
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from sluiceway.checkpoint.store import Checkpoint, CheckpointStore, OperatorState
@@ -39,9 +46,12 @@ if TYPE_CHECKING:
     from sluiceway.flow import Flow
     from sluiceway.operators.base import Step
 
-__all__ = ["CheckpointStats", "Checkpoints", "Coordinator"]
+__all__ = ["ACK_INTERVAL", "CheckpointStats", "Checkpoints", "Coordinator"]
 
 log = logging.getLogger("sluiceway")
+
+ACK_INTERVAL = 0.1
+"""Seconds between ack barriers when a flow without checkpoints has acknowledging sources."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,16 +115,18 @@ class Coordinator:
     def __init__(
         self,
         flow: Flow,
-        config: Checkpoints,
+        config: Checkpoints | None,
         clock: Clock,
         sources: dict[str, Source],
         sinks: dict[str, Sink],
         request_barrier: Callable[[int], None],
     ) -> None:
+        """``config`` None: ack barriers only (no state, no store, no restore)."""
         self.flow = flow
         self.config = config
         self.clock = clock
-        self.store = CheckpointStore(config.directory, keep=config.keep)
+        self.store = None if config is None else CheckpointStore(config.directory, keep=config.keep)
+        self.interval = ACK_INTERVAL if config is None else config.interval
         self.kinds = {n.name: n.kind for n in flow.nodes}
         self.sources = sources
         self.sinks = sinks
@@ -128,7 +140,7 @@ class Coordinator:
         self._wake: asyncio.Future[None] | None = None
         self._last_final = False
         for name, source in sources.items():
-            if not source.resumable:
+            if config is not None and not source.resumable:
                 raise CheckpointError(
                     f"flow {flow.name!r} takes checkpoints, but its source {name!r} "
                     f"({source.describe()}) cannot resume from a position; checkpoints "
@@ -137,8 +149,14 @@ class Coordinator:
 
     # -- recovery ----------------------------------------------------------------------
 
+    @property
+    def durable(self) -> bool:
+        """True for checkpoints (state stored), False for ack barriers only."""
+        return self.store is not None
+
     def restore(self, steps: dict[str, Step]) -> Checkpoint | None:
         """Load the latest complete checkpoint into the steps, sources and sinks."""
+        assert self.store is not None
         ckpt = self.store.latest(self.flow.name)
         self.next_id = self.store.next_id()
         if ckpt is None:
@@ -176,6 +194,8 @@ class Coordinator:
             for n, k in stored.items()
             if n in self.kinds and self.kinds[n] != k
         ]
+        assert self.store is not None
+        assert self.config is not None
         raise CheckpointMismatchError(
             f"checkpoint {ckpt.info.id} in {self.store.path} was taken by a different "
             f"version of flow {self.flow.name!r}: {'; '.join(sorted(problems))}.  Restore "
@@ -186,6 +206,8 @@ class Coordinator:
     # -- reports from the stages -------------------------------------------------------
 
     def _pickle(self, name: str, value: Any) -> OperatorState:
+        if self.store is None:
+            return _NO_STATE
         try:
             data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
@@ -208,6 +230,9 @@ class Coordinator:
 
     async def on_barrier(self, step: Step, barrier: Barrier) -> None:
         """The hook the runtime sets on every operator step."""
+        if self.store is None:  # an ack barrier: it only has to get through
+            self._report(barrier.checkpoint_id, step.name, None)
+            return
         value = await step.prepare_checkpoint(barrier.checkpoint_id)
         self._report(barrier.checkpoint_id, step.name, value)
 
@@ -249,16 +274,18 @@ class Coordinator:
 
     async def _complete(self, c: _InProgress) -> None:
         await c.ready
+        self.current = None
+        if self.store is None:  # ack barrier: everything before it is written
+            for name, source in self.sources.items():
+                await source.commit(c.values.get(name))
+            return
         created = self.clock.time()
         duration = self.clock.monotonic() - c.started
-        info = await asyncio.to_thread(
-            self.store.save,
+        info = await self.clock.run_in_thread(
+            partial(self.store.save, created=created, duration=duration, final=c.final),
             self.flow.name,
             c.id,
             c.states,
-            created=created,
-            duration=duration,
-            final=c.final,
         )
         self.current = None
         self._last_final = c.final
@@ -286,9 +313,9 @@ class Coordinator:
     async def run(self, halt: Callable[[], None]) -> None:
         """Take a checkpoint every ``interval`` until the flow ends; on a stop, take a
         final one and call ``halt``."""
-        clock, interval = self.clock, self.config.interval
+        clock, interval = self.clock, self.interval
         next_at = clock.monotonic() + interval
-        while True:
+        while not self.stop_wanted:
             self._wake = asyncio.get_running_loop().create_future()
             woke = await clock.wait_until(self._wake, next_at)
             if self.all_ended:
@@ -324,4 +351,8 @@ class Coordinator:
             await self._complete(self._begin(final=True))
 
     def close(self) -> None:
-        self.store.close()
+        if self.store is not None:
+            self.store.close()
+
+
+_NO_STATE = OperatorState("", "", b"")

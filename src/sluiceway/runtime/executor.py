@@ -128,7 +128,8 @@ class _SourceStage(_Stage):
         self.barrier = checkpoint_id
         if self.signal is not None and not self.signal.done():
             self.signal.set_result(None)
-        if self.pulling and not (self.barrier_cancel or self.stop_cancel):
+        # A checkpoint interrupts a pull waiting for input; an ack barrier waits for it.
+        if self.pulling and self.ex.checkpointing and not (self.barrier_cancel or self.stop_cancel):
             self.barrier_cancel = True
             self.task.cancel("checkpoint barrier")
 
@@ -177,7 +178,7 @@ class _SourceStage(_Stage):
                 if self.barrier is not None:
                     await self._inject()
                 if ex.stop_requested:
-                    if ex.coordinator is not None:
+                    if ex.checkpointing:
                         return await self._halt()
                     break
                 n = await self.credit()
@@ -311,7 +312,8 @@ class Executor:
         self._in_group = False
         self.stages = self._build()
         self.coordinator: Coordinator | None = None
-        if checkpoints is not None:
+        acking = any(type(src).commit is not Source.commit for _, src in self._sources)
+        if checkpoints is not None or acking:
             self.coordinator = Coordinator(
                 flow,
                 checkpoints,
@@ -410,10 +412,11 @@ class Executor:
         opened: list[Source | Sink] = []
         coord = self.coordinator
         try:
-            if coord is not None:
+            if self.checkpointing:
+                assert coord is not None
                 coord.restore(self._steps)
             await self._open(opened)
-            if coord is not None and coord.stats.restored_from is None:
+            if self.checkpointing and coord is not None and coord.stats.restored_from is None:
                 await coord.initial(self._steps)
             self._running_stages = len(self.stages)
             self._in_group = True
@@ -465,7 +468,7 @@ class Executor:
 
     async def _open(self, opened: list[Source | Sink]) -> None:
         flow, clock = self.flow.name, self.clock
-        checkpointing = self.coordinator is not None
+        checkpointing = self.checkpointing
         for w in self._dead_letters.values():
             await w.sink.open(SinkContext(flow, f"dead_letter_{w.sink.describe()}", clock))
             opened.append(w.sink)
@@ -533,6 +536,11 @@ class Executor:
 
     # -- checkpoints -------------------------------------------------------------------
 
+    @property
+    def checkpointing(self) -> bool:
+        """True when the flow takes checkpoints (not only ack barriers)."""
+        return self.coordinator is not None and self.coordinator.durable
+
     def _request_barrier(self, checkpoint_id: int) -> None:
         for st in self.stages:
             if isinstance(st, _SourceStage):
@@ -545,6 +553,8 @@ class Executor:
             for node in stage.plan.nodes:
                 if node.name in coord.sources:
                     coord.finished(node.name, coord.sources[node.name].position())
+                elif not coord.durable:
+                    coord.finished(node.name, None)
                 else:
                     value = await self._steps[node.name].prepare_checkpoint(None)
                     coord.finished(node.name, value)
@@ -569,7 +579,8 @@ class Executor:
         if self.stop_requested:
             return
         self.stop_requested = True
-        if self.coordinator is not None:
+        if self.checkpointing:
+            assert self.coordinator is not None
             self.coordinator.stop()
         for st in self.stages:
             if (

@@ -26,7 +26,9 @@ import itertools
 import time as _time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
+
+_T = TypeVar("_T")
 
 __all__ = ["Clock", "SystemClock", "TimerHandle", "VirtualClock", "yield_now"]
 
@@ -88,6 +90,13 @@ class Clock(ABC):
         finally:
             handle.cancel()
         return fut.done()
+
+    async def run_in_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run blocking ``fn(*args)`` in a worker thread (e.g. writing a checkpoint).
+
+        A virtual clock holds still meanwhile: work in a thread is invisible to the event
+        loop, and time must not jump past it."""
+        return await asyncio.to_thread(fn, *args)
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:
@@ -162,6 +171,7 @@ class VirtualClock(Clock):
         self._seq = itertools.count()
         self._driver_loop: asyncio.AbstractEventLoop | None = None
         self._idle_checks = 0
+        self._busy = 0  # threads running for the flow (run_in_thread): no jumping
         self.jumps: list[float] = []
         """Every instant the clock jumped to on its own (autojump), for tests to assert."""
 
@@ -229,11 +239,20 @@ class VirtualClock(Clock):
         self._idle_checks = 0
         loop.call_soon(self._check_idle)
 
+    async def run_in_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
+        self._busy += 1
+        try:
+            return await asyncio.to_thread(fn, *args)
+        finally:
+            self._busy -= 1
+            if self._autojump and self._timers:
+                self._ensure_driver()
+
     def _check_idle(self) -> None:
         loop = self._driver_loop
         assert loop is not None
         nxt = self.next_deadline()
-        if nxt is None:  # nothing to jump to: stop driving until a timer is scheduled
+        if nxt is None or self._busy:  # stop driving until a timer or the thread is done
             self._driver_loop = None
             return
         ready = getattr(loop, "_ready", None)

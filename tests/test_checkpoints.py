@@ -1,0 +1,443 @@
+"""Checkpoints and recovery in process, on the virtual clock: barrier alignment, restore
+equivalence per operator, stop at a checkpoint, ack barriers, and every error a user can
+meet (a changed flow, a source that cannot resume, a damaged store, a shortened file).
+
+The subprocess SIGKILL test is tests/test_checkpoint_crash.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import sqlite3
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import sluiceway as sw
+from sluiceway.checkpoint import CheckpointStore
+from sluiceway.connectors.base import Source, SourceContext
+from sluiceway.errors import EndOfStream
+from sluiceway.runtime.channel import TaggedControl, open_channel
+from sluiceway.runtime.messages import Barrier, Batch, Watermark
+
+N = 3000
+KEYS = 7
+
+
+def records(seed: int = 1) -> list[dict[str, Any]]:
+    rnd = random.Random(seed)
+    return [
+        {"id": i, "k": i % KEYS, "t": round(i * 0.01 + rnd.uniform(0, 0.3), 4)} for i in range(N)
+    ]
+
+
+def lines(path: Path) -> Counter[str]:
+    return Counter(path.read_text().splitlines()) if path.exists() else Counter()
+
+
+# -- barrier alignment in a fan-in channel ---------------------------------------------
+
+
+def _drain(r: Any) -> list[Any]:
+    out: list[Any] = []
+    while True:
+        try:
+            item = r.receive_nowait()
+        except EndOfStream:
+            return out
+        if item is None:
+            return out
+        out.append(item.values if isinstance(item, Batch) else item.message)
+
+
+def test_a_barrier_is_returned_once_every_input_has_sent_it() -> None:
+    async def main() -> None:
+        ws, r = open_channel(100, clock=sw.VirtualClock(), name="m.in", writers=2)
+        await ws[0].send(Batch([1]))
+        ws[0].send_control(Barrier(1))
+        await ws[0].send(Batch([2]))  # after input 0's barrier: held back
+        ws[0].send_control(Watermark(5.0))  # also held, in order
+        await ws[1].send(Batch([10]))  # before input 1's barrier: passes
+        assert _drain(r) == [[1], [10]]
+        assert r.fill == 1  # the held record still counts as queued
+        ws[1].send_control(Barrier(1))
+        await ws[1].send(Batch([11]))
+        assert _drain(r) == [Barrier(1), [2], Watermark(5.0), [11]]
+
+    asyncio.run(main())
+
+
+def test_a_closed_input_counts_as_aligned() -> None:
+    async def main() -> None:
+        ws, r = open_channel(100, clock=sw.VirtualClock(), name="m.in", writers=3)
+        ws[2].close()
+        ws[0].send_control(Barrier(4))
+        await ws[0].send(Batch([1]))
+        assert _drain(r) == []
+        ws[1].close()  # the last input without the barrier ends: aligned
+        assert _drain(r) == [Barrier(4), [1]]
+
+    asyncio.run(main())
+
+
+def test_held_records_block_only_their_own_writer() -> None:
+    """Held records leave the shared room (the other input can still deliver its barrier:
+    no deadlock) but count against their writer (memory stays bounded)."""
+
+    async def main() -> None:
+        ws, r = open_channel(4, clock=sw.VirtualClock(), name="m.in", writers=2)
+        ws[0].send_control(Barrier(1))
+        await ws[0].send(Batch([1, 2, 3, 4]))
+        assert _drain(r) == []  # held
+        assert ws[0].room == 0  # input 0 has its capacity held
+        assert ws[1].room == 4  # input 1 still has the whole channel
+        blocked = asyncio.ensure_future(ws[0].send(Batch([5])))
+        await asyncio.sleep(0)
+        assert not blocked.done()
+        await ws[1].send(Batch([9, 9, 9, 9]))
+        ws[1].send_control(Barrier(1))
+        got = _drain(r)
+        assert got[:2] == [[9, 9, 9, 9], Barrier(1)]
+        await blocked
+        assert [*got[2:], *_drain(r)] == [[1, 2, 3, 4], [5]]
+
+    asyncio.run(main())
+
+
+def test_a_single_input_channel_passes_barriers_straight_through() -> None:
+    async def main() -> None:
+        ws, r = open_channel(10, clock=sw.VirtualClock(), name="a.in")
+        ws[0].send_control(Barrier(1))
+        await ws[0].send(Batch([1]))
+        item = r.receive_nowait()
+        assert isinstance(item, TaggedControl)
+        assert item.message == Barrier(1)
+
+    asyncio.run(main())
+
+
+# -- restore equivalence: crash in the middle, restart, same output ---------------------
+
+
+def _source(rows: list[dict[str, Any]], rate: float = 1000) -> sw.sources.Generator[Any]:
+    return sw.sources.Generator(lambda: iter(rows), rate=rate)
+
+
+def _window_rows(w: sw.WindowResult) -> list[Any]:
+    return [w.key, w.start, w.end, w.value, w.kind, w.final]
+
+
+def flow_tumbling(out: Path, rows: list[dict[str, Any]]) -> sw.Flow:
+    flow = sw.Flow("eq")
+    (
+        flow.source(_source(rows), name="src")
+        .with_timestamps(lambda r: r["t"], max_out_of_orderness=0.1, name="ts")
+        .key_by(lambda r: r["k"], name="key")
+        .window(sw.windows.Tumbling(1.0), allowed_lateness=0.2)
+        .aggregate(n=sw.agg.count(), ids=sw.agg.sum(lambda r: r["id"]), name="win")
+        .map(_window_rows, name="row")
+        .sink(sw.sinks.JsonLines(out), name="out")
+    )
+    return flow
+
+
+def flow_sliding_and_late(out: Path, rows: list[dict[str, Any]]) -> sw.Flow:
+    flow = sw.Flow("eq")
+    res = (
+        flow.source(_source(rows), name="src")
+        .with_timestamps(lambda r: r["t"], max_out_of_orderness=0.05, name="ts")
+        .key_by(lambda r: r["k"], name="key")
+        .window(sw.windows.Sliding(1.0, 0.25))
+        .aggregate(sw.agg.max(lambda r: r["id"]), name="win")
+    )
+    res.map(_window_rows, name="row").sink(sw.sinks.JsonLines(out), name="out")
+    res.late().map(lambda lr: ["late", lr.value["id"]], name="late_row").sink(
+        sw.sinks.JsonLines(out.with_suffix(".late")), name="late_out"
+    )
+    return flow
+
+
+def flow_session(out: Path, rows: list[dict[str, Any]]) -> sw.Flow:
+    flow = sw.Flow("eq")
+    (
+        flow.source(_source([r for r in rows if r["id"] % 97 > 20]), name="src")
+        .with_timestamps(lambda r: r["t"], max_out_of_orderness=0.1, name="ts")
+        .key_by(lambda r: r["k"], name="key")
+        .window(sw.windows.Session(gap=0.15))
+        .aggregate(sw.agg.collect(lambda r: r["id"]), name="win")
+        .map(lambda w: [w.key, w.start, w.end, sorted(w.value)], name="row")
+        .sink(sw.sinks.JsonLines(out), name="out")
+    )
+    return flow
+
+
+def flow_merge_and_state(out: Path, rows: list[dict[str, Any]]) -> sw.Flow:
+    def running(total: int | None, r: dict[str, Any]) -> tuple[int, list[int]]:
+        total = (total or 0) + r["id"]
+        return total, [r["k"], r["id"], total]
+
+    flow = sw.Flow("eq")
+    a = flow.source(_source(rows[0::2]), name="a").with_timestamps(
+        lambda r: r["t"], max_out_of_orderness=0.3, name="ts_a"
+    )
+    b = flow.source(_source(rows[1::2], rate=700), name="b").with_timestamps(
+        lambda r: r["t"], max_out_of_orderness=0.3, name="ts_b"
+    )
+    keyed = a.merge(b, name="both").key_by(lambda r: r["k"], name="key")
+    keyed.window(sw.windows.Tumbling(0.5)).aggregate(sw.agg.count(), name="win").map(
+        lambda w: [w.key, w.start, w.value], name="row"
+    ).sink(sw.sinks.JsonLines(out), name="out")
+    keyed.stateful_map(running, name="running").filter(
+        lambda row: row[1] % 50 == 0, name="some"
+    ).map(lambda row: [row[0], row[1]], name="no_total").sink(
+        sw.sinks.JsonLines(out.with_suffix(".state")), name="state_out"
+    )
+    return flow
+
+
+def flow_batch(out: Path, rows: list[dict[str, Any]]) -> sw.Flow:
+    flow = sw.Flow("eq")
+    (
+        flow.source(_source(rows), name="src")
+        .map(lambda r: r["id"], name="id")
+        .batch(7, max_delay=0.3, name="groups")
+        .flat_map(lambda group: group, name="flat")
+        .sink(sw.sinks.JsonLines(out), name="out")
+    )
+    return flow
+
+
+FLOWS: dict[str, Callable[[Path, list[dict[str, Any]]], sw.Flow]] = {
+    "tumbling": flow_tumbling,
+    "sliding_and_late": flow_sliding_and_late,
+    "session": flow_session,
+    "merge_and_state": flow_merge_and_state,
+    "batch": flow_batch,
+}
+
+
+async def _run_until(flow: sw.Flow, ckpt: sw.Checkpoints, crash_at: float | None) -> bool:
+    """Run on a fresh virtual clock; cancel at ``crash_at`` (True if it was cancelled)."""
+    clock = sw.VirtualClock()
+    handle = sw.start(flow, clock=clock, checkpoints=ckpt)
+    if crash_at is not None:
+        await clock.sleep(crash_at)
+        if not handle.done():
+            handle.force_stop("simulated crash")
+            with pytest.raises(sw.FlowCancelledError):
+                await handle.wait()
+            return True
+    await handle.wait()
+    return False
+
+
+def _outputs(work: Path) -> dict[str, Counter[str]]:
+    return {p.name: lines(p) for p in sorted(work.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("name", list(FLOWS))
+def test_crashes_and_restarts_give_the_output_of_one_uninterrupted_run(
+    name: str, tmp_path: Path
+) -> None:
+    build, rows = FLOWS[name], records()
+    (tmp_path / "once").mkdir()
+    (tmp_path / "crashed").mkdir()
+    once = tmp_path / "once"
+    asyncio.run(_run_until(build(once / "out", rows), sw.Checkpoints(tmp_path / "c1"), None))
+
+    crashed = tmp_path / "crashed"
+    ckpt = sw.Checkpoints(tmp_path / "c2", interval=0.25)
+    crashes = 0
+    for at in (0.6, 0.45, 0.9, 0.3):
+        crashes += asyncio.run(_run_until(build(crashed / "out", rows), ckpt, at))
+    asyncio.run(_run_until(build(crashed / "out", rows), ckpt, None))
+    assert crashes == 4
+    want, got = _outputs(once), _outputs(crashed)
+    assert sum(sum(c.values()) for c in want.values()) > 0
+    assert got == want
+
+
+def test_a_stop_halts_at_a_checkpoint_without_flushing_and_the_next_run_goes_on(
+    tmp_path: Path,
+) -> None:
+    rows = records()
+    ckpt = sw.Checkpoints(tmp_path / "ckpt", interval=10)
+    asyncio.run(
+        _run_until(flow_tumbling(tmp_path / "once", rows), sw.Checkpoints(tmp_path / "x"), None)
+    )
+
+    async def stop_midway() -> sw.RunResult:
+        clock = sw.VirtualClock()
+        handle = sw.start(flow_tumbling(tmp_path / "out", rows), clock=clock, checkpoints=ckpt)
+        await clock.sleep(1.234)
+        return await handle.stop()
+
+    result = asyncio.run(stop_midway())
+    assert result.stopped
+    stopped = lines(tmp_path / "out")
+    # Not drained: no window still open at the stop was fired early (a partial result
+    # would differ from the uninterrupted run's).
+    assert stopped
+    assert not stopped - lines(tmp_path / "once"), "a stop flushed open windows"
+    assert max(json.loads(x)[1] for x in stopped) < 13  # 1.234 s at 1000 records/s
+    info = CheckpointStore(tmp_path / "ckpt").list()[0][0]
+    assert info.final
+
+    asyncio.run(_run_until(flow_tumbling(tmp_path / "out", rows), ckpt, None))
+    assert lines(tmp_path / "out") == lines(tmp_path / "once")
+
+
+def test_a_flow_that_ended_does_not_write_again_when_restarted(tmp_path: Path) -> None:
+    rows = records()[:200]
+    ckpt = sw.Checkpoints(tmp_path / "ckpt")
+    asyncio.run(_run_until(flow_batch(tmp_path / "out", rows), ckpt, None))
+    first = (tmp_path / "out").read_text()
+    asyncio.run(_run_until(flow_batch(tmp_path / "out", rows), ckpt, None))
+    assert (tmp_path / "out").read_text() == first
+
+
+# -- ack barriers: commit after every sink wrote ---------------------------------------
+
+
+class AckingSource(Source):
+    """A list source that records each commit with what the sinks had written then."""
+
+    def __init__(self, n: int, sinks: list[sw.sinks.Collect[Any]]) -> None:
+        self.n, self.sinks, self.next = n, sinks, 0
+        self.commits: list[tuple[int, int]] = []
+
+    async def open(self, ctx: SourceContext) -> None:
+        self.clock = ctx.clock
+
+    async def next_batch(self, max_records: int) -> Batch | None:
+        if self.next >= self.n:
+            return None
+        await self.clock.sleep(0.01)
+        values = list(range(self.next, min(self.n, self.next + min(max_records, 50))))
+        self.next += len(values)
+        return Batch(values)
+
+    def position(self) -> int:
+        return self.next
+
+    async def commit(self, position: Any) -> None:
+        self.commits.append((position, min(len(s.items) for s in self.sinks)))
+
+
+def test_without_checkpoints_an_acking_source_commits_only_what_every_sink_wrote() -> None:
+    fast: sw.sinks.Collect[int] = sw.sinks.Collect()
+    slow: sw.sinks.Collect[int] = sw.sinks.Collect()
+    source = AckingSource(3000, [fast, slow])
+    flow = sw.Flow("acks", channel_capacity=64)
+    s = flow.source(source)
+    s.sink(fast)
+
+    async def crawl(x: int) -> int:
+        await asyncio.sleep(0)
+        return x
+
+    s.buffer(64).map_async(crawl, concurrency=1).sink(slow)
+    sw.testing.run_flow(flow)
+    assert len(source.commits) > 5
+    for position, written in source.commits:
+        assert position <= written, "acknowledged records a sink had not written"
+    assert source.commits[-1][0] == 3000
+    assert [p for p, _ in source.commits] == sorted(p for p, _ in source.commits)
+
+
+# -- what a user can get wrong ----------------------------------------------------------
+
+
+def test_a_changed_flow_is_refused_naming_the_differences(tmp_path: Path) -> None:
+    rows = records()[:100]
+    ckpt = sw.Checkpoints(tmp_path / "ckpt")
+    asyncio.run(_run_until(flow_batch(tmp_path / "out", rows), ckpt, None))
+    changed = sw.Flow("eq")
+    (
+        changed.source(_source(rows), name="src")
+        .map(lambda r: r["id"], name="id")
+        .filter(lambda x: x > 3, name="new_filter")
+        .sink(sw.sinks.JsonLines(tmp_path / "out"), name="out")
+    )
+    with pytest.raises(sw.CheckpointMismatchError) as err:
+        asyncio.run(_run_until(changed, ckpt, None))
+    msg = str(err.value)
+    assert "'new_filter' (filter) is new" in msg
+    assert "'groups' (batch) is gone" in msg
+    assert "sluiceway checkpoints reset" in msg
+
+
+def test_a_source_that_cannot_resume_is_refused_up_front(tmp_path: Path) -> None:
+    flow = sw.Flow("stdin")
+    flow.source(sw.sources.Stdin(), name="in").sink(sw.sinks.Collect())
+    with pytest.raises(sw.CheckpointError, match=r"source 'in' \(Stdin\) cannot resume"):
+        sw.testing.run_flow(flow, checkpoints=sw.Checkpoints(tmp_path))
+
+
+def test_an_iterable_over_a_one_shot_generator_cannot_resume(tmp_path: Path) -> None:
+    def build() -> sw.Flow:
+        flow = sw.Flow("gen")
+        flow.source(sw.sources.Iterable(x for x in range(10)), name="in").sink(
+            sw.sinks.JsonLines(tmp_path / "out"), name="out"
+        )
+        return flow
+
+    ckpt = sw.Checkpoints(tmp_path / "ckpt")
+    sw.testing.run_flow(build(), checkpoints=ckpt)
+    with pytest.raises(ValueError, match="can be read only once"):
+        sw.testing.run_flow(build(), checkpoints=ckpt)
+
+
+def test_a_sink_file_shorter_than_the_checkpoint_says_is_an_error(tmp_path: Path) -> None:
+    rows = records()[:100]
+    ckpt = sw.Checkpoints(tmp_path / "ckpt")
+    asyncio.run(_run_until(flow_batch(tmp_path / "out", rows), ckpt, None))
+    (tmp_path / "out").write_text("")
+    with pytest.raises(
+        sw.CheckpointError, match=r"recorded \d+ bytes written, but the file has only 0"
+    ):
+        asyncio.run(_run_until(flow_batch(tmp_path / "out", rows), ckpt, None))
+
+
+def test_a_torn_newest_checkpoint_falls_back_to_the_previous_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rows = records()
+    ckpt = sw.Checkpoints(tmp_path / "ckpt", interval=0.25)
+    asyncio.run(
+        _run_until(flow_tumbling(tmp_path / "once", rows), sw.Checkpoints(tmp_path / "x"), None)
+    )
+    asyncio.run(_run_until(flow_tumbling(tmp_path / "out", rows), ckpt, 1.3))
+    store = CheckpointStore(tmp_path / "ckpt")
+    newest = store.list()[0][0].id
+    store.close()
+    conn = sqlite3.connect(tmp_path / "ckpt" / "checkpoints.db")
+    with conn:
+        conn.execute(
+            "UPDATE parts SET data = zeroblob(length(data)) WHERE checkpoint_id = ? "
+            "AND name = 'win'",
+            (newest,),
+        )
+    conn.close()
+    with caplog.at_level(logging.WARNING, logger="sluiceway"):
+        asyncio.run(_run_until(flow_tumbling(tmp_path / "out", rows), ckpt, None))
+    assert f"checkpoint {newest}" in caplog.text
+    assert lines(tmp_path / "out") == lines(tmp_path / "once")
+
+
+def test_state_that_cannot_be_pickled_names_the_operator(tmp_path: Path) -> None:
+    flow = sw.Flow("unpicklable")
+    (
+        flow.source(sw.sources.Iterable(range(10)), name="in")
+        .key_by(lambda x: x % 2, name="key")
+        .stateful_map(lambda s, v: (lambda: v, v), name="holds_a_lambda")
+        .sink(sw.sinks.Collect(), name="out")
+    )
+    with pytest.raises(sw.CheckpointError, match="holds_a_lambda"):
+        sw.testing.run_flow(flow, checkpoints=sw.Checkpoints(tmp_path))
