@@ -441,3 +441,51 @@ def test_state_that_cannot_be_pickled_names_the_operator(tmp_path: Path) -> None
     )
     with pytest.raises(sw.CheckpointError, match="holds_a_lambda"):
         sw.testing.run_flow(flow, checkpoints=sw.Checkpoints(tmp_path))
+
+
+# -- the command line ------------------------------------------------------------------
+
+
+FLOW_FILE = """
+import sluiceway as sw
+
+flow = sw.Flow("cli")
+(
+    flow.source(sw.sources.JsonLines({inp!r}), name="in")
+    .key_by(lambda r: r["k"], name="key")
+    .stateful_map(lambda n, r: ((n or 0) + 1, [r["k"], (n or 0) + 1]), name="count")
+    .sink(sw.sinks.JsonLines({out!r}), name="out")
+)
+"""
+
+
+def test_run_with_a_checkpoint_dir_restores_on_the_second_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sluiceway.cli import main
+
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps({"k": i % 3}) + "\n" for i in range(30)))
+    (tmp_path / "job.py").write_text(FLOW_FILE.format(inp=str(inp), out=str(out)))
+    target = f"{tmp_path / 'job.py'}:flow"
+    ckdir = tmp_path / "ck"
+    assert main(["run", target, "--checkpoint-dir", str(ckdir), "--checkpoint-interval", "1"]) == 0
+    assert len(out.read_text().splitlines()) == 30
+    with inp.open("a") as f:  # more input: the second run goes on from the checkpoint
+        f.write("".join(json.dumps({"k": i % 3}) + "\n" for i in range(6)))
+    assert main(["run", target, "--checkpoint-dir", str(ckdir)]) == 0
+    err = capsys.readouterr().err
+    assert "restored from checkpoint" in err
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 36
+    assert [r[1] for r in rows if r[0] == 0][-2:] == [11, 12]  # counts carried over
+
+
+def test_a_checkpoint_interval_without_a_dir_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sluiceway.cli import main
+
+    (tmp_path / "job.py").write_text(FLOW_FILE.format(inp="x", out="y"))
+    assert main(["run", f"{tmp_path / 'job.py'}:flow", "--checkpoint-interval", "2"]) == 2
+    assert "--checkpoint-interval needs --checkpoint-dir" in capsys.readouterr().err

@@ -191,6 +191,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the physical plan (stages, fused operators, channels) and exit",
     )
+    run.add_argument(
+        "--checkpoint-dir",
+        metavar="DIR",
+        default=None,
+        help="take checkpoints into DIR and, if DIR holds one of this flow, start from the "
+        "latest (exactly-once state; a stop then ends at a checkpoint instead of draining)",
+    )
+    run.add_argument(
+        "--checkpoint-interval",
+        type=_positive_float,
+        default=None,
+        metavar="S",
+        help="seconds between checkpoints (default: 5; needs --checkpoint-dir)",
+    )
     run.set_defaults(handler=_cmd_run)
 
     graph = commands.add_parser(
@@ -583,6 +597,7 @@ def _run_flow(
     monitor: sw.Monitor | None,
     *,
     live_table: bool = False,
+    checkpoints: sw.Checkpoints | None = None,
 ) -> sw.RunResult:
     """``sw.run`` with every ending turned into a :class:`CliError` with its exit code.
 
@@ -596,9 +611,12 @@ def _run_flow(
             max_batch_size=args.max_batch_size,
             monitor=monitor,
             announce_signals=not live_table,
+            checkpoints=checkpoints,
         )
     except sw.FlowDefinitionError as exc:
         raise CliError(f"invalid flow: {exc}", _EXIT_FAILED) from exc
+    except sw.CheckpointError as exc:
+        raise CliError(str(exc), _EXIT_FAILED) from exc
     except sw.FlowFailedError as exc:
         raise CliError(str(exc), _EXIT_FAILED, _cause_chain(exc)) from exc
     except sw.FlowCancelledError as exc:
@@ -621,6 +639,12 @@ def _totals(result: sw.RunResult) -> str:
     dead = sum(o.dead_letters for o in ops)
     dropped = sum(c.records_dropped for c in result.metrics.channels)
     how = "stopped" if result.stopped else "finished"
+    ck = result.checkpoints
+    if ck is not None:
+        if ck.restored_from is not None:
+            how = f"restored from checkpoint {ck.restored_from}, {how}"
+        if ck.last_id is not None:
+            how += f" at checkpoint {ck.last_id}" if result.stopped else ""
     return (
         f"flow {result.flow!r} {how} after {result.elapsed:.1f}s: "
         f"{format_count(produced)} records in, {format_count(delivered)} out, "
@@ -644,7 +668,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if exporter is not None:
         monitors.append(exporter)
     monitor = _with_web_view(args.ui_port, _together(*monitors) if monitors else None)
-    result = _run_flow(flow, args, monitor, live_table=bool(args.live))
+    checkpoints = None
+    if args.checkpoint_dir is not None:
+        interval = 5.0 if args.checkpoint_interval is None else args.checkpoint_interval
+        checkpoints = sw.Checkpoints(args.checkpoint_dir, interval=interval)
+    elif args.checkpoint_interval is not None:
+        raise CliError("--checkpoint-interval needs --checkpoint-dir DIR", _EXIT_USAGE)
+    result = _run_flow(flow, args, monitor, live_table=bool(args.live), checkpoints=checkpoints)
     print(f"sluiceway: {_totals(result)}", file=sys.stderr)
     return 0
 

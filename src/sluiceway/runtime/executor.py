@@ -39,7 +39,7 @@ from sluiceway.operators.stateless import PortSpec
 from sluiceway.plan import PhysicalPlan, StagePlan, plan
 from sluiceway.policies import DeadLetter, DeadLetterRecord, Retry
 from sluiceway.runtime.channel import ChannelReader, ChannelWriter, Overflow, open_channel
-from sluiceway.runtime.checkpointing import Checkpoints, Coordinator
+from sluiceway.runtime.checkpointing import Checkpoints, CheckpointStats, Coordinator
 from sluiceway.runtime.messages import Barrier, Batch
 from sluiceway.time import Clock, SystemClock, TimerHandle, yield_now
 
@@ -58,12 +58,15 @@ class RunResult:
         stopped: True if the run ended because a stop was requested (signal or
             ``handle.stop()``) rather than because every source ended.
         elapsed: clock seconds from start to end.
+        checkpoints: with checkpoints on, what they did (how many, the last one's id,
+            duration and size, the one the run started from); None otherwise.
     """
 
     flow: str
     metrics: FlowSnapshot
     stopped: bool
     elapsed: float
+    checkpoints: CheckpointStats | None = None
 
 
 class _Stage:
@@ -464,6 +467,7 @@ class Executor:
             self.metrics.snapshot(),
             self.stop_requested,
             self.clock.monotonic() - started,
+            coord.stats if coord is not None and coord.durable else None,
         )
 
     async def _open(self, opened: list[Source | Sink]) -> None:

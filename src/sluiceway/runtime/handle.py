@@ -263,7 +263,8 @@ def _install_signals(handle: FlowHandle, announce: bool) -> list[signal.Signals]
 def _announce(sig: signal.Signals, handle: FlowHandle) -> None:
     print(  # noqa: T201 - the user pressed Ctrl-C in a terminal: answer there
         f"\nsluiceway: {sig.name} received, stopping flow {handle.flow.name!r} "
-        f"(draining; signal again to force)",
+        f"({'at a checkpoint' if handle._executor.checkpointing else 'draining'}; "
+        "signal again to force)",
         file=sys.stderr,
         flush=True,
     )
