@@ -21,6 +21,7 @@ import pytest
 
 import sluiceway as sw
 from sluiceway.checkpoint import CheckpointStore
+from sluiceway.cli import main
 from sluiceway.connectors.base import Source, SourceContext
 from sluiceway.errors import EndOfStream
 from sluiceway.runtime.channel import TaggedControl, open_channel
@@ -462,8 +463,6 @@ flow = sw.Flow("cli")
 def test_run_with_a_checkpoint_dir_restores_on_the_second_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from sluiceway.cli import main
-
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("".join(json.dumps({"k": i % 3}) + "\n" for i in range(30)))
     (tmp_path / "job.py").write_text(FLOW_FILE.format(inp=str(inp), out=str(out)))
@@ -484,8 +483,6 @@ def test_run_with_a_checkpoint_dir_restores_on_the_second_run(
 def test_a_checkpoint_interval_without_a_dir_is_a_usage_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from sluiceway.cli import main
-
     (tmp_path / "job.py").write_text(FLOW_FILE.format(inp="x", out="y"))
     assert main(["run", f"{tmp_path / 'job.py'}:flow", "--checkpoint-interval", "2"]) == 2
     assert "--checkpoint-interval needs --checkpoint-dir" in capsys.readouterr().err
