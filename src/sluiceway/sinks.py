@@ -21,6 +21,7 @@ __all__ = [
 # client libraries (they are extras: ``pip install 'sluiceway[nats]'`` and so on).
 _LAZY: dict[str, str] = {
     # "Name": "sluiceway.connectors.<module>",
+    "Mqtt": "sluiceway.connectors.mqtt:MqttSink",
 }
 
 
@@ -28,7 +29,8 @@ def __getattr__(name: str) -> object:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+    module, _, attribute = module.partition(":")  # "module:attribute" when names differ
+    return getattr(importlib.import_module(module), attribute or name)
 
 
 def __dir__() -> list[str]:
