@@ -32,6 +32,7 @@ from pathlib import Path
 
 import bench_async_io
 import bench_backpressure
+import bench_checkpoints
 import bench_latency
 import bench_limiters
 import bench_observability
@@ -57,6 +58,7 @@ WORKLOADS: dict[str, Workload] = {
     "RL": bench_limiters.run,
     "RRL": bench_redis_limiter.run,
     "OBS": bench_observability.run,
+    "CK": bench_checkpoints.run,
 }
 
 

@@ -1,0 +1,218 @@
+"""CK: what checkpoints cost (issue 4).
+
+* ``CK`` overhead: the W2 workload (tumbling 1 s windows per user, count and sum) fed by
+  a generator of in-order events, with checkpoints every second into a SQLite store vs
+  none; and a plain Python loop doing the same work, for scale.  Target: <= 10 % slower.
+* ``CK-restore``: 100,000 keys of open window state, stopped at a checkpoint; the time a
+  new run takes to load it (read the store, verify, unpickle, restore the operator) and
+  the checkpoint's size and duration.  Target: < 2 s.
+
+Each measurement runs in a fresh child process (see common.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import itertools
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from common import Params, Result, Row, child_main, run_child
+
+import sluiceway as sw
+from sluiceway.runtime.executor import Executor
+
+TARGET_OVERHEAD = 0.10
+TARGET_RESTORE_S = 2.0
+USERS = 1000
+RATE = 1000.0  # events per second of event time
+
+
+Event = tuple[str, float, float]  # user, event time, amount
+
+
+def events(n: int | None, users: int = USERS) -> Iterator[Event]:
+    """In-order events; ``n`` None: without end."""
+    names = [f"u{k}" for k in range(users)]
+    for i in range(n) if n is not None else itertools.count():
+        yield (names[i % users], i / RATE, (i % 200 + 1) * 0.25)
+
+
+class _Fold(sw.sinks.Sink):
+    def __init__(self) -> None:
+        self.results = 0
+        self.total = 0.0
+
+    async def write(self, batch: Any) -> None:
+        self.results += len(batch.values)
+        self.total += sum(r.value["total"] for r in batch.values)
+
+
+def build(source: sw.sources.Source, sink: _Fold, size: float = 1.0) -> sw.Flow:
+    flow = sw.Flow("ck_w2")
+    (
+        flow.source(source, name="events")
+        .with_timestamps(lambda e: e[1], max_out_of_orderness=5.0, name="ts")
+        .key_by(lambda e: e[0], name="user")
+        .window(sw.windows.Tumbling(size))
+        .aggregate(count=sw.agg.count(), total=sw.agg.sum(lambda e: e[2]), name="w")
+        .sink(sink, name="fold")
+    )
+    return flow
+
+
+def plain(data: list[Event]) -> tuple[int, float]:
+    """The same windows in a plain loop (in-order events: fire on the watermark)."""
+    panes: dict[int, dict[str, list[float]]] = {}
+    results, total, wm = 0, 0.0, float("-inf")
+    for user, ts, amount in data:
+        start = int(ts)
+        pane = panes.setdefault(start, {})
+        acc = pane.get(user)
+        if acc is None:
+            pane[user] = [1, amount]
+        else:
+            acc[0] += 1
+            acc[1] += amount
+        wm = max(wm, ts - 5.0)
+        while panes and min(panes) + 1 <= wm:
+            done = panes.pop(min(panes))
+            results += len(done)
+            total += sum(a[1] for a in done.values())
+    for pane in panes.values():
+        results += len(pane)
+        total += sum(a[1] for a in pane.values())
+    return results, total
+
+
+def overhead(params: Params) -> Result:
+    """Child entry: one run of ``system`` (none / checkpoints / plain) over n events."""
+    n, system = int(params["events"]), params["system"]
+    data = list(events(n))
+    gc.collect()
+    gc.freeze()
+    t0 = time.perf_counter()
+    checkpoints = 0
+    if system == "plain":
+        results, total = plain(data)
+    else:
+        sink = _Fold()
+        tmp = tempfile.mkdtemp(prefix="sw-ck-")
+        ck = sw.Checkpoints(tmp, interval=float(params["interval"])) if system == "ckpt" else None
+        try:
+            flow = build(sw.sources.Iterable(data), sink)
+            result = sw.run(flow, handle_signals=False, checkpoints=ck)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        results, total = sink.results, sink.total
+        if result.checkpoints is not None:
+            checkpoints = result.checkpoints.completed
+    dt = time.perf_counter() - t0
+    return {
+        "system": system,
+        "seconds": dt,
+        "rate": n / dt,
+        "results": results,
+        "total": total,
+        "checkpoints": checkpoints,
+    }
+
+
+def restore(params: Params) -> Result:
+    """Child entry: build ``keys`` keys of window state, stop at a checkpoint, time the
+    restore of a new run."""
+    keys = int(params["keys"])
+    tmp = Path(tempfile.mkdtemp(prefix="sw-ck-restore-"))
+    try:
+        ck = sw.Checkpoints(tmp, interval=3600)
+
+        async def fill() -> sw.RunResult:
+            # One event per key, all in one long window (nothing fires), then stop.
+            endless = sw.sources.Generator(lambda: events(None, keys))
+            handle = sw.start(build(endless, _Fold(), size=1e9), checkpoints=ck)
+            while handle.metrics().operator("w").records_in < keys * 3:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)  # a benchmark polling in real time
+            return await handle.stop()
+
+        stopped = asyncio.run(fill())
+        assert stopped.checkpoints is not None
+        gc.collect()
+        t0 = time.perf_counter()
+        endless = sw.sources.Generator(lambda: events(None, keys))
+        ex = Executor(build(endless, _Fold(), size=1e9), checkpoints=ck)
+        assert ex.coordinator is not None
+        ex.coordinator.restore(ex._steps)
+        dt = time.perf_counter() - t0
+        held = ex.metrics.snapshot().operator("w").state
+        ex.coordinator.close()
+        return {
+            "keys": keys,
+            "restore_seconds": dt,
+            "state_entries": held,
+            "checkpoint_bytes": stopped.checkpoints.last_size,
+            "checkpoint_seconds": stopped.checkpoints.last_duration,
+        }
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(quick: bool) -> tuple[list[Row], Result]:
+    """CK rows: W2 with checkpoints every second vs none, and the restore of 100k keys."""
+    n = 2_000_000 if quick else 8_000_000
+    interval = 0.25 if quick else 1.0
+    repeats = 1 if quick else 3
+    best: dict[str, Result] = {}
+    for _ in range(repeats):  # alternate, keep each system's best
+        for system in ("none", "ckpt", "plain"):
+            got = run_child(
+                "bench_checkpoints",
+                "overhead",
+                {"events": n, "system": system, "interval": interval},
+            )
+            if system not in best or got["seconds"] < best[system]["seconds"]:
+                best[system] = got
+    none, ckpt, loop = best["none"], best["ckpt"], best["plain"]
+    if not (none["results"] == ckpt["results"] == loop["results"]):
+        raise RuntimeError(f"CK: results differ: {none}, {ckpt}, {loop}")
+    slower = ckpt["seconds"] / none["seconds"] - 1
+    keys = 20_000 if quick else 100_000
+    rs = run_child("bench_checkpoints", "restore", {"keys": keys})
+    rows = [
+        Row("CK", "plain loop", f"{loop['rate'] / 1e6:.2f} M ev/s"),
+        Row(
+            "CK",
+            "sluiceway, no checkpoints",
+            f"{none['rate'] / 1e6:.2f} M ev/s",
+            f"{none['rate'] / loop['rate']:.2f}x loop",
+        ),
+        Row(
+            "CK",
+            f"sluiceway, checkpoint every {interval:g} s",
+            f"{ckpt['rate'] / 1e6:.2f} M ev/s ({ckpt['checkpoints']} checkpoints)",
+            f"{slower:+.1%} time",
+            f"<= +{TARGET_OVERHEAD:.0%}",
+            "PASS" if slower <= TARGET_OVERHEAD else "FAIL",
+        ),
+        Row(
+            "CK-restore",
+            f"sluiceway, {keys:,} keys",
+            f"{rs['restore_seconds']:.2f} s ({rs['checkpoint_bytes'] / 1e6:.1f} MB, "
+            f"taken in {rs['checkpoint_seconds']:.2f} s)",
+            "",
+            f"< {TARGET_RESTORE_S:g} s",
+            "PASS" if rs["restore_seconds"] < TARGET_RESTORE_S else "FAIL",
+        ),
+    ]
+    return rows, {"events": n, "interval": interval, "best": best, "restore": rs}
+
+
+if __name__ == "__main__":
+    child_main({"overhead": overhead, "restore": restore})
