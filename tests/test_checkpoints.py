@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import random
+import re
 import sqlite3
 from collections import Counter
 from collections.abc import Callable
@@ -486,3 +487,24 @@ def test_a_checkpoint_interval_without_a_dir_is_a_usage_error(
     (tmp_path / "job.py").write_text(FLOW_FILE.format(inp="x", out="y"))
     assert main(["run", f"{tmp_path / 'job.py'}:flow", "--checkpoint-interval", "2"]) == 2
     assert "--checkpoint-interval needs --checkpoint-dir" in capsys.readouterr().err
+
+
+# -- the documentation -----------------------------------------------------------------
+
+
+def test_the_first_example_of_the_checkpoints_page_runs_and_restores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    page = Path(__file__).resolve().parent.parent / "docs" / "checkpoints.md"
+    block = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.DOTALL)[0]
+    block = block.replace("sw.run(flow,", "sw.run(flow, handle_signals=False,")
+    monkeypatch.chdir(tmp_path)
+    orders = [{"ts": i * 7.0, "customer": f"c{i % 3}", "amount": i} for i in range(40)]
+    Path("orders.jsonl").write_text("".join(json.dumps(o) + "\n" for o in orders))
+    exec(compile(block, str(page), "exec"), {})
+    first = Path("totals.jsonl").read_text()
+    assert len(first.splitlines()) == 15  # 5 minutes x 3 customers
+    with caplog.at_level(logging.INFO, logger="sluiceway"):
+        exec(compile(block, str(page), "exec"), {})
+    assert "restored from checkpoint" in caplog.text
+    assert Path("totals.jsonl").read_text() == first
