@@ -25,6 +25,7 @@ from sluiceway.checkpoint import CheckpointStore
 from sluiceway.cli import main
 from sluiceway.connectors.base import Source, SourceContext
 from sluiceway.errors import EndOfStream
+from sluiceway.metrics.prometheus import metric_families
 from sluiceway.runtime.channel import TaggedControl, open_channel
 from sluiceway.runtime.messages import Barrier, Batch, Watermark
 
@@ -508,3 +509,33 @@ def test_the_first_example_of_the_checkpoints_page_runs_and_restores(
         exec(compile(block, str(page), "exec"), {})
     assert "restored from checkpoint" in caplog.text
     assert Path("totals.jsonl").read_text() == first
+
+
+# -- metrics ---------------------------------------------------------------------------
+
+
+def test_checkpoint_metrics_in_the_snapshot_and_for_prometheus(tmp_path: Path) -> None:
+    rows = records()[:500]
+    ckpt = sw.Checkpoints(tmp_path / "ckpt", interval=0.1)
+    result = sw.testing.run_flow(flow_tumbling(tmp_path / "out", rows), checkpoints=ckpt)
+    ck = result.metrics.checkpoints
+    assert ck is not None
+    assert result.checkpoints is not None
+    assert ck.completed == result.checkpoints.completed > 3  # 0.5 s at 0.1 s, first, last
+    stored = CheckpointStore(tmp_path / "ckpt").list()[0][0]
+    assert (ck.last_id, ck.last_size) == (stored.id, stored.size)
+    assert ck.restored_from is None
+    values = {
+        (m.name, s.name): s.value
+        for m in metric_families(result.metrics)
+        for s in m.samples
+        if "checkpoint" in m.name
+    }
+    completed = "sluiceway_checkpoints_completed"
+    assert values[(completed, f"{completed}_total")] == ck.completed
+    size, last = "sluiceway_checkpoint_size_bytes", "sluiceway_checkpoint_last_id"
+    assert values[(size, size)] == stored.size
+    assert values[(last, last)] == stored.id
+    plain = sw.testing.run_flow(flow_tumbling(tmp_path / "out2", rows))
+    assert plain.metrics.checkpoints is None
+    assert not [m for m in metric_families(plain.metrics) if "checkpoint" in m.name]

@@ -41,7 +41,7 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import urlsplit
 
-from sluiceway.metrics.registry import FlowSnapshot
+from sluiceway.metrics.registry import CheckpointSnapshot, FlowSnapshot
 from sluiceway.runtime.handle import FlowHandle
 
 try:
@@ -94,7 +94,10 @@ def metric_families(snapshot: FlowSnapshot) -> list[Metric]:
     ``sluiceway_source_backlog`` (only sources that know it: a file's unread bytes).
     Per channel (labels ``flow``, ``edge``): gauges ``sluiceway_channel_fill`` and
     ``sluiceway_channel_capacity``, counters ``sluiceway_channel_blocked_seconds_total``
-    and ``sluiceway_channel_dropped_total``.
+    and ``sluiceway_channel_dropped_total``.  With checkpoints (label ``flow``):
+    ``sluiceway_checkpoints_completed_total`` and, once one is stored, gauges
+    ``sluiceway_checkpoint_last_id``, ``sluiceway_checkpoint_duration_seconds`` and
+    ``sluiceway_checkpoint_size_bytes`` (of the last one).
     """
     flow = snapshot.flow
     families: list[Metric] = []
@@ -173,7 +176,37 @@ def metric_families(snapshot: FlowSnapshot) -> list[Metric]:
         blocked.add_metric(labels, ch.blocked_seconds)
         dropped.add_metric(labels, ch.records_dropped)
     families += [fill, capacity, blocked, dropped]
+    if snapshot.checkpoints is not None:
+        families += _checkpoint_families(flow, snapshot.checkpoints)
     return families
+
+
+def _checkpoint_families(flow: str, ck: CheckpointSnapshot) -> list[Metric]:
+    completed = CounterMetricFamily(
+        "sluiceway_checkpoints_completed",
+        "Checkpoints stored by this run.",
+        labels=["flow"],
+    )
+    completed.add_metric([flow], ck.completed)
+    out: list[Metric] = [completed]
+    if ck.last_id is not None:
+        for name, help_text, value in (
+            ("sluiceway_checkpoint_last_id", "The id of the last checkpoint stored.", ck.last_id),
+            (
+                "sluiceway_checkpoint_duration_seconds",
+                "Seconds the last checkpoint took, from barrier injection to stored.",
+                ck.last_duration,
+            ),
+            (
+                "sluiceway_checkpoint_size_bytes",
+                "Bytes of operator state in the last checkpoint.",
+                ck.last_size,
+            ),
+        ):
+            gauge = GaugeMetricFamily(name, help_text, labels=["flow"])
+            gauge.add_metric([flow], value)
+            out.append(gauge)
+    return out
 
 
 class FlowCollector(Collector):

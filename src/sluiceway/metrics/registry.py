@@ -18,7 +18,14 @@ from sluiceway.metrics.histogram import LatencyHistogram
 from sluiceway.runtime.channel import ChannelReader, ChannelStatistics
 from sluiceway.time import Clock
 
-__all__ = ["FlowSnapshot", "MetricsRegistry", "OperatorMetrics", "OperatorSnapshot", "Rates"]
+__all__ = [
+    "CheckpointSnapshot",
+    "FlowSnapshot",
+    "MetricsRegistry",
+    "OperatorMetrics",
+    "OperatorSnapshot",
+    "Rates",
+]
 
 
 class OperatorMetrics:
@@ -107,6 +114,21 @@ class Rates:
 
 
 @dataclass(frozen=True, slots=True)
+class CheckpointSnapshot:
+    """What a flow's checkpoints have done so far (flows with checkpoints only).
+
+    ``last_duration`` is seconds from the barrier's injection to the checkpoint being
+    stored; ``last_size`` the bytes of state it holds; ``restored_from`` the checkpoint
+    the run started from (None: a fresh start)."""
+
+    completed: int
+    last_id: int | None
+    last_duration: float
+    last_size: int
+    restored_from: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class FlowSnapshot:
     """All counters of a flow at one instant of its clock."""
 
@@ -117,6 +139,7 @@ class FlowSnapshot:
     wall_time: float = math.nan
     """The clock's wall time (epoch seconds) at the snapshot: event-time watermark lag is
     ``wall_time - operator.watermark``."""
+    checkpoints: CheckpointSnapshot | None = None
 
     def watermark_lag(self, name: str) -> float | None:
         """How far operator ``name``'s watermark is behind the wall clock, in seconds
@@ -174,6 +197,11 @@ class MetricsRegistry:
         self._channels: dict[str, ChannelReader] = {}
         self._feeds: dict[str, str] = {}
         self._backlogs: dict[str, Callable[[], int | None]] = {}
+        self._checkpoints: Callable[[], CheckpointSnapshot] | None = None
+
+    def add_checkpoints(self, read: Callable[[], CheckpointSnapshot]) -> None:
+        """Register how to read the flow's checkpoint statistics (at snapshot time)."""
+        self._checkpoints = read
 
     def operator(self, name: str, kind: str, stage: int) -> OperatorMetrics:
         """Register (or return) the counters of operator ``name``."""
@@ -228,5 +256,10 @@ class MetricsRegistry:
             for m in self._operators.values()
         )
         return FlowSnapshot(
-            self.flow, self.clock.monotonic(), ops, channels, wall_time=self.clock.time()
+            self.flow,
+            self.clock.monotonic(),
+            ops,
+            channels,
+            wall_time=self.clock.time(),
+            checkpoints=None if self._checkpoints is None else self._checkpoints(),
         )

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from sluiceway.checkpoint.store import Checkpoint, CheckpointStore, OperatorState
 from sluiceway.connectors.base import Sink, Source
 from sluiceway.errors import CheckpointError, CheckpointMismatchError
+from sluiceway.metrics.registry import CheckpointSnapshot
 from sluiceway.runtime.messages import Barrier
 from sluiceway.time import Clock
 from sluiceway.time.durations import positive_seconds
@@ -95,6 +96,11 @@ class CheckpointStats:
     """Bytes of state in the last checkpoint."""
     restored_from: int | None = None
     """The checkpoint this run started from (None: a fresh start)."""
+
+    def snapshot(self) -> CheckpointSnapshot:
+        return CheckpointSnapshot(
+            self.completed, self.last_id, self.last_duration, self.last_size, self.restored_from
+        )
 
 
 @dataclass(slots=True, eq=False)

@@ -328,6 +328,8 @@ class Executor:
             for name, step in self._steps.items():
                 if name not in self.coordinator.sources:
                     step.on_barrier = self.coordinator.on_barrier
+            if self.coordinator.durable:
+                self.metrics.add_checkpoints(self.coordinator.stats.snapshot)
 
     # -- building ----------------------------------------------------------------------
 
