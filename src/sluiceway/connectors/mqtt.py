@@ -136,6 +136,8 @@ class _Link:
         self.gen = gen
         self.lost = False
         self.cause: BaseException | None = None
+        self.paused = False  # reading the socket is paused (the source's buffer is full)
+        self.ready = False  # subscribed: from now on reading may pause
 
     def watch(self, on_lost: Callable[[], None]) -> None:
         def done(fut: asyncio.Future[None]) -> None:
@@ -147,8 +149,33 @@ class _Link:
         fut = self.client._disconnected
         fut.add_done_callback(done)
 
+    def pause(self) -> None:
+        """Stop reading the socket: TCP flow control then holds the broker back."""
+        sock = self.paho.socket()
+        if not self.paused and sock is not None:
+            asyncio.get_running_loop().remove_reader(sock.fileno())
+            self.paused = True
+
+    def resume(self) -> None:
+        """Read the socket again (after :meth:`pause`)."""
+        sock = self.paho.socket()
+        if self.paused:
+            self.paused = False
+            if sock is not None and not self.lost:
+                asyncio.get_running_loop().add_reader(sock.fileno(), self._read)
+
+    def _read(self) -> None:
+        # what aiomqtt's own reader does: read, and end the link if the socket broke
+        try:
+            self.paho.loop_read()
+        except Exception as exc:  # noqa: BLE001 - any error here means the link is gone
+            fut = self.client._disconnected
+            if not fut.done():
+                fut.set_exception(exc)
+
     async def close(self) -> None:
         """Disconnect politely when still up (the session is kept); never raises."""
+        self.resume()
         client = self.client
         if not self.lost:
             try:
@@ -194,6 +221,7 @@ class _Connector:
         delay = _BACKOFF_FIRST
         started = clock.monotonic() if self.outage_since is None else self.outage_since
         while True:
+            self.gen += 1  # messages may arrive before __aenter__ returns: same generation
             client = make()
             try:
                 await client.__aenter__()
@@ -231,7 +259,6 @@ class _Connector:
                     clock.monotonic() - self.outage_since,
                 )
                 self.outage_since = None
-            self.gen += 1
             return _Link(client, self.gen)
 
 
@@ -330,13 +357,14 @@ class MqttSource(Source):
         self._wake: asyncio.Future[None] | None = None
         self._last_activity = 0.0
         self._closed = False
+        self._refused: str | None = None
 
     # -- connection ----------------------------------------------------------------------
 
     def _make_client(self) -> aiomqtt.Client:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self._expiry
-        props.ReceiveMaximum = self._window
+        props.ReceiveMaximum = _MAX_RECEIVE  # the bound is max_buffered, see _pause
         client = aiomqtt.Client(
             self._host,
             self._port,
@@ -349,7 +377,19 @@ class MqttSource(Source):
         p = client._client
         p.manual_ack_set(self._qos == 1)
         p.on_message = self._on_message
+        p.on_subscribe = self._on_subscribe
         return client
+
+    def _on_subscribe(
+        self, _c: paho.Client, _u: Any, _mid: int, codes: list[Any], _props: Any = None
+    ) -> None:
+        refused = [c for c in codes if getattr(c, "is_failure", False)]
+        if refused:
+            self._refused = (
+                f"{self.describe()}: the broker refused the subscription to "
+                f"{self._topics}: {refused}"
+            )
+            self._wake_up()
 
     async def _ensure_link(self) -> _Link:
         link = self._link
@@ -362,14 +402,19 @@ class MqttSource(Source):
             self._conn.lost(ctx.clock, link.cause)
             await link.close()
         link = await self._conn.connect(ctx.clock, self._make_client)
-        try:
-            opts = SubscribeOptions(qos=self._qos, retainHandling=1)  # retained: first time
-            await link.client.subscribe([(t, opts) for t in self._topics])
-        except BaseException:
+        # Subscribe without waiting for the SUBACK: reading may pause before it comes
+        # (a persistent session's messages flow right after the CONNACK).
+        opts = SubscribeOptions(qos=self._qos, retainHandling=1)  # retained: first time
+        rc, _mid = link.paho.subscribe([(t, opts) for t in self._topics])
+        if rc != paho.MQTT_ERR_SUCCESS:
             await link.close()
-            raise
-        link.watch(self._wake_up)
+            link.lost, link.cause = True, aiomqtt.MqttCodeError(rc, "Could not subscribe")
         self._link = link
+        link.watch(self._wake_up)
+        link.ready = True
+        if len(self._buffer) >= self._window:
+            link.pause()
+        self._last_activity = ctx.clock.monotonic()  # an outage is not idleness
         return link
 
     def _wake_up(self) -> None:
@@ -399,6 +444,8 @@ class MqttSource(Source):
         if msg.qos == 1:
             self._by_mid[msg.mid] = held
         self._buffer.append(held)
+        if len(self._buffer) >= self._window and link is not None and link.ready:
+            link.pause()  # credit: the rest waits in the broker (and the TCP buffers)
         self._wake_up()
 
     # -- the Source protocol -------------------------------------------------------------
@@ -429,6 +476,8 @@ class MqttSource(Source):
         if ctx is None:
             raise RuntimeError(f"{self.describe()} is not open: the runtime calls open() first")
         clock = ctx.clock
+        if self._refused is not None:
+            raise ValueError(self._refused)
         if not self._buffer:
             await self._ensure_link()
             if not self._buffer:
@@ -449,7 +498,11 @@ class MqttSource(Source):
                     return None
                 return Batch([])
         self._last_activity = clock.monotonic()
-        return await self._hand_out(ctx, max_records)
+        batch = await self._hand_out(ctx, max_records)
+        link = self._link
+        if link is not None and link.paused and len(self._buffer) < self._window:
+            link.resume()
+        return batch
 
     async def _hand_out(self, ctx: SourceContext, max_records: int) -> Batch:
         buffer, handed, decode, meta = self._buffer, self._handed, self._decode, self._meta
