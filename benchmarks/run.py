@@ -36,6 +36,7 @@ import bench_checkpoints
 import bench_latency
 import bench_limiters
 import bench_observability
+import bench_postgres
 import bench_redis_limiter
 import bench_stateless
 import bench_windows
@@ -59,6 +60,7 @@ WORKLOADS: dict[str, Workload] = {
     "RRL": bench_redis_limiter.run,
     "OBS": bench_observability.run,
     "CK": bench_checkpoints.run,
+    "PG": bench_postgres.run,
 }
 
 
