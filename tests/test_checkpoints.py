@@ -216,12 +216,35 @@ def flow_batch(out: Path, rows: list[dict[str, Any]]) -> sw.Flow:
     return flow
 
 
+def flow_async(out: Path, rows: list[dict[str, Any]]) -> sw.Flow:
+    """``map_async`` holds barriers behind calls in flight: operators after it in its stage
+    must snapshot after those calls' results, not when the barrier reached the stage."""
+
+    async def slow_double(r: dict[str, Any]) -> dict[str, Any]:
+        await asyncio.sleep(0)
+        return {**r, "id2": r["id"] * 2}
+
+    flow = sw.Flow("eq")
+    (
+        flow.source(_source(rows), name="src")
+        .map_async(slow_double, concurrency=8, name="call")
+        .with_timestamps(lambda r: r["t"], max_out_of_orderness=0.3, name="ts")
+        .key_by(lambda r: r["k"], name="key")
+        .window(sw.windows.Tumbling(2.0))
+        .aggregate(sw.agg.sum(lambda r: r["id2"]), name="win")
+        .map(lambda w: [w.key, w.start, w.value], name="row")
+        .sink(sw.sinks.JsonLines(out), name="out")
+    )
+    return flow
+
+
 FLOWS: dict[str, Callable[[Path, list[dict[str, Any]]], sw.Flow]] = {
     "tumbling": flow_tumbling,
     "sliding_and_late": flow_sliding_and_late,
     "session": flow_session,
     "merge_and_state": flow_merge_and_state,
     "batch": flow_batch,
+    "map_async": flow_async,
 }
 
 
