@@ -9,6 +9,7 @@ Every test writes its own ``sw_test_<uuid>`` table, dropped afterwards.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import importlib.util
 import logging
@@ -32,6 +33,7 @@ from services import import_or_missing
 psycopg = import_or_missing("psycopg")
 
 from psycopg import sql  # noqa: E402
+from psycopg.conninfo import conninfo_to_dict, make_conninfo  # noqa: E402
 
 import sluiceway as sw  # noqa: E402
 from services_postgres import (  # noqa: E402
@@ -475,6 +477,98 @@ async def test_an_unreachable_server_fails_after_reconnect_timeout_naming_it(
         await sink.write(Batch([{"id": 2}]))
     assert 0.4 < time.monotonic() - started < 5
     await sink.close()
+
+
+class CommitCutter:
+    """A TCP proxy to a real server that, when armed, forwards the next COMMIT, drops the
+    server's answer and cuts the connection: the client cannot know whether its
+    transaction committed (it did).  Later connections pass through untouched."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.upstream = host, port
+        self.armed = False
+        self.cuts = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> CommitCutter:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def _accept(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        sr, sw_ = await asyncio.open_connection(self.host, self.upstream)
+        hold = False
+
+        async def to_server() -> None:
+            nonlocal hold
+            while data := await cr.read(65536):
+                if self.armed and b"COMMIT\x00" in data:
+                    self.armed, hold = False, True  # the answer will not get through
+                    sw_.write(data)
+                    await sw_.drain()
+                    await asyncio.sleep(0.3)  # the server commits
+                    self.cuts += 1
+                    return
+                sw_.write(data)
+                await sw_.drain()
+
+        async def to_client() -> None:
+            while data := await sr.read(65536):
+                if not hold:
+                    cw.write(data)
+                    await cw.drain()
+
+        try:
+            pump = asyncio.ensure_future(to_client())
+            await to_server()
+            pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
+        finally:
+            for w in (cw, sw_):
+                w.close()
+                with contextlib.suppress(OSError):
+                    await w.wait_closed()
+            self._tasks.discard(task)
+
+
+@sync
+async def test_a_connection_cut_during_commit_is_resolved_without_writing_twice(
+    pg_dsn: str, pg_table: str
+) -> None:
+    info = conninfo_to_dict(pg_dsn)
+    other = f"{pg_table}_append"
+    async with CommitCutter(str(info["host"]), int(str(info["port"]))) as cutter:
+        dsn = make_conninfo(pg_dsn, port=str(cutter.port))
+        try:
+            modes: list[tuple[Any, str]] = [("exactly_once", pg_table), ("append", other)]
+            for mode, table in modes:
+                sink = PostgresSink(dsn, table, columns=["id"], mode=mode, create_table=True)
+                await sink.open(ctx(mode, checkpointing=True))
+                await sink.pre_commit(1)
+                await sink.write(Batch([{"id": 1}]))
+                cutter.armed = True
+                await sink.write(Batch([{"id": 2}, {"id": 3}]))  # committed, answer lost
+                assert cutter.cuts == (1 if mode == "exactly_once" else 2)
+                await sink.close()
+            # exactly_once learnt from its progress row that the batch had landed
+            assert ids(pg_dsn, pg_table) == [1, 2, 3]
+            # append cannot know: it writes the batch again (at-least-once)
+            assert ids(pg_dsn, other) == [1, 2, 2, 3, 3]
+        finally:
+            drop_table(pg_dsn, other)
 
 
 # -- the example -----------------------------------------------------------------------
