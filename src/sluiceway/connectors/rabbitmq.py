@@ -1,0 +1,846 @@
+r"""RabbitMQ connectors (AMQP 0-9-1, with ``aio-pika``): a queue source, a publishing sink.
+
+``sw.sources.RabbitMQ(url, queue)`` consumes with **manual acknowledgements**.  Messages
+are pushed by the broker into a small buffer, at most ``prefetch`` unacknowledged at a time
+(the channel's QoS), and handed out from it only as the pipeline asks for them (the
+credit: ``next_batch(max_records)``).  Nothing is acknowledged when it is handed out:
+:meth:`RabbitMQSource.commit` acknowledges with ``multiple=True`` up to the last delivery
+tag handed out before the position -- after every sink wrote those records (ack barriers,
+every 0.1 s) or, with checkpoints, after the checkpoint holding the position was stored::
+
+    broker queue   m1 m2 m3 m4 m5 m6 m7 m8 ...         (ready)
+    prefetch=4     [m1 m2 m3 m4]  pushed, unacked      (the broker holds back m5...)
+    next_batch(3)  -> m1 m2 m3    position {tag: 3}
+    commit({tag: 3})  basic.ack(3, multiple=True)      -> m5 m6 m7 may be pushed
+
+So ``prefetch`` bounds what this source holds: the buffer, the records in the pipeline
+and those waiting for their acknowledgement.  The broker keeps the rest.  It also bounds
+the throughput to about ``prefetch / commit interval`` (0.1 s without checkpoints, the
+checkpoint interval with them): raise it with long checkpoint intervals.
+
+Delivery tags belong to a channel.  When the connection is lost, the broker requeues
+every message it had delivered and not seen acknowledged; they come again (with
+``redelivered`` set) on the new channel, and positions of the old channel are void
+(their commit does nothing).  The same holds when the flow crashes: ``restore`` has
+nothing to do, the broker redelivers.  Hence **at-least-once**: a record handed out but
+not acknowledged when a connection or process dies is delivered again.
+
+``sw.sinks.RabbitMQ(url, exchange, routing_key)`` publishes every record of a batch
+concurrently on a channel with **publisher confirms** and returns when the broker
+confirmed them all (persistent messages in durable queues are on disk by then).
+RabbitMQ has no idempotent publish: the sink is at-least-once (a batch cut by a lost
+connection is published again, after a crash the records after the last checkpoint are).
+
+Both reconnect on a lost connection with backoff on the flow's clock (one WARNING per
+outage, one INFO on recovery) and give up after ``reconnect_timeout`` seconds with
+:class:`RabbitMQUnavailableError` naming the server.  See ``docs/connectors/rabbitmq.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import aio_pika
+import aio_pika.abc
+import aiormq
+import aiormq.abc
+from aiormq.exceptions import (
+    AuthenticationError,
+    ChannelClosed,
+    ChannelInvalidStateError,
+    ChannelNotFoundEntity,
+    DeliveryError,
+    IncompatibleProtocolError,
+)
+from pamqp import commands as spec
+
+from sluiceway.connectors.base import PartialWriteError, Sink, SinkContext, Source, SourceContext
+from sluiceway.errors import BadInputError, short_repr
+from sluiceway.runtime.messages import Batch
+from sluiceway.time import Clock
+
+__all__ = [
+    "OnBadInput",
+    "RabbitMQError",
+    "RabbitMQMessage",
+    "RabbitMQSink",
+    "RabbitMQSource",
+    "RabbitMQUnavailableError",
+]
+
+log = logging.getLogger("sluiceway")
+
+T = TypeVar("T")
+
+OnBadInput = Literal["ack", "reject"]
+"""What a source does with a message it could not decode, once the flow's error policy let
+it go (under the default ``Fail`` policy the flow stops and the message stays unacked):
+``"ack"`` acknowledges it with the next commit (the flow's dead-letter sink has it);
+``"reject"`` rejects it at once without requeueing (``basic.reject(requeue=False)``), so
+the queue's own dead-letter exchange (``x-dead-letter-exchange``) receives it."""
+
+_FETCH_WAIT = 0.1  # seconds a pull waits for a message before it returns an empty batch
+_BACKLOG_REFRESH = 1.0  # seconds between two queue-depth readings
+_CONNECT_TIMEOUT = 10.0
+_BACKOFF_FIRST, _BACKOFF_MAX = 0.05, 5.0
+
+# Errors after which connecting again may help (AMQPConnectionError is a ConnectionError,
+# so an OSError; a channel used after its connection died raises ChannelInvalidStateError).
+_TRANSIENT: tuple[type[BaseException], ...] = (OSError, ChannelInvalidStateError)
+_FATAL: tuple[type[BaseException], ...] = (AuthenticationError, IncompatibleProtocolError)
+_CLOSING: tuple[type[BaseException], ...] = (*_TRANSIENT, ChannelClosed)
+
+
+class RabbitMQError(Exception):
+    """A RabbitMQ connector cannot go on (a missing queue, a refused declaration...)."""
+
+
+class RabbitMQUnavailableError(RabbitMQError, ConnectionError):
+    """The broker stayed unreachable for longer than ``reconnect_timeout``."""
+
+
+@dataclass(frozen=True, slots=True)
+class RabbitMQMessage:
+    """A consumed message, as the source hands it out with ``include_metadata=True``.
+
+    Attributes:
+        payload: the decoded body.
+        routing_key: the key it was published with.
+        exchange: the exchange it was published to (``""``: the default exchange).
+        message_id: the publisher's ``message_id`` property, if any.
+        headers: the message's headers table.
+        redelivered: True when the broker delivered it before (to a consumer that died
+            or whose connection was lost before acknowledging it): it may be a duplicate.
+        delivery_tag: its tag on the channel that delivered it.
+    """
+
+    payload: Any
+    routing_key: str
+    exchange: str
+    message_id: str | None
+    headers: dict[str, Any] = field(default_factory=dict)
+    redelivered: bool = False
+    delivery_tag: int = 0
+
+
+def _shown_url(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    if parts.username:
+        netloc = f"{parts.username}@{netloc}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _check_url(url: object, what: str) -> str:
+    if not isinstance(url, str) or not url.startswith(("amqp://", "amqps://")):
+        raise ValueError(
+            f"{what} url must be an 'amqp://user:password@host:port/vhost' string, "
+            f"got {short_repr(url)}"
+        )
+    return url
+
+
+def _check_timeout(value: float | None, what: str) -> float | None:
+    if value is None:
+        return None
+    if not (isinstance(value, int | float) and not isinstance(value, bool) and value > 0):
+        raise ValueError(f"{what} reconnect_timeout must be > 0 seconds or None, got {value!r}")
+    return float(value)
+
+
+class _Reconnect:
+    """Backoff and the log lines of outages, for one connector.
+
+    An outage starts at the first failure (a lost connection, a refused connect): one
+    WARNING.  Attempts are spaced 0.05 s, 0.1 s, ... up to 5 s apart on the flow's clock.
+    The first success after an outage logs one INFO; after ``timeout`` seconds without
+    one, :class:`RabbitMQUnavailableError` is raised.
+    """
+
+    def __init__(self, who: str, url: str, timeout: float | None) -> None:
+        self.who = who
+        self.server = _shown_url(url)
+        self.timeout = timeout
+        self.outage_since: float | None = None
+        self.attempts = 0
+        self.outages = 0
+        self.delay = _BACKOFF_FIRST
+
+    def lost(self, clock: Clock, exc: BaseException | None) -> None:
+        """The connection is gone (log once per outage)."""
+        if self.outage_since is not None:
+            return
+        self.outage_since = clock.monotonic()
+        self.outages += 1
+        self.attempts = 0
+        self.delay = _BACKOFF_FIRST
+        log.warning(
+            "%s: no connection to RabbitMQ at %s (%s); reconnecting with backoff",
+            self.who,
+            self.server,
+            "closed" if exc is None else f"{type(exc).__name__}: {exc}",
+        )
+
+    async def connect(self, clock: Clock, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Call ``attempt`` until it succeeds, waiting between failures."""
+        while True:
+            self.attempts += 1
+            try:
+                result = await attempt()
+            except _FATAL:
+                raise
+            except _TRANSIENT as exc:
+                self.lost(clock, exc)
+                assert self.outage_since is not None
+                waited = clock.monotonic() - self.outage_since
+                if self.timeout is not None and waited >= self.timeout:
+                    raise RabbitMQUnavailableError(
+                        f"{self.who}: RabbitMQ at {self.server} unreachable for "
+                        f"{waited:.1f} s ({self.attempts} attempts; last error: "
+                        f"{type(exc).__name__}: {exc}); giving up (reconnect_timeout="
+                        f"{self.timeout:g})"
+                    ) from exc
+                pause = self.delay
+                if self.timeout is not None:
+                    pause = min(pause, max(0.0, self.timeout - waited))
+                self.delay = min(self.delay * 2, _BACKOFF_MAX)
+                await clock.sleep(pause)
+                continue
+            if self.outage_since is not None:
+                log.info(
+                    "%s: reconnected to RabbitMQ at %s after %.1f s (%d attempts)",
+                    self.who,
+                    self.server,
+                    clock.monotonic() - self.outage_since,
+                    self.attempts,
+                )
+                self.outage_since = None
+            self.attempts = 0
+            return result
+
+
+async def _close_quietly(conn: aio_pika.abc.AbstractConnection | None) -> None:
+    if conn is None or conn.is_closed:
+        return
+    try:
+        await conn.close()
+    except _CLOSING as exc:  # it is going away anyway
+        log.debug("closing a RabbitMQ connection: %r", exc)
+
+
+def _decode_json(body: bytes) -> Any:
+    return json.loads(body)
+
+
+def _encode_json(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+# -- the source ----------------------------------------------------------------------
+
+
+class RabbitMQSource(Source):
+    r"""Messages from a RabbitMQ queue (``sw.sources.RabbitMQ``), acknowledged on commit.
+
+    Args:
+        url: the broker, ``amqp://user:password@host:port/vhost``.
+        queue: the queue to consume.
+        declare: declare the queue (durable) at connect; False: it must exist (checked
+            passively).
+        prefetch: the channel's QoS ``prefetch_count``: how many unacknowledged messages
+            the broker pushes to this source at most (buffered, in the pipeline, or
+            waiting for their commit).  Throughput is at most about ``prefetch`` per
+            commit interval (0.1 s without checkpoints, the checkpoint interval with).
+        stop_after_idle: end the input (``next_batch`` returns None) after this many
+            seconds without a message; None (default): read until stopped.
+        decode: ``bytes -> value`` for the body (default ``json.loads``; ``bytes`` keeps
+            the raw body).  A body it raises on is bad input.
+        include_metadata: hand out :class:`RabbitMQMessage` (payload, routing key,
+            headers, ``redelivered``...) instead of the bare payload.
+        on_bad_input: see :data:`OnBadInput`.
+        reconnect_timeout: seconds to keep reconnecting after the connection is lost
+            (None: forever).
+
+    Raises:
+        ValueError: a bad argument.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        queue: str,
+        *,
+        declare: bool = True,
+        prefetch: int = 2000,
+        stop_after_idle: float | None = None,
+        decode: Callable[[bytes], Any] = _decode_json,
+        include_metadata: bool = False,
+        on_bad_input: OnBadInput = "ack",
+        reconnect_timeout: float | None = 60.0,
+    ) -> None:
+        what = "sources.RabbitMQ"
+        self._url = _check_url(url, what)
+        if not isinstance(queue, str) or not queue:
+            raise ValueError(f"{what} queue must be a non-empty string, got {short_repr(queue)}")
+        if not (isinstance(prefetch, int) and not isinstance(prefetch, bool) and prefetch > 0):
+            raise ValueError(f"{what} prefetch must be an int > 0, got {prefetch!r}")
+        if prefetch > 65535:
+            raise ValueError(f"{what} prefetch must be <= 65535 (AMQP's limit), got {prefetch}")
+        if stop_after_idle is not None and not (
+            isinstance(stop_after_idle, int | float) and stop_after_idle > 0
+        ):
+            raise ValueError(
+                f"{what} stop_after_idle must be > 0 seconds or None, got {stop_after_idle!r}"
+            )
+        if not callable(decode):
+            raise TypeError(f"{what} decode must be a callable bytes -> value, got {decode!r}")
+        if on_bad_input not in ("ack", "reject"):
+            raise ValueError(f"{what} on_bad_input must be 'ack' or 'reject', got {on_bad_input!r}")
+        self._queue = queue
+        self._declare = bool(declare)
+        self._prefetch = prefetch
+        self._idle = None if stop_after_idle is None else float(stop_after_idle)
+        self._decode = decode
+        self._meta = bool(include_metadata)
+        self._on_bad: OnBadInput = on_bad_input
+        self._reconnect = _Reconnect(self.describe(), url, _check_timeout(reconnect_timeout, what))
+        self._ctx: SourceContext | None = None
+        self._conn: aio_pika.abc.AbstractConnection | None = None
+        self._raw: aiormq.abc.AbstractChannel | None = None
+        self._buf: deque[aiormq.abc.DeliveredMessage] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._lost: BaseException | None = None
+        self._broken = False  # the connection went away (set by its close callback)
+        self._session = uuid.uuid4().hex  # positions of another run never match
+        self._epoch = 0  # one per channel: delivery tags are only valid on their channel
+        self._last_tag = 0  # the last tag handed out on this channel
+        self._acked = 0  # the last tag acknowledged on this channel
+        self._handed = 0  # records handed out by this run
+        self._ready: int | None = None  # the queue's ready messages, last we asked
+        self._depth_task: asyncio.Task[None] | None = None
+        self._last_message = 0.0
+        self._closed = False
+
+    def describe(self) -> str:
+        """``RabbitMQ(<queue>)``."""
+        return f"RabbitMQ({self._queue})"
+
+    # -- connecting ----------------------------------------------------------------
+
+    async def open(self, ctx: SourceContext) -> None:
+        """Connect, declare (or check) the queue, set the QoS and start consuming.
+
+        Raises:
+            RabbitMQUnavailableError: the broker is not reachable within
+                ``reconnect_timeout``.
+            RabbitMQError: the queue does not exist (``declare=False``) or cannot be
+                declared as a durable queue (it exists with other arguments).
+        """
+        self._ctx = ctx
+        self._reconnect.who = f"source {ctx.name!r} ({self.describe()})"
+        await self._reconnect.connect(ctx.clock, self._connect)
+        self._last_message = ctx.clock.monotonic()
+        self._depth_task = asyncio.get_running_loop().create_task(
+            self._watch_depth(ctx.clock), name=f"sluiceway {self.describe()} queue depth"
+        )
+
+    async def _connect(self) -> None:
+        ctx = self._ctx
+        assert ctx is not None
+        conn = await aio_pika.connect(self._url, timeout=_CONNECT_TIMEOUT)
+        try:
+            channel = await conn.channel(publisher_confirms=False)
+            try:
+                # An existing queue is used as it is (with its dead-letter exchange, length
+                # limits...): declaring it again with other arguments would be refused.
+                queue = await channel.declare_queue(self._queue, passive=True)
+            except ChannelNotFoundEntity as exc:
+                if not self._declare:
+                    raise RabbitMQError(self._queue_problem(exc)) from exc
+                channel = await conn.channel(publisher_confirms=False)  # 404 closed the last
+                try:
+                    await channel.declare_queue(self._queue, durable=True)
+                except ChannelClosed as exc2:
+                    raise RabbitMQError(self._queue_problem(exc2)) from exc2
+                queue = await channel.declare_queue(self._queue, passive=True)
+            except ChannelClosed as exc:
+                raise RabbitMQError(self._queue_problem(exc)) from exc
+            await channel.set_qos(prefetch_count=self._prefetch)
+            raw = await channel.get_underlay_channel()
+            self._epoch += 1
+            self._last_tag = self._acked = 0
+            self._buf.clear()
+            self._raw, self._conn, self._broken = raw, conn, False
+            conn.close_callbacks.add(self._on_close)
+            self._ready = queue.declaration_result.message_count
+            await raw.basic_consume(self._queue, self._on_message, no_ack=False)
+        except BaseException:
+            self._raw = None
+            await _close_quietly(conn)
+            raise
+
+    def _queue_problem(self, exc: ChannelClosed) -> str:
+        where = f"{self.describe()} at {self._reconnect.server}"
+        if isinstance(exc, ChannelNotFoundEntity):
+            return (
+                f"{where}: queue {self._queue!r} does not exist ({exc}); create it, or pass "
+                "declare=True to declare it as a durable queue"
+            )
+        return f"{where}: cannot use queue {self._queue!r}: {exc}"
+
+    def _on_close(self, _sender: object, exc: BaseException | None = None) -> None:
+        self._broken = True
+        self._lost = exc
+        self._wake()
+
+    async def _on_message(self, message: aiormq.abc.DeliveredMessage) -> None:
+        if message.channel is self._raw:  # a delivery of a dead channel is requeued
+            self._buf.append(message)
+            self._wake()
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _usable(self) -> bool:
+        raw = self._raw
+        return raw is not None and not self._broken and not raw.is_closed
+
+    async def _restore_connection(self, ctx: SourceContext) -> None:
+        """The connection is gone: drop what its channel delivered (the broker requeues
+        it) and connect again."""
+        self._reconnect.lost(ctx.clock, self._lost)
+        self._raw = None
+        self._buf.clear()
+        conn, self._conn = self._conn, None
+        await _close_quietly(conn)
+        await self._reconnect.connect(ctx.clock, self._connect)
+        self._lost = None
+        self._last_message = ctx.clock.monotonic()  # an outage is not idleness
+
+    # -- reading -------------------------------------------------------------------
+
+    async def next_batch(self, max_records: int) -> Batch | None:
+        """Up to ``max_records`` messages that arrived; waits up to 0.1 s for the first
+        (then returns an empty batch, so ack barriers get through).
+
+        Returns None once no message came for ``stop_after_idle`` seconds.  After a lost
+        connection it reconnects first (see the module docs).  Cancelling it loses
+        nothing: messages stay in the buffer until they are returned.
+
+        Raises:
+            RabbitMQUnavailableError: the broker stayed unreachable too long.
+            OperatorError: (from the runtime, under the ``Fail`` policy) a body could not
+                be decoded; that message stays unacknowledged.
+        """
+        ctx = self._ctx
+        if ctx is None or self._closed:
+            raise RuntimeError(
+                f"{self.describe()} is not open: the runtime calls open() before next_batch()"
+            )
+        clock, buf = ctx.clock, self._buf
+        if not self._usable():
+            await self._restore_connection(ctx)
+        now = clock.monotonic()
+        if not buf:
+            deadline = now + _FETCH_WAIT
+            if self._idle is not None:
+                idle_end = self._last_message + self._idle
+                if now >= idle_end:
+                    return None
+                deadline = min(deadline, idle_end)
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await clock.wait_until(self._waiter, deadline)
+            finally:
+                self._waiter = None
+            if not buf:
+                return Batch([])
+        self._last_message = clock.monotonic()
+        return await self._take(ctx, max_records)
+
+    async def _take(self, ctx: SourceContext, max_records: int) -> Batch:
+        buf, decode, meta = self._buf, self._decode, self._meta
+        records: list[Any] = []
+        last = self._last_tag
+        while buf and len(records) < max_records:
+            message = buf[0]
+            try:
+                value = decode(message.body)
+            except Exception as exc:  # noqa: BLE001 - any decode failure is bad input
+                if records:  # hand out the good ones first; report this one next time
+                    break
+                last = await self._bad(ctx, message, exc)
+                continue
+            buf.popleft()
+            delivery = message.delivery
+            assert isinstance(delivery, spec.Basic.Deliver)
+            last = delivery.delivery_tag or 0
+            if meta:
+                props = message.header.properties
+                value = RabbitMQMessage(
+                    payload=value,
+                    routing_key=delivery.routing_key or "",
+                    exchange=delivery.exchange or "",
+                    message_id=props.message_id,
+                    headers=dict(props.headers or {}),
+                    redelivered=bool(delivery.redelivered),
+                    delivery_tag=last,
+                )
+            records.append(value)
+        self._last_tag = last
+        self._handed += len(records)
+        return Batch(records)
+
+    async def _bad(
+        self, ctx: SourceContext, message: aiormq.abc.DeliveredMessage, exc: Exception
+    ) -> int:
+        """Report an undecodable message (raises under ``Fail``: it stays unacked)."""
+        delivery = message.delivery
+        assert isinstance(delivery, spec.Basic.Deliver)
+        tag = delivery.delivery_tag or 0
+        ident = message.header.properties.message_id or f"delivery tag {tag}"
+        hint = (
+            "; fix the publisher, or set bad messages aside with "
+            "flow.source(..., on_error=sw.DeadLetter(sink))"
+            if ctx.fails_on_bad_input
+            else ""
+        )
+        raw = message.body.decode("utf-8", "backslashreplace")
+        reason = f"cannot decode the body: {type(exc).__name__}: {exc}{hint}"
+        await ctx.bad_input(
+            BadInputError(
+                where=f"RabbitMQ queue {self._queue!r} message {ident}", raw=raw, reason=reason
+            )
+        )
+        # The flow's policy let it go: it is handled.
+        if self._buf and self._buf[0] is message:
+            self._buf.popleft()
+        if self._on_bad == "reject" and self._usable() and message.channel is self._raw:
+            try:
+                await message.channel.basic_reject(tag, requeue=False)
+            except _TRANSIENT as err:  # the broker requeues it with the rest
+                self._lost = err
+        return tag if message.channel is self._raw else self._last_tag
+
+    async def _watch_depth(self, clock: Clock) -> None:
+        """Read the queue's depth every second, for :meth:`backlog`.
+
+        On a channel of its own, in a task of its own (started by ``open``, cancelled by
+        ``close``): a pull that is cancelled (by a checkpoint barrier or a stop) must never
+        be inside an AMQP call, since aiormq closes a channel whose call was cancelled.
+        """
+        channel: aio_pika.abc.AbstractChannel | None = None
+        while True:
+            await clock.sleep(_BACKLOG_REFRESH)
+            conn = self._conn
+            if conn is None or conn.is_closed or not self._usable():
+                channel = None
+                continue
+            try:
+                if channel is None or channel.is_closed:
+                    channel = await conn.channel(publisher_confirms=False)
+                queue = await channel.declare_queue(self._queue, passive=True)
+            except _CLOSING as exc:  # next_batch reconnects when the connection is gone
+                log.debug("%s: cannot read the queue depth: %r", self.describe(), exc)
+                channel = None
+                continue
+            self._ready = queue.declaration_result.message_count
+
+    # -- positions and acknowledgements ----------------------------------------------
+
+    def position(self) -> dict[str, Any]:
+        """``{"session", "epoch", "tag", "handed_out"}``: the last delivery tag handed out
+        on the current channel (tags are per channel: ``epoch`` counts channels)."""
+        return {
+            "session": self._session,
+            "epoch": self._epoch,
+            "tag": self._last_tag,
+            "handed_out": self._handed,
+        }
+
+    def restore(self, position: Any) -> None:
+        """Nothing to do: the broker requeued every message the old run had not
+        acknowledged when its connection died; they come again with ``redelivered``."""
+        if not (isinstance(position, dict) and "tag" in position):
+            raise ValueError(
+                f"{self.describe()}: a checkpoint position must be a dict from position(), "
+                f"got {short_repr(position)}"
+            )
+
+    async def commit(self, position: Any) -> None:
+        """Acknowledge (``multiple=True``) every message handed out before ``position``.
+
+        Does nothing for a position of an earlier channel: its messages were requeued
+        when that connection died.  An acknowledgement that cannot be sent (the
+        connection just died) is dropped the same way: the broker redelivers.
+        """
+        if not isinstance(position, dict):
+            return
+        if position.get("session") != self._session or position.get("epoch") != self._epoch:
+            return
+        tag = position.get("tag", 0)
+        raw = self._raw
+        if tag <= self._acked or raw is None or not self._usable():
+            return
+        try:
+            await raw.basic_ack(tag, multiple=True)
+        except _TRANSIENT as exc:
+            self._lost = exc
+            self._broken = True
+            return
+        self._acked = tag
+
+    def backlog(self) -> int | None:
+        """Messages ready in the queue, as of the last reading (at most ~1 s old; not
+        counting the up to ``prefetch`` pushed to this source); None before the first."""
+        return self._ready
+
+    async def close(self) -> None:
+        """Close the connection (safe to call twice).  Messages not acknowledged are
+        requeued by the broker."""
+        if self._closed:
+            return
+        self._closed = True
+        self._raw = None
+        self._buf.clear()
+        task, self._depth_task = self._depth_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close_callbacks.discard(self._on_close)
+        await _close_quietly(conn)
+
+
+# -- the sink ------------------------------------------------------------------------
+
+
+class RabbitMQSink(Sink):
+    r"""Publishes every record to RabbitMQ (``sw.sinks.RabbitMQ``) with publisher confirms.
+
+    A batch is published concurrently; :meth:`write` returns when the broker confirmed
+    every message (``mandatory``: a message no queue takes is an error, not a silent
+    drop).  **At-least-once**: RabbitMQ has no idempotent publish, so a batch cut short
+    by a lost connection is published again after reconnecting, and after a crash the
+    records since the last checkpoint are.
+
+    Args:
+        url: the broker, ``amqp://user:password@host:port/vhost``.
+        exchange: the exchange (default ``""``: the default exchange, which routes by
+            queue name).
+        routing_key: a string, or ``value -> str`` per record.  With the default
+            exchange and ``declare_queue``, it defaults to that queue.
+        declare_queue: a durable queue to declare at connect (handy with the default
+            exchange).
+        persistent: publish with ``delivery_mode=2`` (kept on disk in durable queues).
+        encode: ``value -> bytes`` (default: compact JSON); a record it raises on is
+            pinned to itself (:class:`~sluiceway.connectors.base.PartialWriteError`).
+        content_type: the ``content_type`` property (default ``application/json``;
+            None: not set).
+        reconnect_timeout: seconds to keep reconnecting (None: forever).
+
+    Raises:
+        ValueError: a bad argument (no routing key, a bad URL...).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        exchange: str = "",
+        routing_key: str | Callable[[Any], str] | None = None,
+        *,
+        declare_queue: str | None = None,
+        persistent: bool = True,
+        encode: Callable[[Any], bytes] = _encode_json,
+        content_type: str | None = "application/json",
+        reconnect_timeout: float | None = 60.0,
+    ) -> None:
+        what = "sinks.RabbitMQ"
+        self._url = _check_url(url, what)
+        if not isinstance(exchange, str):
+            raise ValueError(f"{what} exchange must be a string, got {short_repr(exchange)}")
+        if routing_key is None:
+            if exchange or not declare_queue:
+                raise ValueError(
+                    f"{what} needs a routing_key (a string or a function of the record); it "
+                    "defaults to declare_queue only with the default exchange"
+                )
+            routing_key = declare_queue
+        if not (isinstance(routing_key, str) or callable(routing_key)):
+            raise ValueError(
+                f"{what} routing_key must be a string or a callable, got {short_repr(routing_key)}"
+            )
+        if not callable(encode):
+            raise TypeError(f"{what} encode must be a callable value -> bytes, got {encode!r}")
+        self._exchange = exchange
+        self._key = routing_key
+        self._declare_queue = declare_queue
+        self._delivery_mode = 2 if persistent else 1
+        self._content_type = content_type
+        self._id_prefix = uuid.uuid4().hex[:16]
+        self._seq = 0
+        self._encode = encode
+        self._reconnect = _Reconnect(self.describe(), url, _check_timeout(reconnect_timeout, what))
+        self._ctx: SinkContext | None = None
+        self._conn: aio_pika.abc.AbstractConnection | None = None
+        self._raw: aiormq.abc.AbstractChannel | None = None
+        self._broken = False
+        self._lost: BaseException | None = None
+        self._closed = False
+        self.published = 0
+        """Messages the broker confirmed (including ones published again)."""
+
+    def describe(self) -> str:
+        """``RabbitMQ(<exchange> <routing key>)``."""
+        key = self._key if isinstance(self._key, str) else getattr(self._key, "__name__", "fn")
+        return f"RabbitMQ({self._exchange or 'default exchange'} {key})"
+
+    async def open(self, ctx: SinkContext) -> None:
+        """Connect (with confirms) and declare ``declare_queue`` if given.
+
+        Raises:
+            RabbitMQUnavailableError: the broker is not reachable within
+                ``reconnect_timeout``.
+            RabbitMQError: ``declare_queue`` cannot be declared as a durable queue.
+        """
+        self._ctx = ctx
+        self._reconnect.who = f"sink {ctx.name!r} ({self.describe()})"
+        await self._reconnect.connect(ctx.clock, self._connect)
+
+    async def _connect(self) -> None:
+        conn = await aio_pika.connect(self._url, timeout=_CONNECT_TIMEOUT)
+        try:
+            channel = await conn.channel(publisher_confirms=True, on_return_raises=True)
+            if self._declare_queue is not None:
+                try:
+                    await channel.declare_queue(self._declare_queue, durable=True)
+                except ChannelClosed as exc:
+                    raise RabbitMQError(
+                        f"{self.describe()} at {self._reconnect.server}: cannot declare "
+                        f"queue {self._declare_queue!r} as a durable queue ({exc}); if it "
+                        "exists with other settings, do not pass declare_queue"
+                    ) from exc
+            self._raw = await channel.get_underlay_channel()
+            self._conn, self._broken = conn, False
+            conn.close_callbacks.add(self._on_close)
+        except BaseException:
+            self._raw = None
+            await _close_quietly(conn)
+            raise
+
+    def _on_close(self, _sender: object, exc: BaseException | None = None) -> None:
+        self._broken = True
+        self._lost = exc
+
+    async def _channel(self, ctx: SinkContext) -> aiormq.abc.AbstractChannel:
+        raw = self._raw
+        if raw is not None and not self._broken and not raw.is_closed:
+            return raw
+        self._reconnect.lost(ctx.clock, self._lost)
+        self._raw = None
+        conn, self._conn = self._conn, None
+        await _close_quietly(conn)
+        await self._reconnect.connect(ctx.clock, self._connect)
+        self._lost = None
+        assert self._raw is not None
+        return self._raw
+
+    async def write(self, batch: Batch) -> None:
+        """Publish every record of ``batch``; return once the broker confirmed them all.
+
+        Raises:
+            PartialWriteError: record ``written`` could not be encoded, or the broker
+                refused it (nack, or no queue took it); the records before it are
+                confirmed.  Records after it in the batch may have been published too
+                and are published again when the error policy retries (at-least-once).
+            RabbitMQUnavailableError: the broker stayed unreachable too long.
+        """
+        ctx = self._ctx
+        if ctx is None or self._closed:
+            raise RuntimeError(f"{self.describe()} is not open: the runtime calls open() first")
+        encode, key, values = self._encode, self._key, batch.values
+        bodies: list[bytes] = []
+        keys: list[str] = []
+        bad: tuple[int, Exception] | None = None
+        for i, value in enumerate(values):
+            try:
+                bodies.append(encode(value))
+                keys.append(key if isinstance(key, str) else key(value))
+            except Exception as exc:  # noqa: BLE001 - pinned to this record, see Raises
+                del bodies[i:]
+                bad = (i, exc)
+                break
+        first = self._seq
+        self._seq += len(bodies)
+        pending = list(range(len(bodies)))
+        while pending:
+            raw = await self._channel(ctx)
+            results = await asyncio.gather(
+                *(self._publish(raw, bodies[i], keys[i], first + i) for i in pending),
+                return_exceptions=True,
+            )
+            retry: list[int] = []
+            for i, result in zip(pending, results, strict=True):
+                if result is None:
+                    self.published += 1
+                elif isinstance(result, _TRANSIENT):
+                    self._broken, self._lost = True, result
+                    retry.append(i)
+                elif isinstance(result, DeliveryError | ChannelClosed | RabbitMQError):
+                    if bad is None or i < bad[0]:
+                        bad = (i, result)
+                else:
+                    raise result
+            if bad is not None and (not retry or bad[0] < retry[0]):
+                break
+            pending = retry
+        if bad is not None:
+            raise PartialWriteError(bad[0], bad[1]) from bad[1]
+
+    async def _publish(
+        self, raw: aiormq.abc.AbstractChannel, body: bytes, key: str, seq: int
+    ) -> None:
+        # A fresh properties object each time (aiormq fills in a missing message_id); the
+        # id stays the same when a record is published again after a lost connection.
+        properties = spec.Basic.Properties(
+            delivery_mode=self._delivery_mode,
+            content_type=self._content_type,
+            message_id=f"{self._id_prefix}-{seq}",
+        )
+        confirmation = await raw.basic_publish(
+            body,
+            exchange=self._exchange,
+            routing_key=key,
+            properties=properties,
+            mandatory=True,
+        )
+        if not isinstance(confirmation, spec.Basic.Ack):
+            raise RabbitMQError(
+                f"{self.describe()}: the broker did not confirm a message for routing key "
+                f"{key!r}: {confirmation!r}"
+            )
+
+    async def close(self) -> None:
+        """Close the connection (safe to call twice)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._raw = None
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close_callbacks.discard(self._on_close)
+        await _close_quietly(conn)
