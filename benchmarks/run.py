@@ -37,6 +37,7 @@ import bench_latency
 import bench_limiters
 import bench_observability
 import bench_postgres
+import bench_rabbitmq
 import bench_redis_limiter
 import bench_stateless
 import bench_windows
@@ -61,6 +62,7 @@ WORKLOADS: dict[str, Workload] = {
     "OBS": bench_observability.run,
     "CK": bench_checkpoints.run,
     "PG": bench_postgres.run,
+    "RMQ": bench_rabbitmq.run,
 }
 
 
