@@ -35,6 +35,7 @@ import bench_backpressure
 import bench_checkpoints
 import bench_latency
 import bench_limiters
+import bench_mqtt
 import bench_observability
 import bench_postgres
 import bench_rabbitmq
@@ -63,6 +64,7 @@ WORKLOADS: dict[str, Workload] = {
     "CK": bench_checkpoints.run,
     "PG": bench_postgres.run,
     "RMQ": bench_rabbitmq.run,
+    "MQTT": bench_mqtt.run,
 }
 
 

@@ -356,6 +356,33 @@ def test_resume_from_a_checkpoint_after_stop(mqtt_names: MqttNames, tmp_path: Pa
     assert got == list(range(n))
 
 
+def test_crash_between_checkpoint_and_ack(mqtt_names: MqttNames, tmp_path: Path) -> None:
+    """The checkpoint is stored but the process dies before the PUBACKs go out: the
+    broker resends everything; the restarted source acknowledges the resends the
+    checkpoint covers instead of handing them out again."""
+    host, port = mqtt_names.host, mqtt_names.port
+    topic, cid = mqtt_names.topic(), mqtt_names.client()
+    out, ckpt = tmp_path / "out.jsonl", tmp_path / "ckpt"
+
+    class DiesBeforeAcking(MqttSource):
+        async def commit(self, position: Any) -> None:
+            pass
+
+    async def main() -> list[Any]:
+        await register(host, port, cid, topic)
+        await publish(host, port, topic, records(200))
+        for cls in (DiesBeforeAcking, MqttSource):
+            src = cls(host, topic, port=port, client_id=cid, stop_after_idle=0.4)
+            flow = sw.Flow("late-ack")
+            flow.source(src, name="mqtt").sink(sw.sinks.JsonLines(out))
+            await sw.run_async(flow, checkpoints=sw.Checkpoints(ckpt, interval=0.1))
+        return await drain(host, port, cid, topic, idle=0.3)
+
+    left = run(main())
+    assert [json.loads(line)["i"] for line in out.read_text().splitlines()] == list(range(200))
+    assert left == [], "the resends were acknowledged"
+
+
 # -- bad input -------------------------------------------------------------------------
 
 

@@ -422,7 +422,7 @@ class MqttSource(Source):
         if wake is not None and not wake.done():
             wake.set_result(None)
 
-    def _on_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
+    def _on_message(self, client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
         """paho's callback (on the event loop's thread): buffer, or recognise a resend."""
         link = self._link
         gen = link.gen if link is not None else self._conn.gen
@@ -431,14 +431,13 @@ class MqttSource(Source):
             held = self._by_mid.get(msg.mid)
             if held is not None and held.crc == crc:
                 held.gen = gen  # a resend of one we hold: ack that one on this connection
-                if held.seq < 0 and link is not None:  # committed already: ack it now
-                    link.paho.ack(msg.mid, 1)
+                if held.seq < 0:  # committed already: ack it now
+                    client.ack(msg.mid, 1)
                     del self._by_mid[msg.mid]
                 return
             if self._skip.get(msg.mid) == crc:  # handed out before the restored checkpoint
                 del self._skip[msg.mid]
-                if link is not None:
-                    link.paho.ack(msg.mid, 1)
+                client.ack(msg.mid, 1)
                 return
         held = _Held(msg, crc, gen)
         if msg.qos == 1:
