@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -32,11 +33,14 @@ import aio_pika  # noqa: E402 - after the skip-or-fail check above
 import sluiceway as sw  # noqa: E402
 from sluiceway.connectors.base import PartialWriteError  # noqa: E402
 from sluiceway.connectors.rabbitmq import (  # noqa: E402
+    RabbitMQError,
     RabbitMQMessage,
     RabbitMQSink,
     RabbitMQSource,
     RabbitMQUnavailableError,
 )
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 # -- the raw client, to look at the broker behind the connectors' backs ------------------
 
@@ -511,6 +515,18 @@ def test_unreachable_broker_gives_up_naming_the_server() -> None:
     assert time.monotonic() - t0 < 5
 
 
+def test_wrong_password_fails_at_once(rabbitmq_url: str) -> None:
+    bad = rabbitmq_url.replace("guest:guest@", "guest:wrong-password@")
+    assert bad != rabbitmq_url, "this test needs a URL with guest:guest"
+    flow = sw.Flow("login")
+    flow.source(RabbitMQSource(bad, "q", reconnect_timeout=30)).sink(sw.sinks.Collect())
+    t0 = time.monotonic()
+    with pytest.raises(RabbitMQError, match="refused the login") as err:
+        run_flow(flow)
+    assert "wrong-password" not in str(err.value)
+    assert time.monotonic() - t0 < 5
+
+
 def test_arguments_are_checked() -> None:
     with pytest.raises(ValueError, match="url"):
         RabbitMQSource("redis://x", "q")
@@ -522,6 +538,22 @@ def test_arguments_are_checked() -> None:
         RabbitMQSink("amqp://x/", "amq.topic")
     assert sw.sources.RabbitMQ is RabbitMQSource
     assert sw.sinks.RabbitMQ is RabbitMQSink
+
+
+# -- the example ---------------------------------------------------------------------
+
+
+def test_example_flow_builds_and_runs(rabbitmq_url: str, rabbitmq_queue: str) -> None:
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import rabbitmq_flow  # noqa: PLC0415
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    assert isinstance(rabbitmq_flow.flow, sw.Flow)
+    orders, big = rabbitmq_queue, f"{rabbitmq_queue}.out"
+    publish(rabbitmq_url, orders, [json.dumps({"amount": a}).encode() for a in (5, 50, 500)])
+    run_flow(rabbitmq_flow.build(rabbitmq_url, orders, big, stop_after_idle=0.3))
+    assert [r["amount"] for r in drain(rabbitmq_url, big)] == [50, 500]
 
 
 # -- outage --------------------------------------------------------------------------

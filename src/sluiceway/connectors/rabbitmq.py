@@ -201,6 +201,11 @@ class _Reconnect:
             except _FATAL:
                 raise
             except _TRANSIENT as exc:
+                if "ACCESS_REFUSED" in str(exc):  # a ProbableAuthenticationError that is one
+                    raise RabbitMQError(
+                        f"{self.who}: RabbitMQ at {self.server} refused the login ({exc}); "
+                        "check the user, password and virtual host in the URL"
+                    ) from exc
                 self.lost(clock, exc)
                 assert self.outage_since is not None
                 waited = clock.monotonic() - self.outage_since
