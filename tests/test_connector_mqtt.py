@@ -487,6 +487,24 @@ def test_unreachable_broker_names_it() -> None:
         run(main())
 
 
+def test_sink_gives_up_after_reconnect_timeout(own_mosquitto: MosquittoServer) -> None:
+    server = own_mosquitto
+
+    async def main() -> None:
+        sink = MqttSink(server.host, "t/out", port=server.port, reconnect_timeout=0.5)
+        await sink.open(sw.sinks.SinkContext("f", "mqtt", sw.SystemClock()))
+        try:
+            await sink.write(sw.Batch(records(10)))
+            await asyncio.to_thread(server.stop)
+            with pytest.raises(MqttUnavailableError, match=f"{server.host}:{server.port}"):
+                await sink.write(sw.Batch(records(10)))
+        finally:
+            await sink.close()
+            await sink.close()
+
+    run(main())
+
+
 def test_arguments_are_checked() -> None:
     with pytest.raises(ValueError, match="client_id"):
         MqttSource("h", "t")

@@ -177,24 +177,18 @@ class _Link:
         """Disconnect politely when still up (the session is kept); never raises."""
         self.resume()
         client = self.client
-        if not self.lost:
-            try:
-                await client.__aexit__(None, None, None)
-            except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
-                log.debug("mqtt: disconnect failed: %r", exc)
-        else:
-            with _suppress_all_mqtt():
-                await client.__aexit__(None, None, None)
+        gone = client._disconnected
+        if self.lost and not gone.done():
+            # we gave up on it (no PUBACK in time): drop the socket without a goodbye
+            self.paho._sock_close()
+            gone.set_result(None)
+        try:
+            await client.__aexit__(None, None, None)
+        except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
+            log.debug("mqtt: disconnect failed: %r", exc)
+            self.paho._sock_close()
         self.lost = True
-        _forget(client._disconnected)
-
-
-class _suppress_all_mqtt:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: Any) -> bool:
-        return e is not None and isinstance(e, aiomqtt.MqttError | OSError | TimeoutError)
+        _forget(gone)
 
 
 class _Connector:
