@@ -72,6 +72,7 @@ _BACKOFF_FIRST = 0.05
 _BACKOFF_MAX = 2.0
 _MAX_RECEIVE = 65535  # the largest Receive Maximum MQTT 5 allows
 _NEVER_EXPIRES = 0xFFFFFFFF
+_DONE_KEEP = 16384  # acknowledged messages remembered, to recognise their resends
 
 
 class MqttUnavailableError(ConnectionError):
@@ -346,7 +347,9 @@ class MqttSource(Source):
         self._buffer: deque[_Held] = deque()  # received, not handed out
         self._handed: deque[_Held] = deque()  # handed out, not acknowledged
         self._by_mid: dict[int, _Held] = {}  # every held message, by packet id
-        self._skip: dict[int, int] = {}  # restored: mid -> crc covered by the checkpoint
+        # mid -> crc of messages handled and acknowledged (or covered by the restored
+        # checkpoint): a resend of one of them is acknowledged again, not handed out
+        self._done: dict[int, int] = {}
         self._seq = 0  # messages handed out so far
         self._wake: asyncio.Future[None] | None = None
         self._last_activity = 0.0
@@ -428,11 +431,13 @@ class MqttSource(Source):
                 if held.seq < 0:  # committed already: ack it now
                     client.ack(msg.mid, 1)
                     del self._by_mid[msg.mid]
+                    self._done[msg.mid] = crc
                 return
-            if self._skip.get(msg.mid) == crc:  # handed out before the restored checkpoint
-                del self._skip[msg.mid]
+            if self._done.get(msg.mid) == crc:  # handled; our PUBACK was lost
                 client.ack(msg.mid, 1)
                 return
+        elif self._done:
+            self._done.pop(msg.mid, None)  # the broker reused the packet id
         held = _Held(msg, crc, gen)
         if msg.qos == 1:
             self._by_mid[msg.mid] = held
@@ -564,7 +569,7 @@ class MqttSource(Source):
                 f"{{'seq': 10, 'pending': []}}, got {short_repr(position)}"
             )
         self._seq = position["seq"]
-        self._skip = {int(mid): int(crc) for mid, crc in position.get("pending", [])}
+        self._done = {int(mid): int(crc) for mid, crc in position.get("pending", [])}
 
     async def commit(self, position: Any) -> None:
         """Acknowledge (PUBACK) every message handed out up to ``position``.
@@ -574,9 +579,8 @@ class MqttSource(Source):
         if position is None:
             return
         upto = position["seq"] if isinstance(position, dict) else int(position)
-        self._skip.clear()  # acks went out: those packet ids may be reused from now on
         link = self._link
-        handed, by_mid = self._handed, self._by_mid
+        handed, by_mid, done = self._handed, self._by_mid, self._done
         while handed and handed[0].seq <= upto:
             held = handed.popleft()
             mid = held.msg.mid
@@ -584,8 +588,12 @@ class MqttSource(Source):
                 link.paho.ack(mid, 1)
                 if by_mid.get(mid) is held:
                     del by_mid[mid]
+                done.pop(mid, None)
+                done[mid] = held.crc  # (re)inserted: the newest last
             elif by_mid.get(mid) is held:
-                held.seq = -1  # done: ack its resend
+                held.seq = -1  # done, but its connection is gone: ack its resend
+        while len(done) > _DONE_KEEP:
+            del done[next(iter(done))]
 
     def backlog(self) -> int | None:
         """Messages received and not yet handed out (the broker's own queue for this
