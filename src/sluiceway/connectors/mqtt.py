@@ -2,32 +2,34 @@
 
 Both speak MQTT 5 to the broker (Mosquitto on this machine) through ``aiomqtt``.
 
-**Source: acknowledge on commit, credit from the receive window.**  MQTT pushes; a client
-cannot ask for N messages.  What it can do is hold back its PUBACKs: a broker sends a
-client at most *Receive Maximum* unacknowledged QoS 1 messages (the MQTT 5 CONNECT
-property, here ``max_buffered``) and keeps the rest queued in the client's session.  The
-source turns on paho's manual acknowledgements (aiomqtt 2.5 has no switch for it, so it
-calls ``manual_ack_set`` on the paho client underneath) and sends each PUBACK only in
-:meth:`MqttSource.commit`, i.e. after the sinks wrote the record (no checkpoints) or after
-a checkpoint holding it was stored.  So "credit" for MQTT means::
+**Source: acknowledge on commit, credit by not reading.**  MQTT pushes; a client cannot
+ask for N messages.  The source turns on paho's manual acknowledgements (aiomqtt 2.5 has
+no switch for it, so it calls ``manual_ack_set`` on the paho client underneath) and sends
+each PUBACK only in :meth:`MqttSource.commit`, i.e. after the sinks wrote the record (no
+checkpoints) or after a checkpoint holding it was stored.  MQTT 5's Receive Maximum would
+bound the unacknowledged messages in flight, but Mosquitto 2.0.11 sends a whole window
+more after every PUBACK (measured), so the source bounds itself: with ``max_buffered``
+messages waiting in its buffer it stops reading the socket, and TCP flow control holds the
+broker back.  So "credit" for MQTT means::
 
-    broker session queue --(at most max_buffered unacked)--> source buffer --(max_records)--> flow
-    (Mosquitto max_queued_messages,                              handed out, not yet committed
-     default 1000: beyond it QoS 1 messages are DROPPED)
+    broker session queue --TCP--> source buffer (<= max_buffered) --(max_records)--> flow
+    (Mosquitto max_queued_messages per client,      reading pauses when full
+     default 1000: beyond it QoS 1 messages are DROPPED by the broker)
 
-A saturated flow stops pulling, commits stop, the window fills, and the broker stops
-sending: the backlog stays in the broker -- up to Mosquitto's ``max_queued_messages`` per
-client (default 1000, ``0`` = no limit), past which Mosquitto drops new QoS 1 messages
-for that session.  That is the broker's rule, not ours; size it for your backlog.
+A saturated flow stops pulling, the buffer fills, reading stops, and the backlog stays in
+the broker -- up to Mosquitto's ``max_queued_messages`` per client (default 1000, ``0`` =
+no limit), past which Mosquitto drops new QoS 1 messages for that session.  That is the
+broker's rule, not ours; size it for your backlog.
 
 **Redelivery.**  With ``clean_session=False`` (the default) the session survives a
 disconnect or a crash (``session_expiry`` seconds); on reconnect the broker resends every
 unacknowledged message with the DUP flag and its original packet id.  The source
-recognises a resend of a message it still holds (same packet id, same topic and payload
-checksum) and does not hand it out twice; a checkpoint position also lists the packet ids
-handed out but not yet acknowledged, so a flow restarted from a checkpoint acknowledges
-their resends instead of replaying them.  Everything else unacknowledged is delivered
-again: at-least-once, exactly-once into an exactly-once sink with checkpoints.
+recognises a resend of a message it still holds or recently acknowledged (same packet
+id, same topic and payload checksum) and does not hand it out twice; a checkpoint
+position also lists the packet ids handed out but not yet acknowledged, so a flow
+restarted from a checkpoint acknowledges their resends instead of replaying them.
+Everything else unacknowledged is delivered again: at-least-once, exactly-once into an
+exactly-once sink with checkpoints.
 
 **Sink**: QoS 1 publishes with at most ``max_unacked`` awaiting their PUBACK; a batch
 returns once every record is acknowledged by the broker.  A lost connection is re-made
@@ -293,8 +295,8 @@ class MqttSource(Source):
         include_metadata: records are :class:`MqttMessage` (payload, topic, flags).
         reconnect_timeout: give up (:class:`MqttUnavailableError`) after this many
             seconds without a connection; None retries forever.
-        max_buffered: the receive window: at most this many messages are sent to the
-            source and not yet acknowledged (MQTT 5 Receive Maximum, 1..65535).
+        max_buffered: the most received messages held that the flow has not taken;
+            when full, the source stops reading its socket (1..65535).
         keepalive: seconds between MQTT pings (how fast a dead broker is noticed).
 
     Raises:
