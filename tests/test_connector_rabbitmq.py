@@ -335,6 +335,20 @@ def test_resume_from_a_checkpoint_after_stop(
     assert ids == list(range(n))
 
 
+def test_waiting_for_acks_is_not_idleness(
+    rabbitmq_url: str, rabbitmq_queue: str, tmp_path: Path
+) -> None:
+    """prefetch 100, checkpoints every 1.5 s, stop_after_idle 0.5 s: after each 100 the
+    source waits for the next checkpoint's acks; it must not take that for the end."""
+    publish_ids(rabbitmq_url, rabbitmq_queue, 300)
+    flow = sw.Flow("not-idle")
+    out = sw.sinks.Collect()
+    src = RabbitMQSource(rabbitmq_url, rabbitmq_queue, prefetch=100, stop_after_idle=0.5)
+    flow.source(src, name="in").sink(out, name="out")
+    run_flow(flow, checkpoints=sw.Checkpoints(tmp_path, interval=1.5))
+    assert [r["id"] for r in out.items] == list(range(300))
+
+
 def test_clean_close(rabbitmq_url: str, rabbitmq_queue: str) -> None:
     publish_ids(rabbitmq_url, rabbitmq_queue, 10)
     src = RabbitMQSource(rabbitmq_url, rabbitmq_queue, stop_after_idle=0.3)

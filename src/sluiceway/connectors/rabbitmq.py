@@ -459,6 +459,10 @@ class RabbitMQSource(Source):
         if not self._usable():
             await self._restore_connection(ctx)
         now = clock.monotonic()
+        if self._last_tag - self._acked >= self._prefetch:
+            # Every message the broker may push is handed out and waits for its commit:
+            # the broker holds back, which is not the queue being idle.
+            self._last_message = now
         if not buf:
             deadline = now + _FETCH_WAIT
             if self._idle is not None:
@@ -810,8 +814,8 @@ class RabbitMQSink(Sink):
                         bad = (i, result)
                 else:
                     raise result
-            if bad is not None and (not retry or bad[0] < retry[0]):
-                break
+            if bad is not None:  # the runtime gives the records from bad[0] on again
+                retry = [i for i in retry if i < bad[0]]
             pending = retry
         if bad is not None:
             raise PartialWriteError(bad[0], bad[1]) from bad[1]
