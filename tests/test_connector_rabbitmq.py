@@ -499,6 +499,31 @@ def test_sink_unroutable_message_is_an_error_not_a_silent_drop(
     asyncio.run(main())
 
 
+def test_sink_refused_publish_is_pinned_and_the_channel_reopened(
+    rabbitmq_url: str, rabbitmq_queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A publish to an exchange that does not exist: the broker closes the channel (404).
+    The record is pinned; the next write gets a new channel on the same connection,
+    without an outage."""
+    sink = RabbitMQSink(rabbitmq_url, f"{rabbitmq_queue}-no-such-exchange", "x")
+
+    async def main() -> None:
+        ctx = sw.sinks.SinkContext(flow="f", name="out", clock=sw.SystemClock())
+        await sink.open(ctx)
+        try:
+            for _ in range(2):
+                with pytest.raises(PartialWriteError, match="NOT_FOUND") as err:
+                    await sink.write(sw.Batch([{"id": 1}]))
+                assert err.value.written == 0
+        finally:
+            await sink.close()
+
+    caplog.set_level(logging.INFO, logger="sluiceway")
+    asyncio.run(main())
+    assert sink._reconnect.outages == 0
+    assert [r for r in caplog.records if r.name == "sluiceway"] == []
+
+
 def test_sink_routing_key_per_record(rabbitmq_url: str, rabbitmq_queue: str) -> None:
     a, b = f"{rabbitmq_queue}.out", f"{rabbitmq_queue}.dlq"
     publish(rabbitmq_url, a, [])

@@ -759,6 +759,17 @@ class RabbitMQSink(Sink):
         raw = self._raw
         if raw is not None and not self._broken and not raw.is_closed:
             return raw
+        conn = self._conn
+        if conn is not None and not self._broken and not conn.is_closed:
+            # Only the channel is gone: the broker closed it over a refused publish (e.g.
+            # an exchange that does not exist).  Not an outage: open another.
+            try:
+                channel = await conn.channel(publisher_confirms=True, on_return_raises=True)
+                self._raw = await channel.get_underlay_channel()
+            except _CLOSING as exc:
+                self._lost = exc
+            else:
+                return self._raw
         self._reconnect.lost(ctx.clock, self._lost)
         self._raw = None
         conn, self._conn = self._conn, None
