@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -564,6 +565,11 @@ def test_wrong_password_fails_at_once(rabbitmq_url: str) -> None:
         run_flow(flow)
     assert "wrong-password" not in str(err.value)
     assert time.monotonic() - t0 < 5
+
+
+def test_import_sluiceway_does_not_import_the_client() -> None:
+    code = "import sys, sluiceway; assert 'aio_pika' not in sys.modules, 'imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_arguments_are_checked() -> None:
