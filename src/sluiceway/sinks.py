@@ -21,6 +21,7 @@ __all__ = [
 # client libraries (they are extras: ``pip install 'sluiceway[nats]'`` and so on).
 _LAZY: dict[str, str] = {
     # "Name": "sluiceway.connectors.<module>",
+    "NatsJetStream": "sluiceway.connectors.nats:NatsSink",
     "RabbitMQ": "sluiceway.connectors.rabbitmq:RabbitMQSink",
     "Postgres": "sluiceway.connectors.postgres",
     "Mqtt": "sluiceway.connectors.mqtt:MqttSink",

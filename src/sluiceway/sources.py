@@ -23,6 +23,7 @@ __all__ = [
 # client libraries (they are extras: ``pip install 'sluiceway[nats]'`` and so on).
 _LAZY: dict[str, str] = {
     # "Name": "sluiceway.connectors.<module>",
+    "NatsJetStream": "sluiceway.connectors.nats:NatsSource",
     "RabbitMQ": "sluiceway.connectors.rabbitmq:RabbitMQSource",
     "Mqtt": "sluiceway.connectors.mqtt:MqttSource",
 }

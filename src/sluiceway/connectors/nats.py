@@ -1,0 +1,984 @@
+"""NATS JetStream: a source on a durable pull consumer, a sink publishing with PubAcks.
+
+``sw.sources.NatsJetStream`` (:class:`NatsSource`) and ``sw.sinks.NatsJetStream``
+(:class:`NatsSink`), on the ``nats-py`` client (``pip install 'sluiceway[nats]'``).
+
+The source pulls from a durable consumer with ``AckExplicit``; the runtime's credit is
+the fetch size, so a saturated flow stops fetching and the stream keeps the backlog::
+
+    stream    1  2  3  4  5  6  7  8  9 ...
+    fetch(4)  1  2  3  4                      handed out; unacked in the server
+    commit    1  2  3  4                      after the sink (or the checkpoint): +ACK
+    crash     .  .  .  .  5  6                unacked: redelivered after ack_wait
+
+Acknowledgment happens in :meth:`NatsSource.commit` only: when the checkpoint holding
+the position is stored, or -- without checkpoints -- when every record handed out before
+the position has passed every sink.  A commit publishes ``+ACK`` to the reply subject of
+every message it covers and sends the last one as a request: the server answers it once
+it has applied that ack, and a consumer applies its acks in order, so one round trip
+confirms the whole commit (``ack_sync`` for the last message, ``ack`` for the others).
+
+Delivery: JetStream redelivers every message not acknowledged within ``ack_wait``, so the
+source is at-least-once on its own.  With checkpoints the replay after a restart is exactly
+what the checkpoint did not cover: messages handed out after it are unacked and come
+back; messages it covered whose acks were lost in a crash (between storing the checkpoint
+and acknowledging) are recognised by their stream sequence, which the position records,
+and acknowledged without being handed out again.  One flow per durable consumer is
+assumed for that (several flows may share a durable, at-least-once).
+
+The sink awaits the PubAck of every message (the stream has stored it) before ``write``
+returns; a ``msg_id=`` function sets ``Nats-Msg-Id`` so the server drops a repeated write
+within the stream's duplicate window.
+
+Connection loss: both sides reconnect with exponential backoff on the flow's clock (one
+WARNING per outage, one INFO on recovery) and give up after ``reconnect_timeout`` seconds
+with :class:`NatsUnavailableError` naming the servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import uuid
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, Header, StreamConfig
+
+from sluiceway.connectors.base import PartialWriteError, Sink, SinkContext, Source, SourceContext
+from sluiceway.errors import BadInputError, short_repr
+from sluiceway.runtime.messages import Batch
+from sluiceway.time import Clock, SystemClock
+
+__all__ = [
+    "NatsMessage",
+    "NatsSink",
+    "NatsSource",
+    "NatsUnavailableError",
+]
+
+log = logging.getLogger("sluiceway")
+
+_ACK = b"+ACK"
+_NAK = b"-NAK"
+_BACKOFF_FIRST = 0.05
+_BACKOFF_MAX = 2.0
+_REDELIVERY_MARGIN = 0.25  # the server finds expired acks on a timer: give it a moment
+
+# Errors after which the connection (or JetStream behind it) may come back by itself.
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.StaleConnectionError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.NoRespondersError,
+    nats.errors.NoServersError,
+    nats.errors.FlushTimeoutError,
+    nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.NoStreamResponseError,
+)
+_NATS_ERRORS: tuple[type[BaseException], ...] = (*_TRANSIENT, nats.errors.Error)
+
+
+class NatsUnavailableError(ConnectionError):
+    """The NATS servers stayed unreachable (or JetStream unavailable) longer than
+    ``reconnect_timeout``."""
+
+
+@dataclass(frozen=True, slots=True)
+class NatsMessage:
+    """A record of :class:`NatsSource` with ``include_metadata=True``.
+
+    Attributes:
+        payload: the decoded payload (``decode=`` applied).
+        subject: the subject the message was published on.
+        stream_seq: its sequence in the stream (unique, increasing).
+        delivered: how many times the server delivered it (> 1: a redelivery).
+        headers: the NATS headers, or None.
+    """
+
+    payload: Any
+    subject: str
+    stream_seq: int
+    delivered: int
+    headers: dict[str, str] | None
+
+
+def _servers(servers: str | Sequence[str]) -> list[str]:
+    if isinstance(servers, str):
+        found = [s.strip() for s in servers.split(",") if s.strip()]
+    else:
+        found = [str(s) for s in servers]
+    if not found:
+        raise ValueError(f"NATS servers must name at least one URL, got {servers!r}")
+    return found
+
+
+def _seconds(value: float | None, what: str, *, none_ok: bool = False) -> float | None:
+    if value is None and none_ok:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ValueError(f"{what} must be > 0 seconds, got {value!r}")
+    return float(value)
+
+
+def _count(value: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be an int >= 1, got {value!r}")
+    return value
+
+
+class _Link:
+    """One NATS connection, made again with exponential backoff when it breaks.
+
+    nats-py's own reconnect is off: the backoff sleeps on the flow's clock, and an outage
+    is reported once (WARNING) and its end once (INFO).  ``generation`` grows with every
+    new connection (subscriptions must be made again on it).
+    """
+
+    def __init__(
+        self, servers: list[str], what: str, reconnect_timeout: float | None, connect_timeout: float
+    ) -> None:
+        self.servers = servers
+        self.what = what
+        self.reconnect_timeout = reconnect_timeout
+        self.connect_timeout = connect_timeout
+        self.clock: Clock = SystemClock()
+        self.nc: Client | None = None
+        self.generation = 0
+        self._lock = asyncio.Lock()
+        self._outage_since: float | None = None
+        self._delay = _BACKOFF_FIRST
+        self._closed = False
+
+    def connected(self) -> Client | None:
+        nc = self.nc
+        return nc if nc is not None and nc.is_connected else None
+
+    async def client(self) -> Client:
+        """A connected client: the current one, or a new one (backing off until then)."""
+        nc = self.connected()
+        if nc is not None:
+            return nc
+        async with self._lock:
+            while True:
+                nc = self.connected()
+                if nc is not None:
+                    return nc
+                if self._closed:
+                    raise nats.errors.ConnectionClosedError
+                old, self.nc = self.nc, None
+                if old is not None:
+                    await _close_quietly(old)
+                try:
+                    self.nc = await nats.connect(
+                        servers=self.servers,
+                        allow_reconnect=False,
+                        connect_timeout=self.connect_timeout,
+                        # nats-py tries each server (1 + this) times per call, then
+                        # raises NoServersError; 0 would mean: forever
+                        max_reconnect_attempts=1,
+                        reconnect_time_wait=0,
+                        error_cb=self._on_error,
+                        name=f"sluiceway {self.what}",
+                    )
+                except _TRANSIENT as exc:
+                    await self.trouble(exc)
+                    continue
+                self.generation += 1
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.debug("%s: NATS client error: %r", self.what, exc)
+
+    async def trouble(self, exc: BaseException) -> None:
+        """An operation failed for a reason that may pass: wait (backing off), or raise
+        :class:`NatsUnavailableError` once ``reconnect_timeout`` is over."""
+        now = self.clock.monotonic()
+        if self._outage_since is None:
+            self._outage_since = now
+            self._delay = _BACKOFF_FIRST
+            limit = (
+                "for ever"
+                if self.reconnect_timeout is None
+                else f"giving up after {self.reconnect_timeout:g} s"
+            )
+            log.warning(
+                "%s: NATS at %s unavailable (%s); retrying with backoff, %s",
+                self.what,
+                ",".join(self.servers),
+                _describe(exc),
+                limit,
+            )
+        elapsed = now - self._outage_since
+        timeout = self.reconnect_timeout
+        if timeout is not None and elapsed >= timeout:
+            raise NatsUnavailableError(
+                f"{self.what}: NATS at {','.join(self.servers)} unavailable for "
+                f"{elapsed:.1f} s (reconnect_timeout={timeout:g}); last error: {_describe(exc)}"
+            ) from exc
+        wait = self._delay if timeout is None else min(self._delay, timeout - elapsed)
+        self._delay = min(self._delay * 2, _BACKOFF_MAX)
+        await self.clock.sleep(max(wait, 0.0))
+
+    def ok(self) -> None:
+        """An operation succeeded: an outage, if any, is over."""
+        if self._outage_since is not None:
+            log.info(
+                "%s: NATS at %s available again after %.1f s",
+                self.what,
+                ",".join(self.servers),
+                self.clock.monotonic() - self._outage_since,
+            )
+            self._outage_since = None
+
+    async def close(self) -> None:
+        self._closed = True
+        nc, self.nc = self.nc, None
+        if nc is not None:
+            await _close_quietly(nc)
+
+
+async def _close_quietly(nc: Client) -> None:
+    if nc.is_closed:
+        return
+    try:
+        await nc.close()
+    except _NATS_ERRORS as exc:
+        log.debug("closing a NATS connection: %r", exc)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _ranges(seqs: set[int]) -> list[list[int]]:
+    """``{1, 2, 3, 7}`` -> ``[[1, 3], [7, 7]]``."""
+    out: list[list[int]] = []
+    for s in sorted(seqs):
+        if out and out[-1][1] == s - 1:
+            out[-1][1] = s
+        else:
+            out.append([s, s])
+    return out
+
+
+# -- the source ----------------------------------------------------------------------
+
+
+class NatsSource(Source):
+    r"""Records from a JetStream stream, through a durable pull consumer
+    (``sw.sources.NatsJetStream``).
+
+    Each pull fetches at most the runtime's credit; messages are acknowledged in
+    :meth:`commit` only (see the module docs for the guarantees).  Values are the
+    payloads decoded as JSON; a payload that does not decode is bad input naming the
+    stream, consumer and sequence (a dead-lettered one is acknowledged at the next
+    commit, one that stops the flow is not: it is redelivered).
+
+    Args:
+        servers: ``"nats://host:4222"``, a comma-separated list, or a list of URLs.
+        stream: the JetStream stream to read.
+        subject: the consumer's filter subject (wildcards allowed); None: the whole stream.
+        durable: the durable consumer's name: created when missing (``AckExplicit``,
+            delivering from the start of the stream); the server remembers what it acked
+            across runs.
+        create_stream: create ``stream`` when it does not exist, capturing
+            ``<stream>.>`` (and ``subject`` if it lies outside that); otherwise a missing
+            stream is an error at ``open``.
+        batch: the most messages one fetch asks for (the credit may ask for fewer).
+        fetch_timeout: seconds a fetch waits for the first message before it returns
+            empty (so the source comes back regularly; without checkpoints, acks of an
+            idle flow wait up to this long).
+        ack_wait: seconds the server waits for an ack before it redelivers (a new
+            consumer's setting; an existing consumer keeps its own).  It must exceed the
+            time from fetch to commit (the checkpoint interval, with checkpoints), else
+            messages come back while in flight (the source drops such copies, and warns).
+            After a crash, unacknowledged messages return only after ``ack_wait``; a clean
+            close returns them at once (negative acknowledgment).
+        max_ack_pending: the most messages the server lets be unacknowledged at once.
+            Everything in the flow between source and commit counts, so it must exceed
+            the flow's channel capacities plus ``batch`` (and, with checkpoints, what
+            flows in one checkpoint interval), or the source starves.
+        stop_after_idle: end the input (return None) when no message came for this many
+            seconds; None (default): run until stopped.
+        decode: ``bytes -> value``; default JSON.  ``decode=bytes`` gives raw payloads.
+        include_metadata: hand out :class:`NatsMessage` records instead of payloads.
+        ordered_restart: when the consumer has messages an earlier run fetched and did
+            not acknowledge (a crash), wait at ``open`` until their ``ack_wait`` is over,
+            so they are redelivered before newer messages and the stream order holds.
+            Turn it off when several flows share the durable (their in-flight messages
+            look the same) or when order across a crash does not matter.
+        reconnect_timeout: seconds of outage before giving up (None: never).
+        connect_timeout: seconds one connection attempt may take.
+
+    Raises:
+        ValueError: a bad argument.
+
+    >>> NatsSource("nats://127.0.0.1:4222", "orders", durable="billing").describe()
+    'NatsJetStream(orders/billing)'
+    """
+
+    def __init__(
+        self,
+        servers: str | Sequence[str],
+        stream: str,
+        subject: str | None = None,
+        *,
+        durable: str,
+        create_stream: bool = False,
+        batch: int = 1024,
+        fetch_timeout: float = 1.0,
+        ack_wait: float = 30.0,
+        max_ack_pending: int = 20_000,
+        stop_after_idle: float | None = None,
+        decode: Callable[[bytes], Any] | None = None,
+        include_metadata: bool = False,
+        ordered_restart: bool = True,
+        reconnect_timeout: float | None = 60.0,
+        connect_timeout: float = 2.0,
+    ) -> None:
+        if not (isinstance(stream, str) and stream):
+            raise ValueError(f"sources.NatsJetStream stream must be a name, got {stream!r}")
+        if not (isinstance(durable, str) and durable):
+            raise ValueError(f"sources.NatsJetStream durable must be a name, got {durable!r}")
+        if subject is not None and not (isinstance(subject, str) and subject):
+            raise ValueError(f"sources.NatsJetStream subject must be a subject, got {subject!r}")
+        if decode is not None and not callable(decode):
+            raise TypeError(f"sources.NatsJetStream decode must be callable, got {decode!r}")
+        self._servers = _servers(servers)
+        self._stream = stream
+        self._subject = subject
+        self._durable = durable
+        self._create_stream = bool(create_stream)
+        self._batch = _count(batch, "sources.NatsJetStream batch")
+        self._fetch_timeout = _seconds(fetch_timeout, "sources.NatsJetStream fetch_timeout")
+        self._ack_wait = _seconds(ack_wait, "sources.NatsJetStream ack_wait")
+        self._max_ack_pending = _count(max_ack_pending, "sources.NatsJetStream max_ack_pending")
+        self._idle = _seconds(stop_after_idle, "stop_after_idle", none_ok=True)
+        self._decode = decode
+        self._metadata = bool(include_metadata)
+        self._ordered_restart = bool(ordered_restart)
+        self._link = _Link(
+            self._servers,
+            self.describe(),
+            _seconds(reconnect_timeout, "sources.NatsJetStream reconnect_timeout", none_ok=True),
+            _seconds(connect_timeout, "sources.NatsJetStream connect_timeout") or 2.0,
+        )
+        self._ctx: SourceContext | None = None
+        self._run = uuid.uuid4().hex
+        self._psub: JetStreamContext.PullSubscription | None = None
+        self._psub_generation = -1
+        self._fetch_task: asyncio.Task[None] | None = None
+        self._buffer: deque[Msg] = deque()  # fetched, not handed out
+        self._parked: list[Msg] = []  # newer than what an earlier run left unacked
+        self._unacked: deque[tuple[int, int, str]] = deque()  # (ordinal, stream seq, reply)
+        self._held: set[int] = set()  # stream seqs in _buffer or _unacked
+        self._covered: set[int] = set()  # seqs a restored checkpoint covered, maybe unacked
+        self._handed = 0  # ordinal of the next message handed out
+        self._committed = 0  # every ordinal below is committed
+        self._last_input = 0.0
+        self._pending: int | None = None
+        self._warned_redelivery = False
+        self.redelivered_in_flight = 0
+        """Copies of in-flight messages the server redelivered (ack_wait too short)."""
+        self.acked = 0
+        """Messages acknowledged so far by this source."""
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def open(self, ctx: SourceContext) -> None:
+        """Connect, check the stream (or create it), create the durable consumer if missing;
+        after a crash, wait for the redelivery of what it left (see ``ordered_restart``).
+
+        Raises:
+            NatsUnavailableError: no server answered within ``reconnect_timeout``.
+            ValueError: the stream does not exist (and ``create_stream`` is off), or the
+                durable exists with another filter subject.
+        """
+        self._ctx = ctx
+        self._link.clock = ctx.clock
+        try:
+            while True:
+                nc = await self._link.client()
+                try:
+                    await self._setup(nc.jetstream())
+                except _TRANSIENT as exc:
+                    await self._link.trouble(exc)
+                    continue
+                break
+        except BaseException:
+            await self._link.close()  # the runtime closes only what opened
+            raise
+        self._link.ok()
+        self._last_input = ctx.clock.monotonic()
+
+    async def _setup(self, js: JetStreamContext) -> None:
+        try:
+            await js.stream_info(self._stream)
+        except nats.js.errors.NotFoundError:
+            if not self._create_stream:
+                raise ValueError(
+                    f"{self.describe()}: no JetStream stream {self._stream!r} on "
+                    f"{','.join(self._servers)}; create it (nats stream add), or pass "
+                    "create_stream=True"
+                ) from None
+            subjects = [f"{self._stream}.>"]
+            if self._subject is not None and not self._subject.startswith(self._stream + "."):
+                subjects.append(self._subject)
+            await js.add_stream(StreamConfig(name=self._stream, subjects=subjects))
+        try:
+            info = await js.consumer_info(self._stream, self._durable)
+        except nats.js.errors.NotFoundError:
+            config = ConsumerConfig(
+                durable_name=self._durable,
+                ack_policy=AckPolicy.EXPLICIT,
+                deliver_policy=DeliverPolicy.ALL,
+                ack_wait=self._ack_wait,
+                max_ack_pending=self._max_ack_pending,
+                filter_subject=self._subject,
+            )
+            info = await js.add_consumer(self._stream, config)
+        else:
+            have = info.config.filter_subject or None
+            if self._subject is not None and have != self._subject:
+                raise ValueError(
+                    f"{self.describe()}: the durable consumer {self._durable!r} exists with "
+                    f"filter subject {have!r}, not {self._subject!r}; use another durable name"
+                )
+            if info.num_ack_pending:
+                await self._await_redelivery(info)
+        self._pending = info.num_pending
+
+    async def _await_redelivery(self, info: Any) -> None:
+        """Messages delivered to an earlier run are unacknowledged.  Given back at a clean
+        close (NAK), they are redelivered at once and first; left by a crash, only when
+        their ``ack_wait`` is over, and newer messages would come first until then.  With
+        ``ordered_restart`` a probe fetch tells the two apart; in the second case the
+        source waits for that moment (holding the newer message it got), so the stream
+        order holds."""
+        ack_wait = float(info.config.ack_wait or self._ack_wait or 0.0)
+        pending = info.num_ack_pending
+        if not self._ordered_restart:
+            log.info(
+                "%s: %d messages delivered before are not acknowledged; the server "
+                "redelivers them after ack_wait=%gs (after newer ones)",
+                self.describe(),
+                pending,
+                ack_wait,
+            )
+            return
+        sub = await self._subscription()
+        try:
+            msgs = await sub.fetch(1, timeout=min(self._fetch_timeout or 1.0, 1.0))
+        except TimeoutError:
+            return  # nothing newer either: the redeliveries come first when due
+        if msgs[0].metadata.num_delivered > 1:
+            await self._ingest(msgs)  # redelivered already (given back, or due)
+            return
+        self._parked.extend(msgs)
+        self._held.update(m.metadata.sequence.stream for m in msgs)
+        clock = self._link.clock
+        last = info.delivered.last_active
+        wait = ack_wait
+        if last is not None:
+            wait = last.timestamp() + ack_wait - clock.time()
+        wait = min(max(wait, 0.0), ack_wait) + _REDELIVERY_MARGIN
+        log.info(
+            "%s: %d messages delivered before a crash are not acknowledged; waiting %.1f s "
+            "(ack_wait=%gs) so the server redelivers them before newer ones",
+            self.describe(),
+            pending,
+            wait,
+            ack_wait,
+        )
+        await clock.sleep(wait)
+
+    def _release_parked(self) -> None:
+        """The redeliveries are through: put the held newer messages back in order."""
+        merged = [*self._buffer, *self._parked]
+        merged.sort(key=lambda m: m.metadata.sequence.stream)
+        self._buffer = deque(merged)
+        self._parked.clear()
+
+    def restore(self, position: Any) -> None:
+        """Restart from a checkpoint: the server redelivers what is unacknowledged; the
+        messages the checkpoint covered (sequences in ``position``) are acknowledged when
+        they come back, not handed out again."""
+        if not (isinstance(position, dict) and isinstance(position.get("unacked", []), list)):
+            raise ValueError(
+                f"{self.describe()}: a position must be a dict from position(), got "
+                f"{short_repr(position)}"
+            )
+        for lo, hi in position.get("unacked", []):
+            self._covered.update(range(int(lo), int(hi) + 1))
+
+    async def close(self) -> None:
+        """Acknowledge what was committed but not acknowledged yet, give back (NAK) what
+        was fetched but not committed so it is redelivered at once, and disconnect.
+        Safe to call twice."""
+        task, self._fetch_task = self._fetch_task, None
+        if task is not None:
+            # A fetch in progress may hold messages the server already sent: let it end
+            # (within fetch_timeout) so they are given back below, not lost until ack_wait.
+            clock = self._link.clock
+            deadline = clock.monotonic() + (self._fetch_timeout or 1.0) + 0.5
+            if not await clock.wait_until(task, deadline):
+                task.cancel()
+            await asyncio.wait([task])
+            if not task.cancelled() and task.exception() is not None:
+                log.debug("%s: the last fetch failed: %r", self.describe(), task.exception())
+        nc = self._link.connected()
+        replies = [
+            (reply, _ACK if ordinal < self._committed else _NAK)
+            for ordinal, _, reply in self._unacked
+        ]
+        replies += [(msg.reply, _NAK) for msg in [*self._buffer, *self._parked]]
+        if nc is not None and replies:
+            try:
+                for reply, what in replies[:-1]:
+                    await nc.publish(reply, what)
+                # as a request: answered once the server applied all of them, so a run
+                # started right after this one finds them redelivered
+                await nc.request(replies[-1][0], replies[-1][1], timeout=2)
+            except _NATS_ERRORS as exc:
+                log.debug("%s: acks at close failed: %r", self.describe(), exc)
+        self._unacked.clear()
+        self._buffer.clear()
+        self._parked.clear()
+        self._held.clear()
+        await self._link.close()
+
+    # -- reading -----------------------------------------------------------------------
+
+    async def next_batch(self, max_records: int) -> Batch | None:
+        """Up to ``max_records`` messages: the buffered ones, else one fetch.
+
+        Cancellation-safe: a fetch runs in a task of this source and is not cancelled
+        with the caller; what it brings is buffered for the next call.  A fetch that
+        brings nothing within ``fetch_timeout`` returns an empty batch (so the runtime
+        gets to send its barriers).  Returns None only with ``stop_after_idle``.
+
+        Raises:
+            NatsUnavailableError: the servers stayed unreachable for ``reconnect_timeout``.
+        """
+        ctx = self._ctx
+        if ctx is None:
+            raise RuntimeError(f"{self.describe()} is not open: the runtime calls open() first")
+        if not self._buffer:
+            if self._idle_over(ctx):
+                return None
+            task = self._fetch_task
+            if task is None:
+                want = min(max_records, self._batch)
+                task = asyncio.get_running_loop().create_task(
+                    self._fetch(want), name=f"{self.describe()} fetch"
+                )
+                self._fetch_task = task
+            await asyncio.wait([task])  # a cancelled caller leaves the fetch running
+            self._fetch_task = None
+            task.result()
+            if not self._buffer:  # nothing came within fetch_timeout: let barriers pass
+                return None if self._idle_over(ctx) else Batch([])
+        return await self._hand_out(ctx, max_records)
+
+    def _idle_over(self, ctx: SourceContext) -> bool:
+        idle = self._idle
+        return idle is not None and ctx.clock.monotonic() - self._last_input >= idle
+
+    async def _subscription(self) -> JetStreamContext.PullSubscription:
+        link = self._link
+        nc = await link.client()
+        if self._psub is None or self._psub_generation != link.generation:
+            self._psub = await nc.jetstream().pull_subscribe_bind(
+                durable=self._durable, stream=self._stream
+            )
+            self._psub_generation = link.generation
+        return self._psub
+
+    async def _fetch(self, n: int) -> None:
+        link, clock = self._link, self._link.clock
+        timeout = self._fetch_timeout
+        assert timeout is not None
+        if self._idle is not None:
+            left = self._idle - (clock.monotonic() - self._last_input)
+            timeout = max(0.05, min(timeout, left))
+        try:
+            sub = await self._subscription()
+            msgs = await sub.fetch(n, timeout=timeout)
+        except TimeoutError as exc:  # nats.errors.TimeoutError included: no messages
+            if link.connected() is None:
+                await link.trouble(exc)
+                self._last_input = clock.monotonic()
+            else:
+                link.ok()
+                if self._parked:
+                    self._release_parked()
+            return
+        except _TRANSIENT as exc:
+            await link.trouble(exc)
+            self._last_input = clock.monotonic()  # an outage is not idleness
+            return
+        link.ok()
+        await self._ingest(msgs)
+
+    async def _ingest(self, msgs: list[Msg]) -> None:
+        held, covered = self._held, self._covered
+        acks: list[tuple[int, str]] = []
+        meta = None
+        before = len(self._buffer)
+        for msg in msgs:
+            meta = msg.metadata
+            seq = meta.sequence.stream
+            if seq in held:  # redelivered while still in flight: the first copy counts
+                self.redelivered_in_flight += 1
+                if not self._warned_redelivery:
+                    self._warned_redelivery = True
+                    log.warning(
+                        "%s: the server redelivered message %d while it was still in "
+                        "flight: ack_wait is shorter than fetch-to-commit; raise ack_wait",
+                        self.describe(),
+                        seq,
+                    )
+                continue
+            if seq in covered:  # the restored checkpoint covered it: ack, do not replay
+                acks.append((seq, msg.reply))
+                continue
+            held.add(seq)
+            self._buffer.append(msg)
+        if self._parked and any(m.metadata.num_delivered == 1 for m in msgs):
+            self._release_parked()  # the server serves redeliveries first: they are through
+        if meta is not None:
+            self._pending = meta.num_pending
+        if len(self._buffer) > before:  # dropped copies are not input
+            self._last_input = self._link.clock.monotonic()
+        if acks:
+            nc = self._link.connected()
+            if nc is not None:
+                try:
+                    for _, reply in acks:
+                        await nc.publish(reply, _ACK)
+                    await nc.flush()
+                except _NATS_ERRORS as exc:
+                    log.debug("%s: acks of covered messages failed: %r", self.describe(), exc)
+                else:
+                    covered.difference_update(seq for seq, _ in acks)
+                    self.acked += len(acks)
+
+    async def _hand_out(self, ctx: SourceContext, max_records: int) -> Batch:
+        buffer, unacked = self._buffer, self._unacked
+        decode, wrap = self._decode, self._metadata
+        records: list[Any] = []
+        while buffer and len(records) < max_records:
+            msg = buffer[0]
+            try:
+                value = json.loads(msg.data) if decode is None else decode(msg.data)
+            except Exception as exc:  # noqa: BLE001 - any decoding failure is bad input
+                if records:  # hand out the good ones first; report this one next time
+                    break
+                seq = msg.metadata.sequence.stream
+                await ctx.bad_input(
+                    BadInputError(
+                        where=f"NATS stream {self._stream} seq {seq} (consumer {self._durable})",
+                        raw=msg.data,
+                        reason=f"cannot decode: {type(exc).__name__}: {exc}",
+                    )
+                )
+                # dead-lettered: acknowledged with the next commit
+                buffer.popleft()
+                unacked.append((self._handed, seq, msg.reply))
+                self._handed += 1
+                continue
+            buffer.popleft()
+            meta = msg.metadata
+            if wrap:
+                value = NatsMessage(
+                    value,
+                    msg.subject,
+                    meta.sequence.stream,
+                    meta.num_delivered,
+                    dict(msg.headers) if msg.headers else None,
+                )
+            records.append(value)
+            unacked.append((self._handed, meta.sequence.stream, msg.reply))
+            self._handed += 1
+        return Batch(records)
+
+    # -- positions and acks ------------------------------------------------------------
+
+    def position(self) -> dict[str, Any]:
+        """``{"run", "handed_out", "unacked"}``: this run's count of messages handed out,
+        and (with checkpoints) the stream sequences handed out but not yet acknowledged,
+        as ``[first, last]`` ranges."""
+        ctx = self._ctx
+        pos: dict[str, Any] = {"run": self._run, "handed_out": self._handed}
+        if ctx is not None and ctx.checkpointing:
+            pos["unacked"] = _ranges({s for _, s, _ in self._unacked} | self._covered)
+        return pos
+
+    async def commit(self, position: Any) -> None:
+        """Acknowledge every message handed out before ``position``.
+
+        The acks are published and the last is sent as a request (``ack_sync``): its
+        answer means the server applied all of them.  When the connection is down, the
+        acks wait for the next commit (the position keeps them covered meanwhile)."""
+        if not (isinstance(position, dict) and position.get("run") == self._run):
+            return  # from another run: nothing of it is in flight here
+        upto = int(position["handed_out"])
+        self._committed = max(self._committed, upto)
+        unacked = self._unacked
+        count = 0
+        for ordinal, _, _ in unacked:
+            if ordinal >= upto:
+                break
+            count += 1
+        if not count:
+            return
+        nc = self._link.connected()
+        if nc is None:
+            return
+        try:
+            for i in range(count - 1):
+                await nc.publish(unacked[i][2], _ACK)
+            await nc.request(unacked[count - 1][2], _ACK, timeout=self._ack_timeout())
+        except _NATS_ERRORS as exc:
+            log.debug("%s: acks failed, retried at the next commit: %r", self.describe(), exc)
+            return
+        held = self._held
+        for _ in range(count):
+            held.discard(unacked.popleft()[1])
+        self.acked += count
+
+    def _ack_timeout(self) -> float:
+        return max(2.0, self._fetch_timeout or 1.0)
+
+    def backlog(self) -> int | None:
+        """Messages the consumer has not delivered yet (as of the last fetch), plus the
+        ones fetched and not handed out."""
+        if self._pending is None:
+            return None
+        return self._pending + len(self._buffer)
+
+    def describe(self) -> str:
+        """``NatsJetStream(<stream>/<durable>)``."""
+        return f"NatsJetStream({self._stream}/{self._durable})"
+
+
+# -- the sink ------------------------------------------------------------------------
+
+
+def _to_json(value: Any) -> Any:
+    to_dict = getattr(value, "to_dict", None)
+    if callable(to_dict) and not isinstance(value, type):
+        return to_dict()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable: {short_repr(value)}")
+
+
+def _encode_default(value: Any) -> bytes:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    return json.dumps(value, default=_to_json, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+class NatsSink(Sink):
+    r"""Publishes every record to JetStream and awaits its PubAck (``sw.sinks.NatsJetStream``).
+
+    When :meth:`write` returns, the stream has stored every record of the batch.  Up to
+    ``max_inflight`` publishes are in flight at once (in batch order on one connection,
+    so the stream stores them in order).  Values are encoded as JSON (``bytes`` are sent
+    as they are).
+
+    Delivery: at-least-once.  A publish whose PubAck is lost (a timeout, a connection
+    lost) is sent again after reconnecting, and a restart from a checkpoint writes again
+    what came after it.  With ``msg_id=`` the server drops such repeats inside the
+    stream's duplicate window (``duplicate_window``, 2 minutes by default): writes
+    become idempotent, and output effectively exactly-once for replays within it.
+
+    Args:
+        servers: ``"nats://host:4222"``, a comma-separated list, or a list of URLs.
+        subject: the subject to publish on, or ``value -> subject``.  A stream must
+            capture it (checked at ``open`` for a fixed subject).
+        encode: ``value -> bytes``; default JSON (``bytes`` unchanged).
+        msg_id: ``value -> str``: the ``Nats-Msg-Id`` header, a stable id of the
+            record (e.g. ``lambda r: r["id"]``).
+        headers: ``value -> dict`` of extra headers, or None.
+        max_inflight: publishes awaiting their PubAck at once.
+        ack_timeout: seconds to wait for one PubAck before treating it as lost.
+        reconnect_timeout: seconds of outage before giving up (None: never).
+        connect_timeout: seconds one connection attempt may take.
+
+    Raises:
+        ValueError: a bad argument.
+
+    A record that cannot be encoded, or that the server refuses (e.g. too large), raises
+    :class:`~sluiceway.connectors.base.PartialWriteError` pinned to it after the records
+    before it are stored.  Records after a refused one that were already in flight are
+    published again when the error policy goes on (dropped by the server with ``msg_id``).
+
+    >>> NatsSink("nats://127.0.0.1:4222", "orders.out").describe()
+    'NatsJetStream(orders.out)'
+    """
+
+    def __init__(
+        self,
+        servers: str | Sequence[str],
+        subject: str | Callable[[Any], str],
+        *,
+        encode: Callable[[Any], bytes] | None = None,
+        msg_id: Callable[[Any], str] | None = None,
+        headers: Callable[[Any], dict[str, str]] | None = None,
+        max_inflight: int = 256,
+        ack_timeout: float = 5.0,
+        reconnect_timeout: float | None = 60.0,
+        connect_timeout: float = 2.0,
+    ) -> None:
+        if not (callable(subject) or (isinstance(subject, str) and subject)):
+            raise ValueError(f"sinks.NatsJetStream subject must be a subject, got {subject!r}")
+        for name, fn in (("encode", encode), ("msg_id", msg_id), ("headers", headers)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"sinks.NatsJetStream {name} must be callable, got {fn!r}")
+        self._servers = _servers(servers)
+        self._subject = subject
+        self._encode = encode or _encode_default
+        self._msg_id = msg_id
+        self._headers = headers
+        self._max_inflight = _count(max_inflight, "sinks.NatsJetStream max_inflight")
+        self._ack_timeout = _seconds(ack_timeout, "sinks.NatsJetStream ack_timeout")
+        self._link = _Link(
+            self._servers,
+            self.describe(),
+            _seconds(reconnect_timeout, "sinks.NatsJetStream reconnect_timeout", none_ok=True),
+            _seconds(connect_timeout, "sinks.NatsJetStream connect_timeout") or 2.0,
+        )
+        self._js: JetStreamContext | None = None
+        self._js_generation = -1
+        self.published = 0
+        """Records stored (PubAck received) so far, duplicates dropped by the server included."""
+        self.duplicates = 0
+        """PubAcks that said the server dropped the record as a duplicate (``msg_id``)."""
+
+    async def open(self, ctx: SinkContext) -> None:
+        """Connect; with a fixed subject, check that a stream captures it.
+
+        Raises:
+            NatsUnavailableError: no server answered within ``reconnect_timeout``.
+            ValueError: no stream captures the subject.
+        """
+        self._link.clock = ctx.clock
+        try:
+            await self._check_stream()
+        except BaseException:
+            await self._link.close()  # the runtime closes only what opened
+            raise
+        self._link.ok()
+
+    async def _check_stream(self) -> None:
+        subject = self._subject
+        while True:
+            nc = await self._link.client()
+            if not isinstance(subject, str):
+                return
+            try:
+                await nc.jetstream().find_stream_name_by_subject(subject)
+            except nats.js.errors.NotFoundError:
+                raise ValueError(
+                    f"{self.describe()}: no JetStream stream captures subject {subject!r} on "
+                    f"{','.join(self._servers)}; add one (nats stream add --subjects ...)"
+                ) from None
+            except _TRANSIENT as exc:
+                await self._link.trouble(exc)
+                continue
+            return
+
+    async def write(self, batch: Batch) -> None:
+        """Publish every record and wait for every PubAck.
+
+        Raises:
+            PartialWriteError: record ``written`` could not be encoded or was refused;
+                the ones before it are stored.
+            NatsUnavailableError: the servers stayed unreachable for ``reconnect_timeout``.
+        """
+        items: list[tuple[str, bytes, dict[str, str] | None]] = []
+        subject, encode, msg_id, headers = self._subject, self._encode, self._msg_id, self._headers
+        for i, value in enumerate(batch.values):
+            try:
+                subj = subject if isinstance(subject, str) else subject(value)
+                hdrs: dict[str, str] | None = None
+                if headers is not None:
+                    hdrs = dict(headers(value))
+                if msg_id is not None:
+                    hdrs = hdrs or {}
+                    hdrs[Header.MSG_ID] = str(msg_id(value))
+                items.append((subj, encode(value), hdrs))
+            except Exception as exc:  # pinned to this record, see PartialWriteError
+                await self._publish(items)
+                raise PartialWriteError(i, exc) from exc
+        await self._publish(items)
+
+    async def _jetstream(self) -> JetStreamContext:
+        link = self._link
+        nc = await link.client()
+        if self._js is None or self._js_generation != link.generation:
+            self._js = nc.jetstream(timeout=self._ack_timeout or 5.0)
+            self._js_generation = link.generation
+        return self._js
+
+    async def _publish(self, items: list[tuple[str, bytes, dict[str, str] | None]]) -> None:
+        """Publish ``items``, retrying lost ones after reconnecting; raise at the first
+        refused one once everything before it is stored."""
+        todo = list(range(len(items)))
+        refused: tuple[int, BaseException] | None = None
+        link, window = self._link, self._max_inflight
+        while todo:
+            js = await self._jetstream()
+            failed: list[tuple[int, BaseException]] = []
+            for start in range(0, len(todo), window):
+                part = todo[start : start + window]
+                results = await asyncio.gather(
+                    *(js.publish(items[i][0], items[i][1], headers=items[i][2]) for i in part),
+                    return_exceptions=True,
+                )
+                for i, res in zip(part, results, strict=True):
+                    if isinstance(res, BaseException):
+                        if isinstance(res, asyncio.CancelledError):
+                            raise res
+                        failed.append((i, res))
+                    else:
+                        self.published += 1
+                        self.duplicates += bool(res.duplicate)
+            for i, exc in failed:
+                if not isinstance(exc, _TRANSIENT) and (refused is None or i < refused[0]):
+                    refused = (i, exc)
+                    break
+            todo = [i for i, _ in failed if refused is None or i < refused[0]]
+            if todo:
+                await link.trouble(failed[0][1])
+            elif not failed or refused is not None:
+                link.ok()
+        if refused is not None:
+            i, exc = refused
+            raise PartialWriteError(i, exc)
+
+    async def close(self) -> None:
+        """Disconnect (every write has its PubAcks already).  Safe to call twice."""
+        await self._link.close()
+
+    def describe(self) -> str:
+        """``NatsJetStream(<subject>)``."""
+        subject = self._subject
+        name = subject if isinstance(subject, str) else getattr(subject, "__name__", "subject")
+        return f"NatsJetStream({name})"

@@ -1,0 +1,709 @@
+"""NATS JetStream source and sink against a real server (see services_nats.py).
+
+The conformance checks of issue 6 (order, credit, ack only after durable handling,
+redelivery after a crash, clean close, resume from a checkpoint), bad input, the sink's
+PubAcks and de-duplication, and an outage: a private nats-server killed and restarted
+mid-stream.  Each test uses its own stream (a uuid) and deletes it.
+
+Run as a script (``python test_connector_nats.py child ...``), this module is the flow
+that the crash tests SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import services_nats
+from services import import_or_missing
+from services_nats import NatsNames, NatsServer
+
+nats_url = services_nats.nats_url
+nats_names = services_nats.nats_names
+own_nats = services_nats.own_nats
+
+import_or_missing("nats")
+
+import nats  # noqa: E402 - after the skip-or-fail check above
+import nats.errors  # noqa: E402
+from nats.js.api import StreamConfig  # noqa: E402
+
+import sluiceway as sw  # noqa: E402
+from sluiceway.connectors.nats import (  # noqa: E402
+    NatsMessage,
+    NatsSink,
+    NatsSource,
+    NatsUnavailableError,
+)
+
+HERE = Path(__file__).resolve().parent
+SRC = HERE.parent / "src"
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+async def _connect(url: str) -> Any:
+    return await nats.connect(url, allow_reconnect=False, connect_timeout=2)
+
+
+async def make_stream(names: NatsNames, *extra: str) -> None:
+    nc = await _connect(names.url)
+    try:
+        await nc.jetstream().add_stream(
+            StreamConfig(name=names.stream, subjects=[names.wildcard, *extra])
+        )
+    finally:
+        await nc.close()
+
+
+async def publish(url: str, subject: str, values: list[Any], *, raw: bool = False) -> None:
+    nc = await _connect(url)
+    try:
+        js = nc.jetstream()
+        for start in range(0, len(values), 500):
+            part = values[start : start + 500]
+            await asyncio.gather(
+                *(js.publish(subject, v if raw else json.dumps(v).encode()) for v in part)
+            )
+    finally:
+        await nc.close()
+
+
+async def consumer(url: str, stream: str, durable: str) -> Any:
+    nc = await _connect(url)
+    try:
+        return await nc.jetstream().consumer_info(stream, durable)
+    finally:
+        await nc.close()
+
+
+async def read_stream(url: str, stream: str, subject: str) -> list[Any]:
+    """Every message of ``stream`` on ``subject``, decoded, in stream order."""
+    nc = await _connect(url)
+    out: list[Any] = []
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(stream)
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            msg = await js.get_msg(stream, seq)
+            if msg.subject == subject and msg.data is not None:
+                out.append(json.loads(msg.data))
+    finally:
+        await nc.close()
+    return out
+
+
+def source(names: NatsNames, **kw: Any) -> NatsSource:
+    kw.setdefault("stop_after_idle", 0.6)
+    kw.setdefault("fetch_timeout", 0.2)
+    return NatsSource(names.url, names.stream, names.subject, durable=names.durable, **kw)
+
+
+def ids(records: list[Any]) -> list[int]:
+    return [r["id"] for r in records]
+
+
+async def eventually(check: Callable[[], Any], within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {within} s")
+        await asyncio.sleep(0.02)
+
+
+class Gate(sw.sinks.Sink):
+    """A sink that writes a batch only when allowed to (``allow(n)`` batches)."""
+
+    def __init__(self) -> None:
+        self.written: list[Any] = []
+        self.allowed = 0
+        self.event = asyncio.Event()
+
+    def allow(self, batches: int) -> None:
+        self.allowed += batches
+        self.event.set()
+
+    async def write(self, batch: sw.Batch) -> None:
+        while self.allowed <= 0:
+            self.event.clear()
+            await self.event.wait()
+        self.allowed -= 1
+        self.written.extend(batch.values)
+
+
+# -- registration and arguments ---------------------------------------------------------
+
+
+def test_registered_lazily_under_one_name() -> None:
+    assert sw.sources.NatsJetStream is NatsSource
+    assert sw.sinks.NatsJetStream is NatsSink
+    assert "NatsJetStream" in dir(sw.sources)
+    assert "NatsJetStream" in dir(sw.sinks)
+
+
+def test_bad_arguments_are_named() -> None:
+    with pytest.raises(ValueError, match="batch must be an int >= 1, got 0"):
+        NatsSource("nats://x", "s", durable="d", batch=0)
+    with pytest.raises(ValueError, match="ack_wait must be > 0 seconds, got -1"):
+        NatsSource("nats://x", "s", durable="d", ack_wait=-1)
+    with pytest.raises(ValueError, match="durable must be a name"):
+        NatsSource("nats://x", "s", durable="")
+    with pytest.raises(ValueError, match="servers must name at least one URL"):
+        NatsSink("", "subj")
+    with pytest.raises(TypeError, match="msg_id must be callable"):
+        NatsSink("nats://x", "subj", msg_id="id")  # type: ignore[arg-type]
+
+
+# -- conformance -----------------------------------------------------------------------
+
+
+def test_order_within_a_subject_and_everything_acked(nats_names: NatsNames) -> None:
+    asyncio.run(make_stream(nats_names))
+    records = [{"id": i} for i in range(2000)]
+    asyncio.run(publish(nats_names.url, nats_names.subject, records))
+    src = source(nats_names)
+    out = sw.sinks.Collect()
+    flow = sw.Flow("nats-order")
+    flow.source(src).buffer(32).sink(out)
+    sw.run(flow, max_batch_size=50, handle_signals=False)
+    assert out.items == records
+    info = asyncio.run(consumer(nats_names.url, nats_names.stream, nats_names.durable))
+    assert info.num_pending == 0
+    assert info.num_ack_pending == 0
+    assert info.ack_floor.stream_seq == 2000
+    assert src.acked == 2000
+
+
+def test_credit_a_saturated_flow_stops_fetching(nats_names: NatsNames) -> None:
+    n, capacity, batch = 3000, 8, 16
+
+    async def main() -> None:
+        await make_stream(nats_names)
+        await publish(nats_names.url, nats_names.subject, [{"id": i} for i in range(n)])
+        gate = Gate()
+        flow = sw.Flow("nats-credit")
+        flow.source(source(nats_names, stop_after_idle=1.0)).buffer(capacity).sink(gate)
+        handle = sw.start(flow, max_batch_size=batch)
+        gate.allow(2)
+        await eventually(lambda: len(gate.written) > 0)
+        await asyncio.sleep(0.5)  # room for a source that ignored credit to run ahead
+        info = await consumer(nats_names.url, nats_names.stream, nats_names.durable)
+        fetched = info.delivered.consumer_seq
+        # channel + one batch in the sink + one pushed + one buffered by the source
+        assert fetched <= len(gate.written) + capacity + 3 * batch, fetched
+        assert info.num_pending >= n - fetched
+        assert info.num_pending > n - 200  # the broker still holds nearly everything
+        gate.allow(10**6)
+        await handle.wait()
+        assert ids(gate.written) == list(range(n))
+
+    asyncio.run(main())
+
+
+def test_ack_only_after_the_sink_wrote(nats_names: NatsNames) -> None:
+    """Without checkpoints: acks follow the sink (ack barriers), never run ahead of it."""
+    n, batch = 400, 20
+
+    async def main() -> None:
+        await make_stream(nats_names)
+        await publish(nats_names.url, nats_names.subject, [{"id": i} for i in range(n)])
+        gate = Gate()
+        flow = sw.Flow("nats-ack-after-sink")
+        flow.source(source(nats_names, stop_after_idle=1.0)).buffer(40).sink(gate)
+        handle = sw.start(flow, max_batch_size=batch)
+        await asyncio.sleep(0.4)
+        info = await consumer(nats_names.url, nats_names.stream, nats_names.durable)
+        assert gate.written == []
+        assert info.delivered.consumer_seq > 0
+        assert info.ack_floor.stream_seq == 0  # fetched, not written: not acked
+        assert info.num_ack_pending == info.delivered.consumer_seq
+        seen_acks = 0
+        for _ in range(6):
+            gate.allow(2)
+            await eventually(lambda: len(gate.written) % (2 * batch) == 0)
+            await asyncio.sleep(0.25)  # a few ack barriers
+            info = await consumer(nats_names.url, nats_names.stream, nats_names.durable)
+            acked = info.ack_floor.stream_seq
+            assert acked <= len(gate.written)  # never ahead of the sink
+            seen_acks = max(seen_acks, acked)
+        assert seen_acks > 0  # and it does follow the sink
+        gate.allow(10**6)
+        await handle.wait()
+        info = await consumer(nats_names.url, nats_names.stream, nats_names.durable)
+        assert info.ack_floor.stream_seq == n
+        assert info.num_ack_pending == 0
+
+    asyncio.run(main())
+
+
+def test_ack_only_after_the_checkpoint(nats_names: NatsNames, tmp_path: Path) -> None:
+    """With checkpoints: written but not yet checkpointed records stay unacknowledged."""
+    n = 300
+    out_path = tmp_path / "out.jsonl"
+
+    async def main() -> None:
+        await make_stream(nats_names)
+        await publish(nats_names.url, nats_names.subject, [{"id": i} for i in range(n)])
+        flow = sw.Flow("nats-ack-after-checkpoint")
+        flow.source(source(nats_names, stop_after_idle=None)).sink(sw.sinks.JsonLines(out_path))
+        handle = sw.start(flow, checkpoints=sw.Checkpoints(tmp_path / "ckpt", interval=3600))
+        await eventually(lambda: out_path.exists() and len(out_path.read_text().splitlines()) == n)
+        await asyncio.sleep(0.3)
+        info = await consumer(nats_names.url, nats_names.stream, nats_names.durable)
+        assert info.num_ack_pending == n  # written, but no checkpoint holds them yet
+        assert info.ack_floor.stream_seq == 0
+        await handle.stop()  # stops at a final checkpoint, which commits
+        info = await consumer(nats_names.url, nats_names.stream, nats_names.durable)
+        assert info.num_ack_pending == 0
+        assert info.ack_floor.stream_seq == n
+
+    asyncio.run(main())
+    assert ids([json.loads(x) for x in out_path.read_text().splitlines()]) == list(range(n))
+
+
+# -- crashes: a child process running a flow, killed with SIGKILL ----------------------
+
+
+def child(url: str, stream: str, durable: str, out: str, mode: str, idle: str) -> None:
+    """The flow the crash tests kill: ``mode`` "ckpt" (checkpoints + JsonLines sink,
+    exactly once) or "plain" (no checkpoints, a file appended per batch)."""
+    stop_after_idle = float(idle) if float(idle) > 0 else None
+    src = NatsSource(
+        url,
+        stream,
+        f"{stream}.in",
+        durable=durable,
+        ack_wait=1.0,
+        fetch_timeout=0.2,
+        stop_after_idle=stop_after_idle,
+    )
+
+    def slow(r: Any) -> Any:
+        time.sleep(0.0004)
+        return r
+
+    flow = sw.Flow("nats-crash")
+    stream_ = flow.source(src).map(slow)
+    checkpoints = None
+    if mode == "ckpt":
+        stream_.sink(sw.sinks.JsonLines(out))
+        checkpoints = sw.Checkpoints(out + ".ckpt", interval=0.1)
+    else:
+
+        def append(batch: list[Any]) -> None:
+            with open(out, "a", encoding="utf-8") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in batch))
+
+        stream_.sink(sw.sinks.Function(append, batched=True))
+    print("ready", flush=True)
+    sw.run(flow, checkpoints=checkpoints, max_batch_size=50, handle_signals=False)
+
+
+def start_child(names: NatsNames, out: Path, mode: str, idle: float) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{HERE}"}
+    args = [names.url, names.stream, names.durable, str(out), mode, str(idle)]
+    return subprocess.Popen(
+        [sys.executable, str(Path(__file__)), "child", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+
+
+def lines(path: Path) -> list[Any]:
+    if not path.exists():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.endswith("}")]
+
+
+def kill_after(p: subprocess.Popen[bytes], out: Path, at_least: int) -> None:
+    deadline = time.monotonic() + 20
+    while len(lines(out)) < at_least:
+        if p.poll() is not None:
+            raise AssertionError(f"child ended early: {p.communicate()[1].decode()}")
+        if time.monotonic() > deadline:
+            p.kill()
+            raise AssertionError(f"child wrote too little: {p.communicate()[1].decode()}")
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.communicate()
+
+
+def finish(names: NatsNames, out: Path, mode: str) -> None:
+    p = start_child(names, out, mode, idle=2.0)  # > ack_wait: redeliveries come first
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err.decode()
+
+
+def test_redelivery_after_a_crash_at_least_once(nats_names: NatsNames, tmp_path: Path) -> None:
+    n = 2000
+    asyncio.run(make_stream(nats_names))
+    asyncio.run(publish(nats_names.url, nats_names.subject, [{"id": i} for i in range(n)]))
+    out = tmp_path / "out.jsonl"
+    kill_after(start_child(nats_names, out, "plain", idle=0), out, at_least=300)
+    before = Counter(ids(lines(out)))
+    assert 0 < len(before) < n
+    finish(nats_names, out, "plain")
+    got = Counter(ids(lines(out)))
+    assert set(got) == set(range(n))  # nothing lost: unacked messages came back
+    info = asyncio.run(consumer(nats_names.url, nats_names.stream, nats_names.durable))
+    assert info.num_ack_pending == 0
+    assert info.ack_floor.stream_seq == n
+
+
+def test_crashes_with_checkpoints_are_exactly_once(nats_names: NatsNames, tmp_path: Path) -> None:
+    n = 3000
+    asyncio.run(make_stream(nats_names))
+    asyncio.run(publish(nats_names.url, nats_names.subject, [{"id": i} for i in range(n)]))
+    out = tmp_path / "out.jsonl"
+    for at_least in (200, 900):
+        kill_after(start_child(nats_names, out, "ckpt", idle=0), out, at_least=at_least)
+    finish(nats_names, out, "ckpt")
+    got = ids(lines(out))
+    dups = [i for i, c in Counter(got).items() if c > 1]
+    assert dups == []
+    assert got == list(range(n))
+    info = asyncio.run(consumer(nats_names.url, nats_names.stream, nats_names.durable))
+    assert info.ack_floor.stream_seq == n
+
+
+# -- close and resume -----------------------------------------------------------------
+
+
+def test_clean_close_when_idle_ends_the_run(nats_names: NatsNames) -> None:
+    async def main() -> None:
+        await make_stream(nats_names)
+        await publish(nats_names.url, nats_names.subject, [{"id": i} for i in range(50)])
+        src = source(nats_names, stop_after_idle=0.3)
+        sink = NatsSink(nats_names.url, f"{nats_names.stream}.out")
+        out = sw.sinks.Collect()
+        flow = sw.Flow("nats-close")
+        s = flow.source(src)
+        s.sink(out)
+        s.sink(sink)
+        before = asyncio.all_tasks()
+        t0 = time.monotonic()
+        await sw.start(flow).wait()
+        assert time.monotonic() - t0 < 3
+        assert len(out.items) == 50
+        await asyncio.sleep(0)
+        assert asyncio.all_tasks() == before  # no fetch task, no client task left
+        for link in (src._link, sink._link):
+            assert link.nc is None
+        await src.close()  # a second close is a no-op
+        await sink.close()
+
+    asyncio.run(main())
+
+
+def test_a_stopped_flow_gives_back_what_it_did_not_commit(nats_names: NatsNames) -> None:
+    """A clean close NAKs fetched-but-uncommitted messages: the next run gets them at
+    once, not after ack_wait."""
+    n = 500
+
+    async def main() -> None:
+        await make_stream(nats_names)
+        await publish(nats_names.url, nats_names.subject, [{"id": i} for i in range(n)])
+        gate = Gate()
+        flow = sw.Flow("nats-nak")
+        flow.source(source(nats_names, ack_wait=60)).buffer(50).sink(gate)
+        handle = sw.start(flow, max_batch_size=25)
+        gate.allow(3)
+        await eventually(lambda: len(gate.written) == 75)
+        await asyncio.sleep(0.3)
+        handle.force_stop()
+        with contextlib.suppress(sw.FlowCancelledError):
+            await handle.wait()
+        out = sw.sinks.Collect()
+        flow2 = sw.Flow("nats-nak-2")
+        flow2.source(source(nats_names, ack_wait=60, stop_after_idle=0.5)).sink(out)
+        t0 = time.monotonic()
+        await sw.start(flow2).wait()
+        assert time.monotonic() - t0 < 5  # far less than ack_wait=60
+        assert set(ids(gate.written)) | set(ids(out.items)) == set(range(n))
+
+    asyncio.run(main())
+
+
+def test_resume_from_a_checkpoint_position(nats_names: NatsNames, tmp_path: Path) -> None:
+    n = 2000
+    out = tmp_path / "out.jsonl"
+    ckpt = sw.Checkpoints(tmp_path / "ckpt", interval=0.05)
+
+    def slow(r: Any) -> Any:
+        time.sleep(0.0002)
+        return r
+
+    def build(idle: float | None) -> sw.Flow:
+        flow = sw.Flow("nats-resume")
+        flow.source(source(nats_names, stop_after_idle=idle)).map(slow).sink(
+            sw.sinks.JsonLines(out)
+        )
+        return flow
+
+    async def first() -> None:
+        handle = sw.start(build(None), checkpoints=ckpt, max_batch_size=50)
+        await eventually(lambda: len(lines(out)) >= 500)
+        await handle.stop()  # at a final checkpoint
+
+    asyncio.run(make_stream(nats_names))
+    asyncio.run(publish(nats_names.url, nats_names.subject, [{"id": i} for i in range(n)]))
+    asyncio.run(first())
+    assert 500 <= len(lines(out)) < n
+    sw.run(build(0.6), checkpoints=ckpt, handle_signals=False, max_batch_size=50)
+    assert ids(lines(out)) == list(range(n))
+
+
+# -- values, metadata, bad input -------------------------------------------------------
+
+
+def test_raw_payloads_and_metadata(nats_names: NatsNames) -> None:
+    asyncio.run(make_stream(nats_names))
+    asyncio.run(publish(nats_names.url, nats_names.subject, [b"a", b"\xff"], raw=True))
+    out = sw.sinks.Collect()
+    flow = sw.Flow("nats-raw")
+    flow.source(source(nats_names, decode=bytes, include_metadata=True)).sink(out)
+    sw.run(flow, handle_signals=False)
+    assert [m.payload for m in out.items] == [b"a", b"\xff"]
+    first = out.items[0]
+    assert isinstance(first, NatsMessage)
+    assert (first.subject, first.stream_seq, first.delivered) == (nats_names.subject, 1, 1)
+
+
+def test_bad_input_dead_lettered_then_acked(nats_names: NatsNames) -> None:
+    asyncio.run(make_stream(nats_names))
+    asyncio.run(
+        publish(
+            nats_names.url, nats_names.subject, [b'{"id": 0}', b"{nope", b'{"id": 2}'], raw=True
+        )
+    )
+    out, dlq = sw.sinks.Collect(), sw.sinks.Collect()
+    flow = sw.Flow("nats-bad-dlq")
+    flow.source(source(nats_names), on_error=sw.DeadLetter(dlq)).sink(out)
+    sw.run(flow, handle_signals=False)
+    assert out.items == [{"id": 0}, {"id": 2}]
+    (letter,) = dlq.items
+    assert f"NATS stream {nats_names.stream} seq 2" in letter.error_message
+    assert letter.record == b"{nope"
+    info = asyncio.run(consumer(nats_names.url, nats_names.stream, nats_names.durable))
+    assert info.num_ack_pending == 0
+    assert info.ack_floor.stream_seq == 3
+
+
+def test_bad_input_that_stops_the_flow_is_not_acked(nats_names: NatsNames) -> None:
+    asyncio.run(make_stream(nats_names))
+    asyncio.run(
+        publish(
+            nats_names.url, nats_names.subject, [b'{"id": 0}', b"{nope", b'{"id": 2}'], raw=True
+        )
+    )
+    out = sw.sinks.Collect()
+    flow = sw.Flow("nats-bad-fail")
+    flow.source(source(nats_names)).sink(out)
+    with pytest.raises(sw.OperatorError, match="seq 2"):
+        sw.run(flow, handle_signals=False)
+    assert out.items == [{"id": 0}]
+    info = asyncio.run(consumer(nats_names.url, nats_names.stream, nats_names.durable))
+    assert info.ack_floor.stream_seq <= 1  # the bad message (seq 2) is not acknowledged
+    assert info.num_pending + info.num_ack_pending >= 2  # it and the one after it remain
+
+
+# -- the sink --------------------------------------------------------------------------
+
+
+def test_sink_publishes_in_order_with_pubacks(nats_names: NatsNames) -> None:
+    asyncio.run(make_stream(nats_names))
+    subject = f"{nats_names.stream}.out"
+    sink = NatsSink(nats_names.url, subject, max_inflight=64)
+    records = [{"id": i} for i in range(1500)]
+    flow = sw.Flow("nats-sink")
+    flow.source(sw.sources.Iterable(records)).sink(sink)
+    sw.run(flow, handle_signals=False, max_batch_size=500)
+    assert sink.published == 1500
+    assert asyncio.run(read_stream(nats_names.url, nats_names.stream, subject)) == records
+
+
+def test_sink_msg_id_makes_writes_idempotent(nats_names: NatsNames) -> None:
+    asyncio.run(make_stream(nats_names))
+    subject = f"{nats_names.stream}.out"
+    records = [{"id": i} for i in range(100)]
+    sinks = []
+    for _ in range(2):  # the same records twice, as a replay would
+        sink = NatsSink(nats_names.url, subject, msg_id=lambda r: f"rec-{r['id']}")
+        flow = sw.Flow("nats-dedupe")
+        flow.source(sw.sources.Iterable(records)).sink(sink)
+        sw.run(flow, handle_signals=False)
+        sinks.append(sink)
+    assert sinks[1].duplicates == 100
+    assert asyncio.run(read_stream(nats_names.url, nats_names.stream, subject)) == records
+
+
+def test_sink_pins_a_record_it_cannot_encode(nats_names: NatsNames) -> None:
+    asyncio.run(make_stream(nats_names))
+    subject = f"{nats_names.stream}.out"
+    records: list[Any] = [{"id": 0}, {"id": 1}, {"bad": {1, 2}}, {"id": 3}]
+    dlq = sw.sinks.Collect()
+    flow = sw.Flow("nats-sink-bad")
+    flow.source(sw.sources.Iterable(records)).sink(
+        NatsSink(nats_names.url, subject), on_error=sw.DeadLetter(dlq)
+    )
+    sw.run(flow, handle_signals=False)
+    assert [d.record for d in dlq.items] == [{"bad": {1, 2}}]
+    stored = asyncio.run(read_stream(nats_names.url, nats_names.stream, subject))
+    assert stored == [{"id": 0}, {"id": 1}, {"id": 3}]  # each once
+
+
+def test_sink_without_a_stream_fails_at_open(nats_url: str) -> None:
+    flow = sw.Flow("nats-sink-nostream")
+    flow.source(sw.sources.Iterable([1])).sink(NatsSink(nats_url, "no.stream.here.at.all"))
+    with pytest.raises(Exception, match="no JetStream stream captures subject"):
+        sw.run(flow, handle_signals=False)
+
+
+def test_source_without_a_stream_fails_at_open(nats_url: str) -> None:
+    flow = sw.Flow("nats-source-nostream")
+    flow.source(NatsSource(nats_url, "SWTEST_MISSING_STREAM", durable="d")).sink(sw.sinks.Collect())
+    with pytest.raises(Exception, match="no JetStream stream 'SWTEST_MISSING_STREAM'"):
+        sw.run(flow, handle_signals=False)
+
+
+def test_gives_up_after_reconnect_timeout_naming_the_server() -> None:
+    from services import free_port  # noqa: PLC0415
+
+    url = f"nats://127.0.0.1:{free_port()}"
+    flow = sw.Flow("nats-nobody")
+    flow.source(NatsSource(url, "S", durable="d", reconnect_timeout=0.3)).sink(sw.sinks.Collect())
+    t0 = time.monotonic()
+    with pytest.raises(NatsUnavailableError, match=f"NATS at {url} unavailable for"):
+        sw.run(flow, handle_signals=False)
+    assert time.monotonic() - t0 < 3
+
+
+# -- outage: a private server killed and restarted mid-stream --------------------------
+
+
+def test_outage_reconnects_and_loses_nothing_acknowledged(
+    own_nats: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="sluiceway")
+    names = NatsNames(own_nats.url, "OUTAGE", "OUTAGE.in", "worker")
+    out_subject = "OUTAGE.out"
+    n_pre, n_live = 1500, 1500
+    acked_in: set[int] = set()
+
+    async def producer() -> None:
+        """Publishes n_live more while the server goes down; counts PubAcks."""
+        i = n_pre
+        nc = None
+        while i < n_pre + n_live:
+            try:
+                if nc is None or not nc.is_connected:
+                    nc = await _connect(names.url)
+                js = nc.jetstream(timeout=1)
+                ack = await js.publish(
+                    names.subject,
+                    json.dumps({"id": i}).encode(),
+                    headers={"Nats-Msg-Id": f"in-{i}"},
+                )
+                assert ack.seq > 0
+                acked_in.add(i)
+                i += 1
+                if i % 50 == 0:
+                    await asyncio.sleep(0.01)
+            except (TimeoutError, OSError, nats.errors.Error):
+                nc = None
+                await asyncio.sleep(0.05)
+        if nc is not None:
+            await nc.close()
+
+    async def main() -> list[Any]:
+        await make_stream(names)
+        await publish(names.url, names.subject, [{"id": i} for i in range(n_pre)])
+        acked_in.update(range(n_pre))
+        out = sw.sinks.Collect()
+        src = source(names, ack_wait=2.0, stop_after_idle=3.0, reconnect_timeout=30)
+        sink = NatsSink(names.url, out_subject, msg_id=lambda r: f"out-{r['id']}", ack_timeout=1)
+
+        def slow(r: Any) -> Any:
+            time.sleep(0.0003)
+            return r
+
+        flow = sw.Flow("nats-outage")
+        s = flow.source(src).map(slow)
+        s.sink(out)
+        s.sink(sink)
+        handle = sw.start(flow, max_batch_size=50)
+        prod = asyncio.get_running_loop().create_task(producer())
+        await eventually(lambda: len(out.items) >= 600)
+        own_nats.stop(signal.SIGKILL)  # a crash: no clean shutdown of the store
+        await asyncio.sleep(1.0)
+        own_nats.start()
+        await prod
+        await handle.wait()
+        return out.items
+
+    got = asyncio.run(main())
+    assert set(ids(got)) >= acked_in  # nothing the broker acknowledged is lost
+    stored = asyncio.run(read_stream(names.url, "OUTAGE", out_subject))
+    assert set(ids(stored)) >= acked_in
+    messages = [r.getMessage() for r in caplog.records if r.name == "sluiceway"]
+    warnings = [m for m in messages if "unavailable" in m]
+    recoveries = [m for m in messages if "available again" in m]
+    assert warnings
+    assert recoveries
+    # one WARNING per outage and per connection (source, sink), not one per retry
+    assert len(warnings) <= 4, warnings
+
+
+# -- the example -----------------------------------------------------------------------
+
+
+def test_example_flow_runs(nats_names: NatsNames, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLUICEWAY_NATS_URL", nats_names.url)
+    monkeypatch.setenv("SLUICEWAY_NATS_STREAM", nats_names.stream)
+    path = HERE.parent / "examples" / "nats_flow.py"
+    spec = importlib.util.spec_from_file_location("nats_flow_example", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = sw.sinks.Collect()
+    module.flow.nodes  # noqa: B018 - it builds
+    clicks = [{"user": "ann", "amount": 3.0}, {"user": "bob", "amount": 12.5}]
+
+    async def main() -> None:
+        handle = sw.start(module.build(out))
+        await asyncio.sleep(0.3)  # the stream is created at open
+        await publish(nats_names.url, f"{nats_names.stream}.clicks", clicks)
+        await eventually(lambda: len(out.items) == 1)
+        await handle.stop()
+
+    asyncio.run(main())
+    assert out.items[0]["user"] == "bob"
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 8 and sys.argv[1] == "child":
+        child(*sys.argv[2:])
+    else:
+        raise SystemExit(f"usage: {sys.argv[0]} child URL STREAM DURABLE OUT MODE IDLE")
