@@ -36,6 +36,7 @@ import bench_checkpoints
 import bench_latency
 import bench_limiters
 import bench_mqtt
+import bench_nats
 import bench_observability
 import bench_postgres
 import bench_rabbitmq
@@ -65,6 +66,7 @@ WORKLOADS: dict[str, Workload] = {
     "PG": bench_postgres.run,
     "RMQ": bench_rabbitmq.run,
     "MQTT": bench_mqtt.run,
+    "NATS": bench_nats.run,
 }
 
 

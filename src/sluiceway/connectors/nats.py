@@ -53,7 +53,7 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, Header, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, Header, PubAck, StreamConfig
 
 from sluiceway.connectors.base import PartialWriteError, Sink, SinkContext, Source, SourceContext
 from sluiceway.errors import BadInputError, short_repr
@@ -257,6 +257,11 @@ async def _close_quietly(nc: Client) -> None:
         await nc.close()
     except _NATS_ERRORS as exc:
         log.debug("closing a NATS connection: %r", exc)
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def _describe(exc: BaseException) -> str:
@@ -948,14 +953,9 @@ class NatsSink(Sink):
             failed: list[tuple[int, BaseException]] = []
             for start in range(0, len(todo), window):
                 part = todo[start : start + window]
-                results = await asyncio.gather(
-                    *(js.publish(items[i][0], items[i][1], headers=items[i][2]) for i in part),
-                    return_exceptions=True,
-                )
+                results = await self._send(js, [items[i] for i in part])
                 for i, res in zip(part, results, strict=True):
                     if isinstance(res, BaseException):
-                        if isinstance(res, asyncio.CancelledError):
-                            raise res
                         failed.append((i, res))
                     else:
                         self.published += 1
@@ -972,6 +972,40 @@ class NatsSink(Sink):
         if refused is not None:
             i, exc = refused
             raise PartialWriteError(i, exc)
+
+    async def _send(
+        self, js: JetStreamContext, items: list[tuple[str, bytes, dict[str, str] | None]]
+    ) -> list[PubAck | BaseException]:
+        """Publish ``items`` back to back (in order on the connection), then wait for
+        their PubAcks, at most ``ack_timeout``: a PubAck or the error, per item."""
+        futures: list[asyncio.Future[PubAck]] = []
+        error: BaseException | None = None
+        for subject, payload, headers in items:
+            try:
+                futures.append(await js.publish_async(subject, payload, headers=headers))
+            except _NATS_ERRORS as exc:  # the connection broke: the rest are not sent
+                error = exc
+                break
+        if futures:
+            clock = self._link.clock
+            everything = asyncio.gather(*futures, return_exceptions=True)
+            acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            everything.add_done_callback(lambda _: _resolve(acked))
+            deadline = clock.monotonic() + (self._ack_timeout or 5.0)
+            if not await clock.wait_until(acked, deadline):
+                for f in futures:
+                    f.cancel()  # a PubAck that never came: lost, sent again
+            await asyncio.wait([everything])
+        results: list[PubAck | BaseException] = []
+        for f in futures:
+            if f.cancelled():
+                results.append(nats.errors.TimeoutError())
+            else:
+                err = f.exception()
+                results.append(f.result() if err is None else err)
+        lost = error or nats.errors.ConnectionClosedError()
+        results += [lost] * (len(items) - len(futures))
+        return results
 
     async def close(self) -> None:
         """Disconnect (every write has its PubAcks already).  Safe to call twice."""
