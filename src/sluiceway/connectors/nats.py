@@ -180,7 +180,8 @@ class _Link:
                 if self._closed:
                     raise nats.errors.ConnectionClosedError
                 old, self.nc = self.nc, None
-                if old is not None:
+                if old is not None:  # it was connected: an outage starts here
+                    self._begin_outage(old.last_error or nats.errors.ConnectionClosedError())
                     await _close_quietly(old)
                 try:
                     self.nc = await nats.connect(
@@ -205,23 +206,9 @@ class _Link:
     async def trouble(self, exc: BaseException) -> None:
         """An operation failed for a reason that may pass: wait (backing off), or raise
         :class:`NatsUnavailableError` once ``reconnect_timeout`` is over."""
-        now = self.clock.monotonic()
-        if self._outage_since is None:
-            self._outage_since = now
-            self._delay = _BACKOFF_FIRST
-            limit = (
-                "for ever"
-                if self.reconnect_timeout is None
-                else f"giving up after {self.reconnect_timeout:g} s"
-            )
-            log.warning(
-                "%s: NATS at %s unavailable (%s); retrying with backoff, %s",
-                self.what,
-                ",".join(self.servers),
-                _describe(exc),
-                limit,
-            )
-        elapsed = now - self._outage_since
+        self._begin_outage(exc)
+        assert self._outage_since is not None
+        elapsed = self.clock.monotonic() - self._outage_since
         timeout = self.reconnect_timeout
         if timeout is not None and elapsed >= timeout:
             raise NatsUnavailableError(
@@ -231,6 +218,25 @@ class _Link:
         wait = self._delay if timeout is None else min(self._delay, timeout - elapsed)
         self._delay = min(self._delay * 2, _BACKOFF_MAX)
         await self.clock.sleep(max(wait, 0.0))
+
+    def _begin_outage(self, exc: BaseException) -> None:
+        """Log the start of an outage (once: it lasts until :meth:`ok`)."""
+        if self._outage_since is not None:
+            return
+        self._outage_since = self.clock.monotonic()
+        self._delay = _BACKOFF_FIRST
+        limit = (
+            "for ever"
+            if self.reconnect_timeout is None
+            else f"giving up after {self.reconnect_timeout:g} s"
+        )
+        log.warning(
+            "%s: NATS at %s unavailable (%s); reconnecting with backoff, %s",
+            self.what,
+            ",".join(self.servers),
+            _describe(exc),
+            limit,
+        )
 
     def ok(self) -> None:
         """An operation succeeded: an outage, if any, is over."""
