@@ -25,6 +25,7 @@ _LAZY: dict[str, str] = {
     "RabbitMQ": "sluiceway.connectors.rabbitmq:RabbitMQSink",
     "Postgres": "sluiceway.connectors.postgres",
     "Mqtt": "sluiceway.connectors.mqtt:MqttSink",
+    "RedisStream": "sluiceway.connectors.redis_streams:RedisStreamSink",
 }
 
 

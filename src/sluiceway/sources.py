@@ -26,6 +26,7 @@ _LAZY: dict[str, str] = {
     "NatsJetStream": "sluiceway.connectors.nats:NatsSource",
     "RabbitMQ": "sluiceway.connectors.rabbitmq:RabbitMQSource",
     "Mqtt": "sluiceway.connectors.mqtt:MqttSource",
+    "RedisStream": "sluiceway.connectors.redis_streams:RedisStreamSource",
 }
 
 
