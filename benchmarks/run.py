@@ -41,6 +41,7 @@ import bench_observability
 import bench_postgres
 import bench_rabbitmq
 import bench_redis_limiter
+import bench_redis_streams
 import bench_stateless
 import bench_windows
 from common import Result, Row, render_table
@@ -67,6 +68,7 @@ WORKLOADS: dict[str, Workload] = {
     "RMQ": bench_rabbitmq.run,
     "MQTT": bench_mqtt.run,
     "NATS": bench_nats.run,
+    "RS": bench_redis_streams.run,
 }
 
 
