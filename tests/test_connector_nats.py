@@ -161,6 +161,12 @@ def test_registered_lazily_under_one_name() -> None:
     assert "NatsJetStream" in dir(sw.sinks)
 
 
+def test_import_sluiceway_does_not_import_nats() -> None:
+    code = "import sys, sluiceway; sys.exit('nats' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    assert subprocess.run([sys.executable, "-c", code], env=env, check=False).returncode == 0
+
+
 def test_bad_arguments_are_named() -> None:
     with pytest.raises(ValueError, match="batch must be an int >= 1, got 0"):
         NatsSource("nats://x", "s", durable="d", batch=0)
