@@ -710,6 +710,9 @@ def test_outage_reconnects_and_loses_nothing_acknowledged(
 
     got = asyncio.run(main())
     assert set(ids(got)) >= acked_in  # nothing the broker acknowledged is lost
+    info = asyncio.run(consumer(names.url, names.stream, names.durable))
+    assert info.num_ack_pending == 0  # the acks owed across the outage were sent
+    assert info.num_pending == 0
     stored = asyncio.run(read_stream(names.url, "OUTAGE", out_subject))
     assert set(ids(stored)) >= acked_in
     messages = [r.getMessage() for r in caplog.records if r.name == "sluiceway"]
@@ -744,7 +747,18 @@ def test_example_flow_runs(nats_names: NatsNames, monkeypatch: pytest.MonkeyPatc
 
     async def main() -> None:
         handle = sw.start(module.build(out))
-        await asyncio.sleep(0.3)  # the stream is created at open
+
+        async def created() -> bool:  # the source creates the stream at open
+            nc = await _connect(nats_names.url)
+            try:
+                await nc.jetstream().stream_info(nats_names.stream)
+            except nats.errors.Error:
+                return False
+            finally:
+                await nc.close()
+            return True
+
+        await eventually(created)
         await publish(nats_names.url, f"{nats_names.stream}.clicks", clicks)
         await eventually(lambda: len(out.items) == 1)
         await handle.stop()
