@@ -143,13 +143,16 @@ class _Link:
         self.where = _describe(client)
         self.reconnect_timeout: float | None = None
         self.outages = 0
+        self.down_since: float | None = None  # clock.monotonic() when the outage began
         self.clock = clock
 
     async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
-        """``await fn()``; on a connection loss retry (at once, then with backoff)."""
+        """``await fn()``; on a connection loss retry (at once, then with backoff).
+
+        The outage is the link's, not the call's: concurrent calls (a read and a
+        commit) log one WARNING when it starts and one INFO when it ends."""
         clock = self.clock
-        down_since: float | None = None
-        warned = False
+        first_failure: float | None = None
         delay = _BACKOFF_FIRST
         task = asyncio.current_task()
         cancels = 0 if task is None else task.cancelling()
@@ -165,18 +168,11 @@ class _Link:
                 ) from exc
             except _OUTAGE as exc:
                 now = clock.monotonic()
-                if down_since is None:
-                    down_since = now  # a pooled connection may just be stale: retry at once
+                if first_failure is None and self.down_since is None:
+                    first_failure = now  # a pooled connection may just be stale: retry at once
                     continue
-                limit = self.reconnect_timeout
-                if limit is not None and now - down_since >= limit:
-                    raise RedisStreamError(
-                        f"{self.what}: Redis at {self.where} unreachable for "
-                        f"{now - down_since:.1f} s (reconnect_timeout={limit:g}): "
-                        f"{type(exc).__name__}: {exc}"
-                    ) from exc
-                if not warned:
-                    warned = True
+                if self.down_since is None:
+                    self.down_since = first_failure if first_failure is not None else now
                     self.outages += 1
                     log.warning(
                         "%s: lost Redis at %s (%s: %s); reconnecting with backoff%s",
@@ -184,19 +180,30 @@ class _Link:
                         self.where,
                         type(exc).__name__,
                         exc,
-                        "" if limit is None else f" for up to {limit:g} s",
+                        ""
+                        if self.reconnect_timeout is None
+                        else f" for up to {self.reconnect_timeout:g} s",
                     )
-                wait = delay if limit is None else min(delay, max(0.0, down_since + limit - now))
+                down_for = now - self.down_since
+                limit = self.reconnect_timeout
+                if limit is not None and down_for >= limit:
+                    raise RedisStreamError(
+                        f"{self.what}: Redis at {self.where} unreachable for "
+                        f"{down_for:.1f} s (reconnect_timeout={limit:g}): "
+                        f"{type(exc).__name__}: {exc}"
+                    ) from exc
+                wait = delay if limit is None else min(delay, max(0.0, limit - down_for))
                 await clock.sleep(wait)
                 delay = min(delay * 2, _BACKOFF_MAX)
             else:
-                if warned and down_since is not None:
+                if self.down_since is not None:
                     log.info(
                         "%s: Redis at %s is back after %.1f s",
                         self.what,
                         self.where,
-                        clock.monotonic() - down_since,
+                        clock.monotonic() - self.down_since,
                     )
+                    self.down_since = None
                 return result
 
 
