@@ -322,7 +322,8 @@ class NatsSource(Source):
         max_ack_pending: the most messages the server lets be unacknowledged at once.
             Everything in the flow between source and commit counts, so it must exceed
             the flow's channel capacities plus ``batch`` (and, with checkpoints, what
-            flows in one checkpoint interval), or the source starves.
+            flows in one checkpoint interval), or the source starves (a new consumer's
+            setting, like ``ack_wait``).
         stop_after_idle: end the input (return None) when no message came for this many
             seconds; None (default): run until stopped.
         decode: ``bytes -> value``; default JSON.  ``decode=bytes`` gives raw payloads.
@@ -353,7 +354,7 @@ class NatsSource(Source):
         batch: int = 1024,
         fetch_timeout: float = 1.0,
         ack_wait: float = 30.0,
-        max_ack_pending: int = 20_000,
+        max_ack_pending: int = 100_000,
         stop_after_idle: float | None = None,
         decode: Callable[[bytes], Any] | None = None,
         include_metadata: bool = False,
