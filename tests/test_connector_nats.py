@@ -604,6 +604,32 @@ def test_sink_msg_id_makes_writes_idempotent(nats_names: NatsNames) -> None:
     assert asyncio.run(read_stream(nats_names.url, nats_names.stream, subject)) == records
 
 
+def test_sink_routes_by_subject_function_with_headers(nats_names: NatsNames) -> None:
+    asyncio.run(make_stream(nats_names))
+    records = [{"id": i, "kind": "a" if i % 2 else "b"} for i in range(10)]
+
+    def route(r: dict[str, Any]) -> str:
+        return f"{nats_names.stream}.{r['kind']}"
+
+    flow = sw.Flow("nats-route")
+    flow.source(sw.sources.Iterable(records)).sink(
+        NatsSink(nats_names.url, route, headers=lambda r: {"kind": r["kind"]})
+    )
+    sw.run(flow, handle_signals=False)
+    for kind in ("a", "b"):
+        got = asyncio.run(read_stream(nats_names.url, nats_names.stream, route({"kind": kind})))
+        assert got == [r for r in records if r["kind"] == kind]
+
+    async def headers_of_first() -> Any:
+        nc = await _connect(nats_names.url)
+        try:
+            return (await nc.jetstream().get_msg(nats_names.stream, 1)).headers
+        finally:
+            await nc.close()
+
+    assert asyncio.run(headers_of_first()) == {"kind": "b"}
+
+
 def test_sink_pins_a_record_it_cannot_encode(nats_names: NatsNames) -> None:
     asyncio.run(make_stream(nats_names))
     subject = f"{nats_names.stream}.out"
