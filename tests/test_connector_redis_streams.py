@@ -486,6 +486,33 @@ def test_sink_error_reply_names_the_stream(redis_url: str, redis_prefix: str) ->
     assert isinstance(info.value.__cause__, RedisStreamError) or "WRONGTYPE" in str(info.value)
 
 
+def test_a_vanished_group_is_created_again(
+    redis_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    inp = f"{redis_prefix}:in"
+    preload(redis_url, inp, 10)
+    got: list[int] = []
+
+    async def main() -> None:
+        flow = sw.Flow("rs-nogroup")
+        flow.source(source(redis_url, inp, stop_after_idle=None)).sink(
+            sw.sinks.Function(lambda r: got.append(r["i"]))
+        )
+        handle = sw.start(flow)
+        await eventually(lambda: len(got) >= 10)
+        client = redis.Redis.from_url(redis_url)
+        client.xgroup_destroy(inp, "g")  # as if Redis restarted without its data
+        client.close()
+        preload(redis_url, inp, 10, start=10)
+        await eventually(lambda: set(range(10, 20)) <= set(got))
+        await handle.stop()
+
+    with caplog.at_level(logging.WARNING, logger="sluiceway"):
+        asyncio.run(main())
+    assert any("is gone" in r.getMessage() for r in caplog.records)
+    assert set(got) == set(range(20))  # start="0": the new group reads from the start
+
+
 def test_unreachable_redis_gives_up_naming_the_server() -> None:
     from services import free_port  # noqa: PLC0415
 

@@ -506,13 +506,34 @@ class RedisStreamSource(Source):
                 self._next_claim = now + min(30.0, self._claim_idle / 2)
                 await link.call(self._claim)
             want = min(max_records, self._count)
-            got = await link.call(lambda: self._fetch(want))
+            got = await link.call(lambda: self._read(want))
             if not got and not self._buffer:
                 idle = self._stop_after_idle
                 if idle is not None and self._idle >= idle:
                     return None
                 return Batch([])
         return await self._hand_out(ctx, max_records)
+
+    async def _read(self, want: int) -> bool:
+        """:meth:`_fetch`, recreating the group if it vanished (a restarted Redis that
+        kept no data) and naming the stream in any other error reply."""
+        try:
+            return await self._fetch(want)
+        except redis_errors.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise RedisStreamError(
+                    f"{self.describe()}: Redis refused a read of {self._where}: {exc}"
+                ) from exc
+        log.warning(
+            "%s: group %r of %s is gone (Redis lost its data?); creating it again at %r",
+            self.describe(),
+            self._group,
+            self._where,
+            self._start,
+        )
+        await self._create_group()
+        self._pending_cursor = b"0"
+        return False
 
     async def _fetch(self, want: int) -> bool:
         """Fill the buffer with one read; True if anything came (ack-skipped included)."""
