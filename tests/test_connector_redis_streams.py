@@ -338,6 +338,25 @@ def test_restore_acks_what_the_checkpoint_covers(redis_url: str, redis_prefix: s
     assert pending_count(redis_url, inp, "g") == 0
 
 
+def test_restore_acks_the_claimed_entries_the_checkpoint_lists(
+    redis_url: str, redis_prefix: str
+) -> None:
+    inp = f"{redis_prefix}:in"
+    preload(redis_url, inp, 10)
+    client = redis.Redis.from_url(redis_url)
+    client.xgroup_create(inp, "g", id="0")
+    claimed = client.xreadgroup("g", "me~claims", {inp: ">"}, count=5)[0][1]
+    client.close()
+    src = source(redis_url, inp, consumer="me")  # claim_idle off in this run
+    src.restore({"seq": 3, "hw": None, "claimed": [i.decode() for i, _ in claimed[:3]]})
+    out = sw.sinks.Collect()
+    flow = sw.Flow("rs-restore-claims")
+    flow.source(src).sink(out)
+    sw.run(flow, handle_signals=False)
+    assert sorted(r["i"] for r in out.items) == list(range(3, 10))
+    assert pending_count(redis_url, inp, "g") == 0
+
+
 def test_clean_close(redis_url: str, redis_prefix: str) -> None:
     inp, outs = f"{redis_prefix}:in", f"{redis_prefix}:out"
     preload(redis_url, inp, 10)
@@ -417,6 +436,18 @@ def test_metadata_and_raw_decode(redis_url: str, redis_prefix: str) -> None:
     flow.source(source(redis_url, inp, decode=bytes, include_metadata=True)).sink(out)
     sw.run(flow, handle_signals=False)
     assert out.items == [RedisStreamEntry(b"\x00raw", first, inp, redelivered=False)]
+
+
+def test_whole_entries_as_dicts(redis_url: str, redis_prefix: str) -> None:
+    inp = f"{redis_prefix}:in"
+    client = redis.Redis.from_url(redis_url)
+    client.xadd(inp, {"user": "ada", "n": 3})
+    client.close()
+    out = sw.sinks.Collect()
+    flow = sw.Flow("rs-fields")
+    flow.source(source(redis_url, inp, field=None)).sink(out)
+    sw.run(flow, handle_signals=False)
+    assert out.items == [{"user": "ada", "n": "3"}]
 
 
 def test_claims_a_dead_consumers_entries(redis_url: str, redis_prefix: str) -> None:

@@ -399,8 +399,9 @@ class RedisStreamSource(Source):
         if self._claim_idle is not None:
             self._next_claim = now  # claim at the first read
         self._pending_cursor = b"0"
-        # The claims consumer exists only where claiming is on (reading creates it).
-        self._claims_cursor = b"0" if self._claim_idle is not None else None
+        # The claims consumer exists only where claiming is (or was) on: reading creates it.
+        claiming = self._claim_idle is not None or self._restore_claimed
+        self._claims_cursor = b"0" if claiming else None
 
     async def _create_group(self) -> None:
         assert self._link is not None
