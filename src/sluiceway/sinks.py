@@ -1,6 +1,7 @@
 """Built-in sinks: ``sw.sinks.Collect``, ``Stdout``, ``Function``, ``JsonLines``."""
 
 import importlib
+from typing import TYPE_CHECKING
 
 from sluiceway.connectors.base import PartialWriteError, Sink, SinkContext
 from sluiceway.connectors.files import JsonLinesSink as JsonLines
@@ -16,6 +17,19 @@ __all__ = [
     "Stdout",
 ]
 
+
+if TYPE_CHECKING:  # the lazy names below, typed for mypy and editors
+    from sluiceway.connectors.mqtt import MqttSink
+    from sluiceway.connectors.nats import NatsSink
+    from sluiceway.connectors.postgres import PostgresSink
+    from sluiceway.connectors.rabbitmq import RabbitMQSink
+    from sluiceway.connectors.redis_streams import RedisStreamSink
+
+    Mqtt = MqttSink
+    NatsJetStream = NatsSink
+    Postgres = PostgresSink
+    RabbitMQ = RabbitMQSink
+    RedisStream = RedisStreamSink
 
 # Broker connectors, imported on first use so that ``import sluiceway`` needs none of the
 # client libraries (they are extras: ``pip install 'sluiceway[nats]'`` and so on).

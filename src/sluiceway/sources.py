@@ -1,6 +1,7 @@
 """Built-in sources: ``Iterable``, ``Generator``, ``JsonLines``, ``Csv``, ``Stdin``."""
 
 import importlib
+from typing import TYPE_CHECKING
 
 from sluiceway.connectors.base import Source, SourceContext
 from sluiceway.connectors.files import Csv
@@ -18,6 +19,17 @@ __all__ = [
     "Stdin",
 ]
 
+
+if TYPE_CHECKING:  # the lazy names below, typed for mypy and editors
+    from sluiceway.connectors.mqtt import MqttSource
+    from sluiceway.connectors.nats import NatsSource
+    from sluiceway.connectors.rabbitmq import RabbitMQSource
+    from sluiceway.connectors.redis_streams import RedisStreamSource
+
+    Mqtt = MqttSource
+    NatsJetStream = NatsSource
+    RabbitMQ = RabbitMQSource
+    RedisStream = RedisStreamSource
 
 # Broker connectors, imported on first use so that ``import sluiceway`` needs none of the
 # client libraries (they are extras: ``pip install 'sluiceway[nats]'`` and so on).
