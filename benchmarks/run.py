@@ -1,16 +1,19 @@
 """Run every sluiceway core benchmark and print one results table.
 
-    python benchmarks/run.py            # the full suite (~6 min; figures in RESULTS.md)
-    python benchmarks/run.py --quick    # smaller sizes and durations, ~75 s (smoke test)
-    python benchmarks/run.py --only W2  # one workload (W1, BP, LAT, W2, W3, W4, W2-mem,
-                                        # W3-mem, W4-mem); may be repeated
+    python benchmarks/run.py            # the full suite (~25 min; figures in RESULTS.md)
+    python benchmarks/run.py --quick    # smaller sizes and durations, ~5 min (smoke test)
+    python benchmarks/run.py --only W2  # one workload (see --help); may be repeated
     python benchmarks/run.py --json out.json   # also write every raw figure
 
 Workloads: W1 stateless map/filter, BP backpressure memory, LAT end-to-end latency, and the
 event-time windows W2 (tumbling), W3 (sliding) and W4 (session), which are compared with a
 plain Python loop and, when installed (``pip install -e '.[bench]'``), with Bytewax.
 W2-mem, W3-mem and W4-mem measure the memory the same window computations add at scale
-(100,000 users, ~10^5 open windows), for the plain loop and sluiceway.
+(100,000 users, ~10^5 open windows), for the plain loop and sluiceway.  IO, RL, RRL:
+map_async and the rate limiters (local, Redis); OBS: the cost of the exporter and the live
+view; CK: checkpoints' overhead on W2 and the restore of 100,000 keys; RS, NATS, RMQ,
+MQTT, PG: each broker connector end to end against the raw client library doing the same
+batched loop, on the real servers.
 
 Each measurement runs in its own child process (see ``common.run_child``).  Run it on an
 otherwise idle machine: the workloads are single-threaded, but a busy second core still
@@ -129,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         choices=list(WORKLOADS),
         help="run only these workloads: W1 stateless, BP backpressure, LAT latency, "
         "W2/W3/W4 tumbling/sliding/session windows, W2-mem/W3-mem/W4-mem their memory at "
-        "scale",
+        "scale, IO map_async, RL/RRL rate limiters, OBS monitoring overhead, CK "
+        "checkpoints, RS/NATS/RMQ/MQTT/PG broker connectors (repeat --only for several)",
     )
     parser.add_argument("--json", metavar="PATH", help="also write every raw figure as JSON")
     args = parser.parse_args(argv)
