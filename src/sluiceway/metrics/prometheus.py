@@ -32,15 +32,12 @@ Requires the ``prometheus`` extra: ``pip install 'sluiceway[prometheus]'``.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
-import os
 from collections.abc import Callable, Iterator
 from http import HTTPStatus
-from typing import Any
-from urllib.parse import urlsplit
 
+from sluiceway.metrics.http import PLAIN, HttpMonitor, Response
 from sluiceway.metrics.registry import CheckpointSnapshot, FlowSnapshot
 from sluiceway.runtime.handle import FlowHandle
 
@@ -60,8 +57,6 @@ log = logging.getLogger("sluiceway.metrics")
 
 _OPERATOR_LABELS = ("flow", "operator", "kind")
 _CHANNEL_LABELS = ("flow", "edge")
-_MAX_REQUEST_HEAD = 16 * 1024  # request line + headers; a scrape sends a few hundred bytes
-_MAX_PORT = 65535
 
 # (metric name without _total, help, OperatorSnapshot attribute)
 _OPERATOR_COUNTERS = (
@@ -224,7 +219,7 @@ class FlowCollector(Collector):
         yield from metric_families(self._snapshot())
 
 
-class PrometheusExporter:
+class PrometheusExporter(HttpMonitor):
     """A monitor serving ``/metrics`` for Prometheus while the flow runs.
 
     ``await exporter(handle)`` binds ``host:port``, serves until the flow ends (or the
@@ -242,156 +237,23 @@ class PrometheusExporter:
         OSError: (when awaited) the address cannot be bound, e.g. the port is in use.
     """
 
+    what = "Prometheus metrics"
+    home = "/metrics"
+    one_per_flow = "create one exporter per flow"
+
     def __init__(self, port: int = 9100, host: str = "127.0.0.1") -> None:
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= _MAX_PORT:
-            raise ValueError(f"port must be a whole number in 0..{_MAX_PORT}, got {port!r}")
-        self.host = host
-        self._port = port
-        self._bound: int | None = None
-        self._running = False
-        self._serving = asyncio.Event()
-        self._connections: set[asyncio.Task[Any]] = set()
+        super().__init__(port, host)
+        self._registry: CollectorRegistry | None = None
 
-    @property
-    def port(self) -> int:
-        """The port being served (the chosen one for ``port=0``), else the configured one."""
-        return self._port if self._bound is None else self._bound
+    def _start(self, handle: FlowHandle) -> None:
+        self._registry = CollectorRegistry()
+        self._registry.register(FlowCollector(handle.metrics))
 
-    @property
-    def url(self) -> str:
-        """``http://host:port/metrics``."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/metrics"
-
-    @property
-    def serving(self) -> bool:
-        """True while the endpoint accepts scrapes."""
-        return self._bound is not None
-
-    async def wait_serving(self) -> int:
-        """Wait until the endpoint accepts scrapes; returns the port."""
-        await self._serving.wait()
-        return self.port
-
-    async def __call__(self, handle: FlowHandle) -> None:
-        if self._running:
-            raise RuntimeError(
-                f"this PrometheusExporter already serves {self.url}; create one exporter per flow"
-            )
-        self._running = True  # before the first await: a second call is refused at once
-        try:
-            await self._serve(handle)
-        finally:
-            self._running = False
-
-    async def _serve(self, handle: FlowHandle) -> None:
-        registry = CollectorRegistry()
-        registry.register(FlowCollector(handle.metrics))
-
-        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await self._serve_connection(registry, reader, writer)
-
-        try:
-            server = await asyncio.start_server(
-                on_connect, self.host, self._port, limit=_MAX_REQUEST_HEAD
-            )
-        except OSError as exc:
-            reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
-            error = OSError(
-                f"cannot serve Prometheus metrics on {self.host}:{self._port}: {reason}"
-            )
-            error.errno = exc.errno
-            raise error from exc
-        self._bound = int(server.sockets[0].getsockname()[1])
-        self._serving.set()
-        log.info("serving Prometheus metrics of flow %r on %s", handle.flow.name, self.url)
-        ended = asyncio.ensure_future(handle.wait())
-        try:
-            await asyncio.wait({ended})
-        finally:
-            # Everything that must happen is done before the first await: the monitor is
-            # usually cancelled as the flow ends, maybe again while this cleanup waits.
-            ended.cancel()
-            server.close()
-            connections = list(self._connections)
-            self._connections.clear()
-            for task in connections:
-                task.cancel()
-            self._bound = None
-            self._serving = asyncio.Event()  # a fresh one: the next run may be another loop
-            log.info("stopped serving Prometheus metrics of flow %r", handle.flow.name)
-            closing = asyncio.ensure_future(_closed(server, [ended, *connections]))
-            try:
-                await asyncio.shield(closing)
-            except asyncio.CancelledError:
-                await closing  # quick: every task in it is cancelled already
-                raise
-
-    async def _serve_connection(
-        self,
-        registry: CollectorRegistry,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-    ) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._connections.add(task)
-        try:
-            try:
-                head = await reader.readuntil(b"\r\n\r\n")
-            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-                return  # the client left, or sent no HTTP request we can read
-            status, content_type, body = _respond(registry, head)
-            method = head.split(b" ", 1)[0]
-            writer.write(
-                (
-                    f"HTTP/1.1 {status.value} {status.phrase}\r\n"
-                    f"Content-Type: {content_type}\r\n"
-                    f"Content-Length: {len(body)}\r\n"
-                    "Connection: close\r\n\r\n"
-                ).encode("latin-1")
-            )
-            if method != b"HEAD":
-                writer.write(body)
-            await writer.drain()
-        except ConnectionError:
-            return  # the client left mid-response: nothing to tell it
-        finally:
-            writer.close()
-            if task is not None:
-                self._connections.discard(task)
-
-
-async def _closed(server: asyncio.Server, tasks: list[asyncio.Future[Any]]) -> None:
-    """Wait for cancelled ``tasks`` and a closed ``server`` to finish."""
-    await asyncio.gather(*tasks, return_exceptions=True)
-    await server.wait_closed()
-
-
-def _respond(registry: CollectorRegistry, head: bytes) -> tuple[HTTPStatus, str, bytes]:
-    """Status, content type and body for one request (``head``: request line + headers)."""
-    plain = "text/plain; charset=utf-8"
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/"):  # method, target, version
-        return HTTPStatus.BAD_REQUEST, plain, b"bad request line\n"
-    method, target, _ = parts
-    if method not in ("GET", "HEAD"):
-        return HTTPStatus.METHOD_NOT_ALLOWED, plain, b"only GET and HEAD\n"
-    path = urlsplit(target).path
-    if path == "/":
-        return HTTPStatus.OK, plain, b"sluiceway: Prometheus metrics at /metrics\n"
-    if path != "/metrics":
-        return HTTPStatus.NOT_FOUND, plain, b"not found; metrics are at /metrics\n"
-    accept = ""
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        if name.strip().lower() == "accept":
-            accept = value.strip()
-    encoder, content_type = choose_encoder(accept)
-    try:
-        body = encoder(registry)
-    except Exception as exc:  # a failed scrape must not stop the flow: answer 500
-        log.exception("collecting Prometheus metrics failed")
-        return HTTPStatus.INTERNAL_SERVER_ERROR, plain, f"collect failed: {exc!r}\n".encode()
-    return HTTPStatus.OK, content_type, body
+    def _route(self, handle: FlowHandle, path: str, headers: dict[str, str]) -> Response:
+        if path == "/":
+            return HTTPStatus.OK, PLAIN, b"sluiceway: Prometheus metrics at /metrics\n"
+        if path != "/metrics":
+            return HTTPStatus.NOT_FOUND, PLAIN, b"not found; metrics are at /metrics\n"
+        assert self._registry is not None
+        encoder, content_type = choose_encoder(headers.get("accept", ""))
+        return HTTPStatus.OK, content_type, encoder(self._registry)

@@ -36,18 +36,16 @@ The pure parts are :func:`flow_graph` (a flow's static layout) and :func:`flow_s
 
 from __future__ import annotations
 
-import asyncio
 import importlib.resources
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, TypedDict
-from urllib.parse import urlsplit
+from typing import TypedDict
 
 from sluiceway.flow import Flow, Node
+from sluiceway.metrics.http import PLAIN, HttpMonitor, Response
 from sluiceway.metrics.registry import FlowSnapshot, OperatorSnapshot, Rates
 from sluiceway.operators.stateless import LateOutputSpec, PortSpec
 from sluiceway.plan import plan
@@ -69,8 +67,6 @@ __all__ = [
 
 log = logging.getLogger("sluiceway.metrics")
 
-_MAX_REQUEST_HEAD = 16 * 1024  # request line + headers; a browser sends a few hundred bytes
-_MAX_PORT = 65535
 _MAX_COLUMNS = 8  # a wider graph wraps onto another band of rows, at a stage boundary
 _PAGE = "web.html"
 _ZEROS = (0, 0, 0, 0, 0, 0)  # records in/out, errors, retries, dead letters, dropped
@@ -438,7 +434,7 @@ def page() -> bytes:
     )
 
 
-class WebView:
+class WebView(HttpMonitor):
     """A monitor that serves the web view of the flow it watches.
 
     Pass it as ``sw.run(flow, monitor=WebView(8080))``: the page is served at
@@ -459,100 +455,30 @@ class WebView:
             ``cannot serve the web view on 127.0.0.1:8080: address already in use``.
     """
 
+    what = "the web view"
+    home = "/"
+    one_per_flow = "create one WebView per flow"
+    extra_headers = "Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n"
+
     def __init__(self, port: int = 8080, host: str = "127.0.0.1", *, interval: float = 1.0) -> None:
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= _MAX_PORT:
-            raise ValueError(f"port must be a whole number in 0..{_MAX_PORT}, got {port!r}")
+        super().__init__(port, host)
         if isinstance(interval, bool) or not isinstance(interval, int | float) or not interval > 0:
             raise ValueError(f"WebView interval must be > 0 seconds, got {interval!r}")
-        self.host = host
         self.interval = float(interval)
-        self._port = port
-        self._bound: int | None = None
-        self._running = False
-        self._serving = asyncio.Event()
-        self._connections: set[asyncio.Task[Any]] = set()
         self._previous: FlowSnapshot | None = None
         self._latest: FlowSnapshot | None = None
         self._started: float | None = None
+        self._graph: FlowGraph | None = None
+        self._html = b""
 
-    @property
-    def port(self) -> int:
-        """The port being served (the chosen one for ``port=0``), else the configured one."""
-        return self._port if self._bound is None else self._bound
-
-    @property
-    def url(self) -> str:
-        """``http://host:port/``."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/"
-
-    @property
-    def serving(self) -> bool:
-        """True while the page and ``/api/flow`` are served."""
-        return self._bound is not None
-
-    async def wait_serving(self) -> int:
-        """Wait until the view accepts requests; returns the port."""
-        await self._serving.wait()
-        return self.port
-
-    async def __call__(self, handle: FlowHandle) -> None:
-        if self._running:
-            raise RuntimeError(
-                f"this WebView already serves {self.url}; create one WebView per flow"
-            )
-        self._running = True  # before the first await: a second call is refused at once
-        try:
-            await self._serve(handle)
-        finally:
-            self._running = False
-
-    async def _serve(self, handle: FlowHandle) -> None:
-        graph = flow_graph(handle.flow)
-        html = page()
+    def _start(self, handle: FlowHandle) -> None:
+        self._graph = flow_graph(handle.flow)
+        self._html = page()
         self._previous, self._latest = None, handle.metrics()
         self._started = self._latest.time
 
-        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await self._serve_connection(handle, graph, html, reader, writer)
-
-        try:
-            server = await asyncio.start_server(
-                on_connect, self.host, self._port, limit=_MAX_REQUEST_HEAD
-            )
-        except OSError as exc:
-            reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
-            error = OSError(f"cannot serve the web view on {self.host}:{self._port}: {reason}")
-            error.errno = exc.errno
-            raise error from exc
-        self._bound = int(server.sockets[0].getsockname()[1])
-        self._serving.set()
-        log.info("serving the web view of flow %r on %s", handle.flow.name, self.url)
-        ended = asyncio.ensure_future(handle.wait())
-        sampler = asyncio.ensure_future(self._sample(handle))
-        try:
-            await asyncio.wait({ended, sampler}, return_when=asyncio.FIRST_COMPLETED)
-            if sampler.done():
-                sampler.result()  # a sampler never ends by itself: re-raise what broke it
-        finally:
-            # Everything that must happen is done before the first await: the monitor is
-            # usually cancelled as the flow ends, maybe again while this cleanup waits.
-            ended.cancel()
-            sampler.cancel()
-            server.close()
-            connections = list(self._connections)
-            self._connections.clear()
-            for task in connections:
-                task.cancel()
-            self._bound = None
-            self._serving = asyncio.Event()  # a fresh one: the next run may be another loop
-            log.info("stopped serving the web view of flow %r", handle.flow.name)
-            closing = asyncio.ensure_future(_closed(server, [ended, sampler, *connections]))
-            try:
-                await asyncio.shield(closing)
-            except asyncio.CancelledError:
-                await closing  # quick: every task in it is cancelled already
-                raise
+    async def _background(self, handle: FlowHandle) -> None:
+        await self._sample(handle)
 
     async def _sample(self, handle: FlowHandle) -> None:
         """Every ``interval`` of the flow's clock: keep the last two snapshots, for rates."""
@@ -582,73 +508,15 @@ class WebView:
             stopping=handle.stopping,
         )
 
-    async def _serve_connection(
-        self,
-        handle: FlowHandle,
-        graph: FlowGraph,
-        html: bytes,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-    ) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._connections.add(task)
-        try:
-            try:
-                head = await reader.readuntil(b"\r\n\r\n")
-            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-                return  # the client left, or sent no HTTP request we can read
-            status, content_type, body = self._respond(handle, graph, html, head)
-            method = head.split(b" ", 1)[0]
-            writer.write(
-                (
-                    f"HTTP/1.1 {status.value} {status.phrase}\r\n"
-                    f"Content-Type: {content_type}\r\n"
-                    f"Content-Length: {len(body)}\r\n"
-                    "Cache-Control: no-store\r\n"
-                    "X-Content-Type-Options: nosniff\r\n"
-                    "Connection: close\r\n\r\n"
-                ).encode("latin-1")
-            )
-            if method != b"HEAD":
-                writer.write(body)
-            await writer.drain()
-        except ConnectionError:
-            return  # the client left mid-response: nothing to tell it
-        finally:
-            writer.close()
-            if task is not None:
-                self._connections.discard(task)
-
-    def _respond(
-        self, handle: FlowHandle, graph: FlowGraph, html: bytes, head: bytes
-    ) -> tuple[HTTPStatus, str, bytes]:
-        """Status, content type and body for one request (``head``: request line + headers)."""
-        plain = "text/plain; charset=utf-8"
-        parts = head.decode("latin-1").split("\r\n", 1)[0].split(" ")
-        if len(parts) != 3 or not parts[2].startswith("HTTP/"):  # method, target, version
-            return HTTPStatus.BAD_REQUEST, plain, b"bad request line\n"
-        method, target, _ = parts
-        if method not in ("GET", "HEAD"):
-            return HTTPStatus.METHOD_NOT_ALLOWED, plain, b"only GET and HEAD\n"
-        path = urlsplit(target).path
+    def _route(self, handle: FlowHandle, path: str, headers: dict[str, str]) -> Response:
         if path in ("/", "/index.html"):
-            return HTTPStatus.OK, "text/html; charset=utf-8", html
+            return HTTPStatus.OK, "text/html; charset=utf-8", self._html
         if path != "/api/flow":
             return (
                 HTTPStatus.NOT_FOUND,
-                plain,
+                PLAIN,
                 b"not found; the view is at /, its data at /api/flow\n",
             )
-        try:
-            body = json.dumps(self._state(handle, graph), allow_nan=False).encode()
-        except Exception as exc:  # a failed request must not stop the flow: answer 500
-            log.exception("building /api/flow failed")
-            return HTTPStatus.INTERNAL_SERVER_ERROR, plain, f"failed: {exc!r}\n".encode()
+        assert self._graph is not None
+        body = json.dumps(self._state(handle, self._graph), allow_nan=False).encode()
         return HTTPStatus.OK, "application/json", body
-
-
-async def _closed(server: asyncio.Server, tasks: list[asyncio.Future[Any]]) -> None:
-    """Wait for cancelled ``tasks`` and a closed ``server`` to finish."""
-    await asyncio.gather(*tasks, return_exceptions=True)
-    await server.wait_closed()

@@ -1,0 +1,204 @@
+"""A small HTTP server that lives as long as the flow it watches: the shared base of the
+Prometheus exporter and the web view.
+
+It runs on the flow's own event loop (asyncio streams, no thread), answers ``GET`` and
+``HEAD`` with ``Connection: close``, and when the flow ends closes its listening socket and
+every open connection, so the port is free again.  A subclass says what it serves
+(:meth:`HttpMonitor._route`) and may run background work beside it
+(:meth:`HttpMonitor._background`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from http import HTTPStatus
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+from sluiceway.runtime.handle import FlowHandle
+
+__all__ = ["HttpMonitor", "Response"]
+
+log = logging.getLogger("sluiceway.metrics")
+
+Response = tuple[HTTPStatus, str, bytes]
+"""Status, content type and body."""
+
+PLAIN = "text/plain; charset=utf-8"
+_MAX_REQUEST_HEAD = 16 * 1024  # request line + headers; a scrape or a browser sends a few hundred
+_MAX_PORT = 65535
+
+
+class HttpMonitor:
+    """A monitor serving HTTP at ``host:port`` while the flow runs (one flow at a time).
+
+    Subclasses set :attr:`what` (for messages: ``"Prometheus metrics"``) and
+    :attr:`home` (the path :attr:`url` points at), and implement :meth:`_route`.
+    """
+
+    what: ClassVar[str] = "HTTP"
+    home: ClassVar[str] = "/"
+    one_per_flow: ClassVar[str] = "create one per flow"
+    extra_headers: ClassVar[str] = ""
+    """Response header lines (each ending in CRLF) added to every answer."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= _MAX_PORT:
+            raise ValueError(f"port must be a whole number in 0..{_MAX_PORT}, got {port!r}")
+        self.host = host
+        self._port = port
+        self._bound: int | None = None
+        self._running = False
+        self._serving = asyncio.Event()
+        self._connections: set[asyncio.Task[Any]] = set()
+
+    @property
+    def port(self) -> int:
+        """The port being served (the chosen one for ``port=0``), else the configured one."""
+        return self._port if self._bound is None else self._bound
+
+    @property
+    def url(self) -> str:
+        """``http://host:port`` and the :attr:`home` path."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}{self.home}"
+
+    @property
+    def serving(self) -> bool:
+        """True while requests are answered."""
+        return self._bound is not None
+
+    async def wait_serving(self) -> int:
+        """Wait until requests are answered; returns the port."""
+        await self._serving.wait()
+        return self.port
+
+    async def __call__(self, handle: FlowHandle) -> None:
+        if self._running:
+            raise RuntimeError(
+                f"this {type(self).__name__} already serves {self.url}; {self.one_per_flow}"
+            )
+        self._running = True  # before the first await: a second call is refused at once
+        try:
+            await self._serve(handle)
+        finally:
+            self._running = False
+
+    # -- what a subclass provides ------------------------------------------------------
+
+    def _start(self, handle: FlowHandle) -> None:
+        """Called once before serving ``handle``'s flow."""
+
+    def _route(self, handle: FlowHandle, path: str, headers: dict[str, str]) -> Response:
+        """The answer to a ``GET``/``HEAD`` of ``path`` (header names in lower case)."""
+        raise NotImplementedError
+
+    async def _background(self, handle: FlowHandle) -> None:
+        """Work beside the server until the flow ends (default: none)."""
+        await asyncio.Event().wait()
+
+    # -- the server ----------------------------------------------------------------------
+
+    async def _serve(self, handle: FlowHandle) -> None:
+        self._start(handle)
+
+        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await self._serve_connection(handle, reader, writer)
+
+        try:
+            server = await asyncio.start_server(
+                on_connect, self.host, self._port, limit=_MAX_REQUEST_HEAD
+            )
+        except OSError as exc:
+            reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+            error = OSError(f"cannot serve {self.what} on {self.host}:{self._port}: {reason}")
+            error.errno = exc.errno
+            raise error from exc
+        self._bound = int(server.sockets[0].getsockname()[1])
+        self._serving.set()
+        log.info("serving %s of flow %r on %s", self.what, handle.flow.name, self.url)
+        ended = asyncio.ensure_future(handle.wait())
+        background = asyncio.ensure_future(self._background(handle))
+        try:
+            await asyncio.wait({ended, background}, return_when=asyncio.FIRST_COMPLETED)
+            if background.done():
+                background.result()  # it never ends by itself: re-raise what broke it
+        finally:
+            # Everything that must happen is done before the first await: the monitor is
+            # usually cancelled as the flow ends, maybe again while this cleanup waits.
+            ended.cancel()
+            background.cancel()
+            server.close()
+            connections = list(self._connections)
+            self._connections.clear()
+            for task in connections:
+                task.cancel()
+            self._bound = None
+            self._serving = asyncio.Event()  # a fresh one: the next run may be another loop
+            log.info("stopped serving %s of flow %r", self.what, handle.flow.name)
+            closing = asyncio.ensure_future(_closed(server, [ended, background, *connections]))
+            try:
+                await asyncio.shield(closing)
+            except asyncio.CancelledError:
+                await closing  # quick: every task in it is cancelled already
+                raise
+
+    async def _serve_connection(
+        self, handle: FlowHandle, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._connections.add(task)
+        try:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+                return  # the client left, or sent no HTTP request we can read
+            status, content_type, body = self._respond(handle, head)
+            method = head.split(b" ", 1)[0]
+            writer.write(
+                (
+                    f"HTTP/1.1 {status.value} {status.phrase}\r\n"
+                    f"Content-Type: {content_type}\r\n"
+                    f"Content-Length: {len(body)}\r\n"
+                    f"{self.extra_headers}"
+                    "Connection: close\r\n\r\n"
+                ).encode("latin-1")
+            )
+            if method != b"HEAD":
+                writer.write(body)
+            await writer.drain()
+        except ConnectionError:
+            return  # the client left mid-response: nothing to tell it
+        finally:
+            writer.close()
+            if task is not None:
+                self._connections.discard(task)
+
+    def _respond(self, handle: FlowHandle, head: bytes) -> Response:
+        """Parse one request (``head``: request line + headers) and route it."""
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):  # method, target, version
+            return HTTPStatus.BAD_REQUEST, PLAIN, b"bad request line\n"
+        method, target, _ = parts
+        if method not in ("GET", "HEAD"):
+            return HTTPStatus.METHOD_NOT_ALLOWED, PLAIN, b"only GET and HEAD\n"
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
+        try:
+            return self._route(handle, urlsplit(target).path, headers)
+        except Exception as exc:  # a failed request must not stop the flow: answer 500
+            log.exception("answering %s %s failed", method, target)
+            return HTTPStatus.INTERNAL_SERVER_ERROR, PLAIN, f"failed: {exc!r}\n".encode()
+
+
+async def _closed(server: asyncio.Server, tasks: list[asyncio.Future[Any]]) -> None:
+    """Wait for cancelled ``tasks`` and a closed ``server`` to finish."""
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await server.wait_closed()
