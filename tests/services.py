@@ -32,14 +32,16 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import NoReturn
+from typing import Any, ClassVar, NoReturn, Self
 
 import pytest
 
 __all__ = [
     "REQUIRE_ENV",
     "RedisServer",
+    "ServerProcess",
     "delete_keys",
+    "find_binary",
     "free_port",
     "import_or_missing",
     "own_redis",
@@ -108,46 +110,58 @@ def redis_ping(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
-# -- a private redis-server ------------------------------------------------------------
+# -- private servers -------------------------------------------------------------------
 
 
-def _redis_server_binary() -> str | None:
-    for candidate in REDIS_SERVER_PATHS:
+def find_binary(paths: tuple[str, ...]) -> str | None:
+    """The first of ``paths`` (names on PATH or absolute paths) that exists."""
+    for candidate in paths:
         found = shutil.which(candidate)
         if found:
             return found
     return None
 
 
-class RedisServer:
-    """A ``redis-server`` of our own on 127.0.0.1, in a temporary directory, no persistence.
+class ServerProcess:
+    """A server binary of our own on 127.0.0.1, its data in a temporary directory.
 
-    The port is chosen once (free when first started) and kept across
-    :meth:`stop` / :meth:`start`, so clients can reconnect to the same URL::
+    The port and the directory are kept across :meth:`stop` / :meth:`start`, so clients
+    reconnect to the same address and a restarted server finds its data again::
 
-        with RedisServer.start_new() as server:
-            ...  # server.url; server.stop(); server.start()
+        with NatsServer.start_new() as server:
+            ...  # server.stop(signal.SIGKILL); server.start()
+
+    A subclass names the binary (:attr:`name`, :attr:`paths`), and gives the command
+    line (:meth:`command`, which may write a config file into :attr:`dir`), how to tell
+    it answers (:meth:`answers`) and its log file (:attr:`log_name`, shown when it does
+    not start).
     """
+
+    name: ClassVar[str]
+    paths: ClassVar[tuple[str, ...]]
+    log_name: ClassVar[str]
 
     def __init__(self, binary: str, port: int | None = None) -> None:
         self.binary = binary
         self.host = "127.0.0.1"
         self.port = port if port is not None else free_port()
-        self._dir = Path(tempfile.mkdtemp(prefix="sluiceway-redis-"))
+        self.dir = Path(tempfile.mkdtemp(prefix=f"sluiceway-{self.name}-"))
         self._proc: subprocess.Popen[bytes] | None = None
 
     @classmethod
-    def start_new(cls) -> RedisServer:
+    def missing(cls) -> str:
+        """Why a test cannot have this server (the skip or failure message)."""
+        return f"no {cls.name} binary was found (tried: {', '.join(cls.paths)})"
+
+    @classmethod
+    def start_new(cls, **options: Any) -> Self:
         """Start one on a free port; skip/fail (see module docs) without the binary."""
-        binary = _redis_server_binary()
+        binary = find_binary(cls.paths)
         if binary is None:
-            service_missing(
-                f"no Redis answers on {SHARED_REDIS_HOST}:{SHARED_REDIS_PORT} and no "
-                "redis-server binary was found (tried: " + ", ".join(REDIS_SERVER_PATHS) + ")"
-            )
+            service_missing(cls.missing())
         last: Exception | None = None
         for _ in range(3):  # the free port may be taken between choosing and binding
-            server = cls(binary)
+            server = cls(binary, **options)
             try:
                 server.start()
             except RuntimeError as exc:
@@ -155,60 +169,58 @@ class RedisServer:
                 server.close()
             else:
                 return server
-        raise RuntimeError(f"could not start a private redis-server: {last}")
+        raise RuntimeError(f"could not start a private {cls.name}: {last}")
 
-    @property
-    def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def answers(self) -> bool:
+        raise NotImplementedError
 
     @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
     def start(self, timeout: float = 10.0) -> None:
-        """Start (or restart) the server; returns once it answers PING."""
+        """Start (or restart) the server; returns once it answers."""
         if self.running:
             return
-        conf = self._dir / "redis.conf"
-        conf.write_text(
-            f"port {self.port}\n"
-            f"bind {self.host}\n"
-            "save ''\n"
-            "appendonly no\n"
-            f'dir "{self._dir}"\n'
-            f'logfile "{self._dir / "redis.log"}"\n'
-            "daemonize no\n",
-            encoding="utf-8",
-        )
         self._proc = subprocess.Popen(
-            [self.binary, str(conf)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
+            self.command(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if redis_ping(self.host, self.port, timeout=0.2):
+            if self.answers():
                 return
             if self._proc.poll() is not None:
                 break
             time.sleep(0.01)
         log_tail = ""
         with contextlib.suppress(OSError):
-            log_tail = (self._dir / "redis.log").read_text(encoding="utf-8")[-2000:]
+            log_tail = (self.dir / self.log_name).read_text(errors="replace")[-2000:]
         self.stop()
-        raise RuntimeError(f"redis-server on port {self.port} did not start:\n{log_tail}")
+        raise RuntimeError(f"{self.name} on port {self.port} did not start:\n{log_tail}")
 
-    def stop(self) -> None:
-        """Stop the server (SIGTERM, then SIGKILL after 5 s).  Idempotent."""
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        """Stop the server with ``sig`` (SIGKILL: a crash), SIGKILL after 5 s.  Idempotent."""
         proc, self._proc = self._proc, None
         if proc is None:
             return
         if proc.poll() is None:
             proc.send_signal(signal.SIGCONT)  # a paused server cannot handle SIGTERM
-            proc.terminate()
+            proc.send_signal(sig)
             try:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=5)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no goodbye to clients (the harshest outage)."""
+        self.stop(signal.SIGKILL)
 
     def pause(self) -> None:
         """Freeze the process (SIGSTOP): it keeps its port but answers nothing (a hang)."""
@@ -225,16 +237,56 @@ class RedisServer:
     def close(self) -> None:
         """Stop the server and remove its directory."""
         self.stop()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> RedisServer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
-        return f"RedisServer(port={self.port}, running={self.running})"
+        return f"{type(self).__name__}(port={self.port}, running={self.running})"
+
+
+def _redis_server_binary() -> str | None:
+    return find_binary(REDIS_SERVER_PATHS)
+
+
+class RedisServer(ServerProcess):
+    """A ``redis-server`` of our own, no persistence (see :class:`ServerProcess`)."""
+
+    name = "redis-server"
+    paths = REDIS_SERVER_PATHS
+    log_name = "redis.log"
+    persistence = "appendonly no\n"
+
+    @classmethod
+    def missing(cls) -> str:
+        return (
+            f"no Redis answers on {SHARED_REDIS_HOST}:{SHARED_REDIS_PORT} and " + super().missing()
+        )
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    def command(self) -> list[str]:
+        conf = self.dir / "redis.conf"
+        conf.write_text(
+            f"port {self.port}\n"
+            f"bind {self.host}\n"
+            "save ''\n"
+            f"{self.persistence}"
+            f'dir "{self.dir}"\n'
+            f'logfile "{self.dir / self.log_name}"\n'
+            "daemonize no\n",
+            encoding="utf-8",
+        )
+        return [self.binary, str(conf)]
+
+    def answers(self) -> bool:
+        return redis_ping(self.host, self.port, timeout=0.2)
 
 
 @contextlib.contextmanager

@@ -14,20 +14,14 @@ import asyncio
 import contextlib
 import getpass
 import os
-import shutil
-import signal
 import socket
-import subprocess
-import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
-from services import free_port, service_missing
+from services import ServerProcess
 
 __all__ = [
     "MosquittoServer",
@@ -57,58 +51,21 @@ def mqtt_open(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
-def _binary() -> str | None:
-    for candidate in MOSQUITTO_PATHS:
-        found = shutil.which(candidate)
-        if found:
-            return found
-    return None
+class MosquittoServer(ServerProcess):
+    """A ``mosquitto`` of our own with persistence in :attr:`dir` (see
+    :class:`~services.ServerProcess`): a restarted broker brings back its persistent
+    sessions (as saved: ``autosave_on_changes`` after every change, and on a clean SIGTERM
+    shutdown; SIGKILL does not save)."""
 
-
-class MosquittoServer:
-    """A ``mosquitto`` of our own on 127.0.0.1 with persistence in a temporary directory.
-
-    The port and directory are kept across :meth:`stop` / :meth:`start`, so a restarted
-    broker brings back its persistent sessions (as saved: ``autosave_on_changes`` after
-    every change, and on a clean SIGTERM shutdown).
-    """
+    name = "mosquitto"
+    paths = MOSQUITTO_PATHS
+    log_name = "mosquitto.log"
 
     def __init__(self, binary: str, port: int | None = None, *, extra: str = "") -> None:
-        self.binary = binary
-        self.host = "127.0.0.1"
-        self.port = port if port is not None else free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="sluiceway-mosquitto-"))
+        super().__init__(binary, port)
         self.extra = extra
-        self._proc: subprocess.Popen[bytes] | None = None
 
-    @classmethod
-    def start_new(cls, *, extra: str = "") -> MosquittoServer:
-        """Start one on a free port; skip/fail (see services.py) without the binary."""
-        binary = _binary()
-        if binary is None:
-            service_missing(
-                "no mosquitto binary was found (tried: " + ", ".join(MOSQUITTO_PATHS) + ")"
-            )
-        last: Exception | None = None
-        for _ in range(3):
-            server = cls(binary, extra=extra)
-            try:
-                server.start()
-            except RuntimeError as exc:
-                last = exc
-                server.close()
-            else:
-                return server
-        raise RuntimeError(f"could not start a private mosquitto: {last}")
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def start(self, timeout: float = 10.0) -> None:
-        """Start (or restart) the broker; returns once it accepts connections."""
-        if self.running:
-            return
+    def command(self) -> list[str]:
         conf = self.dir / "mosquitto.conf"
         conf.write_text(
             f"listener {self.port} {self.host}\n"
@@ -118,58 +75,16 @@ class MosquittoServer:
             "autosave_interval 1\n"
             "autosave_on_changes true\n"
             "max_queued_messages 0\n"
-            f"log_dest file {self.dir}/mosquitto.log\n"
+            f"log_dest file {self.dir}/{self.log_name}\n"
             # as root, mosquitto switches to the user "mosquitto", which cannot write here
             + (f"user {getpass.getuser()}\n" if os.geteuid() == 0 else "")
             + self.extra,
             encoding="utf-8",
         )
-        self._proc = subprocess.Popen(
-            [self.binary, "-c", str(conf)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if mqtt_open(self.host, self.port, timeout=0.2):
-                return
-            if self._proc.poll() is not None:
-                break
-            time.sleep(0.01)
-        log_tail = ""
-        with contextlib.suppress(OSError):
-            log_tail = (self.dir / "mosquitto.log").read_text(encoding="utf-8")[-2000:]
-        self.stop()
-        raise RuntimeError(f"mosquitto on port {self.port} did not start:\n{log_tail}")
+        return [self.binary, "-c", str(conf)]
 
-    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
-        """Stop the broker with ``sig`` (SIGTERM saves its state first; SIGKILL does
-        not), then SIGKILL after 5 s.  Idempotent."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
-
-    def close(self) -> None:
-        """Stop the broker and remove its directory."""
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> MosquittoServer:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"MosquittoServer(port={self.port}, running={self.running})"
+    def answers(self) -> bool:
+        return mqtt_open(self.host, self.port, timeout=0.2)
 
 
 @dataclass

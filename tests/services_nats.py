@@ -19,20 +19,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
-import signal
 import socket
-import subprocess
-import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-from services import free_port, service_missing
+from services import ServerProcess
 
 __all__ = [
     "NatsNames",
@@ -68,121 +62,34 @@ def nats_info(host: str, port: int, timeout: float = 0.5) -> dict[str, object] |
     return info
 
 
-def _binary() -> str | None:
-    for candidate in NATS_SERVER_PATHS:
-        found = shutil.which(candidate)
-        if found:
-            return found
-    return None
+class NatsServer(ServerProcess):
+    """A ``nats-server -js`` of our own, its store in :attr:`dir` (see
+    :class:`~services.ServerProcess`): a restart finds its streams, consumers and messages."""
 
-
-class NatsServer:
-    """A ``nats-server -js`` of our own on 127.0.0.1, its store in a temporary directory.
-
-    The port and the store directory are kept across :meth:`stop` / :meth:`start`, so a
-    restart finds its streams, consumers and messages again::
-
-        with NatsServer.start_new() as server:
-            ...  # server.url; server.stop(signal.SIGKILL); server.start()
-    """
-
-    def __init__(self, binary: str, port: int | None = None) -> None:
-        self.binary = binary
-        self.host = "127.0.0.1"
-        self.port = port if port is not None else free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="sluiceway-nats-"))
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    @classmethod
-    def start_new(cls) -> NatsServer:
-        """Start one on a free port; skip/fail (see module docs) without the binary."""
-        binary = _binary()
-        if binary is None:
-            service_missing(
-                "no nats-server binary was found (tried: " + ", ".join(NATS_SERVER_PATHS) + ")"
-            )
-        last: Exception | None = None
-        for _ in range(3):  # the free port may be taken between choosing and binding
-            server = cls(binary)
-            try:
-                server.start()
-            except RuntimeError as exc:
-                last = exc
-                server.close()
-            else:
-                return server
-        raise RuntimeError(f"could not start a private nats-server: {last}")
+    name = "nats-server"
+    paths = NATS_SERVER_PATHS
+    log_name = "nats.log"
 
     @property
     def url(self) -> str:
         return f"nats://{self.host}:{self.port}"
 
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+    def command(self) -> list[str]:
+        return [
+            self.binary,
+            "-js",
+            "-a",
+            self.host,
+            "-p",
+            str(self.port),
+            "-sd",
+            str(self.dir / "store"),
+            "-l",
+            str(self.dir / self.log_name),
+        ]
 
-    def start(self, timeout: float = 10.0) -> None:
-        """Start (or restart) the server; returns once it sends its INFO."""
-        if self.running:
-            return
-        log = self.dir / "nats.log"
-        self._proc = subprocess.Popen(
-            [
-                self.binary,
-                "-js",
-                "-a",
-                self.host,
-                "-p",
-                str(self.port),
-                "-sd",
-                str(self.dir / "store"),
-                "-l",
-                str(log),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            info = nats_info(self.host, self.port, timeout=0.2)
-            if info is not None:
-                return
-            if self._proc.poll() is not None:
-                break
-            time.sleep(0.01)
-        log_tail = ""
-        with contextlib.suppress(OSError):
-            log_tail = log.read_text(encoding="utf-8")[-2000:]
-        self.stop()
-        raise RuntimeError(f"nats-server on port {self.port} did not start:\n{log_tail}")
-
-    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
-        """Stop the server with ``sig`` (SIGKILL: a crash), SIGKILL after 5 s.  Idempotent."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
-
-    def close(self) -> None:
-        """Stop the server and remove its directory."""
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> NatsServer:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"NatsServer(port={self.port}, running={self.running})"
+    def answers(self) -> bool:
+        return nats_info(self.host, self.port, timeout=0.2) is not None
 
 
 @contextlib.contextmanager
