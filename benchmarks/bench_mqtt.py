@@ -22,7 +22,6 @@ sluiceway >= 70 % of the raw loop.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import getpass
 import json
@@ -30,14 +29,20 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-from common import HERE, Params, Result, Row, child_main, fmt_int, render_table, run_child
+from common import (
+    Params,
+    Result,
+    Row,
+    fmt_int,
+    module_main,
+    run_child,
+)
 
 TARGET = 0.70
 MOSQUITTO = ("mosquitto", "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
@@ -255,17 +260,5 @@ def run(quick: bool) -> tuple[list[Row], Result]:
     return rows, {"n": n, "repeats": repeats, "rates": rates, "ratio": ratio}
 
 
-def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="10,000 messages: a smoke run")
-    args = parser.parse_args(argv)
-    rows, _ = run(args.quick)
-    print(render_table(rows))
-
-
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] in ("measure",):
-        sys.path.insert(0, str(HERE.parent / "src"))
-        child_main({"measure": measure})
-    else:
-        main(sys.argv[1:])
+    module_main(__doc__ or "", run, {"measure": measure})

@@ -22,16 +22,22 @@ Each measurement is a fresh child process on its own stream (deleted afterwards)
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import sys
 import time
 import uuid
 from typing import Any
 
 import nats
-from common import Params, Result, Row, child_main, fmt_int, make_record, render_table, run_child
+from common import (
+    Params,
+    Result,
+    Row,
+    fmt_int,
+    make_record,
+    module_main,
+    run_child,
+)
 from nats.js.api import StreamConfig
 
 import sluiceway as sw
@@ -175,17 +181,5 @@ def run(quick: bool, url: str = DEFAULT_URL) -> tuple[list[Row], Result]:
     return rows, raw
 
 
-def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer records: a smoke run")
-    parser.add_argument("--url", default=DEFAULT_URL, help="the NATS server to measure against")
-    args = parser.parse_args(argv)
-    rows, _ = run(args.quick, args.url)
-    print(render_table(rows))
-
-
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and not sys.argv[1].startswith("-"):
-        child_main({"measure": measure})
-    else:
-        main(sys.argv[1:])
+    module_main(__doc__ or "", run, {"measure": measure}, ("--url", DEFAULT_URL, "the NATS server"))

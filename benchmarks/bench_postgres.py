@@ -20,15 +20,21 @@ same WAL flush per batch.  Tables are ``sw_bench_<uuid>``, dropped afterwards.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import sys
 import time
 import uuid
 from typing import Any
 
 import psycopg
-from common import Params, Result, Row, child_main, fmt_int, make_record, render_table, run_child
+from common import (
+    Params,
+    Result,
+    Row,
+    fmt_int,
+    make_record,
+    module_main,
+    run_child,
+)
 from psycopg import sql
 
 import sluiceway as sw
@@ -154,17 +160,5 @@ def run(quick: bool, dsn: str = DEFAULT_DSN) -> tuple[list[Row], Result]:
     return rows, raw
 
 
-def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer records: a smoke run")
-    parser.add_argument("--dsn", default=DEFAULT_DSN, help="the PostgreSQL to measure against")
-    args = parser.parse_args(argv)
-    rows, _ = run(args.quick, args.dsn)
-    print(render_table(rows))
-
-
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and not sys.argv[1].startswith("-"):
-        child_main({"measure": measure})
-    else:
-        main(sys.argv[1:])
+    module_main(__doc__ or "", run, {"measure": measure}, ("--dsn", DEFAULT_DSN, "the PostgreSQL"))

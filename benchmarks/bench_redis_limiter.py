@@ -22,7 +22,6 @@ The sequential mode is also measured for the fixed window and the sliding log.  
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import subprocess
@@ -33,7 +32,15 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
-from common import HERE, Params, Result, Row, child_main, fmt_int, render_table, run_child
+from common import (
+    HERE,
+    Params,
+    Result,
+    Row,
+    fmt_int,
+    module_main,
+    run_child,
+)
 
 from sluiceway.flowcontrol.redis import RedisAlgorithm, RedisLimiter
 
@@ -189,17 +196,5 @@ def run(quick: bool, url: str = DEFAULT_URL) -> tuple[list[Row], Result]:
     return rows, raw
 
 
-def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="short intervals: a smoke run")
-    parser.add_argument("--url", default=DEFAULT_URL, help="the Redis to measure against")
-    args = parser.parse_args(argv)
-    rows, _ = run(args.quick, args.url)
-    print(render_table(rows))
-
-
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and not sys.argv[1].startswith("-"):
-        child_main({"measure": measure})
-    else:
-        main(sys.argv[1:])
+    module_main(__doc__ or "", run, {"measure": measure}, ("--url", DEFAULT_URL, "the Redis"))

@@ -9,6 +9,7 @@ File names deliberately avoid pytest's ``test_*.py`` / ``*_test.py`` patterns.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import subprocess
@@ -26,6 +27,7 @@ __all__ = [
     "child_main",
     "fmt_int",
     "make_record",
+    "module_main",
     "percentile",
     "proc_status_kb",
     "render_table",
@@ -116,6 +118,33 @@ def child_main(entries: dict[str, Callable[[Params], Result]]) -> None:
         raise SystemExit(f"usage: {sys.argv[0]} {{{names}}} '<json params>'")
     result = entries[sys.argv[1]](json.loads(sys.argv[2]))
     print(json.dumps(result))
+
+
+def module_main(
+    doc: str,
+    run: Callable[..., tuple[list[Row], Result]],
+    entries: dict[str, Callable[[Params], Result]],
+    target: tuple[str, str, str] | None = None,
+) -> None:
+    """The ``__main__`` of a benchmark module: a child entry (``<entry> '<json params>'``,
+    see :func:`child_main`), or, run by hand, the module's rows as a table.
+
+    ``target`` is ``(flag, default, what)`` for a server to measure against, e.g.
+    ``("--url", "redis://127.0.0.1:6379/0", "the Redis")``: passed to ``run`` after
+    ``quick``.
+    """
+    if len(sys.argv) > 1 and sys.argv[1] in entries:
+        child_main(entries)
+        return
+    parser = argparse.ArgumentParser(description=doc.split("\n\n", maxsplit=1)[0])
+    parser.add_argument("--quick", action="store_true", help="a smaller run: a smoke test")
+    if target is not None:
+        flag, default, what = target
+        parser.add_argument(flag, default=default, help=f"{what} to measure against")
+    args = parser.parse_args(sys.argv[1:])
+    extra = [] if target is None else [getattr(args, target[0].lstrip("-"))]
+    rows, _ = run(args.quick, *extra)
+    print(render_table(rows))
 
 
 def render_table(rows: Sequence[Row]) -> str:
