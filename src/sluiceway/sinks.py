@@ -1,8 +1,8 @@
 """Built-in sinks: ``sw.sinks.Collect``, ``Stdout``, ``Function``, ``JsonLines``."""
 
-import importlib
 from typing import TYPE_CHECKING
 
+from sluiceway.connectors import lazy_attributes
 from sluiceway.connectors.base import PartialWriteError, Sink, SinkContext
 from sluiceway.connectors.files import JsonLinesSink as JsonLines
 from sluiceway.connectors.memory import Collect, Function, Stdout
@@ -43,13 +43,4 @@ _LAZY: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> object:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module, _, attribute = module.partition(":")  # "module:attribute" when names differ
-    return getattr(importlib.import_module(module), attribute or name)
-
-
-def __dir__() -> list[str]:
-    return sorted([*__all__, *_LAZY])
+__getattr__, __dir__ = lazy_attributes(__name__, __all__, _LAZY)
