@@ -129,3 +129,37 @@ def test_stage_latency_percentiles_on_the_virtual_clock() -> None:
     assert 0.5 <= buf.latency_p50 <= 0.5 * 1.19
     assert 0.5 <= buf.latency_p99 <= 0.5 * 1.19
     assert math.isnan(result.metrics.operator("slow").latency_p99)  # not a stage head
+
+
+def test_processing_time_is_per_operator_without_what_follows_it() -> None:
+    """Each operator's own time per batch: a 0.2 s map before a 0.5 s sink in one stage.
+    The map's time excludes the sink's; the source's (which only passes batches on)
+    excludes both; the sink behind the buffer's channel is timed in its own stage; the
+    buffer's wait for room in that channel (backpressure) is nobody's processing."""
+    clock = sw.VirtualClock()
+
+    class Slow(sw.sinks.Sink):
+        async def write(self, batch: sw.Batch) -> None:
+            await clock.sleep(0.5)
+
+    class Thinking(sw.sinks.Sink):
+        async def write(self, batch: sw.Batch) -> None:
+            for _ in batch.values:
+                await clock.sleep(0.2 / len(batch.values))
+
+    flow = sw.Flow("processing")
+    src = flow.source(sw.sources.Iterable(range(100)), name="src")
+    src.sink(Thinking(), name="think")
+    src.buffer(10, name="buf").sink(Slow(), name="slow")
+    result = sw.run(flow, clock=clock, max_batch_size=10, handle_signals=False)
+    m = result.metrics
+    assert m.operator("think").processing_p50 == pytest.approx(0.2, rel=0.19)
+    assert m.operator("slow").processing_p50 == pytest.approx(0.5, rel=0.19)
+    assert m.operator("src").processing_p99 < 0.01  # the sinks' time is theirs
+    assert m.operator("buf").processing_p99 < 0.01  # waiting on the slow sink: not work
+    pytest.importorskip("prometheus_client")
+    from sluiceway.metrics.prometheus import metric_families  # noqa: PLC0415
+
+    [family] = [f for f in metric_families(m) if f.name == "sluiceway_operator_processing_seconds"]
+    slow = {s.labels["quantile"]: s.value for s in family.samples if s.labels["operator"] == "slow"}
+    assert slow["0.5"] == m.operator("slow").processing_p50

@@ -123,6 +123,12 @@ def metric_families(snapshot: FlowSnapshot) -> list[Metric]:
         "only), by quantile; upper bounds of log buckets, within 19 %.",
         labels=[*_OPERATOR_LABELS, "quantile"],
     )
+    processing = GaugeMetricFamily(
+        "sluiceway_operator_processing_seconds",
+        "Per record, the time the operator alone spent on its batch (without the operators "
+        "after it in its stage, without waiting for room downstream), by quantile.",
+        labels=[*_OPERATOR_LABELS, "quantile"],
+    )
     backlog = GaugeMetricFamily(
         "sluiceway_source_backlog",
         "Input waiting to be read by the source, when it knows (bytes of a file).",
@@ -137,6 +143,13 @@ def metric_families(snapshot: FlowSnapshot) -> list[Metric]:
                 ("0.99", op.latency_p99),
             ):
                 latency.add_metric([*labels, q], v)
+        if not math.isnan(op.processing_p50):
+            for q, v in (
+                ("0.5", op.processing_p50),
+                ("0.95", op.processing_p95),
+                ("0.99", op.processing_p99),
+            ):
+                processing.add_metric([*labels, q], v)
         state.add_metric(labels, op.state)
         if math.isfinite(op.watermark):
             watermark.add_metric(labels, op.watermark)
@@ -144,7 +157,7 @@ def metric_families(snapshot: FlowSnapshot) -> list[Metric]:
             circuit.add_metric(labels, 1.0 if op.circuit_state == "open" else 0.0)
         if op.backlog is not None:
             backlog.add_metric(labels, op.backlog)
-    families += [state, watermark, circuit, backlog, latency]
+    families += [state, watermark, circuit, backlog, latency, processing]
 
     fill = GaugeMetricFamily(
         "sluiceway_channel_fill", "Records queued in the channel now.", labels=_CHANNEL_LABELS

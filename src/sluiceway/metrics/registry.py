@@ -40,6 +40,7 @@ class OperatorMetrics:
         "late",
         "latency",
         "name",
+        "processing",
         "records_in",
         "records_out",
         "retries",
@@ -65,6 +66,10 @@ class OperatorMetrics:
         self.latency = LatencyHistogram()
         """Per record, the time its batch took through this operator's stage (recorded
         for stage heads: the operator that takes batches from a source or a channel)."""
+        self.processing = LatencyHistogram()
+        """Per record, the time this operator alone spent on its batch: the time in its
+        ``push`` minus the time in the operators after it in the same stage (and in
+        sending to the next channel, which is backpressure, not processing)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +86,9 @@ class OperatorSnapshot:
     otherwise).  ``latency_p50/p95/p99`` (seconds; NaN for operators that do not head a
     stage) are percentiles of the time a record's batch took through the operator's
     stage -- every operator fused into it, including waiting for room downstream.
+    ``processing_p50/p95/p99`` (seconds; NaN before a batch) are percentiles of the time
+    the operator alone spent on a record's batch (its own code, without the operators
+    after it and without waiting for room downstream).
     """
 
     name: str
@@ -101,6 +109,9 @@ class OperatorSnapshot:
     latency_p50: float = math.nan
     latency_p95: float = math.nan
     latency_p99: float = math.nan
+    processing_p50: float = math.nan
+    processing_p95: float = math.nan
+    processing_p99: float = math.nan
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +263,9 @@ class MetricsRegistry:
                 latency_p50=m.latency.percentile(50),
                 latency_p95=m.latency.percentile(95),
                 latency_p99=m.latency.percentile(99),
+                processing_p50=m.processing.percentile(50),
+                processing_p95=m.processing.percentile(95),
+                processing_p99=m.processing.percentile(99),
             )
             for m in self._operators.values()
         )
