@@ -294,6 +294,9 @@ def test_api_flow_over_http_has_the_exact_numbers_of_the_held_flow() -> None:
     assert [nodes["src"][f"latency_p{q}"] for q in (50, 95, 99)] == [1e-06, 1e-06, 1e-06]
     assert nodes["buf"]["latency_p99"] is None
     assert nodes["stamp"]["latency_p99"] is None  # not a stage head
+    # every operator that took a batch has its own processing time (0 on this clock)
+    assert nodes["stamp"]["processing_p99"] == 1e-06
+    assert nodes["out"]["processing_p99"] is None  # its first batch is still in it
     assert nodes["buf"]["head"] is True
     assert nodes["double"]["head"] is False
     assert state["edges"] == [

@@ -252,6 +252,9 @@ class NodeState(TypedDict):
     latency_p50: float | None
     latency_p95: float | None
     latency_p99: float | None
+    processing_p50: float | None
+    processing_p95: float | None
+    processing_p99: float | None
     watermark: float | None
     watermark_lag: float | None
     backlog: int | None
@@ -373,6 +376,9 @@ def flow_state(
                 latency_p50=_finite(op.latency_p50),
                 latency_p95=_finite(op.latency_p95),
                 latency_p99=_finite(op.latency_p99),
+                processing_p50=_finite(op.processing_p50),
+                processing_p95=_finite(op.processing_p95),
+                processing_p99=_finite(op.processing_p99),
                 watermark=_finite(op.watermark),
                 watermark_lag=_finite(lag),
                 backlog=op.backlog,
