@@ -214,6 +214,15 @@ class _Connector:
                 cause,
             )
 
+    async def replace(
+        self, link: _Link | None, clock: Clock, make: Callable[[], aiomqtt.Client]
+    ) -> _Link:
+        """A new connection in place of ``link`` (None: the first), which was lost."""
+        if link is not None:
+            self.lost(clock, link.cause)
+            await link.close()
+        return await self.connect(clock, make)
+
     async def connect(self, clock: Clock, make: Callable[[], aiomqtt.Client]) -> _Link:
         delay = _BACKOFF_FIRST
         started = clock.monotonic() if self.outage_since is None else self.outage_since
@@ -396,11 +405,8 @@ class MqttSource(Source):
             return link
         ctx = self._ctx
         assert ctx is not None
-        if link is not None:
-            self._link = None
-            self._conn.lost(ctx.clock, link.cause)
-            await link.close()
-        link = await self._conn.connect(ctx.clock, self._make_client)
+        self._link = None
+        link = await self._conn.replace(link, ctx.clock, self._make_client)
         # Subscribe without waiting for the SUBACK: reading may pause before it comes
         # (a persistent session's messages flow right after the CONNACK).
         opts = SubscribeOptions(qos=self._qos, retainHandling=1)  # retained: first time
@@ -719,11 +725,8 @@ class MqttSink(Sink):
             return link
         ctx = self._ctx
         assert ctx is not None
-        if link is not None:
-            self._link = None
-            self._conn.lost(ctx.clock, link.cause)
-            await link.close()
-        link = await self._conn.connect(ctx.clock, self._make_client)
+        self._link = None
+        link = await self._conn.replace(link, ctx.clock, self._make_client)
         link.watch(self._wake_up)
         self._link = link
         return link
