@@ -22,9 +22,11 @@ def test_readme_opens_with_the_two_commands() -> None:
     assert first_block is not None
     lines = [ln for ln in first_block.group(1).splitlines() if ln.strip()]
     assert lines[0].startswith("pip install -e . && sluiceway demo")
-    assert lines[1].startswith("scripts/test")
-    ci = (README.parent / ".ci" / "run").read_text()
-    assert "exec scripts/test" in ci
+    test_command = lines[1].split("#", 1)[0].strip()
+    assert test_command == "scripts/services up; scripts/test"
+    ci = (README.parent / ".ci" / "run").read_text().splitlines()
+    assert ci[-1] == test_command  # CI runs exactly the README's test command, last
+    assert "scripts/services up" in ci[:-1]  # after bringing the servers up itself
 
 
 def test_tutorial_example_runs(capsys: pytest.CaptureFixture[str]) -> None:

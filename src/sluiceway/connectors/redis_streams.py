@@ -52,8 +52,8 @@ from typing import Any, Literal, TypeVar
 
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from sluiceway.connectors.base import PartialWriteError, Sink, SinkContext, Source, SourceContext
 from sluiceway.connectors.files import _to_json
