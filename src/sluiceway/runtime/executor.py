@@ -229,37 +229,54 @@ class _ChannelStage(_Stage):
         super().__init__(ex, sp, head, steps)
         self.reader = reader
 
-    def _deadline(self) -> float | None:
-        deadline: float | None = None
-        for s in self.timer_steps:
-            d = s.next_deadline()
-            if d is not None and (deadline is None or d < deadline):
-                deadline = d
-        return deadline
+    async def _timers(self) -> float | None:
+        """Fire the timers that are due; return the instant to wait for input until.
 
-    async def _fire_timers(self) -> None:
-        now = self.ex.clock.monotonic()
-        for s in self.timer_steps:
-            d = s.next_deadline()
-            if d is not None and d <= now:
-                await s.on_timer(now)
+        Safe by construction, whatever ``next_deadline()`` returns:
+
+        * ``now`` is read once, *after* every deadline of the pass has been computed, and
+          each step is compared with the deadline it gave in that pass.  A deadline
+          computed from any clock read (``monotonic()``, or "due now") is therefore
+          ``<= now`` and fires: a step cannot make itself "not yet due" by reading the
+          clock again.  A deadline in the past fires.
+        * After a firing the stage yields to the event loop and then only polls its
+          channel (returns ``now``): a step that is due again at once, forever, costs a
+          loop turn per firing -- other stages, timers, signal handlers and a stop still
+          run, and input is still taken between firings.
+        """
+        clock = self.ex.clock
+        deadlines = [(s, s.next_deadline()) for s in self.timer_steps]
+        now = clock.monotonic()
+        wait: float | None = None
+        fired = False
+        for step, d in deadlines:
+            if d is None:
+                continue
+            if d <= now:
+                await step.on_timer(now)
+                fired = True
+            elif wait is None or d < wait:
+                wait = d
+        if fired:
+            await yield_now()
+            return now
+        return wait
 
     async def _run(self) -> object:
         reader, head, clock = self.reader, self.head, self.ex.clock
         latency = head.metrics.latency
         timed = bool(self.timer_steps)
         while True:
-            deadline = self._deadline() if timed else None
-            if deadline is not None and clock.monotonic() >= deadline:
-                await self._fire_timers()
-                continue
+            # Every turn awaits: a due timer is fired and followed by a yield, and the
+            # receive (with a deadline in the past: a poll) never spins on its own.
+            deadline = await self._timers() if timed else None
             try:
                 item = await reader.receive(deadline)
             except EndOfStream:
                 break
             if item is None:
-                await self._fire_timers()
-            elif isinstance(item, Batch):
+                continue  # a deadline passed, or a step woke the stage: timers next
+            if isinstance(item, Batch):
                 n = self.inflight = len(item.values)
                 t0 = clock.monotonic()
                 await head.push_input(item, reader.input_index)
