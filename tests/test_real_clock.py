@@ -11,12 +11,15 @@ period.  Each checks that the operator did its job, not only that nothing hung.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 import sluiceway as sw
+from sluiceway.operators.base import BuildContext, OpSpec, Step
 from sluiceway.testing import run_watched
+from sluiceway.time import Clock
 
 pytestmark = pytest.mark.slow
 
@@ -66,3 +69,53 @@ def test_processing_time_window() -> None:
     result = run_watched(flow, run_for=1.0)
     assert result.stopped
     assert len(out.items) >= 4  # windows fired on the clock, while records kept coming
+
+
+class _AlwaysDue(OpSpec):
+    """An operator whose timer is always due and never does anything: a runtime must
+    survive it (the stage keeps taking input, the loop keeps turning, a stop ends it)."""
+
+    def __init__(self, deadline: Callable[[Clock], float]) -> None:
+        self.deadline = deadline
+
+    @property
+    def boundary(self) -> bool:
+        return True
+
+    def build(self, ctx: BuildContext) -> Step:
+        deadline, clock = self.deadline, ctx.clock
+
+        class AlwaysDue(Step):
+            fired = 0
+
+            def uses_timer(self) -> bool:
+                return True
+
+            def next_deadline(self) -> float:
+                return deadline(clock)
+
+            async def on_timer(self, now: float) -> None:
+                AlwaysDue.fired += 1
+
+        return AlwaysDue(ctx.name, ctx.metrics)
+
+
+@pytest.mark.parametrize(
+    "deadline",
+    [
+        lambda clock: clock.monotonic(),  # "now", from a later read than the stage's
+        lambda clock: clock.monotonic() + 1e-9,  # always a hair ahead
+        lambda clock: 0.0,  # long past
+    ],
+    ids=["now", "a-hair-ahead", "past"],
+)
+def test_a_timer_that_is_always_due_cannot_freeze_the_loop(
+    deadline: Callable[[Clock], float],
+) -> None:
+    out: sw.sinks.Collect[int] = sw.sinks.Collect()
+    flow = sw.Flow("rt_always_due")
+    stream = flow.source(sw.sources.Generator(endless, rate=100))
+    stream._wrap(stream._derive(_AlwaysDue(deadline), "spin", "spin")).sink(out)
+    result = run_watched(flow, run_for=1.0)
+    assert result.stopped
+    assert len(out.items) >= 50  # input still taken between firings

@@ -228,6 +228,7 @@ class _ChannelStage(_Stage):
     ) -> None:
         super().__init__(ex, sp, head, steps)
         self.reader = reader
+        self.fired = False  # the last pass over the timers fired one (and yielded)
 
     async def _timers(self) -> float | None:
         """Fire the timers that are due; return the instant to wait for input until.
@@ -242,7 +243,8 @@ class _ChannelStage(_Stage):
         * After a firing the stage yields to the event loop and then only polls its
           channel (returns ``now``): a step that is due again at once, forever, costs a
           loop turn per firing -- other stages, timers, signal handlers and a stop still
-          run, and input is still taken between firings.
+          run, and input is still taken between firings.  A wait that ends without
+          input also yields, even if the deadline had passed before it began.
         """
         clock = self.ex.clock
         deadlines = [(s, s.next_deadline()) for s in self.timer_steps]
@@ -257,6 +259,7 @@ class _ChannelStage(_Stage):
                 fired = True
             elif wait is None or d < wait:
                 wait = d
+        self.fired = fired
         if fired:
             await yield_now()
             return now
@@ -274,8 +277,10 @@ class _ChannelStage(_Stage):
                 item = await reader.receive(deadline)
             except EndOfStream:
                 break
-            if item is None:
-                continue  # a deadline passed, or a step woke the stage: timers next
+            if item is None:  # a deadline passed, or a step woke the stage: timers next
+                if not self.fired:
+                    await yield_now()  # (a deadline just ahead of `now` may not have waited)
+                continue
             if isinstance(item, Batch):
                 n = self.inflight = len(item.values)
                 t0 = clock.monotonic()
