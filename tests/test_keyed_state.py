@@ -31,6 +31,10 @@ S = 1_000_000  # ticks per second
 # -- helpers -------------------------------------------------------------------------------
 
 
+def ts1(r: tuple[Any, float]) -> float:
+    return r[1]
+
+
 def count(state: int | None, value: Any) -> tuple[int, tuple[Any, int]]:
     n = (state or 0) + 1
     return n, (value, n)
@@ -625,6 +629,88 @@ def test_event_timers_fire_on_watermark_controls_and_can_be_deleted() -> None:
         (("k1", 20.0), "k1", 20 * S, 2 * S),  # k2's timer at 20 was deleted
         "end",
     ]
+
+
+class EveryMinute:
+    """A Flink-style timer that re-arms itself: one a minute, for ever."""
+
+    def __init__(self, step: float = 60.0) -> None:
+        self.step = step
+
+    def process(self, ctx: ProcessContext[Any], r: tuple[str, float]) -> None:
+        assert ctx.timestamp is not None
+        ctx.timers.at_event_time(ctx.timestamp + self.step)
+
+    def on_timer(self, ctx: ProcessContext[Any], t: float) -> None:
+        ctx.emit((ctx.key, t, ctx.watermark))
+        ctx.timers.at_event_time(t + self.step)
+
+
+def test_a_self_rearming_timer_fires_once_at_end_of_input() -> None:
+    # At end of input the watermark is +inf: the timers pending then fire once, in time
+    # order; the ones they set do not (there is no later watermark), as in Flink.
+    flow, out = keyed_flow([("k", 0.0), ("k", 30.0)], lambda k: k.process(EveryMinute), ts=ts1)
+    sw.testing.run_flow(flow)
+    assert out.items == [("k", 60.0, math.inf), ("k", 90.0, math.inf)]
+
+
+def test_a_rearming_timer_chain_follows_the_watermark_for_any_batch_cuts() -> None:
+    # Mid-stream, a timer set by a timer fires in the same advance when it is later than
+    # its setter and not past the watermark: as if the watermark had moved in two steps.
+    records = [("k", 0.0), ("k", 200.0), ("j", 210.0)]
+    runs = []
+    for size in (1, 2, 1024):
+        flow, out = keyed_flow(records, lambda k: k.process(EveryMinute), ts=ts1)
+        sw.testing.run_flow(flow, max_batch_size=size)
+        runs.append(out.items)
+    assert runs[0] == runs[1] == runs[2]
+    assert runs[0] == [
+        ("k", 60.0, 200.0),  # the watermark before ("j", 210) is 200
+        ("k", 120.0, 200.0),
+        ("k", 180.0, 200.0),
+        # end of input: what was pending fires once
+        ("k", 240.0, math.inf),
+        ("k", 260.0, math.inf),
+        ("j", 270.0, math.inf),
+    ]
+
+
+def test_a_timer_set_at_its_own_instant_fires_at_the_next_advance_not_again_at_once() -> None:
+    class Again:
+        def process(self, ctx: ProcessContext[Any], r: tuple[str, float]) -> None:
+            if r[1] == 0.0:
+                ctx.timers.at_event_time(10.0)
+
+        def on_timer(self, ctx: ProcessContext[Any], t: float) -> None:
+            ctx.emit((t, ctx.watermark))
+            ctx.timers.at_event_time(t)  # behind the watermark now
+
+    records = [("k", 0.0), ("k", 20.0), ("k", 30.0), ("k", 40.0)]
+    flow, out = keyed_flow(records, lambda k: k.process(Again), ts=ts1)
+    sw.testing.run_flow(flow)
+    # once per advance of the watermark (20, 30, 40), and once at the end
+    assert out.items == [(10.0, 20.0), (10.0, 30.0), (10.0, 40.0), (10.0, math.inf)]
+
+
+def test_a_processing_timer_set_behind_the_one_firing_waits_for_the_next_round() -> None:
+    fired: list[tuple[str, float]] = []
+    epoch = 1_700_000_000.0
+
+    class Back:
+        def process(self, ctx: ProcessContext[Any], x: str) -> None:
+            ctx.timers.at_processing_time(ctx.processing_time + 2)
+
+        def on_timer(self, ctx: ProcessContext[Any], t: float) -> None:
+            fired.append((ctx.key, t - epoch))
+            if ctx.key == "a" and t == epoch + 2:
+                ctx.timers.at_processing_time(t - 1)  # behind the timer firing
+
+    script = sw.testing.ScriptedSource([(0.0, ["a", "b"]), (5.0, ["c"])])
+    flow = sw.Flow("pt")
+    flow.source(script).key_by(lambda x: x).process(Back).sink(sw.sinks.Collect())
+    sw.testing.run_flow(flow)
+    # the round at 2 fires a and b; a's timer at 1 comes in the next round, not between
+    assert fired == [("a", 2.0), ("b", 2.0), ("a", 1.0)]
 
 
 def test_processing_time_timers_fire_on_the_flow_clock_in_time_order() -> None:

@@ -119,3 +119,51 @@ def test_a_timer_that_is_always_due_cannot_freeze_the_loop(
     result = run_watched(flow, run_for=1.0)
     assert result.stopped
     assert len(out.items) >= 50  # input still taken between firings
+
+
+class _EveryMinute:
+    def process(self, ctx: sw.state.ProcessContext[Any], x: int) -> None:
+        assert ctx.timestamp is not None
+        ctx.timers.at_event_time(ctx.timestamp + 60)
+
+    def on_timer(self, ctx: sw.state.ProcessContext[Any], t: float) -> None:
+        ctx.emit((ctx.key, t))
+        ctx.timers.at_event_time(t + 60)  # a timer per minute, for ever
+
+
+def test_event_time_timers_that_rearm_themselves_end_with_the_input() -> None:
+    out: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    flow = sw.Flow("rt_rearm")
+    (
+        flow.source(sw.sources.Iterable([0, 30]))
+        .with_timestamps(float, 0)
+        .key_by(lambda x: "k")
+        .process(_EveryMinute)
+        .sink(out)
+    )
+    result = run_watched(flow, run_for=1.0)
+    assert not result.stopped  # it ended by itself
+    assert out.items == [("k", 60.0), ("k", 90.0)]
+
+
+class _Tick:
+    def process(self, ctx: sw.state.ProcessContext[Any], x: int) -> None:
+        ctx.value("n").set((ctx.value("n").get() or 0) + 1)
+        ctx.timers.at_processing_time(ctx.processing_time + 0.05)
+
+    def on_timer(self, ctx: sw.state.ProcessContext[Any], t: float) -> None:
+        ctx.emit((ctx.key, ctx.value("n").get()))
+
+
+def test_processing_time_timers_of_process() -> None:
+    out: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    flow = sw.Flow("rt_process_pt")
+    (
+        flow.source(sw.sources.Generator(endless, rate=100))
+        .key_by(lambda x: x % 3)
+        .process(_Tick)
+        .sink(out)
+    )
+    result = run_watched(flow, run_for=1.0)
+    assert result.stopped
+    assert len(out.items) >= 30  # timers fired on the clock

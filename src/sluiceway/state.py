@@ -155,6 +155,11 @@ class KeyedStore:
         }
         self.timers: dict[str, dict[tuple[Any, float], int]] = {"processing": {}, "event": {}}
         self.timer_heaps: dict[str, list[tuple[float, int, Any]]] = {"processing": [], "event": []}
+        self.deferred: list[tuple[float, int, Any]] = []
+        """Timers set during a round of firing that wait for the next (begin_round)."""
+        self.round_domain: str | None = None
+        self.round_final = False
+        self.round_at = -_INF
         self.seq = itertools.count()
         self.undo: list[tuple[Any, ...]] = []
         self.logging = False
@@ -323,7 +328,10 @@ class KeyedStore:
         if item in timers:
             return
         seq = timers[item] = next(self.seq)
-        heapq.heappush(self.timer_heaps[domain], (t, seq, self.key))
+        if self.round_domain == domain and (self.round_final or t <= self.round_at):
+            self.deferred.append((t, seq, self.key))  # see begin_round
+        else:
+            heapq.heappush(self.timer_heaps[domain], (t, seq, self.key))
         if self.logging:
             self.undo.append((_U_TIMER_ADD, domain, item))
 
@@ -332,6 +340,28 @@ class KeyedStore:
         seq = self.timers[domain].pop(item, None)
         if seq is not None and self.logging:
             self.undo.append((_U_TIMER_DEL, domain, item, seq))
+
+    def begin_round(self, domain: str, *, final: bool = False) -> None:
+        """Start a round of firing the timers of ``domain`` (:meth:`next_timer` until
+        None, then :meth:`end_round`).
+
+        A timer set during the round fires in it only if it is later than the timer
+        being fired (as if the watermark had passed the two one after the other).  One
+        at or before that instant is behind: it waits for the next round.  In the
+        ``final`` round (end of input) every timer set waits -- there is no next round,
+        so they never fire.  Either way a timer that re-arms itself cannot keep a round
+        going forever."""
+        self.round_domain = domain
+        self.round_final = final
+        self.round_at = -_INF
+
+    def end_round(self) -> None:
+        """The round is over: the timers it set aside are pending again."""
+        heap = self.timer_heaps[self.round_domain] if self.round_domain else []
+        for entry in self.deferred:
+            heapq.heappush(heap, entry)
+        self.deferred.clear()
+        self.round_domain = None
 
     def next_timer(self, domain: str, upto: float) -> tuple[Any, float] | None:
         """The next timer of ``domain`` due at or before ``upto``, in time order (then
@@ -346,6 +376,8 @@ class KeyedStore:
             t, seq, key = heapq.heappop(heap)
             if timers.get((key, t)) == seq:
                 del timers[(key, t)]
+                if self.round_domain == domain:
+                    self.round_at = t
                 return key, t
 
     def next_due(self, domain: str) -> float:
@@ -621,7 +653,9 @@ class TimerService:
     registered ``(key, time, domain)``.
 
     Event-time timers fire when the watermark reaches their time (``time <= watermark``),
-    in time order, and at end of input (the watermark becomes +infinity).  Processing-time
+    in time order, and at end of input (the watermark becomes +infinity: the timers
+    pending then fire once, the ones they set do not).  A timer set in ``on_timer(t)`` at
+    or before ``t`` fires at the next advance, not again in the same one.  Processing-time
     timers fire when the flow's clock (``clock.time()``, epoch seconds) reaches them;
     pending ones are dropped at end of input.
     """

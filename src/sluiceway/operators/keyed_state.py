@@ -12,7 +12,8 @@ watermark that record came with, expiring event-time TTLs and firing event-time 
 that are due (in time order; at a tie, state expires first), exactly as the window
 operator does; ``Watermark`` control messages advance it further.  So what fires before
 which record depends only on the order of records, never on batch cuts.  At end of input
-the watermark becomes +infinity: every pending event-time timer fires.  Processing-time
+the watermark becomes +infinity: every pending event-time timer fires once (the ones
+those set do not: see ``KeyedStore.begin_round``).  Processing-time
 timers and TTLs run on the flow's clock (``clock.time()``) through the step's
 ``next_deadline``/``on_timer``; pending processing-time timers are dropped at end of input.
 """
@@ -30,12 +31,13 @@ from sluiceway.operators.errors import ErrorHandler
 from sluiceway.policies import ErrorPolicy, Fail
 from sluiceway.runtime.messages import Batch, Control, Watermark
 from sluiceway.state import TTL, KeyedStore, ProcessContext, TimerEvent
-from sluiceway.time import Clock
+from sluiceway.time import Clock, yield_now
 
 __all__ = ["KeyedProcessSpec", "StatefulMapSpec"]
 
 _INF = math.inf
 _TICKS = 1_000_000
+_YIELD_EVERY = 1024  # timers fired between two turns of the event loop, at most
 
 
 class _KeyedProcessStep(Step):
@@ -124,31 +126,56 @@ class _KeyedProcessStep(Step):
             store.commit()
 
     async def _advance_event(self, wm: float) -> None:
-        """Fire the event-time timers due at ``wm`` (TTLs expire on the way)."""
+        """Fire the event-time timers due at ``wm`` (TTLs expire on the way).
+
+        One round (``KeyedStore.begin_round``): a timer set by a timer fires in it only
+        when later than its setter; at end of input (``wm`` is +inf), not at all.  So a
+        timer that re-arms itself cannot keep the round going."""
         store, ctx, timer_fn = self.store, self.ctx, self.timer_fn
-        while (due := store.next_timer("event", wm)) is not None:
-            key, t = due
-            assert timer_fn is not None
-            ctx.key, ctx.timestamp, ctx.time_domain = key, t / _TICKS, "event"
-            store.key, store.event_now = key, t
-            self.cur_ts, self.cur_wm = int(t), self.rec_wm
-            secs = t / _TICKS
-            await self._guarded(partial(timer_fn, ctx, secs), TimerEvent(key, secs, "event"))
-        ctx.time_domain = None
+        store.begin_round("event", final=wm == _INF)
+        fired = 0
+        try:
+            while (due := store.next_timer("event", wm)) is not None:
+                key, t = due
+                assert timer_fn is not None
+                ctx.key, ctx.timestamp, ctx.time_domain = key, t / _TICKS, "event"
+                store.key, store.event_now = key, t
+                self.cur_ts, self.cur_wm = int(t), self.rec_wm
+                secs = t / _TICKS
+                await self._guarded(partial(timer_fn, ctx, secs), TimerEvent(key, secs, "event"))
+                fired += 1
+                if fired % _YIELD_EVERY == 0:
+                    await self._flush()
+                    await yield_now()  # a long round must not stop the event loop
+        finally:
+            store.end_round()
+            ctx.time_domain = None
 
     async def _fire_processing(self) -> None:
+        """Fire the processing-time timers due now: one round, as for event time (a
+        timer set at or before the one firing waits for the next round, after the stage
+        has yielded)."""
         store, ctx, timer_fn = self.store, self.ctx, self.timer_fn
         now = store.proc_now = self.clock.time()
-        while (due := store.next_timer("processing", now)) is not None:
-            key, t = due
-            assert timer_fn is not None
-            ctx.key, ctx.timestamp, ctx.time_domain = key, None, "processing"
-            store.key, store.event_now = key, self.max_ts
-            self.cur_ts = int(self.max_ts) if self.max_ts > -_INF else 0
-            self.cur_wm = self.rec_wm
-            await self._guarded(partial(timer_fn, ctx, t), TimerEvent(key, t, "processing"))
-            now = store.proc_now
-        ctx.time_domain = None
+        store.begin_round("processing")
+        fired = 0
+        try:
+            while (due := store.next_timer("processing", now)) is not None:
+                key, t = due
+                assert timer_fn is not None
+                ctx.key, ctx.timestamp, ctx.time_domain = key, None, "processing"
+                store.key, store.event_now = key, self.max_ts
+                self.cur_ts = int(self.max_ts) if self.max_ts > -_INF else 0
+                self.cur_wm = self.rec_wm
+                await self._guarded(partial(timer_fn, ctx, t), TimerEvent(key, t, "processing"))
+                now = store.proc_now
+                fired += 1
+                if fired % _YIELD_EVERY == 0:
+                    await self._flush()
+                    await yield_now()
+        finally:
+            store.end_round()
+            ctx.time_domain = None
 
     # -- the step ------------------------------------------------------------------------
 
@@ -210,7 +237,7 @@ class _KeyedProcessStep(Step):
         await super().control(message)  # forwards; a checkpoint barrier snapshots here
 
     async def finish(self) -> None:
-        if self.timestamped:
+        if self.timestamped and self.store.wm < _INF:  # (+inf may have come as a message)
             self.store.wm = _INF
             await self._advance_event(_INF)
         await self._flush()
