@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from itertools import pairwise
 from typing import Any
 
@@ -98,3 +99,56 @@ def test_bad_uses_are_refused() -> None:
         s.rate_limit(10)  # type: ignore[arg-type]
     with pytest.raises(sw.FlowDefinitionError, match="needs a keyed stream"):
         s.rate_limit(KeyedLimiter(lambda: TokenBucket(rate=1, burst=1)))
+
+
+def endless() -> Any:
+    return itertools.count()
+
+
+def test_the_source_is_pulled_about_as_fast_as_the_limiter_admits() -> None:
+    """Fused with the source, the limiter caps the pull: after a second at 10/s the
+    source has handed over about 10 records, not a batch of 1,024, and a stop with a
+    3 s grace period drains at once."""
+    clock = sw.VirtualClock()
+    out: sw.sinks.Collect[int] = sw.sinks.Collect()
+    flow = sw.Flow("capped")
+    (
+        flow.source(sw.sources.Generator(endless), name="src")
+        .rate_limit(TokenBucket(rate=10, burst=1), name="limited")
+        .sink(out)
+    )
+
+    async def main() -> tuple[int, sw.RunResult]:
+        handle = sw.start(flow, clock=clock, grace_period=3.0)
+        await clock.sleep(1.0)
+        pulled = handle.metrics().operator("src").records_out
+        return pulled, await handle.stop()
+
+    pulled, result = asyncio.run(main())
+    assert pulled <= 12  # 10 admitted in the second, at most one waiting
+    assert result.stopped  # drained within the grace period, not cancelled
+    assert result.metrics.operator("src").records_out == len(out.items)
+    assert out.items == list(range(len(out.items)))
+
+
+def test_the_cap_still_lets_a_whole_burst_through_at_once() -> None:
+    clock = sw.VirtualClock()
+    sizes: list[int] = []
+
+    class Sizes(sw.sinks.Sink):
+        async def write(self, batch: Any) -> None:
+            sizes.append(len(batch.values))
+
+    flow = sw.Flow("burst")
+    flow.source(sw.sources.Generator(endless)).rate_limit(TokenBucket(rate=100, burst=40)).sink(
+        Sizes()
+    )
+
+    async def main() -> None:
+        handle = sw.start(flow, clock=clock)
+        await clock.sleep(0.5)
+        await handle.stop()
+
+    asyncio.run(main())
+    assert sizes[0] == 40  # the whole burst in one pull, then what each wait frees
+    assert max(sizes[1:]) <= 2

@@ -167,3 +167,26 @@ def test_processing_time_timers_of_process() -> None:
     result = run_watched(flow, run_for=1.0)
     assert result.stopped
     assert len(out.items) >= 30  # timers fired on the clock
+
+
+def test_rate_limit_and_its_pull() -> None:
+    out: sw.sinks.Collect[int] = sw.sinks.Collect()
+    flow = sw.Flow("rt_rate_limit")
+    (
+        flow.source(sw.sources.Generator(endless), name="src")
+        .rate_limit(sw.flowcontrol.TokenBucket(rate=20, burst=1))
+        .sink(out)
+    )
+    result = run_watched(flow, run_for=1.0, grace_period=1.0)
+    assert result.stopped  # drained within the grace period
+    assert 10 <= len(out.items) <= 25
+    assert result.metrics.operator("src").records_out == len(out.items)
+
+
+def test_generator_rate() -> None:
+    out: sw.sinks.Collect[int] = sw.sinks.Collect()
+    flow = sw.Flow("rt_generator")
+    flow.source(sw.sources.Generator(endless, rate=50)).sink(out)
+    result = run_watched(flow, run_for=1.0)
+    assert result.stopped
+    assert 25 <= len(out.items) <= 75

@@ -116,6 +116,14 @@ class Step:
         """Records held inside this step (reported when a flow is cancelled)."""
         return 0
 
+    def demand(self) -> int | None:
+        """How many records this step can pass on right now without waiting (None: no
+        limit).  A source stage asks its source for no more than the smallest demand of
+        its steps (at least one record), so a step that paces records (``rate_limit``)
+        is fed about as fast as it lets them through, instead of sitting on a full batch
+        that would take minutes to pass -- and that a stop would have to wait for."""
+        return None
+
     def snapshot(self) -> Any:
         """The step's state for a checkpoint, or None when it holds none.
 

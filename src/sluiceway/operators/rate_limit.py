@@ -3,7 +3,10 @@
 Each record reserves one unit of the limiter (``reserve(1, now)``, on the flow's clock);
 when the limiter says wait, the records admitted so far move on and the operator sleeps.
 Sleeping holds up its stage, so the channel in front fills and the source is pulled more
-slowly: nothing is dropped unless the user puts a dropping ``buffer`` in front.  Order,
+slowly: nothing is dropped unless the user puts a dropping ``buffer`` in front.  Fused
+into a source's stage, the step also limits how much the source is asked for
+(``Step.demand``: what the limiter admits now, at least one record), so the source is
+pulled about as fast as records are let through and a stop drains at once.  Order,
 timestamps, keys and watermarks are kept.  On a keyed stream with a ``KeyedLimiter``,
 each key has its own rate; a key that must wait holds up the records behind it (order
 is kept).  A ``RedisLimiter`` (a limit shared by processes) costs a round trip to Redis
@@ -52,6 +55,24 @@ class _RateLimitStep(Step):
         self.clock: Clock = ctx.clock
         self.limiter = limiter.bind(ctx.clock)
         self.keyed = keyed
+
+    def demand(self) -> int | None:
+        """The records the limiter admits now without a wait: the most ``n`` with
+        ``delay(n, now) == 0`` (delay grows with ``n``, so a bisection finds it).  A
+        keyed limiter's answer depends on keys not pulled yet: no limit then."""
+        if self.keyed:
+            return None
+        limiter, now = self.limiter, self.clock.monotonic()
+        lo, hi = 0, limiter.max_units  # delay(lo) == 0 (lo = 0: trivially)
+        if limiter.delay(hi, now) == 0.0:
+            return int(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if limiter.delay(mid, now) == 0.0:
+                lo = mid
+            else:
+                hi = mid
+        return lo
 
     async def push(self, batch: Batch) -> None:
         n = len(batch.values)

@@ -121,6 +121,8 @@ class _SourceStage(_Stage):
             for s in steps
             if isinstance(s, SendStep) and s.writer.overflow is Overflow.BLOCK
         ]
+        # Steps that pace records (rate_limit) cap the pull too (Step.demand).
+        self.demanders = [s for s in steps if type(s).demand is not Step.demand]
         self.barrier: int | None = None  # a checkpoint to start at the next batch boundary
         self.barrier_cancel = False
         self.signal: asyncio.Future[None] | None = None
@@ -158,7 +160,8 @@ class _SourceStage(_Stage):
             await self.signal
 
     async def credit(self) -> int:
-        """How many records to ask for: the batch limit, or the room downstream.
+        """How many records to ask for: the batch limit, the room downstream, or what
+        a pacing step lets through now (``Step.demand``), at least one.
 
         When a channel is nearly full, first wait until it has room for a useful batch
         (a full batch, or half the channel if that is smaller).  Without this, sustained
@@ -171,6 +174,10 @@ class _SourceStage(_Stage):
             if w.room < low_water:
                 await w.wait_for_room(low_water)
             n = min(n, w.room)
+        for s in self.demanders:
+            d = s.demand()
+            if d is not None:
+                n = min(n, d)
         return max(1, n)
 
     async def _run(self) -> object:
