@@ -114,6 +114,117 @@ def test_grace_period_exceeded_reports_exactly_what_was_not_flushed() -> None:
     asyncio.run(main())
 
 
+class PerRecordSink(sw.sinks.Sink):
+    """Writes record by record (50 ms each) and says how far it got (``progress``)."""
+
+    def __init__(self, clock: sw.Clock) -> None:
+        self.clock = clock
+        self.items: list[Any] = []
+        self.done = 0
+
+    async def write(self, batch: Batch) -> None:
+        self.done = 0
+        for v in batch.values:
+            await self.clock.sleep(0.05)
+            self.items.append(v)
+            self.done += 1
+
+    def progress(self) -> int:
+        return self.done
+
+
+@pytest.mark.parametrize(
+    ("shape", "expected"),
+    [
+        ("fused", {"in process in stage 0 (src -> out)": 62}),
+        ("map", {"in process in stage 0 (src -> twice -> out)": 62}),
+        ("filter", {"in process in stage 0 (src -> evens -> out)": 12}),
+        ("buffer", {"channel buf.in": 100, "in process in stage 1 (buf -> out)": 62}),
+    ],
+)
+def test_the_inventory_does_not_count_what_a_sink_already_wrote(
+    shape: str, expected: dict[str, int]
+) -> None:
+    """A sink at 50 ms/record, stopped with a 1 s grace period after 0.95 s: it wrote
+    38 records of the batch of 100 it is writing; the other 62 are what was not
+    flushed, not the whole batch."""
+    clock = sw.VirtualClock()
+    sink = PerRecordSink(clock)
+    flow = sw.Flow("slow")
+    s = flow.source(sw.sources.Generator(endless), name="src")
+    if shape == "map":
+        s = s.map(lambda x: x * 2, name="twice")
+    elif shape == "filter":
+        s = s.filter(lambda x: x % 2 == 0, name="evens")
+    elif shape == "buffer":
+        s = s.buffer(100, name="buf")
+    s.sink(sink, name="out")
+
+    async def main() -> tuple[dict[str, int], int]:
+        handle = sw.start(flow, clock=clock, grace_period=1.0, max_batch_size=100)
+        await clock.sleep(0.95)
+        with pytest.raises(sw.FlowCancelledError) as info:
+            await handle.stop()
+        return info.value.unflushed, handle.metrics().operator("src").records_out
+
+    held, pulled = asyncio.run(main())
+    assert len(sink.items) == 38
+    assert held == expected
+    dropped = 50 if shape == "filter" else 0  # (by the filter: done with, not held)
+    assert sum(held.values()) + len(sink.items) + dropped == pulled
+
+
+def test_the_inventory_counts_a_half_sent_batch_once() -> None:
+    """A stage sending 30 records into a channel of 5 blocks with 20 of them still to
+    send: those 20 are in process, the 5 queued are the channel's, the 5 in the sink
+    the sink's -- 30 in all, as pulled."""
+    clock = sw.VirtualClock()
+    flow = sw.Flow("half-sent")
+    (
+        flow.source(sw.sources.Iterable(range(30)), name="src")
+        .buffer(50, name="wide")
+        .map(lambda x: x, name="same")
+        .buffer(5, name="narrow")
+        .sink(SlowSink(clock, 100.0), name="out")
+    )
+
+    async def main() -> dict[str, int]:
+        handle = sw.start(flow, clock=clock, grace_period=1.0)
+        await clock.sleep(1.0)
+        with pytest.raises(sw.FlowCancelledError) as info:
+            await handle.stop()
+        return info.value.unflushed
+
+    assert asyncio.run(main()) == {
+        "channel narrow.in": 5,
+        "in process in stage 1 (wide -> same)": 20,
+        "in process in stage 2 (narrow -> out)": 5,
+    }
+
+
+def test_the_inventory_counts_what_a_rate_limit_let_through_as_gone() -> None:
+    clock = sw.VirtualClock()
+    sink = PerRecordSink(clock)
+    flow = sw.Flow("paced")
+    (
+        flow.source(sw.sources.Iterable(range(30)), name="src")
+        .buffer(50, name="buf")
+        .rate_limit(sw.flowcontrol.TokenBucket(rate=1, burst=1), name="paced")
+        .sink(sink, name="out")
+    )
+
+    async def main() -> dict[str, int]:
+        handle = sw.start(flow, clock=clock, grace_period=1.0)
+        await clock.sleep(8.5)
+        with pytest.raises(sw.FlowCancelledError) as info:
+            await handle.stop()
+        return info.value.unflushed
+
+    held = asyncio.run(main())
+    assert len(sink.items) == 10  # one a second, from 0 to 9.5 s
+    assert held == {"in process in stage 1 (buf -> paced -> out)": 20}
+
+
 def test_force_stop_cancels_at_once() -> None:
     clock = sw.VirtualClock()
 

@@ -137,6 +137,16 @@ class Sink(ABC):
     async def write(self, batch: Batch) -> None:
         """Write every record of ``batch`` (``batch.values``)."""
 
+    def progress(self) -> int | None:
+        """While :meth:`write` is under way: how many records of its batch are written
+        already (None, the default: unknown).
+
+        Read only when a flow is cancelled in the middle of a write, for the inventory of
+        :class:`~sluiceway.errors.FlowCancelledError`: a sink that writes record by record
+        and counts them here is reported exactly; otherwise its whole batch counts as not
+        flushed."""
+        return None
+
     exactly_once: bool = False
     """True when the sink's pre-commit/commit/restore make its output exactly-once."""
 

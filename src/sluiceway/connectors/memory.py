@@ -283,6 +283,7 @@ class Function(Sink):
             getattr(fn, "__call__", None)  # noqa: B004 - async callable objects too
         )
         self.name = getattr(fn, "__name__", type(fn).__name__)
+        self._done = 0  # records of the write under way done (per record)
 
     async def open(self, ctx: SinkContext) -> None:
         pass
@@ -294,23 +295,29 @@ class Function(Sink):
             if inspect.isawaitable(r):
                 await r
             return
+        self._done = 0
         if self._is_async:
             for i, v in enumerate(batch.values):
                 try:
                     await fn(v)
                 except Exception as exc:
                     raise PartialWriteError(i, exc) from exc
+                self._done = i + 1
             return
-        done = 0
         it = iter(batch.values)
         try:
             for v in it:
                 r = fn(v)
                 if inspect.isawaitable(r):
                     await r
-                done += 1
+                self._done += 1
         except Exception as exc:
-            raise PartialWriteError(done, exc) from exc
+            raise PartialWriteError(self._done, exc) from exc
+
+    def progress(self) -> int | None:
+        """Per record: how many of the batch being written are done (a batched write is
+        all or nothing)."""
+        return None if self._batched else self._done
 
     def describe(self) -> str:
         return f"Function({self.name})"

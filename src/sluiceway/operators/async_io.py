@@ -59,6 +59,7 @@ class _AsyncMapStep(Step):
         self._slot: asyncio.Future[None] | None = None
         self._has_ts = False
         self._has_keys = False
+        self.unstarted = 0  # records of the push under way not started yet
 
     # -- limits ------------------------------------------------------------------------
 
@@ -100,6 +101,7 @@ class _AsyncMapStep(Step):
         self._has_ts = ts is not None
         self._has_keys = keys is not None
         for i, v in enumerate(batch.values):
+            self.unstarted = n - i
             row: _Row = (
                 v,
                 None if ts is None else ts[i],
@@ -114,6 +116,7 @@ class _AsyncMapStep(Step):
                 self.done[seq] = None
                 continue
             self._start(row)
+        self.unstarted = 0
         await self._send_ready()
 
     def _start(self, row: _Row) -> None:
@@ -253,6 +256,9 @@ class _AsyncMapStep(Step):
 
     def pending(self) -> int:
         return self.in_flight + sum(r is not None for r in self.done.values())
+
+    def in_process(self, n: int, passed: bool) -> int:
+        return self.unstarted  # the rest of the push are in pending()
 
     def close(self) -> None:
         # A cancelled flow must not leave calls running behind it.

@@ -116,6 +116,23 @@ class Step:
         """Records held inside this step (reported when a flow is cancelled)."""
         return 0
 
+    def in_process(self, n: int, passed: bool) -> int:
+        """Of the ``n`` records of a :meth:`push` under way, how many this step still
+        holds itself -- not passed on to its children, not done with (for the exact
+        inventory of a flow cancelled mid-push; the children count theirs).
+
+        ``passed``: the step has pushed something on already.  Default: all ``n`` until
+        then, none after (a step that passes its batch on in one go).  A step that
+        passes records on bit by bit (``rate_limit``), or that finishes them itself (a
+        sink), overrides this."""
+        return 0 if passed else n
+
+    def output_weight(self, batch: Batch) -> int:
+        """How many of this step's input records ``batch`` (which it emits) stands for:
+        one per record by default; ``batch()`` emits lists, each standing for its
+        records."""
+        return len(batch.values)
+
     def demand(self) -> int | None:
         """How many records this step can pass on right now without waiting (None: no
         limit).  A source stage asks its source for no more than the smallest demand of
@@ -181,6 +198,9 @@ class SendStep(Step):
 
     async def push(self, batch: Batch) -> None:
         await self.writer.send(batch)
+
+    def in_process(self, n: int, passed: bool) -> int:
+        return self.writer.unsent  # the part of a blocked send not in the channel yet
 
     async def control(self, message: Control) -> None:
         self.writer.send_control(message)

@@ -107,6 +107,9 @@ class _BatchStep(Step):
     def pending(self) -> int:
         return len(self.values)
 
+    def output_weight(self, batch: Batch) -> int:
+        return sum(len(chunk) for chunk in batch.values)  # a list stands for its records
+
     def snapshot(self) -> Any:
         if not self.values:
             return None

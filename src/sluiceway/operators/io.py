@@ -40,38 +40,60 @@ class _SinkStep(Step):
         if self.breaker is not None:
             watch_breaker(self.breaker, self.metrics)
         self.when_open = spec.when_open
+        self.unwritten = 0  # records of the push under way not written yet
+        self.writing = False  # inside sink.write(): its progress() counts
 
     async def push(self, batch: Batch) -> None:
         m = self.metrics
         m.records_in += len(batch.values)
-        while batch.values:
-            try:
-                await self._write(batch)
-            except PartialWriteError as exc:
-                done = exc.written
-                m.records_out += done
-                await self._recover(batch.slice(done, done + 1), _cause(exc))
-                batch = batch.slice(done + 1)
-            except Exception as exc:  # noqa: BLE001 - any sink error goes to the error policy
-                await self._recover(batch, exc)
-                return
-            else:
-                m.records_out += len(batch.values)
-                return
+        self.unwritten = len(batch.values)
+        try:
+            while batch.values:
+                try:
+                    await self._write(batch)
+                except PartialWriteError as exc:
+                    done = exc.written
+                    m.records_out += done
+                    self.unwritten -= done
+                    await self._recover(batch.slice(done, done + 1), _cause(exc))
+                    batch = batch.slice(done + 1)
+                    self.unwritten = len(batch.values)
+                except Exception as exc:  # noqa: BLE001 - any sink error goes to the error policy
+                    await self._recover(batch, exc)
+                    return
+                else:
+                    m.records_out += len(batch.values)
+                    return
+        finally:
+            self.unwritten = 0
+
+    def in_process(self, n: int, passed: bool) -> int:
+        """Records of the push under way not written yet: a sink that writes record by
+        record says how far it got (``Sink.progress``), so a cancelled flow's inventory
+        does not count what it already wrote."""
+        held = self.unwritten
+        if held and self.writing:
+            done = self.sink.progress()
+            if done:
+                held -= min(max(done, 0), held)
+        return held
 
     async def _write(self, part: Batch) -> None:
         """One write, through the circuit breaker if there is one."""
         breaker, clock = self.breaker, self.clock
-        if breaker is None:
-            await self.sink.write(part)
-            return
-        await breaker.enter(clock, self.when_open)
+        if breaker is not None:
+            await breaker.enter(clock, self.when_open)
+        self.writing = True
         try:
             await self.sink.write(part)
         except Exception:
-            breaker.on_failure(clock.monotonic())
+            if breaker is not None:
+                breaker.on_failure(clock.monotonic())
             raise
-        breaker.on_success(clock.monotonic())
+        finally:
+            self.writing = False
+        if breaker is not None:
+            breaker.on_success(clock.monotonic())
 
     async def prepare_checkpoint(self, checkpoint_id: int | None) -> Any:
         return await self.sink.pre_commit(checkpoint_id)

@@ -32,6 +32,7 @@ class _AsyncRateLimitStep(Step):
     def __init__(self, ctx: BuildContext, limiter: Any) -> None:
         super().__init__(ctx.name, ctx.metrics)
         self.limiter = limiter
+        self.sent = 0  # records of the push under way let through
 
     async def push(self, batch: Batch) -> None:
         n = len(batch.values)
@@ -39,14 +40,19 @@ class _AsyncRateLimitStep(Step):
             return
         self.metrics.records_in += n
         limiter = self.limiter
-        start = 0
+        start = self.sent = 0
         for i in range(n):
             if not await limiter.try_acquire(1):
                 if i > start:
-                    await self.emit(batch.slice(start, i))
-                    start = i
+                    part, start = batch.slice(start, i), i
+                    self.sent = i
+                    await self.emit(part)
                 await limiter.acquire(1)
+        self.sent = n
         await self.emit(batch if start == 0 else batch.slice(start))
+
+    def in_process(self, n: int, passed: bool) -> int:
+        return n - self.sent  # the records not let through yet
 
 
 class _RateLimitStep(Step):
@@ -55,6 +61,10 @@ class _RateLimitStep(Step):
         self.clock: Clock = ctx.clock
         self.limiter = limiter.bind(ctx.clock)
         self.keyed = keyed
+        self.sent = 0  # records of the push under way let through
+
+    def in_process(self, n: int, passed: bool) -> int:
+        return n - self.sent  # the records not let through yet
 
     def demand(self) -> int | None:
         """The records the limiter admits now without a wait: the most ``n`` with
@@ -81,7 +91,7 @@ class _RateLimitStep(Step):
         self.metrics.records_in += n
         clock, limiter = self.clock, self.limiter
         keys = batch.keys
-        start = 0
+        start = self.sent = 0
         for i in range(n):
             now = clock.monotonic()
             if self.keyed:
@@ -91,9 +101,11 @@ class _RateLimitStep(Step):
                 wait = limiter.reserve(1, now)
             if wait > 0:
                 if i > start:  # what was admitted so far goes on now
-                    await self.emit(batch.slice(start, i))
-                    start = i
+                    part, start = batch.slice(start, i), i
+                    self.sent = i
+                    await self.emit(part)
                 await clock.sleep(wait)
+        self.sent = n
         await self.emit(batch if start == 0 else batch.slice(start))
 
 

@@ -203,12 +203,15 @@ class ChannelWriter:
     writer has closed.
     """
 
-    __slots__ = ("_ch", "_closed", "index")
+    __slots__ = ("_ch", "_closed", "index", "unsent")
 
     def __init__(self, channel: _Channel, index: int) -> None:
         self._ch = channel
         self.index = index
         self._closed = False
+        self.unsent = 0
+        """Records of a blocked :meth:`send` not queued yet (for the inventory of a
+        cancelled flow: the queued part is in the channel's ``fill``)."""
 
     @property
     def name(self) -> str:
@@ -273,15 +276,19 @@ class ChannelWriter:
 
     async def _send_blocking(self, batch: Batch) -> None:
         ch = self._ch
-        while True:
-            room = ch.capacity - ch.fill - ch.held[self.index]
-            if room >= len(batch):
-                ch.put(batch, self.index)
-                return
-            if room > 0:
-                ch.put(batch.slice(0, room), self.index)
-                batch = batch.slice(room)
-            await self._wait_writable()
+        try:
+            while True:
+                room = ch.capacity - ch.fill - ch.held[self.index]
+                if room >= len(batch):
+                    ch.put(batch, self.index)
+                    return
+                if room > 0:
+                    ch.put(batch.slice(0, room), self.index)
+                    batch = batch.slice(room)
+                self.unsent = len(batch)
+                await self._wait_writable()
+        finally:
+            self.unsent = 0
 
     async def _wait_writable(self) -> None:
         """Wait until the reader takes something (the wait is counted as blocked time)."""

@@ -78,7 +78,7 @@ class _Stage:
         self.head = head
         self.steps = steps
         self.timer_steps = [s for s in steps if s.uses_timer()]
-        self.inflight = 0
+        self.inner: _Inner | None = None  # set by _time_processing: the pushes under way
         self.task: asyncio.Task[Any] | None = None
         self.pulling = False
         self.stop_cancel = False
@@ -210,11 +210,9 @@ class _SourceStage(_Stage):
                 if batch is None:
                     break
                 if batch.values:
-                    n = self.inflight = len(batch.values)
                     t0 = clock.monotonic()
                     await head.push(batch)
-                    latency.observe(clock.monotonic() - t0, n)
-                    self.inflight = 0
+                    latency.observe(clock.monotonic() - t0, len(batch.values))
                 await yield_now()
         except (SluicewayError, asyncio.CancelledError):
             raise
@@ -289,11 +287,9 @@ class _ChannelStage(_Stage):
                     await yield_now()  # (a deadline just ahead of `now` may not have waited)
                 continue
             if isinstance(item, Batch):
-                n = self.inflight = len(item.values)
                 t0 = clock.monotonic()
                 await head.push_input(item, reader.input_index)
-                latency.observe(clock.monotonic() - t0, n)
-                self.inflight = 0
+                latency.observe(clock.monotonic() - t0, len(item.values))
             else:
                 await head.control_input(item.message, item.input_index)
         await head.finish()
@@ -427,17 +423,19 @@ class Executor:
         for sp in self.plan.stages:
             st_steps = [steps[n.id] for n in sp.nodes]
             st_steps += [c for s in st_steps for c in s.children if isinstance(c, SendStep)]
-            _time_processing(st_steps, clock)
+            inner = _time_processing(st_steps, clock)
             head = steps[sp.head.id]
             src = sp.source
             if src is not None:
                 stages.append(_SourceStage(self, sp, head, st_steps, src.source))
+                stages[-1].inner = inner
             else:
                 reader = readers[sp.head.id]
                 for step in st_steps:
                     if step.uses_timer():
                         step.wake = reader.interrupt
                 stages.append(_ChannelStage(self, sp, head, st_steps, reader))
+                stages[-1].inner = inner
         return stages
 
     # -- running -----------------------------------------------------------------------
@@ -659,37 +657,104 @@ class Executor:
             if r.fill:
                 held[f"channel {r.name}"] = r.fill
         for st in self.stages:
-            if st.inflight:
-                held[f"in process in {st.label}"] = st.inflight
+            n = st.inner.in_process() if st.inner is not None else 0
+            if n:
+                held[f"in process in {st.label}"] = n
             for s in st.steps:
                 if s.pending():
                     held[f"operator {s.name}"] = s.pending()
         return held
 
 
-class _Inner:
-    """Seconds the steps called from the current ``push`` spent (one per stage)."""
+class _Frame:
+    """A push under way in a stage: for the inventory of a cancelled flow."""
 
-    __slots__ = ("seconds",)
+    __slots__ = ("n", "passed", "step", "weight")
+
+    def __init__(self, step: Step, n: int, weight: float) -> None:
+        self.step = step
+        self.n = n  # the records of the batch pushed into the step
+        self.weight = weight  # the stage's input records they stand for
+        self.passed = False  # the step has pushed something on to a child
+
+
+class _Inner:
+    """Per stage: seconds the steps called from the current ``push`` spent, and the
+    pushes under way (innermost last)."""
+
+    __slots__ = ("frames", "seconds")
 
     def __init__(self) -> None:
         self.seconds = 0.0
+        self.frames: list[_Frame] = []
+
+    def enter(self, step: Step, batch: Batch) -> _Frame:
+        frames = self.frames
+        n = len(batch.values)
+        weight: float = n
+        if frames:
+            parent = frames[-1]
+            parent.passed = True
+            per_record = parent.weight / parent.n if parent.n else 1.0
+            weight = parent.step.output_weight(batch) * per_record
+        frame = _Frame(step, n, weight)
+        frames.append(frame)
+        return frame
+
+    def leave(self, frame: _Frame) -> None:
+        frames = self.frames
+        if frames and frames[-1] is frame:
+            frames.pop()
+        elif frame in frames:  # pragma: no cover - pushes in a stage nest
+            frames.remove(frame)
+
+    def in_process(self) -> int:
+        """The stage's input records still inside its pushes: each step counts what it
+        holds itself (``Step.in_process``), scaled to the records its batch stands for."""
+        total = 0.0
+        for f in self.frames:
+            if f.n:
+                total += f.step.in_process(f.n, f.passed) * f.weight / f.n
+        return round(total)
 
 
-def _time_processing(steps: list[Step], clock: Clock) -> None:
-    """Wrap each step's ``push`` to observe the time it alone spent per batch.
+def _time_processing(steps: list[Step], clock: Clock) -> _Inner:
+    """Wrap each step's ``push`` to observe the time it alone spent per batch, and to
+    keep track of the pushes under way (for the exact inventory of a cancelled flow).
 
     Steps of a stage call each other: the time in a ``push`` minus the time in the pushes
     it made (children in the same stage, sends into channels -- backpressure) is the
-    operator's own.  Two clock reads per operator per batch.
+    operator's own.  Two clock reads per operator per batch.  ``on_timer`` and
+    ``finish`` are framed too (as pushes of no records), so what a step emits from them
+    is counted in the records it stands for.
     """
     inner = _Inner()
     for step in steps:
         hist = None if isinstance(step, SendStep) else step.metrics.processing
-        step.push = _timed(step.push, clock, inner, hist)  # type: ignore[method-assign,assignment]
+        step.push = _timed(step, step.push, clock, inner, hist)  # type: ignore[method-assign,assignment]
+        step.on_timer = _framed(step, step.on_timer, inner)  # type: ignore[method-assign,assignment]
+        step.finish = _framed(step, step.finish, inner)  # type: ignore[method-assign,assignment]
+    return inner
+
+
+_NO_RECORDS = Batch([])
+
+
+def _framed(
+    step: Step, fn: Callable[..., Awaitable[None]], inner: _Inner
+) -> Callable[..., Awaitable[None]]:
+    async def framed(*args: Any) -> None:
+        frame = inner.enter(step, _NO_RECORDS)
+        try:
+            await fn(*args)
+        finally:
+            inner.leave(frame)
+
+    return framed
 
 
 def _timed(
+    step: Step,
     push: Callable[[Batch], Awaitable[None]],
     clock: Clock,
     inner: _Inner,
@@ -700,10 +765,12 @@ def _timed(
     async def timed_push(batch: Batch) -> None:
         outer = inner.seconds
         inner.seconds = 0.0
+        frame = inner.enter(step, batch)
         t0 = now()
         try:
             await push(batch)
         finally:
+            inner.leave(frame)
             spent = now() - t0
             if hist is not None and batch.values:
                 hist.observe(spent - inner.seconds, len(batch.values))
