@@ -11,7 +11,9 @@ period.  Each checks that the operator did its job, not only that nothing hung.
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -190,3 +192,196 @@ def test_generator_rate() -> None:
     result = run_watched(flow, run_for=1.0)
     assert result.stopped
     assert 25 <= len(out.items) <= 75
+
+
+# -- windows, batching, idleness --------------------------------------------------------
+
+
+def test_early_results_of_an_event_time_window() -> None:
+    out: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    flow = sw.Flow("rt_early")
+    (
+        flow.source(sw.sources.Generator(endless, rate=100))
+        .with_timestamps(lambda x: x * 0.01)
+        .window(sw.windows.Tumbling(3600), early_every=0.2)  # never closes on its own
+        .aggregate(sw.agg.count())
+        .sink(out)
+    )
+    result = run_watched(flow, run_for=1.0)
+    assert result.stopped
+    early = [r for r in out.items if r.kind == "early"]
+    assert len(early) >= 2  # every 0.2 s of the clock
+    assert [r.value for r in early] == sorted(r.value for r in early)
+
+
+def test_batch_max_delay() -> None:
+    out: sw.sinks.Collect[list[int]] = sw.sinks.Collect()
+    flow = sw.Flow("rt_batch")
+    flow.source(sw.sources.Generator(endless, rate=50)).batch(1000, max_delay=0.1).sink(out)
+    result = run_watched(flow, run_for=1.0)
+    assert result.stopped
+    assert len(out.items) >= 5  # lists cut by the delay, not by the size
+    assert [x for chunk in out.items for x in chunk] == list(range(sum(map(len, out.items))))
+
+
+async def bursts(n: int, every: float) -> Any:
+    """An async source: ``n`` records at once, then a pause of ``every`` seconds."""
+    clock = sw.SystemClock()
+    for i in itertools.count():
+        for j in range(n):
+            yield i * n + j
+        await clock.sleep(every)
+
+
+async def wait_for(check: Callable[[], bool], within: float = 3.0) -> bool:
+    clock = sw.SystemClock()
+    deadline = clock.monotonic() + within
+    while not check() and clock.monotonic() < deadline:
+        await clock.sleep(0.02)
+    return check()
+
+
+def test_processing_time_session_windows() -> None:
+    out: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    flow = sw.Flow("rt_sessions")
+    (
+        flow.source(sw.sources.Iterable(bursts(5, 0.4)))
+        .key_by(lambda x: "k")
+        .window(sw.windows.Session(0.2), time="processing")
+        .aggregate(sw.agg.count())
+        .sink(out)
+    )
+    seen: list[bool] = []
+
+    async def during(handle: sw.FlowHandle) -> None:
+        seen.append(await wait_for(lambda: len(out.items) >= 2))
+
+    run_watched(flow, during=during)
+    assert seen == [True]  # sessions closed by the gap on the clock, not by the stop
+    assert out.items[0].value == 5
+
+
+def test_a_quiet_stream_advances_its_watermark_when_idle() -> None:
+    out: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    flow = sw.Flow("rt_quiet")
+    (
+        flow.source(sw.sources.Iterable(bursts(3, 3600)))
+        .with_timestamps(lambda x: 1_000.0 + x, advance_when_idle=0.2)
+        .window(sw.windows.Tumbling(0.5))
+        .aggregate(sw.agg.count())
+        .sink(out)
+    )
+    seen: list[bool] = []
+
+    async def during(handle: sw.FlowHandle) -> None:
+        seen.append(await wait_for(lambda: len(out.items) >= 3))
+
+    run_watched(flow, during=during)
+    assert seen == [True]  # the windows of the quiet stream closed without new records
+
+
+def test_an_idle_input_stops_holding_the_merged_watermark() -> None:
+    out: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    flow = sw.Flow("rt_idle")
+    quiet = flow.source(sw.sources.Iterable(bursts(1, 3600)), name="quiet").with_timestamps(
+        lambda x: 0.0, idle_timeout=0.2
+    )
+    busy = flow.source(sw.sources.Generator(endless, rate=50), name="busy").with_timestamps(
+        lambda x: x * 0.1
+    )
+    (quiet.merge(busy).window(sw.windows.Tumbling(1.0)).aggregate(sw.agg.count()).sink(out))
+    seen: list[bool] = []
+
+    async def during(handle: sw.FlowHandle) -> None:
+        seen.append(await wait_for(lambda: len(out.items) >= 2))
+
+    run_watched(flow, during=during)
+    assert seen == [True]
+
+
+# -- errors, async calls, checkpoints, files --------------------------------------------
+
+
+def test_retries_with_backoff() -> None:
+    attempts: dict[int, int] = {}
+
+    def flaky(x: int) -> int:
+        attempts[x] = attempts.get(x, 0) + 1
+        if attempts[x] < 3:
+            raise ValueError(f"try again: {x}")
+        return x
+
+    out: sw.sinks.Collect[int] = sw.sinks.Collect()
+    flow = sw.Flow("rt_retry")
+    policy = sw.Retry(attempts=3, backoff=sw.Backoff(initial=0.02, multiplier=2.0))
+    flow.source(sw.sources.Generator(endless, rate=20)).map(flaky, on_error=policy).sink(out)
+    result = run_watched(flow, run_for=1.0)
+    assert result.stopped
+    assert len(out.items) >= 5
+    assert out.items == list(range(len(out.items)))
+
+
+def test_map_async_timeouts_and_a_circuit_breaker() -> None:
+    clock = sw.SystemClock()
+    calls: list[int] = []
+
+    async def sometimes_stuck(x: int) -> int:
+        calls.append(x)
+        if len(calls) in (2, 3):
+            await clock.sleep(3600)  # stuck: the timeout cuts it off
+        return x
+
+    dead: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    out: sw.sinks.Collect[int] = sw.sinks.Collect()
+    flow = sw.Flow("rt_async_breaker")
+    (
+        flow.source(sw.sources.Generator(endless, rate=50))
+        .map_async(
+            sometimes_stuck,
+            concurrency=2,
+            timeout=0.05,
+            breaker=sw.CircuitBreaker(failure_threshold=2, reset_timeout=0.2),
+            on_error=sw.DeadLetter(dead),
+        )
+        .sink(out)
+    )
+    result = run_watched(flow, run_for=1.0)
+    assert result.stopped
+    assert len(dead.items) == 2  # the two timeouts
+    assert len(out.items) >= 10  # the breaker closed again after its reset timeout
+
+
+def test_checkpoints_on_their_interval(tmp_path: Path) -> None:
+    out: sw.sinks.Collect[int] = sw.sinks.Collect()
+    flow = sw.Flow("rt_checkpoints")
+    (
+        flow.source(sw.sources.Generator(endless, rate=100))
+        .key_by(lambda x: x % 2)
+        .stateful_map(lambda n, x: ((n or 0) + 1, x))
+        .sink(out)
+    )
+    result = run_watched(flow, run_for=1.0, checkpoints=sw.Checkpoints(tmp_path, interval=0.1))
+    assert result.stopped
+    assert result.checkpoints is not None
+    assert result.checkpoints.completed >= 3
+
+
+def test_a_followed_file_is_read_as_it_grows(tmp_path: Path) -> None:
+    path = tmp_path / "growing.jsonl"
+    path.write_text("")
+    out: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    flow = sw.Flow("rt_follow")
+    flow.source(sw.sources.JsonLines(path, follow=True, poll_interval=0.05)).sink(out)
+    seen: list[bool] = []
+
+    async def during(handle: sw.FlowHandle) -> None:
+        clock = sw.SystemClock()
+        for i in range(5):
+            with path.open("a") as f:
+                f.write(json.dumps({"i": i}) + "\n")
+            await clock.sleep(0.1)
+        seen.append(await wait_for(lambda: len(out.items) == 5))
+
+    run_watched(flow, during=during)
+    assert seen == [True]
+    assert out.items == [{"i": i} for i in range(5)]
