@@ -10,18 +10,28 @@ period.  Each checks that the operator did its job, not only that nothing hung.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import services_mqtt
+import services_nats
+import services_rabbitmq
 import sluiceway as sw
+from services import import_or_missing
 from sluiceway.operators.base import BuildContext, OpSpec, Step
 from sluiceway.testing import run_watched
 from sluiceway.time import Clock
+
+own_nats = services_nats.own_nats
+own_mosquitto = services_mqtt.own_mosquitto
+own_rabbitmq = services_rabbitmq.own_rabbitmq
 
 pytestmark = pytest.mark.slow
 
@@ -385,3 +395,79 @@ def test_a_followed_file_is_read_as_it_grows(tmp_path: Path) -> None:
     run_watched(flow, during=during)
     assert seen == [True]
     assert out.items == [{"i": i} for i in range(5)]
+
+
+# -- broker sources: a stop while they wait to reconnect ----------------------------------
+
+
+def _redis_source(request: pytest.FixtureRequest) -> tuple[sw.sources.Source, Callable[[], None]]:
+    server = request.getfixturevalue("own_redis")
+    import_or_missing("redis")
+    from sluiceway.connectors.redis_streams import RedisStreamSource  # noqa: PLC0415
+
+    src = RedisStreamSource(server.url, "rt", "g", start="0", block_ms=50)
+    return src, lambda: server.stop(signal.SIGKILL)
+
+
+def _nats_source(request: pytest.FixtureRequest) -> tuple[sw.sources.Source, Callable[[], None]]:
+    server = request.getfixturevalue("own_nats")
+    import_or_missing("nats")
+    import nats  # noqa: PLC0415
+    from nats.js.api import StreamConfig  # noqa: PLC0415
+
+    from sluiceway.connectors.nats import NatsSource  # noqa: PLC0415
+
+    async def make_stream() -> None:
+        nc = await nats.connect(server.url)
+        try:
+            await nc.jetstream().add_stream(StreamConfig(name="RT", subjects=["RT.>"]))
+        finally:
+            await nc.close()
+
+    asyncio.run(make_stream())
+    src = NatsSource(server.url, "RT", "RT.in", durable="rt", fetch_timeout=0.1)
+    return src, lambda: server.stop(signal.SIGKILL)
+
+
+def _mqtt_source(request: pytest.FixtureRequest) -> tuple[sw.sources.Source, Callable[[], None]]:
+    server = request.getfixturevalue("own_mosquitto")
+    import_or_missing("paho.mqtt")
+    from sluiceway.connectors.mqtt import MqttSource  # noqa: PLC0415
+
+    src = MqttSource(server.host, "rt/in", port=server.port, client_id="rt-src")
+    return src, lambda: server.stop(signal.SIGKILL)
+
+
+def _rabbitmq_source(
+    request: pytest.FixtureRequest,
+) -> tuple[sw.sources.Source, Callable[[], None]]:
+    server = request.getfixturevalue("own_rabbitmq")
+    import_or_missing("aio_pika")
+    from sluiceway.connectors.rabbitmq import RabbitMQSource  # noqa: PLC0415
+
+    return RabbitMQSource(server.url, "rt-in"), server.kill
+
+
+@pytest.mark.parametrize(
+    "make",
+    [_redis_source, _nats_source, _mqtt_source, _rabbitmq_source],
+    ids=["redis", "nats", "mqtt", "rabbitmq"],
+)
+def test_a_broker_source_waiting_to_reconnect_stops_at_once(
+    make: Callable[[pytest.FixtureRequest], tuple[sw.sources.Source, Callable[[], None]]],
+    request: pytest.FixtureRequest,
+) -> None:
+    """The broker dies under an idle source: the source backs off and retries on the
+    clock (the loop keeps turning), and a stop then ends the flow within its grace."""
+    source, kill = make(request)
+    flow = sw.Flow("rt_reconnect")
+    flow.source(source, name="src").sink(sw.sinks.Collect())
+
+    async def during(handle: sw.FlowHandle) -> None:
+        clock = sw.SystemClock()
+        await clock.sleep(0.3)  # connected, waiting for messages
+        await asyncio.to_thread(kill)
+        await clock.sleep(1.0)  # lost; backing off and reconnecting
+
+    result = run_watched(flow, during=during, grace_period=1.0)
+    assert result.stopped
