@@ -276,18 +276,16 @@ class ChannelWriter:
 
     async def _send_blocking(self, batch: Batch) -> None:
         ch = self._ch
-        try:
-            while True:
-                room = ch.capacity - ch.fill - ch.held[self.index]
-                if room >= len(batch):
-                    ch.put(batch, self.index)
-                    return
-                if room > 0:
-                    ch.put(batch.slice(0, room), self.index)
-                    batch = batch.slice(room)
-                self.unsent = len(batch)
-                await self._wait_writable()
-        finally:
+        while True:
+            room = ch.capacity - ch.fill - ch.held[self.index]
+            if room >= len(batch):
+                ch.put(batch, self.index)
+                return
+            if room > 0:
+                ch.put(batch.slice(0, room), self.index)
+                batch = batch.slice(room)
+            self.unsent = len(batch)
+            await self._wait_writable()
             self.unsent = 0
 
     async def _wait_writable(self) -> None:
