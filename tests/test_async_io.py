@@ -171,9 +171,12 @@ def test_retries_with_backoff_then_succeeds() -> None:
     assert result.metrics.operator("map_async_flaky").retries == 10
 
 
-def test_watermarks_wait_for_the_records_in_flight() -> None:
-    """Unordered calls with very different latencies, then an event-time window: the
-    watermark after a batch must not overtake records still in flight."""
+@pytest.mark.parametrize("ordered", [True, False])
+@pytest.mark.parametrize("max_batch_size", [1, 3, 1024])
+def test_watermarks_wait_for_the_records_in_flight(ordered: bool, max_batch_size: int) -> None:
+    """Calls with very different latencies, then an event-time window: the watermark
+    after a batch must not overtake records still in flight, and (unordered) a record
+    that arrived later and finished first must not carry the watermark past them."""
     clock = sw.VirtualClock()
 
     async def lookup(e: dict[str, Any]) -> dict[str, Any]:
@@ -187,13 +190,13 @@ def test_watermarks_wait_for_the_records_in_flight() -> None:
     windows = (
         flow.source(sw.sources.Iterable(records))
         .with_timestamps(lambda e: e["ts"])
-        .map_async(lookup, concurrency=8, ordered=True)
+        .map_async(lookup, concurrency=8, ordered=ordered)
         .window(sw.windows.Tumbling(10.0))
         .aggregate(sw.agg.count())
     )
     windows.sink(results)
     windows.late().sink(late)
-    run(flow, clock, max_batch_size=3)
+    run(flow, clock, max_batch_size=max_batch_size)
     assert late.items == []
     assert [r.value for r in results.items] == [10, 10, 10, 10]
 

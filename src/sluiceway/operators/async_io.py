@@ -3,9 +3,11 @@
 The operator starts a call per record while fewer than the limit are in flight; when the
 limit is reached it waits for one to finish, and so stops taking input: the channel in
 front fills and backpressure reaches the source.  Results leave in input order
-(``ordered=True``, the default) or as they complete.  Control messages (watermarks) wait
-until every record before them has left, so no record falls behind a watermark that
-overtook it.
+(``ordered=True``, the default) or as they complete.  Control messages (watermarks,
+checkpoint barriers) split the records by arrival, whatever order the calls finish in: a
+control message waits until every record before it has left, and no record that arrived
+after it leaves before it -- so no record falls behind a watermark that overtook it, and a
+checkpoint holds exactly the results of the records its barrier followed.
 
 Each call can time out (on the flow's clock); a failed or timed-out call goes to the
 error policy (retry with backoff, dead letter, or fail).  ``concurrency=sw.Adaptive()``
@@ -32,6 +34,7 @@ from sluiceway.time import Clock
 
 __all__ = ["AsyncMapSpec"]
 
+_INF = float("inf")
 _Row = tuple[Any, int | None, Hashable, float | None]  # value, timestamp, key, watermark
 
 
@@ -52,7 +55,8 @@ class _AsyncMapStep(Step):
         self.seq = 0  # the next record's number
         self.next_out = 0  # ordered: the next number to leave
         self.done: dict[int, _Row | None] = {}  # finished, not yet sent (None: dead letter)
-        self.outstanding: set[int] = set()  # started, not yet sent
+        # Started, not yet sent: number -> the watermark the record came with.
+        self.outstanding: dict[int, float | None] = {}
         self.controls: deque[tuple[int, Control]] = deque()  # wait for records before them
         self.tasks: set[asyncio.Task[None]] = set()
         self.failure: BaseException | None = None
@@ -112,7 +116,7 @@ class _AsyncMapStep(Step):
             if self.breaker is not None and not await self._pass_breaker(row):
                 seq = self.seq
                 self.seq += 1
-                self.outstanding.add(seq)
+                self.outstanding[seq] = row[3]
                 self.done[seq] = None
                 continue
             self._start(row)
@@ -122,7 +126,7 @@ class _AsyncMapStep(Step):
     def _start(self, row: _Row) -> None:
         seq = self.seq
         self.seq += 1
-        self.outstanding.add(seq)
+        self.outstanding[seq] = row[3]
         self.in_flight += 1
         task = asyncio.get_running_loop().create_task(self._run(seq, row, self.in_flight))
         self.tasks.add(task)
@@ -196,32 +200,62 @@ class _AsyncMapStep(Step):
     # -- output ------------------------------------------------------------------------
 
     def _ready(self) -> list[int]:
+        """The finished records that may leave now, in the order they leave.
+
+        Never one that arrived after a control message still held back: a barrier or
+        watermark splits the records by arrival, whatever order the calls finish in.
+        Unordered, a result overtakes a record still in flight only if it carries no
+        later watermark than that record: the watermark never passes a record this
+        step holds, so which records are late does not depend on which call finished
+        first (or on where the batches were cut).
+        """
+        limit = self.controls[0][0] if self.controls else self.seq
+        done = self.done
         if self.spec.ordered:
             out = []
             n = self.next_out
-            while n in self.done:
+            while n < limit and n in done:
                 out.append(n)
                 n += 1
             return out
-        return list(self.done)  # in the order they completed
+        ready = [s for s in done if s < limit]  # in the order they completed
+        if not self._has_ts or not ready:
+            return ready
+        # By watermark (in the order they completed among equals), up to the lowest
+        # watermark of the records still in flight (or behind a held control).
+        held = self.outstanding
+        ready_set = set(ready)
+        floor = min(
+            (_INF if wm is None else wm for s, wm in held.items() if s not in ready_set),
+            default=_INF,
+        )
+        ready.sort(key=lambda s: _INF if (wm := held[s]) is None else wm)
+        return [s for s in ready if (_INF if (wm := held[s]) is None else wm) <= floor]
 
     async def _send_ready(self) -> None:
-        seqs = self._ready()
-        if seqs:
-            rows = [self.done.pop(s) for s in seqs]
-            self.outstanding.difference_update(seqs)
-            if self.spec.ordered:
-                self.next_out = seqs[-1] + 1
-            kept = [r for r in rows if r is not None]
-            if kept:
-                values = [r[0] for r in kept]
-                ts = [r[1] for r in kept] if self._has_ts else None
-                keys = [r[2] for r in kept] if self._has_keys else None
-                wms = [r[3] for r in kept] if self._has_ts else None
-                await self.emit(Batch(values, ts, keys, wms))  # type: ignore[arg-type]
-        low = min(self.outstanding, default=self.seq)
-        while self.controls and self.controls[0][0] <= low:
-            await super().control(self.controls.popleft()[1])
+        while True:
+            seqs = self._ready()
+            if seqs:
+                rows = [self.done.pop(s) for s in seqs]
+                for s in seqs:
+                    del self.outstanding[s]
+                if self.spec.ordered:
+                    self.next_out = seqs[-1] + 1
+                kept = [r for r in rows if r is not None]
+                if kept:
+                    values = [r[0] for r in kept]
+                    ts = [r[1] for r in kept] if self._has_ts else None
+                    keys = [r[2] for r in kept] if self._has_keys else None
+                    wms = [r[3] for r in kept] if self._has_ts else None
+                    await self.emit(Batch(values, ts, keys, wms))  # type: ignore[arg-type]
+            low = min(self.outstanding, default=self.seq)
+            if self.controls and self.controls[0][0] <= low:
+                # Every record before the first held control has left: it goes on, and
+                # the records that arrived after it may follow.
+                while self.controls and self.controls[0][0] <= low:
+                    await super().control(self.controls.popleft()[1])
+            elif not seqs:
+                return
 
     async def control(self, message: Control) -> None:
         self.controls.append((self.seq, message))
