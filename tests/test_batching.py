@@ -263,3 +263,42 @@ def test_infinite_max_delay_is_refused_with_the_way_out() -> None:
     s = sw.Flow("inf").source(sw.sources.Iterable([1]))
     with pytest.raises(ValueError, match=r"batch max_delay must be finite, got inf; leave it out"):
         s.batch(10, float("inf"))
+
+
+def _windowed_lists(
+    source: sw.sources.Source, max_size: int, max_delay: float | None, max_batch_size: int
+) -> tuple[list[Any], list[Any]]:
+    """Lists of event-timed records, counted in 10 s tumbling windows; (results, late)."""
+    flow = sw.Flow("batch_then_window")
+    results: sw.sinks.Collect[sw.WindowResult] = sw.sinks.Collect()
+    late: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    windows = (
+        flow.source(source)
+        .with_timestamps(lambda t: t)
+        .batch(max_size, max_delay)
+        .window(sw.windows.Tumbling(10.0))
+        .aggregate(sw.agg.count())
+    )
+    windows.sink(results)
+    windows.late().sink(late)
+    sw.testing.run_flow(flow, max_batch_size=max_batch_size)
+    return [(r.start, r.value) for r in results.items], [x.value for x in late.items]
+
+
+@pytest.mark.parametrize("max_batch_size", [1, 2, 1024])
+def test_the_watermark_does_not_overtake_the_records_a_batch_holds(max_batch_size: int) -> None:
+    """In-order input 1..5 in lists of 2: the last list [5.0] leaves at the end of input,
+    after the watermark +inf came in; it must still be on time (3 lists, none late)."""
+    got = _windowed_lists(sw.sources.Iterable([1.0, 2.0, 3.0, 4.0, 5.0]), 2, None, max_batch_size)
+    assert got == ([(0.0, 3)], [])
+
+
+@pytest.mark.parametrize(("gap", "want"), [(0.5, [(20.0, 1)]), (5.0, [(0.0, 1), (20.0, 1)])])
+def test_with_max_delay_a_list_is_on_time_however_late_the_next_record_comes(
+    gap: float, want: list[Any]
+) -> None:
+    """The next record coming soon joins the waiting list; coming late, it starts a list
+    of its own, which waits for its delay while the end of input (+inf) comes in: the
+    watermark must wait for that list too.  Either way nothing is late."""
+    script = [(0.0, [1.0, 2.0, 3.0]), (gap, [25.0])]
+    assert _windowed_lists(ScriptedSource(script), 10, 1.0, 1024) == (want, [])

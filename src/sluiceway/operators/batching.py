@@ -5,6 +5,11 @@ flow's clock) after its first record arrived, whichever comes first; what is lef
 flushed at end of input and on graceful shutdown.  With ``max_delay`` the operator needs a
 processing-time timer, so it starts a stage of its own behind a channel.
 
+The watermark never overtakes the records a batch holds: a watermark that arrives while
+records wait goes on only up to the watermark of the earliest of them (the one its list
+will carry), and the rest of it follows the list out.  So a list is late for a window
+after it only if its first record already was, whatever the batch sizes or timing.
+
 Marble diagram, ``max_size=3, max_delay=2``::
 
     input:   a b c d . . . e
@@ -14,11 +19,12 @@ Marble diagram, ``max_size=3, max_delay=2``::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from sluiceway.operators.base import BuildContext, OpSpec, Step
-from sluiceway.runtime.messages import Batch
+from sluiceway.runtime.messages import Batch, Control, Watermark
 from sluiceway.time import Clock
 
 __all__ = ["BatchSpec"]
@@ -34,6 +40,8 @@ class _BatchStep(Step):
         self.timestamps: list[int] | None = None
         self.watermarks: list[float] | None = None
         self.deadline: float | None = None
+        self.held_wm: Watermark | None = None  # arrived while records wait: not sent yet
+        self.sent_wm = -math.inf  # the latest watermark sent on
 
     def uses_timer(self) -> bool:
         return self.max_delay is not None
@@ -81,6 +89,31 @@ class _BatchStep(Step):
         out = Batch(chunks, ts, None, wms)
         for child in self.children:
             await child.push(out)
+        await self._release_watermark()
+
+    async def control(self, message: Control) -> None:
+        if type(message) is Watermark and self.values:
+            self.held_wm = message
+            await self._release_watermark()
+            return
+        await super().control(message)
+        if type(message) is Watermark and not message.idle:
+            self.sent_wm = max(self.sent_wm, message.time)
+
+    async def _release_watermark(self) -> None:
+        """Send on what the held watermark allows: all of it once no record waits, else
+        up to the watermark of the earliest record waiting."""
+        held = self.held_wm
+        if held is None:
+            return
+        if not self.values or not self.watermarks:
+            self.held_wm = None
+            await self.control(held)
+            return
+        upto = min(held.time, self.watermarks[0])
+        if upto > self.sent_wm:
+            self.sent_wm = upto
+            await super().control(Watermark(upto))
 
     async def flush(self) -> None:
         if not self.values:
@@ -113,10 +146,12 @@ class _BatchStep(Step):
     def snapshot(self) -> Any:
         if not self.values:
             return None
-        return (self.values, self.timestamps, self.watermarks)
+        return (self.values, self.timestamps, self.watermarks, self.held_wm, self.sent_wm)
 
     def restore(self, state: Any) -> None:
-        self.values, self.timestamps, self.watermarks = state
+        self.values, self.timestamps, self.watermarks, *rest = state
+        if rest:  # (a checkpoint of an earlier version holds no watermark)
+            self.held_wm, self.sent_wm = rest
         if self.values and self.max_delay is not None:  # the delay restarts on this clock
             self.deadline = self.clock.monotonic() + self.max_delay
 
