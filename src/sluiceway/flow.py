@@ -427,7 +427,7 @@ class Stream(Generic[T]):
         cap = None if capacity is None else _positive_int(capacity, "merge capacity")
         event_time = timed.pop()
         node = self.flow._add(
-            MergeSpec(cap, len(streams), event_time),
+            MergeSpec(cap, len(streams), event_time, cap or self.flow.channel_capacity),
             [s.node for s in streams],
             name,
             "merge",

@@ -12,6 +12,7 @@ Strategy (bounded out-of-orderness): watermark = largest timestamp so far - boun
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable
 from datetime import datetime
 from functools import partial
@@ -212,34 +213,103 @@ class WithTimestampsSpec(OpSpec):
         )
 
 
-class _MergeStep(Step):
-    """Fan-in of timestamped inputs: the watermark is the minimum over active inputs.
+class _Waiting:
+    """One input's records that wait in a merge: parallel columns from ``head`` on."""
 
-    Each input's watermark is the latest it announced (in a record's column or a control
-    message); an input marked idle is left out until its next record; an ended input
-    announces +inf.  The merged watermark never goes back.
+    __slots__ = ("head", "keys", "timestamps", "values", "watermarks")
+
+    def __init__(self) -> None:
+        self.values: list[Any] = []
+        self.timestamps: list[int] = []
+        self.keys: list[Any] | None = None
+        self.watermarks: list[float] = []
+        self.head = 0
+
+    def __len__(self) -> int:
+        return len(self.values) - self.head
+
+    def add(self, batch: Batch, col: list[float]) -> None:
+        if self.head and self.head * 2 >= len(self.values):  # drop what has left
+            h = self.head
+            del self.values[:h], self.timestamps[:h], self.watermarks[:h]
+            if self.keys is not None:
+                del self.keys[:h]
+            self.head = 0
+        self.values += batch.values
+        assert batch.timestamps is not None
+        self.timestamps += batch.timestamps
+        if batch.keys is not None:
+            if self.keys is None:
+                self.keys = [None] * len(self.watermarks)
+            self.keys += batch.keys
+        elif self.keys is not None:
+            self.keys += [None] * len(batch.values)
+        self.watermarks += col
+
+    def take(self, stop: int) -> tuple[list[Any], list[int], list[Any] | None, list[float]]:
+        h, self.head = self.head, stop
+        keys = None if self.keys is None else self.keys[h:stop]
+        return self.values[h:stop], self.timestamps[h:stop], keys, self.watermarks[h:stop]
+
+    def state(self) -> Any:
+        h = self.head
+        keys = None if self.keys is None else self.keys[h:]
+        return (self.values[h:], self.timestamps[h:], keys, self.watermarks[h:])
+
+    @classmethod
+    def restored(cls, state: Any) -> _Waiting:
+        w = cls()
+        w.values, w.timestamps, w.keys, w.watermarks = state
+        return w
+
+
+class _MergeStep(Step):
+    """Fan-in of timestamped inputs, in an order that depends only on each input's records.
+
+    How the inputs' records interleave in the channel depends on batch sizes and timing;
+    so the merge does not pass them on in that order.  It passes them on sorted by the
+    watermark each record carries, then by input, then in each input's order (a k-way
+    merge: each input's watermarks only grow).  A record waits until no other input can
+    still deliver one that sorts before it: until every other input has a record waiting
+    that sorts after it, or has announced a later watermark, or is idle, or has ended.
+    So each record keeps its own watermark, which is also the minimum over the inputs --
+    and which records are late, and when windows fire, does not depend on the batches.
+
+    Memory stays bounded: when an input has more than ``hold`` records waiting (it runs
+    that far ahead of another input in event time), its oldest go on at once, with the
+    watermark capped at the other inputs' (the order then depends on timing).  An input
+    marked idle is left out until its next record; an ended input announced +inf.  The
+    merged watermark never goes back.
     """
 
-    def __init__(self, ctx: BuildContext, inputs: int) -> None:
+    def __init__(self, ctx: BuildContext, inputs: int, hold: int) -> None:
         super().__init__(ctx.name, ctx.metrics)
         self.wms: list[float] = [-_INF] * inputs
         self.idle = [False] * inputs
         self.out: float = -_INF
+        self.hold = hold
+        self.waiting = [_Waiting() for _ in range(inputs)]
 
     def snapshot(self) -> Any:
-        return (self.wms, self.idle, self.out)
+        return (list(self.wms), list(self.idle), self.out, [w.state() for w in self.waiting])
 
     def restore(self, state: Any) -> None:
-        self.wms, self.idle, self.out = state
+        self.wms, self.idle, self.out, waiting = state
+        self.waiting = [_Waiting.restored(w) for w in waiting]
         if self.out > -_INF:
             self.metrics.watermark = self.out / _MICROS
 
-    def _others(self, i: int) -> float:
-        low = _INF
-        for j, w in enumerate(self.wms):
-            if j != i and not self.idle[j] and w < low:
-                low = w
-        return low
+    def pending(self) -> int:
+        return sum(map(len, self.waiting))
+
+    def _next(self, i: int) -> tuple[float, int]:
+        """The smallest ``(watermark, input)`` input ``i`` can still deliver (inf: none)."""
+        w = self.waiting[i]
+        if w:
+            return (w.watermarks[w.head], i)
+        if self.idle[i]:
+            return (_INF, i)
+        return (self.wms[i], i)
 
     async def push_input(self, batch: Batch, index: int) -> None:
         n = len(batch.values)
@@ -249,14 +319,9 @@ class _MergeStep(Step):
         self.idle[index] = False
         col = batch.watermarks
         assert col is not None, "merge of timestamped streams received a batch without them"
-        floor = self.out
-        cap = max(self._others(index), floor)  # floor: an idle input may have let it pass
-        if col[0] < floor or col[-1] > cap:
-            col = [floor if w < floor else cap if w > cap else w for w in col]
-            batch = Batch(batch.values, batch.timestamps, batch.keys, col)
+        self.waiting[index].add(batch, col)
         self.wms[index] = max(self.wms[index], col[-1])
-        self.out = col[-1]
-        await self.emit(batch)
+        await self._release(index)
 
     async def control_input(self, message: Control, index: int) -> None:
         if not isinstance(message, Watermark):
@@ -266,15 +331,72 @@ class _MergeStep(Step):
             self.idle[index] = True
         elif message.time > self.wms[index]:
             self.wms[index] = message.time
-        active = [w for w, idle in zip(self.wms, self.idle, strict=True) if not idle]
-        if not active:  # every input idle: so is the merged stream
-            await self.control(Watermark(self.out, idle=True))
+        await self._release(None)
+        if all(self.idle[i] and not self.waiting[i] for i in range(len(self.wms))):
+            await self.control(Watermark(self.out, idle=True))  # so is the merged stream
             return
-        low = min(active)
+        low = min(self._next(i)[0] for i in range(len(self.wms)))
         if low > self.out:
             self.out = low
             self.metrics.watermark = low / _MICROS
             await self.control(Watermark(low))
+
+    async def _release(self, pushed: int | None) -> None:
+        """Send on every record no other input can still sort before (see the class)."""
+        waiting, inputs = self.waiting, range(len(self.waiting))
+        runs: list[tuple[list[Any], list[int], list[Any] | None, list[float]]] = []
+        while True:
+            nexts = [self._next(i) for i in inputs]
+            first = min(nexts)
+            i = first[1]
+            w = waiting[i]
+            if not w:
+                break  # an input with nothing waiting holds the others back
+            bound, j = min(nexts[:i] + nexts[i + 1 :], default=(_INF, 0))
+            col = w.watermarks
+            # (wm, i) < (bound, j): by watermark, then by input
+            stop = bisect_right(col, bound, w.head) if i < j else bisect_left(col, bound, w.head)
+            if stop == w.head:  # pragma: no cover - first is the minimum
+                break
+            runs.append(w.take(stop))
+        if pushed is not None and len(waiting[pushed]) > self.hold:
+            # Too far ahead: its oldest go on now, capped at the others' watermark.
+            w = waiting[pushed]
+            bound = min((self._next(j)[0] for j in inputs if j != pushed), default=_INF)
+            vals, ts, keys, col = w.take(len(w.values) - self.hold)
+            runs.append((vals, ts, keys, [c if c < bound else bound for c in col]))
+        if runs:
+            await self._send(runs)
+
+    async def _send(
+        self, runs: list[tuple[list[Any], list[int], list[Any] | None, list[float]]]
+    ) -> None:
+        # Each run's column grows; the merged one never goes back either (a record of an
+        # input back from idleness may carry less than what went before: clamped up).
+        floor = self.out
+        values: list[Any] = []
+        ts: list[int] = []
+        col: list[float] = []
+        keys: list[Any] | None = [] if any(r[2] is not None for r in runs) else None
+        for v, t, k, c in runs:
+            if c[0] < floor:
+                c = list(accumulate(c, max, initial=floor))  # noqa: PLW2901
+                c.pop(0)
+            floor = c[-1]
+            values += v
+            ts += t
+            col += c
+            if keys is not None:
+                keys += k if k is not None else [None] * len(v)
+        self.out = floor
+        await self.emit(Batch(values, ts, keys, col))
+
+    async def finish(self) -> None:
+        # Every input has ended: what waits goes on, in order.
+        self.wms = [_INF] * len(self.wms)
+        self.idle = [False] * len(self.wms)
+        await self._release(None)
+        await super().finish()
 
 
 class MergeSpec(OpSpec):
@@ -282,10 +404,13 @@ class MergeSpec(OpSpec):
 
     kind: ClassVar[str] = "merge"
 
-    def __init__(self, capacity: int | None, inputs: int, event_time: bool) -> None:
+    def __init__(self, capacity: int | None, inputs: int, event_time: bool, hold: int) -> None:
         self.capacity = capacity
         self.inputs = inputs
         self.event_time = event_time
+        self.hold = hold
+        """Records an input may have waiting for the others' watermarks (the merge's
+        channel capacity)."""
 
     @property
     def boundary(self) -> bool:
@@ -297,5 +422,5 @@ class MergeSpec(OpSpec):
 
     def build(self, ctx: BuildContext) -> Step:
         if self.event_time:
-            return _MergeStep(ctx, self.inputs)
+            return _MergeStep(ctx, self.inputs, self.hold)
         return make_passthrough(ctx.name, ctx.metrics)
