@@ -124,11 +124,15 @@ class OperatorError(FlowFailedError):
 
 
 class ChannelOverflowError(FlowFailedError):
-    """An edge with ``overflow=Overflow.FAIL`` received more records than it could hold."""
+    """An edge with ``overflow=Overflow.FAIL`` received more records than it could hold.
+
+    ``incoming`` is how many records were refused (the records of the same batch that
+    found room, while the reader kept up, were queued)."""
 
     def __init__(self, *, flow: str, edge: str, capacity: int, incoming: int) -> None:
         self.edge = edge
         self.capacity = capacity
+        self.incoming = incoming
         super().__init__(
             f"channel {edge!r} in flow {flow!r} overflowed: capacity {capacity} records, "
             f"{incoming} more arrived while it was full (overflow=Overflow.FAIL); "

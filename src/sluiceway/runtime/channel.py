@@ -19,6 +19,10 @@ writer has closed and the queue is empty, :meth:`ChannelReader.receive` raises
 >>> asyncio.run(demo())
 ([2, 3], 1)
 
+Dropping and failing apply only when the reader is behind: a batch larger than the free
+room is queued in parts, the reader getting a turn between them, and only records that
+still find the channel full after a turn in which the reader took nothing overflow.
+
 Every writer measures the time it spent blocked; ``blocked_seconds`` per second of wall
 time is the backpressure ratio shown to users.
 
@@ -44,7 +48,7 @@ from sluiceway.errors import (
     EndOfStream,
 )
 from sluiceway.runtime.messages import Barrier, Batch, Control
-from sluiceway.time import Clock
+from sluiceway.time import Clock, yield_now
 
 __all__ = [
     "ChannelReader",
@@ -260,7 +264,34 @@ class ChannelWriter:
         policy = ch.overflow
         if policy is Overflow.BLOCK:
             await self._send_blocking(batch)
-        elif policy is Overflow.DROP_NEWEST:
+            return
+        # Not room for all of it.  That alone does not mean the reader is behind: a batch
+        # may be larger than the whole channel, or the reader may not have had its turn
+        # since the last one.  Queue what fits and give it a turn, as long as it takes
+        # something each time; only what still finds no room is the overflow.
+        while True:
+            if room > 0:
+                ch.put(batch.slice(0, room), self.index)
+                batch = batch.slice(room)
+            taken = ch.records_received
+            self.unsent = len(batch)
+            await yield_now()
+            self.unsent = 0
+            if ch.broken:
+                raise BrokenResourceError(f"channel {ch.name!r}: its reader has stopped")
+            n = len(batch)
+            room = ch.capacity - ch.fill - ch.held[self.index]
+            if n <= room:
+                ch.put(batch, self.index)
+                return
+            if ch.records_received == taken:
+                break
+        self._overflow(batch, room)
+
+    def _overflow(self, batch: Batch, room: int) -> None:
+        """The reader is behind: apply the dropping or failing policy to ``batch``."""
+        ch, n, policy = self._ch, len(batch), self._ch.overflow
+        if policy is Overflow.DROP_NEWEST:
             if room > 0:
                 ch.put(batch.slice(0, room), self.index)
             ch.records_dropped += n - max(room, 0)

@@ -114,13 +114,13 @@ class _SourceStage(_Stage):
     ) -> None:
         super().__init__(ex, sp, head, steps)
         self.source = source
-        # Only lossless channels give credit: a dropping or failing channel must not slow
-        # the source down, or its policy would never apply.
-        self.sends = [
-            s.writer
-            for s in steps
-            if isinstance(s, SendStep) and s.writer.overflow is Overflow.BLOCK
-        ]
+        # Lossless channels give credit and are waited for.  A dropping or failing channel
+        # is never waited for (the source must not slow down, or its policy would never
+        # apply), but while it has room it sizes the pull: drops are for a reader that
+        # is behind, not for a batch larger than the room.
+        writers = [s.writer for s in steps if isinstance(s, SendStep)]
+        self.sends = [w for w in writers if w.overflow is Overflow.BLOCK]
+        self.sheds = [w for w in writers if w.overflow is not Overflow.BLOCK]
         # Steps that pace records (rate_limit) cap the pull too (Step.demand).
         self.demanders = [s for s in steps if type(s).demand is not Step.demand]
         self.barrier: int | None = None  # a checkpoint to start at the next batch boundary
@@ -174,6 +174,9 @@ class _SourceStage(_Stage):
             if w.room < low_water:
                 await w.wait_for_room(low_water)
             n = min(n, w.room)
+        for w in self.sheds:
+            if w.room:
+                n = min(n, w.room)
         for s in self.demanders:
             d = s.demand()
             if d is not None:
