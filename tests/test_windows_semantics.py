@@ -1260,3 +1260,40 @@ def test_an_input_far_ahead_waits_at_most_a_channel_of_records_in_the_merge() ->
 
     held = asyncio.run(stopped_midway())
     assert held["operator merge"] == 50  # the rest of "ahead" went on, capped
+
+
+def _window_of_final_results(
+    events: list[dict[str, Any]], other: list[dict[str, Any]], max_batch_size: int
+) -> list[Any]:
+    flow = sw.Flow("twice")
+    a = flow.source(sw.sources.Iterable(events)).with_timestamps(ts_of)
+    b = flow.source(sw.sources.Iterable(other)).with_timestamps(ts_of)
+    first = (
+        a.merge(b)
+        .key_by(key_of)
+        .window(sw.windows.Tumbling(5), allowed_lateness=2.0)
+        .aggregate(sw.agg.count())
+    )
+    second = (
+        first.filter(lambda w: w.final)
+        .window(sw.windows.Tumbling(10))
+        .aggregate(sw.agg.sum(lambda w: w.value))
+    )
+    results: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    late: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    second.sink(results)
+    second.late().sink(late)
+    sw.testing.run_flow(flow, max_batch_size=max_batch_size)
+    return [(r.key, r.start, r.value) for r in results.items] + [
+        ("late", x.value.start, x.watermark) for x in late.items
+    ]
+
+
+def test_a_window_over_window_results_does_not_depend_on_the_batch_size() -> None:
+    """A window's results carry the watermark of the record before them; the watermark
+    it sends on must not be more, or whether a result is late for a window over the
+    results depends on where a control message happened to fall -- on batch sizes.
+    (Found by tests/test_batch_independence.py.)"""
+    events, other = [rec(0.0), rec(0.5)], [rec(-0.1)]
+    runs = [_window_of_final_results(events, other, size) for size in (1, 7, 1024)]
+    assert runs[0] == runs[1] == runs[2]

@@ -197,6 +197,7 @@ class _WindowStep(Step):
         self.lateness = spec.lateness
         self.wm: float = -_INF
         self.rec_wm: float = -_INF  # the watermark carried by the last record seen
+        self.sent_wm: float = -_INF  # the latest watermark sent on
         self.next_due: float = _INF  # the earliest watermark at which something happens
         self.dirty: Any = None  # windows changed since the last early firing
         self.next_early: float | None = None
@@ -337,14 +338,22 @@ class _WindowStep(Step):
             isinstance(message, Watermark)
             and not message.idle
             and not self.spec.processing_time  # those follow the clock
-            and message.time > self.wm
         ):
-            if message.time >= self.next_due:
-                self._advance(message.time)
-                await self._flush_output()
-            else:
-                self.wm = message.time
-                self.metrics.watermark = self.wm / 1e6
+            if message.time > self.wm:
+                if message.time >= self.next_due:
+                    self._advance(message.time)
+                    await self._flush_output()
+                else:
+                    self.wm = message.time
+                    self.metrics.watermark = self.wm / 1e6
+            # Results to come carry the watermark of the record before them (rec_wm, see
+            # _advance), never less than now: a watermark sent on must not be more, or
+            # where the control messages fall -- batch sizes -- would decide which of
+            # them are late for a window over the results.
+            if self.rec_wm > self.sent_wm:
+                self.sent_wm = self.rec_wm
+                await super().control(Watermark(self.rec_wm))
+            return
         await super().control(message)
 
     def uses_timer(self) -> bool:
@@ -386,7 +395,7 @@ class _WindowStep(Step):
 
     # -- checkpoints -------------------------------------------------------------------
 
-    _STATE: ClassVar[tuple[str, ...]] = ("wm", "rec_wm", "next_due", "dirty")
+    _STATE: ClassVar[tuple[str, ...]] = ("wm", "rec_wm", "sent_wm", "next_due", "dirty")
     """The attributes that hold the operator's state (the rest is configuration)."""
 
     def snapshot(self) -> Any:
@@ -400,7 +409,8 @@ class _WindowStep(Step):
 
     def restore(self, state: Any) -> None:
         for name in self._STATE:
-            setattr(self, name, state[name])
+            if name in state:  # (sent_wm is not in checkpoints of earlier versions)
+                setattr(self, name, state[name])
         if state["early_pending"]:  # a processing-time deadline: restart it on this clock
             assert self.spec.early_every is not None
             self.next_early = self.clock.monotonic() + self.spec.early_every
