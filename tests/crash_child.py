@@ -4,7 +4,10 @@ Reads a JSON Lines file of ``{"id", "k", "t"}`` records, paced by a token bucket
 run lasts long enough to be killed mid-stream; splits the stream by parity and merges it
 back (a fan-in, so barriers are aligned); counts and sums per key in one-second event
 time windows; keeps a running count per key in user state; writes both to exactly-once
-JSON Lines sinks.  ``--sink naive`` swaps in a sink that neither truncates on restore nor
+JSON Lines sinks.  The crash matrix: beside those, every other operator that holds
+state or records -- session windows, a process function with event-time timers,
+``map_async`` with calls finishing out of order, ``batch`` with a delay -- writes to a
+sink of its own.  ``--sink naive`` swaps in a sink that neither truncates on restore nor
 at close: the at-least-once sink that must make the test fail.
 
 Usage: crash_child.py INPUT WORKDIR RATE [--sink atomic|naive]
@@ -12,6 +15,7 @@ Usage: crash_child.py INPUT WORKDIR RATE [--sink atomic|naive]
 
 from __future__ import annotations
 
+import random
 import sys
 from pathlib import Path
 from typing import Any
@@ -43,7 +47,23 @@ def running_count(count: int | None, record: dict[str, Any]) -> tuple[int, Any]:
     return n, {"k": record["k"], "n": n, "id": record["id"]} if n % STATE_EVERY == 0 else None
 
 
-def build(inp: str, work: Path, rate: float, naive: bool) -> sw.Flow:
+class PerSecond:
+    """Per key and second of event time: how many records, emitted by a timer at the
+    end of the second (the same numbers as the tumbling windows, through user state)."""
+
+    def process(self, ctx: Any, record: dict[str, Any]) -> None:
+        second = float(int(ctx.timestamp))
+        counts = ctx.map("counts")
+        counts.put(second, counts.get(second, 0) + 1)
+        ctx.timers.at_event_time(second + 1.0)
+
+    def on_timer(self, ctx: Any, time: float) -> None:
+        counts = ctx.map("counts")
+        ctx.emit({"k": ctx.key, "start": time - 1.0, "count": counts.get(time - 1.0, 0)})
+        counts.remove(time - 1.0)
+
+
+def build(inp: str, work: Path, rate: float, naive: bool, clock: sw.Clock) -> sw.Flow:
     sink = NaiveJsonLines if naive else sw.sinks.JsonLines
     flow = sw.Flow("crash")
     s = flow.source(sw.sources.JsonLines(inp), name="input")
@@ -66,21 +86,48 @@ def build(inp: str, work: Path, rate: float, naive: bool) -> sw.Flow:
         )
         .sink(sink(work / "windows.jsonl"), name="windows_out")
     )
-    if hasattr(keyed, "stateful_map"):
-        (
-            keyed.stateful_map(running_count, name="counts")
-            .filter(lambda row: row is not None, name="every_50th")
-            .sink(sink(work / "counts.jsonl"), name="counts_out")
-        )
+    (
+        keyed.stateful_map(running_count, name="counts")
+        .filter(lambda row: row is not None, name="every_50th")
+        .sink(sink(work / "counts.jsonl"), name="counts_out")
+    )
+    (
+        keyed.window(sw.windows.Session(gap=0.5))
+        .aggregate(sw.agg.count(), name="sessions")
+        .map(lambda w: {"k": w.key, "start": w.start, "count": w.value}, name="session_row")
+        .sink(sink(work / "sessions.jsonl"), name="sessions_out")
+    )
+    keyed.process(PerSecond, name="per_second_timers").sink(
+        sink(work / "timers.jsonl"), name="timers_out"
+    )
+    jitter = random.Random()
+
+    async def call(record: dict[str, Any]) -> dict[str, Any]:
+        await clock.sleep(jitter.uniform(0.0, 0.003))  # calls finish out of order
+        return {"id": record["id"]}
+
+    (
+        keyed.filter(lambda r: r["id"] % 10 == 0, name="tenth")
+        .map_async(call, concurrency=32, ordered=False, name="call")
+        .sink(sink(work / "calls.jsonl"), name="calls_out")
+    )
+    (
+        s.filter(lambda r: r["id"] % 10 == 5, name="other_tenth")
+        .map(lambda r: r["id"], name="ids")
+        .batch(7, max_delay=0.02, name="lists")
+        .map(lambda ids: {"ids": ids}, name="list_row")
+        .sink(sink(work / "lists.jsonl"), name="lists_out")
+    )
     return flow
 
 
 def main() -> None:
     inp, work, rate = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3])
     naive = "--sink" in sys.argv and sys.argv[sys.argv.index("--sink") + 1] == "naive"
-    flow = build(inp, work, rate, naive)
+    clock = sw.SystemClock()
+    flow = build(inp, work, rate, naive, clock)
     print("ready", flush=True)
-    sw.run(flow, checkpoints=sw.Checkpoints(work / "ckpt", interval=0.05))
+    sw.run(flow, clock=clock, checkpoints=sw.Checkpoints(work / "ckpt", interval=0.05))
 
 
 if __name__ == "__main__":

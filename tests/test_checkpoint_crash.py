@@ -2,9 +2,11 @@
 each time, and compare its output with an oracle: 0 records lost, 0 duplicated, 0 wrong.
 
 The flow (tests/crash_child.py) reads a file, is paced so a run lasts a few seconds,
-aligns barriers at a merge, keeps keyed windows and user state, and writes two
-exactly-once JSON Lines sinks.  The same harness with an at-least-once sink must find
-duplicates: the test can fail.
+aligns barriers at a merge, and runs every operator that holds state or records -- the
+crash matrix: rate_limit, merge, tumbling and session windows, stateful_map, a process
+function with event-time timers, map_async (unordered, calls finishing out of order),
+batch with a delay -- each into an exactly-once JSON Lines sink of its own.  The same
+harness with an at-least-once sink must find duplicates: the test can fail.
 """
 
 from __future__ import annotations
@@ -48,6 +50,23 @@ def expected_windows(rows: list[dict[str, Any]]) -> Counter[tuple[int, float, in
         a[0] += 1
         a[1] += r["id"]
     return Counter((k, start, n, total) for (k, start), (n, total) in acc.items())
+
+
+def expected_sessions(rows: list[dict[str, Any]], gap: float) -> Counter[tuple[int, float, int]]:
+    times: dict[int, list[float]] = defaultdict(list)
+    for r in rows:
+        times[r["k"]].append(r["t"])
+    out: Counter[tuple[int, float, int]] = Counter()
+    for k, ts in times.items():
+        ts.sort()
+        start, n = ts[0], 0
+        for prev, t in zip([ts[0], *ts], ts, strict=False):
+            if t - prev >= gap:
+                out[(k, start, n)] += 1
+                start, n = t, 0
+            n += 1
+        out[(k, start, n)] += 1
+    return out
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -112,31 +131,62 @@ def crash_and_finish(
     return rows, work, done
 
 
-@pytest.mark.timeout(180)
-def test_killed_at_random_instants_nothing_lost_duplicated_or_wrong(tmp_path: Path) -> None:
-    rows, work, kills = crash_and_finish(tmp_path, sink="atomic", kills=20, seed=11)
-    assert kills >= 20
+def _exactly_once(name: str, got: Counter[Any], want: Counter[Any]) -> list[str]:
+    lost, extra = want - got, got - want
+    problems = []
+    if lost:
+        problems.append(f"{name}: {sum(lost.values())} lost, e.g. {list(lost)[:3]}")
+    if extra:
+        problems.append(
+            f"{name}: {sum(extra.values())} duplicated or wrong, e.g. {list(extra)[:3]}"
+        )
+    return problems
 
+
+def check_outputs(rows: list[dict[str, Any]], work: Path) -> list[str]:
+    """Every sink of the crash matrix against its oracle: what was lost or doubled."""
     want = expected_windows(rows)
     got = Counter(
         (r["k"], r["start"], r["count"], r["sum"]) for r in read_rows(work / "windows.jsonl")
     )
-    lost, extra = want - got, got - want
-    assert not lost, f"{sum(lost.values())} window results lost"
-    assert not extra, f"{sum(extra.values())} window results duplicated or wrong"
+    problems = _exactly_once("tumbling windows", got, want)
 
     per_key = Counter(r["k"] for r in rows)
     counts = read_rows(work / "counts.jsonl")
     seen: dict[int, list[int]] = defaultdict(list)
     for r in counts:
-        assert r["id"] % KEYS == r["k"], f"wrong key for record {r}"
+        if r["id"] % KEYS != r["k"]:
+            problems.append(f"stateful_map: wrong key for record {r}")
         seen[r["k"]].append(r["n"])
     for k, total in per_key.items():
-        assert sorted(seen[k]) == list(range(STATE_EVERY, total + 1, STATE_EVERY)), (
-            f"key {k}: running counts {sorted(seen[k])[:5]}... are not each multiple of "
-            f"{STATE_EVERY} up to {total} exactly once"
-        )
-    assert len({r["id"] for r in counts}) == len(counts), "a record counted twice"
+        if sorted(seen[k]) != list(range(STATE_EVERY, total + 1, STATE_EVERY)):
+            problems.append(
+                f"stateful_map: key {k}: running counts {sorted(seen[k])[:5]}... are not each "
+                f"multiple of {STATE_EVERY} up to {total} exactly once"
+            )
+
+    per_second = Counter((k, start, n) for k, start, n, _ in want.elements())
+    timers = Counter((r["k"], r["start"], r["count"]) for r in read_rows(work / "timers.jsonl"))
+    problems += _exactly_once("process timers", timers, per_second)
+    sessions = Counter((r["k"], r["start"], r["count"]) for r in read_rows(work / "sessions.jsonl"))
+    problems += _exactly_once("session windows", sessions, expected_sessions(rows, 0.5))
+    calls = Counter(r["id"] for r in read_rows(work / "calls.jsonl"))
+    problems += _exactly_once(
+        "map_async", calls, Counter(r["id"] for r in rows if r["id"] % 10 == 0)
+    )
+    lists = read_rows(work / "lists.jsonl")
+    if any(not 1 <= len(r["ids"]) <= 7 for r in lists):
+        problems.append("batch: a list of more than 7 (or none)")
+    listed = Counter(i for r in lists for i in r["ids"])
+    problems += _exactly_once("batch", listed, Counter(r["id"] for r in rows if r["id"] % 10 == 5))
+    return problems
+
+
+@pytest.mark.timeout(180)
+def test_killed_at_random_instants_nothing_lost_duplicated_or_wrong(tmp_path: Path) -> None:
+    rows, work, kills = crash_and_finish(tmp_path, sink="atomic", kills=20, seed=11)
+    assert kills >= 20
+    assert check_outputs(rows, work) == []
 
 
 @pytest.mark.timeout(120)
