@@ -1297,3 +1297,31 @@ def test_a_window_over_window_results_does_not_depend_on_the_batch_size() -> Non
     events, other = [rec(0.0), rec(0.5)], [rec(-0.1)]
     runs = [_window_of_final_results(events, other, size) for size in (1, 7, 1024)]
     assert runs[0] == runs[1] == runs[2]
+
+
+def test_window_results_that_end_early_do_not_hold_back_a_merge_after_them() -> None:
+    """A window sends on its results' (record-based) watermark; at the end of its input
+    it still announces +inf, so a merge of its results with a longer stream does not
+    keep that stream's records waiting for it."""
+    flow = sw.Flow("ends_early")
+    short = (
+        flow.source(sw.sources.Iterable([rec(1.0), rec(2.0)]), name="short")
+        .with_timestamps(ts_of)
+        .key_by(key_of)
+        .window(sw.windows.Tumbling(5))
+        .aggregate(sw.agg.count())
+        .map(lambda w: rec(w.start, "w"))
+    )
+    long = (
+        flow.source(
+            ScriptedSource([(float(i), [rec(float(i), "b")]) for i in range(40)]), name="long"
+        )
+        .with_timestamps(ts_of)
+        .key_by(key_of)
+    )
+    out = TimedCollect()
+    short.merge(long, capacity=100).sink(out)
+    sw.testing.run_flow(flow)
+    arrivals = [at for at, r in out.items if r["k"] == "b"]
+    assert len(arrivals) == 40
+    assert arrivals[20] < 21.0  # at its own pace, not held until the end

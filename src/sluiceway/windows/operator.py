@@ -387,6 +387,10 @@ class _WindowStep(Step):
         if self.wm < _INF:
             self._advance(_INF)
             await self._flush_output()
+        if self.sent_wm < _INF and not self.spec.processing_time:
+            # Nothing more can come: a fan-in after this stops waiting for it.
+            self.sent_wm = _INF
+            await super().control(Watermark(_INF))
         await super().finish()
 
     def open_windows(self) -> int:
