@@ -440,3 +440,34 @@ def test_a_forced_stop_cancels_the_calls_in_flight() -> None:
     asyncio.run(main())
     assert len(started) == 5
     assert finished == []  # cancelled with the flow, not left running behind it
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_one_hung_call_holds_a_bounded_number_of_results(ordered: bool) -> None:
+    """Results wait behind a call that never ends (in order; or, unordered, behind the
+    watermark that follows it): they count against the limit, so the operator stops
+    taking input instead of piling results up."""
+    clock = sw.VirtualClock()
+
+    async def call(x: float) -> float:
+        await clock.sleep(10_000.0 if x == 3.0 else 0.01)
+        return x
+
+    flow = sw.Flow("hung")
+    (
+        flow.source(sw.sources.Iterable([float(i) for i in range(100_000)]))
+        .with_timestamps(lambda t: t)
+        .map_async(call, concurrency=8, ordered=ordered, name="call")
+        .sink(sw.sinks.Collect())
+    )
+
+    async def main() -> dict[str, int]:
+        handle = sw.start(flow, clock=clock, max_batch_size=16)
+        await clock.sleep(60.0)
+        handle.force_stop()
+        with pytest.raises(sw.FlowCancelledError) as err:
+            await handle.wait()
+        return err.value.unflushed
+
+    held = asyncio.run(main())
+    assert held["operator call"] <= 16  # 8 in flight (one hung) + 8 finished, waiting

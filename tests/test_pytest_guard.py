@@ -38,7 +38,7 @@ def test_fails_with_garbage_around():
 
 
 # The garbage is finite, as in life: it stops once the failure has been reported.
-CONFTEST = '''
+CONFTEST = """
 import gc
 Noisy = None
 
@@ -46,17 +46,31 @@ def pytest_runtest_logreport(report):
     if report.when == "call" and Noisy is not None:
         Noisy.alive = False
         gc.collect()
-'''
+"""
 
 
 def _inner(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     (tmp_path / "test_inner.py").write_text(FAILING, encoding="utf-8")
     (tmp_path / "conftest.py").write_text(CONFTEST, encoding="utf-8")
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "default",
-         *extra, str(tmp_path / "test_inner.py")],
-        capture_output=True, text=True, timeout=120, check=False,
-        cwd=tmp_path, env={"PYTHONPATH": f"{TESTS}:{tmp_path}", "PATH": "/usr/bin:/bin"},
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-W",
+            "default",
+            *extra,
+            str(tmp_path / "test_inner.py"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=tmp_path,
+        env={"PYTHONPATH": f"{TESTS}:{tmp_path}", "PATH": "/usr/bin:/bin"},
     )
 
 

@@ -70,10 +70,17 @@ class _AsyncMapStep(Step):
     def limit(self) -> int:
         return self.adaptive.limit if self.adaptive is not None else self.fixed
 
+    def _full(self) -> bool:
+        """No new call now: the limit is in flight, or as many finished results wait to
+        leave (behind a slow call, in order, or behind a held control message) -- the
+        bound that keeps memory bounded when one call hangs and the others flow."""
+        limit = self.limit()
+        return self.in_flight >= limit or len(self.done) >= limit
+
     async def _wait_for_slot(self) -> None:
-        while self.in_flight >= self.limit():
+        while self._full():
             await self._send_ready()
-            if self.in_flight < self.limit():
+            if not self._full():
                 return
             self._slot = asyncio.get_running_loop().create_future()
             await self._slot
