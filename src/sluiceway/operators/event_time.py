@@ -214,27 +214,36 @@ class WithTimestampsSpec(OpSpec):
 
 
 class _Waiting:
-    """One input's records that wait in a merge: parallel columns from ``head`` on."""
+    """One input's records that wait in a merge: parallel columns from ``head`` on.
 
-    __slots__ = ("head", "keys", "timestamps", "values", "watermarks")
+    ``order`` is the running maximum of the watermark column: the key the merge sorts
+    by (the same as the column when it grows, as it does; it keeps an input's records
+    in their order even when it does not)."""
+
+    __slots__ = ("head", "keys", "order", "timestamps", "values", "watermarks")
 
     def __init__(self) -> None:
         self.values: list[Any] = []
         self.timestamps: list[int] = []
         self.keys: list[Any] | None = None
         self.watermarks: list[float] = []
+        self.order: list[float] = []
         self.head = 0
 
     def __len__(self) -> int:
         return len(self.values) - self.head
 
+    def first(self) -> float:
+        return self.order[self.head]
+
     def add(self, batch: Batch, col: list[float]) -> None:
         if self.head and self.head * 2 >= len(self.values):  # drop what has left
             h = self.head
-            del self.values[:h], self.timestamps[:h], self.watermarks[:h]
+            del self.values[:h], self.timestamps[:h], self.watermarks[:h], self.order[:h]
             if self.keys is not None:
                 del self.keys[:h]
             self.head = 0
+        last = self.order[-1] if self.order else -_INF
         self.values += batch.values
         assert batch.timestamps is not None
         self.timestamps += batch.timestamps
@@ -245,11 +254,20 @@ class _Waiting:
         elif self.keys is not None:
             self.keys += [None] * len(batch.values)
         self.watermarks += col
+        ordered = accumulate(col, max, initial=last)
+        next(ordered)
+        self.order += ordered
 
-    def take(self, stop: int) -> tuple[list[Any], list[int], list[Any] | None, list[float]]:
+    def take(self, stop: int) -> _Run:
         h, self.head = self.head, stop
         keys = None if self.keys is None else self.keys[h:stop]
-        return self.values[h:stop], self.timestamps[h:stop], keys, self.watermarks[h:stop]
+        return (
+            self.values[h:stop],
+            self.timestamps[h:stop],
+            keys,
+            self.watermarks[h:stop],
+            self.order[h:stop],
+        )
 
     def state(self) -> Any:
         h = self.head
@@ -259,8 +277,15 @@ class _Waiting:
     @classmethod
     def restored(cls, state: Any) -> _Waiting:
         w = cls()
-        w.values, w.timestamps, w.keys, w.watermarks = state
+        values, ts, keys, col = state
+        if values:
+            w.add(Batch(values, ts, keys, col), col)
         return w
+
+
+_Run = tuple[list[Any], list[int], list[Any] | None, list[float], list[float]]
+"""Records leaving a merge from one input: values, timestamps, keys, watermarks, and
+the sort key (``_Waiting.order``)."""
 
 
 class _MergeStep(Step):
@@ -270,9 +295,9 @@ class _MergeStep(Step):
     so the merge does not pass them on in that order.  It passes them on sorted by the
     watermark each record carries, then by input, then in each input's order (a k-way
     merge: each input's watermarks only grow).  A record waits until no other input can
-    still deliver one that sorts before it: until every other input has a record waiting
-    that sorts after it, or has announced a later watermark, or is idle, or has ended.
-    So each record keeps its own watermark, which is also the minimum over the inputs --
+    still deliver one that sorts before it: until every other input has announced a
+    later watermark (by a record or a control message), or is idle, or has ended.  So
+    each record keeps its own watermark, which is also the minimum over the inputs --
     and which records are late, and when windows fire, does not depend on the batches.
 
     Memory stays bounded: when an input has more than ``hold`` records waiting (it runs
@@ -302,14 +327,11 @@ class _MergeStep(Step):
     def pending(self) -> int:
         return sum(map(len, self.waiting))
 
-    def _next(self, i: int) -> tuple[float, int]:
-        """The smallest ``(watermark, input)`` input ``i`` can still deliver (inf: none)."""
-        w = self.waiting[i]
-        if w:
-            return (w.watermarks[w.head], i)
-        if self.idle[i]:
-            return (_INF, i)
-        return (self.wms[i], i)
+    def _bounds(self) -> list[tuple[float, int]]:
+        """Per input, the smallest ``(watermark, input)`` it can still send: its records
+        to come carry at least its watermark; an idle input is not waited for."""
+        pairs = zip(self.wms, self.idle, strict=True)
+        return [(_INF if idle else wm, j) for j, (wm, idle) in enumerate(pairs)]
 
     async def push_input(self, batch: Batch, index: int) -> None:
         n = len(batch.values)
@@ -332,63 +354,75 @@ class _MergeStep(Step):
         elif message.time > self.wms[index]:
             self.wms[index] = message.time
         await self._release(None)
-        if all(self.idle[i] and not self.waiting[i] for i in range(len(self.wms))):
+        waiting = self.waiting
+        if all(self.idle[i] and not waiting[i] for i in range(len(waiting))):
             await self.control(Watermark(self.out, idle=True))  # so is the merged stream
             return
-        low = min(self._next(i)[0] for i in range(len(self.wms)))
+        # The merged watermark: what no input can still go below (records waiting, or
+        # to come).
+        low = min(
+            min(w.first(), b) if w else b for w, (b, _) in zip(waiting, self._bounds(), strict=True)
+        )
         if low > self.out:
             self.out = low
             self.metrics.watermark = low / _MICROS
             await self.control(Watermark(low))
 
     async def _release(self, pushed: int | None) -> None:
-        """Send on every record no other input can still sort before (see the class)."""
-        waiting, inputs = self.waiting, range(len(self.waiting))
-        runs: list[tuple[list[Any], list[int], list[Any] | None, list[float]]] = []
-        while True:
-            nexts = [self._next(i) for i in inputs]
-            first = min(nexts)
-            i = first[1]
-            w = waiting[i]
+        """Send on every record no other input can still sort before (see the class):
+        from each input, the waiting records that sort before every other input's bound;
+        together, in order."""
+        bounds = self._bounds()
+        runs: list[_Run] = []
+        for i, w in enumerate(self.waiting):
             if not w:
-                break  # an input with nothing waiting holds the others back
-            bound, j = min(nexts[:i] + nexts[i + 1 :], default=(_INF, 0))
-            col = w.watermarks
+                continue
+            bound, j = min(bounds[:i] + bounds[i + 1 :], default=(_INF, i + 1))
             # (wm, i) < (bound, j): by watermark, then by input
-            stop = bisect_right(col, bound, w.head) if i < j else bisect_left(col, bound, w.head)
-            if stop == w.head:  # pragma: no cover - first is the minimum
-                break
-            runs.append(w.take(stop))
-        if pushed is not None and len(waiting[pushed]) > self.hold:
+            order = w.order
+            stop = (
+                bisect_right(order, bound, w.head) if i < j else bisect_left(order, bound, w.head)
+            )
+            if stop > w.head:
+                runs.append(w.take(stop))
+        if pushed is not None and len(self.waiting[pushed]) > self.hold:
             # Too far ahead: its oldest go on now, capped at the others' watermark.
-            w = waiting[pushed]
-            bound = min((self._next(j)[0] for j in inputs if j != pushed), default=_INF)
-            vals, ts, keys, col = w.take(len(w.values) - self.hold)
-            runs.append((vals, ts, keys, [c if c < bound else bound for c in col]))
+            w = self.waiting[pushed]
+            bound = min((b for b, j in bounds if j != pushed), default=_INF)
+            vals, ts, keys, col, order = w.take(len(w.values) - self.hold)
+            capped = [c if c < bound else bound for c in col]
+            runs.append((vals, ts, keys, capped, [o if o < bound else bound for o in order]))
         if runs:
             await self._send(runs)
 
-    async def _send(
-        self, runs: list[tuple[list[Any], list[int], list[Any] | None, list[float]]]
-    ) -> None:
-        # Each run's column grows; the merged one never goes back either (a record of an
-        # input back from idleness may carry less than what went before: clamped up).
-        floor = self.out
-        values: list[Any] = []
-        ts: list[int] = []
-        col: list[float] = []
-        keys: list[Any] | None = [] if any(r[2] is not None for r in runs) else None
-        for v, t, k, c in runs:
-            if c[0] < floor:
-                c = list(accumulate(c, max, initial=floor))  # noqa: PLW2901
-                c.pop(0)
-            floor = c[-1]
-            values += v
-            ts += t
-            col += c
+    async def _send(self, runs: list[_Run]) -> None:
+        keys: list[Any] | None
+        if len(runs) == 1:
+            values, ts, keys, col, _ = runs[0]
+        else:
+            values, ts, col, order = [], [], [], []
+            keys = [] if any(r[2] is not None for r in runs) else None
+            for v, t, k, c, o in runs:
+                values += v
+                ts += t
+                col += c
+                order += o
+                if keys is not None:
+                    keys += k if k is not None else [None] * len(v)
+            # A stable sort by the key: ties keep the input order, then each input's.
+            perm = sorted(range(len(order)), key=order.__getitem__)
+            pick = perm.__iter__
+            values = list(map(values.__getitem__, pick()))
+            ts = list(map(ts.__getitem__, pick()))
+            col = list(map(col.__getitem__, pick()))
             if keys is not None:
-                keys += k if k is not None else [None] * len(v)
-        self.out = floor
+                keys = list(map(keys.__getitem__, pick()))
+        # The merged column never goes back (an input back from idleness may carry less
+        # than what went before, or an input's column may not grow): clamped up.
+        clamped = accumulate(col, max, initial=self.out)
+        next(clamped)
+        col = list(clamped)
+        self.out = col[-1]
         await self.emit(Batch(values, ts, keys, col))
 
     async def finish(self) -> None:
