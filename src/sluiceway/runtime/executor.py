@@ -727,9 +727,10 @@ def _time_processing(steps: list[Step], clock: Clock) -> _Inner:
 
     Steps of a stage call each other: the time in a ``push`` minus the time in the pushes
     it made (children in the same stage, sends into channels -- backpressure) is the
-    operator's own.  Two clock reads per operator per batch.  ``on_timer`` and
-    ``finish`` are framed too (as pushes of no records), so what a step emits from them
-    is counted in the records it stands for.
+    operator's own.  Two clock reads per operator per batch.  ``on_timer``, ``finish``
+    and ``control`` are framed too (as pushes of no records), so what a step emits from
+    them is counted in the records it stands for -- not taken for the output of the push
+    that sent the control message on (``batch`` sends a held watermark on from a push).
     """
     inner = _Inner()
     for step in steps:
@@ -737,6 +738,7 @@ def _time_processing(steps: list[Step], clock: Clock) -> _Inner:
         step.push = _timed(step, step.push, clock, inner, hist)  # type: ignore[method-assign,assignment]
         step.on_timer = _framed(step, step.on_timer, inner)  # type: ignore[method-assign,assignment]
         step.finish = _framed(step, step.finish, inner)  # type: ignore[method-assign,assignment]
+        step.control = _framed(step, step.control, inner)  # type: ignore[method-assign,assignment]
     return inner
 
 
