@@ -302,24 +302,3 @@ def test_with_max_delay_a_list_is_on_time_however_late_the_next_record_comes(
     watermark must wait for that list too.  Either way nothing is late."""
     script = [(0.0, [1.0, 2.0, 3.0]), (gap, [25.0])]
     assert _windowed_lists(ScriptedSource(script), 10, 1.0, 1024) == (want, [])
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(10)
-def test_a_timed_list_is_on_time_on_the_system_clock() -> None:
-    """The list waits 20 ms of real time for its delay while the end of input (+inf)
-    comes in; the watermark waits with it."""
-    flow = sw.Flow("timed_real")
-    results: sw.sinks.Collect[sw.WindowResult] = sw.sinks.Collect()
-    late: sw.sinks.Collect[Any] = sw.sinks.Collect()
-    windows = (
-        flow.source(sw.sources.Iterable([1.0, 2.0, 3.0]))
-        .with_timestamps(lambda t: t)
-        .batch(10, max_delay=0.02)
-        .window(sw.windows.Tumbling(10.0))
-        .aggregate(sw.agg.count())
-    )
-    windows.sink(results)
-    windows.late().sink(late)
-    sw.run(flow, clock=sw.SystemClock(), handle_signals=False)
-    assert ([(r.start, r.value) for r in results.items], late.items) == ([(0.0, 1)], [])

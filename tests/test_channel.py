@@ -905,13 +905,3 @@ def test_property_sent_plus_dropped_equals_offered(
     offered, _, refused, _, s = asyncio.run(_exercise(capacity, overflow, sends, drains))
     assert s.records_sent + s.records_dropped + refused == len(offered)
     assert s.records_received == s.records_sent
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(10)
-def test_a_dropping_buffer_before_a_fast_consumer_drops_nothing_on_the_system_clock() -> None:
-    flow = sw.Flow("fast_real")
-    out: sw.sinks.Collect[int] = sw.sinks.Collect()
-    flow.source(sw.sources.Iterable(range(20_000))).buffer(100, Overflow.DROP_NEWEST).sink(out)
-    sw.run(flow, clock=sw.SystemClock(), handle_signals=False)
-    assert out.items == list(range(20_000))

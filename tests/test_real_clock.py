@@ -234,6 +234,38 @@ def test_batch_max_delay() -> None:
     assert [x for chunk in out.items for x in chunk] == list(range(sum(map(len, out.items))))
 
 
+def test_a_timed_list_holds_the_watermark_back() -> None:
+    """The list waits 0.1 s of real time for its delay while the end of input (+inf)
+    comes in; the watermark waits with it, so the window counts the list on time."""
+    results: sw.sinks.Collect[sw.WindowResult] = sw.sinks.Collect()
+    late: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    flow = sw.Flow("rt_batch_watermark")
+    windows = (
+        flow.source(sw.sources.Iterable([1.0, 2.0, 3.0]))
+        .with_timestamps(lambda t: t)
+        .batch(10, max_delay=0.1)
+        .window(sw.windows.Tumbling(10.0))
+        .aggregate(sw.agg.count())
+    )
+    windows.sink(results)
+    windows.late().sink(late)
+    run_watched(flow)
+    assert ([(r.start, r.value) for r in results.items], late.items) == ([(0.0, 1)], [])
+
+
+def test_a_dropping_buffer_before_a_fast_consumer_drops_nothing() -> None:
+    """A batch larger than the room goes in parts, the reader taking each between them
+    (an event-loop turn): on the real loop too, a reader that keeps up loses nothing."""
+    out: sw.sinks.Collect[int] = sw.sinks.Collect()
+    flow = sw.Flow("rt_drop")
+    flow.source(sw.sources.Iterable(range(20_000))).buffer(
+        100, sw.Overflow.DROP_NEWEST, name="buf"
+    ).sink(out)
+    result = run_watched(flow, run_for=5.0)
+    assert out.items == list(range(20_000))
+    assert result.metrics.channel("buf.in").records_dropped == 0
+
+
 async def bursts(n: int, every: float) -> Any:
     """An async source: ``n`` records at once, then a pause of ``every`` seconds."""
     clock = sw.SystemClock()
