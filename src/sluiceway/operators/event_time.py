@@ -319,8 +319,9 @@ class _MergeStep(Step):
         return (list(self.wms), list(self.idle), self.out, [w.state() for w in self.waiting])
 
     def restore(self, state: Any) -> None:
-        self.wms, self.idle, self.out, waiting = state
-        self.waiting = [_Waiting.restored(w) for w in waiting]
+        self.wms, self.idle, self.out, *waiting = state
+        if waiting:  # (a checkpoint of an earlier version has no records waiting)
+            self.waiting = [_Waiting.restored(w) for w in waiting[0]]
         if self.out > -_INF:
             self.metrics.watermark = self.out / _MICROS
 
