@@ -8,6 +8,7 @@ The subprocess SIGKILL test is tests/test_checkpoint_crash.py.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import random
@@ -238,12 +239,13 @@ def flow_async(out: Path, rows: list[dict[str, Any]]) -> sw.Flow:
     return flow
 
 
-def flow_async_unordered(out: Path, rows: list[dict[str, Any]]) -> sw.Flow:
-    """Unordered calls finishing out of order, straight into the sink: a barrier must
-    split the results by the records' arrival, not by when their calls finished (the
-    result of a record after the barrier, written before it, would be written again when
-    the record is replayed).  Each even record's call finishes only once the next
-    record's call has started -- often after a barrier between the two."""
+def flow_async_uneven(out: Path, rows: list[dict[str, Any]], *, ordered: bool) -> sw.Flow:
+    """Calls finishing out of order, straight into the sink: a barrier must split the
+    results by the records' arrival, not by when their calls finished (the result of a
+    record after the barrier, written before it, would be written again when the record
+    is replayed) -- in order too, where a record after the barrier that finished first
+    used to leave together with the one before it.  Each even record's call finishes
+    only once the next record's call has started -- often after a barrier between."""
     started: dict[int, asyncio.Event] = {}
     last = rows[-1]["id"]
 
@@ -257,7 +259,7 @@ def flow_async_unordered(out: Path, rows: list[dict[str, Any]]) -> sw.Flow:
     flow = sw.Flow("eq")
     (
         flow.source(_source(rows), name="src")
-        .map_async(uneven, concurrency=8, ordered=False, name="call")
+        .map_async(uneven, concurrency=8, ordered=ordered, name="call")
         .sink(sw.sinks.JsonLines(out), name="out")
     )
     return flow
@@ -270,7 +272,8 @@ FLOWS: dict[str, Callable[[Path, list[dict[str, Any]]], sw.Flow]] = {
     "merge_and_state": flow_merge_and_state,
     "batch": flow_batch,
     "map_async": flow_async,
-    "map_async_unordered": flow_async_unordered,
+    "map_async_uneven": functools.partial(flow_async_uneven, ordered=True),
+    "map_async_unordered": functools.partial(flow_async_uneven, ordered=False),
 }
 
 
