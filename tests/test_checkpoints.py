@@ -435,18 +435,84 @@ def test_a_source_that_cannot_resume_is_refused_up_front(tmp_path: Path) -> None
         sw.testing.run_flow(flow, checkpoints=sw.Checkpoints(tmp_path))
 
 
-def test_an_iterable_over_a_one_shot_generator_cannot_resume(tmp_path: Path) -> None:
-    def build() -> sw.Flow:
-        flow = sw.Flow("gen")
-        flow.source(sw.sources.Iterable(x for x in range(10)), name="in").sink(
-            sw.sinks.JsonLines(tmp_path / "out"), name="out"
-        )
-        return flow
+def test_an_iterable_over_a_one_shot_generator_is_refused_at_the_first_start(
+    tmp_path: Path,
+) -> None:
+    """Refused before anything runs, not at the restart that would need the replay."""
+    flow = sw.Flow("gen")
+    flow.source(sw.sources.Iterable(x for x in range(10)), name="in").sink(
+        sw.sinks.JsonLines(tmp_path / "out"), name="out"
+    )
+    with pytest.raises(sw.CheckpointError) as err:
+        sw.testing.run_flow(flow, checkpoints=sw.Checkpoints(tmp_path / "ckpt"))
+    msg = str(err.value)
+    assert "source 'in' (Iterable) cannot resume" in msg
+    assert "a list instead of a one-shot iterator" in msg
+    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "ckpt").exists()
+    # A list is fine, and so is the generator without checkpoints.
+    ok = sw.Flow("list")
+    ok.source(sw.sources.Iterable(list(range(10))), name="in").sink(sw.sinks.Collect())
+    sw.testing.run_flow(ok, checkpoints=sw.Checkpoints(tmp_path / "ckpt"))
+    assert sw.testing.run_collect(lambda s: s, sw.sources.Iterable(x for x in range(3))) == [
+        0,
+        1,
+        2,
+    ]
 
-    ckpt = sw.Checkpoints(tmp_path / "ckpt")
-    sw.testing.run_flow(build(), checkpoints=ckpt)
-    with pytest.raises(ValueError, match="can be read only once"):
-        sw.testing.run_flow(build(), checkpoints=ckpt)
+
+def test_running_the_same_flow_object_twice_starts_every_source_afresh(
+    tmp_path: Path,
+) -> None:
+    """A second run of one Flow object carries no source position or pace over."""
+    gen = sw.sources.Generator(lambda: iter(range(20)), rate=20)
+    lst = sw.sources.Iterable(list(range(5)))
+    (tmp_path / "in.jsonl").write_text("".join(f"{i}\n" for i in range(4)))
+    js = sw.sources.JsonLines(tmp_path / "in.jsonl")
+    outs: list[sw.sinks.Collect[Any]] = [sw.sinks.Collect() for _ in range(3)]
+    flow = sw.Flow("twice")
+    for i, src in enumerate((gen, lst, js)):
+        flow.source(src, name=f"s{i}").sink(outs[i], name=f"o{i}")
+    for run in range(2):
+        for out in outs:
+            out.items.clear()
+        result = sw.testing.run_flow(flow)
+        assert result.elapsed == pytest.approx(1.05), f"run {run}"  # 20 records at 20/s
+        assert [out.items for out in outs] == [list(range(20)), list(range(5)), list(range(4))]
+        assert (gen.position(), lst.position()) == (20, 5)
+        assert js.position() == {"offset": 8, "line": 4}
+
+
+def test_a_restored_position_is_not_carried_into_a_later_run_without_checkpoints(
+    tmp_path: Path,
+) -> None:
+    def build(src: sw.sources.Source) -> tuple[sw.Flow, sw.sinks.Collect[Any]]:
+        out: sw.sinks.Collect[Any] = sw.sinks.Collect()
+        flow = sw.Flow("restored")
+        flow.source(src, name="src").sink(out, name="out")
+        return flow, out
+
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(f"{i}\n" for i in range(6)))
+    for i, make in enumerate(
+        [lambda: sw.sources.JsonLines(path), lambda: sw.sources.Generator(lambda: iter(range(6)))]
+    ):
+        ckpt = sw.Checkpoints(tmp_path / f"ckpt{i}")
+        sw.testing.run_flow(build(make())[0], checkpoints=ckpt)
+        flow, out = build(make())
+        sw.testing.run_flow(flow, checkpoints=ckpt)  # restored at the end: nothing new
+        assert out.items == []
+        sw.testing.run_flow(flow)  # no checkpoints: from the start
+        assert out.items == list(range(6))
+    sink_path = tmp_path / "out.jsonl"
+    flow = sw.Flow("restored")
+    flow.source(sw.sources.Iterable([1, 2]), name="src").sink(
+        sw.sinks.JsonLines(sink_path), name="out"
+    )
+    sw.testing.run_flow(flow, checkpoints=sw.Checkpoints(tmp_path / "ckpt2"))
+    sw.testing.run_flow(flow, checkpoints=sw.Checkpoints(tmp_path / "ckpt2"))
+    sw.testing.run_flow(flow)  # appends; it must not cut the file back to a checkpoint
+    assert sink_path.read_text() == "1\n2\n1\n2\n"
 
 
 def test_a_sink_file_shorter_than_the_checkpoint_says_is_an_error(tmp_path: Path) -> None:
@@ -591,3 +657,31 @@ def test_checkpoint_metrics_in_the_snapshot_and_for_prometheus(tmp_path: Path) -
     plain = sw.testing.run_flow(flow_tumbling(tmp_path / "out2", rows))
     assert plain.metrics.checkpoints is None
     assert not [m for m in metric_families(plain.metrics) if "checkpoint" in m.name]
+
+
+def test_an_overwrite_dead_letter_sink_keeps_what_earlier_runs_wrote_on_resume(
+    tmp_path: Path,
+) -> None:
+    """``mode="overwrite"`` empties the file on a fresh start only: a resumed run appends
+    (dead letters are at-least-once; none may be lost)."""
+    rows = list(range(2000))
+
+    def build() -> sw.Flow:
+        dead = sw.sinks.JsonLines(tmp_path / "dead.jsonl", mode="overwrite")
+        flow = sw.Flow("dl")
+        (
+            flow.source(sw.sources.Generator(lambda: iter(rows), rate=1000), name="src")
+            .map(lambda x: x // (x % 10), on_error=sw.DeadLetter(dead), name="div")
+            .sink(sw.sinks.JsonLines(tmp_path / "out.jsonl"), name="out")
+        )
+        return flow
+
+    (tmp_path / "dead.jsonl").write_text('"from an earlier, unrelated run"\n')
+    ckpt = sw.Checkpoints(tmp_path / "ckpt", interval=0.25)
+    assert asyncio.run(_run_until(build(), ckpt, 0.7))  # crashed
+    assert asyncio.run(_run_until(build(), ckpt, 0.6))  # crashed again
+    asyncio.run(_run_until(build(), ckpt, None))
+    dead = [json.loads(x) for x in (tmp_path / "dead.jsonl").read_text().splitlines()]
+    assert "from an earlier, unrelated run" not in dead  # the fresh start emptied it
+    assert {d["record"] for d in dead} == set(range(0, 2000, 10))  # none lost
+    assert sum(lines(tmp_path / "out.jsonl").values()) == 1800  # exactly once

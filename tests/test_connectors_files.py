@@ -146,7 +146,37 @@ def test_final_line_without_newline_is_read_at_the_end(tmp_path: Path) -> None:
     path.write_text('{"a": 1}\n{"a": 2}')
     src = JsonLinesSource(path)
     assert drain(src)[0] == [[{"a": 1}, {"a": 2}]]
-    assert src.position() == {"offset": 17, "line": 2}
+    assert src.position() == {"offset": 17, "line": 2, "unterminated": True}
+
+
+@pytest.mark.parametrize("make", [JsonLinesSource, Csv])
+def test_a_checkpoint_after_a_last_line_without_newline_restarts(
+    tmp_path: Path, make: Any
+) -> None:
+    """The file did not change: the restart reads nothing again and fails on nothing; a
+    newline and lines written later are read on the next restart."""
+    path = tmp_path / "in.txt"
+    header = "n\n" if make is Csv else ""
+    path.write_text(header + "1\n2")
+    ckpt = sw.Checkpoints(tmp_path / "ckpt")
+
+    def run() -> list[Any]:
+        out: sw.sinks.Collect[Any] = sw.sinks.Collect()
+        flow = sw.Flow("f")
+        flow.source(make(path), name="src").sink(out, name="out")
+        sw.testing.run_flow(flow, checkpoints=ckpt)
+        return [int(r["n"]) if isinstance(r, dict) else r for r in out.items]
+
+    assert run() == [1, 2]
+    assert run() == []  # failed with "not the start of a line" before
+    with path.open("a") as f:
+        f.write("\n3\n")
+    assert run() == [3]
+    assert run() == []
+    # Old positions (without the flag) at the very end of such a file are accepted too.
+    path.write_text(header + "1\n2")
+    src = make(path, resume_from={"offset": path.stat().st_size, "line": 2})
+    assert drain(src)[0] == []
 
 
 def test_empty_file_ends_at_once(tmp_path: Path) -> None:

@@ -74,6 +74,9 @@ class SinkContext:
     name: str
     clock: Clock
     checkpointing: bool = False
+    restored: bool = False
+    """True when the run resumes from a checkpoint: what earlier runs wrote must stay
+    (a sink that empties its target on a fresh start must not do it now)."""
 
 
 class Source(ABC):
@@ -106,7 +109,10 @@ class Source(ABC):
 
     @property
     def resumable(self) -> bool:
-        """True when the source implements :meth:`restore`."""
+        """True when the source can go back to a position.  Default: it implements
+        :meth:`restore`.  A source whose input can be read only once in this instance
+        (an ``Iterable`` over a generator) overrides it: a flow with checkpoints refuses
+        it at start, not at the restart that would need it."""
         return type(self).restore is not Source.restore
 
     async def commit(self, position: Any) -> None:  # noqa: B027 - optional hook

@@ -30,21 +30,52 @@ import codecs
 import csv
 import dataclasses
 import json
+import logging
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import IO, Any, Literal, TypeGuard
+from typing import IO, Any, Final, Literal, TypeGuard
 
 from sluiceway.connectors.base import PartialWriteError, Sink, SinkContext, Source, SourceContext
 from sluiceway.errors import BadInputError, CheckpointError, short_repr
 from sluiceway.runtime.messages import Batch
+from sluiceway.time.clock import yield_now
 
-__all__ = ["Csv", "JsonLinesSink", "JsonLinesSource", "LineBuffer", "WriteMode"]
+__all__ = [
+    "DEFAULT_MAX_LINE_BYTES",
+    "Csv",
+    "JsonLinesSink",
+    "JsonLinesSource",
+    "LineBuffer",
+    "LineTooLongError",
+    "WriteMode",
+]
+
+log = logging.getLogger("sluiceway")
 
 _CHUNK = 64 * 1024
 
 WriteMode = Literal["append", "overwrite"]
 """How :class:`JsonLinesSink` opens an existing file: add to its end, or start empty."""
+
+
+class LineTooLongError(Exception):
+    """A line is longer than the source's ``max_line_bytes`` (raised by :class:`LineBuffer`).
+
+    Attributes:
+        length: how many bytes of the line were seen (at least; more may follow).
+        limit: the limit it broke.
+        head: the line's first bytes, for the message and the dead letter.
+        complete: True when the line's end was seen.
+    """
+
+    def __init__(self, length: int, limit: int, head: bytes, *, complete: bool) -> None:
+        self.length, self.limit, self.head, self.complete = length, limit, head, complete
+        more = "" if complete else "+"
+        super().__init__(f"line of {length:,}{more} bytes is longer than {limit:,} bytes")
+
+
+_HEAD = 1024  # bytes of an over-long line kept for its message and dead letter
 
 
 class LineBuffer:
@@ -55,9 +86,17 @@ class LineBuffer:
     report); :meth:`rollback` moves the cursor back, so a source can put back a line it
     has read but decided not to hand out yet.
 
+    The work is linear in the bytes fed, however long a line is: bytes are appended to
+    one ``bytearray`` (consumed bytes are dropped only once they are at least half of it),
+    and the search for a newline resumes where the previous one stopped.  With
+    ``max_line``, a line longer than that raises :class:`LineTooLongError` as soon as
+    that many bytes of it are buffered, so memory stays bounded; :meth:`skip_line` then
+    drops it, discarding the rest of it as it is fed.
+
     Args:
         offset: the byte offset in the stream of the first byte fed.
         line: how many lines came before that offset.
+        max_line: the longest line allowed, in bytes without its newline (None: no limit).
 
     >>> buf = LineBuffer()
     >>> buf.feed(b"a\nbc")
@@ -71,21 +110,38 @@ class LineBuffer:
     b'bc'
     """
 
-    __slots__ = ("_base", "_buf", "_cur", "_cur_line", "_done", "_done_line", "eof")
+    __slots__ = (
+        "_base",
+        "_buf",
+        "_cur",
+        "_cur_line",
+        "_done",
+        "_done_line",
+        "_scan",
+        "_skip_from",
+        "eof",
+        "max_line",
+    )
 
-    def __init__(self, offset: int = 0, line: int = 0) -> None:
-        self._buf = b""
+    def __init__(self, offset: int = 0, line: int = 0, *, max_line: int | None = None) -> None:
+        self._buf = bytearray()
         self._base = offset  # stream offset of _buf[0]
         self._done = 0  # index in _buf of the committed position
         self._done_line = line
         self._cur = 0  # index in _buf of the cursor
         self._cur_line = line
+        self._scan = 0  # _buf[_cur:_scan] holds no newline: the next search starts here
+        self._skip_from: int | None = None  # stream offset of a line being skipped
         self.eof = False
         """True once :meth:`feed_eof` was called: no more bytes will come."""
+        self.max_line = max_line
+        """The longest line allowed, in bytes without its newline (None: no limit)."""
 
     @property
     def offset(self) -> int:
         """The stream offset of the first line not yet committed."""
+        if self._skip_from is not None:
+            return self._skip_from  # a line being skipped is not consumed until its end
         return self._base + self._done
 
     @property
@@ -93,34 +149,111 @@ class LineBuffer:
         """How many lines were committed (so the next one is ``line + 1``)."""
         return self._done_line
 
+    @property
+    def unterminated(self) -> bool:
+        """True when the last line committed ended at EOF without a newline."""
+        done = self._done
+        return self.eof and 0 < done == len(self._buf) and self._buf[done - 1] != 0x0A
+
     def feed(self, data: bytes) -> None:
         """Append bytes read from the stream (dropping what is committed already)."""
-        if self._done:
-            self._buf = self._buf[self._done :]
-            self._base += self._done
-            self._cur -= self._done
+        if self._skip_from is not None:
+            end = data.find(b"\n")
+            if end < 0:
+                self._base += len(data)
+                return
+            self._base += end + 1
+            data = data[end + 1 :]
+            self._end_skip()
+        buf, done = self._buf, self._done
+        if done and 2 * done >= len(buf):  # amortized: each byte is moved at most once
+            del buf[:done]
+            self._base += done
+            self._cur -= done
+            self._scan -= done
             self._done = 0
-        self._buf += data
+        buf += data
 
     def feed_eof(self) -> None:
         """Mark the end of the stream: a last line without a newline becomes complete."""
         self.eof = True
+        if self._skip_from is not None:
+            self._end_skip()
+
+    def _end_skip(self) -> None:
+        self._skip_from = None
+        self._cur_line += 1
+        self._done_line = self._cur_line
 
     def next_line(self) -> bytes | None:
-        """The next complete line including its ``\n`` (at EOF: the rest), or None."""
-        buf, cur = self._buf, self._cur
-        end = buf.find(b"\n", cur) + 1
-        if end == 0:
-            if not self.eof or cur == len(buf):
+        """The next complete line including its ``\n`` (at EOF: the rest), or None.
+
+        Raises:
+            LineTooLongError: the line at the cursor is longer than :attr:`max_line`
+                (the cursor stays before it: :meth:`skip_line` drops it).
+        """
+        if self._skip_from is not None:
+            return None
+        buf, cur, limit = self._buf, self._cur, self.max_line
+        newline = buf.find(b"\n", max(cur, self._scan))
+        if newline < 0:
+            self._scan = size = len(buf)
+            if limit is not None and size - cur > limit:
+                raise LineTooLongError(
+                    size - cur, limit, bytes(buf[cur : cur + _HEAD]), complete=self.eof
+                )
+            if not self.eof or cur == size:
                 return None
-            end = len(buf)
-        self._cur = end
+            end = size
+        else:
+            if limit is not None and newline - cur > limit:
+                raise LineTooLongError(
+                    newline - cur, limit, bytes(buf[cur : cur + _HEAD]), complete=True
+                )
+            end = newline + 1
+        self._cur = self._scan = end
         self._cur_line += 1
-        return buf[cur:end]
+        return bytes(buf[cur:end])
+
+    def has_line(self) -> bool:
+        """True when :meth:`next_line` can answer without more bytes: a complete line is
+        buffered, the stream ended, or the line at the cursor is already too long."""
+        if self.eof:
+            return True
+        if self._skip_from is not None:
+            return False
+        buf, cur = self._buf, self._cur
+        if buf.find(b"\n", max(cur, self._scan)) >= 0:
+            return True
+        self._scan = len(buf)
+        return self.max_line is not None and len(buf) - cur > self.max_line
+
+    def skip_line(self) -> None:
+        """Drop the line at the cursor (one :meth:`next_line` refused) and commit.
+
+        Its bytes are discarded, also those fed later until its newline; until then
+        :attr:`offset` stays at its start (a position taken meanwhile resumes there).
+        """
+        buf, cur = self._buf, self._cur
+        newline = buf.find(b"\n", cur)
+        if newline >= 0 or self.eof:
+            self._cur = self._scan = newline + 1 if newline >= 0 else len(buf)
+            self._cur_line += 1
+            self.commit()
+            return
+        self._skip_from = self._base + cur
+        self._base += len(buf)
+        buf.clear()
+        self._cur = self._done = self._scan = 0
+        self._done_line = self._cur_line
+
+    def partial(self) -> bytes:
+        """The buffered bytes after the cursor: the start of a line without its newline."""
+        return bytes(self._buf[self._cur :])
 
     def pending(self) -> bytes:
         """The bytes read past the committed position (the lines not yet committed)."""
-        return self._buf[self._done : self._cur]
+        return bytes(self._buf[self._done : self._cur])
 
     def commit(self) -> None:
         """Consume every line read so far."""
@@ -129,6 +262,7 @@ class LineBuffer:
     def rollback(self) -> None:
         """Put back every line read since the last :meth:`commit`."""
         self._cur, self._cur_line = self._done, self._done_line
+        self._scan = self._cur
 
 
 # -- helpers shared by the sources ---------------------------------------------------
@@ -147,25 +281,50 @@ def _check_encoding(encoding: str, what: str) -> str:
     return encoding
 
 
-def _check_resume(resume_from: Mapping[str, int] | None, what: str) -> tuple[int, int]:
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Start:
+    """Where a file source starts: a :meth:`position` checked."""
+
+    offset: int = 0
+    line: int = 0
+    unterminated: bool = False
+    """The offset is the end of a last line that was read without its newline."""
+
+
+def _check_resume(resume_from: Mapping[str, int] | None, what: str) -> _Start:
     if resume_from is None:
-        return 0, 0
+        return _Start()
     if isinstance(resume_from, Mapping):
         offset, line = resume_from.get("offset"), resume_from.get("line", 0)
-        if _is_count(offset) and _is_count(line):
-            return offset, line
+        loose = resume_from.get("unterminated", False)
+        if _is_count(offset) and _is_count(line) and isinstance(loose, bool):
+            return _Start(offset, line, loose)
     raise ValueError(
         f"{what} resume_from must be a dict returned by position(), like "
         f"{{'offset': 1024, 'line': 10}}, got {short_repr(resume_from)}"
     )
 
 
+def _position(lines: LineBuffer, loose_start: int) -> dict[str, int]:
+    """A source's position; ``loose_start``: the offset it started at if that was after
+    a last line without its newline (else 0)."""
+    if lines.unterminated or lines.offset == loose_start != 0:
+        return {"offset": lines.offset, "line": lines.line, "unterminated": True}
+    return {"offset": lines.offset, "line": lines.line}
+
+
 def _is_count(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _open_at(path: str, offset: int, what: str) -> IO[bytes]:
-    """Open ``path`` for reading at ``offset``, which must be the start of a line."""
+def _open_at(path: str, start: _Start, what: str) -> tuple[IO[bytes], int]:
+    """Open ``path`` for reading at ``start``; returns the file and where to read from.
+
+    A position is the start of a line -- or the end of a last line that was read at the
+    end of the file without its newline.  In that case reading goes on at the end, or
+    just after that line's newline if it was added since.
+    """
+    offset = start.offset
     f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by the source's close()
     try:
         if offset:
@@ -176,34 +335,102 @@ def _open_at(path: str, offset: int, what: str) -> IO[bytes]:
                     "bytes (it was truncated or replaced since the position was taken)"
                 )
             f.seek(offset - 1)
-            if f.read(1) != b"\n":
-                raise ValueError(
-                    f"{what}: cannot resume {path} at byte {offset}: that is not the start "
-                    "of a line (the file changed since the position was taken)"
-                )
+            before, after = f.read(1), f.read(1)
+            if before != b"\n" and after:  # at the end of the file is fine: nothing to read
+                if after == b"\n" and start.unterminated:
+                    offset += 1  # the last line, read without its newline, got it since
+                else:
+                    raise ValueError(
+                        f"{what}: cannot resume {path} at byte {offset}: that is not the "
+                        "start of a line (the file changed since the position was taken)"
+                    )
+            f.seek(offset)
     except BaseException:
         f.close()
         raise
-    return f
+    return f, offset
 
 
-def _pull_line(lines: LineBuffer, f: IO[bytes], *, follow: bool) -> bytes | None:
+class _Busy:
+    """What :func:`_pull_line` returns when it read its budget without finding a line."""
+
+
+_BUSY: Final = _Busy()
+_READ_BUDGET: Final = 16 * _CHUNK
+"""Bytes a source reads in one go before it lets the event loop run other tasks."""
+
+DEFAULT_MAX_LINE_BYTES: Final = 10 * 1024 * 1024
+"""The longest line the file sources accept by default: 10 MiB without its newline (as
+Filebeat's ``max_bytes``).  Longer lines are bad input; see ``max_line_bytes``."""
+
+
+def _pull_line(
+    lines: LineBuffer, f: IO[bytes], *, follow: bool, budget: int | None = None
+) -> bytes | _Busy | None:
     """The next complete line, reading more of ``f`` as needed; None when there is none.
 
     With ``follow`` the end of the file is not the end of the input: a partial last line
-    stays in the buffer until its newline arrives.
+    stays in the buffer until its newline arrives.  With a ``budget``, returns
+    :data:`_BUSY` after reading that many bytes without completing a line, so that the
+    caller can let other tasks run before it asks again.
+
+    Raises:
+        LineTooLongError: the next line is longer than ``lines.max_line``.
     """
+    read = 0
     while True:
         line = lines.next_line()
         if line is not None or lines.eof:
             return line
+        if budget is not None and read >= budget:
+            return _BUSY
         data = f.read(_CHUNK)
         if data:
+            read += len(data)
             lines.feed(data)
         elif follow:
             return None
         else:
             lines.feed_eof()
+
+
+def _fill(lines: LineBuffer, f: IO[bytes], budget: int) -> bool:
+    """Read until a line is ready in ``lines`` (or the file ends); False if the budget
+    ran out first."""
+    read = 0
+    while not lines.has_line():
+        if read >= budget:
+            return False
+        data = f.read(_CHUNK)
+        if data:
+            read += len(data)
+            lines.feed(data)
+        else:
+            lines.feed_eof()
+    return True
+
+
+def _check_max_line(value: object, what: str) -> int | None:
+    if value is None:
+        return None
+    if not _is_count(value) or value < 1:
+        raise ValueError(
+            f"{what} max_line_bytes must be a whole number of bytes >= 1 (or None for no "
+            f"limit), got {value!r}"
+        )
+    return value
+
+
+def _too_long(exc: LineTooLongError, encoding: str) -> tuple[str, str]:
+    """The dead-letter text (the line's head) and the reason for an over-long line."""
+    shown = exc.head.decode(encoding, "backslashreplace")
+    more = "" if exc.complete else " so far"
+    return shown + "...", (
+        f"line too long: {exc.length:,} bytes{more}, the limit is {exc.limit:,} "
+        f"(max_line_bytes); the line is skipped up to its newline (only its first "
+        f"{len(exc.head):,} bytes are kept here); raise max_line_bytes if such lines "
+        "are expected"
+    )
 
 
 def _strip_eol(text: str) -> str:
@@ -259,19 +486,31 @@ class JsonLinesSource(Source):
     Blank lines are skipped.  A last line without a newline is read at the end of the
     file -- except with ``follow=True``, where it is incomplete until its newline comes.
 
+    A line longer than ``max_line_bytes`` is bad input naming ``path:line`` (a dead
+    letter holding its first KiB, or the flow stops, as ``on_error`` says); it is never
+    held in memory whole.  Reading a long line lets other tasks run every 1 MiB.
+
+    With ``follow``, a file that is **truncated** (it becomes shorter than what was read,
+    or the bytes before the position change) or **replaced** (rotated: the path names a
+    new file, once the old one is read to its end) is read again from its new beginning,
+    with a WARNING on the ``sluiceway`` logger.  A line that was still waiting for its
+    newline then is bad input ("incomplete"), never joined to the new file's bytes.
+
     Args:
         path: the file to read.
-        follow: keep reading as the file grows (like ``tail -f``) instead of ending at
+        follow: keep reading as the file grows (like ``tail -F``) instead of ending at
             its end; the flow then runs until stopped.
         poll_interval: with ``follow``, seconds to wait (on the flow's clock) before
             looking for new lines again.
         encoding: the text encoding of the file (ASCII-compatible).
         resume_from: a :meth:`position` taken earlier: start reading there.
+        max_line_bytes: the longest line accepted, in bytes without its newline
+            (default :data:`DEFAULT_MAX_LINE_BYTES`, 10 MiB; None: no limit).
 
     Raises:
-        ValueError: a bad argument (non-positive ``poll_interval``, unknown or not
-            ASCII-compatible encoding, malformed ``resume_from``); at ``open``, a
-            ``resume_from`` that does not fit the file any more.
+        ValueError: a bad argument (non-positive ``poll_interval`` or ``max_line_bytes``,
+            unknown or not ASCII-compatible encoding, malformed ``resume_from``); at
+            ``open``, a ``resume_from`` that does not fit the file any more.
         OSError: at ``open``, the file cannot be opened (e.g. ``FileNotFoundError``).
 
     >>> import os, tempfile, sluiceway as sw
@@ -291,6 +530,7 @@ class JsonLinesSource(Source):
         poll_interval: float = 0.25,
         encoding: str = "utf-8",
         resume_from: Mapping[str, int] | None = None,
+        max_line_bytes: int | None = DEFAULT_MAX_LINE_BYTES,
     ) -> None:
         what = "sources.JsonLines"
         if not (isinstance(poll_interval, int | float) and poll_interval > 0):
@@ -299,21 +539,33 @@ class JsonLinesSource(Source):
         self._follow = bool(follow)
         self._poll_interval = float(poll_interval)
         self._encoding = _check_encoding(encoding, what)
-        self._start = _check_resume(resume_from, what)
-        self._lines = LineBuffer(*self._start)
+        self._max_line = _check_max_line(max_line_bytes, what)
+        self._resume_from = _check_resume(resume_from, what)
+        self._restored: _Start | None = None
+        self._lines = LineBuffer(
+            self._resume_from.offset, self._resume_from.line, max_line=self._max_line
+        )
         self._file: IO[bytes] | None = None
         self._ctx: SourceContext | None = None
+        self._loose_start = 0
 
     async def open(self, ctx: SourceContext) -> None:
-        """Open the file at the start (or at ``resume_from``).
+        """Open the file at the start (or at ``resume_from``, or at the restored position).
+
+        A restored position is used for this run only: a later run without a checkpoint
+        starts again where the constructor said.
 
         Raises:
             OSError: the file cannot be opened.
             ValueError: ``resume_from`` is past the end or not at the start of a line.
         """
-        self._file = _open_at(self._path, self._start[0], "sources.JsonLines")
-        self._lines = LineBuffer(*self._start)
+        start = self._restored or self._resume_from
+        self._restored = None
+        self._file, offset = _open_at(self._path, start, "sources.JsonLines")
+        self._lines = LineBuffer(offset, start.line, max_line=self._max_line)
         self._ctx = ctx
+        # A start after a last line that has no newline (yet): not a sign of a rewrite.
+        self._loose_start = offset if offset and _byte_before(self._file, offset) else 0
 
     async def next_batch(self, max_records: int) -> Batch | None:
         """Up to ``max_records`` parsed lines that are in the file now.
@@ -324,19 +576,37 @@ class JsonLinesSource(Source):
 
         Raises:
             OperatorError: (from the runtime, under the ``Fail`` policy) a line is not
-                valid JSON or not valid text; :meth:`position` then points at it.
+                valid JSON, not valid text or too long; :meth:`position` then points at it.
         """
         f, ctx, lines = self._file, self._ctx, self._lines
         if f is None or ctx is None:
             raise _not_open(self.describe())
         records: list[Any] = []
         while len(records) < max_records:
-            raw = _pull_line(lines, f, follow=self._follow)
+            try:
+                raw = _pull_line(lines, f, follow=self._follow, budget=_READ_BUDGET)
+            except LineTooLongError as exc:
+                if records:  # hand out the good ones first; report this line next time
+                    lines.rollback()
+                    break
+                shown, reason = _too_long(exc, self._encoding)
+                await _report(ctx, f"{self._path}:{lines.line + 1}", shown, reason)
+                lines.skip_line()
+                continue
+            if isinstance(raw, _Busy):
+                if records:
+                    break
+                await yield_now()  # a long line: let the other tasks run meanwhile
+                continue
             if raw is None:
                 if records:
                     break
                 if lines.eof:
                     return None
+                if await self._reopened(ctx, f, lines):
+                    f, lines = self._file, self._lines
+                    assert f is not None
+                    continue
                 await ctx.clock.sleep(self._poll_interval)
                 continue
             text, problem = _decode(raw, self._encoding)
@@ -360,16 +630,53 @@ class JsonLinesSource(Source):
             lines.commit()
         return Batch(records)
 
+    async def _reopened(self, ctx: SourceContext, f: IO[bytes], lines: LineBuffer) -> bool:
+        """With ``follow``, at the end of the file: if it was truncated or replaced, start
+        reading its new content from the beginning (True).  A partial line held then is
+        reported as bad input first."""
+        what = _replaced(self._path, f, lines.offset, self._loose_start)
+        if what is None:
+            return False
+        new = _open_new(self._path) if "replaced" in what else None
+        if "replaced" in what and new is None:
+            return False  # gone again: look next time
+        partial = lines.partial()
+        if partial:
+            shown = partial.decode(self._encoding, "backslashreplace")
+            await _report(
+                ctx,
+                f"{self._path}:{lines.line + 1}",
+                shown,
+                f"incomplete line: the file {what} before this line got its newline",
+            )
+        log.warning(
+            "sources.JsonLines: %s %s; reading it again from its beginning (%d lines had "
+            "been read)",
+            self._path,
+            what,
+            lines.line,
+        )
+        if new is not None:
+            f.close()
+            self._file = new  # closed in close()
+        else:
+            f.seek(0)
+        self._lines = LineBuffer(max_line=self._max_line)
+        self._loose_start = 0
+        return True
+
     def position(self) -> dict[str, int]:
         """``{"offset": byte offset, "line": lines before it}`` of the next line to read.
 
-        Pass it back as ``resume_from=`` to continue from there.
+        Pass it back as ``resume_from=`` to continue from there.  After a last line read
+        without its newline it also holds ``"unterminated": True``: a resume then goes on
+        after that line (after its newline, if one was written since).
         """
-        return {"offset": self._lines.offset, "line": self._lines.line}
+        return _position(self._lines, self._loose_start)
 
     def restore(self, position: Any) -> None:
-        """Resume at a :meth:`position` (like ``resume_from=``) when the file is opened."""
-        self._start = _check_resume(position, "sources.JsonLines")
+        """Resume at a :meth:`position` (like ``resume_from=``) at the next :meth:`open`."""
+        self._restored = _check_resume(position, "sources.JsonLines")
 
     def backlog(self) -> int | None:
         """Bytes of the file not read yet (None when it is not open)."""
@@ -384,6 +691,40 @@ class JsonLinesSource(Source):
     def describe(self) -> str:
         """``JsonLines(<path>)``."""
         return f"JsonLines({self._path})"
+
+
+def _open_new(path: str) -> IO[bytes] | None:
+    """The file now at ``path`` (after a rotation), or None if there is none yet."""
+    try:
+        return open(path, "rb", buffering=0)
+    except FileNotFoundError:
+        return None
+
+
+def _byte_before(f: IO[bytes], offset: int) -> bool:
+    """True when the byte before ``offset`` is not a line end (a position after a last
+    line read without its newline)."""
+    return os.pread(f.fileno(), 1, offset - 1) != b"\n"
+
+
+def _replaced(path: str, f: IO[bytes], offset: int, loose_start: int) -> str | None:
+    """How a followed file changed under the reader, or None: truncated below what was
+    read, changed before the position, or replaced by another file at ``path`` (once the
+    old one is read to its end)."""
+    fd = f.fileno()
+    st = os.fstat(fd)
+    read = f.tell()
+    if st.st_size < read:
+        return f"was truncated (to {st.st_size} bytes; {read} had been read)"
+    if offset and offset != loose_start and _byte_before(f, offset):
+        return f"was truncated and rewritten (byte {offset - 1} is no longer a line end)"
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return None  # rotated away, the new file not there yet: keep the old one
+    if (now.st_ino, now.st_dev) != (st.st_ino, st.st_dev) and st.st_size == read:
+        return "was replaced by a new file (rotated)"
+    return None
 
 
 def _json_problem(exc: ValueError | RecursionError) -> str:
@@ -410,6 +751,7 @@ class _TextLines(Iterator[str]):
         raw = _pull_line(self.lines, self.f, follow=False)
         if raw is None:
             raise StopIteration
+        assert isinstance(raw, bytes)  # no budget: never _BUSY
         try:
             return raw.decode(self.encoding)
         except UnicodeDecodeError as exc:
@@ -432,6 +774,9 @@ class Csv(Source):
         convert: per-field conversions of the text value, e.g. ``{"amount": float}``.
         encoding: the text encoding of the file (ASCII-compatible).
         resume_from: a :meth:`position` taken earlier: start reading there.
+        max_line_bytes: the longest line accepted, in bytes without its newline
+            (default :data:`DEFAULT_MAX_LINE_BYTES`, 10 MiB; None: no limit).  A longer
+            line is bad input naming ``path:line``, like a malformed row.
 
     Raises:
         ValueError: a bad argument; at ``open``, a missing or malformed header (duplicate
@@ -458,6 +803,7 @@ class Csv(Source):
         convert: Mapping[str, Callable[[str], Any]] | None = None,
         encoding: str = "utf-8",
         resume_from: Mapping[str, int] | None = None,
+        max_line_bytes: int | None = DEFAULT_MAX_LINE_BYTES,
     ) -> None:
         what = "sources.Csv"
         if not (isinstance(delimiter, str) and len(delimiter) == 1 and delimiter not in "\r\n"):
@@ -481,13 +827,18 @@ class Csv(Source):
         self._fieldnames = fieldnames
         self._convert = dict(convert or {})
         self._encoding = _check_encoding(encoding, what)
-        self._start = _check_resume(resume_from, what)
+        self._max_line = _check_max_line(max_line_bytes, what)
+        self._resume_from = _check_resume(resume_from, what)
+        self._restored: _Start | None = None
         self._names: list[str] | None = None
-        self._lines = LineBuffer(*self._start)
+        self._lines = LineBuffer(
+            self._resume_from.offset, self._resume_from.line, max_line=self._max_line
+        )
         self._file: IO[bytes] | None = None
         self._text: _TextLines | None = None
         self._reader: Iterator[list[str]] = iter(())
         self._ctx: SourceContext | None = None
+        self._loose_start = 0
 
     async def open(self, ctx: SourceContext) -> None:
         """Open the file and read its header (at the start, also when resuming).
@@ -498,16 +849,18 @@ class Csv(Source):
                 not have, or ``resume_from`` does not fit the file.
         """
         what = "sources.Csv"
-        offset, line = self._start
-        f = _open_at(self._path, offset, what)
+        start = self._restored or self._resume_from
+        self._restored = None
+        f, offset = _open_at(self._path, start, what)
+        line = start.line
         try:
-            lines = LineBuffer(offset, line)
+            lines = LineBuffer(offset, line, max_line=self._max_line)
             if self._fieldnames is not None:
                 self._names = list(self._fieldnames)
             else:
                 if offset:
                     f.seek(0)
-                    lines = LineBuffer()
+                    lines = LineBuffer(max_line=self._max_line)
                 self._names = self._read_header(f, lines)
                 if offset:
                     if self._names is not None and offset < lines.offset:
@@ -516,7 +869,7 @@ class Csv(Source):
                             "inside the header row"
                         )
                     f.seek(offset)
-                    lines = LineBuffer(offset, line)
+                    lines = LineBuffer(offset, line, max_line=self._max_line)
             unknown = sorted(set(self._convert) - set(self._names or ()))
             if unknown and self._names is not None:
                 raise ValueError(
@@ -527,6 +880,7 @@ class Csv(Source):
             f.close()
             raise
         self._file, self._lines, self._ctx = f, lines, ctx
+        self._loose_start = offset if offset and _byte_before(f, offset) else 0
         self._text = _TextLines(f, lines, self._encoding)
         self._reader = self._new_reader()
 
@@ -547,6 +901,11 @@ class Csv(Source):
         except csv.Error as exc:
             raise ValueError(
                 f"{where}: cannot read the header row: {exc}; fix it or pass fieldnames=[...]"
+            ) from None
+        except LineTooLongError as exc:
+            raise ValueError(
+                f"{where}: cannot read the header row: its {exc}; fix it or raise "
+                "max_line_bytes"
             ) from None
         if text.decode_error is not None:
             raise ValueError(
@@ -570,8 +929,15 @@ class Csv(Source):
             raise _not_open(self.describe())
         if names is None:
             return None
+        f = self._file
+        assert f is not None
         records: list[dict[str, Any]] = []
         while len(records) < max_records:
+            if not _fill(lines, f, _READ_BUDGET):  # a long line: let other tasks run
+                if records:
+                    break
+                await yield_now()
+                continue
             text.decode_error = None
             problem: str
             try:
@@ -581,6 +947,13 @@ class Csv(Source):
             except csv.Error as exc:
                 self._reader = self._new_reader()
                 problem = f"malformed CSV: {exc}"
+            except LineTooLongError as exc:
+                self._reader = self._new_reader()
+                if records:
+                    lines.rollback()
+                    break
+                await self._skip_long_row(ctx, lines, exc)
+                continue
             else:
                 if not row:  # a blank line
                     lines.commit()
@@ -605,6 +978,14 @@ class Csv(Source):
             lines.commit()
         return Batch(records) if records else None
 
+    async def _skip_long_row(
+        self, ctx: SourceContext, lines: LineBuffer, exc: LineTooLongError
+    ) -> None:
+        shown, problem = _too_long(exc, self._encoding)
+        await _report(ctx, f"{self._path}:{lines.line + 1}", shown, problem)
+        lines.commit()  # the row's lines before the long one go with it
+        lines.skip_line()
+
     def _make(self, names: list[str], row: list[str]) -> tuple[dict[str, Any] | None, str]:
         if len(row) != len(names):
             return None, (f"expected {len(names)} fields ({', '.join(names)}), got {len(row)}")
@@ -626,11 +1007,12 @@ class Csv(Source):
         Pass it back as ``resume_from=`` to continue from there (the header is read again
         from the start of the file).
         """
-        return {"offset": self._lines.offset, "line": self._lines.line}
+        return _position(self._lines, self._loose_start)
 
     def restore(self, position: Any) -> None:
-        """Resume at a :meth:`position` (like ``resume_from=``) when the file is opened."""
-        self._start = _check_resume(position, "sources.Csv")
+        """Resume at a :meth:`position` (like ``resume_from=``) at the next :meth:`open`
+        (for that run only)."""
+        self._restored = _check_resume(position, "sources.Csv")
 
     def backlog(self) -> int | None:
         """Bytes of the file not read yet (None when it is not open)."""
@@ -731,9 +1113,11 @@ class JsonLinesSink(Sink):
     Args:
         path: the file to write.
         mode: ``"append"`` (default) adds to an existing file; ``"overwrite"`` empties
-            it at ``open`` (not when restarting from a checkpoint: then the file is cut
-            back to the checkpoint).  When appending to a file whose last line lacks its
-            newline (a torn write), a newline is added first so records never merge.
+            it at ``open`` of a fresh run only.  A run that resumes from a checkpoint
+            never erases what earlier runs wrote: a flow's sink is cut back to the
+            checkpoint's length, and a dead-letter sink (not part of the checkpoint)
+            appends.  When appending to a file whose last line lacks its newline (a torn
+            write), a newline is added first so records never merge.
         encoding: the text encoding of the file.
 
     Raises:
@@ -782,10 +1166,13 @@ class JsonLinesSink(Sink):
             OSError: the file cannot be opened.
             CheckpointError: the file is shorter than the checkpoint recorded.
         """
-        if self._restore_to is None:
-            self._file = _open_for_writing(self._path, self._mode, self._encoding)
+        restore_to, self._restore_to = self._restore_to, None  # for this run only
+        if restore_to is not None:
+            self._file = _open_truncated(self._path, restore_to)
+        elif ctx.restored:  # a dead-letter sink of a resumed flow: keep what it holds
+            self._file = _open_for_writing(self._path, "append", self._encoding)
         else:
-            self._file = _open_truncated(self._path, self._restore_to)
+            self._file = _open_for_writing(self._path, self._mode, self._encoding)
 
     def restore(self, state: Any) -> None:
         """Restart from a checkpoint that recorded ``{"length": n}``: cut back to ``n``."""

@@ -58,7 +58,9 @@ class Iterable(Source, Generic[T]):
     """Records from an iterable, a generator or an async iterable.
 
     The position is the count of records handed out, so a replayable iterable (a list)
-    can resume from it once checkpoints are on.
+    can resume from it once checkpoints are on.  An iterator or generator can be read
+    only once: a flow with checkpoints refuses it at start (:attr:`resumable` is False),
+    and running the flow a second time finds it exhausted.
 
     >>> import sluiceway as sw
     >>> sw.testing.run_collect(lambda s: s, sw.sources.Iterable("abc"))
@@ -76,17 +78,26 @@ class Iterable(Source, Generic[T]):
         self._count = 0
         self._skip = 0
 
+    @property
+    def resumable(self) -> bool:
+        """False for a one-shot iterator or generator: it cannot be read again."""
+        return not isinstance(self._items, Iterator | AsyncIterator)
+
     async def open(self, ctx: SourceContext) -> None:
+        """Start reading from the beginning (or after the records of a restored position);
+        a run never carries the count of an earlier run over."""
+        skip, self._skip = self._skip, 0
         it = _to_iterator(self._items, "sources.Iterable")
-        if self._skip:
+        if skip:
             if it is self._items:
                 raise ValueError(
-                    f"sources.Iterable cannot resume from position {self._skip}: its "
+                    f"sources.Iterable cannot resume from position {skip}: its "
                     f"{type(self._items).__name__} can be read only once; give it a list "
                     "or another re-iterable collection, or use sources.Generator with a "
                     "factory that makes the same sequence again"
                 )
-            await _skip(it, self._skip, "sources.Iterable")
+            await _skip(it, skip, "sources.Iterable")
+        self._count = skip
         self._puller = _IteratorPuller(it)
 
     async def next_batch(self, max_records: int) -> Batch | None:
@@ -162,15 +173,20 @@ class Generator(Source, Generic[T]):
         self._skip = 0
 
     async def open(self, ctx: SourceContext) -> None:
+        """Call the factory and start a fresh schedule; a run never carries the count or
+        the pace of an earlier run over (only a restored position skips records)."""
+        skip, self._skip = self._skip, 0
         made = self._factory()
         if inspect.isawaitable(made):
             made = await made
         it = _to_iterator(made, "sources.Generator factory()")
-        if self._skip:
-            await _skip(it, self._skip, "sources.Generator")
+        if skip:
+            await _skip(it, skip, "sources.Generator")
         self._puller = _IteratorPuller(it)
         self._clock = ctx.clock
         self._start = ctx.clock.monotonic()
+        self._emitted = 0
+        self._count = skip
 
     async def next_batch(self, max_records: int) -> Batch | None:
         assert self._puller is not None, "open() first"
@@ -211,7 +227,8 @@ class Generator(Source, Generic[T]):
 class Collect(Sink, Generic[T]):
     """Keeps every record in :attr:`items` (for tests, notebooks and small jobs).
 
-    Unbounded by design: use it where the input is bounded.
+    Unbounded by design: use it where the input is bounded.  :attr:`items` is yours: a
+    second run of the flow adds to it (clear it in between to see one run's output).
     """
 
     def __init__(self) -> None:

@@ -149,8 +149,10 @@ class Coordinator:
             if config is not None and not source.resumable:
                 raise CheckpointError(
                     f"flow {flow.name!r} takes checkpoints, but its source {name!r} "
-                    f"({source.describe()}) cannot resume from a position; checkpoints "
-                    "need sources that can go back (files, lists, generators, brokers)"
+                    f"({source.describe()}) cannot resume from a position: a restart would "
+                    "have nothing to replay.  Give it input that can be read again (a "
+                    "list instead of a one-shot iterator or generator, sources.Generator "
+                    "with a factory, a file, a broker), or run the flow without checkpoints"
                 )
 
     # -- recovery ----------------------------------------------------------------------

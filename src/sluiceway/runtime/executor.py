@@ -508,11 +508,13 @@ class Executor:
     async def _open(self, opened: list[Source | Sink]) -> None:
         flow, clock = self.flow.name, self.clock
         checkpointing = self.checkpointing
+        restored = self.coordinator is not None and self.coordinator.stats.restored_from is not None
         for w in self._dead_letters.values():
-            await w.sink.open(SinkContext(flow, f"dead_letter_{w.sink.describe()}", clock))
+            name = f"dead_letter_{w.sink.describe()}"
+            await w.sink.open(SinkContext(flow, name, clock, restored=restored))
             opened.append(w.sink)
         for node, sink in self._sinks:
-            await sink.open(SinkContext(flow, node.name, clock, checkpointing))
+            await sink.open(SinkContext(flow, node.name, clock, checkpointing, restored))
             opened.append(sink)
         for node, source in self._sources:
             spec = node.spec
