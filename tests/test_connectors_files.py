@@ -8,6 +8,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import select
 import subprocess
 import sys
@@ -19,10 +20,17 @@ import pytest
 
 import sluiceway as sw
 from sluiceway.connectors.base import PartialWriteError, SinkContext, SourceContext
-from sluiceway.connectors.files import Csv, JsonLinesSink, JsonLinesSource, LineBuffer
+from sluiceway.connectors.files import (
+    Csv,
+    JsonLinesSink,
+    JsonLinesSource,
+    LineBuffer,
+    LineTooLongError,
+)
 from sluiceway.connectors.stdio import Stdin
 from sluiceway.errors import BadInputError
 from sluiceway.runtime.messages import Batch
+from sluiceway.time import yield_now
 
 # -- helpers ---------------------------------------------------------------------------
 
@@ -778,3 +786,156 @@ def test_a_file_source_reports_its_unread_bytes_as_backlog(tmp_path: Path) -> No
     assert backlogs == sorted(backlogs, reverse=True)
     assert backlogs[-1] == 0
     assert result.metrics.operator("file").backlog is None  # closed: unknown
+
+
+# -- long lines ------------------------------------------------------------------------
+
+
+def test_line_buffer_refuses_a_line_over_its_limit_and_skips_it_as_fed() -> None:
+    buf = LineBuffer(offset=10, line=2, max_line=4)
+    buf.feed(b"abcd\nefghij")
+    assert buf.next_line() == b"abcd\n"  # 4 bytes: at the limit is fine
+    buf.commit()
+    with pytest.raises(LineTooLongError) as err:
+        buf.next_line()  # 6 bytes, no newline yet: already too long
+    assert (err.value.length, err.value.limit, err.value.complete) == (6, 4, False)
+    assert err.value.head == b"efghij"
+    buf.skip_line()
+    assert (buf.offset, buf.line) == (15, 3)  # a position taken now resumes at the line
+    buf.feed(b"klmnop")  # still the long line: discarded, not buffered
+    assert buf.next_line() is None
+    buf.feed(b"q\nrs\n")
+    assert (buf.offset, buf.line) == (29, 4)
+    assert buf.next_line() == b"rs\n"
+    buf.commit()
+    buf.feed(b"toolong\nok\n")
+    with pytest.raises(LineTooLongError) as err:
+        buf.next_line()
+    assert (err.value.length, err.value.complete) == (7, True)
+    buf.skip_line()  # complete in the buffer: dropped at once
+    assert (buf.offset, buf.line) == (40, 6)
+    assert buf.next_line() == b"ok\n"
+
+
+def test_line_buffer_keeps_offsets_exact_across_compactions() -> None:
+    buf = LineBuffer(offset=5)
+    data = b"".join(b"x" * (i % 50) + b"\n" for i in range(2000))
+    got: list[bytes] = []
+    for i in range(0, len(data), 37):  # odd chunk sizes: lines split across feeds
+        buf.feed(data[i : i + 37])
+        while (line := buf.next_line()) is not None:
+            got.append(line)
+            buf.commit()
+    assert b"".join(got) == data
+    assert (buf.offset, buf.line) == (5 + len(data), 2000)
+
+
+@pytest.mark.parametrize("make", [JsonLinesSource, Csv])
+def test_an_over_long_line_is_a_dead_letter_naming_file_and_line(
+    tmp_path: Path, make: Any
+) -> None:
+    path = tmp_path / "in.txt"
+    header = "n\n" if make is Csv else ""
+    long = "9" * 300_000
+    path.write_text(header + f"1\n{long}\n2\n{long}")  # the last one without a newline
+    src = make(path, max_line_bytes=100_000)
+    batches, reported = drain(src, fails=False)
+    values = [int(r["n"]) if isinstance(r, dict) else r for b in batches for r in b]
+    assert values == [1, 2]
+    first = 2 if make is Csv else 1
+    assert [e.where for e in reported] == [f"{path}:{first + 1}", f"{path}:{first + 3}"]
+    assert re.search(r"line too long: [\d,]+ bytes so far, the limit is 100,000", str(reported[0]))
+    assert "max_line_bytes" in str(reported[0])
+    assert reported[0].raw == "9" * 1024 + "..."  # the dead letter holds its head only
+    assert src.position()["offset"] == path.stat().st_size
+
+
+@pytest.mark.parametrize("make", [JsonLinesSource, Csv])
+def test_an_over_long_line_under_fail_stops_at_it(tmp_path: Path, make: Any) -> None:
+    path = tmp_path / "in.txt"
+    header = "n\n" if make is Csv else ""
+    path.write_text(header + "1\n" + "7" * 5000 + "\n2\n")
+    src = make(path, max_line_bytes=1000)
+    out: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    flow = sw.Flow("strict")
+    flow.source(src, name="in").sink(out)
+    with pytest.raises(sw.OperatorError) as info:
+        sw.testing.run_flow(flow)
+    line = 3 if make is Csv else 2
+    assert f"{path}:{line}" in str(info.value)
+    assert "line too long: 5,000 bytes, the limit is 1,000" in str(info.value)
+    assert len(out.items) == 1
+    assert src.position() == {"offset": len(header) + 2, "line": line - 1}
+
+
+def test_max_line_bytes_is_checked() -> None:
+    with pytest.raises(ValueError, match=r"max_line_bytes must be a whole number .* got 0"):
+        JsonLinesSource("x", max_line_bytes=0)
+    with pytest.raises(ValueError, match=r"max_line_bytes must be .* got 'big'"):
+        Csv("x", max_line_bytes="big")  # type: ignore[arg-type]
+
+
+def test_a_followed_file_skips_an_over_long_line_as_it_grows(tmp_path: Path) -> None:
+    path = tmp_path / "log.jsonl"
+    path.write_text("1\n" + "5" * 3000)  # a long line still being written
+    clock = sw.VirtualClock()
+    src = JsonLinesSource(path, follow=True, poll_interval=1, max_line_bytes=1000)
+    ctx, reported = source_context(clock, fails=False)
+
+    async def main() -> list[Any]:
+        await src.open(ctx)
+        got: list[Any] = []
+        first = await src.next_batch(10)
+        assert first is not None
+        got += first.values
+        waiting = asyncio.ensure_future(src.next_batch(10))
+        await clock.sleep(2.5)
+        assert len(reported) == 1
+        assert src.position() == {"offset": 2, "line": 1}  # at the long line till its end
+        with path.open("a") as f:
+            f.write("5" * 3000 + "\n3\n")
+        batch = await waiting
+        assert batch is not None
+        got += batch.values
+        await src.close()
+        return got
+
+    assert asyncio.run(main()) == [1, 3]
+    assert src.position() == {"offset": path.stat().st_size, "line": 3}
+
+
+@pytest.mark.parametrize("make", [JsonLinesSource, Csv])
+def test_reading_a_long_line_lets_other_tasks_run(tmp_path: Path, make: Any) -> None:
+    """A 8 MiB line (no limit) must not hold the event loop for the whole read."""
+    path = tmp_path / "in.txt"
+    field = "x" * 100_000  # (csv's own limit is 128 KiB per field)
+    if make is Csv:
+        path.write_text(",".join(f"c{i}" for i in range(84)) + "\n" + ",".join([field] * 84))
+    else:
+        path.write_text(json.dumps([field] * 84) + "\n")
+    src = make(path, max_line_bytes=None)
+    ctx, _ = source_context()
+
+    async def main() -> tuple[int, list[Any]]:
+        await src.open(ctx)
+        ticks = 0
+        done = False
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not done:
+                ticks += 1
+                await yield_now()
+
+        task = asyncio.ensure_future(ticker())
+        values: list[Any] = []
+        while (batch := await src.next_batch(10)) is not None:
+            values += batch.values
+        done = True
+        await task
+        await src.close()
+        return ticks, values
+
+    ticks, values = asyncio.run(main())
+    assert len(values) == 1
+    assert ticks >= 4  # one per MiB read, at least
