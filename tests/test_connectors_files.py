@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import io
 import json
+import logging
 import os
 import re
 import select
@@ -939,3 +940,181 @@ def test_reading_a_long_line_lets_other_tasks_run(tmp_path: Path, make: Any) -> 
     ticks, values = asyncio.run(main())
     assert len(values) == 1
     assert ticks >= 4  # one per MiB read, at least
+
+
+# -- a followed file that is truncated or replaced ---------------------------------------
+
+
+class _Follower:
+    """A followed JsonLines source driven by hand on a virtual clock (dead letters on)."""
+
+    def __init__(self, path: Path, clock: sw.Clock) -> None:
+        self.path, self.clock = path, clock
+        self.src = JsonLinesSource(path, follow=True, poll_interval=0.1)
+        self.ctx, self.reported = source_context(clock, fails=False)
+        self.got: list[Any] = []
+
+    async def pull(self, polls: int = 3) -> list[Any]:
+        """Everything there is now (waiting up to ``polls`` poll intervals)."""
+        new: list[Any] = []
+        for _ in range(polls):
+            try:
+                batch = await asyncio.wait_for(self.src.next_batch(100), 0.25)
+            except TimeoutError:
+                break
+            assert batch is not None
+            new += batch.values
+        self.got += new
+        return new
+
+
+def _write(path: Path, text: str, mode: str = "a") -> None:
+    with path.open(mode) as f:
+        f.write(text)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(10)
+def test_a_followed_file_truncated_and_written_again_is_read_from_its_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Truncated, then longer than before by the next poll: no new line is skipped."""
+    path = tmp_path / "log.jsonl"
+    _write(path, "".join(f"{i}\n" for i in (100, 101, 102)), "w")
+    clock = sw.SystemClock()
+
+    async def main() -> _Follower:
+        fol = _Follower(path, clock)
+        await fol.src.open(fol.ctx)
+        assert await fol.pull() == [100, 101, 102]
+        _write(path, "".join(f"{i}\n" for i in range(1, 9)), "w")  # 16 bytes, more than 12
+        with caplog.at_level(logging.WARNING, logger="sluiceway"):
+            assert await fol.pull() == list(range(1, 9))
+        _write(path, "9\n")
+        assert await fol.pull() == [9]
+        assert fol.src.position() == {"offset": 18, "line": 9}
+        await fol.src.close()
+        return fol
+
+    fol = asyncio.run(asyncio.wait_for(main(), 10))
+    assert fol.reported == []
+    assert f"{path} was truncated and written again" in caplog.text
+    assert "reading it again from its beginning" in caplog.text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(10)
+def test_a_followed_file_truncated_under_a_partial_line_never_delivers_a_fragment(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "log.jsonl"
+    _write(path, "1\n2\n12345", "w")  # the last line is still being written
+    clock = sw.SystemClock()
+
+    async def main() -> _Follower:
+        fol = _Follower(path, clock)
+        await fol.src.open(fol.ctx)
+        assert await fol.pull() == [1, 2]
+        _write(path, "", "w")  # truncated (copytruncate), then the new content comes
+        assert await fol.pull() == []
+        _write(path, "123456789\n")
+        assert await fol.pull() == [123456789]
+        await fol.src.close()
+        return fol
+
+    with caplog.at_level(logging.WARNING, logger="sluiceway"):
+        fol = asyncio.run(asyncio.wait_for(main(), 10))
+    assert [(e.where, e.raw) for e in fol.reported] == [(f"{path}:3", "12345")]
+    assert "incomplete line: the file was truncated" in str(fol.reported[0])
+    assert f"{path} was truncated (to 0 bytes; 9 had been read)" in caplog.text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(10)
+def test_a_followed_file_that_is_rotated_is_read_to_its_end_then_the_new_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "log.jsonl"
+    _write(path, "1\n2\n", "w")
+    clock = sw.SystemClock()
+
+    async def main() -> _Follower:
+        fol = _Follower(path, clock)
+        await fol.src.open(fol.ctx)
+        assert await fol.pull() == [1, 2]
+        _write(path, "3\n4\n")  # written just before the rotation: must not be lost
+        path.rename(tmp_path / "log.jsonl.1")
+        assert await fol.pull() == [3, 4]  # the old file, to its end
+        _write(path, "5\n6\n", "w")  # the new file
+        assert await fol.pull() == [5, 6]
+        assert fol.src.position() == {"offset": 4, "line": 2}
+        await fol.src.close()
+        return fol
+
+    with caplog.at_level(logging.WARNING, logger="sluiceway"):
+        fol = asyncio.run(asyncio.wait_for(main(), 10))
+    assert fol.got == [1, 2, 3, 4, 5, 6]
+    assert fol.reported == []
+    assert f"{path} was replaced by a new file (rotated)" in caplog.text
+
+
+def test_a_followed_file_that_was_truncated_under_fail_stops_naming_the_line(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "log.jsonl"
+    _write(path, '{"n": 1}\n{"n": ', "w")
+    clock = sw.VirtualClock()
+    out: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    flow = sw.Flow("tail")
+    flow.source(sw.sources.JsonLines(path, follow=True, poll_interval=0.5), name="in").sink(out)
+
+    async def main() -> None:
+        handle = sw.start(flow, clock=clock)
+        await clock.sleep(1)
+        assert out.items == [{"n": 1}]
+        _write(path, "", "w")
+        await clock.sleep(1)
+        await handle.wait()
+
+    with pytest.raises(sw.OperatorError, match=rf"{path}:2: incomplete line: the file was trunc"):
+        asyncio.run(asyncio.wait_for(main(), 10))  # a watchdog: follow never ends by itself
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(15)
+def test_follow_on_the_real_clock_tails_survives_truncation_and_rotation_and_stops(
+    tmp_path: Path,
+) -> None:
+    """The whole follow path on SystemClock: polls, a truncation, a rotation, a stop."""
+    path = tmp_path / "log.jsonl"
+    _write(path, "0\n", "w")
+    out: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    dead: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    flow = sw.Flow("tail")
+    flow.source(
+        sw.sources.JsonLines(path, follow=True, poll_interval=0.01),
+        name="in",
+        on_error=sw.DeadLetter(dead),
+    ).sink(out)
+    clock = sw.SystemClock()
+
+    async def until(n: int) -> None:
+        while len(out.items) < n:
+            await clock.sleep(0.005)
+
+    async def main() -> sw.RunResult:
+        handle = sw.start(flow, clock=clock)
+        await until(1)
+        _write(path, "1\n2\n")
+        await until(3)
+        _write(path, "3\n", "w")  # truncated and written again
+        await until(4)
+        path.rename(tmp_path / "log.jsonl.1")
+        _write(path, "4\n", "w")  # rotated
+        await until(5)
+        return await handle.stop()
+
+    result = asyncio.run(asyncio.wait_for(main(), 10))
+    assert result.stopped
+    assert out.items == [0, 1, 2, 3, 4]
+    assert dead.items == []

@@ -247,6 +247,11 @@ class LineBuffer:
         self._cur = self._done = self._scan = 0
         self._done_line = self._cur_line
 
+    def tail(self, n: int) -> bytes:
+        """Up to ``n`` bytes just before the committed position that are still buffered."""
+        done = self._done
+        return bytes(self._buf[max(0, done - n) : done])
+
     def partial(self) -> bytes:
         """The buffered bytes after the cursor: the start of a line without its newline."""
         return bytes(self._buf[self._cur :])
@@ -548,6 +553,8 @@ class JsonLinesSource(Source):
         self._file: IO[bytes] | None = None
         self._ctx: SourceContext | None = None
         self._loose_start = 0
+        self._tail = (0, b"")  # (offset, the bytes read just before it)
+        self._at_end = False  # followed and at the end: check for a truncation first
 
     async def open(self, ctx: SourceContext) -> None:
         """Open the file at the start (or at ``resume_from``, or at the restored position).
@@ -566,6 +573,8 @@ class JsonLinesSource(Source):
         self._ctx = ctx
         # A start after a last line that has no newline (yet): not a sign of a rewrite.
         self._loose_start = offset if offset and _byte_before(self._file, offset) else 0
+        self._tail = (0, b"")
+        self._at_end = False
 
     async def next_batch(self, max_records: int) -> Batch | None:
         """Up to ``max_records`` parsed lines that are in the file now.
@@ -583,6 +592,8 @@ class JsonLinesSource(Source):
             raise _not_open(self.describe())
         records: list[Any] = []
         while len(records) < max_records:
+            if self._at_end and not records:  # followed: check the file before reading on
+                f, lines = await self._reopened(ctx, f, lines)
             try:
                 raw = _pull_line(lines, f, follow=self._follow, budget=_READ_BUDGET)
             except LineTooLongError as exc:
@@ -599,14 +610,11 @@ class JsonLinesSource(Source):
                 await yield_now()  # a long line: let the other tasks run meanwhile
                 continue
             if raw is None:
+                self._at_end = self._follow
                 if records:
                     break
                 if lines.eof:
                     return None
-                if await self._reopened(ctx, f, lines):
-                    f, lines = self._file, self._lines
-                    assert f is not None
-                    continue
                 await ctx.clock.sleep(self._poll_interval)
                 continue
             text, problem = _decode(raw, self._encoding)
@@ -630,16 +638,24 @@ class JsonLinesSource(Source):
             lines.commit()
         return Batch(records)
 
-    async def _reopened(self, ctx: SourceContext, f: IO[bytes], lines: LineBuffer) -> bool:
-        """With ``follow``, at the end of the file: if it was truncated or replaced, start
-        reading its new content from the beginning (True).  A partial line held then is
-        reported as bad input first."""
-        what = _replaced(self._path, f, lines.offset, self._loose_start)
+    async def _reopened(
+        self, ctx: SourceContext, f: IO[bytes], lines: LineBuffer
+    ) -> tuple[IO[bytes], LineBuffer]:
+        """With ``follow``, before reading on after the end of the file: if it was
+        truncated or replaced meanwhile, go on at its new content's beginning.  A partial
+        line held then is reported as bad input first.  Returns the file and buffer to
+        read on with."""
+        self._at_end = False
+        tail = lines.tail(_TAIL)
+        if tail:  # the bytes read last, to notice a file rewritten past the position
+            self._tail = (lines.offset, tail)
+        seen = self._tail[1] if self._tail[0] == lines.offset else b""
+        what = _replaced(self._path, f, lines.offset, seen)
         if what is None:
-            return False
+            return f, lines
         new = _open_new(self._path) if "replaced" in what else None
         if "replaced" in what and new is None:
-            return False  # gone again: look next time
+            return f, lines  # gone again: look next time
         partial = lines.partial()
         if partial:
             shown = partial.decode(self._encoding, "backslashreplace")
@@ -658,12 +674,13 @@ class JsonLinesSource(Source):
         )
         if new is not None:
             f.close()
-            self._file = new  # closed in close()
+            f = self._file = new  # closed in close()
         else:
             f.seek(0)
         self._lines = LineBuffer(max_line=self._max_line)
         self._loose_start = 0
-        return True
+        self._tail = (0, b"")
+        return f, self._lines
 
     def position(self) -> dict[str, int]:
         """``{"offset": byte offset, "line": lines before it}`` of the next line to read.
@@ -707,17 +724,21 @@ def _byte_before(f: IO[bytes], offset: int) -> bool:
     return os.pread(f.fileno(), 1, offset - 1) != b"\n"
 
 
-def _replaced(path: str, f: IO[bytes], offset: int, loose_start: int) -> str | None:
+_TAIL: Final = 64
+"""Bytes before a followed file's position compared with what was read there."""
+
+
+def _replaced(path: str, f: IO[bytes], offset: int, seen: bytes) -> str | None:
     """How a followed file changed under the reader, or None: truncated below what was
-    read, changed before the position, or replaced by another file at ``path`` (once the
-    old one is read to its end)."""
+    read, rewritten before the position (``seen``: the bytes read just before it), or
+    replaced by another file at ``path`` (once the old one is read to its end)."""
     fd = f.fileno()
     st = os.fstat(fd)
     read = f.tell()
     if st.st_size < read:
         return f"was truncated (to {st.st_size} bytes; {read} had been read)"
-    if offset and offset != loose_start and _byte_before(f, offset):
-        return f"was truncated and rewritten (byte {offset - 1} is no longer a line end)"
+    if seen and os.pread(fd, len(seen), offset - len(seen)) != seen:
+        return "was truncated and written again (the bytes before the position changed)"
     try:
         now = os.stat(path)
     except FileNotFoundError:
