@@ -357,6 +357,42 @@ def test_a_flow_that_ended_does_not_write_again_when_restarted(tmp_path: Path) -
     assert (tmp_path / "out").read_text() == first
 
 
+def test_a_finished_flow_run_again_ends_at_once(tmp_path: Path) -> None:
+    """Nothing to do: no waiting for the next checkpoint interval to notice."""
+
+    def build() -> sw.Flow:
+        flow = sw.Flow("fin")
+        flow.source(sw.sources.Iterable(list(range(10))), name="src").sink(
+            sw.sinks.JsonLines(tmp_path / "out"), name="out"
+        )
+        return flow
+
+    ckpt = sw.Checkpoints(tmp_path / "ckpt", interval=5)
+    assert sw.testing.run_flow(build(), checkpoints=ckpt).elapsed == 0
+    for _ in range(2):
+        again = sw.testing.run_flow(build(), checkpoints=ckpt)
+        assert again.checkpoints is not None
+        assert again.checkpoints.restored_from is not None
+        assert again.elapsed == 0  # was 5.0: one whole interval
+    assert (tmp_path / "out").read_text() == "".join(f"{i}\n" for i in range(10))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(10)
+def test_a_finished_flow_run_again_ends_at_once_on_the_real_clock(tmp_path: Path) -> None:
+    def build() -> sw.Flow:
+        flow = sw.Flow("fin")
+        flow.source(sw.sources.Iterable([1, 2]), name="src").sink(
+            sw.sinks.JsonLines(tmp_path / "out"), name="out"
+        )
+        return flow
+
+    ckpt = sw.Checkpoints(tmp_path / "ckpt", interval=60)
+    for _ in range(2):
+        result = sw.run(build(), checkpoints=ckpt)  # a regression waits a minute: watchdog
+        assert result.elapsed < 30
+
+
 # -- ack barriers: commit after every sink wrote ---------------------------------------
 
 

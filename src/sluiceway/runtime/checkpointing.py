@@ -324,6 +324,8 @@ class Coordinator:
         clock, interval = self.clock, self.interval
         next_at = clock.monotonic() + interval
         while not self.stop_wanted:
+            if self.all_ended:  # before this task first ran (a finished flow run again)
+                return
             self._wake = asyncio.get_running_loop().create_future()
             woke = await clock.wait_until(self._wake, next_at)
             if self.all_ended:
