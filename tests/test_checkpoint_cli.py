@@ -120,7 +120,7 @@ def test_list_json(store_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
         "size": len(b"offset=4") + 2048 * 4,
         "operators": 2,
         "final": True,
-        "format_version": 1,
+        "format_version": 2,
         "ok": True,
         "status": "ok",
     }
@@ -201,7 +201,7 @@ def test_inspect_the_newest(store_dir: Path, capsys: pytest.CaptureFixture[str])
     assert "  size:           8.0 KiB (8,200 bytes)" in lines
     assert "  operators:      2" in lines
     assert "  final:          yes" in lines
-    assert "  format version: 1" in lines
+    assert "  format version: 2" in lines
     assert "  status:         ok" in lines
     table = lines[lines.index("  status:         ok") + 1 :]
     assert [row.split() for row in table] == [
@@ -293,17 +293,56 @@ def test_reset_without_yes_off_a_terminal_refuses(
         assert len(store.list()) == 3
 
 
+RESET_WARNING = (
+    "warning: the next run of flow 'orders' starts from the beginning of its input: a sink "
+    "that appends (sinks.JsonLines, an append-mode table, a broker topic) gets a second "
+    "copy of what it already holds; move or empty such outputs before that run\n"
+)
+
+
 def test_reset_with_yes_deletes_all(store_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run_cli(["checkpoints", "reset", str(store_dir), "--yes"], capsys)
-    assert (code, err) == (0, "")
+    assert code == 0
     assert out == (
         f"deleted 3 checkpoints from {store_dir / 'checkpoints.db'} (the next checkpoint id is 5)\n"
     )
+    assert err == RESET_WARNING  # says what a rerun does to appending sinks
     with CheckpointStore(store_dir) as store:
         assert store.list() == []
-    code, out, _ = run_cli(["checkpoints", "reset", str(store_dir), "--yes"], capsys)
-    assert code == 0
+    code, out, err = run_cli(["checkpoints", "reset", str(store_dir), "--yes"], capsys)
+    assert (code, err) == (0, "")  # nothing was reset: nothing to warn about
     assert out.startswith("deleted 0 checkpoints from")
+
+
+def test_reset_and_inspect_of_one_flow_among_several(
+    store_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with CheckpointStore(store_dir) as store:
+        for n in (1, 2, 3):
+            store.save(
+                "audit", n, {"a": OperatorState("a", "source", b"x")}, created=CREATED, duration=0
+            )
+    code, out, err = run_cli(["checkpoints", "inspect", str(store_dir), "3"], capsys)
+    assert code == 2
+    assert err == (
+        f"sluiceway: error: flows 'audit', 'orders' each have a checkpoint 3 in "
+        f"{store_dir / 'checkpoints.db'}; say which with --flow NAME\n"
+    )
+    code, out, _ = run_cli(
+        ["checkpoints", "inspect", str(store_dir), "3", "--flow", "audit"], capsys
+    )
+    assert code == 0
+    assert out.startswith("checkpoint 3 of flow 'audit' in")
+    code, out, err = run_cli(
+        ["checkpoints", "reset", str(store_dir), "--flow", "orders", "--yes"], capsys
+    )
+    assert code == 0
+    assert out.startswith("deleted 3 checkpoints of flow 'orders' from")
+    assert err == RESET_WARNING
+    with CheckpointStore(store_dir) as store:
+        assert store.flows() == ["audit"]
+    code, out, _ = run_cli(["checkpoints", "list", str(store_dir), "--flow", "orders"], capsys)
+    assert (code, out) == (0, f"no checkpoints of flow 'orders' in {store_dir}\n")
 
 
 class _Terminal(io.StringIO):
@@ -323,7 +362,8 @@ def test_reset_on_a_terminal_asks(
     monkeypatch.setattr("sys.stdin", _Terminal(answer))
     got, out, err = run_cli(["checkpoints", "reset", str(store_dir)], capsys)
     assert got == code
-    assert err == f"delete all 3 checkpoints in {store_dir / 'checkpoints.db'}? [y/N] "
+    question = f"delete all 3 checkpoints in {store_dir / 'checkpoints.db'}? [y/N] "
+    assert err == question + (RESET_WARNING if left == 0 else "")
     assert out.startswith("deleted 3" if left == 0 else "nothing deleted")
     with CheckpointStore(store_dir) as store:
         assert len(store.list()) == left

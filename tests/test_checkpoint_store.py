@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import re
@@ -24,6 +25,7 @@ from sluiceway.checkpoint import (
     CheckpointStore,
     OperatorState,
 )
+from sluiceway.checkpoint import store as store_module
 from sluiceway.errors import CheckpointCorruptError, CheckpointError
 
 FLOW = "orders"
@@ -180,13 +182,139 @@ def test_keeps_the_newest_n(tmp_path: Path) -> None:
         assert orphans.fetchone()[0] == 0
 
 
-def test_pruning_counts_every_flow_in_the_file(tmp_path: Path) -> None:
-    with CheckpointStore(tmp_path, keep=2) as store:
-        save(store, 1, flow="a")
-        save(store, 2, flow="b")
-        save(store, 3, flow="b")
-        assert store.latest("a") is None
-        assert [info.id for info, _ in store.list()] == [3, 2]
+def test_keep_and_ids_count_per_flow(tmp_path: Path) -> None:
+    """Flows sharing a store: one flow's saves never prune another's checkpoints, and
+    each counts its own ids."""
+    with CheckpointStore(tmp_path, keep=3) as store:
+        for n in (1, 2, 3, 4):
+            save(store, n, flow="orders")
+        for n in (1, 2, 3, 4, 5, 6):
+            save(store, n, flow="audit")
+        latest = store.latest("orders")
+        assert latest is not None
+        assert latest.info.id == 4  # all of them were pruned by audit's saves before
+        assert [(i.flow, i.id) for i, _ in store.list()] == [
+            ("audit", 6),
+            ("audit", 5),
+            ("audit", 4),
+            ("orders", 4),
+            ("orders", 3),
+            ("orders", 2),
+        ]
+        assert [i.id for i, _ in store.list("orders")] == [4, 3, 2]
+        assert store.flows() == ["audit", "orders"]
+        assert (store.next_id("orders"), store.next_id("audit"), store.next_id("new")) == (5, 7, 1)
+        assert store.next_id() == 7
+        with pytest.raises(ValueError, match=r"flows 'audit', 'orders' each have a checkpoint 4"):
+            store.load(4)
+        assert store.load(3).states == states(3)  # only orders has a 3
+        assert store.load(4, "orders").info.flow == "orders"
+        assert [p.name for p in store.parts(5, "audit")] == ["sink", "source", "totals"]
+        with pytest.raises(CheckpointNotFoundError, match=r"no checkpoint 9 of flow 'orders'"):
+            store.load(9, "orders")
+        with pytest.raises(
+            ValueError, match=r"got 4, but 4 was already saved for flow 'orders'.*another run"
+        ):
+            save(store, 4, flow="orders")
+        assert store.reset("audit") == 3
+        assert store.flows() == ["orders"]
+        assert store.next_id("audit") == 7  # ids are never reused
+
+
+SAVER = textwrap.dedent(
+    """
+    import sys
+    from sluiceway.checkpoint import CheckpointStore, OperatorState
+
+    directory, flow = sys.argv[1], sys.argv[2]
+    with CheckpointStore(directory, keep=2) as store:
+        for n in range(1, 41):
+            state = OperatorState("src", "source", f"{flow}={n}".encode())
+            store.save(flow, store.next_id(flow), {"src": state}, created=n, duration=0.0)
+    """
+)
+
+
+def test_flows_saving_to_one_new_store_at_the_same_time(tmp_path: Path) -> None:
+    """Four processes create and fill one store at once: no 'table meta already exists',
+    no clash of ids; each flow keeps its own newest two."""
+    script = tmp_path / "saver.py"
+    script.write_text(SAVER)
+    directory = tmp_path / "cp"
+    procs = [
+        subprocess.Popen(  # the environment (PYTHONPATH) is this test's
+            [sys.executable, str(script), str(directory), f"flow{i}"],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(4)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+    with CheckpointStore(directory) as store:
+        assert [(i.flow, i.id) for i, p in store.list() if p is None] == [
+            (f"flow{i}", n) for i in range(4) for n in (40, 39)
+        ]
+        for i in range(4):
+            latest = store.latest(f"flow{i}")
+            assert latest is not None
+            assert latest.states["src"].data == f"flow{i}=40".encode()
+
+
+def test_a_version_1_store_is_migrated_and_keeps_its_checkpoints(tmp_path: Path) -> None:
+    """A file written by the version 1 layout (ids and keep across flows) is readable:
+    migrated once, every checkpoint verifies, no id is given out again."""
+    path = tmp_path / CheckpointStore.FILENAME
+    conn = sqlite3.connect(path, isolation_level=None)
+    for statement in V1_SCHEMA:
+        conn.execute(statement)
+    conn.executemany(
+        "INSERT INTO meta VALUES (?, ?)",
+        [("application", "sluiceway-checkpoints"), ("format_version", "1"), ("last_id", "7")],
+    )
+    for cid, flow in ((5, "orders"), (6, "audit"), (7, "orders")):
+        parts = [(p.name, p.kind, hashlib.sha256(p.data).hexdigest()) for p in states(cid).values()]
+        size = sum(len(p.data) for p in states(cid).values())
+        digest = store_module._digest(
+            cid, flow, final=False, size=size, count=3, format_version=1, parts=parts
+        )
+        conn.execute(
+            "INSERT INTO checkpoints VALUES (?, ?, ?, 0.1, ?, 3, 0, 1, ?)",
+            (cid, flow, 1e9 + cid, size, digest),
+        )
+        for p in states(cid).values():
+            conn.execute(
+                "INSERT INTO parts VALUES (?, ?, ?, ?, ?, ?)",
+                (cid, p.name, p.kind, len(p.data), hashlib.sha256(p.data).hexdigest(), p.data),
+            )
+    conn.close()
+    with CheckpointStore(tmp_path) as store:
+        assert [(i.flow, i.id, i.format_version, p) for i, p in store.list()] == [
+            ("audit", 6, 1, None),
+            ("orders", 7, 1, None),
+            ("orders", 5, 1, None),
+        ]
+        latest = store.latest("orders")
+        assert latest is not None
+        assert latest.states == states(7)
+        assert (store.next_id("orders"), store.next_id("audit"), store.next_id("new")) == (8, 8, 8)
+        save(store, 8)
+    meta = dict(sqlite3.connect(path).execute("SELECT key, value FROM meta").fetchall())
+    assert meta["format_version"] == str(FORMAT_VERSION)
+
+
+V1_SCHEMA = (
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE checkpoints (id INTEGER PRIMARY KEY, flow TEXT NOT NULL, created REAL NOT"
+    " NULL, duration REAL NOT NULL, size INTEGER NOT NULL, operators INTEGER NOT NULL, final"
+    " INTEGER NOT NULL, format_version INTEGER NOT NULL, digest TEXT NOT NULL)",
+    "CREATE INDEX checkpoints_by_flow ON checkpoints (flow, id)",
+    "CREATE TABLE parts (checkpoint_id INTEGER NOT NULL, name TEXT NOT NULL, kind TEXT NOT"
+    " NULL, size INTEGER NOT NULL, sha256 TEXT NOT NULL, data BLOB NOT NULL,"
+    " PRIMARY KEY (checkpoint_id, name))",
+)
+"""The layout of format version 1, as sluiceway wrote it before version 2."""
 
 
 @pytest.mark.parametrize("keep", [0, -1, 1.5, True])
@@ -384,7 +512,9 @@ def test_latest_falls_back_past_a_torn_newest_checkpoint(
         (1, True),
     ]
     assert reason in (listed[0][1] or "")
-    with pytest.raises(CheckpointCorruptError, match=rf"checkpoint 3 in .* is torn: .*{reason}"):
+    with pytest.raises(
+        CheckpointCorruptError, match=rf"checkpoint 3 of flow 'orders' in .* is torn: .*{reason}"
+    ):
         store.load(3)
 
 

@@ -461,7 +461,8 @@ def test_a_changed_flow_is_refused_naming_the_differences(tmp_path: Path) -> Non
     msg = str(err.value)
     assert "'new_filter' (filter) is new" in msg
     assert "'groups' (batch) is gone" in msg
-    assert "sluiceway checkpoints reset" in msg
+    assert f"sluiceway checkpoints reset {tmp_path / 'ckpt'} --flow eq" in msg
+    assert "a second copy" in msg  # what a reset does to sinks that append
 
 
 def test_a_source_that_cannot_resume_is_refused_up_front(tmp_path: Path) -> None:
@@ -721,3 +722,47 @@ def test_an_overwrite_dead_letter_sink_keeps_what_earlier_runs_wrote_on_resume(
     assert "from an earlier, unrelated run" not in dead  # the fresh start emptied it
     assert {d["record"] for d in dead} == set(range(0, 2000, 10))  # none lost
     assert sum(lines(tmp_path / "out.jsonl").values()) == 1800  # exactly once
+
+
+def test_flows_sharing_a_checkpoint_directory_keep_their_own_checkpoints(
+    tmp_path: Path,
+) -> None:
+    """One after the other and at the same time: each flow restores its own checkpoint,
+    whatever the other saved (keep and ids count per flow)."""
+    rows = list(range(3000))
+    ckpt = sw.Checkpoints(tmp_path / "shared", interval=0.25, keep=3)
+
+    def build(name: str) -> sw.Flow:
+        flow = sw.Flow(name)
+        flow.source(sw.sources.Generator(lambda: iter(rows), rate=1000), name="src").sink(
+            sw.sinks.JsonLines(tmp_path / f"{name}.jsonl"), name="out"
+        )
+        return flow
+
+    async def stop_at(flow: sw.Flow, at: float) -> sw.RunResult:
+        clock = sw.VirtualClock()
+        handle = sw.start(flow, clock=clock, checkpoints=ckpt)
+        await clock.sleep(at)
+        return await handle.stop()
+
+    asyncio.run(stop_at(build("orders"), 0.8))  # stops at its checkpoint 4
+    asyncio.run(_run_until(build("audit"), ckpt, None))  # a dozen checkpoints
+    asyncio.run(_run_until(build("orders"), ckpt, None))  # restores its own, not from 0
+    for name in ("orders", "audit"):
+        assert lines(tmp_path / f"{name}.jsonl") == Counter(str(r) for r in rows), name
+
+    async def both() -> list[sw.RunResult]:
+        handles = [
+            sw.start(build(name), clock=sw.VirtualClock(), checkpoints=ckpt)
+            for name in ("a", "b", "c")
+        ]
+        return [await h.wait() for h in handles]
+
+    results = asyncio.run(both())
+    assert all(r.checkpoints is not None and r.checkpoints.completed > 5 for r in results)
+    for name in ("a", "b", "c"):
+        assert lines(tmp_path / f"{name}.jsonl") == Counter(str(r) for r in rows), name
+    store = CheckpointStore(tmp_path / "shared")
+    assert store.flows() == ["a", "audit", "b", "c", "orders"]
+    assert all(len(store.list(name)) == 3 for name in store.flows())
+    store.close()

@@ -159,9 +159,7 @@ def test_final_line_without_newline_is_read_at_the_end(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("make", [JsonLinesSource, Csv])
-def test_a_checkpoint_after_a_last_line_without_newline_restarts(
-    tmp_path: Path, make: Any
-) -> None:
+def test_a_checkpoint_after_a_last_line_without_newline_restarts(tmp_path: Path, make: Any) -> None:
     """The file did not change: the restart reads nothing again and fails on nothing; a
     newline and lines written later are read on the next restart."""
     path = tmp_path / "in.txt"
@@ -832,9 +830,7 @@ def test_line_buffer_keeps_offsets_exact_across_compactions() -> None:
 
 
 @pytest.mark.parametrize("make", [JsonLinesSource, Csv])
-def test_an_over_long_line_is_a_dead_letter_naming_file_and_line(
-    tmp_path: Path, make: Any
-) -> None:
+def test_an_over_long_line_is_a_dead_letter_naming_file_and_line(tmp_path: Path, make: Any) -> None:
     path = tmp_path / "in.txt"
     header = "n\n" if make is Csv else ""
     long = "9" * 300_000

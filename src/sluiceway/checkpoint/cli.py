@@ -6,6 +6,11 @@
     sluiceway checkpoints inspect DIR [ID]     # one checkpoint (default: the newest) by operator
     sluiceway checkpoints inspect DIR --json   # the same, for scripts
     sluiceway checkpoints reset DIR --yes      # delete every checkpoint
+    ... --flow NAME                            # only that flow's (several flows share DIR)
+
+``reset`` says what it means for the outputs: the next run of each flow it reset starts
+from the beginning of its input, and a sink that appends gets a second copy of what it
+already holds.
 
 Exit codes, as for the rest of the ``sluiceway`` command: 0 done; 1 the store is damaged
 or not a store, or the inspected checkpoint does not verify; 2 the command line is wrong
@@ -104,6 +109,12 @@ def add_checkpoints_command(
         help="the checkpoint directory (the one given to `sluiceway run --checkpoint-dir`), "
         "which holds checkpoints.db",
     )
+    directory.add_argument(
+        "--flow",
+        metavar="NAME",
+        default=None,
+        help="only the checkpoints of this flow (flows that share DIR keep their own)",
+    )
 
     checkpoints = commands.add_parser(
         "checkpoints",
@@ -147,8 +158,11 @@ def add_checkpoints_command(
         "reset",
         parents=[directory, logging_options],
         help="delete every checkpoint in DIR",
-        description="Delete every checkpoint in DIR, so the next run starts from scratch. "
-        "Checkpoint ids keep counting up.  Asks first on a terminal; elsewhere pass --yes.",
+        description="Delete every checkpoint in DIR (or of --flow NAME), so the next run "
+        "starts from the beginning of its input: a sink that appends to its output (a "
+        "JsonLines file, an append-mode table) then gets a second copy of what it already "
+        "holds; move or empty such outputs first.  Checkpoint ids keep counting up.  Asks "
+        "first on a terminal; elsewhere pass --yes.",
     )
     reset.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     reset.set_defaults(handler=run_checkpoints_command)
@@ -179,10 +193,10 @@ def run_checkpoints_command(args: argparse.Namespace) -> int:
     try:
         with CheckpointStore(directory) as store:
             if args.checkpoints_action == "list":
-                return _list(store, directory, as_json=args.json)
+                return _list(store, directory, args.flow, as_json=args.json)
             if args.checkpoints_action == "inspect":
-                return _inspect(store, args.id, as_json=args.json)
-            return _reset(store, confirmed=args.yes)
+                return _inspect(store, args.id, args.flow, as_json=args.json)
+            return _reset(store, args.flow, confirmed=args.yes)
     except CheckpointNotFoundError as exc:
         raise CliError(str(exc), _EXIT_USAGE) from exc
     except CheckpointError as exc:
@@ -227,8 +241,8 @@ def _info_json(info: CheckpointInfo, problem: str | None) -> dict[str, Any]:
     return data
 
 
-def _list(store: CheckpointStore, directory: Path, *, as_json: bool) -> int:
-    found = store.list()
+def _list(store: CheckpointStore, directory: Path, flow: str | None, *, as_json: bool) -> int:
+    found = store.list(flow)
     if as_json:
         payload = {
             "store": str(store.path),
@@ -237,7 +251,7 @@ def _list(store: CheckpointStore, directory: Path, *, as_json: bool) -> int:
         _write(json.dumps(payload, indent=2))
         return 0
     if not found:
-        _write(f"no checkpoints in {directory}")
+        _write(f"no checkpoints{_of(flow)} in {directory}")
         return 0
     header = ("ID", "FLOW", "CREATED (UTC)", "SIZE", "OPERATORS", "FINAL", "STATUS")
     rows = [
@@ -266,21 +280,39 @@ def _list(store: CheckpointStore, directory: Path, *, as_json: bool) -> int:
     return 0
 
 
-def _inspect(store: CheckpointStore, checkpoint_id: int | None, *, as_json: bool) -> int:
-    found = store.list()
+def _of(flow: str | None) -> str:
+    return "" if flow is None else f" of flow {flow!r}"
+
+
+def _inspect(
+    store: CheckpointStore, checkpoint_id: int | None, flow: str | None, *, as_json: bool
+) -> int:
+    found = store.list(flow)
     if not found:
-        raise CheckpointNotFoundError(f"no checkpoints in {store.path} to inspect")
+        raise CheckpointNotFoundError(f"no checkpoints{_of(flow)} in {store.path} to inspect")
+    several = len({i.flow for i, _ in found}) > 1
     if checkpoint_id is None:
-        info, problem = found[0]
+        info, problem = max(found, key=lambda f: (f[0].created, f[0].id))
     else:
         matches = [(i, p) for i, p in found if i.id == checkpoint_id]
         if not matches:
-            ids = ", ".join(str(i.id) for i, _ in reversed(found))
+            ids = ", ".join(
+                f"{i.flow}/{i.id}" if several else str(i.id)
+                for i, _ in sorted(found, key=lambda f: (f[0].flow, f[0].id))
+            )
             raise CheckpointNotFoundError(
-                f"no checkpoint {checkpoint_id} in {store.path} (checkpoints there: {ids})"
+                f"no checkpoint {checkpoint_id}{_of(flow)} in {store.path} (checkpoints "
+                f"there: {ids})"
+            )
+        if len(matches) > 1:
+            names = ", ".join(repr(i.flow) for i, _ in matches)
+            raise CliError(
+                f"flows {names} each have a checkpoint {checkpoint_id} in {store.path}; "
+                "say which with --flow NAME",
+                _EXIT_USAGE,
             )
         info, problem = matches[0]
-    parts = store.parts(info.id)
+    parts = store.parts(info.id, info.flow)
     code = 0 if problem is None else _EXIT_FAILED
     if as_json:
         payload = _info_json(info, problem)
@@ -320,28 +352,40 @@ def _parts_table(parts: list[PartInfo]) -> str:
     return "\n".join(lines)
 
 
-def _reset(store: CheckpointStore, *, confirmed: bool) -> int:
+def _reset(store: CheckpointStore, flow: str | None, *, confirmed: bool) -> int:
+    def what(n: int) -> str:
+        return f"{n} checkpoint{'s' if n != 1 else ''}{_of(flow)} in {store.path}"
+
     if not confirmed:
-        count = len(store.list())
+        count = len(store.list(flow))
         if count == 0:
-            _write(f"no checkpoints in {store.path}; nothing to delete")
+            _write(f"no checkpoints{_of(flow)} in {store.path}; nothing to delete")
             return 0
+        counted = what(count)
         if not sys.stdin.isatty():
             raise CliError(
-                f"refusing to delete {count} checkpoint{'s' if count != 1 else ''} in "
-                f"{store.path} without confirmation: pass --yes",
+                f"refusing to delete {counted} without confirmation: pass --yes",
                 _EXIT_USAGE,
             )
-        sys.stderr.write(
-            f"delete all {count} checkpoint{'s' if count != 1 else ''} in {store.path}? [y/N] "
-        )
+        sys.stderr.write(f"delete all {counted}? [y/N] ")
         sys.stderr.flush()
         if sys.stdin.readline().strip().lower() not in {"y", "yes"}:
             _write("nothing deleted")
             return _EXIT_FAILED
-    deleted = store.reset()
+    flows = store.flows() if flow is None else [flow]
+    flows = [f for f in flows if store.list(f)]
+    deleted = store.reset(flow)
+    next_id = store.next_id(flow)
     _write(
-        f"deleted {deleted} checkpoint{'s' if deleted != 1 else ''} from {store.path} "
-        f"(the next checkpoint id is {store.next_id()})"
+        f"deleted {deleted} checkpoint{'s' if deleted != 1 else ''}{_of(flow)} from "
+        f"{store.path} (the next checkpoint id is {next_id})"
     )
+    if flows:
+        names = ", ".join(repr(f) for f in flows)
+        sys.stderr.write(
+            f"warning: the next run of {'flow' if len(flows) == 1 else 'flows'} {names} "
+            "starts from the beginning of its input: a sink that appends (sinks.JsonLines, "
+            "an append-mode table, a broker topic) gets a second copy of what it already "
+            "holds; move or empty such outputs before that run\n"
+        )
     return 0

@@ -1,17 +1,27 @@
-"""The checkpoint store: complete checkpoints of a flow's state in one SQLite file.
+"""The checkpoint store: complete checkpoints of flows' state in one SQLite file.
 
 A checkpoint is a set of :class:`OperatorState` blobs (pickled by the runtime; the store
-never unpickles them) saved under an id in **one** SQLite transaction, so a crash in the
-middle of a save leaves the previous checkpoints exactly as they were.  The store keeps
-the newest ``keep`` checkpoints and prunes older ones in the same transaction.
+never unpickles them) saved under a flow's name and an id in **one** SQLite transaction,
+so a crash in the middle of a save leaves the previous checkpoints exactly as they were.
+Several flows may share a store, one after the other or at the same time (each process
+with its own connection; SQLite serializes the saves): ids count per flow, and the store
+keeps the newest ``keep`` checkpoints *of each flow*, pruning older ones of that flow in
+the same transaction.
 
-The file, ``DIR/checkpoints.db``::
+The file, ``DIR/checkpoints.db``, format version 2::
 
-    meta         key -> value: application = sluiceway-checkpoints, format_version = 1,
-                 last_id (the largest id ever saved here: ids are never reused)
-    checkpoints  one row per checkpoint: id, flow, created, duration, size, operators,
+    meta         key -> value: application = sluiceway-checkpoints, format_version = 2,
+                 last_id (ids of every flow start above it: the last id of a version 1 file)
+    flows        one row per flow that ever saved: flow, last_id (the largest id it ever
+                 saved: its ids are never reused)
+    checkpoints  one row per checkpoint: flow, id, created, duration, size, operators,
                  final, format_version, digest
-    parts        one row per operator state: checkpoint_id, name, kind, size, sha256, data
+    parts        one row per operator state: flow, checkpoint_id, name, kind, size,
+                 sha256, data
+
+A file of format version 1 (ids counted across all flows, ``keep`` too) is migrated to
+version 2 in one transaction the first time this version opens it; its checkpoints keep
+their ids and verify as before.
 
 Every read verifies what it returns: each blob against its sha256, and the checkpoint
 row against a digest over its id, flow, operator count and every part's name, kind and
@@ -46,7 +56,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, NoReturn, Self
 
 from sluiceway.errors import CheckpointCorruptError, CheckpointError
 
@@ -60,11 +70,12 @@ __all__ = [
     "PartInfo",
 ]
 
-FORMAT_VERSION: Final = 1
-"""The layout of the store file.  A file with a newer version is refused, never guessed at."""
+FORMAT_VERSION: Final = 2
+"""The layout of the store file.  A file with a newer version is refused, never guessed at;
+an older one (1) is migrated."""
 
 _APPLICATION: Final = "sluiceway-checkpoints"
-_TABLES: Final = frozenset({"meta", "checkpoints", "parts"})
+_TABLES: Final = frozenset({"meta", "flows", "checkpoints", "parts"})
 _BUSY_TIMEOUT_MS: Final = 10_000
 # A long-lived connection keeps its WAL file; after a checkpoint of the WAL into the
 # database, SQLite truncates the WAL back to this size (bytes), so one huge save does not
@@ -74,29 +85,53 @@ _JOURNAL_SIZE_LIMIT: Final = 16 * 1024 * 1024
 log = logging.getLogger("sluiceway")
 
 _SCHEMA: Final = (
-    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    """CREATE TABLE checkpoints (
-        id INTEGER PRIMARY KEY,
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS flows (
+        flow TEXT PRIMARY KEY,
+        last_id INTEGER NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS checkpoints (
         flow TEXT NOT NULL,
+        id INTEGER NOT NULL,
         created REAL NOT NULL,
         duration REAL NOT NULL,
         size INTEGER NOT NULL,
         operators INTEGER NOT NULL,
         final INTEGER NOT NULL,
         format_version INTEGER NOT NULL,
-        digest TEXT NOT NULL
+        digest TEXT NOT NULL,
+        PRIMARY KEY (flow, id)
     )""",
-    "CREATE INDEX checkpoints_by_flow ON checkpoints (flow, id)",
-    """CREATE TABLE parts (
+    """CREATE TABLE IF NOT EXISTS parts (
+        flow TEXT NOT NULL,
         checkpoint_id INTEGER NOT NULL,
         name TEXT NOT NULL,
         kind TEXT NOT NULL,
         size INTEGER NOT NULL,
         sha256 TEXT NOT NULL,
         data BLOB NOT NULL,
-        PRIMARY KEY (checkpoint_id, name)
+        PRIMARY KEY (flow, checkpoint_id, name)
     )""",
 )
+
+_MIGRATE_FROM_1: Final = (
+    "DROP INDEX IF EXISTS checkpoints_by_flow",
+    "ALTER TABLE checkpoints RENAME TO checkpoints_v1",
+    "ALTER TABLE parts RENAME TO parts_v1",
+    *_SCHEMA[1:],
+    "INSERT INTO checkpoints (flow, id, created, duration, size, operators, final,"
+    " format_version, digest) SELECT flow, id, created, duration, size, operators, final,"
+    " format_version, digest FROM checkpoints_v1",
+    "INSERT INTO parts (flow, checkpoint_id, name, kind, size, sha256, data)"
+    " SELECT c.flow, p.checkpoint_id, p.name, p.kind, p.size, p.sha256, p.data"
+    " FROM parts_v1 p JOIN checkpoints_v1 c ON c.id = p.checkpoint_id",
+    "INSERT INTO flows (flow, last_id) SELECT flow, max(id) FROM checkpoints_v1 GROUP BY flow",
+    "DROP TABLE parts_v1",
+    "DROP TABLE checkpoints_v1",
+    "UPDATE meta SET value = '2' WHERE key = 'format_version'",
+)
+"""Version 1 -> 2: ids and ``keep`` per flow.  Version 1's ``last_id`` stays in meta as the
+floor of every flow's ids, so no id it gave out is given out again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +155,8 @@ class CheckpointInfo:
     """What the store knows about a checkpoint, without its state.
 
     Attributes:
-        id: the checkpoint id; ids increase within a store file and are never reused.
+        id: the checkpoint id; ids of a flow increase within a store file and are never
+            reused (each flow counts its own).
         flow: the name of the flow that took it.
         created: when it was taken, in epoch seconds (passed in by the caller's clock).
         duration: how many seconds taking it took (passed in by the caller).
@@ -219,7 +255,7 @@ class CheckpointStore:
     Args:
         directory: where the store file lives.  Created by the first :meth:`save`; the
             reading methods never create it (a missing file reads as no checkpoints).
-        keep: how many checkpoints to keep (of any flow in the file), at least 1.
+        keep: how many checkpoints to keep of each flow in the file, at least 1.
 
     Raises:
         ValueError: ``keep`` is below 1.
@@ -229,7 +265,9 @@ class CheckpointStore:
     saves through ``asyncio.to_thread``) and reads from the event-loop thread are safe; a
     read waits at most for the save in progress.  Other *processes* (``sluiceway
     checkpoints list`` beside a running flow) read without blocking the writer, because
-    the file is in WAL mode (see :meth:`_prepare_for_writing`).
+    the file is in WAL mode (see :meth:`_prepare_for_writing`); other stores on the same
+    file (flows sharing a directory, in this process or others) save in turn, each save
+    one short transaction.
     """
 
     FILENAME: Final = "checkpoints.db"
@@ -253,7 +291,7 @@ class CheckpointStore:
 
     @property
     def keep(self) -> int:
-        """How many checkpoints the store keeps."""
+        """How many checkpoints of each flow the store keeps."""
         return self._keep
 
     def save(
@@ -266,11 +304,11 @@ class CheckpointStore:
         duration: float,
         final: bool = False,
     ) -> CheckpointInfo:
-        """Save a complete checkpoint atomically, then prune to the newest ``keep``.
+        """Save a complete checkpoint atomically, then prune the flow's to the newest ``keep``.
 
         Args:
             flow: the flow's name.
-            checkpoint_id: greater than every id saved in this file before (see
+            checkpoint_id: greater than every id this flow saved in this file before (see
                 :meth:`next_id`).
             states: every operator's state, keyed by operator name.
             created: when the checkpoint was taken, in epoch seconds.
@@ -322,18 +360,20 @@ class CheckpointStore:
             conn = self._open_for_writing()
             try:
                 with self._transaction(conn):
-                    last = self._last_id(conn)
+                    last = self._last_id(conn, flow)
                     if checkpoint_id <= last:
                         raise ValueError(
                             f"checkpoint ids must increase: got {checkpoint_id}, but "
-                            f"{last} was already saved in {self.path} (next_id() is {last + 1})"
+                            f"{last} was already saved for flow {flow!r} in {self.path} "
+                            f"(next_id() is {last + 1}); is another run of flow {flow!r} "
+                            "using this checkpoint directory at the same time?"
                         )
                     conn.execute(
-                        "INSERT INTO checkpoints (id, flow, created, duration, size, operators,"
+                        "INSERT INTO checkpoints (flow, id, created, duration, size, operators,"
                         " final, format_version, digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (
-                            info.id,
                             info.flow,
+                            info.id,
                             info.created,
                             info.duration,
                             info.size,
@@ -344,17 +384,19 @@ class CheckpointStore:
                         ),
                     )
                     conn.executemany(
-                        "INSERT INTO parts (checkpoint_id, name, kind, size, sha256, data)"
-                        " VALUES (?, ?, ?, ?, ?, ?)",
+                        "INSERT INTO parts (flow, checkpoint_id, name, kind, size, sha256, data)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
                         (
-                            (checkpoint_id, s.name, s.kind, len(s.data), sha, s.data)
+                            (flow, checkpoint_id, s.name, s.kind, len(s.data), sha, s.data)
                             for s, (_, _, sha) in zip(checked, hashes, strict=True)
                         ),
                     )
                     conn.execute(
-                        "UPDATE meta SET value = ? WHERE key = 'last_id'", (str(checkpoint_id),)
+                        "INSERT INTO flows (flow, last_id) VALUES (?, ?) ON CONFLICT (flow)"
+                        " DO UPDATE SET last_id = excluded.last_id",
+                        (flow, checkpoint_id),
                     )
-                    self._prune(conn)
+                    self._prune(conn, flow)
             except sqlite3.Error as exc:
                 raise CheckpointError(
                     f"could not save checkpoint {checkpoint_id} of flow {flow!r} to "
@@ -385,7 +427,7 @@ class CheckpointStore:
                 ]
                 problems: list[str] = []
                 for checkpoint_id in ids:
-                    checkpoint, problem = self._read(conn, checkpoint_id)
+                    checkpoint, problem = self._read(conn, flow, checkpoint_id)
                     if problem is None:
                         return checkpoint
                     problems.append(f"checkpoint {checkpoint_id}: {problem}")
@@ -403,12 +445,14 @@ class CheckpointStore:
             f"no checkpoint of flow {flow!r} in {self.path} verifies: " + "; ".join(problems)
         )
 
-    def load(self, checkpoint_id: int) -> Checkpoint:
-        """The checkpoint with this id, verified.
+    def load(self, checkpoint_id: int, flow: str | None = None) -> Checkpoint:
+        """The checkpoint with this id (of ``flow``; None: of the one flow that has it),
+        verified.
 
         Raises:
             CheckpointNotFoundError: no such checkpoint (also a ``KeyError``).
             CheckpointCorruptError: it does not verify, or the file is not a readable store.
+            ValueError: ``flow`` is None and several flows have a checkpoint with this id.
         """
         with self._lock:
             conn = self._open(create=False)
@@ -417,15 +461,17 @@ class CheckpointStore:
                     f"no checkpoint {checkpoint_id}: {self.path} does not exist"
                 )
             with self._reading():
-                checkpoint, problem = self._read(conn, checkpoint_id)
+                flow = self._flow_of(conn, checkpoint_id, flow)
+                checkpoint, problem = self._read(conn, flow, checkpoint_id)
         if problem is not None:
             raise CheckpointCorruptError(
-                f"checkpoint {checkpoint_id} in {self.path} is torn: {problem}"
+                f"checkpoint {checkpoint_id} of flow {flow!r} in {self.path} is torn: {problem}"
             )
         return checkpoint
 
-    def list(self) -> list[tuple[CheckpointInfo, str | None]]:
-        """Every checkpoint, newest first, each with None if it verifies, else why not.
+    def list(self, flow: str | None = None) -> list[tuple[CheckpointInfo, str | None]]:
+        """Every checkpoint (of ``flow``, or of every flow by name), newest first, each
+        with None if it verifies, else why not.
 
         Raises:
             CheckpointCorruptError: the file is not a readable store.
@@ -435,24 +481,37 @@ class CheckpointStore:
             if conn is None:
                 return []
             with self._reading():
-                ids = [
-                    row[0] for row in conn.execute("SELECT id FROM checkpoints ORDER BY id DESC")
-                ]
+                rows = conn.execute(
+                    "SELECT flow, id FROM checkpoints WHERE ? IS NULL OR flow = ?"
+                    " ORDER BY flow, id DESC",
+                    (flow, flow),
+                ).fetchall()
                 found: builtins.list[tuple[CheckpointInfo, str | None]] = []
-                for checkpoint_id in ids:
-                    checkpoint, problem = self._read(conn, checkpoint_id)
+                for name, checkpoint_id in rows:
+                    checkpoint, problem = self._read(conn, str(name), int(checkpoint_id))
                     found.append((checkpoint.info, problem))
         return found
 
-    def parts(self, checkpoint_id: int) -> builtins.list[PartInfo]:
+    def flows(self) -> builtins.list[str]:
+        """The names of the flows that have checkpoints in the store, sorted."""
+        with self._lock:
+            conn = self._open(create=False)
+            if conn is None:
+                return []
+            with self._reading():
+                rows = conn.execute("SELECT DISTINCT flow FROM checkpoints ORDER BY flow")
+                return [str(row[0]) for row in rows]
+
+    def parts(self, checkpoint_id: int, flow: str | None = None) -> builtins.list[PartInfo]:
         """The stored parts of a checkpoint (name, kind, size, sha256), sorted by name.
 
         Unlike :meth:`load` this does not verify: it shows what is there, also for a torn
-        checkpoint.
+        checkpoint.  ``flow`` as for :meth:`load`.
 
         Raises:
             CheckpointNotFoundError: no such checkpoint.
             CheckpointCorruptError: the file is not a readable store.
+            ValueError: ``flow`` is None and several flows have a checkpoint with this id.
         """
         with self._lock:
             conn = self._open(create=False)
@@ -461,28 +520,30 @@ class CheckpointStore:
                     f"no checkpoint {checkpoint_id}: {self.path} does not exist"
                 )
             with self._reading():
-                self._row(conn, checkpoint_id)
+                flow = self._flow_of(conn, checkpoint_id, flow)
                 rows = conn.execute(
-                    "SELECT name, kind, size, sha256 FROM parts WHERE checkpoint_id = ?"
-                    " ORDER BY name",
-                    (checkpoint_id,),
+                    "SELECT name, kind, size, sha256 FROM parts WHERE flow = ? AND"
+                    " checkpoint_id = ? ORDER BY name",
+                    (flow, checkpoint_id),
                 ).fetchall()
         return [PartInfo(str(n), str(k), int(s), str(h)) for n, k, s, h in rows]
 
-    def next_id(self) -> int:
-        """1 + the largest id ever saved in this file (ids are never reused, not even
-        after :meth:`reset`); 1 for a new store."""
+    def next_id(self, flow: str | None = None) -> int:
+        """The id for ``flow``'s next checkpoint: 1 + the largest id it ever saved here
+        (ids are never reused, not even after :meth:`reset`); 1 for a new store.  With no
+        ``flow``: 1 + the largest id any flow saved."""
         with self._lock:
             conn = self._open(create=False)
             if conn is None:
                 return 1
             with self._reading():
-                return self._last_id(conn) + 1
+                return self._last_id(conn, flow) + 1
 
-    def reset(self) -> int:
-        """Delete every checkpoint; returns how many there were.
+    def reset(self, flow: str | None = None) -> int:
+        """Delete every checkpoint (of ``flow``, or of every flow); returns how many there
+        were.
 
-        The id counter is kept, so ids are never reused: something keyed by a checkpoint
+        The id counters are kept, so ids are never reused: something keyed by a checkpoint
         id elsewhere (a sink's part file) cannot be mistaken for a later checkpoint.
         Deleting the file starts a store over at 1.
         """
@@ -491,11 +552,16 @@ class CheckpointStore:
             if conn is None:
                 return 0
             self._prepare_for_writing(conn)
+            where = ("WHERE ? IS NULL OR flow = ?", (flow, flow))
             try:
                 with self._transaction(conn):
-                    count = int(conn.execute("SELECT count(*) FROM checkpoints").fetchone()[0])
-                    conn.execute("DELETE FROM parts")
-                    conn.execute("DELETE FROM checkpoints")
+                    count = int(
+                        conn.execute(
+                            f"SELECT count(*) FROM checkpoints {where[0]}", where[1]
+                        ).fetchone()[0]
+                    )
+                    conn.execute(f"DELETE FROM parts {where[0]}", where[1])
+                    conn.execute(f"DELETE FROM checkpoints {where[0]}", where[1])
             except sqlite3.DatabaseError as exc:
                 raise self._unreadable(exc) from exc
         return count
@@ -598,8 +664,8 @@ class CheckpointStore:
             if not tables:
                 if not initialize:
                     return False
-                self._initialize(conn)
-                return True
+                self._initialize(conn)  # idempotent: another process may be at it too
+                tables = set(_TABLES)
             if "meta" not in tables:
                 found = f"a SQLite database with tables {', '.join(sorted(tables))}"
                 raise self._not_a_store(found)
@@ -626,6 +692,9 @@ class CheckpointStore:
                 f"{self.path} is a sluiceway checkpoint store with an invalid format version "
                 f"{raw!r}; expected {FORMAT_VERSION}"
             )
+        if version == 1:
+            self._migrate_from_1(conn)
+            tables = (tables - {"checkpoints_v1", "parts_v1"}) | {"flows"}
         missing = _TABLES - tables
         if missing or "last_id" not in meta:
             what = f"tables {', '.join(sorted(missing))}" if missing else "the last_id entry"
@@ -635,11 +704,13 @@ class CheckpointStore:
         return True
 
     def _initialize(self, conn: sqlite3.Connection) -> None:
+        """Create the tables.  Safe when another process initializes the file at the same
+        time: one transaction waits for the other, and nothing is created twice."""
         with self._transaction(conn):
             for statement in _SCHEMA:
                 conn.execute(statement)
             conn.executemany(
-                "INSERT INTO meta (key, value) VALUES (?, ?)",
+                "INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)",
                 [
                     ("application", _APPLICATION),
                     ("format_version", str(FORMAT_VERSION)),
@@ -647,6 +718,22 @@ class CheckpointStore:
                 ],
             )
         _fsync_directory(self._directory)  # the new file's directory entry is durable too
+
+    def _migrate_from_1(self, conn: sqlite3.Connection) -> None:
+        """Rewrite a version 1 file as version 2 in one transaction (once: a process that
+        finds it done already when it gets the write lock does nothing)."""
+        try:
+            with self._transaction(conn):
+                row = conn.execute("SELECT value FROM meta WHERE key = 'format_version'").fetchone()
+                if row is not None and str(row[0]) == "1":
+                    for statement in _MIGRATE_FROM_1:
+                        conn.execute(statement)
+        except sqlite3.Error as exc:
+            raise CheckpointError(
+                f"cannot migrate the checkpoint store {self.path} from format version 1 to "
+                f"{FORMAT_VERSION} (it needs to be written once): {exc}"
+            ) from exc
+        log.info("checkpoint store %s migrated to format version %d", self.path, FORMAT_VERSION)
 
     def _prepare_for_writing(self, conn: sqlite3.Connection) -> None:
         """Switch the file to WAL mode, once per connection, before the first write.
@@ -701,28 +788,65 @@ class CheckpointStore:
         conn.execute("COMMIT")
 
     @staticmethod
-    def _last_id(conn: sqlite3.Connection) -> int:
+    def _last_id(conn: sqlite3.Connection, flow: str | None) -> int:
+        """The largest id ``flow`` (None: any flow) saved, or the floor below every id."""
         row = conn.execute("SELECT value FROM meta WHERE key = 'last_id'").fetchone()
-        return int(row[0]) if row is not None else 0
+        floor = int(row[0]) if row is not None else 0
+        row = conn.execute(
+            "SELECT max(last_id) FROM flows WHERE ? IS NULL OR flow = ?", (flow, flow)
+        ).fetchone()
+        return max(floor, int(row[0]) if row is not None and row[0] is not None else 0)
 
-    def _row(self, conn: sqlite3.Connection, checkpoint_id: int) -> tuple[Any, ...]:
+    def _flow_of(self, conn: sqlite3.Connection, checkpoint_id: int, flow: str | None) -> str:
+        """The flow whose checkpoint ``checkpoint_id`` is meant (``flow`` if given)."""
+        if flow is not None:
+            return flow
+        flows = [
+            str(r[0])
+            for r in conn.execute(
+                "SELECT flow FROM checkpoints WHERE id = ? ORDER BY flow", (checkpoint_id,)
+            )
+        ]
+        if len(flows) > 1:
+            raise ValueError(
+                f"flows {', '.join(map(repr, flows))} each have a checkpoint {checkpoint_id} "
+                f"in {self.path}; say which flow (flow=...)"
+            )
+        if not flows:
+            self._missing(conn, checkpoint_id, None)
+        return flows[0]
+
+    def _missing(self, conn: sqlite3.Connection, checkpoint_id: int, flow: str | None) -> NoReturn:
+        have = [
+            (str(f), int(i))
+            for f, i in conn.execute(
+                "SELECT flow, id FROM checkpoints WHERE ? IS NULL OR flow = ? ORDER BY flow, id",
+                (flow, flow),
+            )
+        ]
+        several = len({f for f, _ in have}) > 1
+        listed = ", ".join(f"{f}/{i}" if several else str(i) for f, i in have) or "none"
+        of = f" of flow {flow!r}" if flow is not None else ""
+        raise CheckpointNotFoundError(
+            f"no checkpoint {checkpoint_id}{of} in {self.path} (checkpoints there: {listed})"
+        )
+
+    def _row(self, conn: sqlite3.Connection, flow: str, checkpoint_id: int) -> tuple[Any, ...]:
         row = conn.execute(
             "SELECT id, flow, created, duration, size, operators, final, format_version, digest"
-            " FROM checkpoints WHERE id = ?",
-            (checkpoint_id,),
+            " FROM checkpoints WHERE flow = ? AND id = ?",
+            (flow, checkpoint_id),
         ).fetchone()
         if row is None:
-            have = [r[0] for r in conn.execute("SELECT id FROM checkpoints ORDER BY id")]
-            listed = ", ".join(map(str, have)) if have else "none"
-            raise CheckpointNotFoundError(
-                f"no checkpoint {checkpoint_id} in {self.path} (checkpoints there: {listed})"
-            )
+            self._missing(conn, checkpoint_id, flow)
         return tuple(row)
 
-    def _read(self, conn: sqlite3.Connection, checkpoint_id: int) -> tuple[Checkpoint, str | None]:
+    def _read(
+        self, conn: sqlite3.Connection, flow: str, checkpoint_id: int
+    ) -> tuple[Checkpoint, str | None]:
         """The checkpoint as stored, and None if it verifies, else the reason it does not."""
         cid, flow, created, duration, size, count, final, version, digest = self._row(
-            conn, checkpoint_id
+            conn, flow, checkpoint_id
         )
         info = CheckpointInfo(
             id=int(cid),
@@ -738,9 +862,9 @@ class CheckpointStore:
         hashes: list[tuple[str, str, str]] = []
         problems: list[str] = []
         for name, kind, part_size, sha, data in conn.execute(
-            "SELECT name, kind, size, sha256, data FROM parts WHERE checkpoint_id = ?"
-            " ORDER BY name",
-            (checkpoint_id,),
+            "SELECT name, kind, size, sha256, data FROM parts WHERE flow = ? AND"
+            " checkpoint_id = ? ORDER BY name",
+            (flow, checkpoint_id),
         ):
             blob = bytes(data) if isinstance(data, bytes | bytearray | memoryview) else None
             if blob is None:
@@ -781,17 +905,19 @@ class CheckpointStore:
 
     # -- writing ------------------------------------------------------------------------
 
-    def _prune(self, conn: sqlite3.Connection) -> None:
-        keep = (self._keep,)
+    def _prune(self, conn: sqlite3.Connection, flow: str) -> None:
+        """Delete ``flow``'s checkpoints older than its newest ``keep`` (other flows'
+        are theirs to prune)."""
+        args = (flow, flow, self._keep)
         conn.execute(
-            "DELETE FROM parts WHERE checkpoint_id NOT IN"
-            " (SELECT id FROM checkpoints ORDER BY id DESC LIMIT ?)",
-            keep,
+            "DELETE FROM parts WHERE flow = ? AND checkpoint_id NOT IN"
+            " (SELECT id FROM checkpoints WHERE flow = ? ORDER BY id DESC LIMIT ?)",
+            args,
         )
         conn.execute(
-            "DELETE FROM checkpoints WHERE id NOT IN"
-            " (SELECT id FROM checkpoints ORDER BY id DESC LIMIT ?)",
-            keep,
+            "DELETE FROM checkpoints WHERE flow = ? AND id NOT IN"
+            " (SELECT id FROM checkpoints WHERE flow = ? ORDER BY id DESC LIMIT ?)",
+            args,
         )
 
     # -- errors -------------------------------------------------------------------------

@@ -925,8 +925,7 @@ class Csv(Source):
             ) from None
         except LineTooLongError as exc:
             raise ValueError(
-                f"{where}: cannot read the header row: its {exc}; fix it or raise "
-                "max_line_bytes"
+                f"{where}: cannot read the header row: its {exc}; fix it or raise max_line_bytes"
             ) from None
         if text.decode_error is not None:
             raise ValueError(

@@ -166,7 +166,7 @@ class Coordinator:
         """Load the latest complete checkpoint into the steps, sources and sinks."""
         assert self.store is not None
         ckpt = self.store.latest(self.flow.name)
-        self.next_id = self.store.next_id()
+        self.next_id = self.store.next_id(self.flow.name)
         if ckpt is None:
             return None
         self._check_compatible(ckpt)
@@ -208,7 +208,9 @@ class Coordinator:
             f"checkpoint {ckpt.info.id} in {self.store.path} was taken by a different "
             f"version of flow {self.flow.name!r}: {'; '.join(sorted(problems))}.  Restore "
             "the flow as it was, or start over with `sluiceway checkpoints reset "
-            f"{self.config.directory}`"
+            f"{self.config.directory} --flow {self.flow.name}` -- the run after that reads "
+            "its input from the beginning, so move or empty the outputs of sinks that "
+            "append (sinks.JsonLines, append-mode tables) first, or they get a second copy"
         )
 
     # -- reports from the stages -------------------------------------------------------
