@@ -506,16 +506,22 @@ def test_running_the_same_flow_object_twice_starts_every_source_afresh(
     lst = sw.sources.Iterable(list(range(5)))
     (tmp_path / "in.jsonl").write_text("".join(f"{i}\n" for i in range(4)))
     js = sw.sources.JsonLines(tmp_path / "in.jsonl")
-    outs: list[sw.sinks.Collect[Any]] = [sw.sinks.Collect() for _ in range(3)]
+    scripted = sw.testing.ScriptedSource([(0.0, [1, 2]), (0.5, [3])])
+    outs: list[sw.sinks.Collect[Any]] = [sw.sinks.Collect() for _ in range(4)]
     flow = sw.Flow("twice")
-    for i, src in enumerate((gen, lst, js)):
+    for i, src in enumerate((gen, lst, js, scripted)):
         flow.source(src, name=f"s{i}").sink(outs[i], name=f"o{i}")
     for run in range(2):
         for out in outs:
             out.items.clear()
         result = sw.testing.run_flow(flow)
         assert result.elapsed == pytest.approx(1.05), f"run {run}"  # 20 records at 20/s
-        assert [out.items for out in outs] == [list(range(20)), list(range(5)), list(range(4))]
+        assert [out.items for out in outs] == [
+            list(range(20)),
+            list(range(5)),
+            list(range(4)),
+            [1, 2, 3],
+        ]
         assert (gen.position(), lst.position()) == (20, 5)
         assert js.position() == {"offset": 8, "line": 4}
 

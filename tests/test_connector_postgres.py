@@ -302,6 +302,9 @@ async def test_restore_deletes_the_rows_written_after_the_checkpoint(
     await second.write(Batch([{"id": 5}]))
     await second.close()  # its last checkpoint is committed: what came after goes
     assert ids(pg_dsn, pg_table) == [1, 2, 3, 4]
+    await second.open(ctx(checkpointing=True))  # the same sink in a later run: no restore
+    await second.close()
+    assert ids(pg_dsn, pg_table) == [1, 2, 3, 4]  # the old restore is not applied again
 
     # a fresh start (checkpoints reset) keeps what is there and tags above it
     third = PostgresSink(pg_dsn, pg_table, **opts)

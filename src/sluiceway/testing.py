@@ -86,11 +86,13 @@ class ScriptedSource(Source):
     """
 
     def __init__(self, script: Iterable[tuple[float, Iterable[Any]]]) -> None:
-        self._script = [(float(at), list(records)) for at, records in script]
+        self._given = [(float(at), list(records)) for at, records in script]
+        self._script: list[tuple[float, list[Any]]] = []
         self._clock: Clock | None = None
 
     async def open(self, ctx: SourceContext) -> None:
         self._clock = ctx.clock
+        self._script = list(self._given)  # every run plays the whole script
 
     async def next_batch(self, max_records: int) -> Batch | None:
         assert self._clock is not None, "open() first"

@@ -354,6 +354,7 @@ class PostgresSink(Sink):
                     self.describe(),
                 )
             await self._retrying(self._open_progress)
+        self._restore_to = None  # restored for this run only; a later run starts afresh
         if self._columns is not None and (self._types or not self._create):
             await self._retrying(self._prepare_table)
 
