@@ -11,7 +11,8 @@ plain Python loop and, when installed (``pip install -e '.[bench]'``), with Byte
 W2-mem, W3-mem and W4-mem measure the memory the same window computations add at scale
 (100,000 users, ~10^5 open windows), for the plain loop and sluiceway.  IO, RL, RRL:
 map_async and the rate limiters (local, Redis); OBS: the cost of the exporter and the live
-view; CK: checkpoints' overhead on W2 and the restore of 100,000 keys; RS, NATS, RMQ,
+view; CK: checkpoints' overhead on W2 and the restore of 100,000 keys; LL: a file source
+reading one 50 / 100 MB line (time, memory, how long the loop is held); RS, NATS, RMQ,
 MQTT, PG: each broker connector end to end against the raw client library doing the same
 batched loop, on the real servers.
 
@@ -36,6 +37,7 @@ from pathlib import Path
 import bench_async_io
 import bench_backpressure
 import bench_checkpoints
+import bench_files
 import bench_latency
 import bench_limiters
 import bench_mqtt
@@ -67,6 +69,7 @@ WORKLOADS: dict[str, Workload] = {
     "RRL": bench_redis_limiter.run,
     "OBS": bench_observability.run,
     "CK": bench_checkpoints.run,
+    "LL": bench_files.run,
     "PG": bench_postgres.run,
     "RMQ": bench_rabbitmq.run,
     "MQTT": bench_mqtt.run,
@@ -133,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         help="run only these workloads: W1 stateless, BP backpressure, LAT latency, "
         "W2/W3/W4 tumbling/sliding/session windows, W2-mem/W3-mem/W4-mem their memory at "
         "scale, IO map_async, RL/RRL rate limiters, OBS monitoring overhead, CK "
-        "checkpoints, RS/NATS/RMQ/MQTT/PG broker connectors (repeat --only for several)",
+        "checkpoints, LL a long line in a file, RS/NATS/RMQ/MQTT/PG broker connectors "
+        "(repeat --only for several)",
     )
     parser.add_argument("--json", metavar="PATH", help="also write every raw figure as JSON")
     args = parser.parse_args(argv)
