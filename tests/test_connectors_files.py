@@ -1114,3 +1114,14 @@ def test_follow_on_the_real_clock_tails_survives_truncation_and_rotation_and_sto
     assert result.stopped
     assert out.items == [0, 1, 2, 3, 4]
     assert dead.items == []
+
+
+def test_stdin_skips_an_over_long_line_as_bad_input() -> None:
+    stream = io.BytesIO(b"a\n" + b"b" * 300_000 + b"\nc\n")
+    src = Stdin(stream=stream, max_line_bytes=1000)
+    batches, reported = drain(src, fails=False)
+    assert [v for b in batches for v in b] == ["a", "c"]
+    assert [e.where for e in reported] == ["<stdin>:2"]
+    assert "line too long" in str(reported[0])
+    with pytest.raises(ValueError, match="max_line_bytes must be"):
+        Stdin(max_line_bytes=-1)

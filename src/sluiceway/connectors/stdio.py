@@ -24,12 +24,18 @@ from typing import IO, Any
 
 from sluiceway.connectors.base import Source, SourceContext
 from sluiceway.connectors.files import (
+    _READ_BUDGET,
+    DEFAULT_MAX_LINE_BYTES,
     LineBuffer,
+    LineTooLongError,
     _check_encoding,
+    _check_max_line,
     _decode,
     _report,
+    _too_long,
 )
 from sluiceway.runtime.messages import Batch
+from sluiceway.time.clock import yield_now
 
 __all__ = ["Stdin"]
 
@@ -77,9 +83,13 @@ class Stdin(Source):
         stream: a binary file object to read instead of ``sys.stdin.buffer`` (for
             tests: a ``BytesIO``, or the read end of ``os.pipe()``); it is not closed.
         encoding: the text encoding of the input (ASCII-compatible).
+        max_line_bytes: the longest line accepted, in bytes without its newline
+            (default 10 MiB; None: no limit).  A longer line is bad input naming
+            ``<stdin>:<line>``, dropped as it is read (never held whole).
 
     Raises:
-        ValueError: an unknown or not ASCII-compatible encoding.
+        ValueError: an unknown or not ASCII-compatible encoding, or a bad
+            ``max_line_bytes``.
         RuntimeError: at ``open``, the process has no standard input.
 
     >>> import io, json, sluiceway as sw
@@ -94,6 +104,7 @@ class Stdin(Source):
         parse: Callable[[str], Any] | None = None,
         stream: IO[bytes] | None = None,
         encoding: str = "utf-8",
+        max_line_bytes: int | None = DEFAULT_MAX_LINE_BYTES,
     ) -> None:
         if parse is not None and not callable(parse):
             raise TypeError(
@@ -103,7 +114,7 @@ class Stdin(Source):
         self._parse = parse
         self._stream = stream
         self._encoding = _check_encoding(encoding, "sources.Stdin")
-        self._lines = LineBuffer()
+        self._lines = LineBuffer(max_line=_check_max_line(max_line_bytes, "sources.Stdin"))
         self._ctx: SourceContext | None = None
         self._file: IO[bytes] | None = None  # read directly (a regular file, a BytesIO)
         self._reader: asyncio.StreamReader | None = None  # read through the event loop
@@ -126,7 +137,7 @@ class Stdin(Source):
                 )
             stream = sys.stdin.buffer
         self._ctx = ctx
-        self._lines = LineBuffer()
+        self._lines = LineBuffer(max_line=self._lines.max_line)
         fd = _fileno(stream)
         if fd is None or not _is_pollable(fd):
             self._file = stream
@@ -157,14 +168,27 @@ class Stdin(Source):
         if ctx is None:
             raise RuntimeError("sources.Stdin is not open: the runtime calls open() first")
         records: list[Any] = []
+        read = 0
         while len(records) < max_records:
-            raw = lines.next_line()
+            try:
+                raw = lines.next_line()
+            except LineTooLongError as exc:
+                if records:  # hand out the good ones first; report this line next time
+                    lines.rollback()
+                    break
+                shown, reason = _too_long(exc, self._encoding)
+                await _report(ctx, f"<stdin>:{lines.line + 1}", shown, reason)
+                lines.skip_line()
+                continue
             if raw is None:
                 if records:
                     break
                 if lines.eof:
                     return None
-                await self._fill()
+                if read >= _READ_BUDGET:  # a long line: let the other tasks run meanwhile
+                    read = 0
+                    await yield_now()
+                read += await self._fill()
                 continue
             text, problem = _decode(raw, self._encoding)
             if problem is None:
@@ -187,8 +211,9 @@ class Stdin(Source):
             lines.commit()
         return Batch(records)
 
-    async def _fill(self) -> None:
-        """Read more input into the line buffer (waiting for a pipe; cancellation-safe)."""
+    async def _fill(self) -> int:
+        """Read more input into the line buffer (waiting for a pipe; cancellation-safe);
+        returns how many bytes came."""
         if self._file is not None:
             data = self._file.read(_CHUNK)
         else:
@@ -198,6 +223,7 @@ class Stdin(Source):
             self._lines.feed(data)
         else:
             self._lines.feed_eof()
+        return len(data)
 
     def position(self) -> dict[str, int]:
         """``{"line": n}``: how many lines were handed out (or reported as bad)."""
