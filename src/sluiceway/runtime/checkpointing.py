@@ -30,6 +30,7 @@ import asyncio
 import logging
 import os
 import pickle
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -208,7 +209,8 @@ class Coordinator:
             f"checkpoint {ckpt.info.id} in {self.store.path} was taken by a different "
             f"version of flow {self.flow.name!r}: {'; '.join(sorted(problems))}.  Restore "
             "the flow as it was, or start over with `sluiceway checkpoints reset "
-            f"{self.config.directory} --flow {self.flow.name}` -- the run after that reads "
+            f"{shlex.quote(str(self.config.directory))} --flow {shlex.quote(self.flow.name)}`"
+            " -- the run after that reads "
             "its input from the beginning, so move or empty the outputs of sinks that "
             "append (sinks.JsonLines, append-mode tables) first, or they get a second copy"
         )
