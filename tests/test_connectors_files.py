@@ -14,8 +14,9 @@ import select
 import subprocess
 import sys
 import textwrap
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -32,6 +33,8 @@ from sluiceway.connectors.stdio import Stdin
 from sluiceway.errors import BadInputError
 from sluiceway.runtime.messages import Batch
 from sluiceway.time import yield_now
+
+_T = TypeVar("_T")
 
 # -- helpers ---------------------------------------------------------------------------
 
@@ -970,7 +973,6 @@ def _write(path: Path, text: str, mode: str = "a") -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(10)
 def test_a_followed_file_truncated_and_written_again_is_read_from_its_start(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -992,14 +994,13 @@ def test_a_followed_file_truncated_and_written_again_is_read_from_its_start(
         await fol.src.close()
         return fol
 
-    fol = asyncio.run(asyncio.wait_for(main(), 10))
+    fol = asyncio.run(watched(main, 5))
     assert fol.reported == []
     assert f"{path} was truncated and written again" in caplog.text
     assert "reading it again from its beginning" in caplog.text
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(10)
 def test_a_followed_file_truncated_under_a_partial_line_never_delivers_a_fragment(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1019,14 +1020,13 @@ def test_a_followed_file_truncated_under_a_partial_line_never_delivers_a_fragmen
         return fol
 
     with caplog.at_level(logging.WARNING, logger="sluiceway"):
-        fol = asyncio.run(asyncio.wait_for(main(), 10))
+        fol = asyncio.run(watched(main, 5))
     assert [(e.where, e.raw) for e in fol.reported] == [(f"{path}:3", "12345")]
     assert "incomplete line: the file was truncated" in str(fol.reported[0])
     assert f"{path} was truncated (to 0 bytes; 9 had been read)" in caplog.text
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(10)
 def test_a_followed_file_that_is_rotated_is_read_to_its_end_then_the_new_one(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1048,7 +1048,7 @@ def test_a_followed_file_that_is_rotated_is_read_to_its_end_then_the_new_one(
         return fol
 
     with caplog.at_level(logging.WARNING, logger="sluiceway"):
-        fol = asyncio.run(asyncio.wait_for(main(), 10))
+        fol = asyncio.run(watched(main, 5))
     assert fol.got == [1, 2, 3, 4, 5, 6]
     assert fol.reported == []
     assert f"{path} was replaced by a new file (rotated)" in caplog.text
@@ -1077,7 +1077,6 @@ def test_a_followed_file_that_was_truncated_under_fail_stops_naming_the_line(
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(15)
 def test_follow_on_the_real_clock_tails_survives_truncation_and_rotation_and_stops(
     tmp_path: Path,
 ) -> None:
@@ -1098,8 +1097,7 @@ def test_follow_on_the_real_clock_tails_survives_truncation_and_rotation_and_sto
         while len(out.items) < n:
             await clock.sleep(0.005)
 
-    async def main() -> sw.RunResult:
-        handle = sw.start(flow, clock=clock)
+    async def during(handle: sw.FlowHandle) -> None:
         await until(1)
         _write(path, "1\n2\n")
         await until(3)
@@ -1108,20 +1106,16 @@ def test_follow_on_the_real_clock_tails_survives_truncation_and_rotation_and_sto
         path.rename(tmp_path / "log.jsonl.1")
         _write(path, "4\n", "w")  # rotated
         await until(5)
-        return await handle.stop()
 
-    result = asyncio.run(asyncio.wait_for(main(), 10))
+    result = sw.testing.run_watched(flow, during=during)
     assert result.stopped
     assert out.items == [0, 1, 2, 3, 4]
     assert dead.items == []
 
 
-def test_stdin_skips_an_over_long_line_as_bad_input() -> None:
-    stream = io.BytesIO(b"a\n" + b"b" * 300_000 + b"\nc\n")
-    src = Stdin(stream=stream, max_line_bytes=1000)
-    batches, reported = drain(src, fails=False)
-    assert [v for b in batches for v in b] == ["a", "c"]
-    assert [e.where for e in reported] == ["<stdin>:2"]
-    assert "line too long" in str(reported[0])
-    with pytest.raises(ValueError, match="max_line_bytes must be"):
-        Stdin(max_line_bytes=-1)
+async def watched(main: Callable[[], Awaitable[_T]], seconds: float) -> _T:
+    """``main()`` on the real clock under the watchdog: the loop keeps turning, and it
+    ends within ``seconds``."""
+    async with sw.testing.Watchdog(max_stall=1.0) as dog:
+        dog.expect_end_within(seconds, "the test")
+        return await main()
