@@ -19,6 +19,7 @@ __all__ = [
 
 
 if TYPE_CHECKING:  # the lazy names below, typed for mypy and editors
+    from sluiceway.connectors.lakehouse.parquet import ParquetSink
     from sluiceway.connectors.mqtt import MqttSink
     from sluiceway.connectors.nats import NatsSink
     from sluiceway.connectors.postgres import PostgresSink
@@ -27,6 +28,7 @@ if TYPE_CHECKING:  # the lazy names below, typed for mypy and editors
 
     Mqtt = MqttSink
     NatsJetStream = NatsSink
+    Parquet = ParquetSink
     Postgres = PostgresSink
     RabbitMQ = RabbitMQSink
     RedisStream = RedisStreamSink
@@ -40,6 +42,7 @@ _LAZY: dict[str, str] = {
     "Postgres": "sluiceway.connectors.postgres",
     "Mqtt": "sluiceway.connectors.mqtt:MqttSink",
     "RedisStream": "sluiceway.connectors.redis_streams:RedisStreamSink",
+    "Parquet": "sluiceway.connectors.lakehouse.parquet:ParquetSink",
 }
 
 
