@@ -26,6 +26,8 @@ pq = pytest.importorskip("pyarrow.parquet")
 ds = pytest.importorskip("pyarrow.dataset")
 duckdb = pytest.importorskip("duckdb")
 
+from lakehouse_readers import delta_live_files, delta_log, duckdb_delta_rows  # noqa: E402
+
 CHILD = Path(__file__).with_name("lakehouse_crash_child.py")
 SRC = Path(__file__).resolve().parents[1] / "src"
 RECORDS = 80_000
@@ -127,3 +129,35 @@ def test_the_same_crashes_with_an_at_least_once_parquet_sink_duplicate_rows(
     assert len(ids) > len(set(ids)), (
         "a sink that never takes back what it wrote showed no duplicates"
     )
+
+
+# -- Delta Lake ------------------------------------------------------------------------
+
+
+def delta_table_is_valid(work: Path) -> None:
+    """After a kill: the log is well formed and every file it lists is whole."""
+    table = work / "table"
+    if (table / "_delta_log").exists():
+        delta_log(table)
+        for path in delta_live_files(table):
+            pq.read_metadata(path)
+
+
+@pytest.mark.timeout(150)
+def test_delta_killed_at_random_instants_every_record_exactly_once(tmp_path: Path) -> None:
+    deltalake = pytest.importorskip("deltalake")
+    kills, work = crash_and_finish(
+        tmp_path, "delta", kills=KILLS, seed=31, after_kill=delta_table_is_valid
+    )
+    assert kills == KILLS
+    table = work / "table"
+    delta_table_is_valid(work)
+    dt = deltalake.DeltaTable(str(table))
+    assert_exactly_once(dt.to_pyarrow_table().column("id").to_pylist(), "deltalake")
+    rows = duckdb_delta_rows(table, "id, p, k")
+    assert_exactly_once([r[0] for r in rows], "duckdb")
+    assert all(int(p) == k % 4 for _, p, k in rows), "a row in the wrong partition"
+    live = {Path(p).name for p in delta_live_files(table)}
+    on_disk = {p.name for p in table.rglob("*.parquet")}
+    assert on_disk == live, f"{len(on_disk - live)} staged files left behind"
+    assert dt.transaction_version("sluiceway/lakehouse_crash/table_out")

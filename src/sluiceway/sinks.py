@@ -19,6 +19,7 @@ __all__ = [
 
 
 if TYPE_CHECKING:  # the lazy names below, typed for mypy and editors
+    from sluiceway.connectors.lakehouse.delta import DeltaSink
     from sluiceway.connectors.lakehouse.parquet import ParquetSink
     from sluiceway.connectors.mqtt import MqttSink
     from sluiceway.connectors.nats import NatsSink
@@ -26,6 +27,7 @@ if TYPE_CHECKING:  # the lazy names below, typed for mypy and editors
     from sluiceway.connectors.rabbitmq import RabbitMQSink
     from sluiceway.connectors.redis_streams import RedisStreamSink
 
+    Delta = DeltaSink
     Mqtt = MqttSink
     NatsJetStream = NatsSink
     Parquet = ParquetSink
@@ -43,6 +45,7 @@ _LAZY: dict[str, str] = {
     "Mqtt": "sluiceway.connectors.mqtt:MqttSink",
     "RedisStream": "sluiceway.connectors.redis_streams:RedisStreamSink",
     "Parquet": "sluiceway.connectors.lakehouse.parquet:ParquetSink",
+    "Delta": "sluiceway.connectors.lakehouse.delta:DeltaSink",
 }
 
 

@@ -71,7 +71,7 @@ class RecordsToArrow:
     def __init__(
         self, schema: Any, transform: Callable[[Any], Mapping[str, Any]] | None, what: str
     ) -> None:
-        self._pa = _pa()
+        self.pa = _pa()
         self.schema: Any = as_schema(schema, what)
         self._transform = transform
         self._what = what
@@ -84,7 +84,7 @@ class RecordsToArrow:
             else frozenset()
         )
 
-    def _set_schema(self, schema: Any) -> None:
+    def set_schema(self, schema: Any) -> None:
         self.schema = schema
         self._names = frozenset(schema.names)
         self._required = frozenset(f.name for f in schema if not f.nullable)
@@ -92,7 +92,7 @@ class RecordsToArrow:
     def convert(self, values: Sequence[Any]) -> tuple[Any, Exception | None]:
         """The table of the records before the first that does not fit, and why it does
         not (None: every record fits)."""
-        pa = self._pa
+        pa = self.pa
         if self._transform is not None:
             rows: list[Any] = []
             for value in values:
@@ -106,13 +106,13 @@ class RecordsToArrow:
             if not isinstance(first, Mapping) or not first:
                 return pa.table({}), self._bad(first, "the first record must be a non-empty dict")
             try:
-                self._set_schema(pa.Table.from_pylist(list(values)).schema)
+                self.set_schema(pa.Table.from_pylist(list(values)).schema)
             except (pa.ArrowException, TypeError, ValueError):
-                self._set_schema(pa.Table.from_pylist([first]).schema)
+                self.set_schema(pa.Table.from_pylist([first]).schema)
         return self._convert(values)
 
     def _convert(self, values: Sequence[Any]) -> tuple[Any, Exception | None]:
-        pa, names = self._pa, self._names
+        pa, names = self.pa, self._names
         if all(type(v) is dict and v.keys() == names for v in values):
             try:
                 return pa.Table.from_pylist(values, schema=self.schema), None
@@ -139,7 +139,7 @@ class RecordsToArrow:
         return None
 
     def _unconvertible(self, value: Mapping[str, Any]) -> str | None:
-        pa = self._pa
+        pa = self.pa
         for f in self.schema:
             try:
                 pa.array([value.get(f.name)], type=f.type)

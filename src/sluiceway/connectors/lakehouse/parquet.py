@@ -268,7 +268,7 @@ class ParquetSink(Sink):
 
     def _flush(self, f: _OpenFile) -> None:
         if f.buffered:
-            pa = self._conv._pa
+            pa = self._conv.pa
             table = f.buffered[0] if len(f.buffered) == 1 else pa.concat_tables(f.buffered)
             f.writer.write_table(table, row_group_size=max(self._row_group, table.num_rows))
             f.buffered.clear()
