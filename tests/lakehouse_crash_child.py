@@ -31,6 +31,14 @@ class NaiveParquet(ParquetSink):
         self._publish(f.tmp, f.final)
 
 
+def iceberg_catalog(work: Path) -> dict[str, str]:
+    return {
+        "type": "sql",
+        "uri": f"sqlite:///{work}/catalog.db",
+        "warehouse": f"file://{work}/warehouse",
+    }
+
+
 def make_sink(fmt: str, work: Path, naive: bool) -> sw.sinks.Sink:
     table = work / "table"
     if fmt == "parquet":
@@ -40,14 +48,7 @@ def make_sink(fmt: str, work: Path, naive: bool) -> sw.sinks.Sink:
     if fmt == "delta":
         return sw.sinks.Delta(str(table), partition_by=["p"])
     if fmt == "iceberg":
-        return sw.sinks.Iceberg(
-            "crash.events",
-            catalog={
-                "type": "sql",
-                "uri": f"sqlite:///{work}/catalog.db",
-                "warehouse": f"file://{work}/warehouse",
-            },
-        )
+        return sw.sinks.Iceberg("crash.events", catalog=iceberg_catalog(work), partition_by=["p"])
     raise SystemExit(f"unknown format {fmt!r}")
 
 

@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,7 +27,9 @@ pq = pytest.importorskip("pyarrow.parquet")
 ds = pytest.importorskip("pyarrow.dataset")
 duckdb = pytest.importorskip("duckdb")
 
+from lakehouse_crash_child import iceberg_catalog  # noqa: E402
 from lakehouse_readers import delta_live_files, delta_log, duckdb_delta_rows  # noqa: E402
+from sluiceway.connectors.lakehouse.iceberg import load_catalog  # noqa: E402
 
 CHILD = Path(__file__).with_name("lakehouse_crash_child.py")
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -161,3 +164,49 @@ def test_delta_killed_at_random_instants_every_record_exactly_once(tmp_path: Pat
     on_disk = {p.name for p in table.rglob("*.parquet")}
     assert on_disk == live, f"{len(on_disk - live)} staged files left behind"
     assert dt.transaction_version("sluiceway/lakehouse_crash/table_out")
+
+
+# -- Iceberg ---------------------------------------------------------------------------
+
+
+def iceberg_table(work: Path) -> object:
+    cat = load_catalog(iceberg_catalog(work))
+    return cat.load_table("crash.events") if cat.table_exists("crash.events") else None
+
+
+def iceberg_table_is_valid(work: Path) -> None:
+    """After a kill: the metadata loads, the snapshots form one chain whose epochs grow,
+    and every data file the current snapshot lists is whole."""
+    if not (work / "catalog.db").exists():
+        return
+    t: Any = iceberg_table(work)
+    if t is None or t.current_snapshot() is None:
+        return
+    chain = []
+    s = t.current_snapshot()
+    while s is not None:
+        chain.append(s)
+        s = t.snapshot_by_id(s.parent_snapshot_id) if s.parent_snapshot_id else None
+    epochs = [int(s.summary["sluiceway.epoch"]) for s in reversed(chain)]
+    assert epochs == sorted(set(epochs)), f"snapshot epochs not increasing: {epochs}"
+    for f in t.inspect.files().column("file_path").to_pylist():
+        pq.read_metadata(f.removeprefix("file://"))
+
+
+@pytest.mark.timeout(150)
+def test_iceberg_killed_at_random_instants_every_record_exactly_once(tmp_path: Path) -> None:
+    pytest.importorskip("pyiceberg")
+    kills, work = crash_and_finish(
+        tmp_path, "iceberg", kills=KILLS, seed=41, after_kill=iceberg_table_is_valid
+    )
+    assert kills == KILLS
+    iceberg_table_is_valid(work)
+    t: Any = iceberg_table(work)
+    assert_exactly_once(t.scan().to_arrow().column("id").to_pylist(), "pyiceberg")
+    files = [f.removeprefix("file://") for f in t.inspect.files().column("file_path").to_pylist()]
+    listed = ", ".join(f"'{f}'" for f in files)
+    rows = duckdb.sql(f"SELECT id, p, k FROM read_parquet([{listed}])").fetchall()
+    assert_exactly_once([r[0] for r in rows], "duckdb")
+    assert all(p == k % 4 for _, p, k in rows), "a row in the wrong partition"
+    on_disk = {p.name for p in (work / "warehouse").rglob("*.parquet")}
+    assert on_disk == {Path(f).name for f in files}, "staged files left behind"

@@ -20,6 +20,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # the lazy names below, typed for mypy and editors
     from sluiceway.connectors.lakehouse.delta import DeltaSink
+    from sluiceway.connectors.lakehouse.iceberg import IcebergSink
     from sluiceway.connectors.lakehouse.parquet import ParquetSink
     from sluiceway.connectors.mqtt import MqttSink
     from sluiceway.connectors.nats import NatsSink
@@ -28,6 +29,7 @@ if TYPE_CHECKING:  # the lazy names below, typed for mypy and editors
     from sluiceway.connectors.redis_streams import RedisStreamSink
 
     Delta = DeltaSink
+    Iceberg = IcebergSink
     Mqtt = MqttSink
     NatsJetStream = NatsSink
     Parquet = ParquetSink
@@ -46,6 +48,7 @@ _LAZY: dict[str, str] = {
     "RedisStream": "sluiceway.connectors.redis_streams:RedisStreamSink",
     "Parquet": "sluiceway.connectors.lakehouse.parquet:ParquetSink",
     "Delta": "sluiceway.connectors.lakehouse.delta:DeltaSink",
+    "Iceberg": "sluiceway.connectors.lakehouse.iceberg:IcebergSink",
 }
 
 

@@ -57,15 +57,17 @@ def hive_dir(names: Sequence[str], values: Sequence[Any]) -> str:
     )
 
 
-def split_partitions(table: Any, by: Sequence[str]) -> list[tuple[tuple[Any, ...], Any]]:
+def split_partitions(
+    table: Any, by: Sequence[str], *, keep: bool = False
+) -> list[tuple[tuple[Any, ...], Any]]:
     """``table``'s rows grouped by the values of the columns ``by``: (values, rows without
-    those columns), in order of first appearance."""
+    those columns unless ``keep``), in order of first appearance."""
     if not by:
         return [((), table)]
     groups: dict[tuple[Any, ...], list[int]] = {}
     for i, key in enumerate(zip(*(table.column(c).to_pylist() for c in by), strict=True)):
         groups.setdefault(key, []).append(i)
-    rest = table.drop_columns(list(by))
+    rest = table if keep else table.drop_columns(list(by))
     if len(groups) == 1:
         return [(next(iter(groups)), rest)]
     return [(key, rest.take(idx)) for key, idx in groups.items()]
