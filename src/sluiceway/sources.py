@@ -21,13 +21,17 @@ __all__ = [
 
 
 if TYPE_CHECKING:  # the lazy names below, typed for mypy and editors
+    from sluiceway.connectors.lakehouse.sources import DeltaSource, IcebergSource, ParquetSource
     from sluiceway.connectors.mqtt import MqttSource
     from sluiceway.connectors.nats import NatsSource
     from sluiceway.connectors.rabbitmq import RabbitMQSource
     from sluiceway.connectors.redis_streams import RedisStreamSource
 
+    Delta = DeltaSource
+    Iceberg = IcebergSource
     Mqtt = MqttSource
     NatsJetStream = NatsSource
+    Parquet = ParquetSource
     RabbitMQ = RabbitMQSource
     RedisStream = RedisStreamSource
 
@@ -39,6 +43,9 @@ _LAZY: dict[str, str] = {
     "RabbitMQ": "sluiceway.connectors.rabbitmq:RabbitMQSource",
     "Mqtt": "sluiceway.connectors.mqtt:MqttSource",
     "RedisStream": "sluiceway.connectors.redis_streams:RedisStreamSource",
+    "Parquet": "sluiceway.connectors.lakehouse.sources:ParquetSource",
+    "Delta": "sluiceway.connectors.lakehouse.sources:DeltaSource",
+    "Iceberg": "sluiceway.connectors.lakehouse.sources:IcebergSource",
 }
 
 
