@@ -12,12 +12,13 @@ from typing import Any
 import pytest
 
 pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
 ds = pytest.importorskip("pyarrow.dataset")
 duckdb = pytest.importorskip("duckdb")
 
 import sluiceway as sw  # noqa: E402
 from sluiceway.connectors.base import SinkContext  # noqa: E402
-from sluiceway.connectors.lakehouse.parquet import ParquetSink  # noqa: E402
+from sluiceway.connectors.lakehouse.parquet import ParquetSink, compact  # noqa: E402
 from sluiceway.runtime.messages import Batch  # noqa: E402
 from sluiceway.time import VirtualClock  # noqa: E402
 
@@ -189,3 +190,33 @@ def test_registered_lazily_and_import_sluiceway_does_not_import_pyarrow() -> Non
     code = "import sys, sluiceway; sys.exit('pyarrow' in sys.modules)"
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     assert subprocess.run([sys.executable, "-c", code], env=env, check=False).returncode == 0
+
+
+def test_compact_merges_small_files_per_partition(tmp_path: Path) -> None:
+    rows = [{"id": i, "k": i % 2} for i in range(400)]
+    flow = sw.Flow("pq")
+    flow.source(sw.sources.Iterable(rows)).sink(
+        sw.sinks.Parquet(tmp_path, partition_by=["k"], row_group_rows=20, max_file_bytes=1)
+    )
+    sw.testing.run_flow(flow, max_batch_size=20)
+    assert len(visible(tmp_path)) == 20
+    assert compact(tmp_path) == 20
+    assert len(visible(tmp_path)) == 2
+    assert read_ids(tmp_path) == list(range(400))
+    assert not list(tmp_path.rglob("_sluiceway_compaction.json"))
+
+
+def test_compact_finishes_a_run_that_died_after_publishing(tmp_path: Path) -> None:
+    folder = tmp_path / "k=1"
+    folder.mkdir()
+    for i in range(3):
+        pq.write_table(pa.table({"id": [i]}), folder / f"part-{i}.parquet")
+    merged = pa.table({"id": [0, 1, 2]})
+    pq.write_table(merged, folder / "part-compacted-x.parquet")  # renamed, then died
+    (folder / "_sluiceway_compaction.json").write_text(
+        '{"tmp": ".part-compacted-x.parquet.inprogress", "final": "part-compacted-x.parquet", '
+        '"old": ["part-0.parquet", "part-1.parquet", "part-2.parquet"]}'
+    )
+    compact(tmp_path)
+    assert read_ids(tmp_path) == [0, 1, 2]
+    assert [p.name for p in visible(tmp_path)] == ["part-compacted-x.parquet"]

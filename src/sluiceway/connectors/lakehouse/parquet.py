@@ -25,6 +25,7 @@ crash loses the unpublished files' rows unless the source replays them.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import uuid
@@ -38,7 +39,7 @@ from sluiceway.connectors.lakehouse.arrow import RecordsToArrow, import_extra
 from sluiceway.errors import CheckpointError, short_repr
 from sluiceway.runtime.messages import Batch
 
-__all__ = ["Parquet", "ParquetSink", "hive_dir", "split_partitions"]
+__all__ = ["Parquet", "ParquetSink", "compact", "hive_dir", "split_partitions"]
 
 HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 _TMP_SUFFIX = ".inprogress"
@@ -321,6 +322,61 @@ class ParquetSink(Sink):
     def describe(self) -> str:
         """``Parquet(<path>)``."""
         return f"Parquet({self._root})"
+
+
+def compact(path: str | os.PathLike[str], *, target_file_bytes: int = 128 * 1024 * 1024) -> int:
+    """Merge the small published files of each partition directory under ``path`` into
+    one file per directory (files of ``target_file_bytes`` or more are left alone).
+
+    Per directory: write the merged file hidden, fsync; write a journal
+    ``_sluiceway_compaction.json`` naming it and the files it replaces; publish it
+    (rename); delete the old files; delete the journal.  A run that died half-way is
+    finished by the next call (from the journal), so rows end up once.  While it runs,
+    a reader listing the directory between the rename and the deletes sees those rows
+    twice: compact when nothing reads.  A sink may keep writing (only files present
+    when the directory is visited are merged).  Returns the number of files replaced.
+    """
+    pq = import_extra("pyarrow.parquet", "parquet", "compact")
+    replaced = 0
+    for folder, dirs, _ in os.walk(os.fspath(path)):
+        dirs.sort()
+        journal = os.path.join(folder, "_sluiceway_compaction.json")
+        if os.path.exists(journal):
+            _finish_compaction(folder, journal)
+        small = sorted(
+            n
+            for n in os.listdir(folder)
+            if n.endswith(".parquet")
+            and not n.startswith((".", "_"))
+            and os.path.getsize(os.path.join(folder, n)) < target_file_bytes
+        )
+        if len(small) < 2:
+            continue
+        name = f"part-compacted-{uuid.uuid4().hex}.parquet"
+        tmp = os.path.join(folder, f".{name}{_TMP_SUFFIX}")
+        data = pq.ParquetDataset([os.path.join(folder, n) for n in small]).read()
+        pq.write_table(data, tmp, compression="zstd")
+        _fsync(tmp)
+        with open(journal, "w", encoding="utf-8") as f:
+            json.dump({"tmp": os.path.basename(tmp), "final": name, "old": small}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        _finish_compaction(folder, journal)
+        replaced += len(small)
+    return replaced
+
+
+def _finish_compaction(folder: str, journal: str) -> None:
+    with open(journal, encoding="utf-8") as f:
+        plan = json.load(f)
+    tmp, final = os.path.join(folder, plan["tmp"]), os.path.join(folder, plan["final"])
+    if os.path.exists(tmp):
+        os.replace(tmp, final)
+    if os.path.exists(final):
+        for old in plan["old"]:
+            _remove(os.path.join(folder, old))
+    _fsync(folder)
+    os.remove(journal)
 
 
 Parquet = ParquetSink
