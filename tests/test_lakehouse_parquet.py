@@ -18,6 +18,7 @@ duckdb = pytest.importorskip("duckdb")
 
 import sluiceway as sw  # noqa: E402
 from sluiceway.connectors.base import SinkContext  # noqa: E402
+from sluiceway.connectors.lakehouse.arrow import RecordsToArrow  # noqa: E402
 from sluiceway.connectors.lakehouse.parquet import ParquetSink, compact  # noqa: E402
 from sluiceway.runtime.messages import Batch  # noqa: E402
 from sluiceway.time import VirtualClock  # noqa: E402
@@ -220,3 +221,24 @@ def test_compact_finishes_a_run_that_died_after_publishing(tmp_path: Path) -> No
     compact(tmp_path)
     assert read_ids(tmp_path) == [0, 1, 2]
     assert [p.name for p in visible(tmp_path)] == ["part-compacted-x.parquet"]
+
+
+@pytest.mark.parametrize(
+    ("bad", "why"),
+    [
+        ({"idd": 2, "v": "b"}, "field 'idd' is not in the schema"),  # as many fields, one misnamed
+        ("ab", "a record must be a dict, got str"),  # from_pylist would make it all nulls
+        ({"id": 2}, "field 'v' is not nullable"),
+        ({"id": 2, "v": "b", "w": 0}, "field 'w' is not in the schema"),
+    ],
+)
+def test_every_misfit_is_found_in_a_batch_of_fitting_records(bad: Any, why: str) -> None:
+    schema = pa.schema([pa.field("id", pa.int64()), pa.field("v", pa.string(), nullable=False)])
+    conv = RecordsToArrow(schema, None, "t")
+    good = [{"id": i, "v": str(i)} for i in range(5)]
+    table, err = conv.convert([*good, bad, *good])
+    assert table.num_rows == 5
+    assert err is not None
+    assert why in str(err)
+    table, err = conv.convert([{"id": None, "v": "x"}, *good])  # nullable: None is fine
+    assert (table.num_rows, err) == (6, None)

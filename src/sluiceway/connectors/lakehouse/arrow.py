@@ -112,12 +112,10 @@ class RecordsToArrow:
         return self._convert(values)
 
     def _convert(self, values: Sequence[Any]) -> tuple[Any, Exception | None]:
-        pa, names = self.pa, self._names
-        if all(type(v) is dict and v.keys() == names for v in values):
-            try:
-                return pa.Table.from_pylist(values, schema=self.schema), None
-            except (pa.ArrowException, TypeError, ValueError, OverflowError):
-                pass  # some record does not convert: find it below
+        table = self._fast(values)
+        if table is not None:
+            return table, None
+        pa = self.pa
         for i, value in enumerate(values):
             problem = self._misfit(value)
             if problem is None:
@@ -126,6 +124,32 @@ class RecordsToArrow:
                 good = pa.Table.from_pylist(list(values[:i]), schema=self.schema)
                 return good, self._bad(value, problem)
         return pa.Table.from_pylist(list(values), schema=self.schema), None
+
+    def _fast(self, values: Sequence[Any]) -> Any:
+        """The table when every record fits, found without a Python step per record in
+        the common case; None when some record may not fit.
+
+        ``from_pylist`` ignores extra fields and makes a missing one null.  So when the
+        records hold as many fields in all as the schema has per record, and no column
+        came out null, no record can lack a field, hence none has an extra one either."""
+        pa, names = self.pa, self._names
+        try:
+            table = pa.Table.from_pylist(values, schema=self.schema)
+            total = sum(map(len, values))
+        except (
+            pa.ArrowException,
+            TypeError,
+            ValueError,
+            OverflowError,
+            LookupError,
+            AttributeError,
+        ):
+            return None  # some record does not convert: find it
+        if total == len(values) * len(names) and not any(c.null_count for c in table.columns):
+            return table
+        if all(type(v) is dict and v.keys() == names for v in values):
+            return table  # nulls, but set explicitly: check each record's fields
+        return None
 
     def _misfit(self, value: Any) -> str | None:
         if not isinstance(value, Mapping):
