@@ -14,7 +14,8 @@ map_async and the rate limiters (local, Redis); OBS: the cost of the exporter an
 view; CK: checkpoints' overhead on W2 and the restore of 100,000 keys; LL: a file source
 reading one 50 / 100 MB line (time, memory, how long the loop is held); RS, NATS, RMQ,
 MQTT, PG: each broker connector end to end against the raw client library doing the same
-batched loop, on the real servers.
+batched loop, on the real servers; LH: the Parquet, Delta Lake and Iceberg sinks against
+pyarrow, deltalake and pyiceberg used directly.
 
 Each measurement runs in its own child process (see ``common.run_child``).  Run it on an
 otherwise idle machine: the workloads are single-threaded, but a busy second core still
@@ -38,6 +39,7 @@ import bench_async_io
 import bench_backpressure
 import bench_checkpoints
 import bench_files
+import bench_lakehouse
 import bench_latency
 import bench_limiters
 import bench_mqtt
@@ -75,6 +77,7 @@ WORKLOADS: dict[str, Workload] = {
     "MQTT": bench_mqtt.run,
     "NATS": bench_nats.run,
     "RS": bench_redis_streams.run,
+    "LH": bench_lakehouse.run,
 }
 
 
@@ -136,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         help="run only these workloads: W1 stateless, BP backpressure, LAT latency, "
         "W2/W3/W4 tumbling/sliding/session windows, W2-mem/W3-mem/W4-mem their memory at "
         "scale, IO map_async, RL/RRL rate limiters, OBS monitoring overhead, CK "
-        "checkpoints, LL a long line in a file, RS/NATS/RMQ/MQTT/PG broker connectors "
-        "(repeat --only for several)",
+        "checkpoints, LL a long line in a file, RS/NATS/RMQ/MQTT/PG broker connectors, LH "
+        "lakehouse sinks (repeat --only for several)",
     )
     parser.add_argument("--json", metavar="PATH", help="also write every raw figure as JSON")
     args = parser.parse_args(argv)
