@@ -188,3 +188,15 @@ def test_the_example_flow_writes_window_results_exactly_once(tmp_path: Path) -> 
     assert len(starts) >= 4
     assert len(starts) == len(set(starts)), "a window written twice"
     assert all(isinstance(r["top_pages"], list) and r["events"] > 0 for r in rows)
+
+
+def test_upsert_without_checkpoints_merges_each_flush(tmp_path: Path) -> None:
+    rows = [{"id": i % 4, "v": i} for i in range(20)]
+    flow = sw.Flow("delta")
+    flow.source(sw.sources.Iterable(rows)).sink(
+        sw.sinks.Delta(tmp_path, mode="upsert", key=["id"], flush_rows=6)
+    )
+    sw.testing.run_flow(flow, max_batch_size=3)
+    got = deltalake.DeltaTable(str(tmp_path)).to_pyarrow_table().to_pylist()
+    assert sorted((r["id"], r["v"]) for r in got) == [(0, 16), (1, 17), (2, 18), (3, 19)]
+    assert len(delta_log(tmp_path)) >= 4  # create + a merge per flush

@@ -56,6 +56,8 @@ class DeltaSink(StagedTableSink):
     """
 
     _extra = "delta"
+    _compression = "snappy"  # delta-rs writes snappy by default
+    _writes_unmarked = True  # write_deltalake: delta-rs's own (Rust) writer
 
     def __init__(
         self,
@@ -114,6 +116,17 @@ class DeltaSink(StagedTableSink):
         table = self._table()
         return 0 if table is None else table.transaction_version(self._app_id) or 0
 
+    def _merge(self, table: Any, source: Any, props: Any) -> None:
+        predicate = " AND ".join(f"t.`{k}` = s.`{k}`" for k in self._key)
+        (
+            table.merge(
+                source, predicate, source_alias="s", target_alias="t", commit_properties=props
+            )
+            .when_matched_update_all()
+            .when_not_matched_insert_all()
+            .execute()
+        )
+
     def _commit(self, files: list[dict[str, Any]], epoch: int | None, meta: dict[str, str]) -> None:
         dl = self._dl
         table = self._table()
@@ -122,19 +135,7 @@ class DeltaSink(StagedTableSink):
             app_transactions=None if epoch is None else [dl.Transaction(self._app_id, epoch)],
         )
         if self._mode == "upsert":
-            predicate = " AND ".join(f"t.`{k}` = s.`{k}`" for k in self._key)
-            (
-                table.merge(
-                    self._merge_source(files),
-                    predicate,
-                    source_alias="s",
-                    target_alias="t",
-                    commit_properties=props,
-                )
-                .when_matched_update_all()
-                .when_not_matched_insert_all()
-                .execute()
-            )
+            self._merge(table, self._merge_source(files), props)
             return
         now = int(self._ctx.clock.time() * 1000) if self._ctx else 0
         actions = [
@@ -152,6 +153,21 @@ class DeltaSink(StagedTableSink):
             actions,
             mode="append",
             schema=table.schema(),
+            partition_by=self._partition_by or None,
+            commit_properties=props,
+        )
+
+    def _write_unmarked(self, table: Any, meta: dict[str, str]) -> None:
+        """Without checkpoints: delta-rs writes and commits the rows in one call."""
+        dl = self._dl
+        props = dl.CommitProperties(custom_metadata=meta)
+        if self._mode == "upsert":
+            self._merge(self._table(), self._last_per_key(table), props)
+            return
+        dl.write_deltalake(
+            self._uri,
+            table,
+            mode="append",
             partition_by=self._partition_by or None,
             commit_properties=props,
         )

@@ -64,6 +64,8 @@ class StagedTableSink(Sink):
     exactly_once = True
     _extra = ""
     _keep_partition_columns = False  # Delta: no (values in the log); Iceberg: yes
+    _compression = "zstd"  # the format library's own default, so files look like its own
+    _writes_unmarked = False  # True: the library writes and commits in one call
 
     def __init__(
         self,
@@ -172,8 +174,7 @@ class StagedTableSink(Sink):
         if ctx is None:
             return
         if not ctx.checkpointing:
-            self._stage()
-            self._commit_now()
+            self._flush_unmarked()
             return
         self._buffer.clear()
         for f in self._staged:
@@ -204,9 +205,10 @@ class StagedTableSink(Sink):
             and self._buffer
             and ctx.clock.monotonic() - self._since >= self._flush_interval
         ):
-            self._stage()
-            if not ctx.checkpointing:
-                self._commit_now()
+            if ctx.checkpointing:
+                self._stage()
+            else:
+                self._flush_unmarked()
         if bad is not None:
             raise PartialWriteError(table.num_rows, bad) from bad
 
@@ -237,7 +239,7 @@ class StagedTableSink(Sink):
             os.makedirs(os.path.join(root, folder), exist_ok=True)
             path = os.path.join(folder, name)
             full = os.path.join(root, path)
-            self._pq.write_table(part, full, compression="zstd")
+            self._pq.write_table(part, full, compression=self._compression)
             _fsync(full)
             self._staged.append(
                 {
@@ -248,10 +250,28 @@ class StagedTableSink(Sink):
                 }
             )
 
-    def _commit_now(self) -> None:
-        if self._staged:
+    def _flush_unmarked(self) -> None:
+        """Without checkpoints: commit the buffer now, unmarked (at-least-once)."""
+        if not self._buffer:
+            return
+        if not self._writes_unmarked:
+            self._stage()
             self._apply({"epoch": None, "files": self._staged, "checkpoint": None}, None)
             self._staged = []
+            return
+        if not self._created:
+            self._create(self._conv.schema)
+            self._created = True
+        pa = self._conv.pa
+        table = self._buffer[0] if len(self._buffer) == 1 else pa.concat_tables(self._buffer)
+        self._buffer.clear()
+        self._rows = 0
+        self._write_unmarked(table, {"sluiceway.sink": self._app_id})
+
+    def _write_unmarked(self, table: Any, meta: dict[str, str]) -> None:
+        """With ``_writes_unmarked``: write and commit ``table`` with the format library
+        in one call (without checkpoints no staged file has to outlive the process)."""
+        raise NotImplementedError
 
     def _apply(self, item: Mapping[str, Any], checkpoint_id: int | None) -> None:
         """One table commit for an epoch's files, unless the table has it already."""
@@ -273,9 +293,14 @@ class StagedTableSink(Sink):
     def _merge_source(self, files: list[dict[str, Any]]) -> Any:
         """The rows of staged upsert files, the last one per key."""
         root = self._data_root()
-        source = self._conv.pa.concat_tables(
-            [self._pq.read_table(os.path.join(root, f["path"])) for f in files]
+        return self._last_per_key(
+            self._conv.pa.concat_tables(
+                [self._pq.read_table(os.path.join(root, f["path"])) for f in files]
+            )
         )
+
+    def _last_per_key(self, source: Any) -> Any:
+        """The rows of ``source`` that are the last of their key."""
         keys = zip(*(source.column(k).to_pylist() for k in self._key), strict=True)
         last = {k: i for i, k in enumerate(keys)}
         return source.take(sorted(last.values()))
