@@ -18,7 +18,7 @@ from lakehouse_readers import delta_log, duckdb_delta_rows  # noqa: E402
 from sluiceway.connectors.base import SinkContext  # noqa: E402
 from sluiceway.connectors.lakehouse.delta import DeltaSink, compact  # noqa: E402
 from sluiceway.runtime.messages import Batch  # noqa: E402
-from sluiceway.time import VirtualClock  # noqa: E402
+from sluiceway.time import SystemClock, VirtualClock  # noqa: E402
 
 CTX = SinkContext("flow", "out", VirtualClock(), checkpointing=True)
 APP = "sluiceway/flow/out"
@@ -200,3 +200,38 @@ def test_upsert_without_checkpoints_merges_each_flush(tmp_path: Path) -> None:
     got = deltalake.DeltaTable(str(tmp_path)).to_pyarrow_table().to_pylist()
     assert sorted((r["id"], r["v"]) for r in got) == [(0, 16), (1, 17), (2, 18), (3, 19)]
     assert len(delta_log(tmp_path)) >= 4  # create + a merge per flush
+
+
+def test_a_checkpoint_whose_staged_files_are_gone_is_a_checkpoint_error(tmp_path: Path) -> None:
+    async def crashed() -> Any:
+        sink = DeltaSink(tmp_path)
+        await sink.open(CTX)
+        await sink.write(Batch([{"id": 1}]))
+        return await sink.pre_commit(1)  # stored; died before the transaction
+
+    state = asyncio.run(crashed())
+    for f in tmp_path.glob("part-*.parquet"):
+        f.unlink()  # an over-eager orphan cleanup
+    sink = DeltaSink(tmp_path)
+    sink.restore(state)
+    with pytest.raises(sw.CheckpointError, match="lists staged files that are gone"):
+        asyncio.run(sink.open(CTX))
+
+
+@pytest.mark.slow
+def test_flush_interval_on_the_real_clock(tmp_path: Path) -> None:
+    async def go() -> int:
+        clock = SystemClock()
+        sink = DeltaSink(tmp_path, flush_interval=0.2)
+        await sink.open(SinkContext("flow", "out", clock, checkpointing=False))
+        await sink.write(Batch([{"id": 1}]))
+        before = deltalake.DeltaTable.is_deltatable(str(tmp_path))
+        await clock.sleep(0.3)
+        await sink.write(Batch([{"id": 2}]))  # the buffer is 0.3 s old: committed
+        assert not before
+        committed = len(ids(tmp_path))
+        await sink.close()
+        return committed
+
+    assert asyncio.run(asyncio.wait_for(go(), timeout=10)) == 2
+    assert ids(tmp_path) == [1, 2]

@@ -21,7 +21,7 @@ from sluiceway.connectors.base import SinkContext  # noqa: E402
 from sluiceway.connectors.lakehouse.arrow import RecordsToArrow  # noqa: E402
 from sluiceway.connectors.lakehouse.parquet import ParquetSink, compact  # noqa: E402
 from sluiceway.runtime.messages import Batch  # noqa: E402
-from sluiceway.time import VirtualClock  # noqa: E402
+from sluiceway.time import SystemClock, VirtualClock  # noqa: E402
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -242,3 +242,20 @@ def test_every_misfit_is_found_in_a_batch_of_fitting_records(bad: Any, why: str)
     assert why in str(err)
     table, err = conv.convert([{"id": None, "v": "x"}, *good])  # nullable: None is fine
     assert (table.num_rows, err) == (6, None)
+
+
+@pytest.mark.slow
+def test_files_roll_by_age_on_the_real_clock(tmp_path: Path) -> None:
+    async def go() -> list[Path]:
+        clock = SystemClock()
+        sink = ParquetSink(tmp_path, max_file_age=0.2)
+        await sink.open(SinkContext("f", "s", clock, checkpointing=False))
+        await sink.write(Batch([{"id": 1}]))
+        await clock.sleep(0.3)
+        await sink.write(Batch([{"id": 2}]))  # the file is 0.3 s old: rolled
+        rolled = visible(tmp_path)
+        await sink.close()
+        return rolled
+
+    assert len(asyncio.run(asyncio.wait_for(go(), timeout=10))) == 1
+    assert read_ids(tmp_path) == [1, 2]

@@ -280,6 +280,14 @@ class StagedTableSink(Sink):
             return
         if epoch is not None and self._mark() >= epoch:
             return  # committed before the crash
+        root = self._data_root()
+        lost = [f["path"] for f in files if not os.path.exists(os.path.join(root, f["path"]))]
+        if lost:
+            raise CheckpointError(
+                f"{self.describe()}: epoch {epoch} lists staged files that are gone "
+                f"({lost[0]!r} under {root!r}, {len(lost)} in all); were they deleted by "
+                "hand (a vacuum, an orphan-file cleanup)?  The table does not have them"
+            )
         meta = {"sluiceway.sink": self._app_id}
         if epoch is not None:
             meta["sluiceway.epoch"] = str(epoch)
