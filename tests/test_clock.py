@@ -433,3 +433,37 @@ def test_public_api_exports_the_clocks() -> None:
     assert sw.VirtualClock is VirtualClock
     assert sw.SystemClock is SystemClock
     assert sw.testing.VirtualClock is VirtualClock
+
+
+def test_the_idle_check_survives_the_ready_queue_growing_while_it_looks() -> None:
+    """A worker thread (another clock's ``run_in_thread`` finishing) may queue a callback
+    while the virtual clock checks the loop's ready queue; that once raised "deque mutated
+    during iteration" inside the clock's driver, which then stopped: every virtual sleep
+    hung (seen with three flows on three virtual clocks sharing a checkpoint store)."""
+
+    async def main() -> None:
+        clock, other = VirtualClock(), VirtualClock()
+        loop = asyncio.get_running_loop()
+        ready = loop._ready  # type: ignore[attr-defined]
+
+        class Arriving:
+            """Another clock's idle check; as it is looked at, a thread queues a callback."""
+
+            _cancelled = False
+
+            @property
+            def _callback(self) -> object:
+                ready.append(asyncio.Handle(lambda: None, (), loop))
+                return other._check_idle
+
+            def _run(self) -> None:
+                pass
+
+        sleeper = asyncio.ensure_future(clock.sleep(5))
+        await asyncio.sleep(0)  # the sleep registers its timer and starts the driver
+        ready.appendleft(Arriving())
+        clock._check_idle()  # what the loop runs: it must not raise
+        await asyncio.wait_for(sleeper, timeout=2)  # real seconds: the driver goes on
+        assert clock.monotonic() == 5
+
+    asyncio.run(main())

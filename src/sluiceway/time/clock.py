@@ -259,7 +259,10 @@ class VirtualClock(Clock):
         if ready is not None:
             # Other virtual clocks' idle checks are not work: ignoring them lets several
             # virtual clocks share one loop without keeping each other "busy" forever.
-            idle = all(_is_idle_check(h) for h in ready)
+            # A copy first: a worker thread (another clock's run_in_thread finishing)
+            # may append to the queue while Python code iterates it; the copy is one C
+            # call, under the GIL.
+            idle = all(_is_idle_check(h) for h in tuple(ready))
         else:  # an event loop without the private ready queue: settle for many hops
             self._idle_checks += 1
             idle = self._idle_checks >= 64
