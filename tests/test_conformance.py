@@ -1,6 +1,6 @@
 """Every broker connector against the one conformance suite (tests/conformance.py), on
-the real servers: Redis Streams, NATS JetStream, RabbitMQ and MQTT sources and sinks, and
-the PostgreSQL sink.  Each broker's own edge cases and its outage test are in
+the real servers: Redis Streams, NATS JetStream, RabbitMQ, MQTT and Kafka sources and
+sinks, and the PostgreSQL sink.  Each broker's own edge cases and its outage test are in
 tests/test_connector_<broker>.py.
 """
 
@@ -17,22 +17,25 @@ import pytest
 
 from conformance import IDLE, SINK_CHECKS, SOURCE_CHECKS, Harness
 from services import import_or_missing, redis_prefix, redis_url  # noqa: F401 - fixtures
+from services_kafka import KafkaTopics, kafka_bootstrap, kafka_topics  # noqa: F401 - fixtures
 from services_mqtt import MqttNames, mqtt_broker, mqtt_names  # noqa: F401 - fixtures
 from services_nats import NatsNames, nats_names, nats_url  # noqa: F401 - fixtures
 from services_postgres import pg_dsn, pg_table  # noqa: F401 - fixtures
 from services_rabbitmq import rabbitmq_queue, rabbitmq_url  # noqa: F401 - fixtures
 from sluiceway.connectors.base import Sink, Source
 
-for _module in ("redis", "nats", "aio_pika", "aiomqtt", "psycopg"):
+for _module in ("redis", "nats", "aio_pika", "aiomqtt", "psycopg", "confluent_kafka"):
     import_or_missing(_module)
 
 import aio_pika  # noqa: E402 - after the skip-or-fail check above
 import aiomqtt  # noqa: E402
+import confluent_kafka as ck  # noqa: E402
 import nats  # noqa: E402
 import psycopg  # noqa: E402
 import redis.asyncio as aioredis  # noqa: E402
 from nats.js.api import StreamConfig  # noqa: E402
 
+from sluiceway.connectors.kafka import KafkaSink, KafkaSource  # noqa: E402
 from sluiceway.connectors.mqtt import MqttSink, MqttSource  # noqa: E402
 from sluiceway.connectors.nats import NatsSink, NatsSource  # noqa: E402
 from sluiceway.connectors.postgres import PostgresSink  # noqa: E402
@@ -243,6 +246,76 @@ class Mqtt:
         return len(await self._drain(self.client, self.topic))
 
 
+class Kafka:
+    name = "kafka"
+    backlog = 3000
+
+    def __init__(self, topics: KafkaTopics) -> None:
+        self.bootstrap = topics.bootstrap
+        self.topic, self.out = topics.new(1), topics.new(1)
+        self.group = f"{self.topic}.g"
+
+    async def setup(self) -> None:
+        pass  # the topics exist; the group starts at the earliest offset
+
+    def source(self) -> Source:
+        return KafkaSource(
+            self.bootstrap, self.topic, self.group, stop_after_idle=IDLE, poll_timeout=0.1
+        )
+
+    def sink(self) -> Sink:
+        return KafkaSink(self.bootstrap, self.out)
+
+    async def publish(self, values: list[Any]) -> None:
+        def produce() -> None:
+            p = ck.Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 5})
+            for v in values:
+                p.produce(self.topic, json.dumps(v).encode())
+            assert p.flush(30) == 0
+
+        await asyncio.to_thread(produce)
+
+    async def read_output(self, n: int) -> list[Any]:
+        return await asyncio.to_thread(kafka_read, self.bootstrap, self.out, n)
+
+    async def held(self) -> int:
+        def lag() -> int:
+            c = ck.Consumer({"bootstrap.servers": self.bootstrap, "group.id": self.group})
+            try:
+                [tp] = c.committed([ck.TopicPartition(self.topic, 0)], timeout=10)
+                _, high = c.get_watermark_offsets(ck.TopicPartition(self.topic, 0), timeout=10)
+                return int(high - max(tp.offset, 0))
+            finally:
+                c.close()
+
+        return await asyncio.to_thread(lag)
+
+
+def kafka_read(
+    bootstrap: str, topic: str, n: int, *, partitions: int = 1, committed: bool = True
+) -> list[Any]:
+    """The first ``n`` JSON values of ``topic`` (read_committed), in partition order."""
+    c = ck.Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"reader-{topic}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed" if committed else "read_uncommitted",
+        }
+    )
+    try:
+        c.assign([ck.TopicPartition(topic, p, ck.OFFSET_BEGINNING) for p in range(partitions)])
+        out: list[Any] = []
+        idle = 0
+        while len(out) < n and idle < 5:
+            msgs = c.consume(min(1000, n - len(out)), 1.0)
+            idle = 0 if msgs else idle + 1
+            out += [json.loads(m.value()) for m in msgs if m.error() is None]
+        return out
+    finally:
+        c.close()
+
+
 def _session_expiry() -> Any:
     from paho.mqtt.packettypes import PacketTypes  # noqa: PLC0415
     from paho.mqtt.properties import Properties  # noqa: PLC0415
@@ -292,6 +365,7 @@ HARNESSES: dict[str, Callable[[pytest.FixtureRequest], Harness]] = {
         rq.getfixturevalue("rabbitmq_url"), rq.getfixturevalue("rabbitmq_queue")
     ),
     "mqtt": lambda rq: Mqtt(rq.getfixturevalue("mqtt_names")),
+    "kafka": lambda rq: Kafka(rq.getfixturevalue("kafka_topics")),
 }
 SINKS: dict[str, Callable[[pytest.FixtureRequest], Harness]] = {
     **HARNESSES,

@@ -194,7 +194,13 @@ class Flow:
                 f"this {source.describe()} source object is already used by {prior.describe()}; "
                 "create one source object per flow.source() call"
             )
-        node = self._add(SourceSpec(source, on_error), [], name, f"source_{_class_label(source)}")
+        node = self._add(
+            SourceSpec(source, on_error),
+            [],
+            name,
+            f"source_{_class_label(source)}",
+            timestamped=bool(source.event_time),
+        )
         self._sources[id(source)] = node
         return Stream(self, node)
 

@@ -19,6 +19,7 @@ __all__ = [
 
 
 if TYPE_CHECKING:  # the lazy names below, typed for mypy and editors
+    from sluiceway.connectors.kafka import KafkaSink
     from sluiceway.connectors.lakehouse.delta import DeltaSink
     from sluiceway.connectors.lakehouse.iceberg import IcebergSink
     from sluiceway.connectors.lakehouse.parquet import ParquetSink
@@ -30,6 +31,7 @@ if TYPE_CHECKING:  # the lazy names below, typed for mypy and editors
 
     Delta = DeltaSink
     Iceberg = IcebergSink
+    Kafka = KafkaSink
     Mqtt = MqttSink
     NatsJetStream = NatsSink
     Parquet = ParquetSink
@@ -41,6 +43,7 @@ if TYPE_CHECKING:  # the lazy names below, typed for mypy and editors
 # client libraries (they are extras: ``pip install 'sluiceway[nats]'`` and so on).
 _LAZY: dict[str, str] = {
     # "Name": "sluiceway.connectors.<module>",
+    "Kafka": "sluiceway.connectors.kafka:KafkaSink",
     "NatsJetStream": "sluiceway.connectors.nats:NatsSink",
     "RabbitMQ": "sluiceway.connectors.rabbitmq:RabbitMQSink",
     "Postgres": "sluiceway.connectors.postgres",

@@ -21,6 +21,7 @@ __all__ = [
 
 
 if TYPE_CHECKING:  # the lazy names below, typed for mypy and editors
+    from sluiceway.connectors.kafka import KafkaSource
     from sluiceway.connectors.lakehouse.sources import DeltaSource, IcebergSource, ParquetSource
     from sluiceway.connectors.mqtt import MqttSource
     from sluiceway.connectors.nats import NatsSource
@@ -29,6 +30,7 @@ if TYPE_CHECKING:  # the lazy names below, typed for mypy and editors
 
     Delta = DeltaSource
     Iceberg = IcebergSource
+    Kafka = KafkaSource
     Mqtt = MqttSource
     NatsJetStream = NatsSource
     Parquet = ParquetSource
@@ -39,6 +41,7 @@ if TYPE_CHECKING:  # the lazy names below, typed for mypy and editors
 # client libraries (they are extras: ``pip install 'sluiceway[nats]'`` and so on).
 _LAZY: dict[str, str] = {
     # "Name": "sluiceway.connectors.<module>",
+    "Kafka": "sluiceway.connectors.kafka:KafkaSource",
     "NatsJetStream": "sluiceway.connectors.nats:NatsSource",
     "RabbitMQ": "sluiceway.connectors.rabbitmq:RabbitMQSource",
     "Mqtt": "sluiceway.connectors.mqtt:MqttSource",

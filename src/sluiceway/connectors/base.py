@@ -77,6 +77,9 @@ class SinkContext:
     restored: bool = False
     """True when the run resumes from a checkpoint: what earlier runs wrote must stay
     (a sink that empties its target on a fresh start must not do it now)."""
+    sources: tuple[Source, ...] = ()
+    """The flow's sources: a transactional sink that commits their positions together with
+    its output (Kafka's consume-transform-produce) finds its own kind among them."""
 
 
 class Source(ABC):
@@ -114,6 +117,25 @@ class Source(ABC):
         (an ``Iterable`` over a generator) overrides it: a flow with checkpoints refuses
         it at start, not at the restart that would need it."""
         return type(self).restore is not Source.restore
+
+    event_time: bool = False
+    """True when the source stamps its records with event time itself: its batches carry
+    ``timestamps`` and ``watermarks`` (the watermark before each record), and
+    :meth:`watermark` says where the watermark stands after a pull.  The flow then treats
+    its stream as timestamped (windows may follow without ``with_timestamps``)."""
+
+    def watermark(self) -> float | None:
+        """The source's event-time watermark now (microseconds; None: none yet).  Read by
+        the runtime after every pull of an ``event_time`` source, also an empty one, so a
+        watermark may advance without records (an idle partition stops holding it back);
+        a :class:`~sluiceway.runtime.messages.Watermark` goes downstream when it rose."""
+        return None
+
+    def hold(self, full: bool) -> None:  # noqa: B027 - optional hook
+        """Backpressure news: ``full=True`` when the stage the source feeds has no room and
+        the runtime stops pulling until it has; ``full=False`` when pulling resumes.  A
+        broker source whose client prefetches in the background pauses its fetching
+        here, so a saturated flow leaves the backlog in the broker."""
 
     async def commit(self, position: Any) -> None:  # noqa: B027 - optional hook
         """A checkpoint holding ``position`` is complete: records before it will never be
@@ -166,6 +188,15 @@ class Sink(ABC):
 
     async def commit(self, checkpoint_id: int, state: Any) -> None:  # noqa: B027
         """The checkpoint for which :meth:`pre_commit` returned ``state`` is stored."""
+
+    def committed(self, state: Any) -> bool:
+        """At a restart, before :meth:`restore`: did :meth:`commit` run for the checkpoint
+        whose :meth:`pre_commit` returned ``state``?  A sink whose commit cannot be redone
+        later (a Kafka transaction is aborted when its producer dies) says False when the
+        process died between storing that checkpoint and committing; the runtime then
+        restores the checkpoint before it, and the replay writes the lost output again.
+        Default True (a sink whose restore takes back what was written needs nothing)."""
+        return True
 
     def restore(self, state: Any) -> None:  # noqa: B027 - optional hook
         """Called before :meth:`open` when the flow restarts from a checkpoint, with what

@@ -171,15 +171,9 @@ class Coordinator:
         if ckpt is None:
             return None
         self._check_compatible(ckpt)
+        ckpt, values = self._committed(ckpt)
         where = f"checkpoint {ckpt.info.id} in {self.store.path}"
-        for name, st in ckpt.states.items():
-            try:
-                value = pickle.loads(st.data)
-            except Exception as exc:
-                raise CheckpointError(
-                    f"{where}: the state of operator {name!r} cannot be loaded: "
-                    f"{type(exc).__name__}: {exc}"
-                ) from exc
+        for name, value in values.items():
             if name in self.sources:
                 self.sources[name].restore(value)
             elif value is not None:
@@ -187,6 +181,53 @@ class Coordinator:
         self.stats.restored_from = ckpt.info.id
         log.info("flow %r restored from checkpoint %d (%s)", self.flow.name, ckpt.info.id, where)
         return ckpt
+
+    def _load(self, ckpt: Checkpoint) -> dict[str, Any]:
+        assert self.store is not None
+        values: dict[str, Any] = {}
+        for name, st in ckpt.states.items():
+            try:
+                values[name] = pickle.loads(st.data)
+            except Exception as exc:
+                raise CheckpointError(
+                    f"checkpoint {ckpt.info.id} in {self.store.path}: the state of operator "
+                    f"{name!r} cannot be loaded: {type(exc).__name__}: {exc}"
+                ) from exc
+        return values
+
+    def _committed(self, ckpt: Checkpoint) -> tuple[Checkpoint, dict[str, Any]]:
+        """``ckpt``, or the newest earlier one, whose sinks all committed it.
+
+        A process that died between storing a checkpoint and its sinks' commit leaves a
+        checkpoint whose output a sink may have lost (a Kafka transaction is aborted when
+        its producer dies): :meth:`Sink.committed` says so, and the checkpoint before it
+        is restored instead, so that the replay writes that output again."""
+        assert self.store is not None
+        values = self._load(ckpt)
+        refused = [n for n, sink in self.sinks.items() if not sink.committed(values.get(n))]
+        if not refused:
+            return ckpt, values
+        older = [
+            info.id
+            for info, problem in self.store.list()
+            if info.flow == self.flow.name and info.id < ckpt.info.id and problem is None
+        ]
+        if not older:
+            raise CheckpointError(
+                f"checkpoint {ckpt.info.id} in {self.store.path} was stored, but sink(s) "
+                f"{', '.join(map(repr, refused))} never committed it and no earlier "
+                "checkpoint is kept to go back to; start over with `sluiceway checkpoints "
+                "reset`"
+            )
+        log.warning(
+            "flow %r: sink(s) %s did not commit checkpoint %d before the process ended; "
+            "restoring checkpoint %d, the one before, to write that output again",
+            self.flow.name,
+            ", ".join(map(repr, refused)),
+            ckpt.info.id,
+            max(older),
+        )
+        return self._committed(self.store.load(max(older)))
 
     def _check_compatible(self, ckpt: Checkpoint) -> None:
         stored = {name: st.kind for name, st in ckpt.states.items()}

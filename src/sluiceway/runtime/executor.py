@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import signal
 from collections.abc import Awaitable, Callable
@@ -42,7 +43,7 @@ from sluiceway.plan import PhysicalPlan, StagePlan, plan
 from sluiceway.policies import DeadLetter, DeadLetterRecord, Retry
 from sluiceway.runtime.channel import ChannelReader, ChannelWriter, Overflow, open_channel
 from sluiceway.runtime.checkpointing import Checkpoints, CheckpointStats, Coordinator
-from sluiceway.runtime.messages import Barrier, Batch
+from sluiceway.runtime.messages import Barrier, Batch, Watermark
 from sluiceway.time import Clock, SystemClock, TimerHandle, yield_now
 
 __all__ = ["Executor", "RunResult"]
@@ -123,6 +124,7 @@ class _SourceStage(_Stage):
         self.sheds = [w for w in writers if w.overflow is not Overflow.BLOCK]
         # Steps that pace records (rate_limit) cap the pull too (Step.demand).
         self.demanders = [s for s in steps if type(s).demand is not Step.demand]
+        self.wm = -math.inf  # the watermark an event-time source last passed on
         self.barrier: int | None = None  # a checkpoint to start at the next batch boundary
         self.barrier_cancel = False
         self.signal: asyncio.Future[None] | None = None
@@ -172,7 +174,11 @@ class _SourceStage(_Stage):
         for w in self.sends:
             low_water = min(n, max(1, w.capacity // 2))
             if w.room < low_water:
-                await w.wait_for_room(low_water)
+                self.source.hold(True)
+                try:
+                    await w.wait_for_room(low_water)
+                finally:
+                    self.source.hold(False)
             n = min(n, w.room)
         for w in self.sheds:
             if w.room:
@@ -183,9 +189,18 @@ class _SourceStage(_Stage):
                 n = min(n, d)
         return max(1, n)
 
+    async def _watermark(self) -> None:
+        """After a pull of an event-time source: pass its watermark on when it rose."""
+        wm = self.source.watermark()
+        if wm is not None and wm > self.wm:
+            self.wm = wm
+            self.head.metrics.watermark = wm / 1e6
+            await self.head.control(Watermark(wm))
+
     async def _run(self) -> object:
         ex, head, source = self.ex, self.head, self.source
         clock, latency = ex.clock, head.metrics.latency
+        event_time = source.event_time
         task = self.task
         assert task is not None
         try:
@@ -216,6 +231,8 @@ class _SourceStage(_Stage):
                     t0 = clock.monotonic()
                     await head.push(batch)
                     latency.observe(clock.monotonic() - t0, len(batch.values))
+                if event_time:
+                    await self._watermark()
                 await yield_now()
         except (SluicewayError, asyncio.CancelledError):
             raise
@@ -513,8 +530,9 @@ class Executor:
             name = f"dead_letter_{w.sink.describe()}"
             await w.sink.open(SinkContext(flow, name, clock, restored=restored))
             opened.append(w.sink)
+        sources = tuple(source for _, source in self._sources)
         for node, sink in self._sinks:
-            await sink.open(SinkContext(flow, node.name, clock, checkpointing, restored))
+            await sink.open(SinkContext(flow, node.name, clock, checkpointing, restored, sources))
             opened.append(sink)
         for node, source in self._sources:
             spec = node.spec
