@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import importlib.machinery
 import importlib.util
+import logging
 import shutil
 import signal
 import tempfile
@@ -38,10 +39,13 @@ from services import free_port, service_missing
 __all__ = [
     "KafkaServer",
     "KafkaTopics",
+    "committed_offsets",
     "kafka_bootstrap",
     "kafka_topic",
     "kafka_topics",
     "own_kafka",
+    "produce",
+    "read_topic",
 ]
 
 SHARED_HOST = "127.0.0.1"
@@ -149,15 +153,18 @@ class KafkaTopics:
         from confluent_kafka.admin import AdminClient  # noqa: PLC0415 - Kafka tests only
 
         self.bootstrap = bootstrap
-        self.admin = AdminClient({"bootstrap.servers": bootstrap})
+        self.admin = AdminClient({"bootstrap.servers": bootstrap, "logger": _quiet})
         self.made: list[str] = []
 
-    def new(self, partitions: int = 1, *, prefix: str = "swtest") -> str:
+    def new(
+        self, partitions: int = 1, *, prefix: str = "swtest", config: dict[str, str] | None = None
+    ) -> str:
         """A fresh topic with ``partitions`` partitions (created, ready to use)."""
         from confluent_kafka.admin import NewTopic  # noqa: PLC0415
 
         name = f"{prefix}-{uuid.uuid4().hex[:12]}"
-        futures = self.admin.create_topics([NewTopic(name, partitions, 1)], operation_timeout=30)
+        topic = NewTopic(name, partitions, 1, config=config or {})
+        futures = self.admin.create_topics([topic], operation_timeout=30)
         for f in futures.values():
             f.result(timeout=30)
         self.made.append(name)
@@ -171,6 +178,95 @@ class KafkaTopics:
             with contextlib.suppress(Exception):  # already gone is fine at cleanup
                 f.result(timeout=30)
         self.made.clear()
+
+
+# -- raw client helpers (tests read and write with confluent-kafka itself) ----------------
+
+
+def produce(
+    bootstrap: str,
+    topic: str,
+    values: list[Any],
+    *,
+    partition: int | None = None,
+    timestamps_ms: list[int] | None = None,
+    raw: bool = False,
+) -> None:
+    """Write ``values`` (JSON, or bytes as they are with ``raw``) in order and wait."""
+    import json  # noqa: PLC0415
+
+    import confluent_kafka as ck  # noqa: PLC0415
+
+    p = ck.Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "logger": _quiet})
+    for i, v in enumerate(values):
+        kw: dict[str, Any] = {}
+        if partition is not None:
+            kw["partition"] = partition
+        if timestamps_ms is not None:
+            kw["timestamp"] = timestamps_ms[i]
+        p.produce(topic, v if raw else json.dumps(v).encode(), **kw)
+        p.poll(0)
+    assert p.flush(30) == 0, "records not delivered"
+
+
+def read_topic(
+    bootstrap: str,
+    topic: str,
+    *,
+    partitions: int = 1,
+    committed: bool = True,
+    expect: int | None = None,
+    quiet_for: float = 2.0,
+) -> list[Any]:
+    """Every record of ``topic`` (``read_committed`` unless ``committed=False``) as
+    ``(partition, offset, key, value)``, read until ``expect`` came or ``quiet_for``
+    seconds brought nothing."""
+    import confluent_kafka as ck  # noqa: PLC0415
+
+    c = ck.Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"reader-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed" if committed else "read_uncommitted",
+            "logger": _quiet,
+        }
+    )
+    try:
+        c.assign([ck.TopicPartition(topic, p, ck.OFFSET_BEGINNING) for p in range(partitions)])
+        out: list[Any] = []
+        quiet = 0.0
+        while (expect is None or len(out) < expect) and quiet < quiet_for:
+            msgs = c.consume(1000, 0.25)
+            quiet = 0.0 if msgs else quiet + 0.25
+            for m in msgs:
+                if m.error() is None:
+                    out.append((m.partition(), m.offset(), m.key(), m.value()))
+        return out
+    finally:
+        c.close()
+
+
+def committed_offsets(bootstrap: str, group: str, topic: str, partitions: int = 1) -> list[int]:
+    """The group's committed offset per partition (-1001 where none)."""
+    import confluent_kafka as ck  # noqa: PLC0415
+
+    c = ck.Consumer({"bootstrap.servers": bootstrap, "group.id": group, "logger": _quiet})
+    try:
+        tps = c.committed([ck.TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+        return [tp.offset for tp in tps]
+    finally:
+        c.close()
+
+
+class _Quiet:
+    """A logger for raw clients in tests: librdkafka's chatter at DEBUG."""
+
+    def log(self, level: int, msg: str, *args: object) -> None:
+        logging.getLogger("tests.kafka").debug(msg, *args)
+
+
+_quiet = _Quiet()
 
 
 # -- pytest fixtures -------------------------------------------------------------------

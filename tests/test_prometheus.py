@@ -150,6 +150,7 @@ def test_metric_families_names_labels_and_values() -> None:
         "sluiceway_watermark_seconds": "gauge",
         "sluiceway_circuit_open": "gauge",
         "sluiceway_source_backlog": "gauge",
+        "sluiceway_source_partition_backlog": "gauge",
         "sluiceway_stage_latency_seconds": "gauge",
         "sluiceway_operator_processing_seconds": "gauge",
         "sluiceway_channel_fill": "gauge",
@@ -196,8 +197,8 @@ def test_collector_reads_the_snapshot_at_every_collect() -> None:
 
     collector = FlowCollector(snap)
     assert calls == []  # nothing read until a scrape
-    assert len(list(collector.collect())) == 17
-    assert len(list(collector.collect())) == 17
+    assert len(list(collector.collect())) == 18
+    assert len(list(collector.collect())) == 18
     assert len(calls) == 2
 
 

@@ -147,6 +147,12 @@ class Source(ABC):
         ``backlog`` of the source's operator), never on the hot path."""
         return None
 
+    def partition_backlog(self) -> dict[str, int] | None:
+        """The backlog per partition of the input, for a partitioned source (Kafka:
+        ``{"topic:partition": lag}``); None when unknown.  Read by the metrics like
+        :meth:`backlog` (``sluiceway_source_partition_backlog``)."""
+        return None
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources.  Called once, also after errors and cancellation."""
 

@@ -198,6 +198,13 @@ def _config(config: Mapping[str, ConfigValue] | None, what: str) -> dict[str, Co
     return out
 
 
+def _check_bootstrap(bootstrap_servers: object, what: str) -> None:
+    if not (isinstance(bootstrap_servers, str) and bootstrap_servers):
+        raise ValueError(
+            f"{what} bootstrap_servers must be 'host:port[,...]', got {bootstrap_servers!r}"
+        )
+
+
 def _tp(topic: str, partition: int) -> str:
     """A partition's name in positions and metrics: ``topic:partition`` (``:`` is not
     allowed in topic names)."""
@@ -315,10 +322,7 @@ class KafkaSource(Source):
         config: Mapping[str, ConfigValue] | None = None,
     ) -> None:
         what = "sources.Kafka"
-        if not (isinstance(bootstrap_servers, str) and bootstrap_servers):
-            raise ValueError(
-                f"{what} bootstrap_servers must be 'host:port[,...]', got {bootstrap_servers!r}"
-            )
+        _check_bootstrap(bootstrap_servers, what)
         names = [topics] if isinstance(topics, str) else list(topics)
         if not names or not all(isinstance(t, str) and t for t in names):
             raise ValueError(
@@ -386,6 +390,7 @@ class KafkaSource(Source):
         """Set by a transactional Kafka sink that commits this source's offsets in its
         transactions: :meth:`commit` then leaves them to it."""
         self._backlog_at = -_INF
+        self._lag_query: asyncio.Future[None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -435,9 +440,10 @@ class KafkaSource(Source):
         consumer = self._consumer
         if consumer is None:
             return
-        if self._fetch is not None:  # a cancelled fetch still runs in its thread
-            await asyncio.wait([self._fetch])
-            self._fetch = None
+        for pending in (self._fetch, self._lag_query):  # calls still running in threads
+            if pending is not None:
+                await asyncio.wait([pending])
+        self._fetch = None
         assert self._ctx is not None
         await self._ctx.clock.run_in_thread(consumer.close)
 
@@ -581,9 +587,15 @@ class KafkaSource(Source):
         return None if lags is None else sum(lags.values())
 
     def partition_backlog(self) -> dict[str, int] | None:
-        """The lag of every owned partition (``"topic:partition"`` -> records)."""
-        if not self._parts:
+        """The lag of every owned partition (``"topic:partition"`` -> records): the end
+        offset librdkafka last saw in a fetch response minus the next offset to hand out
+        (refreshed at most once a second, from librdkafka's cache: no network)."""
+        if not self._parts or self._ctx is None or self._closed:
             return None
+        now = self._ctx.clock.monotonic()
+        if now - self._backlog_at >= _BACKLOG_EVERY:  # local reads, no network
+            self._backlog_at = now
+            self._refresh_lag()
         out: dict[str, int] = {}
         for tp, part in list(self._parts.items()):
             lag = part.lag()
@@ -595,12 +607,16 @@ class KafkaSource(Source):
         consumer = self._consumer
         if consumer is None:
             return
+        unknown: list[tuple[str, int]] = []
         for (t, p), part in list(self._parts.items()):
+            low: int | None
+            high: int | None
             try:
-                _low, high = consumer.get_watermark_offsets(ck.TopicPartition(t, p), cached=True)
+                low, high = consumer.get_watermark_offsets(ck.TopicPartition(t, p), cached=True)
             except ck.KafkaException:
-                continue
+                low = high = None
             if high is None or high < 0:
+                unknown.append((t, p))
                 continue
             part.high = high
             if part.next_offset is None:  # nothing handed out yet: lag from the position
@@ -610,6 +626,34 @@ class KafkaSource(Source):
                     continue
                 if pos >= 0:
                     part.start = pos
+                elif part.start is None:
+                    part.start = self._reset_start(low, high)
+        if unknown and self._lag_query is None:
+            # Not fetched yet (paused, or behind others): ask the broker, in a thread.
+            loop = asyncio.get_running_loop()
+            self._lag_query = loop.run_in_executor(None, self._query_ends, consumer, unknown)
+
+    def _reset_start(self, low: int | None, high: int | None) -> int | None:
+        """Where a partition nothing was handed out of starts, while the consumer has no
+        position for it yet: where ``auto_offset_reset`` points."""
+        return None if low is None or low < 0 else (low if self._reset == "earliest" else high)
+
+    def _query_ends(self, consumer: ck.Consumer, tps: list[tuple[str, int]]) -> None:
+        try:
+            for t, p in tps:
+                try:
+                    low, high = consumer.get_watermark_offsets(
+                        ck.TopicPartition(t, p), timeout=2.0, cached=False
+                    )
+                except ck.KafkaException:
+                    continue
+                part = self._parts.get((t, p))
+                if part is not None and high is not None and high >= 0:
+                    part.high = high
+                    if part.start is None and part.next_offset is None:
+                        part.start = self._reset_start(low, high)
+        finally:
+            self._lag_query = None
 
     # -- event time --------------------------------------------------------------------
 
@@ -682,9 +726,6 @@ class KafkaSource(Source):
             if self._errors.fatal is not None:
                 raise KafkaError(f"{self._errors.what}: fatal Kafka error: {self._errors.fatal}")
             now = clock.monotonic()
-            if now - self._backlog_at >= _BACKLOG_EVERY:
-                self._backlog_at = now
-                self._refresh_lag()
             if not self._buffer:
                 self._advance_idle()
                 idle = self._stop_after_idle
@@ -883,10 +924,7 @@ class KafkaSink(Sink):
         config: Mapping[str, ConfigValue] | None = None,
     ) -> None:
         what = "sinks.Kafka"
-        if not (isinstance(bootstrap_servers, str) and bootstrap_servers):
-            raise ValueError(
-                f"{what} bootstrap_servers must be 'host:port[,...]', got {bootstrap_servers!r}"
-            )
+        _check_bootstrap(bootstrap_servers, what)
         if not (isinstance(topic, str) and topic):
             raise ValueError(f"{what} topic must be a non-empty str, got {topic!r}")
         for name, fn in (

@@ -86,7 +86,9 @@ def metric_families(snapshot: FlowSnapshot) -> list[Metric]:
     _total``.  Gauges per operator: ``sluiceway_window_state`` (open windows),
     ``sluiceway_watermark_seconds`` (only once the operator has seen a watermark) and
     ``sluiceway_circuit_open`` (only operators with a circuit breaker; 1 while open),
-    ``sluiceway_source_backlog`` (only sources that know it: a file's unread bytes).
+    ``sluiceway_source_backlog`` (only sources that know it: a file's unread bytes) and
+    ``sluiceway_source_partition_backlog`` (label ``partition``: a Kafka source's lag per
+    partition).
     Per channel (labels ``flow``, ``edge``): gauges ``sluiceway_channel_fill`` and
     ``sluiceway_channel_capacity``, counters ``sluiceway_channel_blocked_seconds_total``
     and ``sluiceway_channel_dropped_total``.  With checkpoints (label ``flow``):
@@ -134,8 +136,15 @@ def metric_families(snapshot: FlowSnapshot) -> list[Metric]:
         "Input waiting to be read by the source, when it knows (bytes of a file).",
         labels=_OPERATOR_LABELS,
     )
+    partition_backlog = GaugeMetricFamily(
+        "sluiceway_source_partition_backlog",
+        "Records waiting in one partition of a partitioned source (a Kafka source's lag).",
+        labels=[*_OPERATOR_LABELS, "partition"],
+    )
     for op in snapshot.operators:
         labels = [flow, op.name, op.kind]
+        for partition, lag in op.partition_backlog:
+            partition_backlog.add_metric([*labels, partition], lag)
         if not math.isnan(op.latency_p50):
             for q, v in (
                 ("0.5", op.latency_p50),
@@ -157,7 +166,7 @@ def metric_families(snapshot: FlowSnapshot) -> list[Metric]:
             circuit.add_metric(labels, 1.0 if op.circuit_state == "open" else 0.0)
         if op.backlog is not None:
             backlog.add_metric(labels, op.backlog)
-    families += [state, watermark, circuit, backlog, latency, processing]
+    families += [state, watermark, circuit, backlog, partition_backlog, latency, processing]
 
     fill = GaugeMetricFamily(
         "sluiceway_channel_fill", "Records queued in the channel now.", labels=_CHANNEL_LABELS

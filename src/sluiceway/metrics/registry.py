@@ -106,6 +106,8 @@ class OperatorSnapshot:
     circuit_state: str = ""
     circuit_opens: int = 0
     backlog: int | None = None
+    partition_backlog: tuple[tuple[str, int], ...] = ()
+    """A partitioned source's backlog per partition (``("topic:partition", lag)``)."""
     latency_p50: float = math.nan
     latency_p95: float = math.nan
     latency_p99: float = math.nan
@@ -208,6 +210,7 @@ class MetricsRegistry:
         self._channels: dict[str, ChannelReader] = {}
         self._feeds: dict[str, str] = {}
         self._backlogs: dict[str, Callable[[], int | None]] = {}
+        self._partition_backlogs: dict[str, Callable[[], dict[str, int] | None]] = {}
         self._checkpoints: Callable[[], CheckpointSnapshot] | None = None
 
     def add_checkpoints(self, read: Callable[[], CheckpointSnapshot]) -> None:
@@ -221,9 +224,27 @@ class MetricsRegistry:
             m = self._operators[name] = OperatorMetrics(name, kind, stage)
         return m
 
-    def add_backlog(self, operator: str, backlog: Callable[[], int | None]) -> None:
-        """Register how to read a source's backlog (called at snapshot time)."""
+    def add_backlog(
+        self,
+        operator: str,
+        backlog: Callable[[], int | None],
+        per_partition: Callable[[], dict[str, int] | None] | None = None,
+    ) -> None:
+        """Register how to read a source's backlog, in total and per partition (called
+        at snapshot time)."""
         self._backlogs[operator] = backlog
+        if per_partition is not None:
+            self._partition_backlogs[operator] = per_partition
+
+    def _partition_backlog(self, name: str) -> tuple[tuple[str, int], ...]:
+        read = self._partition_backlogs.get(name)
+        if read is None:
+            return ()
+        try:
+            lags = read()
+        except (OSError, ValueError):
+            return ()
+        return () if not lags else tuple(sorted(lags.items()))
 
     def add_channel(self, reader: ChannelReader, feeds: str) -> None:
         """Register a channel and the operator it feeds."""
@@ -260,6 +281,7 @@ class MetricsRegistry:
                 circuit_state=m.circuit_state,
                 circuit_opens=m.circuit_opens,
                 backlog=self._backlog(m.name),
+                partition_backlog=self._partition_backlog(m.name),
                 latency_p50=m.latency.percentile(50),
                 latency_p95=m.latency.percentile(95),
                 latency_p99=m.latency.percentile(99),

@@ -428,7 +428,9 @@ class Executor:
                     steps[parent.id].children.append(step)
             if isinstance(node.spec, SourceSpec):
                 self._sources.append((node, node.spec.source))
-                self.metrics.add_backlog(node.name, node.spec.source.backlog)
+                self.metrics.add_backlog(
+                    node.name, node.spec.source.backlog, node.spec.source.partition_backlog
+                )
             elif isinstance(node.spec, SinkSpec):
                 self._sinks.append((node, node.spec.sink))
         for node in flow.nodes:  # side outputs (branch, late records) last, in port order

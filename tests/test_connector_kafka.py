@@ -1,0 +1,410 @@
+"""Kafka connectors against a real Apache Kafka broker (KRaft), see services_kafka.py.
+
+The conformance checks (order, credit, ack after durable handling, redelivery, clean
+close, resume) run in test_conformance.py.  Here: what is particular to Kafka -- keys,
+headers, timestamps and metadata, deserialisers, bad payloads (dead-lettered with their
+topic/partition/offset), per-partition watermarks and idle partitions, lag metrics,
+consumer groups and rebalances, the sink's delivery errors, exactly-once transactions
+under SIGKILL, and a broker SIGKILLed and restarted under a running flow.
+
+Every test uses its own topics (``kafka_topics``, deleted afterwards) and groups named
+after them; only the outage test starts a broker of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import services_kafka
+from services import import_or_missing
+from services_kafka import KafkaTopics, committed_offsets, produce
+
+kafka_bootstrap = services_kafka.kafka_bootstrap
+kafka_topic = services_kafka.kafka_topic
+kafka_topics = services_kafka.kafka_topics
+own_kafka = services_kafka.own_kafka
+
+import_or_missing("confluent_kafka")
+
+import sluiceway as sw  # noqa: E402 - after the skip-or-fail check above
+from sluiceway.connectors.kafka import (  # noqa: E402
+    KafkaRecord,
+    KafkaSink,
+    KafkaSinkError,
+    KafkaSource,
+)
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def source(bootstrap: str, topic: str, **kw: Any) -> KafkaSource:
+    kw.setdefault("stop_after_idle", 0.5)
+    kw.setdefault("poll_timeout", 0.1)
+    return KafkaSource(bootstrap, topic, kw.pop("group", f"{topic}.g"), **kw)
+
+
+async def eventually(cond: Any, within: float = 20.0) -> None:
+    deadline = time.monotonic() + within
+    while not cond():
+        assert time.monotonic() < deadline, "timed out waiting"
+        await asyncio.sleep(0.01)
+
+
+# -- registration ----------------------------------------------------------------------
+
+
+def test_public_names_resolve_lazily() -> None:
+    code = (
+        "import sys, sluiceway as sw\n"
+        "assert 'confluent_kafka' not in sys.modules\n"
+        "from sluiceway.connectors.kafka import KafkaSource, KafkaSink\n"
+        "assert sw.sources.Kafka is KafkaSource and sw.sinks.Kafka is KafkaSink\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
+
+
+def test_bad_arguments_name_the_fix() -> None:
+    with pytest.raises(ValueError, match="auto_offset_reset must be 'earliest' or 'latest'"):
+        KafkaSource("h:1", "t", "g", auto_offset_reset="first")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="value must be 'bytes', 'utf-8', 'json' or a function"):
+        KafkaSource("h:1", "t", "g", value="yaml")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="topics must be a topic name"):
+        KafkaSource("h:1", [], "g")
+    with pytest.raises(TypeError, match="option 'acks' must map a name"):
+        KafkaSink("h:1", "t", config={"acks": None})  # type: ignore[dict-item]
+
+
+def test_exactly_once_needs_checkpoints(kafka_bootstrap: str, kafka_topic: str) -> None:
+    flow = sw.Flow("eos-no-ck")
+    flow.source(sw.sources.Iterable([1])).sink(
+        KafkaSink(kafka_bootstrap, kafka_topic, exactly_once=True)
+    )
+    with pytest.raises(ValueError, match="exactly_once=True needs checkpoints"):
+        sw.run(flow, handle_signals=False)
+
+
+# -- records: keys, headers, timestamps, metadata, decoding ----------------------------------
+
+
+def test_keys_headers_timestamps_and_partition_by_key(
+    kafka_bootstrap: str, kafka_topics: KafkaTopics
+) -> None:
+    topic = kafka_topics.new(3)
+    values = [{"user": f"u{i % 5}", "i": i, "ts": 1_700_000_000 + i} for i in range(60)]
+    flow = sw.Flow("kafka-meta")
+    (
+        flow.source(sw.sources.Iterable(values))
+        .with_timestamps(lambda v: v["ts"])
+        .sink(
+            KafkaSink(
+                kafka_bootstrap,
+                topic,
+                key=lambda v: v["user"],
+                headers=lambda v: {"i": str(v["i"])},
+            )
+        )
+    )
+    sw.run(flow, handle_signals=False, max_batch_size=7)
+    out: sw.sinks.Collect[KafkaRecord] = sw.sinks.Collect()
+    read = sw.Flow("kafka-meta-read")
+    read.source(source(kafka_bootstrap, topic, include_metadata=True, key="utf-8"), name="in").sink(
+        out
+    )
+    sw.run(read, handle_signals=False)
+    got = sorted(out.items, key=lambda r: r.value["i"])
+    assert [r.value for r in got] == values
+    partition_of: dict[str, int] = {}
+    for r in got:
+        assert r.key == r.value["user"]
+        assert partition_of.setdefault(r.key, r.partition) == r.partition  # one per key
+        assert r.headers == (("i", str(r.value["i"]).encode()),)
+        assert r.timestamp == r.value["ts"]  # the event time became the record timestamp
+        assert r.topic == topic
+    assert len(set(partition_of.values())) > 1
+    # Offsets are per partition, 0.. in order.
+    for p in set(partition_of.values()):
+        offs = [r.offset for r in sorted(got, key=lambda r: r.offset) if r.partition == p]
+        assert offs == list(range(len(offs)))
+
+
+@pytest.mark.parametrize(
+    ("how", "expect"),
+    [
+        ("utf-8", "héllo"),
+        ("bytes", "héllo".encode()),
+        (lambda b: b[::-1], "olléh".encode()[::-1][::-1]),
+    ],
+)
+def test_value_deserialisers(kafka_bootstrap: str, kafka_topic: str, how: Any, expect: Any) -> None:
+    produce(kafka_bootstrap, kafka_topic, ["héllo".encode()], raw=True)
+    out: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    flow = sw.Flow("kafka-decode")
+    flow.source(source(kafka_bootstrap, kafka_topic, value=how)).sink(out)
+    sw.run(flow, handle_signals=False)
+    want = "héllo".encode()[::-1] if callable(how) else expect
+    assert out.items == [want]
+
+
+def test_record_timestamps_are_the_event_time(kafka_bootstrap: str, kafka_topic: str) -> None:
+    """Windows straight on the source: event time from the Kafka timestamps."""
+    base = 1_700_000_000_000
+    ts = [base + 100, base + 900, base + 1_100, base + 2_500, base + 1_200]
+    produce(kafka_bootstrap, kafka_topic, [{"i": i} for i in range(5)], timestamps_ms=ts)
+    out: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    flow = sw.Flow("kafka-et")
+    (
+        flow.source(source(kafka_bootstrap, kafka_topic, max_out_of_orderness=1.0))
+        .window(sw.windows.Tumbling(1.0))
+        .aggregate(n=sw.agg.count())
+        .sink(out)
+    )
+    sw.run(flow, handle_signals=False)
+    assert sorted((w.start - base / 1000, w.value["n"]) for w in out.items) == [
+        (0.0, 2),
+        (1.0, 2),
+        (2.0, 1),
+    ]
+
+
+def test_timestamps_from_the_value(kafka_bootstrap: str, kafka_topic: str) -> None:
+    produce(kafka_bootstrap, kafka_topic, [{"t": 10.5}, {"t": 11.2}, {"t": 12.0}])
+    out: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    flow = sw.Flow("kafka-et-value")
+    (
+        flow.source(source(kafka_bootstrap, kafka_topic, timestamp=lambda v: v["t"]))
+        .window(sw.windows.Tumbling(1.0))
+        .aggregate(n=sw.agg.count())
+        .sink(out)
+    )
+    sw.run(flow, handle_signals=False)
+    assert sorted((w.start, w.value["n"]) for w in out.items) == [(10.0, 1), (11.0, 1), (12.0, 1)]
+
+
+def test_bad_payload_is_dead_lettered_with_topic_partition_offset(
+    kafka_bootstrap: str, kafka_topic: str
+) -> None:
+    produce(kafka_bootstrap, kafka_topic, [b'{"i": 0}', b"{not json", b'{"i": 2}'], raw=True)
+    out: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    dead: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    flow = sw.Flow("kafka-dlq")
+    flow.source(source(kafka_bootstrap, kafka_topic), name="in", on_error=sw.DeadLetter(dead)).sink(
+        out
+    )
+    sw.run(flow, handle_signals=False)
+    assert out.items == [{"i": 0}, {"i": 2}]
+    [letter] = dead.items
+    assert isinstance(letter.record, KafkaRecord)
+    assert (letter.record.topic, letter.record.partition, letter.record.offset) == (
+        kafka_topic,
+        0,
+        1,
+    )
+    assert letter.record.value == b"{not json"
+    assert f"kafka {kafka_topic}[0]@1" in letter.error_message
+    # Dead-lettered counts as handled: everything is committed.
+    assert committed_offsets(kafka_bootstrap, f"{kafka_topic}.g", kafka_topic) == [3]
+
+
+def test_bad_payload_fails_and_is_not_committed(kafka_bootstrap: str, kafka_topic: str) -> None:
+    produce(kafka_bootstrap, kafka_topic, [b'{"i": 0}', b"\xff"], raw=True)
+    flow = sw.Flow("kafka-bad")
+    flow.source(source(kafka_bootstrap, kafka_topic), name="in").sink(sw.sinks.Collect())
+    with pytest.raises(sw.OperatorError, match=rf"kafka {kafka_topic}\[0\]@1"):
+        sw.run(flow, handle_signals=False)
+    # The good record before it was handed out and written; the bad one stays unread.
+    assert committed_offsets(kafka_bootstrap, f"{kafka_topic}.g", kafka_topic)[0] in (-1001, 1)
+
+
+# -- watermarks ----------------------------------------------------------------------------
+
+
+def test_watermark_is_the_minimum_over_partitions(
+    kafka_bootstrap: str, kafka_topics: KafkaTopics
+) -> None:
+    topic = kafka_topics.new(2)
+    base = 1_700_000_000_000
+    produce(kafka_bootstrap, topic, [{"p": 0}] * 3, partition=0, timestamps_ms=[base + 50_000] * 3)
+    produce(kafka_bootstrap, topic, [{"p": 1}] * 3, partition=1, timestamps_ms=[base + 20_000] * 3)
+    src = source(kafka_bootstrap, topic, idle_timeout=None, stop_after_idle=None)
+    flow = sw.Flow("kafka-wm")
+    flow.source(src, name="in").sink(sw.sinks.Collect())
+
+    async def main() -> float:
+        handle = sw.start(flow)
+        await eventually(lambda: handle.metrics().operator("in").records_out == 6)
+        await asyncio.sleep(0.3)
+        wm = handle.metrics().operator("in").watermark
+        await handle.stop()
+        return wm
+
+    assert asyncio.run(main()) == pytest.approx(base / 1000 + 20)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_an_idle_partition_does_not_hold_windows_back(
+    kafka_bootstrap: str, kafka_topics: KafkaTopics
+) -> None:
+    """Partition 1 gets nothing: after idle_timeout the windows of partition 0 fire while
+    the flow runs.  Without the idle timeout they would wait for partition 1 forever."""
+    topic = kafka_topics.new(2)
+    base = 1_700_000_000_000
+    ts = [base + i * 1000 for i in range(6)]
+    produce(kafka_bootstrap, topic, [{"i": i} for i in range(6)], partition=0, timestamps_ms=ts)
+
+    async def fired(idle: float | None) -> int:
+        out: sw.sinks.Collect[Any] = sw.sinks.Collect()
+        flow = sw.Flow("kafka-idle")
+        src = source(
+            kafka_bootstrap, topic, group=f"{topic}.{idle}", idle_timeout=idle, stop_after_idle=None
+        )
+        flow.source(src, name="in").window(sw.windows.Tumbling(1.0)).aggregate(
+            n=sw.agg.count()
+        ).sink(out)
+        handle = sw.start(flow)
+        await asyncio.sleep(3.0)
+        n = len(out.items)
+        await handle.stop()
+        return n
+
+    assert asyncio.run(fired(0.5)) == 5  # windows 0..4 closed by record 5's watermark
+    assert asyncio.run(fired(None)) == 0
+
+
+# -- lag, assignment, groups ---------------------------------------------------------------
+
+
+def test_lag_per_partition_in_the_metrics(kafka_bootstrap: str, kafka_topics: KafkaTopics) -> None:
+    topic = kafka_topics.new(2)
+    produce(kafka_bootstrap, topic, [{"i": i} for i in range(300)], partition=0)
+    produce(kafka_bootstrap, topic, [{"i": i} for i in range(100)], partition=1)
+    release = asyncio.Event()
+
+    class Gate(sw.sinks.Sink):
+        async def write(self, batch: Any) -> None:
+            await release.wait()
+
+    flow = sw.Flow("kafka-lag", channel_capacity=16)
+    src = source(kafka_bootstrap, topic, stop_after_idle=None)
+    flow.source(src, name="in").sink(Gate())
+
+    async def main() -> Any:
+        handle = sw.start(flow, max_batch_size=16)
+        await eventually(lambda: handle.metrics().operator("in").partition_backlog != ())
+        await asyncio.sleep(1.5)  # a lag refresh after the first records
+        op = handle.metrics().operator("in")
+        release.set()
+        handle.force_stop("done")
+        with pytest.raises(sw.FlowCancelledError):
+            await handle.wait()
+        return op
+
+    op = asyncio.run(main())
+    lags = dict(op.partition_backlog)
+    assert set(lags) == {f"{topic}:0", f"{topic}:1"}
+    assert op.backlog == sum(lags.values())
+    assert op.backlog >= 400 - op.records_out - 16
+    assert lags[f"{topic}:0"] > 0
+
+
+@pytest.mark.timeout(120)
+def test_two_flows_in_one_group_split_the_partitions_and_take_over(
+    kafka_bootstrap: str, kafka_topics: KafkaTopics
+) -> None:
+    topic = kafka_topics.new(4)
+    group = f"{topic}.shared"
+    for p in range(4):
+        produce(kafka_bootstrap, topic, [{"p": p, "i": i} for i in range(50)], partition=p)
+    seen: dict[str, list[tuple[int, int]]] = {"a": [], "b": []}
+    owned: dict[str, set[tuple[str, int]]] = {"a": set(), "b": set()}
+
+    def flow_of(who: str) -> sw.Flow:
+        def assigned(tps: list[tuple[str, int]]) -> None:
+            owned[who].update(tps)
+
+        def revoked(tps: list[tuple[str, int]]) -> None:
+            owned[who].difference_update(tps)
+
+        src = KafkaSource(
+            kafka_bootstrap,
+            topic,
+            group,
+            poll_timeout=0.1,
+            on_assign=assigned,
+            on_revoke=revoked,
+            config={"session.timeout.ms": 6000},
+        )
+        flow = sw.Flow(f"kafka-group-{who}")
+        flow.source(src, name="in").map(lambda v: (v["p"], v["i"])).sink(
+            sw.sinks.Function(seen[who].append)
+        )
+        return flow
+
+    async def main() -> None:
+        a = sw.start(flow_of("a"))
+        await eventually(lambda: len(owned["a"]) == 4)
+        await eventually(lambda: len(seen["a"]) == 200)
+        b = sw.start(flow_of("b"))
+        await eventually(lambda: len(owned["b"]) == 2 and len(owned["a"]) == 2, within=30)
+        assert owned["a"].isdisjoint(owned["b"])
+        # New records: each partition to its one owner.
+        await asyncio.to_thread(
+            lambda: [
+                produce(
+                    kafka_bootstrap, topic, [{"p": p, "i": i} for i in range(50, 100)], partition=p
+                )
+                for p in range(4)
+            ]
+        )
+        await eventually(lambda: len(seen["a"]) + len(seen["b"]) >= 400, within=30)
+        a_parts = {p for p, i in seen["a"] if i >= 50}
+        b_parts = {p for p, i in seen["b"]}
+        assert a_parts == {p for _, p in owned["a"]}
+        assert b_parts == {p for _, p in owned["b"]}
+        # a stops: b takes its partitions over and reads what comes next.
+        await a.stop()
+        await eventually(lambda: len(owned["b"]) == 4, within=30)
+        await asyncio.to_thread(
+            lambda: [
+                produce(
+                    kafka_bootstrap, topic, [{"p": p, "i": i} for i in range(100, 150)], partition=p
+                )
+                for p in range(4)
+            ]
+        )
+        await eventually(lambda: sum(1 for _, i in seen["b"] if i >= 100) >= 200, within=30)
+        await b.stop()
+
+    asyncio.run(main())
+    every = sorted(seen["a"] + seen["b"])
+    assert set(every) == {(p, i) for p in range(4) for i in range(150)}
+    assert len(every) == len(set(every))  # clean handovers: nothing twice
+
+
+# -- the sink's errors -------------------------------------------------------------------------
+
+
+def test_a_record_the_broker_refuses_fails_the_sink(
+    kafka_bootstrap: str, kafka_topics: KafkaTopics
+) -> None:
+    topic = kafka_topics.new(1, config={"max.message.bytes": "2000"})
+    flow = sw.Flow("kafka-refused")
+    flow.source(sw.sources.Iterable([{"s": "x" * 10}, {"s": "y" * 5000}])).sink(
+        KafkaSink(kafka_bootstrap, topic), name="out"
+    )
+    with pytest.raises(sw.OperatorError) as info:
+        sw.run(flow, handle_signals=False)
+    assert isinstance(info.value.__cause__, KafkaSinkError)
+    # The broker refuses the request holding the big record (the small one travels in it).
+    assert "Message size too large" in str(info.value.__cause__)
+    assert f"for topic {topic!r}" in str(info.value.__cause__)
