@@ -188,19 +188,27 @@ def produce(
     topic: str,
     values: list[Any],
     *,
-    partition: int | None = None,
+    partition: int | list[int] | None = None,
     timestamps_ms: list[int] | None = None,
     raw: bool = False,
+    batch: int | None = None,
 ) -> None:
-    """Write ``values`` (JSON, or bytes as they are with ``raw``) in order and wait."""
+    """Write ``values`` (JSON, or bytes as they are with ``raw``) in order and wait.
+    ``partition`` is one for all or one per record; ``batch`` caps the records per
+    record batch (small batches: a consumer receives the partitions interleaved)."""
     import json  # noqa: PLC0415
 
     import confluent_kafka as ck  # noqa: PLC0415
 
-    p = ck.Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "logger": _quiet})
+    conf: dict[str, Any] = {"bootstrap.servers": bootstrap, "linger.ms": 5, "logger": _quiet}
+    if batch is not None:
+        conf["batch.num.messages"] = batch
+    p = ck.Producer(conf)
     for i, v in enumerate(values):
         kw: dict[str, Any] = {}
-        if partition is not None:
+        if isinstance(partition, list):
+            kw["partition"] = partition[i]
+        elif partition is not None:
             kw["partition"] = partition
         if timestamps_ms is not None:
             kw["timestamp"] = timestamps_ms[i]
@@ -251,7 +259,15 @@ def committed_offsets(bootstrap: str, group: str, topic: str, partitions: int = 
     """The group's committed offset per partition (-1001 where none)."""
     import confluent_kafka as ck  # noqa: PLC0415
 
-    c = ck.Consumer({"bootstrap.servers": bootstrap, "group.id": group, "logger": _quiet})
+    c = ck.Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": group,
+            "logger": _quiet,
+            # Not stable-only: a transaction a killed process left open does not block it.
+            "isolation.level": "read_uncommitted",
+        }
+    )
     try:
         tps = c.committed([ck.TopicPartition(topic, p) for p in range(partitions)], timeout=10)
         return [tp.offset for tp in tps]

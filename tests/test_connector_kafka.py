@@ -14,10 +14,13 @@ after them; only the outage test starts a broker of its own.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,7 @@ import pytest
 
 import services_kafka
 from services import import_or_missing
-from services_kafka import KafkaTopics, committed_offsets, produce
+from services_kafka import KafkaTopics, committed_offsets, produce, read_topic
 
 kafka_bootstrap = services_kafka.kafka_bootstrap
 kafka_topic = services_kafka.kafka_topic
@@ -408,3 +411,61 @@ def test_a_record_the_broker_refuses_fails_the_sink(
     # The broker refuses the request holding the big record (the small one travels in it).
     assert "Message size too large" in str(info.value.__cause__)
     assert f"for topic {topic!r}" in str(info.value.__cause__)
+
+
+# -- exactly-once: SIGKILL at random instants ---------------------------------------------------
+
+
+@pytest.mark.timeout(240)
+def test_sigkill_at_random_instants_is_exactly_once_kafka_to_kafka(
+    kafka_bootstrap: str, kafka_topics: KafkaTopics, tmp_path: Path
+) -> None:
+    """A keyed windowed job Kafka -> Kafka with the transactional sink, killed (SIGKILL) at
+    20+ random instants: a read_committed reader sees exactly the oracle's windows."""
+    import random  # noqa: PLC0415
+
+    inp, out = kafka_topics.new(2), kafka_topics.new(2)
+    n, base = 20_000, 1_700_000_000.0
+    records = [{"id": i, "k": f"k{i % 7}", "t": base + i * 0.002} for i in range(n)]
+    # Records of the two partitions interleaved in small batches, as a live topic has them.
+    produce(kafka_bootstrap, inp, records, partition=[i % 2 for i in range(n)], batch=50)
+    oracle: Counter[tuple[Any, ...]] = Counter()
+    sums: dict[tuple[str, float], list[int]] = {}
+    for r in records:
+        start = float(int(r["t"]))  # one-second windows
+        acc = sums.setdefault((r["k"], start), [0, 0])
+        acc[0] += 1
+        acc[1] += r["id"]
+    for (k, start), (count, total) in sums.items():
+        oracle[(k, start, count, total)] += 1
+
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    child = str(Path(__file__).with_name("kafka_crash_child.py"))
+    cmd = [sys.executable, child, kafka_bootstrap, inp, out, str(tmp_path)]
+    # Killed runs go at 300 records/s: 20 of them (2.5 s at most each) cannot finish the
+    # job; the last run goes fast.  The pace changes timing only, never the results.
+    rng = random.Random(7)
+    for _ in range(20):
+        p = subprocess.Popen([*cmd, "100"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        assert p.stdout is not None
+        assert p.stdout.readline().strip() == b"ready"
+        time.sleep(rng.uniform(0.3, 2.5))
+        if p.poll() is not None:
+            _, err = p.communicate()
+            raise AssertionError(f"the child ended by itself: {err.decode()[-3000:]}")
+        p.send_signal(signal.SIGKILL)
+        p.communicate()
+    # The killed runs got somewhere: some windows are committed already.
+    progress = committed_offsets(kafka_bootstrap, f"{inp}.crash", inp, 2)
+    assert read_topic(kafka_bootstrap, out, partitions=2), f"no output; offsets {progress}"
+    p = subprocess.run([*cmd, "5000"], capture_output=True, env=env, timeout=120, check=False)
+    assert p.returncode == 0, p.stderr.decode()[-3000:]
+    rows = read_topic(kafka_bootstrap, out, partitions=2, expect=sum(oracle.values()))
+    got = Counter(
+        (v["k"], v["start"], v["count"], v["sum"]) for v in (json.loads(r[3]) for r in rows)
+    )
+    lost, doubled = oracle - got, got - oracle
+    assert not lost, (
+        f"{sum(lost.values())} windows lost: {sorted(lost)[:5]}; instead: {sorted(doubled)[:5]}"
+    )
+    assert not doubled, f"{sum(doubled.values())} windows written twice: {sorted(doubled)[:5]}"

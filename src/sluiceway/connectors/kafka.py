@@ -503,6 +503,9 @@ class KafkaSource(Source):
                 log.info("%s: revoked %s", self._errors.what, _names(tps))
                 if self._on_revoke is not None:
                     self._on_revoke(list(tps))
+        # The partitions changed: so may their minimum (a restored partition brings its
+        # event time along; a revoked one no longer holds the watermark back).
+        self._wm = max(self._wm, self._low(now))
         if self._paused and self._consumer is not None:
             self._set_paused(True)  # new partitions start unpaused
 
@@ -1000,18 +1003,24 @@ class KafkaSink(Sink):
                 f"{self._errors.what}: exactly_once=True needs checkpoints (one transaction "
                 "per checkpoint epoch); run the flow with checkpoints=sw.Checkpoints(...)"
             )
-        self._tid = self._tid_arg or f"sluiceway.{ctx.flow}.{ctx.name}"
-        try:
-            self._producer = ck.Producer(self._producer_config())
-        except (ck.KafkaException, ValueError, TypeError) as exc:
-            raise KafkaError(f"{self._errors.what}: cannot create the producer: {exc}") from exc
+        self._tid = self._tid or self._tid_arg or f"sluiceway.{ctx.flow}.{ctx.name}"
         self._prepared = asyncio.Event()
         self._prepared.set()
         if self.exactly_once:
-            await self._txn("init_transactions", self._producer.init_transactions, 60.0)
             for source in ctx.sources:
                 if isinstance(source, KafkaSource):
                     source.offsets_in_transaction = True
+        if self._producer is not None:  # made by committed() at a restart, initialised
+            return
+        self._producer = self._new_producer()
+        if self.exactly_once:
+            await self._txn("init_transactions", self._producer.init_transactions, 60.0)
+
+    def _new_producer(self) -> ck.Producer:
+        try:
+            return ck.Producer(self._producer_config())
+        except (ck.KafkaException, ValueError, TypeError) as exc:
+            raise KafkaError(f"{self._errors.what}: cannot create the producer: {exc}") from exc
 
     async def close(self) -> None:
         """Deliver what is queued (at-least-once) or abort the open transaction, and
@@ -1231,7 +1240,18 @@ class KafkaSink(Sink):
         epoch = int(state["epoch"])
         if epoch <= 1:  # the first checkpoint of a fresh start: nothing was written before
             return True
-        self._tid = str(state.get("transactional_id") or self._tid)
+        self._tid = self._tid_arg or str(state["transactional_id"])
+        # First fence the producer of the run that died and abort its open transaction:
+        # until then the marker's offset is pending, and reading it would wait for the
+        # transaction to time out.
+        producer = self._producer = self._new_producer()
+        try:
+            producer.init_transactions(60.0)
+        except ck.KafkaException as exc:
+            raise KafkaError(
+                f"{self._errors.what}: cannot initialise transactions for transactional id "
+                f"{self._tid!r}: {exc}"
+            ) from exc
         consumer = self._marker_consumer()
         try:
             [tp] = consumer.committed([ck.TopicPartition(self._topic, 0)], timeout=30.0)
