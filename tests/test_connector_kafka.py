@@ -469,3 +469,59 @@ def test_sigkill_at_random_instants_is_exactly_once_kafka_to_kafka(
         f"{sum(lost.values())} windows lost: {sorted(lost)[:5]}; instead: {sorted(doubled)[:5]}"
     )
     assert not doubled, f"{sum(doubled.values())} windows written twice: {sorted(doubled)[:5]}"
+
+
+def test_a_checkpoint_whose_transaction_never_committed_is_not_restored(
+    kafka_bootstrap: str, kafka_topics: KafkaTopics, tmp_path: Path
+) -> None:
+    """The process dies between storing a checkpoint and committing its transaction
+    (Kafka aborts it): the restart restores the checkpoint before, and the replay writes
+    that epoch's output again.  Restoring the stored one would lose it."""
+    inp, out = kafka_topics.new(1), kafka_topics.new(1)
+    produce(kafka_bootstrap, inp, [{"i": i} for i in range(400)])
+    ck = sw.Checkpoints(tmp_path / "ck", interval=0.1)
+    tid = f"{out}.tx"
+
+    class DiesBeforeCommit(KafkaSink):
+        written = 0
+        died = False
+
+        async def write(self, batch: Any) -> None:
+            await super().write(batch)
+            DiesBeforeCommit.written += len(batch.values)
+
+        async def commit(self, checkpoint_id: int, state: Any) -> None:
+            if DiesBeforeCommit.written >= 100:  # stored, never committed: the process dies
+                DiesBeforeCommit.died = True
+                await asyncio.Event().wait()
+            await super().commit(checkpoint_id, state)
+
+    def flow(sink: KafkaSink, rate: float) -> sw.Flow:
+        f = sw.Flow("kafka-dies")
+        (
+            f.source(source(kafka_bootstrap, inp, stop_after_idle=1.0), name="in")
+            .rate_limit(sw.flowcontrol.TokenBucket(rate=rate, burst=10), name="pace")
+            .sink(sink, name="out")
+        )
+        return f
+
+    async def first() -> None:
+        handle = sw.start(
+            flow(
+                DiesBeforeCommit(kafka_bootstrap, out, exactly_once=True, transactional_id=tid), 300
+            ),
+            checkpoints=ck,
+        )
+        await eventually(lambda: DiesBeforeCommit.died)
+        handle.force_stop("the process died")
+        with pytest.raises(sw.FlowCancelledError):
+            await handle.wait()
+
+    asyncio.run(first())
+    sw.run(
+        flow(KafkaSink(kafka_bootstrap, out, exactly_once=True, transactional_id=tid), 10_000),
+        checkpoints=ck,
+        handle_signals=False,
+    )
+    got = [json.loads(r[3])["i"] for r in read_topic(kafka_bootstrap, out, expect=400)]
+    assert sorted(got) == list(range(400))
