@@ -28,7 +28,7 @@ import pytest
 
 import services_kafka
 from services import import_or_missing
-from services_kafka import KafkaTopics, committed_offsets, produce, read_topic
+from services_kafka import KafkaServer, KafkaTopics, committed_offsets, produce, read_topic
 
 kafka_bootstrap = services_kafka.kafka_bootstrap
 kafka_topic = services_kafka.kafka_topic
@@ -525,3 +525,42 @@ def test_a_checkpoint_whose_transaction_never_committed_is_not_restored(
     )
     got = [json.loads(r[3])["i"] for r in read_topic(kafka_bootstrap, out, expect=400)]
     assert sorted(got) == list(range(400))
+
+
+# -- the broker dies and comes back ------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_broker_sigkilled_and_restarted_mid_stream_loses_nothing(
+    own_kafka: KafkaServer,
+) -> None:
+    """A private broker is SIGKILLed while a flow reads from it and writes back to it, and
+    started again: the flow goes on by itself (librdkafka reconnects, the group rejoins)
+    and every record arrives, in the flow and in the output topic (at-least-once)."""
+    bootstrap = own_kafka.bootstrap
+    topics = KafkaTopics(bootstrap)
+    inp, out = topics.new(1), topics.new(1)
+    n = 3000
+    produce(bootstrap, inp, [{"i": i} for i in range(n)])
+    seen: list[int] = []
+    flow = sw.Flow("kafka-outage")
+    (
+        flow.source(source(bootstrap, inp, stop_after_idle=None), name="in")
+        .rate_limit(sw.flowcontrol.TokenBucket(rate=1000, burst=50), name="pace")
+        .inspect(lambda v: seen.append(v["i"]))
+        .sink(KafkaSink(bootstrap, out), name="out")
+    )
+
+    async def main() -> None:
+        handle = sw.start(flow)
+        await eventually(lambda: len(seen) >= 500, within=30)
+        await asyncio.to_thread(own_kafka.kill)
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(own_kafka.start)
+        await eventually(lambda: set(seen) >= set(range(n)), within=60)
+        await handle.stop()  # raises if the flow failed meanwhile
+
+    asyncio.run(main())
+    assert set(seen) == set(range(n))
+    written = {json.loads(r[3])["i"] for r in read_topic(bootstrap, out, expect=n)}
+    assert written == set(range(n))
