@@ -13,9 +13,9 @@ W2-mem, W3-mem and W4-mem measure the memory the same window computations add at
 map_async and the rate limiters (local, Redis); OBS: the cost of the exporter and the live
 view; CK: checkpoints' overhead on W2 and the restore of 100,000 keys; LL: a file source
 reading one 50 / 100 MB line (time, memory, how long the loop is held); RS, NATS, RMQ,
-MQTT, PG: each broker connector end to end against the raw client library doing the same
-batched loop, on the real servers; LH: the Parquet, Delta Lake and Iceberg sinks against
-pyarrow, deltalake and pyiceberg used directly.
+MQTT, PG, KAFKA: each broker connector end to end against the raw client library doing the
+same batched loop, on the real servers (KAFKA also the cost of exactly-once); LH: the
+Parquet, Delta Lake and Iceberg sinks against pyarrow, deltalake and pyiceberg used directly.
 
 Each measurement runs in its own child process (see ``common.run_child``).  Run it on an
 otherwise idle machine: the workloads are single-threaded, but a busy second core still
@@ -39,6 +39,7 @@ import bench_async_io
 import bench_backpressure
 import bench_checkpoints
 import bench_files
+import bench_kafka
 import bench_lakehouse
 import bench_latency
 import bench_limiters
@@ -78,6 +79,7 @@ WORKLOADS: dict[str, Workload] = {
     "NATS": bench_nats.run,
     "RS": bench_redis_streams.run,
     "LH": bench_lakehouse.run,
+    "KAFKA": bench_kafka.run,
 }
 
 
@@ -139,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         help="run only these workloads: W1 stateless, BP backpressure, LAT latency, "
         "W2/W3/W4 tumbling/sliding/session windows, W2-mem/W3-mem/W4-mem their memory at "
         "scale, IO map_async, RL/RRL rate limiters, OBS monitoring overhead, CK "
-        "checkpoints, LL a long line in a file, RS/NATS/RMQ/MQTT/PG broker connectors, LH "
-        "lakehouse sinks (repeat --only for several)",
+        "checkpoints, LL a long line in a file, RS/NATS/RMQ/MQTT/PG/KAFKA broker connectors, "
+        "LH lakehouse sinks (repeat --only for several)",
     )
     parser.add_argument("--json", metavar="PATH", help="also write every raw figure as JSON")
     args = parser.parse_args(argv)

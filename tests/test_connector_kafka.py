@@ -564,3 +564,39 @@ def test_broker_sigkilled_and_restarted_mid_stream_loses_nothing(
     assert set(seen) == set(range(n))
     written = {json.loads(r[3])["i"] for r in read_topic(bootstrap, out, expect=n)}
     assert written == set(range(n))
+
+
+# -- the example ----------------------------------------------------------------------------------
+
+
+def test_example_flow_builds_and_runs(
+    kafka_bootstrap: str, kafka_topics: KafkaTopics, tmp_path: Path
+) -> None:
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import kafka_flow  # noqa: PLC0415
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    orders, out = kafka_topics.new(2), kafka_topics.new(1)
+    t = 1_700_000_050_000  # 10 s into the minute that starts at 1_700_000_040
+    produce(
+        kafka_bootstrap,
+        orders,
+        [
+            {"user": "ada", "amount": 120},
+            {"user": "bob", "amount": 3},
+            {"user": "ada", "amount": 5},
+        ],
+        timestamps_ms=[t, t + 1000, t + 2000],
+    )
+    flow = kafka_flow.build(kafka_bootstrap, orders, out, stop_after_idle=1.0)
+    sw.run(flow, checkpoints=sw.Checkpoints(tmp_path / "ck"), handle_signals=False)
+    rows = sorted(
+        (json.loads(r[3]) for r in read_topic(kafka_bootstrap, out, expect=2)),
+        key=lambda r: r["user"],
+    )
+    assert rows == [
+        {"user": "ada", "minute": 1_700_000_040.0, "orders": 2, "spent": 125},
+        {"user": "bob", "minute": 1_700_000_040.0, "orders": 1, "spent": 3},
+    ]
+    assert isinstance(kafka_flow.flow, sw.Flow)
