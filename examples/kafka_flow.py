@@ -41,6 +41,7 @@ def build(
     *,
     stop_after_idle: float | None = None,
     exactly_once: bool = True,
+    transactional_id: str | None = None,
 ) -> sw.Flow:
     """``orders`` -> per user, one-minute windows (count, sum of amount) -> ``out``."""
     flow = sw.Flow("kafka-spend")
@@ -54,7 +55,13 @@ def build(
         .aggregate(n=sw.agg.count(), total=sw.agg.sum(lambda o: o["amount"]), name="per_minute")
         .map(row, name="row")
         .sink(
-            sw.sinks.Kafka(bootstrap, out, key=lambda r: r["user"], exactly_once=exactly_once),
+            sw.sinks.Kafka(
+                bootstrap,
+                out,
+                key=lambda r: r["user"],
+                exactly_once=exactly_once,
+                transactional_id=transactional_id,  # None: "sluiceway.kafka-spend.spend"
+            ),
             name="spend",
         )
     )

@@ -52,7 +52,18 @@ def build(bootstrap: str, inp: str, out: str, rate: float) -> sw.Flow:
             },
             name="row",
         )
-        .sink(KafkaSink(bootstrap, out, key=lambda r: r["k"], exactly_once=True), name="output")
+        .sink(
+            # A transactional id of this test's own: runs elsewhere on a shared broker
+            # must not fence it.
+            KafkaSink(
+                bootstrap,
+                out,
+                key=lambda r: r["k"],
+                exactly_once=True,
+                transactional_id=f"{out}.tx",
+            ),
+            name="output",
+        )
     )
     return flow
 

@@ -442,14 +442,14 @@ def test_sigkill_at_random_instants_is_exactly_once_kafka_to_kafka(
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     child = str(Path(__file__).with_name("kafka_crash_child.py"))
     cmd = [sys.executable, child, kafka_bootstrap, inp, out, str(tmp_path)]
-    # Killed runs go at 300 records/s: 20 of them (2.5 s at most each) cannot finish the
+    # Killed runs go at 300 records/s: 20 of them (2 s at most each) cannot finish the
     # job; the last run goes fast.  The pace changes timing only, never the results.
     rng = random.Random(7)
     for _ in range(20):
         p = subprocess.Popen([*cmd, "100"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         assert p.stdout is not None
         assert p.stdout.readline().strip() == b"ready"
-        time.sleep(rng.uniform(0.3, 2.5))
+        time.sleep(rng.uniform(0.3, 2.0))
         if p.poll() is not None:
             _, err = p.communicate()
             raise AssertionError(f"the child ended by itself: {err.decode()[-3000:]}")
@@ -589,7 +589,9 @@ def test_example_flow_builds_and_runs(
         ],
         timestamps_ms=[t, t + 1000, t + 2000],
     )
-    flow = kafka_flow.build(kafka_bootstrap, orders, out, stop_after_idle=1.0)
+    flow = kafka_flow.build(
+        kafka_bootstrap, orders, out, stop_after_idle=1.0, transactional_id=f"{out}.tx"
+    )
     sw.run(flow, checkpoints=sw.Checkpoints(tmp_path / "ck"), handle_signals=False)
     rows = sorted(
         (json.loads(r[3]) for r in read_topic(kafka_bootstrap, out, expect=2)),
