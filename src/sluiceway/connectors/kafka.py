@@ -674,6 +674,11 @@ class KafkaSource(Source):
         low = self._low(self._ctx.clock.monotonic())
         self._wm = max(self._wm, low)
 
+    @property
+    def paused(self) -> bool:
+        """True while the owned partitions are paused because the flow has no room."""
+        return self._paused
+
     def hold(self, full: bool) -> None:
         """Pause fetching while the flow has no room (librdkafka would prefetch)."""
         if full != self._paused and self._consumer is not None and not self._closed:
