@@ -209,8 +209,8 @@ class Coordinator:
             return ckpt, values
         older = [
             info.id
-            for info, problem in self.store.list()
-            if info.flow == self.flow.name and info.id < ckpt.info.id and problem is None
+            for info, problem in self.store.list(self.flow.name)
+            if info.id < ckpt.info.id and problem is None
         ]
         if not older:
             raise CheckpointError(
@@ -227,7 +227,7 @@ class Coordinator:
             ckpt.info.id,
             max(older),
         )
-        return self._committed(self.store.load(max(older)))
+        return self._committed(self.store.load(max(older), self.flow.name))
 
     def _check_compatible(self, ckpt: Checkpoint) -> None:
         stored = {name: st.kind for name, st in ckpt.states.items()}
