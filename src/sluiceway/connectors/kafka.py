@@ -422,6 +422,16 @@ class KafkaSource(Source):
         """
         self._ctx = ctx
         self._errors.what = f"source {ctx.name!r} ({self.describe()})"
+        # Every run starts afresh (a restored position applies to the run it was given to).
+        self._closed = False
+        self._parts.clear()
+        self._buffer.clear()
+        self._events.clear()
+        self._committed.clear()
+        self._last_position.clear()
+        self._wm = -_INF
+        self._paused = False
+        self._ever_assigned = False
         try:
             self._consumer = ck.Consumer(self._consumer_config(ctx))
             self._consumer.subscribe(
@@ -446,6 +456,10 @@ class KafkaSource(Source):
         self._fetch = None
         assert self._ctx is not None
         await self._ctx.clock.run_in_thread(consumer.close)
+        self._consumer = None
+        with self._lock:  # the restored position was this run's
+            self._restored = {}
+            self._restored_ts = {}
 
     def describe(self) -> str:
         """``Kafka(<topics>, group=<group>)``."""
@@ -965,6 +979,7 @@ class KafkaSink(Sink):
         self._errors = _ErrorLog(f"sink {self.describe()}")
         self._failed: list[tuple[ck.KafkaError, Any]] = []  # delivery reports of failures
         self._in_txn = False
+        self._txn_records = 0  # records produced in the open transaction
         self._epoch = 0  # transactions committed (exactly_once), restored from checkpoints
         self._prepared: asyncio.Event | None = None  # set: writes may go on
         self._marker: ck.Consumer | None = None
@@ -1011,6 +1026,9 @@ class KafkaSink(Sink):
         self._tid = self._tid or self._tid_arg or f"sluiceway.{ctx.flow}.{ctx.name}"
         self._prepared = asyncio.Event()
         self._prepared.set()
+        self._closed = False
+        self._in_txn = False
+        self._failed = []
         if self.exactly_once:
             for source in ctx.sources:
                 if isinstance(source, KafkaSource):
@@ -1020,6 +1038,10 @@ class KafkaSink(Sink):
         self._producer = self._new_producer()
         if self.exactly_once:
             await self._txn("init_transactions", self._producer.init_transactions, 60.0)
+            if not ctx.restored:
+                # A fresh start (or checkpoints reset): epochs go on above the marker, so
+                # that committed() can tell a later epoch's commit from an earlier one's.
+                self._epoch = await ctx.clock.run_in_thread(self._read_marker)
 
     def _new_producer(self) -> ck.Producer:
         try:
@@ -1047,6 +1069,8 @@ class KafkaSink(Sink):
             await ctx.clock.run_in_thread(producer.flush, 10.0)
         if self._marker is not None:
             await ctx.clock.run_in_thread(self._marker.close)
+            self._marker = None
+        self._producer = None  # a later run of this object makes its own
 
     # -- writing -----------------------------------------------------------------------
 
@@ -1094,6 +1118,7 @@ class KafkaSink(Sink):
             while True:
                 try:
                     produce(topic, payload, **kwargs)
+                    self._txn_records += 1
                     break
                 except BufferError:  # librdkafka's queue is full: let it deliver some
                     await ctx.clock.run_in_thread(producer.poll, 0.05)
@@ -1133,6 +1158,7 @@ class KafkaSink(Sink):
         except ck.KafkaException as exc:
             raise KafkaError(f"{self._errors.what}: cannot begin a transaction: {exc}") from exc
         self._in_txn = True
+        self._txn_records = 0
 
     async def _txn(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
         """A transactional call in a thread, retried while Kafka says it is retriable."""
@@ -1218,7 +1244,7 @@ class KafkaSink(Sink):
         )
         assert self._prepared is not None
         self._prepared.clear()
-        return {"transactional_id": self._tid, "epoch": epoch}
+        return {"transactional_id": self._tid, "epoch": epoch, "records": self._txn_records}
 
     async def commit(self, checkpoint_id: int, state: Any) -> None:
         """The checkpoint is stored: commit its transaction."""
@@ -1242,9 +1268,9 @@ class KafkaSink(Sink):
         group (blocking: called once at a restart, before the flow runs)."""
         if not (self.exactly_once and isinstance(state, Mapping) and "epoch" in state):
             return True
-        epoch = int(state["epoch"])
-        if epoch <= 1:  # the first checkpoint of a fresh start: nothing was written before
+        if state.get("records", 1) == 0:  # an epoch that wrote nothing loses nothing
             return True
+        epoch = int(state["epoch"])
         self._tid = self._tid_arg or str(state["transactional_id"])
         # First fence the producer of the run that died and abort its open transaction:
         # until then the marker's offset is pending, and reading it would wait for the
@@ -1257,6 +1283,11 @@ class KafkaSink(Sink):
                 f"{self._errors.what}: cannot initialise transactions for transactional id "
                 f"{self._tid!r}: {exc}"
             ) from exc
+        return self._read_marker() >= epoch
+
+    def _read_marker(self) -> int:
+        """The epoch of the last committed transaction (0: none), from the marker's group.
+        Blocking; only after ``init_transactions`` (else a pending marker blocks it)."""
         consumer = self._marker_consumer()
         try:
             [tp] = consumer.committed([ck.TopicPartition(self._topic, 0)], timeout=30.0)
@@ -1268,4 +1299,4 @@ class KafkaSink(Sink):
         finally:
             self._marker = None
             consumer.close()
-        return tp.offset >= epoch
+        return max(0, tp.offset)
