@@ -23,7 +23,13 @@ from typing import Any
 import pytest
 
 from services import free_port, import_or_missing
-from services_rabbitmq import RabbitMQServer, own_rabbitmq, rabbitmq_queue, rabbitmq_url
+from services_rabbitmq import (
+    RabbitMQServer,
+    delete_queues,
+    own_rabbitmq,
+    rabbitmq_queue,
+    rabbitmq_url,
+)
 
 FIXTURES = (own_rabbitmq, rabbitmq_queue, rabbitmq_url)  # used by name as test arguments
 
@@ -525,6 +531,40 @@ def test_sink_refused_publish_is_pinned_and_the_channel_reopened(
     assert [r for r in caplog.records if r.name == "sluiceway"] == []
 
 
+def test_sink_does_not_silently_recreate_its_queue_after_an_outage(
+    rabbitmq_url: str, rabbitmq_queue: str
+) -> None:
+    """A queue the sink declared that is gone after a lost connection took the messages
+    confirmed into it along (a broker killed moments after the declaration can lose it:
+    test_outage_broker_killed_and_restarted_mid_stream[kill] lost 459 records that way).
+    The sink must stop loudly, not declare an empty queue of the same name and go on."""
+    out_q = f"{rabbitmq_queue}.out"
+    sink = RabbitMQSink(rabbitmq_url, declare_queue=out_q)
+
+    async def lose_connection() -> None:
+        assert sink._conn is not None
+        await sink._conn.close()  # as if the broker went away: the next write reconnects
+
+    async def main() -> None:
+        ctx = sw.sinks.SinkContext(flow="f", name="out", clock=sw.SystemClock())
+        await sink.open(ctx)
+        try:
+            await sink.write(sw.Batch([{"id": 0}]))
+            await lose_connection()
+            await sink.write(sw.Batch([{"id": 1}]))  # the queue is still there: go on
+            assert sink._reconnect.outages == 1
+            await asyncio.to_thread(delete_queues, rabbitmq_url, out_q)
+            await lose_connection()
+            with pytest.raises(RabbitMQError, match=f"queue '{out_q}'.* is gone after"):
+                await sink.write(sw.Batch([{"id": 2}]))
+        finally:
+            await sink.close()
+
+    asyncio.run(main())
+    with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):  # not declared again
+        asyncio.run(depth(rabbitmq_url, out_q))
+
+
 def test_sink_routing_key_per_record(rabbitmq_url: str, rabbitmq_queue: str) -> None:
     a, b = f"{rabbitmq_queue}.out", f"{rabbitmq_queue}.dlq"
     publish(rabbitmq_url, a, [])
@@ -617,8 +657,17 @@ def test_outage_broker_killed_and_restarted_mid_stream(
     afterwards; duplicates are allowed (at-least-once) and counted."""
     server = own_rabbitmq
     url, n = server.url, 3000
-    publish_ids(url, "outage.in", n)
     out_q = "outage.out"
+    publish_ids(url, "outage.in", n)
+    publish(url, out_q, [])
+    # RabbitMQ 3.x acknowledges a queue declaration before it is safely on disk: a node
+    # SIGKILLed ~2 s after declaring a durable queue may come back without it, and
+    # without every message it had confirmed into it (the sink then stops with
+    # RabbitMQError, see test_sink_does_not_silently_recreate_its_queue_after_an_outage).
+    # The crash this test is about hits queues that exist, so a clean restart first puts
+    # their declarations on disk.
+    server.stop()
+    server.start()
     written: list[int] = []
 
     def pace(r: dict[str, int]) -> dict[str, int]:

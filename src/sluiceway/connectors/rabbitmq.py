@@ -27,7 +27,10 @@ not acknowledged when a connection or process dies is delivered again.
 
 ``sw.sinks.RabbitMQ(url, exchange, routing_key)`` publishes every record of a batch
 concurrently on a channel with **publisher confirms** and returns when the broker
-confirmed them all (persistent messages in durable queues are on disk by then).
+confirmed them all (persistent messages in durable queues are on disk by then; a queue
+declared moments before a broker crash may still be lost with them, and a
+``declare_queue`` that vanished across an outage stops the sink instead of being declared
+again empty).
 RabbitMQ has no idempotent publish: the sink is at-least-once (a batch cut by a lost
 connection is published again, after a crash the records after the last checkpoint are).
 
@@ -653,8 +656,9 @@ class RabbitMQSink(Sink):
             queue name).
         routing_key: a string, or ``value -> str`` per record.  With the default
             exchange and ``declare_queue``, it defaults to that queue.
-        declare_queue: a durable queue to declare at connect (handy with the default
-            exchange).
+        declare_queue: a durable queue to declare when the sink starts (handy with the
+            default exchange).  After a lost connection it is only checked: a queue that
+            is gone (and the messages confirmed into it) is a :class:`RabbitMQError`.
         persistent: publish with ``delivery_mode=2`` (kept on disk in durable queues).
         encode: ``value -> bytes`` (default: compact JSON); a record it raises on is
             pinned to itself (:class:`~sluiceway.connectors.base.PartialWriteError`).
@@ -709,6 +713,7 @@ class RabbitMQSink(Sink):
         self._raw: aiormq.abc.AbstractChannel | None = None
         self._broken = False
         self._lost: BaseException | None = None
+        self._declared = False  # declare_queue was declared (on the first connection)
         self._closed = False
         self.published = 0
         """Messages the broker confirmed (including ones published again)."""
@@ -735,14 +740,7 @@ class RabbitMQSink(Sink):
         try:
             channel = await conn.channel(publisher_confirms=True, on_return_raises=True)
             if self._declare_queue is not None:
-                try:
-                    await channel.declare_queue(self._declare_queue, durable=True)
-                except ChannelClosed as exc:
-                    raise RabbitMQError(
-                        f"{self.describe()} at {self._reconnect.server}: cannot declare "
-                        f"queue {self._declare_queue!r} as a durable queue ({exc}); if it "
-                        "exists with other settings, do not pass declare_queue"
-                    ) from exc
+                await self._check_queue(channel, self._declare_queue)
             self._raw = await channel.get_underlay_channel()
             self._conn, self._broken = conn, False
             conn.close_callbacks.add(self._on_close)
@@ -750,6 +748,41 @@ class RabbitMQSink(Sink):
             self._raw = None
             await _close_quietly(conn)
             raise
+
+    async def _check_queue(self, channel: aio_pika.abc.AbstractChannel, queue: str) -> None:
+        """Declare ``declare_queue`` (durable) on the first connection; after a lost
+        connection, only check that it is still there.
+
+        A queue that vanished across an outage took every message confirmed into it with
+        it: re-declaring it would hide that loss behind an empty queue of the same name.
+        RabbitMQ 3.x can lose a durable queue it declared moments before it crashed (the
+        declaration was not yet on disk), and with it the confirmed messages.
+        """
+        where = f"{self.describe()} at {self._reconnect.server}"
+        if self._declared:
+            try:
+                await channel.declare_queue(queue, passive=True)
+            except ChannelNotFoundEntity as exc:
+                raise RabbitMQError(
+                    f"{where}: queue {queue!r}, which this sink declared when it started, "
+                    f"is gone after the connection was lost ({exc}), and with it the "
+                    "messages the broker had confirmed into it.  Either it was deleted, or "
+                    "the broker crashed before it had stored the declaration (RabbitMQ 3.x "
+                    "can lose a durable queue declared moments before a crash).  The sink "
+                    "does not declare it again silently: find out what happened to its "
+                    "messages, then start the flow again"
+                ) from exc
+            except ChannelClosed as exc:
+                raise RabbitMQError(f"{where}: cannot check queue {queue!r}: {exc}") from exc
+            return
+        try:
+            await channel.declare_queue(queue, durable=True)
+        except ChannelClosed as exc:
+            raise RabbitMQError(
+                f"{where}: cannot declare queue {queue!r} as a durable queue ({exc}); if it "
+                "exists with other settings, do not pass declare_queue"
+            ) from exc
+        self._declared = True
 
     def _on_close(self, _sender: object, exc: BaseException | None = None) -> None:
         self._broken = True
@@ -788,6 +821,7 @@ class RabbitMQSink(Sink):
                 confirmed.  Records after it in the batch may have been published too
                 and are published again when the error policy retries (at-least-once).
             RabbitMQUnavailableError: the broker stayed unreachable too long.
+            RabbitMQError: ``declare_queue`` is gone after a lost connection.
         """
         ctx = self._ctx
         if ctx is None or self._closed:
