@@ -261,3 +261,21 @@ def test_async_iterable_source_and_async_sink() -> None:
     flow.source(sw.sources.Iterable(gen())).sink(sw.sinks.Function(sink))
     sw.testing.run_flow(flow)
     assert seen == [0, 1, 2]
+
+
+def test_errors_count_records_and_failed_attempts_count_tries() -> None:
+    dlq: sw.sinks.Collect[sw.DeadLetterRecord] = sw.sinks.Collect()
+    policy = sw.Retry(5, sw.Backoff(initial=0.1, jitter=0.0), then=sw.DeadLetter(dlq))
+    flow, _ = make_flow(Flaky({1}), policy, items=[0, 1, 2])
+    result = sw.testing.run_flow(flow)
+    m = result.metrics.operator("times_ten")
+    # one record failed (on all 5 tries): errors count records, attempts count tries
+    assert (m.errors, m.failed_attempts, m.retries, m.dead_letters) == (1, 5, 4, 1)
+
+
+def test_errors_count_a_record_that_a_retry_saved_once() -> None:
+    flow, out = make_flow(Flaky({2, 4}, times=2), sw.Retry(3, sw.Backoff(initial=0.1, jitter=0.0)))
+    result = sw.testing.run_flow(flow)
+    assert out.items == [0, 10, 20, 30, 40, 50]
+    m = result.metrics.operator("times_ten")
+    assert (m.errors, m.failed_attempts, m.retries) == (2, 4, 4)

@@ -116,7 +116,21 @@ def _window_flow(release: asyncio.Event, late: SignalSink) -> tuple[sw.Flow, Sig
 def _snapshot() -> FlowSnapshot:
     ops = (
         OperatorSnapshot("src", "source", 0, 0, 10, 0, 0, 0, 0),
-        OperatorSnapshot("win", "window", 1, 10, 3, 1, 2, 1, 4, late=5, state=2, watermark=120.5),
+        OperatorSnapshot(
+            "win",
+            "window",
+            1,
+            10,
+            3,
+            1,
+            2,
+            1,
+            4,
+            late=5,
+            state=2,
+            watermark=120.5,
+            failed_attempts=3,
+        ),
         OperatorSnapshot(
             "call", "async_map", 1, 3, 3, 0, 0, 0, 0, circuit_state="open", circuit_opens=1
         ),
@@ -142,6 +156,7 @@ def test_metric_families_names_labels_and_values() -> None:
         "sluiceway_records_in": "counter",
         "sluiceway_records_out": "counter",
         "sluiceway_errors": "counter",
+        "sluiceway_failed_attempts": "counter",
         "sluiceway_retries": "counter",
         "sluiceway_dead_letters": "counter",
         "sluiceway_dropped": "counter",
@@ -172,6 +187,7 @@ def test_metric_families_names_labels_and_values() -> None:
     assert values("sluiceway_records_in") == {"src": 0, "win": 10, "call": 3}
     assert values("sluiceway_records_out") == {"src": 10, "win": 3, "call": 3}
     assert values("sluiceway_errors")["win"] == 1
+    assert values("sluiceway_failed_attempts")["win"] == 3
     assert values("sluiceway_retries")["win"] == 2
     assert values("sluiceway_dead_letters")["win"] == 1
     assert values("sluiceway_dropped")["win"] == 4

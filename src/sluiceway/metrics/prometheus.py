@@ -62,7 +62,16 @@ _CHANNEL_LABELS = ("flow", "edge")
 _OPERATOR_COUNTERS = (
     ("sluiceway_records_in", "Records the operator received.", "records_in"),
     ("sluiceway_records_out", "Records the operator emitted.", "records_out"),
-    ("sluiceway_errors", "Records on which the operator's code raised.", "errors"),
+    (
+        "sluiceway_errors",
+        "Records on which the operator's code raised (once per record, however often retried).",
+        "errors",
+    ),
+    (
+        "sluiceway_failed_attempts",
+        "Tries that raised, per record (a record failing all 5 tries of a retry counts 5).",
+        "failed_attempts",
+    ),
     ("sluiceway_retries", "Retries of failed records (retry policy).", "retries"),
     ("sluiceway_dead_letters", "Records sent to a dead-letter output.", "dead_letters"),
     (
@@ -82,7 +91,8 @@ def metric_families(snapshot: FlowSnapshot) -> list[Metric]:
     """The Prometheus metric families of one flow snapshot.
 
     Counters per operator (labels ``flow``, ``operator``, ``kind``):
-    ``sluiceway_{records_in,records_out,errors,retries,dead_letters,dropped,late_records}
+    ``sluiceway_{records_in,records_out,errors,failed_attempts,retries,dead_letters,dropped,
+    late_records}
     _total``.  Gauges per operator: ``sluiceway_window_state`` (open windows),
     ``sluiceway_watermark_seconds`` (only once the operator has seen a watermark) and
     ``sluiceway_circuit_open`` (only operators with a circuit breaker; 1 while open),

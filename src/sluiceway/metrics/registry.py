@@ -36,6 +36,7 @@ class OperatorMetrics:
         "circuit_state",
         "dead_letters",
         "errors",
+        "failed_attempts",
         "kind",
         "late",
         "latency",
@@ -56,6 +57,11 @@ class OperatorMetrics:
         self.records_in = 0
         self.records_out = 0
         self.errors = 0
+        """Records on which the operator's code raised (once per record, however often
+        it was retried)."""
+        self.failed_attempts = 0
+        """Calls that raised, counted per record: a record failing every try of
+        ``Retry(5)`` adds 1 to ``errors`` and 5 here."""
         self.retries = 0
         self.dead_letters = 0
         self.late = 0
@@ -88,7 +94,10 @@ class OperatorSnapshot:
     stage -- every operator fused into it, including waiting for room downstream.
     ``processing_p50/p95/p99`` (seconds; NaN before a batch) are percentiles of the time
     the operator alone spent on a record's batch (its own code, without the operators
-    after it and without waiting for room downstream).
+    after it and without waiting for room downstream).  ``errors`` counts records on
+    which the operator's code raised, once per record however often it was retried;
+    ``failed_attempts`` counts every try that raised (``Retry(5)`` on a record that
+    always fails: ``errors`` 1, ``failed_attempts`` 5, ``retries`` 4).
     """
 
     name: str
@@ -114,6 +123,7 @@ class OperatorSnapshot:
     processing_p50: float = math.nan
     processing_p95: float = math.nan
     processing_p99: float = math.nan
+    failed_attempts: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,6 +298,7 @@ class MetricsRegistry:
                 processing_p50=m.processing.percentile(50),
                 processing_p95=m.processing.percentile(95),
                 processing_p99=m.processing.percentile(99),
+                failed_attempts=m.failed_attempts,
             )
             for m in self._operators.values()
         )

@@ -74,7 +74,8 @@ class ErrorHandler:
     ) -> tuple[bool, Any]:
         """Handle a failure of ``records`` (usually one); ``retry()`` tries them again."""
         m = self.metrics
-        m.errors += 1
+        m.errors += len(records)  # records, not tries: a retried record counts once
+        m.failed_attempts += len(records)
         attempts = 1
         policy = self.policy
         if isinstance(policy, Retry):
@@ -87,7 +88,7 @@ class ErrorHandler:
                     if inspect.isawaitable(result):
                         result = await result
                 except Exception as again:  # noqa: BLE001 - retried per policy
-                    m.errors += 1
+                    m.failed_attempts += len(records)
                     exc = again
                     continue
                 return True, result

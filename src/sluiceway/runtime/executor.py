@@ -558,6 +558,7 @@ class Executor:
 
         async def bad_input(err: BadInputError) -> None:
             m.errors += 1
+            m.failed_attempts += 1
             if writer is None:
                 raise OperatorError(
                     flow=self.flow.name, operator=node.name, record=err.raw, cause=err
