@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from typing import Any
 
@@ -279,3 +280,21 @@ def test_errors_count_a_record_that_a_retry_saved_once() -> None:
     assert out.items == [0, 10, 20, 30, 40, 50]
     m = result.metrics.operator("times_ten")
     assert (m.errors, m.failed_attempts, m.retries) == (2, 4, 4)
+
+
+def test_dead_letter_accepts_a_path_as_a_json_lines_file(tmp_path: Any) -> None:
+    path = tmp_path / "dlq.jsonl"
+    flow, out = make_flow(Flaky({1, 4}), sw.DeadLetter(str(path)))
+    sw.testing.run_flow(flow)
+    assert out.items == [0, 20, 30, 50]
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(d["record"], d["error_type"], d["operator"]) for d in lines] == [
+        (1, "ValueError", "times_ten"),
+        (4, "ValueError", "times_ten"),
+    ]
+    assert isinstance(sw.DeadLetter(path).sink, sw.sinks.JsonLines)  # a Path too
+
+
+def test_dead_letter_refuses_what_is_neither_a_sink_nor_a_path() -> None:
+    with pytest.raises(TypeError, match=r"DeadLetter\(sink\) needs a sink .* got \[1, 2\]"):
+        sw.DeadLetter([1, 2])  # type: ignore[arg-type]

@@ -20,6 +20,7 @@ ValueError: Retry attempts must be >= 1 (the total number of tries), got 0
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -75,9 +76,39 @@ class Backoff:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class DeadLetter:
-    """Write failed records to ``sink`` as :class:`DeadLetterRecord` objects and go on."""
+    """Write failed records to ``sink`` as :class:`DeadLetterRecord` objects and go on.
+
+    Args:
+        sink: any sink, or a file path (``str`` or ``os.PathLike``), which is short for
+            ``sw.sinks.JsonLines(path)``: one JSON object per dead letter, appended.
+            Each ``DeadLetter(path)`` opens its own sink; to send several operators'
+            dead letters to one file, make the policy once and pass it to each.
+
+    Raises:
+        TypeError: ``sink`` is neither a sink nor a path.
+
+    >>> DeadLetter("dlq.jsonl").sink.describe()
+    'JsonLines(dlq.jsonl)'
+    >>> DeadLetter(42)
+    Traceback (most recent call last):
+      ...
+    TypeError: DeadLetter(sink) needs a sink (e.g. sw.sinks.JsonLines(path)) or a file path, got 42
+    """
 
     sink: Sink
+
+    def __post_init__(self) -> None:
+        from sluiceway.connectors.base import Sink  # noqa: PLC0415 - policies stay import-light
+        from sluiceway.connectors.files import JsonLinesSink  # noqa: PLC0415
+
+        sink: object = self.sink
+        if isinstance(sink, str | os.PathLike):
+            object.__setattr__(self, "sink", JsonLinesSink(sink))
+        elif not isinstance(sink, Sink):
+            raise TypeError(
+                "DeadLetter(sink) needs a sink (e.g. sw.sinks.JsonLines(path)) or a file path, "
+                f"got {sink!r}"
+            )
 
 
 @dataclass(frozen=True, slots=True)
