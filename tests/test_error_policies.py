@@ -298,3 +298,41 @@ def test_dead_letter_accepts_a_path_as_a_json_lines_file(tmp_path: Any) -> None:
 def test_dead_letter_refuses_what_is_neither_a_sink_nor_a_path() -> None:
     with pytest.raises(TypeError, match=r"DeadLetter\(sink\) needs a sink .* got \[1, 2\]"):
         sw.DeadLetter([1, 2])  # type: ignore[arg-type]
+
+
+class CloseFails(sw.sinks.Sink):
+    """A sink whose ``close`` raises."""
+
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+
+    async def write(self, batch: Batch) -> None:
+        self.items.extend(batch.values)
+
+    async def close(self) -> None:
+        raise OSError("flush on close failed")
+
+
+def test_a_failing_close_does_not_hide_the_flows_own_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def boom(r: dict[str, int]) -> int:
+        return r["missing"]
+
+    flow = sw.Flow("hides")
+    flow.source(sw.sources.Iterable([{"id": 1}])).map(boom, name="lookup").sink(CloseFails())
+    with pytest.raises(sw.OperatorError, match=r"failed on record \{'id': 1\}") as info:
+        sw.testing.run_flow(flow)
+    assert isinstance(info.value.__cause__, KeyError)
+    # the close failure is attached and logged, not lost
+    assert any("closing" in n and "flush on close failed" in n for n in info.value.__notes__)
+    assert "flush on close failed" in caplog.text
+
+
+def test_a_failing_close_after_a_clean_run_still_fails_the_flow() -> None:
+    flow = sw.Flow("closes")
+    sink = CloseFails()
+    flow.source(sw.sources.Iterable([1, 2])).sink(sink)
+    with pytest.raises(sw.FlowFailedError, match=r"closing 1 connector\(s\).*flush on close"):
+        sw.testing.run_flow(flow)
+    assert sink.items == [1, 2]

@@ -18,6 +18,7 @@ import logging
 import math
 import random
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -512,7 +513,10 @@ class Executor:
                 for step in st.steps:
                     step.close()
             try:
-                await self._close(opened)
+                # The run's own error, if one is propagating (CPython runs a ``finally``
+                # on the way out of an exception as a handler of it): it must stay the
+                # error users see, whatever closing does.
+                await self._close(opened, sys.exception())
             finally:
                 if coord is not None:
                     coord.close()
@@ -580,7 +584,12 @@ class Executor:
 
         return bad_input
 
-    async def _close(self, opened: list[Source | Sink]) -> None:
+    async def _close(self, opened: list[Source | Sink], failure: BaseException | None) -> None:
+        """Close what was opened; a close that fails is raised only when the run did not.
+
+        When the run already failed (``failure``), that error is the one users need: a
+        close that fails as well is logged and attached to it as a note.
+        """
         # Sources first, then sinks, then dead-letter sinks: reverse of opening.
         errors: list[BaseException] = []
         for obj in reversed(opened):
@@ -589,7 +598,11 @@ class Executor:
             except Exception as exc:  # noqa: BLE001 - close the others, then report
                 errors.append(exc)
                 log.error("closing %s in flow %r failed: %r", obj.describe(), self.flow.name, exc)
-        if errors and self._forced is None:
+                if failure is not None:
+                    failure.add_note(
+                        f"then closing {obj.describe()} failed too: {type(exc).__name__}: {exc}"
+                    )
+        if errors and self._forced is None and failure is None:
             raise FlowFailedError(
                 f"closing {len(errors)} connector(s) of flow {self.flow.name!r} failed; "
                 f"first: {type(errors[0]).__name__}: {errors[0]}",
