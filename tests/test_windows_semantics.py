@@ -189,6 +189,10 @@ BAD_TIMESTAMPS = [
     pytest.param(math.nan, id="nan"),
     pytest.param(math.inf, id="inf"),
     pytest.param(-math.inf, id="-inf"),
+    pytest.param(1e303, id="huge-float"),
+    pytest.param(10**400, id="huge-int"),
+    pytest.param(-1e20, id="huge-negative"),
+    pytest.param(1_733_000_000_123, id="epoch-milliseconds"),
 ]
 
 
@@ -218,6 +222,28 @@ def test_a_bad_timestamp_goes_to_the_dead_letter_sink(bad_ts: Any) -> None:
     sw.testing.run_flow(flow)
     assert [d.record for d in dlq.items] == [bad]
     assert [(r.start, r.value) for r in results.items] == [(0.0, 1), (10.0, 1)]
+
+
+@pytest.mark.parametrize(
+    ("value", "fix"),
+    [
+        (1_733_000_000_123, "epoch milliseconds: divide by 1_000"),
+        (1_733_000_000_123_456, "epoch microseconds: divide by 1_000_000"),
+        (1_733_000_000_123_456_789, "epoch nanoseconds: divide by 1_000_000_000"),
+        (1e303, "event times are epoch seconds"),
+    ],
+)
+def test_an_implausible_timestamp_names_the_unit_it_looks_like(value: Any, fix: str) -> None:
+    with pytest.raises(sw.OperatorError, match="outside the years 1-9999") as info:
+        windowed([rec(1.0), rec(value, id=9)], sw.windows.Tumbling(10))
+    assert fix in str(info.value)
+    assert info.value.record == rec(value, id=9)
+
+
+def test_timestamps_at_the_edges_of_the_years_1_to_9999_are_windowed() -> None:
+    out = windowed([rec(-62_135_596_800.0), rec(253_402_300_000)], sw.windows.Tumbling(10))
+    assert [r.start_time.year for r in out.results] == [1, 9999]
+    assert [r.end - r.start for r in out.results] == [10.0, 10.0]
 
 
 def test_a_timestamp_function_that_raises_goes_to_the_error_policy() -> None:
