@@ -170,7 +170,7 @@ def test_import_sluiceway_does_not_import_nats() -> None:
 def test_bad_arguments_are_named() -> None:
     with pytest.raises(ValueError, match="batch must be an int >= 1, got 0"):
         NatsSource("nats://x", "s", durable="d", batch=0)
-    with pytest.raises(ValueError, match="ack_wait must be > 0 seconds, got -1"):
+    with pytest.raises(ValueError, match="ack_wait must be a finite number > 0 seconds, got -1"):
         NatsSource("nats://x", "s", durable="d", ack_wait=-1)
     with pytest.raises(ValueError, match="durable must be a name"):
         NatsSource("nats://x", "s", durable="")

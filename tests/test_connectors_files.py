@@ -241,7 +241,10 @@ def test_resume_from_a_position_that_does_not_fit_the_file(tmp_path: Path) -> No
 
 
 def test_bad_arguments_are_explained(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="poll_interval must be > 0 seconds, got 0"):
+    with pytest.raises(
+        ValueError,
+        match="poll_interval must be a finite number > 0 seconds, got 0",
+    ):
         sw.sources.JsonLines(tmp_path / "x", poll_interval=0)
     with pytest.raises(ValueError, match=r"ASCII-compatible.*'utf-16'"):
         sw.sources.JsonLines(tmp_path / "x", encoding="utf-16")

@@ -466,3 +466,67 @@ def test_building_runs_nothing() -> None:
     ).sink(sw.sinks.Collect())
     plan(flow)
     assert calls == []
+
+
+# -- numbers that used to get past the build: NaN, infinity, absurd ratios --------------
+
+_NAN, _INF = float("nan"), float("inf")
+
+
+def _it() -> Any:
+    return iter([])
+
+
+BAD_NUMBERS = [
+    (lambda: sw.sources.Generator(_it, rate=_INF), r"rate must be a finite number > 0.*inf"),
+    (lambda: sw.sources.Generator(_it, rate=_NAN), r"rate must be a finite number > 0.*nan"),
+    (lambda: sw.Backoff(initial=_NAN), r"Backoff initial must be a finite number, got nan"),
+    (lambda: sw.Backoff(multiplier=_INF), r"Backoff multiplier must be a finite number"),
+    (lambda: sw.Backoff(max_delay=_NAN), r"Backoff max_delay must be a finite number"),
+    (lambda: sw.Retry(_INF), r"Retry attempts must be a whole number of tries, got inf"),  # type: ignore[arg-type]
+    (
+        lambda: sw.windows.Sliding(10, 1e-6),
+        r"Sliding\(10, 1e-06\) puts every record into 10,000,000 windows.*"
+        r"slide of at least 0.001 s",
+    ),
+    (lambda: sw.windows.Tumbling(10, offset=_NAN), r"Tumbling offset must be a finite"),
+    (lambda: sw.windows.Sliding(10, 5, offset=_INF), r"Sliding offset must be a finite"),
+    (lambda: sw.Adaptive(tolerance=_INF), r"tolerance=...\) must be a finite number > 1.0"),
+    (lambda: sw.Adaptive(baseline_rounds=_NAN), r"baseline_rounds=...\) must be an int >= 1"),  # type: ignore[arg-type]
+    (lambda: sw.VirtualClock(start=_NAN), r"VirtualClock start must be a finite number"),
+    (lambda: sw.sources.JsonLines("x", poll_interval=_INF), r"poll_interval must be a finite"),
+    (
+        lambda: sw.sources.NatsJetStream("nats://h", "S", "s", durable="d", ack_wait=_NAN),
+        r"ack_wait must be a finite number > 0 seconds, got nan",
+    ),
+    (
+        lambda: sw.sources.RabbitMQ("amqp://h", "q", reconnect_timeout=_INF),
+        r"reconnect_timeout must be a finite number > 0 seconds or None \(no limit\), got inf",
+    ),
+    (
+        lambda: sw.sources.Mqtt("h", "t", client_id="c", session_expiry=_INF),
+        r"session_expiry must be a finite number of seconds > 0 \(None: no limit\), got inf",
+    ),
+    (
+        lambda: sw.sinks.Postgres("postgresql://h/db", "t", reconnect_timeout=_INF),
+        r"reconnect_timeout must be a finite number >= 0 seconds or None",
+    ),
+]
+
+
+@pytest.mark.parametrize(("make", "message"), BAD_NUMBERS)
+def test_nan_infinite_and_absurd_numbers_are_refused_when_built(make: Any, message: str) -> None:
+    with pytest.raises((ValueError, TypeError), match=message):
+        make()
+
+
+def test_a_run_refuses_an_infinite_grace_period() -> None:
+    flow = sw.Flow("grace")
+    flow.source(sw.sources.Iterable([1])).sink(sw.sinks.Collect())
+    with pytest.raises(ValueError, match="grace_period must be a finite number >= 0"):
+        sw.run(flow, grace_period=_NAN, clock=sw.VirtualClock())
+
+
+def test_a_backoff_past_its_cap_never_overflows() -> None:
+    assert sw.Backoff(initial=0.5, max_delay=4.0, jitter=0.0).delay(5_000) == 4.0
+    assert sw.Backoff(initial=0.0, max_delay=4.0, jitter=0.0).delay(5_000) == 0.0

@@ -362,7 +362,10 @@ def test_a_bad_port_is_refused(port: Any) -> None:
 
 
 def test_a_bad_interval_is_refused() -> None:
-    with pytest.raises(ValueError, match="WebView interval must be > 0 seconds, got 0"):
+    with pytest.raises(
+        ValueError,
+        match="WebView interval must be a finite number > 0 seconds, got 0",
+    ):
         WebView(0, interval=0)
 
 

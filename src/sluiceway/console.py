@@ -286,8 +286,10 @@ class LiveView:
         color: bool | None = None,
         footer: Callable[[], str | None] | None = None,
     ) -> None:
-        if not interval > 0:
-            raise ValueError(f"LiveView interval must be > 0 seconds, got {interval!r}")
+        if not 0 < interval < math.inf:
+            raise ValueError(
+                f"LiveView interval must be a finite number > 0 seconds, got {interval!r}"
+            )
         if width is not None and width < 20:
             raise ValueError(f"LiveView width must be >= 20 columns, got {width!r}")
         self.stream = stream

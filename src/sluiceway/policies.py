@@ -20,6 +20,7 @@ ValueError: Retry attempts must be >= 1 (the total number of tries), got 0
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from dataclasses import asdict, dataclass, field
@@ -55,6 +56,12 @@ class Backoff:
     jitter: float = 0.2
 
     def __post_init__(self) -> None:
+        for name in ("initial", "multiplier", "max_delay", "jitter"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(f"Backoff {name} must be a number, got {value!r}")
+            if not math.isfinite(value):  # NaN passes every comparison below
+                raise ValueError(f"Backoff {name} must be a finite number, got {value!r}")
         if self.initial < 0:
             raise ValueError(f"Backoff initial delay must be >= 0, got {self.initial!r}")
         if self.multiplier < 1:
@@ -68,7 +75,14 @@ class Backoff:
 
     def delay(self, retry: int, rng: random.Random | None = None) -> float:
         """The delay before retry number ``retry`` (1 for the first retry)."""
-        base = min(self.max_delay, self.initial * self.multiplier ** max(0, retry - 1))
+        try:
+            growth = self.multiplier ** max(0, retry - 1)
+        except OverflowError:  # retry 1,100 of a doubling backoff: long past the cap
+            growth = math.inf
+        if growth == math.inf:
+            base = self.max_delay if self.initial > 0 else 0.0
+        else:
+            base = min(self.max_delay, self.initial * growth)
         if self.jitter and rng is not None:
             base *= 1.0 + rng.uniform(-self.jitter, self.jitter)
         return min(self.max_delay, max(0.0, base))
@@ -128,6 +142,10 @@ class Retry:
     retry_on: tuple[type[BaseException], ...] = (Exception,)
 
     def __post_init__(self) -> None:
+        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int):
+            raise TypeError(
+                f"Retry attempts must be a whole number of tries, got {self.attempts!r}"
+            )
         if self.attempts < 1:
             raise ValueError(
                 f"Retry attempts must be >= 1 (the total number of tries), got {self.attempts!r}"

@@ -31,6 +31,7 @@ import csv
 import dataclasses
 import json
 import logging
+import math
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -538,8 +539,10 @@ class JsonLinesSource(Source):
         max_line_bytes: int | None = DEFAULT_MAX_LINE_BYTES,
     ) -> None:
         what = "sources.JsonLines"
-        if not (isinstance(poll_interval, int | float) and poll_interval > 0):
-            raise ValueError(f"{what} poll_interval must be > 0 seconds, got {poll_interval!r}")
+        if not (isinstance(poll_interval, int | float) and 0 < poll_interval < math.inf):
+            raise ValueError(
+                f"{what} poll_interval must be a finite number > 0 seconds, got {poll_interval!r}"
+            )
         self._path = os.fspath(path)
         self._follow = bool(follow)
         self._poll_interval = float(poll_interval)

@@ -161,8 +161,13 @@ class Generator(Source, Generic[T]):
                 f"sources.Generator expects a callable returning an iterator "
                 f"(e.g. a generator function), got {type(factory).__name__}"
             )
-        if rate is not None and not (isinstance(rate, int | float) and rate > 0):
-            raise ValueError(f"sources.Generator rate must be > 0 records/s, got {rate!r}")
+        if rate is not None and not (
+            isinstance(rate, int | float) and not isinstance(rate, bool) and 0 < rate < math.inf
+        ):
+            raise ValueError(
+                f"sources.Generator rate must be a finite number > 0 records/s, got {rate!r}; "
+                "leave it out (rate=None) to emit as fast as the flow pulls"
+            )
         self._factory = factory
         self._rate = None if rate is None else float(rate)
         self._puller: _IteratorPuller | None = None

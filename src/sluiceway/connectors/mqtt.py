@@ -47,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import uuid
 import zlib
 from collections import deque
@@ -113,8 +114,11 @@ def _checksum(topic: bytes, payload: bytes | bytearray) -> int:
 def _positive(value: float | None, what: str, *, allow_none: bool = True) -> float | None:
     if value is None and allow_none:
         return None
-    if not (isinstance(value, int | float) and not isinstance(value, bool) and value > 0):
-        raise ValueError(f"{what} must be a number of seconds > 0, got {value!r}")
+    if not (
+        isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < math.inf
+    ):
+        none = " (None: no limit)" if allow_none else ""
+        raise ValueError(f"{what} must be a finite number of seconds > 0{none}, got {value!r}")
     return float(value)
 
 

@@ -41,6 +41,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -129,8 +130,9 @@ def _servers(servers: str | Sequence[str]) -> list[str]:
 def _seconds(value: float | None, what: str, *, none_ok: bool = False) -> float | None:
     if value is None and none_ok:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ValueError(f"{what} must be > 0 seconds, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        none = " (None: no limit)" if none_ok else ""
+        raise ValueError(f"{what} must be a finite number > 0 seconds{none}, got {value!r}")
     return float(value)
 
 

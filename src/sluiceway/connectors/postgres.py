@@ -55,6 +55,7 @@ from __future__ import annotations
 import datetime
 import decimal
 import logging
+import math
 import operator
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -200,10 +201,11 @@ class PostgresSink(Sink):
         what = "sinks.Postgres"
         method = _check_mode(mode, method, key)
         if reconnect_timeout is not None and not (
-            isinstance(reconnect_timeout, int | float) and reconnect_timeout >= 0
+            isinstance(reconnect_timeout, int | float) and 0 <= reconnect_timeout < math.inf
         ):
             raise ValueError(
-                f"{what} reconnect_timeout must be >= 0 seconds or None, got {reconnect_timeout!r}"
+                f"{what} reconnect_timeout must be a finite number >= 0 seconds or None "
+                f"(no limit), got {reconnect_timeout!r}"
             )
         self._types: dict[str, str] = {}
         if isinstance(columns, Mapping):

@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -157,8 +158,13 @@ def _check_url(url: object, what: str) -> str:
 def _check_timeout(value: float | None, what: str) -> float | None:
     if value is None:
         return None
-    if not (isinstance(value, int | float) and not isinstance(value, bool) and value > 0):
-        raise ValueError(f"{what} reconnect_timeout must be > 0 seconds or None, got {value!r}")
+    if not (
+        isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < math.inf
+    ):
+        raise ValueError(
+            f"{what} reconnect_timeout must be a finite number > 0 seconds or None (no limit), "
+            f"got {value!r}"
+        )
     return float(value)
 
 
@@ -306,10 +312,11 @@ class RabbitMQSource(Source):
         if prefetch > 65535:
             raise ValueError(f"{what} prefetch must be <= 65535 (AMQP's limit), got {prefetch}")
         if stop_after_idle is not None and not (
-            isinstance(stop_after_idle, int | float) and stop_after_idle > 0
+            isinstance(stop_after_idle, int | float) and 0 < stop_after_idle < math.inf
         ):
             raise ValueError(
-                f"{what} stop_after_idle must be > 0 seconds or None, got {stop_after_idle!r}"
+                f"{what} stop_after_idle must be a finite number > 0 seconds or None, "
+                f"got {stop_after_idle!r}"
             )
         if not callable(decode):
             raise TypeError(f"{what} decode must be a callable bytes -> value, got {decode!r}")

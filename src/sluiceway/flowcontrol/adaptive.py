@@ -69,14 +69,15 @@ class Adaptive:
                 raise ValueError(f"Adaptive({name}=...) must be an int >= 1, got {v!r}")
         if self.max < self.min:
             raise ValueError(f"Adaptive: max ({self.max}) < min ({self.min})")
-        if not self.tolerance > 1.0:
-            raise ValueError(f"Adaptive(tolerance=...) must be > 1.0, got {self.tolerance!r}")
+        if not 1.0 < self.tolerance < math.inf:
+            raise ValueError(
+                f"Adaptive(tolerance=...) must be a finite number > 1.0, got {self.tolerance!r}"
+            )
         if not 0.0 < self.backoff < 1.0:
             raise ValueError(f"Adaptive(backoff=...) must be in (0, 1), got {self.backoff!r}")
-        if self.baseline_rounds < 1:
-            raise ValueError(
-                f"Adaptive(baseline_rounds=...) must be >= 1, got {self.baseline_rounds!r}"
-            )
+        rounds = self.baseline_rounds
+        if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
+            raise ValueError(f"Adaptive(baseline_rounds=...) must be an int >= 1, got {rounds!r}")
         start = self.initial if self.initial is not None else self.min * 4
         self.limit = max(self.min, min(self.max, start))
 

@@ -468,8 +468,14 @@ class WebView(HttpMonitor):
 
     def __init__(self, port: int = 8080, host: str = "127.0.0.1", *, interval: float = 1.0) -> None:
         super().__init__(port, host)
-        if isinstance(interval, bool) or not isinstance(interval, int | float) or not interval > 0:
-            raise ValueError(f"WebView interval must be > 0 seconds, got {interval!r}")
+        if (
+            isinstance(interval, bool)
+            or not isinstance(interval, int | float)
+            or not 0 < interval < math.inf
+        ):
+            raise ValueError(
+                f"WebView interval must be a finite number > 0 seconds, got {interval!r}"
+            )
         self.interval = float(interval)
         self._previous: FlowSnapshot | None = None
         self._latest: FlowSnapshot | None = None

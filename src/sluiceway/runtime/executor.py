@@ -335,8 +335,10 @@ class Executor:
                 f"checkpoints must be sw.Checkpoints(directory, interval=...), got "
                 f"{type(checkpoints).__name__}"
             )
-        if grace_period < 0:
-            raise ValueError(f"grace_period must be >= 0 seconds, got {grace_period!r}")
+        if not 0 <= grace_period < math.inf:  # (NaN fails this too)
+            raise ValueError(
+                f"grace_period must be a finite number >= 0 seconds, got {grace_period!r}"
+            )
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size!r}")
         self.flow = flow

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import math
 import time as _time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -164,6 +165,9 @@ class VirtualClock(Clock):
     def __init__(
         self, *, start: float = 0.0, epoch: float = 1_700_000_000.0, autojump: bool = True
     ) -> None:
+        for name, value in (("start", start), ("epoch", epoch)):
+            if not math.isfinite(value):
+                raise ValueError(f"VirtualClock {name} must be a finite number, got {value!r}")
         self._now = float(start)
         self._epoch_offset = float(epoch) - float(start)
         self._autojump = autojump

@@ -43,6 +43,18 @@ def _duration(value: object, what: str) -> int:
     return ticks(s)
 
 
+def _check_offset(value: object, what: str) -> None:
+    if not isinstance(value, int | float | timedelta) or isinstance(value, bool):
+        raise TypeError(f"{what} offset must be seconds or a timedelta, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{what} offset must be a finite number of seconds, got {value!r}")
+
+
+MAX_WINDOWS_PER_RECORD = 10_000
+"""A sliding window's ``size / slide`` at most: each record is added to that many windows
+(``Sliding(10, 1e-6)`` would make ten million per record)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Tumbling:
     """Fixed, non-overlapping windows ``[offset + k*size, offset + (k+1)*size)``.
@@ -67,8 +79,7 @@ class Tumbling:
 
     def __post_init__(self) -> None:
         _ = self.size_ticks
-        if not isinstance(self.offset, int | float | timedelta) or isinstance(self.offset, bool):
-            raise TypeError(f"Tumbling offset must be seconds or a timedelta, got {self.offset!r}")
+        _check_offset(self.offset, "Tumbling")
 
     def start_of(self, t: int) -> int:
         """The start (ticks) of the window holding instant ``t`` (ticks)."""
@@ -109,13 +120,21 @@ class Sliding:
         return ticks(off) % self.slide_ticks
 
     def __post_init__(self) -> None:
-        if self.slide_ticks > self.size_ticks:
+        size, slide = self.size_ticks, self.slide_ticks
+        if slide > size:
             raise ValueError(
                 f"Sliding slide ({self.slide!r}) must be <= size ({self.size!r}): an event "
                 "between two windows would belong to none; use Tumbling for slide == size"
             )
-        if not isinstance(self.offset, int | float | timedelta) or isinstance(self.offset, bool):
-            raise TypeError(f"Sliding offset must be seconds or a timedelta, got {self.offset!r}")
+        per_record = -(-size // slide)
+        if per_record > MAX_WINDOWS_PER_RECORD:
+            least = seconds(-(-size // MAX_WINDOWS_PER_RECORD))
+            raise ValueError(
+                f"Sliding({self.size!r}, {self.slide!r}) puts every record into "
+                f"{per_record:,} windows (size / slide); at most {MAX_WINDOWS_PER_RECORD:,} "
+                f"are allowed: use a slide of at least {least:g} s"
+            )
+        _check_offset(self.offset, "Sliding")
 
     def starts_of(self, t: int) -> list[int]:
         """The starts (ticks) of every window holding instant ``t``, latest first."""
