@@ -372,3 +372,36 @@ def test_second_signal_forces_a_nonzero_exit(tmp_path: Path) -> None:
     assert proc.returncode == 3
     assert "second signal (SIGINT)" in out
     assert "not flushed" in out
+
+
+def test_one_sink_in_two_running_flows_is_refused_naming_both(tmp_path: Path) -> None:
+    sink = sw.sinks.JsonLines(tmp_path / "out.jsonl")
+
+    def flow_of(name: str, source: sw.sources.Source) -> sw.Flow:
+        flow = sw.Flow(name)
+        flow.source(source).sink(sink, name=f"{name}_out")
+        return flow
+
+    async def main() -> tuple[int, str]:
+        clock = sw.VirtualClock()
+        first = sw.start(
+            flow_of("first", sw.sources.Generator(itertools.count, rate=100)), clock=clock
+        )
+        await clock.sleep(1.0)
+        second = sw.start(flow_of("second", sw.sources.Iterable(range(5))), clock=clock)
+        with pytest.raises(sw.FlowDefinitionError) as info:
+            await second.wait()
+        await clock.sleep(1.0)
+        result = await first.stop()  # the first flow never noticed
+        written = result.metrics.operator("first_out").records_in
+        # once the first has ended, the sink is free for another run
+        await sw.run_async(flow_of("third", sw.sources.Iterable(range(5))), clock=clock)
+        return written, str(info.value)
+
+    written, message = asyncio.run(main())
+    assert message.startswith("sink 'second_out' (JsonLines(")
+    assert "of flow 'second' is already running in flow 'first' (as 'first_out')" in message
+    assert "create one per flow" in message
+    lines = (tmp_path / "out.jsonl").read_text().splitlines()
+    assert len(lines) == written + 5
+    assert written >= 150

@@ -44,6 +44,7 @@ from sluiceway.plan import PhysicalPlan, StagePlan, plan
 from sluiceway.policies import DeadLetter, DeadLetterRecord, Retry
 from sluiceway.runtime.channel import ChannelReader, ChannelWriter, Overflow, open_channel
 from sluiceway.runtime.checkpointing import Checkpoints, CheckpointStats, Coordinator
+from sluiceway.runtime.claims import Claim, claim
 from sluiceway.runtime.messages import Barrier, Batch, Watermark
 from sluiceway.time import Clock, SystemClock, TimerHandle, yield_now
 
@@ -363,6 +364,7 @@ class Executor:
         self._running_stages = 0
         self._halting = False
         self._in_group = False
+        self._claim: Claim | None = None
         self.stages = self._build()
         self.coordinator: Coordinator | None = None
         acking = any(type(src).commit is not Source.commit for _, src in self._sources)
@@ -534,6 +536,14 @@ class Executor:
         flow, clock = self.flow.name, self.clock
         checkpointing = self.checkpointing
         restored = self.coordinator is not None and self.coordinator.stats.restored_from is not None
+        self._claim = claim(
+            [
+                *(("dead-letter sink", "dead_letter", w.sink) for w in self._dead_letters.values()),
+                *(("sink", node.name, sink) for node, sink in self._sinks),
+                *(("source", node.name, source) for node, source in self._sources),
+            ],
+            flow,
+        )
         for w in self._dead_letters.values():
             name = f"dead_letter_{w.sink.describe()}"
             await w.sink.open(SinkContext(flow, name, clock, restored=restored))
@@ -604,6 +614,8 @@ class Executor:
                     failure.add_note(
                         f"then closing {obj.describe()} failed too: {type(exc).__name__}: {exc}"
                     )
+        if self._claim is not None:
+            self._claim.release()
         if errors and self._forced is None and failure is None:
             raise FlowFailedError(
                 f"closing {len(errors)} connector(s) of flow {self.flow.name!r} failed; "
