@@ -334,3 +334,15 @@ def own_redis() -> Iterator[RedisServer]:
     """A private redis-server this test may stop, restart or SCRIPT FLUSH."""
     with RedisServer.start_new() as server:
         yield server
+
+
+def assert_secret_hidden(secret: str, exc: BaseException | None, log_text: str) -> None:
+    """Neither ``log_text`` nor any exception in ``exc``'s chain (message, notes) shows
+    ``secret`` -- a password given in a connector's URL."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        for text in (str(exc), *getattr(exc, "__notes__", ())):
+            assert secret not in text, f"{type(exc).__name__} shows the password: {text}"
+        exc = exc.__cause__ or exc.__context__
+    assert secret not in log_text, f"the log shows the password:\n{log_text}"

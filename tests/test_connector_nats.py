@@ -798,3 +798,48 @@ if __name__ == "__main__":
         child(*sys.argv[2:])
     else:
         raise SystemExit(f"usage: {sys.argv[0]} child URL STREAM DURABLE OUT MODE IDLE")
+
+
+def test_credentials_in_the_url_are_never_shown(
+    nats_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from services import assert_secret_hidden, free_port  # noqa: PLC0415
+
+    caplog.set_level(logging.DEBUG, logger="sluiceway")
+    secret = "s3cret-pw"
+    nobody = f"127.0.0.1:{free_port()}"
+    failing: list[tuple[str, Any]] = [
+        # unreachable: the outage WARNING, then NatsUnavailableError
+        (
+            "unavailable for",
+            NatsSource(f"nats://ann:{secret}@{nobody}", "S", durable="d", reconnect_timeout=0.3),
+        ),
+        (
+            "unavailable for",
+            NatsSource(f"nats://{secret}@{nobody}", "S", durable="d", reconnect_timeout=0.3),
+        ),  # a token
+        (
+            "unavailable for",
+            NatsSink(f"nats://ann:{secret}@{nobody}", "s.x", reconnect_timeout=0.3),
+        ),
+        # reachable with credentials, but no such stream: a ValueError naming the server
+        (
+            "no JetStream stream",
+            NatsSource(
+                nats_url.replace("nats://", f"nats://ann:{secret}@"),
+                "SWTEST_NO_STREAM",
+                durable="d",
+            ),
+        ),
+    ]
+    for expected, connector in failing:
+        flow = sw.Flow("nats-secret")
+        if isinstance(connector, NatsSource):
+            flow.source(connector).sink(sw.sinks.Collect())
+        else:
+            flow.source(sw.sources.Iterable([1])).sink(connector)
+        with pytest.raises(Exception, match=expected) as info:
+            sw.run(flow, handle_signals=False)
+        assert "***@" in str(info.value)
+        assert_secret_hidden(secret, info.value, caplog.text)
+    assert "***@" in caplog.text

@@ -599,3 +599,31 @@ def test_the_example_flow_runs(pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> 
         assert all(events > 0 and isinstance(top, dict) for events, top in rows)
     finally:
         drop_table(pg_dsn, table)
+
+
+def test_credentials_in_the_dsn_are_never_shown(
+    pg_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from services import assert_secret_hidden, free_port  # noqa: PLC0415
+
+    caplog.set_level(logging.DEBUG)
+    secret = "s3cret-pw"
+    port = free_port()
+    for dsn in (
+        f"postgresql://ann:{secret}@127.0.0.1:{port}/db",
+        f"host=127.0.0.1 port={port} user=ann password={secret} dbname=db",
+    ):
+        flow = sw.Flow("pg-secret")
+        sink = PostgresSink(dsn, "t", reconnect_timeout=0.3)
+        flow.source(sw.sources.Iterable([{"id": 1}])).sink(sink)
+        with pytest.raises(sw.SluicewayError, match=f"127.0.0.1:{port}/db") as info:
+            sw.run(flow, handle_signals=False)
+        assert_secret_hidden(secret, info.value, caplog.text)
+    for bad in (
+        f"postgresql://ann:{secret}@127.0.0.1:{port}/db?bogus=1",
+        f"host=127.0.0.1 password={secret} port",
+    ):
+        with pytest.raises(ValueError, match="is not a libpq connection string") as refused:
+            PostgresSink(bad, "t")
+        assert "***" in str(refused.value)
+        assert_secret_hidden(secret, refused.value, caplog.text)

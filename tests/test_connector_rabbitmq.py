@@ -707,3 +707,31 @@ def test_outage_broker_killed_and_restarted_mid_stream(
     assert asyncio.run(depth(url, "outage.in")) == 0
     dups = sum(c - 1 for c in out.values())
     print(f"outage ({how}): {n} records, {dups} duplicates, boot times {server.boot_seconds}")
+
+
+def test_credentials_in_the_url_are_never_shown(
+    rabbitmq_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from services import assert_secret_hidden  # noqa: PLC0415
+
+    caplog.set_level(logging.DEBUG)  # aiormq's own loggers too
+    secret = "s3cret-pw"
+    nobody = f"amqp://guest:{secret}@127.0.0.1:{free_port()}/"
+    refused = rabbitmq_url.replace("guest:guest@", f"guest:{secret}@")
+    assert refused != rabbitmq_url, "this test needs a URL with guest:guest"
+    failing: list[tuple[str, Any]] = [
+        ("unreachable for", RabbitMQSource(nobody, "q", reconnect_timeout=0.3)),
+        ("unreachable for", RabbitMQSink(nobody, routing_key="q", reconnect_timeout=0.3)),
+        ("refused the login", RabbitMQSource(refused, "q", reconnect_timeout=30)),
+        ("refused the login", RabbitMQSink(refused, routing_key="q", reconnect_timeout=30)),
+    ]
+    for expected, connector in failing:
+        flow = sw.Flow("rabbit-secret")
+        if isinstance(connector, RabbitMQSource):
+            flow.source(connector).sink(sw.sinks.Collect())
+        else:
+            flow.source(sw.sources.Iterable([1])).sink(connector)
+        with pytest.raises(Exception, match=expected) as info:
+            run_flow(flow)
+        assert "guest:***@" in str(info.value)
+        assert_secret_hidden(secret, info.value, caplog.text)

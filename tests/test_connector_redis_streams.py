@@ -614,3 +614,31 @@ def test_example_flow_builds_and_runs(redis_url: str, redis_prefix: str) -> None
     sw.run(flow, handle_signals=False)
     assert [r["amount"] for r in read_stream(redis_url, outs)] == [50, 500]
     assert isinstance(redis_streams_flow.flow, sw.Flow)
+
+
+def test_credentials_in_the_url_are_never_shown(
+    redis_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from services import assert_secret_hidden, free_port  # noqa: PLC0415
+
+    caplog.set_level(logging.DEBUG, logger="sluiceway")
+    secret = "s3cret-pw"
+    nobody = f"redis://ann:{secret}@127.0.0.1:{free_port()}/0"
+    # the shared Redis has no such user: the login is refused
+    refused = redis_url.replace("redis://", f"redis://ann:{secret}@")
+    stream = f"{redis_prefix}:s"
+    failing: list[tuple[str, Any]] = [
+        ("unreachable for", RedisStreamSource(nobody, stream, "g", reconnect_timeout=0.3)),
+        ("unreachable for", RedisStreamSink(nobody, stream, reconnect_timeout=0.3)),
+        ("refused access", RedisStreamSource(refused, stream, "g", reconnect_timeout=0.3)),
+        ("refused access", RedisStreamSink(refused, stream, reconnect_timeout=0.3)),
+    ]
+    for expected, connector in failing:
+        flow = sw.Flow("rs-secret")
+        if isinstance(connector, RedisStreamSource):
+            flow.source(connector).sink(sw.sinks.Collect())
+        else:
+            flow.source(sw.sources.Iterable([1])).sink(connector)
+        with pytest.raises(sw.SluicewayError, match=expected) as info:
+            sw.run(flow, handle_signals=False)
+        assert_secret_hidden(secret, info.value, caplog.text)

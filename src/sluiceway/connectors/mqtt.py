@@ -61,7 +61,14 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from sluiceway.connectors.base import PartialWriteError, Sink, SinkContext, Source, SourceContext
+from sluiceway.connectors.base import (
+    PartialWriteError,
+    Sink,
+    SinkContext,
+    Source,
+    SourceContext,
+    redact,
+)
 from sluiceway.errors import BadInputError, short_repr
 from sluiceway.runtime.messages import Batch
 from sluiceway.time import Clock
@@ -192,7 +199,7 @@ class _Link:
         try:
             await client.__aexit__(None, None, None)
         except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
-            log.debug("mqtt: disconnect failed: %r", exc)
+            log.debug("mqtt: disconnect failed: %s", redact(repr(exc)))
             self.paho._sock_close()
         self.lost = True
         _forget(gone)
@@ -244,14 +251,14 @@ class _Connector:
                         self.what,
                         self.host,
                         self.port,
-                        exc,
+                        redact(exc),
                     )
                 waited = clock.monotonic() - started
                 if self.timeout is not None and waited + delay > self.timeout:
                     raise MqttUnavailableError(
                         f"{self.what}: no connection to the MQTT broker at {self.host}:"
                         f"{self.port} for {waited:.1f} s (reconnect_timeout={self.timeout}); "
-                        f"last error: {exc}"
+                        f"last error: {redact(exc)}"
                     ) from exc
                 await clock.sleep(delay)
                 delay = min(delay * 2, _BACKOFF_MAX)

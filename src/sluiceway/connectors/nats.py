@@ -56,7 +56,14 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, Header, PubAck, StreamConfig
 
-from sluiceway.connectors.base import PartialWriteError, Sink, SinkContext, Source, SourceContext
+from sluiceway.connectors.base import (
+    PartialWriteError,
+    Sink,
+    SinkContext,
+    Source,
+    SourceContext,
+    redact,
+)
 from sluiceway.errors import BadInputError, short_repr
 from sluiceway.runtime.messages import Batch
 from sluiceway.time import Clock, SystemClock
@@ -123,7 +130,7 @@ def _servers(servers: str | Sequence[str]) -> list[str]:
     else:
         found = [str(s) for s in servers]
     if not found:
-        raise ValueError(f"NATS servers must name at least one URL, got {servers!r}")
+        raise ValueError(f"NATS servers must name at least one URL, got {redact(repr(servers))}")
     return found
 
 
@@ -203,7 +210,7 @@ class _Link:
                 self.generation += 1
 
     async def _on_error(self, exc: Exception) -> None:
-        log.debug("%s: NATS client error: %r", self.what, exc)
+        log.debug("%s: NATS client error: %s", self.what, redact(repr(exc)))
 
     async def trouble(self, exc: BaseException) -> None:
         """An operation failed for a reason that may pass: wait (backing off), or raise
@@ -214,7 +221,7 @@ class _Link:
         timeout = self.reconnect_timeout
         if timeout is not None and elapsed >= timeout:
             raise NatsUnavailableError(
-                f"{self.what}: NATS at {','.join(self.servers)} unavailable for "
+                f"{self.what}: NATS at {_shown(self.servers)} unavailable for "
                 f"{elapsed:.1f} s (reconnect_timeout={timeout:g}); last error: {_describe(exc)}"
             ) from exc
         wait = self._delay if timeout is None else min(self._delay, timeout - elapsed)
@@ -235,7 +242,7 @@ class _Link:
         log.warning(
             "%s: NATS at %s unavailable (%s); reconnecting with backoff, %s",
             self.what,
-            ",".join(self.servers),
+            _shown(self.servers),
             _describe(exc),
             limit,
         )
@@ -246,7 +253,7 @@ class _Link:
             log.info(
                 "%s: NATS at %s available again after %.1f s",
                 self.what,
-                ",".join(self.servers),
+                _shown(self.servers),
                 self.clock.monotonic() - self._outage_since,
             )
             self._outage_since = None
@@ -264,7 +271,7 @@ async def _close_quietly(nc: Client) -> None:
     try:
         await nc.close()
     except _NATS_ERRORS as exc:
-        log.debug("closing a NATS connection: %r", exc)
+        log.debug("closing a NATS connection: %s", redact(repr(exc)))
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:
@@ -273,8 +280,13 @@ def _resolve(fut: asyncio.Future[None]) -> None:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc)
+    text = redact(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _shown(servers: list[str]) -> str:
+    """The server URLs for messages and logs: credentials masked."""
+    return redact(",".join(servers))
 
 
 def _ranges(seqs: set[int]) -> list[list[int]]:
@@ -446,7 +458,7 @@ class NatsSource(Source):
             if not self._create_stream:
                 raise ValueError(
                     f"{self.describe()}: no JetStream stream {self._stream!r} on "
-                    f"{','.join(self._servers)}; create it (nats stream add), or pass "
+                    f"{_shown(self._servers)}; create it (nats stream add), or pass "
                     "create_stream=True"
                 ) from None
             subjects = [f"{self._stream}.>"]
@@ -553,7 +565,9 @@ class NatsSource(Source):
                 task.cancel()
             await asyncio.wait([task])
             if not task.cancelled() and task.exception() is not None:
-                log.debug("%s: the last fetch failed: %r", self.describe(), task.exception())
+                log.debug(
+                    "%s: the last fetch failed: %s", self.describe(), redact(repr(task.exception()))
+                )
         nc = self._link.connected()
         replies = [
             (reply, _ACK if ordinal < self._committed else _NAK)
@@ -568,7 +582,7 @@ class NatsSource(Source):
                 # started right after this one finds them redelivered
                 await nc.request(replies[-1][0], replies[-1][1], timeout=2)
             except _NATS_ERRORS as exc:
-                log.debug("%s: acks at close failed: %r", self.describe(), exc)
+                log.debug("%s: acks at close failed: %s", self.describe(), redact(repr(exc)))
         self._unacked.clear()
         self._buffer.clear()
         self._parked.clear()
@@ -686,7 +700,11 @@ class NatsSource(Source):
                         await nc.publish(reply, _ACK)
                     await nc.flush()
                 except _NATS_ERRORS as exc:
-                    log.debug("%s: acks of covered messages failed: %r", self.describe(), exc)
+                    log.debug(
+                        "%s: acks of covered messages failed: %s",
+                        self.describe(),
+                        redact(repr(exc)),
+                    )
                 else:
                     covered.difference_update(seq for seq, _ in acks)
                     self.acked += len(acks)
@@ -768,7 +786,11 @@ class NatsSource(Source):
                 await nc.publish(unacked[i][2], _ACK)
             await nc.request(unacked[count - 1][2], _ACK, timeout=self._ack_timeout())
         except _NATS_ERRORS as exc:
-            log.debug("%s: acks failed, retried at the next commit: %r", self.describe(), exc)
+            log.debug(
+                "%s: acks failed, retried at the next commit: %s",
+                self.describe(),
+                redact(repr(exc)),
+            )
             return
         held = self._held
         for _ in range(count):
@@ -911,7 +933,7 @@ class NatsSink(Sink):
             except nats.js.errors.NotFoundError:
                 raise ValueError(
                     f"{self.describe()}: no JetStream stream captures subject {subject!r} on "
-                    f"{','.join(self._servers)}; add one (nats stream add --subjects ...)"
+                    f"{_shown(self._servers)}; add one (nats stream add --subjects ...)"
                 ) from None
             except _TRANSIENT as exc:
                 await self._link.trouble(exc)

@@ -66,7 +66,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import JsonbDumper
 
-from sluiceway.connectors.base import PartialWriteError, Sink, SinkContext
+from sluiceway.connectors.base import PartialWriteError, Sink, SinkContext, redact
 from sluiceway.errors import CheckpointError, short_repr
 from sluiceway.runtime.messages import Batch
 
@@ -233,7 +233,13 @@ class PostgresSink(Sink):
         self._transform = transform
         self._create = bool(create_table)
         self._timeout = None if reconnect_timeout is None else float(reconnect_timeout)
-        info = conninfo_to_dict(dsn)
+        try:
+            info = conninfo_to_dict(dsn)
+        except psycopg.ProgrammingError as exc:
+            raise ValueError(
+                f"{what} dsn {redact(repr(dsn))} is not a libpq connection string or URL "
+                f"({redact(exc).strip()}); e.g. 'postgresql://user@host:5432/db'"
+            ) from None  # psycopg's own message may quote the password
         self._server = (
             f"{info.get('host', 'localhost')}:{info.get('port', 5432)}/"
             f"{info.get('dbname', info.get('user', ''))}"
@@ -306,14 +312,14 @@ class PostgresSink(Sink):
                         "%s: lost the connection to %s (%s); reconnecting with backoff",
                         self.describe(),
                         self._where(),
-                        str(exc).strip() or type(exc).__name__,
+                        redact(exc).strip() or type(exc).__name__,
                     )
                 waited = now - down_since
                 if self._timeout is not None and waited >= self._timeout:
                     raise ConnectionError(
                         f"{self.describe()}: {self._where()} unreachable for {waited:.1f} s "
                         f"(reconnect_timeout={self._timeout:g}); last error: "
-                        f"{str(exc).strip() or type(exc).__name__}"
+                        f"{redact(exc).strip() or type(exc).__name__}"
                     ) from exc
                 pause = delay if self._timeout is None else min(delay, self._timeout - waited)
                 await clock.sleep(max(pause, 0.0))
@@ -808,7 +814,7 @@ class PostgresSink(Sink):
                         "%s: could not delete the rows written after the last checkpoint "
                         "(%s); a restart from that checkpoint deletes them",
                         self.describe(),
-                        exc,
+                        redact(exc),
                     )
         finally:
             await self._drop()

@@ -50,7 +50,6 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import aio_pika.abc
@@ -66,7 +65,14 @@ from aiormq.exceptions import (
 )
 from pamqp import commands as spec
 
-from sluiceway.connectors.base import PartialWriteError, Sink, SinkContext, Source, SourceContext
+from sluiceway.connectors.base import (
+    PartialWriteError,
+    Sink,
+    SinkContext,
+    Source,
+    SourceContext,
+    redact,
+)
 from sluiceway.errors import BadInputError, short_repr
 from sluiceway.runtime.messages import Batch
 from sluiceway.time import Clock
@@ -135,17 +141,6 @@ class RabbitMQMessage:
     delivery_tag: int = 0
 
 
-def _shown_url(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    if parts.username:
-        netloc = f"{parts.username}@{netloc}"
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 def _check_url(url: object, what: str) -> str:
     if not isinstance(url, str) or not url.startswith(("amqp://", "amqps://")):
         raise ValueError(
@@ -179,7 +174,7 @@ class _Reconnect:
 
     def __init__(self, who: str, url: str, timeout: float | None) -> None:
         self.who = who
-        self.server = _shown_url(url)
+        self.server = redact(url)
         self.timeout = timeout
         self.outage_since: float | None = None
         self.attempts = 0
@@ -198,7 +193,7 @@ class _Reconnect:
             "%s: no connection to RabbitMQ at %s (%s); reconnecting with backoff",
             self.who,
             self.server,
-            "closed" if exc is None else f"{type(exc).__name__}: {exc}",
+            "closed" if exc is None else f"{type(exc).__name__}: {redact(exc)}",
         )
 
     async def connect(self, clock: Clock, attempt: Callable[[], Awaitable[T]]) -> T:
@@ -212,7 +207,7 @@ class _Reconnect:
             except _TRANSIENT as exc:
                 if "ACCESS_REFUSED" in str(exc):  # a ProbableAuthenticationError that is one
                     raise RabbitMQError(
-                        f"{self.who}: RabbitMQ at {self.server} refused the login ({exc}); "
+                        f"{self.who}: RabbitMQ at {self.server} refused the login ({redact(exc)}); "
                         "check the user, password and virtual host in the URL"
                     ) from exc
                 self.lost(clock, exc)
@@ -222,7 +217,7 @@ class _Reconnect:
                     raise RabbitMQUnavailableError(
                         f"{self.who}: RabbitMQ at {self.server} unreachable for "
                         f"{waited:.1f} s ({self.attempts} attempts; last error: "
-                        f"{type(exc).__name__}: {exc}); giving up (reconnect_timeout="
+                        f"{type(exc).__name__}: {redact(exc)}); giving up (reconnect_timeout="
                         f"{self.timeout:g})"
                     ) from exc
                 pause = self.delay
@@ -250,7 +245,7 @@ async def _close_quietly(conn: aio_pika.abc.AbstractConnection | None) -> None:
     try:
         await conn.close()
     except _CLOSING as exc:  # it is going away anyway
-        log.debug("closing a RabbitMQ connection: %r", exc)
+        log.debug("closing a RabbitMQ connection: %s", redact(repr(exc)))
 
 
 def _decode_json(body: bytes) -> Any:
@@ -409,10 +404,10 @@ class RabbitMQSource(Source):
         where = f"{self.describe()} at {self._reconnect.server}"
         if isinstance(exc, ChannelNotFoundEntity):
             return (
-                f"{where}: queue {self._queue!r} does not exist ({exc}); create it, or pass "
-                "declare=True to declare it as a durable queue"
+                f"{where}: queue {self._queue!r} does not exist ({redact(exc)}); create it, "
+                "or pass declare=True to declare it as a durable queue"
             )
-        return f"{where}: cannot use queue {self._queue!r}: {exc}"
+        return f"{where}: cannot use queue {self._queue!r}: {redact(exc)}"
 
     def _on_close(self, _sender: object, exc: BaseException | None = None) -> None:
         self._broken = True
@@ -573,7 +568,349 @@ class RabbitMQSource(Source):
                     channel = await conn.channel(publisher_confirms=False)
                 queue = await channel.declare_queue(self._queue, passive=True)
             except _CLOSING as exc:  # next_batch reconnects when the connection is gone
-                log.debug("%s: cannot read the queue depth: %r", self.describe(), exc)
+                log.debug("%s: cannot read the queue depth: %s", self.describe(), redact(repr(exc)))
+                channel = None
+                continue
+            self._ready = queue.declaration_result.message_count
+
+    # -- positions and acknowledgements ----------------------------------------------
+
+    def position(self) -> dict[str, Any]:
+        """``{"session", "epoch", "tag", "handed_out"}``: the last delivery tag handed out
+        on the current channel (tags are per channel: ``epoch`` counts channels)."""
+        return {
+            "session": self._session,
+            "epoch": self._epoch,
+            "tag": self._last_tag,
+            "handed_out": self._handed,
+        }
+
+    def restore(self, position: Any) -> None:
+        """Nothing to do: the broker requeued every message the old run had not
+        acknowledged when its connection died; they come again with ``redelivered``."""
+        if not (isinstance(position, dict) and "tag" in position):
+            raise ValueError(
+                f"{self.describe()}: a checkpoint position must be a dict from position(), "
+                f"got {short_repr(position)}"
+            )
+
+    async def commit(self, position: Any) -> None:
+        """Acknowledge (``multiple=True``) every message handed out before ``position``.
+
+        Does nothing for a position of an earlier channel: its messages were requeued
+        when that connection died.  An acknowledgement that cannot be sent (the
+        connection just died) is dropped the same way: the broker redelivers.
+        """
+        if not isinstance(position, dict):
+            return
+        if position.get("session") != self._session or position.get("epoch") != self._epoch:
+            return
+        tag = position.get("tag", 0)
+        raw = self._raw
+        if tag <= self._acked or raw is None or not self._usable():
+            return
+        try:
+            await raw.basic_ack(tag, multiple=True)
+        except _TRANSIENT as exc:
+            self._lost = exc
+            self._broken = True
+            return
+        self._acked = tag
+
+    def backlog(self) -> int | None:
+        """Messages ready in the queue, as of the last reading (at most ~1 s old; not
+        counting the up to ``prefetch`` pushed to this source); None before the first."""
+        return self._ready
+
+    async def close(self) -> None:
+        """Close the connection (safe to call twice).  Messages not acknowledged are
+        requeued by the broker."""
+        if self._closed:
+            return
+        self._closed = True
+        self._raw = None
+        self._buf.clear()
+        task, self._depth_task = self._depth_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close_callbacks.discard(self._on_close)
+        await _close_quietly(conn)
+
+
+# -- the sink ------------------------------------------------------------------------
+
+
+class RabbitMQSink(Sink):
+    r"""Publishes every record to RabbitMQ (``sw.sinks.RabbitMQ``) with publisher confirms.
+
+    A batch is published concurrently; :meth:`write` returns when the broker confirmed
+    every message (``mandatory``: a message no queue takes is an error, not a silent
+    drop).  **At-least-once**: RabbitMQ has no idempotent publish, so a batch cut short
+    by a lost connection is published again after reconnecting, and after a crash the
+    records since the last checkpoint are.
+
+    Args:
+        url: the broker, ``amqp://user:password@host:port/vhost``.
+        exchange: the exchange (default ``""``: the default exchange, which routes by
+            queue name).
+        routing_key: a string, or ``value -> str`` per record.  With the default
+            exchange and ``declare_queue``, it defaults to that queue.
+        declare_queue: a durable queue to declare when the sink starts (handy with the
+            default exchange).  After a lost connection it is only checked: a queue that
+            is gone (and the messages confirmed into it) is a :class:`RabbitMQError`.
+        persistent: publish with ``delivery_mode=2`` (kept on disk in durable queues).
+        encode: ``value -> bytes`` (default: compact JSON); a record it raises on is
+            pinned to itself (:class:`~sluiceway.connectors.base.PartialWriteError`).
+        content_type: the ``content_type`` property (default ``application/json``;
+            None: not set).
+        reconnect_timeout: seconds to keep reconnecting (None: forever).
+
+    Raises:
+        ValueError: a bad argument (no routing key, a bad URL...).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        exchange: str = "",
+        routing_key: str | Callable[[Any], str] | None = None,
+        *,
+        declare_queue: str | None = None,
+        persistent: bool = True,
+        encode: Callable[[Any], bytes] = _encode_json,
+        content_type: str | None = "application/json",
+        reconnect_timeout: float | None = 60.0,
+    ) -> None:
+        what = "sinks.RabbitMQ"
+        self._url = _check_url(url, what)
+        if not isinstance(exchange, str):
+            raise ValueError(f"{what} exchange must be a string, got {short_repr(exchange)}")
+        if routing_key is None:
+            if exchange or not declare_queue:
+                raise ValueError(
+                    f"{what} needs a routing_key (a string or a function of the record); it "
+                    "defaults to declare_queue only with the default exchange"
+                )
+            routing_key = declare_queue
+        if not (isinstance(routing_key, str) or callable(routing_key)):
+            raise ValueError(
+                f"{what} routing_key must be a string or a callable, got {short_repr(routing_key)}"
+            )
+        if not callable(encode):
+            raise TypeError(f"{what} encode must be a callable value -> bytes, got {encode!r}")
+        self._exchange = exchange
+        self._key = routing_key
+        self._declare_queue = declare_queue
+        self._delivery_mode = 2 if persistent else 1
+        self._content_type = content_type
+        self._id_prefix = uuid.uuid4().hex[:16]
+        self._seq = 0
+        self._encode = encode
+        self._reconnect = _Reconnect(self.describe(), url, _check_timeout(reconnect_timeout, what))
+        self._ctx: SinkContext | None = None
+        self._conn: aio_pika.abc.AbstractConnection | None = None
+        self._raw: aiormq.abc.AbstractChannel | None = None
+        self._broken = False
+        self._lost: BaseException | None = None
+        self._declared = False  # declare_queue was declared (on the first connection)
+        self._closed = False
+        self.published = 0
+        """Messages the broker confirmed (including ones published again)."""
+
+    def describe(self) -> str:
+        """``RabbitMQ(<exchange> <routing key>)``."""
+        key = self._key if isinstance(self._key, str) else getattr(self._key, "__name__", "fn")
+        return f"RabbitMQ({self._exchange or 'default exchange'} {key})"
+
+    async def open(self, ctx: SinkContext) -> None:
+        """Connect (with confirms) and declare ``declare_queue`` if given.
+
+        Raises:
+            RabbitMQUnavailableError: the broker is not reachable within
+                ``reconnect_timeout``.
+            RabbitMQError: ``declare_queue`` cannot be declared as a durable queue.
+        """
+        self._ctx = ctx
+        self._reconnect.who = f"sink {ctx.name!r} ({self.describe()})"
+        await self._reconnect.connect(ctx.clock, self._connect)
+
+    async def _connect(self) -> None:
+        conn = await aio_pika.connect(self._url, timeout=_CONNECT_TIMEOUT)
+        try:
+            channel = await conn.channel(publisher_confirms=True, on_return_raises=True)
+            if self._declare_queue is not None:
+                await self._check_queue(channel, self._declare_queue)
+            self._raw = await channel.get_underlay_channel()
+            self._conn, self._broken = conn, False
+            conn.close_callbacks.add(self._on_close)
+        except BaseException:
+            self._raw = None
+            await _close_quietly(conn)
+            raise
+
+    async def _on_close(self, _sender: object, exc: BaseException | None = None) -> None:
+        self._broken = True
+        self._lost = exc
+        self._wake()
+
+    async def _on_message(self, message: aiormq.abc.DeliveredMessage) -> None:
+        if message.channel is self._raw:  # a delivery of a dead channel is requeued
+            self._buf.append(message)
+            self._wake()
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _usable(self) -> bool:
+        raw = self._raw
+        return raw is not None and not self._broken and not raw.is_closed
+
+    async def _restore_connection(self, ctx: SourceContext) -> None:
+        """The connection is gone: drop what its channel delivered (the broker requeues
+        it) and connect again."""
+        self._reconnect.lost(ctx.clock, self._lost)
+        self._raw = None
+        self._buf.clear()
+        conn, self._conn = self._conn, None
+        await _close_quietly(conn)
+        await self._reconnect.connect(ctx.clock, self._connect)
+        self._lost = None
+        self._last_message = ctx.clock.monotonic()  # an outage is not idleness
+
+    # -- reading -------------------------------------------------------------------
+
+    async def next_batch(self, max_records: int) -> Batch | None:
+        """Up to ``max_records`` messages that arrived; waits up to 0.1 s for the first
+        (then returns an empty batch, so ack barriers get through).
+
+        Returns None once no message came for ``stop_after_idle`` seconds.  After a lost
+        connection it reconnects first (see the module docs).  Cancelling it loses
+        nothing: messages stay in the buffer until they are returned.
+
+        Raises:
+            RabbitMQUnavailableError: the broker stayed unreachable too long.
+            OperatorError: (from the runtime, under the ``Fail`` policy) a body could not
+                be decoded; that message stays unacknowledged.
+        """
+        ctx = self._ctx
+        if ctx is None or self._closed:
+            raise RuntimeError(
+                f"{self.describe()} is not open: the runtime calls open() before next_batch()"
+            )
+        clock, buf = ctx.clock, self._buf
+        if not self._usable():
+            await self._restore_connection(ctx)
+        now = clock.monotonic()
+        if self._last_tag - self._acked >= self._prefetch:
+            # Every message the broker may push is handed out and waits for its commit:
+            # the broker holds back, which is not the queue being idle.
+            self._last_message = now
+        if not buf:
+            deadline = now + _FETCH_WAIT
+            if self._idle is not None:
+                idle_end = self._last_message + self._idle
+                if now >= idle_end:
+                    return None
+                deadline = min(deadline, idle_end)
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await clock.wait_until(self._waiter, deadline)
+            finally:
+                self._waiter = None
+            if not buf:
+                return Batch([])
+        self._last_message = clock.monotonic()
+        return await self._take(ctx, max_records)
+
+    async def _take(self, ctx: SourceContext, max_records: int) -> Batch:
+        buf, decode, meta = self._buf, self._decode, self._meta
+        records: list[Any] = []
+        last = self._last_tag
+        while buf and len(records) < max_records:
+            message = buf[0]
+            try:
+                value = decode(message.body)
+            except Exception as exc:  # noqa: BLE001 - any decode failure is bad input
+                if records:  # hand out the good ones first; report this one next time
+                    break
+                last = await self._bad(ctx, message, exc)
+                continue
+            buf.popleft()
+            delivery = message.delivery
+            assert isinstance(delivery, spec.Basic.Deliver)
+            last = delivery.delivery_tag or 0
+            if meta:
+                props = message.header.properties
+                value = RabbitMQMessage(
+                    payload=value,
+                    routing_key=delivery.routing_key or "",
+                    exchange=delivery.exchange or "",
+                    message_id=props.message_id,
+                    headers=dict(props.headers or {}),
+                    redelivered=bool(delivery.redelivered),
+                    delivery_tag=last,
+                )
+            records.append(value)
+        self._last_tag = last
+        self._handed += len(records)
+        return Batch(records)
+
+    async def _bad(
+        self, ctx: SourceContext, message: aiormq.abc.DeliveredMessage, exc: Exception
+    ) -> int:
+        """Report an undecodable message (raises under ``Fail``: it stays unacked)."""
+        delivery = message.delivery
+        assert isinstance(delivery, spec.Basic.Deliver)
+        tag = delivery.delivery_tag or 0
+        ident = message.header.properties.message_id or f"delivery tag {tag}"
+        hint = (
+            "; fix the publisher, or set bad messages aside with "
+            "flow.source(..., on_error=sw.DeadLetter(sink))"
+            if ctx.fails_on_bad_input
+            else ""
+        )
+        raw = message.body.decode("utf-8", "backslashreplace")
+        reason = f"cannot decode the body: {type(exc).__name__}: {exc}{hint}"
+        await ctx.bad_input(
+            BadInputError(
+                where=f"RabbitMQ queue {self._queue!r} message {ident}", raw=raw, reason=reason
+            )
+        )
+        # The flow's policy let it go: it is handled.
+        if self._buf and self._buf[0] is message:
+            self._buf.popleft()
+        if self._on_bad == "reject" and self._usable() and message.channel is self._raw:
+            try:
+                await message.channel.basic_reject(tag, requeue=False)
+            except _TRANSIENT as err:  # the broker requeues it with the rest
+                self._lost = err
+        return tag if message.channel is self._raw else self._last_tag
+
+    async def _watch_depth(self, clock: Clock) -> None:
+        """Read the queue's depth every second, for :meth:`backlog`.
+
+        On a channel of its own, in a task of its own (started by ``open``, cancelled by
+        ``close``): a pull that is cancelled (by a checkpoint barrier or a stop) must never
+        be inside an AMQP call, since aiormq closes a channel whose call was cancelled.
+        """
+        channel: aio_pika.abc.AbstractChannel | None = None
+        while True:
+            await clock.sleep(_BACKLOG_REFRESH)
+            conn = self._conn
+            if conn is None or conn.is_closed or not self._usable():
+                channel = None
+                continue
+            try:
+                if channel is None or channel.is_closed:
+                    channel = await conn.channel(publisher_confirms=False)
+                queue = await channel.declare_queue(self._queue, passive=True)
+            except _CLOSING as exc:  # next_batch reconnects when the connection is gone
+                log.debug("%s: cannot read the queue depth: %s", self.describe(), redact(repr(exc)))
                 channel = None
                 continue
             self._ready = queue.declaration_result.message_count

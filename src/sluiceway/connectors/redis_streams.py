@@ -55,7 +55,14 @@ from redis import exceptions as redis_errors
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from sluiceway.connectors.base import PartialWriteError, Sink, SinkContext, Source, SourceContext
+from sluiceway.connectors.base import (
+    PartialWriteError,
+    Sink,
+    SinkContext,
+    Source,
+    SourceContext,
+    redact,
+)
 from sluiceway.connectors.files import _to_json
 from sluiceway.errors import BadInputError, SluicewayError, short_repr
 from sluiceway.runtime.messages import Batch
@@ -164,7 +171,7 @@ class _Link:
                     result = await _cancellable(fn, task, cancels)
             except _CONFIG as exc:
                 raise RedisStreamError(
-                    f"{self.what}: Redis at {self.where} refused access: {exc}"
+                    f"{self.what}: Redis at {self.where} refused access: {redact(exc)}"
                 ) from exc
             except _OUTAGE as exc:
                 now = clock.monotonic()
@@ -179,7 +186,7 @@ class _Link:
                         self.what,
                         self.where,
                         type(exc).__name__,
-                        exc,
+                        redact(exc),
                         ""
                         if self.reconnect_timeout is None
                         else f" for up to {self.reconnect_timeout:g} s",
@@ -190,7 +197,7 @@ class _Link:
                     raise RedisStreamError(
                         f"{self.what}: Redis at {self.where} unreachable for "
                         f"{down_for:.1f} s (reconnect_timeout={limit:g}): "
-                        f"{type(exc).__name__}: {exc}"
+                        f"{type(exc).__name__}: {redact(exc)}"
                     ) from exc
                 wait = delay if limit is None else min(delay, max(0.0, limit - down_for))
                 await clock.sleep(wait)
@@ -413,7 +420,7 @@ class RedisStreamSource(Source):
             if "BUSYGROUP" not in str(exc):
                 raise RedisStreamError(
                     f"{self.describe()}: cannot create group {self._group!r} on "
-                    f"{self._where}: {exc}"
+                    f"{self._where}: {redact(exc)}"
                 ) from exc
 
     async def close(self) -> None:
@@ -523,7 +530,7 @@ class RedisStreamSource(Source):
         except redis_errors.ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise RedisStreamError(
-                    f"{self.describe()}: Redis refused a read of {self._where}: {exc}"
+                    f"{self.describe()}: Redis refused a read of {self._where}: {redact(exc)}"
                 ) from exc
         log.warning(
             "%s: group %r of %s is gone (Redis lost its data?); creating it again at %r",
@@ -843,7 +850,8 @@ class RedisStreamSink(Sink):
             await pipe.execute()
         except redis_errors.ResponseError as exc:
             raise RedisStreamError(
-                f"{self.describe()}: Redis at {self._link.where} refused XADD to {stream!r}: {exc}"
+                f"{self.describe()}: Redis at {self._link.where} refused XADD to {stream!r}: "
+                f"{redact(exc)}"
             ) from exc
 
     async def close(self) -> None:
