@@ -516,7 +516,7 @@ def test_live_view_redraws_in_place_and_ends_with_the_final_counts() -> None:
 
 
 def test_live_view_checks_its_arguments() -> None:
-    with pytest.raises(ValueError, match="interval must be > 0 seconds, got 0"):
+    with pytest.raises(ValueError, match="interval must be a finite number > 0 seconds, got 0"):
         console.LiveView(io.StringIO(), interval=0)
     with pytest.raises(ValueError, match="width must be >= 20 columns, got 5"):
         console.LiveView(io.StringIO(), width=5)
@@ -792,3 +792,42 @@ def test_live_view_shows_a_stop_in_progress_inside_its_frame() -> None:
     asyncio.run(main())
     frames = out.getvalue()
     assert "stopping: draining in-flight records (Ctrl-C again to force)" in frames
+
+
+OPEN_FAILURES = """
+import sluiceway as sw
+
+missing_input = sw.Flow("reader")
+missing_input.source(sw.sources.JsonLines("nope.jsonl"), name="events").sink(sw.sinks.Collect())
+
+missing_dir = sw.Flow("writer")
+out = sw.sinks.JsonLines("no/dir/out.jsonl")
+missing_dir.source(sw.sources.Iterable([1])).sink(out, name="out")
+"""
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        (
+            "missing_input",
+            "sluiceway: error: source 'events' (JsonLines(nope.jsonl)) of flow 'reader' could "
+            "not open: FileNotFoundError: [Errno 2] No such file or directory: 'nope.jsonl'; "
+            "no file at {dir}/nope.jsonl: check the path (relative paths start at {dir})",
+        ),
+        (
+            "missing_dir",
+            "sluiceway: error: sink 'out' (JsonLines(no/dir/out.jsonl)) of flow 'writer' could "
+            "not open: FileNotFoundError: [Errno 2] No such file or directory: "
+            "'no/dir/out.jsonl'; the directory {dir}/no/dir does not exist: create it, or fix "
+            "the path",
+        ),
+    ],
+)
+def test_a_connector_that_cannot_open_is_one_error_line(
+    workdir: Path, capsys: pytest.CaptureFixture[str], target: str, expected: str
+) -> None:
+    (workdir / "opens.py").write_text(OPEN_FAILURES)
+    code, _, err = run_cli(["run", f"opens.py:{target}", "--no-live"], capsys)
+    assert code == 1
+    assert err.splitlines() == [expected.format(dir=os.getcwd())]

@@ -627,3 +627,19 @@ def test_credentials_in_the_dsn_are_never_shown(
             PostgresSink(bad, "t")
         assert "***" in str(refused.value)
         assert_secret_hidden(secret, refused.value, caplog.text)
+
+
+def test_a_missing_table_stops_the_flow_at_its_start_naming_it(pg_dsn: str, pg_table: str) -> None:
+    """Without ``columns=`` (taken from the first record) the table is still checked at
+    open: not reported as a failure of the whole first batch."""
+    flow = sw.Flow("pg-missing")
+    flow.source(sw.sources.Iterable([{"id": i} for i in range(3)])).sink(
+        PostgresSink(pg_dsn, pg_table), name="orders"
+    )
+    with pytest.raises(sw.ConnectorOpenError) as info:
+        sw.run(flow, handle_signals=False)
+    message = str(info.value)
+    assert message.startswith("sink 'orders' (")
+    assert f"table {pg_table!r} does not exist" in message
+    assert "create it, or pass create_table=True" in message
+    assert "failed on record" not in message

@@ -617,6 +617,8 @@ def _run_flow(
         raise CliError(f"invalid flow: {exc}", _EXIT_FAILED) from exc
     except sw.CheckpointError as exc:
         raise CliError(str(exc), _EXIT_FAILED) from exc
+    except sw.ConnectorOpenError as exc:  # the message already holds the cause and the fix
+        raise CliError(str(exc), _EXIT_FAILED) from exc
     except sw.FlowFailedError as exc:
         raise CliError(str(exc), _EXIT_FAILED, _cause_chain(exc)) from exc
     except sw.FlowCancelledError as exc:

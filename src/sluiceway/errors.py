@@ -8,6 +8,8 @@ The tree::
     ├── BadInputError              a source met a malformed record; names where (file:line)
     ├── FlowFailedError            a running flow stopped because of an error
     │   ├── OperatorError          user code raised under the `fail` policy; carries the record
+    │   ├── ConnectorOpenError     a source or sink could not open (a missing file or
+    │   │                          directory, an unreachable server, a missing table)
     │   └── ChannelOverflowError   an edge with ``overflow=Overflow.FAIL`` was full
     ├── FlowCancelledError         the flow was cancelled before it drained (grace period over,
     │                              or a second stop signal); carries what was not flushed
@@ -41,6 +43,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointMismatchError",
     "ClosedResourceError",
+    "ConnectorOpenError",
     "EndOfStream",
     "FlowCancelledError",
     "FlowDefinitionError",
@@ -121,6 +124,52 @@ class OperatorError(FlowFailedError):
             flow=flow,
             operator=operator,
         )
+
+
+class ConnectorOpenError(FlowFailedError):
+    """A source or sink could not open, so the flow never started.
+
+    The message names the connector, the flow and, where it can tell, the fix; the
+    connector's own exception is ``__cause__``.
+
+    Attributes:
+        kind: ``"source"``, ``"sink"`` or ``"dead-letter sink"``.
+    """
+
+    def __init__(
+        self, *, flow: str, operator: str, kind: str, connector: str, cause: BaseException
+    ) -> None:
+        self.kind = kind
+        text = " ".join(str(cause).split()) or type(cause).__name__
+        if f"'{operator}'" in text:  # the connector's message already names itself
+            what = f"flow {flow!r} could not start: {text}"
+        else:
+            what = (
+                f"{kind} {operator!r} ({connector}) of flow {flow!r} could not open: "
+                f"{type(cause).__name__}: {text}"
+            )
+        hint = _open_hint(cause, kind)
+        super().__init__(f"{what}{'; ' + hint if hint else ''}", flow=flow, operator=operator)
+
+
+def _open_hint(cause: BaseException, kind: str) -> str:
+    """What to do about a connector that failed to open, when the exception tells."""
+    import os  # noqa: PLC0415 - only for this rare path
+
+    filename = getattr(cause, "filename", None)
+    if isinstance(cause, FileNotFoundError) and filename:
+        path = os.path.abspath(os.fsdecode(filename))
+        folder = os.path.dirname(path)
+        if kind != "source" and not os.path.isdir(folder):
+            return f"the directory {folder} does not exist: create it, or fix the path"
+        return f"no file at {path}: check the path (relative paths start at {os.getcwd()})"
+    if isinstance(cause, PermissionError) and filename:
+        return f"check the permissions of {os.fsdecode(filename)}"
+    if isinstance(cause, IsADirectoryError) and filename:
+        return f"{os.fsdecode(filename)} is a directory: give a file path"
+    if isinstance(cause, ConnectionError | TimeoutError) or "unreachable" in str(cause):
+        return "check that the server is running and the address in the URL is right"
+    return ""
 
 
 class ChannelOverflowError(FlowFailedError):

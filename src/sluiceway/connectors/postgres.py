@@ -365,6 +365,20 @@ class PostgresSink(Sink):
         self._restore_to = None  # restored for this run only; a later run starts afresh
         if self._columns is not None and (self._types or not self._create):
             await self._retrying(self._prepare_table)
+        else:
+            # Columns come from the first record: check now what can be checked (the
+            # server answers; the table exists), so that a missing table stops the flow
+            # at its start, not as a failure of the whole first batch.
+            await self._retrying(self._probe_table)
+
+    async def _probe_table(self, conn: psycopg.AsyncConnection[Any], retry: bool) -> None:
+        exists = await self._table_exists(conn)
+        await conn.rollback()
+        if not exists and not self._create:
+            raise LookupError(
+                f"{self.describe()}: table {self._table_name!r} does not exist in "
+                f"{self._where()}; create it, or pass create_table=True"
+            )
 
     async def _open_progress(self, conn: psycopg.AsyncConnection[Any], retry: bool) -> None:
         p = self._progress

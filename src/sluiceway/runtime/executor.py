@@ -27,8 +27,11 @@ from sluiceway.connectors.base import Sink, SinkContext, Source, SourceContext
 from sluiceway.errors import (
     BadInputError,
     CancelReason,
+    CheckpointError,
+    ConnectorOpenError,
     EndOfStream,
     FlowCancelledError,
+    FlowDefinitionError,
     FlowFailedError,
     OperatorError,
     SluicewayError,
@@ -546,26 +549,49 @@ class Executor:
         )
         for w in self._dead_letters.values():
             name = f"dead_letter_{w.sink.describe()}"
-            await w.sink.open(SinkContext(flow, name, clock, restored=restored))
+            await self._opening(
+                w.sink,
+                "dead-letter sink",
+                name,
+                w.sink.open(SinkContext(flow, name, clock, restored=restored)),
+            )
             opened.append(w.sink)
         sources = tuple(source for _, source in self._sources)
         for node, sink in self._sinks:
-            await sink.open(SinkContext(flow, node.name, clock, checkpointing, restored, sources))
+            ctx = SinkContext(flow, node.name, clock, checkpointing, restored, sources)
+            await self._opening(sink, "sink", node.name, sink.open(ctx))
             opened.append(sink)
         for node, source in self._sources:
             spec = node.spec
             assert isinstance(spec, SourceSpec)
-            await source.open(
-                SourceContext(
-                    flow,
-                    node.name,
-                    clock,
-                    self._bad_input_handler(node, spec),
-                    not isinstance(spec.on_error, DeadLetter),
-                    checkpointing,
-                )
+            source_ctx = SourceContext(
+                flow,
+                node.name,
+                clock,
+                self._bad_input_handler(node, spec),
+                not isinstance(spec.on_error, DeadLetter),
+                checkpointing,
             )
+            await self._opening(source, "source", node.name, source.open(source_ctx))
             opened.append(source)
+
+    async def _opening(
+        self, connector: Source | Sink, kind: str, name: str, opening: Awaitable[None]
+    ) -> None:
+        """Await a connector's ``open``; a failure becomes one error naming it, the flow
+        and (where the exception tells) the fix, with the connector's exception as cause."""
+        try:
+            await opening
+        except (FlowFailedError, FlowDefinitionError, CheckpointError, asyncio.CancelledError):
+            raise  # already clear (a checkpoint that does not fit, a stop while opening)
+        except Exception as exc:
+            raise ConnectorOpenError(
+                flow=self.flow.name,
+                operator=name,
+                kind=kind,
+                connector=connector.describe(),
+                cause=exc,
+            ) from exc
 
     def _bad_input_handler(self, node: Node, spec: SourceSpec) -> Any:
         m = self.metrics.operator(node.name, node.kind, self.plan.stage_of[node.id])
