@@ -642,3 +642,48 @@ def test_credentials_in_the_url_are_never_shown(
         with pytest.raises(sw.SluicewayError, match=expected) as info:
             sw.run(flow, handle_signals=False)
         assert_secret_hidden(secret, info.value, caplog.text)
+
+
+def test_a_bad_pending_entry_then_deleted_neither_blocks_nor_doubles_output(
+    redis_url: str, redis_prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The docs say: fix or delete a bad pending entry.  Restarts that fail on it must not
+    write the good records before it again; once it is deleted (XDEL), a restart
+    acknowledges and skips it, with one WARNING, and reads on."""
+    stream = f"{redis_prefix}:in"
+    client = redis.Redis.from_url(redis_url)
+    try:
+        for i in range(5):
+            client.xadd(stream, {"data": json.dumps({"i": i})})
+        bad_id = client.xadd(stream, {"other": "no data field"})
+        for i in range(6, 10):
+            client.xadd(stream, {"data": json.dumps({"i": i})})
+    finally:
+        client.close()
+    out = tmp_path / "out.jsonl"
+
+    def run_once() -> None:
+        flow = sw.Flow("rs-bad-pending")
+        flow.source(source(redis_url, stream), name="in").sink(sw.sinks.JsonLines(out))
+        sw.run(flow, handle_signals=False)
+
+    for _ in range(3):  # every restart fails on the bad entry, naming it
+        with pytest.raises(sw.OperatorError, match="no field 'data'"):
+            run_once()
+    written = [json.loads(line)["i"] for line in out.read_text().splitlines()]
+    assert written == [0, 1, 2, 3, 4]  # once, however often the flow was restarted
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert client.xdel(stream, bad_id) == 1
+    finally:
+        client.close()
+    caplog.set_level(logging.WARNING, logger="sluiceway")
+    run_once()
+    written = [json.loads(line)["i"] for line in out.read_text().splitlines()]
+    assert written == [0, 1, 2, 3, 4, 6, 7, 8, 9]
+    warnings = [r.getMessage() for r in caplog.records if "deleted from" in r.getMessage()]
+    assert len(warnings) == 1
+    assert bad_id.decode() in warnings[0]
+    assert "acknowledged and skipped" in warnings[0]
+    assert pending_count(redis_url, stream, "g") == 0

@@ -642,6 +642,7 @@ class RedisStreamSource(Source):
         ids: list[bytes] = []
         claims: list[bytes] = []
         hw = self._hw
+        deleted: list[bytes] = []
         while buffer and len(records) < max_records:
             entry_id, fields, claimed, redelivered = buffer[0]
             value, raw, problem = self._decode_entry(fields)
@@ -659,6 +660,8 @@ class RedisStreamSource(Source):
                 if metadata:
                     value = RedisStreamEntry(value, _text(entry_id), self._stream, redelivered)
                 records.append(value)
+            else:
+                deleted.append(entry_id)
             buffer.popleft()
             ids.append(entry_id)
             if claimed:
@@ -666,6 +669,16 @@ class RedisStreamSource(Source):
                 self._claims_buffered.discard(entry_id)
             elif hw is None or _id_key(entry_id) > _id_key(hw):
                 hw = entry_id
+        if deleted:
+            log.warning(
+                "%s: %d pending entr%s deleted from %s before being acknowledged (XDEL or "
+                "trimming): %s; nothing to deliver, acknowledged and skipped",
+                self.describe(),
+                len(deleted),
+                "y was" if len(deleted) == 1 else "ies were",
+                self._where,
+                ", ".join(_text(i) for i in deleted),
+            )
         if ids:
             self._seq += len(ids)
             self._hw = hw
@@ -726,10 +739,17 @@ class RedisStreamSource(Source):
 
 
 def _entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes] | None]]:
-    """The entries of an ``XREADGROUP`` reply for one stream (``[]`` when none)."""
+    """The entries of an ``XREADGROUP`` reply for one stream (``[]`` when none).
+
+    A pending entry deleted since (``XDEL``, trimming) comes back without fields: as
+    ``None`` or, from redis-py 5 on, as ``{}`` (an entry always has a field otherwise);
+    both become ``None``.
+    """
     if not reply:
         return []
     entries: list[tuple[bytes, dict[bytes, bytes] | None]] = reply[0][1]
+    if not all(fields for _, fields in entries):
+        entries = [(entry_id, fields or None) for entry_id, fields in entries]
     return entries
 
 

@@ -222,6 +222,14 @@ class _SourceStage(_Stage):
                 self.pulling = True
                 try:
                     batch = await source.next_batch(n)
+                except OperatorError as err:
+                    if err is not ex.bad_input_failure:
+                        raise
+                    # Bad input under Fail: stop here, at a position to resume from, but
+                    # let what was handed out before reach the sinks and be acknowledged,
+                    # so that a restart does not write it again; then the run fails.
+                    ex.request_stop()
+                    continue
                 except asyncio.CancelledError:
                     if self.stop_cancel or self.barrier_cancel:
                         self.stop_cancel = self.barrier_cancel = False
@@ -368,6 +376,8 @@ class Executor:
         self._halting = False
         self._in_group = False
         self._claim: Claim | None = None
+        self.bad_input_failure: OperatorError | None = None
+        """A source's bad input under ``Fail``: raised once the flow has drained."""
         self.stages = self._build()
         self.coordinator: Coordinator | None = None
         acking = any(type(src).commit is not Source.commit for _, src in self._sources)
@@ -493,13 +503,15 @@ class Executor:
             self._in_group = False
             if coord is not None:
                 await coord.end()
+            self._raise_bad_input()
         except asyncio.CancelledError:
             self._in_group = False
             task = asyncio.current_task()
             assert task is not None
             if self._halting and self._forced is None and task.uncancel() == 0:
-                pass  # stopped at a final checkpoint: a normal end
+                self._raise_bad_input()  # stopped at a final checkpoint: a normal end
             elif self._forced is not None and task.uncancel() == 0:
+                self._raise_bad_input(f"then the flow was cancelled: {self._forced}")
                 raise FlowCancelledError(
                     f"flow {self.flow.name!r} cancelled: {self._forced}",
                     self._unflushed,
@@ -534,6 +546,14 @@ class Executor:
             self.clock.monotonic() - started,
             coord.stats if coord is not None and coord.durable else None,
         )
+
+    def _raise_bad_input(self, note: str | None = None) -> None:
+        """Raise the bad-input failure the run stopped for (after draining), if any."""
+        err = self.bad_input_failure
+        if err is not None:
+            if note is not None:
+                err.add_note(note)
+            raise err from err.__cause__
 
     async def _open(self, opened: list[Source | Sink]) -> None:
         flow, clock = self.flow.name, self.clock
@@ -602,9 +622,12 @@ class Executor:
             m.errors += 1
             m.failed_attempts += 1
             if writer is None:
-                raise OperatorError(
+                failure = OperatorError(
                     flow=self.flow.name, operator=node.name, record=err.raw, cause=err
-                ) from err
+                )
+                if self.bad_input_failure is None:
+                    self.bad_input_failure = failure
+                raise failure from err
             await writer.write(
                 [
                     DeadLetterRecord(
