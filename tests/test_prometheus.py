@@ -517,3 +517,115 @@ def test_stage_latency_quantiles_only_for_stage_heads() -> None:
         ("src", "0.95", 0.002),
         ("src", "0.99", 0.004),
     ]
+
+
+# -- connections are bounded: a deadline per request, a cap on open connections --------
+
+
+async def _serve_while(
+    exporter: PrometheusExporter,
+    clients: Any,
+    clock: sw.Clock | None = None,
+) -> Any:
+    """Run a held-open flow with ``exporter``; ``await clients(port, clock)`` meanwhile."""
+    release = asyncio.Event()
+    flow = sw.Flow("conns")
+    flow.source(GatedSource([[1]], release), name="src").sink(sw.sinks.Collect())
+    out: list[Any] = []
+
+    async def monitor(handle: sw.FlowHandle) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(exporter(handle))
+            port = await exporter.wait_serving()
+            try:
+                out.append(await clients(port, handle.clock))
+            finally:
+                release.set()
+                await handle.wait()
+
+    await sw.run_async(flow, monitor=monitor, clock=clock)
+    return out[0]
+
+
+async def _read_all(reader: asyncio.StreamReader) -> bytes:
+    return await reader.read()
+
+
+def test_an_idle_connection_is_answered_408_and_closed_at_its_deadline() -> None:
+    clock = sw.VirtualClock()
+    exporter = PrometheusExporter(port=0)
+    exporter.request_timeout = 30.0
+
+    async def clients(port: int, clock: sw.Clock) -> tuple[bytes, bytes, float]:
+        t0 = clock.monotonic()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        slow_r, slow_w = await asyncio.open_connection("127.0.0.1", port)
+        slow_w.write(b"GET /metrics HTTP/1.1\r\n")  # ... and the rest never comes
+        idle, trickled = await asyncio.gather(_read_all(reader), _read_all(slow_r))
+        waited = clock.monotonic() - t0
+        writer.close()
+        slow_w.close()
+        return idle, trickled, waited
+
+    idle, trickled, waited = asyncio.run(_serve_while(exporter, clients, clock))
+    assert idle.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert trickled.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert 30.0 <= waited < 31.0  # on the flow's clock
+
+
+def test_bare_lf_line_endings_are_answered() -> None:
+    exporter = PrometheusExporter(port=0)
+
+    async def clients(port: int, clock: sw.Clock) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /metrics HTTP/1.1\nHost: x\nAccept: */*\n\n")
+        data = await reader.read()
+        writer.close()
+        return data
+
+    data = asyncio.run(_serve_while(exporter, clients))
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"sluiceway_records_in_total" in body
+
+
+def test_connections_over_the_cap_are_refused_503_and_the_rest_served() -> None:
+    exporter = PrometheusExporter(port=0)
+    exporter.max_connections = 3
+
+    async def clients(port: int, clock: sw.Clock) -> tuple[list[bytes], bytes]:
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        while len(exporter._connections) < 3:  # noqa: ASYNC110 - no event tells; poll
+            await asyncio.sleep(0.001)  # until the server has taken all three
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        refused = await reader.read()
+        writer.close()
+        for _, w in held:  # the held ones still get their answers
+            w.write(b"GET /metrics HTTP/1.1\r\n\r\n")
+        answers = [await r.read() for r, _ in held]
+        for _, w in held:
+            w.close()
+        return answers, refused
+
+    answers, refused = asyncio.run(_serve_while(exporter, clients))
+    assert refused.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+    assert refused.endswith(b"more than 3 connections\n")
+    assert all(a.startswith(b"HTTP/1.1 200 OK\r\n") for a in answers)
+
+
+@pytest.mark.slow
+def test_request_timeout_on_the_system_clock() -> None:
+    """Smoke test on the real clock: an idle connection is closed after 0.3 s."""
+    exporter = PrometheusExporter(port=0)
+    exporter.request_timeout = 0.3
+
+    async def clients(port: int, clock: sw.Clock) -> tuple[bytes, float]:
+        t0 = clock.monotonic()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        data = await asyncio.wait_for(reader.read(), 5)  # the watchdog
+        writer.close()
+        return data, clock.monotonic() - t0
+
+    data, waited = asyncio.run(_serve_while(exporter, clients, sw.SystemClock()))
+    assert data.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert 0.25 <= waited < 3

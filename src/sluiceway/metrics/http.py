@@ -3,7 +3,14 @@ Prometheus exporter and the web view.
 
 It runs on the flow's own event loop (asyncio streams, no thread), answers ``GET`` and
 ``HEAD`` with ``Connection: close``, and when the flow ends closes its listening socket and
-every open connection, so the port is free again.  A subclass says what it serves
+every open connection, so the port is free again.
+
+A connection is a bounded resource: one request must be read and answered within
+:attr:`HttpMonitor.request_timeout` seconds of the flow's clock (an idle or trickling
+client is then closed, with ``408`` if it sent nothing answerable yet), and at most
+:attr:`HttpMonitor.max_connections` are open at once (the next ones get ``503`` and are
+closed at once), so idle clients cannot hold file descriptors for good.  Request lines
+may end in CRLF or a bare LF.  A subclass says what it serves
 (:meth:`HttpMonitor._route`) and may run background work beside it
 (:meth:`HttpMonitor._background`).
 """
@@ -43,6 +50,10 @@ class HttpMonitor:
     one_per_flow: ClassVar[str] = "create one per flow"
     extra_headers: ClassVar[str] = ""
     """Response header lines (each ending in CRLF) added to every answer."""
+    request_timeout: float = 10.0
+    """Seconds (flow clock) a connection has to send its request and take the answer."""
+    max_connections: int = 64
+    """Connections served at once; more are answered ``503`` and closed."""
 
     def __init__(self, port: int, host: str = "127.0.0.1") -> None:
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= _MAX_PORT:
@@ -149,37 +160,64 @@ class HttpMonitor:
         self, handle: FlowHandle, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         task = asyncio.current_task()
-        if task is not None:
-            self._connections.add(task)
+        assert task is not None
+        if len(self._connections) >= self.max_connections:
+            log.debug("%s: %d connections open, refusing one more", self.what, self.max_connections)
+            self._answer(writer, _busy(self.max_connections), b"GET")
+            writer.close()
+            return
+        self._connections.add(task)
+        clock = handle.clock
+        expired = False
+        answered = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            task.cancel()
+
+        timer = clock.call_at(clock.monotonic() + self.request_timeout, expire)
         try:
-            try:
-                head = await reader.readuntil(b"\r\n\r\n")
-            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            lines = await _read_head(reader)
+            if lines is None:
                 return  # the client left, or sent no HTTP request we can read
-            status, content_type, body = self._respond(handle, head)
-            method = head.split(b" ", 1)[0]
-            writer.write(
-                (
-                    f"HTTP/1.1 {status.value} {status.phrase}\r\n"
-                    f"Content-Type: {content_type}\r\n"
-                    f"Content-Length: {len(body)}\r\n"
-                    f"{self.extra_headers}"
-                    "Connection: close\r\n\r\n"
-                ).encode("latin-1")
-            )
-            if method != b"HEAD":
-                writer.write(body)
+            answered = True
+            if lines:
+                method = lines[0].partition(" ")[0].encode("latin-1")
+                self._answer(writer, self._respond(handle, lines), method)
+            else:
+                self._answer(writer, _TOO_LARGE, b"GET")
             await writer.drain()
+        except asyncio.CancelledError:
+            if not expired or task.uncancel() > 0:
+                raise  # the flow ended (perhaps as well)
+            # our own deadline: close this one connection, nothing else
+            log.debug("%s: closed a connection after %gs", self.what, self.request_timeout)
+            if not answered:
+                self._answer(writer, _TIMED_OUT, b"GET")
         except ConnectionError:
             return  # the client left mid-response: nothing to tell it
         finally:
+            timer.cancel()
             writer.close()
-            if task is not None:
-                self._connections.discard(task)
+            self._connections.discard(task)
 
-    def _respond(self, handle: FlowHandle, head: bytes) -> Response:
-        """Parse one request (``head``: request line + headers) and route it."""
-        lines = head.decode("latin-1").split("\r\n")
+    def _answer(self, writer: asyncio.StreamWriter, answer: Response, method: bytes) -> None:
+        status, content_type, body = answer
+        writer.write(
+            (
+                f"HTTP/1.1 {status.value} {status.phrase}\r\n"
+                f"Content-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\n"
+                f"{self.extra_headers}"
+                "Connection: close\r\n\r\n"
+            ).encode("latin-1")
+        )
+        if method != b"HEAD":
+            writer.write(body)
+
+    def _respond(self, handle: FlowHandle, lines: list[str]) -> Response:
+        """Route one request (``lines``: the request line and the header lines)."""
         parts = lines[0].split(" ")
         if len(parts) != 3 or not parts[2].startswith("HTTP/"):  # method, target, version
             return HTTPStatus.BAD_REQUEST, PLAIN, b"bad request line\n"
@@ -196,6 +234,43 @@ class HttpMonitor:
         except Exception as exc:  # a failed request must not stop the flow: answer 500
             log.exception("answering %s %s failed", method, target)
             return HTTPStatus.INTERNAL_SERVER_ERROR, PLAIN, f"failed: {exc!r}\n".encode()
+
+
+_TIMED_OUT: Response = (HTTPStatus.REQUEST_TIMEOUT, PLAIN, b"no complete request in time\n")
+_TOO_LARGE: Response = (
+    HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+    PLAIN,
+    f"request head over {_MAX_REQUEST_HEAD} bytes\n".encode(),
+)
+
+
+def _busy(limit: int) -> Response:
+    return HTTPStatus.SERVICE_UNAVAILABLE, PLAIN, f"more than {limit} connections\n".encode()
+
+
+async def _read_head(reader: asyncio.StreamReader) -> list[str] | None:
+    """The request line and header lines (CRLF or bare LF endings, RFC 9112 2.2);
+    None if the client left first; ``[]`` for a head too large to read."""
+    lines: list[str] = []
+    size = 0
+    while True:
+        try:
+            line = await reader.readline()
+        except ValueError:  # one line longer than the stream's limit
+            return []
+        except ConnectionError:
+            return None
+        if not line.endswith(b"\n"):
+            return None  # end of input before the end of the head
+        size += len(line)
+        if size > _MAX_REQUEST_HEAD:
+            return []
+        text = line.rstrip(b"\r\n").decode("latin-1")
+        if not text:
+            if lines:
+                return lines
+            continue  # empty lines before the request line are allowed (RFC 9112 2.2)
+        lines.append(text)
 
 
 async def _closed(server: asyncio.Server, tasks: list[asyncio.Future[Any]]) -> None:
