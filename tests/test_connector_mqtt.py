@@ -483,8 +483,9 @@ def test_unreachable_broker_names_it() -> None:
         flow.source(src).sink(sw.sinks.Collect())
         await sw.run_async(flow)
 
-    with pytest.raises(MqttUnavailableError, match=f"127.0.0.1:{port}"):
+    with pytest.raises(sw.ConnectorOpenError, match=f"127.0.0.1:{port}") as info:
         run(main())
+    assert isinstance(info.value.__cause__, MqttUnavailableError)
 
 
 def test_sink_gives_up_after_reconnect_timeout(own_mosquitto: MosquittoServer) -> None:

@@ -601,8 +601,9 @@ def test_wrong_password_fails_at_once(rabbitmq_url: str) -> None:
     flow = sw.Flow("login")
     flow.source(RabbitMQSource(bad, "q", reconnect_timeout=30)).sink(sw.sinks.Collect())
     t0 = time.monotonic()
-    with pytest.raises(RabbitMQError, match="refused the login") as err:
+    with pytest.raises(sw.ConnectorOpenError, match="refused the login") as err:
         run_flow(flow)
+    assert isinstance(err.value.__cause__, RabbitMQError)
     assert "wrong-password" not in str(err.value)
     assert time.monotonic() - t0 < 5
 

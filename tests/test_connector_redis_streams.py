@@ -551,8 +551,11 @@ def test_unreachable_redis_gives_up_naming_the_server() -> None:
     flow = sw.Flow("rs-down")
     src = RedisStreamSource(f"redis://127.0.0.1:{port}/0", "s", "g", reconnect_timeout=0.5)
     flow.source(src).sink(sw.sinks.Collect())
-    with pytest.raises(RedisStreamError, match=f"127.0.0.1:{port}/0 unreachable for 0.5 s"):
+    with pytest.raises(
+        sw.ConnectorOpenError, match=f"127.0.0.1:{port}/0 unreachable for 0.5 s"
+    ) as info:
         sw.run(flow, handle_signals=False)
+    assert isinstance(info.value.__cause__, RedisStreamError)
 
 
 # -- outage ---------------------------------------------------------------------------

@@ -26,6 +26,7 @@ stored.  A sink that does nothing of the kind is at-least-once.
 
 from __future__ import annotations
 
+import math
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
@@ -36,7 +37,17 @@ from sluiceway.errors import BadInputError
 from sluiceway.runtime.messages import Batch
 from sluiceway.time import Clock
 
-__all__ = ["PartialWriteError", "Sink", "SinkContext", "Source", "SourceContext", "redact"]
+__all__ = [
+    "OPEN_TIMEOUT",
+    "PartialWriteError",
+    "Sink",
+    "SinkContext",
+    "Source",
+    "SourceContext",
+    "check_open_timeout",
+    "open_limit",
+    "redact",
+]
 
 # scheme://user:password@  (a password, possibly empty user: redis://:pw@host)
 _URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*):[^\s@]*@")
@@ -44,6 +55,45 @@ _URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*):[^\
 _NATS_TOKEN = re.compile(r"(?P<head>\b(?:nats|tls)://)[^\s:/@]+@")
 # password=secret or password='se cret' in a libpq keyword string
 _KEYWORD_PASSWORD = re.compile(r"(?P<head>\bpassword\s*=\s*)(?:'(?:[^'\\]|\\.)*'|[^\s'\"]+)")
+
+
+OPEN_TIMEOUT = 10.0
+"""Default seconds a broker connector keeps trying to reach its server at ``open``.
+
+A server that is not there when the flow starts is more often a wrong address or a
+server not started than an outage, so the start fails fast (as Kafka clients' bootstrap
+does) rather than after the ``reconnect_timeout`` meant for outages mid-run; pass
+``open_timeout=None`` to wait as long as ``reconnect_timeout``, e.g. for a broker that
+starts beside the flow."""
+
+
+def check_open_timeout(value: object, what: str) -> float | None:
+    """A connector's ``open_timeout`` argument: a finite number of seconds > 0, or None."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise ValueError(
+            f"{what} open_timeout must be a finite number > 0 seconds or None (as long as "
+            f"reconnect_timeout), got {value!r}"
+        )
+    return float(value)
+
+
+def open_limit(
+    open_timeout: float | None, reconnect_timeout: float | None
+) -> tuple[float | None, str]:
+    """How long to keep trying to reach the server at ``open``, and the argument that says so.
+
+    >>> open_limit(10.0, 60.0)
+    (10.0, 'open_timeout')
+    >>> open_limit(None, 60.0)
+    (60.0, 'reconnect_timeout')
+    >>> open_limit(10.0, 2.0)
+    (2.0, 'reconnect_timeout')
+    """
+    if open_timeout is not None and (reconnect_timeout is None or open_timeout < reconnect_timeout):
+        return open_timeout, "open_timeout"
+    return reconnect_timeout, "reconnect_timeout"
 
 
 def redact(text: object) -> str:

@@ -45,13 +45,14 @@ Errors::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
 import uuid
 import zlib
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,11 +63,14 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from sluiceway.connectors.base import (
+    OPEN_TIMEOUT,
     PartialWriteError,
     Sink,
     SinkContext,
     Source,
     SourceContext,
+    check_open_timeout,
+    open_limit,
     redact,
 )
 from sluiceway.errors import BadInputError, short_repr
@@ -211,6 +215,7 @@ class _Connector:
     def __init__(self, host: str, port: int, what: str, reconnect_timeout: float | None) -> None:
         self.host, self.port, self.what = host, port, what
         self.timeout = reconnect_timeout
+        self.limit_name = "reconnect_timeout"  # or "open_timeout" while opening
         self.outage_since: float | None = None
         self.gen = 0
 
@@ -224,6 +229,16 @@ class _Connector:
                 self.port,
                 cause,
             )
+
+    @contextlib.contextmanager
+    def opening(self, open_timeout: float | None) -> Iterator[None]:
+        """While opening, give up after ``open_limit(open_timeout, reconnect_timeout)``."""
+        reconnect = self.timeout
+        self.timeout, self.limit_name = open_limit(open_timeout, reconnect)
+        try:
+            yield
+        finally:
+            self.timeout, self.limit_name = reconnect, "reconnect_timeout"
 
     async def replace(
         self, link: _Link | None, clock: Clock, make: Callable[[], aiomqtt.Client]
@@ -257,7 +272,7 @@ class _Connector:
                 if self.timeout is not None and waited + delay > self.timeout:
                     raise MqttUnavailableError(
                         f"{self.what}: no connection to the MQTT broker at {self.host}:"
-                        f"{self.port} for {waited:.1f} s (reconnect_timeout={self.timeout}); "
+                        f"{self.port} for {waited:.1f} s ({self.limit_name}={self.timeout:g}); "
                         f"last error: {redact(exc)}"
                     ) from exc
                 await clock.sleep(delay)
@@ -315,6 +330,9 @@ class MqttSource(Source):
         include_metadata: records are :class:`MqttMessage` (payload, topic, flags).
         reconnect_timeout: give up (:class:`MqttUnavailableError`) after this many
             seconds without a connection; None retries forever.
+        open_timeout: at ``open`` (the flow's start), give up after this many seconds
+            (default 10; None: as long as ``reconnect_timeout``): a broker that is not
+            there at the start is more likely a wrong address than an outage.
         max_buffered: the most received messages held that the flow has not taken;
             when full, the source stops reading its socket (1..65535).
         keepalive: seconds between MQTT pings (how fast a dead broker is noticed).
@@ -337,6 +355,7 @@ class MqttSource(Source):
         decode: Callable[[bytes], Any] = json.loads,
         include_metadata: bool = False,
         reconnect_timeout: float | None = 60.0,
+        open_timeout: float | None = OPEN_TIMEOUT,
         max_buffered: int = 1000,
         keepalive: int = 30,
     ) -> None:
@@ -362,8 +381,12 @@ class MqttSource(Source):
         self._window = _int_in(max_buffered, 1, _MAX_RECEIVE, f"{what} max_buffered")
         self._keepalive = _int_in(keepalive, 1, 65535, f"{what} keepalive")
         self._conn = _Connector(
-            host, self._port, self.describe(), _positive(reconnect_timeout, what)
+            host,
+            self._port,
+            self.describe(),
+            _positive(reconnect_timeout, f"{what} reconnect_timeout"),
         )
+        self._open_timeout = check_open_timeout(open_timeout, what)
         self._ctx: SourceContext | None = None
         self._link: _Link | None = None
         self._buffer: deque[_Held] = deque()  # received, not handed out
@@ -476,7 +499,8 @@ class MqttSource(Source):
         self._ctx = ctx
         self._closed = False
         self._last_activity = ctx.clock.monotonic()
-        await self._ensure_link()
+        with self._conn.opening(self._open_timeout):
+            await self._ensure_link()
 
     async def next_batch(self, max_records: int) -> Batch | None:
         """Up to ``max_records`` messages received so far.
@@ -656,6 +680,9 @@ class MqttSink(Sink):
         max_unacked: the cap on publishes awaiting their PUBACK (1..65535).
         reconnect_timeout: give up (:class:`MqttUnavailableError`) after this many
             seconds without a connection; None retries forever.
+        open_timeout: at ``open`` (the flow's start), give up after this many seconds
+            (default 10; None: as long as ``reconnect_timeout``): a broker that is not
+            there at the start is more likely a wrong address than an outage.
         ack_timeout: seconds to wait for PUBACKs before the connection counts as dead.
         client_id: the MQTT client id (default: a random one; the sink keeps no session).
 
@@ -674,6 +701,7 @@ class MqttSink(Sink):
         encode: Callable[[Any], bytes | str] = _json_encode,
         max_unacked: int = 1000,
         reconnect_timeout: float | None = 60.0,
+        open_timeout: float | None = OPEN_TIMEOUT,
         ack_timeout: float = 10.0,
         client_id: str | None = None,
         keepalive: int = 30,
@@ -694,8 +722,12 @@ class MqttSink(Sink):
         self._client_id = client_id or f"sluiceway-sink-{uuid.uuid4().hex[:12]}"
         self._keepalive = _int_in(keepalive, 1, 65535, f"{what} keepalive")
         self._conn = _Connector(
-            host, self._port, self.describe(), _positive(reconnect_timeout, what)
+            host,
+            self._port,
+            self.describe(),
+            _positive(reconnect_timeout, f"{what} reconnect_timeout"),
         )
+        self._open_timeout = check_open_timeout(open_timeout, what)
         self._ctx: SinkContext | None = None
         self._link: _Link | None = None
         self._inflight: dict[int, int] = {}  # packet id -> index in the batch
@@ -750,7 +782,8 @@ class MqttSink(Sink):
         """
         self._ctx = ctx
         self._closed = False
-        await self._ensure_link()
+        with self._conn.opening(self._open_timeout):
+            await self._ensure_link()
 
     async def write(self, batch: Batch) -> None:
         """Publish every record and wait for the broker's acknowledgements.

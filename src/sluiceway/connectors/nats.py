@@ -38,13 +38,14 @@ with :class:`NatsUnavailableError` naming the servers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,11 +58,14 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, Header, PubAck, StreamConfig
 
 from sluiceway.connectors.base import (
+    OPEN_TIMEOUT,
     PartialWriteError,
     Sink,
     SinkContext,
     Source,
     SourceContext,
+    check_open_timeout,
+    open_limit,
     redact,
 )
 from sluiceway.errors import BadInputError, short_repr
@@ -163,6 +167,7 @@ class _Link:
         self.servers = servers
         self.what = what
         self.reconnect_timeout = reconnect_timeout
+        self.limit_name = "reconnect_timeout"  # or "open_timeout" while opening
         self.connect_timeout = connect_timeout
         self.clock: Clock = SystemClock()
         self.nc: Client | None = None
@@ -209,6 +214,16 @@ class _Link:
                     continue
                 self.generation += 1
 
+    @contextlib.contextmanager
+    def opening(self, open_timeout: float | None) -> Iterator[None]:
+        """While opening, give up after ``open_limit(open_timeout, reconnect_timeout)``."""
+        reconnect = self.reconnect_timeout
+        self.reconnect_timeout, self.limit_name = open_limit(open_timeout, reconnect)
+        try:
+            yield
+        finally:
+            self.reconnect_timeout, self.limit_name = reconnect, "reconnect_timeout"
+
     async def _on_error(self, exc: Exception) -> None:
         log.debug("%s: NATS client error: %s", self.what, redact(repr(exc)))
 
@@ -222,7 +237,7 @@ class _Link:
         if timeout is not None and elapsed >= timeout:
             raise NatsUnavailableError(
                 f"{self.what}: NATS at {_shown(self.servers)} unavailable for "
-                f"{elapsed:.1f} s (reconnect_timeout={timeout:g}); last error: {_describe(exc)}"
+                f"{elapsed:.1f} s ({self.limit_name}={timeout:g}); last error: {_describe(exc)}"
             ) from exc
         wait = self._delay if timeout is None else min(self._delay, timeout - elapsed)
         self._delay = min(self._delay * 2, _BACKOFF_MAX)
@@ -348,6 +363,9 @@ class NatsSource(Source):
             Turn it off when several flows share the durable (their in-flight messages
             look the same) or when order across a crash does not matter.
         reconnect_timeout: seconds of outage before giving up (None: never).
+        open_timeout: at ``open`` (the flow's start), give up after this many seconds
+            (default 10; None: as long as ``reconnect_timeout``): servers that are not
+            there at the start are more likely a wrong URL than an outage.
         connect_timeout: seconds one connection attempt may take.
 
     Raises:
@@ -374,6 +392,7 @@ class NatsSource(Source):
         include_metadata: bool = False,
         ordered_restart: bool = True,
         reconnect_timeout: float | None = 60.0,
+        open_timeout: float | None = OPEN_TIMEOUT,
         connect_timeout: float = 2.0,
     ) -> None:
         if not (isinstance(stream, str) and stream):
@@ -403,6 +422,7 @@ class NatsSource(Source):
             _seconds(reconnect_timeout, "sources.NatsJetStream reconnect_timeout", none_ok=True),
             _seconds(connect_timeout, "sources.NatsJetStream connect_timeout") or 2.0,
         )
+        self._open_timeout = check_open_timeout(open_timeout, "sources.NatsJetStream")
         self._ctx: SourceContext | None = None
         self._run = uuid.uuid4().hex
         self._psub: JetStreamContext.PullSubscription | None = None
@@ -437,14 +457,15 @@ class NatsSource(Source):
         self._ctx = ctx
         self._link.clock = ctx.clock
         try:
-            while True:
-                nc = await self._link.client()
-                try:
-                    await self._setup(nc.jetstream())
-                except _TRANSIENT as exc:
-                    await self._link.trouble(exc)
-                    continue
-                break
+            with self._link.opening(self._open_timeout):
+                while True:
+                    nc = await self._link.client()
+                    try:
+                        await self._setup(nc.jetstream())
+                    except _TRANSIENT as exc:
+                        await self._link.trouble(exc)
+                        continue
+                    break
         except BaseException:
             await self._link.close()  # the runtime closes only what opened
             raise
@@ -855,6 +876,9 @@ class NatsSink(Sink):
         max_inflight: publishes awaiting their PubAck at once.
         ack_timeout: seconds to wait for one PubAck before treating it as lost.
         reconnect_timeout: seconds of outage before giving up (None: never).
+        open_timeout: at ``open`` (the flow's start), give up after this many seconds
+            (default 10; None: as long as ``reconnect_timeout``): servers that are not
+            there at the start are more likely a wrong URL than an outage.
         connect_timeout: seconds one connection attempt may take.
 
     Raises:
@@ -880,6 +904,7 @@ class NatsSink(Sink):
         max_inflight: int = 256,
         ack_timeout: float = 5.0,
         reconnect_timeout: float | None = 60.0,
+        open_timeout: float | None = OPEN_TIMEOUT,
         connect_timeout: float = 2.0,
     ) -> None:
         if not (callable(subject) or (isinstance(subject, str) and subject)):
@@ -900,6 +925,7 @@ class NatsSink(Sink):
             _seconds(reconnect_timeout, "sinks.NatsJetStream reconnect_timeout", none_ok=True),
             _seconds(connect_timeout, "sinks.NatsJetStream connect_timeout") or 2.0,
         )
+        self._open_timeout = check_open_timeout(open_timeout, "sinks.NatsJetStream")
         self._js: JetStreamContext | None = None
         self._js_generation = -1
         self.published = 0
@@ -916,7 +942,8 @@ class NatsSink(Sink):
         """
         self._link.clock = ctx.clock
         try:
-            await self._check_stream()
+            with self._link.opening(self._open_timeout):
+                await self._check_stream()
         except BaseException:
             await self._link.close()  # the runtime closes only what opened
             raise

@@ -57,6 +57,7 @@ import decimal
 import logging
 import math
 import operator
+import re
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal, TypeVar
@@ -66,7 +67,15 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import JsonbDumper
 
-from sluiceway.connectors.base import PartialWriteError, Sink, SinkContext, redact
+from sluiceway.connectors.base import (
+    OPEN_TIMEOUT,
+    PartialWriteError,
+    Sink,
+    SinkContext,
+    check_open_timeout,
+    open_limit,
+    redact,
+)
 from sluiceway.errors import CheckpointError, short_repr
 from sluiceway.runtime.messages import Batch
 
@@ -123,9 +132,18 @@ def _is_disconnect(exc: BaseException) -> bool:
     if not isinstance(exc, psycopg.OperationalError):
         return False
     state = exc.sqlstate
+    if state is None and _REFUSED_LOGIN.search(str(exc)):
+        return False  # the server answered: no such role or database, a bad password
     # No SQLSTATE: the client lost the socket or could not connect.  08: connection
     # exception; 57P0x: admin/crash shutdown, cannot connect now (server starting).
     return state is None or state.startswith(("08", "57P"))
+
+
+# A failed connect has no SQLSTATE; a refused login says so in the server's message.
+_REFUSED_LOGIN = re.compile(
+    r"FATAL:\s+(?:password authentication failed|role \S+ does not exist|"
+    r"database \S+ does not exist|no pg_hba\.conf entry)"
+)
 
 
 def _is_row_error(exc: BaseException) -> bool:
@@ -178,6 +196,10 @@ class PostgresSink(Sink):
             exactly_once, the hidden columns and their index.
         reconnect_timeout: seconds to keep reconnecting after a connection loss before
             raising :class:`ConnectionError`; None: forever.
+        open_timeout: at ``open`` (the flow's start), give up after this many seconds
+            (default 10; None: as long as ``reconnect_timeout``): a server that is not
+            there at the start is more likely a wrong DSN than an outage.  A refused
+            login (no such role or database, a wrong password) fails at once.
 
     Dicts are written to ``json``/``jsonb`` columns; lists become PostgreSQL arrays.
 
@@ -197,6 +219,7 @@ class PostgresSink(Sink):
         transform: Callable[[Any], Mapping[str, Any] | Sequence[Any]] | None = None,
         create_table: bool = False,
         reconnect_timeout: float | None = 60.0,
+        open_timeout: float | None = OPEN_TIMEOUT,
     ) -> None:
         what = "sinks.Postgres"
         method = _check_mode(mode, method, key)
@@ -233,6 +256,9 @@ class PostgresSink(Sink):
         self._transform = transform
         self._create = bool(create_table)
         self._timeout = None if reconnect_timeout is None else float(reconnect_timeout)
+        self._reconnect_timeout = self._timeout
+        self._limit_name = "reconnect_timeout"  # or "open_timeout" while opening
+        self._open_timeout = check_open_timeout(open_timeout, what)
         try:
             info = conninfo_to_dict(dsn)
         except psycopg.ProgrammingError as exc:
@@ -318,7 +344,7 @@ class PostgresSink(Sink):
                 if self._timeout is not None and waited >= self._timeout:
                     raise ConnectionError(
                         f"{self.describe()}: {self._where()} unreachable for {waited:.1f} s "
-                        f"(reconnect_timeout={self._timeout:g}); last error: "
+                        f"({self._limit_name}={self._timeout:g}); last error: "
                         f"{redact(exc).strip() or type(exc).__name__}"
                     ) from exc
                 pause = delay if self._timeout is None else min(delay, self._timeout - waited)
@@ -354,6 +380,13 @@ class PostgresSink(Sink):
         """
         self._ctx = ctx
         self._sink_key = f"{ctx.flow}/{ctx.name}"
+        self._timeout, self._limit_name = open_limit(self._open_timeout, self._reconnect_timeout)
+        try:
+            await self._open(ctx)
+        finally:
+            self._timeout, self._limit_name = self._reconnect_timeout, "reconnect_timeout"
+
+    async def _open(self, ctx: SinkContext) -> None:
         if self._mode == "exactly_once":
             if not ctx.checkpointing:
                 log.warning(

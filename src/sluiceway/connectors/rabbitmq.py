@@ -42,12 +42,13 @@ outage, one INFO on recovery) and give up after ``reconnect_timeout`` seconds wi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -66,11 +67,14 @@ from aiormq.exceptions import (
 from pamqp import commands as spec
 
 from sluiceway.connectors.base import (
+    OPEN_TIMEOUT,
     PartialWriteError,
     Sink,
     SinkContext,
     Source,
     SourceContext,
+    check_open_timeout,
+    open_limit,
     redact,
 )
 from sluiceway.errors import BadInputError, short_repr
@@ -176,6 +180,7 @@ class _Reconnect:
         self.who = who
         self.server = redact(url)
         self.timeout = timeout
+        self.limit_name = "reconnect_timeout"  # or "open_timeout" while opening
         self.outage_since: float | None = None
         self.attempts = 0
         self.outages = 0
@@ -196,8 +201,26 @@ class _Reconnect:
             "closed" if exc is None else f"{type(exc).__name__}: {redact(exc)}",
         )
 
+    async def opening(
+        self, clock: Clock, attempt: Callable[[], Awaitable[T]], open_timeout: float | None
+    ) -> T:
+        """:meth:`connect` at ``open``: give up after ``open_limit(open_timeout, ...)``."""
+        reconnect = self.timeout
+        self.timeout, self.limit_name = open_limit(open_timeout, reconnect)
+        try:
+            return await self.connect(clock, attempt)
+        finally:
+            self.timeout, self.limit_name = reconnect, "reconnect_timeout"
+
     async def connect(self, clock: Clock, attempt: Callable[[], Awaitable[T]]) -> T:
-        """Call ``attempt`` until it succeeds, waiting between failures."""
+        """Call ``attempt`` until it succeeds, waiting between failures.
+
+        Meanwhile aiormq's own ERROR per failed attempt is lowered to DEBUG: the outage
+        is reported once, by :meth:`lost`."""
+        with _quiet_client_log():
+            return await self._connect(clock, attempt)
+
+    async def _connect(self, clock: Clock, attempt: Callable[[], Awaitable[T]]) -> T:
         while True:
             self.attempts += 1
             try:
@@ -217,7 +240,7 @@ class _Reconnect:
                     raise RabbitMQUnavailableError(
                         f"{self.who}: RabbitMQ at {self.server} unreachable for "
                         f"{waited:.1f} s ({self.attempts} attempts; last error: "
-                        f"{type(exc).__name__}: {redact(exc)}); giving up (reconnect_timeout="
+                        f"{type(exc).__name__}: {redact(exc)}); giving up ({self.limit_name}="
                         f"{self.timeout:g})"
                     ) from exc
                 pause = self.delay
@@ -237,6 +260,43 @@ class _Reconnect:
                 self.outage_since = None
             self.attempts = 0
             return result
+
+
+class _DemoteToDebug(logging.Filter):
+    """Lowers a client library's records to DEBUG while we handle an outage ourselves
+    (counted: several connectors may reconnect at once)."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        super().__init__()
+        self.logger = logger
+        self.users = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno <= logging.DEBUG:
+            return True
+        if not self.logger.isEnabledFor(logging.DEBUG):
+            return False
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+_CLIENT_LOGGERS = ("aiormq.connection", "aio_pika.robust_connection")
+_demoters = [_DemoteToDebug(logging.getLogger(name)) for name in _CLIENT_LOGGERS]
+
+
+@contextlib.contextmanager
+def _quiet_client_log() -> Iterator[None]:
+    for d in _demoters:
+        if d.users == 0:
+            d.logger.addFilter(d)
+        d.users += 1
+    try:
+        yield
+    finally:
+        for d in _demoters:
+            d.users -= 1
+            if d.users == 0:
+                d.logger.removeFilter(d)
 
 
 async def _close_quietly(conn: aio_pika.abc.AbstractConnection | None) -> None:
@@ -280,6 +340,9 @@ class RabbitMQSource(Source):
         on_bad_input: see :data:`OnBadInput`.
         reconnect_timeout: seconds to keep reconnecting after the connection is lost
             (None: forever).
+        open_timeout: at ``open`` (the flow's start), give up after this many seconds
+            (default 10; None: as long as ``reconnect_timeout``): a broker that is not
+            there at the start is more likely a wrong URL than an outage.
 
     Raises:
         ValueError: a bad argument.
@@ -297,6 +360,7 @@ class RabbitMQSource(Source):
         include_metadata: bool = False,
         on_bad_input: OnBadInput = "ack",
         reconnect_timeout: float | None = 60.0,
+        open_timeout: float | None = OPEN_TIMEOUT,
     ) -> None:
         what = "sources.RabbitMQ"
         self._url = _check_url(url, what)
@@ -325,6 +389,7 @@ class RabbitMQSource(Source):
         self._meta = bool(include_metadata)
         self._on_bad: OnBadInput = on_bad_input
         self._reconnect = _Reconnect(self.describe(), url, _check_timeout(reconnect_timeout, what))
+        self._open_timeout = check_open_timeout(open_timeout, what)
         self._ctx: SourceContext | None = None
         self._conn: aio_pika.abc.AbstractConnection | None = None
         self._raw: aiormq.abc.AbstractChannel | None = None
@@ -359,7 +424,7 @@ class RabbitMQSource(Source):
         """
         self._ctx = ctx
         self._reconnect.who = f"source {ctx.name!r} ({self.describe()})"
-        await self._reconnect.connect(ctx.clock, self._connect)
+        await self._reconnect.opening(ctx.clock, self._connect, self._open_timeout)
         self._last_message = ctx.clock.monotonic()
         self._depth_task = asyncio.get_running_loop().create_task(
             self._watch_depth(ctx.clock), name=f"sluiceway {self.describe()} queue depth"
@@ -667,6 +732,9 @@ class RabbitMQSink(Sink):
         content_type: the ``content_type`` property (default ``application/json``;
             None: not set).
         reconnect_timeout: seconds to keep reconnecting (None: forever).
+        open_timeout: at ``open`` (the flow's start), give up after this many seconds
+            (default 10; None: as long as ``reconnect_timeout``): a broker that is not
+            there at the start is more likely a wrong URL than an outage.
 
     Raises:
         ValueError: a bad argument (no routing key, a bad URL...).
@@ -683,6 +751,7 @@ class RabbitMQSink(Sink):
         encode: Callable[[Any], bytes] = _encode_json,
         content_type: str | None = "application/json",
         reconnect_timeout: float | None = 60.0,
+        open_timeout: float | None = OPEN_TIMEOUT,
     ) -> None:
         what = "sinks.RabbitMQ"
         self._url = _check_url(url, what)
@@ -710,6 +779,7 @@ class RabbitMQSink(Sink):
         self._seq = 0
         self._encode = encode
         self._reconnect = _Reconnect(self.describe(), url, _check_timeout(reconnect_timeout, what))
+        self._open_timeout = check_open_timeout(open_timeout, what)
         self._ctx: SinkContext | None = None
         self._conn: aio_pika.abc.AbstractConnection | None = None
         self._raw: aiormq.abc.AbstractChannel | None = None
@@ -735,7 +805,7 @@ class RabbitMQSink(Sink):
         """
         self._ctx = ctx
         self._reconnect.who = f"sink {ctx.name!r} ({self.describe()})"
-        await self._reconnect.connect(ctx.clock, self._connect)
+        await self._reconnect.opening(ctx.clock, self._connect, self._open_timeout)
 
     async def _connect(self) -> None:
         conn = await aio_pika.connect(self._url, timeout=_CONNECT_TIMEOUT)

@@ -56,11 +56,14 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from sluiceway.connectors.base import (
+    OPEN_TIMEOUT,
     PartialWriteError,
     Sink,
     SinkContext,
     Source,
     SourceContext,
+    check_open_timeout,
+    open_limit,
     redact,
 )
 from sluiceway.connectors.files import _to_json
@@ -149,9 +152,19 @@ class _Link:
         self.what = what
         self.where = _describe(client)
         self.reconnect_timeout: float | None = None
+        self.limit_name = "reconnect_timeout"  # or "open_timeout" while opening
         self.outages = 0
         self.down_since: float | None = None  # clock.monotonic() when the outage began
         self.clock = clock
+
+    async def opening(self, fn: Callable[[], Awaitable[T]], open_timeout: float | None) -> T:
+        """:meth:`call` with the limit of a first connection (``open_limit``)."""
+        reconnect = self.reconnect_timeout
+        self.reconnect_timeout, self.limit_name = open_limit(open_timeout, reconnect)
+        try:
+            return await self.call(fn)
+        finally:
+            self.reconnect_timeout, self.limit_name = reconnect, "reconnect_timeout"
 
     async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
         """``await fn()``; on a connection loss retry (at once, then with backoff).
@@ -196,7 +209,7 @@ class _Link:
                 if limit is not None and down_for >= limit:
                     raise RedisStreamError(
                         f"{self.what}: Redis at {self.where} unreachable for "
-                        f"{down_for:.1f} s (reconnect_timeout={limit:g}): "
+                        f"{down_for:.1f} s ({self.limit_name}={limit:g}): "
                         f"{type(exc).__name__}: {redact(exc)}"
                     ) from exc
                 wait = delay if limit is None else min(delay, max(0.0, limit - down_for))
@@ -299,6 +312,9 @@ class RedisStreamSource(Source):
             redelivered) instead of the bare value.
         reconnect_timeout: give up (:class:`RedisStreamError`) after this many seconds
             without Redis (None: never).
+        open_timeout: at ``open`` (the flow's start), give up after this many seconds
+            (default 10; None: as long as ``reconnect_timeout``): a Redis that is not
+            there at the start is more likely a wrong URL than an outage.
 
     A malformed entry is bad input named ``redis <host:port/db> <stream> <id>``: under
     ``Fail`` the flow stops and the entry stays pending; under ``DeadLetter`` it is
@@ -321,6 +337,7 @@ class RedisStreamSource(Source):
         field: str | None = "data",
         include_metadata: bool = False,
         reconnect_timeout: float | timedelta | None = 60.0,
+        open_timeout: float | None = OPEN_TIMEOUT,
     ) -> None:
         what = "sources.RedisStream"
         for name, value in (("url", url), ("stream", stream), ("group", group)):
@@ -358,6 +375,7 @@ class RedisStreamSource(Source):
         self._field_b = None if field is None else field.encode()
         self._metadata = bool(include_metadata)
         self._reconnect_timeout = _reconnect_timeout(reconnect_timeout, what)
+        self._open_timeout = check_open_timeout(open_timeout, what)
         self._ctx: SourceContext | None = None
         self._link: _Link | None = None
         self._consumer = ""
@@ -400,7 +418,7 @@ class RedisStreamSource(Source):
         self._link = _Link(_client(self._url), what, ctx.clock, self._block_ms / 1000 + _TIMEOUT)
         self._link.reconnect_timeout = self._reconnect_timeout
         self._where = f"redis {self._link.where} {self._stream}"
-        await self._link.call(self._create_group)
+        await self._link.opening(self._create_group, self._open_timeout)
         now = ctx.clock.monotonic()
         self._idle = 0.0
         if self._claim_idle is not None:
@@ -782,6 +800,9 @@ class RedisStreamSink(Sink):
             ``int`` and ``float`` values as they are, others as JSON).
         reconnect_timeout: give up (:class:`RedisStreamError`) after this many seconds
             without Redis (None: never).
+        open_timeout: at ``open`` (the flow's start), give up after this many seconds
+            (default 10; None: as long as ``reconnect_timeout``): a Redis that is not
+            there at the start is more likely a wrong URL than an outage.
     """
 
     def __init__(
@@ -793,6 +814,7 @@ class RedisStreamSink(Sink):
         encode: Callable[[Any], bytes | str] = _encode_json,
         field: str | None = "data",
         reconnect_timeout: float | timedelta | None = 60.0,
+        open_timeout: float | None = OPEN_TIMEOUT,
     ) -> None:
         what = "sinks.RedisStream"
         for name, value in (("url", url), ("stream", stream)):
@@ -810,14 +832,20 @@ class RedisStreamSink(Sink):
         self._encode = encode
         self._field = _check_field(field, what)
         self._reconnect_timeout = _reconnect_timeout(reconnect_timeout, what)
+        self._open_timeout = check_open_timeout(open_timeout, what)
         self._link: _Link | None = None
         self._closed = False
 
     async def open(self, ctx: SinkContext) -> None:
-        """Connect (lazily: the first write opens the connection)."""
+        """Connect (a ``PING``), so that a Redis not there fails the flow's start.
+
+        Raises:
+            RedisStreamError: Redis unreachable for ``open_timeout`` (or refused access).
+        """
         what = f"sink {ctx.name!r} ({self.describe()})"
-        self._link = _Link(_client(self._url), what, ctx.clock, _TIMEOUT)
-        self._link.reconnect_timeout = self._reconnect_timeout
+        link = self._link = _Link(_client(self._url), what, ctx.clock, _TIMEOUT)
+        link.reconnect_timeout = self._reconnect_timeout
+        await link.opening(link.client.ping, self._open_timeout)
 
     def _fields(self, value: Any) -> dict[str | bytes, bytes | str | int | float]:
         if self._field is not None:
