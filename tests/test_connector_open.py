@@ -5,7 +5,6 @@ outages mid-run), as one ConnectorOpenError, without a client library's log nois
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import pytest
@@ -82,13 +81,3 @@ def test_rabbitmq_reports_an_unreachable_broker_once(caplog: pytest.LogCaptureFi
     loud = [(r.name, r.levelname) for r in caplog.records if r.levelno >= logging.WARNING]
     assert loud == [("sluiceway", "WARNING")], loud
     assert logging.getLogger("aiormq.connection").filters == []  # quiet only meanwhile
-
-
-@pytest.mark.slow
-def test_open_timeout_on_the_system_clock() -> None:
-    """Smoke test on the real clock (watchdog: the test's timeout and the bound below)."""
-    connector = CONNECTORS["redis-source"](_nobody(), open_timeout=0.5)
-    t0 = time.monotonic()
-    with pytest.raises(sw.ConnectorOpenError, match=r"open_timeout=0\.5"):
-        sw.run(_flow(connector))
-    assert 0.4 < time.monotonic() - t0 < 5

@@ -611,21 +611,3 @@ def test_connections_over_the_cap_are_refused_503_and_the_rest_served() -> None:
     assert refused.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
     assert refused.endswith(b"more than 3 connections\n")
     assert all(a.startswith(b"HTTP/1.1 200 OK\r\n") for a in answers)
-
-
-@pytest.mark.slow
-def test_request_timeout_on_the_system_clock() -> None:
-    """Smoke test on the real clock: an idle connection is closed after 0.3 s."""
-    exporter = PrometheusExporter(port=0)
-    exporter.request_timeout = 0.3
-
-    async def clients(port: int, clock: sw.Clock) -> tuple[bytes, float]:
-        t0 = clock.monotonic()
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        data = await asyncio.wait_for(reader.read(), 5)  # the watchdog
-        writer.close()
-        return data, clock.monotonic() - t0
-
-    data, waited = asyncio.run(_serve_while(exporter, clients, sw.SystemClock()))
-    assert data.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
-    assert 0.25 <= waited < 3

@@ -503,3 +503,51 @@ def test_a_broker_source_waiting_to_reconnect_stops_at_once(
 
     result = run_watched(flow, during=during, grace_period=1.0)
     assert result.stopped
+
+
+def test_an_idle_http_connection_is_closed_at_its_request_timeout() -> None:
+    """The Prometheus exporter (and the web view, same server) answer 408 and close a
+    connection that sent nothing within ``request_timeout``."""
+    import_or_missing("prometheus_client")
+    from sluiceway.metrics.prometheus import PrometheusExporter  # noqa: PLC0415
+    from sluiceway.testing import Watchdog  # noqa: PLC0415
+
+    exporter = PrometheusExporter(port=0)
+    exporter.request_timeout = 0.3
+    flow = sw.Flow("rt_http")
+    flow.source(sw.sources.Generator(endless, rate=50)).sink(sw.sinks.Collect())
+
+    async def main() -> tuple[bytes, float]:
+        clock = sw.SystemClock()
+        async with Watchdog(max_stall=1.0) as dog:
+            handle = sw.start(flow)
+            serving = asyncio.ensure_future(exporter(handle))
+            port = await exporter.wait_serving()
+            t0 = clock.monotonic()
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            data = await reader.read()
+            waited = clock.monotonic() - t0
+            writer.close()
+            dog.expect_end_within(3.0, "the stop")
+            await handle.stop()
+            await serving
+        return data, waited
+
+    data, waited = asyncio.run(main())
+    assert data.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert 0.25 <= waited < 2.0
+
+
+def test_a_broker_that_is_not_there_fails_the_start_after_open_timeout() -> None:
+    from services import free_port  # noqa: PLC0415
+
+    import_or_missing("redis")
+    source = sw.sources.RedisStream(
+        f"redis://127.0.0.1:{free_port()}/0", "s", "g", open_timeout=0.5
+    )
+    flow = sw.Flow("rt_open")
+    flow.source(source, name="src").sink(sw.sinks.Collect())
+    with pytest.raises(
+        sw.ConnectorOpenError, match=r"unreachable for 0\.\d s \(open_timeout=0\.5\)"
+    ):
+        run_watched(flow, run_for=3.0)
