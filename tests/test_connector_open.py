@@ -81,3 +81,17 @@ def test_rabbitmq_reports_an_unreachable_broker_once(caplog: pytest.LogCaptureFi
     loud = [(r.name, r.levelname) for r in caplog.records if r.levelno >= logging.WARNING]
     assert loud == [("sluiceway", "WARNING")], loud
     assert logging.getLogger("aiormq.connection").filters == []  # quiet only meanwhile
+
+
+def test_the_open_error_masks_a_password_in_the_connectors_message() -> None:
+    class Leaky(sw.sources.Source):
+        async def open(self, ctx: Any) -> None:
+            raise OSError("cannot reach postgresql://ann:s3cret@db:5432/x")
+
+        async def next_batch(self, max_records: int) -> sw.Batch | None:
+            return None
+
+    with pytest.raises(sw.ConnectorOpenError) as info:
+        sw.run(_flow(Leaky()), clock=sw.VirtualClock())
+    assert "postgresql://ann:***@db:5432/x" in str(info.value)
+    assert "s3cret" not in str(info.value)

@@ -508,6 +508,14 @@ BAD_NUMBERS = [
         r"session_expiry must be a finite number of seconds > 0 \(None: no limit\), got inf",
     ),
     (
+        lambda: sw.sinks.Parquet("out", max_file_age=_INF),
+        r"max_file_age must be a finite number > 0 seconds or None",
+    ),
+    (
+        lambda: sw.sinks.Delta("out", flush_interval=_INF),
+        r"flush_interval must be a finite number > 0 seconds, got inf",
+    ),
+    (
         lambda: sw.sinks.Postgres("postgresql://h/db", "t", reconnect_timeout=_INF),
         r"reconnect_timeout must be a finite number >= 0 seconds or None",
     ),

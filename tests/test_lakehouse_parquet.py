@@ -180,7 +180,10 @@ def test_bad_arguments_are_named(tmp_path: Path) -> None:
         ParquetSink(tmp_path, compression="zip")
     with pytest.raises(ValueError, match="max_file_bytes must be an int >= 1, got 0"):
         ParquetSink(tmp_path, max_file_bytes=0)
-    with pytest.raises(ValueError, match="max_file_age must be > 0 seconds or None, got -1"):
+    with pytest.raises(
+        ValueError,
+        match=r"max_file_age must be a finite number > 0 seconds or None \(no age limit\), got -1",
+    ):
         ParquetSink(tmp_path, max_file_age=-1)
     with pytest.raises(ValueError, match=r"partition_by \['day'\] are not fields"):
         ParquetSink(tmp_path, schema=[("id", pa.int64())], partition_by=["day"])

@@ -31,6 +31,7 @@ Messages quote the bad value and say where it came from, e.g.
 from __future__ import annotations
 
 import enum
+import re
 import signal
 from typing import Any
 
@@ -50,6 +51,7 @@ __all__ = [
     "FlowFailedError",
     "OperatorError",
     "SluicewayError",
+    "redact",
     "short_repr",
 ]
 
@@ -69,6 +71,32 @@ def short_repr(value: object, limit: int = _REPR_LIMIT) -> str:
     if len(text) > limit:
         text = text[: max(0, limit - 3)] + "..."
     return text
+
+
+# scheme://user:password@  (a password, possibly empty user: redis://:pw@host)
+_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*):[^\s@]*@")
+# nats://token@host: NATS takes a token alone as the user part
+_NATS_TOKEN = re.compile(r"(?P<head>\b(?:nats|tls)://)[^\s:/@]+@")
+# password=secret or password='se cret' in a libpq keyword string
+_KEYWORD_PASSWORD = re.compile(r"(?P<head>\bpassword\s*=\s*)(?:'(?:[^'\\]|\\.)*'|[^\s'\"]+)")
+
+
+def redact(text: object) -> str:
+    """``str(text)`` with every credential in it masked, for messages and logs.
+
+    Every connector passes what it shows of a URL, a DSN or a client library's error
+    through this one function, so a password never reaches a log line or an exception.
+
+    >>> redact("NATS at nats://ann:s3cret@host:4222,nats://tok3n@other unavailable")
+    'NATS at nats://ann:***@host:4222,nats://***@other unavailable'
+    >>> redact("redis://:pw@localhost:6379/0 and amqp://guest:guest@rabbit/")
+    'redis://:***@localhost:6379/0 and amqp://guest:***@rabbit/'
+    >>> redact("host=db user=ann password='a b' dbname=x")
+    'host=db user=ann password=*** dbname=x'
+    """
+    shown = _URL_PASSWORD.sub(r"\g<head>:***@", str(text))
+    shown = _NATS_TOKEN.sub(r"\g<head>***@", shown)
+    return _KEYWORD_PASSWORD.sub(r"\g<head>***", shown)
 
 
 class SluicewayError(Exception):
@@ -140,7 +168,7 @@ class ConnectorOpenError(FlowFailedError):
         self, *, flow: str, operator: str, kind: str, connector: str, cause: BaseException
     ) -> None:
         self.kind = kind
-        text = " ".join(str(cause).split()) or type(cause).__name__
+        text = " ".join(redact(cause).split()) or type(cause).__name__
         if f"'{operator}'" in text:  # the connector's message already names itself
             what = f"flow {flow!r} could not start: {text}"
         else:

@@ -27,13 +27,12 @@ stored.  A sink that does nothing of the kind is at-least-once.
 from __future__ import annotations
 
 import math
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sluiceway.errors import BadInputError
+from sluiceway.errors import BadInputError, redact
 from sluiceway.runtime.messages import Batch
 from sluiceway.time import Clock
 
@@ -48,14 +47,6 @@ __all__ = [
     "open_limit",
     "redact",
 ]
-
-# scheme://user:password@  (a password, possibly empty user: redis://:pw@host)
-_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*):[^\s@]*@")
-# nats://token@host: NATS takes a token alone as the user part
-_NATS_TOKEN = re.compile(r"(?P<head>\b(?:nats|tls)://)[^\s:/@]+@")
-# password=secret or password='se cret' in a libpq keyword string
-_KEYWORD_PASSWORD = re.compile(r"(?P<head>\bpassword\s*=\s*)(?:'(?:[^'\\]|\\.)*'|[^\s'\"]+)")
-
 
 OPEN_TIMEOUT = 10.0
 """Default seconds a broker connector keeps trying to reach its server at ``open``.
@@ -94,24 +85,6 @@ def open_limit(
     if open_timeout is not None and (reconnect_timeout is None or open_timeout < reconnect_timeout):
         return open_timeout, "open_timeout"
     return reconnect_timeout, "reconnect_timeout"
-
-
-def redact(text: object) -> str:
-    """``str(text)`` with every credential in it masked, for messages and logs.
-
-    Every connector passes what it shows of a URL, a DSN or a client library's error
-    through this one function, so a password never reaches a log line or an exception.
-
-    >>> redact("NATS at nats://ann:s3cret@host:4222,nats://tok3n@other unavailable")
-    'NATS at nats://ann:***@host:4222,nats://***@other unavailable'
-    >>> redact("redis://:pw@localhost:6379/0 and amqp://guest:guest@rabbit/")
-    'redis://:***@localhost:6379/0 and amqp://guest:***@rabbit/'
-    >>> redact("host=db user=ann password='a b' dbname=x")
-    'host=db user=ann password=*** dbname=x'
-    """
-    shown = _URL_PASSWORD.sub(r"\g<head>:***@", str(text))
-    shown = _NATS_TOKEN.sub(r"\g<head>***@", shown)
-    return _KEYWORD_PASSWORD.sub(r"\g<head>***", shown)
 
 
 @dataclass(frozen=True, slots=True)

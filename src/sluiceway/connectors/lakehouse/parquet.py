@@ -26,6 +26,7 @@ crash loses the unpublished files' rows unless the source replays them.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import uuid
@@ -143,10 +144,11 @@ class ParquetSink(Sink):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{what} {name} must be an int >= 1, got {value!r}")
         if max_file_age is not None and not (
-            isinstance(max_file_age, int | float) and max_file_age > 0
+            isinstance(max_file_age, int | float) and 0 < max_file_age < math.inf
         ):
             raise ValueError(
-                f"{what} max_file_age must be > 0 seconds or None, got {max_file_age!r}"
+                f"{what} max_file_age must be a finite number > 0 seconds or None (no age "
+                f"limit), got {max_file_age!r}"
             )
         if isinstance(partition_by, str):
             partition_by = [partition_by]

@@ -25,6 +25,7 @@ Without checkpoints (at-least-once) the buffer is committed, unmarked, when it h
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import uuid
@@ -88,8 +89,10 @@ class StagedTableSink(Sink):
             raise ValueError(f"{what} key= is for mode='upsert'")
         if not isinstance(flush_rows, int) or isinstance(flush_rows, bool) or flush_rows < 1:
             raise ValueError(f"{what} flush_rows must be an int >= 1, got {flush_rows!r}")
-        if not (isinstance(flush_interval, int | float) and flush_interval > 0):
-            raise ValueError(f"{what} flush_interval must be > 0 seconds, got {flush_interval!r}")
+        if not (isinstance(flush_interval, int | float) and 0 < flush_interval < math.inf):
+            raise ValueError(
+                f"{what} flush_interval must be a finite number > 0 seconds, got {flush_interval!r}"
+            )
         self._pq = import_extra("pyarrow.parquet", self._extra, what)
         self._conv = RecordsToArrow(schema, transform, what)
         self._mode: TableMode = mode
