@@ -25,6 +25,8 @@ CONNECTORS = [
     ("sources", "Mqtt", "aiomqtt", "mqtt"),
     ("sinks", "Mqtt", "aiomqtt", "mqtt"),
     ("sinks", "Postgres", "psycopg", "postgres"),
+    ("sources", "Kafka", "confluent_kafka", "kafka"),
+    ("sinks", "Kafka", "confluent_kafka", "kafka"),
 ]
 
 

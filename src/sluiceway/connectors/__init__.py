@@ -12,6 +12,7 @@ EXTRAS: dict[str, str] = {
     "sluiceway.connectors.rabbitmq": "rabbitmq",
     "sluiceway.connectors.mqtt": "mqtt",
     "sluiceway.connectors.postgres": "postgres",
+    "sluiceway.connectors.kafka": "kafka",
 }
 
 
