@@ -213,8 +213,8 @@ def test_collector_reads_the_snapshot_at_every_collect() -> None:
 
     collector = FlowCollector(snap)
     assert calls == []  # nothing read until a scrape
-    assert len(list(collector.collect())) == 18
-    assert len(list(collector.collect())) == 18
+    assert len(list(collector.collect())) == 19
+    assert len(list(collector.collect())) == 19
     assert len(calls) == 2
 
 
