@@ -1179,7 +1179,7 @@ class RabbitMQSink(Sink):
             except ChannelNotFoundEntity as exc:
                 raise RabbitMQError(
                     f"{where}: queue {queue!r}, which this sink declared when it started, "
-                    f"is gone after the connection was lost ({exc}), and with it the "
+                    f"is gone after the connection was lost ({redact(exc)}), and with it the "
                     "messages the broker had confirmed into it.  Either it was deleted, or "
                     "the broker crashed before it had stored the declaration (RabbitMQ 3.x "
                     "can lose a durable queue declared moments before a crash).  The sink "
@@ -1187,13 +1187,13 @@ class RabbitMQSink(Sink):
                     "messages, then start the flow again"
                 ) from exc
             except ChannelClosed as exc:
-                raise RabbitMQError(f"{where}: cannot check queue {queue!r}: {exc}") from exc
+                raise RabbitMQError(f"{where}: cannot check queue {queue!r}: {redact(exc)}") from exc
             return
         try:
             await channel.declare_queue(queue, durable=True)
         except ChannelClosed as exc:
             raise RabbitMQError(
-                f"{where}: cannot declare queue {queue!r} as a durable queue ({exc}); if it "
+                f"{where}: cannot declare queue {queue!r} as a durable queue ({redact(exc)}); if it "
                 "exists with other settings, do not pass declare_queue"
             ) from exc
         self._declared = True
