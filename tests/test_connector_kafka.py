@@ -92,8 +92,12 @@ def test_exactly_once_needs_checkpoints(kafka_bootstrap: str, kafka_topic: str) 
     flow.source(sw.sources.Iterable([1])).sink(
         KafkaSink(kafka_bootstrap, kafka_topic, exactly_once=True)
     )
-    with pytest.raises(ValueError, match="exactly_once=True needs checkpoints"):
+    # One error at start naming the flow and the sink (ConnectorOpenError), the cause kept.
+    needs = "exactly_once=True needs checkpoints"
+    with pytest.raises(sw.errors.ConnectorOpenError, match=needs) as e:
         sw.run(flow, handle_signals=False)
+    assert "eos-no-ck" in str(e.value)
+    assert isinstance(e.value.__cause__, ValueError)
 
 
 # -- records: keys, headers, timestamps, metadata, decoding ----------------------------------
