@@ -9,7 +9,17 @@
 [0, 2, 4]
 """
 
-from sluiceway import agg, flowcontrol, sinks, sources, state, testing, watermarks, windows
+from sluiceway import (
+    agg,
+    flowcontrol,
+    joins,
+    sinks,
+    sources,
+    state,
+    testing,
+    watermarks,
+    windows,
+)
 from sluiceway.errors import (
     BadInputError,
     CancelReason,
@@ -24,7 +34,14 @@ from sluiceway.errors import (
     OperatorError,
     SluicewayError,
 )
-from sluiceway.flow import Flow, KeyedStream, Stream, WindowedStream, WindowResultStream
+from sluiceway.flow import (
+    Flow,
+    JoinedStream,
+    KeyedStream,
+    Stream,
+    WindowedStream,
+    WindowResultStream,
+)
 from sluiceway.flowcontrol import Adaptive, CircuitBreaker, CircuitOpenError
 from sluiceway.metrics import FlowSnapshot
 from sluiceway.policies import Backoff, DeadLetter, DeadLetterRecord, ErrorPolicy, Fail, Retry
@@ -63,6 +80,7 @@ __all__ = [
     "FlowFailedError",
     "FlowHandle",
     "FlowSnapshot",
+    "JoinedStream",
     "KeyedStream",
     "LateRecord",
     "Monitor",
@@ -80,6 +98,7 @@ __all__ = [
     "__version__",
     "agg",
     "flowcontrol",
+    "joins",
     "run",
     "run_async",
     "sinks",

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import math
 import re
 import sys
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from sluiceway.agg import Aggregator, Apply, Reduce
 from sluiceway.connectors.base import Sink, Source
@@ -34,6 +35,9 @@ from sluiceway.errors import FlowDefinitionError
 from sluiceway.flowcontrol.adaptive import Adaptive
 from sluiceway.flowcontrol.breaker import CircuitBreaker
 from sluiceway.flowcontrol.limiters import KeyedLimiter, Limiter
+from sluiceway.joins.base import JoinSpec
+from sluiceway.joins.interval import IntervalJoinSpec
+from sluiceway.joins.window import WindowJoinSpec
 from sluiceway.operators.async_io import AsyncMapSpec
 from sluiceway.operators.base import OpSpec
 from sluiceway.operators.batching import BatchSpec
@@ -55,12 +59,20 @@ from sluiceway.operators.stateless import (
 from sluiceway.policies import DeadLetter, ErrorPolicy, Fail, Retry, check_policy
 from sluiceway.runtime.channel import Overflow
 from sluiceway.state import TTL, KeyedProcessFunction, as_ttl
-from sluiceway.time.durations import non_negative_seconds, positive_seconds
+from sluiceway.time.durations import non_negative_seconds, positive_seconds, seconds_of
 from sluiceway.watermarks import BoundedOutOfOrderness, Monotonic, WatermarkStrategy
 from sluiceway.windows.assigners import Session, Sliding, Tumbling
 from sluiceway.windows.operator import Aggregation, WindowSpec
 
-__all__ = ["Flow", "KeyedStream", "Node", "Stream", "WindowResultStream", "WindowedStream"]
+__all__ = [
+    "Flow",
+    "JoinedStream",
+    "KeyedStream",
+    "Node",
+    "Stream",
+    "WindowResultStream",
+    "WindowedStream",
+]
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -807,6 +819,130 @@ class KeyedStream(Stream[T], Generic[K, T]):
         )
         return KeyedStream(self.flow, self._derive(spec, name, f"process_{_fn_label(fn)}"))
 
+    # -- joins (docs/joins.md) ---------------------------------------------------------
+
+    def _join(
+        self,
+        other: object,
+        spec: JoinSpec,
+        method: str,
+        name: str | None,
+        *,
+        event_time: bool = True,
+    ) -> JoinedStream:
+        """Add the two-input join ``spec`` of this stream (input 0) and ``other`` (1)."""
+        if not isinstance(other, Stream):
+            raise TypeError(
+                f"{method}() expects a keyed stream to join with, got {type(other).__name__} "
+                f"{other!r}"
+            )
+        if other.flow is not self.flow:
+            raise FlowDefinitionError(
+                f"{method}(): {other!r} belongs to flow {other.flow.name!r}, not {self.flow.name!r}"
+            )
+        if other.node is self.node:
+            raise FlowDefinitionError(f"{method}(): a stream cannot be joined with itself")
+        for side, s in (("left", self), ("right", other)):
+            if not s.node.keyed:
+                raise FlowDefinitionError(
+                    f"{method}(): the {side} input, the stream from {s.node.describe()}, has "
+                    "no keys; call .key_by(fn) on it first (both inputs are joined by key)"
+                )
+            if event_time and not s.node.timestamped:
+                raise FlowDefinitionError(
+                    f"{method}(): the {side} input, the stream from {s.node.describe()}, has "
+                    "no event time; call .with_timestamps(fn, max_out_of_orderness) on it first"
+                )
+        node = self.flow._add(
+            spec,
+            [self.node, other.node],
+            name,
+            f"{method}_{other.node.name}",
+            keyed=True,
+            timestamped=event_time,
+        )
+        return JoinedStream(self.flow, node)
+
+    def window_join(
+        self,
+        other: KeyedStream[Any, Any],
+        assigner: Tumbling | Sliding | Session,
+        *,
+        how: Literal["inner", "left", "full"] = "inner",
+        allowed_lateness: float | timedelta = 0.0,
+        name: str | None = None,
+    ) -> JoinedStream:
+        """Pair the records of this stream and ``other`` with the same key in the same window.
+
+        Results are ``(left, right)`` tuples (``None`` for the missing side of an outer
+        join: ``how="left"`` or ``"full"``), keyed, with the window's last instant as
+        event time; a window's results leave when the watermark of *both* inputs reaches
+        ``end + allowed_lateness``.  Late records go to ``.late()``.  See docs/joins.md.
+
+        >>> import sluiceway as sw
+        >>> flow = sw.Flow("wj")
+        >>> def side(items):
+        ...     s = flow.source(sw.sources.Iterable(items)).with_timestamps(lambda r: r[1])
+        ...     return s.key_by(lambda r: r[0])
+        >>> out = sw.sinks.Collect()
+        >>> side([("a", 1), ("b", 2)]).window_join(
+        ...     side([("a", 3), ("a", 12)]), sw.windows.Tumbling(10), how="left").sink(out)
+        >>> _ = sw.run(flow)
+        >>> out.items
+        [(('a', 1), ('a', 3)), (('b', 2), None)]
+        """
+        if not isinstance(assigner, Tumbling | Sliding | Session):
+            raise TypeError(
+                "window_join() expects sw.windows.Tumbling(...), Sliding(...) or "
+                f"Session(...), got {assigner!r}"
+            )
+        if how not in ("inner", "left", "full"):
+            raise ValueError(f"window_join(how=...) must be 'inner', 'left' or 'full', got {how!r}")
+        lateness = _ticks_of(allowed_lateness, "window_join(allowed_lateness=...)")
+        spec = WindowJoinSpec(assigner, how, lateness)
+        return self._join(other, spec, "window_join", name)
+
+    def interval_join(
+        self,
+        other: KeyedStream[Any, Any],
+        *,
+        lower: float | timedelta,
+        upper: float | timedelta,
+        how: Literal["inner", "left"] = "inner",
+        allowed_lateness: float | timedelta = 0.0,
+        name: str | None = None,
+    ) -> JoinedStream:
+        """Pair each record ``a`` of this stream with the records ``b`` of ``other`` with
+        the same key and ``a.time + lower <= b.time <= a.time + upper``.
+
+        Results are ``(left, right)`` tuples, keyed, with the later of the two times as
+        event time, sent as soon as both records are there; ``how="left"`` also sends
+        ``(left, None)`` for a left record without partner once the watermark of both
+        inputs passes ``a.time + upper + allowed_lateness``.  See docs/joins.md.
+
+        >>> import sluiceway as sw
+        >>> flow = sw.Flow("ij")
+        >>> def side(items):
+        ...     s = flow.source(sw.sources.Iterable(items)).with_timestamps(lambda r: r[1])
+        ...     return s.key_by(lambda r: r[0])
+        >>> out = sw.sinks.Collect()
+        >>> side([("a", 10), ("b", 10)]).interval_join(
+        ...     side([("a", 9), ("a", 13), ("b", 20)]), lower=-1, upper=2, how="left"
+        ... ).sink(out)
+        >>> _ = sw.run(flow)
+        >>> sorted(out.items, key=str)
+        [(('a', 10), ('a', 9)), (('b', 10), None)]
+        """
+        if how not in ("inner", "left"):
+            raise ValueError(f"interval_join(how=...) must be 'inner' or 'left', got {how!r}")
+        lo = _ticks_of(lower, "interval_join(lower=...)", signed=True)
+        hi = _ticks_of(upper, "interval_join(upper=...)", signed=True)
+        if lo > hi:
+            raise ValueError(f"interval_join(): lower ({lower!r}) must be <= upper ({upper!r})")
+        lateness = _ticks_of(allowed_lateness, "interval_join(allowed_lateness=...)")
+        spec = IntervalJoinSpec(lo, hi, how, lateness)
+        return self._join(other, spec, "interval_join", name)
+
 
 class WindowedStream:
     """A stream grouped into windows, waiting for its aggregation.
@@ -885,16 +1021,45 @@ class WindowResultStream(KeyedStream[Any, Any]):
     def late(self) -> Stream[Any]:
         """The records that arrived after their window closed, as ``sw.LateRecord``."""
         if self._late is None:
-            spec = self.node.spec
-            assert isinstance(spec, WindowSpec)
-            spec.late_output = True
-            port = self.flow._add(
-                LateOutputSpec(1),
-                [self.node],
-                None,
-                f"{self.node.name}_late",
-                keyed=self.node.keyed,
-                timestamped=True,
-            )
-            self._late = Stream(self.flow, port)
+            self._late = _late_port(self)
         return self._late
+
+
+def _late_port(stream: KeyedStream[Any, Any]) -> Stream[Any]:
+    """The late-record side output of a window or join operator (its last child)."""
+    spec = stream.node.spec
+    assert isinstance(spec, WindowSpec | JoinSpec)
+    spec.late_output = True
+    port = stream.flow._add(
+        LateOutputSpec(1),
+        [stream.node],
+        None,
+        f"{stream.node.name}_late",
+        keyed=stream.node.keyed,
+        timestamped=True,
+    )
+    return Stream(stream.flow, port)
+
+
+class JoinedStream(KeyedStream[Any, Any]):
+    """The results of a join; :meth:`late` is its side output of late input records."""
+
+    def __init__(self, flow: Flow, node: Node) -> None:
+        super().__init__(flow, node)
+        self._late: Stream[Any] | None = None
+
+    def late(self) -> Stream[Any]:
+        """The input records that arrived too late to join, as ``sw.joins.LateJoinRecord``."""
+        if self._late is None:
+            self._late = _late_port(self)
+        return self._late
+
+
+def _ticks_of(value: object, what: str, *, signed: bool = False) -> int:
+    """A duration (seconds or timedelta) in integer microseconds; negative only if
+    ``signed``."""
+    s = seconds_of(value, what)
+    if not math.isfinite(s) or (s < 0 and not signed):
+        rule = "finite" if signed else "finite and >= 0 seconds"
+        raise ValueError(f"{what} must be {rule}, got {value!r}")
+    return round(s * 1_000_000)

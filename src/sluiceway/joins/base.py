@@ -1,0 +1,231 @@
+"""What every event-time join shares: two inputs, their watermarks, late records, output.
+
+A join is a two-input operator: both inputs arrive through one fan-in channel, each batch
+tagged with its input index (0: left, 1: right).  Each input keeps its own watermark; the
+join's watermark is their minimum (an input marked idle is left out until its next record,
+an ended input announces +inf), and only that minimum makes results due and frees state.
+
+Lateness is judged per input, against that input's *own* watermark as it stood just before
+the record (the watermark column of its batch): it depends only on the order of that
+input, never on where batches were cut or how the two inputs interleave.  Everything is in
+integer microseconds ("ticks").
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from sluiceway.operators.base import BuildContext, OpSpec, Step
+from sluiceway.runtime.messages import Batch, Control, Watermark
+
+__all__ = ["JoinSpec", "JoinStep", "LateJoinRecord", "Side"]
+
+log = logging.getLogger("sluiceway")
+
+INF = math.inf
+Side = Literal["left", "right"]
+SIDES: tuple[Side, Side] = ("left", "right")
+
+
+@dataclass(slots=True)
+class LateJoinRecord:
+    """A join input that arrived too late to take part (its join's ``.late()`` output).
+
+    Attributes:
+        value: the record.
+        key: its key.
+        side: ``"left"`` (the stream the join was called on) or ``"right"``.
+        timestamp: its event time (epoch seconds).
+        watermark: its own input's watermark when it arrived (epoch seconds).
+    """
+
+    value: Any
+    key: Any
+    side: Side
+    timestamp: float
+    watermark: float
+
+    @property
+    def lateness(self) -> float:
+        """Seconds by which its input's watermark had passed the record's event time."""
+        return self.watermark - self.timestamp
+
+
+class JoinSpec(OpSpec):
+    """A two-input join: a boundary whose channel carries both inputs."""
+
+    kind: ClassVar[str] = "join"
+
+    def __init__(self, lateness: int) -> None:
+        self.lateness = lateness
+        self.late_output = False  # set by .late()
+
+    @property
+    def boundary(self) -> bool:
+        return True
+
+    def build(self, ctx: BuildContext) -> Step:
+        raise NotImplementedError
+
+
+class JoinStep(Step):
+    """The two-input machinery; subclasses implement :meth:`_records` and :meth:`_advance`.
+
+    Each record gets a sequence number on its side (``seq[side]``, in that input's order):
+    results made at one watermark are sorted by keys built from times and these numbers,
+    so their order does not depend on how the inputs interleaved either.
+    """
+
+    def __init__(self, ctx: BuildContext, spec: JoinSpec) -> None:
+        super().__init__(ctx.name, ctx.metrics)
+        self.spec = spec
+        self.flow = ctx.flow
+        self.lateness = spec.lateness
+        self.wms: list[float] = [-INF, -INF]
+        self.idle = [False, False]
+        self.wm: float = -INF  # the join's watermark: the minimum over active inputs
+        self.seq = [0, 0]
+        self.out: list[Any] = []
+        self.out_ts: list[int] = []
+        self.out_keys: list[Any] = []
+        self.late: list[LateJoinRecord] = []
+        self.late_ts: list[int] = []
+        self.late_keys: list[Any] = []
+        self._outputs: tuple[list[Step], Step | None] | None = None
+        self._warned = False
+
+    # -- subclasses ----------------------------------------------------------------------
+
+    def _records(
+        self, side: int, values: list[Any], ts: list[int], keys: list[Any], wms: list[float]
+    ) -> None:
+        """Take the records of one batch of input ``side``."""
+        raise NotImplementedError
+
+    def _advance(self, wm: float) -> None:
+        """The join's watermark moves to ``wm``: emit what is due, free what is done."""
+        raise NotImplementedError
+
+    def held(self) -> int:
+        """Records held in state."""
+        raise NotImplementedError
+
+    _STATE: ClassVar[tuple[str, ...]] = ("wms", "idle", "wm", "seq")
+
+    # -- output --------------------------------------------------------------------------
+
+    def result(self, value: Any, t: int, key: Any) -> None:
+        self.out.append(value)
+        self.out_ts.append(t)
+        self.out_keys.append(key)
+
+    def late_record(self, side: int, value: Any, t: int, key: Any, wm: float) -> None:
+        self.late.append(LateJoinRecord(value, key, SIDES[side], t / 1e6, wm / 1e6))
+        self.late_ts.append(t)
+        self.late_keys.append(key)
+
+    def outputs(self) -> tuple[list[Step], Step | None]:
+        if self._outputs is None:
+            if self.spec.late_output:
+                self._outputs = (self.children[:-1], self.children[-1])
+            else:
+                self._outputs = (self.children, None)
+        return self._outputs
+
+    async def emit(self, batch: Batch) -> None:  # pragma: no cover - output goes by ports
+        raise AssertionError("a join emits through _flush")
+
+    async def _flush(self, carried: float) -> None:
+        """Send the results and late records gathered so far.  The results carry
+        ``carried``, the join's watermark before they were made."""
+        main, late_child = self.outputs()
+        m = self.metrics
+        m.state = self.held()
+        if self.out:
+            n = len(self.out)
+            batch = Batch(self.out, self.out_ts, self.out_keys, [carried] * n)
+            self.out, self.out_ts, self.out_keys = [], [], []
+            m.records_out += n
+            for child in main:
+                await child.push(batch)
+        if self.late:
+            late = Batch(self.late, self.late_ts, self.late_keys, [self.wm] * len(self.late))
+            m.late += len(self.late)
+            self.late, self.late_ts, self.late_keys = [], [], []
+            if late_child is not None:
+                await late_child.push(late)
+            elif not self._warned:
+                self._warned = True
+                log.warning(
+                    "join %r in flow %r dropped late records (counted in its 'late' metric); "
+                    "add .late() to its results to receive them",
+                    self.name,
+                    self.flow,
+                )
+
+    # -- input ---------------------------------------------------------------------------
+
+    async def push(self, batch: Batch) -> None:  # pragma: no cover - always a fan-in
+        raise AssertionError("a join receives its inputs through push_input")
+
+    async def push_input(self, batch: Batch, index: int) -> None:
+        n = len(batch.values)
+        if not n:
+            return
+        self.metrics.records_in += n
+        self.idle[index] = False
+        ts, keys, wms = batch.timestamps, batch.keys, batch.watermarks
+        assert ts is not None, "checked by the flow"
+        assert wms is not None, "checked by the flow"
+        assert keys is not None, "checked by the flow"
+        self._records(index, batch.values, ts, keys, wms)
+        self.wms[index] = max(self.wms[index], wms[-1])
+        await self._flush(self.wm)
+
+    async def control_input(self, message: Control, index: int) -> None:
+        if not isinstance(message, Watermark):
+            await self.control(message)
+            return
+        if message.idle:
+            self.idle[index] = True
+        elif message.time > self.wms[index]:
+            self.wms[index] = message.time
+        active = [w for w, idle in zip(self.wms, self.idle, strict=True) if not idle]
+        if not active:  # both inputs idle: so is the join's output
+            await self.control(Watermark(self.wm, idle=True))
+            return
+        await self._move_to(min(active))
+
+    async def _move_to(self, wm: float) -> None:
+        if wm <= self.wm:
+            return
+        before = self.wm
+        self._advance(wm)
+        self.wm = wm
+        self.metrics.watermark = wm / 1e6
+        await self._flush(before)
+        await self.control(Watermark(wm))
+
+    async def finish(self) -> None:
+        await self._move_to(INF)
+        await super().finish()
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def snapshot(self) -> Any:
+        assert not self.out, "snapshot mid-batch"
+        assert not self.late, "snapshot mid-batch"
+        return {name: getattr(self, name) for name in self._STATE}
+
+    def restore(self, state: Any) -> None:
+        for name in self._STATE:
+            setattr(self, name, state[name])
+        self.metrics.state = self.held()
+        if self.wm > -INF:
+            self.metrics.watermark = self.wm / 1e6
+
+    def pending(self) -> int:
+        return self.held()

@@ -1,0 +1,84 @@
+"""Joins: the builder's checks and the behaviour the property tests do not single out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+import sluiceway as sw
+
+
+def keyed(flow: sw.Flow, items: list[Any], *, timed: bool = True, key: bool = True) -> Any:
+    s: Any = flow.source(sw.sources.Iterable(items))
+    if timed:
+        s = s.with_timestamps(lambda r: r[1])
+    return s.key_by(lambda r: r[0]) if key else s
+
+
+def test_an_input_without_keys_is_refused_naming_the_side() -> None:
+    flow = sw.Flow("f")
+    left = keyed(flow, [("a", 1)])
+    right = keyed(flow, [("a", 1)], key=False)
+    with pytest.raises(sw.FlowDefinitionError, match=r"right input.*no keys.*key_by"):
+        left.window_join(right, sw.windows.Tumbling(10))
+
+
+def test_an_input_without_timestamps_is_refused_naming_the_side() -> None:
+    flow = sw.Flow("f")
+    left = keyed(flow, [("a", 1)], timed=False)
+    right = keyed(flow, [("a", 1)])
+    with pytest.raises(sw.FlowDefinitionError, match=r"left input.*no event time.*with_timestamps"):
+        left.interval_join(right, lower=0, upper=1)
+
+
+def test_bad_options_are_refused_with_the_value() -> None:
+    flow = sw.Flow("f")
+    left, right = keyed(flow, [("a", 1)]), keyed(flow, [("a", 1)])
+    with pytest.raises(ValueError, match="'outer'"):
+        left.window_join(right, sw.windows.Tumbling(10), how="outer")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="Tumbling"):
+        left.window_join(right, 10)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"lower \(3\) must be <= upper \(1\)"):
+        left.interval_join(right, lower=3, upper=1)
+    with pytest.raises(ValueError, match="allowed_lateness"):
+        left.interval_join(right, lower=0, upper=1, allowed_lateness=-1)
+    with pytest.raises(TypeError, match="keyed stream"):
+        left.interval_join([1, 2], lower=0, upper=1)
+    with pytest.raises(sw.FlowDefinitionError, match="itself"):
+        left.interval_join(left, lower=0, upper=1)
+    other = keyed(sw.Flow("g"), [("a", 1)])
+    with pytest.raises(sw.FlowDefinitionError, match="belongs to flow 'g'"):
+        left.interval_join(other, lower=0, upper=1)
+
+
+def test_a_full_outer_window_join_emits_unmatched_rows_when_the_window_closes() -> None:
+    flow = sw.Flow("f")
+    out: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    left = keyed(flow, [("a", 1), ("b", 2), ("a", 25)])
+    right = keyed(flow, [("a", 4), ("c", 5), ("a", 28)])
+    left.window_join(right, sw.windows.Tumbling(10), how="full").sink(out)
+    sw.testing.run_flow(flow)
+    assert out.items == [
+        (("a", 1), ("a", 4)),
+        (("b", 2), None),
+        (None, ("c", 5)),
+        (("a", 25), ("a", 28)),
+    ]
+
+
+def test_late_join_inputs_go_to_the_side_output() -> None:
+    flow = sw.Flow("f")
+    out: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    late: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    left = keyed(flow, [("a", 10), ("a", 3)])  # 3 arrives after the watermark reached 10
+    right = keyed(flow, [("a", 4)])
+    joined = left.interval_join(right, lower=-2, upper=2)
+    joined.sink(out)
+    joined.late().sink(late)
+    result = sw.testing.run_flow(flow)
+    assert out.items == []
+    assert late.items == [sw.joins.LateJoinRecord(("a", 3), "a", "left", 3.0, 10.0)]
+    assert late.items[0].lateness == 7.0
+    (op,) = [o for o in result.metrics.operators if o.kind == "interval_join"]
+    assert op.late == 1
