@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 import sluiceway as sw
+from sluiceway.testing import ScriptedSource
 
 
 def keyed(flow: sw.Flow, items: list[Any], *, timed: bool = True, key: bool = True) -> Any:
@@ -82,3 +83,35 @@ def test_late_join_inputs_go_to_the_side_output() -> None:
     assert late.items[0].lateness == 7.0
     (op,) = [o for o in result.metrics.operators if o.kind == "interval_join"]
     assert op.late == 1
+
+
+def test_a_processing_time_temporal_join_takes_the_latest_row_on_arrival() -> None:
+    flow = sw.Flow("f")
+    out: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    orders = flow.source(
+        ScriptedSource(
+            [(1.0, [("EUR", 10)]), (3.0, [("EUR", 20), ("GBP", 1)]), (5.0, [("EUR", 30)])]
+        )
+    ).key_by(lambda r: r[0])
+    rates = flow.source(
+        ScriptedSource([(0.0, [("EUR", 1.1)]), (2.0, [("EUR", 1.2)]), (4.0, [("EUR", None)])])
+    ).key_by(lambda r: r[0])
+    orders.temporal_join(
+        rates, time="processing", how="left", is_delete=lambda r: r[1] is None
+    ).sink(out)
+    result = sw.testing.run_flow(flow)
+    assert out.items == [
+        (("EUR", 10), ("EUR", 1.1)),
+        (("EUR", 20), ("EUR", 1.2)),
+        (("GBP", 1), None),
+        (("EUR", 30), None),
+    ]
+    (op,) = [o for o in result.metrics.operators if o.kind == "temporal_join_latest"]
+    assert op.state == 0  # the deletion removed the only row
+
+
+def test_a_processing_time_temporal_join_refuses_allowed_lateness() -> None:
+    flow = sw.Flow("f")
+    left, right = keyed(flow, [("a", 1)]), keyed(flow, [("a", 1)])
+    with pytest.raises(TypeError, match="allowed_lateness"):
+        left.temporal_join(right, time="processing", allowed_lateness=1)

@@ -5,7 +5,9 @@ keys -- are cut into random micro-batches that arrive at random instants of the 
 clock, so the two inputs interleave differently on every example.  The results (with
 their keys and event times) and the late records must equal the oracle's, which knows
 nothing of batches or interleaving: in order where docs/joins.md promises an order, as a
-multiset where results leave as pairs arrive (interval join).
+multiset where results leave as pairs arrive (interval join).  The as-of join and the
+event-time temporal join share the same oracle (a temporal join is an as-of join without
+tolerance whose match may be a deletion).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 import sluiceway as sw
-from join_oracle import In, Out, interval_oracle, window_oracle
+from join_oracle import In, Out, asof_oracle, interval_oracle, window_oracle
 from sluiceway.connectors.base import Sink
 from sluiceway.testing import ScriptedSource
 from window_oracle import TICKS
@@ -230,3 +232,57 @@ def test_interval_join_equals_the_oracle(
     assert sorted(got, key=pair_ids) == sorted(expected, key=pair_ids)
     assert by_side(got_late) == by_side(expected_late)
     assert join_metrics(result).state == 0
+
+
+def deleted(r: dict[str, Any]) -> bool:
+    return r["v"] % 4 == 0
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    data=st.data(),
+    left=streams,
+    right=right_streams,
+    bnds=bounds,
+    lateness=latenesses,
+    tolerance=st.sampled_from([None, 0, 1, 3, 6]),
+    how=st.sampled_from(["inner", "left"]),
+    temporal=st.booleans(),
+)
+def test_asof_and_temporal_joins_equal_the_oracle(
+    data: st.DataObject,
+    left: list[dict[str, Any]],
+    right: list[dict[str, Any]],
+    bnds: tuple[int, int],
+    lateness: int,
+    tolerance: int | None,
+    how: str,
+    temporal: bool,
+) -> None:
+    if temporal:
+        tolerance = None
+
+        def join(a: Any, b: Any) -> Any:
+            return a.temporal_join(b, is_delete=deleted, how=how, allowed_lateness=lateness)
+    else:
+
+        def join(a: Any, b: Any) -> Any:
+            return a.asof_join(b, tolerance=tolerance, how=how, allowed_lateness=lateness)
+
+    got, got_late, result = run_join(data, left, right, bnds, join)
+    expected, expected_late = asof_oracle(
+        inputs(left),
+        inputs(right),
+        bounds=(bnds[0] * TICKS, bnds[1] * TICKS),
+        tolerance=None if tolerance is None else tolerance * TICKS,
+        how=how,
+        lateness=lateness * TICKS,
+        is_delete=deleted if temporal else None,
+    )
+    matched = sum(1 for o in expected if o.value[1] is not None)
+    event(f"{'temporal' if temporal else 'as-of'} {how}: {'some' if matched else 'no'} matches")
+    assert got == expected
+    assert by_side(got_late) == by_side(expected_late)
+    m = join_metrics(result)
+    assert m.late == len(expected_late)
+    assert m.records_out == len(expected)

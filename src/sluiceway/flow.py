@@ -35,8 +35,10 @@ from sluiceway.errors import FlowDefinitionError
 from sluiceway.flowcontrol.adaptive import Adaptive
 from sluiceway.flowcontrol.breaker import CircuitBreaker
 from sluiceway.flowcontrol.limiters import KeyedLimiter, Limiter
+from sluiceway.joins.asof import AsOfJoinSpec, TemporalJoinSpec
 from sluiceway.joins.base import JoinSpec
 from sluiceway.joins.interval import IntervalJoinSpec
+from sluiceway.joins.latest import LatestJoinSpec
 from sluiceway.joins.window import WindowJoinSpec
 from sluiceway.operators.async_io import AsyncMapSpec
 from sluiceway.operators.base import OpSpec
@@ -829,7 +831,7 @@ class KeyedStream(Stream[T], Generic[K, T]):
         name: str | None,
         *,
         event_time: bool = True,
-    ) -> JoinedStream:
+    ) -> Node:
         """Add the two-input join ``spec`` of this stream (input 0) and ``other`` (1)."""
         if not isinstance(other, Stream):
             raise TypeError(
@@ -853,15 +855,14 @@ class KeyedStream(Stream[T], Generic[K, T]):
                     f"{method}(): the {side} input, the stream from {s.node.describe()}, has "
                     "no event time; call .with_timestamps(fn, max_out_of_orderness) on it first"
                 )
-        node = self.flow._add(
+        return self.flow._add(
             spec,
             [self.node, other.node],
             name,
             f"{method}_{other.node.name}",
             keyed=True,
-            timestamped=event_time,
+            timestamped=event_time or self.node.timestamped,
         )
-        return JoinedStream(self.flow, node)
 
     def window_join(
         self,
@@ -900,7 +901,7 @@ class KeyedStream(Stream[T], Generic[K, T]):
             raise ValueError(f"window_join(how=...) must be 'inner', 'left' or 'full', got {how!r}")
         lateness = _ticks_of(allowed_lateness, "window_join(allowed_lateness=...)")
         spec = WindowJoinSpec(assigner, how, lateness)
-        return self._join(other, spec, "window_join", name)
+        return JoinedStream(self.flow, self._join(other, spec, "window_join", name))
 
     def interval_join(
         self,
@@ -941,7 +942,101 @@ class KeyedStream(Stream[T], Generic[K, T]):
             raise ValueError(f"interval_join(): lower ({lower!r}) must be <= upper ({upper!r})")
         lateness = _ticks_of(allowed_lateness, "interval_join(allowed_lateness=...)")
         spec = IntervalJoinSpec(lo, hi, how, lateness)
-        return self._join(other, spec, "interval_join", name)
+        return JoinedStream(self.flow, self._join(other, spec, "interval_join", name))
+
+    def asof_join(
+        self,
+        other: KeyedStream[Any, Any],
+        *,
+        tolerance: float | timedelta | None = None,
+        how: Literal["inner", "left"] = "left",
+        allowed_lateness: float | timedelta = 0.0,
+        name: str | None = None,
+    ) -> JoinedStream:
+        """Join each record of this stream with the latest record of ``other`` with the
+        same key at or before its time (at most ``tolerance`` older, if given).
+
+        Results are ``(left, right)`` tuples -- ``(left, None)`` without a match unless
+        ``how="inner"`` -- keyed, with the left record's time.  A left record is answered
+        once the watermark of both inputs passes its time (plus ``allowed_lateness``), so
+        the answer does not depend on arrival order.  See docs/joins.md.
+
+        >>> import sluiceway as sw
+        >>> flow = sw.Flow("asof")
+        >>> def side(items):
+        ...     s = flow.source(sw.sources.Iterable(items)).with_timestamps(lambda r: r[1])
+        ...     return s.key_by(lambda r: r[0])
+        >>> out = sw.sinks.Collect()
+        >>> trades = side([("x", 5), ("x", 9), ("y", 9)])
+        >>> quotes = side([("x", 4, 100.0), ("x", 8, 101.5)])
+        >>> trades.asof_join(quotes, tolerance=3).sink(out)
+        >>> _ = sw.run(flow)
+        >>> out.items
+        [(('x', 5), ('x', 4, 100.0)), (('x', 9), ('x', 8, 101.5)), (('y', 9), None)]
+        """
+        if how not in ("inner", "left"):
+            raise ValueError(f"asof_join(how=...) must be 'inner' or 'left', got {how!r}")
+        tol = None if tolerance is None else _ticks_of(tolerance, "asof_join(tolerance=...)")
+        lateness = _ticks_of(allowed_lateness, "asof_join(allowed_lateness=...)")
+        spec = AsOfJoinSpec(how, lateness, tolerance=tol)
+        return JoinedStream(self.flow, self._join(other, spec, "asof_join", name))
+
+    def temporal_join(
+        self,
+        table: KeyedStream[Any, Any],
+        *,
+        is_delete: Callable[[Any], object] | None = None,
+        how: Literal["inner", "left"] = "inner",
+        time: Literal["event", "processing"] = "event",
+        allowed_lateness: float | timedelta = 0.0,
+        name: str | None = None,
+    ) -> KeyedStream[Any, Any]:
+        """Join each record of this stream with its key's row in ``table``, a changelog
+        (each record an upsert of its key's row, or a deletion where ``is_delete(record)``).
+
+        ``time="event"``: the row valid at the left record's time, answered once the
+        watermark of both inputs passes that time (plus ``allowed_lateness``); returns a
+        :class:`JoinedStream` (late records in ``.late()``).  ``time="processing"``: the
+        key's latest row when the record arrives (no event time needed, no waiting).
+        Results are ``(left, row)`` tuples -- ``(left, None)`` without a row with
+        ``how="left"`` -- keyed, with the left record's time.  See docs/joins.md.
+
+        >>> import sluiceway as sw
+        >>> flow = sw.Flow("rates")
+        >>> def side(items):
+        ...     s = flow.source(sw.sources.Iterable(items)).with_timestamps(lambda r: r[1])
+        ...     return s.key_by(lambda r: r[0])
+        >>> out = sw.sinks.Collect()
+        >>> orders = side([("EUR", 3, 10.0), ("EUR", 7, 20.0), ("GBP", 7, 5.0)])
+        >>> rates = side([("EUR", 1, 1.10), ("EUR", 5, 1.12), ("GBP", 2, 1.3), ("GBP", 6, None)])
+        >>> orders.temporal_join(rates, is_delete=lambda r: r[2] is None, how="left").sink(out)
+        >>> _ = sw.run(flow)
+        >>> for pair in out.items:
+        ...     print(pair)
+        (('EUR', 3, 10.0), ('EUR', 1, 1.1))
+        (('EUR', 7, 20.0), ('EUR', 5, 1.12))
+        (('GBP', 7, 5.0), None)
+        """
+        if how not in ("inner", "left"):
+            raise ValueError(f"temporal_join(how=...) must be 'inner' or 'left', got {how!r}")
+        if is_delete is not None:
+            _check_callable(is_delete, "temporal_join(is_delete=...)")
+        if time == "processing":
+            if allowed_lateness:
+                raise TypeError(
+                    "temporal_join(time='processing') does not wait for watermarks: "
+                    "allowed_lateness has no meaning there"
+                )
+            spec: JoinSpec = LatestJoinSpec(how, is_delete)
+            node = self._join(table, spec, "temporal_join", name, event_time=False)
+            return KeyedStream(self.flow, node)
+        if time != "event":
+            raise ValueError(
+                f"temporal_join(time=...) must be 'event' or 'processing', got {time!r}"
+            )
+        lateness = _ticks_of(allowed_lateness, "temporal_join(allowed_lateness=...)")
+        spec = TemporalJoinSpec(how, lateness, tolerance=None, is_delete=is_delete)
+        return JoinedStream(self.flow, self._join(table, spec, "temporal_join", name))
 
 
 class WindowedStream:

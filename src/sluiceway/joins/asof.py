@@ -1,0 +1,175 @@
+"""As-of join and temporal join (event time): each left record with the right record of
+its key that was current at the left record's time.
+
+**As-of join**: a left record at time ``t`` joins the latest right record of its key at or
+before ``t`` (the one that arrived last among those with the greatest time), if it is at
+most ``tolerance`` older than ``t``.
+
+**Temporal join**: the right input is a changelog -- each record an upsert of its key's
+row, or (``is_delete(record)``) its deletion -- that makes a versioned table.  A left
+record at ``t`` joins the version of its key's row valid at ``t``; none if the key had no
+row then or its row was deleted.  That is an as-of join without tolerance whose match may
+be a deletion.
+
+Either way the answer waits for the join's watermark (the minimum over both inputs) to
+pass ``t + allowed_lateness``: only then can no right record at or before ``t`` still
+come, so the answer does not depend on the order in which the inputs arrived.  Results
+``(left, right)`` -- ``(left, None)`` without a match with ``how="left"`` -- carry the left
+record's time and leave in order of it (then of the left records' arrival).
+
+A record is late (``.late()``) when its time is more than ``allowed_lateness`` behind its
+own input's watermark.  State is bounded by the watermark: the waiting left records, and
+per key the right records a left record could still need -- the latest one at or before
+the watermark (the current row of a temporal table) and those after it; with a
+tolerance, none older than the watermark minus the tolerance.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right, insort
+from collections.abc import Callable
+from heapq import heappop, heappush
+from typing import Any, ClassVar, Literal
+
+from sluiceway.joins.base import INF, JoinSpec, JoinStep
+from sluiceway.operators.base import BuildContext, Step
+
+__all__ = ["AsOfJoinSpec", "TemporalJoinSpec"]
+
+How = Literal["inner", "left"]
+
+
+class _AsOfJoinStep(JoinStep):
+    """``waiting``: a heap of left records ``(time, seq, key, value)``; ``rights[key]``:
+    the key's right records ``(time, seq, value)`` sorted by ``(time, seq)``; ``expiry``:
+    with a tolerance, a heap of ``(time + tolerance, seq, key)``."""
+
+    def __init__(self, ctx: BuildContext, spec: AsOfJoinSpec) -> None:
+        super().__init__(ctx, spec)
+        self.how = spec.how
+        self.tolerance = spec.tolerance
+        self.is_delete = spec.is_delete
+        self.waiting: list[tuple[int, int, Any, Any]] = []
+        self.rights: dict[Any, list[tuple[int, int, Any]]] = {}
+        self.expiry: list[tuple[int, int, Any]] = []
+        self.count = 0
+
+    _STATE = (*JoinStep._STATE, "waiting", "rights", "expiry", "count")
+
+    def held(self) -> int:
+        return self.count
+
+    def _records(
+        self, side: int, values: list[Any], ts: list[int], keys: list[Any], wms: list[float]
+    ) -> None:
+        lateness, tolerance = self.lateness, self.tolerance
+        seq = self.seq[side]
+        for v, t, k, w in zip(values, ts, keys, wms, strict=True):
+            seq += 1
+            if t + lateness < w:
+                self.late_record(side, v, t, k, w)
+                continue
+            self.count += 1
+            if side == 0:
+                heappush(self.waiting, (t, seq, k, v))
+                continue
+            rows = self.rights.get(k)
+            if rows is None:
+                rows = self.rights[k] = []
+            insort(rows, (t, seq, v), key=_order)
+            if tolerance is not None:
+                heappush(self.expiry, (t + tolerance, seq, k))
+            self._prune(k, rows)
+        self.seq[side] = seq
+
+    def _prune(self, k: Any, rows: list[tuple[int, int, Any]]) -> None:
+        """Drop the right records of ``k`` that no left record can need any more: every
+        one still to be answered is at or after ``wm - lateness``, so of the records at
+        or before that only the latest can match -- and a deletion only hides older
+        ones."""
+        horizon = self.wm - self.lateness
+        probe: tuple[float, float] = (horizon, INF)
+        i = bisect_right(rows, probe, key=_order) - 1
+        if i > 0:
+            del rows[:i]
+            self.count -= i
+        if i >= 0 and self.is_delete is not None and self.is_delete(rows[0][2]):
+            del rows[0]
+            self.count -= 1
+        if not rows:
+            del self.rights[k]
+
+    def _advance(self, wm: float) -> None:
+        waiting, lateness, tolerance = self.waiting, self.lateness, self.tolerance
+        touched = set()
+        while waiting and waiting[0][0] + lateness < wm:
+            t, _, k, v = heappop(waiting)
+            self.count -= 1
+            match = None
+            rows = self.rights.get(k)
+            if rows:
+                touched.add(k)
+                probe: tuple[float, float] = (t, INF)
+                i = bisect_right(rows, probe, key=_order) - 1
+                if i >= 0 and (tolerance is None or t - rows[i][0] <= tolerance):
+                    match = rows[i][2]
+                    if self.is_delete is not None and self.is_delete(match):
+                        match = None
+            if match is not None or self.how == "left":
+                self.result((v, match), t, k)
+        expiry = self.expiry
+        while expiry and expiry[0][0] + lateness < wm:
+            _, _, k = heappop(expiry)
+            touched.add(k)
+        self.wm = wm  # _prune works from the new watermark
+        for k in touched:
+            rows = self.rights.get(k)
+            if rows is not None:
+                self._prune_old(k, rows, wm)
+
+    def _prune_old(self, k: Any, rows: list[tuple[int, int, Any]], wm: float) -> None:
+        """``_prune``, and with a tolerance also the records too old for any left one."""
+        if self.tolerance is not None:
+            oldest = wm - self.lateness - self.tolerance
+            probe: tuple[float, float] = (oldest, -1)
+            i = bisect_right(rows, probe, key=_order)
+            # (oldest, -1) sorts before every record at ``oldest``: those are kept.
+            if i:
+                del rows[:i]
+                self.count -= i
+            if not rows:
+                del self.rights[k]
+                return
+        self._prune(k, rows)
+
+
+def _order(row: tuple[int, int, Any]) -> tuple[float, float]:
+    return (row[0], row[1])
+
+
+class AsOfJoinSpec(JoinSpec):
+    """``left.asof_join(right, ...)`` and ``left.temporal_join(table, ...)``."""
+
+    kind: ClassVar[str] = "asof_join"
+
+    def __init__(
+        self,
+        how: How,
+        lateness: int,
+        *,
+        tolerance: int | None,
+        is_delete: Callable[[Any], object] | None = None,
+    ) -> None:
+        super().__init__(lateness)
+        self.how = how
+        self.tolerance = tolerance
+        self.is_delete = is_delete
+
+    def build(self, ctx: BuildContext) -> Step:
+        return _AsOfJoinStep(ctx, self)
+
+
+class TemporalJoinSpec(AsOfJoinSpec):
+    """``left.temporal_join(table, ...)``: an as-of join without tolerance, with deletes."""
+
+    kind: ClassVar[str] = "temporal_join"
