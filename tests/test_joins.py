@@ -115,3 +115,86 @@ def test_a_processing_time_temporal_join_refuses_allowed_lateness() -> None:
     left, right = keyed(flow, [("a", 1)]), keyed(flow, [("a", 1)])
     with pytest.raises(TypeError, match="allowed_lateness"):
         left.temporal_join(right, time="processing", allowed_lateness=1)
+
+
+class Directory:
+    """An external system: counts the calls per key; fails the first ``flaky`` calls."""
+
+    def __init__(self, rows: dict[str, Any], flaky: int = 0) -> None:
+        self.rows = rows
+        self.calls: list[str] = []
+        self.flaky = flaky
+
+    async def __call__(self, key: str) -> Any:
+        self.calls.append(key)
+        if self.flaky:
+            self.flaky -= 1
+            raise ConnectionError("directory unavailable")
+        return self.rows.get(key)
+
+
+def test_a_lookup_join_answers_from_its_cache_until_the_ttl_since_the_write() -> None:
+    directory = Directory({"c1": "Ada", "c2": "Grace"})
+    script = [
+        (0.0, [("c1", 1), ("c9", 2)]),
+        (5.0, [("c1", 3), ("c9", 4)]),  # cached (written at 0, ttl 10)
+        (12.0, [("c1", 5)]),  # written at 0: expired, fetched again
+    ]
+    items = sw.testing.run_collect(
+        lambda s: s.key_by(lambda r: r[0]).lookup_join(directory, ttl=10),
+        ScriptedSource(script),
+    )
+    assert items == [
+        (("c1", 1), "Ada"),
+        (("c9", 2), None),
+        (("c1", 3), "Ada"),
+        (("c9", 4), None),
+        (("c1", 5), "Ada"),
+    ]
+    assert directory.calls == ["c1", "c9", "c1"]
+
+
+def test_a_lookup_join_cache_holds_at_most_cache_size_rows() -> None:
+    directory = Directory({"a": 1, "b": 2, "c": 3})
+    script = [(float(i), [k]) for i, k in enumerate("abcab")]
+    items = sw.testing.run_collect(
+        lambda s: s.key_by(str).lookup_join(directory, cache_size=2, ttl=None, how="inner"),
+        ScriptedSource(script),
+    )
+    assert items == [("a", 1), ("b", 2), ("c", 3), ("a", 1), ("b", 2)]
+    assert directory.calls == ["a", "b", "c", "a", "b"]  # "a" and then "b" were evicted
+
+
+def test_a_lookup_join_retries_and_drops_missing_rows_when_inner() -> None:
+    directory = Directory({"c1": "Ada"}, flaky=1)
+    items = sw.testing.run_collect(
+        lambda s: s.key_by(lambda r: r[0]).lookup_join(
+            directory, how="inner", on_error=sw.Retry(3)
+        ),
+        [("c1", 1), ("c2", 2), ("c1", 3)],
+    )
+    assert items == [(("c1", 1), "Ada"), (("c1", 3), "Ada")]
+
+
+def test_a_lookup_join_needs_an_async_fetch_and_keys() -> None:
+    flow = sw.Flow("f")
+    s = flow.source(sw.sources.Iterable([1]))
+    with pytest.raises(TypeError, match="async function fetch"):
+        s.key_by(str).lookup_join(lambda k: k)  # type: ignore[arg-type,return-value]
+    with pytest.raises(AttributeError):
+        s.lookup_join  # type: ignore[attr-defined]  # noqa: B018 - only on keyed streams
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(10)
+def test_a_lookup_join_ttl_on_the_system_clock() -> None:
+    directory = Directory({"c1": "Ada"})
+    flow = sw.Flow("f")
+    out: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    clock = sw.SystemClock()
+    at = clock.monotonic()
+    source = ScriptedSource([(at, ["c1"]), (at + 0.01, ["c1"]), (at + 0.3, ["c1"])])
+    flow.source(source).key_by(str).lookup_join(directory, ttl=0.2).sink(out)
+    sw.testing.run_flow(flow, clock=clock)
+    assert out.items == [("c1", "Ada")] * 3
+    assert directory.calls == ["c1", "c1"]

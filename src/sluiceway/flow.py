@@ -39,6 +39,7 @@ from sluiceway.joins.asof import AsOfJoinSpec, TemporalJoinSpec
 from sluiceway.joins.base import JoinSpec
 from sluiceway.joins.interval import IntervalJoinSpec
 from sluiceway.joins.latest import LatestJoinSpec
+from sluiceway.joins.lookup import LookupJoinSpec
 from sluiceway.joins.window import WindowJoinSpec
 from sluiceway.operators.async_io import AsyncMapSpec
 from sluiceway.operators.base import OpSpec
@@ -1038,6 +1039,79 @@ class KeyedStream(Stream[T], Generic[K, T]):
         spec = TemporalJoinSpec(how, lateness, tolerance=None, is_delete=is_delete)
         return JoinedStream(self.flow, self._join(table, spec, "temporal_join", name))
 
+    def lookup_join(
+        self,
+        fetch: Callable[[K], Awaitable[Any]],
+        *,
+        how: Literal["inner", "left"] = "left",
+        cache_size: int = 10_000,
+        ttl: float | timedelta | None = 60.0,
+        concurrency: int | Adaptive = 16,
+        timeout: float | timedelta | None = None,
+        breaker: CircuitBreaker | None = None,
+        when_open: str = "wait",
+        name: str | None = None,
+        on_error: ErrorPolicy = Fail(),
+    ) -> KeyedStream[K, tuple[T, Any]]:
+        """Enrich each record with ``await fetch(key)``, its key's row in an external
+        system (None: no row), through a cache of ``cache_size`` rows, each kept ``ttl``
+        seconds *since it was written* (None: until evicted).
+
+        Results are ``(record, row)`` tuples in input order; ``how="inner"`` drops the
+        records without a row.  ``concurrency``, ``timeout``, ``breaker``, ``when_open``
+        and ``on_error`` (e.g. ``sw.Retry(3)``) are those of :meth:`map_async`.  See
+        docs/joins.md.
+
+        >>> import sluiceway as sw
+        >>> async def customer(key):
+        ...     return {"c1": "Ada", "c2": "Grace"}.get(key)
+        >>> sw.testing.run_collect(
+        ...     lambda s: s.key_by(lambda o: o[0]).lookup_join(customer),
+        ...     [("c1", 10), ("c3", 5), ("c1", 7)])
+        [(('c1', 10), 'Ada'), (('c3', 5), None), (('c1', 7), 'Ada')]
+        """
+        if not inspect.iscoroutinefunction(fetch) and not inspect.iscoroutinefunction(
+            getattr(fetch, "__call__", None)  # noqa: B004 - an async callable object
+        ):
+            raise TypeError(
+                f"lookup_join() expects an async function fetch(key) (async def), got {fetch!r}"
+            )
+        if how not in ("inner", "left"):
+            raise ValueError(f"lookup_join(how=...) must be 'inner' or 'left', got {how!r}")
+        size = _positive_int(cache_size, "lookup_join cache_size")
+        ttl_s = None if ttl is None else positive_seconds(ttl, "lookup_join ttl")
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int | Adaptive):
+            raise TypeError(
+                "lookup_join(concurrency=...) must be an int or sw.Adaptive(...), "
+                f"got {concurrency!r}"
+            )
+        if isinstance(concurrency, int):
+            _positive_int(concurrency, "lookup_join concurrency")
+        policy = check_policy(on_error, "lookup_join()")
+        _check_breaker(breaker, when_open, policy, "lookup_join")
+        spec = LookupJoinSpec(
+            fetch,
+            cache_size=size,
+            ttl=ttl_s,
+            concurrency=concurrency,
+            ordered=True,
+            timeout=None if timeout is None else positive_seconds(timeout, "lookup_join timeout"),
+            breaker=breaker,
+            when_open=when_open,
+            on_error=policy,
+        )
+        node = self._derive(spec, name, f"lookup_join_{_fn_label(fetch)}")
+        if how == "inner":
+            node = self.flow._add(
+                FilterSpec(_has_row, Fail()),
+                [node],
+                None,
+                f"{node.name}_found",
+                keyed=True,
+                timestamped=node.timestamped,
+            )
+        return KeyedStream(self.flow, node)
+
 
 class WindowedStream:
     """A stream grouped into windows, waiting for its aggregation.
@@ -1148,6 +1222,10 @@ class JoinedStream(KeyedStream[Any, Any]):
         if self._late is None:
             self._late = _late_port(self)
         return self._late
+
+
+def _has_row(pair: tuple[Any, Any]) -> bool:
+    return pair[1] is not None
 
 
 def _ticks_of(value: object, what: str, *, signed: bool = False) -> int:

@@ -32,10 +32,12 @@ from sluiceway.policies import ErrorPolicy, Fail
 from sluiceway.runtime.messages import Batch, Control
 from sluiceway.time import Clock
 
-__all__ = ["AsyncMapSpec"]
+__all__ = ["AsyncMapSpec", "Row"]
 
 _INF = float("inf")
 _Row = tuple[Any, int | None, Hashable, float | None]  # value, timestamp, key, watermark
+Row = _Row
+_DUE = -1e18  # a monotonic instant before any other
 
 
 class _AsyncMapStep(Step):
@@ -139,14 +141,19 @@ class _AsyncMapStep(Step):
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
+    def _arg(self, row: _Row) -> Any:
+        """What ``fn`` is called with for ``row`` (the record; a lookup join: the row)."""
+        return row[0]
+
     async def _run(self, seq: int, row: _Row, in_flight: int) -> None:
         v = row[0]
+        arg = self._arg(row)
         try:
             try:
-                result = await self._call(v, in_flight)
+                result = await self._call(arg, in_flight)
                 out: _Row | None = (result, row[1], row[2], row[3])
             except Exception as exc:  # noqa: BLE001 - to the error policy
-                retry = partial(self._call, v, in_flight, gate=True)
+                retry = partial(self._call, arg, in_flight, gate=True)
                 ok, result = await self.errors.recover([v], exc, retry)
                 out = (result, row[1], row[2], row[3]) if ok else None
             self.done[seq] = out
@@ -279,7 +286,10 @@ class _AsyncMapStep(Step):
 
     def next_deadline(self) -> float | None:
         if self.failure is not None or self._ready():
-            return self.clock.monotonic()
+            # Due already: an instant long past.  Not ``clock.monotonic()``: the stage
+            # compares the deadline with its own, earlier reading of the clock, and on the
+            # real clock a later reading is never <= it (the stage would spin).
+            return _DUE
         return None
 
     async def on_timer(self, now: float) -> None:
