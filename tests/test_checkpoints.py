@@ -265,6 +265,36 @@ def flow_async_uneven(out: Path, rows: list[dict[str, Any]], *, ordered: bool) -
     return flow
 
 
+def _pair_ids(pair: tuple[Any, Any]) -> list[Any]:
+    return [None if r is None else r["id"] for r in pair]
+
+
+def flow_joins(out: Path, rows: list[dict[str, Any]]) -> sw.Flow:
+    """Every event-time join over two inputs that interleave differently on each run."""
+    flow = sw.Flow("eq")
+    a, b = (
+        flow.source(_source(part, rate=rate), name=f"src_{n}")
+        .with_timestamps(lambda r: r["t"], max_out_of_orderness=0.1, name=f"ts_{n}")
+        .key_by(lambda r: r["k"], name=f"key_{n}")
+        for n, part, rate in (("a", rows[0::2], 400), ("b", rows[1::3], 300))
+    )
+    joins: dict[str, Any] = {
+        "window": a.window_join(b, sw.windows.Tumbling(0.5), how="full", name="wj"),
+        "session": a.window_join(b, sw.windows.Session(0.02), how="left", name="sj"),
+        "interval": a.interval_join(b, lower=-0.05, upper=0.05, how="left", name="ij"),
+        "asof": a.asof_join(b, tolerance=0.1, allowed_lateness=0.1, name="aj"),
+        "temporal": a.temporal_join(b, is_delete=lambda r: r["id"] % 11 == 0, name="tj"),
+    }
+    for label, joined in joins.items():
+        joined.map(_pair_ids, name=f"{label}_row").sink(
+            sw.sinks.JsonLines(out.with_suffix(f".{label}")), name=f"{label}_out"
+        )
+    joins["window"].late().map(lambda x: [x.side, x.value["id"]], name="late_row").sink(
+        sw.sinks.JsonLines(out.with_suffix(".late")), name="late_out"
+    )
+    return flow
+
+
 FLOWS: dict[str, Callable[[Path, list[dict[str, Any]]], sw.Flow]] = {
     "tumbling": flow_tumbling,
     "sliding_and_late": flow_sliding_and_late,
@@ -274,6 +304,7 @@ FLOWS: dict[str, Callable[[Path, list[dict[str, Any]]], sw.Flow]] = {
     "map_async": flow_async,
     "map_async_uneven": functools.partial(flow_async_uneven, ordered=True),
     "map_async_unordered": functools.partial(flow_async_uneven, ordered=False),
+    "joins": flow_joins,
 }
 
 
