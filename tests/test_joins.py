@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -198,3 +200,20 @@ def test_a_lookup_join_ttl_on_the_system_clock() -> None:
     sw.testing.run_flow(flow, clock=clock)
     assert out.items == [("c1", "Ada")] * 3
     assert directory.calls == ["c1", "c1"]
+
+
+def test_every_example_on_the_joins_page_runs() -> None:
+    page = (Path(__file__).resolve().parent.parent / "docs" / "joins.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, flags=re.DOTALL)
+    assert len(blocks) == 7  # window, interval, as-of, temporal (event, processing), lookup, why
+    for block in blocks:
+        exec(block, {})  # each asserts its own output
+
+
+def test_a_lookup_join_makes_one_call_per_key_in_flight() -> None:
+    directory = Directory({"c1": "Ada"})
+    items = sw.testing.run_collect(
+        lambda s: s.key_by(str).lookup_join(directory, concurrency=8), ["c1", "c1", "c2", "c1"]
+    )
+    assert items == [("c1", "Ada"), ("c1", "Ada"), ("c2", None), ("c1", "Ada")]
+    assert directory.calls == ["c1", "c2"]

@@ -6,15 +6,18 @@ there is none.  Concurrency, timeout, circuit breaker and error policy (retries,
 letters) are map_async's; results leave in input order.  A record whose key's row is in
 the cache -- fetched at most ``ttl`` seconds ago (time since it was *written* to the
 cache, on the flow's clock), and among the ``cache_size`` most recently used -- is answered
-at once without a call.  Rows that were not found (None) are cached too.
+at once without a call.  Rows that were not found (None) are cached too.  Records whose key
+is being fetched already wait for that call instead of starting another.
 
 The cache is not state: it is not checkpointed, and a restarted flow starts with it empty.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable
+from functools import partial
 from typing import Any, ClassVar
 
 from sluiceway.operators.async_io import AsyncMapSpec, Row, _AsyncMapStep
@@ -71,16 +74,38 @@ class _LookupStep(_AsyncMapStep):
         super().__init__(ctx, spec)
         self.fetch = spec.fetch
         self.cache = LookupCache(spec.cache_size, spec.ttl)
+        self.fetching: dict[Hashable, asyncio.Task[Any]] = {}  # one call per key at a time
         self.fn = self._lookup
 
     def _arg(self, row: Row) -> Any:
         return (row[2], row[0])
 
     async def _lookup(self, arg: tuple[Hashable, Any]) -> tuple[Any, Any]:
+        """One attempt for one record: join the key's call in flight, or start it.  The
+        call is shielded: a record that times out does not cancel it for the others."""
         key, value = arg
+        task = self.fetching.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._fetch(key))
+            self.fetching[key] = task
+            task.add_done_callback(partial(self._fetched, key))
+        return (value, await asyncio.shield(task))
+
+    async def _fetch(self, key: Hashable) -> Any:
         row = await self.fetch(key)
         self.cache.put(key, row, self.clock.monotonic())
-        return (value, row)
+        return row
+
+    def _fetched(self, key: Hashable, task: asyncio.Task[Any]) -> None:
+        if self.fetching.get(key) is task:
+            del self.fetching[key]
+        if not task.cancelled():
+            task.exception()  # every waiter got it (and its error policy handles it)
+
+    def close(self) -> None:
+        super().close()
+        for task in self.fetching.values():
+            task.cancel("flow over")
 
     def _start(self, row: Row) -> None:
         hit, cached = self.cache.get(row[2], self.clock.monotonic())
