@@ -37,7 +37,6 @@ __all__ = ["AsyncMapSpec", "Row"]
 _INF = float("inf")
 _Row = tuple[Any, int | None, Hashable, float | None]  # value, timestamp, key, watermark
 Row = _Row
-_DUE = -1e18  # a monotonic instant before any other
 
 
 class _AsyncMapStep(Step):
@@ -286,10 +285,7 @@ class _AsyncMapStep(Step):
 
     def next_deadline(self) -> float | None:
         if self.failure is not None or self._ready():
-            # Due already: an instant long past.  Not ``clock.monotonic()``: the stage
-            # compares the deadline with its own, earlier reading of the clock, and on the
-            # real clock a later reading is never <= it (the stage would spin).
-            return _DUE
+            return self.clock.monotonic()
         return None
 
     async def on_timer(self, now: float) -> None:
