@@ -9,7 +9,8 @@ Workloads: W1 stateless map/filter, BP backpressure memory, LAT end-to-end laten
 event-time windows W2 (tumbling), W3 (sliding) and W4 (session), which are compared with a
 plain Python loop and, when installed (``pip install -e '.[bench]'``), with Bytewax.
 W2-mem, W3-mem and W4-mem measure the memory the same window computations add at scale
-(100,000 users, ~10^5 open windows), for the plain loop and sluiceway.  IO, RL, RRL:
+(100,000 users, ~10^5 open windows), for the plain loop and sluiceway.  J1, J2, J3: the
+window, interval and as-of joins against a plain hand-written join loop.  IO, RL, RRL:
 map_async and the rate limiters (local, Redis); OBS: the cost of the exporter and the live
 view; CK: checkpoints' overhead on W2 and the restore of 100,000 keys; LL: a file source
 reading one 50 / 100 MB line (time, memory, how long the loop is held); RS, NATS, RMQ,
@@ -39,6 +40,7 @@ import bench_async_io
 import bench_backpressure
 import bench_checkpoints
 import bench_files
+import bench_joins
 import bench_kafka
 import bench_lakehouse
 import bench_latency
@@ -67,6 +69,9 @@ WORKLOADS: dict[str, Workload] = {
     "W2-mem": bench_windows.run_w2_mem,
     "W3-mem": bench_windows.run_w3_mem,
     "W4-mem": bench_windows.run_w4_mem,
+    "J1": bench_joins.run_j1,
+    "J2": bench_joins.run_j2,
+    "J3": bench_joins.run_j3,
     "IO": bench_async_io.run,
     "RL": bench_limiters.run,
     "RRL": bench_redis_limiter.run,
@@ -140,9 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         choices=list(WORKLOADS),
         help="run only these workloads: W1 stateless, BP backpressure, LAT latency, "
         "W2/W3/W4 tumbling/sliding/session windows, W2-mem/W3-mem/W4-mem their memory at "
-        "scale, IO map_async, RL/RRL rate limiters, OBS monitoring overhead, CK "
-        "checkpoints, LL a long line in a file, RS/NATS/RMQ/MQTT/PG/KAFKA broker connectors, "
-        "LH lakehouse sinks (repeat --only for several)",
+        "scale, J1/J2/J3 window/interval/as-of joins, IO map_async, RL/RRL rate limiters, "
+        "OBS monitoring overhead, CK checkpoints, LL a long line in a file, "
+        "RS/NATS/RMQ/MQTT/PG/KAFKA broker connectors, LH lakehouse sinks (repeat --only for "
+        "several)",
     )
     parser.add_argument("--json", metavar="PATH", help="also write every raw figure as JSON")
     args = parser.parse_args(argv)

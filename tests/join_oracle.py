@@ -14,9 +14,10 @@ The rules (docs/joins.md):
 2. Window join (grid): for each window and key, the non-late records of either side in
    it; inner: every (left, right) pair; left: also (left, None) when the key has no
    right record in the window; full: also (None, right) when it has no left one.
-   Result time ``end - 1``.  Order: by ``end + lateness``, window start, then the left
-   record's position on its input (a right-only result after every left one), then the
-   right's (a left-only result first).
+   Result time ``end - 1``.  Order: by ``end + lateness``, window start, then key by key
+   in the order of the key's first left record in the window (keys with none after, by
+   their first right record), then the left record's position on its input, then the
+   right's.
 3. Window join (session): per key, the non-late records of both sides make intervals
    ``[ts, ts + gap)``; overlapping ones (half-open) chain into sessions; then as rule 2
    with the session as the window.
@@ -137,8 +138,11 @@ def window_oracle(
                     g[side].append((pos, r))
     rows = []
     for (start, end, key), (lefts, rights) in groups.items():
+        first_l = min((i for i, _ in lefts), default=math.inf)
+        first_r = min((j for j, _ in rights), default=math.inf)
         for i, j, a, b in _pairs(sorted(lefts), sorted(rights), how):
-            rows.append(((end + lateness, start, i, j), Out(key, (a, b), end - 1)))
+            order = (end + lateness, start, first_l, first_r, i, j)
+            rows.append((order, Out(key, (a, b), end - 1)))
     rows.sort(key=lambda row: row[0])
     return [o for _, o in rows], late
 

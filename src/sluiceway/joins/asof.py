@@ -40,9 +40,10 @@ How = Literal["inner", "left"]
 
 
 class _AsOfJoinStep(JoinStep):
-    """``waiting``: a heap of left records ``(time, seq, key, value)``; ``rights[key]``:
-    the key's right records ``(time, seq, value)`` sorted by ``(time, seq)``; ``expiry``:
-    with a tolerance, a heap of ``(time + tolerance, seq, key)``."""
+    """``waiting``: a heap of the left records ``(time, seq, key, value)``;
+    ``rights[key]``: the key's right records ``(time, seq, value)`` sorted by ``(time,
+    seq)``; ``expiry``: with a tolerance, a heap with one ``(oldest time + tolerance, seq,
+    key)`` per key."""
 
     def __init__(self, ctx: BuildContext, spec: AsOfJoinSpec) -> None:
         super().__init__(ctx, spec)
@@ -50,7 +51,7 @@ class _AsOfJoinStep(JoinStep):
         self.tolerance = spec.tolerance
         self.is_delete = spec.is_delete
         self.waiting: list[tuple[int, int, Any, Any]] = []
-        self.rights: dict[Any, list[tuple[int, int, Any]]] = {}
+        self.rights: dict[Any, list[Any]] = {}  # (time, seq, value) tuples
         self.expiry: list[tuple[int, int, Any]] = []
         self.count = 0
 
@@ -62,7 +63,7 @@ class _AsOfJoinStep(JoinStep):
     def _records(
         self, side: int, values: list[Any], ts: list[int], keys: list[Any], wms: list[float]
     ) -> None:
-        lateness, tolerance = self.lateness, self.tolerance
+        lateness, tolerance, waiting = self.lateness, self.tolerance, self.waiting
         seq = self.seq[side]
         for v, t, k, w in zip(values, ts, keys, wms, strict=True):
             seq += 1
@@ -71,25 +72,24 @@ class _AsOfJoinStep(JoinStep):
                 continue
             self.count += 1
             if side == 0:
-                heappush(self.waiting, (t, seq, k, v))
+                heappush(waiting, (t, seq, k, v))
                 continue
             rows = self.rights.get(k)
             if rows is None:
                 rows = self.rights[k] = []
-            insort(rows, (t, seq, v), key=_order)
-            if tolerance is not None:
-                heappush(self.expiry, (t + tolerance, seq, k))
+                if tolerance is not None:  # one entry per key: see _advance
+                    heappush(self.expiry, (t + tolerance, seq, k))
+            # (time, seq) is unique: tuples compare without ever reaching the value.
+            insort(rows, (t, seq, v))
             self._prune(k, rows)
         self.seq[side] = seq
 
-    def _prune(self, k: Any, rows: list[tuple[int, int, Any]]) -> None:
+    def _prune(self, k: Any, rows: list[Any]) -> None:
         """Drop the right records of ``k`` that no left record can need any more: every
         one still to be answered is at or after ``wm - lateness``, so of the records at
         or before that only the latest can match -- and a deletion only hides older
         ones."""
-        horizon = self.wm - self.lateness
-        probe: tuple[float, float] = (horizon, INF)
-        i = bisect_right(rows, probe, key=_order) - 1
+        i = bisect_right(rows, (self.wm - self.lateness, INF)) - 1
         if i > 0:
             del rows[:i]
             self.count -= i
@@ -101,50 +101,48 @@ class _AsOfJoinStep(JoinStep):
 
     def _advance(self, wm: float) -> None:
         waiting, lateness, tolerance = self.waiting, self.lateness, self.tolerance
-        touched = set()
+        rights, is_delete, left = self.rights, self.is_delete, self.how == "left"
+        out, out_ts, out_keys = self.out, self.out_ts, self.out_keys
+        answered = 0
         while waiting and waiting[0][0] + lateness < wm:
             t, _, k, v = heappop(waiting)
-            self.count -= 1
+            answered += 1
             match = None
-            rows = self.rights.get(k)
+            rows = rights.get(k)
             if rows:
-                touched.add(k)
-                probe: tuple[float, float] = (t, INF)
-                i = bisect_right(rows, probe, key=_order) - 1
-                if i >= 0 and (tolerance is None or t - rows[i][0] <= tolerance):
-                    match = rows[i][2]
-                    if self.is_delete is not None and self.is_delete(match):
-                        match = None
-            if match is not None or self.how == "left":
-                self.result((v, match), t, k)
+                i = bisect_right(rows, (t, INF)) - 1
+                if i >= 0:
+                    if tolerance is None or t - rows[i][0] <= tolerance:
+                        match = rows[i][2]
+                        if is_delete is not None and is_delete(match):
+                            match = None
+                    if i:  # left records answered later are not earlier: none needs these
+                        del rows[:i]
+                        self.count -= i
+            if match is not None or left:
+                out.append((v, match))
+                out_ts.append(t)
+                out_keys.append(k)
+        self.count -= answered
         expiry = self.expiry
-        while expiry and expiry[0][0] + lateness < wm:
-            _, _, k = heappop(expiry)
-            touched.add(k)
-        self.wm = wm  # _prune works from the new watermark
-        for k in touched:
-            rows = self.rights.get(k)
-            if rows is not None:
-                self._prune_old(k, rows, wm)
-
-    def _prune_old(self, k: Any, rows: list[tuple[int, int, Any]], wm: float) -> None:
-        """``_prune``, and with a tolerance also the records too old for any left one."""
-        if self.tolerance is not None:
-            oldest = wm - self.lateness - self.tolerance
-            probe: tuple[float, float] = (oldest, -1)
-            i = bisect_right(rows, probe, key=_order)
-            # (oldest, -1) sorts before every record at ``oldest``: those are kept.
-            if i:
-                del rows[:i]
-                self.count -= i
-            if not rows:
-                del self.rights[k]
-                return
-        self._prune(k, rows)
-
-
-def _order(row: tuple[int, int, Any]) -> tuple[float, float]:
-    return (row[0], row[1])
+        if expiry and expiry[0][0] + lateness < wm:
+            assert tolerance is not None
+            oldest = wm - lateness - tolerance
+            while expiry and expiry[0][0] + lateness < wm:
+                _, n, k = heappop(expiry)
+                rows = rights.get(k)
+                if rows is None:
+                    continue
+                # Too old for any left record still to come; (oldest, -1) sorts before
+                # every record at ``oldest``, which are kept.
+                i = bisect_right(rows, (oldest, -1))
+                if i:
+                    del rows[:i]
+                    self.count -= i
+                if rows:  # the key's entry again, for its oldest record
+                    heappush(expiry, (rows[0][0] + tolerance, n, k))
+                else:
+                    del rights[k]
 
 
 class AsOfJoinSpec(JoinSpec):

@@ -17,10 +17,11 @@ their arrival.
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right, insort
 from heapq import heappop, heappush
 from typing import Any, ClassVar, Literal
 
-from sluiceway.joins.base import JoinSpec, JoinStep
+from sluiceway.joins.base import INF, JoinSpec, JoinStep
 from sluiceway.operators.base import BuildContext, Step
 
 __all__ = ["IntervalJoinSpec"]
@@ -29,16 +30,15 @@ How = Literal["inner", "left"]
 
 
 class _IntervalJoinStep(JoinStep):
-    """``buffers[side][key] = {seq: [time, value, matched]}``; ``expiry`` is a heap of
-    ``(time the record may go, side, seq, key)``."""
+    """``buffers[side][key]``: the key's records on that side as ``[time, seq, value,
+    matched]``, sorted by (time, seq), so a range of times is found by bisection;
+    ``expiry``: a heap of ``(time the record may go, side, seq, key)`` -- per side and key
+    in the same order as the list, so the record that goes is always the list's first."""
 
     def __init__(self, ctx: BuildContext, spec: IntervalJoinSpec) -> None:
         super().__init__(ctx, spec)
         self.lower, self.upper, self.how = spec.lower, spec.upper, spec.how
-        self.buffers: tuple[dict[Any, dict[int, list[Any]]], dict[Any, dict[int, list[Any]]]] = (
-            {},
-            {},
-        )
+        self.buffers: tuple[dict[Any, list[list[Any]]], dict[Any, list[list[Any]]]] = ({}, {})
         self.expiry: list[tuple[int, int, int, Any]] = []
         self.count = 0
 
@@ -52,44 +52,57 @@ class _IntervalJoinStep(JoinStep):
     ) -> None:
         lower, upper, lateness = self.lower, self.upper, self.lateness
         mine, theirs = self.buffers[side], self.buffers[1 - side]
+        out, out_ts, out_keys, expiry = self.out, self.out_ts, self.out_keys, self.expiry
+        # A left record at t matches right ones in [t + lower, t + upper]; a right one at
+        # t matches left ones in [t - upper, t - lower].
+        lo_off, hi_off = (lower, upper) if side == 0 else (-upper, -lower)
+        keep_for = upper if side == 0 else -lower
         seq = self.seq[side]
+        added = 0
         for v, t, k, w in zip(values, ts, keys, wms, strict=True):
             seq += 1
             if t + lateness < w:
                 self.late_record(side, v, t, k, w)
                 continue
-            matched = False
+            entry = [t, seq, v, False]
             others = theirs.get(k)
             if others:
-                if side == 0:  # a left record: the right ones in [t + lower, t + upper]
-                    lo, hi = t + lower, t + upper
-                    for o in others.values():
-                        if lo <= o[0] <= hi:
-                            matched = True
-                            self.result((v, o[1]), max(t, o[0]), k)
-                else:  # a right record: the left ones with a + lower <= t <= a + upper
-                    lo, hi = t - upper, t - lower
-                    for o in others.values():
-                        if lo <= o[0] <= hi:
-                            o[2] = True
-                            self.result((o[1], v), max(t, o[0]), k)
-            mine.setdefault(k, {})[seq] = [t, v, matched]
-            until = t + upper if side == 0 else t - lower
-            heappush(self.expiry, (until + lateness, side, seq, k))
-            self.count += 1
+                lo, hi = t + lo_off, t + hi_off
+                i = bisect_left(others, [lo])
+                j = bisect_right(others, [hi, INF])
+                if i < j:
+                    entry[3] = True
+                    for o in others[i:j]:
+                        o[3] = True
+                        pair = (v, o[2]) if side == 0 else (o[2], v)
+                        out.append(pair)
+                        out_ts.append(t if t > o[0] else o[0])
+                        out_keys.append(k)
+            rows = mine.get(k)
+            if rows is None:
+                mine[k] = [entry]
+            elif rows[-1][0] <= t:  # in order: the common case
+                rows.append(entry)
+            else:
+                insort(rows, entry)
+            heappush(expiry, (t + keep_for + lateness, side, seq, k))
+            added += 1
         self.seq[side] = seq
+        self.count += added
 
     def _advance(self, wm: float) -> None:
-        expiry = self.expiry
+        expiry, buffers, outer = self.expiry, self.buffers, self.how == "left"
+        gone = 0
         while expiry and expiry[0][0] < wm:
-            _, side, seq, k = heappop(expiry)
-            records = self.buffers[side][k]
-            t, v, matched = records.pop(seq)
-            if not records:
-                del self.buffers[side][k]
-            self.count -= 1
-            if side == 0 and not matched and self.how == "left":
+            _, side, _, k = heappop(expiry)
+            rows = buffers[side][k]
+            t, _, v, matched = rows.pop(0)
+            if not rows:
+                del buffers[side][k]
+            gone += 1
+            if side == 0 and outer and not matched:
                 self.result((v, None), t, k)
+        self.count -= gone
 
 
 class IntervalJoinSpec(JoinSpec):

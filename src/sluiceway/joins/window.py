@@ -12,9 +12,11 @@ inputs) reaches ``end + allowed_lateness`` ("the window closes"):
 - ``how="full"``: also ``(None, right)`` for a right record without a left one.
 
 Each result has the window's last instant (``end`` minus a microsecond) as its event
-time.  Results leave in order of closing time, then window start, then the left record's
-arrival on its input, then the right one's -- an order that does not depend on batch cuts
-or on how the inputs interleaved.
+time.  Results leave window by window, in order of closing time and then of start; within
+a window, key by key in the order of each key's first left record (keys with only right
+records after them, in the order of their first right record); within a key, left record
+by left record, each with the right records in their order -- an order that does not
+depend on batch cuts or on how the inputs interleaved.
 
 A record is late -- it goes to ``.late()`` -- when its window closed by its *own* input's
 watermark (tumbling, sliding: ``end + allowed_lateness <= watermark``, per window it
@@ -27,31 +29,34 @@ from __future__ import annotations
 from heapq import heappop, heappush
 from typing import Any, ClassVar, Literal
 
-from sluiceway.joins.base import INF, JoinSpec, JoinStep
+from sluiceway.joins.base import JoinSpec, JoinStep
 from sluiceway.operators.base import BuildContext, Step
 from sluiceway.windows.assigners import Session, Sliding, Tumbling
 
 __all__ = ["WindowJoinSpec"]
 
 How = Literal["inner", "left", "full"]
-# A record in state: (sequence number on its side, time, value).
-Entry = tuple[int, int, Any]
+_INF_SEQ = 1 << 62  # the order of a key without left records: after every key with one
 
 
-def _pairs(lefts: list[Entry], rights: list[Entry], how: How) -> list[tuple[float, int, Any, Any]]:
-    """The results of one key in one window: (left seq, right seq, left, right)."""
-    out: list[tuple[float, int, Any, Any]] = []
+def _pairs(lefts: list[Any], rights: list[Any], how: How) -> list[tuple[Any, Any]]:
+    """The results of one key in one window, left record by left record."""
     if lefts and rights:
-        out = [(ls, rs, lv, rv) for ls, _, lv in lefts for rs, _, rv in rights]
-    elif lefts and how != "inner":
-        out = [(ls, -1, lv, None) for ls, _, lv in lefts]
-    elif rights and how == "full":
-        out = [(INF, rs, None, rv) for rs, _, rv in rights]
-    return out
+        return [(a, b) for a in lefts for b in rights]
+    if lefts and how != "inner":
+        return [(a, None) for a in lefts]
+    if rights and how == "full":
+        return [(None, b) for b in rights]
+    return []
+
+
+# One key in one window: [first left seq, first right seq, lefts, rights] (records in
+# arrival order; a first seq of _INF_SEQ until that side has a record).
+_FL, _FR, _LS, _RS = range(4)
 
 
 class _GridJoinStep(JoinStep):
-    """Tumbling and sliding windows: ``panes[start][key] = (lefts, rights)``."""
+    """Tumbling and sliding windows: ``panes[start][key]`` as above."""
 
     def __init__(self, ctx: BuildContext, spec: WindowJoinSpec, a: Tumbling | Sliding) -> None:
         super().__init__(ctx, spec)
@@ -61,7 +66,7 @@ class _GridJoinStep(JoinStep):
         else:
             self.size, self.slide = a.size_ticks, a.slide_ticks
         self.offset = a.offset_ticks
-        self.panes: dict[int, dict[Any, tuple[list[Entry], list[Entry]]]] = {}
+        self.panes: dict[int, dict[Any, list[Any]]] = {}
         self.closing: list[int] = []  # starts of open panes, by start (= by close)
         self.count = 0
 
@@ -84,8 +89,33 @@ class _GridJoinStep(JoinStep):
     def _records(
         self, side: int, values: list[Any], ts: list[int], keys: list[Any], wms: list[float]
     ) -> None:
-        panes, size, lateness = self.panes, self.size, self.lateness
+        panes, size, lateness, off = self.panes, self.size, self.lateness, self.offset
+        tumbling = self.slide == size
+        first, records = (_FL, _LS) if side == 0 else (_FR, _RS)
         seq = self.seq[side]
+        added = 0
+        if tumbling:  # one window per record: the loop below, unrolled
+            for v, t, k, w in zip(values, ts, keys, wms, strict=True):
+                seq += 1
+                start = t - (t - off) % size
+                if start + size + lateness <= w:
+                    self.late_record(side, v, t, k, w)
+                    continue
+                pane = panes.get(start)
+                if pane is None:
+                    pane = panes[start] = {}
+                    heappush(self.closing, start)
+                entry = pane.get(k)
+                if entry is None:
+                    entry = pane[k] = [_INF_SEQ, _INF_SEQ, [], []]
+                    entry[first] = seq
+                elif entry[first] == _INF_SEQ:
+                    entry[first] = seq
+                entry[records].append(v)
+                added += 1
+            self.seq[side] = seq
+            self.count += added
+            return
         for v, t, k, w in zip(values, ts, keys, wms, strict=True):
             seq += 1
             for start in self._starts(t):
@@ -96,30 +126,38 @@ class _GridJoinStep(JoinStep):
                 if pane is None:
                     pane = panes[start] = {}
                     heappush(self.closing, start)
-                sides = pane.get(k)
-                if sides is None:
-                    sides = pane[k] = ([], [])
-                sides[side].append((seq, t, v))
-                self.count += 1
+                entry = pane.get(k)
+                if entry is None:
+                    entry = pane[k] = [_INF_SEQ, _INF_SEQ, [], []]
+                if entry[first] == _INF_SEQ:
+                    entry[first] = seq
+                entry[records].append(v)
+                added += 1
         self.seq[side] = seq
+        self.count += added
 
     def _advance(self, wm: float) -> None:
-        closing, size, lateness = self.closing, self.size, self.lateness
+        closing, size, lateness, how = self.closing, self.size, self.lateness, self.how
+        out, out_ts, out_keys = self.out, self.out_ts, self.out_keys
         while closing and closing[0] + size + lateness <= wm:
             start = heappop(closing)
             pane = self.panes.pop(start)
-            end = start + size
-            results: list[tuple[float, int, Any, Any, Any]] = []
-            for k, (lefts, rights) in pane.items():
+            t = start + size - 1
+            for k, entry in sorted(pane.items(), key=_key_order):
+                lefts, rights = entry[_LS], entry[_RS]
                 self.count -= len(lefts) + len(rights)
-                pairs = _pairs(lefts, rights, self.how)
-                results.extend((ls, rs, k, lv, rv) for ls, rs, lv, rv in pairs)
-            results.sort(key=lambda r: (r[0], r[1]))
-            for _, _, k, lv, rv in results:
-                self.result((lv, rv), end - 1, k)
+                pairs = _pairs(lefts, rights, how)
+                out += pairs
+                out_ts += [t] * len(pairs)
+                out_keys += [k] * len(pairs)
 
 
-# A session in state: [start, end, lefts, rights].
+def _key_order(item: tuple[Any, list[Any]]) -> tuple[int, int]:
+    entry = item[1]
+    return (entry[_FL], entry[_FR])
+
+
+# A session in state: [start, end, lefts, rights], records as (seq, time, value).
 _S, _E, _L, _R = range(4)
 
 
@@ -169,7 +207,7 @@ class _SessionJoinStep(JoinStep):
 
     def _advance(self, wm: float) -> None:
         heap, lateness = self.heap, self.lateness
-        results: list[tuple[int, int, float, int, Any, Any, Any]] = []
+        closed: list[tuple[int, int, int, int, Any, list[Any]]] = []
         while heap and heap[0][0] <= wm:
             _, _, k = heappop(heap)
             ss = self.sessions.get(k)
@@ -181,17 +219,22 @@ class _SessionJoinStep(JoinStep):
                 if close > wm:
                     keep.append(s)
                     continue
-                lefts, rights = sorted(s[_L]), sorted(s[_R])
-                self.count -= len(lefts) + len(rights)
-                for ls, rs, lv, rv in _pairs(lefts, rights, self.how):
-                    results.append((close, s[_S], ls, rs, k, (lv, rv), s[_E] - 1))
+                s[_L].sort()
+                s[_R].sort()
+                self.count -= len(s[_L]) + len(s[_R])
+                fl = s[_L][0][0] if s[_L] else _INF_SEQ
+                fr = s[_R][0][0] if s[_R] else _INF_SEQ
+                closed.append((close, s[_S], fl, fr, k, s))
             if keep:
                 self.sessions[k] = keep
             else:
                 del self.sessions[k]
-        results.sort(key=lambda r: (r[0], r[1], r[2], r[3]))
-        for *_, k, value, t in results:
-            self.result(value, t, k)
+        closed.sort(key=lambda c: c[:4])
+        for _, _, _, _, k, s in closed:
+            lefts = [v for _, _, v in s[_L]]
+            rights = [v for _, _, v in s[_R]]
+            for pair in _pairs(lefts, rights, self.how):
+                self.result(pair, s[_E] - 1, k)
 
 
 class WindowJoinSpec(JoinSpec):
