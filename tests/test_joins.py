@@ -216,3 +216,25 @@ def test_a_lookup_join_makes_one_call_per_key_in_flight() -> None:
     )
     assert items == [("c1", "Ada"), ("c1", "Ada"), ("c2", None), ("c1", "Ada")]
     assert directory.calls == ["c1", "c2"]
+
+
+def test_an_idle_input_stops_holding_the_join_watermark_back() -> None:
+    flow = sw.Flow("f")
+    out = sw.testing.TimedCollect()
+    # The left input sends one record, then nothing until t=30 (without ending).
+    left = (
+        flow.source(ScriptedSource([(0.0, [("a", 5)]), (30.0, [("a", 40)])]))
+        .with_timestamps(lambda r: r[1], idle_timeout=1.0)
+        .key_by(lambda r: r[0])
+    )
+    right = (
+        flow.source(ScriptedSource([(float(t), [("a", t)]) for t in range(20)]))
+        .with_timestamps(lambda r: r[1])
+        .key_by(lambda r: r[0])
+    )
+    left.asof_join(right).sink(out)
+    sw.testing.run_flow(flow)
+    (at, pair), (_, last) = out.items
+    assert pair == (("a", 5), ("a", 5))
+    assert at < 30  # answered once the right input's watermark passed 5, not at t=30
+    assert last == (("a", 40), ("a", 19))

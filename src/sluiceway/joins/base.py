@@ -183,6 +183,10 @@ class JoinStep(Step):
         assert keys is not None, "checked by the flow"
         self._records(index, batch.values, ts, keys, wms)
         self.wms[index] = max(self.wms[index], wms[-1])
+        if self.wm > -INF:
+            # Records already due: from an input that was idle while the join's watermark
+            # passed their time.  They are answered now with what the join still holds.
+            self._advance(self.wm)
         await self._flush(self.wm)
 
     async def control_input(self, message: Control, index: int) -> None:
