@@ -112,10 +112,7 @@ class _LookupStep(_AsyncMapStep):
         if not hit:
             super()._start(row)
             return
-        seq = self.seq
-        self.seq += 1
-        self.outstanding.add(seq)
-        self.done[seq] = ((row[0], cached), row[1], row[2], row[3])
+        self.done[self._claim(row)] = ((row[0], cached), row[1], row[2], row[3])
 
     async def _send_ready(self) -> None:
         self.metrics.state = len(self.cache.entries)

@@ -122,19 +122,21 @@ class _AsyncMapStep(Step):
             )
             await self._wait_for_slot()
             if self.breaker is not None and not await self._pass_breaker(row):
-                seq = self.seq
-                self.seq += 1
-                self.outstanding[seq] = row[3]
-                self.done[seq] = None
+                self.done[self._claim(row)] = None
                 continue
             self._start(row)
         self.unstarted = 0
         await self._send_ready()
 
-    def _start(self, row: _Row) -> None:
+    def _claim(self, row: _Row) -> int:
+        """The next record's number, registered as outstanding (until it leaves)."""
         seq = self.seq
         self.seq += 1
         self.outstanding[seq] = row[3]
+        return seq
+
+    def _start(self, row: _Row) -> None:
+        seq = self._claim(row)
         self.in_flight += 1
         task = asyncio.get_running_loop().create_task(self._run(seq, row, self.in_flight))
         self.tasks.add(task)
