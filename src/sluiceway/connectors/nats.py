@@ -358,10 +358,11 @@ class NatsSource(Source):
         decode: ``bytes -> value``; default JSON.  ``decode=bytes`` gives raw payloads.
         include_metadata: hand out :class:`NatsMessage` records instead of payloads.
         ordered_restart: when the consumer has messages an earlier run fetched and did
-            not acknowledge (a crash), wait at ``open`` until their ``ack_wait`` is over,
-            so they are redelivered before newer messages and the stream order holds.
-            Turn it off when several flows share the durable (their in-flight messages
-            look the same) or when order across a crash does not matter.
+            not acknowledge (a crash), hold newer messages back until all of those have
+            been redelivered (each comes back when its own ``ack_wait`` is over), so the
+            stream order holds.  Turn it off when several flows share the durable (their
+            in-flight messages look the same) or when order across a crash does not
+            matter.
         reconnect_timeout: seconds of outage before giving up (None: never).
         open_timeout: at ``open`` (the flow's start), give up after this many seconds
             (default 10; None: as long as ``reconnect_timeout``): servers that are not
@@ -430,6 +431,15 @@ class NatsSource(Source):
         self._fetch_task: asyncio.Task[None] | None = None
         self._buffer: deque[Msg] = deque()  # fetched, not handed out
         self._parked: list[Msg] = []  # newer than what an earlier run left unacked
+        # What an earlier run left unacknowledged (ordered_restart): the consumer's
+        # highest delivered stream seq at open, how many it had pending, the seqs at or
+        # below it that came back so far, when the last of them is due, and when to stop
+        # holding newer messages back for ones that never come (deleted meanwhile).
+        self._owed_upto = 0
+        self._owed = 0
+        self._returned: set[int] = set()
+        self._owed_due = 0.0
+        self._owed_deadline = 0.0
         self._unacked: deque[tuple[int, int, str]] = deque()  # (ordinal, stream seq, reply)
         self._held: set[int] = set()  # stream seqs in _buffer or _unacked
         self._covered: set[int] = set()  # seqs a restored checkpoint covered, maybe unacked
@@ -447,7 +457,8 @@ class NatsSource(Source):
 
     async def open(self, ctx: SourceContext) -> None:
         """Connect, check the stream (or create it), create the durable consumer if missing;
-        after a crash, wait for the redelivery of what it left (see ``ordered_restart``).
+        after a crash, note what the earlier run left unacknowledged, so newer messages
+        wait for its redelivery (see ``ordered_restart``).
 
         Raises:
             NatsUnavailableError: no server answered within ``reconnect_timeout``.
@@ -506,18 +517,23 @@ class NatsSource(Source):
                     f"filter subject {have!r}, not {self._subject!r}; use another durable name"
                 )
             if info.num_ack_pending:
-                await self._await_redelivery(info)
+                self._expect_redelivery(info)
         self._pending = info.num_pending
 
-    async def _await_redelivery(self, info: Any) -> None:
+    def _expect_redelivery(self, info: Any) -> None:
         """Messages delivered to an earlier run are unacknowledged.  Given back at a clean
-        close (NAK), they are redelivered at once and first; left by a crash, only when
-        their ``ack_wait`` is over, and newer messages would come first until then.  With
-        ``ordered_restart`` a probe fetch tells the two apart; in the second case the
-        source waits for that moment (holding the newer message it got), so the stream
-        order holds."""
+        close (NAK), they are redelivered at once and first; left by a crash, each only
+        when its own ``ack_wait`` is over -- they were delivered at different moments, so
+        they come back over a stretch of time, and newer messages would come in between.
+
+        With ``ordered_restart`` the source therefore holds back every newer message
+        (stream seq above the highest the earlier run was delivered) until as many
+        redeliveries as the consumer had pending have come back; while it holds one, it
+        fetches again only once the last of them is due (see :meth:`_fetch`).  Counting,
+        not timing, decides: a restart in the middle of that stretch, or a server that
+        redelivers late, cannot put a newer message first."""
         ack_wait = float(info.config.ack_wait or self._ack_wait or 0.0)
-        pending = info.num_ack_pending
+        pending = int(info.num_ack_pending)
         if not self._ordered_restart:
             log.info(
                 "%s: %d messages delivered before are not acknowledged; the server "
@@ -527,31 +543,42 @@ class NatsSource(Source):
                 ack_wait,
             )
             return
-        sub = await self._subscription()
-        try:
-            msgs = await sub.fetch(1, timeout=min(self._fetch_timeout or 1.0, 1.0))
-        except TimeoutError:
-            return  # nothing newer either: the redeliveries come first when due
-        if msgs[0].metadata.num_delivered > 1:
-            await self._ingest(msgs)  # redelivered already (given back, or due)
-            return
-        self._parked.extend(msgs)
-        self._held.update(m.metadata.sequence.stream for m in msgs)
         clock = self._link.clock
         last = info.delivered.last_active
-        wait = ack_wait
+        due = ack_wait
         if last is not None:
-            wait = last.timestamp() + ack_wait - clock.time()
-        wait = min(max(wait, 0.0), ack_wait) + _REDELIVERY_MARGIN
-        log.info(
-            "%s: %d messages delivered before a crash are not acknowledged; waiting %.1f s "
-            "(ack_wait=%gs) so the server redelivers them before newer ones",
-            self.describe(),
-            pending,
-            wait,
-            ack_wait,
-        )
-        await clock.sleep(wait)
+            due = last.timestamp() + ack_wait - clock.time()
+        due = min(max(due, 0.0), ack_wait) + _REDELIVERY_MARGIN
+        now = clock.monotonic()
+        self._owed_upto = int(info.delivered.stream_seq)
+        self._owed = pending
+        self._returned.clear()
+        self._owed_due = now + due
+        self._owed_deadline = now + due + max(ack_wait, 1.0)
+
+    def _owed_left(self) -> int:
+        return max(0, self._owed - len(self._returned)) if self._owed else 0
+
+    def _hold_over(self) -> bool:
+        """True when newer messages need no longer be held: every redelivery came back,
+        or the ones missing did not come within an extra ``ack_wait`` (warned: the order
+        is not kept for them)."""
+        left = self._owed_left()
+        if left and self._link.clock.monotonic() < self._owed_deadline:
+            return False
+        if left:
+            log.warning(
+                "%s: %d of the %d messages an earlier run left unacknowledged did not come "
+                "back (deleted from the stream, or another flow on this durable); handing "
+                "out %d newer messages held back for them",
+                self.describe(),
+                left,
+                self._owed,
+                len(self._parked),
+            )
+        self._owed = 0
+        self._returned.clear()
+        return True
 
     def _release_parked(self) -> None:
         """The redeliveries are through: put the held newer messages back in order."""
@@ -645,7 +672,9 @@ class NatsSource(Source):
 
     def _idle_over(self, ctx: SourceContext) -> bool:
         idle = self._idle
-        return idle is not None and ctx.clock.monotonic() - self._last_input >= idle
+        if idle is None or self._parked:  # held messages are input still to hand out
+            return False
+        return ctx.clock.monotonic() - self._last_input >= idle
 
     async def _subscription(self) -> JetStreamContext.PullSubscription:
         link = self._link
@@ -659,6 +688,17 @@ class NatsSource(Source):
 
     async def _fetch(self, n: int) -> None:
         link, clock = self._link, self._link.clock
+        if self._parked and self._owed_left() and clock.monotonic() < self._owed_due:
+            # Newer messages are held for redeliveries not due yet: fetching now would
+            # only bring (and hold) more newer ones.
+            log.info(
+                "%s: %d messages delivered before a crash have not come back yet; waiting "
+                "%.1f s so the server redelivers them before newer ones",
+                self.describe(),
+                self._owed_left(),
+                self._owed_due - clock.monotonic(),
+            )
+            await clock.sleep(self._owed_due - clock.monotonic())
         timeout = self._fetch_timeout
         assert timeout is not None
         if self._idle is not None:
@@ -673,7 +713,7 @@ class NatsSource(Source):
                 self._last_input = clock.monotonic()
             else:
                 link.ok()
-                if self._parked:
+                if self._owed and self._hold_over():
                     self._release_parked()
             return
         except _TRANSIENT as exc:
@@ -687,7 +727,7 @@ class NatsSource(Source):
         held, covered = self._held, self._covered
         acks: list[tuple[int, str]] = []
         meta = None
-        before = len(self._buffer)
+        before = len(self._buffer) + len(self._parked)
         for msg in msgs:
             meta = msg.metadata
             seq = meta.sequence.stream
@@ -702,16 +742,23 @@ class NatsSource(Source):
                         seq,
                     )
                 continue
+            if self._owed:
+                if seq <= self._owed_upto:  # one the earlier run left: it came back
+                    self._returned.add(seq)
+                elif self._owed_left():  # newer: held until the earlier ones are back
+                    held.add(seq)
+                    self._parked.append(msg)
+                    continue
             if seq in covered:  # the restored checkpoint covered it: ack, do not replay
                 acks.append((seq, msg.reply))
                 continue
             held.add(seq)
             self._buffer.append(msg)
-        if self._parked and any(m.metadata.num_delivered == 1 for m in msgs):
-            self._release_parked()  # the server serves redeliveries first: they are through
+        if self._owed and self._hold_over():
+            self._release_parked()
         if meta is not None:
             self._pending = meta.num_pending
-        if len(self._buffer) > before:  # dropped copies are not input
+        if len(self._buffer) + len(self._parked) > before:  # dropped copies are not input
             self._last_input = self._link.clock.monotonic()
         if acks:
             nc = self._link.connected()
