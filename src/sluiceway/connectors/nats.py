@@ -526,10 +526,12 @@ class NatsSource(Source):
         when its own ``ack_wait`` is over -- they were delivered at different moments, so
         they come back over a stretch of time, and newer messages would come in between.
 
-        With ``ordered_restart`` the source therefore holds back every newer message
-        (stream seq above the highest the earlier run was delivered) until as many
-        redeliveries as the consumer had pending have come back; while it holds one, it
-        fetches again only once the last of them is due (see :meth:`_fetch`).  Counting,
+        With ``ordered_restart`` the source therefore holds back the redeliveries and
+        every newer message (stream seq above the highest the earlier run was delivered)
+        until as many redeliveries as the consumer had pending have come back, then
+        hands them out in stream order (one redelivered to that run while in flight is
+        due after ones behind it); while it holds messages, it fetches again only once
+        the last of them is due (see :meth:`_fetch`).  Counting,
         not timing, decides: a restart in the middle of that stretch, or a server that
         redelivers late, cannot put a newer message first."""
         ack_wait = float(info.config.ack_wait or self._ack_wait or 0.0)
@@ -689,8 +691,8 @@ class NatsSource(Source):
     async def _fetch(self, n: int) -> None:
         link, clock = self._link, self._link.clock
         if self._parked and self._owed_left() and clock.monotonic() < self._owed_due:
-            # Newer messages are held for redeliveries not due yet: fetching now would
-            # only bring (and hold) more newer ones.
+            # Messages are held for redeliveries not due yet: fetching now would only
+            # bring (and hold) newer ones.
             log.info(
                 "%s: %d messages delivered before a crash have not come back yet; waiting "
                 "%.1f s so the server redelivers them before newer ones",
@@ -743,9 +745,13 @@ class NatsSource(Source):
                     )
                 continue
             if self._owed:
-                if seq <= self._owed_upto:  # one the earlier run left: it came back
+                # Held until all the earlier run left is back, then handed out in stream
+                # order: newer messages, and the redeliveries too (a message redelivered
+                # to that run while in flight comes back after ones behind it).
+                returned = seq <= self._owed_upto
+                if returned:
                     self._returned.add(seq)
-                elif self._owed_left():  # newer: held until the earlier ones are back
+                if self._owed_left() and not (returned and seq in covered):
                     held.add(seq)
                     self._parked.append(msg)
                     continue
