@@ -748,10 +748,11 @@ class NatsSource(Source):
                 # Held until all the earlier run left is back, then handed out in stream
                 # order: newer messages, and the redeliveries too (a message redelivered
                 # to that run while in flight comes back after ones behind it).
-                returned = seq <= self._owed_upto
-                if returned:
+                # (A redelivery shows as delivered > 1 too: after a NAK of the last
+                # message delivered, the server may report a lower delivered seq.)
+                if seq <= self._owed_upto or meta.num_delivered > 1:
                     self._returned.add(seq)
-                if self._owed_left() and not (returned and seq in covered):
+                if self._owed_left() and seq not in covered:
                     held.add(seq)
                     self._parked.append(msg)
                     continue
