@@ -299,6 +299,22 @@ def _quiet_client_log() -> Iterator[None]:
                 d.logger.removeFilter(d)
 
 
+async def _connect(url: str) -> aio_pika.abc.AbstractConnection:
+    """``aio_pika.connect``, but a connection object whose connect failed is closed here.
+
+    ``aio_pika.connect`` drops it unclosed; its ``__del__`` then creates a ``close()``
+    coroutine that, when the garbage collector runs outside the event loop, is never
+    awaited (a RuntimeWarning per failed attempt while a broker is down)."""
+    conn = aio_pika.Connection(aio_pika.connection.make_url(url))
+    try:
+        await conn.connect(timeout=_CONNECT_TIMEOUT)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await conn.close()
+        raise
+    return conn
+
+
 async def _close_quietly(conn: aio_pika.abc.AbstractConnection | None) -> None:
     if conn is None or conn.is_closed:
         return
@@ -433,7 +449,7 @@ class RabbitMQSource(Source):
     async def _connect(self) -> None:
         ctx = self._ctx
         assert ctx is not None
-        conn = await aio_pika.connect(self._url, timeout=_CONNECT_TIMEOUT)
+        conn = await _connect(self._url)
         try:
             channel = await conn.channel(publisher_confirms=False)
             try:
@@ -808,7 +824,7 @@ class RabbitMQSink(Sink):
         await self._reconnect.opening(ctx.clock, self._connect, self._open_timeout)
 
     async def _connect(self) -> None:
-        conn = await aio_pika.connect(self._url, timeout=_CONNECT_TIMEOUT)
+        conn = await _connect(self._url)
         try:
             channel = await conn.channel(publisher_confirms=True, on_return_raises=True)
             if self._declare_queue is not None:
