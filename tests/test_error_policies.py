@@ -93,6 +93,28 @@ def test_retry_backoff_sleeps_on_the_injected_clock_exponentially() -> None:
     assert clock.jumps == [1.0, 3.0, 6.0]
 
 
+def test_retry_linear_backoff_sleeps_on_the_injected_clock_linearly() -> None:
+    clock = sw.VirtualClock()
+    fn = Flaky({1})
+    backoff = sw.Backoff(kind="linear", initial=1.0, step=0.5, max_delay=1.8, jitter=0.0)
+    flow, _ = make_flow(fn, sw.Retry(5, backoff), items=[1])
+    with pytest.raises(sw.OperatorError, match="after 5 attempts"):
+        sw.testing.run_flow(flow, clock=clock)
+    assert fn.calls[1] == 5
+    # delays 1, 1.5, then 2 and 2.5 capped at 1.8: t=1, 2.5, 4.3, 6.1
+    assert clock.jumps == pytest.approx([1.0, 2.5, 4.3, 6.1])
+
+
+def test_linear_backoff_step_defaults_to_initial_and_jitter_stays_within_bounds() -> None:
+    plain = sw.Backoff(kind="linear", initial=0.2, max_delay=10.0, jitter=0.0)
+    assert [plain.delay(n) for n in (1, 2, 3, 4)] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    jittered = sw.Backoff(kind="linear", initial=1.0, step=1.0, max_delay=100.0, jitter=0.1)
+    rng = random.Random(3)
+    for retry in range(1, 8):
+        for _ in range(50):
+            assert retry * 0.9 <= jittered.delay(retry, rng) <= retry * 1.1
+
+
 def test_backoff_jitter_stays_within_bounds() -> None:
     b = sw.Backoff(initial=1.0, multiplier=2.0, max_delay=100.0, jitter=0.25)
     rng = random.Random(7)
@@ -243,6 +265,12 @@ def test_policy_arguments_are_checked() -> None:
         sw.Retry(0)
     with pytest.raises(ValueError, match="jitter must be in"):
         sw.Backoff(jitter=2.0)
+    with pytest.raises(ValueError, match="kind must be 'exponential' or 'linear', got 'cubic'"):
+        sw.Backoff(kind="cubic")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"step=0\.5 applies only to kind='linear'"):
+        sw.Backoff(step=0.5)
+    with pytest.raises(ValueError, match="step must be >= 0, got -1"):
+        sw.Backoff(kind="linear", step=-1)
     with pytest.raises(TypeError, match=r"then=\.\.\."):
         sw.Retry(2, then=sw.Retry(2))  # type: ignore[arg-type]
 

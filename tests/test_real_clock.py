@@ -363,6 +363,27 @@ def test_retries_with_backoff() -> None:
     assert out.items == list(range(len(out.items)))
 
 
+def test_retries_with_linear_backoff() -> None:
+    attempts: dict[int, int] = {}
+
+    def flaky(x: int) -> int:
+        attempts[x] = attempts.get(x, 0) + 1
+        if attempts[x] < 3:
+            raise ValueError(f"try again: {x}")
+        return x
+
+    out: sw.sinks.Collect[int] = sw.sinks.Collect()
+    flow = sw.Flow("rt_retry_linear")
+    backoff = sw.Backoff(kind="linear", initial=0.01, step=0.02, max_delay=0.05)
+    flow.source(sw.sources.Generator(endless, rate=20)).map(
+        flaky, on_error=sw.Retry(attempts=3, backoff=backoff)
+    ).sink(out)
+    result = run_watched(flow, run_for=1.0)
+    assert result.stopped
+    assert len(out.items) >= 5
+    assert out.items == list(range(len(out.items)))
+
+
 def test_map_async_timeouts_and_a_circuit_breaker() -> None:
     clock = sw.SystemClock()
     calls: list[int] = []

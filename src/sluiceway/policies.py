@@ -2,8 +2,9 @@
 
 * :class:`Fail` (the default) stops the flow with an
   :class:`~sluiceway.errors.OperatorError` naming the operator, the record and the cause.
-* :class:`Retry` calls again with exponential backoff and jitter on the injected clock,
-  then falls back to ``then`` (``Fail()`` by default, or a :class:`DeadLetter`).
+* :class:`Retry` calls again after a :class:`Backoff` (exponential by default, or
+  ``kind="linear"``) with jitter on the injected clock, then falls back to ``then``
+  (``Fail()`` by default, or a :class:`DeadLetter`).
 * :class:`DeadLetter` writes a :class:`DeadLetterRecord` (the record, the exception, the
   operator, the attempt count, the time) to a sink of your choice and goes on.
 
@@ -12,6 +13,9 @@ the flow stops with an error that names it.
 
 >>> Backoff(initial=0.1, multiplier=2.0, max_delay=1.0, jitter=0.0).delay(4)
 0.8
+>>> [Backoff(kind="linear", initial=0.5, step=0.25, max_delay=1.0, jitter=0.0).delay(n)
+...  for n in (1, 2, 3, 4)]
+[0.5, 0.75, 1.0, 1.0]
 >>> Retry(attempts=0)
 Traceback (most recent call last):
   ...
@@ -24,7 +28,7 @@ import math
 import os
 import random
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from sluiceway.connectors.base import Sink
@@ -39,25 +43,47 @@ class Fail:
 
 @dataclass(frozen=True, slots=True)
 class Backoff:
-    """Exponential backoff: ``initial * multiplier**(n-1)``, capped, with jitter.
+    """Delays between retries: exponential (the default) or linear, capped, with jitter.
+
+    * ``kind="exponential"``: retry ``n`` waits ``initial * multiplier**(n-1)``.
+    * ``kind="linear"``: retry ``n`` waits ``initial + step * (n-1)`` (``step`` defaults
+      to ``initial``: 0.1, 0.2, 0.3, ...).
+
+    Either way the delay is capped at ``max_delay`` and then scaled by jitter.
 
     Args:
+        kind: ``"exponential"`` or ``"linear"``.
         initial: the delay before the first retry, in seconds.
-        multiplier: growth factor per retry (>= 1).
+        multiplier: growth factor per retry (>= 1); exponential only.
         max_delay: cap on any single delay, in seconds.
         jitter: a fraction in [0, 1]; each delay is scaled by a random factor in
             ``[1 - jitter, 1 + jitter]`` (then capped) so that many retrying workers
             do not hammer a service in lock-step.
+        step: what each retry adds to the delay (>= 0); linear only.
+
+    Raises:
+        ValueError: a negative delay or step, a multiplier below 1, a cap below
+            ``initial``, jitter outside [0, 1], an unknown ``kind``, or ``step`` given
+            to an exponential backoff.
+
+    >>> Backoff(kind="linear", initial=1.0, jitter=0.0).delay(3)
+    3.0
     """
 
     initial: float = 0.1
     multiplier: float = 2.0
     max_delay: float = 30.0
     jitter: float = 0.2
+    kind: Literal["exponential", "linear"] = "exponential"
+    step: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("initial", "multiplier", "max_delay", "jitter"):
+        if self.kind not in ("exponential", "linear"):
+            raise ValueError(f"Backoff kind must be 'exponential' or 'linear', got {self.kind!r}")
+        for name in ("initial", "multiplier", "max_delay", "jitter", "step"):
             value = getattr(self, name)
+            if name == "step" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise TypeError(f"Backoff {name} must be a number, got {value!r}")
             if not math.isfinite(value):  # NaN passes every comparison below
@@ -72,17 +98,34 @@ class Backoff:
             )
         if not 0 <= self.jitter <= 1:
             raise ValueError(f"Backoff jitter must be in [0, 1], got {self.jitter!r}")
+        if self.step is not None:
+            if self.kind != "linear":
+                raise ValueError(
+                    f"Backoff step={self.step!r} applies only to kind='linear'; "
+                    "an exponential backoff grows by multiplier="
+                )
+            if self.step < 0:
+                raise ValueError(f"Backoff step must be >= 0, got {self.step!r}")
 
     def delay(self, retry: int, rng: random.Random | None = None) -> float:
         """The delay before retry number ``retry`` (1 for the first retry)."""
-        try:
-            growth = self.multiplier ** max(0, retry - 1)
-        except OverflowError:  # retry 1,100 of a doubling backoff: long past the cap
-            growth = math.inf
-        if growth == math.inf:
-            base = self.max_delay if self.initial > 0 else 0.0
+        n = max(0, retry - 1)
+        if self.kind == "linear":
+            step = self.initial if self.step is None else self.step
+            try:
+                added = step * n if step else 0.0
+            except OverflowError:  # a retry count too large for a float: long past the cap
+                added = math.inf
+            base = min(self.max_delay, self.initial + added)
         else:
-            base = min(self.max_delay, self.initial * growth)
+            try:
+                growth = self.multiplier**n
+            except OverflowError:  # retry 1,100 of a doubling backoff: long past the cap
+                growth = math.inf
+            if growth == math.inf:
+                base = self.max_delay if self.initial > 0 else 0.0
+            else:
+                base = min(self.max_delay, self.initial * growth)
         if self.jitter and rng is not None:
             base *= 1.0 + rng.uniform(-self.jitter, self.jitter)
         return min(self.max_delay, max(0.0, base))
