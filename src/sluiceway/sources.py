@@ -1,4 +1,5 @@
-"""Built-in sources: ``Iterable``, ``Generator``, ``JsonLines``, ``Csv``, ``Stdin``."""
+"""Built-in sources: ``Iterable``, ``Generator``, ``JsonLines``, ``Csv``, ``Stdin``, and the
+push sources ``Push`` and ``HttpIngest`` (fed by the application, with admission)."""
 
 from typing import TYPE_CHECKING
 
@@ -7,13 +8,16 @@ from sluiceway.connectors.base import Source, SourceContext
 from sluiceway.connectors.files import Csv
 from sluiceway.connectors.files import JsonLinesSource as JsonLines
 from sluiceway.connectors.memory import Generator, Iterable
+from sluiceway.connectors.push import HttpIngest, Push
 from sluiceway.connectors.stdio import Stdin
 
 __all__ = [
     "Csv",
     "Generator",
+    "HttpIngest",
     "Iterable",
     "JsonLines",
+    "Push",
     "Source",
     "SourceContext",
     "Stdin",

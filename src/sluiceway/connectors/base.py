@@ -190,6 +190,17 @@ class Source(ABC):
         """A checkpoint holding ``position`` is complete: records before it will never be
         asked for again (a broker source acknowledges them here)."""
 
+    def stop_intake(self) -> bool:
+        """A graceful stop (without checkpoints) has begun.
+
+        Return True when the source holds records it has already *accepted* from
+        producers -- a push source, which answered "accepted" to someone -- so that the
+        runtime keeps pulling it until :meth:`next_batch` returns None (the source refuses
+        new records from now on and ends once the accepted ones are handed over).  The
+        default, False: the source is simply pulled no more (a pull waiting for input is
+        cancelled; nothing is lost, it was never taken)."""
+        return False
+
     def backlog(self) -> int | None:
         """How much input is waiting to be read, when the source knows (None: unknown):
         unread bytes for a file, pending messages for a broker.  Read by the metrics (the

@@ -11,7 +11,9 @@ client is then closed, with ``408`` if it sent nothing answerable yet), and at m
 :attr:`HttpMonitor.max_connections` are open at once (the next ones get ``503`` and are
 closed at once), so idle clients cannot hold file descriptors for good.  Request lines
 may end in CRLF or a bare LF.  A subclass says what it serves
-(:meth:`HttpMonitor._route`) and may run background work beside it
+(:meth:`HttpMonitor._route`), may accept ``POST`` bodies (:meth:`HttpMonitor._post`,
+given a ``Content-Length`` of at most :meth:`HttpMonitor._max_body` bytes, read within
+the same request timeout) and may run background work beside it
 (:meth:`HttpMonitor._background`).
 """
 
@@ -26,12 +28,15 @@ from urllib.parse import urlsplit
 
 from sluiceway.runtime.handle import FlowHandle
 
-__all__ = ["HttpMonitor", "Response"]
+__all__ = ["HttpMonitor", "PostResponse", "Response"]
 
 log = logging.getLogger("sluiceway.metrics")
 
 Response = tuple[HTTPStatus, str, bytes]
 """Status, content type and body."""
+
+PostResponse = tuple[HTTPStatus, str, bytes, dict[str, str]]
+"""Status, content type, body and extra header lines (e.g. ``Retry-After``)."""
 
 PLAIN = "text/plain; charset=utf-8"
 _MAX_REQUEST_HEAD = 16 * 1024  # request line + headers; a scrape or a browser sends a few hundred
@@ -102,8 +107,21 @@ class HttpMonitor:
     def _start(self, handle: FlowHandle) -> None:
         """Called once before serving ``handle``'s flow."""
 
-    def _route(self, handle: FlowHandle, path: str, headers: dict[str, str]) -> Response:
-        """The answer to a ``GET``/``HEAD`` of ``path`` (header names in lower case)."""
+    def _route(
+        self, handle: FlowHandle, path: str, headers: dict[str, str], query: str = ""
+    ) -> Response:
+        """The answer to a ``GET``/``HEAD`` of ``path`` (header names in lower case;
+        ``query``: the part after ``?``, undecoded)."""
+        raise NotImplementedError
+
+    def _max_body(self, path: str) -> int | None:
+        """The largest ``POST`` body accepted at ``path``, or None: no ``POST`` there."""
+        return None
+
+    def _post(
+        self, handle: FlowHandle, path: str, headers: dict[str, str], body: bytes
+    ) -> PostResponse:
+        """The answer to a ``POST`` of ``body`` to ``path`` (see :meth:`_max_body`)."""
         raise NotImplementedError
 
     async def _background(self, handle: FlowHandle) -> None:
@@ -181,11 +199,13 @@ class HttpMonitor:
             lines = await _read_head(reader)
             if lines is None:
                 return  # the client left, or sent no HTTP request we can read
-            answered = True
             if lines:
                 method = lines[0].partition(" ")[0].encode("latin-1")
-                self._answer(writer, self._respond(handle, lines), method)
+                status, content_type, body, extra = await self._respond(handle, lines, reader)
+                answered = True
+                self._answer(writer, (status, content_type, body), method, extra)
             else:
+                answered = True
                 self._answer(writer, _TOO_LARGE, b"GET")
             await writer.drain()
         except asyncio.CancelledError:
@@ -202,38 +222,72 @@ class HttpMonitor:
             writer.close()
             self._connections.discard(task)
 
-    def _answer(self, writer: asyncio.StreamWriter, answer: Response, method: bytes) -> None:
+    def _answer(
+        self,
+        writer: asyncio.StreamWriter,
+        answer: Response,
+        method: bytes,
+        extra: dict[str, str] | None = None,
+    ) -> None:
         status, content_type, body = answer
+        extra_lines = "".join(f"{k}: {v}\r\n" for k, v in (extra or {}).items())
         writer.write(
             (
                 f"HTTP/1.1 {status.value} {status.phrase}\r\n"
                 f"Content-Type: {content_type}\r\n"
                 f"Content-Length: {len(body)}\r\n"
                 f"{self.extra_headers}"
+                f"{extra_lines}"
                 "Connection: close\r\n\r\n"
             ).encode("latin-1")
         )
         if method != b"HEAD":
             writer.write(body)
 
-    def _respond(self, handle: FlowHandle, lines: list[str]) -> Response:
-        """Route one request (``lines``: the request line and the header lines)."""
+    async def _respond(
+        self, handle: FlowHandle, lines: list[str], reader: asyncio.StreamReader
+    ) -> PostResponse:
+        """Route one request (``lines``: the request line and the header lines), reading a
+        ``POST`` body from ``reader`` first."""
         parts = lines[0].split(" ")
         if len(parts) != 3 or not parts[2].startswith("HTTP/"):  # method, target, version
-            return HTTPStatus.BAD_REQUEST, PLAIN, b"bad request line\n"
+            return HTTPStatus.BAD_REQUEST, PLAIN, b"bad request line\n", {}
         method, target, _ = parts
-        if method not in ("GET", "HEAD"):
-            return HTTPStatus.METHOD_NOT_ALLOWED, PLAIN, b"only GET and HEAD\n"
         headers: dict[str, str] = {}
         for line in lines[1:]:
             name, sep, value = line.partition(":")
             if sep:
                 headers[name.strip().lower()] = value.strip()
+        split = urlsplit(target)
+        path = split.path
+        limit = self._max_body(path)
+        if method == "POST" and limit is not None:
+            body = await _read_body(headers, reader, limit)
+            if isinstance(body, tuple):
+                return body
+            try:
+                return self._post(handle, path, headers, body)
+            except Exception as exc:  # a failed request must not stop the flow: answer 500
+                log.exception("answering %s %s failed", method, target)
+                return _failed(exc)
+        if method not in ("GET", "HEAD"):
+            allowed = "GET, HEAD" + (", POST" if limit is not None else "")
+            return (
+                HTTPStatus.METHOD_NOT_ALLOWED,
+                PLAIN,
+                f"only {allowed} at {path}\n".encode(),
+                {"Allow": allowed},
+            )
         try:
-            return self._route(handle, urlsplit(target).path, headers)
+            status, content_type, data = self._route(handle, path, headers, split.query)
         except Exception as exc:  # a failed request must not stop the flow: answer 500
             log.exception("answering %s %s failed", method, target)
-            return HTTPStatus.INTERNAL_SERVER_ERROR, PLAIN, f"failed: {exc!r}\n".encode()
+            return _failed(exc)
+        return status, content_type, data, {}
+
+
+def _failed(exc: Exception) -> PostResponse:
+    return HTTPStatus.INTERNAL_SERVER_ERROR, PLAIN, f"failed: {exc!r}\n".encode(), {}
 
 
 _TIMED_OUT: Response = (HTTPStatus.REQUEST_TIMEOUT, PLAIN, b"no complete request in time\n")
@@ -271,6 +325,35 @@ async def _read_head(reader: asyncio.StreamReader) -> list[str] | None:
                 return lines
             continue  # empty lines before the request line are allowed (RFC 9112 2.2)
         lines.append(text)
+
+
+async def _read_body(
+    headers: dict[str, str], reader: asyncio.StreamReader, limit: int
+) -> bytes | PostResponse:
+    """The body of a ``POST`` (``Content-Length`` bytes, at most ``limit``), or the answer
+    that refuses it."""
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        return (
+            HTTPStatus.LENGTH_REQUIRED,
+            PLAIN,
+            b"send the body with a Content-Length, not chunked\n",
+            {},
+        )
+    raw = headers.get("content-length")
+    if raw is None:
+        return HTTPStatus.LENGTH_REQUIRED, PLAIN, b"a POST needs a Content-Length header\n", {}
+    if not raw.isdigit():
+        message = f"Content-Length must be a whole number of bytes, got {raw!r}\n"
+        return HTTPStatus.BAD_REQUEST, PLAIN, message.encode(), {}
+    length = int(raw)
+    if length > limit:
+        message = f"the body is {length} bytes; at most {limit} are accepted here\n"
+        return HTTPStatus.REQUEST_ENTITY_TOO_LARGE, PLAIN, message.encode(), {}
+    try:
+        return await reader.readexactly(length)
+    except asyncio.IncompleteReadError as exc:
+        message = f"the body ended after {len(exc.partial)} of {length} bytes\n"
+        return HTTPStatus.BAD_REQUEST, PLAIN, message.encode(), {}
 
 
 async def _closed(server: asyncio.Server, tasks: list[asyncio.Future[Any]]) -> None:

@@ -281,7 +281,9 @@ class PrometheusExporter(HttpMonitor):
         self._registry = CollectorRegistry()
         self._registry.register(FlowCollector(handle.metrics))
 
-    def _route(self, handle: FlowHandle, path: str, headers: dict[str, str]) -> Response:
+    def _route(
+        self, handle: FlowHandle, path: str, headers: dict[str, str], query: str = ""
+    ) -> Response:
         if path == "/":
             return HTTPStatus.OK, PLAIN, b"sluiceway: Prometheus metrics at /metrics\n"
         if path != "/metrics":

@@ -43,10 +43,13 @@ import math
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TypedDict
+from urllib.parse import unquote
 
+from sluiceway.connectors.push import HttpIngest
 from sluiceway.flow import Flow, Node
-from sluiceway.metrics.http import PLAIN, HttpMonitor, Response
+from sluiceway.metrics.http import PLAIN, HttpMonitor, PostResponse, Response
 from sluiceway.metrics.registry import FlowSnapshot, OperatorSnapshot, Rates
+from sluiceway.operators.io import SourceSpec
 from sluiceway.operators.stateless import LateOutputSpec, PortSpec
 from sluiceway.plan import plan
 from sluiceway.runtime.handle import FlowHandle
@@ -432,6 +435,15 @@ def flow_state(
 
 # -- the server -----------------------------------------------------------------------------
 
+_INGEST = "/api/ingest/"
+_UNKNOWN_BODY = 64 * 1024  # read before answering 404 to a POST for no known source
+
+
+def _json(
+    status: HTTPStatus, document: object, headers: dict[str, str] | None = None
+) -> PostResponse:
+    return status, "application/json", json.dumps(document).encode() + b"\n", headers or {}
+
 
 def page() -> bytes:
     """The web view's page (``GET /``): one HTML file with inline CSS and JavaScript."""
@@ -451,7 +463,9 @@ class WebView(HttpMonitor):
         port: TCP port to listen on (0: any free port; see :meth:`wait_serving`).
             Default 8080.
         host: address to bind.  Default ``127.0.0.1`` (this machine only); ``0.0.0.0``
-            lets other machines look (the view is read-only, and has no authentication).
+            lets other machines look (the view is read-only, and has no authentication;
+            but a flow with :class:`~sluiceway.sources.HttpIngest` sources takes records
+            at ``POST /api/ingest/<source>`` from whoever can reach it).
         interval: seconds of the flow's clock between two samples; rates are measured
             over the last such interval.  Default 1.
 
@@ -482,9 +496,15 @@ class WebView(HttpMonitor):
         self._started: float | None = None
         self._graph: FlowGraph | None = None
         self._html = b""
+        self._ingest: dict[str, HttpIngest] = {}
 
     def _start(self, handle: FlowHandle) -> None:
         self._graph = flow_graph(handle.flow)
+        self._ingest = {
+            node.name: node.spec.source
+            for node in handle.flow.nodes
+            if isinstance(node.spec, SourceSpec) and isinstance(node.spec.source, HttpIngest)
+        }
         self._html = page()
         self._previous, self._latest = None, handle.metrics()
         self._started = self._latest.time
@@ -520,7 +540,71 @@ class WebView(HttpMonitor):
             stopping=handle.stopping,
         )
 
-    def _route(self, handle: FlowHandle, path: str, headers: dict[str, str]) -> Response:
+    # -- POST /api/ingest/<source> ------------------------------------------------------
+
+    def _ingest_source(self, path: str) -> tuple[str, HttpIngest | None] | None:
+        if not path.startswith(_INGEST):
+            return None
+        name = unquote(path[len(_INGEST) :])
+        return name, self._ingest.get(name)
+
+    def _max_body(self, path: str) -> int | None:
+        found = self._ingest_source(path)
+        if found is None:
+            return None
+        source = found[1]
+        return _UNKNOWN_BODY if source is None else source.max_body  # (unknown: a 404)
+
+    def _post(
+        self, handle: FlowHandle, path: str, headers: dict[str, str], body: bytes
+    ) -> PostResponse:
+        found = self._ingest_source(path)
+        assert found is not None
+        name, source = found
+        if source is None:
+            known = ", ".join(repr(n) for n in sorted(self._ingest)) or "none"
+            message = f"no HttpIngest source named {name!r} in this flow (there are: {known})"
+            return _json(HTTPStatus.NOT_FOUND, {"error": message})
+        try:
+            value = json.loads(body)
+        except UnicodeDecodeError as exc:
+            return _json(HTTPStatus.BAD_REQUEST, {"error": f"the body is not UTF-8: {exc}"})
+        except json.JSONDecodeError as exc:
+            message = (
+                f"the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+            )
+            return _json(HTTPStatus.BAD_REQUEST, {"error": message})
+        if isinstance(value, list):
+            records: list[object] = value
+        elif isinstance(value, dict):
+            records = [value]
+        else:
+            message = (
+                f"send a JSON array of records, or one JSON object; got a JSON "
+                f"{type(value).__name__}: {body[:80].decode(errors='replace')!r}"
+            )
+            return _json(HTTPStatus.BAD_REQUEST, {"error": message})
+        if len(records) > source.capacity:
+            message = (
+                f"{len(records)} records in one request; {name!r} accepts at most "
+                f"{source.capacity} at once (its capacity): split the request"
+            )
+            return _json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": message})
+        if source.offer_all(records):
+            return _json(HTTPStatus.ACCEPTED, {"accepted": len(records)})
+        reason = source.refusal or "refused"
+        if source.closed or handle.stopping:
+            return _json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": reason, "accepted": 0})
+        retry_after = str(max(1, math.ceil(source.retry_after)))
+        return _json(
+            HTTPStatus.TOO_MANY_REQUESTS,
+            {"error": reason, "accepted": 0, "retry_after": source.retry_after},
+            {"Retry-After": retry_after},
+        )
+
+    def _route(
+        self, handle: FlowHandle, path: str, headers: dict[str, str], query: str = ""
+    ) -> Response:
         if path in ("/", "/index.html"):
             return HTTPStatus.OK, "text/html; charset=utf-8", self._html
         if path != "/api/flow":

@@ -133,6 +133,7 @@ class _SourceStage(_Stage):
         self.barrier: int | None = None  # a checkpoint to start at the next batch boundary
         self.barrier_cancel = False
         self.signal: asyncio.Future[None] | None = None
+        self.draining = False  # a stop drains what the source accepted (Source.stop_intake)
 
     def request_barrier(self, checkpoint_id: int) -> None:
         """Start checkpoint ``checkpoint_id`` here before the next batch (interrupting a
@@ -212,12 +213,12 @@ class _SourceStage(_Stage):
             while True:
                 if self.barrier is not None:
                     await self._inject()
-                if ex.stop_requested:
+                if ex.stop_requested and not self.draining:
                     if ex.checkpointing:
                         return await self._halt()
                     break
                 n = await self.credit()
-                if ex.stop_requested or self.barrier is not None:
+                if (ex.stop_requested and not self.draining) or self.barrier is not None:
                     continue
                 self.pulling = True
                 try:
@@ -721,8 +722,11 @@ class Executor:
             assert self.coordinator is not None
             self.coordinator.stop()
         for st in self.stages:
+            if isinstance(st, _SourceStage) and not self.checkpointing:
+                st.draining = st.source.stop_intake()
             if (
                 isinstance(st, _SourceStage)
+                and not st.draining
                 and st.pulling
                 and not st.barrier_cancel
                 and st.task is not None
@@ -759,6 +763,8 @@ class Executor:
             if r.fill:
                 held[f"channel {r.name}"] = r.fill
         for st in self.stages:
+            if isinstance(st, _SourceStage) and st.draining and st.source.backlog():
+                held[f"accepted in source {st.plan.head.name}"] = st.source.backlog() or 0
             n = st.inner.in_process() if st.inner is not None else 0
             if n:
                 held[f"in process in {st.label}"] = n
