@@ -28,3 +28,10 @@ def test_submit_accepted_or_rejected(capsys: pytest.CaptureFixture[str]) -> None
     # every accepted record (and the one put) was processed, none more
     assert answers["processed"] == answers["accepted"] + answers["put_ok"]
     assert "'rejected'" in capsys.readouterr().out
+
+
+def test_get_window_reads_the_current_window_of_a_key(capsys: pytest.CaptureFixture[str]) -> None:
+    seen = asyncio.run(load("get_window").main())
+    assert [(ts, v["views"]) for ts, v in seen] == [(5.0, 1), (20.0, 2), (42.0, 3), (65.0, 1)]
+    assert seen[2][1]["pages"] == ["/home", "/cart", "/pay"]
+    assert "ann's current window" in capsys.readouterr().out

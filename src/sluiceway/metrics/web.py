@@ -43,7 +43,7 @@ import math
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TypedDict
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote
 
 from sluiceway.connectors.push import HttpIngest
 from sluiceway.flow import Flow, Node
@@ -436,7 +436,49 @@ def flow_state(
 # -- the server -----------------------------------------------------------------------------
 
 _INGEST = "/api/ingest/"
+_STATE = "/api/state/"
 _UNKNOWN_BODY = 64 * 1024  # read before answering 404 to a POST for no known source
+
+
+def _state_answer(handle: FlowHandle, operator: str, query: str) -> Response:
+    """``GET /api/state/<operator>?key=...[&at=...]``: :meth:`FlowHandle.query` as JSON.
+
+    ``key`` is matched as the string given, and when the operator holds nothing for that
+    string and it is valid JSON (``42``, ``"a b"``, ``true``), as that JSON value."""
+    params = parse_qs(query, keep_blank_values=True)
+    if "key" not in params:
+        return _plain(HTTPStatus.BAD_REQUEST, "give the key: /api/state/<operator>?key=...")
+    raw = params["key"][0]
+    at: float | None = None
+    if "at" in params:
+        try:
+            at = float(params["at"][0])
+        except ValueError:
+            bad = params["at"][0]
+            return _plain(
+                HTTPStatus.BAD_REQUEST, f"at= must be a time in epoch seconds, got {bad!r}"
+            )
+        if not math.isfinite(at):
+            return _plain(HTTPStatus.BAD_REQUEST, f"at= must be a finite time, got {at!r}")
+    try:
+        answer = handle.query(operator, raw, at=at)
+        if not answer.found:
+            try:
+                typed = json.loads(raw)
+            except ValueError:
+                typed = raw
+            if typed != raw and isinstance(typed, str | int | float | bool):
+                again = handle.query(operator, typed, at=at)
+                if again.found:
+                    answer = again
+    except ValueError as exc:
+        return _plain(HTTPStatus.NOT_FOUND, str(exc))
+    body = json.dumps(answer.to_json(), default=repr, allow_nan=False).encode()
+    return HTTPStatus.OK, "application/json", body
+
+
+def _plain(status: HTTPStatus, message: str) -> Response:
+    return status, PLAIN, f"{message}\n".encode()
 
 
 def _json(
@@ -607,11 +649,14 @@ class WebView(HttpMonitor):
     ) -> Response:
         if path in ("/", "/index.html"):
             return HTTPStatus.OK, "text/html; charset=utf-8", self._html
+        if path.startswith(_STATE):
+            return _state_answer(handle, unquote(path[len(_STATE) :]), query)
         if path != "/api/flow":
             return (
                 HTTPStatus.NOT_FOUND,
                 PLAIN,
-                b"not found; the view is at /, its data at /api/flow\n",
+                b"not found; the view is at /, its data at /api/flow, state at "
+                b"/api/state/<operator>?key=...\n",
             )
         assert self._graph is not None
         body = json.dumps(self._state(handle, self._graph), allow_nan=False).encode()

@@ -11,6 +11,7 @@ from sluiceway.metrics.registry import OperatorMetrics
 from sluiceway.operators.errors import ErrorHandler
 from sluiceway.runtime.channel import ChannelWriter, Overflow
 from sluiceway.runtime.messages import Barrier, Batch, Control
+from sluiceway.runtime.query import KeyState
 from sluiceway.time import Clock
 
 __all__ = ["BuildContext", "OpSpec", "SendStep", "Step", "apply_each", "without"]
@@ -157,6 +158,13 @@ class Step:
         state, after the end of its input).  Default: :meth:`snapshot`.  A sink step
         overrides it to make what it wrote durable first."""
         return self.snapshot()
+
+    def query(self, key: Any, at: float | None) -> KeyState | None:
+        """What the step holds for ``key`` right now, for a state query (``at``: only the
+        windows holding that instant, in seconds), or None when the step keeps no state
+        per key.  Called between two of the step's records; see
+        :mod:`sluiceway.runtime.query`."""
+        return None
 
     def restore(self, state: Any) -> None:
         """Load a :meth:`snapshot` taken by an earlier run of the same flow.

@@ -30,6 +30,7 @@ from sluiceway.operators.base import BuildContext, OpSpec, Step, without
 from sluiceway.operators.errors import ErrorHandler
 from sluiceway.policies import ErrorPolicy, Fail
 from sluiceway.runtime.messages import Batch, Control, Watermark
+from sluiceway.runtime.query import KeyState
 from sluiceway.state import TTL, KeyedStore, ProcessContext, TimerEvent
 from sluiceway.time import Clock, yield_now
 
@@ -54,6 +55,7 @@ class _KeyedProcessStep(Step):
             self.fn, "on_timer", None
         )
         self.store = KeyedStore(ctx.name, ctx.clock, spec.timestamped)
+        self.single = isinstance(spec, StatefulMapSpec)  # one state per key: "state"
         self.ctx: ProcessContext[Any] = ProcessContext(
             self.store, self._emit_one, self.timer_fn is not None
         )
@@ -260,6 +262,15 @@ class _KeyedProcessStep(Step):
         return len(self.out)
 
     # -- checkpoints ---------------------------------------------------------------------
+
+    def query(self, key: Any, at: float | None) -> KeyState:
+        data = self.store.data.get(key)
+        wm = self.store.wm / 1e6 if math.isfinite(self.store.wm) else None
+        if data is None:
+            return KeyState(False, watermark=wm)
+        if self.single:
+            return KeyState.copied(True, data.get("state"), wm)
+        return KeyState.copied(True, dict(data), wm)
 
     def snapshot(self) -> Any:
         """Every key's state, TTL deadlines and pending timers, pickled into bytes.

@@ -49,6 +49,7 @@ from sluiceway.runtime.channel import ChannelReader, ChannelWriter, Overflow, op
 from sluiceway.runtime.checkpointing import Checkpoints, CheckpointStats, Coordinator
 from sluiceway.runtime.claims import Claim, claim
 from sluiceway.runtime.messages import Barrier, Batch, Watermark
+from sluiceway.runtime.query import StateAnswer, worker_id
 from sluiceway.time import Clock, SystemClock, TimerHandle, yield_now
 
 __all__ = ["Executor", "RunResult"]
@@ -361,6 +362,7 @@ class Executor:
         self.plan: PhysicalPlan = plan(flow)
         self.metrics = MetricsRegistry(flow.name, self.clock)
         self.stop_requested = False
+        self.worker = worker_id()
         self._rng = random.Random(seed)
         self._forced: str | None = None
         self._forced_why = CancelReason.FORCED
@@ -755,6 +757,32 @@ class Executor:
         self._forced_signal = sig
         self._unflushed = self.unflushed()
         self._main.cancel(reason)
+
+    def query(self, operator: str, key: Any, at: float | None = None) -> StateAnswer:
+        """What ``operator`` holds for ``key`` now (see :mod:`sluiceway.runtime.query`)."""
+        step = self._steps.get(operator)
+        found = None if step is None else step.query(key, at)
+        if found is None:
+            queryable = [n for n, s in self._steps.items() if type(s).query is not Step.query]
+            listed = ", ".join(repr(n) for n in queryable) or "none in this flow"
+            what = "no operator" if step is None else "operator"
+            why = "" if step is None else " holds no per-key state"
+            raise ValueError(
+                f"flow {self.flow.name!r} has {what} {operator!r}{why}; operators whose "
+                f"state can be queried: {listed}"
+            )
+        node = next(n for n in self.flow.nodes if n.name == operator)
+        return StateAnswer(
+            operator=operator,
+            kind=node.kind,
+            key=key,
+            found=found.found,
+            worker=self.worker,
+            time=self.clock.time(),
+            watermark=found.watermark,
+            windows=found.windows,
+            state=found.state,
+        )
 
     def unflushed(self) -> dict[str, int]:
         """Records still held right now: per channel, per holding operator, per stage."""

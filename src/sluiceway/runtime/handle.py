@@ -8,12 +8,14 @@ import signal
 import sys
 import threading
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from sluiceway.errors import CancelReason
 from sluiceway.flow import Flow
 from sluiceway.metrics.registry import FlowSnapshot
 from sluiceway.runtime.checkpointing import Checkpoints
 from sluiceway.runtime.executor import Executor, RunResult
+from sluiceway.runtime.query import StateAnswer
 from sluiceway.time import Clock
 
 __all__ = ["FlowHandle", "Monitor", "run", "run_async", "start"]
@@ -61,6 +63,22 @@ class FlowHandle:
     def metrics(self) -> FlowSnapshot:
         """A snapshot of every counter right now."""
         return self._executor.metrics.snapshot()
+
+    def query(self, operator: str, key: Any, *, at: float | None = None) -> StateAnswer:
+        """Read ``operator``'s state for ``key`` while the flow runs.
+
+        Window operators answer with the key's open windows and their values so far
+        (``at``: only the windows holding that instant, epoch seconds -- the seed
+        documents' ``GetWindow(key, timestamp)``); ``stateful_map`` with the key's state;
+        ``process`` with its value and map states.  A snapshot between two records of the
+        operator (see :mod:`sluiceway.runtime.query` for the exact consistency); the
+        answer says which worker answered and whether it holds the key.
+
+        Raises:
+            ValueError: no operator of that name, or one that keeps no per-key state
+                (the message lists the operators that can be queried).
+        """
+        return self._executor.query(operator, key, at)
 
     def unflushed(self) -> dict[str, int]:
         """Records held in channels and operators right now."""

@@ -12,6 +12,7 @@ depends on where the stream was cut into batches.
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import math
@@ -27,6 +28,7 @@ from typing import Any, ClassVar
 from sluiceway.agg import Aggregator
 from sluiceway.operators.base import BuildContext, OpSpec, Step
 from sluiceway.runtime.messages import Batch, Control, Watermark
+from sluiceway.runtime.query import KeyState, OpenWindow
 from sluiceway.time import Clock
 from sluiceway.windows.assigners import Session, Sliding, Tumbling
 
@@ -177,6 +179,10 @@ class Aggregation:
 
     def merge(self, a: list[Any], b: list[Any]) -> list[Any]:
         return [g.merge(x, y) for g, x, y in zip(self.aggs, a, b, strict=True)]
+
+
+def _seconds(ticks: float) -> float | None:
+    return ticks / 1e6 if math.isfinite(ticks) else None
 
 
 @functools.lru_cache(maxsize=256)
@@ -634,6 +640,21 @@ class _GridWindowStep(_WindowStep):
 
     _STATE = (*_WindowStep._STATE, "panes", "revs", "heap", "expiry")
 
+    def query(self, key: Any, at: float | None) -> KeyState:
+        wm = self.wm
+        tick = None if at is None else round(at * 1e6)
+        found: list[OpenWindow] = []
+        for start in sorted(self.panes):
+            pane = self.panes[start]
+            if key not in pane:
+                continue
+            end = start + self.size
+            if tick is not None and not start <= tick < end:
+                continue
+            value = copy.deepcopy(self.agg.result(pane[key]))
+            found.append(OpenWindow(start / 1e6, end / 1e6, value, end <= wm))
+        return KeyState(bool(found), tuple(found), None, _seconds(wm))
+
     def open_windows(self) -> int:
         return sum(map(len, self.panes.values()))
 
@@ -719,6 +740,17 @@ class _SessionWindowStep(_WindowStep):
         self.dirty: dict[int, tuple[Any, list[Any]]] | None = {} if spec.early_every else None
 
     _STATE = (*_WindowStep._STATE, "sessions", "due", "heap", "seq", "open")
+
+    def query(self, key: Any, at: float | None) -> KeyState:
+        tick = None if at is None else round(at * 1e6)
+        found: list[OpenWindow] = []
+        for s in self.sessions.get(key, ()):
+            start, end = s[_S], s[_E]
+            if tick is not None and not start <= tick < end:
+                continue
+            value = copy.deepcopy(self.agg.result(s[_ACC]))
+            found.append(OpenWindow(start / 1e6, end / 1e6, value, bool(s[_FIRED])))
+        return KeyState(bool(found), tuple(found), None, _seconds(self.wm))
 
     def open_windows(self) -> int:
         return self.open
