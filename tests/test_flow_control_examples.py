@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import logging
 from pathlib import Path
 from types import ModuleType
 
@@ -35,3 +36,16 @@ def test_get_window_reads_the_current_window_of_a_key(capsys: pytest.CaptureFixt
     assert [(ts, v["views"]) for ts, v in seen] == [(5.0, 1), (20.0, 2), (42.0, 3), (65.0, 1)]
     assert seen[2][1]["pages"] == ["/home", "/cart", "/pay"]
     assert "ann's current window" in capsys.readouterr().out
+
+
+def test_the_load_feedback_rules_switch_on_cue(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="sluiceway"):
+        timeline = asyncio.run(load("load_feedback").main())
+    assert [(t, len(active), ok) for t, active, ok in timeline] == [
+        (1.0, 0, True),
+        (3.0, 1, True),  # CPU above 80 %: fetch shrunk
+        (5.0, 4, False),  # p99 above 2 s: admission refuses
+        (7.0, 0, True),
+    ]
+    switches = [r.getMessage() for r in caplog.records if "load rule" in r.getMessage()]
+    assert len(switches) == 8  # each rule on once and off once

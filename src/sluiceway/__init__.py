@@ -42,7 +42,7 @@ from sluiceway.flow import (
     WindowedStream,
     WindowResultStream,
 )
-from sluiceway.flowcontrol import Adaptive, CircuitBreaker, CircuitOpenError
+from sluiceway.flowcontrol import Adaptive, CircuitBreaker, CircuitOpenError, LoadPolicy, LoadRule
 from sluiceway.metrics import FlowSnapshot
 from sluiceway.policies import Backoff, DeadLetter, DeadLetterRecord, ErrorPolicy, Fail, Retry
 from sluiceway.runtime.channel import Overflow
@@ -83,6 +83,8 @@ __all__ = [
     "JoinedStream",
     "KeyedStream",
     "LateRecord",
+    "LoadPolicy",
+    "LoadRule",
     "Monitor",
     "OperatorError",
     "Overflow",

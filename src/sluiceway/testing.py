@@ -20,6 +20,7 @@ from sluiceway.connectors.base import Sink, SinkContext, Source, SourceContext
 from sluiceway.connectors.memory import Collect
 from sluiceway.connectors.memory import Iterable as IterableSource
 from sluiceway.flow import Flow, Stream
+from sluiceway.flowcontrol.load import LoadPolicy
 from sluiceway.runtime.checkpointing import Checkpoints
 from sluiceway.runtime.executor import RunResult
 from sluiceway.runtime.handle import FlowHandle, run_async, start
@@ -260,6 +261,7 @@ def run_watched(
     during: Callable[[FlowHandle], Awaitable[None]] | None = None,
     max_batch_size: int = 1024,
     checkpoints: Checkpoints | None = None,
+    load: LoadPolicy | None = None,
 ) -> RunResult:
     """Run ``flow`` on the real clock under a :class:`Watchdog`, then stop it.
 
@@ -288,6 +290,7 @@ def run_watched(
                 max_batch_size=max_batch_size,
                 seed=0,
                 checkpoints=checkpoints,
+                load=load,
             )
             waiter = asyncio.ensure_future(handle.wait())
             if during is not None:

@@ -201,6 +201,12 @@ class Source(ABC):
         cancelled; nothing is lost, it was never taken)."""
         return False
 
+    def shed(self, reason: str | None) -> None:  # noqa: B027 - optional hook
+        """A load rule (``RejectAdmission``) asks the source to refuse new records from
+        producers with ``reason``, or (None) to accept them again.  Only push sources take
+        records from producers; the default ignores it (a pulled source is slowed by
+        backpressure instead)."""
+
     def backlog(self) -> int | None:
         """How much input is waiting to be read, when the source knows (None: unknown):
         unread bytes for a file, pending messages for a broker.  Read by the metrics (the

@@ -1,4 +1,5 @@
-"""Flow control: adaptive concurrency and circuit breaking for ``map_async``; rate limiters.
+"""Flow control: adaptive concurrency and circuit breaking for ``map_async``; rate limiters;
+load rules (:class:`LoadPolicy`).
 
 See docs/flow-control.md.
 """
@@ -14,6 +15,14 @@ from sluiceway.flowcontrol.limiters import (
     SlidingWindowLog,
     TokenBucket,
 )
+from sluiceway.flowcontrol.load import (
+    LimitRate,
+    LoadPolicy,
+    LoadRule,
+    RejectAdmission,
+    ShrinkFetch,
+    WantMoreInstances,
+)
 
 __all__ = [
     "Adaptive",
@@ -22,8 +31,14 @@ __all__ = [
     "FixedWindow",
     "KeyedLimiter",
     "LeakyBucket",
+    "LimitRate",
     "Limiter",
+    "LoadPolicy",
+    "LoadRule",
+    "RejectAdmission",
+    "ShrinkFetch",
     "SlidingWindowCounter",
     "SlidingWindowLog",
     "TokenBucket",
+    "WantMoreInstances",
 ]

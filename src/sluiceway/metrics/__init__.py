@@ -2,10 +2,18 @@
 
 from sluiceway.metrics.registry import (
     FlowSnapshot,
+    LoadSnapshot,
     MetricsRegistry,
     OperatorMetrics,
     OperatorSnapshot,
     Rates,
 )
 
-__all__ = ["FlowSnapshot", "MetricsRegistry", "OperatorMetrics", "OperatorSnapshot", "Rates"]
+__all__ = [
+    "FlowSnapshot",
+    "LoadSnapshot",
+    "MetricsRegistry",
+    "OperatorMetrics",
+    "OperatorSnapshot",
+    "Rates",
+]

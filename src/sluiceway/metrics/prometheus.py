@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator
 from http import HTTPStatus
 
 from sluiceway.metrics.http import PLAIN, HttpMonitor, Response
-from sluiceway.metrics.registry import CheckpointSnapshot, FlowSnapshot
+from sluiceway.metrics.registry import CheckpointSnapshot, FlowSnapshot, LoadSnapshot
 from sluiceway.runtime.handle import FlowHandle
 
 try:
@@ -104,7 +104,11 @@ def metric_families(snapshot: FlowSnapshot) -> list[Metric]:
     and ``sluiceway_channel_dropped_total``.  With checkpoints (label ``flow``):
     ``sluiceway_checkpoints_completed_total`` and, once one is stored, gauges
     ``sluiceway_checkpoint_last_id``, ``sluiceway_checkpoint_duration_seconds`` and
-    ``sluiceway_checkpoint_size_bytes`` (of the last one).
+    ``sluiceway_checkpoint_size_bytes`` (of the last one).  With a load policy (label
+    ``flow``): gauges ``sluiceway_load_signal`` (label ``signal``),
+    ``sluiceway_load_rule_active`` (label ``rule``, the rules that hold),
+    ``sluiceway_wants_more_instances`` and ``sluiceway_admission_shedding``, counter
+    ``sluiceway_load_decisions_total``.
     """
     flow = snapshot.flow
     families: list[Metric] = []
@@ -205,7 +209,47 @@ def metric_families(snapshot: FlowSnapshot) -> list[Metric]:
     families += [fill, capacity, blocked, dropped]
     if snapshot.checkpoints is not None:
         families += _checkpoint_families(flow, snapshot.checkpoints)
+    if snapshot.load is not None:
+        families += _load_families(flow, snapshot.load)
     return families
+
+
+def _load_families(flow: str, load: LoadSnapshot) -> list[Metric]:
+    signal = GaugeMetricFamily(
+        "sluiceway_load_signal",
+        "A load signal at the last check: cpu (cores busy), loop_lag (s), queue_delay (s), "
+        "latency_p99 (s), gc_per_minute.",
+        labels=["flow", "signal"],
+    )
+    for name, value in load.signals.items():
+        if math.isfinite(value):
+            signal.add_metric([flow, name], value)
+    rules = GaugeMetricFamily(
+        "sluiceway_load_rule_active",
+        "1 for each load rule that holds now.",
+        labels=["flow", "rule"],
+    )
+    for label in load.active:
+        rules.add_metric([flow, label], 1.0)
+    decisions = CounterMetricFamily(
+        "sluiceway_load_decisions",
+        "Times a load rule switched on or off.",
+        labels=["flow"],
+    )
+    decisions.add_metric([flow], load.decisions)
+    wants = GaugeMetricFamily(
+        "sluiceway_wants_more_instances",
+        "1 while a WantMoreInstances load rule holds: scale this flow out (KEDA/HPA trigger).",
+        labels=["flow"],
+    )
+    wants.add_metric([flow], 1.0 if load.wants_more_instances else 0.0)
+    shedding = GaugeMetricFamily(
+        "sluiceway_admission_shedding",
+        "1 while a RejectAdmission load rule makes push sources refuse records.",
+        labels=["flow"],
+    )
+    shedding.add_metric([flow], 0.0 if load.shedding is None else 1.0)
+    return [signal, rules, decisions, wants, shedding]
 
 
 def _checkpoint_families(flow: str, ck: CheckpointSnapshot) -> list[Metric]:

@@ -21,6 +21,7 @@ from sluiceway.time import Clock
 __all__ = [
     "CheckpointSnapshot",
     "FlowSnapshot",
+    "LoadSnapshot",
     "MetricsRegistry",
     "OperatorMetrics",
     "OperatorSnapshot",
@@ -152,6 +153,30 @@ class CheckpointSnapshot:
 
 
 @dataclass(frozen=True, slots=True)
+class LoadSnapshot:
+    """The load signals and decisions of a flow at its last check.
+
+    Attributes:
+        signals: the value of each signal (``cpu``, ``loop_lag``, ``queue_delay``,
+            ``latency_p99``, ``gc_per_minute``) at the last check; empty before the first.
+        active: the labels of the rules that hold (``"cpu > 0.8 -> shrink fetch x0.5"``).
+        decisions: how many times a rule switched on or off so far.
+        fetch_cap: the most records a source is asked for now (None: no cap).
+        rate: the pull rate per source now, records/s (None: no limit).
+        shedding: why push sources refuse records now (None: they accept).
+        wants_more_instances: True while a ``WantMoreInstances`` rule holds.
+    """
+
+    signals: dict[str, float]
+    active: tuple[str, ...]
+    decisions: int
+    fetch_cap: int | None
+    rate: float | None
+    shedding: str | None
+    wants_more_instances: bool
+
+
+@dataclass(frozen=True, slots=True)
 class FlowSnapshot:
     """All counters of a flow at one instant of its clock."""
 
@@ -163,6 +188,8 @@ class FlowSnapshot:
     """The clock's wall time (epoch seconds) at the snapshot: event-time watermark lag is
     ``wall_time - operator.watermark``."""
     checkpoints: CheckpointSnapshot | None = None
+    load: LoadSnapshot | None = None
+    """With a load policy: the signals and decisions at its last check."""
 
     def watermark_lag(self, name: str) -> float | None:
         """How far operator ``name``'s watermark is behind the wall clock, in seconds
@@ -222,10 +249,15 @@ class MetricsRegistry:
         self._backlogs: dict[str, Callable[[], int | None]] = {}
         self._partition_backlogs: dict[str, Callable[[], dict[str, int] | None]] = {}
         self._checkpoints: Callable[[], CheckpointSnapshot] | None = None
+        self._load: Callable[[], LoadSnapshot] | None = None
 
     def add_checkpoints(self, read: Callable[[], CheckpointSnapshot]) -> None:
         """Register how to read the flow's checkpoint statistics (at snapshot time)."""
         self._checkpoints = read
+
+    def add_load(self, read: Callable[[], LoadSnapshot]) -> None:
+        """Register how to read the flow's load signals and decisions (at snapshot time)."""
+        self._load = read
 
     def operator(self, name: str, kind: str, stage: int) -> OperatorMetrics:
         """Register (or return) the counters of operator ``name``."""
@@ -309,4 +341,5 @@ class MetricsRegistry:
             channels,
             wall_time=self.clock.time(),
             checkpoints=None if self._checkpoints is None else self._checkpoints(),
+            load=None if self._load is None else self._load(),
         )

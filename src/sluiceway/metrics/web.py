@@ -48,7 +48,7 @@ from urllib.parse import parse_qs, unquote
 from sluiceway.connectors.push import HttpIngest
 from sluiceway.flow import Flow, Node
 from sluiceway.metrics.http import PLAIN, HttpMonitor, PostResponse, Response
-from sluiceway.metrics.registry import FlowSnapshot, OperatorSnapshot, Rates
+from sluiceway.metrics.registry import FlowSnapshot, LoadSnapshot, OperatorSnapshot, Rates
 from sluiceway.operators.io import SourceSpec
 from sluiceway.operators.stateless import LateOutputSpec, PortSpec
 from sluiceway.plan import plan
@@ -61,6 +61,7 @@ __all__ = [
     "GraphEdge",
     "GraphNode",
     "GraphStage",
+    "LoadState",
     "NodeState",
     "StageState",
     "WebView",
@@ -302,6 +303,19 @@ class FlowState(TypedDict):
     stages: list[StageState]
     nodes: list[NodeState]
     edges: list[EdgeState]
+    load: LoadState | None
+
+
+class LoadState(TypedDict):
+    """The load signals and decisions, with a load policy (``/api/flow``'s ``load``)."""
+
+    signals: dict[str, float | None]
+    active: list[str]
+    decisions: int
+    fetch_cap: int | None
+    rate: float | None
+    shedding: str | None
+    wants_more_instances: bool
 
 
 def _finite(value: float) -> float | None:
@@ -430,6 +444,19 @@ def flow_state(
         stages=stages,
         nodes=nodes,
         edges=edges,
+        load=None if now.load is None else _load_state(now.load),
+    )
+
+
+def _load_state(load: LoadSnapshot) -> LoadState:
+    return LoadState(
+        signals={k: _finite(v) for k, v in load.signals.items()},
+        active=list(load.active),
+        decisions=load.decisions,
+        fetch_cap=load.fetch_cap,
+        rate=load.rate,
+        shedding=load.shedding,
+        wants_more_instances=load.wants_more_instances,
     )
 
 

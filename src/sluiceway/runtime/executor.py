@@ -37,6 +37,8 @@ from sluiceway.errors import (
     SluicewayError,
 )
 from sluiceway.flow import Flow, Node
+from sluiceway.flowcontrol.limiters import TokenBucket
+from sluiceway.flowcontrol.load import LoadEffects, LoadPolicy
 from sluiceway.metrics.histogram import LatencyHistogram
 from sluiceway.metrics.registry import FlowSnapshot, MetricsRegistry
 from sluiceway.operators.base import BuildContext, SendStep, Step
@@ -48,6 +50,7 @@ from sluiceway.policies import DeadLetter, DeadLetterRecord, Retry
 from sluiceway.runtime.channel import ChannelReader, ChannelWriter, Overflow, open_channel
 from sluiceway.runtime.checkpointing import Checkpoints, CheckpointStats, Coordinator
 from sluiceway.runtime.claims import Claim, claim
+from sluiceway.runtime.load import LoadMonitor
 from sluiceway.runtime.messages import Barrier, Batch, Watermark
 from sluiceway.runtime.query import StateAnswer, worker_id
 from sluiceway.time import Clock, SystemClock, TimerHandle, yield_now
@@ -135,6 +138,7 @@ class _SourceStage(_Stage):
         self.barrier_cancel = False
         self.signal: asyncio.Future[None] | None = None
         self.draining = False  # a stop drains what the source accepted (Source.stop_intake)
+        self.pull_limit: TokenBucket | None = None  # a load rule's LimitRate
 
     def request_barrier(self, checkpoint_id: int) -> None:
         """Start checkpoint ``checkpoint_id`` here before the next batch (interrupting a
@@ -194,6 +198,9 @@ class _SourceStage(_Stage):
             d = s.demand()
             if d is not None:
                 n = min(n, d)
+        cap = self.ex.fetch_cap
+        if cap is not None:
+            n = min(n, cap)
         return max(1, n)
 
     async def _watermark(self) -> None:
@@ -203,6 +210,23 @@ class _SourceStage(_Stage):
             self.wm = wm
             self.head.metrics.watermark = wm / 1e6
             await self.head.control(Watermark(wm))
+
+    def set_pull_rate(self, rate: float | None, burst: int) -> None:
+        """A load rule's LimitRate: pull no faster than ``rate`` records/s (None: off)."""
+        current = self.pull_limit
+        if rate is None:
+            self.pull_limit = None
+        elif current is None or current.rate != rate or current.burst != burst:
+            self.pull_limit = TokenBucket(rate, burst, clock=self.ex.clock)
+
+    async def _next_batch(self, n: int) -> Batch | None:
+        """Pull up to ``n`` records, after the wait a load rule's LimitRate asks for."""
+        limit = self.pull_limit
+        if limit is not None:
+            n = min(n, limit.burst)
+            clock = self.ex.clock
+            await clock.sleep(limit.reserve(n, clock.monotonic()))
+        return await self.source.next_batch(n)
 
     async def _run(self) -> object:
         ex, head, source = self.ex, self.head, self.source
@@ -223,7 +247,7 @@ class _SourceStage(_Stage):
                     continue
                 self.pulling = True
                 try:
-                    batch = await source.next_batch(n)
+                    batch = await self._next_batch(n)
                 except OperatorError as err:
                     if err is not ex.bad_input_failure:
                         raise
@@ -343,12 +367,15 @@ class Executor:
         max_batch_size: int = 1024,
         seed: int | None = None,
         checkpoints: Checkpoints | None = None,
+        load: LoadPolicy | None = None,
     ) -> None:
         if checkpoints is not None and not isinstance(checkpoints, Checkpoints):
             raise TypeError(
                 f"checkpoints must be sw.Checkpoints(directory, interval=...), got "
                 f"{type(checkpoints).__name__}"
             )
+        if load is not None and not isinstance(load, LoadPolicy):
+            raise TypeError(f"load must be sw.LoadPolicy([...]), got {type(load).__name__}")
         if not 0 <= grace_period < math.inf:  # (NaN fails this too)
             raise ValueError(
                 f"grace_period must be a finite number >= 0 seconds, got {grace_period!r}"
@@ -382,6 +409,18 @@ class Executor:
         self.bad_input_failure: OperatorError | None = None
         """A source's bad input under ``Fail``: raised once the flow has drained."""
         self.stages = self._build()
+        self.fetch_cap: int | None = None  # a load rule's ShrinkFetch: records per pull
+        self._load_ended: asyncio.Future[None] | None = None
+        self.load: LoadMonitor | None = None
+        if load is not None:
+            self.load = LoadMonitor(
+                load,
+                self.clock,
+                list(self._readers),
+                [st.head.metrics.latency for st in self.stages],
+                flow.name,
+            )
+            self.metrics.add_load(self.load.snapshot)
         self.coordinator: Coordinator | None = None
         acking = any(type(src).commit is not Source.commit for _, src in self._sources)
         if checkpoints is not None or acking:
@@ -499,10 +538,7 @@ class Executor:
             self._running_stages = len(self.stages)
             self._in_group = True
             async with asyncio.TaskGroup() as tg:
-                for st in self.stages:
-                    tg.create_task(st.run(), name=f"{self.flow.name}/stage{st.plan.index}")
-                if coord is not None:
-                    tg.create_task(coord.run(self._halt), name=f"{self.flow.name}/checkpoints")
+                self._spawn(tg, coord)
             self._in_group = False
             if coord is not None:
                 await coord.end()
@@ -549,6 +585,16 @@ class Executor:
             self.clock.monotonic() - started,
             coord.stats if coord is not None and coord.durable else None,
         )
+
+    def _spawn(self, tg: asyncio.TaskGroup, coord: Coordinator | None) -> None:
+        """Start the stage tasks, and the checkpoint and load loops if the run has them."""
+        for st in self.stages:
+            tg.create_task(st.run(), name=f"{self.flow.name}/stage{st.plan.index}")
+        if coord is not None:
+            tg.create_task(coord.run(self._halt), name=f"{self.flow.name}/checkpoints")
+        if self.load is not None:
+            self._load_ended = asyncio.get_running_loop().create_future()
+            tg.create_task(self._load_loop(self.load), name=f"{self.flow.name}/load")
 
     def _raise_bad_input(self, note: str | None = None) -> None:
         """Raise the bad-input failure the run stopped for (after draining), if any."""
@@ -702,6 +748,33 @@ class Executor:
         self._running_stages -= 1
         if coord is not None and self._running_stages == 0:
             coord.stages_ended()
+        ended = self._load_ended
+        if self._running_stages == 0 and ended is not None and not ended.done():
+            ended.set_result(None)
+
+    # -- load --------------------------------------------------------------------------
+
+    async def _load_loop(self, monitor: LoadMonitor) -> None:
+        """Every ``interval`` of the clock: measure the load signals and apply the rules,
+        until every stage has ended."""
+        clock, interval = self.clock, monitor.policy.interval
+        ended = self._load_ended
+        assert ended is not None
+        tick = clock.monotonic() + interval
+        while not await clock.wait_until(ended, tick):
+            now = clock.monotonic()
+            self._apply_load(monitor.check(now - tick, self.max_batch_size))
+            tick += interval
+            if tick <= now:  # fell behind: skip, do not burst
+                tick = now + interval
+
+    def _apply_load(self, effects: LoadEffects) -> None:
+        self.fetch_cap = effects.fetch_cap
+        for st in self.stages:
+            if not isinstance(st, _SourceStage):
+                continue
+            st.set_pull_rate(effects.rate, effects.burst)
+            st.source.shed(effects.shedding)
 
     def _halt(self) -> None:
         """The final checkpoint of a stop is stored: end the run without draining."""

@@ -12,6 +12,7 @@ from typing import Any
 
 from sluiceway.errors import CancelReason
 from sluiceway.flow import Flow
+from sluiceway.flowcontrol.load import LoadPolicy
 from sluiceway.metrics.registry import FlowSnapshot
 from sluiceway.runtime.checkpointing import Checkpoints
 from sluiceway.runtime.executor import Executor, RunResult
@@ -126,6 +127,7 @@ def start(
     max_batch_size: int = 1024,
     seed: int | None = None,
     checkpoints: Checkpoints | None = None,
+    load: LoadPolicy | None = None,
 ) -> FlowHandle:
     """Start ``flow`` in the running event loop and return its handle.
 
@@ -138,6 +140,8 @@ def start(
         checkpoints: take checkpoints (``sw.Checkpoints(directory, interval=...)``) and
             start from the latest one in that directory, if any.  A stop then ends at a
             final checkpoint instead of draining.  See ``docs/checkpoints.md``.
+        load: rules that act on the load signals (CPU, event-loop lag, queue delay,
+            latency p99, GC): ``sw.LoadPolicy([...])``.  See ``docs/flow-control.md``.
     """
     executor = Executor(
         flow,
@@ -146,6 +150,7 @@ def start(
         max_batch_size=max_batch_size,
         seed=seed,
         checkpoints=checkpoints,
+        load=load,
     )
     return FlowHandle(executor)
 
@@ -159,11 +164,12 @@ async def run_async(
     seed: int | None = None,
     monitor: Monitor | None = None,
     checkpoints: Checkpoints | None = None,
+    load: LoadPolicy | None = None,
 ) -> RunResult:
     """Run ``flow`` to completion in the running event loop (no signal handling).
 
     ``monitor``, if given, runs beside the flow (see :data:`Monitor`); ``checkpoints``
-    as for :func:`start`.
+    and ``load`` as for :func:`start`.
     """
     handle = start(
         flow,
@@ -172,6 +178,7 @@ async def run_async(
         max_batch_size=max_batch_size,
         seed=seed,
         checkpoints=checkpoints,
+        load=load,
     )
     return await _wait_with_monitor(handle, monitor)
 
@@ -206,6 +213,7 @@ def run(
     announce_signals: bool = True,
     monitor: Monitor | None = None,
     checkpoints: Checkpoints | None = None,
+    load: LoadPolicy | None = None,
 ) -> RunResult:
     """Run ``flow`` until its sources end or a stop signal, and return the result.
 
@@ -214,7 +222,8 @@ def run(
     second signal, or the grace period running out, cancels the flow and raises
     :class:`~sluiceway.errors.FlowCancelledError` listing what was not flushed.
     ``monitor``, if given, runs beside the flow (see :data:`Monitor`).  With
-    ``checkpoints`` (see :func:`start`), a first signal stops at a final checkpoint.
+    ``checkpoints`` (see :func:`start`), a first signal stops at a final checkpoint;
+    ``load`` as for :func:`start`.
     ``announce_signals=False`` keeps the one-line notice of a first signal off stderr
     (for a monitor that owns the terminal and shows ``handle.stopping`` itself).
 
@@ -241,6 +250,7 @@ def run(
             max_batch_size=max_batch_size,
             seed=seed,
             checkpoints=checkpoints,
+            load=load,
         )
         installed = _install_signals(handle, announce_signals) if handle_signals else []
         try:
