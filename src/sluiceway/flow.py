@@ -128,6 +128,21 @@ def _class_label(obj: object) -> str:
     return re.sub(r"(Source|Sink)$", "", name) or name
 
 
+def _reject_source(node: Node) -> Node:
+    """The source node a rejecting rate limit hands records back to: ``node`` itself, or
+    the source behind a ``key_by`` that cannot drop records (its policy is ``Fail``)."""
+    at = node
+    if isinstance(at.spec, KeyBySpec) and isinstance(at.spec.on_error, Fail) and at.inputs:
+        at = at.inputs[0]
+    if not isinstance(at.spec, SourceSpec):
+        raise FlowDefinitionError(
+            f"rate_limit(when_limited='reject') must follow its broker source directly (or "
+            f"through key_by), so each rejected record can be handed back; it follows "
+            f"{node.describe()}"
+        )
+    return at
+
+
 def _check_callable(fn: object, method: str) -> None:
     if not callable(fn):
         raise TypeError(f"{method}() expects a callable, got {type(fn).__name__} {fn!r}")
@@ -299,6 +314,20 @@ class Flow:
                     f"the stream from operator {n.describe()} in flow {self.name!r} is never "
                     "consumed: send it to a .sink(...) or remove it"
                 )
+            if isinstance(n.spec, RateLimitSpec) and n.spec.source is not None:
+                at = n.inputs[0]
+                while True:
+                    if len(at.consumers) > 1:
+                        raise FlowDefinitionError(
+                            f"rate_limit(when_limited='reject') {n.name!r} in flow "
+                            f"{self.name!r} hands records back to the broker, but the stream "
+                            f"from {at.describe()} also goes elsewhere, where they would be "
+                            "processed twice; rate-limit every branch, or use "
+                            "when_limited='wait'"
+                        )
+                    if not at.inputs:
+                        break
+                    at = at.inputs[0]
         self.topological_order()
 
     def topological_order(self) -> list[Node]:
@@ -587,7 +616,12 @@ class Stream(Generic[T]):
         return self._wrap(self._derive(spec, name, f"map_async_{_fn_label(fn)}"))  # type: ignore[no-any-return]
 
     def rate_limit(
-        self, limiter: Limiter | KeyedLimiter[Any], *, name: str | None = None
+        self,
+        limiter: Limiter | KeyedLimiter[Any],
+        *,
+        name: str | None = None,
+        when_limited: Literal["wait", "reject"] = "wait",
+        retry_after: float | timedelta = 1.0,
     ) -> Stream[T]:
         """Let records through no faster than ``limiter`` allows (shaping, not dropping).
 
@@ -598,6 +632,13 @@ class Stream(Generic[T]):
         flow's clock; its waiting holds the source back by backpressure.  See
         docs/flow-control.md.
 
+        ``when_limited="reject"``: a record the limiter does not admit now is handed back
+        to its broker, to be delivered again after ``retry_after`` seconds, instead of
+        being waited for (the records after it go on).  It must follow a broker source
+        that can redeliver (NATS JetStream, RabbitMQ, Redis Streams) directly, or
+        through ``key_by`` for a ``KeyedLimiter``; order is not kept for rejected
+        records.
+
         >>> import sluiceway as sw
         >>> limit = sw.flowcontrol.TokenBucket(rate=10, burst=1)
         >>> flow = sw.Flow("paced")
@@ -607,6 +648,12 @@ class Stream(Generic[T]):
         >>> [round(t, 3) for t, _ in out.items]
         [0.0, 0.1, 0.2]
         """
+        if when_limited not in ("wait", "reject"):
+            raise ValueError(
+                f"rate_limit(): when_limited must be 'wait' or 'reject', got {when_limited!r}"
+            )
+        if when_limited == "reject":
+            return self._rejecting_rate_limit(limiter, name, retry_after)
         if isinstance(limiter, KeyedLimiter):
             if not self.node.keyed:
                 raise FlowDefinitionError(
@@ -633,6 +680,35 @@ class Stream(Generic[T]):
             )
         label = type(limiter).__name__
         node = self._derive(RateLimitSpec(limiter, keyed=keyed), name, f"rate_limit_{label}")
+        return self._wrap(node)  # type: ignore[no-any-return]
+
+    def _rejecting_rate_limit(
+        self, limiter: object, name: str | None, retry_after: float | timedelta
+    ) -> Stream[T]:
+        delay = positive_seconds(retry_after, "rate_limit() retry_after")
+        keyed = isinstance(limiter, KeyedLimiter)
+        if not keyed and not isinstance(limiter, Limiter):
+            raise TypeError(
+                "rate_limit(when_limited='reject') needs a local limiter from sw.flowcontrol "
+                f"(TokenBucket, ..., KeyedLimiter), got {limiter!r}"
+            )
+        source_node = _reject_source(self.node)
+        assert isinstance(source_node.spec, SourceSpec)
+        source = source_node.spec.source
+        if not source.can_redeliver:
+            raise FlowDefinitionError(
+                f"rate_limit(when_limited='reject'): source {source_node.describe()} "
+                f"({source.describe()}) cannot hand records back to a broker for later; "
+                "reject works after NATS JetStream, RabbitMQ and Redis Streams sources -- "
+                "use when_limited='wait' (the source is paused by backpressure) instead"
+            )
+        if keyed and not self.node.keyed:
+            raise FlowDefinitionError(
+                f"rate_limit(): a KeyedLimiter needs a keyed stream; the stream from "
+                f"{self.node.describe()} has no keys: call key_by() first"
+            )
+        spec = RateLimitSpec(limiter, keyed=keyed, source=source, retry_after=delay)
+        node = self._derive(spec, name, f"rate_limit_{type(limiter).__name__}")
         return self._wrap(node)  # type: ignore[no-any-return]
 
     def with_timestamps(

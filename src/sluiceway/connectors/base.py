@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -200,6 +200,26 @@ class Source(ABC):
         default, False: the source is simply pulled no more (a pull waiting for input is
         cancelled; nothing is lost, it was never taken)."""
         return False
+
+    async def redeliver_later(self, indices: Sequence[int], delay: float) -> None:
+        """Hand records of the batch :meth:`next_batch` returned last back to the broker,
+        to be delivered again after about ``delay`` seconds (``rate_limit(...,
+        when_limited="reject")``).
+
+        ``indices`` are positions in that batch.  The records must never be acknowledged
+        by a later :meth:`commit` and must come back (a negative acknowledgement with a
+        delay, a requeue after the delay, or left pending for a later claim); if the
+        broker cannot be told now, leaving them unacknowledged is enough, since the broker
+        redelivers what is never acknowledged.  Brokers without redelivery keep the
+        default, which refuses: the flow then cannot use ``when_limited="reject"``."""
+        raise NotImplementedError(
+            f"source {self.describe()} cannot hand records back to its broker"
+        )
+
+    @property
+    def can_redeliver(self) -> bool:
+        """True when the source implements :meth:`redeliver_later`."""
+        return type(self).redeliver_later is not Source.redeliver_later
 
     def shed(self, reason: str | None) -> None:  # noqa: B027 - optional hook
         """A load rule (``RejectAdmission``) asks the source to refuse new records from

@@ -452,6 +452,9 @@ class NatsSource(Source):
         """Copies of in-flight messages the server redelivered (ack_wait too short)."""
         self.acked = 0
         """Messages acknowledged so far by this source."""
+        self._last_batch: list[tuple[int, int, str]] = []  # what next_batch handed out last
+        self.rejected = 0
+        """Messages handed back with a delayed NAK (``rate_limit(when_limited="reject")``)."""
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -788,6 +791,7 @@ class NatsSource(Source):
         buffer, unacked = self._buffer, self._unacked
         decode, wrap = self._decode, self._metadata
         records: list[Any] = []
+        self._last_batch = handed = []
         while buffer and len(records) < max_records:
             msg = buffer[0]
             try:
@@ -820,8 +824,31 @@ class NatsSource(Source):
                 )
             records.append(value)
             unacked.append((self._handed, meta.sequence.stream, msg.reply))
+            handed.append(unacked[-1])
             self._handed += 1
         return Batch(records)
+
+    async def redeliver_later(self, indices: Sequence[int], delay: float) -> None:
+        """NAK the messages at ``indices`` of the last batch with ``delay``: the server
+        delivers them again once it has passed.  They leave the acknowledgement queue at
+        once, so no commit acknowledges them; a NAK that cannot be sent (connection down)
+        changes nothing, as the server redelivers after ``ack_wait`` what was never
+        acknowledged."""
+        entries = [self._last_batch[i] for i in indices]
+        gone = {id(e) for e in entries}
+        self._unacked = deque(e for e in self._unacked if id(e) not in gone)
+        self._held.difference_update(seq for _, seq, _ in entries)
+        self.rejected += len(entries)
+        nak = b'-NAK {"delay": %d}' % round(delay * 1e9)
+        nc = self._link.connected()
+        if nc is None:
+            return
+        try:
+            for _, _, reply in entries:
+                await nc.publish(reply, nak)
+            await nc.flush()
+        except _NATS_ERRORS as exc:
+            log.debug("%s: NAKs failed, redelivered after ack_wait: %r", self.describe(), exc)
 
     # -- positions and acks ------------------------------------------------------------
 

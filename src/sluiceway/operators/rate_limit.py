@@ -11,15 +11,24 @@ timestamps, keys and watermarks are kept.  On a keyed stream with a ``KeyedLimit
 each key has its own rate; a key that must wait holds up the records behind it (order
 is kept).  A ``RedisLimiter`` (a limit shared by processes) costs a round trip to Redis
 per record and limits the whole stream (its own ``key=`` picks the subject).
+
+With ``when_limited="reject"`` (:class:`_RejectingRateLimitStep`) a record the limiter
+does not admit *now* is not waited for: it is handed back to the broker
+(:meth:`Source.redeliver_later`) to come again after ``retry_after`` seconds, and the
+records after it go on.  The operator must follow the broker source directly (or through
+``key_by``), so that a record's place in the batch is its place in the source's batch.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from sluiceway.operators.base import BuildContext, OpSpec, Step
+from sluiceway.operators.base import BuildContext, OpSpec, Step, without
 from sluiceway.runtime.messages import Batch
 from sluiceway.time import Clock
+
+if TYPE_CHECKING:
+    from sluiceway.connectors.base import Source
 
 __all__ = ["RateLimitSpec"]
 
@@ -109,17 +118,87 @@ class _RateLimitStep(Step):
         await self.emit(batch if start == 0 else batch.slice(start))
 
 
+class _RejectingRateLimitStep(Step):
+    """``when_limited="reject"``: admit what the limiter admits now, hand the rest back
+    to the broker for later, and (unkeyed) wait for the limiter before the next pull --
+    holding no record meanwhile."""
+
+    def __init__(self, ctx: BuildContext, spec: RateLimitSpec) -> None:
+        super().__init__(ctx.name, ctx.metrics)
+        self.clock: Clock = ctx.clock
+        self.limiter = spec.limiter.bind(ctx.clock)
+        self.keyed = spec.keyed
+        assert spec.source is not None
+        self.source: Source = spec.source
+        self.retry_after = spec.retry_after
+        self.rejected = 0
+        """Records handed back to the broker so far."""
+
+    async def push(self, batch: Batch) -> None:
+        n = len(batch.values)
+        if not n:
+            return
+        self.metrics.records_in += n
+        now = self.clock.monotonic()
+        limiter, keys = self.limiter, batch.keys
+        taken: list[int] = []
+        back: list[int] = []
+        for i in range(n):
+            if self.keyed:
+                assert keys is not None
+                ok = limiter.try_take(keys[i], 1, now)
+            else:
+                ok = limiter.try_take(1, now)
+            (taken if ok else back).append(i)
+        if back:
+            await self.source.redeliver_later(back, self.retry_after)
+            self.rejected += len(back)
+        if taken:
+            await self.emit(without(batch, back) if back else batch)
+        if back and not self.keyed:
+            # Nothing is held now; do not pull again before a record could pass.
+            await self.clock.sleep(limiter.delay(1, self.clock.monotonic()))
+
+    def demand(self) -> int | None:
+        if self.keyed:
+            return None
+        limiter, now = self.limiter, self.clock.monotonic()
+        lo, hi = 0, limiter.max_units
+        if limiter.delay(hi, now) == 0.0:
+            return int(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if limiter.delay(mid, now) == 0.0:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+
 class RateLimitSpec(OpSpec):
-    """``stream.rate_limit(limiter)``."""
+    """``stream.rate_limit(limiter, when_limited=..., retry_after=...)``."""
 
     kind: ClassVar[str] = "rate_limit"
 
-    def __init__(self, limiter: Any, *, keyed: bool, remote: bool = False) -> None:
+    def __init__(
+        self,
+        limiter: Any,
+        *,
+        keyed: bool,
+        remote: bool = False,
+        source: Source | None = None,
+        retry_after: float = 1.0,
+    ) -> None:
         self.limiter = limiter
         self.keyed = keyed
         self.remote = remote
+        self.source = source
+        """With ``when_limited="reject"``: the broker source records are handed back to."""
+        self.retry_after = retry_after
 
     def build(self, ctx: BuildContext) -> Step:
+        if self.source is not None:
+            return _RejectingRateLimitStep(ctx, self)
         if self.remote:
             return _AsyncRateLimitStep(ctx, self.limiter)
         return _RateLimitStep(ctx, self.limiter, self.keyed)
