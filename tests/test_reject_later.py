@@ -8,6 +8,7 @@ server (see services_*.py)."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter, deque
 from collections.abc import Sequence
 from typing import Any
@@ -15,12 +16,15 @@ from typing import Any
 import pytest
 
 import services_nats
+import services_rabbitmq
 import sluiceway as sw
 from services import import_or_missing
 from sluiceway.flowcontrol import KeyedLimiter, TokenBucket
 
 nats_url = services_nats.nats_url
 nats_names = services_nats.nats_names
+rabbitmq_url = services_rabbitmq.rabbitmq_url
+rabbitmq_queue = services_rabbitmq.rabbitmq_queue
 
 
 class Redelivering(sw.sources.Source):
@@ -138,3 +142,31 @@ def test_nats_naks_with_a_delay_and_redelivers_every_rejected_message(
     info = asyncio.run(consumer(nats_names.url, nats_names.stream, nats_names.durable))
     assert info.num_pending == 0
     assert info.num_ack_pending == 0  # all acknowledged at the end, none left over
+
+
+def test_rabbitmq_requeues_every_rejected_message_and_each_is_processed_once(
+    rabbitmq_url: str, rabbitmq_queue: str
+) -> None:
+    import_or_missing("aio_pika")
+    from sluiceway.connectors.rabbitmq import RabbitMQSource  # noqa: PLC0415
+    from test_connector_rabbitmq import depth, publish  # noqa: PLC0415 - needs aio_pika
+
+    publish(rabbitmq_url, rabbitmq_queue, [json.dumps({"id": i}).encode() for i in range(30)])
+    src = RabbitMQSource(rabbitmq_url, rabbitmq_queue, stop_after_idle=1.0, include_metadata=True)
+    out: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    flow = sw.Flow("rabbit-reject")
+    (
+        flow.source(src)
+        .key_by(lambda m: "ab"[m.payload["id"] % 2])
+        .rate_limit(
+            KeyedLimiter(lambda: TokenBucket(rate=20, burst=3)),
+            when_limited="reject",
+            retry_after=0.2,
+        )
+        .sink(out)
+    )
+    sw.run(flow, handle_signals=False)
+    assert Counter(m.payload["id"] for m in out.items) == Counter(range(30))  # each once
+    assert src.rejected > 0
+    assert any(m.redelivered for m in out.items)  # requeued by the broker, delivered again
+    assert asyncio.run(depth(rabbitmq_url, rabbitmq_queue)) == 0  # all acknowledged

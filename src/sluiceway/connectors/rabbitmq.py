@@ -48,7 +48,7 @@ import logging
 import math
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -422,6 +422,10 @@ class RabbitMQSource(Source):
         self._depth_task: asyncio.Task[None] | None = None
         self._last_message = 0.0
         self._closed = False
+        self._last_batch: list[tuple[int, Any]] = []  # (tag, channel) per record handed out
+        self._nacked: set[int] = set()  # tags requeued on this channel, above _acked
+        self.rejected = 0
+        """Messages requeued by ``rate_limit(when_limited="reject")``."""
 
     def describe(self) -> str:
         """``RabbitMQ(<queue>)``."""
@@ -471,6 +475,7 @@ class RabbitMQSource(Source):
             raw = await channel.get_underlay_channel()
             self._epoch += 1
             self._last_tag = self._acked = 0
+            self._nacked = set()
             self._buf.clear()
             self._raw, self._conn, self._broken = raw, conn, False
             conn.close_callbacks.add(self._on_close)
@@ -569,6 +574,7 @@ class RabbitMQSource(Source):
     async def _take(self, ctx: SourceContext, max_records: int) -> Batch:
         buf, decode, meta = self._buf, self._decode, self._meta
         records: list[Any] = []
+        self._last_batch = handed = []
         last = self._last_tag
         while buf and len(records) < max_records:
             message = buf[0]
@@ -595,9 +601,30 @@ class RabbitMQSource(Source):
                     delivery_tag=last,
                 )
             records.append(value)
+            handed.append((last, message.channel))
         self._last_tag = last
         self._handed += len(records)
         return Batch(records)
+
+    async def redeliver_later(self, indices: Sequence[int], delay: float) -> None:
+        """Requeue the messages at ``indices`` of the last batch (``basic.nack`` with
+        ``requeue=True``), before any acknowledgement can cover them.  AMQP has no delay
+        on a requeue: the broker offers them again at once (the rate limit then waits for
+        the limiter before pulling again, see docs/flow-control.md).  A nack that cannot
+        be sent (the connection died) is not needed: the broker requeues what was never
+        acknowledged."""
+        raw = self._raw
+        entries = [self._last_batch[i] for i in indices]
+        self.rejected += len(entries)
+        for tag, channel in entries:
+            if channel is not raw or raw is None or not self._usable():
+                continue  # an old channel: the broker requeued it when that one closed
+            try:
+                await raw.basic_nack(tag, multiple=False, requeue=True)
+            except _TRANSIENT as exc:
+                self._lost = exc
+                return
+            self._nacked.add(tag)
 
     async def _bad(
         self, ctx: SourceContext, message: aiormq.abc.DeliveredMessage, exc: Exception
@@ -687,6 +714,9 @@ class RabbitMQSource(Source):
         if position.get("session") != self._session or position.get("epoch") != self._epoch:
             return
         tag = position.get("tag", 0)
+        nacked = self._nacked
+        while tag in nacked:  # requeued by redeliver_later: acking it is a channel error
+            tag -= 1
         raw = self._raw
         if tag <= self._acked or raw is None or not self._usable():
             return
@@ -697,6 +727,8 @@ class RabbitMQSource(Source):
             self._broken = True
             return
         self._acked = tag
+        if nacked:
+            self._nacked = {t for t in nacked if t > tag}
 
     def backlog(self) -> int | None:
         """Messages ready in the queue, as of the last reading (at most ~1 s old; not

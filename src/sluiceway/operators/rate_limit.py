@@ -155,9 +155,17 @@ class _RejectingRateLimitStep(Step):
             self.rejected += len(back)
         if taken:
             await self.emit(without(batch, back) if back else batch)
-        if back and not self.keyed:
-            # Nothing is held now; do not pull again before a record could pass.
-            await self.clock.sleep(limiter.delay(1, self.clock.monotonic()))
+        if back and (not taken or not self.keyed):
+            # Nothing is held now.  Do not pull again before a rejected record could pass
+            # (unkeyed: any record), or a broker that offers them again at once (AMQP)
+            # would be asked for them in a tight loop.
+            now = self.clock.monotonic()
+            if self.keyed:
+                assert keys is not None
+                wait = min(limiter.delay(keys[i], 1, now) for i in back)
+            else:
+                wait = limiter.delay(1, now)
+            await self.clock.sleep(wait)
 
     def demand(self) -> int | None:
         if self.keyed:
