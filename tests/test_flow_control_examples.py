@@ -5,10 +5,16 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
+import os
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+import services_nats
+from services import import_or_missing
+
+nats_url = services_nats.nats_url
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -49,3 +55,18 @@ def test_the_load_feedback_rules_switch_on_cue(caplog: pytest.LogCaptureFixture)
     ]
     switches = [r.getMessage() for r in caplog.records if "load rule" in r.getMessage()]
     assert len(switches) == 8  # each rule on once and off once
+
+
+def test_try_acquire_or_reject_against_nats(nats_url: str) -> None:
+    import_or_missing("nats")
+    os.environ["SLUICEWAY_NATS_URL"] = nats_url
+    try:
+        done, rejected = load("try_acquire_or_reject").main()
+    finally:
+        del os.environ["SLUICEWAY_NATS_URL"]
+    assert sorted((t, n) for t, n, _ in done) == sorted(
+        [("a", i) for i in range(10)] + [("b", i) for i in range(2)]
+    )  # every job once
+    assert rejected > 0
+    assert all(d == 1 for t, _, d in done if t == "b")  # b never waited behind a
+    assert max(d for t, _, d in done if t == "a") > 1  # a's came back from the server

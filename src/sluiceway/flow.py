@@ -635,7 +635,7 @@ class Stream(Generic[T]):
         ``when_limited="reject"``: a record the limiter does not admit now is handed back
         to its broker, to be delivered again after ``retry_after`` seconds, instead of
         being waited for (the records after it go on).  It must follow a broker source
-        that can redeliver (NATS JetStream, RabbitMQ, Redis Streams) directly, or
+        that can redeliver (NATS JetStream, RabbitMQ) directly, or
         through ``key_by`` for a ``KeyedLimiter``; order is not kept for rejected
         records.
 
@@ -699,8 +699,8 @@ class Stream(Generic[T]):
             raise FlowDefinitionError(
                 f"rate_limit(when_limited='reject'): source {source_node.describe()} "
                 f"({source.describe()}) cannot hand records back to a broker for later; "
-                "reject works after NATS JetStream, RabbitMQ and Redis Streams sources -- "
-                "use when_limited='wait' (the source is paused by backpressure) instead"
+                "reject works after NATS JetStream and RabbitMQ sources -- use "
+                "when_limited='wait' (the source is paused by backpressure) instead"
             )
         if keyed and not self.node.keyed:
             raise FlowDefinitionError(
