@@ -281,3 +281,14 @@ def test_a_cpu_heavy_operator_on_the_real_clock_trips_the_cpu_rule(
     assert any(
         "load rule 'cpu > 0.2 -> shrink fetch x0.5' on" in r.getMessage() for r in caplog.records
     )
+
+
+def test_a_flow_with_a_load_policy_ends_by_itself_when_its_input_ends() -> None:
+    out: sw.sinks.Collect[int] = sw.sinks.Collect()
+    flow = sw.Flow("ends")
+    flow.source(sw.sources.Iterable(range(5))).sink(out)
+    clock = sw.VirtualClock()
+    result = asyncio.run(sw.run_async(flow, clock=clock, load=LoadPolicy([], interval=1.0)))
+    assert out.items == [0, 1, 2, 3, 4]
+    assert not result.stopped
+    assert clock.monotonic() < 1.0  # the load checks did not keep the flow alive

@@ -410,7 +410,7 @@ class Executor:
         """A source's bad input under ``Fail``: raised once the flow has drained."""
         self.stages = self._build()
         self.fetch_cap: int | None = None  # a load rule's ShrinkFetch: records per pull
-        self._load_ended: asyncio.Future[None] | None = None
+        self._load_task: asyncio.Task[None] | None = None
         self.load: LoadMonitor | None = None
         if load is not None:
             self.load = LoadMonitor(
@@ -593,8 +593,9 @@ class Executor:
         if coord is not None:
             tg.create_task(coord.run(self._halt), name=f"{self.flow.name}/checkpoints")
         if self.load is not None:
-            self._load_ended = asyncio.get_running_loop().create_future()
-            tg.create_task(self._load_loop(self.load), name=f"{self.flow.name}/load")
+            self._load_task = tg.create_task(
+                self._load_loop(self.load), name=f"{self.flow.name}/load"
+            )
 
     def _raise_bad_input(self, note: str | None = None) -> None:
         """Raise the bad-input failure the run stopped for (after draining), if any."""
@@ -748,20 +749,18 @@ class Executor:
         self._running_stages -= 1
         if coord is not None and self._running_stages == 0:
             coord.stages_ended()
-        ended = self._load_ended
-        if self._running_stages == 0 and ended is not None and not ended.done():
-            ended.set_result(None)
+        if self._running_stages == 0 and self._load_task is not None:
+            self._load_task.cancel()  # the load checks end with the stages
 
     # -- load --------------------------------------------------------------------------
 
     async def _load_loop(self, monitor: LoadMonitor) -> None:
-        """Every ``interval`` of the clock: measure the load signals and apply the rules,
-        until every stage has ended."""
+        """Every ``interval`` of the clock: measure the load signals and apply the rules.
+        Cancelled when every stage has ended (:meth:`stage_finished`)."""
         clock, interval = self.clock, monitor.policy.interval
-        ended = self._load_ended
-        assert ended is not None
         tick = clock.monotonic() + interval
-        while not await clock.wait_until(ended, tick):
+        while True:
+            await clock.sleep_until(tick)
             now = clock.monotonic()
             self._apply_load(monitor.check(now - tick, self.max_batch_size))
             tick += interval
