@@ -256,31 +256,33 @@ def _burn(x: int) -> int:
 def test_a_cpu_heavy_operator_on_the_real_clock_trips_the_cpu_rule(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    # The machine is shared: this process may get a fraction of a core, so the threshold
+    # is low; an idle flow would measure about 0.
     out: sw.sinks.Collect[int] = sw.sinks.Collect()
     flow = sw.Flow("rt_cpu")
     flow.source(sw.sources.Generator(lambda: iter(range(10**9)))).map(_burn).sink(out)
     policy = LoadPolicy(
-        [LoadRule("cpu", above=0.2, action=ShrinkFetch(0.5))],
+        [LoadRule("cpu", above=0.05, action=ShrinkFetch(0.5))],
         interval=0.25,
     )
     seen: list[sw.FlowSnapshot] = []
 
     async def watch(handle: sw.FlowHandle) -> None:
-        await handle.clock.sleep(1.5)
-        seen.append(handle.metrics())
+        for _ in range(6):
+            await handle.clock.sleep(0.25)
+            seen.append(handle.metrics())
 
     with caplog.at_level(logging.WARNING, logger="sluiceway"):
         result = run_watched(flow, during=watch, max_batch_size=8, load=policy)
     assert result.stopped
     assert len(out.items) > 0
-    load = seen[0].load
-    assert load is not None
-    assert load.signals["cpu"] > 0.2
-    assert load.active == ("cpu > 0.2 -> shrink fetch x0.5",)
-    assert load.fetch_cap == 4
-    assert any(
-        "load rule 'cpu > 0.2 -> shrink fetch x0.5' on" in r.getMessage() for r in caplog.records
-    )
+    loads = [s.load for s in seen if s.load is not None and s.load.active]
+    assert loads, f"the cpu rule never held: {[s.load for s in seen]}"
+    assert loads[0].active == ("cpu > 0.05 -> shrink fetch x0.5",)
+    assert loads[0].signals["cpu"] > 0.05
+    assert loads[0].fetch_cap == 4
+    switched = "load rule 'cpu > 0.05 -> shrink fetch x0.5' on"
+    assert any(switched in r.getMessage() for r in caplog.records)
 
 
 def test_a_flow_with_a_load_policy_ends_by_itself_when_its_input_ends() -> None:
