@@ -70,3 +70,12 @@ def test_try_acquire_or_reject_against_nats(nats_url: str) -> None:
     assert rejected > 0
     assert all(d == 1 for t, _, d in done if t == "b")  # b never waited behind a
     assert max(d for t, _, d in done if t == "a") > 1  # a's came back from the server
+
+
+def test_select_with_timeout_drops_only_after_waiting(capsys: pytest.CaptureFixture[str]) -> None:
+    summary = load("select_with_timeout").main()
+    assert summary["sent"] == 300
+    assert summary["dropped"] > 0  # the consumer is 5x too slow
+    assert summary["delivered"] + summary["dropped"] == 300  # every event accounted for
+    assert summary["blocked_seconds"] > 0  # the writer waited before it dropped
+    assert "'dropped'" in capsys.readouterr().out

@@ -544,12 +544,15 @@ class Stream(Generic[T]):
         capacity: int,
         overflow: Overflow = Overflow.BLOCK,
         *,
+        block_timeout: float | timedelta | None = None,
         name: str | None = None,
     ) -> Stream[T]:
         """Put a bounded channel of ``capacity`` records here, with an overflow policy.
 
         The operators after it run in their own stage, so a burst upstream is absorbed
         (``BLOCK``), shed (``DROP_NEWEST``/``DROP_OLDEST``, counted) or refused (``FAIL``).
+        With a dropping policy, ``block_timeout`` (seconds) first waits that long for room
+        and drops only what still does not fit: Go's ``select`` with ``time.After``.
         """
         cap = _positive_int(capacity, "buffer capacity")
         if not isinstance(overflow, Overflow):
@@ -557,7 +560,16 @@ class Stream(Generic[T]):
                 f"buffer overflow must be an sw.Overflow (BLOCK, DROP_NEWEST, DROP_OLDEST, "
                 f"FAIL), got {overflow!r}"
             )
-        return self._wrap(self._derive(BufferSpec(cap, overflow), name, "buffer"))  # type: ignore[no-any-return]
+        wait = None
+        if block_timeout is not None:
+            if overflow not in (Overflow.DROP_NEWEST, Overflow.DROP_OLDEST):
+                raise FlowDefinitionError(
+                    f"buffer(block_timeout=...) waits and then drops: it needs "
+                    f"Overflow.DROP_NEWEST or DROP_OLDEST, not {overflow.name}"
+                )
+            wait = non_negative_seconds(block_timeout, "buffer block_timeout")
+        spec = BufferSpec(cap, overflow, wait)
+        return self._wrap(self._derive(spec, name, "buffer"))  # type: ignore[no-any-return]
 
     def map_async(
         self,

@@ -27,6 +27,7 @@ class ChannelPlan:
     capacity: int
     overflow: Overflow
     writers: list[Node]
+    block_timeout: float | None = None
 
 
 @dataclass(eq=False)
@@ -62,9 +63,10 @@ class PhysicalPlan:
             lines.append(f"  stage {st.index}: {ops}{feed}")
         for ch in self.channels:
             writers = ", ".join(w.name for w in ch.writers)
+            wait = "" if ch.block_timeout is None else f" after {ch.block_timeout:g}s"
             lines.append(
                 f"  channel {ch.name!r}: {writers} => {ch.target.name} "
-                f"(capacity {ch.capacity}, {ch.overflow.value})"
+                f"(capacity {ch.capacity}, {ch.overflow.value}{wait})"
             )
         return "\n".join(lines)
 
@@ -82,7 +84,12 @@ def plan(flow: Flow) -> PhysicalPlan:
             if not isinstance(spec, SourceSpec):
                 cap = spec.channel_capacity or flow.channel_capacity
                 st.channel = ChannelPlan(
-                    f"{node.name}.in", node, cap, spec.channel_overflow, list(node.inputs)
+                    f"{node.name}.in",
+                    node,
+                    cap,
+                    spec.channel_overflow,
+                    list(node.inputs),
+                    spec.channel_block_timeout,
                 )
                 channels.append(st.channel)
             stages.append(st)

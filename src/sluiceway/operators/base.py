@@ -52,6 +52,11 @@ class OpSpec:
     def channel_overflow(self) -> Overflow:
         return Overflow.BLOCK
 
+    @property
+    def channel_block_timeout(self) -> float | None:
+        """Seconds a writer waits for room before a dropping channel drops (None: none)."""
+        return None
+
     def build(self, ctx: BuildContext) -> Step:
         raise NotImplementedError
 

@@ -214,10 +214,12 @@ class LateOutputSpec(PortSpec):
 
 @dataclass(frozen=True, slots=True)
 class BufferSpec(OpSpec):
-    """``stream.buffer(capacity, overflow)``: an explicit channel with a policy."""
+    """``stream.buffer(capacity, overflow, block_timeout=)``: an explicit channel with a
+    policy."""
 
     capacity: int
     overflow: Overflow = Overflow.BLOCK
+    block_timeout: float | None = None
     kind: ClassVar[str] = "buffer"
 
     @property
@@ -231,6 +233,10 @@ class BufferSpec(OpSpec):
     @property
     def channel_overflow(self) -> Overflow:
         return self.overflow
+
+    @property
+    def channel_block_timeout(self) -> float | None:
+        return self.block_timeout
 
     def build(self, ctx: BuildContext) -> Step:
         return _Passthrough(ctx.name, ctx.metrics)

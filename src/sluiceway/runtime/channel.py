@@ -23,6 +23,11 @@ Dropping and failing apply only when the reader is behind: a batch larger than t
 room is queued in parts, the reader getting a turn between them, and only records that
 still find the channel full after a turn in which the reader took nothing overflow.
 
+A dropping channel may first wait: with ``block_timeout`` a writer whose records find the
+reader behind waits up to that many seconds (on the clock) for room, queueing what fits
+as room appears, and only then drops what is left -- soft backpressure that never blocks
+for good (Go's ``select`` with ``time.After``).  The wait counts as blocked time.
+
 Every writer measures the time it spent blocked; ``blocked_seconds`` per second of wall
 time is the backpressure ratio shown to users.
 
@@ -108,6 +113,7 @@ class ChannelStatistics:
 
 class _Channel:
     __slots__ = (
+        "block_timeout",
         "blocked_seconds",
         "blocked_since",
         "broken",
@@ -131,8 +137,17 @@ class _Channel:
     )
 
     def __init__(
-        self, capacity: int, overflow: Overflow, clock: Clock, name: str, flow: str, writers: int
+        self,
+        capacity: int,
+        overflow: Overflow,
+        clock: Clock,
+        name: str,
+        flow: str,
+        writers: int,
+        block_timeout: float | None = None,
     ) -> None:
+        self.block_timeout = block_timeout
+        """Dropping policies: seconds a writer waits for room before it drops."""
         self.capacity = capacity
         self.overflow = overflow
         self.clock = clock
@@ -286,7 +301,31 @@ class ChannelWriter:
                 return
             if ch.records_received == taken:
                 break
+        if ch.block_timeout is not None and ch.overflow is not Overflow.FAIL:
+            batch, room = await self._wait_then(batch, ch.clock.monotonic() + ch.block_timeout)
+            if not batch:
+                return
         self._overflow(batch, room)
+
+    async def _wait_then(self, batch: Batch, deadline: float) -> tuple[Batch, int]:
+        """``block_timeout``: queue ``batch`` as room appears until ``deadline``; returns
+        what is left (empty: all queued) and the room now."""
+        ch = self._ch
+        while True:
+            room = ch.capacity - ch.fill - ch.held[self.index]
+            if room > 0:
+                ch.put(batch.slice(0, room), self.index)
+                batch = batch.slice(room)
+                if not batch:
+                    return batch, 0
+                room = 0  # full again
+            if ch.clock.monotonic() >= deadline:
+                return batch, max(0, room)
+            self.unsent = len(batch)
+            try:
+                await self._wait_writable(deadline)
+            finally:
+                self.unsent = 0
 
     def _overflow(self, batch: Batch, room: int) -> None:
         """The reader is behind: apply the dropping or failing policy to ``batch``."""
@@ -319,8 +358,9 @@ class ChannelWriter:
             await self._wait_writable()
             self.unsent = 0
 
-    async def _wait_writable(self) -> None:
-        """Wait until the reader takes something (the wait is counted as blocked time)."""
+    async def _wait_writable(self, deadline: float | None = None) -> None:
+        """Wait until the reader takes something, or until ``deadline`` (on the clock);
+        the wait is counted as blocked time."""
         ch = self._ch
         clock = ch.clock
         if ch.broken:
@@ -330,7 +370,10 @@ class ChannelWriter:
         started = clock.monotonic()
         ch.blocked_since[self.index] = started
         try:
-            await waiter
+            if deadline is None:
+                await waiter
+            elif not await clock.wait_until(waiter, deadline):
+                ch.writer_waiters.remove(waiter)  # timed out: do not pile up waiters
         finally:
             del ch.blocked_since[self.index]
             ch.blocked_seconds += clock.monotonic() - started
@@ -549,11 +592,16 @@ def open_channel(
     overflow: Overflow = Overflow.BLOCK,
     writers: int = 1,
     flow: str = "",
+    block_timeout: float | None = None,
 ) -> tuple[list[ChannelWriter], ChannelReader]:
     """Create a channel; returns one writer per input and the reader.
 
+    ``block_timeout`` (dropping policies only): seconds a writer waits for room before
+    it drops.
+
     Raises:
-        ValueError: if ``capacity < 1`` or ``writers < 1``.
+        ValueError: if ``capacity < 1`` or ``writers < 1``, or ``block_timeout`` is
+            negative or given with a policy that does not drop.
     """
     if not isinstance(capacity, int) or isinstance(capacity, bool):
         raise TypeError(f"channel capacity must be an int (records), got {capacity!r}")
@@ -561,5 +609,12 @@ def open_channel(
         raise ValueError(f"channel capacity must be >= 1 record, got {capacity!r}")
     if writers < 1:
         raise ValueError(f"a channel needs at least one writer, got {writers!r}")
-    ch = _Channel(capacity, overflow, clock, name, flow, writers)
+    if block_timeout is not None:
+        if overflow not in (Overflow.DROP_NEWEST, Overflow.DROP_OLDEST):
+            raise ValueError(
+                f"block_timeout applies to DROP_NEWEST and DROP_OLDEST, not {overflow.name}"
+            )
+        if not block_timeout >= 0:
+            raise ValueError(f"block_timeout must be >= 0 seconds, got {block_timeout!r}")
+    ch = _Channel(capacity, overflow, clock, name, flow, writers, block_timeout)
     return [ChannelWriter(ch, i) for i in range(writers)], ChannelReader(ch)

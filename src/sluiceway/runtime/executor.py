@@ -457,6 +457,7 @@ class Executor:
                 overflow=cp.overflow,
                 writers=len(cp.writers),
                 flow=flow.name,
+                block_timeout=cp.block_timeout,
             )
             writers[cp.target.id], readers[cp.target.id] = ws, r
             self.metrics.add_channel(r, feeds=cp.target.name)
