@@ -281,6 +281,46 @@ def test_http_ingest_accepts_refuses_with_retry_after_and_names_bad_json() -> No
     asyncio.run(main())
 
 
+def test_a_post_body_is_read_within_the_request_timeout_and_bare_lf_heads_work() -> None:
+    """POST bodies go through the server's bounded connections: a bare-LF head is read,
+    and a body that never completes gets 408 at ``request_timeout`` on the flow's clock."""
+
+    async def main() -> None:
+        clock = sw.VirtualClock()
+        ingest = sw.sources.HttpIngest(capacity=10)
+        out: sw.sinks.Collect[Any] = sw.sinks.Collect()
+        flow = sw.Flow("ingest-timeout")
+        flow.source(ingest, name="orders").sink(out)
+        view = WebView(0)
+        view.request_timeout = 20.0
+        seen: list[tuple[bytes, bytes, float]] = []
+
+        async def monitor(handle: sw.FlowHandle) -> None:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(view(handle))
+                port = await view.wait_serving()
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"POST /api/ingest/orders HTTP/1.1\nContent-Length: 3\n\n[7]")
+                lf = await reader.read()
+                writer.close()
+                t0 = clock.monotonic()
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"POST /api/ingest/orders HTTP/1.1\r\nContent-Length: 20\r\n\r\n[1,")
+                slow = await reader.read()  # the rest of the body never comes
+                seen.append((lf, slow, clock.monotonic() - t0))
+                writer.close()
+                handle.request_stop()
+
+        await sw.run_async(flow, clock=clock, monitor=monitor)
+        ((lf, slow, waited),) = seen
+        assert lf.startswith(b"HTTP/1.1 202 Accepted\r\n")
+        assert slow.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+        assert 20.0 <= waited < 21.0  # on the flow's clock
+        assert out.items == [7]
+
+    asyncio.run(main())
+
+
 # -- the real clock -------------------------------------------------------------------------
 
 
