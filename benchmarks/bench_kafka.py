@@ -45,7 +45,7 @@ from common import HERE, Params, Result, Row, fmt_int, make_record, module_main,
 from confluent_kafka.admin import AdminClient, NewTopic
 
 import sluiceway as sw
-from sluiceway.runtime.messages import Batch
+from sluiceway.core.messages import Batch
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 TARGET = 0.70

@@ -20,6 +20,8 @@ from sluiceway import (
     watermarks,
     windows,
 )
+from sluiceway.core.channel import Overflow
+from sluiceway.core.messages import Batch
 from sluiceway.errors import (
     BadInputError,
     CancelReason,
@@ -45,11 +47,9 @@ from sluiceway.flow import (
 from sluiceway.flowcontrol import Adaptive, CircuitBreaker, CircuitOpenError, LoadPolicy, LoadRule
 from sluiceway.metrics import FlowSnapshot
 from sluiceway.policies import Backoff, DeadLetter, DeadLetterRecord, ErrorPolicy, Fail, Retry
-from sluiceway.runtime.channel import Overflow
 from sluiceway.runtime.checkpointing import Checkpoints
 from sluiceway.runtime.executor import RunResult
 from sluiceway.runtime.handle import FlowHandle, Monitor, run, run_async, start
-from sluiceway.runtime.messages import Batch
 from sluiceway.time import Clock, SystemClock, VirtualClock
 from sluiceway.windows import LateRecord, WindowResult
 

@@ -30,7 +30,8 @@ from datetime import datetime, timedelta
 from typing import Any, Generic, Literal, TypeVar
 
 from sluiceway.agg import Aggregator, Apply, Reduce
-from sluiceway.connectors.base import Sink, Source
+from sluiceway.core.channel import Overflow
+from sluiceway.core.contract import Sink, Source
 from sluiceway.errors import FlowDefinitionError
 from sluiceway.flowcontrol.adaptive import Adaptive
 from sluiceway.flowcontrol.breaker import CircuitBreaker
@@ -60,7 +61,6 @@ from sluiceway.operators.stateless import (
     PortSpec,
 )
 from sluiceway.policies import DeadLetter, ErrorPolicy, Fail, Retry, check_policy
-from sluiceway.runtime.channel import Overflow
 from sluiceway.state import TTL, KeyedProcessFunction, as_ttl
 from sluiceway.time.durations import non_negative_seconds, positive_seconds, seconds_of
 from sluiceway.watermarks import BoundedOutOfOrderness, Monotonic, WatermarkStrategy
@@ -200,7 +200,7 @@ class Flow:
         """Add a source; returns its stream.
 
         Args:
-            source: a :class:`~sluiceway.connectors.base.Source`, e.g.
+            source: a :class:`~sluiceway.core.contract.Source`, e.g.
                 ``sw.sources.Iterable(records)``.
             name: the operator name (default ``source_<Class>``).
             on_error: for malformed input: ``Fail()`` (stop, naming file and line) or

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sluiceway.core.channel import Overflow
 from sluiceway.flow import Flow, Node
 from sluiceway.operators.io import SourceSpec
-from sluiceway.runtime.channel import Overflow
 
 __all__ = ["ChannelPlan", "PhysicalPlan", "StagePlan", "plan"]
 

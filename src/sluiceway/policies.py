@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from sluiceway.connectors.base import Sink
+    from sluiceway.core.contract import Sink
 
 __all__ = ["Backoff", "DeadLetter", "DeadLetterRecord", "ErrorPolicy", "Fail", "Retry"]
 
@@ -155,8 +155,8 @@ class DeadLetter:
     sink: Sink
 
     def __post_init__(self) -> None:
-        from sluiceway.connectors.base import Sink  # noqa: PLC0415 - policies stay import-light
         from sluiceway.connectors.files import JsonLinesSink  # noqa: PLC0415
+        from sluiceway.core.contract import Sink  # noqa: PLC0415 - policies stay import-light
 
         sink: object = self.sink
         if isinstance(sink, str | os.PathLike):

@@ -3,9 +3,9 @@
 from typing import TYPE_CHECKING
 
 from sluiceway.connectors import lazy_attributes
-from sluiceway.connectors.base import PartialWriteError, Sink, SinkContext
 from sluiceway.connectors.files import JsonLinesSink as JsonLines
 from sluiceway.connectors.memory import Collect, Function, Stdout
+from sluiceway.core.contract import PartialWriteError, Sink, SinkContext
 
 __all__ = [
     "Collect",

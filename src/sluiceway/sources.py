@@ -4,12 +4,12 @@ push sources ``Push`` and ``HttpIngest`` (fed by the application, with admission
 from typing import TYPE_CHECKING
 
 from sluiceway.connectors import lazy_attributes
-from sluiceway.connectors.base import Source, SourceContext
 from sluiceway.connectors.files import Csv
 from sluiceway.connectors.files import JsonLinesSource as JsonLines
 from sluiceway.connectors.memory import Generator, Iterable
 from sluiceway.connectors.push import HttpIngest, Push
 from sluiceway.connectors.stdio import Stdin
+from sluiceway.core.contract import Source, SourceContext
 
 __all__ = [
     "Csv",

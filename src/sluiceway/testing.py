@@ -16,15 +16,15 @@ from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
 from types import FrameType, TracebackType
 from typing import Any, Self
 
-from sluiceway.connectors.base import Sink, SinkContext, Source, SourceContext
 from sluiceway.connectors.memory import Collect
 from sluiceway.connectors.memory import Iterable as IterableSource
+from sluiceway.core.contract import Sink, SinkContext, Source, SourceContext
+from sluiceway.core.messages import Batch
 from sluiceway.flow import Flow, Stream
 from sluiceway.flowcontrol.load import LoadPolicy
 from sluiceway.runtime.checkpointing import Checkpoints
 from sluiceway.runtime.executor import RunResult
 from sluiceway.runtime.handle import FlowHandle, run_async, start
-from sluiceway.runtime.messages import Batch
 from sluiceway.time import Clock, SystemClock, TimerHandle, VirtualClock
 
 __all__ = [

@@ -37,9 +37,9 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import IO, Any, Final, Literal, TypeGuard
 
-from sluiceway.connectors.base import PartialWriteError, Sink, SinkContext, Source, SourceContext
+from sluiceway.core.contract import PartialWriteError, Sink, SinkContext, Source, SourceContext
+from sluiceway.core.messages import Batch
 from sluiceway.errors import BadInputError, CheckpointError, short_repr
-from sluiceway.runtime.messages import Batch
 from sluiceway.time.clock import yield_now
 
 __all__ = [
@@ -1122,7 +1122,7 @@ class JsonLinesSink(Sink):
     are written as JSON objects, any other value JSON cannot represent as ``str(value)``.
     Only whole lines ever reach the file: a record that cannot be serialized at all (a
     dict with tuple keys, a cycle) raises
-    :class:`~sluiceway.connectors.base.PartialWriteError` after the records before it
+    :class:`~sluiceway.core.contract.PartialWriteError` after the records before it
     were written, so the sink's error policy handles exactly that record.
 
     With checkpoints on, the sink is **exactly-once**: at each barrier it flushes and

@@ -61,11 +61,11 @@ from typing import Any, Literal
 
 import confluent_kafka as ck
 
-from sluiceway.connectors.base import PartialWriteError, Sink, SinkContext, Source, SourceContext
 from sluiceway.connectors.files import _to_json
+from sluiceway.core.contract import PartialWriteError, Sink, SinkContext, Source, SourceContext
+from sluiceway.core.messages import Batch
 from sluiceway.errors import BadInputError, SluicewayError, short_repr
 from sluiceway.operators.event_time import to_ticks
-from sluiceway.runtime.messages import Batch
 from sluiceway.time.durations import non_negative_seconds, positive_seconds
 
 __all__ = [

@@ -11,8 +11,8 @@ from collections.abc import Iterable as IterableABC
 from itertools import islice
 from typing import Any, Generic, TextIO, TypeVar
 
-from sluiceway.connectors.base import PartialWriteError, Sink, SinkContext, Source, SourceContext
-from sluiceway.runtime.messages import Batch
+from sluiceway.core.contract import PartialWriteError, Sink, SinkContext, Source, SourceContext
+from sluiceway.core.messages import Batch
 from sluiceway.time import Clock
 
 __all__ = ["Collect", "Function", "Generator", "Iterable", "Stdout"]

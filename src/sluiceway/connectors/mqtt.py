@@ -62,7 +62,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from sluiceway.connectors.base import (
+from sluiceway.core.contract import (
     OPEN_TIMEOUT,
     PartialWriteError,
     Sink,
@@ -73,8 +73,8 @@ from sluiceway.connectors.base import (
     open_limit,
     redact,
 )
+from sluiceway.core.messages import Batch
 from sluiceway.errors import BadInputError, short_repr
-from sluiceway.runtime.messages import Batch
 from sluiceway.time import Clock
 
 __all__ = ["MqttMessage", "MqttSink", "MqttSource", "MqttUnavailableError"]

@@ -57,7 +57,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, Header, PubAck, StreamConfig
 
-from sluiceway.connectors.base import (
+from sluiceway.core.contract import (
     OPEN_TIMEOUT,
     PartialWriteError,
     Sink,
@@ -68,8 +68,8 @@ from sluiceway.connectors.base import (
     open_limit,
     redact,
 )
+from sluiceway.core.messages import Batch
 from sluiceway.errors import BadInputError, short_repr
-from sluiceway.runtime.messages import Batch
 from sluiceway.time import Clock, SystemClock
 
 __all__ = [
@@ -966,7 +966,7 @@ class NatsSink(Sink):
         ValueError: a bad argument.
 
     A record that cannot be encoded, or that the server refuses (e.g. too large), raises
-    :class:`~sluiceway.connectors.base.PartialWriteError` pinned to it after the records
+    :class:`~sluiceway.core.contract.PartialWriteError` pinned to it after the records
     before it are stored.  Records after a refused one that were already in flight are
     published again when the error policy goes on (dropped by the server with ``msg_id``).
 

@@ -67,7 +67,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import JsonbDumper
 
-from sluiceway.connectors.base import (
+from sluiceway.core.contract import (
     OPEN_TIMEOUT,
     PartialWriteError,
     Sink,
@@ -76,8 +76,8 @@ from sluiceway.connectors.base import (
     open_limit,
     redact,
 )
+from sluiceway.core.messages import Batch
 from sluiceway.errors import CheckpointError, short_repr
-from sluiceway.runtime.messages import Batch
 
 __all__ = ["Method", "Mode", "Postgres", "PostgresSink"]
 

@@ -44,8 +44,8 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any, Generic, TypeVar
 
-from sluiceway.connectors.base import Source, SourceContext
-from sluiceway.runtime.messages import Batch
+from sluiceway.core.contract import Source, SourceContext
+from sluiceway.core.messages import Batch
 from sluiceway.time import Clock, SystemClock
 
 __all__ = ["HttpIngest", "Push"]

@@ -66,7 +66,7 @@ from aiormq.exceptions import (
 )
 from pamqp import commands as spec
 
-from sluiceway.connectors.base import (
+from sluiceway.core.contract import (
     OPEN_TIMEOUT,
     PartialWriteError,
     Sink,
@@ -77,8 +77,8 @@ from sluiceway.connectors.base import (
     open_limit,
     redact,
 )
+from sluiceway.core.messages import Batch
 from sluiceway.errors import BadInputError, short_repr
-from sluiceway.runtime.messages import Batch
 from sluiceway.time import Clock
 
 __all__ = [
@@ -776,7 +776,7 @@ class RabbitMQSink(Sink):
             is gone (and the messages confirmed into it) is a :class:`RabbitMQError`.
         persistent: publish with ``delivery_mode=2`` (kept on disk in durable queues).
         encode: ``value -> bytes`` (default: compact JSON); a record it raises on is
-            pinned to itself (:class:`~sluiceway.connectors.base.PartialWriteError`).
+            pinned to itself (:class:`~sluiceway.core.contract.PartialWriteError`).
         content_type: the ``content_type`` property (default ``application/json``;
             None: not set).
         reconnect_timeout: seconds to keep reconnecting (None: forever).

@@ -55,7 +55,8 @@ from redis import exceptions as redis_errors
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from sluiceway.connectors.base import (
+from sluiceway.connectors.files import _to_json
+from sluiceway.core.contract import (
     OPEN_TIMEOUT,
     PartialWriteError,
     Sink,
@@ -66,9 +67,8 @@ from sluiceway.connectors.base import (
     open_limit,
     redact,
 )
-from sluiceway.connectors.files import _to_json
+from sluiceway.core.messages import Batch
 from sluiceway.errors import BadInputError, SluicewayError, short_repr
-from sluiceway.runtime.messages import Batch
 from sluiceway.time import Clock
 from sluiceway.time.durations import non_negative_seconds, positive_seconds
 

@@ -22,7 +22,6 @@ import sys
 from collections.abc import Callable
 from typing import IO, Any
 
-from sluiceway.connectors.base import Source, SourceContext
 from sluiceway.connectors.files import (
     _READ_BUDGET,
     DEFAULT_MAX_LINE_BYTES,
@@ -34,7 +33,8 @@ from sluiceway.connectors.files import (
     _report,
     _too_long,
 )
-from sluiceway.runtime.messages import Batch
+from sluiceway.core.contract import Source, SourceContext
+from sluiceway.core.messages import Batch
 from sluiceway.time.clock import yield_now
 
 __all__ = ["Stdin"]

@@ -18,8 +18,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+from sluiceway.core.messages import Batch, Control, Watermark
 from sluiceway.operators.base import BuildContext, OpSpec, Step
-from sluiceway.runtime.messages import Batch, Control, Watermark
 
 __all__ = ["JoinSpec", "JoinStep", "LateJoinRecord", "Side"]
 

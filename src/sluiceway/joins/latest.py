@@ -15,9 +15,9 @@ from collections.abc import Callable
 from itertools import compress
 from typing import Any, ClassVar, Literal
 
+from sluiceway.core.messages import Batch, Control, Watermark
 from sluiceway.joins.base import JoinSpec
 from sluiceway.operators.base import BuildContext, Step
-from sluiceway.runtime.messages import Batch, Control, Watermark
 
 __all__ = ["LatestJoinSpec"]
 

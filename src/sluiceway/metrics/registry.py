@@ -2,7 +2,7 @@
 
 Operators own an :class:`OperatorMetrics` and bump its counters once per micro-batch
 (plain attribute increments: no locks, no lookups on the hot path).  Channels keep their
-own counters (:meth:`~sluiceway.runtime.channel.ChannelReader.statistics`).  Everything
+own counters (:meth:`~sluiceway.core.channel.ChannelReader.statistics`).  Everything
 else -- the live console view, a Prometheus exporter, tests -- reads
 :meth:`MetricsRegistry.snapshot`, a frozen copy, and derives rates from two snapshots with
 :meth:`FlowSnapshot.rates_since`.  Adding an exporter never touches an operator.
@@ -14,8 +14,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from sluiceway.core.channel import ChannelReader, ChannelStatistics
 from sluiceway.metrics.histogram import LatencyHistogram
-from sluiceway.runtime.channel import ChannelReader, ChannelStatistics
 from sluiceway.time import Clock
 
 __all__ = [

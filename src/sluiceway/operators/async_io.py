@@ -24,12 +24,12 @@ from collections.abc import Awaitable, Callable, Hashable
 from functools import partial
 from typing import Any, ClassVar
 
+from sluiceway.core.messages import Batch, Control
 from sluiceway.flowcontrol.adaptive import Adaptive
 from sluiceway.flowcontrol.breaker import CircuitBreaker, CircuitOpenError, watch_breaker
 from sluiceway.operators.base import BuildContext, OpSpec, Step
 from sluiceway.operators.errors import ErrorHandler
 from sluiceway.policies import ErrorPolicy, Fail
-from sluiceway.runtime.messages import Batch, Control
 from sluiceway.time import Clock
 
 __all__ = ["AsyncMapSpec", "Row"]

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar
 
+from sluiceway.core.channel import ChannelWriter, Overflow
+from sluiceway.core.messages import Barrier, Batch, Control
+from sluiceway.core.query import KeyState
 from sluiceway.metrics.registry import OperatorMetrics
 from sluiceway.operators.errors import ErrorHandler
-from sluiceway.runtime.channel import ChannelWriter, Overflow
-from sluiceway.runtime.messages import Barrier, Batch, Control
-from sluiceway.runtime.query import KeyState
 from sluiceway.time import Clock
 
 __all__ = ["BuildContext", "OpSpec", "SendStep", "Step", "apply_each", "without"]
@@ -154,7 +154,7 @@ class Step:
         record before the barrier has been pushed, none after it.  Return a picklable
         value that shares nothing mutable with the live step (the runtime pickles it at
         once, but the step must not mutate it afterwards either way).  A step must never
-        emit records in response to a :class:`~sluiceway.runtime.messages.Barrier`.
+        emit records in response to a :class:`~sluiceway.core.messages.Barrier`.
         """
         return None
 
@@ -168,7 +168,7 @@ class Step:
         """What the step holds for ``key`` right now, for a state query (``at``: only the
         windows holding that instant, in seconds), or None when the step keeps no state
         per key.  Called between two of the step's records; see
-        :mod:`sluiceway.runtime.query`."""
+        :mod:`sluiceway.core.query`."""
         return None
 
     def restore(self, state: Any) -> None:

@@ -23,8 +23,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from sluiceway.core.messages import Batch, Control, Watermark
 from sluiceway.operators.base import BuildContext, OpSpec, Step
-from sluiceway.runtime.messages import Batch, Control, Watermark
 from sluiceway.time import Clock
 
 __all__ = ["BatchSpec"]

@@ -7,11 +7,11 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from sluiceway.connectors.base import Sink
+from sluiceway.core.contract import Sink
+from sluiceway.core.messages import Batch
 from sluiceway.errors import FlowFailedError, OperatorError
 from sluiceway.metrics.registry import OperatorMetrics
 from sluiceway.policies import DeadLetter, DeadLetterRecord, ErrorPolicy, Retry
-from sluiceway.runtime.messages import Batch
 from sluiceway.time import Clock
 
 __all__ = ["DeadLetterWriter", "ErrorHandler"]

@@ -19,12 +19,12 @@ from functools import partial
 from itertools import accumulate
 from typing import Any, ClassVar
 
+from sluiceway.core.messages import Batch, Control, Watermark
 from sluiceway.errors import short_repr
 from sluiceway.operators.base import BuildContext, OpSpec, Step, apply_each, without
 from sluiceway.operators.errors import ErrorHandler
 from sluiceway.operators.stateless import make_passthrough
 from sluiceway.policies import ErrorPolicy, Fail
-from sluiceway.runtime.messages import Batch, Control, Watermark
 from sluiceway.time import Clock
 from sluiceway.windows.assigners import ticks
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from sluiceway.connectors.base import PartialWriteError, Sink, Source
+from sluiceway.core.contract import PartialWriteError, Sink, Source
+from sluiceway.core.messages import Batch
 from sluiceway.flowcontrol.breaker import CircuitBreaker, watch_breaker
 from sluiceway.operators.base import BuildContext, OpSpec, Step
 from sluiceway.operators.errors import ErrorHandler
 from sluiceway.operators.stateless import make_passthrough
 from sluiceway.policies import DeadLetter, ErrorPolicy, Fail
-from sluiceway.runtime.messages import Batch
 from sluiceway.time import Clock
 
 __all__ = ["SinkSpec", "SourceSpec"]

@@ -26,11 +26,11 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any, ClassVar
 
+from sluiceway.core.messages import Batch, Control, Watermark
+from sluiceway.core.query import KeyState
 from sluiceway.operators.base import BuildContext, OpSpec, Step, without
 from sluiceway.operators.errors import ErrorHandler
 from sluiceway.policies import ErrorPolicy, Fail
-from sluiceway.runtime.messages import Batch, Control, Watermark
-from sluiceway.runtime.query import KeyState
 from sluiceway.state import TTL, KeyedStore, ProcessContext, TimerEvent
 from sluiceway.time import Clock, yield_now
 

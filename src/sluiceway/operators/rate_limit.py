@@ -23,12 +23,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from sluiceway.core.messages import Batch
 from sluiceway.operators.base import BuildContext, OpSpec, Step, without
-from sluiceway.runtime.messages import Batch
 from sluiceway.time import Clock
 
 if TYPE_CHECKING:
-    from sluiceway.connectors.base import Source
+    from sluiceway.core.contract import Source
 
 __all__ = ["RateLimitSpec"]
 

@@ -7,12 +7,12 @@ from dataclasses import dataclass
 from itertools import compress
 from typing import Any, ClassVar
 
+from sluiceway.core.channel import Overflow
+from sluiceway.core.messages import Batch
 from sluiceway.metrics.registry import OperatorMetrics
 from sluiceway.operators.base import BuildContext, OpSpec, Step, apply_each, without
 from sluiceway.operators.errors import ErrorHandler
 from sluiceway.policies import ErrorPolicy, Fail
-from sluiceway.runtime.channel import Overflow
-from sluiceway.runtime.messages import Batch
 
 __all__ = [
     "BranchSpec",

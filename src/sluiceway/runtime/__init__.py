@@ -1,1 +1,1 @@
-"""The runtime: bounded channels, in-band messages and the executor that runs stages."""
+"""The runtime: the executor that runs stages, the handle, checkpoint coordination, load."""

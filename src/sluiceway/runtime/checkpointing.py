@@ -2,9 +2,9 @@
 
 The coordinator asks every running source for a barrier every ``interval``.  A source
 stage records the source's position between two batches and sends
-:class:`~sluiceway.runtime.messages.Barrier` down its stage; every operator snapshots
+:class:`~sluiceway.core.messages.Barrier` down its stage; every operator snapshots
 when the barrier passes it (fan-in channels align the barrier first, see
-:mod:`sluiceway.runtime.channel`), and a sink pre-commits (makes what it wrote durable).
+:mod:`sluiceway.core.channel`), and a sink pre-commits (makes what it wrote durable).
 Once every operator has reported, the checkpoint is written to the store in one
 transaction, and only then are sinks told to commit and sources that the records before
 it will never be asked for again.
@@ -16,7 +16,7 @@ request takes a final checkpoint at a barrier and halts without draining: window
 flushed early, the next run goes on from the checkpoint.
 
 Without checkpoints, a flow whose sources acknowledge (broker sources override
-:meth:`~sluiceway.connectors.base.Source.commit`) still gets barriers: *ack barriers*,
+:meth:`~sluiceway.core.contract.Source.commit`) still gets barriers: *ack barriers*,
 every :data:`ACK_INTERVAL` seconds, carrying no state.  Once one has passed every sink,
 everything before it has been written, and the sources commit (acknowledge) up to the
 position it carried: acknowledgment after the sink, batched, at-least-once.
@@ -37,10 +37,10 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from sluiceway.checkpoint.store import Checkpoint, CheckpointStore, OperatorState
-from sluiceway.connectors.base import Sink, Source
+from sluiceway.core.contract import Sink, Source
+from sluiceway.core.messages import Barrier
 from sluiceway.errors import CheckpointError, CheckpointMismatchError
 from sluiceway.metrics.registry import CheckpointSnapshot
-from sluiceway.runtime.messages import Barrier
 from sluiceway.time import Clock
 from sluiceway.time.durations import positive_seconds
 

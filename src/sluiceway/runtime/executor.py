@@ -23,7 +23,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sluiceway.connectors.base import Sink, SinkContext, Source, SourceContext
+from sluiceway.core.channel import ChannelReader, ChannelWriter, Overflow, open_channel
+from sluiceway.core.contract import Sink, SinkContext, Source, SourceContext
+from sluiceway.core.messages import Barrier, Batch, Watermark
+from sluiceway.core.query import StateAnswer, worker_id
 from sluiceway.errors import (
     BadInputError,
     CancelReason,
@@ -47,12 +50,9 @@ from sluiceway.operators.io import SinkSpec, SourceSpec
 from sluiceway.operators.stateless import PortSpec
 from sluiceway.plan import PhysicalPlan, StagePlan, plan
 from sluiceway.policies import DeadLetter, DeadLetterRecord, Retry
-from sluiceway.runtime.channel import ChannelReader, ChannelWriter, Overflow, open_channel
 from sluiceway.runtime.checkpointing import Checkpoints, CheckpointStats, Coordinator
 from sluiceway.runtime.claims import Claim, claim
 from sluiceway.runtime.load import LoadMonitor
-from sluiceway.runtime.messages import Barrier, Batch, Watermark
-from sluiceway.runtime.query import StateAnswer, worker_id
 from sluiceway.time import Clock, SystemClock, TimerHandle, yield_now
 
 __all__ = ["Executor", "RunResult"]
@@ -832,7 +832,7 @@ class Executor:
         self._main.cancel(reason)
 
     def query(self, operator: str, key: Any, at: float | None = None) -> StateAnswer:
-        """What ``operator`` holds for ``key`` now (see :mod:`sluiceway.runtime.query`)."""
+        """What ``operator`` holds for ``key`` now (see :mod:`sluiceway.core.query`)."""
         step = self._steps.get(operator)
         found = None if step is None else step.query(key, at)
         if found is None:

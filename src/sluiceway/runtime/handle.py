@@ -10,13 +10,13 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from sluiceway.core.query import StateAnswer
 from sluiceway.errors import CancelReason
 from sluiceway.flow import Flow
 from sluiceway.flowcontrol.load import LoadPolicy
 from sluiceway.metrics.registry import FlowSnapshot
 from sluiceway.runtime.checkpointing import Checkpoints
 from sluiceway.runtime.executor import Executor, RunResult
-from sluiceway.runtime.query import StateAnswer
 from sluiceway.time import Clock
 
 __all__ = ["FlowHandle", "Monitor", "run", "run_async", "start"]
@@ -72,7 +72,7 @@ class FlowHandle:
         (``at``: only the windows holding that instant, epoch seconds -- the seed
         documents' ``GetWindow(key, timestamp)``); ``stateful_map`` with the key's state;
         ``process`` with its value and map states.  A snapshot between two records of the
-        operator (see :mod:`sluiceway.runtime.query` for the exact consistency); the
+        operator (see :mod:`sluiceway.core.query` for the exact consistency); the
         answer says which worker answered and whether it holds the key.
 
         Raises:

@@ -13,10 +13,10 @@ import math
 import os
 from collections.abc import Callable
 
+from sluiceway.core.channel import ChannelReader
 from sluiceway.flowcontrol.load import SIGNALS, LoadController, LoadEffects, LoadPolicy
 from sluiceway.metrics.histogram import LatencyHistogram
 from sluiceway.metrics.registry import LoadSnapshot
-from sluiceway.runtime.channel import ChannelReader
 from sluiceway.time import Clock
 
 __all__ = ["LoadMonitor"]

@@ -26,9 +26,9 @@ from itertools import islice, repeat
 from typing import Any, ClassVar
 
 from sluiceway.agg import Aggregator
+from sluiceway.core.messages import Batch, Control, Watermark
+from sluiceway.core.query import KeyState, OpenWindow
 from sluiceway.operators.base import BuildContext, OpSpec, Step
-from sluiceway.runtime.messages import Batch, Control, Watermark
-from sluiceway.runtime.query import KeyState, OpenWindow
 from sluiceway.time import Clock
 from sluiceway.windows.assigners import Session, Sliding, Tumbling
 

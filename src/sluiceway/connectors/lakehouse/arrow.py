@@ -6,7 +6,7 @@ values of the batch).  A record *fits* the schema when it is a dict, has no fiel
 schema lacks, leaves out only nullable fields, and every value converts to its field's
 type.  :meth:`RecordsToArrow.convert` returns the Arrow table of the records before the
 first that does not fit, and why that one does not: the sink writes the table and raises
-:class:`~sluiceway.connectors.base.PartialWriteError`, so the sink's ``on_error=`` policy
+:class:`~sluiceway.core.contract.PartialWriteError`, so the sink's ``on_error=`` policy
 handles exactly that record (stop naming it, retry, or dead-letter it).
 
 >>> conv = RecordsToArrow(None, None, "sinks.Parquet(out)")

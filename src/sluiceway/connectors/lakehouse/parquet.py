@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
-from sluiceway.connectors.base import PartialWriteError, Sink, SinkContext
 from sluiceway.connectors.lakehouse.arrow import RecordsToArrow, import_extra
+from sluiceway.core.contract import PartialWriteError, Sink, SinkContext
+from sluiceway.core.messages import Batch
 from sluiceway.errors import CheckpointError, short_repr
-from sluiceway.runtime.messages import Batch
 
 __all__ = ["Parquet", "ParquetSink", "compact", "hive_dir", "split_partitions"]
 

@@ -22,11 +22,11 @@ from abc import abstractmethod
 from collections.abc import Iterator
 from typing import Any
 
-from sluiceway.connectors.base import Source, SourceContext
 from sluiceway.connectors.lakehouse.arrow import import_extra
 from sluiceway.connectors.lakehouse.iceberg import load_catalog
+from sluiceway.core.contract import Source, SourceContext
+from sluiceway.core.messages import Batch
 from sluiceway.errors import CheckpointError, short_repr
-from sluiceway.runtime.messages import Batch
 
 __all__ = ["DeltaSource", "IcebergSource", "ParquetSource"]
 

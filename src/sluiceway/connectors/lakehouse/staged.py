@@ -33,11 +33,11 @@ from abc import abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
-from sluiceway.connectors.base import PartialWriteError, Sink, SinkContext
 from sluiceway.connectors.lakehouse.arrow import RecordsToArrow, import_extra
 from sluiceway.connectors.lakehouse.parquet import _fsync, _remove, hive_dir, split_partitions
+from sluiceway.core.contract import PartialWriteError, Sink, SinkContext
+from sluiceway.core.messages import Batch
 from sluiceway.errors import CheckpointError, short_repr
-from sluiceway.runtime.messages import Batch
 
 __all__ = ["StagedTableSink", "TableMode"]
 
