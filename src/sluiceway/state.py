@@ -34,9 +34,9 @@ from datetime import datetime, timedelta
 from typing import Any, Generic, Literal, Protocol, TypeVar, runtime_checkable
 
 from sluiceway.errors import CheckpointError
-from sluiceway.operators.event_time import to_ticks
 from sluiceway.time import Clock
 from sluiceway.time.durations import positive_seconds
+from sluiceway.time.ticks import to_ticks
 
 __all__ = [
     "TTL",

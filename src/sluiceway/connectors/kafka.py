@@ -65,8 +65,8 @@ from sluiceway.connectors.files import _to_json
 from sluiceway.core.contract import PartialWriteError, Sink, SinkContext, Source, SourceContext
 from sluiceway.core.messages import Batch
 from sluiceway.errors import BadInputError, SluicewayError, short_repr
-from sluiceway.operators.event_time import to_ticks
 from sluiceway.time.durations import non_negative_seconds, positive_seconds
+from sluiceway.time.ticks import to_ticks
 
 __all__ = [
     "KafkaError",

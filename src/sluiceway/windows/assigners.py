@@ -18,20 +18,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from sluiceway.time.durations import seconds_of
+from sluiceway.time.ticks import seconds, ticks
 
 __all__ = ["Session", "Sliding", "Tumbling", "seconds", "ticks"]
-
-TICKS_PER_SECOND = 1_000_000
-
-
-def ticks(t: float) -> int:
-    """Seconds to integer microseconds (rounded to the nearest)."""
-    return round(t * TICKS_PER_SECOND)
-
-
-def seconds(t: int) -> float:
-    """Integer microseconds to seconds."""
-    return t / TICKS_PER_SECOND
 
 
 def _duration(value: object, what: str) -> int:
