@@ -37,7 +37,9 @@ from types import ModuleType
 from typing import Any, NoReturn, TextIO
 
 import sluiceway as sw
+from sluiceway.checkpoint.cli import add_checkpoints_command
 from sluiceway.console import LiveView, format_count
+from sluiceway.errors import CliError
 from sluiceway.plan import plan as make_plan
 
 __all__ = ["CliError", "build_parser", "load_flow", "main"]
@@ -50,15 +52,6 @@ _EXIT_INTERRUPTED = 130
 _MAX_PORT = 65535
 
 log = logging.getLogger("sluiceway.cli")
-
-
-class CliError(Exception):
-    """An ending of the command: a one-line message, an exit code, maybe a detail line."""
-
-    def __init__(self, message: str, code: int, detail: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.detail = detail
 
 
 # -- argument parsing -----------------------------------------------------------------
@@ -269,9 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(handler=_cmd_demo)
 
-    # `checkpoints list|inspect|reset DIR`; that module imports CliError from this one.
-    from sluiceway.checkpoint.cli import add_checkpoints_command  # noqa: PLC0415
-
+    # `checkpoints list|inspect|reset DIR` (sluiceway.checkpoint.cli, imported one way only)
     add_checkpoints_command(commands, log_level=_log_level)
     return parser
 

@@ -24,6 +24,10 @@ The tree::
         ├── ClosedResourceError    this side was already closed by us
         └── BrokenResourceError    the other side went away
 
+    CliError                       how a ``sluiceway`` command ends: a one-line message and
+                                   an exit code (not a SluicewayError: only the command line
+                                   raises it, and its ``main`` prints it)
+
 Messages quote the bad value and say where it came from, e.g.
 ``operator 'map_parse' failed on record {'id': 7} (ValueError: bad amount)``.
 """
@@ -43,6 +47,7 @@ __all__ = [
     "CheckpointCorruptError",
     "CheckpointError",
     "CheckpointMismatchError",
+    "CliError",
     "ClosedResourceError",
     "ConnectorOpenError",
     "EndOfStream",
@@ -97,6 +102,19 @@ def redact(text: object) -> str:
     shown = _URL_PASSWORD.sub(r"\g<head>:***@", str(text))
     shown = _NATS_TOKEN.sub(r"\g<head>***@", shown)
     return _KEYWORD_PASSWORD.sub(r"\g<head>***", shown)
+
+
+class CliError(Exception):
+    """An ending of the command: a one-line message, an exit code, maybe a detail line.
+
+    Here rather than in ``cli.py`` so that the subcommands' modules
+    (``sluiceway.checkpoint.cli``) raise it without importing the command that wires them.
+    """
+
+    def __init__(self, message: str, code: int, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.detail = detail
 
 
 class SluicewayError(Exception):

@@ -38,8 +38,7 @@ from sluiceway.checkpoint.store import (
     CheckpointStore,
     PartInfo,
 )
-from sluiceway.cli import CliError
-from sluiceway.errors import CheckpointError
+from sluiceway.errors import CheckpointError, CliError
 
 __all__ = ["add_checkpoints_command", "format_bytes", "run_checkpoints_command"]
 
