@@ -73,6 +73,10 @@ APART: Mapping[tuple[str, str], str] = {
     ("operators", "connectors"): "operators use the Source/Sink contract in sluiceway.core",
     ("plan", "connectors"): "the flow and the plan use the contract in sluiceway.core",
     ("runtime", "connectors"): "the runtime never names a connector (sluiceway.core)",
+    ("services", "operators"): (
+        "views read the plan's graph description (sluiceway.plan.topology, "
+        "sluiceway.core.topology), never operator specs"
+    ),
 }
 
 

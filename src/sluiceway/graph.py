@@ -1,11 +1,11 @@
 """Export a flow's graph as Mermaid or Graphviz DOT, with its fused stages visible.
 
 Every operator is a node labelled with its name and kind; every stage of the physical plan
-(:func:`sluiceway.plan.plan`) is a Mermaid ``subgraph`` or a DOT ``cluster`` holding the
-operators fused into it.  Edges inside a stage are plain calls; an edge into a stage's
-head crosses a channel and is drawn bold, labelled with the channel's name, capacity and
-overflow policy.  Side outputs are labelled: a branch's ``true``/``false`` ports and a
-window's ``late`` output.
+is a Mermaid ``subgraph`` or a DOT ``cluster`` holding the operators fused into it.  Edges
+inside a stage are plain calls; an edge into a stage's head crosses a channel and is drawn
+bold, labelled with the channel's name, capacity and overflow policy.  Side outputs are
+labelled: a branch's ``true``/``false`` ports and a window's ``late`` output.  All of it is
+read from the plan's plain description of the flow (:func:`sluiceway.plan.topology`).
 
 >>> import sluiceway as sw
 >>> flow = sw.Flow("tiny")
@@ -25,10 +25,9 @@ only in escaped, quoted labels, so any name is safe in either format.
 
 from __future__ import annotations
 
-from sluiceway.flow import Flow, Node
-from sluiceway.operators.io import SinkSpec, SourceSpec
-from sluiceway.operators.stateless import LateOutputSpec, PortSpec
-from sluiceway.plan import ChannelPlan, PhysicalPlan, plan
+from sluiceway.core.topology import Topology, TopologyChannel, TopologyEdge, TopologyNode
+from sluiceway.flow import Flow
+from sluiceway.plan import topology
 
 __all__ = ["FORMATS", "render", "to_dot", "to_mermaid"]
 
@@ -52,34 +51,20 @@ def _dot_text(text: str) -> str:
     return escaped.replace("\r\n", "\\n").replace("\n", "\\n").replace("\r", "\\n")
 
 
-def _node_id(node: Node) -> str:
-    return f"n{node.id}"
+def _node_id(node_id: int) -> str:
+    return f"n{node_id}"
 
 
-def _port_label(node: Node) -> str | None:
-    """The label of the edge into a side-output node, or None for an ordinary edge."""
-    spec = node.spec
-    if isinstance(spec, LateOutputSpec):
-        return "late"
-    if isinstance(spec, PortSpec):
-        return "true" if spec.port == 0 else "false"
-    return None
+def _edges(topo: Topology) -> list[tuple[TopologyEdge, TopologyChannel | None]]:
+    """Every edge with the channel it crosses (None: a call inside a stage), in plan order."""
+    channels = {ch.name: ch for ch in topo.channels}
+    return [(e, None if e.channel is None else channels[e.channel]) for e in topo.edges]
 
 
-def _channel_label(channel: ChannelPlan) -> str:
-    return f"{channel.name} (capacity {channel.capacity}, {channel.overflow.value})"
-
-
-def _edges(physical: PhysicalPlan) -> list[tuple[Node, Node, str | None, ChannelPlan | None]]:
-    """``(from, to, side-output label, channel)`` for every edge, in plan order."""
-    channel_of = {id(ch.target): ch for ch in physical.channels}
-    edges: list[tuple[Node, Node, str | None, ChannelPlan | None]] = []
-    for stage in physical.stages:
-        for node in stage.nodes:
-            channel = channel_of.get(id(node))
-            for upstream in node.inputs:
-                edges.append((upstream, node, _port_label(node), channel))
-    return edges
+def _members(topo: Topology) -> dict[int, list[TopologyNode]]:
+    """The nodes of each stage, in order."""
+    by_id = {n.id: n for n in topo.nodes}
+    return {st.index: [by_id[i] for i in st.nodes] for st in topo.stages}
 
 
 def to_mermaid(flow: Flow) -> str:
@@ -88,29 +73,30 @@ def to_mermaid(flow: Flow) -> str:
     Raises:
         FlowDefinitionError: when the flow is not valid (as :func:`sluiceway.plan.plan`).
     """
-    physical = plan(flow)
+    topo = topology(flow)
+    members = _members(topo)
     lines = [
-        f"%% flow {_mermaid_text(flow.name)}: {len(physical.stages)} stage(s)",
+        f"%% flow {_mermaid_text(flow.name)}: {len(topo.stages)} stage(s)",
         "flowchart LR",
     ]
     ports: list[str] = []
-    for stage in physical.stages:
+    for stage in topo.stages:
         lines.append(f'    subgraph stage_{stage.index}["stage {stage.index}"]')
-        for node in stage.nodes:
+        for node in members[stage.index]:
             label = f"{_mermaid_text(node.name)}<br/>{_mermaid_text(node.kind)}"
-            if isinstance(node.spec, SourceSpec | SinkSpec):
-                lines.append(f'        {_node_id(node)}(["{label}"])')
+            if node.endpoint:
+                lines.append(f'        {_node_id(node.id)}(["{label}"])')
             else:
-                lines.append(f'        {_node_id(node)}["{label}"]')
-            if isinstance(node.spec, PortSpec):
-                ports.append(_node_id(node))
+                lines.append(f'        {_node_id(node.id)}["{label}"]')
+            if node.side_output:
+                ports.append(_node_id(node.id))
         lines.append("    end")
-    for upstream, node, port, channel in _edges(physical):
-        a, b = _node_id(upstream), _node_id(node)
+    for edge, channel in _edges(topo):
+        a, b = _node_id(edge.source), _node_id(edge.target)
         if channel is not None:
-            lines.append(f'    {a} ==>|"{_mermaid_text(_channel_label(channel))}"| {b}')
-        elif port is not None:
-            lines.append(f'    {a} -->|"{port}"| {b}')
+            lines.append(f'    {a} ==>|"{_mermaid_text(channel.label())}"| {b}')
+        elif edge.port is not None:
+            lines.append(f'    {a} -->|"{edge.port}"| {b}')
         else:
             lines.append(f"    {a} --> {b}")
     if ports:
@@ -125,35 +111,36 @@ def to_dot(flow: Flow) -> str:
     Raises:
         FlowDefinitionError: when the flow is not valid (as :func:`sluiceway.plan.plan`).
     """
-    physical = plan(flow)
+    topo = topology(flow)
+    members = _members(topo)
     lines = [
         f'digraph "{_dot_text(flow.name)}" {{',
         "    rankdir=LR;",
         '    node [shape=box, fontname="Helvetica"];',
         '    edge [fontname="Helvetica", fontsize=10];',
     ]
-    for stage in physical.stages:
+    for stage in topo.stages:
         lines.append(f"    subgraph cluster_{stage.index} {{")
         lines.append(f'        label="stage {stage.index}";')
         lines.append("        style=rounded;")
-        for node in stage.nodes:
+        for node in members[stage.index]:
             label = f"{_dot_text(node.name)}\\n{_dot_text(node.kind)}"
             attrs = [f'label="{label}"']
-            if isinstance(node.spec, SourceSpec | SinkSpec):
+            if node.endpoint:
                 attrs.append("shape=oval")
-            elif isinstance(node.spec, PortSpec):
+            elif node.side_output:
                 attrs.append("style=dashed")
-            lines.append(f"        {_node_id(node)} [{', '.join(attrs)}];")
+            lines.append(f"        {_node_id(node.id)} [{', '.join(attrs)}];")
         lines.append("    }")
-    for upstream, node, port, channel in _edges(physical):
-        edge = f"    {_node_id(upstream)} -> {_node_id(node)}"
+    for edge, channel in _edges(topo):
+        line = f"    {_node_id(edge.source)} -> {_node_id(edge.target)}"
         if channel is not None:
-            label = _dot_text(_channel_label(channel))
-            lines.append(f'{edge} [label="{label}", style=bold, penwidth=2];')
-        elif port is not None:
-            lines.append(f'{edge} [label="{port}", style=dashed];')
+            label = _dot_text(channel.label())
+            lines.append(f'{line} [label="{label}", style=bold, penwidth=2];')
+        elif edge.port is not None:
+            lines.append(f'{line} [label="{edge.port}", style=dashed];')
         else:
-            lines.append(f"{edge};")
+            lines.append(f"{line};")
     lines.append("}")
     return "\n".join(lines)
 

@@ -46,12 +46,11 @@ from typing import TypedDict
 from urllib.parse import parse_qs, unquote
 
 from sluiceway.connectors.push import HttpIngest
-from sluiceway.flow import Flow, Node
+from sluiceway.core.topology import Topology
+from sluiceway.flow import Flow
 from sluiceway.metrics.http import PLAIN, HttpMonitor, PostResponse, Response
 from sluiceway.metrics.registry import FlowSnapshot, LoadSnapshot, OperatorSnapshot, Rates
-from sluiceway.operators.io import SourceSpec
-from sluiceway.operators.stateless import LateOutputSpec, PortSpec
-from sluiceway.plan import plan
+from sluiceway.plan import topology
 from sluiceway.runtime.handle import FlowHandle
 
 __all__ = [
@@ -131,15 +130,6 @@ class FlowGraph:
     """How many writers each channel has."""
 
 
-def _port(node: Node) -> str | None:
-    spec = node.spec
-    if isinstance(spec, LateOutputSpec):
-        return "late"
-    if isinstance(spec, PortSpec):
-        return "true" if spec.port == 0 else "false"
-    return None
-
-
 def flow_graph(flow: Flow, *, max_columns: int = _MAX_COLUMNS) -> FlowGraph:
     """The operators of ``flow`` as a layered grid, by topological depth.
 
@@ -151,19 +141,22 @@ def flow_graph(flow: Flow, *, max_columns: int = _MAX_COLUMNS) -> FlowGraph:
     Raises:
         FlowDefinitionError: when the flow is not valid (as :func:`sluiceway.plan.plan`).
     """
-    physical = plan(flow)
-    depth: dict[int, int] = {}
-    for node in flow.topological_order():
-        depth[node.id] = 1 + max((depth[i.id] for i in node.inputs), default=-1)
+    return _layout(topology(flow), max_columns)
+
+
+def _layout(topo: Topology, max_columns: int = _MAX_COLUMNS) -> FlowGraph:
+    """:func:`flow_graph` from the plan's description of the flow."""
+    by_id = {n.id: n for n in topo.nodes}
+    depth = {n.id: n.depth for n in topo.nodes}
 
     # Bands: a stage starts a new band when it would reach too far right.
-    stages = sorted(physical.stages, key=lambda s: (min(depth[n.id] for n in s.nodes), s.index))
+    stages = sorted(topo.stages, key=lambda s: (min(depth[i] for i in s.nodes), s.index))
     origin = 0
     band_of: dict[int, int] = {}
     origins: list[int] = [0]
     for st in stages:
-        lo = min(depth[n.id] for n in st.nodes)
-        hi = max(depth[n.id] for n in st.nodes)
+        lo = min(depth[i] for i in st.nodes)
+        hi = max(depth[i] for i in st.nodes)
         if hi - origin >= max_columns and lo > origin:
             origin = lo
             origins.append(origin)
@@ -178,56 +171,43 @@ def flow_graph(flow: Flow, *, max_columns: int = _MAX_COLUMNS) -> FlowGraph:
         free: dict[int, int] = {}
         bottom = top
         for st in (s for s in stages if band_of[s.index] == band):
-            cols: dict[int, list[Node]] = {}
-            for node in st.nodes:
-                cols.setdefault(depth[node.id] - band_origin, []).append(node)
+            cols: dict[int, list[int]] = {}
+            for node_id in st.nodes:
+                cols.setdefault(depth[node_id] - band_origin, []).append(node_id)
             start = max(free.get(c, top) for c in range(min(cols), max(cols) + 1))
             height = max(len(ns) for ns in cols.values())
             for c in range(min(cols), max(cols) + 1):
                 free[c] = start + height
             for c, ns in cols.items():
-                for i, node in enumerate(ns):
-                    place[node.id] = (c, start + i)
+                for i, node_id in enumerate(ns):
+                    place[node_id] = (c, start + i)
                 columns = max(columns, c + 1)
             bottom = max(bottom, start + height)
         top = bottom
 
-    nodes = tuple(
-        GraphNode(n.name, n.kind, st.index, *place[n.id], head=n is st.head)
-        for st in physical.stages
-        for n in st.nodes
-    )
-    channel_of = {id(ch.target): ch.name for ch in physical.channels}
+    nodes = tuple(GraphNode(n.name, n.kind, n.stage, *place[n.id], head=n.head) for n in topo.nodes)
     edges = tuple(
-        GraphEdge(i.name, n.name, channel_of.get(id(n)), _port(n))
-        for st in physical.stages
-        for n in st.nodes
-        for i in n.inputs
+        GraphEdge(by_id[e.source].name, by_id[e.target].name, e.channel, e.port) for e in topo.edges
     )
     graph_stages = []
-    for st in physical.stages:
-        here = {id(n) for n in st.nodes}
+    for st in topo.stages:
+        here = set(st.nodes)
         writes = tuple(
-            (ch.name, sum(1 for w in ch.writers if id(w) in here))
-            for ch in physical.channels
-            if any(id(w) in here for w in ch.writers)
+            (ch.name, sum(1 for w in ch.writers if w in here))
+            for ch in topo.channels
+            if any(w in here for w in ch.writers)
         )
         graph_stages.append(
-            GraphStage(
-                st.index,
-                tuple(n.name for n in st.nodes),
-                None if st.channel is None else st.channel.name,
-                writes,
-            )
+            GraphStage(st.index, tuple(by_id[i].name for i in st.nodes), st.channel, writes)
         )
     return FlowGraph(
-        flow=flow.name,
+        flow=topo.flow,
         nodes=nodes,
         edges=edges,
         stages=tuple(graph_stages),
         columns=columns,
         rows=top,
-        channel_writers={ch.name: len(ch.writers) for ch in physical.channels},
+        channel_writers={ch.name: len(ch.writers) for ch in topo.channels},
     )
 
 
@@ -568,11 +548,12 @@ class WebView(HttpMonitor):
         self._ingest: dict[str, HttpIngest] = {}
 
     def _start(self, handle: FlowHandle) -> None:
-        self._graph = flow_graph(handle.flow)
+        topo = topology(handle.flow)
+        self._graph = _layout(topo)
         self._ingest = {
-            node.name: node.spec.source
-            for node in handle.flow.nodes
-            if isinstance(node.spec, SourceSpec) and isinstance(node.spec.source, HttpIngest)
+            node.name: node.connector
+            for node in topo.nodes
+            if isinstance(node.connector, HttpIngest)
         }
         self._html = page()
         self._previous, self._latest = None, handle.metrics()
