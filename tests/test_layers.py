@@ -80,6 +80,17 @@ APART: Mapping[tuple[str, str], str] = {
 }
 
 
+#: Old homes of what moved into the core, kept as re-exports for users' code only.
+SHIMS = frozenset(
+    {
+        "sluiceway.connectors.base",
+        "sluiceway.runtime.channel",
+        "sluiceway.runtime.messages",
+        "sluiceway.runtime.query",
+    }
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Import:
     """One import statement's target inside the package, with where it was written."""
@@ -186,6 +197,7 @@ def check(
     *,
     layers: Sequence[tuple[str, Sequence[str]]] = LAYERS,
     apart: Mapping[tuple[str, str], str] = APART,
+    shims: frozenset[str] = SHIMS,
     top: str = "sluiceway",
 ) -> list[str]:
     """The problems of a tree given as ``{path relative to src: source text}``."""
@@ -210,10 +222,15 @@ def check(
     for name, (path, is_package) in sorted(modules.items()):
         for imp in imports_of(name, is_package, files[path], path, known, top):
             edges[name].add(imp.target)
+            where = f"{imp.path}:{imp.line}: `{imp.text}`"
+            if imp.target in shims:
+                problems.append(
+                    f"{where}: {imp.target} is a re-export kept for users; import from "
+                    "where it lives now (sluiceway.core)"
+                )
             mine, theirs = placed.get(name), placed.get(imp.target)
             if mine is None or theirs is None:
                 continue
-            where = f"{imp.path}:{imp.line}: `{imp.text}`"
             if rank[theirs] > rank[mine]:
                 problems.append(
                     f"{where}: {name} ({mine}) imports {imp.target} ({theirs}), a higher layer; "
@@ -274,7 +291,7 @@ def tiny(**files: str) -> dict[str, str]:
 def tiny_check(
     tree: dict[str, str], apart: Mapping[tuple[str, str], str] | None = None
 ) -> list[str]:
-    return check(tree, layers=TINY, apart=apart or {}, top="pkg")
+    return check(tree, layers=TINY, apart=apart or {}, shims=frozenset({"pkg.old"}), top="pkg")
 
 
 def test_checker_passes_a_downward_tree() -> None:
@@ -309,7 +326,7 @@ def test_checker_finds_a_cycle_inside_one_layer() -> None:
 def test_checker_refuses_a_module_in_no_layer() -> None:
     tree = tiny(pkg__extra="import pkg.low\n")
     layers = (("low", ("pkg.low",)), ("high", ("pkg.high",)))
-    problems = check(tree, layers=layers, apart={}, top="pkg")
+    problems = check(tree, layers=layers, apart={}, shims=frozenset(), top="pkg")
     assert any(p.startswith("pkg/extra.py: module pkg.extra is in no layer") for p in problems)
 
 
@@ -320,6 +337,21 @@ def test_checker_keeps_apart_pairs_apart() -> None:
     assert problems == [
         "pkg/high.py:1: `import pkg.low`: pkg.high (high) imports pkg.low (low): "
         "high uses mid's contract"
+    ]
+
+
+def test_checker_refuses_an_import_of_a_shim() -> None:
+    tree = tiny(pkg__old="from pkg.low import x\n", pkg__high="def f():\n    import pkg.old\n")
+    problems = check(
+        tree,
+        layers=(*TINY[:2], ("high", ("pkg", "pkg.high", "pkg.old"))),
+        apart={},
+        shims=frozenset({"pkg.old"}),
+        top="pkg",
+    )
+    assert problems == [
+        "pkg/high.py:2: `import pkg.old`: pkg.old is a re-export kept for users; import from "
+        "where it lives now (sluiceway.core)"
     ]
 
 
