@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Generic, Literal, Protocol, TypeVar, runtime_checkable
 
+from sluiceway.core.delta import Changes
 from sluiceway.errors import CheckpointError
 from sluiceway.time import Clock
 from sluiceway.time.durations import positive_seconds
@@ -125,18 +126,73 @@ class TimerEvent:
 # Undo-log entries: what to put back when user code fails half-way through a record.
 _U_VALUE, _U_ENTRY, _U_DEADLINE, _U_TIMER_ADD, _U_TIMER_DEL = range(5)
 
+# A key's entry in a snapshot is a dict of its states by name (str) and, under these two
+# non-str names, its TTL deadlines and its pending timers.
+_TTL_FIELD = 0
+_TIMERS_FIELD = 1
+
+Tail = Any
+"""Where a TTL deadline belongs within a key: a value state's name, or ``(name, map key)``."""
+
+
+class _Upserts(dict[Any, Any]):
+    """A snapshot's key -> state dict that, when it cannot be pickled, says which key and
+    state could not (the checkpoint pickles the snapshot; a bare ``TypeError: cannot
+    pickle '_thread.lock' object`` would not say where it is)."""
+
+    operator = ""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        try:
+            blob = pickle.dumps(dict(self), protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            raise _unpicklable(self.operator, self, exc) from exc
+        return (pickle.loads, (blob,))
+
+
+def _unpicklable(operator: str, states: dict[Any, Any], exc: Exception) -> CheckpointError:
+    for key, d in states.items():
+        try:
+            pickle.dumps(key)
+        except Exception as why:  # noqa: BLE001 - reported below, with the key
+            return CheckpointError(
+                f"operator {operator!r}: key {key!r} cannot be pickled for a "
+                f"checkpoint: {type(why).__name__}: {why}"
+            )
+        for name, value in d.items():
+            try:
+                pickle.dumps(value)
+            except Exception as why:  # noqa: BLE001 - reported below, with the key
+                what = f"state {name!r}" if isinstance(name, str) else "a timer or TTL"
+                return CheckpointError(
+                    f"operator {operator!r}: {what} of key {key!r} cannot be "
+                    f"pickled for a checkpoint: {type(why).__name__}: {why}; keep state "
+                    "to picklable values (numbers, strings, lists, dicts, dataclasses)"
+                )
+    return CheckpointError(
+        f"operator {operator!r}: its state cannot be pickled for a checkpoint: "
+        f"{type(exc).__name__}: {exc}"
+    )
+
 
 class KeyedStore:
-    """Every key's state, its TTL deadlines and the pending timers of one operator.
+    """Every key's state, its TTL deadlines and the pending timers of one operator -- or,
+    once the flow is partitioned, of one partition of it (a step keeps one store per
+    partition, so that a partition's share can be snapshotted, restored or dropped alone).
 
     Internal to sluiceway (the operator drives it; user code sees the handles).  While
-    user code runs for one record, every change is logged so that :meth:`rollback` can
-    undo it when the code fails: a failed record leaves the state as it was.
+    user code runs for one record, every change is appended to :attr:`undo`, so that
+    :meth:`rollback` can undo it when the code fails: a failed record leaves the state as
+    it was.  The caller clears the log after a record that succeeded (a plain list append
+    per change, no call per record); a non-empty log after a record is also how the step
+    knows that the record's key changed (:attr:`dirty`).
 
-    Layout: ``data[key][name]`` is a value state's value or a map state's ``dict``.  A
-    TTL deadline belongs to a *slot*: ``(key, name)`` for a value, ``(key, name, map_key)``
-    for a map entry.  Processing-time deadlines and timers are seconds of
-    ``clock.time()``; event-time ones integer microseconds.
+    Layout: ``data[key][name]`` is a value state's value or a map state's ``dict``.  TTL
+    deadlines: ``ttl_of[key][tail] = (deadline, domain)``, ``tail`` a value state's name or
+    ``(name, map key)``.  Timers: ``timers[domain][key][time] = (seq, time as registered)``.
+    Processing-time deadlines and timers are seconds of ``clock.time()``; event-time ones
+    integer microseconds.  Everything per key, so that a snapshot of the keys that changed
+    is a walk over those keys alone.
     """
 
     def __init__(self, operator: str, clock: Clock, timestamped: bool) -> None:
@@ -146,14 +202,16 @@ class KeyedStore:
         self.data: dict[Any, dict[str, Any]] = {}
         self.kinds: dict[str, tuple[str, TTL | None]] = {}
         self.declared: set[str] = set()
-        self.deadlines: dict[tuple[Any, ...], float] = {}
-        self.domain_of: dict[tuple[Any, ...], TimeDomain] = {}
-        self.scheduled: dict[tuple[Any, ...], float] = {}  # slot -> its heap entry's time
-        self.ttl_heaps: dict[str, list[tuple[float, int, tuple[Any, ...]]]] = {
+        self.ttl_of: dict[Any, dict[Tail, tuple[float, TimeDomain]]] = {}
+        self.scheduled: dict[tuple[Any, Tail], float] = {}  # slot -> its heap entry's time
+        self.ttl_heaps: dict[str, list[tuple[float, int, Any, Tail]]] = {
             "processing": [],
             "event": [],
         }
-        self.timers: dict[str, dict[tuple[Any, float], int]] = {"processing": {}, "event": {}}
+        self.timers: dict[str, dict[Any, dict[float, tuple[int, Any]]]] = {
+            "processing": {},
+            "event": {},
+        }
         self.timer_heaps: dict[str, list[tuple[float, int, Any]]] = {"processing": [], "event": []}
         self.deferred: list[tuple[float, int, Any]] = []
         """Timers set during a round of firing that wait for the next (begin_round)."""
@@ -162,9 +220,14 @@ class KeyedStore:
         self.round_at = -_INF
         self.seq = itertools.count()
         self.undo: list[tuple[Any, ...]] = []
-        self.logging = False
+        self.dirty: set[Any] | None = None
+        """Keys written, deleted, expired or whose timers changed since the last snapshot
+        (None: not tracked -- every snapshot is whole)."""
         # The context of the code running now.
         self.key: Any = None
+        self.cur: dict[str, Any] | None = None
+        """``data.get(key)``: the current key's states, looked up once per record (kept
+        up to date by every change to ``data[key]`` while user code runs)."""
         self.wm: float = -_INF  # the event-time watermark (ticks) user code sees
         self.proc_now = 0.0  # clock.time(), read once per batch or timer round
         self.event_now: float = -_INF  # ticks: the record's event time or the timer's
@@ -192,39 +255,43 @@ class KeyedStore:
 
     # -- values ------------------------------------------------------------------------
 
+    def at(self, key: Any) -> None:
+        """Make ``key`` the current key (user code is about to run for it)."""
+        self.key = key
+        self.cur = self.data.get(key)
+
     def get(self, name: str) -> Any:
-        d = self.data.get(self.key)
+        d = self.cur
         return _MISSING if d is None else d.get(name, _MISSING)
 
     def put(self, name: str, value: Any) -> None:
         key = self.key
-        d = self.data.get(key)
+        d = self.cur
         if d is None:
-            d = self.data[key] = {}
-        if self.logging:
-            self.undo.append((_U_VALUE, key, name, d.get(name, _MISSING)))
+            d = self.cur = self.data[key] = {}
+        self.undo.append((_U_VALUE, key, name, d.get(name, _MISSING)))
         d[name] = value
 
     def delete(self, name: str) -> None:
         key = self.key
-        d = self.data.get(key)
+        d = self.cur
         if d is None or name not in d:
             return
         old = d.pop(name)
-        if self.logging:
-            self.undo.append((_U_VALUE, key, name, old))
+        self.undo.append((_U_VALUE, key, name, old))
         if not d:
             del self.data[key]
+            self.cur = None
         if self.kinds.get(name, ("value", None))[0] == "map":
             for mk in old:
-                self.forget((key, name, mk))
+                self.forget((name, mk))
         else:
-            self.forget((key, name))
+            self.forget(name)
 
     # -- map entries -------------------------------------------------------------------
 
     def map_of(self, name: str) -> dict[Any, Any] | None:
-        d = self.data.get(self.key)
+        d = self.cur
         return None if d is None else d.get(name)
 
     def put_entry(self, name: str, mk: Any, value: Any) -> None:
@@ -232,8 +299,7 @@ class KeyedStore:
         if m is None:
             m = {}
             self.put(name, m)
-        if self.logging:
-            self.undo.append((_U_ENTRY, self.key, name, mk, m.get(mk, _MISSING)))
+        self.undo.append((_U_ENTRY, self.key, name, mk, m.get(mk, _MISSING)))
         m[mk] = value
 
     def remove_entry(self, name: str, mk: Any) -> None:
@@ -244,102 +310,130 @@ class KeyedStore:
             self.delete(name)
             return
         old = m.pop(mk)
-        if self.logging:
-            self.undo.append((_U_ENTRY, self.key, name, mk, old))
-        self.forget((self.key, name, mk))
+        self.undo.append((_U_ENTRY, self.key, name, mk, old))
+        self.forget((name, mk))
 
     # -- TTL -----------------------------------------------------------------------------
 
-    def touch(self, slot: tuple[Any, ...], ttl: TTL) -> None:
-        """``slot`` was written now: its TTL restarts."""
+    def touch(self, tail: Tail, ttl: TTL) -> None:
+        """The current key's ``tail`` was written now: its TTL restarts."""
+        key = self.key
         domain = ttl.time
         if domain == "processing":
             deadline: float = self.proc_now + ttl.seconds
         else:
             deadline = self.event_now + round(ttl.seconds * _TICKS)
-        old = self.deadlines.get(slot, _MISSING)
-        if old is not _MISSING and old >= deadline:  # event time: an out-of-order write
+        slots = self.ttl_of.get(key)
+        old = _MISSING if slots is None else slots.get(tail, _MISSING)
+        if old is not _MISSING and old[0] >= deadline:  # event time: an out-of-order write
             return
-        if self.logging:
-            self.undo.append((_U_DEADLINE, slot, old, self.domain_of.get(slot)))
-        self.deadlines[slot] = deadline
-        self.domain_of[slot] = domain
-        self._schedule(slot, deadline, domain)
+        self.undo.append((_U_DEADLINE, key, tail, old))
+        if slots is None:
+            slots = self.ttl_of[key] = {}
+        slots[tail] = (deadline, domain)
+        self._schedule(key, tail, deadline, domain)
 
-    def _schedule(self, slot: tuple[Any, ...], deadline: float, domain: str) -> None:
+    def _schedule(self, key: Any, tail: Tail, deadline: float, domain: str) -> None:
         """Make sure a heap entry comes up at or before ``deadline`` (one entry per slot
         is enough while deadlines only move later; a deleted slot written again with an
         earlier event time needs an earlier one, and the later entry goes stale)."""
+        slot = (key, tail)
         at = self.scheduled.get(slot)
         if at is None or at > deadline:
             self.scheduled[slot] = deadline
-            heapq.heappush(self.ttl_heaps[domain], (deadline, next(self.seq), slot))
+            heapq.heappush(self.ttl_heaps[domain], (deadline, next(self.seq), key, tail))
 
-    def forget(self, slot: tuple[Any, ...]) -> None:
-        """``slot`` was deleted: no deadline (its heap entry is dropped when it comes up)."""
-        old = self.deadlines.pop(slot, _MISSING)
-        if old is not _MISSING:
-            domain = self.domain_of.pop(slot)
-            if self.logging:
-                self.undo.append((_U_DEADLINE, slot, old, domain))
+    def forget(self, tail: Tail) -> None:
+        """The current key's ``tail`` was deleted: no deadline (its heap entry is dropped
+        when it comes up)."""
+        key = self.key
+        slots = self.ttl_of.get(key)
+        if slots is None:
+            return
+        old = slots.pop(tail, _MISSING)
+        if old is _MISSING:
+            return
+        if not slots:
+            del self.ttl_of[key]
+        self.undo.append((_U_DEADLINE, key, tail, old))
 
-    def _expire(self, slot: tuple[Any, ...]) -> None:
-        key, name = slot[0], slot[1]
-        self.deadlines.pop(slot, None)
-        self.domain_of.pop(slot, None)
+    def _expire(self, key: Any, tail: Tail) -> None:
+        slots = self.ttl_of[key]
+        del slots[tail]
+        if not slots:
+            del self.ttl_of[key]
+        if self.dirty is not None:
+            self.dirty.add(key)
         d = self.data.get(key)
         if d is None:
             return
-        if len(slot) == 2:
-            d.pop(name, None)
+        if type(tail) is str:
+            d.pop(tail, None)
         else:
+            name, mk = tail
             m = d.get(name)
             if m is not None:
-                m.pop(slot[2], None)
+                m.pop(mk, None)
                 if not m:
                     del d[name]
         if not d:
             del self.data[key]
+        if key == self.key:
+            self.cur = self.data.get(key)
 
     def expire(self, domain: str, upto: float) -> float:
-        """Expire the TTL slots of ``domain`` whose deadline is at or before ``upto`` and
-        earlier than any timer of that domain; return the earliest remaining deadline."""
+        """Expire the TTL slots of ``domain`` whose deadline is at or before ``upto``;
+        return the earliest remaining deadline."""
         heap = self.ttl_heaps[domain]
         scheduled = self.scheduled
         while heap and heap[0][0] <= upto:
-            at, _, slot = heapq.heappop(heap)
+            at, _, key, tail = heapq.heappop(heap)
+            slot = (key, tail)
             if scheduled.get(slot) != at:
                 continue  # superseded by an earlier entry
             del scheduled[slot]
-            deadline = self.deadlines.get(slot)
-            if deadline is None:
+            slots = self.ttl_of.get(key)
+            now = None if slots is None else slots.get(tail)
+            if now is None:
                 continue  # deleted meanwhile
-            if deadline > upto:  # written again since: come back at the new deadline
-                self._schedule(slot, deadline, domain)
+            if now[0] > upto or now[1] != domain:  # written again since: come back then
+                self._schedule(key, tail, now[0], now[1])
                 continue
-            self._expire(slot)
+            self._expire(key, tail)
         return heap[0][0] if heap else _INF
 
     # -- timers --------------------------------------------------------------------------
 
-    def add_timer(self, domain: str, t: float) -> None:
-        item = (self.key, t)
+    def add_timer(self, domain: str, t: float, registered: Any) -> None:
+        """A timer for the current key at ``t`` (ticks for event time); ``registered`` is
+        the time as user code gave it, handed back to ``on_timer``."""
+        key = self.key
         timers = self.timers[domain]
-        if item in timers:
+        kt = timers.get(key)
+        if kt is None:
+            kt = timers[key] = {}
+        elif t in kt:
             return
-        seq = timers[item] = next(self.seq)
+        seq = next(self.seq)
+        kt[t] = (seq, registered)
         if self.round_domain == domain and (self.round_final or t <= self.round_at):
-            self.deferred.append((t, seq, self.key))  # see begin_round
+            self.deferred.append((t, seq, key))  # see begin_round
         else:
-            heapq.heappush(self.timer_heaps[domain], (t, seq, self.key))
-        if self.logging:
-            self.undo.append((_U_TIMER_ADD, domain, item))
+            heapq.heappush(self.timer_heaps[domain], (t, seq, key))
+        self.undo.append((_U_TIMER_ADD, domain, key, t))
 
     def delete_timer(self, domain: str, t: float) -> None:
-        item = (self.key, t)
-        seq = self.timers[domain].pop(item, None)
-        if seq is not None and self.logging:
-            self.undo.append((_U_TIMER_DEL, domain, item, seq))
+        key = self.key
+        timers = self.timers[domain]
+        kt = timers.get(key)
+        if kt is None:
+            return
+        entry = kt.pop(t, None)
+        if entry is None:
+            return
+        if not kt:
+            del timers[key]
+        self.undo.append((_U_TIMER_DEL, domain, key, t, entry))
 
     def begin_round(self, domain: str, *, final: bool = False) -> None:
         """Start a round of firing the timers of ``domain`` (:meth:`next_timer` until
@@ -363,10 +457,13 @@ class KeyedStore:
         self.deferred.clear()
         self.round_domain = None
 
-    def next_timer(self, domain: str, upto: float) -> tuple[Any, float] | None:
-        """The next timer of ``domain`` due at or before ``upto``, in time order (then
-        registration order), removed from the pending ones; expiring the TTL slots that
-        come due before it on the way.  None when nothing more is due."""
+    def next_timer(self, domain: str, upto: float) -> tuple[Any, float, Any] | None:
+        """The next timer of ``domain`` due by ``upto``, in time order (then registration
+        order), removed from the pending ones, as ``(key, time, time as registered)``;
+        expiring the TTL slots that come due before it on the way.  None when nothing
+        more is due.
+
+        Due: a timer at ``t <= upto``."""
         heap, timers = self.timer_heaps[domain], self.timers[domain]
         while True:
             top = heap[0][0] if heap else _INF
@@ -374,11 +471,17 @@ class KeyedStore:
             if not heap or top > upto:
                 return None
             t, seq, key = heapq.heappop(heap)
-            if timers.get((key, t)) == seq:
-                del timers[(key, t)]
+            kt = timers.get(key)
+            entry = None if kt is None else kt.get(t)
+            if kt is not None and entry is not None and entry[0] == seq:
+                del kt[t]
+                if not kt:
+                    del timers[key]
+                if self.dirty is not None:
+                    self.dirty.add(key)
                 if self.round_domain == domain:
                     self.round_at = t
-                return key, t
+                return key, t, entry[1]
 
     def next_due(self, domain: str) -> float:
         """The earliest instant (maybe stale: too early) something of ``domain`` is due."""
@@ -386,20 +489,12 @@ class KeyedStore:
         return min(a[0][0] if a else _INF, b[0][0] if b else _INF)
 
     def pending_timers(self) -> int:
-        return len(self.timers["processing"]) + len(self.timers["event"])
+        return sum(len(kt) for timers in self.timers.values() for kt in timers.values())
 
     # -- the undo log --------------------------------------------------------------------
 
-    def begin(self) -> None:
-        self.undo.clear()
-        self.logging = True
-
-    def commit(self) -> None:
-        self.undo.clear()
-        self.logging = False
-
     def rollback(self) -> None:
-        """Undo every change since :meth:`begin`, newest first."""
+        """Undo every change in :attr:`undo`, newest first."""
         undo, data = self.undo, self.data
         while undo:
             u = undo.pop()
@@ -421,110 +516,192 @@ class KeyedStore:
                 else:
                     m[mk] = old
             elif op == _U_DEADLINE:
-                _, slot, old, domain = u
+                _, key, tail, old = u
+                slots = self.ttl_of.get(key)
                 if old is _MISSING:
-                    self.deadlines.pop(slot, None)
-                    self.domain_of.pop(slot, None)
+                    if slots is not None:
+                        slots.pop(tail, None)
+                        if not slots:
+                            del self.ttl_of[key]
                 else:
-                    self.deadlines[slot] = old
-                    self.domain_of[slot] = domain
-                    self._schedule(slot, old, domain)
+                    if slots is None:
+                        slots = self.ttl_of[key] = {}
+                    slots[tail] = old
+                    self._schedule(key, tail, old[0], old[1])
             elif op == _U_TIMER_ADD:
-                _, domain, item = u
-                self.timers[domain].pop(item, None)
+                _, domain, key, t = u
+                timers = self.timers[domain]
+                kt = timers[key]
+                del kt[t]
+                if not kt:
+                    del timers[key]
             else:
-                _, domain, item, seq = u
-                self.timers[domain][item] = seq
-                heapq.heappush(self.timer_heaps[domain], (item[1], seq, item[0]))
-        self.logging = False
+                _, domain, key, t, entry = u
+                self.timers[domain].setdefault(key, {})[t] = entry
+                heapq.heappush(self.timer_heaps[domain], (t, entry[0], key))
+        self.cur = data.get(self.key)
 
     # -- checkpoints ---------------------------------------------------------------------
 
-    def snapshot(self, extra: dict[str, Any]) -> dict[str, Any]:
-        """Everything, pickled: shares nothing with the live store.
+    def track(self, on: bool) -> None:
+        """Keep :attr:`dirty` (on) or not (off: every snapshot is whole)."""
+        self.dirty = set() if on else None
 
-        Processing-time deadlines and timers are stored as seconds *remaining* on this
-        run's clock; :meth:`restore` counts them from the restoring run's clock.
+    def changes(self, whole: bool, extra: dict[str, Any]) -> Changes:
+        """The state as :class:`~sluiceway.core.delta.Changes`: all of it (``whole``) or
+        the keys changed since the previous call (needs :meth:`track`).  Starts a new
+        change set either way.
+
+        Shares nothing mutable with the live store (map states are copied; values are the
+        user's own objects, as set).  Deadlines and timers are absolute; ``extra`` gets
+        ``clock`` (this run's ``clock.time()``), from which :meth:`load` counts the
+        processing-time ones again.
         """
-        now = self.clock.time()
+        maps = [name for name, (kind, _) in self.kinds.items() if kind == "map"]
+        upserts = _Upserts()
+        upserts.operator = self.operator
+        deletes: set[Any] = set()
+        dirty = self.dirty
+        if whole:
+            keys: Any = self.data.keys()
+            if self.ttl_of or any(self.timers.values()):
+                keys = keys | self.ttl_of.keys()
+                for timers in self.timers.values():
+                    keys |= timers.keys()
+            elif not maps:  # the common case: values only
+                upserts.update({k: d.copy() for k, d in self.data.items()})
+                keys = ()
+        else:
+            if dirty is None:
+                raise AssertionError("changes(whole=False) without dirty-key tracking")
+            keys = dirty
+        state_of = self._state_of
+        for key in keys:
+            st = state_of(key, maps)
+            if st is None:
+                deletes.add(key)
+            else:
+                upserts[key] = st
+        if dirty is not None:
+            self.dirty = set()
+        info = {"clock": self.clock.time(), "kinds": dict(self.kinds), **extra}
+        return Changes(whole, upserts, frozenset(deletes), info)
 
-        def in_order(domain: str) -> list[tuple[Any, float]]:
-            items = sorted(self.timers[domain].items(), key=lambda kv: (kv[0][1], kv[1]))
-            if domain == "processing":
-                return [(k, t - now) for (k, t), _ in items]
-            return [(k, t) for (k, t), _ in items]
+    def _state_of(self, key: Any, maps: list[str]) -> dict[Any, Any] | None:
+        """One key's entry in a snapshot (None: the key holds nothing)."""
+        d = self.data.get(key)
+        st: dict[Any, Any] = {} if d is None else d.copy()
+        for name in maps:
+            m = st.get(name)
+            if m is not None:
+                st[name] = m.copy()
+        slots = self.ttl_of.get(key)
+        if slots:
+            st[_TTL_FIELD] = list(slots.items())
+        timers = [
+            (domain, t, seq, registered)
+            for domain, by_key in self.timers.items()
+            if (kt := by_key.get(key))
+            for t, (seq, registered) in kt.items()
+        ]
+        if timers:
+            st[_TIMERS_FIELD] = timers
+        return st or None
 
-        payload = {
-            "data": self.data,
-            "kinds": self.kinds,
-            "ttl": [
-                (slot, dom, dl - now if dom == "processing" else dl)
-                for slot, dl in self.deadlines.items()
-                if (dom := self.domain_of[slot])
-            ],
-            "event_timers": in_order("event"),
-            "processing_timers": in_order("processing"),
-            **extra,
-        }
-        try:
-            blob = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception as exc:
-            raise self._unpicklable(exc) from exc
-        return {"format": 1, "operator": self.operator, "keys": len(self.data), "blob": blob}
+    def load(self, changes: Changes) -> dict[str, Any]:
+        """Replace the state with a whole :meth:`changes`; returns its ``extra``.
 
-    def _unpicklable(self, exc: Exception) -> CheckpointError:
-        for key, d in self.data.items():
-            try:
-                pickle.dumps(key)
-            except Exception as why:  # noqa: BLE001 - reported below, with the key
-                return CheckpointError(
-                    f"operator {self.operator!r}: key {key!r} cannot be pickled for a "
-                    f"checkpoint: {type(why).__name__}: {why}"
-                )
-            for name, value in d.items():
-                try:
-                    pickle.dumps(value)
-                except Exception as why:  # noqa: BLE001 - reported below, with the key
-                    return CheckpointError(
-                        f"operator {self.operator!r}: state {name!r} of key {key!r} cannot be "
-                        f"pickled for a checkpoint: {type(why).__name__}: {why}; keep state "
-                        "to picklable values (numbers, strings, lists, dicts, dataclasses)"
-                    )
-        return CheckpointError(
-            f"operator {self.operator!r}: its state cannot be pickled for a checkpoint: "
-            f"{type(exc).__name__}: {exc}"
-        )
+        Processing-time deadlines and timers move by the time between the snapshot and
+        now on this run's clock (the time the flow was down does not count); so does the
+        time a processing-time timer hands ``on_timer``."""
+        if not changes.whole:
+            raise ValueError(
+                f"operator {self.operator!r}: restore needs a whole state, got a change set "
+                "(fold it onto its base first: sluiceway.core.delta.fold)"
+            )
+        extra = dict(changes.extra)
+        shift = self.clock.time() - extra.pop("clock")
+        kinds = extra.pop("kinds")
+        maps = [name for name, (kind, _) in kinds.items() if kind == "map"]
+        self._reset(kinds)
+        timers: list[tuple[str, float, int, Any, Any]] = []
+        data, ttl_of = self.data, self.ttl_of
+        for key, entry in changes.upserts.items():
+            st = dict(entry)
+            slots = st.pop(_TTL_FIELD, None)
+            pending = st.pop(_TIMERS_FIELD, None)
+            for name in maps:
+                if name in st:
+                    st[name] = dict(st[name])
+            if st:
+                data[key] = st
+            if slots:
+                ttl_of[key] = {
+                    tail: (dl + shift if dom == "processing" else dl, dom)
+                    for tail, (dl, dom) in slots
+                }
+            for domain, t, seq, registered in pending or ():
+                moved = shift if domain == "processing" else 0
+                timers.append((domain, t + moved, seq, key, registered + moved))
+        self._load_deadlines()
+        self._load_timers(timers)
+        return extra
 
-    def restore(self, state: Any) -> dict[str, Any]:
-        """Load a :meth:`snapshot`; returns the ``extra`` entries it was given."""
+    def load_format1(self, state: Any) -> dict[str, Any]:
+        """Load a snapshot of the earlier format (one pickled blob, processing times as
+        seconds remaining); returns its ``extra`` entries."""
         if not isinstance(state, dict) or state.get("format") != 1 or "blob" not in state:
             raise ValueError(
-                f"operator {self.operator!r}: not a keyed-state snapshot (format 1): "
-                f"{type(state).__name__}"
+                f"operator {self.operator!r}: not a keyed-state snapshot (an Incremental, or "
+                f"format 1): {type(state).__name__}"
             )
         payload = pickle.loads(state["blob"])  # our own checkpoint's bytes
         now = self.clock.time()
-        self.data = payload.pop("data")
-        self.kinds = payload.pop("kinds")
-        self.declared = set()
-        self.deadlines, self.domain_of, self.scheduled = {}, {}, {}
-        self.ttl_heaps = {"processing": [], "event": []}
+        self._reset(payload.pop("kinds"))
+        self.data.update(payload.pop("data"))
         for slot, dom, dl in payload.pop("ttl"):
+            tail = slot[1] if len(slot) == 2 else (slot[1], slot[2])
             deadline = now + dl if dom == "processing" else dl
-            self.deadlines[slot] = deadline
-            self.domain_of[slot] = dom
-            self.scheduled[slot] = deadline
-            self.ttl_heaps[dom].append((deadline, next(self.seq), slot))
+            self.ttl_of.setdefault(slot[0], {})[tail] = (deadline, dom)
+        timers: list[tuple[str, float, int, Any, Any]] = []
+        seq = itertools.count()
+        for key, t in payload.pop("event_timers"):
+            timers.append(("event", t, next(seq), key, t / _TICKS))
+        for key, t in payload.pop("processing_timers"):
+            timers.append(("processing", now + t, next(seq), key, now + t))
+        self._load_deadlines()
+        self._load_timers(timers)
+        return dict(payload)
+
+    def _reset(self, kinds: dict[str, tuple[str, TTL | None]]) -> None:
+        self.data.clear()
+        self.cur = None
+        self.kinds = dict(kinds)
+        self.declared = set()
+        self.ttl_of, self.scheduled = {}, {}
+        self.ttl_heaps = {"processing": [], "event": []}
         self.timers = {"processing": {}, "event": {}}
         self.timer_heaps = {"processing": [], "event": []}
-        for domain in ("event", "processing"):
-            for key, t in payload.pop(f"{domain}_timers"):
-                self.key = key
-                self.add_timer(domain, now + t if domain == "processing" else t)
+        self.undo.clear()
+
+    def _load_deadlines(self) -> None:
+        for key, slots in self.ttl_of.items():
+            for tail, (deadline, dom) in slots.items():
+                self.scheduled[(key, tail)] = deadline
+                self.ttl_heaps[dom].append((deadline, next(self.seq), key, tail))
         for heap in self.ttl_heaps.values():
             heapq.heapify(heap)
-        self.key = None
-        return dict(payload)
+
+    def _load_timers(self, timers: list[tuple[str, float, int, Any, Any]]) -> None:
+        """Pending timers again, in their firing order (time, then registration)."""
+        timers.sort(key=lambda x: (x[1], x[2]))
+        for domain, t, _, key, registered in timers:
+            self.key = key
+            self.add_timer(domain, t, registered)
+        self.at(None)
+        self.undo.clear()
+        if self.dirty is not None:
+            self.dirty = set()
 
 
 # -- what user code sees -----------------------------------------------------------------
@@ -544,27 +721,34 @@ class ValueState(Generic[T]):
     [1, 2, 3]
     """
 
-    __slots__ = ("_name", "_store", "_ttl")
+    __slots__ = ("_arg", "_name", "_store", "_ttl")
 
-    def __init__(self, store: KeyedStore, name: str, ttl: TTL | None) -> None:
+    def __init__(self, store: KeyedStore, name: str, ttl: TTL | None, arg: object = None) -> None:
         self._store = store
         self._name = name
         self._ttl = ttl
+        self._arg = arg  # ttl= as given (ProcessContext.value's cache)
 
     def __repr__(self) -> str:
         return f"<ValueState {self._name!r} of key {self._store.key!r}>"
 
     def get(self, default: Any = None) -> Any:
         """The value, or ``default`` when the key has none (never set, cleared, expired)."""
-        v = self._store.get(self._name)
-        return default if v is _MISSING else v
+        d = self._store.cur
+        return default if d is None else d.get(self._name, default)
 
     def set(self, value: T) -> None:
         """Replace the value (and restart its TTL)."""
         store = self._store
-        store.put(self._name, value)
+        d, name = store.cur, self._name
+        if d is None:
+            d = store.cur = store.data[store.key] = {}
+            store.undo.append((_U_VALUE, store.key, name, _MISSING))
+        else:
+            store.undo.append((_U_VALUE, store.key, name, d.get(name, _MISSING)))
+        d[name] = value
         if self._ttl is not None:
-            store.touch((store.key, self._name), self._ttl)
+            store.touch(name, self._ttl)
 
     def clear(self) -> None:
         """Delete the value."""
@@ -590,12 +774,13 @@ class MapState(Generic[K, V]):
     [('ab', 2), ('cd', 1)]
     """
 
-    __slots__ = ("_name", "_store", "_ttl")
+    __slots__ = ("_arg", "_name", "_store", "_ttl")
 
-    def __init__(self, store: KeyedStore, name: str, ttl: TTL | None) -> None:
+    def __init__(self, store: KeyedStore, name: str, ttl: TTL | None, arg: object = None) -> None:
         self._store = store
         self._name = name
         self._ttl = ttl
+        self._arg = arg  # ttl= as given (ProcessContext.map's cache)
 
     def __repr__(self) -> str:
         return f"<MapState {self._name!r} of key {self._store.key!r}>"
@@ -613,7 +798,7 @@ class MapState(Generic[K, V]):
         store = self._store
         store.put_entry(self._name, key, value)
         if self._ttl is not None:
-            store.touch((store.key, self._name, key), self._ttl)
+            store.touch((self._name, key), self._ttl)
 
     def remove(self, key: K) -> None:
         """Delete ``key`` (nothing happens when it is absent)."""
@@ -650,14 +835,23 @@ class MapState(Generic[K, V]):
 
 class TimerService:
     """Register and delete timers for the current key; ``on_timer`` fires once per
-    registered ``(key, time, domain)``.
+    registered ``(key, time, domain)`` and receives the time exactly as it was registered.
 
-    Event-time timers fire when the watermark reaches their time (``time <= watermark``),
-    in time order, and at end of input (the watermark becomes +infinity: the timers
-    pending then fire once, the ones they set do not).  A timer set in ``on_timer(t)`` at
-    or before ``t`` fires at the next advance, not again in the same one.  Processing-time
-    timers fire when the flow's clock (``clock.time()``, epoch seconds) reaches them;
-    pending ones are dropped at end of input.
+    Event-time timers fire once the watermark has *passed* their time
+    (``time < watermark``), so a timer at ``t`` fires after the records with timestamp
+    ``t``: a record at ``t`` is not late while the watermark is ``t``, and its timer waits
+    for it.  They fire in time order, and at end of input (the watermark becomes
+    +infinity: the timers pending then fire once, the ones they set do not).  A timer set
+    in ``on_timer(t)`` at or before ``t`` fires at the next advance, not again in the same
+    one.  Processing-time timers fire when the flow's clock (``clock.time()``, epoch
+    seconds) reaches them (``time <= now``); pending ones are dropped at end of input.
+
+    Marble (bound 0: the watermark before a record is the largest timestamp before it)::
+
+        records (ts):      1    2    2    3    4
+        watermark before: -inf  1    2    2    3
+        timer at 2:                             fires here (watermark 3 > 2), after the
+                                                records at 2 (and the one at 3)
     """
 
     __slots__ = ("_check", "_store")
@@ -676,8 +870,9 @@ class TimerService:
         return to_ticks(t)
 
     def at_event_time(self, t: float | datetime) -> None:
-        """Call ``on_timer(ctx, t)`` once the watermark reaches ``t`` (epoch seconds)."""
-        self._store.add_timer("event", self._event_ticks(t, "at_event_time"))
+        """Call ``on_timer(ctx, t)`` once the watermark has passed ``t`` (epoch seconds or
+        an aware datetime; ``on_timer`` gets ``t`` back as given)."""
+        self._store.add_timer("event", self._event_ticks(t, "at_event_time"), t)
 
     def delete_event_time(self, t: float | datetime) -> None:
         """Cancel the event-time timer at ``t`` for this key (if any)."""
@@ -692,7 +887,7 @@ class TimerService:
     def at_processing_time(self, t: float) -> None:
         """Call ``on_timer(ctx, t)`` once the flow's clock (``ctx.processing_time``)
         reaches ``t``."""
-        self._store.add_timer("processing", self._processing(t))
+        self._store.add_timer("processing", self._processing(t), t)
 
     def delete_processing_time(self, t: float) -> None:
         """Cancel the processing-time timer at ``t`` for this key (if any)."""
@@ -715,9 +910,11 @@ class ProcessContext(Generic[K]):
             +infinity at end of input), or None on a stream without event time.
         time_domain: None in ``process``; ``"event"`` or ``"processing"`` in ``on_timer``.
         timers: the :class:`TimerService`.
+        emit: ``emit(value)`` sends ``value`` downstream, with this key (and event time,
+            when there is one).
     """
 
-    __slots__ = ("_emit", "_handles", "_store", "key", "time_domain", "timers", "timestamp")
+    __slots__ = ("_maps", "_store", "_values", "emit", "key", "time_domain", "timers", "timestamp")
 
     def __init__(
         self,
@@ -726,8 +923,9 @@ class ProcessContext(Generic[K]):
         has_on_timer: bool,
     ) -> None:
         self._store = store
-        self._emit = emit
-        self._handles: dict[tuple[str, object], Any] = {}
+        self.emit = emit
+        self._values: dict[str, ValueState[Any]] = {}
+        self._maps: dict[str, MapState[Any, Any]] = {}
         self.key: Any = None
         self.timestamp: float | None = None
         self.time_domain: TimeDomain | None = None
@@ -754,27 +952,23 @@ class ProcessContext(Generic[K]):
         """The flow's clock now, in epoch seconds (read once per batch)."""
         return self._store.proc_now
 
-    def emit(self, value: Any) -> None:
-        """Send ``value`` downstream, with this key (and event time, when there is one)."""
-        self._emit(value)
-
     def value(self, name: str, *, ttl: float | timedelta | TTL | None = None) -> ValueState[Any]:
         """The value state ``name`` of the current key (declare it with the same ``ttl``
         every time)."""
-        h = self._handles.get((name, ttl))
-        if not isinstance(h, ValueState):
+        h = self._values.get(name)
+        if h is None or h._arg != ttl:
             t = as_ttl(ttl, f"value({name!r}, ttl=...)")
             self._store.declare(name, "value", t)
-            h = self._handles[(name, ttl)] = ValueState(self._store, name, t)
+            h = self._values[name] = ValueState(self._store, name, t, ttl)
         return h
 
     def map(self, name: str, *, ttl: float | timedelta | TTL | None = None) -> MapState[Any, Any]:
         """The map state ``name`` of the current key."""
-        h = self._handles.get((name, ttl))
-        if not isinstance(h, MapState):
+        h = self._maps.get(name)
+        if h is None or h._arg != ttl:
             t = as_ttl(ttl, f"map({name!r}, ttl=...)")
             self._store.declare(name, "map", t)
-            h = self._handles[(name, ttl)] = MapState(self._store, name, t)
+            h = self._maps[name] = MapState(self._store, name, t, ttl)
         return h
 
 

@@ -158,6 +158,15 @@ class Step:
         """
         return None
 
+    def accept_changes(self, accepted: bool) -> None:
+        """Whether the checkpoint store takes change sets (called by the checkpoint side
+        before the first snapshot; default: it does not).
+
+        A step whose :meth:`snapshot` returns a :class:`~sluiceway.core.delta.Incremental`
+        must make every snapshot whole until told ``True``; then it may return only what
+        changed since its previous snapshot (``Changes(whole=False, ...)``).  Steps
+        without incremental state ignore it."""
+
     async def prepare_checkpoint(self, checkpoint_id: int | None) -> Any:
         """The state to store for checkpoint ``checkpoint_id`` (None: the step's final
         state, after the end of its input).  Default: :meth:`snapshot`.  A sink step

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any, ClassVar
 
+from sluiceway.core.delta import Incremental, Partition
 from sluiceway.core.messages import Batch, Control, Watermark
 from sluiceway.core.query import KeyState
 from sluiceway.operators.base import BuildContext, OpSpec, Step, without
@@ -51,32 +52,53 @@ class _KeyedProcessStep(Step):
         self.timed = spec.boundary
         self.fn = spec.factory()
         self.process_fn: Callable[[ProcessContext[Any], Any], Any] = self.fn.process
-        self.timer_fn: Callable[[ProcessContext[Any], float], Any] | None = getattr(
+        self.timer_fn: Callable[[ProcessContext[Any], Any], Any] | None = getattr(
             self.fn, "on_timer", None
         )
         self.store = KeyedStore(ctx.name, ctx.clock, spec.timestamped)
+        self.stores: dict[Partition, KeyedStore] = {None: self.store}
+        """The state per source partition (one store each, so that one partition's share
+        can be snapshotted, restored or dropped alone); today every record belongs to
+        partition None."""
+        self.changes_accepted = False
+        self.next_whole = True  # the next snapshot is whole (the first, or after a restore)
         self.single = isinstance(spec, StatefulMapSpec)  # one state per key: "state"
+        self.out: list[Any] = []
+        self.out_keys: list[Any] = []
+        self.out_ts: list[int] = []
+        self.out_wms: list[float] = []
         self.ctx: ProcessContext[Any] = ProcessContext(
-            self.store, self._emit_one, self.timer_fn is not None
+            self.store, self._emitter(), self.timer_fn is not None
         )
         self.rec_wm: float = -_INF  # the watermark the last record came with
         self.max_ts: float = -_INF  # the largest event time seen (ticks)
         self.cur_ts: int | None = None  # event time of what is being handled (ticks)
         self.cur_wm: float = -_INF  # the watermark its outputs carry
-        self.out: list[Any] = []
-        self.out_keys: list[Any] = []
-        self.out_ts: list[int] = []
-        self.out_wms: list[float] = []
 
     # -- output ------------------------------------------------------------------------
 
-    def _emit_one(self, value: Any) -> None:
-        self.out.append(value)
-        self.out_keys.append(self.ctx.key)
-        if self.timestamped:
-            assert self.cur_ts is not None
-            self.out_ts.append(self.cur_ts)
-            self.out_wms.append(self.cur_wm)
+    def _emitter(self) -> Callable[[Any], None]:
+        """``ctx.emit``: appends to the output columns (kept as the same lists for the
+        step's life, so the function holds them directly)."""
+        out, out_keys, out_ts, out_wms = self.out, self.out_keys, self.out_ts, self.out_wms
+        step = self
+
+        if not self.timestamped:
+
+            def emit(value: Any) -> None:
+                out.append(value)
+                out_keys.append(step.ctx.key)
+
+            return emit
+
+        def emit_timed(value: Any) -> None:
+            assert step.cur_ts is not None
+            out.append(value)
+            out_keys.append(step.ctx.key)
+            out_ts.append(step.cur_ts)
+            out_wms.append(step.cur_wm)
+
+        return emit_timed
 
     def _truncate(self, n: int) -> None:
         del self.out[n:], self.out_keys[n:]
@@ -85,50 +107,69 @@ class _KeyedProcessStep(Step):
 
     async def _flush(self) -> None:
         m = self.metrics
-        m.state = len(self.store.data)
+        m.state = self._keys_held()
         if self.timestamped:
             m.watermark = self.store.wm / _TICKS
-        if not self.out:
+        out = self.out
+        if not out:
             return
         if self.timestamped:
-            batch = Batch(self.out, self.out_ts, self.out_keys, self.out_wms)
-            self.out_ts, self.out_wms = [], []
+            batch = Batch(out[:], self.out_ts[:], self.out_keys[:], self.out_wms[:])
+            self.out_ts.clear()
+            self.out_wms.clear()
         else:
-            batch = Batch(self.out, None, self.out_keys)
-        self.out, self.out_keys = [], []
+            batch = Batch(out[:], None, self.out_keys[:])
+        out.clear()
+        self.out_keys.clear()
         await self.emit(batch)
+
+    def _keys_held(self) -> int:
+        return sum(len(store.data) for store in self.stores.values())
 
     # -- running user code ---------------------------------------------------------------
 
     async def _guarded(self, call: Callable[[], Any], record: Any) -> None:
         """``call()`` as one transaction: on an exception its changes and outputs are
         undone, and the error policy decides (retry, dead-letter, or fail)."""
-        store = self.store
         mark = len(self.out)
-        store.begin()
         try:
             call()
         except Exception as exc:  # noqa: BLE001 - any user error goes to the error policy
-            store.rollback()
-            self._truncate(mark)
+            await self._recover(call, record, exc, mark)
+            return
+        store = self.store
+        if store.undo:
+            if store.dirty is not None:
+                store.dirty.add(store.key)
+            store.undo.clear()
 
-            def again() -> None:
-                store.begin()
-                try:
-                    call()
-                except BaseException:
-                    store.rollback()
-                    self._truncate(mark)
-                    raise
-                store.commit()
+    async def _recover(
+        self, call: Callable[[], Any], record: Any, exc: Exception, mark: int
+    ) -> None:
+        """``call()`` failed with ``exc``: undo what it did (state, timers, outputs from
+        ``mark`` on), then let the error policy retry, dead-letter or fail."""
+        store = self.store
+        store.rollback()
+        self._truncate(mark)
 
-            await self.errors.recover([record], exc, again)
-            self.store.proc_now = self.clock.time()  # retries waited on the clock
-        else:
-            store.commit()
+        def again() -> None:
+            try:
+                call()
+            except BaseException:
+                store.rollback()
+                self._truncate(mark)
+                raise
+
+        await self.errors.recover([record], exc, again)
+        store.proc_now = self.clock.time()  # retries waited on the clock
+        if store.undo:  # a retry succeeded
+            if store.dirty is not None:
+                store.dirty.add(store.key)
+            store.undo.clear()
 
     async def _advance_event(self, wm: float) -> None:
-        """Fire the event-time timers due at ``wm`` (TTLs expire on the way).
+        """Fire the event-time timers the watermark ``wm`` has passed (TTLs expire on
+        the way).
 
         One round (``KeyedStore.begin_round``): a timer set by a timer fires in it only
         when later than its setter; at end of input (``wm`` is +inf), not at all.  So a
@@ -138,13 +179,16 @@ class _KeyedProcessStep(Step):
         fired = 0
         try:
             while (due := store.next_timer("event", wm)) is not None:
-                key, t = due
+                key, t, registered = due
                 assert timer_fn is not None
-                ctx.key, ctx.timestamp, ctx.time_domain = key, t / _TICKS, "event"
-                store.key, store.event_now = key, t
+                secs = registered if isinstance(registered, int | float) else t / _TICKS
+                ctx.key, ctx.timestamp, ctx.time_domain = key, secs, "event"
+                store.at(key)
+                store.event_now = t
                 self.cur_ts, self.cur_wm = int(t), self.rec_wm
-                secs = t / _TICKS
-                await self._guarded(partial(timer_fn, ctx, secs), TimerEvent(key, secs, "event"))
+                await self._guarded(
+                    partial(timer_fn, ctx, registered), TimerEvent(key, registered, "event")
+                )
                 fired += 1
                 if fired % _YIELD_EVERY == 0:
                     await self._flush()
@@ -163,13 +207,17 @@ class _KeyedProcessStep(Step):
         fired = 0
         try:
             while (due := store.next_timer("processing", now)) is not None:
-                key, t = due
+                key, _, registered = due
                 assert timer_fn is not None
                 ctx.key, ctx.timestamp, ctx.time_domain = key, None, "processing"
-                store.key, store.event_now = key, self.max_ts
+                store.at(key)
+                store.event_now = self.max_ts
                 self.cur_ts = int(self.max_ts) if self.max_ts > -_INF else 0
                 self.cur_wm = self.rec_wm
-                await self._guarded(partial(timer_fn, ctx, t), TimerEvent(key, t, "processing"))
+                await self._guarded(
+                    partial(timer_fn, ctx, registered),
+                    TimerEvent(key, registered, "processing"),
+                )
                 now = store.proc_now
                 fired += 1
                 if fired % _YIELD_EVERY == 0:
@@ -190,39 +238,73 @@ class _KeyedProcessStep(Step):
         keys = batch.keys
         if keys is None:  # pragma: no cover - the builder allows this on keyed streams only
             raise TypeError(f"operator {self.name!r} got records without keys")
-        store, ctx, fn = self.store, self.ctx, self.process_fn
+        store = self.store
         store.proc_now = now = self.clock.time()
         if store.next_due("processing") <= now:
             store.expire("processing", now)  # (due timers fired before this batch came in)
+        # The loops below are _guarded() inline: the common path (no exception) costs a
+        # length, a call and a test of the undo log per record.
         if not self.timestamped:
+            ctx, fn = self.ctx, self.process_fn
+            undo, out, data, dirty = store.undo, self.out, store.data, store.dirty
             ctx.timestamp = None
             for v, k in zip(values, keys, strict=True):
                 ctx.key = store.key = k
-                await self._guarded(partial(fn, ctx, v), v)
+                store.cur = data.get(k)
+                mark = len(out)
+                try:
+                    fn(ctx, v)
+                except Exception as exc:  # noqa: BLE001 - any user error: the error policy
+                    await self._recover(partial(fn, ctx, v), v, exc, mark)
+                    continue
+                if undo:
+                    if dirty is not None:
+                        dirty.add(k)
+                    undo.clear()
         else:
-            ts, wms = batch.timestamps, batch.watermarks
-            assert ts is not None
-            assert wms is not None
-            due = store.next_due("event")
-            last = self.rec_wm
-            for v, k, t, w in zip(values, keys, ts, wms, strict=True):
-                if w > store.wm:
-                    store.wm = w
-                    if w >= due:
-                        self.rec_wm = last
-                        await self._advance_event(w)
-                        due = store.next_due("event")
-                last = w
-                ctx.key = store.key = k
-                ctx.timestamp = t / _TICKS
-                store.event_now = t
-                self.cur_ts, self.cur_wm = t, w
-                await self._guarded(partial(fn, ctx, v), v)
-                due = min(due, store.next_due("event"))  # timers set in the past fire next
-            self.rec_wm = last
-            hi = max(ts)
-            self.max_ts = max(self.max_ts, hi)
+            await self._push_timed(batch)
         await self._flush()
+
+    async def _push_timed(self, batch: Batch) -> None:
+        """:meth:`push` on a timestamped stream: before each record, advance to the
+        watermark it came with (firing the timers it passed)."""
+        store, ctx, fn = self.store, self.ctx, self.process_fn
+        undo, out, data = store.undo, self.out, store.data
+        values, keys = batch.values, batch.keys
+        assert keys is not None
+        ts, wms = batch.timestamps, batch.watermarks
+        assert ts is not None
+        assert wms is not None
+        due = store.next_due("event")
+        last = self.rec_wm
+        for v, k, t, w in zip(values, keys, ts, wms, strict=True):
+            if w > store.wm:
+                store.wm = w
+                if w >= due:
+                    self.rec_wm = last
+                    await self._advance_event(w)
+                    due = store.next_due("event")
+            last = w
+            ctx.key = store.key = k
+            store.cur = data.get(k)
+            ctx.timestamp = t / _TICKS
+            store.event_now = t
+            self.cur_ts, self.cur_wm = t, w
+            mark = len(out)
+            try:
+                fn(ctx, v)
+            except Exception as exc:  # noqa: BLE001 - any user error: the error policy
+                await self._recover(partial(fn, ctx, v), v, exc, mark)
+                due = min(due, store.next_due("event"))
+                continue
+            if undo:
+                if store.dirty is not None:
+                    store.dirty.add(k)
+                undo.clear()
+                due = min(due, store.next_due("event"))  # timers set in the past fire next
+        self.rec_wm = last
+        hi = max(ts)
+        self.max_ts = max(self.max_ts, hi)
 
     async def control(self, message: Control) -> None:
         store = self.store
@@ -272,22 +354,56 @@ class _KeyedProcessStep(Step):
             return KeyState.copied(True, data.get("state"), wm)
         return KeyState.copied(True, dict(data), wm)
 
-    def snapshot(self) -> Any:
-        """Every key's state, TTL deadlines and pending timers, pickled into bytes.
+    def accept_changes(self, accepted: bool) -> None:
+        """Whether the checkpoint store takes change sets (see :meth:`snapshot`)."""
+        if accepted == self.changes_accepted:
+            return
+        self.changes_accepted = accepted
+        for store in self.stores.values():
+            store.track(accepted)
+        self.next_whole = True
 
-        Processing-time deadlines are stored as seconds remaining; on :meth:`restore`
-        they count from the restoring run's clock (the time between does not count).
+    def snapshot(self) -> Incremental:
+        """Every partition's keyed state as :class:`~sluiceway.core.delta.Changes`: each
+        key's values, TTL deadlines and pending timers under the key, and the operator's
+        watermarks in ``extra``.
+
+        Whole, unless the checkpoint side said it takes change sets
+        (:meth:`accept_changes`): then only the first snapshot (and the first after a
+        restore) is whole, and each later one holds the keys written, deleted, expired
+        or whose timers changed since the one before.  Processing-time deadlines are
+        absolute, with the snapshot's clock in ``extra``; :meth:`restore` counts them
+        from the restoring run's clock (the time between does not count).
         """
-        return self.store.snapshot(
-            {"wm": self.store.wm, "rec_wm": self.rec_wm, "max_ts": self.max_ts}
-        )
+        whole = self.next_whole or not self.changes_accepted
+        extra = {"format": 2, "wm": self.store.wm, "rec_wm": self.rec_wm, "max_ts": self.max_ts}
+        parts = {p: store.changes(whole, extra) for p, store in self.stores.items()}
+        self.next_whole = False
+        return Incremental(parts)
 
     def restore(self, state: Any) -> None:
-        extra = self.store.restore(state)
+        """Load a whole :class:`~sluiceway.core.delta.Incremental` (or a snapshot of the
+        earlier format 1, a dict with one pickled blob)."""
+        if isinstance(state, Incremental):
+            if not state.whole:
+                raise ValueError(
+                    f"operator {self.name!r}: restore needs every partition whole, got a "
+                    "change set (fold it onto its base: sluiceway.core.delta.fold_incremental)"
+                )
+            extra: dict[str, Any] = {}
+            for p, changes in state.partitions.items():
+                store = self.stores.get(p)
+                if store is None:
+                    store = self.stores[p] = KeyedStore(self.name, self.clock, self.timestamped)
+                    store.track(self.changes_accepted)
+                extra = store.load(changes)
+        else:
+            extra = self.store.load_format1(state)
         self.store.wm = extra["wm"]
         self.rec_wm = extra["rec_wm"]
         self.max_ts = extra["max_ts"]
-        self.metrics.state = len(self.store.data)
+        self.next_whole = True  # deadlines of this run's clock: the chain starts again
+        self.metrics.state = self._keys_held()
 
 
 def _has_on_timer(fn: object) -> bool:
@@ -401,7 +517,10 @@ class _StatefulMapStep(_KeyedProcessStep):
         keys = batch.keys
         if keys is None:  # pragma: no cover - the builder allows this on keyed streams only
             raise TypeError(f"operator {self.name!r} got records without keys")
-        data, fn = self.store.data, self.user_fn
+        store = self.store
+        data, fn = store.data, self.user_fn
+        if store.dirty is not None:  # (a failed record's key too: it is written as it is)
+            store.dirty.update(keys)
         out: list[Any] = []
         failed: list[int] | None = None
         for i, (v, k) in enumerate(zip(values, keys, strict=True)):

@@ -1,0 +1,303 @@
+"""Incremental snapshots of keyed state (issue 20, keyed side): dirty-key tracking and
+``Incremental`` change sets that fold into exactly the whole state at the same point."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import pickle
+import random
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sluiceway as sw
+from sluiceway.core.delta import Changes, Incremental, fold_incremental
+from sluiceway.metrics.registry import OperatorMetrics
+from sluiceway.operators.base import BuildContext, OpSpec, Step
+from sluiceway.operators.errors import DeadLetterWriter, ErrorHandler
+from sluiceway.operators.keyed_state import KeyedProcessSpec, StatefulMapSpec, process_factory
+from sluiceway.runtime.messages import Batch, Control, Watermark
+from sluiceway.state import ProcessContext
+
+S = 1_000_000  # ticks per second
+
+
+class Capture(Step):
+    def __init__(self) -> None:
+        super().__init__("capture", OperatorMetrics("capture", "sink", 0))
+        self.rows: list[Any] = []
+
+    async def push(self, batch: Batch) -> None:
+        self.rows.extend(batch.values)
+
+    async def control(self, message: Control) -> None:
+        pass
+
+
+def make_step(spec: OpSpec, clock: sw.VirtualClock) -> tuple[Step, Capture]:
+    """The step with a dead-letter policy (a failed record must leave no trace)."""
+    m = OperatorMetrics("op", spec.kind, 0)
+    dlq: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    errors = ErrorHandler(
+        sw.DeadLetter(dlq),
+        flow="t",
+        operator="op",
+        clock=clock,
+        metrics=m,
+        dead_letters={id(dlq): DeadLetterWriter(dlq, "t")},
+        rng=random.Random(0),
+    )
+    step = spec.build(BuildContext("t", "op", clock, m, errors, 1024))
+    cap = Capture()
+    step.children.append(cap)
+    return step, cap
+
+
+def process_spec(fn: Any, *, timestamped: bool = True) -> KeyedProcessSpec:
+    factory, has_timer = process_factory(fn)
+    return KeyedProcessSpec(factory, timestamped=timestamped, processing_timers=has_timer)
+
+
+class Mixed:
+    """Per record ``(key, op, ts)``: writes, clears, map entries, a TTL'd value, timers,
+    and failures after writing (the dead letter must leave no trace)."""
+
+    def process(self, ctx: ProcessContext[Any], r: tuple[str, str, float]) -> None:
+        _, op, ts = r
+        n = ctx.value("n")
+        n.set(n.get(0) + 1)
+        if op == "clear":
+            n.clear()
+            ctx.map("m").clear()
+        elif op == "map":
+            ctx.map("m").put(int(ts) % 3, ts)
+        elif op == "unmap":
+            ctx.map("m").remove(int(ts) % 3)
+        elif op == "ttl":
+            ctx.value("short", ttl=sw.state.TTL(2.0, time="event")).set(ts)
+        elif op == "timer":
+            ctx.timers.at_event_time(ts + 1.5)
+        elif op == "untimer":
+            ctx.timers.delete_event_time(ts - 0.5)
+        elif op == "fail":
+            ctx.timers.at_event_time(ts + 0.25)
+            ctx.map("m").put("x", 1)
+            raise RuntimeError("boom")
+        ctx.emit((ctx.key, n.get()))
+
+    def on_timer(self, ctx: ProcessContext[Any], t: float) -> None:
+        ctx.value("fired").set(t)
+        ctx.emit((ctx.key, "timer", t))
+
+
+OPS = ["set", "set", "clear", "map", "unmap", "ttl", "timer", "untimer", "fail"]
+
+
+def batch_of(rows: list[tuple[str, str, float]], hi: float) -> tuple[Batch, float]:
+    ts, wms = [], []
+    for r in rows:
+        t = round(r[2] * S)
+        wms.append(hi)
+        ts.append(t)
+        hi = max(hi, t)
+    return Batch(list(rows), ts, [r[0] for r in rows], wms), hi
+
+
+def whole_state(inc: Incremental) -> dict[Any, Any]:
+    (changes,) = inc.partitions.values()
+    assert changes.whole
+    return dict(changes.upserts)
+
+
+def extra_of(inc: Incremental) -> Any:
+    (changes,) = inc.partitions.values()
+    return changes.extra
+
+
+def run_both(
+    rows: list[tuple[str, str, float]], cuts: list[int], snaps: set[int]
+) -> tuple[list[Incremental], list[Incremental]]:
+    """Feed the same batches to a step that takes change sets and one that does not;
+    snapshot both after the batches in ``snaps`` (and at the end)."""
+    clock = sw.VirtualClock()
+    inc, _ = make_step(process_spec(Mixed), clock)
+    ref, _ = make_step(process_spec(Mixed), clock)
+    inc.accept_changes(True)
+    chain: list[Incremental] = []
+    wholes: list[Incremental] = []
+    hi = -float("inf")
+    bounds = [0, *sorted({c for c in cuts if 0 < c < len(rows)}), len(rows)]
+    for i, (a, b) in enumerate(itertools.pairwise(bounds)):
+        batch, hi = batch_of(rows[a:b], hi)
+        for step in (inc, ref):
+            asyncio.run(step.push(batch))
+            asyncio.run(step.control(Watermark(hi - S)))
+        if i in snaps or b == len(rows):
+            chain.append(pickle.loads(pickle.dumps(inc.snapshot())))
+            wholes.append(pickle.loads(pickle.dumps(ref.snapshot())))
+    return chain, wholes
+
+
+def rows_strategy() -> Any:
+    row = st.tuples(
+        st.sampled_from(["a", "b", "c", "d"]),
+        st.sampled_from(OPS),
+        st.integers(0, 40).map(lambda x: x / 4),
+    )
+    return st.lists(row, min_size=1, max_size=60)
+
+
+@settings(max_examples=150, deadline=None)
+@given(rows_strategy(), st.lists(st.integers(0, 60), max_size=8), st.sets(st.integers(0, 8)))
+def test_folding_the_change_sets_gives_the_whole_state_at_every_point(
+    rows: list[tuple[str, str, float]], cuts: list[int], snaps: set[int]
+) -> None:
+    chain, wholes = run_both(rows, cuts, snaps)
+    assert chain[0].whole
+    for i, whole in enumerate(wholes):
+        if i:
+            assert not chain[i].whole
+            (changes,) = chain[i].partitions.values()
+            assert not changes.upserts.keys() & changes.deletes
+        folded = fold_incremental(chain[0], *chain[1 : i + 1])
+        assert whole_state(folded) == whole_state(whole)
+        assert extra_of(folded) == extra_of(whole)
+
+
+def test_a_change_set_holds_only_the_keys_that_changed() -> None:
+    clock = sw.VirtualClock()
+    step, _ = make_step(process_spec(Mixed), clock)
+    step.accept_changes(True)
+    rows = [("a", "set", 1.0), ("b", "map", 1.0), ("c", "timer", 1.0), ("d", "set", 1.0)]
+    batch, hi = batch_of(rows, -float("inf"))
+    asyncio.run(step.push(batch))
+    base = step.snapshot()
+    assert base.whole
+    assert sorted(whole_state(base)) == ["a", "b", "c", "d"]
+    # a: written; b: cleared (a delete); d: a failed record (rolled back: unchanged)
+    batch, hi = batch_of([("a", "set", 2.0), ("b", "clear", 2.0), ("d", "fail", 2.0)], hi)
+    asyncio.run(step.push(batch))
+    (changes,) = step.snapshot().partitions.values()
+    assert not changes.whole
+    assert set(changes.upserts) == {"a"}
+    assert changes.deletes == {"b"}
+    # nothing happened: an empty change set
+    (changes,) = step.snapshot().partitions.values()
+    assert (changes.upserts, changes.deletes) == ({}, frozenset())
+    # c's timer (at 2.5) fires once the watermark passes it: c changed (timer gone, and
+    # the state on_timer wrote)
+    asyncio.run(step.control(Watermark(3 * S)))
+    (changes,) = step.snapshot().partitions.values()
+    assert set(changes.upserts) == {"c"}
+    assert changes.upserts["c"]["fired"] == 2.5
+
+
+def test_ttl_expiry_is_a_change() -> None:
+    clock = sw.VirtualClock()
+    step, _ = make_step(process_spec(Mixed), clock)
+    step.accept_changes(True)
+    batch, _hi = batch_of([("a", "ttl", 1.0), ("b", "set", 1.0)], -float("inf"))
+    asyncio.run(step.push(batch))
+    base = whole_state(step.snapshot())
+    assert base["a"]["short"] == 1.0
+    asyncio.run(step.control(Watermark(10 * S)))  # past 1.0 + 2
+    (changes,) = step.snapshot().partitions.values()
+    assert set(changes.upserts) == {"a"}
+    assert "short" not in changes.upserts["a"]
+
+
+def test_snapshots_are_whole_until_the_checkpoint_side_accepts_changes() -> None:
+    clock = sw.VirtualClock()
+    step, _ = make_step(process_spec(Mixed), clock)
+    batch, hi = batch_of([("a", "set", 1.0)], -float("inf"))
+    asyncio.run(step.push(batch))
+    assert step.snapshot().whole
+    batch, hi = batch_of([("b", "set", 2.0)], hi)
+    asyncio.run(step.push(batch))
+    second = step.snapshot()
+    assert second.whole
+    assert sorted(whole_state(second)) == ["a", "b"]
+
+
+def test_after_a_restore_the_next_snapshot_is_whole() -> None:
+    clock = sw.VirtualClock()
+    step, _ = make_step(process_spec(Mixed), clock)
+    step.accept_changes(True)
+    batch, _hi = batch_of([("a", "set", 1.0), ("b", "timer", 1.0)], -float("inf"))
+    asyncio.run(step.push(batch))
+    snap = pickle.loads(pickle.dumps(step.snapshot()))
+    step2, cap2 = make_step(process_spec(Mixed), clock)
+    step2.accept_changes(True)
+    step2.restore(snap)
+    again = step2.snapshot()
+    assert again.whole
+    assert whole_state(again) == whole_state(snap)
+    asyncio.run(step2.control(Watermark(5 * S)))
+    assert cap2.rows == [("b", "timer", 2.5)]
+
+
+def test_restore_refuses_a_change_set() -> None:
+    clock = sw.VirtualClock()
+    step, _ = make_step(process_spec(Mixed), clock)
+    changes = Incremental({None: Changes(False, {}, frozenset({"a"}), extra={})})
+    with pytest.raises(ValueError, match="restore needs every partition whole"):
+        step.restore(changes)
+
+
+def test_stateful_map_change_sets() -> None:
+    def total(s: int | None, x: tuple[str, int]) -> tuple[int | None, int]:
+        if x[1] < 0:
+            return None, 0
+        return (s or 0) + x[1], x[1]
+
+    clock = sw.VirtualClock()
+    spec = StatefulMapSpec(total, ttl=None, timestamped=False)
+    step, _ = make_step(spec, clock)
+    step.accept_changes(True)
+    asyncio.run(step.push(Batch([("a", 1), ("b", 2)], keys=["a", "b"])))
+    base = step.snapshot()
+    asyncio.run(step.push(Batch([("a", 5), ("b", -1)], keys=["a", "b"])))
+    later = step.snapshot()
+    (changes,) = later.partitions.values()
+    assert changes.upserts == {"a": {"state": 6}}
+    assert changes.deletes == {"b"}
+    folded = fold_incremental(base, later)
+    step2, cap2 = make_step(spec, clock)
+    step2.restore(pickle.loads(pickle.dumps(folded)))
+    asyncio.run(step2.push(Batch([("a", 1), ("b", 1)], keys=["a", "b"])))
+    assert cap2.rows == [1, 1]
+    assert whole_state(step2.snapshot()) == {"a": {"state": 7}, "b": {"state": 1}}
+
+
+def test_a_format_1_snapshot_still_restores() -> None:
+    """Checkpoints written before Incremental: one pickled blob, processing times as
+    seconds remaining."""
+    payload = {
+        "data": {"k": {"v": 3}},
+        "kinds": {"v": ("value", None)},
+        "ttl": [],
+        "event_timers": [("k", 7 * S)],
+        "processing_timers": [],
+        "wm": 2 * S,
+        "rec_wm": 2 * S,
+        "max_ts": 3 * S,
+    }
+    old = {"format": 1, "operator": "op", "keys": 1, "blob": pickle.dumps(payload)}
+
+    class Show:
+        def process(self, ctx: ProcessContext[Any], x: Any) -> None:
+            ctx.emit(("v", ctx.value("v").get()))
+
+        def on_timer(self, ctx: ProcessContext[Any], t: float) -> None:
+            ctx.emit(("timer", t))
+
+    clock = sw.VirtualClock()
+    step, cap = make_step(process_spec(Show), clock)
+    step.restore(old)
+    batch, _ = batch_of([("k", "x", 4.0)], 3 * S)
+    asyncio.run(step.push(batch))
+    asyncio.run(step.finish())
+    assert cap.rows == [("v", 3), ("timer", 7.0)]
