@@ -10,6 +10,7 @@ import pickle
 import random
 import re
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -586,12 +587,13 @@ def test_event_time_timers_fire_in_time_order_as_the_watermark_passes() -> None:
         ("rec", "b", 3.0),
         ("rec", "c", 1.0),
         ("rec", "d", 10.0),
-        # the watermark before "e" is 10 - 2 = 8: timers at 5 (a), 6 (c), 8 (b) fire,
-        # in time order
+        # the watermark before "e" is 10 - 2 = 8: it has passed the timers at 5 (a) and
+        # 6 (c), which fire in time order; b's at 8 waits for the records at 8
         ("timer", "a", 5.0, 5.0, 8.0, "event"),
         ("timer", "c", 6.0, 6.0, 8.0, "event"),
-        ("timer", "b", 8.0, 8.0, 8.0, "event"),
         ("rec", "e", 11.0),
+        # the watermark after "e" is 9: past 8
+        ("timer", "b", 8.0, 8.0, 9.0, "event"),
         # end of input: the watermark is +inf; the rest fire in time order
         ("timer", "d", 15.0, 15.0, math.inf, "event"),
         ("timer", "e", 16.0, 16.0, math.inf, "event"),
@@ -1064,3 +1066,99 @@ def test_every_example_in_docs_state_runs_and_prints_what_it_says(
             if line.startswith("# -> ")
         ]
         assert printed == expected, block
+
+
+# -- the traps of issue 16 ---------------------------------------------------------------------
+
+
+def test_an_event_timer_at_t_fires_after_the_records_at_t() -> None:
+    """Bound 0: the watermark before the second record at 2.0 is 2.0 -- that record is on
+    time, and a timer at 2.0 must wait for it (it fired before it, at 'watermark >= t')."""
+
+    class AtTwo:
+        def process(self, ctx: ProcessContext[Any], r: tuple[str, float]) -> None:
+            if ctx.timestamp == 1.0:
+                ctx.timers.at_event_time(2.0)
+            ctx.emit(("rec", ctx.timestamp, ctx.watermark))
+
+        def on_timer(self, ctx: ProcessContext[Any], t: float) -> None:
+            ctx.emit(("timer", t, ctx.watermark))
+
+    records = [("k", 1.0), ("k", 2.0), ("k", 2.0), ("k", 3.0), ("k", 4.0)]
+    runs = []
+    for size in (1, 2, 1024):
+        flow, out = keyed_flow(records, lambda k: k.process(AtTwo), ts=ts1)
+        sw.testing.run_flow(flow, max_batch_size=size)
+        runs.append(out.items)
+    assert runs[0] == runs[1] == runs[2]
+    assert runs[0] == [
+        ("rec", 1.0, -math.inf),
+        ("rec", 2.0, 1.0),
+        ("rec", 2.0, 2.0),  # watermark 2.0: on time, before the timer at 2.0
+        ("rec", 3.0, 2.0),
+        ("timer", 2.0, 3.0),  # the watermark after the record at 3.0 has passed 2.0
+        ("rec", 4.0, 3.0),
+    ]
+
+
+def test_on_timer_gets_the_time_exactly_as_registered() -> None:
+    """0.1 + 0.2 is 0.30000000000000004; the engine orders timers in whole microseconds
+    (300000), and handed back 0.3.  A datetime comes back as the datetime."""
+    when = datetime(2026, 12, 6, 10, 0, 0, 123456, tzinfo=UTC)
+
+    class Exact:
+        def process(self, ctx: ProcessContext[Any], r: tuple[str, float]) -> None:
+            ctx.timers.at_event_time(0.1 + 0.2)
+            ctx.timers.at_event_time(when)
+
+        def on_timer(self, ctx: ProcessContext[Any], t: Any) -> None:
+            ctx.emit((t, ctx.timestamp))
+
+    flow, out = keyed_flow([("k", 0.0)], lambda k: k.process(Exact), ts=ts1)
+    sw.testing.run_flow(flow)
+    assert out.items == [(0.1 + 0.2, 0.1 + 0.2), (when, when.timestamp())]
+    assert out.items[0][0] != 0.3
+
+
+def test_on_timer_gets_the_exact_time_after_a_restore() -> None:
+    class Exact:
+        def process(self, ctx: ProcessContext[Any], x: Any) -> None:
+            ctx.timers.at_event_time(0.1 + 0.2)
+
+        def on_timer(self, ctx: ProcessContext[Any], t: float) -> None:
+            ctx.emit(t)
+
+    clock = sw.VirtualClock()
+    step, _, _ = make_step(process_spec(Exact), clock)
+    batch, _ = event_batch([("x", "k", 0)], -math.inf)
+    asyncio.run(step.push(batch))
+    step2, cap2, _ = make_step(process_spec(Exact), clock)
+    step2.restore(pickle.loads(pickle.dumps(step.snapshot())))
+    asyncio.run(step2.finish())
+    assert cap2.rows[0][0] == 0.1 + 0.2
+
+
+def test_ttl_is_documented_as_since_last_write_where_users_look() -> None:
+    """The trap: a TTL that drops live state a user only reads.  The rule is stated in
+    the TTL docstring, the operators' docstrings and docs/state.md, and the example in
+    the docs (run by the test above) shows a read does not extend it."""
+    assert "since the last\n    write, not the last read" in (TTL.__doc__ or "")
+    assert "last write, not the last read" in DOC.read_text(encoding="utf-8")
+    assert "reads do not count" in (sw.KeyedStream.stateful_map.__doc__ or "")
+    assert "not from reads" in (sw.KeyedStream.process.__doc__ or "")
+
+
+def test_reading_a_state_does_not_extend_its_ttl() -> None:
+    class ReadOnly:
+        def process(self, ctx: ProcessContext[Any], x: str) -> None:
+            seen = ctx.value("seen", ttl=5.0)
+            if x == "write":
+                seen.set(ctx.processing_time)
+            ctx.emit(seen.get())
+
+    script = sw.testing.ScriptedSource(
+        [(0.0, ["write"]), (3.0, ["read"]), (6.0, ["read"]), (7.0, ["write"])]
+    )
+    out = sw.testing.run_collect(lambda s: s.key_by(lambda e: "k").process(ReadOnly), script)
+    t0 = out[0]
+    assert out == [t0, t0, None, t0 + 7.0]

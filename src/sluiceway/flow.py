@@ -846,8 +846,9 @@ class KeyedStream(Stream[T], Generic[K, T]):
 
         ``state`` is None for a key seen first (or whose state expired); returning None as
         the new state deletes the key's state.  Each output leaves with the record's key
-        (and event time).  ``ttl=`` drops state not written for that long: seconds of
-        processing time, or ``sw.state.TTL(seconds, time="event")`` for event time.  A
+        (and event time).  ``ttl=`` drops state not written for that long (counted from the
+        last write, i.e. the key's last record that returned a state; reads do not count):
+        seconds of processing time, or ``sw.state.TTL(seconds, time="event")``.  A
         record that fails (``on_error``) leaves its key's state as it was.  The state is
         in checkpoints.  See docs/state.md.
 
@@ -886,8 +887,11 @@ class KeyedStream(Stream[T], Generic[K, T]):
         time)``; a class is instantiated once per run; a plain function ``fn(ctx, value)``
         is a ``process`` without timers.  ``ctx`` (a ``sw.state.ProcessContext``) has the
         ``key``, ``timestamp``, ``watermark``, ``emit(value)``, ``value(name, ttl=...)``,
-        ``map(name, ttl=...)`` and ``timers``.  A failed record or timer (``on_error``)
-        leaves state, timers and output as they were.  See docs/state.md.
+        ``map(name, ttl=...)`` and ``timers``.  A state's ``ttl`` counts from its last
+        ``set``/``put``, not from reads.  An event-time timer at ``t`` fires once the
+        watermark has passed ``t`` (after the records at ``t``), and ``on_timer`` gets
+        ``t`` exactly as registered.  A failed record or timer (``on_error``) leaves
+        state, timers and output as they were.  See docs/state.md.
 
         >>> import sluiceway as sw
         >>> class FirstOfEach:

@@ -70,12 +70,18 @@ _MISSING: Any = _Missing()
 
 @dataclass(frozen=True, slots=True)
 class TTL:
-    """State not written for ``seconds`` is dropped.
+    """State not *written* for ``seconds`` is dropped: the time counts since the last
+    write, not the last read.
+
+    In ``process``, reading a state (``get``, ``contains``, ``items``) does not extend its
+    life; ``set``/``put`` does -- to keep a key that is only read alive, write it back.
+    In ``stateful_map`` every record that returns a state writes it: the TTL counts from
+    the key's last record.
 
     Args:
         seconds: the time to live, > 0 (float seconds or a ``timedelta``).
         time: ``"processing"`` (default): seconds of the flow's clock since the last
-            write; ``"event"``: the watermark has passed the event time of the last
+            write; ``"event"``: the watermark has reached the event time of the last
             write plus ``seconds`` (needs a timestamped stream).
 
     >>> TTL(30)
@@ -463,12 +469,15 @@ class KeyedStore:
         expiring the TTL slots that come due before it on the way.  None when nothing
         more is due.
 
-        Due: a timer at ``t <= upto``."""
+        Due: a processing-time timer at ``t <= upto`` (the clock has reached it); an
+        event-time timer at ``t < upto`` (the watermark has *passed* it: records with
+        timestamp ``t`` are not late at watermark ``t``, so its timer waits for them)."""
         heap, timers = self.timer_heaps[domain], self.timers[domain]
+        strict = domain == "event"
         while True:
             top = heap[0][0] if heap else _INF
             self.expire(domain, min(upto, top))  # state expires before a timer at a tie
-            if not heap or top > upto:
+            if not heap or top > upto or (strict and top == upto):
                 return None
             t, seq, key = heapq.heappop(heap)
             kt = timers.get(key)
