@@ -37,6 +37,8 @@ from sluiceway.core.delta import Changes
 from sluiceway.errors import CheckpointError
 from sluiceway.time import Clock
 from sluiceway.time.durations import positive_seconds
+from sluiceway.time.ticks import MAX_SECONDS as _MAX_SECONDS
+from sluiceway.time.ticks import MIN_SECONDS as _MIN_SECONDS
 from sluiceway.time.ticks import to_ticks
 
 __all__ = [
@@ -129,8 +131,12 @@ class TimerEvent:
 
 # -- the store ---------------------------------------------------------------------------
 
-# Undo-log entries: what to put back when user code fails half-way through a record.
-_U_VALUE, _U_ENTRY, _U_DEADLINE, _U_TIMER_ADD, _U_TIMER_DEL = range(5)
+# Undo-log entries: what to put back when user code fails half-way through a record.  The
+# first entry of a record is always ``(_U_KEY, a shallow copy of the key's states)``
+# (user code changes only the current key, which is still current when a rollback
+# runs), so the commonest write -- a value state's -- logs nothing more; map entries
+# (changed in place), deadlines and timers have entries of their own.
+_U_KEY, _U_ENTRY, _U_DEADLINE, _U_TIMER_ADD, _U_TIMER_DEL = range(5)
 
 # A key's entry in a snapshot is a dict of its states by name (str) and, under these two
 # non-str names, its TTL deadlines and its pending timers.
@@ -270,12 +276,18 @@ class KeyedStore:
         d = self.cur
         return _MISSING if d is None else d.get(name, _MISSING)
 
+    def save(self) -> None:
+        """Log the current key's states as they are (call before the first change of a
+        record: when :attr:`undo` is empty)."""
+        d = self.cur
+        self.undo.append((_U_KEY, None if d is None else d.copy()))
+
     def put(self, name: str, value: Any) -> None:
-        key = self.key
+        if not self.undo:
+            self.save()
         d = self.cur
         if d is None:
-            d = self.cur = self.data[key] = {}
-        self.undo.append((_U_VALUE, key, name, d.get(name, _MISSING)))
+            d = self.cur = self.data[self.key] = {}
         d[name] = value
 
     def delete(self, name: str) -> None:
@@ -283,8 +295,9 @@ class KeyedStore:
         d = self.cur
         if d is None or name not in d:
             return
+        if not self.undo:
+            self.save()
         old = d.pop(name)
-        self.undo.append((_U_VALUE, key, name, old))
         if not d:
             del self.data[key]
             self.cur = None
@@ -305,7 +318,9 @@ class KeyedStore:
         if m is None:
             m = {}
             self.put(name, m)
-        self.undo.append((_U_ENTRY, self.key, name, mk, m.get(mk, _MISSING)))
+        if not self.undo:
+            self.save()
+        self.undo.append((_U_ENTRY, m, mk, m.get(mk, _MISSING)))
         m[mk] = value
 
     def remove_entry(self, name: str, mk: Any) -> None:
@@ -315,8 +330,10 @@ class KeyedStore:
         if len(m) == 1:  # the last entry: the map goes
             self.delete(name)
             return
+        if not self.undo:
+            self.save()
         old = m.pop(mk)
-        self.undo.append((_U_ENTRY, self.key, name, mk, old))
+        self.undo.append((_U_ENTRY, m, mk, old))
         self.forget((name, mk))
 
     # -- TTL -----------------------------------------------------------------------------
@@ -333,6 +350,8 @@ class KeyedStore:
         old = _MISSING if slots is None else slots.get(tail, _MISSING)
         if old is not _MISSING and old[0] >= deadline:  # event time: an out-of-order write
             return
+        if not self.undo:
+            self.save()
         self.undo.append((_U_DEADLINE, key, tail, old))
         if slots is None:
             slots = self.ttl_of[key] = {}
@@ -361,6 +380,8 @@ class KeyedStore:
             return
         if not slots:
             del self.ttl_of[key]
+        if not self.undo:
+            self.save()
         self.undo.append((_U_DEADLINE, key, tail, old))
 
     def _expire(self, key: Any, tail: Tail) -> None:
@@ -426,6 +447,8 @@ class KeyedStore:
             self.deferred.append((t, seq, key))  # see begin_round
         else:
             heapq.heappush(self.timer_heaps[domain], (t, seq, key))
+        if not self.undo:
+            self.save()
         self.undo.append((_U_TIMER_ADD, domain, key, t))
 
     def delete_timer(self, domain: str, t: float) -> None:
@@ -439,6 +462,8 @@ class KeyedStore:
             return
         if not kt:
             del timers[key]
+        if not self.undo:
+            self.save()
         self.undo.append((_U_TIMER_DEL, domain, key, t, entry))
 
     def begin_round(self, domain: str, *, final: bool = False) -> None:
@@ -492,6 +517,24 @@ class KeyedStore:
                     self.round_at = t
                 return key, t, entry[1]
 
+    def event_due(self) -> float:
+        """:meth:`next_due` of event time after dropping the deleted (or superseded)
+        timers at the top of the heap: a timer deleted and set again per record -- an
+        inactivity timeout -- must not start a round of firing for nothing each time."""
+        heap, timers = self.timer_heaps["event"], self.timers["event"]
+        while heap:
+            t, seq, key = heap[0]
+            kt = timers.get(key)
+            if kt is not None:
+                entry = kt.get(t)
+                if entry is not None and entry[0] == seq:
+                    break
+            heapq.heappop(heap)
+        ttl = self.ttl_heaps["event"]
+        a = ttl[0][0] if ttl else _INF
+        b = heap[0][0] if heap else _INF
+        return a if a < b else b
+
     def next_due(self, domain: str) -> float:
         """The earliest instant (maybe stale: too early) something of ``domain`` is due."""
         a, b = self.ttl_heaps[domain], self.timer_heaps[domain]
@@ -508,18 +551,14 @@ class KeyedStore:
         while undo:
             u = undo.pop()
             op = u[0]
-            if op == _U_VALUE:
-                _, key, name, old = u
-                d = data.setdefault(key, {})
-                if old is _MISSING:
-                    d.pop(name, None)
+            if op == _U_KEY:
+                saved = u[1]
+                if saved is None:
+                    data.pop(self.key, None)
                 else:
-                    d[name] = old
-                if not d:
-                    del data[key]
+                    data[self.key] = saved
             elif op == _U_ENTRY:
-                _, key, name, mk, old = u
-                m = data[key][name]
+                _, m, mk, old = u
                 if old is _MISSING:
                     m.pop(mk, None)
                 else:
@@ -730,10 +769,11 @@ class ValueState(Generic[T]):
     [1, 2, 3]
     """
 
-    __slots__ = ("_arg", "_name", "_store", "_ttl")
+    __slots__ = ("_arg", "_name", "_store", "_ttl", "_undo")
 
     def __init__(self, store: KeyedStore, name: str, ttl: TTL | None, arg: object = None) -> None:
         self._store = store
+        self._undo = store.undo  # (the same list for the store's life)
         self._name = name
         self._ttl = ttl
         self._arg = arg  # ttl= as given (ProcessContext.value's cache)
@@ -750,11 +790,10 @@ class ValueState(Generic[T]):
         """Replace the value (and restart its TTL)."""
         store = self._store
         d, name = store.cur, self._name
+        if not self._undo:  # the record's first change: log the key's states as they are
+            self._undo.append((_U_KEY, None if d is None else d.copy()))
         if d is None:
             d = store.cur = store.data[store.key] = {}
-            store.undo.append((_U_VALUE, store.key, name, _MISSING))
-        else:
-            store.undo.append((_U_VALUE, store.key, name, d.get(name, _MISSING)))
         d[name] = value
         if self._ttl is not None:
             store.touch(name, self._ttl)
@@ -863,11 +902,12 @@ class TimerService:
                                                 records at 2 (and the one at 3)
     """
 
-    __slots__ = ("_check", "_store")
+    __slots__ = ("_check", "_fast", "_store")
 
-    def __init__(self, store: KeyedStore, check: Callable[[], None]) -> None:
+    def __init__(self, store: KeyedStore, check: Callable[[], None], has_on_timer: bool) -> None:
         self._store = store
         self._check = check
+        self._fast = has_on_timer and store.timestamped  # a float needs no other check
 
     def _event_ticks(self, t: float | datetime, what: str) -> int:
         self._check()
@@ -881,11 +921,17 @@ class TimerService:
     def at_event_time(self, t: float | datetime) -> None:
         """Call ``on_timer(ctx, t)`` once the watermark has passed ``t`` (epoch seconds or
         an aware datetime; ``on_timer`` gets ``t`` back as given)."""
-        self._store.add_timer("event", self._event_ticks(t, "at_event_time"), t)
+        if self._fast and type(t) is float and _MIN_SECONDS <= t <= _MAX_SECONDS:
+            self._store.add_timer("event", round(t * _TICKS), t)  # = to_ticks(t)
+        else:
+            self._store.add_timer("event", self._event_ticks(t, "at_event_time"), t)
 
     def delete_event_time(self, t: float | datetime) -> None:
         """Cancel the event-time timer at ``t`` for this key (if any)."""
-        self._store.delete_timer("event", self._event_ticks(t, "delete_event_time"))
+        if self._fast and type(t) is float and _MIN_SECONDS <= t <= _MAX_SECONDS:
+            self._store.delete_timer("event", round(t * _TICKS))
+        else:
+            self._store.delete_timer("event", self._event_ticks(t, "delete_event_time"))
 
     def _processing(self, t: float) -> float:
         self._check()
@@ -946,7 +992,7 @@ class ProcessContext(Generic[K]):
                     "time) method on the process function"
                 )
 
-        self.timers = TimerService(store, check)
+        self.timers = TimerService(store, check, has_on_timer)
 
     def __repr__(self) -> str:
         return f"<ProcessContext key={self.key!r} timestamp={self.timestamp!r}>"

@@ -81,20 +81,20 @@ class _KeyedProcessStep(Step):
         """``ctx.emit``: appends to the output columns (kept as the same lists for the
         step's life, so the function holds them directly)."""
         out, out_keys, out_ts, out_wms = self.out, self.out_keys, self.out_ts, self.out_wms
-        step = self
+        step, store = self, self.store
 
         if not self.timestamped:
 
             def emit(value: Any) -> None:
                 out.append(value)
-                out_keys.append(step.ctx.key)
+                out_keys.append(store.key)
 
             return emit
 
         def emit_timed(value: Any) -> None:
             assert step.cur_ts is not None
             out.append(value)
-            out_keys.append(step.ctx.key)
+            out_keys.append(store.key)
             out_ts.append(step.cur_ts)
             out_wms.append(step.cur_wm)
 
@@ -275,15 +275,16 @@ class _KeyedProcessStep(Step):
         ts, wms = batch.timestamps, batch.watermarks
         assert ts is not None
         assert wms is not None
-        due = store.next_due("event")
+        due = store.event_due()
+        timer_heap, ttl_heap = store.timer_heaps["event"], store.ttl_heaps["event"]
         last = self.rec_wm
         for v, k, t, w in zip(values, keys, ts, wms, strict=True):
             if w > store.wm:
                 store.wm = w
-                if w >= due:
+                if w >= due and w >= (due := store.event_due()):
                     self.rec_wm = last
                     await self._advance_event(w)
-                    due = store.next_due("event")
+                    due = store.event_due()
             last = w
             ctx.key = store.key = k
             store.cur = data.get(k)
@@ -295,13 +296,18 @@ class _KeyedProcessStep(Step):
                 fn(ctx, v)
             except Exception as exc:  # noqa: BLE001 - any user error: the error policy
                 await self._recover(partial(fn, ctx, v), v, exc, mark)
-                due = min(due, store.next_due("event"))
+                due = store.event_due()
                 continue
             if undo:
                 if store.dirty is not None:
                     store.dirty.add(k)
                 undo.clear()
-                due = min(due, store.next_due("event"))  # timers set in the past fire next
+                # a timer or deadline set now may be the next due (one behind the
+                # watermark fires at the next advance)
+                if timer_heap and timer_heap[0][0] < due:
+                    due = timer_heap[0][0]
+                if ttl_heap and ttl_heap[0][0] < due:
+                    due = ttl_heap[0][0]
         self.rec_wm = last
         hi = max(ts)
         self.max_ts = max(self.max_ts, hi)

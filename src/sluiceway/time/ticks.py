@@ -14,7 +14,7 @@ from datetime import datetime
 
 from sluiceway.errors import short_repr
 
-__all__ = ["TICKS_PER_SECOND", "seconds", "ticks", "to_ticks"]
+__all__ = ["MAX_SECONDS", "MIN_SECONDS", "TICKS_PER_SECOND", "seconds", "ticks", "to_ticks"]
 
 TICKS_PER_SECOND = 1_000_000
 
@@ -32,8 +32,8 @@ def seconds(t: int) -> float:
 # Event times must be plausible epoch *seconds*: within what a datetime can show (years
 # 1 to 9999).  Beyond is nearly always milliseconds (or micro-, nanoseconds) given as
 # seconds -- windows in the year 55,840 -- or an overflow waiting to happen (1e303).
-_MIN_SECONDS = -62_135_596_800  # 0001-01-01T00:00:00Z
-_MAX_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z
+MIN_SECONDS = _MIN_SECONDS = -62_135_596_800  # 0001-01-01T00:00:00Z
+MAX_SECONDS = _MAX_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z
 _MIN_TICKS = _MIN_SECONDS * 1_000_000
 _MAX_TICKS = _MAX_SECONDS * 1_000_000
 
