@@ -128,6 +128,7 @@ def run_both(
     inc.accept_changes(True)
     chain: list[Incremental] = []
     wholes: list[Incremental] = []
+    kept: list[tuple[Incremental, bytes]] = []  # snapshots as taken, and pickled at once
     hi = -float("inf")
     bounds = [0, *sorted({c for c in cuts if 0 < c < len(rows)}), len(rows)]
     for i, (a, b) in enumerate(itertools.pairwise(bounds)):
@@ -136,8 +137,14 @@ def run_both(
             asyncio.run(step.push(batch))
             asyncio.run(step.control(Watermark(hi - S)))
         if i in snaps or b == len(rows):
-            chain.append(pickle.loads(pickle.dumps(inc.snapshot())))
-            wholes.append(pickle.loads(pickle.dumps(ref.snapshot())))
+            for step, into in ((inc, chain), (ref, wholes)):
+                snap = step.snapshot()
+                blob = pickle.dumps(snap)
+                kept.append((snap, blob))
+                into.append(pickle.loads(blob))
+    # a snapshot shares nothing the step changed afterwards (copy on write)
+    for snap, blob in kept:
+        assert pickle.loads(pickle.dumps(snap)) == pickle.loads(blob)
     return chain, wholes
 
 

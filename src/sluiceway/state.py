@@ -132,10 +132,11 @@ class TimerEvent:
 # -- the store ---------------------------------------------------------------------------
 
 # Undo-log entries: what to put back when user code fails half-way through a record.  The
-# first entry of a record is always ``(_U_KEY, a shallow copy of the key's states)``
-# (user code changes only the current key, which is still current when a rollback
-# runs), so the commonest write -- a value state's -- logs nothing more; map entries
-# (changed in place), deadlines and timers have entries of their own.
+# first entry of a record is always ``(_U_KEY, the key's states dict as it was)``: the
+# record's first change puts a copy of that dict in its place and changes the copy (user
+# code changes only the current key, which is still current when a rollback runs), so
+# the commonest write -- a value state's -- logs nothing more; map entries (changed in
+# place), deadlines and timers have entries of their own.
 _U_KEY, _U_ENTRY, _U_DEADLINE, _U_TIMER_ADD, _U_TIMER_DEL = range(5)
 
 # A key's entry in a snapshot is a dict of its states by name (str) and, under these two
@@ -199,7 +200,10 @@ class KeyedStore:
     per change, no call per record); a non-empty log after a record is also how the step
     knows that the record's key changed (:attr:`dirty`).
 
-    Layout: ``data[key][name]`` is a value state's value or a map state's ``dict``.  TTL
+    Layout: ``data[key][name]`` is a value state's value or a map state's ``dict``.  A
+    key's ``data[key]`` dict is never changed in place once a record is done with it: a
+    change makes a copy (once per record, the undo log keeps the old one), so snapshots
+    hold those dicts without copying them (map states, changed in place, are copied).  TTL
     deadlines: ``ttl_of[key][tail] = (deadline, domain)``, ``tail`` a value state's name or
     ``(name, map key)``.  Timers: ``timers[domain][key][time] = (seq, time as registered)``.
     Processing-time deadlines and timers are seconds of ``clock.time()``; event-time ones
@@ -277,10 +281,12 @@ class KeyedStore:
         return _MISSING if d is None else d.get(name, _MISSING)
 
     def save(self) -> None:
-        """Log the current key's states as they are (call before the first change of a
-        record: when :attr:`undo` is empty)."""
+        """Log the current key's states dict and put a copy in its place, to be changed
+        (call before the first change of a record: when :attr:`undo` is empty)."""
         d = self.cur
-        self.undo.append((_U_KEY, None if d is None else d.copy()))
+        self.undo.append((_U_KEY, d))
+        if d is not None:
+            self.cur = self.data[self.key] = d.copy()
 
     def put(self, name: str, value: Any) -> None:
         if not self.undo:
@@ -297,6 +303,8 @@ class KeyedStore:
             return
         if not self.undo:
             self.save()
+            d = self.cur
+            assert d is not None
         old = d.pop(name)
         if not d:
             del self.data[key]
@@ -394,6 +402,7 @@ class KeyedStore:
         d = self.data.get(key)
         if d is None:
             return
+        d = d.copy()  # never changed in place: a snapshot may hold it
         if type(tail) is str:
             d.pop(tail, None)
         else:
@@ -403,7 +412,9 @@ class KeyedStore:
                 m.pop(mk, None)
                 if not m:
                     del d[name]
-        if not d:
+        if d:
+            self.data[key] = d
+        else:
             del self.data[key]
         if key == self.key:
             self.cur = self.data.get(key)
@@ -616,8 +627,8 @@ class KeyedStore:
                 keys = keys | self.ttl_of.keys()
                 for timers in self.timers.values():
                     keys |= timers.keys()
-            elif not maps:  # the common case: values only
-                upserts.update({k: d.copy() for k, d in self.data.items()})
+            elif not maps:  # the common case: values only, each key's dict as it is
+                upserts.update(self.data)
                 keys = ()
         else:
             if dirty is None:
@@ -638,12 +649,14 @@ class KeyedStore:
     def _state_of(self, key: Any, maps: list[str]) -> dict[Any, Any] | None:
         """One key's entry in a snapshot (None: the key holds nothing)."""
         d = self.data.get(key)
+        slots = self.ttl_of.get(key)
+        if not (maps or slots) and not any(key in by_key for by_key in self.timers.values()):
+            return d  # never changed in place (copy on write): the snapshot may hold it
         st: dict[Any, Any] = {} if d is None else d.copy()
         for name in maps:
             m = st.get(name)
             if m is not None:
                 st[name] = m.copy()
-        slots = self.ttl_of.get(key)
         if slots:
             st[_TTL_FIELD] = list(slots.items())
         timers = [
@@ -675,6 +688,9 @@ class KeyedStore:
         timers: list[tuple[str, float, int, Any, Any]] = []
         data, ttl_of = self.data, self.ttl_of
         for key, entry in changes.upserts.items():
+            if not maps and _TTL_FIELD not in entry and _TIMERS_FIELD not in entry:
+                data[key] = entry  # never changed in place (copy on write)
+                continue
             st = dict(entry)
             slots = st.pop(_TTL_FIELD, None)
             pending = st.pop(_TIMERS_FIELD, None)
@@ -790,8 +806,10 @@ class ValueState(Generic[T]):
         """Replace the value (and restart its TTL)."""
         store = self._store
         d, name = store.cur, self._name
-        if not self._undo:  # the record's first change: log the key's states as they are
-            self._undo.append((_U_KEY, None if d is None else d.copy()))
+        if not self._undo:  # the record's first change: KeyedStore.save, inline
+            self._undo.append((_U_KEY, d))
+            if d is not None:
+                d = store.cur = store.data[store.key] = d.copy()
         if d is None:
             d = store.cur = store.data[store.key] = {}
         d[name] = value

@@ -540,13 +540,10 @@ class _StatefulMapStep(_KeyedProcessStep):
                     failed = [i] if failed is None else [*failed, i]
                     continue
                 new, o = result
-            if new is None:
-                if d is not None:
-                    del data[k]
-            elif d is None:
-                data[k] = {"state": new}
-            else:
-                d["state"] = new
+            if new is not None:
+                data[k] = {"state": new}  # a new dict: a snapshot may hold the old one
+            elif d is not None:
+                del data[k]
             out.append(o)
         self.metrics.state = len(data)
         await self.emit((batch if failed is None else without(batch, failed)).with_values(out))
