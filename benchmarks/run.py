@@ -10,7 +10,10 @@ event-time windows W2 (tumbling), W3 (sliding) and W4 (session), which are compa
 plain Python loop and, when installed (``pip install -e '.[bench]'``), with Bytewax.
 W2-mem, W3-mem and W4-mem measure the memory the same window computations add at scale
 (100,000 users, ~10^5 open windows), for the plain loop and sluiceway.  J1, J2, J3: the
-window, interval and as-of joins against a plain hand-written join loop.  IO, RL, RRL:
+window, interval and as-of joins against a plain hand-written join loop.  K1-K3: keyed
+``stateful_map`` / ``process`` (value states, event-time timers) against a plain loop doing
+the same work, with and without change tracking; K4: a whole keyed-state snapshot against a
+change set.  IO, RL, RRL:
 map_async and the rate limiters (local, Redis); OBS: the cost of the exporter and the live
 view; CK: checkpoints' overhead on W2 and the restore of 100,000 keys; LL: a file source
 reading one 50 / 100 MB line (time, memory, how long the loop is held); RS, NATS, RMQ,
@@ -42,6 +45,7 @@ import bench_checkpoints
 import bench_files
 import bench_joins
 import bench_kafka
+import bench_keyed
 import bench_lakehouse
 import bench_latency
 import bench_limiters
@@ -72,6 +76,10 @@ WORKLOADS: dict[str, Workload] = {
     "J1": bench_joins.run_j1,
     "J2": bench_joins.run_j2,
     "J3": bench_joins.run_j3,
+    "K1": bench_keyed.run_k1,
+    "K2": bench_keyed.run_k2,
+    "K3": bench_keyed.run_k3,
+    "K4": bench_keyed.run_k4,
     "IO": bench_async_io.run,
     "RL": bench_limiters.run,
     "RRL": bench_redis_limiter.run,
@@ -145,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         choices=list(WORKLOADS),
         help="run only these workloads: W1 stateless, BP backpressure, LAT latency, "
         "W2/W3/W4 tumbling/sliding/session windows, W2-mem/W3-mem/W4-mem their memory at "
-        "scale, J1/J2/J3 window/interval/as-of joins, IO map_async, RL/RRL rate limiters, "
+        "scale, J1/J2/J3 window/interval/as-of joins, K1/K2/K3 keyed state, K4 keyed "
+        "snapshots, IO map_async, RL/RRL rate limiters, "
         "OBS monitoring overhead, CK checkpoints, LL a long line in a file, "
         "RS/NATS/RMQ/MQTT/PG/KAFKA broker connectors, LH lakehouse sinks (repeat --only for "
         "several)",
