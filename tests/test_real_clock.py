@@ -181,6 +181,31 @@ def test_processing_time_timers_of_process() -> None:
     assert len(out.items) >= 30  # timers fired on the clock
 
 
+class _Exact:
+    def process(self, ctx: sw.state.ProcessContext[Any], x: int) -> None:
+        at = ctx.processing_time + 0.05
+        ctx.map("at").put(at, True)
+        ctx.timers.at_processing_time(at)
+
+    def on_timer(self, ctx: sw.state.ProcessContext[Any], t: float) -> None:
+        ctx.emit((t in ctx.map("at"), ctx.processing_time >= t))
+
+
+def test_a_processing_timer_hands_back_its_exact_time_on_the_system_clock() -> None:
+    out: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    flow = sw.Flow("rt_exact_timer")
+    (
+        flow.source(sw.sources.Generator(endless, rate=100))
+        .key_by(lambda x: x % 2)
+        .process(_Exact)
+        .sink(out)
+    )
+    result = run_watched(flow, run_for=0.6)
+    assert result.stopped
+    assert len(out.items) >= 5
+    assert all(registered and reached for registered, reached in out.items)
+
+
 def test_rate_limit_and_its_pull() -> None:
     out: sw.sinks.Collect[int] = sw.sinks.Collect()
     flow = sw.Flow("rt_rate_limit")
