@@ -760,7 +760,7 @@ class KeyedStore:
         """Pending timers again, in their firing order (time, then registration)."""
         timers.sort(key=lambda x: (x[1], x[2]))
         for domain, t, _, key, registered in timers:
-            self.key = key
+            self.at(key)
             self.add_timer(domain, t, registered)
         self.at(None)
         self.undo.clear()
@@ -1029,7 +1029,7 @@ class ProcessContext(Generic[K]):
         """The value state ``name`` of the current key (declare it with the same ``ttl``
         every time)."""
         h = self._values.get(name)
-        if h is None or h._arg != ttl:
+        if h is None or (h._arg is not ttl and h._arg != ttl):  # (is: the usual None)
             t = as_ttl(ttl, f"value({name!r}, ttl=...)")
             self._store.declare(name, "value", t)
             h = self._values[name] = ValueState(self._store, name, t, ttl)
@@ -1038,7 +1038,7 @@ class ProcessContext(Generic[K]):
     def map(self, name: str, *, ttl: float | timedelta | TTL | None = None) -> MapState[Any, Any]:
         """The map state ``name`` of the current key."""
         h = self._maps.get(name)
-        if h is None or h._arg != ttl:
+        if h is None or (h._arg is not ttl and h._arg != ttl):
             t = as_ttl(ttl, f"map({name!r}, ttl=...)")
             self._store.declare(name, "map", t)
             h = self._maps[name] = MapState(self._store, name, t, ttl)
