@@ -53,12 +53,12 @@ from typing import Any
 from common import Params, Result, Row, fmt_int, module_main, run_child
 
 import sluiceway as sw
+from sluiceway.core.messages import Batch
 from sluiceway.metrics.registry import OperatorMetrics
 from sluiceway.operators import keyed_state
 from sluiceway.operators.base import BuildContext
 from sluiceway.operators.errors import ErrorHandler
 from sluiceway.operators.keyed_state import StatefulMapSpec
-from sluiceway.runtime.messages import Batch
 
 Event = dict[str, Any]
 TARGET_VS_LOOP = 0.35

@@ -15,11 +15,11 @@ from hypothesis import strategies as st
 
 import sluiceway as sw
 from sluiceway.core.delta import Changes, Incremental, fold_incremental
+from sluiceway.core.messages import Batch, Control, Watermark
 from sluiceway.metrics.registry import OperatorMetrics
 from sluiceway.operators.base import BuildContext, OpSpec, Step
 from sluiceway.operators.errors import DeadLetterWriter, ErrorHandler
 from sluiceway.operators.keyed_state import KeyedProcessSpec, StatefulMapSpec, process_factory
-from sluiceway.runtime.messages import Batch, Control, Watermark
 from sluiceway.state import ProcessContext
 
 S = 1_000_000  # ticks per second
