@@ -803,3 +803,47 @@ def test_flows_sharing_a_checkpoint_directory_keep_their_own_checkpoints(
     assert store.flows() == ["a", "audit", "b", "c", "orders"]
     assert all(len(store.list(name)) == 3 for name in store.flows())
     store.close()
+
+
+def test_a_sinks_final_pre_commit_waits_for_the_commit_in_progress(tmp_path: Path) -> None:
+    """The input ends while the previous checkpoint's commit is still running: the sink's
+    final ``pre_commit`` must not start until that commit is done (a Kafka sink's final
+    pre-commit found its transaction committed under it: "Operation not valid in state
+    Ready")."""
+    calls: list[str] = []
+
+    class SlowCommit(sw.sinks.Sink):
+        def __init__(self) -> None:
+            self.committing = False
+            self.overlaps: list[int | None] = []
+            self.clock: sw.Clock | None = None
+
+        async def open(self, ctx: Any) -> None:
+            self.clock = ctx.clock
+
+        async def write(self, batch: Batch) -> None:
+            calls.append("write")
+
+        async def pre_commit(self, checkpoint_id: int | None) -> Any:
+            if self.committing:
+                self.overlaps.append(checkpoint_id)
+            calls.append(f"pre_commit {checkpoint_id}")
+            return None
+
+        async def commit(self, checkpoint_id: int, state: Any) -> None:
+            assert self.clock is not None
+            self.committing = True
+            await self.clock.sleep(0.3)
+            self.committing = False
+            calls.append(f"commit {checkpoint_id}")
+
+    sink = SlowCommit()
+    f = sw.Flow("slow-commit")
+    (
+        f.source(sw.sources.Iterable(list(range(200))), name="in")
+        .rate_limit(sw.flowcontrol.TokenBucket(rate=100, burst=10), name="pace")
+        .sink(sink, name="out")
+    )
+    sw.run(f, clock=sw.VirtualClock(), checkpoints=sw.Checkpoints(tmp_path / "ck", interval=0.1))
+    assert "pre_commit None" in calls
+    assert sink.overlaps == []

@@ -275,6 +275,7 @@ class Sink(ABC):
         and return what :meth:`restore` needs to go back to exactly this point (picklable).
 
         ``checkpoint_id`` is None for the final checkpoint of a flow whose input ended.
+        The runtime never calls it while :meth:`commit` of this sink is running.
         Default: nothing (the sink is at-least-once)."""
         return None
 

@@ -146,6 +146,10 @@ class Coordinator:
         self.all_ended = False
         self._wake: asyncio.Future[None] | None = None
         self._last_final = False
+        self.committing = asyncio.Lock()
+        """Held while sinks commit a checkpoint: a sink's final ``pre_commit`` (its input
+        ended, :meth:`~sluiceway.runtime.executor.Executor.stage_finished`) takes it too, so a
+        sink never pre-commits while it is committing."""
         for name, source in sources.items():
             if config is not None and not source.resumable:
                 raise CheckpointError(
@@ -346,8 +350,9 @@ class Coordinator:
         s.completed += 1
         s.last_id, s.last_duration, s.last_size = c.id, duration, info.size
         log.debug("flow %r: checkpoint %d stored (%d bytes)", self.flow.name, c.id, info.size)
-        for name, sink in self.sinks.items():
-            await sink.commit(c.id, c.values.get(name))
+        async with self.committing:
+            for name, sink in self.sinks.items():
+                await sink.commit(c.id, c.values.get(name))
         for name, source in self.sources.items():
             await source.commit(c.values.get(name))
 

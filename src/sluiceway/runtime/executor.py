@@ -745,7 +745,8 @@ class Executor:
                 elif not coord.durable:
                     coord.finished(node.name, None)
                 else:
-                    value = await self._steps[node.name].prepare_checkpoint(None)
+                    async with coord.committing:  # never beside a commit of the sink
+                        value = await self._steps[node.name].prepare_checkpoint(None)
                     coord.finished(node.name, value)
         self._running_stages -= 1
         if coord is not None and self._running_stages == 0:
