@@ -1,0 +1,172 @@
+"""TLS and authentication on every broker connector, against private servers set up for
+it (``services_tls.py``): the right options connect and move records; an untrusted CA,
+a plaintext server, a wrong password or a missing file fail the flow's start at once
+with a clear ``ConnectorOpenError`` naming the server; no password is ever shown."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import sluiceway as sw
+from services import assert_secret_hidden, redis_prefix, redis_url
+from services_tls import (
+    PASSWORD,
+    USER,
+    Certs,
+    TlsRedis,
+    tls_certs,
+    tls_mosquitto,
+    tls_nats,
+    tls_postgres,
+    tls_redis,
+)
+from sluiceway.connectors.security import Sasl, Secret, Tls, tls_failure
+from sluiceway.errors import redact
+
+__all__ = [
+    "redis_prefix",
+    "redis_url",
+    "tls_certs",
+    "tls_mosquitto",
+    "tls_nats",
+    "tls_postgres",
+    "tls_redis",
+]
+
+ENV = "SLUICEWAY_TEST_SECRET"
+
+
+@pytest.fixture
+def password_env(monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv(ENV, PASSWORD)
+    return ENV
+
+
+@pytest.fixture
+def secret_file(tmp_path: Path) -> Path:
+    path = tmp_path / "password"
+    path.write_text(PASSWORD + "\n")
+    return path
+
+
+def run_source(source: Any) -> list[Any]:
+    out = sw.sinks.Collect()
+    flow = sw.Flow(f"sec-{uuid.uuid4().hex[:6]}")
+    flow.source(source).sink(out)
+    sw.run(flow, handle_signals=False)
+    return out.items
+
+
+def run_sink(sink: Any, items: list[Any]) -> None:
+    flow = sw.Flow(f"sec-{uuid.uuid4().hex[:6]}")
+    flow.source(sw.sources.Iterable(items)).sink(sink)
+    sw.run(flow, handle_signals=False)
+
+
+def open_fails(connector: Any, caplog: pytest.LogCaptureFixture, *expected: str) -> str:
+    """Run a flow with ``connector``; it must fail to open with a message holding every
+    ``expected`` text, and show the password nowhere.  Returns the message."""
+    caplog.set_level(logging.DEBUG, logger="sluiceway")
+    flow = sw.Flow(f"sec-{uuid.uuid4().hex[:6]}")
+    if isinstance(connector, sw.sources.Source):
+        flow.source(connector).sink(sw.sinks.Collect())
+    else:
+        flow.source(sw.sources.Iterable([{"n": 1}])).sink(connector)
+    with pytest.raises(sw.ConnectorOpenError) as info:
+        sw.run(flow, handle_signals=False)
+    text = str(info.value)
+    for part in expected:
+        assert part in text, f"{part!r} not in: {text}"
+    assert_secret_hidden(PASSWORD, info.value, caplog.text)
+    return text
+
+
+# -- the shared vocabulary ----------------------------------------------------------------
+
+
+def test_a_secret_never_shows_its_value(password_env: str, secret_file: Path) -> None:
+    for s in (Secret(PASSWORD), Secret.env(password_env), Secret.file(secret_file)):
+        assert PASSWORD not in repr(s)
+        assert PASSWORD not in str(s)
+        assert PASSWORD not in f"{s!r} {[s]} {Tls(key_password=s, cert='c')}"
+        assert s.reveal() == PASSWORD
+    assert PASSWORD not in repr(Sasl("SCRAM-SHA-256", USER, PASSWORD))
+    # once read, redact masks it wherever a client library quotes it
+    assert redact(f"login with {PASSWORD} refused") == "login with *** refused"
+
+
+def test_a_missing_secret_names_where_it_was_looked_for(tmp_path: Path) -> None:
+    with pytest.raises(LookupError, match="SLUICEWAY_NO_SUCH_VAR is not set"):
+        Secret.env("SLUICEWAY_NO_SUCH_VAR").reveal("sinks.X password")
+    gone = tmp_path / "nope"
+    with pytest.raises(FileNotFoundError, match=f"cannot read the secret file {gone}"):
+        Secret.file(gone).reveal()
+
+
+def test_tls_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="key= needs cert="):
+        Tls(key="k.pem")
+    with pytest.raises(TypeError, match="verify must be True or False"):
+        Tls(verify="no")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="mechanism must be"):
+        Sasl("GSSAPI", USER, PASSWORD)  # type: ignore[arg-type]
+    assert not tls_failure(ConnectionRefusedError("Connection refused"))
+
+
+# -- Redis ----------------------------------------------------------------------------------
+
+
+def test_redis_over_tls_with_an_acl_user_moves_records(
+    tls_redis: TlsRedis, tls_certs: Certs, password_env: str, secret_file: Path
+) -> None:
+    tls = Tls(ca=tls_certs.ca)
+    stream = f"sec:{uuid.uuid4().hex}"
+    sink = sw.sinks.RedisStream(
+        tls_redis.url, stream, tls=tls, username=USER, password=Secret.env(password_env)
+    )
+    run_sink(sink, [{"n": i} for i in range(5)])
+    # mutual TLS, the password from a file
+    mtls = Tls(ca=tls_certs.ca, cert=tls_certs.client_cert, key=tls_certs.client_key)
+    source = sw.sources.RedisStream(
+        tls_redis.url, stream, "g", start="0", stop_after_idle=0.3, tls=mtls,
+        username=USER, password=Secret.file(secret_file),
+    )  # fmt: skip
+    assert run_source(source) == [{"n": i} for i in range(5)]
+    # credentials in the URL keep working
+    url = tls_redis.url.replace("redis://", f"redis://{USER}:{PASSWORD}@")
+    run_sink(sw.sinks.RedisStream(url, stream, tls=tls), [{"n": 5}])
+
+
+def test_redis_refuses_clearly(
+    tls_redis: TlsRedis, tls_certs: Certs, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    where = f"127.0.0.1:{tls_redis.port}"
+    stream = f"sec:{uuid.uuid4().hex}"
+
+    def sink(url: str = tls_redis.url, **options: Any) -> Any:
+        opts: dict[str, Any] = {"tls": Tls(ca=tls_certs.ca), "username": USER}
+        opts["password"] = PASSWORD
+        return sw.sinks.RedisStream(url, stream, **(opts | options))
+
+    # a server certificate this CA did not sign
+    open_fails(sink(tls=Tls(ca=tls_certs.other_ca)), caplog, "TLS handshake", where, "verify")
+    # a wrong password
+    open_fails(sink(password="wrong-" + PASSWORD), caplog, "refused access", where)
+    open_fails(sink(username="mallory"), caplog, "refused access", where)
+    # TLS asked of a plaintext server (the shared one: only connected to, never written)
+    plain = redis_url.rsplit("/", 1)[0].removeprefix("redis://")
+    plaintext = sink(redis_url, username=None, password=None, open_timeout=1.0)
+    open_fails(plaintext, caplog, "TLS handshake got no answer", plain)
+    # a CA file that is not there
+    text = open_fails(sink(tls=Tls(ca="/nonexistent/ca.pem")), caplog, "/nonexistent/ca.pem")
+    assert "TLS ca file" in text
+
+
+def test_redis_refuses_two_passwords() -> None:
+    with pytest.raises(ValueError, match="password in the URL and password= both"):
+        sw.sinks.RedisStream("redis://:a@127.0.0.1:1/0", "s", password="b")
