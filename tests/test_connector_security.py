@@ -14,10 +14,12 @@ import pytest
 
 import sluiceway as sw
 from services import assert_secret_hidden, redis_prefix, redis_url
+from services_nats import nats_url
 from services_tls import (
     PASSWORD,
     USER,
     Certs,
+    TlsNats,
     TlsRedis,
     tls_certs,
     tls_mosquitto,
@@ -29,6 +31,7 @@ from sluiceway.connectors.security import Sasl, Secret, Tls, tls_failure
 from sluiceway.errors import redact
 
 __all__ = [
+    "nats_url",
     "redis_prefix",
     "redis_url",
     "tls_certs",
@@ -170,3 +173,57 @@ def test_redis_refuses_clearly(
 def test_redis_refuses_two_passwords() -> None:
     with pytest.raises(ValueError, match="password in the URL and password= both"):
         sw.sinks.RedisStream("redis://:a@127.0.0.1:1/0", "s", password="b")
+
+
+# -- NATS ------------------------------------------------------------------------------------
+
+
+def test_nats_over_tls_with_a_login_moves_records(
+    tls_nats: TlsNats, tls_certs: Certs, password_env: str, secret_file: Path
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    stream, subject = f"SEC{tag}", f"sec{tag}.in"
+    tls = Tls(ca=tls_certs.ca)
+    login: dict[str, Any] = {"user": USER, "password": Secret.env(password_env)}
+    # the source creates the stream; nothing in it yet
+    first = sw.sources.NatsJetStream(
+        tls_nats.url, stream, subject, durable="d", create_stream=True,
+        stop_after_idle=0.2, tls=tls, **login,
+    )  # fmt: skip
+    assert run_source(first) == []
+    run_sink(sw.sinks.NatsJetStream(tls_nats.url, subject, tls=tls, **login), [1, 2, 3])
+    mtls = Tls(ca=tls_certs.ca, cert=tls_certs.client_cert, key=tls_certs.client_key)
+    source = sw.sources.NatsJetStream(
+        tls_nats.url, stream, subject, durable="d", stop_after_idle=0.3, tls=mtls,
+        user=USER, password=Secret.file(secret_file),
+    )  # fmt: skip
+    assert run_source(source) == [1, 2, 3]
+    # credentials in the URL keep working
+    url = tls_nats.url.replace("nats://", f"nats://{USER}:{PASSWORD}@")
+    run_sink(sw.sinks.NatsJetStream(url, subject, tls=tls), [4])
+
+
+def test_nats_refuses_clearly(
+    tls_nats: TlsNats, tls_certs: Certs, nats_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    where = f"127.0.0.1:{tls_nats.port}"
+
+    def sink(url: str = tls_nats.url, **options: Any) -> Any:
+        opts: dict[str, Any] = {"tls": Tls(ca=tls_certs.ca), "user": USER, "password": PASSWORD}
+        return sw.sinks.NatsJetStream(url, "sec.x", **(opts | options))
+
+    open_fails(sink(tls=Tls(ca=tls_certs.other_ca)), caplog, "TLS handshake failed", where)
+    open_fails(sink(password="wrong-" + PASSWORD), caplog, "login was refused", where)
+    open_fails(sink(tls=None), caplog, "TLS handshake failed", where)  # TLS is required
+    # TLS asked of a plaintext server (the shared one): the password is never sent
+    plain = nats_url.removeprefix("nats://")
+    text = open_fails(sink(nats_url), caplog, "does not speak TLS", plain)
+    assert "no credentials were sent" in text
+    open_fails(sink(tls=Tls(ca="missing-ca.pem")), caplog, "missing-ca.pem")
+
+
+def test_nats_login_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="user= and password= go together"):
+        sw.sinks.NatsJetStream("nats://h:1", "s", user=USER)
+    with pytest.raises(ValueError, match="log in one way, got password and token"):
+        sw.sinks.NatsJetStream("nats://h:1", "s", user=USER, password="p", token="t")
