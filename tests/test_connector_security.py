@@ -14,11 +14,13 @@ import pytest
 
 import sluiceway as sw
 from services import assert_secret_hidden, redis_prefix, redis_url
+from services_mqtt import mqtt_broker
 from services_nats import nats_url
 from services_tls import (
     PASSWORD,
     USER,
     Certs,
+    TlsMosquitto,
     TlsNats,
     TlsRedis,
     tls_certs,
@@ -31,6 +33,7 @@ from sluiceway.connectors.security import Sasl, Secret, Tls, tls_failure
 from sluiceway.errors import redact
 
 __all__ = [
+    "mqtt_broker",
     "nats_url",
     "redis_prefix",
     "redis_url",
@@ -227,3 +230,54 @@ def test_nats_login_options_are_checked() -> None:
         sw.sinks.NatsJetStream("nats://h:1", "s", user=USER)
     with pytest.raises(ValueError, match="log in one way, got password and token"):
         sw.sinks.NatsJetStream("nats://h:1", "s", user=USER, password="p", token="t")
+
+
+# -- MQTT ------------------------------------------------------------------------------------
+
+
+def test_mqtt_over_tls_with_a_login_moves_records(
+    tls_mosquitto: TlsMosquitto, tls_certs: Certs, password_env: str, secret_file: Path
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    topic, port = f"sec/{tag}", tls_mosquitto.port
+    tls = Tls(ca=tls_certs.ca)
+    # a persistent session first, so the broker keeps what the sink publishes for it
+    source = sw.sources.Mqtt(
+        "127.0.0.1", topic, port=port, client_id=f"sec-{tag}", stop_after_idle=0.2,
+        tls=tls, username=USER, password=Secret.env(password_env),
+    )  # fmt: skip
+    assert run_source(source) == []
+    mtls = Tls(ca=tls_certs.ca, cert=tls_certs.client_cert, key=tls_certs.client_key)
+    sink = sw.sinks.Mqtt(
+        "localhost", topic, port=port, tls=mtls, username=USER,
+        password=Secret.file(secret_file),
+    )  # fmt: skip
+    run_sink(sink, [1, 2, 3])
+    source = sw.sources.Mqtt(
+        "127.0.0.1", topic, port=port, client_id=f"sec-{tag}", stop_after_idle=0.5,
+        tls=tls, username=USER, password=PASSWORD, clean_session=False,
+    )  # fmt: skip
+    assert run_source(source) == [1, 2, 3]
+
+
+def test_mqtt_refuses_clearly(
+    tls_mosquitto: TlsMosquitto,
+    tls_certs: Certs,
+    mqtt_broker: tuple[str, int],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    where = f"127.0.0.1:{tls_mosquitto.port}"
+
+    def sink(port: int = tls_mosquitto.port, **options: Any) -> Any:
+        opts: dict[str, Any] = {"tls": Tls(ca=tls_certs.ca), "username": USER}
+        opts["password"] = PASSWORD
+        return sw.sinks.Mqtt("127.0.0.1", "sec/x", port=port, **(opts | options))
+
+    open_fails(sink(tls=Tls(ca=tls_certs.other_ca)), caplog, "TLS handshake failed", where)
+    open_fails(sink(password="wrong-" + PASSWORD), caplog, "login was refused", where)
+    open_fails(sink(username="mallory"), caplog, "login was refused", where)
+    # TLS asked of the shared plaintext broker: the handshake fails, nothing is sent
+    host, port = mqtt_broker
+    plaintext = sink(port, open_timeout=1.0)
+    open_fails(plaintext, caplog, "is the broker speaking TLS on this port", f"{host}:{port}")
+    open_fails(sink(tls=Tls(ca="missing-ca.pem")), caplog, "missing-ca.pem")

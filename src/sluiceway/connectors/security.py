@@ -248,17 +248,22 @@ class Tls:
         assert not isinstance(pw, str)  # __post_init__ made it a Secret
         return None if pw is None else pw.reveal(f"{what} tls key_password")
 
-    def context(self, what: str) -> ssl.SSLContext:
+    def context(self, what: str, factory: type[ssl.SSLContext] = ssl.SSLContext) -> ssl.SSLContext:
         """An :class:`ssl.SSLContext` for a client: the CA (or the system's), the client
         certificate, and the checks ``verify`` asks for.
+
+        ``factory`` is the context's class (a subclass of :class:`ssl.SSLContext`).
 
         Raises:
             FileNotFoundError: a file is missing.
             ssl.SSLError: a file is not a certificate or key (the message names it).
         """
         ca, cert, key = self.files(what)
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-        if ca is not None:
+        # what ssl.create_default_context(SERVER_AUTH) makes, of the class asked for
+        ctx = factory(ssl.PROTOCOL_TLS_CLIENT)  # checks the certificate and the host name
+        if ca is None:
+            ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
+        else:
             try:
                 ctx.load_verify_locations(cafile=ca)
             except ssl.SSLError as exc:
