@@ -276,6 +276,11 @@ class TlsPostgres(PostgresServer):
         )
 
     @property
+    def socket_dir(self) -> Path:
+        """The directory of the server's unix socket (trust: no password, no TLS)."""
+        return self._dir
+
+    @property
     def host_dsn(self) -> str:
         """TCP, no password, no TLS options: the tests add them."""
         return f"host=127.0.0.1 port={self.port} user={USER} dbname=postgres"
@@ -284,7 +289,7 @@ class TlsPostgres(PostgresServer):
         import psycopg  # noqa: PLC0415 - only these tests need it
 
         with psycopg.connect(
-            host=str(self._dir), port=self.port, user="postgres", dbname="postgres",
+            host=str(self.socket_dir), port=self.port, user="postgres", dbname="postgres",
             autocommit=True,
         ) as conn:  # fmt: skip
             conn.execute(f"CREATE ROLE {USER} LOGIN SUPERUSER PASSWORD '{PASSWORD}'")

@@ -22,6 +22,7 @@ from services_tls import (
     Certs,
     TlsMosquitto,
     TlsNats,
+    TlsPostgres,
     TlsRedis,
     tls_certs,
     tls_mosquitto,
@@ -149,7 +150,7 @@ def test_redis_over_tls_with_an_acl_user_moves_records(
 
 
 def test_redis_refuses_clearly(
-    tls_redis: TlsRedis, tls_certs: Certs, redis_url: str, caplog: pytest.LogCaptureFixture
+    tls_redis: TlsRedis, tls_certs: Certs, caplog: pytest.LogCaptureFixture
 ) -> None:
     where = f"127.0.0.1:{tls_redis.port}"
     stream = f"sec:{uuid.uuid4().hex}"
@@ -164,10 +165,6 @@ def test_redis_refuses_clearly(
     # a wrong password
     open_fails(sink(password="wrong-" + PASSWORD), caplog, "refused access", where)
     open_fails(sink(username="mallory"), caplog, "refused access", where)
-    # TLS asked of a plaintext server (the shared one: only connected to, never written)
-    plain = redis_url.rsplit("/", 1)[0].removeprefix("redis://")
-    plaintext = sink(redis_url, username=None, password=None, open_timeout=1.0)
-    open_fails(plaintext, caplog, "TLS handshake got no answer", plain)
     # a CA file that is not there
     text = open_fails(sink(tls=Tls(ca="/nonexistent/ca.pem")), caplog, "/nonexistent/ca.pem")
     assert "TLS ca file" in text
@@ -281,3 +278,58 @@ def test_mqtt_refuses_clearly(
     plaintext = sink(port, open_timeout=1.0)
     open_fails(plaintext, caplog, "is the broker speaking TLS on this port", f"{host}:{port}")
     open_fails(sink(tls=Tls(ca="missing-ca.pem")), caplog, "missing-ca.pem")
+
+
+# -- PostgreSQL -------------------------------------------------------------------------------
+
+
+def pg_rows(server: TlsPostgres, table: str) -> list[Any]:
+    import psycopg  # noqa: PLC0415
+
+    with psycopg.connect(
+        host=str(server.socket_dir), port=server.port, user="postgres", dbname="postgres"
+    ) as conn:
+        return [r[0] for r in conn.execute(f"SELECT n FROM {table} ORDER BY n")]
+
+
+def test_postgres_over_tls_with_a_password_writes_rows(
+    tls_postgres: TlsPostgres, tls_certs: Certs, password_env: str, tmp_path: Path
+) -> None:
+    table = f"sec_{uuid.uuid4().hex[:8]}"
+    tls = Tls(ca=tls_certs.ca)
+    sink = sw.sinks.Postgres(
+        tls_postgres.host_dsn, table, create_table=True, tls=tls,
+        password=Secret.env(password_env),
+    )  # fmt: skip
+    run_sink(sink, [{"n": 1}, {"n": 2}])
+    # mutual TLS and a libpq password file
+    passfile = tmp_path / "pgpass"
+    passfile.write_text(f"127.0.0.1:{tls_postgres.port}:postgres:{USER}:{PASSWORD}\n")
+    passfile.chmod(0o600)
+    mtls = Tls(ca=tls_certs.ca, cert=tls_certs.client_cert, key=tls_certs.client_key)
+    run_sink(
+        sw.sinks.Postgres(tls_postgres.host_dsn, table, tls=mtls, passfile=passfile), [{"n": 3}]
+    )
+    # the DSN's own sslmode and password keep working
+    dsn = f"{tls_postgres.host_dsn} sslmode=verify-full sslrootcert={tls_certs.ca}"
+    dsn += f" password={PASSWORD}"
+    run_sink(sw.sinks.Postgres(dsn, table), [{"n": 4}])
+    assert pg_rows(tls_postgres, table) == [1, 2, 3, 4]
+
+
+def test_postgres_refuses_clearly(
+    tls_postgres: TlsPostgres, tls_certs: Certs, caplog: pytest.LogCaptureFixture
+) -> None:
+    table = f"sec_{uuid.uuid4().hex[:8]}"
+
+    def sink(dsn: str = tls_postgres.host_dsn, **options: Any) -> Any:
+        opts: dict[str, Any] = {"tls": Tls(ca=tls_certs.ca), "password": PASSWORD}
+        return sw.sinks.Postgres(dsn, table, **(opts | options))
+
+    port = f"port {tls_postgres.port}"
+    open_fails(sink(tls=Tls(ca=tls_certs.other_ca)), caplog, "certificate verify failed", port)
+    open_fails(sink(password="wrong-" + PASSWORD), caplog, "password authentication failed", port)
+    plaintext = sink(f"{tls_postgres.host_dsn} sslmode=disable", tls=None)
+    open_fails(plaintext, caplog, "no encryption", port)  # the server refuses plaintext
+    open_fails(sink(tls=Tls(ca="missing-ca.pem")), caplog, "missing-ca.pem")
+    open_fails(sink(password=None, passfile="missing-pgpass"), caplog, "missing-pgpass")

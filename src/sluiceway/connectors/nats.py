@@ -294,6 +294,7 @@ class _Link:
                     self._begin_outage(old.last_error or nats.errors.ConnectionClosedError())
                     await _close_quietly(old)
                 nc = Client()
+                options = self.security.options(nc, self.what)  # a missing file: no retry
                 try:
                     await nc.connect(
                         servers=self.servers,
@@ -305,7 +306,7 @@ class _Link:
                         reconnect_time_wait=0,
                         error_cb=self._on_error,
                         name=f"sluiceway {self.what}",
-                        **self.security.options(nc, self.what),
+                        **options,
                     )
                     self._check_tls(nc)
                 except _CONNECT_ERRORS as exc:

@@ -224,15 +224,6 @@ class _Link:
         self.down_since: float | None = None  # clock.monotonic() when the outage began
         self.clock = clock
 
-    def _tls_hint(self, exc: BaseException) -> str:
-        tls = issubclass(self.client.connection_pool.connection_class, SSLConnection)
-        if tls and isinstance(exc, TimeoutError | redis_errors.TimeoutError):
-            return (
-                " (the TLS handshake got no answer: is the server speaking TLS on this port? "
-                "A plaintext server waits for a command instead)"
-            )
-        return ""
-
     async def opening(self, fn: Callable[[], Awaitable[T]], open_timeout: float | None) -> T:
         """:meth:`call` with the limit of a first connection (``open_limit``)."""
         reconnect = self.reconnect_timeout
@@ -291,7 +282,7 @@ class _Link:
                     raise RedisStreamError(
                         f"{self.what}: Redis at {self.where} unreachable for "
                         f"{down_for:.1f} s ({self.limit_name}={limit:g}): "
-                        f"{type(exc).__name__}: {redact(exc)}{self._tls_hint(exc)}"
+                        f"{type(exc).__name__}: {redact(exc)}"
                     ) from exc
                 wait = delay if limit is None else min(delay, max(0.0, limit - down_for))
                 await clock.sleep(wait)
