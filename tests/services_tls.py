@@ -23,6 +23,7 @@ import socket
 import ssl
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +31,11 @@ from typing import TypeVar
 
 import pytest
 
-from services import ServerProcess, find_binary, service_missing
+from services import ServerProcess, find_binary, free_port, service_missing
 from services_mqtt import MOSQUITTO_PATHS
 from services_nats import NATS_SERVER_PATHS, nats_info
 from services_postgres import PostgresServer
+from services_rabbitmq import RabbitMQServer, _server_script
 
 __all__ = [
     "PASSWORD",
@@ -42,11 +44,13 @@ __all__ = [
     "TlsMosquitto",
     "TlsNats",
     "TlsPostgres",
+    "TlsRabbitMQ",
     "TlsRedis",
     "tls_certs",
     "tls_mosquitto",
     "tls_nats",
     "tls_postgres",
+    "tls_rabbitmq",
     "tls_redis",
 ]
 
@@ -295,6 +299,46 @@ class TlsPostgres(PostgresServer):
             conn.execute(f"CREATE ROLE {USER} LOGIN SUPERUSER PASSWORD '{PASSWORD}'")
 
 
+# -- RabbitMQ ----------------------------------------------------------------------------
+
+
+class TlsRabbitMQ(RabbitMQServer):
+    """A private node with an AMQPS listener on :attr:`tls_port` (client certificates
+    checked when sent) and one user, ``alice`` (no ``guest``); its plaintext port only
+    tells the harness the node is up."""
+
+    def __init__(self, script: str, certs: Certs) -> None:
+        super().__init__(script)
+        self.tls_port = free_port()
+        with (self._dir / "rabbitmq.conf").open("a", encoding="utf-8") as f:
+            f.write(
+                f"listeners.ssl.default = 127.0.0.1:{self.tls_port}\n"
+                f"ssl_options.cacertfile = {certs.ca}\n"
+                f"ssl_options.certfile = {certs.server_cert}\n"
+                f"ssl_options.keyfile = {certs.server_key}\n"
+                "ssl_options.verify = verify_peer\n"
+                "ssl_options.fail_if_no_peer_cert = false\n"
+                f"default_user = {USER}\n"
+                f"default_pass = {PASSWORD}\n"
+            )
+
+    @property
+    def tls_url(self) -> str:
+        """``amqp://`` on the TLS port, no login: the tests add ``tls=`` and the login."""
+        return f"amqp://127.0.0.1:{self.tls_port}/"
+
+    def start(self, timeout: float = 60.0) -> None:
+        super().start(timeout)
+        for _ in range(100):  # the TLS listener comes up with the TCP one, or just after
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.tls_port), timeout=0.2),
+            ):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"RabbitMQ's TLS listener on {self.tls_port} did not open")
+
+
 # -- fixtures ----------------------------------------------------------------------------
 
 
@@ -337,6 +381,19 @@ def tls_nats(tls_certs: Certs) -> Iterator[TlsNats]:
 @pytest.fixture(scope="session")
 def tls_mosquitto(tls_certs: Certs) -> Iterator[TlsMosquitto]:
     yield from _start(TlsMosquitto, tls_certs)
+
+
+@pytest.fixture(scope="session")
+def tls_rabbitmq(tls_certs: Certs) -> Iterator[TlsRabbitMQ]:
+    script = _server_script()
+    if script is None:
+        service_missing("no rabbitmq-server script to start a private RabbitMQ node with TLS")
+    server = TlsRabbitMQ(script, tls_certs)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
 
 
 @pytest.fixture(scope="session")

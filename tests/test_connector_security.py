@@ -23,11 +23,13 @@ from services_tls import (
     TlsMosquitto,
     TlsNats,
     TlsPostgres,
+    TlsRabbitMQ,
     TlsRedis,
     tls_certs,
     tls_mosquitto,
     tls_nats,
     tls_postgres,
+    tls_rabbitmq,
     tls_redis,
 )
 from sluiceway.connectors.security import Sasl, Secret, Tls, tls_failure
@@ -42,6 +44,7 @@ __all__ = [
     "tls_mosquitto",
     "tls_nats",
     "tls_postgres",
+    "tls_rabbitmq",
     "tls_redis",
 ]
 
@@ -333,3 +336,46 @@ def test_postgres_refuses_clearly(
     open_fails(plaintext, caplog, "no encryption", port)  # the server refuses plaintext
     open_fails(sink(tls=Tls(ca="missing-ca.pem")), caplog, "missing-ca.pem")
     open_fails(sink(password=None, passfile="missing-pgpass"), caplog, "missing-pgpass")
+
+
+# -- RabbitMQ --------------------------------------------------------------------------------
+
+
+def test_rabbitmq_over_tls_with_a_login_moves_records(
+    tls_rabbitmq: TlsRabbitMQ, tls_certs: Certs, password_env: str, secret_file: Path
+) -> None:
+    queue = f"sec-{uuid.uuid4().hex[:8]}"
+    tls = Tls(ca=tls_certs.ca)
+    login: dict[str, Any] = {"username": USER, "password": Secret.env(password_env)}
+    url = tls_rabbitmq.tls_url
+    # the source declares the queue; the sink publishes to it through the default exchange
+    first = sw.sources.RabbitMQ(url, queue, stop_after_idle=0.2, tls=tls, **login)
+    assert run_source(first) == []
+    run_sink(sw.sinks.RabbitMQ(url, "", queue, tls=tls, **login), [1, 2, 3])
+    mtls = Tls(ca=tls_certs.ca, cert=tls_certs.client_cert, key=tls_certs.client_key)
+    source = sw.sources.RabbitMQ(
+        url, queue, stop_after_idle=0.3, tls=mtls, username=USER,
+        password=Secret.file(secret_file),
+    )  # fmt: skip
+    assert run_source(source) == [1, 2, 3]
+    # amqps:// with the login in the URL keeps working
+    amqps = url.replace("amqp://", f"amqps://{USER}:{PASSWORD}@")
+    run_sink(sw.sinks.RabbitMQ(amqps, "", queue, tls=tls), [4])
+
+
+def test_rabbitmq_refuses_clearly(
+    tls_rabbitmq: TlsRabbitMQ, tls_certs: Certs, caplog: pytest.LogCaptureFixture
+) -> None:
+    where = f"127.0.0.1:{tls_rabbitmq.tls_port}"
+
+    def sink(url: str = tls_rabbitmq.tls_url, **options: Any) -> Any:
+        opts: dict[str, Any] = {"tls": Tls(ca=tls_certs.ca), "username": USER}
+        opts["password"] = PASSWORD
+        return sw.sinks.RabbitMQ(url, "", "sec-x", **(opts | options))
+
+    open_fails(sink(tls=Tls(ca=tls_certs.other_ca)), caplog, "TLS handshake", where)
+    open_fails(sink(password="wrong-" + PASSWORD), caplog, "refused the login", where)
+    # TLS asked of the node's plaintext port
+    plain = f"amqp://127.0.0.1:{tls_rabbitmq.port}/"
+    open_fails(sink(plain), caplog, "TLS handshake", f"127.0.0.1:{tls_rabbitmq.port}")
+    open_fails(sink(tls=Tls(ca="missing-ca.pem")), caplog, "missing-ca.pem")
