@@ -6,6 +6,7 @@ with a clear ``ConnectorOpenError`` naming the server; no password is ever shown
 from __future__ import annotations
 
 import logging
+import ssl
 import uuid
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,11 @@ def test_tls_options_are_checked() -> None:
         Tls(verify="no")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="mechanism must be"):
         Sasl("GSSAPI", USER, PASSWORD)  # type: ignore[arg-type]
+    # a refused handshake fails at once; a TLS connection cut by an outage is retried
+    assert tls_failure(ssl.SSLCertVerificationError(1, "certificate verify failed"))
+    assert tls_failure(OSError("SSL error: tlsv1 alert unknown ca"))  # libpq's text
+    assert not tls_failure(ssl.SSLEOFError(8, "EOF occurred in violation of protocol"))
+    assert not tls_failure(OSError("SSL SYSCALL error: EOF detected"))
     assert not tls_failure(ConnectionRefusedError("Connection refused"))
 
 

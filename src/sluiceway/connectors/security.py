@@ -332,11 +332,20 @@ class Sasl:
 
 # -- telling a refused login or a failed handshake from an outage ------------------------
 
+# What a client library says when the handshake itself failed (libpq and librdkafka give
+# text, not ssl exceptions).  Not a TLS connection cut mid-stream: that is an outage.
 _TLS_TEXT = re.compile(
-    r"certificate verify failed|CERTIFICATE_VERIFY_FAILED|SSL(?:V3)?_|\bSSL error|"
-    r"tlsv1 alert|wrong version number|server does not support SSL|handshake failure|"
-    r"unknown ca|bad certificate",
+    r"certificate verify failed|tlsv1 alert|sslv3 alert|wrong version number|"
+    r"server does not support SSL|handshake failure|unknown ca|bad certificate",
     re.IGNORECASE,
+)
+# ssl errors of a connection that was cut, not refused
+_CUT = (
+    ssl.SSLEOFError,
+    ssl.SSLZeroReturnError,
+    ssl.SSLSyscallError,
+    ssl.SSLWantReadError,
+    ssl.SSLWantWriteError,
 )
 
 
@@ -347,7 +356,7 @@ def tls_failure(exc: BaseException | None) -> bool:
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, ssl.SSLError | ssl.CertificateError):
+        if isinstance(exc, ssl.SSLError | ssl.CertificateError) and not isinstance(exc, _CUT):
             return True
         if _TLS_TEXT.search(str(exc)):
             return True
