@@ -14,6 +14,7 @@ client that trusts only it must refuse every server here.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import getpass
 import os
@@ -24,6 +25,7 @@ import ssl
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,12 +43,14 @@ __all__ = [
     "PASSWORD",
     "USER",
     "Certs",
+    "TlsKafka",
     "TlsMosquitto",
     "TlsNats",
     "TlsPostgres",
     "TlsRabbitMQ",
     "TlsRedis",
     "tls_certs",
+    "tls_kafka",
     "tls_mosquitto",
     "tls_nats",
     "tls_postgres",
@@ -339,6 +343,80 @@ class TlsRabbitMQ(RabbitMQServer):
         raise RuntimeError(f"RabbitMQ's TLS listener on {self.tls_port} did not open")
 
 
+# -- Kafka -------------------------------------------------------------------------------
+
+
+class TlsKafka:
+    """A private KRaft broker with a ``SASL_SSL`` listener on :attr:`tls_port` (PLAIN
+    and SCRAM-SHA-256 logins for ``alice``, client certificates checked when sent); its
+    PLAINTEXT port only tells the harness the broker is up."""
+
+    def __init__(self, certs: Certs) -> None:
+        from services_kafka import kb  # noqa: PLC0415 - only these tests need the script
+
+        self.dir = Path(tempfile.mkdtemp(prefix="sluiceway-kafka-tls-"))
+        self.port, self.tls_port = free_port(), free_port()
+        keystore = self.dir / "server-keystore.pem"
+        keystore.write_text(certs.server_key.read_text() + certs.server_cert.read_text())
+        keystore.chmod(0o600)
+        tls_port = self.tls_port
+
+        class Broker(kb.Broker):  # type: ignore[misc,name-defined]
+            def format(self) -> None:
+                host = kb.HOST
+                conf = kb.server_properties(self.data, self.port, self.controller_port)
+                conf = (
+                    conf.replace(
+                        f"listeners=PLAINTEXT://{host}:{self.port},",
+                        f"listeners=PLAINTEXT://{host}:{self.port},SASL_SSL://{host}:{tls_port},",
+                    )
+                    .replace(
+                        f"advertised.listeners=PLAINTEXT://{host}:{self.port}",
+                        f"advertised.listeners=PLAINTEXT://{host}:{self.port},"
+                        f"SASL_SSL://{host}:{tls_port}",
+                    )
+                    .replace(
+                        "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+                        "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,"
+                        "SASL_SSL:SASL_SSL",
+                    )
+                )
+                assert f"SASL_SSL://{host}:{tls_port}" in conf, "kafka-broker's config changed"
+                conf += (
+                    "sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-256\n"
+                    "listener.name.sasl_ssl.plain.sasl.jaas.config="
+                    "org.apache.kafka.common.security.plain.PlainLoginModule required "
+                    f'user_{USER}="{PASSWORD}";\n'
+                    "listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config="
+                    "org.apache.kafka.common.security.scram.ScramLoginModule required;\n"
+                    "ssl.keystore.type=PEM\n"
+                    f"ssl.keystore.location={keystore}\n"
+                    "ssl.truststore.type=PEM\n"
+                    f"ssl.truststore.location={certs.ca}\n"
+                    "ssl.client.auth=requested\n"
+                )
+                self.data.mkdir(parents=True, exist_ok=True)
+                self.config.write_text(conf, encoding="utf-8")
+                cluster = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+                scram = f"SCRAM-SHA-256=[name={USER},password={PASSWORD}]"
+                subprocess.run(
+                    [*self._java(), kb.STORAGE_TOOL, "format", "-t", cluster,
+                     "-c", str(self.config), "--add-scram", scram],
+                    capture_output=True, text=True, check=True, timeout=120,
+                )  # fmt: skip
+
+        self.broker = Broker(self.dir, self.port, free_port())
+
+    @property
+    def bootstrap(self) -> str:
+        """The ``SASL_SSL`` listener."""
+        return f"127.0.0.1:{self.tls_port}"
+
+    def close(self) -> None:
+        self.broker.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 # -- fixtures ----------------------------------------------------------------------------
 
 
@@ -391,6 +469,24 @@ def tls_rabbitmq(tls_certs: Certs) -> Iterator[TlsRabbitMQ]:
     server = TlsRabbitMQ(script, tls_certs)
     try:
         server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def tls_kafka(tls_certs: Certs) -> Iterator[TlsKafka]:
+    from services_kafka import kb  # noqa: PLC0415
+
+    if shutil.which("java") is None:
+        service_missing("java is missing: no private Kafka broker with TLS")
+    try:
+        kb.fetch(quiet=True)
+    except RuntimeError as exc:
+        service_missing(f"the Kafka broker's jars are not cached and cannot be fetched: {exc}")
+    server = TlsKafka(tls_certs)
+    try:
+        server.broker.start()
         yield server
     finally:
         server.close()

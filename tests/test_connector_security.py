@@ -21,12 +21,14 @@ from services_tls import (
     PASSWORD,
     USER,
     Certs,
+    TlsKafka,
     TlsMosquitto,
     TlsNats,
     TlsPostgres,
     TlsRabbitMQ,
     TlsRedis,
     tls_certs,
+    tls_kafka,
     tls_mosquitto,
     tls_nats,
     tls_postgres,
@@ -42,6 +44,7 @@ __all__ = [
     "redis_prefix",
     "redis_url",
     "tls_certs",
+    "tls_kafka",
     "tls_mosquitto",
     "tls_nats",
     "tls_postgres",
@@ -385,3 +388,54 @@ def test_rabbitmq_refuses_clearly(
     plain = f"amqp://127.0.0.1:{tls_rabbitmq.port}/"
     open_fails(sink(plain), caplog, "TLS handshake", f"127.0.0.1:{tls_rabbitmq.port}")
     open_fails(sink(tls=Tls(ca="missing-ca.pem")), caplog, "missing-ca.pem")
+
+
+# -- Kafka -----------------------------------------------------------------------------------
+
+
+def test_kafka_over_tls_with_sasl_moves_records(
+    tls_kafka: TlsKafka, tls_certs: Certs, password_env: str, secret_file: Path
+) -> None:
+    topic = f"sec-{uuid.uuid4().hex[:8]}"
+    tls = Tls(ca=tls_certs.ca)
+    scram = Sasl("SCRAM-SHA-256", USER, Secret.env(password_env))
+    run_sink(sw.sinks.Kafka(tls_kafka.bootstrap, topic, tls=tls, sasl=scram), [1, 2, 3])
+    mtls = Tls(ca=tls_certs.ca, cert=tls_certs.client_cert, key=tls_certs.client_key)
+    plain = Sasl("PLAIN", USER, Secret.file(secret_file))
+    source = sw.sources.Kafka(
+        tls_kafka.bootstrap, topic, f"g-{topic}", stop_after_idle=2.0, tls=mtls, sasl=plain
+    )
+    assert run_source(source) == [1, 2, 3]
+
+
+def test_kafka_refuses_clearly(
+    tls_kafka: TlsKafka, tls_certs: Certs, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="sluiceway")
+    where = tls_kafka.bootstrap
+    tls = Tls(ca=tls_certs.ca)
+    login = Sasl("SCRAM-SHA-256", USER, PASSWORD)
+    cases: list[tuple[str, dict[str, Any]]] = [
+        ("SSL handshake failed", {"tls": Tls(ca=tls_certs.other_ca), "sasl": login}),
+        ("Authentication failed", {"tls": tls, "sasl": Sasl("SCRAM-SHA-256", USER, "nope-1")}),
+        ("Authentication failed", {"tls": tls, "sasl": Sasl("PLAIN", USER, "wrong-2")}),
+    ]
+    for expected, options in cases:
+        flow = sw.Flow(f"sec-{uuid.uuid4().hex[:6]}")
+        flow.source(sw.sources.Iterable([1])).sink(sw.sinks.Kafka(where, "sec-x", **options))
+        with pytest.raises(sw.SluicewayError) as info:
+            sw.run(flow, handle_signals=False)
+        text = " ".join(str(e) for e in (info.value, info.value.__cause__))
+        assert expected in text, text
+        assert where in text, text
+        assert_secret_hidden(PASSWORD, info.value, caplog.text)
+        source = sw.sources.Kafka(where, "sec-x", "g", stop_after_idle=5.0, **options)
+        flow = sw.Flow(f"sec-{uuid.uuid4().hex[:6]}")
+        flow.source(source).sink(sw.sinks.Collect())
+        with pytest.raises(sw.SluicewayError) as info:
+            sw.run(flow, handle_signals=False)
+        text = " ".join(str(e) for e in (info.value, info.value.__cause__))
+        assert expected in text, text
+        assert where in text, text
+    with pytest.raises(ValueError, match=r"security options \['security.protocol'\]"):
+        sw.sinks.Kafka(where, "t", tls=tls, config={"security.protocol": "SSL"})
