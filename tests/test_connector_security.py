@@ -6,6 +6,7 @@ with a clear ``ConnectorOpenError`` naming the server; no password is ever shown
 from __future__ import annotations
 
 import logging
+import re
 import ssl
 import uuid
 from pathlib import Path
@@ -437,5 +438,88 @@ def test_kafka_refuses_clearly(
         text = " ".join(str(e) for e in (info.value, info.value.__cause__))
         assert expected in text, text
         assert where in text, text
+    # TLS asked of the broker's plaintext port
+    plaintext = sw.sinks.Kafka(f"127.0.0.1:{tls_kafka.port}", "sec-x", tls=tls, sasl=login)
+    flow = sw.Flow(f"sec-{uuid.uuid4().hex[:6]}")
+    flow.source(sw.sources.Iterable([1])).sink(plaintext)
+    with pytest.raises(sw.SluicewayError, match="SSL handshake failed"):
+        sw.run(flow, handle_signals=False)
+    # a CA file that is not there
+    missing = sw.sources.Kafka(where, "sec-x", "g", tls=Tls(ca="missing-ca.pem"), sasl=login)
+    open_fails(missing, caplog, "missing-ca.pem")
     with pytest.raises(ValueError, match=r"security options \['security.protocol'\]"):
         sw.sinks.Kafka(where, "t", tls=tls, config={"security.protocol": "SSL"})
+
+
+# -- the examples in docs/connectors/security.md ----------------------------------------------
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "connectors" / "security.md"
+
+
+def test_every_example_in_the_security_page_runs(
+    tls_certs: Certs,
+    tls_redis: TlsRedis,
+    tls_nats: TlsNats,
+    tls_rabbitmq: TlsRabbitMQ,
+    tls_mosquitto: TlsMosquitto,
+    tls_postgres: TlsPostgres,
+    tls_kafka: TlsKafka,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    for name in ("REDIS_PASSWORD", "RABBITMQ_PASSWORD", "MQTT_PASSWORD", "KAFKA_PASSWORD"):
+        monkeypatch.setenv(name, PASSWORD)
+    monkeypatch.setenv("PGPASSWORD_ALICE", PASSWORD)
+    (tmp_path / "nats-password.txt").write_text(PASSWORD + "\n")
+    monkeypatch.chdir(tmp_path)  # where the page's relative file names are
+    for name, path in (
+        ("ca.pem", tls_certs.ca),
+        ("client.pem", tls_certs.client_cert),
+        ("client.key", tls_certs.client_key),
+    ):
+        (tmp_path / name).symlink_to(path)
+    addresses = {
+        "redis.example.com:6380": f"127.0.0.1:{tls_redis.port}",
+        "nats.example.com:4222": f"127.0.0.1:{tls_nats.port}",
+        "rabbit.example.com:5671": f"127.0.0.1:{tls_rabbitmq.tls_port}",
+        '"mqtt.example.com"': '"127.0.0.1"',
+        "port=8883": f"port={tls_mosquitto.port}",
+        "host=db.example.com port=5432": f"host=127.0.0.1 port={tls_postgres.port}",
+        "dbname=shop": "dbname=postgres",
+        "kafka.example.com:9093": tls_kafka.bootstrap,
+        # the NATS source creates the sink's stream; for the test its read ends
+        "create_stream=True,": "create_stream=True, stop_after_idle=0.1,",
+    }
+    blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(), flags=re.DOTALL)
+    assert len(blocks) == 6
+    for example in blocks:
+        code = example
+        for placeholder, real in addresses.items():
+            code = code.replace(placeholder, real)
+        ns: dict[str, Any] = {}
+        exec(code, ns)
+        if isinstance(ns["sink"], sw.sinks.NatsJetStream):
+            run_source(ns["source"])
+        if isinstance(ns["sink"], sw.sinks.RabbitMQ):  # declare the queue it routes to
+            tls = Tls(ca=tls_certs.ca)
+            declare = sw.sources.RabbitMQ(
+                tls_rabbitmq.tls_url, "orders", stop_after_idle=0.1, tls=tls,
+                username=USER, password=PASSWORD,
+            )  # fmt: skip
+            run_source(declare)
+        run_sink(ns["sink"], [{"n": 1}])
+
+
+def test_mqtt_outage_messages_never_show_the_password(caplog: pytest.LogCaptureFixture) -> None:
+    from services import free_port  # noqa: PLC0415
+
+    caplog.set_level(logging.DEBUG, logger="sluiceway")
+    port = free_port()
+    for connector in (
+        sw.sinks.Mqtt("127.0.0.1", "t", port=port, username=USER, password=PASSWORD,
+                      open_timeout=0.3),
+        sw.sources.Mqtt("127.0.0.1", "t", port=port, client_id="c", username=USER,
+                        password=Secret(PASSWORD), open_timeout=0.3),
+    ):  # fmt: skip
+        open_fails(connector, caplog, "no connection to the MQTT broker", f"127.0.0.1:{port}")
+    assert "retrying with backoff" in caplog.text  # the outage WARNING was logged

@@ -271,6 +271,11 @@ _REFUSED = (
 )
 
 
+# librdkafka's guess when a TLS handshake is dropped at once, as a PLAINTEXT port does
+_PLAINTEXT_PEER = "connecting to a PLAINTEXT broker listener?"
+_PLAINTEXT_TRIES = 3
+
+
 class _ErrorLog:
     """librdkafka's ``error_cb``: one WARNING when the brokers become unreachable, one
     INFO when they answer again; fatal errors are kept for the connector to raise."""
@@ -279,10 +284,14 @@ class _ErrorLog:
         self.what = what
         self.down = False
         self.fatal: ck.KafkaError | None = None
+        self.plaintext = 0  # TLS handshakes in a row that a plaintext listener dropped
 
     def __call__(self, err: ck.KafkaError) -> None:
-        if err.fatal() or err.code() in _REFUSED:
-            # a refused login or TLS handshake: librdkafka would try for ever
+        plaintext = _PLAINTEXT_PEER in err.str()
+        self.plaintext = self.plaintext + 1 if plaintext else 0
+        if err.fatal() or err.code() in _REFUSED or self.plaintext >= _PLAINTEXT_TRIES:
+            # a refused login or TLS handshake: librdkafka would try for ever (a single
+            # dropped handshake may be a broker going down: only repeated ones count)
             self.fatal = err
             log.error("%s: fatal Kafka error: %s", self.what, redact(err.str()))
         elif err.code() in (ck.KafkaError._ALL_BROKERS_DOWN, ck.KafkaError._TRANSPORT):
@@ -297,6 +306,7 @@ class _ErrorLog:
             log.debug("%s: Kafka: %s", self.what, redact(err.str()))
 
     def up(self) -> None:
+        self.plaintext = 0
         if self.down:
             self.down = False
             log.info("%s: Kafka answers again", self.what)
