@@ -97,6 +97,7 @@ def open_fails(connector: Any, caplog: pytest.LogCaptureFixture, *expected: str)
     text = str(info.value)
     for part in expected:
         assert part in text, f"{part!r} not in: {text}"
+    assert "unreachable for" not in text, f"a refusal taken for an outage: {text}"
     assert_secret_hidden(PASSWORD, info.value, caplog.text)
     return text
 
