@@ -91,7 +91,9 @@ def redact(text: object) -> str:
     """``str(text)`` with every credential in it masked, for messages and logs.
 
     Every connector passes what it shows of a URL, a DSN or a client library's error
-    through this one function, so a password never reaches a log line or an exception.
+    through this one function, so a password never reaches a log line or an exception:
+    one inside a URL or DSN, and every secret given to a connector as an option (see
+    :func:`hide`).
 
     >>> redact("NATS at nats://ann:s3cret@host:4222,nats://tok3n@other unavailable")
     'NATS at nats://ann:***@host:4222,nats://***@other unavailable'
