@@ -161,6 +161,9 @@ def test_redis_over_tls_with_an_acl_user_moves_records(
     # credentials in the URL keep working
     url = tls_redis.url.replace("redis://", f"redis://{USER}:{PASSWORD}@")
     run_sink(sw.sinks.RedisStream(url, stream, tls=tls), [{"n": 5}])
+    # verify=False: encrypted, any certificate trusted (tests only)
+    insecure = Tls(ca=tls_certs.other_ca, verify=False)
+    run_sink(sw.sinks.RedisStream(url, stream, tls=insecure), [{"n": 6}])
 
 
 def test_redis_refuses_clearly(
@@ -264,6 +267,9 @@ def test_mqtt_over_tls_with_a_login_moves_records(
         password=Secret.file(secret_file),
     )  # fmt: skip
     run_sink(sink, [1, 2, 3])
+    insecure = Tls(ca=tls_certs.other_ca, verify=False)  # encrypted, any certificate trusted
+    run_sink(sw.sinks.Mqtt("127.0.0.1", f"{topic}-x", port=port, tls=insecure,
+                           username=USER, password=PASSWORD), [0])  # fmt: skip
     source = sw.sources.Mqtt(
         "127.0.0.1", topic, port=port, client_id=f"sec-{tag}", stop_after_idle=0.5,
         tls=tls, username=USER, password=PASSWORD, clean_session=False,
