@@ -20,6 +20,7 @@ from sluiceway import (
     watermarks,
     windows,
 )
+from sluiceway.connectors.security import Sasl, Secret, Tls
 from sluiceway.core.channel import Overflow
 from sluiceway.core.messages import Batch
 from sluiceway.errors import (
@@ -90,9 +91,12 @@ __all__ = [
     "Overflow",
     "Retry",
     "RunResult",
+    "Sasl",
+    "Secret",
     "SluicewayError",
     "Stream",
     "SystemClock",
+    "Tls",
     "VirtualClock",
     "WindowResult",
     "WindowResultStream",

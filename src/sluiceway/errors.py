@@ -56,6 +56,7 @@ __all__ = [
     "FlowFailedError",
     "OperatorError",
     "SluicewayError",
+    "hide",
     "redact",
     "short_repr",
 ]
@@ -90,7 +91,9 @@ def redact(text: object) -> str:
     """``str(text)`` with every credential in it masked, for messages and logs.
 
     Every connector passes what it shows of a URL, a DSN or a client library's error
-    through this one function, so a password never reaches a log line or an exception.
+    through this one function, so a password never reaches a log line or an exception:
+    one inside a URL or DSN, and every secret given to a connector as an option (see
+    :func:`hide`).
 
     >>> redact("NATS at nats://ann:s3cret@host:4222,nats://tok3n@other unavailable")
     'NATS at nats://ann:***@host:4222,nats://***@other unavailable'
@@ -99,7 +102,11 @@ def redact(text: object) -> str:
     >>> redact("host=db user=ann password='a b' dbname=x")
     'host=db user=ann password=*** dbname=x'
     """
-    shown = _URL_PASSWORD.sub(r"\g<head>:***@", str(text))
+    shown = str(text)
+    for value in _hidden:  # longest first: a secret that contains another is masked whole
+        if value in shown:
+            shown = shown.replace(value, "***")
+    shown = _URL_PASSWORD.sub(r"\g<head>:***@", shown)
     shown = _NATS_TOKEN.sub(r"\g<head>***@", shown)
     return _KEYWORD_PASSWORD.sub(r"\g<head>***", shown)
 
@@ -115,6 +122,29 @@ class CliError(Exception):
         super().__init__(message)
         self.code = code
         self.detail = detail
+
+
+# Secrets given to connectors as options (not in a URL): redact masks them wherever they
+# appear.  Values shorter than this are left alone -- masking every "ab" would garble
+# messages (and a password that short protects nothing).
+_HIDE_MIN = 4
+_hidden: list[str] = []
+
+
+def hide(value: str) -> None:
+    """Make :func:`redact` mask ``value`` wherever it appears from now on.
+
+    The connectors call it for every password, token and key passphrase they are given
+    as an option (``sw.Secret``), so a client library's error that quotes one is masked
+    like a password in a URL.
+
+    >>> hide("pa55-word-x")
+    >>> redact("login as ann with pa55-word-x refused")
+    'login as ann with *** refused'
+    """
+    if len(value) >= _HIDE_MIN and value not in _hidden:
+        _hidden.append(value)
+        _hidden.sort(key=len, reverse=True)
 
 
 class SluicewayError(Exception):

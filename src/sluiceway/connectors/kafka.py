@@ -62,9 +62,10 @@ from typing import Any, Literal
 import confluent_kafka as ck
 
 from sluiceway.connectors.files import _to_json
+from sluiceway.connectors.security import Sasl, Tls, TlsLike, tls_option
 from sluiceway.core.contract import PartialWriteError, Sink, SinkContext, Source, SourceContext
 from sluiceway.core.messages import Batch
-from sluiceway.errors import BadInputError, SluicewayError, short_repr
+from sluiceway.errors import BadInputError, SluicewayError, redact, short_repr
 from sluiceway.time.durations import non_negative_seconds, positive_seconds
 from sluiceway.time.ticks import to_ticks
 
@@ -198,6 +199,53 @@ def _config(config: Mapping[str, ConfigValue] | None, what: str) -> dict[str, Co
     return out
 
 
+_SECURITY_KEYS = ("security.", "ssl.", "sasl.", "enable.ssl.")
+
+
+def _check_security(
+    tls: TlsLike, sasl: Sasl | None, config: Mapping[str, ConfigValue], what: str
+) -> tuple[Tls | None, Sasl | None]:
+    """The checked ``tls=`` and ``sasl=``; they may not be mixed with the same settings
+    in ``config=`` (which one would win is not obvious)."""
+    found = tls_option(tls, what)
+    if found is not None:
+        found.no_server_name(what)
+    if sasl is not None and not isinstance(sasl, Sasl):
+        raise TypeError(f"{what} sasl must be a sw.Sasl(mechanism, username, password)")
+    clash = sorted(k for k in config if k.startswith(_SECURITY_KEYS))
+    if (found is not None or sasl is not None) and clash:
+        raise ValueError(
+            f"{what}: tls=/sasl= and the security options {clash} in config= both given; "
+            "use one or the other"
+        )
+    return found, sasl
+
+
+def _security_config(tls: Tls | None, sasl: Sasl | None, what: str) -> dict[str, ConfigValue]:
+    """librdkafka options for ``tls=`` and ``sasl=``; files checked, the password read."""
+    conf: dict[str, ConfigValue] = {}
+    if tls is not None:
+        ca, cert, key = tls.files(what)
+        conf["ssl.ca.location"] = ca or "probe"  # probe: the system's trust store
+        if cert is not None:
+            conf["ssl.certificate.location"] = cert
+            conf["ssl.key.location"] = key or cert
+        key_password = tls.password(what)
+        if key_password is not None:
+            conf["ssl.key.password"] = key_password
+        conf["enable.ssl.certificate.verification"] = tls.verify
+        conf["ssl.endpoint.identification.algorithm"] = "https" if tls.verify else "none"
+    if sasl is not None:
+        password = sasl.password
+        assert not isinstance(password, str)  # Sasl made it a Secret
+        conf["sasl.mechanism"] = sasl.mechanism
+        conf["sasl.username"] = sasl.username
+        conf["sasl.password"] = password.reveal(f"{what} sasl password")
+    if conf:
+        conf["security.protocol"] = ("SASL_" if sasl else "") + ("SSL" if tls else "PLAINTEXT")
+    return conf
+
+
 def _check_bootstrap(bootstrap_servers: object, what: str) -> None:
     if not (isinstance(bootstrap_servers, str) and bootstrap_servers):
         raise ValueError(
@@ -216,6 +264,18 @@ def _untp(name: str) -> tuple[str, int]:
     return topic, int(partition)
 
 
+_REFUSED = (
+    ck.KafkaError._SSL,
+    ck.KafkaError._AUTHENTICATION,
+    ck.KafkaError.SASL_AUTHENTICATION_FAILED,
+)
+
+
+# librdkafka's guess when a TLS handshake is dropped at once, as a PLAINTEXT port does
+_PLAINTEXT_PEER = "connecting to a PLAINTEXT broker listener?"
+_PLAINTEXT_TRIES = 3
+
+
 class _ErrorLog:
     """librdkafka's ``error_cb``: one WARNING when the brokers become unreachable, one
     INFO when they answer again; fatal errors are kept for the connector to raise."""
@@ -224,19 +284,29 @@ class _ErrorLog:
         self.what = what
         self.down = False
         self.fatal: ck.KafkaError | None = None
+        self.plaintext = 0  # TLS handshakes in a row that a plaintext listener dropped
 
     def __call__(self, err: ck.KafkaError) -> None:
-        if err.fatal():
+        plaintext = _PLAINTEXT_PEER in err.str()
+        self.plaintext = self.plaintext + 1 if plaintext else 0
+        if err.fatal() or err.code() in _REFUSED or self.plaintext >= _PLAINTEXT_TRIES:
+            # a refused login or TLS handshake: librdkafka would try for ever (a single
+            # dropped handshake may be a broker going down: only repeated ones count)
             self.fatal = err
-            log.error("%s: fatal Kafka error: %s", self.what, err)
+            log.error("%s: fatal Kafka error: %s", self.what, redact(err.str()))
         elif err.code() in (ck.KafkaError._ALL_BROKERS_DOWN, ck.KafkaError._TRANSPORT):
             if not self.down:
                 self.down = True
-                log.warning("%s: Kafka unreachable (%s); librdkafka reconnects", self.what, err)
+                log.warning(
+                    "%s: Kafka unreachable (%s); librdkafka reconnects",
+                    self.what,
+                    redact(err.str()),
+                )
         else:
-            log.debug("%s: Kafka: %s", self.what, err)
+            log.debug("%s: Kafka: %s", self.what, redact(err.str()))
 
     def up(self) -> None:
+        self.plaintext = 0
         if self.down:
             self.down = False
             log.info("%s: Kafka answers again", self.what)
@@ -297,12 +367,19 @@ class KafkaSource(Source):
         config: any librdkafka consumer option (``{"session.timeout.ms": 10000}``,
             security settings, ``group.instance.id`` for static membership); overrides
             the connector's defaults.
+        tls: ``sw.Tls(ca=..., cert=..., key=..., key_password=...)`` (or True: the
+            system's CAs): ``security.protocol=SSL`` with the certificate and host name
+            checked.  A failed handshake stops the flow (``KafkaError``) at the first
+            fetch instead of librdkafka retrying for ever.
+        sasl: ``sw.Sasl("SCRAM-SHA-256", user, password)`` (``PLAIN``,
+            ``SCRAM-SHA-256``, ``SCRAM-SHA-512``): ``SASL_SSL`` with ``tls``, else
+            ``SASL_PLAINTEXT``; a refused login stops the flow like a failed handshake.
 
     A malformed record is bad input named ``kafka <topic>[<partition>]@<offset>``; the
     dead letter's record is a :class:`KafkaRecord` with the raw payload.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0915 - one check and one field per option
         self,
         bootstrap_servers: str,
         topics: str | Sequence[str],
@@ -320,6 +397,8 @@ class KafkaSource(Source):
         on_assign: Callable[[list[tuple[str, int]]], object] | None = None,
         on_revoke: Callable[[list[tuple[str, int]]], object] | None = None,
         config: Mapping[str, ConfigValue] | None = None,
+        tls: TlsLike = None,
+        sasl: Sasl | None = None,
     ) -> None:
         what = "sources.Kafka"
         _check_bootstrap(bootstrap_servers, what)
@@ -367,6 +446,7 @@ class KafkaSource(Source):
         self._on_assign = on_assign
         self._on_revoke = on_revoke
         self._user_config = _config(config, what)
+        self._tls, self._sasl = _check_security(tls, sasl, self._user_config, what)
         self._ctx: SourceContext | None = None
         self._consumer: ck.Consumer | None = None
         self._errors = _ErrorLog(f"source {self.describe()}")
@@ -410,6 +490,7 @@ class KafkaSource(Source):
             "logger": _client_log,
         }
         conf.update(self._user_config)
+        conf.update(_security_config(self._tls, self._sasl, self._errors.what))
         conf["error_cb"] = self._errors
         return conf
 
@@ -921,6 +1002,8 @@ class KafkaSink(Sink):
             ``"sluiceway.<flow>.<operator>"``).  It must be the same across restarts of
             one flow and differ between flows (and workers) running at the same time.
         config: any librdkafka producer option; overrides the connector's defaults.
+        tls, sasl: as for ``sw.sources.Kafka`` (a refused handshake or login fails the
+            write with :class:`KafkaSinkError`).
 
     Without ``exactly_once`` the sink is at-least-once: ``write`` returns once the
     broker acknowledged every record of the batch (idempotent producer: a retry inside
@@ -944,6 +1027,8 @@ class KafkaSink(Sink):
         exactly_once: bool = False,
         transactional_id: str | None = None,
         config: Mapping[str, ConfigValue] | None = None,
+        tls: TlsLike = None,
+        sasl: Sasl | None = None,
     ) -> None:
         what = "sinks.Kafka"
         _check_bootstrap(bootstrap_servers, what)
@@ -974,6 +1059,7 @@ class KafkaSink(Sink):
         self._tid_arg = transactional_id
         self._tid = ""
         self._user_config = _config(config, what)
+        self._tls, self._sasl = _check_security(tls, sasl, self._user_config, what)
         self._ctx: SinkContext | None = None
         self._producer: ck.Producer | None = None
         self._errors = _ErrorLog(f"sink {self.describe()}")
@@ -1004,6 +1090,7 @@ class KafkaSink(Sink):
         if self.exactly_once:
             conf["transactional.id"] = self._tid
         conf.update(self._user_config)
+        conf.update(_security_config(self._tls, self._sasl, self._errors.what))
         conf["error_cb"] = self._errors
         conf["on_delivery"] = self._delivered
         return conf
@@ -1065,7 +1152,7 @@ class KafkaSink(Sink):
                     await ctx.clock.run_in_thread(producer.abort_transaction, 10.0)
                 except ck.KafkaException as exc:
                     log.warning("%s: abort at close failed: %s", self._errors.what, exc)
-        else:
+        elif self._errors.fatal is None:  # after a refused login nothing can be delivered
             await ctx.clock.run_in_thread(producer.flush, 10.0)
         if self._marker is not None:
             await ctx.clock.run_in_thread(self._marker.close)
@@ -1196,11 +1283,8 @@ class KafkaSink(Sink):
                     "group.id": self._marker_group(),
                     "enable.auto.commit": False,
                     "logger": _client_log,
-                    **{
-                        k: v
-                        for k, v in self._user_config.items()
-                        if k.startswith(("security.", "sasl.", "ssl."))
-                    },
+                    **{k: v for k, v in self._user_config.items() if k.startswith(_SECURITY_KEYS)},
+                    **_security_config(self._tls, self._sasl, self._errors.what),
                 }
             )
         return self._marker

@@ -49,6 +49,7 @@ import contextlib
 import json
 import logging
 import math
+import ssl
 import uuid
 import zlib
 from collections import deque
@@ -62,6 +63,16 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from sluiceway.connectors.security import (
+    Secret,
+    SecretLike,
+    Tls,
+    TlsLike,
+    auth_refused,
+    secret,
+    tls_failure,
+    tls_option,
+)
 from sluiceway.core.contract import (
     OPEN_TIMEOUT,
     PartialWriteError,
@@ -74,10 +85,10 @@ from sluiceway.core.contract import (
     redact,
 )
 from sluiceway.core.messages import Batch
-from sluiceway.errors import BadInputError, short_repr
+from sluiceway.errors import BadInputError, SluicewayError, short_repr
 from sluiceway.time import Clock
 
-__all__ = ["MqttMessage", "MqttSink", "MqttSource", "MqttUnavailableError"]
+__all__ = ["MqttMessage", "MqttRefusedError", "MqttSink", "MqttSource", "MqttUnavailableError"]
 
 log = logging.getLogger("sluiceway.connectors.mqtt")
 
@@ -91,6 +102,56 @@ _DONE_KEEP = 16384  # acknowledged messages remembered, to recognise their resen
 
 class MqttUnavailableError(ConnectionError):
     """No connection to the MQTT broker could be made for ``reconnect_timeout`` seconds."""
+
+
+class MqttRefusedError(SluicewayError):
+    """The broker refused the login, or TLS failed (an untrusted certificate, a broker
+    without TLS when ``tls=`` asks for it): trying again cannot help."""
+
+
+class _TlsContext(ssl.SSLContext):
+    """Remembers the socket it wrapped last: paho-mqtt drops it unclosed when the TLS
+    handshake fails, and the connector closes it."""
+
+    last: ssl.SSLSocket | None = None
+
+    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        self.last = sock = super().wrap_socket(*args, **kwargs)
+        return sock
+
+
+@dataclass(frozen=True, slots=True)
+class _Security:
+    """``tls=``, ``username=`` and ``password=`` of a source or sink (see ``sw.Tls``)."""
+
+    tls: Tls | None = None
+    username: str | None = None
+    password: Secret | None = None
+
+    @classmethod
+    def of(
+        cls, what: str, tls: TlsLike, username: str | None, password: SecretLike | None
+    ) -> _Security:
+        if username is not None and not (isinstance(username, str) and username):
+            raise ValueError(f"{what} username must be a non-empty str or None, got {username!r}")
+        if password is not None and username is None:
+            raise ValueError(f"{what}: password= needs username=")
+        found = tls_option(tls, what)
+        if found is not None:
+            found.no_server_name(what)
+        return cls(found, username, secret(password, f"{what} password"))
+
+    def options(self, what: str) -> dict[str, Any]:
+        """``aiomqtt.Client`` keywords; the password is read now (at each connection)."""
+        out: dict[str, Any] = {}
+        if self.tls is not None:
+            out["tls_context"] = self.tls.context(what, _TlsContext)
+            out["tls_insecure"] = not self.tls.verify
+        if self.username is not None:
+            out["username"] = self.username
+        if self.password is not None:
+            out["password"] = self.password.reveal(f"{what} password")
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +277,7 @@ class _Connector:
         self.host, self.port, self.what = host, port, what
         self.timeout = reconnect_timeout
         self.limit_name = "reconnect_timeout"  # or "open_timeout" while opening
+        self.security = _Security()
         self.outage_since: float | None = None
         self.gen = 0
 
@@ -227,7 +289,7 @@ class _Connector:
                 self.what,
                 self.host,
                 self.port,
-                cause,
+                redact(cause),
             )
 
     @contextlib.contextmanager
@@ -249,6 +311,19 @@ class _Connector:
             await link.close()
         return await self.connect(clock, make)
 
+    def _refused(self, exc: BaseException) -> None:
+        """Raise :class:`MqttRefusedError` for a refused login or a failed TLS handshake."""
+        if tls_failure(exc):
+            why = "the TLS handshake failed"
+        elif auth_refused(exc):
+            why = "the login was refused (check username= and password=)"
+        else:
+            return
+        raise MqttRefusedError(
+            f"{self.what}: the MQTT broker at {self.host}:{self.port} refused the connection: "
+            f"{why}: {type(exc).__name__}: {redact(exc)}"
+        ) from exc
+
     async def connect(self, clock: Clock, make: Callable[[], aiomqtt.Client]) -> _Link:
         delay = _BACKOFF_FIRST
         started = clock.monotonic() if self.outage_since is None else self.outage_since
@@ -258,7 +333,11 @@ class _Connector:
             try:
                 await client.__aenter__()
             except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
+                ctx = client._client._ssl_context
+                if isinstance(ctx, _TlsContext) and ctx.last is not None:
+                    ctx.last.close()  # paho-mqtt leaves it open when the handshake fails
                 _forget(client._disconnected)
+                self._refused(exc)
                 if self.outage_since is None:
                     self.outage_since = started
                     log.warning(
@@ -274,6 +353,12 @@ class _Connector:
                         f"{self.what}: no connection to the MQTT broker at {self.host}:"
                         f"{self.port} for {waited:.1f} s ({self.limit_name}={self.timeout:g}); "
                         f"last error: {redact(exc)}"
+                        + (
+                            " (connecting with TLS: is the broker speaking TLS on this port? "
+                            "One that does not drops the handshake)"
+                            if self.security.tls is not None
+                            else ""
+                        )
                     ) from exc
                 await clock.sleep(delay)
                 delay = min(delay * 2, _BACKOFF_MAX)
@@ -336,6 +421,11 @@ class MqttSource(Source):
         max_buffered: the most received messages held that the flow has not taken;
             when full, the source stops reading its socket (1..65535).
         keepalive: seconds between MQTT pings (how fast a dead broker is noticed).
+        tls: ``sw.Tls(ca=..., cert=..., key=...)`` (or True: the system's CAs) to
+            connect over TLS (usually port 8883); a failed handshake or a refused login
+            fails at once (:class:`MqttRefusedError`).
+        username, password: the login (the password a ``str`` or ``sw.Secret``, read at
+            every connection).
 
     Raises:
         ValueError: a bad argument (no topic, a missing ``client_id``, qos not 0/1...).
@@ -358,6 +448,9 @@ class MqttSource(Source):
         open_timeout: float | None = OPEN_TIMEOUT,
         max_buffered: int = 1000,
         keepalive: int = 30,
+        tls: TlsLike = None,
+        username: str | None = None,
+        password: SecretLike | None = None,
     ) -> None:
         what = "sources.Mqtt"
         self._topics = [topics] if isinstance(topics, str) else list(topics)
@@ -387,6 +480,7 @@ class MqttSource(Source):
             _positive(reconnect_timeout, f"{what} reconnect_timeout"),
         )
         self._open_timeout = check_open_timeout(open_timeout, what)
+        self._conn.security = _Security.of(what, tls, username, password)
         self._ctx: SourceContext | None = None
         self._link: _Link | None = None
         self._buffer: deque[_Held] = deque()  # received, not handed out
@@ -415,6 +509,7 @@ class MqttSource(Source):
             clean_start=self._clean,
             properties=props,
             keepalive=self._keepalive,
+            **self._conn.security.options(self.describe()),
         )
         p = client._client
         p.manual_ack_set(self._qos == 1)
@@ -685,6 +780,7 @@ class MqttSink(Sink):
             there at the start is more likely a wrong address than an outage.
         ack_timeout: seconds to wait for PUBACKs before the connection counts as dead.
         client_id: the MQTT client id (default: a random one; the sink keeps no session).
+        tls, username, password: as for ``sw.sources.Mqtt``.
 
     Raises:
         ValueError: a bad argument.
@@ -705,6 +801,9 @@ class MqttSink(Sink):
         ack_timeout: float = 10.0,
         client_id: str | None = None,
         keepalive: int = 30,
+        tls: TlsLike = None,
+        username: str | None = None,
+        password: SecretLike | None = None,
     ) -> None:
         what = "sinks.Mqtt"
         if not (callable(topic) or (isinstance(topic, str) and topic)):
@@ -728,6 +827,7 @@ class MqttSink(Sink):
             _positive(reconnect_timeout, f"{what} reconnect_timeout"),
         )
         self._open_timeout = check_open_timeout(open_timeout, what)
+        self._conn.security = _Security.of(what, tls, username, password)
         self._ctx: SinkContext | None = None
         self._link: _Link | None = None
         self._inflight: dict[int, int] = {}  # packet id -> index in the batch
@@ -743,6 +843,7 @@ class MqttSink(Sink):
             protocol=aiomqtt.ProtocolVersion.V5,
             clean_start=True,
             keepalive=self._keepalive,
+            **self._conn.security.options(self.describe()),
             max_inflight_messages=self._max_unacked,
         )
         p = client._client

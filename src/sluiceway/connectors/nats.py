@@ -40,9 +40,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import math
+import os
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -57,6 +59,16 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, Header, PubAck, StreamConfig
 
+from sluiceway.connectors.security import (
+    Secret,
+    SecretLike,
+    Tls,
+    TlsLike,
+    auth_refused,
+    secret,
+    tls_failure,
+    tls_option,
+)
 from sluiceway.core.contract import (
     OPEN_TIMEOUT,
     PartialWriteError,
@@ -69,11 +81,12 @@ from sluiceway.core.contract import (
     redact,
 )
 from sluiceway.core.messages import Batch
-from sluiceway.errors import BadInputError, short_repr
+from sluiceway.errors import BadInputError, SluicewayError, short_repr
 from sluiceway.time import Clock, SystemClock
 
 __all__ = [
     "NatsMessage",
+    "NatsRefusedError",
     "NatsSink",
     "NatsSource",
     "NatsUnavailableError",
@@ -128,6 +141,88 @@ class NatsMessage:
     headers: dict[str, str] | None
 
 
+class NatsRefusedError(SluicewayError):
+    """The server refused the login, or TLS failed (an untrusted or misnamed
+    certificate, a server without TLS when ``tls=`` asks for it): trying again cannot
+    help, so the connector fails at once."""
+
+
+class _NotTls(Exception):
+    """Raised by a credential callback instead of sending a secret over plaintext."""
+
+
+_CONNECT_ERRORS: tuple[type[BaseException], ...] = (_NotTls, *_NATS_ERRORS)
+
+
+@dataclass(frozen=True, slots=True)
+class _Security:
+    """``tls=`` and the login options of a source or sink (see ``sw.Tls``)."""
+
+    tls: Tls | None = None
+    user: str | None = None
+    password: Secret | None = None
+    token: Secret | None = None
+    nkeys_seed: str | None = None
+    creds: str | None = None
+
+    @classmethod
+    def of(cls, what: str, tls: TlsLike, **login: Any) -> _Security:
+        user, password, token = login["user"], login["password"], login["token"]
+        if user is not None and not (isinstance(user, str) and user):
+            raise ValueError(f"{what} user must be a non-empty str or None, got {user!r}")
+        if (user is None) != (password is None):
+            raise ValueError(f"{what}: user= and password= go together")
+        ways = [n for n in ("password", "token", "nkeys_seed", "creds") if login[n] is not None]
+        if len(ways) > 1:
+            raise ValueError(f"{what}: log in one way, got {' and '.join(ways)}")
+        files = {}
+        for name in ("nkeys_seed", "creds"):
+            value = login[name]
+            if value is not None and not (isinstance(value, str | os.PathLike) and value):
+                raise TypeError(f"{what} {name} must be a file path or None, got {value!r}")
+            files[name] = None if value is None else os.fspath(value)
+        return cls(
+            tls_option(tls, what),
+            user,
+            secret(password, f"{what} password"),
+            secret(token, f"{what} token"),
+            **files,
+        )
+
+    def options(self, nc: Client, what: str) -> dict[str, Any]:
+        """``nats.connect`` keywords: secrets are read now, and handed to the client
+        only once it runs TLS (when ``tls`` asks for it)."""
+        out: dict[str, Any] = {}
+        tls = self.tls
+
+        def reveal(s: Secret, name: str) -> Callable[[], str]:
+            def get() -> str:
+                # nats-py upgrades to TLS exactly when the server's INFO requires it
+                if tls is not None and not nc._server_info.get("tls_required"):
+                    raise _NotTls
+                return s.reveal(f"{what} {name}")
+
+            return get
+
+        if tls is not None:
+            out["tls"] = tls.context(what)
+            if tls.server_name is not None:
+                out["tls_hostname"] = tls.server_name
+        if self.password is not None:
+            out["user"], out["password"] = self.user, reveal(self.password, "password")
+        if self.token is not None:
+            out["token"] = reveal(self.token, "token")
+        for name, key in (("nkeys_seed", "nkeys_seed"), ("creds", "user_credentials")):
+            path = getattr(self, name)
+            if path is not None:
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(
+                        errno.ENOENT, f"{what}: the NATS {name} file {path!r} does not exist", path
+                    )
+                out[key] = path
+        return out
+
+
 def _servers(servers: str | Sequence[str]) -> list[str]:
     if isinstance(servers, str):
         found = [s.strip() for s in servers.split(",") if s.strip()]
@@ -170,6 +265,7 @@ class _Link:
         self.limit_name = "reconnect_timeout"  # or "open_timeout" while opening
         self.connect_timeout = connect_timeout
         self.clock: Clock = SystemClock()
+        self.security = _Security()
         self.nc: Client | None = None
         self.generation = 0
         self._lock = asyncio.Lock()
@@ -197,22 +293,52 @@ class _Link:
                 if old is not None:  # it was connected: an outage starts here
                     self._begin_outage(old.last_error or nats.errors.ConnectionClosedError())
                     await _close_quietly(old)
+                nc = Client()
+                options = self.security.options(nc, self.what)  # a missing file: no retry
                 try:
-                    self.nc = await nats.connect(
+                    await nc.connect(
                         servers=self.servers,
                         allow_reconnect=False,
-                        connect_timeout=self.connect_timeout,
+                        connect_timeout=self.connect_timeout,  # type: ignore[arg-type]  # any number
                         # nats-py tries each server (1 + this) times per call, then
                         # raises NoServersError; 0 would mean: forever
                         max_reconnect_attempts=1,
                         reconnect_time_wait=0,
                         error_cb=self._on_error,
                         name=f"sluiceway {self.what}",
+                        **options,
                     )
-                except _TRANSIENT as exc:
+                    self._check_tls(nc)
+                except _CONNECT_ERRORS as exc:
+                    _abandon(nc)
+                    self._refused(exc)
+                    if not isinstance(exc, _TRANSIENT):
+                        raise
                     await self.trouble(exc)
                     continue
+                self.nc = nc
                 self.generation += 1
+
+    def _check_tls(self, nc: Client) -> None:
+        if self.security.tls is not None and not nc._server_info.get("tls_required"):
+            raise _NotTls
+
+    def _refused(self, exc: BaseException) -> None:
+        """Raise :class:`NatsRefusedError` for a refused login or a failed TLS handshake."""
+        if isinstance(exc, _NotTls):
+            why = (
+                "the server does not speak TLS (tls= asks for it): refusing to go on in "
+                "plaintext, no credentials were sent"
+            )
+        elif tls_failure(exc):
+            why = f"the TLS handshake failed: {_describe(exc)}"
+        elif auth_refused(exc):
+            why = f"the login was refused: {_describe(exc)}; check the user and password"
+        else:
+            return
+        raise NatsRefusedError(
+            f"{self.what}: NATS at {_shown(self.servers)} refused the connection: {why}"
+        ) from exc
 
     @contextlib.contextmanager
     def opening(self, open_timeout: float | None) -> Iterator[None]:
@@ -287,6 +413,14 @@ async def _close_quietly(nc: Client) -> None:
         await nc.close()
     except _NATS_ERRORS as exc:
         log.debug("closing a NATS connection: %s", redact(repr(exc)))
+
+
+def _abandon(nc: Client) -> None:
+    """Drop a client whose connect failed part way (after TCP, or after TLS)."""
+    transport = nc._transport
+    if transport is not None:
+        # not wait_closed(): after a failed TLS upgrade it never returns
+        transport.close()  # type: ignore[no-untyped-call]
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:
@@ -368,6 +502,13 @@ class NatsSource(Source):
             (default 10; None: as long as ``reconnect_timeout``): servers that are not
             there at the start are more likely a wrong URL than an outage.
         connect_timeout: seconds one connection attempt may take.
+        tls: ``sw.Tls(ca=..., cert=..., key=..., server_name=...)`` (or True: the
+            system's CAs): the connection must run TLS; a server without it, an untrusted
+            certificate or a refused login fail at once (:class:`NatsRefusedError`).
+        user, password: a login (the password a ``str`` or ``sw.Secret``).
+        token: a token login (``str`` or ``sw.Secret``).
+        nkeys_seed, creds: an NKEY seed file or a ``.creds`` file (needs the ``nkeys``
+            package).  Credentials in the URL (``nats://user:pass@host``) work too.
 
     Raises:
         ValueError: a bad argument.
@@ -376,7 +517,7 @@ class NatsSource(Source):
     'NatsJetStream(orders/billing)'
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0915 - one check and one field per option
         self,
         servers: str | Sequence[str],
         stream: str,
@@ -395,6 +536,12 @@ class NatsSource(Source):
         reconnect_timeout: float | None = 60.0,
         open_timeout: float | None = OPEN_TIMEOUT,
         connect_timeout: float = 2.0,
+        tls: TlsLike = None,
+        user: str | None = None,
+        password: SecretLike | None = None,
+        token: SecretLike | None = None,
+        nkeys_seed: str | os.PathLike[str] | None = None,
+        creds: str | os.PathLike[str] | None = None,
     ) -> None:
         if not (isinstance(stream, str) and stream):
             raise ValueError(f"sources.NatsJetStream stream must be a name, got {stream!r}")
@@ -424,6 +571,15 @@ class NatsSource(Source):
             _seconds(connect_timeout, "sources.NatsJetStream connect_timeout") or 2.0,
         )
         self._open_timeout = check_open_timeout(open_timeout, "sources.NatsJetStream")
+        self._link.security = _Security.of(
+            "sources.NatsJetStream",
+            tls,
+            user=user,
+            password=password,
+            token=token,
+            nkeys_seed=nkeys_seed,
+            creds=creds,
+        )
         self._ctx: SourceContext | None = None
         self._run = uuid.uuid4().hex
         self._psub: JetStreamContext.PullSubscription | None = None
@@ -961,6 +1117,13 @@ class NatsSink(Sink):
             (default 10; None: as long as ``reconnect_timeout``): servers that are not
             there at the start are more likely a wrong URL than an outage.
         connect_timeout: seconds one connection attempt may take.
+        tls: ``sw.Tls(ca=..., cert=..., key=..., server_name=...)`` (or True: the
+            system's CAs): the connection must run TLS; a server without it, an untrusted
+            certificate or a refused login fail at once (:class:`NatsRefusedError`).
+        user, password: a login (the password a ``str`` or ``sw.Secret``).
+        token: a token login (``str`` or ``sw.Secret``).
+        nkeys_seed, creds: an NKEY seed file or a ``.creds`` file (needs the ``nkeys``
+            package).  Credentials in the URL (``nats://user:pass@host``) work too.
 
     Raises:
         ValueError: a bad argument.
@@ -987,6 +1150,12 @@ class NatsSink(Sink):
         reconnect_timeout: float | None = 60.0,
         open_timeout: float | None = OPEN_TIMEOUT,
         connect_timeout: float = 2.0,
+        tls: TlsLike = None,
+        user: str | None = None,
+        password: SecretLike | None = None,
+        token: SecretLike | None = None,
+        nkeys_seed: str | os.PathLike[str] | None = None,
+        creds: str | os.PathLike[str] | None = None,
     ) -> None:
         if not (callable(subject) or (isinstance(subject, str) and subject)):
             raise ValueError(f"sinks.NatsJetStream subject must be a subject, got {subject!r}")
@@ -1007,6 +1176,15 @@ class NatsSink(Sink):
             _seconds(connect_timeout, "sinks.NatsJetStream connect_timeout") or 2.0,
         )
         self._open_timeout = check_open_timeout(open_timeout, "sinks.NatsJetStream")
+        self._link.security = _Security.of(
+            "sinks.NatsJetStream",
+            tls,
+            user=user,
+            password=password,
+            token=token,
+            nkeys_seed=nkeys_seed,
+            creds=creds,
+        )
         self._js: JetStreamContext | None = None
         self._js_generation = -1
         self.published = 0

@@ -54,9 +54,11 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import errno
 import logging
 import math
 import operator
+import os
 import re
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -67,6 +69,15 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import JsonbDumper
 
+from sluiceway.connectors.security import (
+    Secret,
+    SecretLike,
+    Tls,
+    TlsLike,
+    secret,
+    tls_failure,
+    tls_option,
+)
 from sluiceway.core.contract import (
     OPEN_TIMEOUT,
     PartialWriteError,
@@ -134,6 +145,8 @@ def _is_disconnect(exc: BaseException) -> bool:
     state = exc.sqlstate
     if state is None and _REFUSED_LOGIN.search(str(exc)):
         return False  # the server answered: no such role or database, a bad password
+    if state is None and tls_failure(exc):
+        return False  # an untrusted certificate, a server without TLS: retrying cannot help
     # No SQLSTATE: the client lost the socket or could not connect.  08: connection
     # exception; 57P0x: admin/crash shutdown, cannot connect now (server starting).
     return state is None or state.startswith(("08", "57P"))
@@ -142,8 +155,21 @@ def _is_disconnect(exc: BaseException) -> bool:
 # A failed connect has no SQLSTATE; a refused login says so in the server's message.
 _REFUSED_LOGIN = re.compile(
     r"FATAL:\s+(?:password authentication failed|role \S+ does not exist|"
-    r"database \S+ does not exist|no pg_hba\.conf entry)"
+    r"database \S+ does not exist|no pg_hba\.conf entry|pg_hba\.conf rejects connection)"
 )
+
+
+def _security(
+    tls: TlsLike, password: SecretLike | None, passfile: object, what: str
+) -> tuple[Tls | None, Secret | None, str | None]:
+    """The checked ``tls=``, ``password=`` and ``passfile=`` of the sink."""
+    found = tls_option(tls, what)
+    if found is not None:
+        found.no_server_name(what)
+    if passfile is not None and not (isinstance(passfile, str | os.PathLike) and passfile):
+        raise TypeError(f"{what} passfile must be a file path or None, got {passfile!r}")
+    path = None if passfile is None else os.fspath(passfile)
+    return found, secret(password, f"{what} password"), path
 
 
 def _is_row_error(exc: BaseException) -> bool:
@@ -200,6 +226,14 @@ class PostgresSink(Sink):
             (default 10; None: as long as ``reconnect_timeout``): a server that is not
             there at the start is more likely a wrong DSN than an outage.  A refused
             login (no such role or database, a wrong password) fails at once.
+        tls: ``sw.Tls(ca=..., cert=..., key=..., key_password=...)`` (or True: the
+            system's CAs): TLS with the server's certificate and name checked
+            (``sslmode=verify-full``; ``verify=False``: ``require``).  Without it, the
+            DSN's own ``sslmode``/``sslrootcert``/... apply.  A failed handshake fails
+            at once.
+        password: the password (``str`` or ``sw.Secret.env(...)``/``.file(...)``), read
+            at every connection, instead of one in the DSN.
+        passfile: a libpq password file (``host:port:db:user:password`` lines).
 
     Dicts are written to ``json``/``jsonb`` columns; lists become PostgreSQL arrays.
 
@@ -220,6 +254,9 @@ class PostgresSink(Sink):
         create_table: bool = False,
         reconnect_timeout: float | None = 60.0,
         open_timeout: float | None = OPEN_TIMEOUT,
+        tls: TlsLike = None,
+        password: SecretLike | None = None,
+        passfile: str | os.PathLike[str] | None = None,
     ) -> None:
         what = "sinks.Postgres"
         method = _check_mode(mode, method, key)
@@ -259,6 +296,7 @@ class PostgresSink(Sink):
         self._reconnect_timeout = self._timeout
         self._limit_name = "reconnect_timeout"  # or "open_timeout" while opening
         self._open_timeout = check_open_timeout(open_timeout, what)
+        self._tls, self._password, self._passfile = _security(tls, password, passfile, what)
         try:
             info = conninfo_to_dict(dsn)
         except psycopg.ProgrammingError as exc:
@@ -297,11 +335,42 @@ class PostgresSink(Sink):
         ctx = self._ctx
         app = f"sluiceway {ctx.flow}/{ctx.name}" if ctx is not None else "sluiceway"
         conn = await psycopg.AsyncConnection.connect(
-            self._dsn, autocommit=False, connect_timeout=10, application_name=app[:63]
+            self._dsn,
+            autocommit=False,
+            connect_timeout=10,
+            application_name=app[:63],
+            **self._security_options(),
         )
         conn.adapters.register_dumper(dict, JsonbDumper)
         self._conn = conn
         return conn
+
+    def _security_options(self) -> dict[str, Any]:
+        """libpq keywords for ``tls``, ``password`` and ``passfile`` (read now)."""
+        what = self.describe()
+        out: dict[str, Any] = {}
+        tls = self._tls
+        if tls is not None:
+            ca, cert, key = tls.files(what)
+            out["sslmode"] = "verify-full" if tls.verify else "require"
+            out["sslrootcert"] = ca or "system"
+            if cert is not None:
+                out["sslcert"] = cert
+                out["sslkey"] = key or cert
+            key_password = tls.password(what)
+            if key_password is not None:
+                out["sslpassword"] = key_password
+        if self._password is not None:
+            out["password"] = self._password.reveal(f"{what} password")
+        if self._passfile is not None:
+            if not os.path.isfile(self._passfile):
+                raise FileNotFoundError(
+                    errno.ENOENT,
+                    f"{what}: the passfile {self._passfile!r} does not exist",
+                    self._passfile,
+                )
+            out["passfile"] = self._passfile
+        return out
 
     async def _drop(self) -> None:
         conn, self._conn = self._conn, None

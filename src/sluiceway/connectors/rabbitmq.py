@@ -66,6 +66,15 @@ from aiormq.exceptions import (
 )
 from pamqp import commands as spec
 
+from sluiceway.connectors.security import (
+    Secret,
+    SecretLike,
+    Tls,
+    TlsLike,
+    secret,
+    tls_failure,
+    tls_option,
+)
 from sluiceway.core.contract import (
     OPEN_TIMEOUT,
     PartialWriteError,
@@ -181,6 +190,7 @@ class _Reconnect:
         self.server = redact(url)
         self.timeout = timeout
         self.limit_name = "reconnect_timeout"  # or "open_timeout" while opening
+        self.security = _Security()
         self.outage_since: float | None = None
         self.attempts = 0
         self.outages = 0
@@ -228,6 +238,14 @@ class _Reconnect:
             except _FATAL:
                 raise
             except _TRANSIENT as exc:
+                if isinstance(exc, OSError) and exc.filename is not None:
+                    raise  # a missing CA, certificate or secret file: not an outage
+                if tls_failure(exc):  # trying again cannot help
+                    raise RabbitMQError(
+                        f"{self.who}: the TLS handshake with RabbitMQ at {self.server} failed "
+                        f"({type(exc).__name__}: {redact(exc)}); check tls= (the CA, the "
+                        "client certificate) and that the port speaks TLS (5671)"
+                    ) from exc
                 if "ACCESS_REFUSED" in str(exc):  # a ProbableAuthenticationError that is one
                     raise RabbitMQError(
                         f"{self.who}: RabbitMQ at {self.server} refused the login ({redact(exc)}); "
@@ -299,13 +317,48 @@ def _quiet_client_log() -> Iterator[None]:
                 d.logger.removeFilter(d)
 
 
-async def _connect(url: str) -> aio_pika.abc.AbstractConnection:
+@dataclass(frozen=True, slots=True)
+class _Security:
+    """``tls=``, ``username=`` and ``password=`` of a source or sink (see ``sw.Tls``)."""
+
+    tls: Tls | None = None
+    username: str | None = None
+    password: Secret | None = None
+
+    @classmethod
+    def of(
+        cls, what: str, tls: TlsLike, username: str | None, password: SecretLike | None
+    ) -> _Security:
+        if username is not None and not (isinstance(username, str) and username):
+            raise ValueError(f"{what} username must be a non-empty str or None, got {username!r}")
+        found = tls_option(tls, what)
+        if found is not None:
+            found.no_server_name(what)
+        return cls(found, username, secret(password, f"{what} password"))
+
+    def connection(self, url: str, what: str) -> aio_pika.Connection:
+        """An unconnected connection: ``amqps`` with the TLS context when ``tls`` is
+        given, the login read now (at every connection)."""
+        parsed = aio_pika.connection.make_url(url)
+        if self.username is not None:
+            parsed = parsed.with_user(self.username)
+        if self.password is not None:
+            parsed = parsed.with_password(self.password.reveal(f"{what} password"))
+        if self.tls is None:
+            return aio_pika.Connection(parsed)
+        context = self.tls.context(what)
+        return aio_pika.Connection(parsed.with_scheme("amqps"), ssl_context=context)
+
+
+async def _connect(
+    url: str, security: _Security | None = None, what: str = "RabbitMQ"
+) -> aio_pika.abc.AbstractConnection:
     """``aio_pika.connect``, but a connection object whose connect failed is closed here.
 
     ``aio_pika.connect`` drops it unclosed; its ``__del__`` then creates a ``close()``
     coroutine that, when the garbage collector runs outside the event loop, is never
     awaited (a RuntimeWarning per failed attempt while a broker is down)."""
-    conn = aio_pika.Connection(aio_pika.connection.make_url(url))
+    conn = (security or _Security()).connection(url, what)
     try:
         await conn.connect(timeout=_CONNECT_TIMEOUT)
     except BaseException:
@@ -359,6 +412,11 @@ class RabbitMQSource(Source):
         open_timeout: at ``open`` (the flow's start), give up after this many seconds
             (default 10; None: as long as ``reconnect_timeout``): a broker that is not
             there at the start is more likely a wrong URL than an outage.
+        tls: ``sw.Tls(ca=..., cert=..., key=...)`` (or True: the system's CAs): connect
+            with AMQPS (``amqps://`` in the URL works too); a failed handshake fails at
+            once, naming the broker.
+        username, password: the login, instead of the one in the URL (the password a
+            ``str`` or ``sw.Secret``, read at every connection).
 
     Raises:
         ValueError: a bad argument.
@@ -377,6 +435,9 @@ class RabbitMQSource(Source):
         on_bad_input: OnBadInput = "ack",
         reconnect_timeout: float | None = 60.0,
         open_timeout: float | None = OPEN_TIMEOUT,
+        tls: TlsLike = None,
+        username: str | None = None,
+        password: SecretLike | None = None,
     ) -> None:
         what = "sources.RabbitMQ"
         self._url = _check_url(url, what)
@@ -406,6 +467,7 @@ class RabbitMQSource(Source):
         self._on_bad: OnBadInput = on_bad_input
         self._reconnect = _Reconnect(self.describe(), url, _check_timeout(reconnect_timeout, what))
         self._open_timeout = check_open_timeout(open_timeout, what)
+        self._reconnect.security = _Security.of(what, tls, username, password)
         self._ctx: SourceContext | None = None
         self._conn: aio_pika.abc.AbstractConnection | None = None
         self._raw: aiormq.abc.AbstractChannel | None = None
@@ -453,7 +515,7 @@ class RabbitMQSource(Source):
     async def _connect(self) -> None:
         ctx = self._ctx
         assert ctx is not None
-        conn = await _connect(self._url)
+        conn = await _connect(self._url, self._reconnect.security, self.describe())
         try:
             channel = await conn.channel(publisher_confirms=False)
             try:
@@ -783,6 +845,11 @@ class RabbitMQSink(Sink):
         open_timeout: at ``open`` (the flow's start), give up after this many seconds
             (default 10; None: as long as ``reconnect_timeout``): a broker that is not
             there at the start is more likely a wrong URL than an outage.
+        tls: ``sw.Tls(ca=..., cert=..., key=...)`` (or True: the system's CAs): connect
+            with AMQPS (``amqps://`` in the URL works too); a failed handshake fails at
+            once, naming the broker.
+        username, password: the login, instead of the one in the URL (the password a
+            ``str`` or ``sw.Secret``, read at every connection).
 
     Raises:
         ValueError: a bad argument (no routing key, a bad URL...).
@@ -800,6 +867,9 @@ class RabbitMQSink(Sink):
         content_type: str | None = "application/json",
         reconnect_timeout: float | None = 60.0,
         open_timeout: float | None = OPEN_TIMEOUT,
+        tls: TlsLike = None,
+        username: str | None = None,
+        password: SecretLike | None = None,
     ) -> None:
         what = "sinks.RabbitMQ"
         self._url = _check_url(url, what)
@@ -828,6 +898,7 @@ class RabbitMQSink(Sink):
         self._encode = encode
         self._reconnect = _Reconnect(self.describe(), url, _check_timeout(reconnect_timeout, what))
         self._open_timeout = check_open_timeout(open_timeout, what)
+        self._reconnect.security = _Security.of(what, tls, username, password)
         self._ctx: SinkContext | None = None
         self._conn: aio_pika.abc.AbstractConnection | None = None
         self._raw: aiormq.abc.AbstractChannel | None = None
@@ -856,7 +927,7 @@ class RabbitMQSink(Sink):
         await self._reconnect.opening(ctx.clock, self._connect, self._open_timeout)
 
     async def _connect(self) -> None:
-        conn = await _connect(self._url)
+        conn = await _connect(self._url, self._reconnect.security, self.describe())
         try:
             channel = await conn.channel(publisher_confirms=True, on_return_raises=True)
             if self._declare_queue is not None:

@@ -52,10 +52,21 @@ from typing import Any, Literal, TypeVar
 
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
+from redis.asyncio.connection import SSLConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.credentials import CredentialProvider
 
 from sluiceway.connectors.files import _to_json
+from sluiceway.connectors.security import (
+    Secret,
+    SecretLike,
+    Tls,
+    TlsLike,
+    secret,
+    tls_failure,
+    tls_option,
+)
 from sluiceway.core.contract import (
     OPEN_TIMEOUT,
     PartialWriteError,
@@ -125,13 +136,69 @@ class RedisStreamEntry:
 # -- connection handling shared by the source and the sink -----------------------------
 
 
-def _client(url: str) -> aioredis.Redis:
+@dataclass(frozen=True, slots=True)
+class _Security:
+    """``tls=``, ``username=`` and ``password=`` of a source or sink (see ``sw.Tls``)."""
+
+    tls: Tls | None
+    username: str | None
+    password: Secret | None
+
+    @classmethod
+    def of(
+        cls, url: str, tls: TlsLike, username: str | None, password: SecretLike | None, what: str
+    ) -> _Security:
+        if username is not None and not (isinstance(username, str) and username):
+            raise ValueError(f"{what} username must be a non-empty str or None, got {username!r}")
+        pw = secret(password, f"{what} password")
+        if pw is not None and "@" in url.partition("://")[2].partition("/")[0]:
+            raise ValueError(f"{what}: a password in the URL and password= both given; keep one")
+        if username is not None and pw is None:
+            raise ValueError(
+                f"{what}: username= needs password= (Redis ACL users log in with both)"
+            )
+        found = tls_option(tls, what)
+        if found is not None:
+            found.no_server_name(what)
+        return cls(found, username, pw)
+
+
+class _Credentials(CredentialProvider):
+    """Reads the password (``sw.Secret``) at every new connection."""
+
+    def __init__(self, username: str | None, password: Secret, what: str) -> None:
+        self.username, self.password, self.what = username, password, what
+
+    def get_credentials(self) -> tuple[str] | tuple[str, str]:
+        pw = self.password.reveal(f"{self.what} password")
+        return (pw,) if self.username is None else (self.username, pw)
+
+    async def get_credentials_async(self) -> tuple[str] | tuple[str, str]:
+        return self.get_credentials()
+
+
+def _client(url: str, sec: _Security, what: str) -> aioredis.Redis:
+    options: dict[str, Any] = {}
+    if sec.tls is not None:  # rediss:// in the URL works too, with the system's trust store
+        ca, cert, key = sec.tls.files(what)
+        options.update(
+            connection_class=SSLConnection,
+            ssl_ca_certs=ca,
+            ssl_certfile=cert,
+            ssl_keyfile=key,
+            ssl_password=sec.tls.password(what),
+            ssl_cert_reqs="required" if sec.tls.verify else "none",
+            ssl_check_hostname=sec.tls.verify,
+        )
+    if sec.password is not None:
+        options["credential_provider"] = _Credentials(sec.username, sec.password, what)
     # No retries inside redis-py: the connector retries with backoff on the flow's clock,
     # and re-reads its pending list when a read was cut (its reply may be lost).
     return aioredis.Redis.from_url(
         url,
         socket_connect_timeout=5.0,
         retry=Retry(NoBackoff(), 0),
+        **options,
     )
 
 
@@ -187,6 +254,11 @@ class _Link:
                     f"{self.what}: Redis at {self.where} refused access: {redact(exc)}"
                 ) from exc
             except _OUTAGE as exc:
+                if tls_failure(exc):  # trying again cannot help: fail now, naming the cause
+                    raise RedisStreamError(
+                        f"{self.what}: the TLS handshake with Redis at {self.where} failed: "
+                        f"{type(exc).__name__}: {redact(exc)}"
+                    ) from exc
                 now = clock.monotonic()
                 if first_failure is None and self.down_since is None:
                     first_failure = now  # a pooled connection may just be stale: retry at once
@@ -315,13 +387,18 @@ class RedisStreamSource(Source):
         open_timeout: at ``open`` (the flow's start), give up after this many seconds
             (default 10; None: as long as ``reconnect_timeout``): a Redis that is not
             there at the start is more likely a wrong URL than an outage.
+        tls: ``sw.Tls(ca=..., cert=..., key=...)`` (or True: the system's CAs) to connect
+            over TLS (like ``rediss://``); a failed handshake fails at once, naming it.
+        username: the ACL user (Redis 6+); with ``password``.
+        password: the password, a ``str`` or ``sw.Secret.env(...)``/``.file(...)``, read
+            at every connection (or ``redis://user:password@host`` in the URL).
 
     A malformed entry is bad input named ``redis <host:port/db> <stream> <id>``: under
     ``Fail`` the flow stops and the entry stays pending; under ``DeadLetter`` it is
     dead-lettered and acknowledged at the next commit.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0915 - one check and one field per option
         self,
         url: str,
         stream: str,
@@ -338,6 +415,9 @@ class RedisStreamSource(Source):
         include_metadata: bool = False,
         reconnect_timeout: float | timedelta | None = 60.0,
         open_timeout: float | None = OPEN_TIMEOUT,
+        tls: TlsLike = None,
+        username: str | None = None,
+        password: SecretLike | None = None,
     ) -> None:
         what = "sources.RedisStream"
         for name, value in (("url", url), ("stream", stream), ("group", group)):
@@ -376,6 +456,7 @@ class RedisStreamSource(Source):
         self._metadata = bool(include_metadata)
         self._reconnect_timeout = _reconnect_timeout(reconnect_timeout, what)
         self._open_timeout = check_open_timeout(open_timeout, what)
+        self._security = _Security.of(url, tls, username, password, what)
         self._ctx: SourceContext | None = None
         self._link: _Link | None = None
         self._consumer = ""
@@ -415,7 +496,8 @@ class RedisStreamSource(Source):
         self._consumer = self._consumer_arg or f"{ctx.flow}.{ctx.name}"
         self._claimer = f"{self._consumer}~claims"
         what = f"source {ctx.name!r} ({self.describe()})"
-        self._link = _Link(_client(self._url), what, ctx.clock, self._block_ms / 1000 + _TIMEOUT)
+        client = _client(self._url, self._security, what)
+        self._link = _Link(client, what, ctx.clock, self._block_ms / 1000 + _TIMEOUT)
         self._link.reconnect_timeout = self._reconnect_timeout
         self._where = f"redis {self._link.where} {self._stream}"
         await self._link.opening(self._create_group, self._open_timeout)
@@ -803,6 +885,11 @@ class RedisStreamSink(Sink):
         open_timeout: at ``open`` (the flow's start), give up after this many seconds
             (default 10; None: as long as ``reconnect_timeout``): a Redis that is not
             there at the start is more likely a wrong URL than an outage.
+        tls: ``sw.Tls(ca=..., cert=..., key=...)`` (or True: the system's CAs) to connect
+            over TLS (like ``rediss://``); a failed handshake fails at once, naming it.
+        username: the ACL user (Redis 6+); with ``password``.
+        password: the password, a ``str`` or ``sw.Secret.env(...)``/``.file(...)``, read
+            at every connection (or ``redis://user:password@host`` in the URL).
     """
 
     def __init__(
@@ -815,6 +902,9 @@ class RedisStreamSink(Sink):
         field: str | None = "data",
         reconnect_timeout: float | timedelta | None = 60.0,
         open_timeout: float | None = OPEN_TIMEOUT,
+        tls: TlsLike = None,
+        username: str | None = None,
+        password: SecretLike | None = None,
     ) -> None:
         what = "sinks.RedisStream"
         for name, value in (("url", url), ("stream", stream)):
@@ -833,6 +923,7 @@ class RedisStreamSink(Sink):
         self._field = _check_field(field, what)
         self._reconnect_timeout = _reconnect_timeout(reconnect_timeout, what)
         self._open_timeout = check_open_timeout(open_timeout, what)
+        self._security = _Security.of(url, tls, username, password, what)
         self._link: _Link | None = None
         self._closed = False
 
@@ -843,7 +934,8 @@ class RedisStreamSink(Sink):
             RedisStreamError: Redis unreachable for ``open_timeout`` (or refused access).
         """
         what = f"sink {ctx.name!r} ({self.describe()})"
-        link = self._link = _Link(_client(self._url), what, ctx.clock, _TIMEOUT)
+        client = _client(self._url, self._security, what)
+        link = self._link = _Link(client, what, ctx.clock, _TIMEOUT)
         link.reconnect_timeout = self._reconnect_timeout
         await link.opening(link.client.ping, self._open_timeout)
 
