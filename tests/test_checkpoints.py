@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+import process_fns
 import sluiceway as sw
 from sluiceway.checkpoint import CheckpointStore
 from sluiceway.cli import main
@@ -265,6 +266,19 @@ def flow_async_uneven(out: Path, rows: list[dict[str, Any]], *, ordered: bool) -
     return flow
 
 
+def flow_processes(out: Path, rows: list[dict[str, Any]]) -> sw.Flow:
+    """``map_in_processes`` holds barriers behind the pieces in worker processes: pieces
+    finish out of order (even ids take longer), and no result of a record after a barrier
+    may be written before it (it would be written again when the record is replayed)."""
+    flow = sw.Flow("eq")
+    (
+        flow.source(_source(rows), name="src")
+        .map_in_processes(process_fns.uneven_row, workers=2, max_in_flight=4, name="rows")
+        .sink(sw.sinks.JsonLines(out), name="out")
+    )
+    return flow
+
+
 def _pair_ids(pair: tuple[Any, Any]) -> list[Any]:
     return [None if r is None else r["id"] for r in pair]
 
@@ -305,6 +319,7 @@ FLOWS: dict[str, Callable[[Path, list[dict[str, Any]]], sw.Flow]] = {
     "map_async_uneven": functools.partial(flow_async_uneven, ordered=True),
     "map_async_unordered": functools.partial(flow_async_uneven, ordered=False),
     "joins": flow_joins,
+    "map_in_processes": flow_processes,
 }
 
 

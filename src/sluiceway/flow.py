@@ -48,6 +48,7 @@ from sluiceway.operators.batching import BatchSpec
 from sluiceway.operators.event_time import MergeSpec, WithTimestampsSpec
 from sluiceway.operators.io import SinkSpec, SourceSpec
 from sluiceway.operators.keyed_state import KeyedProcessSpec, StatefulMapSpec, process_factory
+from sluiceway.operators.processes import ProcessMapSpec, default_workers, pickled_function
 from sluiceway.operators.rate_limit import RateLimitSpec
 from sluiceway.operators.stateless import (
     BranchSpec,
@@ -626,6 +627,52 @@ class Stream(Generic[T]):
             on_error=policy,
         )
         return self._wrap(self._derive(spec, name, f"map_async_{_fn_label(fn)}"))  # type: ignore[no-any-return]
+
+    def map_in_processes(
+        self,
+        fn: Callable[[T], U],
+        *,
+        workers: int | None = None,
+        max_in_flight: int | None = None,
+        name: str | None = None,
+        on_error: ErrorPolicy = Fail(),
+    ) -> Stream[U]:
+        """Apply ``fn`` to every record in a pool of ``workers`` processes: for CPU-heavy
+        code, past the GIL.
+
+        Each micro-batch is cut into at most ``workers`` pieces, each sent as one pickle;
+        results leave in input order, and barriers and watermarks wait for the pieces
+        before them.  At most ``max_in_flight`` pieces (default ``2 * workers``) are out
+        at once; then the operator stops taking input (backpressure).  ``fn`` must be a
+        function defined at the top level of a module (workers import it by name; a
+        lambda is refused here); records and results must be picklable.  A record ``fn``
+        fails on goes to ``on_error`` with the worker's traceback.  Worth it when ``fn``
+        costs well over the pickling of its record (tens of microseconds or more); see
+        docs/scaling.md.
+
+        Args:
+            workers: processes in the pool (default: the cores this process may use).
+            max_in_flight: pieces sent and not yet passed on (default ``2 * workers``).
+
+        >>> import sluiceway as sw
+        >>> sw.testing.run_collect(lambda s: s.map_in_processes(abs, workers=2), [-1, 2])
+        [1, 2]
+        """
+        _check_callable(fn, "map_in_processes")
+        fn_bytes = pickled_function(fn, "map_in_processes")
+        n = (
+            default_workers()
+            if workers is None
+            else _positive_int(workers, "map_in_processes(workers=...)")
+        )
+        limit = (
+            2 * n
+            if max_in_flight is None
+            else _positive_int(max_in_flight, "map_in_processes(max_in_flight=...)")
+        )
+        policy = check_policy(on_error, "map_in_processes()")
+        spec = ProcessMapSpec(fn, fn_bytes, workers=n, max_in_flight=limit, on_error=policy)
+        return self._wrap(self._derive(spec, name, f"map_in_processes_{_fn_label(fn)}"))  # type: ignore[no-any-return]
 
     def rate_limit(
         self,

@@ -21,6 +21,7 @@ and :meth:`Clock.time` for wall-clock timestamps (seconds since the epoch).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import heapq
 import itertools
 import math
@@ -98,6 +99,13 @@ class Clock(ABC):
         A virtual clock holds still meanwhile: work in a thread is invisible to the event
         loop, and time must not jump past it."""
         return await asyncio.to_thread(fn, *args)
+
+    async def wait_outside(self, fut: concurrent.futures.Future[_T]) -> _T:
+        """The result of work running outside the event loop (e.g. in a process pool).
+
+        As with :meth:`run_in_thread`, a virtual clock holds still meanwhile.  Cancelling
+        the wait cancels ``fut`` if it has not started."""
+        return await asyncio.wrap_future(fut)
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:
@@ -247,6 +255,15 @@ class VirtualClock(Clock):
         self._busy += 1
         try:
             return await asyncio.to_thread(fn, *args)
+        finally:
+            self._busy -= 1
+            if self._autojump and self._timers:
+                self._ensure_driver()
+
+    async def wait_outside(self, fut: concurrent.futures.Future[_T]) -> _T:
+        self._busy += 1
+        try:
+            return await asyncio.wrap_future(fut)
         finally:
             self._busy -= 1
             if self._autojump and self._timers:
