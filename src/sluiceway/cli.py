@@ -7,6 +7,7 @@
     sluiceway run myjob.flows:flow --describe  # print the physical plan and exit
     sluiceway demo --duration 30 --rate 5000   # a synthetic clickstream, live in the terminal
     sluiceway run myjob.flows:flow --metrics-port 9100  # Prometheus metrics at :9100/metrics
+    sluiceway run myjob.flows:flow --workers 4 # 4 worker processes (Kafka group), stopped together
     sluiceway demo --ui-port 8080              # the web view: the graph, live, at :8080
     sluiceway checkpoints list DIR             # the checkpoints in DIR (also inspect, reset)
 
@@ -41,6 +42,9 @@ from sluiceway.checkpoint.cli import add_checkpoints_command
 from sluiceway.console import LiveView, format_count
 from sluiceway.errors import CliError
 from sluiceway.plan import plan as make_plan
+from sluiceway.scaleout.checks import check_scalable
+from sluiceway.scaleout.supervisor import WorkerCommand, supervise, watch_supervisor
+from sluiceway.scaleout.worker import worker_id
 
 __all__ = ["CliError", "build_parser", "load_flow", "main"]
 
@@ -197,6 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="S",
         help="seconds between checkpoints (default: 5; needs --checkpoint-dir)",
+    )
+    run.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="start N worker processes of the flow on this machine (the same as starting "
+        "it N times), each with SLUICEWAY_WORKER_ID 0..N-1; its sources must split records "
+        "between readers (a Kafka group, a RabbitMQ queue); --metrics-port P serves worker "
+        "i at P+i; Ctrl-C stops them together (default: 1, no extra process)",
     )
     run.set_defaults(handler=_cmd_run)
 
@@ -542,13 +556,28 @@ def _metrics_exporter(port: int | None) -> sw.Monitor | None:
             "--metrics-port needs prometheus-client: pip install 'sluiceway[prometheus]'",
             _EXIT_USAGE,
         ) from exc
-    exporter = PrometheusExporter(port)
+    wid = worker_id()
+    exporter = PrometheusExporter(port, worker=wid)
+
+    async def announce() -> None:
+        await exporter.wait_serving()
+        _say(f"Prometheus metrics at {exporter.url}")
 
     async def serve(handle: sw.FlowHandle) -> None:
         try:
-            await exporter(handle)
+            if wid is None:
+                await exporter(handle)
+                return
+            async with asyncio.TaskGroup() as tg:  # a worker says where it serves
+                tg.create_task(exporter(handle))
+                tg.create_task(announce())
         except OSError as exc:  # binding failed (port in use, no permission)
             raise CliError(f"--metrics-port {port}: {exc}", _EXIT_USAGE) from exc
+        except BaseExceptionGroup as group:
+            first = _first_error(group)
+            if isinstance(first, OSError):
+                raise CliError(f"--metrics-port {port}: {first}", _EXIT_USAGE) from first
+            raise first from first.__cause__
 
     return serve
 
@@ -646,6 +675,54 @@ def _totals(result: sw.RunResult) -> str:
     )
 
 
+def _worker_commands(args: argparse.Namespace) -> list[WorkerCommand]:
+    """The command lines of ``--workers N``: this ``run`` without ``--workers``, worker
+    ``i`` serving metrics and the web view at the given ports + ``i`` (0 stays 0)."""
+    commands = []
+    for i in range(args.workers):
+        argv = [
+            "-m",
+            "sluiceway",
+            "run",
+            args.target,
+            "--grace-period",
+            repr(args.grace_period),
+            "--max-batch-size",
+            str(args.max_batch_size),
+            "--log-level",
+            args.log_level,
+        ]
+        for flag, port in (("--metrics-port", args.metrics_port), ("--ui-port", args.ui_port)):
+            if port is not None:
+                argv += [flag, str(port + i if port else 0)]
+        commands.append(WorkerCommand(i, tuple(argv)))
+    return commands
+
+
+def _run_workers(flow: sw.Flow, args: argparse.Namespace) -> int:
+    """``--workers N``: check the flow can be split, then start and supervise N workers."""
+    if args.live:
+        raise CliError(
+            "--live draws the table of one process; with --workers use --metrics-port "
+            "(worker i serves at PORT+i) or --ui-port",
+            _EXIT_USAGE,
+        )
+    for flag, port in (("--metrics-port", args.metrics_port), ("--ui-port", args.ui_port)):
+        if port and port + args.workers - 1 > _MAX_PORT:
+            raise CliError(
+                f"{flag} {port} with --workers {args.workers} needs ports up to "
+                f"{port + args.workers - 1}, past {_MAX_PORT}; choose a lower port or 0",
+                _EXIT_USAGE,
+            )
+    try:
+        check_scalable(flow, args.workers, checkpoint_dir=args.checkpoint_dir is not None)
+    except sw.FlowDefinitionError as exc:
+        raise CliError(
+            f"cannot run {args.target} on {args.workers} workers: {exc}", _EXIT_FAILED
+        ) from exc
+    return supervise(_worker_commands(args))
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     flow = load_flow(args.target)
     if args.describe:
@@ -654,6 +731,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         except sw.FlowDefinitionError as exc:
             raise CliError(f"invalid flow: {exc}", _EXIT_FAILED) from exc
         return 0
+    if args.workers > 1:
+        return _run_workers(flow, args)
+    watch_supervisor()  # a worker of --workers: stop when the supervisor is gone
     monitors: list[sw.Monitor] = []
     if args.live:
         monitors.append(LiveView(sys.stderr, interval=1.0, live=True))
@@ -668,7 +748,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     elif args.checkpoint_interval is not None:
         raise CliError("--checkpoint-interval needs --checkpoint-dir DIR", _EXIT_USAGE)
     result = _run_flow(flow, args, monitor, live_table=bool(args.live), checkpoints=checkpoints)
-    print(f"sluiceway: {_totals(result)}", file=sys.stderr)
+    _say(_totals(result))
     return 0
 
 
@@ -745,6 +825,20 @@ def _configure_logging(level: str) -> None:
     )
 
 
+def _me() -> str:
+    """How this process signs its messages: ``sluiceway``, or ``sluiceway[worker 1]`` in
+    a worker of ``--workers`` (their lines share one terminal)."""
+    wid = worker_id()
+    return "sluiceway" if wid is None else f"sluiceway[worker {wid}]"
+
+
+def _say(text: str) -> None:
+    """One line on stderr, signed, in one write (the lines of several workers share a
+    terminal: a line must not be cut by another's)."""
+    sys.stderr.write(f"{_me()}: {text}\n")
+    sys.stderr.flush()
+
+
 def _fail(parser: argparse.ArgumentParser) -> NoReturn:
     parser.print_help(sys.stderr)
     raise SystemExit(_EXIT_USAGE)
@@ -767,9 +861,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         if debug and (exc.__cause__ is not None):
             traceback.print_exception(exc.__cause__, file=sys.stderr)
-        print(f"sluiceway: error: {exc}", file=sys.stderr)
+        _say(f"error: {exc}")
         if exc.detail:
-            print(f"sluiceway: {exc.detail}", file=sys.stderr)
+            _say(exc.detail)
         return exc.code
     except KeyboardInterrupt:  # Ctrl-C while loading, before sw.run handles signals
         print("sluiceway: interrupted", file=sys.stderr)

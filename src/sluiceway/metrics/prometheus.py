@@ -87,8 +87,9 @@ _OPERATOR_COUNTERS = (
 )
 
 
-def metric_families(snapshot: FlowSnapshot) -> list[Metric]:
-    """The Prometheus metric families of one flow snapshot.
+def metric_families(snapshot: FlowSnapshot, *, worker: str | None = None) -> list[Metric]:
+    """The Prometheus metric families of one flow snapshot (with ``worker``: every series
+    also labelled ``worker``, for the workers of one flow scraped side by side).
 
     Counters per operator (labels ``flow``, ``operator``, ``kind``):
     ``sluiceway_{records_in,records_out,errors,failed_attempts,retries,dead_letters,dropped,
@@ -211,6 +212,11 @@ def metric_families(snapshot: FlowSnapshot) -> list[Metric]:
         families += _checkpoint_families(flow, snapshot.checkpoints)
     if snapshot.load is not None:
         families += _load_families(flow, snapshot.load)
+    if worker is not None:
+        for family in families:
+            family.samples = [
+                s._replace(labels={**s.labels, "worker": worker}) for s in family.samples
+            ]
     return families
 
 
@@ -287,12 +293,13 @@ class FlowCollector(Collector):
         snapshot: returns the counters now, e.g. ``handle.metrics``.
     """
 
-    def __init__(self, snapshot: Callable[[], FlowSnapshot]) -> None:
+    def __init__(self, snapshot: Callable[[], FlowSnapshot], *, worker: str | None = None) -> None:
         self._snapshot = snapshot
+        self._worker = worker
 
     def collect(self) -> Iterator[Metric]:
         """Every metric family of the flow, read now."""
-        yield from metric_families(self._snapshot())
+        yield from metric_families(self._snapshot(), worker=self._worker)
 
 
 class PrometheusExporter(HttpMonitor):
@@ -307,6 +314,8 @@ class PrometheusExporter(HttpMonitor):
         port: TCP port to listen on (0: any free port).  Default 9100.
         host: address to bind.  Default ``127.0.0.1`` (this machine only); use
             ``0.0.0.0`` to let a Prometheus server on another host scrape.
+        worker: a ``worker`` label on every series (``sluiceway run --workers N`` passes
+            each worker's id), so the workers of one flow can be told apart and summed.
 
     Raises:
         ValueError: ``port`` is not in 0..65535.
@@ -317,13 +326,16 @@ class PrometheusExporter(HttpMonitor):
     home = "/metrics"
     one_per_flow = "create one exporter per flow"
 
-    def __init__(self, port: int = 9100, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, port: int = 9100, host: str = "127.0.0.1", *, worker: str | None = None
+    ) -> None:
         super().__init__(port, host)
+        self._worker = worker
         self._registry: CollectorRegistry | None = None
 
     def _start(self, handle: FlowHandle) -> None:
         self._registry = CollectorRegistry()
-        self._registry.register(FlowCollector(handle.metrics))
+        self._registry.register(FlowCollector(handle.metrics, worker=self._worker))
 
     def _route(
         self, handle: FlowHandle, path: str, headers: dict[str, str], query: str = ""

@@ -1,0 +1,357 @@
+"""``sluiceway run TARGET --workers N``: N worker processes of one flow over a Kafka
+consumer group, each with its worker id and its own metrics port, stopped together by
+Ctrl-C, SIGTERM or the supervisor's death; a failing worker stops the others and is named;
+flows that cannot be split are refused before anything starts.
+
+Every worker is a real process (``python -m sluiceway run``) on the real broker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import services_kafka
+from services import import_or_missing
+from services_kafka import KafkaTopics, produce
+
+kafka_bootstrap = services_kafka.kafka_bootstrap
+kafka_topics = services_kafka.kafka_topics
+
+import_or_missing("confluent_kafka")
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+JOB = textwrap.dedent(
+    """
+    import os
+
+    import sluiceway as sw
+    from sluiceway.connectors.kafka import KafkaSource
+    from sluiceway.flowcontrol import TokenBucket
+
+    WID = os.environ.get("SLUICEWAY_WORKER_ID", "solo")
+    MODE = os.environ.get("JOB_MODE", "finite")
+
+
+    def tag(v):
+        return {{"p": v["p"], "i": v["i"], "w": WID}}
+
+
+    flow = sw.Flow("scaled", channel_capacity=32)  # a small prefetch: both workers get work
+    (
+        flow.source(
+            KafkaSource(
+                {bootstrap!r},
+                {topic!r},
+                {group!r},
+                poll_timeout=0.1,
+                stop_after_idle=4 if MODE == "finite" else None,
+                config={{"session.timeout.ms": 6000}},
+            ),
+            name="in",
+        )
+        .rate_limit(TokenBucket(rate=300, burst=30), name="pace")
+        .map(tag, name="tag")
+        .sink(sw.sinks.JsonLines(f"out-{{WID}}.jsonl"), name="out")
+    )
+
+
+    def failing():
+        if WID == "1":
+            raise ValueError("worker 1 fails on purpose")
+        return flow
+
+
+    def keyed():
+        f = sw.Flow("keyed")
+        (
+            f.source(KafkaSource({bootstrap!r}, {topic!r}, {group!r}), name="in")
+            .key_by(lambda v: v["p"])
+            .window(sw.windows.Tumbling(1))
+            .aggregate(sw.agg.count(), name="per_second")
+            .sink(sw.sinks.Stdout())
+        )
+        return f
+
+
+    def from_file():
+        f = sw.Flow("file")
+        f.source(sw.sources.JsonLines("in.jsonl"), name="lines").sink(sw.sinks.Stdout())
+        return f
+    """
+)
+
+
+def _job(tmp_path: Path, bootstrap: str, topic: str) -> Path:
+    path = tmp_path / "job.py"
+    path.write_text(JOB.format(bootstrap=bootstrap, topic=topic, group=f"{topic}.workers"))
+    return path
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICEWAY_WORKER")}
+    env["PYTHONPATH"] = str(SRC)
+    return {**env, **extra}
+
+
+def _cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "sluiceway", "run", *args]
+
+
+def _outputs(tmp_path: Path) -> dict[str, list[tuple[int, int]]]:
+    out: dict[str, list[tuple[int, int]]] = {}
+    for path in sorted(tmp_path.glob("out-*.jsonl")):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        out[path.stem.removeprefix("out-")] = [(r["p"], r["i"]) for r in rows]
+    return out
+
+
+def _fill(bootstrap: str, topic: str, n: int) -> set[tuple[int, int]]:
+    for p in range(4):
+        produce(bootstrap, topic, [{"p": p, "i": i} for i in range(n)], partition=p)
+    return {(p, i) for p in range(4) for i in range(n)}
+
+
+class _Lines:
+    """A child's stderr, read in a thread, for waiting on lines."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stderr is not None
+        self.lines: list[str] = []
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._read, args=(proc.stderr,), daemon=True)
+        self.thread.start()
+
+    def _read(self, stream: Any) -> None:
+        with stream:
+            for line in stream:
+                with self.cond:
+                    self.lines.append(line)
+                    self.cond.notify_all()
+        with self.cond:
+            self.lines.append("")  # the end
+            self.cond.notify_all()
+
+    def wait_for(self, pattern: str, count: int = 1, within: float = 60.0) -> list[re.Match[str]]:
+        rx = re.compile(pattern)
+
+        def found() -> list[re.Match[str]]:
+            return [m for line in self.lines if (m := rx.search(line))]
+
+        with self.cond:
+            ok = self.cond.wait_for(lambda: len(found()) >= count or "" in self.lines, within)
+            hits = found()
+        assert ok, f"timed out waiting for {pattern!r} in:\n{''.join(self.lines)}"
+        assert len(hits) >= count, f"no {pattern!r} in:\n{''.join(self.lines)}"
+        return hits
+
+    def text(self) -> str:
+        self.thread.join(timeout=30)
+        return "".join(self.lines)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def _worker_pids(lines: _Lines) -> list[int]:
+    [m] = lines.wait_for(r"started 2 workers \(0: pid (\d+), 1: pid (\d+)\)")
+    return [int(m.group(1)), int(m.group(2))]
+
+
+def test_two_workers_split_the_partitions_and_end_together(
+    kafka_bootstrap: str, kafka_topics: KafkaTopics, tmp_path: Path
+) -> None:
+    topic = kafka_topics.new(4)
+    want = _fill(kafka_bootstrap, topic, 500)
+    job = _job(tmp_path, kafka_bootstrap, topic)
+    p = subprocess.run(
+        _cmd(f"{job}:flow", "--workers", "2"),
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert p.returncode == 0, p.stderr
+    out = _outputs(tmp_path)
+    assert sorted(out) == ["0", "1"], p.stderr
+    assert all(out.values()), f"a worker read nothing: {p.stderr}"
+    every = out["0"] + out["1"]
+    assert set(every) == want  # nothing lost (at-least-once across the first rebalance)
+    assert "sluiceway[worker 0]: flow 'scaled' finished" in p.stderr
+    assert "sluiceway[worker 1]: flow 'scaled' finished" in p.stderr
+
+
+def test_ctrl_c_stops_every_worker_and_each_serves_its_metrics_labelled(
+    kafka_bootstrap: str, kafka_topics: KafkaTopics, tmp_path: Path
+) -> None:
+    import_or_missing("prometheus_client")
+    topic = kafka_topics.new(4)
+    _fill(kafka_bootstrap, topic, 50)
+    job = _job(tmp_path, kafka_bootstrap, topic)
+    proc = subprocess.Popen(
+        _cmd(f"{job}:flow", "--workers", "2", "--metrics-port", "0"),
+        cwd=tmp_path,
+        env=_env(JOB_MODE="endless"),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines = _Lines(proc)
+    try:
+        pids = _worker_pids(lines)
+        urls = {
+            m.group(1): m.group(2)
+            for m in lines.wait_for(
+                r"sluiceway\[worker (\d)\]: Prometheus metrics at (\S+)", count=2
+            )
+        }
+        assert sorted(urls) == ["0", "1"]
+        for wid, url in urls.items():
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                body = resp.read().decode()
+            assert re.search(
+                rf'sluiceway_records_in_total{{.*operator="tag".*worker="{wid}"', body
+            ), body[:2000]
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends (the workers are in their own group)
+        assert proc.wait(timeout=60) == 0, lines.text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = lines.text()
+    assert "stopping 2 worker(s) (SIGINT)" in text
+    assert text.count("stopped after") == 2, text
+    assert not any(_alive(pid) for pid in pids)
+
+
+def test_a_failing_worker_is_named_and_the_others_stop(
+    kafka_bootstrap: str, kafka_topics: KafkaTopics, tmp_path: Path
+) -> None:
+    topic = kafka_topics.new(4)
+    _fill(kafka_bootstrap, topic, 200)
+    job = _job(tmp_path, kafka_bootstrap, topic)
+    p = subprocess.run(
+        _cmd(f"{job}:failing", "--workers", "2"),
+        cwd=tmp_path,
+        env=_env(JOB_MODE="endless"),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert p.returncode == 1, p.stderr
+    assert re.search(r"worker 1 \(pid \d+\) failed with exit code 1; stopping the other", p.stderr)
+    assert "sluiceway[worker 1]: error: calling" in p.stderr
+    assert "worker 1 fails on purpose" in p.stderr
+    assert "sluiceway[worker 0]: flow 'scaled' stopped" in p.stderr
+
+
+def test_workers_stop_by_themselves_when_the_supervisor_is_killed(
+    kafka_bootstrap: str, kafka_topics: KafkaTopics, tmp_path: Path
+) -> None:
+    topic = kafka_topics.new(4)
+    _fill(kafka_bootstrap, topic, 50)
+    job = _job(tmp_path, kafka_bootstrap, topic)
+    proc = subprocess.Popen(
+        _cmd(f"{job}:flow", "--workers", "2", "--metrics-port", "0"),
+        cwd=tmp_path,
+        env=_env(JOB_MODE="endless"),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines = _Lines(proc)
+    try:
+        pids = _worker_pids(lines)
+        lines.wait_for(r"Prometheus metrics at", count=2)  # both flows are running
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        # Each worker sees the supervisor's pipe close and stops gracefully (SIGTERM to
+        # itself): it says so and leaves the group.
+        lines.wait_for(r"sluiceway\[worker \d\]: flow 'scaled' stopped after", count=2, within=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for _ in range(200):
+        if not any(_alive(pid) for pid in pids):
+            break
+        threading.Event().wait(0.05)
+    assert not any(_alive(pid) for pid in pids)
+
+
+@pytest.mark.parametrize(
+    ("target", "extra", "message"),
+    [
+        (
+            "from_file",
+            [],
+            r"source 'lines' \(JsonLines\(in.jsonl\)\) would be read whole by every worker: "
+            r"each record would be processed 2 times\. Read from a broker",
+        ),
+        (
+            "keyed",
+            [],
+            r"operator 'per_second' \(window, defined at job.py:\d+\) keeps keyed state.*"
+            r"Run it as one worker",
+        ),
+        (
+            "flow",
+            ["--checkpoint-dir", "ck"],
+            r"2 workers would share one checkpoint directory.*Leave out --checkpoint-dir",
+        ),
+    ],
+)
+def test_a_flow_that_cannot_be_split_is_refused_before_any_worker_starts(
+    tmp_path: Path, target: str, extra: list[str], message: str
+) -> None:
+    job = _job(tmp_path, "127.0.0.1:1", "never-read")
+    p = subprocess.run(
+        _cmd(f"{job}:{target}", "--workers", "2", *extra),
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert p.returncode == 1, p.stderr
+    assert re.search(
+        rf"sluiceway: error: cannot run .*job.py:{target} on 2 workers: {message}", p.stderr
+    ), p.stderr
+    assert "started" not in p.stderr
+    assert not (tmp_path / "ck").exists()
+
+
+def test_live_and_ports_past_the_range_are_refused(tmp_path: Path) -> None:
+    job = _job(tmp_path, "127.0.0.1:1", "never-read")
+    for extra, message in (
+        (["--live"], "--live draws the table of one process"),
+        (["--metrics-port", "65535"], "--metrics-port 65535 with --workers 2 needs ports up to"),
+    ):
+        p = subprocess.run(
+            _cmd(f"{job}:flow", "--workers", "2", *extra),
+            cwd=tmp_path,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert p.returncode == 2, p.stderr
+        assert message in p.stderr
