@@ -609,3 +609,54 @@ def test_example_flow_builds_and_runs(
         {"user": "bob", "minute": 1_700_000_040.0, "orders": 1, "spent": 3},
     ]
     assert isinstance(kafka_flow.flow, sw.Flow)
+
+
+def test_a_member_joining_mid_stream_reads_nothing_twice(
+    kafka_bootstrap: str, kafka_topics: KafkaTopics
+) -> None:
+    """While records of the partitions being moved are still in the first flow (a slow
+    sink behind a channel), a second member joins: the first writes and commits them
+    before it lets the partitions go, so the second starts after them -- nothing read
+    twice, nothing lost (issue 15: on revoke, commit before release)."""
+    topic = kafka_topics.new(4)
+    group = f"{topic}.join"
+    n = 400
+    for p in range(4):
+        produce(kafka_bootstrap, topic, [{"p": p, "i": i} for i in range(n)], partition=p)
+    seen: dict[str, list[tuple[int, int]]] = {"a": [], "b": []}
+    owned: dict[str, set[tuple[str, int]]] = {"a": set(), "b": set()}
+
+    def flow_of(who: str) -> sw.Flow:
+        src = KafkaSource(
+            kafka_bootstrap,
+            topic,
+            group,
+            poll_timeout=0.1,
+            stop_after_idle=3,
+            on_assign=owned[who].update,
+            on_revoke=owned[who].difference_update,
+            config={"session.timeout.ms": 6000},
+        )
+        flow = sw.Flow(f"kafka-join-{who}", channel_capacity=200)
+        (
+            flow.source(src, name="in")
+            .rate_limit(sw.flowcontrol.TokenBucket(rate=300, burst=20), name="slow")
+            .map(lambda v: (v["p"], v["i"]))
+            .sink(sw.sinks.Function(seen[who].append))
+        )
+        return flow
+
+    async def main() -> None:
+        a = sw.start(flow_of("a"))
+        await eventually(lambda: len(seen["a"]) >= 100, within=30)
+        b = sw.start(flow_of("b"))
+        await eventually(lambda: len(owned["b"]) == 2, within=30)
+        await a.wait()
+        await b.wait()
+
+    asyncio.run(main())
+    assert seen["b"], "the second member got no records"
+    every = sorted(seen["a"] + seen["b"])
+    assert set(every) == {(p, i) for p in range(4) for i in range(n)}
+    twice = len(every) - len(set(every))
+    assert twice == 0, f"{twice} records read twice across the rebalance"

@@ -24,7 +24,7 @@ import pytest
 
 import services_kafka
 from services import import_or_missing
-from services_kafka import KafkaTopics, produce
+from services_kafka import KafkaTopics, produce, read_topic
 
 kafka_bootstrap = services_kafka.kafka_bootstrap
 kafka_topics = services_kafka.kafka_topics
@@ -66,6 +66,27 @@ JOB = textwrap.dedent(
         .map(tag, name="tag")
         .sink(sw.sinks.JsonLines(f"out-{{WID}}.jsonl"), name="out")
     )
+
+
+    def to_kafka():
+        f = sw.Flow("scaled-kafka", channel_capacity=32)
+        (
+            f.source(
+                KafkaSource(
+                    {bootstrap!r},
+                    {topic!r},
+                    {group!r},
+                    poll_timeout=0.1,
+                    stop_after_idle=8,
+                    config={{"session.timeout.ms": 6000}},
+                ),
+                name="in",
+            )
+            .rate_limit(TokenBucket(rate=100, burst=10), name="pace")
+            .map(tag, name="tag")
+            .sink(sw.sinks.Kafka({bootstrap!r}, {topic!r} + "-out"), name="out")
+        )
+        return f
 
 
     def failing():
@@ -355,3 +376,74 @@ def test_live_and_ports_past_the_range_are_refused(tmp_path: Path) -> None:
         )
         assert p.returncode == 2, p.stderr
         assert message in p.stderr
+
+
+def test_workers_joining_crashing_and_replaced_lose_nothing(
+    kafka_bootstrap: str, kafka_topics: KafkaTopics, tmp_path: Path
+) -> None:
+    """Workers started by hand as separate processes (what --workers does), a stateless
+    flow Kafka -> Kafka: two start, a third joins mid-stream, one is SIGKILLed, a
+    replacement joins.  Nothing is lost; the only records written twice are ones the
+    killed worker had handed out since its last commit (a member joining moves
+    partitions after committing them: it duplicates nothing)."""
+    topic = kafka_topics.new(6)
+    out_topic = topic + "-out"
+    from confluent_kafka import admin  # noqa: PLC0415
+
+    client = admin.AdminClient({"bootstrap.servers": kafka_bootstrap})
+    for fut in client.create_topics([admin.NewTopic(out_topic, 1, 1)]).values():
+        fut.result()
+    try:
+        want: set[tuple[int, int]] = set()
+        for p in range(6):
+            produce(kafka_bootstrap, topic, [{"p": p, "i": i} for i in range(600)], partition=p)
+            want |= {(p, i) for i in range(600)}
+        job = _job(tmp_path, kafka_bootstrap, topic)
+        procs: dict[str, subprocess.Popen[str]] = {}
+
+        def start(wid: str) -> None:
+            procs[wid] = subprocess.Popen(
+                _cmd(f"{job}:to_kafka"),
+                cwd=tmp_path,
+                env=_env(SLUICEWAY_WORKER_ID=wid),
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+
+        def written(quiet_for: float = 0.5) -> list[Any]:
+            found = read_topic(kafka_bootstrap, out_topic, quiet_for=quiet_for)
+            return [json.loads(r[3]) for r in found]
+
+        def wait_written(n: int) -> None:
+            for _ in range(300):
+                if len(written()) >= n:
+                    return
+            raise AssertionError(f"fewer than {n} records written")
+
+        start("a")
+        start("b")
+        wait_written(200)
+        start("c")  # joins mid-stream: partitions move to it
+        wait_written(700)
+        procs["b"].send_signal(signal.SIGKILL)  # its partitions are lost, not revoked
+        start("d")  # the replacement
+        errors = {}
+        for wid, proc in procs.items():
+            _, err = proc.communicate(timeout=120)
+            errors[wid] = err
+            assert proc.returncode == (-9 if wid == "b" else 0), err
+        rows = written(quiet_for=5.0)
+    finally:
+        for fut in client.delete_topics([out_topic]).values():
+            fut.result()
+    got = [(r["p"], r["i"]) for r in rows]
+    assert set(got) == want, f"lost: {sorted(want - set(got))[:10]}"
+    by_record: dict[tuple[int, int], list[str]] = {}
+    for r in rows:
+        by_record.setdefault((r["p"], r["i"]), []).append(r["w"])
+    twice = {k: ws for k, ws in by_record.items() if len(ws) > 1}
+    assert all(ws[0] == "b" for ws in twice.values()), (
+        f"records written twice not by the killed worker first: "
+        f"{[(k, ws) for k, ws in twice.items() if ws[0] != 'b'][:10]}"
+    )
+    print(f"{len(rows)} written, {len(twice)} twice (all first by the killed worker)")

@@ -33,8 +33,11 @@ prefetching, and resumes them when the flow pulls again.  The prefetch buffer is
 Rebalances: the group's assignment may change while the flow runs.  ``on_assign`` /
 ``on_revoke`` callbacks (and :attr:`KafkaSource.assignment`) tell the flow which
 partitions it owns.  Records of a revoked partition that were fetched but not handed out
-are dropped (the new owner reads them); records handed out but not yet committed are read
-again by the new owner: at-least-once across a rebalance.
+are dropped (the new owner reads them); the records handed out of it are written and
+their offsets committed before the partition goes (the revoke callback waits for the
+flow, at most ``revoke_timeout``), so a member joining makes nothing be read twice.  A
+partition lost (an expired session) goes at once, nothing committed: its records handed
+out since the last commit are read again (at-least-once).
 
 The sink produces every record (key, value, headers, the record timestamp from the
 event time) with the idempotent producer and waits for the broker's acknowledgement of
@@ -55,7 +58,7 @@ import math
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -335,6 +338,18 @@ class _Part:
         return max(0, self.high - base)
 
 
+@dataclass(slots=True)
+class _Revoke:
+    """Partitions the group is taking away, held until the records handed out of them
+    are written; then the fetching thread commits ``commit`` and lets them go."""
+
+    partitions: set[tuple[str, int]]
+    done: threading.Event  # the fetching thread waits on it in the revoke callback
+    timer: Any = None  # the revoke_timeout's TimerHandle
+    durable: dict[tuple[str, int], int] = field(default_factory=dict)  # written up to
+    commit: dict[tuple[str, int], int] = field(default_factory=dict)  # set at release
+
+
 class KafkaSource(Source):
     r"""Records of Kafka topics, read in a consumer group (``sw.sources.Kafka``).
 
@@ -362,6 +377,10 @@ class KafkaSource(Source):
             read forever).
         poll_timeout: the most seconds one fetch waits for records (a barrier or a stop
             also interrupts it).
+        revoke_timeout: when the group takes partitions away (another member joined),
+            the most seconds the source holds them while the flow writes the records it
+            already handed out of them and commits their offsets, so that the next owner
+            reads none of them again.  Past it the partitions go anyway (at-least-once).
         on_assign, on_revoke: called with the list of ``(topic, partition)`` the group
             gives to, or takes from, this source, in the flow's event loop.
         config: any librdkafka consumer option (``{"session.timeout.ms": 10000}``,
@@ -379,6 +398,13 @@ class KafkaSource(Source):
     dead letter's record is a :class:`KafkaRecord` with the raw payload.
     """
 
+    # A revocation in progress: the partitions being taken away, released (the fetching
+    # thread, waiting in librdkafka's callback, goes on) once the records handed out of
+    # them are written and committed, or at the revoke_timeout.  Set per run in open().
+    _loop: asyncio.AbstractEventLoop | None = None
+    _revoking: _Revoke | None = None
+    _revoke_wake: asyncio.Future[None] | None = None
+
     def __init__(  # noqa: PLR0915 - one check and one field per option
         self,
         bootstrap_servers: str,
@@ -394,6 +420,7 @@ class KafkaSource(Source):
         idle_timeout: float | timedelta | None = 10.0,
         stop_after_idle: float | timedelta | None = None,
         poll_timeout: float | timedelta = 0.2,
+        revoke_timeout: float | timedelta = 10.0,
         on_assign: Callable[[list[tuple[str, int]]], object] | None = None,
         on_revoke: Callable[[list[tuple[str, int]]], object] | None = None,
         config: Mapping[str, ConfigValue] | None = None,
@@ -442,7 +469,10 @@ class KafkaSource(Source):
             if stop_after_idle is None
             else positive_seconds(stop_after_idle, f"{what} stop_after_idle")
         )
-        self._poll = positive_seconds(poll_timeout, f"{what} poll_timeout")
+        self._poll, self._revoke_timeout = (
+            positive_seconds(poll_timeout, f"{what} poll_timeout"),
+            non_negative_seconds(revoke_timeout, f"{what} revoke_timeout"),
+        )
         self._on_assign = on_assign
         self._on_revoke = on_revoke
         self._user_config = _config(config, what)
@@ -513,6 +543,8 @@ class KafkaSource(Source):
         self._wm = -_INF
         self._paused = False
         self._ever_assigned = False
+        self._loop = asyncio.get_running_loop()
+        self._revoking = None
         try:
             self._consumer = ck.Consumer(self._consumer_config(ctx))
             self._consumer.subscribe(
@@ -528,6 +560,7 @@ class KafkaSource(Source):
         if self._closed:
             return
         self._closed = True
+        self._release_revoke("the flow is closing")
         consumer = self._consumer
         if consumer is None:
             return
@@ -561,12 +594,113 @@ class KafkaSource(Source):
             self._events.append((True, [(tp.topic, tp.partition) for tp in partitions]))
 
     def _revoked(self, consumer: ck.Consumer, partitions: list[ck.TopicPartition]) -> None:
+        """The group takes ``partitions`` away: first let the flow write what it handed
+        out of them and commit their offsets (bounded by ``revoke_timeout``), then let
+        them go -- the next owner starts after the last record this flow handed out."""
+        tps = [(tp.topic, tp.partition) for tp in partitions]
+        rev = _Revoke(set(tps), threading.Event())
+        if self._drain(rev):
+            rev.done.wait()  # set by the event loop: written, timed out, or closing
+            offsets = [ck.TopicPartition(t, p, off) for (t, p), off in rev.commit.items()]
+            if offsets:
+                try:
+                    _commit(consumer, offsets)  # in the callback: Kafka allows it here
+                except ck.KafkaException as exc:
+                    log.warning(
+                        "%s: commit of revoked %s failed: %s; their next owner reads the "
+                        "records handed out since the last commit again",
+                        self._errors.what,
+                        _names(rev.partitions),
+                        exc,
+                    )
+        self._release(consumer, partitions)
+
+    def _lost(self, consumer: ck.Consumer, partitions: list[ck.TopicPartition]) -> None:
+        """The partitions were lost (this member's session expired): another member owns
+        them already, so nothing is committed for them; their records are read again."""
+        self._release(consumer, partitions)
+
+    def _release(self, consumer: ck.Consumer, partitions: list[ck.TopicPartition]) -> None:
         with self._lock:
             consumer.incremental_unassign(partitions)
             self._events.append((False, [(tp.topic, tp.partition) for tp in partitions]))
 
-    def _lost(self, consumer: ck.Consumer, partitions: list[ck.TopicPartition]) -> None:
-        self._revoked(consumer, partitions)
+    def _drain(self, rev: _Revoke) -> bool:
+        """Ask the event loop (from the fetching thread) to drain the partitions of
+        ``rev`` before they go; False when there is nothing to wait for."""
+        loop = self._loop
+        if (
+            self._closed
+            or loop is None
+            or self.offsets_in_transaction  # the sink's transaction commits them
+            or self._revoke_timeout == 0
+        ):
+            return False
+        try:
+            loop.call_soon_threadsafe(self._start_revoke, rev)
+        except RuntimeError:  # the loop is closed: the flow is over
+            return False
+        return True
+
+    def _start_revoke(self, rev: _Revoke) -> None:
+        """In the event loop: hold the partitions of ``rev`` until what was handed out of
+        them is written (an ack barrier or a checkpoint says so through :meth:`commit`)."""
+        ctx = self._ctx
+        if self._closed or ctx is None:
+            rev.done.set()
+            return
+        gone = rev.partitions
+        if self._buffer:  # fetched, not handed out: the next owner reads these
+            self._buffer = deque(m for m in self._buffer if (m.topic(), m.partition()) not in gone)
+        clock = ctx.clock
+        rev.timer = clock.call_at(
+            clock.monotonic() + self._revoke_timeout,
+            lambda: self._release_revoke(f"not written within {self._revoke_timeout:g}s"),
+        )
+        self._revoking = rev
+        log.info("%s: revoking %s: committing what was handed out", self._errors.what, _names(gone))
+        self._check_revoke()
+        self._wake_fetch()
+
+    def _check_revoke(self) -> None:
+        """Release the revoked partitions once every record handed out of them is
+        committed."""
+        rev = self._revoking
+        if rev is None:
+            return
+        for tp in rev.partitions:
+            part = self._parts.get(tp)
+            handed = None if part is None else part.next_offset
+            if handed is not None and rev.durable.get(tp, self._committed.get(tp)) != handed:
+                return
+        self._release_revoke(None)
+
+    def _release_revoke(self, why: str | None) -> None:
+        rev, self._revoking = self._revoking, None
+        if rev is None:
+            return
+        if rev.timer is not None:
+            rev.timer.cancel()
+        # What the sinks wrote of the revoked partitions: committed by the fetching thread.
+        rev.commit = {
+            tp: off
+            for tp, off in rev.durable.items()
+            if tp in rev.partitions and self._committed.get(tp) != off
+        }
+        if why is not None:
+            log.warning(
+                "%s: letting %s go although %s: their next owner reads the records "
+                "handed out since the last commit again",
+                self._errors.what,
+                _names(rev.partitions),
+                why,
+            )
+        rev.done.set()
+        self._wake_fetch()
+
+    def _wake_fetch(self) -> None:
+        if self._revoke_wake is not None:
+            _resolve(self._revoke_wake)
 
     def _apply_events(self) -> None:
         """Apply the assignments and revocations of the last fetch (in the event loop)."""
@@ -650,6 +784,15 @@ class KafkaSource(Source):
             if (t, p) in self._parts and self._committed.get((t, p)) != off
         ]
         if not offsets:
+            return
+        rev = self._revoking
+        if rev is not None:
+            # The fetching thread is in librdkafka's revoke callback: a commit from here
+            # would wait for it.  These offsets are durable (the sinks wrote up to them):
+            # that thread commits the revoked ones before it lets them go.
+            for tp in offsets:
+                rev.durable[(tp.topic, tp.partition)] = tp.offset
+            self._check_revoke()
             return
         consumer = self._consumer
         assert self._ctx is not None
@@ -816,10 +959,14 @@ class KafkaSource(Source):
                     clock.run_in_thread(consumer.consume, want, self._poll)
                 )
             fetch = self._fetch
+            if not fetch.done():
+                # Cancelled meanwhile (a barrier, a stop): the fetch goes on in its thread
+                # and the next call takes its result.
+                await self._wait_fetch(clock, fetch)
+                if not fetch.done():  # held by a revocation: let barriers through
+                    return Batch([])
             try:
-                msgs = await asyncio.shield(fetch)
-            except asyncio.CancelledError:
-                raise  # the fetch goes on in its thread; the next call takes its result
+                msgs = fetch.result()
             except ck.KafkaException as exc:
                 self._fetch = None
                 raise KafkaError(f"{self._errors.what}: fetch failed: {exc}") from exc
@@ -836,6 +983,24 @@ class KafkaSource(Source):
                     return None
                 return Batch([])
         return await self._hand_out(ctx, max_records)
+
+    async def _wait_fetch(self, clock: Any, fetch: asyncio.Future[Any]) -> None:
+        """Wait for the fetch, unless a revocation holds it: librdkafka's revoke callback
+        (in the fetching thread) waits for the flow to write and commit the records of
+        the revoked partitions, and the commits need barriers, which need this stage to
+        come back from its pull -- so then wait at most ``poll_timeout``."""
+        loop = asyncio.get_running_loop()
+        wake = self._revoke_wake = loop.create_future()
+        fetch.add_done_callback(lambda _f: _resolve(wake))
+        try:
+            if self._revoking is None:
+                await wake  # the fetch is done, or a revocation started
+            if self._revoking is not None and not fetch.done():
+                held = self._revoke_wake = loop.create_future()
+                fetch.add_done_callback(lambda _f: _resolve(held))
+                await clock.wait_until(held, clock.monotonic() + self._poll)
+        finally:
+            self._revoke_wake = None
 
     def _take(self, msgs: list[ck.Message]) -> None:
         """Buffer fetched messages; errors in them are raised or logged."""
@@ -877,8 +1042,9 @@ class KafkaSource(Source):
         while buffer and len(records) < max_records:
             m = buffer[0]
             part = parts.get((m.topic(), m.partition()))
-            if part is None:  # revoked meanwhile
-                buffer.popleft()
+            rev = self._revoking
+            if part is None or (rev is not None and (m.topic(), m.partition()) in rev.partitions):
+                buffer.popleft()  # revoked (or being revoked): the next owner reads it
                 continue
             try:
                 value, t = decode(m)
@@ -962,6 +1128,11 @@ class KafkaSource(Source):
             None if kind == ck.TIMESTAMP_NOT_AVAILABLE else ms / 1000,
             tuple(m.headers() or ()),
         )
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def _commit(consumer: ck.Consumer, offsets: list[ck.TopicPartition]) -> None:
