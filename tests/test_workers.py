@@ -393,13 +393,13 @@ def test_workers_joining_crashing_and_replaced_lose_nothing(
     client = admin.AdminClient({"bootstrap.servers": kafka_bootstrap})
     for fut in client.create_topics([admin.NewTopic(out_topic, 1, 1)]).values():
         fut.result()
+    procs: dict[str, subprocess.Popen[str]] = {}
     try:
         want: set[tuple[int, int]] = set()
         for p in range(6):
             produce(kafka_bootstrap, topic, [{"p": p, "i": i} for i in range(600)], partition=p)
             want |= {(p, i) for i in range(600)}
         job = _job(tmp_path, kafka_bootstrap, topic)
-        procs: dict[str, subprocess.Popen[str]] = {}
 
         def start(wid: str) -> None:
             procs[wid] = subprocess.Popen(
@@ -434,6 +434,10 @@ def test_workers_joining_crashing_and_replaced_lose_nothing(
             assert proc.returncode == (-9 if wid == "b" else 0), err
         rows = written(quiet_for=5.0)
     finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=30)
         for fut in client.delete_topics([out_topic]).values():
             fut.result()
     got = [(r["p"], r["i"]) for r in rows]
