@@ -26,7 +26,7 @@ from sluiceway.metrics.registry import OperatorMetrics
 from sluiceway.operators.base import BuildContext, Step
 from sluiceway.operators.errors import ErrorHandler
 from sluiceway.operators.processes import ProcessMapSpec, WorkerTraceback, pickled_function
-from sluiceway.runtime.messages import Barrier, Batch, Control, Watermark
+from sluiceway.core.messages import Barrier, Batch, Control, Watermark
 from sluiceway.testing import run_watched
 
 HERE = Path(__file__).resolve().parent

@@ -57,11 +57,11 @@ from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from typing import Any, ClassVar
 
+from sluiceway.core.messages import Batch, Control
 from sluiceway.errors import FlowFailedError, short_repr
 from sluiceway.operators.base import BuildContext, OpSpec, Step, without
 from sluiceway.operators.errors import ErrorHandler
 from sluiceway.policies import ErrorPolicy, Fail
-from sluiceway.runtime.messages import Batch, Control
 from sluiceway.time import Clock
 
 __all__ = ["ProcessMapSpec", "WorkerTraceback", "default_workers", "pickled_function"]

@@ -22,7 +22,7 @@ the fix -- a flow is never split silently.
 
 from __future__ import annotations
 
-from sluiceway.connectors.base import Source
+from sluiceway.core.contract import Source
 from sluiceway.errors import FlowDefinitionError
 from sluiceway.flow import Flow
 from sluiceway.joins.base import JoinSpec
