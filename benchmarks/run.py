@@ -20,6 +20,7 @@ reading one 50 / 100 MB line (time, memory, how long the loop is held); RS, NATS
 MQTT, PG, KAFKA: each broker connector end to end against the raw client library doing the
 same batched loop, on the real servers (KAFKA also the cost of exactly-once); LH: the
 Parquet, Delta Lake and Iceberg sinks against pyarrow, deltalake and pyiceberg used directly.
+PP: map_in_processes against map and a plain loop on a CPU-bound function (two cores).
 
 Each measurement runs in its own child process (see ``common.run_child``).  Run it on an
 otherwise idle machine: the workloads are single-threaded, but a busy second core still
@@ -53,6 +54,7 @@ import bench_mqtt
 import bench_nats
 import bench_observability
 import bench_postgres
+import bench_processes
 import bench_rabbitmq
 import bench_redis_limiter
 import bench_redis_streams
@@ -93,6 +95,7 @@ WORKLOADS: dict[str, Workload] = {
     "RS": bench_redis_streams.run,
     "LH": bench_lakehouse.run,
     "KAFKA": bench_kafka.run,
+    "PP": bench_processes.run,
 }
 
 

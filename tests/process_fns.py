@@ -63,3 +63,10 @@ def uneven_row(r: dict[str, Any]) -> list[Any]:
     """A checkpointed flow's row: even ids take longer, so pieces finish out of order."""
     burn(3_000 if r["id"] % 2 == 0 else 10)
     return [r["k"], r["id"]]
+
+
+def hang(where: str) -> None:
+    """Writes its worker's pid into ``where``, then never returns."""
+    Path(where, str(os.getpid())).touch()
+    while True:
+        time.sleep(0.05)

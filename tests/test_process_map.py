@@ -22,11 +22,11 @@ import pytest
 
 import process_fns
 import sluiceway as sw
+from sluiceway.core.messages import Barrier, Batch, Control, Watermark
 from sluiceway.metrics.registry import OperatorMetrics
 from sluiceway.operators.base import BuildContext, Step
 from sluiceway.operators.errors import ErrorHandler
 from sluiceway.operators.processes import ProcessMapSpec, WorkerTraceback, pickled_function
-from sluiceway.core.messages import Barrier, Batch, Control, Watermark
 from sluiceway.testing import run_watched
 
 HERE = Path(__file__).resolve().parent
@@ -227,7 +227,11 @@ def test_pieces_in_flight_are_bounded_on_the_real_clock(tmp_path: Path) -> None:
     started: list[int] = []
 
     async def during(handle: sw.FlowHandle) -> None:
-        await handle.clock.sleep(1.5)
+        for _ in range(600):  # the workers start (slowly on a loaded machine)
+            if len(os.listdir(tmp_path)) >= 3:
+                break
+            await handle.clock.sleep(0.05)
+        await handle.clock.sleep(1.0)  # time for a 4th piece to start, if one could
         started.extend(sorted(int(name.split(".")[0]) for name in os.listdir(tmp_path)))
         with open(tmp_path / "release", "w"):  # noqa: ASYNC230 - a tiny local file
             pass
@@ -236,6 +240,31 @@ def test_pieces_in_flight_are_bounded_on_the_real_clock(tmp_path: Path) -> None:
     run_watched(flow, during=during, max_batch_size=1, grace_period=5.0)
     assert started == [0, 1, 2]
     assert out.items == list(range(30))
+
+
+@pytest.mark.slow
+def test_a_flow_cancelled_mid_piece_kills_its_workers_without_blocking(tmp_path: Path) -> None:
+    """The grace period runs out while a piece hangs in a worker: the flow is cancelled,
+    the workers (which ignore SIGTERM) are killed, and the event loop never stalls
+    (the watchdog) -- closing the pool used to wait for its processes on the loop."""
+    flow = sw.Flow("hung")
+    (
+        flow.source(sw.sources.Iterable([str(tmp_path)] * 2))
+        .map_in_processes(process_fns.hang, workers=2)
+        .sink(sw.sinks.Collect())
+    )
+
+    async def until_both_hang(handle: sw.FlowHandle) -> None:
+        for _ in range(600):  # the workers start (slowly on a loaded machine)
+            if len(os.listdir(tmp_path)) >= 2:
+                return
+            await handle.clock.sleep(0.05)
+
+    with pytest.raises(sw.FlowCancelledError):
+        run_watched(flow, during=until_both_hang, grace_period=0.5, max_batch_size=1)
+    pids = [int(name) for name in os.listdir(tmp_path)]
+    assert pids
+    assert _gone_within(pids, 5.0), [pid for pid in pids if _alive(pid)]
 
 
 # -- no orphans: Ctrl-C, SIGTERM, SIGKILL --------------------------------------------------
