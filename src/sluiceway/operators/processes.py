@@ -30,9 +30,9 @@ one pickle (the results)::
   the flow is built, naming it.  Records and results must be picklable too; one that is
   not goes to the error policy.
 * **Shutdown**: workers ignore SIGINT and SIGTERM (Ctrl-C reaches the whole process
-  group: the flow, not its workers, decides what to drain), exit when the flow ends, are
-  terminated when it is cancelled, and exit by themselves if the flow's process dies
-  (SIGKILL included): no orphans.
+  group: the flow, not its workers, decides what to drain), exit when the flow ends
+  (waited for off the event loop), are killed when it is cancelled mid-piece, and exit
+  by themselves if the flow's process dies (SIGKILL included): no orphans.
 
 >>> import sluiceway as sw
 >>> sw.testing.run_collect(lambda s: s.map_in_processes(abs, workers=2), [-1, 2, -3])
@@ -191,14 +191,23 @@ class _Piece:
     """Records sent to a worker together; done once their results (or a failure) are
     back."""
 
-    __slots__ = ("batch", "done", "error", "out", "task")
+    __slots__ = ("batch", "done", "error", "out", "previous", "recovered", "task")
 
-    def __init__(self, batch: Batch) -> None:
+    def __init__(self, batch: Batch, previous: _Piece | None) -> None:
         self.batch = batch
         self.out: Batch | None = None
         self.error: BaseException | None = None
         self.done = False
         self.task: asyncio.Task[None] | None = None
+        self.previous = previous
+        self.recovered = asyncio.Event()  # set once done: the next piece may recover
+
+    async def after_previous(self) -> None:
+        """Wait until the piece before this one is done with its failed records (dead
+        letters are written in input order)."""
+        previous, self.previous = self.previous, None  # (and let it be collected)
+        if previous is not None:
+            await previous.recovered.wait()
 
 
 class _ProcessMapStep(Step):
@@ -213,6 +222,7 @@ class _ProcessMapStep(Step):
         self.in_flight = 0  # pieces in the queue
         self.unstarted = 0  # records of the push under way not sent yet
         self.pool: ProcessPoolExecutor | None = None
+        self.last: _Piece | None = None  # the piece sent last
 
     # -- the pool ------------------------------------------------------------------------
 
@@ -270,20 +280,27 @@ class _ProcessMapStep(Step):
 
     async def _run(self, piece: _Piece) -> None:
         try:
-            piece.out = await self._process(piece.batch)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:  # noqa: BLE001 - raised by the stage, in order
-            piece.error = exc
+            try:
+                piece.out = await self._process(piece)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - raised by the stage, in order
+                piece.error = exc
+            await piece.after_previous()  # so that `recovered` is set in input order
         finally:
+            piece.previous = None
             piece.done = True
+            piece.recovered.set()
             self.wake()
 
-    async def _process(self, batch: Batch) -> Batch | None:
+    async def _process(self, piece: _Piece) -> Batch | None:
+        batch = piece.batch
         values = batch.values
         try:
             out, errors = await self._map(values)
         except BrokenProcessPool as exc:
+            await piece.after_previous()
+
             died = RuntimeError(
                 f"a worker process of {self.spec.label} died while mapping "
                 f"{len(values)} record(s) ({exc})"
@@ -293,7 +310,10 @@ class _ProcessMapStep(Step):
         except (FlowFailedError, asyncio.CancelledError):
             raise
         except Exception:  # noqa: BLE001 - the records cannot be pickled: find which
+            await piece.after_previous()
             return await self._one_by_one(batch)
+        if errors:  # failures go to the error policy in input order, piece after piece
+            await piece.after_previous()
         failed: list[int] = []
         for i, err in errors:
             ok, result = await self.errors.recover([values[i]], err, partial(self._one, values[i]))
@@ -353,7 +373,8 @@ class _ProcessMapStep(Step):
         for start in range(0, n, size):
             self.unstarted = n - start
             await self._wait_for_room()
-            piece = _Piece(batch if size >= n else batch.slice(start, start + size))
+            piece = _Piece(batch if size >= n else batch.slice(start, start + size), self.last)
+            self.last = piece
             piece.task = asyncio.get_running_loop().create_task(self._run(piece))
             self.queue.append(piece)
             self.in_flight += 1
@@ -412,6 +433,9 @@ class _ProcessMapStep(Step):
             if isinstance(head, _Piece) and head.task is not None and not head.done:
                 await asyncio.wait([head.task])
             await self._send_ready()
+        pool, self.pool = self.pool, None
+        if pool is not None:  # the workers exit; wait for them off the event loop
+            await self.clock.run_in_thread(pool.shutdown)
         await super().finish()
 
     def pending(self) -> int:
@@ -429,10 +453,12 @@ class _ProcessMapStep(Step):
         pool, self.pool = self.pool, None
         if pool is None:
             return
-        if unfinished:  # cancelled mid-piece: stop the work, do not wait for it
+        if unfinished:  # cancelled mid-piece: stop the work (workers ignore SIGTERM)
             for process in list(getattr(pool, "_processes", {}).values()):
-                process.terminate()
-        pool.shutdown(wait=True, cancel_futures=True)
+                process.kill()
+        # Without blocking the event loop: the pool's own thread sends the idle workers
+        # their end and reaps them (and Python joins it at exit).
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _raiser(err: Exception) -> Callable[[], Any]:
