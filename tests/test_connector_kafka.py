@@ -632,13 +632,14 @@ def test_a_member_joining_mid_stream_reads_nothing_twice(
             topic,
             group,
             poll_timeout=0.1,
-            # generous: under load the joiner's first fetch can wait seconds for the
-            # rebalance (it once ended idle before reading, and the first member then
-            # took everything back)
-            stop_after_idle=10,
+            stop_after_idle=5,
             on_assign=owned[who].update,
             on_revoke=owned[who].difference_update,
-            config={"session.timeout.ms": 6000},
+            # Small fetches: the partitions are handed out interleaved, so every one still
+            # has records to read when the second member joins (with whole-backlog
+            # fetches the first member had handed out all of the partitions that then
+            # moved, and the second had nothing left to read).
+            config={"session.timeout.ms": 6000, "max.partition.fetch.bytes": 2048},
         )
         flow = sw.Flow(f"kafka-join-{who}", channel_capacity=200)
         (
