@@ -378,6 +378,7 @@ def test_live_and_ports_past_the_range_are_refused(tmp_path: Path) -> None:
         assert message in p.stderr
 
 
+@pytest.mark.timeout(300)  # four workers and a reader polling the output, on a loaded machine
 def test_workers_joining_crashing_and_replaced_lose_nothing(
     kafka_bootstrap: str, kafka_topics: KafkaTopics, tmp_path: Path
 ) -> None:
