@@ -416,8 +416,9 @@ def test_workers_joining_crashing_and_replaced_lose_nothing(
             return [json.loads(r[3]) for r in found]
 
         def wait_written(n: int) -> None:
-            for _ in range(300):
-                if len(written()) >= n:
+            # read until n came (not until the topic is quiet: it is being written to)
+            for _ in range(120):
+                if len(read_topic(kafka_bootstrap, out_topic, expect=n, quiet_for=1.0)) >= n:
                     return
             raise AssertionError(f"fewer than {n} records written")
 
@@ -426,6 +427,7 @@ def test_workers_joining_crashing_and_replaced_lose_nothing(
         wait_written(200)
         start("c")  # joins mid-stream: partitions move to it
         wait_written(700)
+        assert procs["b"].poll() is None, "worker b ended before it could be killed mid-stream"
         procs["b"].send_signal(signal.SIGKILL)  # its partitions are lost, not revoked
         start("d")  # the replacement
         errors = {}
