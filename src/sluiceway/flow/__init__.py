@@ -1,14 +1,17 @@
 """The logical dataflow and its fluent builder (``sw.Flow``, ``Stream``, ``KeyedStream``).
 
-The classes live in :mod:`sluiceway.flow.stream`; import them from here or from
+The classes users meet live in :mod:`sluiceway.flow.stream`; the graph they record in
+:mod:`sluiceway.flow.graph`; the argument checks and node building of each operator family
+in ``stateless``, ``control``, ``windows``, ``keyed``, ``joins`` and ``io`` (see the
+table in :mod:`sluiceway.flow.stream`).  Import the public names from here or from
 ``sluiceway``.
 """
 
+from sluiceway.flow.graph import Node
 from sluiceway.flow.stream import (
     Flow,
     JoinedStream,
     KeyedStream,
-    Node,
     Stream,
     WindowedStream,
     WindowResultStream,

@@ -1,4 +1,5 @@
-"""The logical dataflow and its fluent builder.
+"""The logical dataflow and its fluent builder: :class:`Flow`, :class:`Stream`,
+:class:`KeyedStream` and the streams of window and join results.
 
 Building a flow runs nothing: :class:`Flow` records operators and edges, checks each
 argument as it is given (so a mistake is reported at the line that made it), and
@@ -15,17 +16,31 @@ argument as it is given (so a mistake is reported at the line that made it), and
 Every stream method returns a new stream; a stream may feed several consumers (fan-out),
 and :meth:`Stream.merge` joins streams (fan-in).  Operators are named after their kind and
 function (``map_enrich``), or by ``name=``; names appear in errors and metrics.
+
+**Where an operator goes.**  This module is what users see: each method here is the
+operator's signature, its documentation and one call into the module of its family,
+which checks the arguments and adds the node(s) to the graph (:mod:`.graph`):
+
+=====================  ===========================================================
+``flow/stateless.py``  ``map``, ``filter``, ``flat_map``, ``inspect``, ``key_by``,
+                       ``branch``, ``merge``
+``flow/control.py``    ``batch``, ``buffer``, ``map_async``, ``rate_limit``
+``flow/windows.py``    ``with_timestamps``, ``window`` and its aggregations, ``late``
+``flow/keyed.py``      ``stateful_map``, ``process``
+``flow/joins.py``      ``window_join``, ``interval_join``, ``asof_join``,
+                       ``temporal_join``, ``lookup_join``
+``flow/io.py``         ``Flow.source``, ``sink``
+=====================  ===========================================================
+
+A new operator is a builder function in its family's module (or a new family module,
+placed in ``tests/test_layers.py``'s ``plan`` layer with the rest of ``sluiceway.flow``)
+and a method here, on :class:`Stream` (any stream) or :class:`KeyedStream` (needs keys).
+The family modules import :mod:`.graph` and :mod:`.args`, never this module.
 """
 
 from __future__ import annotations
 
-import inspect
-import itertools
-import math
-import re
-import sys
 from collections.abc import Awaitable, Callable, Hashable, Iterable
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Generic, Literal, TypeVar
 
@@ -33,39 +48,19 @@ from sluiceway.agg import Aggregator, Apply, Reduce
 from sluiceway.core.channel import Overflow
 from sluiceway.core.contract import Sink, Source
 from sluiceway.errors import FlowDefinitionError
+from sluiceway.flow import control, io, joins, keyed, stateless, windows
+from sluiceway.flow.args import fn_label
+from sluiceway.flow.graph import Graph, Node, derive
 from sluiceway.flowcontrol.adaptive import Adaptive
 from sluiceway.flowcontrol.breaker import CircuitBreaker
 from sluiceway.flowcontrol.limiters import KeyedLimiter, Limiter
-from sluiceway.joins.asof import AsOfJoinSpec, TemporalJoinSpec
-from sluiceway.joins.base import JoinSpec
-from sluiceway.joins.interval import IntervalJoinSpec
-from sluiceway.joins.latest import LatestJoinSpec
-from sluiceway.joins.lookup import LookupJoinSpec
-from sluiceway.joins.window import WindowJoinSpec
-from sluiceway.operators.async_io import AsyncMapSpec
 from sluiceway.operators.base import OpSpec
-from sluiceway.operators.batching import BatchSpec
-from sluiceway.operators.event_time import MergeSpec, WithTimestampsSpec
-from sluiceway.operators.io import SinkSpec, SourceSpec
-from sluiceway.operators.keyed_state import KeyedProcessSpec, StatefulMapSpec, process_factory
-from sluiceway.operators.rate_limit import RateLimitSpec
-from sluiceway.operators.stateless import (
-    BranchSpec,
-    BufferSpec,
-    FilterSpec,
-    FlatMapSpec,
-    InspectSpec,
-    KeyBySpec,
-    LateOutputSpec,
-    MapSpec,
-    PortSpec,
-)
-from sluiceway.policies import DeadLetter, ErrorPolicy, Fail, Retry, check_policy
-from sluiceway.state import TTL, KeyedProcessFunction, as_ttl
-from sluiceway.time.durations import non_negative_seconds, positive_seconds, seconds_of
-from sluiceway.watermarks import BoundedOutOfOrderness, Monotonic, WatermarkStrategy
+from sluiceway.operators.stateless import FilterSpec, FlatMapSpec, InspectSpec, MapSpec
+from sluiceway.policies import DeadLetter, ErrorPolicy, Fail
+from sluiceway.state import TTL, KeyedProcessFunction
+from sluiceway.watermarks import WatermarkStrategy
 from sluiceway.windows.assigners import Session, Sliding, Tumbling
-from sluiceway.windows.operator import Aggregation, WindowSpec
+from sluiceway.windows.operator import Aggregation
 
 __all__ = [
     "Flow",
@@ -81,97 +76,8 @@ T = TypeVar("T")
 U = TypeVar("U")
 K = TypeVar("K", bound=Hashable)
 
-_DEFAULT_CAPACITY = 1024
 
-
-@dataclass(eq=False)
-class Node:
-    """One operator in the logical graph."""
-
-    id: int
-    name: str
-    spec: OpSpec
-    inputs: list[Node]
-    where: str
-    keyed: bool = False
-    consumers: list[Node] = field(default_factory=list)
-    timestamped: bool = False
-    """Records carry event time (``with_timestamps`` upstream, or window results)."""
-
-    @property
-    def kind(self) -> str:
-        return self.spec.kind
-
-    def describe(self) -> str:
-        return f"{self.name!r} ({self.kind}, defined at {self.where})"
-
-
-def _user_location() -> str:
-    """``file:line`` of the first frame outside the builder (where the user called us)."""
-    frame = sys._getframe(1)
-    while frame is not None and frame.f_globals.get("__name__") == __name__:
-        frame = frame.f_back  # type: ignore[assignment]
-    if frame is None:  # pragma: no cover - always a caller
-        return "<unknown>"
-    return f"{frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno}"
-
-
-def _fn_label(fn: object) -> str:
-    name = getattr(fn, "__name__", type(fn).__name__)
-    name = "lambda" if name == "<lambda>" else name
-    return re.sub(r"\W+", "_", name).strip("_") or "fn"
-
-
-def _class_label(obj: object) -> str:
-    """``JsonLinesSource`` -> ``JsonLines``: the class name without a Source/Sink suffix."""
-    name = type(obj).__name__
-    return re.sub(r"(Source|Sink)$", "", name) or name
-
-
-def _reject_source(node: Node) -> Node:
-    """The source node a rejecting rate limit hands records back to: ``node`` itself, or
-    the source behind a ``key_by`` that cannot drop records (its policy is ``Fail``)."""
-    at = node
-    if isinstance(at.spec, KeyBySpec) and isinstance(at.spec.on_error, Fail) and at.inputs:
-        at = at.inputs[0]
-    if not isinstance(at.spec, SourceSpec):
-        raise FlowDefinitionError(
-            f"rate_limit(when_limited='reject') must follow its broker source directly (or "
-            f"through key_by), so each rejected record can be handed back; it follows "
-            f"{node.describe()}"
-        )
-    return at
-
-
-def _check_callable(fn: object, method: str) -> None:
-    if not callable(fn):
-        raise TypeError(f"{method}() expects a callable, got {type(fn).__name__} {fn!r}")
-
-
-def _check_breaker(breaker: object, when_open: str, policy: ErrorPolicy, method: str) -> None:
-    if breaker is not None and not isinstance(breaker, CircuitBreaker):
-        raise TypeError(f"{method}(breaker=...) expects sw.CircuitBreaker, got {breaker!r}")
-    if when_open not in ("wait", "dead_letter"):
-        raise ValueError(
-            f"{method}(when_open=...) must be 'wait' or 'dead_letter', got {when_open!r}"
-        )
-    final = policy.then if isinstance(policy, Retry) else policy
-    if breaker is not None and when_open == "dead_letter" and not isinstance(final, DeadLetter):
-        raise FlowDefinitionError(
-            f"{method}(when_open='dead_letter') needs on_error=sw.DeadLetter(sink) "
-            "(or a Retry that ends in one): the records must go somewhere"
-        )
-
-
-def _positive_int(value: object, what: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r}")
-    if value < 1:
-        raise ValueError(f"{what} must be >= 1, got {value!r}")
-    return value
-
-
-class Flow:
+class Flow(Graph):
     """A dataflow under construction: sources, operators, sinks.
 
     Args:
@@ -179,20 +85,6 @@ class Flow:
         channel_capacity: records held by an implicit channel (before a ``merge`` or a
             timed ``batch``); ``buffer(capacity=...)`` sets its own.
     """
-
-    def __init__(self, name: str, *, channel_capacity: int = _DEFAULT_CAPACITY) -> None:
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"Flow name must be a non-empty string, got {name!r}")
-        self.name = name
-        self.channel_capacity = _positive_int(channel_capacity, "channel_capacity")
-        self.nodes: list[Node] = []
-        self._names: set[str] = set()
-        self._ids = itertools.count()
-        self._sinks: dict[int, Node] = {}
-        self._sources: dict[int, Node] = {}
-
-    def __repr__(self) -> str:
-        return f"Flow({self.name!r}, {len(self.nodes)} operators)"
 
     def source(
         self, source: Source, *, name: str | None = None, on_error: Fail | DeadLetter = Fail()
@@ -206,148 +98,7 @@ class Flow:
             on_error: for malformed input: ``Fail()`` (stop, naming file and line) or
                 ``DeadLetter(sink)``.
         """
-        if not isinstance(source, Source):
-            hint = ""
-            if isinstance(source, Iterable):
-                hint = "; wrap it: flow.source(sw.sources.Iterable(...))"
-            raise TypeError(
-                f"Flow.source() expects a sluiceway Source, got {type(source).__name__}{hint}"
-            )
-        if not isinstance(on_error, Fail | DeadLetter):
-            raise TypeError(
-                f"Flow.source(on_error=...) must be sw.Fail() or sw.DeadLetter(sink) "
-                f"(a malformed record cannot be retried), got {on_error!r}"
-            )
-        prior = self._sources.get(id(source))
-        if prior is not None:
-            raise FlowDefinitionError(
-                f"this {source.describe()} source object is already used by {prior.describe()}; "
-                "create one source object per flow.source() call"
-            )
-        node = self._add(
-            SourceSpec(source, on_error),
-            [],
-            name,
-            f"source_{_class_label(source)}",
-            timestamped=bool(source.event_time),
-        )
-        self._sources[id(source)] = node
-        return Stream(self, node)
-
-    # -- internals used by Stream ----------------------------------------------------
-
-    def _add(
-        self,
-        spec: OpSpec,
-        inputs: list[Node],
-        name: str | None,
-        default_name: str,
-        *,
-        keyed: bool = False,
-        timestamped: bool = False,
-    ) -> Node:
-        if name is None:
-            name = default_name
-            n = 2
-            while name in self._names:
-                name = f"{default_name}_{n}"
-                n += 1
-        elif not isinstance(name, str) or not name:
-            raise TypeError(f"operator name must be a non-empty string, got {name!r}")
-        elif name in self._names:
-            raise FlowDefinitionError(
-                f"operator name {name!r} is already used in flow {self.name!r}; "
-                "names must be unique"
-            )
-        node = Node(
-            next(self._ids), name, spec, inputs, _user_location(), keyed, timestamped=timestamped
-        )
-        for i in inputs:
-            i.consumers.append(node)
-        self.nodes.append(node)
-        self._names.add(name)
-        return node
-
-    def _add_sink(
-        self,
-        sink: object,
-        inputs: list[Node],
-        name: str | None,
-        policy: object,
-        breaker: CircuitBreaker | None = None,
-        when_open: str = "wait",
-    ) -> None:
-        if not isinstance(sink, Sink):
-            raise TypeError(
-                f"sink() expects a sluiceway Sink (e.g. sw.sinks.Collect()), "
-                f"got {type(sink).__name__} {sink!r}"
-            )
-        prior = self._sinks.get(id(sink))
-        if prior is not None:
-            raise FlowDefinitionError(
-                f"this {sink.describe()} sink object is already used by {prior.describe()}; "
-                "a sink receives one stream -- merge the streams first, or use two sinks"
-            )
-        on_error = check_policy(policy, "sink()")
-        _check_breaker(breaker, when_open, on_error, "sink")
-        spec = SinkSpec(sink, on_error, breaker, when_open)
-        node = self._add(spec, inputs, name, f"sink_{_class_label(sink)}")
-        self._sinks[id(sink)] = node
-
-    # -- validation ------------------------------------------------------------------
-
-    def validate(self) -> None:
-        """Check the whole graph; raises :class:`FlowDefinitionError` naming the problem.
-
-        A flow must have a source and a sink, every stream must be consumed, and the graph
-        must be acyclic.
-        """
-        if not any(isinstance(n.spec, SourceSpec) for n in self.nodes):
-            raise FlowDefinitionError(f"flow {self.name!r} has no source: add flow.source(...)")
-        if not any(isinstance(n.spec, SinkSpec) for n in self.nodes):
-            raise FlowDefinitionError(
-                f"flow {self.name!r} has no sink: its results would go nowhere; add .sink(...)"
-            )
-        for n in self.nodes:
-            if not isinstance(n.spec, SinkSpec) and not n.consumers:
-                raise FlowDefinitionError(
-                    f"the stream from operator {n.describe()} in flow {self.name!r} is never "
-                    "consumed: send it to a .sink(...) or remove it"
-                )
-            if isinstance(n.spec, RateLimitSpec) and n.spec.source is not None:
-                at = n.inputs[0]
-                while True:
-                    if len(at.consumers) > 1:
-                        raise FlowDefinitionError(
-                            f"rate_limit(when_limited='reject') {n.name!r} in flow "
-                            f"{self.name!r} hands records back to the broker, but the stream "
-                            f"from {at.describe()} also goes elsewhere, where they would be "
-                            "processed twice; rate-limit every branch, or use "
-                            "when_limited='wait'"
-                        )
-                    if not at.inputs:
-                        break
-                    at = at.inputs[0]
-        self.topological_order()
-
-    def topological_order(self) -> list[Node]:
-        """The nodes, every node after its inputs.  Raises on a cycle."""
-        indegree = {id(n): len(n.inputs) for n in self.nodes}
-        ready = [n for n in self.nodes if not n.inputs]
-        order: list[Node] = []
-        while ready:
-            n = ready.pop(0)
-            order.append(n)
-            for c in n.consumers:
-                indegree[id(c)] -= 1
-                if indegree[id(c)] == 0:
-                    ready.append(c)
-        if len(order) != len(self.nodes):
-            stuck = [n.name for n in self.nodes if indegree[id(n)] > 0]
-            raise FlowDefinitionError(
-                f"flow {self.name!r} has a cycle through operators {', '.join(stuck)}"
-            )
-        return order
+        return Stream(self, io.add_source(self, source, name, on_error))
 
 
 class Stream(Generic[T]):
@@ -369,16 +120,7 @@ class Stream(Generic[T]):
         keyed: bool | None = None,
         timestamped: bool | None = None,
     ) -> Node:
-        k = self.node.keyed if keyed is None else keyed
-        ts = self.node.timestamped if timestamped is None else timestamped
-        return self.flow._add(spec, [self.node], name, default, keyed=k, timestamped=ts)
-
-    def _fn_op(
-        self, spec_cls: type[Any], method: str, fn: object, name: str | None, on_error: object
-    ) -> Node:
-        _check_callable(fn, method)
-        policy = check_policy(on_error, f"{method}()")
-        return self._derive(spec_cls(fn, policy), name, f"{method}_{_fn_label(fn)}")
+        return derive(self, spec, name, default, keyed=keyed, timestamped=timestamped)
 
     def _wrap(self, node: Node) -> Any:
         return Stream(self.flow, node)
@@ -392,7 +134,7 @@ class Stream(Generic[T]):
         >>> sw.testing.run_collect(lambda s: s.map(str.upper), ["a", "b"])
         ['A', 'B']
         """
-        return self._wrap(self._fn_op(MapSpec, "map", fn, name, on_error))  # type: ignore[no-any-return]
+        return self._wrap(stateless.fn_op(self, MapSpec, "map", fn, name, on_error))  # type: ignore[no-any-return]
 
     def filter(
         self,
@@ -407,7 +149,8 @@ class Stream(Generic[T]):
         >>> sw.testing.run_collect(lambda s: s.filter(lambda x: x % 2), [1, 2, 3])
         [1, 3]
         """
-        return self._wrap(self._fn_op(FilterSpec, "filter", predicate, name, on_error))  # type: ignore[no-any-return]
+        node = stateless.fn_op(self, FilterSpec, "filter", predicate, name, on_error)
+        return self._wrap(node)  # type: ignore[no-any-return]
 
     def flat_map(
         self,
@@ -422,13 +165,15 @@ class Stream(Generic[T]):
         >>> sw.testing.run_collect(lambda s: s.flat_map(str.split), ["a b", "c"])
         ['a', 'b', 'c']
         """
-        return self._wrap(self._fn_op(FlatMapSpec, "flat_map", fn, name, on_error))  # type: ignore[no-any-return]
+        node = stateless.fn_op(self, FlatMapSpec, "flat_map", fn, name, on_error)
+        return self._wrap(node)  # type: ignore[no-any-return]
 
     def inspect(
         self, fn: Callable[[T], object], *, name: str | None = None, on_error: ErrorPolicy = Fail()
     ) -> Stream[T]:
         """Call ``fn`` on every record for its side effect; records pass unchanged."""
-        return self._wrap(self._fn_op(InspectSpec, "inspect", fn, name, on_error))  # type: ignore[no-any-return]
+        node = stateless.fn_op(self, InspectSpec, "inspect", fn, name, on_error)
+        return self._wrap(node)  # type: ignore[no-any-return]
 
     def key_by(
         self, fn: Callable[[T], K], *, name: str | None = None, on_error: ErrorPolicy = Fail()
@@ -438,10 +183,7 @@ class Stream(Generic[T]):
         The key travels beside the record (values are unchanged) and survives ``map``,
         ``filter``, ``flat_map``, ``inspect`` and ``buffer``.
         """
-        _check_callable(fn, "key_by")
-        policy = check_policy(on_error, "key_by()")
-        node = self._derive(KeyBySpec(fn, policy), name, f"key_by_{_fn_label(fn)}", keyed=True)
-        return KeyedStream(self.flow, node)
+        return KeyedStream(self.flow, stateless.key_by(self, fn, name, on_error))
 
     def merge(
         self, *others: Stream[Any], name: str | None = None, capacity: int | None = None
@@ -459,32 +201,7 @@ class Stream(Generic[T]):
                 raise FlowDefinitionError(
                     f"merge(): {o!r} belongs to flow {o.flow.name!r}, not {self.flow.name!r}"
                 )
-        streams = [self, *others]
-        if len({id(s.node) for s in streams}) != len(streams):
-            raise FlowDefinitionError("merge(): the same stream is given twice")
-        keyed = {s.node.keyed for s in streams}
-        if len(keyed) > 1:
-            raise FlowDefinitionError(
-                "merge(): inputs must be all keyed or all unkeyed; call key_by() after the merge"
-            )
-        timed = {s.node.timestamped for s in streams}
-        if len(timed) > 1:
-            untimed = next(s for s in streams if not s.node.timestamped)
-            raise FlowDefinitionError(
-                f"merge(): the stream from {untimed.node.describe()} has no event time while "
-                "others do; call with_timestamps() on it before merging"
-            )
-        cap = None if capacity is None else _positive_int(capacity, "merge capacity")
-        event_time = timed.pop()
-        node = self.flow._add(
-            MergeSpec(cap, len(streams), event_time, cap or self.flow.channel_capacity),
-            [s.node for s in streams],
-            name,
-            "merge",
-            keyed=keyed.pop(),
-            timestamped=event_time,
-        )
-        return self._wrap(node)  # type: ignore[no-any-return]
+        return self._wrap(stateless.merge(self, others, name, capacity))  # type: ignore[no-any-return]
 
     def branch(
         self,
@@ -504,19 +221,7 @@ class Stream(Generic[T]):
         >>> a.items, b.items
         ([0, 2, 4], [1, 3])
         """
-        node = self._fn_op(BranchSpec, "branch", predicate, name, on_error)
-        ports = [
-            self.flow._add(
-                PortSpec(i),
-                [node],
-                None,
-                f"{node.name}_{label}",
-                keyed=node.keyed,
-                timestamped=node.timestamped,
-            )
-            for i, label in enumerate(("true", "false"))
-        ]
-        yes, no = ports
+        yes, no = stateless.branch(self, predicate, name, on_error)
         return self._wrap(yes), self._wrap(no)
 
     def batch(
@@ -534,10 +239,7 @@ class Stream(Generic[T]):
         >>> sw.testing.run_collect(lambda s: s.batch(2), [1, 2, 3, 4, 5])
         [[1, 2], [3, 4], [5]]
         """
-        size = _positive_int(max_size, "batch max_size")
-        delay = None if max_delay is None else positive_seconds(max_delay, "batch max_delay")
-        node = self._derive(BatchSpec(size, delay), name, "batch", keyed=False)
-        return Stream(self.flow, node)
+        return Stream(self.flow, control.batch(self, max_size, max_delay, name))
 
     def buffer(
         self,
@@ -554,22 +256,8 @@ class Stream(Generic[T]):
         With a dropping policy, ``block_timeout`` (seconds) first waits that long for room
         and drops only what still does not fit: Go's ``select`` with ``time.After``.
         """
-        cap = _positive_int(capacity, "buffer capacity")
-        if not isinstance(overflow, Overflow):
-            raise TypeError(
-                f"buffer overflow must be an sw.Overflow (BLOCK, DROP_NEWEST, DROP_OLDEST, "
-                f"FAIL), got {overflow!r}"
-            )
-        wait = None
-        if block_timeout is not None:
-            if overflow not in (Overflow.DROP_NEWEST, Overflow.DROP_OLDEST):
-                raise FlowDefinitionError(
-                    f"buffer(block_timeout=...) waits and then drops: it needs "
-                    f"Overflow.DROP_NEWEST or DROP_OLDEST, not {overflow.name}"
-                )
-            wait = non_negative_seconds(block_timeout, "buffer block_timeout")
-        spec = BufferSpec(cap, overflow, wait)
-        return self._wrap(self._derive(spec, name, "buffer"))  # type: ignore[no-any-return]
+        node = control.buffer(self, capacity, overflow, block_timeout, name)
+        return self._wrap(node)  # type: ignore[no-any-return]
 
     def map_async(
         self,
@@ -599,33 +287,18 @@ class Stream(Generic[T]):
         >>> sw.testing.run_collect(lambda s: s.map_async(double, concurrency=4), [1, 2, 3])
         [2, 4, 6]
         """
-        _check_callable(fn, "map_async")
-        if not inspect.iscoroutinefunction(fn) and not inspect.iscoroutinefunction(
-            getattr(fn, "__call__", None)  # noqa: B004 - an async callable object
-        ):
-            raise TypeError(
-                f"map_async() expects an async function (async def), got {fn!r}; "
-                "use map() for a plain function"
-            )
-        if isinstance(concurrency, bool) or not isinstance(concurrency, int | Adaptive):
-            raise TypeError(
-                "map_async(concurrency=...) must be an int or sw.Adaptive(...), "
-                f"got {concurrency!r}"
-            )
-        if isinstance(concurrency, int) and concurrency < 1:
-            raise ValueError(f"map_async(concurrency=...) must be >= 1, got {concurrency!r}")
-        policy = check_policy(on_error, "map_async()")
-        _check_breaker(breaker, when_open, policy, "map_async")
-        spec = AsyncMapSpec(
+        node = control.map_async(
+            self,
             fn,
             concurrency=concurrency,
-            ordered=bool(ordered),
-            timeout=None if timeout is None else positive_seconds(timeout, "map_async timeout"),
+            ordered=ordered,
+            timeout=timeout,
             breaker=breaker,
             when_open=when_open,
-            on_error=policy,
+            name=name,
+            on_error=on_error,
         )
-        return self._wrap(self._derive(spec, name, f"map_async_{_fn_label(fn)}"))  # type: ignore[no-any-return]
+        return self._wrap(node)  # type: ignore[no-any-return]
 
     def rate_limit(
         self,
@@ -660,67 +333,7 @@ class Stream(Generic[T]):
         >>> [round(t, 3) for t, _ in out.items]
         [0.0, 0.1, 0.2]
         """
-        if when_limited not in ("wait", "reject"):
-            raise ValueError(
-                f"rate_limit(): when_limited must be 'wait' or 'reject', got {when_limited!r}"
-            )
-        if when_limited == "reject":
-            return self._rejecting_rate_limit(limiter, name, retry_after)
-        if isinstance(limiter, KeyedLimiter):
-            if not self.node.keyed:
-                raise FlowDefinitionError(
-                    f"rate_limit(): a KeyedLimiter needs a keyed stream; the stream from "
-                    f"{self.node.describe()} has no keys: call key_by() first"
-                )
-            keyed = True
-        elif isinstance(limiter, Limiter):
-            keyed = False
-        elif inspect.iscoroutinefunction(getattr(limiter, "try_acquire", None)) and (
-            inspect.iscoroutinefunction(getattr(limiter, "acquire", None))
-        ):  # a remote limiter, e.g. sluiceway.flowcontrol.redis.RedisLimiter
-            node = self._derive(
-                RateLimitSpec(limiter, keyed=False, remote=True),
-                name,
-                f"rate_limit_{type(limiter).__name__}",
-            )
-            return self._wrap(node)
-        else:
-            raise TypeError(
-                "rate_limit() expects a limiter from sw.flowcontrol (TokenBucket, LeakyBucket, "
-                "FixedWindow, SlidingWindowLog, SlidingWindowCounter, KeyedLimiter, or a "
-                f"RedisLimiter), got {limiter!r}"
-            )
-        label = type(limiter).__name__
-        node = self._derive(RateLimitSpec(limiter, keyed=keyed), name, f"rate_limit_{label}")
-        return self._wrap(node)  # type: ignore[no-any-return]
-
-    def _rejecting_rate_limit(
-        self, limiter: object, name: str | None, retry_after: float | timedelta
-    ) -> Stream[T]:
-        delay = positive_seconds(retry_after, "rate_limit() retry_after")
-        keyed = isinstance(limiter, KeyedLimiter)
-        if not keyed and not isinstance(limiter, Limiter):
-            raise TypeError(
-                "rate_limit(when_limited='reject') needs a local limiter from sw.flowcontrol "
-                f"(TokenBucket, ..., KeyedLimiter), got {limiter!r}"
-            )
-        source_node = _reject_source(self.node)
-        assert isinstance(source_node.spec, SourceSpec)
-        source = source_node.spec.source
-        if not source.can_redeliver:
-            raise FlowDefinitionError(
-                f"rate_limit(when_limited='reject'): source {source_node.describe()} "
-                f"({source.describe()}) cannot hand records back to a broker for later; "
-                "reject works after NATS JetStream and RabbitMQ sources -- use "
-                "when_limited='wait' (the source is paused by backpressure) instead"
-            )
-        if keyed and not self.node.keyed:
-            raise FlowDefinitionError(
-                f"rate_limit(): a KeyedLimiter needs a keyed stream; the stream from "
-                f"{self.node.describe()} has no keys: call key_by() first"
-            )
-        spec = RateLimitSpec(limiter, keyed=keyed, source=source, retry_after=delay)
-        node = self._derive(spec, name, f"rate_limit_{type(limiter).__name__}")
+        node = control.rate_limit(self, limiter, name, when_limited, retry_after)
         return self._wrap(node)  # type: ignore[no-any-return]
 
     def with_timestamps(
@@ -749,28 +362,16 @@ class Stream(Generic[T]):
         ...     [(1.0,), (12.0,), (5.0,)])
         [(0.0, 1), (10.0, 1)]
         """
-        _check_callable(fn, "with_timestamps")
-        if watermarks is not None and max_out_of_orderness is not None:
-            raise TypeError("with_timestamps(): give max_out_of_orderness or watermarks, not both")
-        if watermarks is None:
-            watermarks = BoundedOutOfOrderness(max_out_of_orderness or 0.0)
-        elif not isinstance(watermarks, BoundedOutOfOrderness | Monotonic):
-            raise TypeError(
-                "with_timestamps(watermarks=...) expects sw.watermarks.BoundedOutOfOrderness(...) "
-                f"or sw.watermarks.Monotonic(), got {watermarks!r}"
-            )
-        bound = round(watermarks.bound * 1_000_000)
-        idle = None if idle_timeout is None else positive_seconds(idle_timeout, "idle_timeout")
-        adv = (
-            None
-            if advance_when_idle is None
-            else positive_seconds(advance_when_idle, "advance_when_idle")
+        node = windows.with_timestamps(
+            self,
+            fn,
+            max_out_of_orderness,
+            watermarks=watermarks,
+            idle_timeout=idle_timeout,
+            advance_when_idle=advance_when_idle,
+            name=name,
+            on_error=on_error,
         )
-        policy = check_policy(on_error, "with_timestamps()")
-        spec = WithTimestampsSpec(
-            fn, bound, idle_timeout=idle, advance_when_idle=adv, on_error=policy
-        )
-        node = self._derive(spec, name, f"with_timestamps_{_fn_label(fn)}", timestamped=True)
         return self._wrap(node)  # type: ignore[no-any-return]
 
     def window(
@@ -787,24 +388,10 @@ class Stream(Generic[T]):
         half-open, ``[start, end)``, and fire when the watermark reaches ``end``; see
         docs/windows.md for lateness, early firing and processing time.
         """
-        if not isinstance(assigner, Tumbling | Sliding | Session):
-            raise TypeError(
-                "window() expects sw.windows.Tumbling(...), Sliding(...) or Session(...), "
-                f"got {assigner!r}"
-            )
-        if time not in ("event", "processing"):
-            raise ValueError(f"window(time=...) must be 'event' or 'processing', got {time!r}")
-        if time == "event" and not self.node.timestamped:
-            raise FlowDefinitionError(
-                f"window(): the stream from {self.node.describe()} has no event time; call "
-                ".with_timestamps(fn, max_out_of_orderness) before it, or use "
-                "window(..., time='processing')"
-            )
-        lateness = non_negative_seconds(allowed_lateness, "allowed_lateness")
-        early = None if early_every is None else positive_seconds(early_every, "early_every")
-        return WindowedStream(
-            self, assigner, round(lateness * 1_000_000), early, time == "processing"
+        lateness, early, processing = windows.window_args(
+            self, assigner, allowed_lateness, early_every, time
         )
+        return WindowedStream(self, assigner, lateness, early, processing)
 
     def sink(
         self,
@@ -821,7 +408,7 @@ class Stream(Generic[T]):
         hold records back (``when_open="wait"``: backpressure) or dead-letter them
         (``"dead_letter"``, with ``on_error=sw.DeadLetter(...)``).
         """
-        self.flow._add_sink(sink, [self.node], name, on_error, breaker, when_open)
+        io.add_sink(self, sink, name, on_error, breaker, when_open)
 
 
 class KeyedStream(Stream[T], Generic[K, T]):
@@ -860,19 +447,7 @@ class KeyedStream(Stream[T], Generic[K, T]):
         ...     lambda s: s.key_by(lambda x: x % 2).stateful_map(total), [1, 2, 3, 4])
         [1, 2, 4, 6]
         """
-        _check_callable(fn, "stateful_map")
-        policy = check_policy(on_error, "stateful_map()")
-        t = as_ttl(ttl, "stateful_map(ttl=...)")
-        timestamped = self.node.timestamped
-        if t is not None and t.time == "event" and not timestamped:
-            raise FlowDefinitionError(
-                f"stateful_map(ttl=TTL(..., time='event')): the stream from "
-                f"{self.node.describe()} has no event time; call .with_timestamps(...) "
-                "before it, or use a processing-time TTL"
-            )
-        spec = StatefulMapSpec(fn, ttl=t, on_error=policy, timestamped=timestamped)
-        node = self._derive(spec, name, f"stateful_map_{_fn_label(fn)}")
-        return KeyedStream(self.flow, node)
+        return KeyedStream(self.flow, keyed.stateful_map(self, fn, name, ttl, on_error))
 
     def process(
         self,
@@ -904,58 +479,9 @@ class KeyedStream(Stream[T], Generic[K, T]):
         ...     lambda s: s.key_by(len).process(FirstOfEach), ["a", "bb", "c", "dd", "eee"])
         [(1, 'a'), (2, 'bb'), (3, 'eee')]
         """
-        factory, has_timer = process_factory(fn)
-        policy = check_policy(on_error, "process()")
-        spec = KeyedProcessSpec(
-            factory,
-            on_error=policy,
-            timestamped=self.node.timestamped,
-            processing_timers=has_timer,
-        )
-        return KeyedStream(self.flow, self._derive(spec, name, f"process_{_fn_label(fn)}"))
+        return KeyedStream(self.flow, keyed.process(self, fn, name, on_error))
 
     # -- joins (docs/joins.md) ---------------------------------------------------------
-
-    def _join(
-        self,
-        other: object,
-        spec: JoinSpec,
-        method: str,
-        name: str | None,
-        *,
-        event_time: bool = True,
-    ) -> Node:
-        """Add the two-input join ``spec`` of this stream (input 0) and ``other`` (1)."""
-        if not isinstance(other, Stream):
-            raise TypeError(
-                f"{method}() expects a keyed stream to join with, got {type(other).__name__} "
-                f"{other!r}"
-            )
-        if other.flow is not self.flow:
-            raise FlowDefinitionError(
-                f"{method}(): {other!r} belongs to flow {other.flow.name!r}, not {self.flow.name!r}"
-            )
-        if other.node is self.node:
-            raise FlowDefinitionError(f"{method}(): a stream cannot be joined with itself")
-        for side, s in (("left", self), ("right", other)):
-            if not s.node.keyed:
-                raise FlowDefinitionError(
-                    f"{method}(): the {side} input, the stream from {s.node.describe()}, has "
-                    "no keys; call .key_by(fn) on it first (both inputs are joined by key)"
-                )
-            if event_time and not s.node.timestamped:
-                raise FlowDefinitionError(
-                    f"{method}(): the {side} input, the stream from {s.node.describe()}, has "
-                    "no event time; call .with_timestamps(fn, max_out_of_orderness) on it first"
-                )
-        return self.flow._add(
-            spec,
-            [self.node, other.node],
-            name,
-            f"{method}_{other.node.name}",
-            keyed=True,
-            timestamped=event_time or self.node.timestamped,
-        )
 
     def window_join(
         self,
@@ -985,16 +511,9 @@ class KeyedStream(Stream[T], Generic[K, T]):
         >>> out.items
         [(('a', 1), ('a', 3)), (('b', 2), None)]
         """
-        if not isinstance(assigner, Tumbling | Sliding | Session):
-            raise TypeError(
-                "window_join() expects sw.windows.Tumbling(...), Sliding(...) or "
-                f"Session(...), got {assigner!r}"
-            )
-        if how not in ("inner", "left", "full"):
-            raise ValueError(f"window_join(how=...) must be 'inner', 'left' or 'full', got {how!r}")
-        lateness = _ticks_of(allowed_lateness, "window_join(allowed_lateness=...)")
-        spec = WindowJoinSpec(assigner, how, lateness)
-        return JoinedStream(self.flow, self._join(other, spec, "window_join", name))
+        spec = joins.window_join_spec(assigner, how, allowed_lateness)
+        node = joins.join(self, _joinable(other, "window_join"), spec, "window_join", name)
+        return JoinedStream(self.flow, node)
 
     def interval_join(
         self,
@@ -1027,15 +546,9 @@ class KeyedStream(Stream[T], Generic[K, T]):
         >>> sorted(out.items, key=str)
         [(('a', 10), ('a', 9)), (('b', 10), None)]
         """
-        if how not in ("inner", "left"):
-            raise ValueError(f"interval_join(how=...) must be 'inner' or 'left', got {how!r}")
-        lo = _ticks_of(lower, "interval_join(lower=...)", signed=True)
-        hi = _ticks_of(upper, "interval_join(upper=...)", signed=True)
-        if lo > hi:
-            raise ValueError(f"interval_join(): lower ({lower!r}) must be <= upper ({upper!r})")
-        lateness = _ticks_of(allowed_lateness, "interval_join(allowed_lateness=...)")
-        spec = IntervalJoinSpec(lo, hi, how, lateness)
-        return JoinedStream(self.flow, self._join(other, spec, "interval_join", name))
+        spec = joins.interval_join_spec(lower, upper, how, allowed_lateness)
+        node = joins.join(self, _joinable(other, "interval_join"), spec, "interval_join", name)
+        return JoinedStream(self.flow, node)
 
     def asof_join(
         self,
@@ -1067,12 +580,9 @@ class KeyedStream(Stream[T], Generic[K, T]):
         >>> out.items
         [(('x', 5), ('x', 4, 100.0)), (('x', 9), ('x', 8, 101.5)), (('y', 9), None)]
         """
-        if how not in ("inner", "left"):
-            raise ValueError(f"asof_join(how=...) must be 'inner' or 'left', got {how!r}")
-        tol = None if tolerance is None else _ticks_of(tolerance, "asof_join(tolerance=...)")
-        lateness = _ticks_of(allowed_lateness, "asof_join(allowed_lateness=...)")
-        spec = AsOfJoinSpec(how, lateness, tolerance=tol)
-        return JoinedStream(self.flow, self._join(other, spec, "asof_join", name))
+        spec = joins.asof_join_spec(tolerance, how, allowed_lateness)
+        node = joins.join(self, _joinable(other, "asof_join"), spec, "asof_join", name)
+        return JoinedStream(self.flow, node)
 
     def temporal_join(
         self,
@@ -1110,26 +620,17 @@ class KeyedStream(Stream[T], Generic[K, T]):
         (('EUR', 7, 20.0), ('EUR', 5, 1.12))
         (('GBP', 7, 5.0), None)
         """
-        if how not in ("inner", "left"):
-            raise ValueError(f"temporal_join(how=...) must be 'inner' or 'left', got {how!r}")
-        if is_delete is not None:
-            _check_callable(is_delete, "temporal_join(is_delete=...)")
-        if time == "processing":
-            if allowed_lateness:
-                raise TypeError(
-                    "temporal_join(time='processing') does not wait for watermarks: "
-                    "allowed_lateness has no meaning there"
-                )
-            spec: JoinSpec = LatestJoinSpec(how, is_delete)
-            node = self._join(table, spec, "temporal_join", name, event_time=False)
-            return KeyedStream(self.flow, node)
-        if time != "event":
-            raise ValueError(
-                f"temporal_join(time=...) must be 'event' or 'processing', got {time!r}"
-            )
-        lateness = _ticks_of(allowed_lateness, "temporal_join(allowed_lateness=...)")
-        spec = TemporalJoinSpec(how, lateness, tolerance=None, is_delete=is_delete)
-        return JoinedStream(self.flow, self._join(table, spec, "temporal_join", name))
+        spec = joins.temporal_join_spec(is_delete, how, time, allowed_lateness)
+        event_time = time != "processing"
+        node = joins.join(
+            self,
+            _joinable(table, "temporal_join"),
+            spec,
+            "temporal_join",
+            name,
+            event_time=event_time,
+        )
+        return JoinedStream(self.flow, node) if event_time else KeyedStream(self.flow, node)
 
     def lookup_join(
         self,
@@ -1162,46 +663,19 @@ class KeyedStream(Stream[T], Generic[K, T]):
         ...     [("c1", 10), ("c3", 5), ("c1", 7)])
         [(('c1', 10), 'Ada'), (('c3', 5), None), (('c1', 7), 'Ada')]
         """
-        if not inspect.iscoroutinefunction(fetch) and not inspect.iscoroutinefunction(
-            getattr(fetch, "__call__", None)  # noqa: B004 - an async callable object
-        ):
-            raise TypeError(
-                f"lookup_join() expects an async function fetch(key) (async def), got {fetch!r}"
-            )
-        if how not in ("inner", "left"):
-            raise ValueError(f"lookup_join(how=...) must be 'inner' or 'left', got {how!r}")
-        size = _positive_int(cache_size, "lookup_join cache_size")
-        ttl_s = None if ttl is None else positive_seconds(ttl, "lookup_join ttl")
-        if isinstance(concurrency, bool) or not isinstance(concurrency, int | Adaptive):
-            raise TypeError(
-                "lookup_join(concurrency=...) must be an int or sw.Adaptive(...), "
-                f"got {concurrency!r}"
-            )
-        if isinstance(concurrency, int):
-            _positive_int(concurrency, "lookup_join concurrency")
-        policy = check_policy(on_error, "lookup_join()")
-        _check_breaker(breaker, when_open, policy, "lookup_join")
-        spec = LookupJoinSpec(
+        node = joins.lookup_join(
+            self,
             fetch,
-            cache_size=size,
-            ttl=ttl_s,
+            how=how,
+            cache_size=cache_size,
+            ttl=ttl,
             concurrency=concurrency,
-            ordered=True,
-            timeout=None if timeout is None else positive_seconds(timeout, "lookup_join timeout"),
+            timeout=timeout,
             breaker=breaker,
             when_open=when_open,
-            on_error=policy,
+            name=name,
+            on_error=on_error,
         )
-        node = self._derive(spec, name, f"lookup_join_{_fn_label(fetch)}")
-        if how == "inner":
-            node = self.flow._add(
-                FilterSpec(_has_row, Fail()),
-                [node],
-                None,
-                f"{node.name}_found",
-                keyed=True,
-                timestamped=node.timestamped,
-            )
         return KeyedStream(self.flow, node)
 
 
@@ -1234,41 +708,31 @@ class WindowedStream:
     ) -> WindowResultStream:
         """``aggregate(sw.agg.count())`` (value: the count) or ``aggregate(n=sw.agg.count(),
         total=sw.agg.sum(f))`` (value: a dict of the named results)."""
-        if agg and named:
-            raise TypeError("aggregate(): give one aggregator, or named ones, not both")
-        if len(agg) > 1:
-            raise TypeError(
-                "aggregate(): several aggregators need names, e.g. aggregate(n=sw.agg.count(), "
-                "total=sw.agg.sum(f))"
-            )
-        if not agg and not named:
-            raise TypeError("aggregate() needs an aggregator, e.g. aggregate(sw.agg.count())")
-        if agg:
-            return self._build(Aggregation(agg, None), name, "aggregate")
-        return self._build(Aggregation(list(named.values()), list(named)), name, "aggregate")
+        return self._build(windows.aggregation(agg, named), name, "aggregate")
 
     def reduce(
         self, fn: Callable[[Any, Any], Any], *, name: str | None = None
     ) -> WindowResultStream:
         """Combine a window's records pairwise with ``fn(a, b)``; value: the reduction."""
-        return self._build(Aggregation([Reduce(fn)], None), name, f"reduce_{_fn_label(fn)}")
+        return self._build(Aggregation([Reduce(fn)], None), name, f"reduce_{fn_label(fn)}")
 
     def apply(
         self, fn: Callable[[list[Any]], Any], *, name: str | None = None
     ) -> WindowResultStream:
         """``fn(records)`` over all of a window's records (held in memory until it fires)."""
-        return self._build(Aggregation([Apply(fn)], None), name, f"apply_{_fn_label(fn)}")
+        return self._build(Aggregation([Apply(fn)], None), name, f"apply_{fn_label(fn)}")
 
     def _build(self, aggregation: Aggregation, name: str | None, what: str) -> WindowResultStream:
-        spec = WindowSpec(
+        node = windows.window(
+            self._stream,
             self._assigner,
             aggregation,
             lateness=self._lateness,
             early_every=self._early,
             processing_time=self._processing,
+            name=name,
+            what=what,
         )
-        label = type(self._assigner).__name__.lower()
-        node = self._stream._derive(spec, name, f"window_{label}_{what}", timestamped=True)
         return WindowResultStream(self._stream.flow, node)
 
 
@@ -1282,24 +746,8 @@ class WindowResultStream(KeyedStream[Any, Any]):
     def late(self) -> Stream[Any]:
         """The records that arrived after their window closed, as ``sw.LateRecord``."""
         if self._late is None:
-            self._late = _late_port(self)
+            self._late = Stream(self.flow, windows.late_port(self))
         return self._late
-
-
-def _late_port(stream: KeyedStream[Any, Any]) -> Stream[Any]:
-    """The late-record side output of a window or join operator (its last child)."""
-    spec = stream.node.spec
-    assert isinstance(spec, WindowSpec | JoinSpec)
-    spec.late_output = True
-    port = stream.flow._add(
-        LateOutputSpec(1),
-        [stream.node],
-        None,
-        f"{stream.node.name}_late",
-        keyed=stream.node.keyed,
-        timestamped=True,
-    )
-    return Stream(stream.flow, port)
 
 
 class JoinedStream(KeyedStream[Any, Any]):
@@ -1312,19 +760,14 @@ class JoinedStream(KeyedStream[Any, Any]):
     def late(self) -> Stream[Any]:
         """The input records that arrived too late to join, as ``sw.joins.LateJoinRecord``."""
         if self._late is None:
-            self._late = _late_port(self)
+            self._late = Stream(self.flow, windows.late_port(self))
         return self._late
 
 
-def _has_row(pair: tuple[Any, Any]) -> bool:
-    return pair[1] is not None
-
-
-def _ticks_of(value: object, what: str, *, signed: bool = False) -> int:
-    """A duration (seconds or timedelta) in integer microseconds; negative only if
-    ``signed``."""
-    s = seconds_of(value, what)
-    if not math.isfinite(s) or (s < 0 and not signed):
-        rule = "finite" if signed else "finite and >= 0 seconds"
-        raise ValueError(f"{what} must be {rule}, got {value!r}")
-    return round(s * 1_000_000)
+def _joinable(other: object, method: str) -> Stream[Any]:
+    """``other`` as the second input of a join: a stream (the join checks the rest)."""
+    if not isinstance(other, Stream):
+        raise TypeError(
+            f"{method}() expects a keyed stream to join with, got {type(other).__name__} {other!r}"
+        )
+    return other
