@@ -79,6 +79,7 @@ __all__ = [
     "pack",
     "part_context",
     "unpack",
+    "unpacked",
     "verify",
 ]
 
@@ -100,6 +101,7 @@ _ENGINE_TYPE_NAMES: Final = (
     "sluiceway.core.delta.Incremental",
     "sluiceway.checkpoint.codec.Packed",
     "sluiceway.agg._Empty",
+    "sluiceway.state._Upserts",  # keyed state's key -> entry dict: reduces to unpacked(Packed)
 )
 
 # Standard types whose pickled form is data: built from plain arguments, nothing else.
@@ -320,6 +322,7 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
         (obj.__module__, obj.__qualname__): obj for obj in (*_engine_types(), *_BUILTIN_GLOBALS)
     }
     allowed[(__name__, "_user")] = _user
+    allowed[(__name__, "unpacked")] = unpacked
     return allowed
 
 
@@ -430,6 +433,15 @@ def unpack(packed: Packed | bytes) -> Any:
     if isinstance(packed, bytes):
         return pickle.loads(packed)  # an old checkpoint restored under an explicit trust
     raise TypeError(f"not a packed value: {type(packed).__name__}")
+
+
+def unpacked(packed: Packed) -> Any:
+    """:func:`unpack` of a :class:`Packed` only: what an engine type's ``__reduce__`` may
+    name to be rebuilt from a packed value (the engine layer may call it; it never
+    unpickles bare bytes)."""
+    if not isinstance(packed, Packed):
+        raise TypeError(f"not a packed value: {type(packed).__name__}")
+    return _decode_body(memoryview(packed.data))
 
 
 def _decode_body(body: memoryview) -> Any:
