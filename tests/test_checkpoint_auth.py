@@ -239,7 +239,10 @@ def test_a_wrong_key_is_refused_naming_the_way_out_and_the_right_key_restores(
     message = str(refused.value)
     a, b = CheckpointKey.of(KEY_A).id, CheckpointKey.of(KEY_B).id
     assert f"checkpoint {latest['id']} of flow {FLOW!r}" in message
-    assert f"operator 'count': wrong key: it is signed with key {a}" in message
+    assert (
+        f"operators 'count', 'key', 'out', 'src': wrong key: it is signed with key {a}, "
+        "which is not among the keys available here" in message
+    )
     assert f"key {b} from the environment variable {ENV_KEY}" in message
     assert "add it on a later line of the key file" in message
     assert "SLUICEWAY_CHECKPOINT_KEY_FILE" in message

@@ -378,8 +378,7 @@ def verify(data: bytes, keys: KeyRing | None, context: bytes) -> Verdict:
     if key is None:
         return Verdict(
             PartStatus.WRONG_KEY,
-            f"it is signed with key {key_id}, which is not among the keys available "
-            f"({keys.describe()})",
+            f"it is signed with key {key_id}, which is not among the keys available here",
             key_id,
         )
     view = memoryview(data)
@@ -540,8 +539,12 @@ def open_checkpoint(
 
 
 def _refusal(where: str, failed: Mapping[str, Verdict], keys: KeyRing | None, fixes: str) -> str:
+    same: dict[tuple[PartStatus, str], list[str]] = {}
+    for name, v in failed.items():
+        same.setdefault((v.status, v.reason), []).append(repr(name))
     parts = "; ".join(
-        f"operator {name!r}: {v.status.value}: {v.reason}" for name, v in failed.items()
+        f"operator{'s' if len(names) > 1 else ''} {', '.join(names)}: {status.value}: {reason}"
+        for (status, reason), names in same.items()
     )
     statuses = {v.status for v in failed.values()}
     advice: list[str] = []
