@@ -658,3 +658,30 @@ def test_the_engines_own_state_is_data_only(
     for part in parts:
         assert part["auth"] == "ok"
         assert part["user_types"] == [], part
+
+
+def test_list_without_any_key_creates_none_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckdir, out = tmp_path / "ckpt", tmp_path / "out.jsonl"
+    key_file = tmp_path / "k"
+    key_file.write_text(KEY_A)
+    key_file.chmod(0o600)
+    stop_midway(out, sw.Checkpoints(ckdir, interval=0.25, key_file=key_file))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "fresh"))
+    assert cli.main(["checkpoints", "list", str(ckdir)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    a = CheckpointKey.of(KEY_A).id
+    assert f"wrong key: operator 'count': it is signed with key {a}" in lines[1]
+    assert "and no checkpoint key is available here" in lines[1]
+    assert lines[-1].startswith("no checkpoint key here (none configured, no default key yet)")
+    assert not (tmp_path / "fresh").exists()
+    # With the key given on the command line, every checkpoint verifies.
+    assert cli.main(["checkpoints", "list", str(ckdir), "--key-file", str(key_file)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert all(line.endswith("  ok") for line in lines[1:-2])
+    assert lines[-1] == f"signatures checked with key {a} from the key file {key_file}"
+    assert cli.main(["checkpoints", "inspect", str(ckdir), "--key-file", str(key_file)]) == 0
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()}
+    assert rows["count"][-2:] == ["5", f"({__name__}.Tally)"]  # 5 keys' Tally objects
+    assert rows["src"][-2:] == ["ok", "-"]  # a position: data only
