@@ -40,6 +40,7 @@ from sluiceway.checkpoint.keys import (
     default_key_path,
     load_keys,
 )
+from sluiceway.core.delta import Changes, Incremental
 from test_checkpoints import FLOWS, _run_until, records
 
 KEY_A = "a" * 20 + "-first-key-of-the-test"
@@ -619,6 +620,10 @@ def test_round_trip_of_data_and_user_objects() -> None:
             collections.Counter("aab"),
         ),
         "ttl": sw.state.TTL(5, time="event"),
+        "changes": Incremental(
+            {None: Changes(False, {"k": [1]}, frozenset({"gone"}), extra={"wm": 1.5})},
+            dropped=frozenset({3}),
+        ),
         "user": [shared, shared, Point(3, 4)],
         "packed": codec.pack({"inner": Point(5, 6)}),
     }
