@@ -180,7 +180,7 @@ def load_keys(
     """
     env = os.environ if env is None else env
     if key_file is not None:
-        return _from_file(Path(key_file), "the key file", checkpoint_dir)
+        return _from_file(Path(key_file).expanduser(), "the key file", checkpoint_dir)
     text = env.get(ENV_KEY)
     path = env.get(ENV_KEY_FILE)
     if text is not None and path is not None:
@@ -193,7 +193,7 @@ def load_keys(
     if path is not None:
         if not path:
             raise CheckpointKeyError(f"{ENV_KEY_FILE} is set but empty; give a key file's path")
-        return _from_file(Path(path), f"the key file ({ENV_KEY_FILE})", checkpoint_dir)
+        return _from_file(Path(path).expanduser(), f"the key file ({ENV_KEY_FILE})", checkpoint_dir)
     default = default_key_path(env)
     if not default.exists():
         if not create:
