@@ -690,3 +690,20 @@ def test_list_without_any_key_creates_none_and_says_so(
     rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()}
     assert rows["count"][-2:] == ["5", f"({__name__}.Tally)"]  # 5 keys' Tally objects
     assert rows["src"][-2:] == ["ok", "-"]  # a position: data only
+
+
+def test_a_forgery_is_named_as_such_even_when_its_operators_do_not_match_the_flow(
+    tmp_path: Path,
+) -> None:
+    """Verification comes before everything else a restart checks: a forged checkpoint
+    with made-up operators is a CheckpointAuthError, not 'a different version of the
+    flow' (which would hide the attack)."""
+    ckdir, out, marker = tmp_path / "ckpt", tmp_path / "out.jsonl", tmp_path / "pwned"
+    ckpt = sw.Checkpoints(ckdir, interval=0.25)
+    stop_midway(out, ckpt)
+    with CheckpointStore(ckdir) as store:
+        evil = OperatorState("x", "map", pickle.dumps(Payload(marker)))
+        store.save(FLOW, store.next_id(FLOW), {"x": evil}, created=0.0, duration=0.0)
+    with pytest.raises(sw.CheckpointAuthError, match="operator 'x': unauthenticated"):
+        run_to_end(out, ckpt)
+    assert not marker.exists()

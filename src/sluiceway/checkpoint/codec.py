@@ -81,6 +81,7 @@ __all__ = [
     "unpack",
     "unpacked",
     "verify",
+    "verify_checkpoint",
 ]
 
 MAGIC: Final = b"SLWCKP"
@@ -478,6 +479,40 @@ class _EngineUnpickler(pickle.Unpickler):
 # -- a whole checkpoint -------------------------------------------------------------------
 
 
+def verify_checkpoint(
+    states: Mapping[str, OperatorState],
+    keys: KeyRing | None,
+    *,
+    flow: str,
+    where: str,
+    fixes: str,
+    trust_unauthenticated: bool = False,
+) -> dict[str, Verdict]:
+    """Verify every part of a checkpoint; decodes nothing.
+
+    Args: as :func:`open_checkpoint`.
+
+    Returns:
+        Each part's verdict (all ok, or unauthenticated and trusted).
+
+    Raises:
+        CheckpointAuthError: some part does not verify; every failing part is named,
+            with why, the keys tried and what to do.
+    """
+    verdicts = {
+        name: verify(st.data, keys, part_context(flow, name, st.kind))
+        for name, st in sorted(states.items())
+    }
+    failed = {
+        name: v
+        for name, v in verdicts.items()
+        if not v.ok and not (trust_unauthenticated and v.status is PartStatus.UNAUTHENTICATED)
+    }
+    if failed:
+        raise CheckpointAuthError(_refusal(where, failed, keys, fixes))
+    return verdicts
+
+
 def open_checkpoint(
     states: Mapping[str, OperatorState],
     keys: KeyRing | None,
@@ -509,17 +544,14 @@ def open_checkpoint(
             with why; nothing was decoded.
         CheckpointError: a verified part cannot be decoded (a class it holds is gone).
     """
-    verdicts = {
-        name: verify(st.data, keys, part_context(flow, name, st.kind))
-        for name, st in sorted(states.items())
-    }
-    failed = {
-        name: v
-        for name, v in verdicts.items()
-        if not v.ok and not (trust_unauthenticated and v.status is PartStatus.UNAUTHENTICATED)
-    }
-    if failed:
-        raise CheckpointAuthError(_refusal(where, failed, keys, fixes))
+    verdicts = verify_checkpoint(
+        states,
+        keys,
+        flow=flow,
+        where=where,
+        fixes=fixes,
+        trust_unauthenticated=trust_unauthenticated,
+    )
     trusted = [n for n, v in verdicts.items() if v.status is PartStatus.UNAUTHENTICATED]
     if trusted and warn is not None:
         warn(

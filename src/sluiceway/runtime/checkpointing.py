@@ -205,6 +205,7 @@ class Coordinator:
         self.next_id = self.store.next_id(self.flow.name)
         if ckpt is None:
             return None
+        codec.verify_checkpoint(ckpt.states, self.keys, **self._auth(ckpt))  # before all else
         self._check_compatible(ckpt)
         ckpt, values = self._committed(ckpt)
         where = f"checkpoint {ckpt.info.id} in {self.store.path}"
@@ -219,18 +220,19 @@ class Coordinator:
 
     def _load(self, ckpt: Checkpoint) -> dict[str, Any]:
         """Every part verified under the keys, then (only if all verify) decoded."""
+        return codec.open_checkpoint(ckpt.states, self.keys, **self._auth(ckpt), warn=log.warning)
+
+    def _auth(self, ckpt: Checkpoint) -> dict[str, Any]:
+        """What verifying ``ckpt`` needs beside its parts and the keys."""
         assert self.store is not None
         assert self.config is not None
-        return codec.open_checkpoint(
-            ckpt.states,
-            self.keys,
-            flow=self.flow.name,
-            where=f"checkpoint {ckpt.info.id} of flow {self.flow.name!r} in {self.store.path}",
-            fixes=f"`sluiceway checkpoints reset {shlex.quote(str(self.config.directory))} "
+        return {
+            "flow": self.flow.name,
+            "where": f"checkpoint {ckpt.info.id} of flow {self.flow.name!r} in {self.store.path}",
+            "fixes": f"`sluiceway checkpoints reset {shlex.quote(str(self.config.directory))} "
             f'--flow {shlex.quote(self.flow.name)}` (docs/checkpoints.md, "Security")',
-            trust_unauthenticated=ckpt.info.id == self._trusted(),
-            warn=log.warning,
-        )
+            "trust_unauthenticated": ckpt.info.id == self._trusted(),
+        }
 
     def _trusted(self) -> int | None:
         """The id of the unsigned checkpoint the user chose to trust, if any."""
