@@ -707,3 +707,17 @@ def test_a_forgery_is_named_as_such_even_when_its_operators_do_not_match_the_flo
     with pytest.raises(sw.CheckpointAuthError, match="operator 'x': unauthenticated"):
         run_to_end(out, ckpt)
     assert not marker.exists()
+
+
+def test_no_home_directory_names_the_other_ways_to_give_a_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_home() -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    with pytest.raises(sw.CheckpointKeyError, match="set XDG_CONFIG_HOME, SLUICEWAY_CHECKPOINT"):
+        load_keys(env={})
+    assert default_key_path({"XDG_CONFIG_HOME": "/etc/x"}) == Path(
+        "/etc/x/sluiceway/checkpoint.key"
+    )

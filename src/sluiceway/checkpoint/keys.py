@@ -147,11 +147,23 @@ class KeyRing:
 
 
 def default_key_path(env: Mapping[str, str] | None = None) -> Path:
-    """``$XDG_CONFIG_HOME/sluiceway/checkpoint.key``, by default under ``~/.config``."""
+    """``$XDG_CONFIG_HOME/sluiceway/checkpoint.key``, by default under ``~/.config``.
+
+    Raises:
+        CheckpointKeyError: no ``XDG_CONFIG_HOME`` and no home directory.
+    """
     env = os.environ if env is None else env
     base = env.get("XDG_CONFIG_HOME") or ""
-    root = Path(base) if os.path.isabs(base) else Path.home() / ".config"
-    return root / "sluiceway" / DEFAULT_KEY_FILENAME
+    if os.path.isabs(base):
+        return Path(base) / "sluiceway" / DEFAULT_KEY_FILENAME
+    try:
+        home = Path.home()
+    except RuntimeError as exc:  # no HOME and no password entry (some containers)
+        raise CheckpointKeyError(
+            f"cannot find your home directory for the default checkpoint key ({exc}); set "
+            f"XDG_CONFIG_HOME, {ENV_KEY} or {ENV_KEY_FILE}, or pass Checkpoints(key_file=...)"
+        ) from exc
+    return home / ".config" / "sluiceway" / DEFAULT_KEY_FILENAME
 
 
 def generate_key() -> str:
