@@ -16,6 +16,7 @@ import shutil
 import tempfile
 
 from services import own_redis, redis_prefix, redis_url
+from sluiceway.checkpoint.keys import load_keys
 
 _CONFIG_HOME = tempfile.mkdtemp(prefix="sluiceway-tests-config-")
 os.environ["XDG_CONFIG_HOME"] = _CONFIG_HOME
@@ -26,6 +27,9 @@ for _name in (
 ):
     os.environ.pop(_name, None)
 atexit.register(shutil.rmtree, _CONFIG_HOME, ignore_errors=True)
+# The default key, made now: a flow that would create it (two fsyncs) inside a test's
+# timing window -- a stop after 0.2 s of real time -- would start late on a busy machine.
+load_keys()
 
 pytest_plugins = ["pytest_guard"]
 
