@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 
 import sluiceway as sw
-from sluiceway import cli
+from sluiceway import agg, cli
 from sluiceway.checkpoint import CheckpointStore, OperatorState, codec
 from sluiceway.checkpoint.keys import (
     ENV_KEY,
@@ -721,3 +721,15 @@ def test_no_home_directory_names_the_other_ways_to_give_a_key(
     assert default_key_path({"XDG_CONFIG_HOME": "/etc/x"}) == Path(
         "/etc/x/sluiceway/checkpoint.key"
     )
+
+
+def test_the_empty_accumulator_is_itself_after_a_round_trip(tmp_path: Path) -> None:
+    """min/max/first/last/reduce accumulators test ``acc is EMPTY``: a restored window that
+    held no value yet must hold the very same marker, or the next value is compared with
+    a stranger (``x < <empty>``: TypeError) instead of taking its place."""
+    key = KeyRing.parse(KEY_A, source="the test").current
+    ctx = codec.part_context(FLOW, "w", "window")
+    back = codec.decode(codec.encode({"acc": agg.EMPTY}, key, ctx))
+    assert back["acc"] is agg.EMPTY
+    assert pickle.loads(pickle.dumps(agg.EMPTY)) is agg.EMPTY
+    assert agg.max().add(back["acc"], 3) == 3
