@@ -53,6 +53,7 @@ __all__ = [
     "tls_kafka",
     "tls_mosquitto",
     "tls_nats",
+    "tls_nats_token",
     "tls_postgres",
     "tls_rabbitmq",
     "tls_redis",
@@ -205,6 +206,23 @@ class TlsNats(ServerProcess):
     def answers(self) -> bool:
         info = nats_info("127.0.0.1", self.port, timeout=0.2)
         return info is not None and bool(info.get("tls_required"))
+
+
+class TlsNatsToken(TlsNats):
+    """``nats-server`` with JetStream, TLS required and a token login (``PASSWORD``)."""
+
+    def command(self) -> list[str]:
+        c = self.certs
+        conf = self.dir / "nats.conf"
+        conf.write_text(
+            f"listen: 127.0.0.1:{self.port}\n"
+            f'jetstream {{ store_dir: "{self.dir / "store"}" }}\n'
+            f'tls {{ cert_file: "{c.server_cert}", key_file: "{c.server_key}", '
+            f'ca_file: "{c.ca}", timeout: 2 }}\n'
+            f'authorization {{ token: "{PASSWORD}" }}\n',
+            encoding="utf-8",
+        )
+        return [self.binary, "-c", str(conf), "-l", str(self.dir / self.log_name)]
 
 
 # -- Mosquitto ---------------------------------------------------------------------------
@@ -454,6 +472,11 @@ def tls_redis(tls_certs: Certs) -> Iterator[TlsRedis]:
 @pytest.fixture(scope="session")
 def tls_nats(tls_certs: Certs) -> Iterator[TlsNats]:
     yield from _start(TlsNats, tls_certs)
+
+
+@pytest.fixture(scope="session")
+def tls_nats_token(tls_certs: Certs) -> Iterator[TlsNatsToken]:
+    yield from _start(TlsNatsToken, tls_certs)
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,7 @@ from services_tls import (
     TlsKafka,
     TlsMosquitto,
     TlsNats,
+    TlsNatsToken,
     TlsPostgres,
     TlsRabbitMQ,
     TlsRedis,
@@ -32,6 +33,7 @@ from services_tls import (
     tls_kafka,
     tls_mosquitto,
     tls_nats,
+    tls_nats_token,
     tls_postgres,
     tls_rabbitmq,
     tls_redis,
@@ -48,6 +50,7 @@ __all__ = [
     "tls_kafka",
     "tls_mosquitto",
     "tls_nats",
+    "tls_nats_token",
     "tls_postgres",
     "tls_rabbitmq",
     "tls_redis",
@@ -237,6 +240,33 @@ def test_nats_refuses_clearly(
     text = open_fails(sink(nats_url), caplog, "does not speak TLS", plain)
     assert "no credentials were sent" in text
     open_fails(sink(tls=Tls(ca="missing-ca.pem")), caplog, "missing-ca.pem")
+
+
+def test_nats_over_tls_with_a_token_moves_records_and_refuses_a_wrong_one(
+    tls_nats_token: TlsNatsToken,
+    tls_certs: Certs,
+    password_env: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A token login (the token comes from the environment); a wrong token is refused
+    naming the server, and neither token is printed."""
+    tag = uuid.uuid4().hex[:8]
+    stream, subject = f"TOK{tag}", f"tok{tag}.in"
+    tls = Tls(ca=tls_certs.ca)
+    token = Secret.env(password_env)
+    first = sw.sources.NatsJetStream(
+        tls_nats_token.url, stream, subject, durable="d", create_stream=True,
+        stop_after_idle=0.2, tls=tls, token=token,
+    )  # fmt: skip
+    assert run_source(first) == []
+    run_sink(sw.sinks.NatsJetStream(tls_nats_token.url, subject, tls=tls, token=token), [1, 2])
+    source = sw.sources.NatsJetStream(
+        tls_nats_token.url, stream, subject, durable="d", stop_after_idle=0.3, tls=tls,
+        token=token,
+    )  # fmt: skip
+    assert run_source(source) == [1, 2]
+    wrong = sw.sinks.NatsJetStream(tls_nats_token.url, "tok.x", tls=tls, token="wrong-" + PASSWORD)
+    open_fails(wrong, caplog, "login was refused", f"127.0.0.1:{tls_nats_token.port}")
 
 
 def test_nats_login_options_are_checked() -> None:
