@@ -6,6 +6,7 @@ with a clear ``ConnectorOpenError`` naming the server; no password is ever shown
 from __future__ import annotations
 
 import logging
+import os
 import re
 import ssl
 import uuid
@@ -25,6 +26,7 @@ from services_tls import (
     TlsKafka,
     TlsMosquitto,
     TlsNats,
+    TlsNatsNkey,
     TlsNatsToken,
     TlsPostgres,
     TlsRabbitMQ,
@@ -33,6 +35,7 @@ from services_tls import (
     tls_kafka,
     tls_mosquitto,
     tls_nats,
+    tls_nats_nkey,
     tls_nats_token,
     tls_postgres,
     tls_rabbitmq,
@@ -50,6 +53,7 @@ __all__ = [
     "tls_kafka",
     "tls_mosquitto",
     "tls_nats",
+    "tls_nats_nkey",
     "tls_nats_token",
     "tls_postgres",
     "tls_rabbitmq",
@@ -267,6 +271,33 @@ def test_nats_over_tls_with_a_token_moves_records_and_refuses_a_wrong_one(
     assert run_source(source) == [1, 2]
     wrong = sw.sinks.NatsJetStream(tls_nats_token.url, "tok.x", tls=tls, token="wrong-" + PASSWORD)
     open_fails(wrong, caplog, "login was refused", f"127.0.0.1:{tls_nats_token.port}")
+
+
+def test_nats_over_tls_with_an_nkey_moves_records_and_refuses_another_key(
+    tls_nats_nkey: TlsNatsNkey, tls_certs: Certs, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An NKEY login from a seed file; a seed the server does not know is refused naming
+    the server."""
+    import nkeys  # noqa: PLC0415 - the fixture skips without it
+
+    tag = uuid.uuid4().hex[:8]
+    stream, subject = f"NK{tag}", f"nk{tag}.in"
+    tls, seed = Tls(ca=tls_certs.ca), str(tls_nats_nkey.seed_file)
+    first = sw.sources.NatsJetStream(
+        tls_nats_nkey.url, stream, subject, durable="d", create_stream=True,
+        stop_after_idle=0.2, tls=tls, nkeys_seed=seed,
+    )  # fmt: skip
+    assert run_source(first) == []
+    run_sink(sw.sinks.NatsJetStream(tls_nats_nkey.url, subject, tls=tls, nkeys_seed=seed), [5])
+    source = sw.sources.NatsJetStream(
+        tls_nats_nkey.url, stream, subject, durable="d", stop_after_idle=0.3, tls=tls,
+        nkeys_seed=seed,
+    )  # fmt: skip
+    assert run_source(source) == [5]
+    stranger = tmp_path / "stranger.nk"
+    stranger.write_bytes(nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER))
+    wrong = sw.sinks.NatsJetStream(tls_nats_nkey.url, "nk.x", tls=tls, nkeys_seed=str(stranger))
+    open_fails(wrong, caplog, "login was refused", f"127.0.0.1:{tls_nats_nkey.port}")
 
 
 def test_nats_login_options_are_checked() -> None:
