@@ -1,0 +1,343 @@
+"""Keyed state on disk: ``sw.state.OnDisk``, SQLite files behind a bounded cache of hot keys.
+
+The in-memory dict (``sw.state.InMemory()``, the default) holds every key's state in the
+process.  ``OnDisk`` keeps it in one SQLite file per operator and partition (WAL journal)
+and holds at most ``cache_keys`` keys in memory: the keys read or written lately.  Writes
+stay in the cache (dirty) and go to the file in one transaction at a checkpoint barrier
+or when the dirty keys pass half the cache (write-back); clean keys are dropped least
+recently used first.
+
+The files are a cache of the state, not its truth: a checkpoint holds the state (whole or
+as change sets, like the in-memory backend's), a restore writes it into fresh files, and
+the files are deleted when the flow ends.  Why SQLite: docs/state.md ("Backends").
+
+>>> import sluiceway as sw
+>>> def count(n, word):
+...     n = (n or 0) + 1
+...     return n, (word, n)
+>>> sw.testing.run_collect(
+...     lambda s: s.key_by(lambda w: w).stateful_map(
+...         count, state=sw.state.OnDisk(cache_keys=2)), ["a", "b", "c", "a", "b"])
+[('a', 1), ('b', 1), ('c', 1), ('a', 2), ('b', 2)]
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import sqlite3
+import tempfile
+from collections.abc import Iterable, Iterator, MutableMapping
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from sluiceway.errors import StateStorageError
+
+__all__ = ["DiskMap", "InMemory", "OnDisk", "StateBackend", "open_run_dir"]
+
+
+@dataclass(frozen=True, slots=True)
+class InMemory:
+    """Keyed state in a dict in the process (the default): the fastest; every key's
+    state must fit in memory.
+
+    >>> InMemory()
+    InMemory()
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class OnDisk:
+    """Keyed state in SQLite files with a bounded cache of hot keys in front.
+
+    Args:
+        path: the directory for the files (a fresh sub-directory per run is made in it
+            and deleted at the end of the run); None: a temporary directory.
+        cache_keys: keys held in memory at most (> 0): hot keys are served from memory;
+            others cost a read from the file (the OS page cache usually has it).
+
+    Keys must pickle to the same bytes whenever they are equal (str, int, bytes, tuples
+    of these: the usual keys); values anything picklable.  TTL deadlines and pending
+    timers stay in memory (see docs/state.md, "Sizing").
+
+    >>> OnDisk(cache_keys=10_000)
+    OnDisk(path=None, cache_keys=10000)
+    >>> OnDisk(cache_keys=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: OnDisk(cache_keys=...) must be an int > 0, got 0
+    """
+
+    path: str | os.PathLike[str] | None = None
+    cache_keys: int = 100_000
+
+    def __post_init__(self) -> None:
+        n = self.cache_keys
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise ValueError(f"OnDisk(cache_keys=...) must be an int > 0, got {n!r}")
+        if self.path is not None and not isinstance(self.path, str | os.PathLike):
+            raise TypeError(f"OnDisk(path=...) must be a directory path or None, got {self.path!r}")
+
+
+StateBackend = InMemory | OnDisk
+
+
+def as_backend(state: object, what: str) -> StateBackend:
+    """``state=`` as users give it: None (the in-memory default), InMemory() or OnDisk()."""
+    if state is None:
+        return InMemory()
+    if isinstance(state, InMemory | OnDisk):
+        return state
+    raise TypeError(
+        f"{what} must be sw.state.InMemory() or sw.state.OnDisk(path=..., cache_keys=...), "
+        f"got {state!r}"
+    )
+
+
+def open_run_dir(backend: OnDisk, operator: str) -> Path:
+    """A fresh directory for one operator's files in this run (deleted by :meth:`DiskMap.close`
+    of its last file, see :func:`remove_run_dir`)."""
+    base = None if backend.path is None else Path(backend.path)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in operator)[:60]
+    try:
+        if base is not None:
+            base.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f"sw-state-{safe}-", dir=base))
+    except OSError as exc:
+        where = base if base is not None else Path(tempfile.gettempdir())
+        raise StateStorageError(
+            f"operator {operator!r}: cannot create the on-disk state directory in "
+            f"{str(where)!r}: {type(exc).__name__}: {exc}; give OnDisk(path=...) a "
+            "writable directory"
+        ) from exc
+
+
+def remove_run_dir(path: Path) -> None:
+    """Delete a directory made by :func:`open_run_dir` with everything in it."""
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class _Gone:
+    def __repr__(self) -> str:
+        return "<absent>"
+
+
+_GONE: Any = _Gone()
+"""In the cache: the key has no state (known absent, or deleted and not yet written back)."""
+
+_dumps = pickle.dumps
+_loads = pickle.loads
+_PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+
+class DiskMap(MutableMapping[Any, Any]):
+    """A key -> state mapping kept in one SQLite file, with a bounded cache in front.
+
+    ``dirty``: keys written (or deleted: ``_GONE``) since the last write-back; ``clean``:
+    keys as in the file (or known absent), least recently used first.  Nothing is written
+    to the file while user code runs: :meth:`settle` (after a batch) writes back when the
+    dirty keys pass half the cache, :meth:`write_back` (at a snapshot) always; so a value
+    changed in place during a record is written as it is at the end of the record.
+    """
+
+    def __init__(self, file: Path, cache_keys: int, operator: str) -> None:
+        self.file = file
+        self.operator = operator
+        self.cap = cache_keys
+        self.dirty: dict[Any, Any] = {}
+        self.clean: dict[Any, Any] = {}
+        self.count = 0  # keys with state (file + dirty)
+        try:
+            self.db = sqlite3.connect(file, isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=OFF")  # a cache: the checkpoint is the truth
+            self.db.execute("CREATE TABLE s (k BLOB PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID")
+        except sqlite3.Error as exc:
+            raise self._error("create", exc) from exc
+
+    def _error(self, doing: str, exc: Exception) -> StateStorageError:
+        hint = "free disk space" if "full" in str(exc) else "check the directory's permissions"
+        return StateStorageError(
+            f"operator {self.operator!r}: cannot {doing} the on-disk state file "
+            f"{str(self.file)!r}: {type(exc).__name__}: {exc}; {hint}"
+        )
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def _fetch(self, key: Any) -> Any:
+        """``key``'s state as cached (moved to the most recently used end), else read."""
+        v = self.dirty.get(key, self)
+        if v is not self:
+            return v
+        clean = self.clean
+        v = clean.pop(key, self)
+        if v is self:
+            try:
+                row = self.db.execute(
+                    "SELECT v FROM s WHERE k = ?", (_dumps(key, _PROTOCOL),)
+                ).fetchone()
+            except sqlite3.Error as exc:
+                raise self._error("read", exc) from exc
+            v = _GONE if row is None else _loads(row[0])
+        clean[key] = v
+        return v
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        v = self._fetch(key)
+        return default if v is _GONE else v
+
+    def __getitem__(self, key: Any) -> Any:
+        v = self._fetch(key)
+        if v is _GONE:
+            raise KeyError(key)
+        return v
+
+    def __contains__(self, key: object) -> bool:
+        return self._fetch(key) is not _GONE
+
+    def __len__(self) -> int:
+        return self.count
+
+    # -- writes --------------------------------------------------------------------------
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if self._fetch(key) is _GONE:
+            self.count += 1
+        self.clean.pop(key, None)
+        self.dirty[key] = value
+
+    def __delitem__(self, key: Any) -> None:
+        if self._fetch(key) is _GONE:
+            raise KeyError(key)
+        self.count -= 1
+        self.clean.pop(key, None)
+        self.dirty[key] = _GONE
+
+    def settle(self) -> None:
+        """Between records: write back when the dirty keys fill half the cache, and drop
+        the least recently used clean keys beyond it."""
+        if len(self.dirty) * 2 > self.cap:
+            self.write_back()
+        clean = self.clean
+        over = len(clean) + len(self.dirty) - self.cap
+        if over > 0:
+            for key in list(islice(clean, over)):
+                del clean[key]
+
+    def write_back(self) -> None:
+        """Write every dirty key to the file in one transaction; they become clean."""
+        dirty = self.dirty
+        if not dirty:
+            return
+        try:
+            puts = [
+                (_dumps(k, _PROTOCOL), _dumps(v, _PROTOCOL))
+                for k, v in dirty.items()
+                if v is not _GONE
+            ]
+        except Exception as exc:
+            raise self._unpicklable(exc) from exc
+        dels = [(_dumps(k, _PROTOCOL),) for k, v in dirty.items() if v is _GONE]
+        db = self.db
+        try:
+            db.execute("BEGIN")
+            try:
+                if dels:
+                    db.executemany("DELETE FROM s WHERE k = ?", dels)
+                db.executemany("INSERT OR REPLACE INTO s VALUES (?, ?)", puts)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise self._error("write", exc) from exc
+        self.clean.update(dirty)
+        dirty.clear()
+
+    def _unpicklable(self, exc: Exception) -> StateStorageError:
+        """Which key (and state) of the dirty ones cannot be pickled, as an error."""
+        for key, v in self.dirty.items():
+            try:
+                _dumps(key, _PROTOCOL)
+            except Exception as why:  # noqa: BLE001 - reported below, with the key
+                return StateStorageError(
+                    f"operator {self.operator!r}: key {key!r} cannot be pickled for the "
+                    f"on-disk state: {type(why).__name__}: {why}"
+                )
+            for name, value in v.items() if isinstance(v, dict) else ():
+                try:
+                    _dumps(value, _PROTOCOL)
+                except Exception as why:  # noqa: BLE001 - reported below, with the key
+                    what = f"state {name!r}" if isinstance(name, str) else "a timer or TTL"
+                    return StateStorageError(
+                        f"operator {self.operator!r}: {what} of key {key!r} cannot be "
+                        f"pickled for the on-disk state: {type(why).__name__}: {why}; keep "
+                        "state to picklable values (numbers, strings, lists, dicts, "
+                        "dataclasses)"
+                    )
+        return StateStorageError(
+            f"operator {self.operator!r}: its state cannot be pickled for the on-disk "
+            f"state: {type(exc).__name__}: {exc}"
+        )
+
+    # -- whole-state operations ----------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Any]:
+        for k, _ in self._rows("k, NULL"):
+            yield _loads(k)
+
+    def items(self) -> Iterator[tuple[Any, Any]]:  # type: ignore[override]
+        """Every key and state (written back first), streamed from the file."""
+        for k, v in self._rows("k, v"):
+            yield _loads(k), _loads(v)
+
+    def _rows(self, columns: str) -> Iterator[tuple[bytes, bytes]]:
+        self.write_back()
+        try:
+            cursor = self.db.execute(f"SELECT {columns} FROM s")
+            while rows := cursor.fetchmany(10_000):
+                yield from rows
+        except sqlite3.Error as exc:
+            raise self._error("read", exc) from exc
+
+    def clear(self) -> None:
+        self.dirty.clear()
+        self.clean.clear()
+        self.count = 0
+        try:
+            self.db.execute("DELETE FROM s")
+        except sqlite3.Error as exc:
+            raise self._error("write", exc) from exc
+
+    def load(self, rows: Iterable[tuple[Any, Any]]) -> None:
+        """Replace everything with ``rows`` (a restore): written straight to the file."""
+        self.clear()
+        n = 0
+
+        def pickled() -> Iterator[tuple[bytes, bytes]]:
+            nonlocal n
+            for k, v in rows:
+                n += 1
+                yield _dumps(k, _PROTOCOL), _dumps(v, _PROTOCOL)
+
+        db = self.db
+        try:
+            db.execute("BEGIN")
+            try:
+                db.executemany("INSERT OR REPLACE INTO s VALUES (?, ?)", pickled())
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise self._error("write", exc) from exc
+        self.count = n
+
+    def close(self) -> None:
+        """Close the file (the caller deletes the run's directory)."""
+        self.dirty.clear()
+        self.clean.clear()
+        self.db.close()
