@@ -275,6 +275,8 @@ class _KeyedProcessStep(Step):
         if keys is None:  # pragma: no cover - the builder allows this on keyed streams only
             raise TypeError(f"operator {self.name!r} got records without keys")
         store = self.store
+        if store.disk is not None:
+            store.disk.prefetch(keys)
         store.proc_now = now = self.clock.time()
         if store.next_due("processing") <= now:
             store.expire("processing", now)  # (due timers fired before this batch came in)
@@ -565,6 +567,8 @@ class _StatefulMapStep(_KeyedProcessStep):
         if keys is None:  # pragma: no cover - the builder allows this on keyed streams only
             raise TypeError(f"operator {self.name!r} got records without keys")
         store = self.store
+        if store.disk is not None:
+            store.disk.prefetch(keys)
         data, fn = store.data, self.user_fn
         if store.dirty is not None:  # (a failed record's key too: it is written as it is)
             store.dirty.update(keys)
