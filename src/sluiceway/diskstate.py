@@ -23,6 +23,7 @@ the files are deleted when the flow ends.  Why SQLite: docs/state.md ("Backends"
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pickle
 import shutil
@@ -97,15 +98,26 @@ def as_backend(state: object, what: str) -> StateBackend:
     )
 
 
+_PREFIX = "sw-state-"
+_LOCK = "run.lock"
+_held: dict[Path, int] = {}  # run directory -> the descriptor holding its lock
+
+
 def open_run_dir(backend: OnDisk, operator: str) -> Path:
-    """A fresh directory for one operator's files in this run (deleted by :meth:`DiskMap.close`
-    of its last file, see :func:`remove_run_dir`)."""
+    """A fresh directory for one operator's files in this run, locked while the run
+    lives (deleted by :func:`remove_run_dir`).  Directories of runs that ended without
+    deleting theirs (killed) are deleted first: their lock is free."""
     base = None if backend.path is None else Path(backend.path)
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in operator)[:60]
     try:
         if base is not None:
             base.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f"sw-state-{safe}-", dir=base))
+            _remove_stale(base)
+        path = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{safe}-", dir=base))
+        fd = os.open(path / _LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _held[path] = fd
+        return path
     except OSError as exc:
         where = base if base is not None else Path(tempfile.gettempdir())
         raise StateStorageError(
@@ -117,7 +129,28 @@ def open_run_dir(backend: OnDisk, operator: str) -> Path:
 
 def remove_run_dir(path: Path) -> None:
     """Delete a directory made by :func:`open_run_dir` with everything in it."""
+    fd = _held.pop(path, None)
     shutil.rmtree(path, ignore_errors=True)
+    if fd is not None:
+        os.close(fd)
+
+
+def _remove_stale(base: Path) -> None:
+    """Delete the run directories in ``base`` whose run is gone (their lock is free)."""
+    for path in base.glob(f"{_PREFIX}*"):
+        if path in _held or not (path / _LOCK).exists():
+            continue
+        try:
+            fd = os.open(path / _LOCK, os.O_RDWR)
+        except OSError:
+            continue  # deleted meanwhile
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a live run holds it
+        finally:
+            os.close(fd)  # (closing drops a lock we took)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class _Gone:
@@ -281,7 +314,8 @@ class DiskMap(MutableMapping[Any, Any]):
                 db.executemany("INSERT OR REPLACE INTO s VALUES (?, ?)", puts)
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:  # (SQLite rolls back itself on some errors: full)
+                    db.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
             raise self._error("write", exc) from exc
@@ -361,7 +395,8 @@ class DiskMap(MutableMapping[Any, Any]):
                 db.executemany("INSERT OR REPLACE INTO s VALUES (?, ?)", pickled())
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:  # (SQLite rolls back itself on some errors: full)
+                    db.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
             raise self._error("write", exc) from exc
