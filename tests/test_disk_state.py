@@ -140,3 +140,21 @@ def test_a_restore_rebuilds_the_files_from_the_checkpoint(tmp_path: Path) -> Non
     )
     sw.run(flow2, checkpoints=sw.Checkpoints(ck))
     assert out == WANT
+
+
+def test_keys_of_every_kind_come_back_from_the_file_as_they_went_in(tmp_path: Path) -> None:
+    """ints and strs have an encoding of their own (in key order); others are pickled."""
+    keys: list[Any] = [0, -1, 7, -(2**63), 2**63 - 1, 2**63, -(2**64), "", "ü\udcff", b"x"]
+    keys += [("a", 1), None, 2.5, frozenset({1})]
+    m = DiskMap(tmp_path / "k.sqlite", 2, "op")
+    for i, k in enumerate(keys):
+        m[k] = {"state": i}
+    m.write_back()
+    m.settle()
+    assert dict(m.items()) == {k: {"state": i} for i, k in enumerate(keys)}
+    assert all(m[k] == {"state": i} for i, k in enumerate(keys))
+    assert len(m) == len(keys)
+    del m[2**63]
+    assert 2**63 not in m
+    assert len(m) == len(keys) - 1
+    m.close()
