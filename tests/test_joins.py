@@ -7,8 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import sluiceway as sw
+from sluiceway.core.messages import Batch
+from sluiceway.joins.base import _watermarks
 from sluiceway.testing import ScriptedSource, run_watched
 
 
@@ -238,3 +242,31 @@ def test_an_idle_input_stops_holding_the_join_watermark_back() -> None:
     assert pair == (("a", 5), ("a", 5))
     assert at < 30  # answered once the right input's watermark passed 5, not at t=30
     assert last == (("a", 40), ("a", 19))
+
+
+@given(
+    ts=st.lists(st.integers(0, 60), min_size=1, max_size=12),
+    base=st.integers(-10, 60),
+    bound=st.integers(0, 8),
+    lateness=st.integers(0, 8),
+    implicit=st.booleans(),
+)
+def test_a_batch_skips_the_lateness_test_only_when_none_of_its_records_is_late(
+    ts: list[int], base: int, bound: int, lateness: int, implicit: bool
+) -> None:
+    """A join's input batch: the watermark column, None only when no record can be late
+    by the test every join applies (``t + lateness < watermark``), and the watermark
+    before its last record -- whether the batch carries the column or its implicit form."""
+    column = Batch(ts, ts, ts, watermark_base=(base, bound)).watermarks
+    assert column is not None
+    batch = (
+        Batch(ts, ts, ts, watermark_base=(base, bound)) if implicit else Batch(ts, ts, ts, column)
+    )
+    wms, last = _watermarks(batch, ts, lateness)
+    assert last == column[-1]
+    # Skipped when the earliest record is not late against the highest watermark.
+    assert (wms is None) == (min(ts) + lateness >= max(column))
+    if wms is None:
+        assert not any(t + lateness < w for t, w in zip(ts, column, strict=True))
+    else:
+        assert wms == column

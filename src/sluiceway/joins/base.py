@@ -54,6 +54,27 @@ class LateJoinRecord:
         return self.watermark - self.timestamp
 
 
+def _watermarks(batch: Batch, ts: list[int], lateness: int) -> tuple[list[float] | None, float]:
+    """The watermark column of ``batch`` -- None if no record of it can be late (see
+    :meth:`JoinStep._records`) -- and the watermark before its last record.
+
+    Every join's lateness test implies ``t + lateness < watermark``, so a batch whose
+    earliest time is at least ``lateness`` above its highest watermark has no late record.
+    In the implicit form ``with_timestamps`` emits, that highest watermark -- before the
+    last record -- is ``max(base, *ts[:-1]) - bound``: no column needs to be built.
+    """
+    implicit = batch.watermark_base
+    if implicit is not None:
+        base, bound = implicit
+        last = max(base, max(ts[:-1], default=base)) - bound
+        if min(ts) + lateness >= last:
+            return None, last
+        return batch.watermarks, last
+    wms = batch.watermarks
+    assert wms is not None, "checked by the flow"
+    return (None if min(ts) + lateness >= max(wms) else wms), wms[-1]
+
+
 class JoinSpec(OpSpec):
     """A two-input join: a boundary whose channel carries both inputs."""
 
@@ -100,9 +121,20 @@ class JoinStep(Step):
     # -- subclasses ----------------------------------------------------------------------
 
     def _records(
-        self, side: int, values: list[Any], ts: list[int], keys: list[Any], wms: list[float]
+        self,
+        side: int,
+        values: list[Any],
+        ts: list[int],
+        keys: list[Any],
+        wms: list[float] | None,
     ) -> None:
-        """Take the records of one batch of input ``side``."""
+        """Take the records of one batch of input ``side``.
+
+        ``wms`` is the watermark column, or None when no record of the batch can be late:
+        each one's time is at least ``lateness`` above every watermark of the batch (the
+        usual case -- records within the inputs' out-of-orderness bound); the column is
+        then not even computed, and a join may take a loop without the lateness test.
+        """
         raise NotImplementedError
 
     def _advance(self, wm: float) -> None:
@@ -177,12 +209,12 @@ class JoinStep(Step):
             return
         self.metrics.records_in += n
         self.idle[index] = False
-        ts, keys, wms = batch.timestamps, batch.keys, batch.watermarks
+        ts, keys = batch.timestamps, batch.keys
         assert ts is not None, "checked by the flow"
-        assert wms is not None, "checked by the flow"
         assert keys is not None, "checked by the flow"
+        wms, last = _watermarks(batch, ts, self.lateness)
         self._records(index, batch.values, ts, keys, wms)
-        self.wms[index] = max(self.wms[index], wms[-1])
+        self.wms[index] = max(self.wms[index], last)
         if self.wm > -INF:
             # Records already due: from an input that was idle while the join's watermark
             # passed their time.  They are answered now with what the join still holds.
