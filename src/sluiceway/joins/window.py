@@ -97,8 +97,8 @@ class _GridJoinStep(JoinStep):
         keys: list[Any],
         wms: list[float] | None,
     ) -> None:
-        if self.slide == self.size and wms is None:
-            self._tumbling(side, values, ts, keys)
+        if self.slide == self.size:
+            self._tumbling(side, values, ts, keys, wms)
             return
         panes, size, lateness = self.panes, self.size, self.lateness
         first, records = (_FL, _LS) if side == 0 else (_FR, _RS)
@@ -124,14 +124,21 @@ class _GridJoinStep(JoinStep):
         self.seq[side] = seq
         self.count += added
 
-    def _tumbling(self, side: int, values: list[Any], ts: list[int], keys: list[Any]) -> None:
-        """The loop of :meth:`_records` for one window per record and no late record."""
+    def _tumbling(
+        self, side: int, values: list[Any], ts: list[int], keys: list[Any], wms: list[float] | None
+    ) -> None:
+        """:meth:`_records` for one window per record: the loop there, unrolled."""
         panes, size, off = self.panes, self.size, self.offset
+        closes = size + self.lateness  # a window closes at start + closes
         first, records = (_FL, _LS) if side == 0 else (_FR, _RS)
         seq = self.seq[side]
         last, pane = None, {}
-        for n, v, t, k in zip(count(seq + 1), values, ts, keys):
+        added = 0
+        for n, v, t, k, w in zip(count(seq + 1), values, ts, keys, wms or repeat(-INF, len(ts))):
             start = t - (t - off) % size
+            if start + closes <= w:
+                self.late_record(side, v, t, k, w)
+                continue
             if start != last:  # records come mostly in order: often the same window
                 last = start
                 got = panes.get(start)
@@ -146,8 +153,9 @@ class _GridJoinStep(JoinStep):
             elif entry[first] == _INF_SEQ:
                 entry[first] = n
             entry[records].append(v)
+            added += 1
         self.seq[side] = seq + len(values)
-        self.count += len(values)
+        self.count += added
 
     def _advance(self, wm: float) -> None:
         closing, size, lateness, how = self.closing, self.size, self.lateness, self.how
