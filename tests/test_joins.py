@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,28 @@ def test_late_join_inputs_go_to_the_side_output() -> None:
     assert late.items[0].lateness == 7.0
     (op,) = [o for o in result.metrics.operators if o.kind == "interval_join"]
     assert op.late == 1
+
+
+def test_late_records_without_a_late_output_are_counted_and_warned_of_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The side-output handling joins share with window operators (operators/late.py)."""
+    flow = sw.Flow("f")
+    left = keyed(flow, [("a", 10), ("a", 3), ("a", 2)])  # 3 and 2: late, in two batches
+    right = keyed(flow, [("a", 4)])
+    left.interval_join(right, lower=-2, upper=2, name="ij").sink(sw.sinks.Collect())
+    left.window(sw.windows.Tumbling(5.0)).aggregate(sw.agg.count(), name="w").sink(
+        sw.sinks.Collect()
+    )
+    with caplog.at_level(logging.WARNING, logger="sluiceway"):
+        result = sw.testing.run_flow(flow, max_batch_size=1)
+    late = {o.name: o.late for o in result.metrics.operators if o.late}
+    assert late == {"ij": 2, "w": 2}
+    assert sorted(r.getMessage() for r in caplog.records) == [
+        f"{what} {name!r} in flow 'f' dropped late records (counted in its 'late' metric); "
+        "add .late() to its results to receive them"
+        for what, name in (("join", "ij"), ("window operator", "w"))
+    ]
 
 
 def test_a_processing_time_temporal_join_takes_the_latest_row_on_arrival() -> None:

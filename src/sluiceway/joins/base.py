@@ -13,17 +13,15 @@ integer microseconds ("ticks").
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from sluiceway.core.messages import Batch, Control, Watermark
 from sluiceway.operators.base import BuildContext, OpSpec, Step
+from sluiceway.operators.late import Lateness, LateOutputStep
 
 __all__ = ["JoinSpec", "JoinStep", "LateJoinRecord", "Side"]
-
-log = logging.getLogger("sluiceway")
 
 INF = math.inf
 Side = Literal["left", "right"]
@@ -31,7 +29,7 @@ SIDES: tuple[Side, Side] = ("left", "right")
 
 
 @dataclass(slots=True)
-class LateJoinRecord:
+class LateJoinRecord(Lateness):
     """A join input that arrived too late to take part (its join's ``.late()`` output).
 
     Attributes:
@@ -47,11 +45,6 @@ class LateJoinRecord:
     side: Side
     timestamp: float
     watermark: float
-
-    @property
-    def lateness(self) -> float:
-        """Seconds by which its input's watermark had passed the record's event time."""
-        return self.watermark - self.timestamp
 
 
 def _watermarks(batch: Batch, ts: list[int], lateness: int) -> tuple[list[float] | None, float]:
@@ -92,7 +85,7 @@ class JoinSpec(OpSpec):
         raise NotImplementedError
 
 
-class JoinStep(Step):
+class JoinStep(LateOutputStep):
     """The two-input machinery; subclasses implement :meth:`_records` and :meth:`_advance`.
 
     Each record gets a sequence number on its side (``seq[side]``, in that input's order):
@@ -100,10 +93,11 @@ class JoinStep(Step):
     so their order does not depend on how the inputs interleaved either.
     """
 
+    what = "join"
+
     def __init__(self, ctx: BuildContext, spec: JoinSpec) -> None:
-        super().__init__(ctx.name, ctx.metrics)
+        super().__init__(ctx.name, ctx.metrics, ctx.flow, spec.late_output)
         self.spec = spec
-        self.flow = ctx.flow
         self.lateness = spec.lateness
         self.wms: list[float] = [-INF, -INF]
         self.idle = [False, False]
@@ -115,8 +109,6 @@ class JoinStep(Step):
         self.late: list[LateJoinRecord] = []
         self.late_ts: list[int] = []
         self.late_keys: list[Any] = []
-        self._outputs: tuple[list[Step], Step | None] | None = None
-        self._warned = False
 
     # -- subclasses ----------------------------------------------------------------------
 
@@ -159,21 +151,13 @@ class JoinStep(Step):
         self.late_ts.append(t)
         self.late_keys.append(key)
 
-    def outputs(self) -> tuple[list[Step], Step | None]:
-        if self._outputs is None:
-            if self.spec.late_output:
-                self._outputs = (self.children[:-1], self.children[-1])
-            else:
-                self._outputs = (self.children, None)
-        return self._outputs
-
     async def emit(self, batch: Batch) -> None:  # pragma: no cover - output goes by ports
         raise AssertionError("a join emits through _flush")
 
     async def _flush(self, carried: float) -> None:
         """Send the results and late records gathered so far.  The results carry
         ``carried``, the join's watermark before they were made."""
-        main, late_child = self.outputs()
+        main = self.outputs()[0]
         m = self.metrics
         m.state = self.held()
         if self.out:
@@ -187,16 +171,7 @@ class JoinStep(Step):
             late = Batch(self.late, self.late_ts, self.late_keys, [self.wm] * len(self.late))
             m.late += len(self.late)
             self.late, self.late_ts, self.late_keys = [], [], []
-            if late_child is not None:
-                await late_child.push(late)
-            elif not self._warned:
-                self._warned = True
-                log.warning(
-                    "join %r in flow %r dropped late records (counted in its 'late' metric); "
-                    "add .late() to its results to receive them",
-                    self.name,
-                    self.flow,
-                )
+            await self.send_late(late)
 
     # -- input ---------------------------------------------------------------------------
 
