@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
 from pathlib import Path
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 
 import sluiceway as sw
 from sluiceway.core.messages import Batch
-from sluiceway.joins.base import _watermarks
+from sluiceway.joins.base import _watermarks, gc_paused
 from sluiceway.testing import ScriptedSource, run_watched
 
 
@@ -293,3 +294,20 @@ def test_a_batch_skips_the_lateness_test_only_when_none_of_its_records_is_late(
         assert not any(t + lateness < w for t, w in zip(ts, column, strict=True))
     else:
         assert wms == column
+
+
+def test_a_join_pauses_the_garbage_collector_only_while_it_makes_results() -> None:
+    assert gc.isenabled()
+    with gc_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(KeyError), gc_paused():
+        raise KeyError("x")
+    assert gc.isenabled()  # even when the results fail
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()  # the user's choice stays
+    finally:
+        gc.enable()

@@ -31,7 +31,7 @@ from heapq import heappop, heappush
 from itertools import count, product, repeat
 from typing import Any, ClassVar, Literal
 
-from sluiceway.joins.base import INF, JoinSpec, JoinStep
+from sluiceway.joins.base import INF, JoinSpec, JoinStep, gc_paused
 from sluiceway.operators.base import BuildContext, Step
 from sluiceway.windows.assigners import Session, Sliding, Tumbling
 
@@ -158,6 +158,12 @@ class _GridJoinStep(JoinStep):
         self.count += added
 
     def _advance(self, wm: float) -> None:
+        closing, size, lateness = self.closing, self.size, self.lateness
+        if closing and closing[0] + size + lateness <= wm:
+            with gc_paused():  # every pair of the windows that close, at once
+                self._close(wm)
+
+    def _close(self, wm: float) -> None:
         closing, size, lateness, how = self.closing, self.size, self.lateness, self.how
         out, out_ts, out_keys = self.out, self.out_ts, self.out_keys
         while closing and closing[0] + size + lateness <= wm:
@@ -258,11 +264,13 @@ class _SessionJoinStep(JoinStep):
             else:
                 del self.sessions[k]
         closed.sort(key=lambda c: c[:4])
-        for _, _, _, _, k, s in closed:
-            lefts = [v for _, _, v in s[_L]]
-            rights = [v for _, _, v in s[_R]]
-            for pair in _pairs(lefts, rights, self.how):
-                self.result(pair, s[_E] - 1, k)
+        out, out_ts, out_keys = self.out, self.out_ts, self.out_keys
+        with gc_paused():  # every pair of the sessions that close, at once
+            for _, _, _, _, k, s in closed:
+                n = len(out)
+                out += _pairs([v for _, _, v in s[_L]], [v for _, _, v in s[_R]], self.how)
+                out_ts += repeat(s[_E] - 1, len(out) - n)
+                out_keys += repeat(k, len(out) - n)
 
 
 class WindowJoinSpec(JoinSpec):
