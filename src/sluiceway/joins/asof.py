@@ -32,7 +32,7 @@ from heapq import heappop, heappush
 from itertools import count, repeat
 from typing import Any, ClassVar, Literal
 
-from sluiceway.joins.base import INF, JoinSpec, JoinStep
+from sluiceway.joins.base import INF, JoinSpec, JoinStep, WatermarkColumn
 from sluiceway.operators.base import BuildContext, Step
 
 __all__ = ["AsOfJoinSpec", "TemporalJoinSpec"]
@@ -62,12 +62,7 @@ class _AsOfJoinStep(JoinStep):
         return self.count
 
     def _records(
-        self,
-        side: int,
-        values: list[Any],
-        ts: list[int],
-        keys: list[Any],
-        wms: list[float] | None,
+        self, side: int, values: list[Any], ts: list[int], keys: list[Any], wms: WatermarkColumn
     ) -> None:
         lateness, seq = self.lateness, self.seq[side]
         if wms is None and side == 0:  # no late record: only the waiting heap to fill

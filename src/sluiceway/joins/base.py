@@ -28,6 +28,9 @@ __all__ = ["JoinSpec", "JoinStep", "LateJoinRecord", "Side"]
 
 INF = math.inf
 Side = Literal["left", "right"]
+WatermarkColumn = list[float] | None
+"""A batch's watermark column as a join gets it: None when no record can be late (see
+:meth:`JoinStep._records`)."""
 SIDES: tuple[Side, Side] = ("left", "right")
 
 
@@ -50,7 +53,7 @@ class LateJoinRecord(Lateness):
     watermark: float
 
 
-def _watermarks(batch: Batch, ts: list[int], lateness: int) -> tuple[list[float] | None, float]:
+def _watermarks(batch: Batch, ts: list[int], lateness: int) -> tuple[WatermarkColumn, float]:
     """The watermark column of ``batch`` -- None if no record of it can be late (see
     :meth:`JoinStep._records`) -- and the watermark before its last record.
 
@@ -135,12 +138,7 @@ class JoinStep(LateOutputStep):
     # -- subclasses ----------------------------------------------------------------------
 
     def _records(
-        self,
-        side: int,
-        values: list[Any],
-        ts: list[int],
-        keys: list[Any],
-        wms: list[float] | None,
+        self, side: int, values: list[Any], ts: list[int], keys: list[Any], wms: WatermarkColumn
     ) -> None:
         """Take the records of one batch of input ``side``.
 

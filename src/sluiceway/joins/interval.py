@@ -22,7 +22,7 @@ from heapq import heappop, heappush
 from itertools import repeat
 from typing import Any, ClassVar, Literal
 
-from sluiceway.joins.base import INF, JoinSpec, JoinStep
+from sluiceway.joins.base import INF, JoinSpec, JoinStep, WatermarkColumn
 from sluiceway.operators.base import BuildContext, Step
 
 __all__ = ["IntervalJoinSpec"]
@@ -49,12 +49,7 @@ class _IntervalJoinStep(JoinStep):
         return self.count
 
     def _records(
-        self,
-        side: int,
-        values: list[Any],
-        ts: list[int],
-        keys: list[Any],
-        wms: list[float] | None,
+        self, side: int, values: list[Any], ts: list[int], keys: list[Any], wms: WatermarkColumn
     ) -> None:
         lower, upper, lateness = self.lower, self.upper, self.lateness
         mine, theirs = self.buffers[side], self.buffers[1 - side]

@@ -31,7 +31,7 @@ from heapq import heappop, heappush
 from itertools import count, product, repeat
 from typing import Any, ClassVar, Literal
 
-from sluiceway.joins.base import INF, JoinSpec, JoinStep, gc_paused
+from sluiceway.joins.base import INF, JoinSpec, JoinStep, WatermarkColumn, gc_paused
 from sluiceway.operators.base import BuildContext, Step
 from sluiceway.windows.assigners import Session, Sliding, Tumbling
 
@@ -90,12 +90,7 @@ class _GridJoinStep(JoinStep):
         return out
 
     def _records(
-        self,
-        side: int,
-        values: list[Any],
-        ts: list[int],
-        keys: list[Any],
-        wms: list[float] | None,
+        self, side: int, values: list[Any], ts: list[int], keys: list[Any], wms: WatermarkColumn
     ) -> None:
         if self.slide == self.size:
             self._tumbling(side, values, ts, keys, wms)
@@ -125,7 +120,7 @@ class _GridJoinStep(JoinStep):
         self.count += added
 
     def _tumbling(
-        self, side: int, values: list[Any], ts: list[int], keys: list[Any], wms: list[float] | None
+        self, side: int, values: list[Any], ts: list[int], keys: list[Any], wms: WatermarkColumn
     ) -> None:
         """:meth:`_records` for one window per record: the loop there, unrolled."""
         panes, size, off = self.panes, self.size, self.offset
@@ -209,12 +204,7 @@ class _SessionJoinStep(JoinStep):
         return self.count
 
     def _records(
-        self,
-        side: int,
-        values: list[Any],
-        ts: list[int],
-        keys: list[Any],
-        wms: list[float] | None,
+        self, side: int, values: list[Any], ts: list[int], keys: list[Any], wms: WatermarkColumn
     ) -> None:
         gap, lateness = self.gap, self.lateness
         seq = self.seq[side]
