@@ -311,3 +311,45 @@ def test_a_join_pauses_the_garbage_collector_only_while_it_makes_results() -> No
         assert not gc.isenabled()  # the user's choice stays
     finally:
         gc.enable()
+
+
+async def _fetch(key: Any) -> Any:
+    return key
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (
+            lambda a, b: a.window_join(b, sw.windows.Tumbling(1), how="right"),
+            "window_join(how=...) must be 'inner', 'left' or 'full', got 'right'",
+        ),
+        (
+            lambda a, b: a.interval_join(b, lower=0, upper=1, how="full"),
+            "interval_join(how=...) must be 'inner' or 'left', got 'full'",
+        ),
+        (
+            lambda a, b: a.asof_join(b, how="full"),
+            "asof_join(how=...) must be 'inner' or 'left', got 'full'",
+        ),
+        (
+            lambda a, b: a.temporal_join(b, how="full"),
+            "temporal_join(how=...) must be 'inner' or 'left', got 'full'",
+        ),
+        (
+            lambda a, b: a.temporal_join(b, time="wall"),
+            "temporal_join(time=...) must be 'event' or 'processing', got 'wall'",
+        ),
+        (
+            lambda a, b: a.lookup_join(_fetch, how="full"),
+            "lookup_join(how=...) must be 'inner' or 'left', got 'full'",
+        ),
+    ],
+)
+def test_every_join_refuses_a_bad_choice_quoting_it_and_the_choices(
+    call: Any, message: str
+) -> None:
+    flow = sw.Flow("f")
+    left, right = keyed(flow, [("a", 1)]), keyed(flow, [("a", 1)])
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call(left, right)
