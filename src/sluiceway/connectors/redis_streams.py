@@ -534,6 +534,18 @@ class RedisStreamSource(Source):
         self._link: _Link | None = None
         self._consumer = self._claimer = ""
         self._where = ""
+        # What restore() was given, for the next run only (close() forgets it).
+        self._restore_hw: tuple[int, int] | None = None
+        self._restore_claimed: set[bytes] = set()
+        self._rejections = _Rejections()
+        self._backlog: int | None = None
+        self._backlog_at = float("-inf")
+        self._new_run()
+
+    def _new_run(self) -> None:
+        """The state of one run, fresh: a flow may run more than once with this object,
+        and what an earlier run held is pending in Redis, read again from there.  (The
+        ids a restored position listed as rejected are kept: they are for this run.)"""
         self._closed = False
         # Fetched, not handed out yet.
         self._buffer: deque[_Fetched] = deque()
@@ -549,12 +561,10 @@ class RedisStreamSource(Source):
         self._uncertain = False  # a ">" read was cut: its entries may be pending unseen
         self._claims_cursor: bytes | None = b"0"  # scanning the claims consumer's list
         self._next_claim = 0.0
-        self._restore_hw: tuple[int, int] | None = None
-        self._restore_claimed: set[bytes] = set()
+        restored = self._rejections.restored
         self._rejections = _Rejections()
+        self._rejections.restored = restored
         self._idle = 0.0  # seconds spent in empty reads of new entries since the last one
-        self._backlog: int | None = None
-        self._backlog_at = float("-inf")
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -565,6 +575,7 @@ class RedisStreamSource(Source):
             RedisStreamError: Redis refuses, or stays unreachable past
                 ``reconnect_timeout``.
         """
+        self._new_run()
         self._ctx = ctx
         self._consumer = self._consumer_arg or f"{ctx.flow}.{ctx.name}"
         self._claimer = f"{self._consumer}~claims"
@@ -605,6 +616,9 @@ class RedisStreamSource(Source):
         if self._closed:
             return
         self._closed = True
+        self._restore_hw = None  # a later run of this object restores anew, or not at all
+        self._restore_claimed = set()
+        self._rejections.restored = set()
         if self._link is not None:
             await self._link.client.aclose()
 
