@@ -472,6 +472,39 @@ def test_sink_caps_unacknowledged_publishes(mqtt_names: MqttNames) -> None:
     assert max(peak) <= 3
 
 
+def test_sink_a_publish_the_broker_refuses_is_not_counted_as_written(tmp_path: Path) -> None:
+    """Mosquitto answers a QoS 1 publish its ACL denies with PUBACK "Not authorized"
+    (0x87): the message is not taken.  The sink used to count any PUBACK as written, so
+    the record vanished; now it is pinned to the record (PartialWriteError ->
+    MqttRefusedError) and the sink's error policy handles it."""
+    acl = tmp_path / "acl"
+    acl.write_text("topic readwrite allowed/#\n", encoding="utf-8")
+    with MosquittoServer.start_new(extra=f"acl_file {acl}\n") as server:
+        host, port = server.host, server.port
+        names = MqttNames(host, port)
+        cid = names.client("out")
+
+        async def main() -> tuple[list[Any], list[Any]]:
+            await register(host, port, cid, "allowed/x")
+            dead: sw.sinks.Collect[Any] = sw.sinks.Collect()
+            flow = sw.Flow("refused")
+            sink = MqttSink(host, lambda r: "denied/x" if r.get("deny") else "allowed/x", port=port)
+            records = [{"i": 0}, {"i": 1, "deny": True}, {"i": 2}]
+            flow.source(sw.sources.Iterable(records)).sink(sink, on_error=sw.DeadLetter(dead))
+            await sw.run_async(flow)
+            return dead.items, await drain(host, port, cid, "allowed/x", idle=0.3)
+
+        dead, got = run(main())
+        end_sessions(host, port, names.clients)
+    # 2 was acknowledged in flight with 1; the policy goes on after 1: at-least-once
+    assert set(ids(got)) == {0, 2}
+    assert len(dead) == 1
+    letter = str(dead[0].to_dict())
+    assert "'i': 1" in letter
+    assert "MqttRefusedError" in letter
+    assert "Not authorized" in letter
+
+
 def test_unreachable_broker_names_it() -> None:
     from services import free_port  # noqa: PLC0415
 

@@ -40,6 +40,10 @@ Errors::
 
     ConnectionError
     └── MqttUnavailableError   no connection for reconnect_timeout seconds (names host:port)
+    MqttRefusedError           refused login or TLS (at once); or a publish the broker
+                               refused (a PUBACK reason code >= 0x80, e.g. Not authorized
+                               by its ACL), raised pinned to the record
+                               (``PartialWriteError``), so the sink's error policy handles it
 """
 
 from __future__ import annotations
@@ -106,7 +110,9 @@ class MqttUnavailableError(ConnectionError):
 
 class MqttRefusedError(SluicewayError):
     """The broker refused the login, or TLS failed (an untrusted certificate, a broker
-    without TLS when ``tls=`` asks for it): trying again cannot help."""
+    without TLS when ``tls=`` asks for it), or the broker acknowledged a publish with a
+    failure reason code (MQTT 5 PUBACK >= 0x80: Not authorized, Quota exceeded, Topic
+    name invalid, ...) and did not take the message: trying again cannot help."""
 
 
 class _TlsContext(ssl.SSLContext):
@@ -832,6 +838,7 @@ class MqttSink(Sink):
         self._link: _Link | None = None
         self._inflight: dict[int, int] = {}  # packet id -> index in the batch
         self._done: list[bool] = []  # per record of the batch being written: acknowledged
+        self._refused: dict[int, Any] = {}  # index -> the failing PUBACK reason code
         self._wake: asyncio.Future[None] | None = None
         self._closed = False
 
@@ -850,10 +857,12 @@ class MqttSink(Sink):
         p.on_publish = self._on_publish
         return client
 
-    def _on_publish(self, _c: paho.Client, _u: Any, mid: int, _rc: Any, _props: Any = None) -> None:
+    def _on_publish(self, _c: paho.Client, _u: Any, mid: int, rc: Any, _props: Any = None) -> None:
         i = self._inflight.pop(mid, None)
         if i is not None:
-            self._done[i] = True
+            self._done[i] = True  # answered: not published again
+            if getattr(rc, "is_failure", False):  # answered "no": not written either
+                self._refused.setdefault(i, rc)
             wake = self._wake
             if wake is not None and not wake.done():
                 wake.set_result(None)
@@ -912,6 +921,15 @@ class MqttSink(Sink):
                 break
             messages.append((name, payload))
         await self._publish_all(ctx.clock, messages)
+        refused, self._refused = self._refused, {}
+        if refused:
+            i = min(refused)
+            no = MqttRefusedError(
+                f"{self.describe()}: the broker refused record {i} of the batch on topic "
+                f"{messages[i][0]!r}: {refused[i]} (PUBACK reason code "
+                f"{getattr(refused[i], 'value', '?')}); check the broker's ACL and limits"
+            )
+            raise PartialWriteError(i, no) from no
         if error is not None:
             raise PartialWriteError(error[0], error[1]) from error[1]
 
@@ -922,6 +940,7 @@ class MqttSink(Sink):
 
         Returns how many were acknowledged (all of them)."""
         done = self._done = [False] * len(messages)
+        self._refused = {}
         inflight = self._inflight
         qos, retain, cap = self._qos, self._retain, self._max_unacked
         try:
