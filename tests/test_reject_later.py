@@ -8,6 +8,7 @@ server (see services_*.py)."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import time
 from collections import Counter, deque
@@ -108,6 +109,23 @@ def test_reject_is_refused_where_records_could_not_go_back() -> None:
     s.sink(sw.sinks.Collect())
     with pytest.raises(sw.FlowDefinitionError, match="processed twice"):
         sw.testing.run_flow(branching)
+
+
+def test_mqtt_and_kafka_sources_pause_instead_and_say_so_at_build() -> None:
+    """MQTT has no negative acknowledgement and Kafka commits offsets: no hand-back.  The
+    flow is refused when built, naming the mode that pauses the source instead."""
+    import_or_missing("aiomqtt")
+    from sluiceway.connectors.mqtt import MqttSource  # noqa: PLC0415 - needs aiomqtt
+
+    sources: list[sw.sources.Source] = [MqttSource("127.0.0.1", "t/#", client_id="x")]
+    if importlib.util.find_spec("confluent_kafka") is not None:
+        from sluiceway.connectors.kafka import KafkaSource  # noqa: PLC0415
+
+        sources.append(KafkaSource("127.0.0.1:9092", "t", group="g"))
+    for src in sources:
+        flow = sw.Flow("no-hand-back")
+        with pytest.raises(sw.FlowDefinitionError, match=r"use when_limited='wait' \(the source"):
+            flow.source(src).rate_limit(TokenBucket(1, 1), when_limited="reject")
 
 
 # -- real brokers ---------------------------------------------------------------------------
