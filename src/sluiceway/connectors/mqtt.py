@@ -745,13 +745,22 @@ class MqttSource(Source):
         return len(self._buffer)
 
     async def close(self) -> None:
-        """Disconnect (the persistent session stays in the broker); safe to call twice."""
+        """Disconnect (the persistent session stays in the broker); safe to call twice.
+
+        What this run held and did not acknowledge is the broker's again (it resends it
+        to the next connection), so the run's state is dropped: a later run of this
+        object starts from its own restored position, or none.  (The count of messages
+        handed out goes on; positions only compare it within a run.)"""
         if self._closed:
             return
         self._closed = True
         link, self._link = self._link, None
         if link is not None:
             await link.close()
+        self._buffer.clear()
+        self._handed.clear()
+        self._by_mid.clear()
+        self._done = {}
 
     def describe(self) -> str:
         """``Mqtt(host:port/topic)``."""
