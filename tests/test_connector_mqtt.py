@@ -219,6 +219,51 @@ def test_credit_the_broker_keeps_what_the_flow_cannot_take(mqtt_names: MqttNames
     assert len(left) >= n - received, "the broker kept the part the source never received"
 
 
+def test_the_window_holds_while_the_connection_is_being_made(mqtt_names: MqttNames) -> None:
+    """A persistent session's backlog flows right after the CONNACK.  Until the source had
+    its new link, nothing paused the reading, and a loaded loop (slow to resume the
+    opener) let the credit test's source take 74 messages past a window of 10.  The
+    opener's late resumption is forced here."""
+    host, port = mqtt_names.host, mqtt_names.port
+    topic, cid = mqtt_names.topic(), mqtt_names.client()
+    window = 5
+
+    async def main() -> int:
+        await register(host, port, cid, topic)
+        await publish(host, port, topic, records(100))
+        src = MqttSource(host, topic, port=port, client_id=cid, max_buffered=window)
+        make = src._make_client
+
+        def late_opener() -> aiomqtt.Client:
+            client = make()
+            enter = client.__aenter__
+
+            async def late_enter() -> aiomqtt.Client:
+                entered = await enter()
+                await asyncio.sleep(0.3)  # the loop reads the backlog meanwhile
+                return entered
+
+            client.__aenter__ = late_enter  # type: ignore[method-assign]
+            return client
+
+        src._make_client = late_opener  # type: ignore[method-assign]
+
+        async def bad(exc: sw.BadInputError) -> None:
+            raise AssertionError(exc)
+
+        ctx = sw.sources.SourceContext(
+            flow="f", name="in", clock=sw.SystemClock(), bad_input=bad, fails_on_bad_input=True
+        )
+        await src.open(ctx)
+        try:
+            await asyncio.sleep(0.2)
+            return len(src._buffer)
+        finally:
+            await src.close()
+
+    assert run(main()) <= window
+
+
 @pytest.mark.parametrize("checkpointed", [False, True])
 def test_ack_only_after_durable_handling(
     mqtt_names: MqttNames, tmp_path: Path, checkpointed: bool

@@ -500,6 +500,7 @@ class MqttSource(Source):
         self._last_activity = 0.0
         self._closed = False
         self._refused: str | None = None
+        self._held_client: paho.Client | None = None  # a connecting client not read
 
     # -- connection ----------------------------------------------------------------------
 
@@ -541,7 +542,11 @@ class MqttSource(Source):
         ctx = self._ctx
         assert ctx is not None
         self._link = None
+        self._held_client = None
         link = await self._conn.replace(link, ctx.clock, self._make_client)
+        if self._held_client is link.paho:
+            link.paused = True  # the window filled while it connected: not read since
+        self._held_client = None
         # Subscribe without waiting for the SUBACK: reading may pause before it comes
         # (a persistent session's messages flow right after the CONNACK).
         opts = SubscribeOptions(qos=self._qos, retainHandling=1)  # retained: first time
@@ -585,9 +590,24 @@ class MqttSource(Source):
         if msg.qos == 1:
             self._by_mid[msg.mid] = held
         self._buffer.append(held)
-        if len(self._buffer) >= self._window and link is not None and link.ready:
-            link.pause()  # credit: the rest waits in the broker (and the TCP buffers)
+        if len(self._buffer) >= self._window:
+            # credit: the rest waits in the broker (and the TCP buffers)
+            if link is not None and link.paho is client:
+                if link.ready:
+                    link.pause()
+            else:
+                self._hold_connecting(client)
         self._wake_up()
+
+    def _hold_connecting(self, client: paho.Client) -> None:
+        """The window filled while a connection is being made: a persistent session's
+        backlog flows right after the CONNACK, before ``_ensure_link`` has the link (on
+        a loaded machine, for many loop turns).  Stop reading that socket now; the link
+        starts paused."""
+        sock = client.socket()
+        if sock is not None and self._held_client is not client:
+            asyncio.get_running_loop().remove_reader(sock.fileno())
+            self._held_client = client
 
     # -- the Source protocol -------------------------------------------------------------
 
