@@ -471,7 +471,7 @@ class RedisStreamSource(Source):
     dead-lettered and acknowledged at the next commit.
     """
 
-    def __init__(  # noqa: PLR0915 - one check and one field per option
+    def __init__(
         self,
         url: str,
         stream: str,
