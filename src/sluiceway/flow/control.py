@@ -156,8 +156,8 @@ def _rejecting_rate_limit(
         raise FlowDefinitionError(
             f"rate_limit(when_limited='reject'): source {source_node.describe()} "
             f"({source.describe()}) cannot hand records back to a broker for later; "
-            "reject works after NATS JetStream and RabbitMQ sources -- use "
-            "when_limited='wait' (the source is paused by backpressure) instead"
+            "reject works after NATS JetStream, RabbitMQ and Redis Streams sources -- "
+            "use when_limited='wait' (the source is paused by backpressure) instead"
         )
     if keyed and not at.node.keyed:
         raise FlowDefinitionError(

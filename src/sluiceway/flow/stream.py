@@ -323,7 +323,7 @@ class Stream(Generic[T]):
         ``when_limited="reject"``: a record the limiter does not admit now is handed back
         to its broker, to be delivered again after ``retry_after`` seconds, instead of
         being waited for (the records after it go on).  It must follow a broker source
-        that can redeliver (NATS JetStream, RabbitMQ) directly, or
+        that can redeliver (NATS JetStream, RabbitMQ, Redis Streams) directly, or
         through ``key_by`` for a ``KeyedLimiter``; order is not kept for rejected
         records.
 
