@@ -10,7 +10,10 @@ state or records -- session windows, a process function with event-time timers,
 sink of its own.  ``--sink naive`` swaps in a sink that neither truncates on restore nor
 at close: the at-least-once sink that must make the test fail.
 
-Usage: crash_child.py INPUT WORKDIR RATE [--sink atomic|naive]
+``--state disk`` keeps the keyed state (stateful_map, process) in ``sw.state.OnDisk`` files
+under WORKDIR/state with a cache of 8 of the 50 keys.
+
+Usage: crash_child.py INPUT WORKDIR RATE [--sink atomic|naive] [--state memory|disk]
 """
 
 from __future__ import annotations
@@ -64,9 +67,12 @@ class PerSecond:
         counts.remove(time - 1.0)
 
 
-def build(inp: str, work: Path, rate: float, naive: bool, clock: sw.Clock) -> sw.Flow:
+def build(
+    inp: str, work: Path, rate: float, naive: bool, clock: sw.Clock, disk: bool = False
+) -> sw.Flow:
     sink = NaiveJsonLines if naive else sw.sinks.JsonLines
-    flow = sw.Flow("crash")
+    state = sw.state.OnDisk(path=work / "state", cache_keys=8) if disk else None
+    flow = sw.Flow("crash", state=state)
     s = flow.source(sw.sources.JsonLines(inp), name="input")
     s = s.rate_limit(TokenBucket(rate=rate, burst=500), name="pace")
     s = s.with_timestamps(lambda r: r["t"], max_out_of_orderness=0.1, name="stamp")
@@ -125,8 +131,9 @@ def build(inp: str, work: Path, rate: float, naive: bool, clock: sw.Clock) -> sw
 def main() -> None:
     inp, work, rate = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3])
     naive = "--sink" in sys.argv and sys.argv[sys.argv.index("--sink") + 1] == "naive"
+    disk = "--state" in sys.argv and sys.argv[sys.argv.index("--state") + 1] == "disk"
     clock = sw.SystemClock()
-    flow = build(inp, work, rate, naive, clock)
+    flow = build(inp, work, rate, naive, clock, disk)
     print("ready", flush=True)
     sw.run(flow, clock=clock, checkpoints=sw.Checkpoints(work / "ckpt", interval=0.05))
 

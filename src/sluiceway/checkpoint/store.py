@@ -141,8 +141,10 @@ class OperatorState:
     Attributes:
         name: the operator's name, unique in its flow.
         kind: the operator's kind, e.g. ``"map"``, ``"window"``, ``"source"``, ``"sink"``.
-        data: the state, pickled by the runtime.  The store hashes and keeps these bytes
-            and never unpickles them.
+        data: the state, encoded and signed by the runtime
+            (:mod:`sluiceway.checkpoint.codec`).  The store hashes and keeps these bytes
+            and never decodes them; its sha256 digests catch accidents, the signatures
+            inside the bytes catch forgeries.
     """
 
     name: str

@@ -40,16 +40,28 @@ import importlib.resources
 import json
 import logging
 import math
-from dataclasses import dataclass
 from http import HTTPStatus
-from typing import TypedDict
 from urllib.parse import parse_qs, unquote
 
 from sluiceway.connectors.push import HttpIngest
-from sluiceway.core.topology import Topology
-from sluiceway.flow import Flow
 from sluiceway.metrics.http import PLAIN, HttpMonitor, PostResponse, Response
-from sluiceway.metrics.registry import FlowSnapshot, LoadSnapshot, OperatorSnapshot, Rates
+from sluiceway.metrics.registry import FlowSnapshot
+from sluiceway.metrics.web_graph import (
+    FlowGraph,
+    GraphEdge,
+    GraphNode,
+    GraphStage,
+    flow_graph,
+    layout,
+)
+from sluiceway.metrics.web_state import (
+    EdgeState,
+    FlowState,
+    LoadState,
+    NodeState,
+    StageState,
+    flow_state,
+)
 from sluiceway.plan import topology
 from sluiceway.runtime.handle import FlowHandle
 
@@ -70,374 +82,7 @@ __all__ = [
 
 log = logging.getLogger("sluiceway.metrics")
 
-_MAX_COLUMNS = 8  # a wider graph wraps onto another band of rows, at a stage boundary
 _PAGE = "web.html"
-_ZEROS = (0, 0, 0, 0, 0, 0)  # records in/out, errors, retries, dead letters, dropped
-
-
-# -- the static graph ------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class GraphNode:
-    """One operator, placed on a grid: ``column`` (left to right) and ``row``."""
-
-    name: str
-    kind: str
-    stage: int
-    column: int
-    row: int
-    head: bool
-    """True for the operator that heads its stage (a source, or fed by a channel)."""
-
-
-@dataclass(frozen=True, slots=True)
-class GraphEdge:
-    """``source`` feeds ``target``, through ``channel`` (None: a call inside a stage).
-
-    ``port`` labels a side output: ``true``/``false`` after a branch, ``late`` after a
-    window (None for an ordinary edge).
-    """
-
-    source: str
-    target: str
-    channel: str | None
-    port: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class GraphStage:
-    """The operators fused into one stage (one task), in order; ``channel`` feeds it."""
-
-    index: int
-    operators: tuple[str, ...]
-    channel: str | None
-    writers: tuple[tuple[str, int], ...]
-    """Per channel this stage writes into: ``(channel, how many of its writers are here)``."""
-
-
-@dataclass(frozen=True, slots=True)
-class FlowGraph:
-    """A flow's operators, edges and stages, laid out on a grid (see :func:`flow_graph`)."""
-
-    flow: str
-    nodes: tuple[GraphNode, ...]
-    edges: tuple[GraphEdge, ...]
-    stages: tuple[GraphStage, ...]
-    columns: int
-    rows: int
-    channel_writers: dict[str, int]
-    """How many writers each channel has."""
-
-
-def flow_graph(flow: Flow, *, max_columns: int = _MAX_COLUMNS) -> FlowGraph:
-    """The operators of ``flow`` as a layered grid, by topological depth.
-
-    An operator's column is its depth (the longest path from a source).  Every stage
-    takes a rectangle of rows of its own, so the boxes drawn around fused stages never
-    overlap.  When a stage would reach past ``max_columns``, it starts a new band of
-    rows below, back at column 0 (the edges into it wrap around).
-
-    Raises:
-        FlowDefinitionError: when the flow is not valid (as :func:`sluiceway.plan.plan`).
-    """
-    return _layout(topology(flow), max_columns)
-
-
-def _layout(topo: Topology, max_columns: int = _MAX_COLUMNS) -> FlowGraph:
-    """:func:`flow_graph` from the plan's description of the flow."""
-    by_id = {n.id: n for n in topo.nodes}
-    depth = {n.id: n.depth for n in topo.nodes}
-
-    # Bands: a stage starts a new band when it would reach too far right.
-    stages = sorted(topo.stages, key=lambda s: (min(depth[i] for i in s.nodes), s.index))
-    origin = 0
-    band_of: dict[int, int] = {}
-    origins: list[int] = [0]
-    for st in stages:
-        lo = min(depth[i] for i in st.nodes)
-        hi = max(depth[i] for i in st.nodes)
-        if hi - origin >= max_columns and lo > origin:
-            origin = lo
-            origins.append(origin)
-        band_of[st.index] = len(origins) - 1
-
-    # Rows: within a band, each stage takes the rows below everything already placed in
-    # the columns it spans (a skyline), one row per operator of its widest column.
-    place: dict[int, tuple[int, int]] = {}
-    top = 0
-    columns = 0
-    for band, band_origin in enumerate(origins):
-        free: dict[int, int] = {}
-        bottom = top
-        for st in (s for s in stages if band_of[s.index] == band):
-            cols: dict[int, list[int]] = {}
-            for node_id in st.nodes:
-                cols.setdefault(depth[node_id] - band_origin, []).append(node_id)
-            start = max(free.get(c, top) for c in range(min(cols), max(cols) + 1))
-            height = max(len(ns) for ns in cols.values())
-            for c in range(min(cols), max(cols) + 1):
-                free[c] = start + height
-            for c, ns in cols.items():
-                for i, node_id in enumerate(ns):
-                    place[node_id] = (c, start + i)
-                columns = max(columns, c + 1)
-            bottom = max(bottom, start + height)
-        top = bottom
-
-    nodes = tuple(GraphNode(n.name, n.kind, n.stage, *place[n.id], head=n.head) for n in topo.nodes)
-    edges = tuple(
-        GraphEdge(by_id[e.source].name, by_id[e.target].name, e.channel, e.port) for e in topo.edges
-    )
-    graph_stages = []
-    for st in topo.stages:
-        here = set(st.nodes)
-        writes = tuple(
-            (ch.name, sum(1 for w in ch.writers if w in here))
-            for ch in topo.channels
-            if any(w in here for w in ch.writers)
-        )
-        graph_stages.append(
-            GraphStage(st.index, tuple(by_id[i].name for i in st.nodes), st.channel, writes)
-        )
-    return FlowGraph(
-        flow=topo.flow,
-        nodes=nodes,
-        edges=edges,
-        stages=tuple(graph_stages),
-        columns=columns,
-        rows=top,
-        channel_writers={ch.name: len(ch.writers) for ch in topo.channels},
-    )
-
-
-# -- the /api/flow document ---------------------------------------------------------------
-
-
-class NodeState(TypedDict):
-    """One operator in ``/api/flow``.  Rates and ratios are None until known."""
-
-    name: str
-    kind: str
-    stage: int
-    column: int
-    row: int
-    head: bool
-    records_in: int
-    records_out: int
-    rate_in: float | None
-    rate_out: float | None
-    errors: int
-    retries: int
-    dead_letters: int
-    dropped: int
-    late: int
-    backpressure: float | None
-    latency_p50: float | None
-    latency_p95: float | None
-    latency_p99: float | None
-    processing_p50: float | None
-    processing_p95: float | None
-    processing_p99: float | None
-    watermark: float | None
-    watermark_lag: float | None
-    backlog: int | None
-    circuit_state: str | None
-
-
-class EdgeState(TypedDict):
-    """One edge in ``/api/flow``; the channel fields are None for an edge inside a stage."""
-
-    source: str
-    target: str
-    port: str | None
-    channel: str | None
-    fill: int | None
-    capacity: int | None
-    max_fill: int | None
-    overflow: str | None
-    dropped: int | None
-    blocked_ratio: float | None
-
-
-class StageState(TypedDict):
-    """One fused stage in ``/api/flow``."""
-
-    index: int
-    operators: list[str]
-    channel: str | None
-    backpressure: float | None
-
-
-class FlowState(TypedDict):
-    """The ``/api/flow`` document."""
-
-    flow: str
-    time: float
-    wall_time: float | None
-    elapsed: float | None
-    rates_over: float | None
-    stopping: bool
-    columns: int
-    rows: int
-    stages: list[StageState]
-    nodes: list[NodeState]
-    edges: list[EdgeState]
-    load: LoadState | None
-
-
-class LoadState(TypedDict):
-    """The load signals and decisions, with a load policy (``/api/flow``'s ``load``)."""
-
-    signals: dict[str, float | None]
-    active: list[str]
-    decisions: int
-    fetch_cap: int | None
-    rate: float | None
-    shedding: str | None
-    wants_more_instances: bool
-
-
-def _finite(value: float) -> float | None:
-    """``value``, or None for NaN and infinities (which JSON cannot carry)."""
-    return value if math.isfinite(value) else None
-
-
-def flow_state(
-    graph: FlowGraph,
-    now: FlowSnapshot,
-    rates: Rates | None = None,
-    *,
-    rates_over: float | None = None,
-    started: float | None = None,
-    stopping: bool = False,
-) -> FlowState:
-    """The ``/api/flow`` document: ``graph`` with the counters of ``now``.
-
-    Args:
-        graph: the flow's layout (:func:`flow_graph`).
-        now: the counters to show.
-        rates: per-second rates (None: not known yet; rates and ratios are null).
-        rates_over: the seconds ``rates`` were measured over.
-        started: the clock time the flow started (for ``elapsed``; None: unknown).
-        stopping: whether a stop has been requested.
-
-    A stage's backpressure is the share of time it spent waiting for room in the
-    channels it writes into (its writers' blocked time per second, 0 to 1); every
-    operator fused into the stage shares it.  A stage that writes into no channel (it
-    ends in sinks) has 0.
-
-    >>> import sluiceway as sw
-    >>> flow = sw.Flow("tiny")
-    >>> flow.source(sw.sources.Iterable([1]), name="nums").sink(sw.sinks.Collect(), name="out")
-    >>> result = sw.run(flow, clock=sw.VirtualClock())
-    >>> state = flow_state(flow_graph(flow), result.metrics)
-    >>> [(n["name"], n["records_in"], n["records_out"], n["rate_out"]) for n in state["nodes"]]
-    [('nums', 1, 1, None), ('out', 1, 1, None)]
-    """
-    ops = {o.name: o for o in now.operators}
-    channels = {c.name: c for c in now.channels}
-    stage_bp: dict[int, float | None] = {}
-    for st in graph.stages:
-        if rates is None:
-            stage_bp[st.index] = None
-            continue
-        share = 0.0
-        for channel, writers in st.writers:
-            blocked = rates.backpressure.get(channel, 0.0)
-            share += blocked * writers / max(1, graph.channel_writers.get(channel, 1))
-        stage_bp[st.index] = min(1.0, max(0.0, share))
-
-    nodes: list[NodeState] = []
-    for node in graph.nodes:
-        op = ops.get(node.name) or OperatorSnapshot(node.name, node.kind, node.stage, *_ZEROS)
-        lag = now.wall_time - op.watermark  # as FlowSnapshot.watermark_lag, without a lookup
-        nodes.append(
-            NodeState(
-                name=node.name,
-                kind=node.kind,
-                stage=node.stage,
-                column=node.column,
-                row=node.row,
-                head=node.head,
-                records_in=op.records_in,
-                records_out=op.records_out,
-                rate_in=None if rates is None else rates.records_in.get(node.name),
-                rate_out=None if rates is None else rates.records_out.get(node.name),
-                errors=op.errors,
-                retries=op.retries,
-                dead_letters=op.dead_letters,
-                dropped=op.dropped,
-                late=op.late,
-                backpressure=stage_bp.get(node.stage),
-                latency_p50=_finite(op.latency_p50),
-                latency_p95=_finite(op.latency_p95),
-                latency_p99=_finite(op.latency_p99),
-                processing_p50=_finite(op.processing_p50),
-                processing_p95=_finite(op.processing_p95),
-                processing_p99=_finite(op.processing_p99),
-                watermark=_finite(op.watermark),
-                watermark_lag=_finite(lag),
-                backlog=op.backlog,
-                circuit_state=op.circuit_state or None,
-            )
-        )
-
-    edges: list[EdgeState] = []
-    for edge in graph.edges:
-        ch = channels.get(edge.channel) if edge.channel is not None else None
-        ratio: float | None = None
-        if ch is not None and rates is not None:
-            ratio = rates.backpressure.get(ch.name)
-        edges.append(
-            EdgeState(
-                source=edge.source,
-                target=edge.target,
-                port=edge.port,
-                channel=edge.channel,
-                fill=None if ch is None else ch.fill,
-                capacity=None if ch is None else ch.capacity,
-                max_fill=None if ch is None else ch.max_fill,
-                overflow=None if ch is None else ch.overflow.value,
-                dropped=None if ch is None else ch.records_dropped,
-                blocked_ratio=ratio,
-            )
-        )
-    stages = [
-        StageState(
-            index=st.index,
-            operators=list(st.operators),
-            channel=st.channel,
-            backpressure=stage_bp[st.index],
-        )
-        for st in graph.stages
-    ]
-    return FlowState(
-        flow=now.flow,
-        time=now.time,
-        wall_time=_finite(now.wall_time),
-        elapsed=None if started is None else now.time - started,
-        rates_over=rates_over,
-        stopping=stopping,
-        columns=graph.columns,
-        rows=graph.rows,
-        stages=stages,
-        nodes=nodes,
-        edges=edges,
-        load=None if now.load is None else _load_state(now.load),
-    )
-
-
-def _load_state(load: LoadSnapshot) -> LoadState:
-    return LoadState(
-        signals={k: _finite(v) for k, v in load.signals.items()},
-        active=list(load.active),
-        decisions=load.decisions,
-        fetch_cap=load.fetch_cap,
-        rate=load.rate,
-        shedding=load.shedding,
-        wants_more_instances=load.wants_more_instances,
-    )
 
 
 # -- the server -----------------------------------------------------------------------------
@@ -549,7 +194,7 @@ class WebView(HttpMonitor):
 
     def _start(self, handle: FlowHandle) -> None:
         topo = topology(handle.flow)
-        self._graph = _layout(topo)
+        self._graph = layout(topo)
         self._ingest = {
             node.name: node.connector
             for node in topo.nodes

@@ -29,13 +29,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import pickle
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from sluiceway.checkpoint import codec
+from sluiceway.checkpoint.keys import KeyRing, load_keys
 from sluiceway.checkpoint.store import Checkpoint, CheckpointStore, OperatorState
 from sluiceway.core.contract import Sink, Source
 from sluiceway.core.messages import Barrier
@@ -48,12 +49,15 @@ if TYPE_CHECKING:
     from sluiceway.flow import Flow
     from sluiceway.operators.base import Step
 
-__all__ = ["ACK_INTERVAL", "CheckpointStats", "Checkpoints", "Coordinator"]
+__all__ = ["ACK_INTERVAL", "ENV_TRUST", "CheckpointStats", "Checkpoints", "Coordinator"]
 
 log = logging.getLogger("sluiceway")
 
 ACK_INTERVAL = 0.1
 """Seconds between ack barriers when a flow without checkpoints has acknowledging sources."""
+
+ENV_TRUST = "SLUICEWAY_CHECKPOINT_TRUST_UNAUTHENTICATED"
+"""The environment's form of ``Checkpoints(trust_unauthenticated=ID)``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,20 +65,34 @@ class Checkpoints:
     """Take checkpoints of a flow, and restore the latest one when it starts again.
 
     >>> Checkpoints("/tmp/ckpt", interval=2)
-    Checkpoints(directory='/tmp/ckpt', interval=2.0, keep=3)
+    Checkpoints(directory='/tmp/ckpt', interval=2.0, keep=3, key_file=None)
+
+    Every part of a checkpoint is signed with a key kept outside the checkpoint directory
+    and verified before anything of it is loaded (docs/checkpoints.md, "Security").
 
     Args:
         directory: where the checkpoint store lives (created at the first checkpoint).
         interval: seconds between the starts of two checkpoints (on the flow's clock).
         keep: how many complete checkpoints to keep (older ones are deleted).
+        key_file: the file holding the checkpoint key(s) (first line signs, later lines
+            are old keys still accepted).  Default: ``SLUICEWAY_CHECKPOINT_KEY``,
+            ``SLUICEWAY_CHECKPOINT_KEY_FILE``, else the user's own key, created once in
+            ``~/.config/sluiceway/`` (``$XDG_CONFIG_HOME``).
+        trust_unauthenticated: the id of one checkpoint written by a sluiceway from
+            before checkpoints were signed, to restore once although nothing proves who
+            wrote it (also ``SLUICEWAY_CHECKPOINT_TRUST_UNAUTHENTICATED=ID``).  Only if no
+            one else could write the directory; the checkpoints after it are signed.
 
     Raises:
-        ValueError: ``interval`` not > 0 seconds, or ``keep`` < 1.
+        ValueError: ``interval`` not > 0 seconds, ``keep`` < 1, or
+            ``trust_unauthenticated`` not a checkpoint id.
     """
 
     directory: str | os.PathLike[str]
     interval: float = 5.0
     keep: int = 3
+    key_file: str | os.PathLike[str] | None = None
+    trust_unauthenticated: int | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "directory", os.fspath(self.directory))
@@ -83,6 +101,16 @@ class Checkpoints:
         )
         if not isinstance(self.keep, int) or isinstance(self.keep, bool) or self.keep < 1:
             raise ValueError(f"Checkpoints keep must be an int >= 1, got {self.keep!r}")
+        if self.key_file is not None:
+            object.__setattr__(self, "key_file", os.fspath(self.key_file))
+        trust = self.trust_unauthenticated
+        if trust is not None and (
+            isinstance(trust, bool) or not isinstance(trust, int) or trust < 1
+        ):
+            raise ValueError(
+                "Checkpoints trust_unauthenticated must be the id of a checkpoint (an int "
+                f">= 1), got {trust!r}"
+            )
 
 
 @dataclass(slots=True)
@@ -133,6 +161,9 @@ class Coordinator:
         self.config = config
         self.clock = clock
         self.store = None if config is None else CheckpointStore(config.directory, keep=config.keep)
+        self.keys: KeyRing | None = None
+        if config is not None:
+            self.keys = load_keys(key_file=config.key_file, checkpoint_dir=config.directory)
         self.interval = ACK_INTERVAL if config is None else config.interval
         self.kinds = {n.name: n.kind for n in flow.nodes}
         self.sources = sources
@@ -174,6 +205,7 @@ class Coordinator:
         self.next_id = self.store.next_id(self.flow.name)
         if ckpt is None:
             return None
+        codec.verify_checkpoint(ckpt.states, self.keys, **self._auth(ckpt))  # before all else
         self._check_compatible(ckpt)
         ckpt, values = self._committed(ckpt)
         where = f"checkpoint {ckpt.info.id} in {self.store.path}"
@@ -187,17 +219,39 @@ class Coordinator:
         return ckpt
 
     def _load(self, ckpt: Checkpoint) -> dict[str, Any]:
+        """Every part verified under the keys, then (only if all verify) decoded."""
+        return codec.open_checkpoint(ckpt.states, self.keys, **self._auth(ckpt), warn=log.warning)
+
+    def _auth(self, ckpt: Checkpoint) -> dict[str, Any]:
+        """What verifying ``ckpt`` needs beside its parts and the keys."""
         assert self.store is not None
-        values: dict[str, Any] = {}
-        for name, st in ckpt.states.items():
-            try:
-                values[name] = pickle.loads(st.data)
-            except Exception as exc:
-                raise CheckpointError(
-                    f"checkpoint {ckpt.info.id} in {self.store.path}: the state of operator "
-                    f"{name!r} cannot be loaded: {type(exc).__name__}: {exc}"
-                ) from exc
-        return values
+        assert self.config is not None
+        return {
+            "flow": self.flow.name,
+            "where": f"checkpoint {ckpt.info.id} of flow {self.flow.name!r} in {self.store.path}",
+            "fixes": f"`sluiceway checkpoints reset {shlex.quote(str(self.config.directory))} "
+            f'--flow {shlex.quote(self.flow.name)}` (docs/checkpoints.md, "Security")',
+            "trust_unauthenticated": ckpt.info.id == self._trusted(),
+        }
+
+    def _trusted(self) -> int | None:
+        """The id of the unsigned checkpoint the user chose to trust, if any."""
+        assert self.config is not None
+        if self.config.trust_unauthenticated is not None:
+            return self.config.trust_unauthenticated
+        raw = os.environ.get(ENV_TRUST)
+        if raw is None or not raw.strip():
+            return None
+        try:
+            trusted = int(raw)
+        except ValueError:
+            trusted = 0
+        if trusted < 1:
+            raise CheckpointError(
+                f"{ENV_TRUST} must be the id of the unsigned checkpoint to trust once (a "
+                f"whole number >= 1, see `sluiceway checkpoints list`), got {raw!r}"
+            )
+        return trusted
 
     def _committed(self, ckpt: Checkpoint) -> tuple[Checkpoint, dict[str, Any]]:
         """``ckpt``, or the newest earlier one, whose sinks all committed it.
@@ -263,16 +317,21 @@ class Coordinator:
     # -- reports from the stages -------------------------------------------------------
 
     def _pickle(self, name: str, value: Any) -> OperatorState:
+        """The signed part of ``value`` (see :mod:`sluiceway.checkpoint.codec`)."""
         if self.store is None:
             return _NO_STATE
+        assert self.keys is not None
+        kind = self.kinds[name]
         try:
-            data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+            data = codec.encode(
+                value, self.keys.current, codec.part_context(self.flow.name, name, kind)
+            )
         except Exception as exc:
             raise CheckpointError(
                 f"flow {self.flow.name!r}: the state of operator {name!r} cannot be "
                 f"checkpointed (pickled): {type(exc).__name__}: {exc}"
             ) from exc
-        return OperatorState(name, self.kinds[name], data)
+        return OperatorState(name, kind, data)
 
     def _report(self, checkpoint_id: int, name: str, value: Any) -> None:
         c = self.current
