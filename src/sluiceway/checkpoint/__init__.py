@@ -7,20 +7,24 @@ one checkpoint with :meth:`CheckpointStore.save`, and on a restart restores
 
 from sluiceway.checkpoint.store import (
     FORMAT_VERSION,
+    ChainInfo,
     Checkpoint,
     CheckpointInfo,
     CheckpointNotFoundError,
     CheckpointStore,
     OperatorState,
     PartInfo,
+    Segment,
 )
 
 __all__ = [
     "FORMAT_VERSION",
+    "ChainInfo",
     "Checkpoint",
     "CheckpointInfo",
     "CheckpointNotFoundError",
     "CheckpointStore",
     "OperatorState",
     "PartInfo",
+    "Segment",
 ]
