@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sluiceway import cli
-from sluiceway.checkpoint import CheckpointStore, OperatorState
+from sluiceway.checkpoint import CheckpointStore, OperatorState, Segment
 from sluiceway.checkpoint.cli import format_bytes, format_utc
 
 CREATED = 1_700_000_000.0  # 2023-11-14T22:13:20Z
@@ -66,7 +66,8 @@ def test_list_prints_a_table_newest_first(
     assert (code, err) == (0, "")
     lines = out.splitlines()
     assert lines[0].split() == [
-        "ID", "FLOW", "CREATED", "(UTC)", "SIZE", "OPERATORS", "FINAL", "STATUS"
+        "ID", "FLOW", "CREATED", "(UTC)", "SIZE", "BASES", "DELTAS", "OPERATORS", "FINAL",
+        "STATUS",
     ]  # fmt: skip
     assert lines[1].split() == [
         "4",
@@ -74,6 +75,8 @@ def test_list_prints_a_table_newest_first(
         "2023-11-14T22:13:24Z",
         "8.0",
         "KiB",
+        "-",
+        "-",
         "2",
         "yes",
         "ok",
@@ -84,6 +87,8 @@ def test_list_prints_a_table_newest_first(
         "2023-11-14T22:13:23Z",
         "6.0",
         "KiB",
+        "-",
+        "-",
         "2",
         "no",
         "ok",
@@ -120,7 +125,9 @@ def test_list_json(store_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
         "size": len(b"offset=4") + 2048 * 4,
         "operators": 2,
         "final": True,
-        "format_version": 2,
+        "format_version": 3,
+        "base_bytes": 0,
+        "delta_bytes": 0,
         "ok": True,
         "status": "ok",
     }
@@ -201,7 +208,7 @@ def test_inspect_the_newest(store_dir: Path, capsys: pytest.CaptureFixture[str])
     assert "  size:           8.0 KiB (8,200 bytes)" in lines
     assert "  operators:      2" in lines
     assert "  final:          yes" in lines
-    assert "  format version: 2" in lines
+    assert "  format version: 3" in lines
     assert "  status:         ok" in lines
     table = lines[lines.index("  status:         ok") + 1 :]
     assert [row.split() for row in table] == [
@@ -401,3 +408,32 @@ def test_format_bytes(n: int, text: str) -> None:
 
 def test_format_utc_of_a_time_out_of_range() -> None:
     assert format_utc(1e20) == "1e+20 (epoch seconds)"
+
+
+def test_list_and_inspect_show_bases_and_deltas(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with CheckpointStore(tmp_path) as store:
+        for n, seg in ((1, Segment(True, b"b" * 3000)), (2, Segment(False, b"d" * 500))):
+            store.save(
+                "counts",
+                n,
+                {"sum": OperatorState("sum", "stateful_map", b"", {"-": seg})},
+                created=CREATED + n,
+                duration=0.1,
+                parent=n - 1 or None,
+            )
+    code, out, _ = run_cli(["checkpoints", "list", str(tmp_path)], capsys)
+    assert code == 0
+    rows = [line.split() for line in out.splitlines()[1:3]]
+    assert [r[3:8] for r in rows] == [["0", "B", "-", "500", "B"], ["0", "B", "2.9", "KiB", "-"]]
+    code, out, _ = run_cli(["checkpoints", "inspect", str(tmp_path)], capsys)
+    assert code == 0
+    lines = out.splitlines()
+    assert "  deltas written: 500 B (500 bytes)" in lines
+    assert lines[-1].split() == ["partition", "-", "base+deltas", "3,000+500", "1", "delta"]
+    code, out, _ = run_cli(["checkpoints", "inspect", str(tmp_path), "--json"], capsys)
+    [part] = json.loads(out)["parts"]
+    assert part["chains"] == [
+        {"partition": "-", "base_bytes": 3000, "deltas": 1, "delta_bytes": 500}
+    ]

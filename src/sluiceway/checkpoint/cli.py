@@ -252,20 +252,32 @@ def _list(store: CheckpointStore, directory: Path, flow: str | None, *, as_json:
     if not found:
         _write(f"no checkpoints{_of(flow)} in {directory}")
         return 0
-    header = ("ID", "FLOW", "CREATED (UTC)", "SIZE", "OPERATORS", "FINAL", "STATUS")
+    header = (
+        "ID",
+        "FLOW",
+        "CREATED (UTC)",
+        "SIZE",
+        "BASES",
+        "DELTAS",
+        "OPERATORS",
+        "FINAL",
+        "STATUS",
+    )
     rows = [
         (
             str(info.id),
             info.flow,
             format_utc(info.created),
             format_bytes(info.size),
+            format_bytes(info.base_bytes) if info.base_bytes else "-",
+            format_bytes(info.delta_bytes) if info.delta_bytes else "-",
             str(info.operators),
             "yes" if info.final else "no",
             _status(problem),
         )
         for info, problem in found
     ]
-    right = {0, 3, 4}  # numbers line up on the right
+    right = {0, 3, 4, 5, 6}  # numbers line up on the right
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         cells = [
@@ -316,9 +328,7 @@ def _inspect(
     if as_json:
         payload = _info_json(info, problem)
         payload["store"] = str(store.path)
-        payload["parts"] = [
-            {"name": p.name, "kind": p.kind, "bytes": p.size, "sha256": p.sha256} for p in parts
-        ]
+        payload["parts"] = [_part_json(p) for p in parts]
         _write(json.dumps(payload, indent=2))
         return code
     _write(f"checkpoint {info.id} of flow {info.flow!r} in {store.path}")
@@ -326,6 +336,8 @@ def _inspect(
         ("created", format_utc(info.created)),
         ("duration", f"{info.duration:.3f} s"),
         ("size", f"{format_bytes(info.size)} ({info.size:,} bytes)"),
+        ("bases written", f"{format_bytes(info.base_bytes)} ({info.base_bytes:,} bytes)"),
+        ("deltas written", f"{format_bytes(info.delta_bytes)} ({info.delta_bytes:,} bytes)"),
         ("operators", str(info.operators)),
         ("final", "yes" if info.final else "no"),
         ("format version", str(info.format_version)),
@@ -336,11 +348,39 @@ def _inspect(
     return code
 
 
+def _part_json(p: PartInfo) -> dict[str, Any]:
+    data: dict[str, Any] = {"name": p.name, "kind": p.kind, "bytes": p.size, "sha256": p.sha256}
+    if p.incremental:
+        data["chains"] = [
+            {
+                "partition": c.partition,
+                "base_bytes": c.base_size,
+                "deltas": c.deltas,
+                "delta_bytes": c.delta_size,
+            }
+            for c in p.chains
+        ]
+    return data
+
+
 def _parts_table(parts: list[PartInfo]) -> str:
+    """One row per operator; an incremental one has a row per partition chain below it
+    (``partition P``: base bytes, how many deltas and their bytes)."""
     if not parts:
         return "no operator states"
     header = ("OPERATOR", "KIND", "BYTES", "SHA256")
-    rows = [(p.name, p.kind, f"{p.size:,}", p.sha256[:_SHA_PREFIX]) for p in parts]
+    rows: list[tuple[str, str, str, str]] = []
+    for p in parts:
+        rows.append((p.name, p.kind, f"{p.size:,}", p.sha256[:_SHA_PREFIX]))
+        rows += [
+            (
+                f"  partition {c.partition}",
+                "base+deltas",
+                f"{c.base_size:,}+{c.delta_size:,}",
+                f"{c.deltas} delta{'s' if c.deltas != 1 else ''}",
+            )
+            for c in p.chains
+        ]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = []
     for row in [header, *rows]:

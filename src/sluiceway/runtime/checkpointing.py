@@ -5,9 +5,21 @@ stage records the source's position between two batches and sends
 :class:`~sluiceway.core.messages.Barrier` down its stage; every operator snapshots
 when the barrier passes it (fan-in channels align the barrier first, see
 :mod:`sluiceway.core.channel`), and a sink pre-commits (makes what it wrote durable).
-Once every operator has reported, the checkpoint is written to the store in one
-transaction, and only then are sinks told to commit and sources that the records before
-it will never be asked for again.
+Once every operator has reported, the checkpoint is serialised and written to the store
+in one transaction, in a worker thread (:meth:`Clock.run_in_thread`) while records keep
+flowing, and only then are sinks told to commit and sources that the records before it
+will never be asked for again.  One checkpoint is in flight at a time: a slow store
+slows checkpoints, not records.
+
+A step whose :meth:`~sluiceway.operators.base.Step.snapshot` returns an
+:class:`~sluiceway.core.delta.Incremental` hands over only what changed since its
+previous snapshot (per partition); the store keeps a base and the chain of changes per
+operator and partition (:mod:`sluiceway.checkpoint.store`), and a restore hands the step
+the folded, whole state.  Those change sets are serialised in the worker thread, in
+chunks, so the event loop gets the GIL between them; a whole snapshot, which may share
+mutable objects with the live step, is pickled at the barrier as before.  After a save the
+store's thread compacts long chains (:func:`fold_segments` is where stored bytes are
+decoded and encoded again).
 
 An operator whose input has ended reports its final state once; it stands for that
 operator in every later checkpoint.  When every input ends, a last checkpoint of those
@@ -31,16 +43,23 @@ import logging
 import os
 import pickle
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
-from typing import TYPE_CHECKING, Any
+from itertools import islice
+from typing import TYPE_CHECKING, Any, Final
 
-from sluiceway.checkpoint.store import Checkpoint, CheckpointStore, OperatorState
+from sluiceway.checkpoint.store import (
+    Checkpoint,
+    CheckpointInfo,
+    CheckpointStore,
+    OperatorState,
+    Segment,
+)
 from sluiceway.core.contract import Sink, Source
+from sluiceway.core.delta import Changes, Incremental, Partition, fold, fold_incremental
 from sluiceway.core.messages import Barrier
 from sluiceway.errors import CheckpointError, CheckpointMismatchError
-from sluiceway.metrics.registry import CheckpointSnapshot
+from sluiceway.metrics.registry import CheckpointSnapshot, OperatorCheckpoint
 from sluiceway.time import Clock
 from sluiceway.time.durations import positive_seconds
 
@@ -48,7 +67,15 @@ if TYPE_CHECKING:
     from sluiceway.flow import Flow
     from sluiceway.operators.base import Step
 
-__all__ = ["ACK_INTERVAL", "CheckpointStats", "Checkpoints", "Coordinator"]
+__all__ = [
+    "ACK_INTERVAL",
+    "CheckpointStats",
+    "Checkpoints",
+    "Coordinator",
+    "decode_changes",
+    "encode_changes",
+    "fold_segments",
+]
 
 log = logging.getLogger("sluiceway")
 
@@ -61,20 +88,26 @@ class Checkpoints:
     """Take checkpoints of a flow, and restore the latest one when it starts again.
 
     >>> Checkpoints("/tmp/ckpt", interval=2)
-    Checkpoints(directory='/tmp/ckpt', interval=2.0, keep=3)
+    Checkpoints(directory='/tmp/ckpt', interval=2.0, keep=3, compact_ratio=0.5, compact_after=10)
 
     Args:
         directory: where the checkpoint store lives (created at the first checkpoint).
         interval: seconds between the starts of two checkpoints (on the flow's clock).
         keep: how many complete checkpoints to keep (older ones are deleted).
+        compact_ratio: an incremental operator's chain of changes (one partition's) is
+            folded into a new base once its bytes exceed this share of the base's...
+        compact_after: ...or once it holds this many change sets.
 
     Raises:
-        ValueError: ``interval`` not > 0 seconds, or ``keep`` < 1.
+        ValueError: ``interval`` not > 0 seconds, ``keep`` or ``compact_after`` < 1, or
+            ``compact_ratio`` not > 0.
     """
 
     directory: str | os.PathLike[str]
     interval: float = 5.0
     keep: int = 3
+    compact_ratio: float = 0.5
+    compact_after: int = 10
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "directory", os.fspath(self.directory))
@@ -83,6 +116,16 @@ class Checkpoints:
         )
         if not isinstance(self.keep, int) or isinstance(self.keep, bool) or self.keep < 1:
             raise ValueError(f"Checkpoints keep must be an int >= 1, got {self.keep!r}")
+        after = self.compact_after
+        if not isinstance(after, int) or isinstance(after, bool) or after < 1:
+            raise ValueError(f"Checkpoints compact_after must be an int >= 1, got {after!r}")
+        ratio = self.compact_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio < 1e9:
+            raise ValueError(
+                f"Checkpoints compact_ratio must be a number > 0 (a share of the base's "
+                f"bytes, e.g. 0.5), got {ratio!r}"
+            )
+        object.__setattr__(self, "compact_ratio", float(ratio))
 
 
 @dataclass(slots=True)
@@ -92,15 +135,39 @@ class CheckpointStats:
     completed: int = 0
     last_id: int | None = None
     last_duration: float = 0.0
-    """Seconds from the barrier's injection to the checkpoint being stored."""
+    """Seconds from the barrier's injection to the checkpoint being durable in the store
+    (the barrier's way through the flow, the serialisation and the write)."""
+    last_alignment: float = 0.0
+    """Seconds from the barrier's injection until every operator had reported."""
+    last_write: float = 0.0
+    """Seconds the worker thread took to serialise the change sets and write."""
     last_size: int = 0
-    """Bytes of state in the last checkpoint."""
+    """Bytes of state the last checkpoint holds (its whole parts and every chain it
+    refers to, as stored after compaction)."""
+    last_written: int = 0
+    """Bytes the last checkpoint wrote (whole parts, bases and deltas)."""
+    last_delta_bytes: int = 0
+    """Of those, bytes of change sets (deltas)."""
+    compactions: int = 0
+    """Chains folded into new bases by this run."""
     restored_from: int | None = None
     """The checkpoint this run started from (None: a fresh start)."""
+    operators: dict[str, OperatorCheckpoint] = field(default_factory=dict)
+    """Per operator, in the last checkpoint."""
 
     def snapshot(self) -> CheckpointSnapshot:
         return CheckpointSnapshot(
-            self.completed, self.last_id, self.last_duration, self.last_size, self.restored_from
+            self.completed,
+            self.last_id,
+            self.last_duration,
+            self.last_size,
+            self.restored_from,
+            last_alignment=self.last_alignment,
+            last_write=self.last_write,
+            last_written=self.last_written,
+            last_delta_bytes=self.last_delta_bytes,
+            compactions=self.compactions,
+            operators=tuple(self.operators[n] for n in sorted(self.operators)),
         )
 
 
@@ -114,6 +181,11 @@ class _InProgress:
     states: dict[str, OperatorState] = field(default_factory=dict)
     values: dict[str, Any] = field(default_factory=dict)
     """Unpickled states of sources and sinks: handed to their commit()."""
+    changes: dict[str, Incremental] = field(default_factory=dict)
+    """The change sets of incremental steps, serialised in the worker thread."""
+    snapshot_seconds: dict[str, float] = field(default_factory=dict)
+    keys: dict[str, int] = field(default_factory=dict)
+    aligned: float | None = None
 
 
 class Coordinator:
@@ -139,7 +211,15 @@ class Coordinator:
         self.sinks = sinks
         self.request_barrier = request_barrier
         self.stats = CheckpointStats()
-        self.final: dict[str, tuple[OperatorState, Any]] = {}
+        self.final: dict[str, tuple[OperatorState | None, Any]] = {}
+        """Operators whose input ended: their pickled final state (None for a change set,
+        serialised with the checkpoint) and its value."""
+        self._final_stored: set[str] = set()
+        """Incremental operators whose final change set is stored: later checkpoints
+        carry their chains on unchanged."""
+        self.parent: int | None = None
+        """The checkpoint the steps' change sets follow: the last one stored, or the one
+        this run restored."""
         self.current: _InProgress | None = None
         self.next_id = 1
         self.stop_wanted = False
@@ -176,6 +256,7 @@ class Coordinator:
             return None
         self._check_compatible(ckpt)
         ckpt, values = self._committed(ckpt)
+        self.parent = ckpt.info.id
         where = f"checkpoint {ckpt.info.id} in {self.store.path}"
         for name, value in values.items():
             if name in self.sources:
@@ -191,7 +272,8 @@ class Coordinator:
         values: dict[str, Any] = {}
         for name, st in ckpt.states.items():
             try:
-                values[name] = pickle.loads(st.data)
+                chains = ckpt.chains.get(name)
+                values[name] = decode_value(st.data) if chains is None else unchain(chains)
             except Exception as exc:
                 raise CheckpointError(
                     f"checkpoint {ckpt.info.id} in {self.store.path}: the state of operator "
@@ -266,7 +348,7 @@ class Coordinator:
         if self.store is None:
             return _NO_STATE
         try:
-            data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+            data = encode_value(value)
         except Exception as exc:
             raise CheckpointError(
                 f"flow {self.flow.name!r}: the state of operator {name!r} cannot be "
@@ -274,39 +356,50 @@ class Coordinator:
             ) from exc
         return OperatorState(name, self.kinds[name], data)
 
-    def _report(self, checkpoint_id: int, name: str, value: Any) -> None:
-        c = self.current
-        if c is None or c.id != checkpoint_id:
-            raise AssertionError(f"barrier {checkpoint_id} at {name!r} with no such checkpoint")
-        c.states[name] = self._pickle(name, value)
+    def _capture(self, c: _InProgress, name: str, value: Any) -> None:
+        """Take operator ``name``'s state into checkpoint ``c``: a change set as it is (the
+        step hands over copies; serialised in the worker thread), anything else pickled
+        now (a whole snapshot may share mutable objects with the live step)."""
+        if isinstance(value, Incremental) and self.store is not None:
+            c.changes[name] = value
+        else:
+            c.states[name] = self._pickle(name, value)
         if name in self.sinks or name in self.sources:
             c.values[name] = value
         c.waiting.discard(name)
         if not c.waiting and not c.ready.done():
+            c.aligned = self.clock.monotonic()
             c.ready.set_result(None)
+
+    def _report(self, checkpoint_id: int, name: str, value: Any) -> None:
+        c = self.current
+        if c is None or c.id != checkpoint_id:
+            raise AssertionError(f"barrier {checkpoint_id} at {name!r} with no such checkpoint")
+        self._capture(c, name, value)
 
     async def on_barrier(self, step: Step, barrier: Barrier) -> None:
         """The hook the runtime sets on every operator step."""
         if self.store is None:  # an ack barrier: it only has to get through
             self._report(barrier.checkpoint_id, step.name, None)
             return
+        began = self.clock.monotonic()
         value = await step.prepare_checkpoint(barrier.checkpoint_id)
         self._report(barrier.checkpoint_id, step.name, value)
+        c = self.current
+        if c is not None and c.id == barrier.checkpoint_id:
+            c.snapshot_seconds[step.name] = self.clock.monotonic() - began
+            c.keys[step.name] = step.metrics.state
 
     def source_barrier(self, name: str, checkpoint_id: int, position: Any) -> None:
         self._report(checkpoint_id, name, position)
 
     def finished(self, name: str, value: Any) -> None:
         """Operator ``name``'s input ended; ``value`` is its final state."""
-        state = self._pickle(name, value)
-        self.final[name] = (state, value)
+        incremental = isinstance(value, Incremental) and self.store is not None
+        self.final[name] = (None if incremental else self._pickle(name, value), value)
         c = self.current
         if c is not None and name in c.waiting:
-            c.states[name] = state
-            c.values[name] = value
-            c.waiting.discard(name)
-            if not c.waiting and not c.ready.done():
-                c.ready.set_result(None)
+            self._capture(c, name, value)
 
     # -- taking checkpoints ------------------------------------------------------------
 
@@ -320,10 +413,16 @@ class Coordinator:
         )
         self.next_id += 1
         for name, (state, value) in self.final.items():
-            c.states[name] = state
+            if state is not None:
+                c.states[name] = state
+            elif name in self._final_stored:  # stored once: its chains carry on as they are
+                c.changes[name] = Incremental({})
+            else:
+                c.changes[name] = value
             c.values[name] = value
         self.current = c
         if not c.waiting:
+            c.aligned = c.started
             c.ready.set_result(None)
         elif inject:
             self.request_barrier(c.id)
@@ -337,24 +436,100 @@ class Coordinator:
                 await source.commit(c.values.get(name))
             return
         created = self.clock.time()
-        duration = self.clock.monotonic() - c.started
-        info = await self.clock.run_in_thread(
-            partial(self.store.save, created=created, duration=duration, final=c.final),
-            self.flow.name,
-            c.id,
-            c.states,
-        )
+        writing = self.clock.monotonic()
+        info = await self.clock.run_in_thread(self._write, c, created, writing - c.started)
+        durable = self.clock.monotonic()
         self.current = None
         self._last_final = c.final
+        self.parent = c.id
+        self._final_stored.update(n for n in c.changes if n in self.final)
         s = self.stats
         s.completed += 1
-        s.last_id, s.last_duration, s.last_size = c.id, duration, info.size
-        log.debug("flow %r: checkpoint %d stored (%d bytes)", self.flow.name, c.id, info.size)
+        s.last_id, s.last_duration = c.id, durable - c.started
+        s.last_alignment = (c.aligned if c.aligned is not None else writing) - c.started
+        s.last_write = durable - writing
+        s.last_written, s.last_delta_bytes = info.written, info.delta_bytes
+        log.debug(
+            "flow %r: checkpoint %d stored (%d bytes written, %.3f s)",
+            self.flow.name,
+            c.id,
+            info.written,
+            s.last_duration,
+        )
         async with self.committing:
             for name, sink in self.sinks.items():
                 await sink.commit(c.id, c.values.get(name))
         for name, source in self.sources.items():
             await source.commit(c.values.get(name))
+        await self.clock.run_in_thread(self._compact, c)
+
+    def _write(self, c: _InProgress, created: float, duration: float) -> CheckpointInfo:
+        """In the worker thread: serialise the change sets, save the checkpoint."""
+        assert self.store is not None
+        states = dict(c.states)
+        for name, changes in c.changes.items():
+            states[name] = self._incremental_part(name, changes)
+        return self.store.save(
+            self.flow.name,
+            c.id,
+            states,
+            created=created,
+            duration=duration,
+            final=c.final,
+            parent=self.parent,
+        )
+
+    def _incremental_part(self, name: str, changes: Incremental) -> OperatorState:
+        segments: dict[str, Segment] = {}
+        for partition, part in changes.partitions.items():
+            try:
+                data = encode_changes(part)
+            except Exception as exc:
+                raise CheckpointError(
+                    f"flow {self.flow.name!r}: the state of operator {name!r} cannot be "
+                    f"checkpointed (pickled){_unpicklable_key(part)}: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            segments[partition_key(partition)] = Segment(part.whole, data)
+        return OperatorState(
+            name,
+            self.kinds[name],
+            encode_value(None),  # nothing beside the partitions
+            segments,
+            frozenset(partition_key(p) for p in changes.dropped),
+        )
+
+    def _compact(self, c: _InProgress) -> None:
+        """In the worker thread, after the commits: fold long chains into new bases, then
+        read back what each operator's state takes in the store."""
+        assert self.store is not None
+        assert self.config is not None
+        self.stats.compactions += self.store.compact(
+            self.flow.name,
+            fold_segments,
+            ratio=self.config.compact_ratio,
+            after=self.config.compact_after,
+        )
+        parts = self.store.parts(c.id, self.flow.name)
+        ops: dict[str, OperatorCheckpoint] = {}
+        for p in parts:
+            base = sum(ch.base_size for ch in p.chains)
+            deltas = sum(ch.delta_size for ch in p.chains)
+            ops[p.name] = OperatorCheckpoint(
+                name=p.name,
+                bytes=p.size + base + deltas,
+                base_bytes=base,
+                delta_bytes=deltas,
+                deltas=max((ch.deltas for ch in p.chains), default=0),
+                keys=c.keys.get(p.name, self._keys_before(p.name)),
+                snapshot_seconds=c.snapshot_seconds.get(p.name, 0.0),
+            )
+        self.stats.operators = ops
+        self.stats.last_size = sum(o.bytes for o in ops.values())
+
+    def _keys_before(self, name: str) -> int | None:
+        before = self.stats.operators.get(name)
+        return None if before is None else before.keys
 
     async def initial(self, steps: dict[str, Step]) -> None:
         """A fresh start: checkpoint the state before the first record, so that a crash
@@ -416,3 +591,89 @@ class Coordinator:
 
 
 _NO_STATE = OperatorState("", "", b"")
+
+
+# -- the bytes of a checkpoint -----------------------------------------------------------
+#
+# Every byte the runtime stores goes through encode_value / decode_value (and, for the
+# per-partition change sets of incremental steps, encode_changes / decode_changes on top
+# of them); compaction re-encodes through fold_segments.  A codec that signs or encrypts
+# parts plugs in here, once.
+
+_CHANGES: Final = "sluiceway-changes-1"
+_CHUNK: Final = 20_000
+"""Keys pickled per call when serialising a change set in the worker thread: the event
+loop's thread can take the GIL back between two calls (a pickle call holds it)."""
+
+
+def encode_value(value: Any) -> bytes:
+    """The stored bytes of one state value (a whole part, a chunk of a change set)."""
+    return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def decode_value(data: bytes) -> Any:
+    """The inverse of :func:`encode_value` (only ever given the store's own bytes)."""
+    return pickle.loads(data)
+
+
+def encode_changes(changes: Changes) -> bytes:
+    """One partition's :class:`Changes` as a segment: the upserts in chunks of
+    ``_CHUNK`` keys, so that serialising millions of keys in a worker thread leaves the
+    event loop the GIL between chunks."""
+    items = iter(changes.upserts.items())
+    chunks: list[bytes] = []
+    while chunk := list(islice(items, _CHUNK)):
+        chunks.append(encode_value(chunk))
+    return encode_value((_CHANGES, changes.whole, chunks, changes.deletes, changes.extra))
+
+
+def decode_changes(data: bytes) -> Changes:
+    """The inverse of :func:`encode_changes`."""
+    found = decode_value(data)
+    if not (isinstance(found, tuple) and len(found) == 5 and found[0] == _CHANGES):
+        raise ValueError(f"not a change set of format {_CHANGES!r}")
+    _, whole, chunks, deletes, extra = found
+    upserts: dict[Hashable, Any] = {}
+    for chunk in chunks:
+        upserts.update(decode_value(chunk))
+    return Changes(whole, upserts, deletes, extra)
+
+
+def fold_segments(blobs: Sequence[bytes]) -> bytes:
+    """Compaction's fold: a stored chain (a base, then deltas) -> the stored base of the
+    same state.  Runs in the store's thread on what is stored, never on live state."""
+    folded = decode_changes(blobs[0])
+    for blob in blobs[1:]:
+        folded = fold(folded, decode_changes(blob))
+    return encode_changes(folded)
+
+
+def unchain(chains: dict[str, tuple[bytes, ...]]) -> Incremental:
+    """A stored incremental part -> the whole :class:`Incremental` a step restores."""
+    base = {partition_of(key): decode_changes(chain[0]) for key, chain in chains.items()}
+    later = [
+        Incremental({partition_of(key): decode_changes(chain[i])})
+        for key, chain in chains.items()
+        for i in range(1, len(chain))
+    ]
+    return fold_incremental(Incremental(base), *later)
+
+
+def partition_key(partition: Partition) -> str:
+    """How the store names a partition: ``"-"`` for None (an unpartitioned flow)."""
+    return "-" if partition is None else str(partition)
+
+
+def partition_of(key: str) -> Partition:
+    """The inverse of :func:`partition_key`."""
+    return None if key == "-" else int(key)
+
+
+def _unpicklable_key(changes: Changes) -> str:
+    """`` (key K)`` naming the first key whose state cannot be pickled, or ``""``."""
+    for key, value in changes.upserts.items():
+        try:
+            encode_value((key, value))
+        except Exception:  # noqa: BLE001 - named in the caller's message
+            return f" (key {key!r})"
+    return ""
