@@ -28,7 +28,9 @@ from sluiceway.checkpoint.store import Segment
 from sluiceway.core.delta import Changes, Incremental
 from sluiceway.core.delta import fold as fold_changes
 from sluiceway.errors import CheckpointError
+from sluiceway.metrics.prometheus import metric_families
 from sluiceway.metrics.registry import OperatorMetrics
+from sluiceway.metrics.web import flow_graph, flow_state
 from sluiceway.operators.base import BuildContext, OpSpec, Step
 from sluiceway.runtime.checkpointing import decode_changes, encode_changes, fold_segments
 from sluiceway.runtime.executor import Executor
@@ -523,3 +525,31 @@ def test_the_last_duration_includes_writing_the_checkpoint(
     metrics = result.metrics.checkpoints
     assert metrics is not None
     assert metrics.last_duration == ck.last_duration
+
+
+def test_checkpoint_metrics_reach_prometheus_and_the_web_view(tmp_path: Path) -> None:
+    rows = rows_of(1500)
+    ckpt = sw.Checkpoints(tmp_path / "c", interval=0.1, compact_after=3)
+    result = sw.testing.run_flow(delta_flow(tmp_path / "out", rows), checkpoints=ckpt)
+    ck = result.metrics.checkpoints
+    assert ck is not None
+    values = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for m in metric_families(result.metrics)
+        for s in m.samples
+        if "checkpoint" in m.name
+    }
+    flow = (("flow", "delta"),)
+    assert values[("sluiceway_checkpoint_written_bytes", flow)] == ck.last_written > 0
+    assert values[("sluiceway_checkpoint_delta_bytes", flow)] == ck.last_delta_bytes
+    assert values[("sluiceway_checkpoint_compactions_total", flow)] == ck.compactions > 0
+    assert values[("sluiceway_checkpoint_duration_seconds", flow)] == ck.last_duration
+    assert values[("sluiceway_checkpoint_alignment_seconds", flow)] == ck.last_alignment
+    count = (("flow", "delta"), ("operator", "count"))
+    [op] = [o for o in ck.operators if o.name == "count"]
+    assert values[("sluiceway_checkpoint_operator_bytes", count)] == op.bytes > 0
+    state = flow_state(flow_graph(delta_flow(tmp_path / "x", rows)), result.metrics)
+    assert state["checkpoints"] is not None
+    assert state["checkpoints"]["written"] == ck.last_written
+    assert state["checkpoints"]["operators"]["count"]["bytes"] == op.bytes
+    json.dumps(state, allow_nan=False)
