@@ -169,8 +169,9 @@ class CheckpointSnapshot:
     """What a flow's checkpoints have done so far (flows with checkpoints only).
 
     ``last_duration`` is seconds from the barrier's injection to the checkpoint being
-    durable in the store; ``last_alignment`` the part of it until every operator had
-    reported (the barrier's way through the flow, with the alignment at fan-ins);
+    durable in the store (``max_duration``: the longest of the run); ``last_alignment``
+    the part of it until every operator had reported (the barrier's way through the
+    flow, with the alignment at fan-ins);
     ``last_write`` the serialising of change sets and the write, in a worker thread;
     ``last_size`` the bytes of state it holds in the store; ``last_written`` the bytes its
     save wrote, ``last_delta_bytes`` of them change sets; ``compactions`` chains folded
@@ -182,6 +183,7 @@ class CheckpointSnapshot:
     last_duration: float
     last_size: int
     restored_from: int | None
+    max_duration: float = 0.0
     last_alignment: float = 0.0
     last_write: float = 0.0
     last_written: int = 0

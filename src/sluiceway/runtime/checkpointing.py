@@ -137,6 +137,9 @@ class CheckpointStats:
     last_duration: float = 0.0
     """Seconds from the barrier's injection to the checkpoint being durable in the store
     (the barrier's way through the flow, the serialisation and the write)."""
+    max_duration: float = 0.0
+    """The longest ``last_duration`` of this run: with one checkpoint in flight at a time,
+    above the interval means checkpoints fall behind."""
     last_alignment: float = 0.0
     """Seconds from the barrier's injection until every operator had reported."""
     last_write: float = 0.0
@@ -162,6 +165,7 @@ class CheckpointStats:
             self.last_duration,
             self.last_size,
             self.restored_from,
+            max_duration=self.max_duration,
             last_alignment=self.last_alignment,
             last_write=self.last_write,
             last_written=self.last_written,
@@ -446,6 +450,7 @@ class Coordinator:
         s = self.stats
         s.completed += 1
         s.last_id, s.last_duration = c.id, durable - c.started
+        s.max_duration = max(s.max_duration, s.last_duration)
         s.last_alignment = (c.aligned if c.aligned is not None else writing) - c.started
         s.last_write = durable - writing
         s.last_written, s.last_delta_bytes = info.written, info.delta_bytes
@@ -512,6 +517,7 @@ class Coordinator:
         )
         parts = self.store.parts(c.id, self.flow.name)
         ops: dict[str, OperatorCheckpoint] = {}
+        before = self.stats.operators
         for p in parts:
             base = sum(ch.base_size for ch in p.chains)
             deltas = sum(ch.delta_size for ch in p.chains)
@@ -521,15 +527,16 @@ class Coordinator:
                 base_bytes=base,
                 delta_bytes=deltas,
                 deltas=max((ch.deltas for ch in p.chains), default=0),
-                keys=c.keys.get(p.name, self._keys_before(p.name)),
-                snapshot_seconds=c.snapshot_seconds.get(p.name, 0.0),
+                # an operator whose input ended reports no new figures: its last ones stand
+                keys=c.keys[p.name]
+                if p.name in c.keys
+                else getattr(before.get(p.name), "keys", None),
+                snapshot_seconds=c.snapshot_seconds.get(
+                    p.name, getattr(before.get(p.name), "snapshot_seconds", 0.0)
+                ),
             )
         self.stats.operators = ops
         self.stats.last_size = sum(o.bytes for o in ops.values())
-
-    def _keys_before(self, name: str) -> int | None:
-        before = self.stats.operators.get(name)
-        return None if before is None else before.keys
 
     async def initial(self, steps: dict[str, Step]) -> None:
         """A fresh start: checkpoint the state before the first record, so that a crash
