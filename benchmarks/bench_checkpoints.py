@@ -26,14 +26,18 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from common import Params, Result, Row, child_main, run_child
 
 import sluiceway as sw
+from sluiceway.core.delta import Changes, Incremental
+from sluiceway.metrics.registry import OperatorMetrics
+from sluiceway.operators.base import BuildContext, OpSpec, Step
 from sluiceway.runtime.executor import Executor
+from sluiceway.runtime.messages import Batch
 
 TARGET_OVERHEAD = 0.10
 TARGET_RESTORE_S = 2.0
@@ -185,12 +189,56 @@ def keyed_events(n: int, keys: int) -> Iterator[tuple[int, int]]:
             yield (i * 2654435761) % keys, 1
 
 
-def keyed_flow(source: sw.sources.Source, sink: sw.sinks.Sink) -> sw.Flow:
+class DeltaSum(OpSpec):
+    """A stand-in for ``stateful_map`` with dirty-key tracking (the keyed operators get
+    it separately): a sum per key whose snapshot is an ``Incremental`` of the keys
+    written since the previous one.  Measures what the checkpoint side does with change
+    sets -- the store's chains, the serialising in the worker thread -- on this data."""
+
+    kind: ClassVar[str] = "delta_sum"
+
+    def build(self, ctx: BuildContext) -> Step:
+        return _DeltaSumStep(ctx.name, ctx.metrics)
+
+
+class _DeltaSumStep(Step):
+    def __init__(self, name: str, metrics: OperatorMetrics) -> None:
+        super().__init__(name, metrics)
+        self.sums: dict[int, int] = {}
+        self.dirty: set[int] = set()
+        self.whole = True
+
+    async def push(self, batch: Batch) -> None:
+        sums, dirty = self.sums, self.dirty
+        for k, amount in batch.values:
+            sums[k] = sums.get(k, 0) + amount
+            dirty.add(k)
+        self.metrics.records_in += len(batch.values)
+        self.metrics.state = len(sums)
+
+    def snapshot(self) -> Any:
+        sums = self.sums
+        upserts = dict(sums) if self.whole else {k: sums[k] for k in self.dirty}
+        changes = Changes(self.whole, upserts)
+        self.whole, self.dirty = False, set()
+        return Incremental({None: changes})
+
+    def restore(self, state: Any) -> None:
+        self.sums = dict(state.partitions[None].upserts)
+        self.metrics.state = len(self.sums)
+        self.whole = False
+
+
+def keyed_flow(
+    source: sw.sources.Source, sink: sw.sinks.Sink, *, incremental: bool = False
+) -> sw.Flow:
     flow = sw.Flow("ck_keyed")
+    keyed = flow.source(source, name="events").key_by(lambda e: e[0], name="key")
+    if incremental:
+        keyed._wrap(keyed._derive(DeltaSum(), "sum", "sum")).sink(sink, name="out")
+        return flow
     (
-        flow.source(source, name="events")
-        .key_by(lambda e: e[0], name="key")
-        .stateful_map(lambda total, e: ((total or 0) + e[1], None), name="sum")
+        keyed.stateful_map(lambda total, e: ((total or 0) + e[1], None), name="sum")
         .filter(lambda x: x is not None, name="nothing")
         .sink(sink, name="out")
     )
@@ -200,14 +248,16 @@ def keyed_flow(source: sw.sources.Source, sink: sw.sinks.Sink) -> sw.Flow:
 def keyed(params: Params) -> Result:
     """Child entry: the 2,000,000-key flow with checkpoints every ``interval`` or none."""
     n, keys, system = int(params["events"]), int(params["keys"]), params["system"]
+    incremental = bool(params.get("incremental"))
     gc.collect()
     gc.freeze()
     tmp = tempfile.mkdtemp(prefix="sw-ck-keyed-")
     ck = sw.Checkpoints(tmp, interval=float(params["interval"])) if system == "ckpt" else None
     try:
         source = sw.sources.Generator(lambda: keyed_events(n, keys))
+        flow = keyed_flow(source, _Fold(), incremental=incremental)
         t0 = time.perf_counter()
-        result = sw.run(keyed_flow(source, _Fold()), handle_signals=False, checkpoints=ck)
+        result = sw.run(flow, handle_signals=False, checkpoints=ck)
         dt = time.perf_counter() - t0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -230,14 +280,16 @@ def keyed(params: Params) -> Result:
 def keyed_restore(params: Params) -> Result:
     """Child entry: fill ``keys`` keys of stateful_map state, stop at a checkpoint, time
     the restore of a new run."""
-    keys = int(params["keys"])
+    keys, incremental = int(params["keys"]), bool(params.get("incremental"))
     tmp = Path(tempfile.mkdtemp(prefix="sw-ck-keyed-restore-"))
     try:
-        ck = sw.Checkpoints(tmp, interval=3600)
+        # every 2 s: a base and deltas after it by the time the keys are all written
+        ck = sw.Checkpoints(tmp, interval=2.0 if incremental else 3600)
 
         async def fill() -> sw.RunResult:
             endless = sw.sources.Generator(lambda: keyed_events(10**12, keys))
-            handle = sw.start(keyed_flow(endless, _Fold()), checkpoints=ck)
+            flow = keyed_flow(endless, _Fold(), incremental=incremental)
+            handle = sw.start(flow, checkpoints=ck)
             while handle.metrics().operator("sum").records_in < keys:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)  # a benchmark polling in real time
             return await handle.stop()
@@ -247,7 +299,7 @@ def keyed_restore(params: Params) -> Result:
         gc.collect()
         t0 = time.perf_counter()
         endless = sw.sources.Generator(lambda: keyed_events(10**12, keys))
-        ex = Executor(keyed_flow(endless, _Fold()), checkpoints=ck)
+        ex = Executor(keyed_flow(endless, _Fold(), incremental=incremental), checkpoints=ck)
         assert ex.coordinator is not None
         ex.coordinator.restore(ex._steps)
         dt = time.perf_counter() - t0
@@ -265,33 +317,44 @@ def keyed_restore(params: Params) -> Result:
 
 
 def run_keyed(quick: bool) -> list[Row]:
-    """CK-2M rows: 2,000,000 keys with checkpoints every second vs none, and the restore."""
+    """CK-2M rows: 2,000,000 keys with checkpoints every second vs none, and the restore:
+    ``stateful_map`` as it is, and the stand-in that snapshots change sets."""
+    return [
+        *_keyed_rows(quick, incremental=False, label="stateful_map"),
+        *_keyed_rows(quick, incremental=True, label="change sets (DeltaSum stand-in)"),
+    ]
+
+
+def _keyed_rows(quick: bool, *, incremental: bool, label: str) -> list[Row]:
     keys = 200_000 if quick else 2_000_000
     n = keys + (2_000_000 if quick else 8_000_000)
     interval = 1.0
     best: dict[str, Result] = {}
     for _ in range(1 if quick else 2):  # alternate, keep each system's best
         for system in ("none", "ckpt"):
-            got = run_child(
-                "bench_checkpoints",
-                "keyed",
-                {"events": n, "keys": keys, "system": system, "interval": interval},
-            )
+            params = {
+                "events": n,
+                "keys": keys,
+                "system": system,
+                "interval": interval,
+                "incremental": incremental,
+            }
+            got = run_child("bench_checkpoints", "keyed", params)
             if system not in best or got["seconds"] < best[system]["seconds"]:
                 best[system] = got
     none, ckpt = best["none"], best["ckpt"]
     share = ckpt["rate"] / none["rate"]
     within = ckpt["max_duration"] <= interval
-    rs = run_child("bench_checkpoints", "keyed_restore", {"keys": keys})
+    rs = run_child("bench_checkpoints", "keyed_restore", {"keys": keys, "incremental": incremental})
     return [
         Row(
             "CK-2M",
-            f"stateful_map, {keys:,} keys, no checkpoints",
+            f"{label}, {keys:,} keys, no checkpoints",
             f"{none['rate'] / 1e6:.2f} M rec/s",
         ),
         Row(
             "CK-2M",
-            f"the same, checkpoint every {interval:g} s",
+            f"{label}, checkpoint every {interval:g} s",
             f"{ckpt['rate'] / 1e6:.2f} M rec/s ({ckpt['checkpoints']} checkpoints, slowest "
             f"{ckpt['max_duration']:.2f} s, last wrote {ckpt['last_written'] / 1e6:.1f} MB, "
             f"{ckpt['last_delta'] / 1e6:.1f} MB of it deltas; snapshot on the loop "
@@ -302,7 +365,7 @@ def run_keyed(quick: bool) -> list[Row]:
         ),
         Row(
             "CK-2M-restore",
-            f"stateful_map, {keys:,} keys",
+            f"{label}, {keys:,} keys",
             f"{rs['restore_seconds']:.2f} s ({rs['checkpoint_bytes'] / 1e6:.1f} MB, "
             f"{rs['state_entries']:,} keys)",
             "",

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import pickle
+import random
 import signal
 import sqlite3
 import subprocess
@@ -467,6 +468,23 @@ def test_change_sets_and_compaction_round_trip() -> None:
     assert (folded.upserts["k1"], "k2" in folded.upserts, folded.extra) == (-1, False, {"wm": 2})
     with pytest.raises(ValueError, match="not a change set"):
         decode_changes(pickle.dumps({"a": 1}))
+
+
+def test_compaction_folds_like_core_delta_fold_over_many_chunks() -> None:
+    """Random chains over a base of several chunks: keys written, deleted, written
+    again; some chunks untouched.  The compacted base is exactly core.delta's fold."""
+    rnd = random.Random(5)
+    for _ in range(5):
+        base = Changes(True, {k: rnd.random() for k in range(0, 90_000, 2)}, extra=0)
+        chain, want = [encode_changes(base)], base
+        for step in range(rnd.randint(1, 5)):
+            keys = rnd.sample(range(45_000), rnd.randint(0, 2_000))
+            deletes = frozenset(keys[: len(keys) // 3])
+            upserts = dict.fromkeys(keys[len(keys) // 3 :], step)
+            later = Changes(False, upserts, deletes, extra=step + 1)
+            chain.append(encode_changes(later))
+            want = fold_changes(want, later)
+        assert decode_changes(fold_segments(chain)) == want
 
 
 def test_an_unpicklable_value_in_a_change_set_names_the_operator_and_key(tmp_path: Path) -> None:

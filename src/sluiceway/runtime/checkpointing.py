@@ -56,7 +56,7 @@ from sluiceway.checkpoint.store import (
     Segment,
 )
 from sluiceway.core.contract import Sink, Source
-from sluiceway.core.delta import Changes, Incremental, Partition, fold, fold_incremental
+from sluiceway.core.delta import Changes, Incremental, Partition, fold_incremental
 from sluiceway.core.messages import Barrier
 from sluiceway.errors import CheckpointError, CheckpointMismatchError
 from sluiceway.metrics.registry import CheckpointSnapshot, OperatorCheckpoint
@@ -624,22 +624,19 @@ def decode_value(data: bytes) -> Any:
 
 
 def encode_changes(changes: Changes) -> bytes:
-    """One partition's :class:`Changes` as a segment: the upserts in chunks of
-    ``_CHUNK`` keys, so that serialising millions of keys in a worker thread leaves the
-    event loop the GIL between chunks."""
+    """One partition's :class:`Changes` as a segment: the upserts in dicts of ``_CHUNK``
+    keys, so that serialising millions of keys in a worker thread leaves the event loop
+    the GIL between chunks (dicts pickle faster and smaller than lists of pairs)."""
     items = iter(changes.upserts.items())
     chunks: list[bytes] = []
-    while chunk := list(islice(items, _CHUNK)):
+    while chunk := dict(islice(items, _CHUNK)):
         chunks.append(encode_value(chunk))
     return encode_value((_CHANGES, changes.whole, chunks, changes.deletes, changes.extra))
 
 
 def decode_changes(data: bytes) -> Changes:
     """The inverse of :func:`encode_changes`."""
-    found = decode_value(data)
-    if not (isinstance(found, tuple) and len(found) == 5 and found[0] == _CHANGES):
-        raise ValueError(f"not a change set of format {_CHANGES!r}")
-    _, whole, chunks, deletes, extra = found
+    _, whole, chunks, deletes, extra = _segment(data)
     upserts: dict[Hashable, Any] = {}
     for chunk in chunks:
         upserts.update(decode_value(chunk))
@@ -648,11 +645,56 @@ def decode_changes(data: bytes) -> Changes:
 
 def fold_segments(blobs: Sequence[bytes]) -> bytes:
     """Compaction's fold: a stored chain (a base, then deltas) -> the stored base of the
-    same state.  Runs in the store's thread on what is stored, never on live state."""
-    folded = decode_changes(blobs[0])
+    same state.  Runs in the store's thread on what is stored, never on live state.
+
+    The same result as :func:`~sluiceway.core.delta.fold` over the chain, without
+    building the whole state: the deltas are folded into one net change, each chunk of
+    the base loses the keys that change wrote or deleted (a chunk nothing touched keeps
+    its bytes as they are), and the net upserts follow as new chunks."""
+    tag, whole, chunks, deletes, extra = _segment(blobs[0])
+    if not whole or deletes:
+        raise ValueError("a stored chain must start with a whole base")
+    upserts: dict[Hashable, Any] = {}
+    deleted: set[Hashable] = set()
     for blob in blobs[1:]:
-        folded = fold(folded, decode_changes(blob))
-    return encode_changes(folded)
+        later = decode_changes(blob)
+        if later.whole:
+            raise ValueError("a stored chain holds a whole state after its base")
+        for key in later.deletes:
+            upserts.pop(key, None)
+        deleted |= later.deletes
+        deleted.difference_update(later.upserts.keys())
+        upserts.update(later.upserts)
+        extra = later.extra
+    touched = deleted | upserts.keys()
+    kept: list[bytes] = []
+    small: dict[Hashable, Any] = {}
+    for blob in chunks:
+        if not touched:
+            kept.append(blob)
+            continue
+        chunk = decode_value(blob)
+        stale = chunk.keys() & touched
+        if not stale:
+            kept.append(blob)
+            continue
+        for key in stale:
+            del chunk[key]
+        small.update(chunk)  # shrunken chunks are merged, so chunks stay about _CHUNK keys
+        if len(small) >= _CHUNK:
+            kept.append(encode_value(small))
+            small = {}
+    small.update(upserts)
+    rest = encode_changes(Changes(True, small))
+    return encode_value((tag, True, kept + _segment(rest)[2], frozenset(), extra))
+
+
+def _segment(data: bytes) -> tuple[str, bool, list[bytes], frozenset[Hashable], Any]:
+    """A segment's header and its chunks, still encoded."""
+    found = decode_value(data)
+    if not (isinstance(found, tuple) and len(found) == 5 and found[0] == _CHANGES):
+        raise ValueError(f"not a change set of format {_CHANGES!r}")
+    return found
 
 
 def unchain(chains: dict[str, tuple[bytes, ...]]) -> Incremental:
