@@ -33,6 +33,7 @@ from sluiceway.metrics.prometheus import metric_families
 from sluiceway.metrics.registry import OperatorMetrics
 from sluiceway.metrics.web import flow_graph, flow_state
 from sluiceway.operators.base import BuildContext, OpSpec, Step
+from sluiceway.runtime import compactor
 from sluiceway.runtime.checkpointing import decode_changes, encode_changes, fold_segments
 from sluiceway.runtime.executor import Executor
 from sluiceway.runtime.messages import Batch
@@ -571,3 +572,49 @@ def test_checkpoint_metrics_reach_prometheus_and_the_web_view(tmp_path: Path) ->
     assert state["checkpoints"]["written"] == ck.last_written
     assert state["checkpoints"]["operators"]["count"]["bytes"] == op.bytes
     json.dumps(state, allow_nan=False)
+
+
+def test_large_chains_are_compacted_in_a_child_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above compactor.IN_PROCESS_BYTES (here: every chain) the fold runs in a fresh
+    interpreter, off the flow's interpreter lock; the result restores the same."""
+    monkeypatch.setattr(compactor, "IN_PROCESS_BYTES", 0)
+    children: list[int] = []
+    real = compactor.compact_in_child
+
+    def counted(*args: Any, **kwargs: Any) -> int:
+        n = real(*args, **kwargs)
+        children.append(n)
+        return n
+
+    monkeypatch.setattr(compactor, "compact_in_child", counted)
+    rows = rows_of(1500)
+    ckpt = sw.Checkpoints(tmp_path / "c", interval=0.2, compact_after=2)
+    result = sw.testing.run_flow(delta_flow(tmp_path / "out", rows), checkpoints=ckpt)
+    assert result.checkpoints is not None
+    assert sum(children) == result.checkpoints.compactions > 0
+    ex = Executor(delta_flow(tmp_path / "out", rows), checkpoints=ckpt)
+    assert ex.coordinator is not None
+    ex.coordinator.restore(ex._steps)
+    step = ex._steps["count"]
+    assert isinstance(step, DeltaCountStep)
+    assert step.seen == len(rows)
+    ex.coordinator.close()
+
+
+def test_a_failed_compaction_is_a_warning_and_the_chains_stay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(compactor, "IN_PROCESS_BYTES", 0)
+    monkeypatch.setattr(compactor.sys, "executable", str(tmp_path / "no-python"))
+    rows = rows_of(800)
+    ckpt = sw.Checkpoints(tmp_path / "c", interval=0.2, compact_after=2)
+    result = sw.testing.run_flow(delta_flow(tmp_path / "out", rows), checkpoints=ckpt)
+    assert result.checkpoints is not None
+    assert result.checkpoints.compactions == 0
+    assert "compaction is tried again" in caplog.text
+    with CheckpointStore(tmp_path / "c") as store:
+        latest = store.latest("delta")
+        assert latest is not None
+        assert len(latest.chains["count"]["-"]) > 2  # never folded, still whole

@@ -778,29 +778,20 @@ class CheckpointStore:
             for n, k, s, h in rows
         ]
 
-    def compact(
-        self,
-        flow: str,
-        fold: Callable[[Sequence[bytes]], bytes],
-        *,
-        ratio: float = 0.5,
-        after: int = 10,
-    ) -> int:
-        """Fold long chains of ``flow``'s newest checkpoint into new bases; returns how many.
+    def due(
+        self, flow: str, *, ratio: float = 0.5, after: int = 10
+    ) -> builtins.list[tuple[str, str, int]]:
+        """The chains of ``flow``'s newest checkpoint that :meth:`compact` would fold:
+        ``(operator, partition, bytes of the chain)``.
 
-        A chain (one operator's partition) is folded when its deltas' bytes exceed
-        ``ratio`` times its base's, or when it has ``after`` deltas or more.  ``fold``
-        turns a chain's encoded segments (base first) into the encoded whole state; the
-        store never decodes them itself.  Each chain is swapped for its new base in one
-        transaction, which also deletes the segments no kept checkpoint needs any more
-        (older checkpoints keep their own chains): a crash at any point leaves either the
-        old chain or the new base, both valid.  Works from what is stored, never from a
-        running flow's state, so it may run while the flow takes its next checkpoint.
-
-        Raises:
-            CheckpointError: SQLite failed, or a segment does not verify (the chain is
-                left as it is).
+        A chain (one operator's partition) is due when its deltas' bytes exceed ``ratio``
+        times its base's, or when it has ``after`` deltas or more.
         """
+        return [(op, p, size) for op, p, _, size in self._due(flow, ratio, after)[1]]
+
+    def _due(
+        self, flow: str, ratio: float, after: int
+    ) -> tuple[int | None, builtins.list[tuple[str, str, builtins.list[int], int]]]:
         if not (ratio > 0 and math.isfinite(ratio)):
             raise ValueError(f"compaction ratio must be a finite number > 0, got {ratio!r}")
         if isinstance(after, bool) or not isinstance(after, int) or after < 1:
@@ -808,31 +799,67 @@ class CheckpointStore:
         with self._lock:
             conn = self._open(create=False)
             if conn is None:
-                return 0
+                return None, []
             with self._reading():
                 row = conn.execute(
                     "SELECT max(id) FROM checkpoints WHERE flow = ?", (flow,)
                 ).fetchone()
                 newest = None if row is None or row[0] is None else int(row[0])
-                due: builtins.list[tuple[str, str, builtins.list[int]]] = []
-                if newest is not None:
-                    for operator, partition, ids, base, deltas in conn.execute(
-                        "SELECT r.operator, r.partition, group_concat(r.segment_id),"
-                        " sum(CASE WHEN r.position = 0 THEN s.size ELSE 0 END),"
-                        " sum(CASE WHEN r.position > 0 THEN s.size ELSE 0 END)"
-                        " FROM refs r JOIN segments s ON s.id = r.segment_id"
-                        " WHERE r.flow = ? AND r.checkpoint_id = ?"
-                        " GROUP BY r.operator, r.partition",
-                        (flow, newest),
-                    ):
-                        chain = [int(x) for x in str(ids).split(",")]
-                        if len(chain) > 1 and (
-                            len(chain) - 1 >= after or int(deltas) > ratio * int(base)
-                        ):
-                            due.append((str(operator), str(partition), chain))
+                chains: dict[tuple[str, str], builtins.list[tuple[int, int]]] = {}
+                for operator, partition, sid, size in conn.execute(
+                    "SELECT r.operator, r.partition, r.segment_id, s.size"
+                    " FROM refs r JOIN segments s ON s.id = r.segment_id"
+                    " WHERE r.flow = ? AND r.checkpoint_id = ?"
+                    " ORDER BY r.operator, r.partition, r.position",
+                    (flow, newest),
+                ):
+                    chains.setdefault((str(operator), str(partition)), []).append(
+                        (int(sid), int(size))
+                    )
+        due = []
+        for (operator, partition), chain in chains.items():
+            deltas = sum(size for _, size in chain[1:])
+            if len(chain) > 1 and (len(chain) - 1 >= after or deltas > ratio * chain[0][1]):
+                total = chain[0][1] + deltas
+                due.append((operator, partition, [sid for sid, _ in chain], total))
+        return newest, due
+
+    def compact(
+        self,
+        flow: str,
+        fold: Callable[[Sequence[bytes]], bytes],
+        *,
+        ratio: float = 0.5,
+        after: int = 10,
+        larger_than: int = -1,
+        at_most: int | None = None,
+    ) -> int:
+        """Fold the due chains (see :meth:`due`) of ``flow``'s newest checkpoint into new
+        bases; returns how many.  ``larger_than`` / ``at_most``: only the chains of that
+        many bytes (the runtime folds small chains in its thread, large ones in a
+        process of their own).
+
+        ``fold`` turns a chain's encoded segments (base first) into the encoded whole
+        state; the store never decodes them itself.  Each chain is swapped for its new
+        base in one transaction, which also deletes the segments no kept checkpoint
+        needs any more (older checkpoints keep their own chains): a crash at any point
+        leaves either the old chain or the new base, both valid.  Works from what is
+        stored, never from a running flow's state, so it may run while the flow takes its
+        next checkpoint (a chain that is no longer the newest checkpoint's by then is
+        left alone).
+
+        Raises:
+            CheckpointError: SQLite failed, or a segment does not verify (the chain is
+                left as it is).
+        """
+        newest, due = self._due(flow, ratio, after)
         done = 0
-        for operator, partition, chain in due:
+        for operator, partition, chain, size in due:
+            if size <= larger_than or (at_most is not None and size > at_most):
+                continue
             assert newest is not None
+            conn = self._conn
+            assert conn is not None
             done += self._compact_chain(conn, flow, newest, operator, partition, chain, fold)
         return done
 

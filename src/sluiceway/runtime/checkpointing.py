@@ -60,6 +60,7 @@ from sluiceway.core.delta import Changes, Incremental, Partition, fold_increment
 from sluiceway.core.messages import Barrier
 from sluiceway.errors import CheckpointError, CheckpointMismatchError
 from sluiceway.metrics.registry import CheckpointSnapshot, OperatorCheckpoint
+from sluiceway.runtime import compactor
 from sluiceway.time import Clock
 from sluiceway.time.durations import positive_seconds
 
@@ -505,17 +506,27 @@ class Coordinator:
         )
 
     def _compact(self, c: _InProgress) -> None:
-        """In the worker thread, after the commits: fold long chains into new bases, then
-        read back what each operator's state takes in the store."""
+        """In the worker thread, after the commits: fold long chains into new bases --
+        small ones here, large ones in a child process, off this process's interpreter
+        lock (:mod:`sluiceway.runtime.compactor`) -- then read back what each operator's
+        state takes in the store."""
         assert self.store is not None
         assert self.config is not None
-        self.stats.compactions += self.store.compact(
-            self.flow.name,
-            fold_segments,
-            ratio=self.config.compact_ratio,
-            after=self.config.compact_after,
-        )
-        parts = self.store.parts(c.id, self.flow.name)
+        flow, ratio, after = self.flow.name, self.config.compact_ratio, self.config.compact_after
+        limit = compactor.IN_PROCESS_BYTES
+        due = [size for _, _, size in self.store.due(flow, ratio=ratio, after=after)]
+        if any(size <= limit for size in due):
+            self.stats.compactions += self.store.compact(
+                flow, fold_segments, ratio=ratio, after=after, at_most=limit
+            )
+        if any(size > limit for size in due):
+            try:
+                self.stats.compactions += compactor.compact_in_child(
+                    self.config.directory, flow, ratio=ratio, after=after, larger_than=limit
+                )
+            except CheckpointError as exc:  # the chains stay valid: tried again next time
+                log.warning("%s; the chains stay as they are, compaction is tried again", exc)
+        parts = self.store.parts(c.id, flow)
         ops: dict[str, OperatorCheckpoint] = {}
         before = self.stats.operators
         for p in parts:

@@ -1,0 +1,98 @@
+"""Compaction of large chains in a process of its own.
+
+Folding a chain of change sets into a new base decodes and encodes the whole partition:
+for millions of keys, a second of pickling.  In the flow's process that second holds the
+interpreter lock (records wait, whatever thread it runs in), so chains larger than
+:data:`IN_PROCESS_BYTES` are compacted by ``python -m sluiceway.runtime.compactor``, a
+fresh interpreter that opens the store, folds with
+:func:`sluiceway.runtime.checkpointing.fold_segments` and writes each new base in one
+transaction, on another core.  A fresh interpreter, not :mod:`multiprocessing`: its
+start methods import the user's ``__main__`` again (a script that runs its flow at import
+would run it twice), and forking a threaded process is unsafe.
+
+The child reads the store file like any other process (SQLite serialises it with the
+flow's saves); if the flow's process dies meanwhile, the child still finishes or leaves
+the old chain, both valid.
+
+Usage: ``python -m sluiceway.runtime.compactor DIR FLOW RATIO AFTER LARGER_THAN``; prints
+how many chains it folded.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Final
+
+from sluiceway.checkpoint.store import CheckpointStore
+from sluiceway.errors import CheckpointError
+
+__all__ = ["IN_PROCESS_BYTES", "compact_in_child", "main"]
+
+IN_PROCESS_BYTES: Final = 4 * 1024 * 1024
+"""Chains of at most this many bytes (base and deltas) are folded in the flow's own
+checkpoint thread: starting an interpreter costs more than folding them."""
+
+_TIMEOUT: Final = 600.0
+
+
+def compact_in_child(
+    directory: str | os.PathLike[str], flow: str, *, ratio: float, after: int, larger_than: int
+) -> int:
+    """Run the compactor in a child interpreter and wait for it (blocking: call it from a
+    worker thread); returns how many chains it folded.
+
+    Raises:
+        CheckpointError: the child failed (its error output is in the message).
+    """
+    package = Path(__file__).resolve().parents[2]  # the directory holding sluiceway/
+    path = os.pathsep.join(p for p in (str(package), os.environ.get("PYTHONPATH")) if p)
+    command = [
+        sys.executable,
+        "-m",
+        "sluiceway.runtime.compactor",
+        os.fspath(directory),
+        flow,
+        repr(ratio),
+        str(after),
+        str(larger_than),
+    ]
+    try:
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=_TIMEOUT,
+            env={**os.environ, "PYTHONPATH": path},
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise CheckpointError(
+            f"compacting the checkpoints of flow {flow!r} in {directory} failed: could not "
+            f"run {sys.executable} -m sluiceway.runtime.compactor: {exc}"
+        ) from exc
+    if done.returncode != 0:
+        raise CheckpointError(
+            f"compacting the checkpoints of flow {flow!r} in {directory} failed in a child "
+            f"process (exit {done.returncode}): {done.stderr.strip()[-2000:]}"
+        )
+    return int(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str]) -> int:
+    """The child's entry: compact, print the count."""
+    from sluiceway.runtime.checkpointing import fold_segments  # noqa: PLC0415 - the child only
+
+    directory, flow, ratio, after, larger_than = argv
+    with CheckpointStore(directory) as store:
+        n = store.compact(
+            flow, fold_segments, ratio=float(ratio), after=int(after), larger_than=int(larger_than)
+        )
+    print(n)  # noqa: T201 - the answer to the parent
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
