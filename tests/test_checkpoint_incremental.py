@@ -34,9 +34,9 @@ from sluiceway.metrics.registry import OperatorMetrics
 from sluiceway.metrics.web import flow_graph, flow_state
 from sluiceway.operators.base import BuildContext, OpSpec, Step
 from sluiceway.runtime import compactor
-from sluiceway.runtime.checkpointing import decode_changes, encode_changes, fold_segments
 from sluiceway.runtime.executor import Executor
 from sluiceway.runtime.messages import Batch
+from sluiceway.runtime.segments import decode_changes, encode_changes, fold_segments
 from sluiceway.testing import run_watched
 from sluiceway.time import SystemClock
 
@@ -157,6 +157,28 @@ def test_compaction_folds_a_long_chain_into_a_new_base(store: CheckpointStore) -
     assert len(chain) == 2
     assert (folded(chain)["k0"], folded(chain)["k1"]) == (4, 5)
     assert segment_count(store) == 2  # 3 is pruned (keep=2), and its chain with it
+
+
+def test_a_checkpoint_saved_during_a_compaction_gets_the_new_base_too(tmp_path: Path) -> None:
+    """Compaction runs beside the flow's next checkpoints: one saved on top of the chain
+    being folded (here: from another connection, while the fold runs) starts with the
+    new base afterwards, followed by its own delta."""
+    with CheckpointStore(tmp_path, keep=5) as store, CheckpointStore(tmp_path, keep=5) as flow:
+        save(store, 1, part({"0": enc(True, {"a": 1})}), None)
+        for cid in (2, 3):
+            save(store, cid, part({"0": enc(False, {f"k{cid}": cid})}), cid - 1)
+
+        def fold_while_the_flow_saves(blobs: Sequence[bytes]) -> bytes:
+            save(flow, 4, part({"0": enc(False, {"k4": 4})}), 3)
+            return fold(blobs)
+
+        assert store.compact(FLOW, fold_while_the_flow_saves, after=2) == 1
+        four, three = store.load(4, FLOW), store.load(3, FLOW)
+        assert len(three.chains["sum"]["0"]) == 1
+        assert len(four.chains["sum"]["0"]) == 2  # the new base, then 4's delta
+        assert four.chains["sum"]["0"][0] == three.chains["sum"]["0"][0]
+        assert folded(four.chains["sum"]["0"]) == {"a": 1, "k2": 2, "k3": 3, "k4": 4}
+        assert folded(store.load(2, FLOW).chains["sum"]["0"]) == {"a": 1, "k2": 2}
 
 
 def test_compaction_by_bytes(store: CheckpointStore) -> None:

@@ -845,8 +845,8 @@ class CheckpointStore:
         needs any more (older checkpoints keep their own chains): a crash at any point
         leaves either the old chain or the new base, both valid.  Works from what is
         stored, never from a running flow's state, so it may run while the flow takes its
-        next checkpoint (a chain that is no longer the newest checkpoint's by then is
-        left alone).
+        next checkpoints: every checkpoint whose chain starts with the folded one -- also
+        one saved meanwhile, on top of it -- gets the new base in its place.
 
         Raises:
             CheckpointError: SQLite failed, or a segment does not verify (the chain is
@@ -893,23 +893,39 @@ class CheckpointStore:
             self._prepare_for_writing(conn)
             try:
                 with self._transaction(conn):
-                    if self._chains(conn, flow, checkpoint_id, operator).get(partition) != chain:
-                        return 0  # pruned or changed meanwhile: nothing to swap
+                    # Every kept checkpoint whose chain starts with the folded one (the
+                    # compacted checkpoint, and those saved on top of it meanwhile) now
+                    # starts with the new base instead.
+                    users: dict[int, builtins.list[int]] = {}
+                    for cid, sid in conn.execute(
+                        "SELECT checkpoint_id, segment_id FROM refs WHERE flow = ? AND"
+                        " operator = ? AND partition = ? ORDER BY checkpoint_id, position",
+                        (flow, operator, partition),
+                    ):
+                        users.setdefault(int(cid), []).append(int(sid))
+                    users = {c: ids for c, ids in users.items() if ids[: len(chain)] == chain}
+                    if not users:
+                        return 0  # pruned meanwhile: nothing to swap
                     cursor = conn.execute(
                         "INSERT INTO segments (flow, operator, partition, whole, size,"
                         " sha256, data) VALUES (?, ?, ?, 1, ?, ?, ?)",
                         (flow, operator, partition, len(data), sha, data),
                     )
-                    conn.execute(
-                        "DELETE FROM refs WHERE flow = ? AND checkpoint_id = ? AND operator = ?"
-                        " AND partition = ?",
-                        (flow, checkpoint_id, operator, partition),
-                    )
-                    conn.execute(
-                        "INSERT INTO refs (flow, checkpoint_id, operator, partition, position,"
-                        " segment_id) VALUES (?, ?, ?, ?, 0, ?)",
-                        (flow, checkpoint_id, operator, partition, cursor.lastrowid),
-                    )
+                    new = cursor.lastrowid
+                    for cid, ids in users.items():
+                        conn.execute(
+                            "DELETE FROM refs WHERE flow = ? AND checkpoint_id = ? AND"
+                            " operator = ? AND partition = ?",
+                            (flow, cid, operator, partition),
+                        )
+                        conn.executemany(
+                            "INSERT INTO refs (flow, checkpoint_id, operator, partition,"
+                            " position, segment_id) VALUES (?, ?, ?, ?, ?, ?)",
+                            (
+                                (flow, cid, operator, partition, position, sid)
+                                for position, sid in enumerate([new, *ids[len(chain) :]])
+                            ),
+                        )
                     self._drop_unreferenced(conn, flow)
             except sqlite3.Error as exc:
                 raise CheckpointError(

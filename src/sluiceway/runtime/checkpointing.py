@@ -17,9 +17,10 @@ previous snapshot (per partition); the store keeps a base and the chain of chang
 operator and partition (:mod:`sluiceway.checkpoint.store`), and a restore hands the step
 the folded, whole state.  Those change sets are serialised in the worker thread, in
 chunks, so the event loop gets the GIL between them; a whole snapshot, which may share
-mutable objects with the live step, is pickled at the barrier as before.  After a save the
-store's thread compacts long chains (:func:`fold_segments` is where stored bytes are
-decoded and encoded again).
+mutable objects with the live step, is pickled at the barrier as before.  After a save,
+long chains are compacted: small ones in the store's thread, large ones in a child
+process (:mod:`sluiceway.runtime.compactor`); :mod:`sluiceway.runtime.segments` is where
+stored bytes are decoded and encoded.
 
 An operator whose input has ended reports its final state once; it stands for that
 operator in every later checkpoint.  When every input ends, a last checkpoint of those
@@ -41,12 +42,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import pickle
 import shlex
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from itertools import islice
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 from sluiceway.checkpoint.store import (
     Checkpoint,
@@ -56,11 +55,19 @@ from sluiceway.checkpoint.store import (
     Segment,
 )
 from sluiceway.core.contract import Sink, Source
-from sluiceway.core.delta import Changes, Incremental, Partition, fold_incremental
+from sluiceway.core.delta import Changes, Incremental
 from sluiceway.core.messages import Barrier
 from sluiceway.errors import CheckpointError, CheckpointMismatchError
 from sluiceway.metrics.registry import CheckpointSnapshot, OperatorCheckpoint
 from sluiceway.runtime import compactor
+from sluiceway.runtime.segments import (
+    decode_value,
+    encode_changes,
+    encode_value,
+    fold_segments,
+    partition_key,
+    unchain,
+)
 from sluiceway.time import Clock
 from sluiceway.time.durations import positive_seconds
 
@@ -68,15 +75,7 @@ if TYPE_CHECKING:
     from sluiceway.flow import Flow
     from sluiceway.operators.base import Step
 
-__all__ = [
-    "ACK_INTERVAL",
-    "CheckpointStats",
-    "Checkpoints",
-    "Coordinator",
-    "decode_changes",
-    "encode_changes",
-    "fold_segments",
-]
+__all__ = ["ACK_INTERVAL", "CheckpointStats", "Checkpoints", "Coordinator"]
 
 log = logging.getLogger("sluiceway")
 
@@ -609,124 +608,6 @@ class Coordinator:
 
 
 _NO_STATE = OperatorState("", "", b"")
-
-
-# -- the bytes of a checkpoint -----------------------------------------------------------
-#
-# Every byte the runtime stores goes through encode_value / decode_value (and, for the
-# per-partition change sets of incremental steps, encode_changes / decode_changes on top
-# of them); compaction re-encodes through fold_segments.  A codec that signs or encrypts
-# parts plugs in here, once.
-
-_CHANGES: Final = "sluiceway-changes-1"
-_CHUNK: Final = 20_000
-"""Keys pickled per call when serialising a change set in the worker thread: the event
-loop's thread can take the GIL back between two calls (a pickle call holds it)."""
-
-
-def encode_value(value: Any) -> bytes:
-    """The stored bytes of one state value (a whole part, a chunk of a change set)."""
-    return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def decode_value(data: bytes) -> Any:
-    """The inverse of :func:`encode_value` (only ever given the store's own bytes)."""
-    return pickle.loads(data)
-
-
-def encode_changes(changes: Changes) -> bytes:
-    """One partition's :class:`Changes` as a segment: the upserts in dicts of ``_CHUNK``
-    keys, so that serialising millions of keys in a worker thread leaves the event loop
-    the GIL between chunks (dicts pickle faster and smaller than lists of pairs)."""
-    items = iter(changes.upserts.items())
-    chunks: list[bytes] = []
-    while chunk := dict(islice(items, _CHUNK)):
-        chunks.append(encode_value(chunk))
-    return encode_value((_CHANGES, changes.whole, chunks, changes.deletes, changes.extra))
-
-
-def decode_changes(data: bytes) -> Changes:
-    """The inverse of :func:`encode_changes`."""
-    _, whole, chunks, deletes, extra = _segment(data)
-    upserts: dict[Hashable, Any] = {}
-    for chunk in chunks:
-        upserts.update(decode_value(chunk))
-    return Changes(whole, upserts, deletes, extra)
-
-
-def fold_segments(blobs: Sequence[bytes]) -> bytes:
-    """Compaction's fold: a stored chain (a base, then deltas) -> the stored base of the
-    same state.  Runs in the store's thread on what is stored, never on live state.
-
-    The same result as :func:`~sluiceway.core.delta.fold` over the chain, without
-    building the whole state: the deltas are folded into one net change, each chunk of
-    the base loses the keys that change wrote or deleted (a chunk nothing touched keeps
-    its bytes as they are), and the net upserts follow as new chunks."""
-    tag, whole, chunks, deletes, extra = _segment(blobs[0])
-    if not whole or deletes:
-        raise ValueError("a stored chain must start with a whole base")
-    upserts: dict[Hashable, Any] = {}
-    deleted: set[Hashable] = set()
-    for blob in blobs[1:]:
-        later = decode_changes(blob)
-        if later.whole:
-            raise ValueError("a stored chain holds a whole state after its base")
-        for key in later.deletes:
-            upserts.pop(key, None)
-        deleted |= later.deletes
-        deleted.difference_update(later.upserts.keys())
-        upserts.update(later.upserts)
-        extra = later.extra
-    touched = deleted | upserts.keys()
-    kept: list[bytes] = []
-    small: dict[Hashable, Any] = {}
-    for blob in chunks:
-        if not touched:
-            kept.append(blob)
-            continue
-        chunk = decode_value(blob)
-        stale = chunk.keys() & touched
-        if not stale:
-            kept.append(blob)
-            continue
-        for key in stale:
-            del chunk[key]
-        small.update(chunk)  # shrunken chunks are merged, so chunks stay about _CHUNK keys
-        if len(small) >= _CHUNK:
-            kept.append(encode_value(small))
-            small = {}
-    small.update(upserts)
-    rest = encode_changes(Changes(True, small))
-    return encode_value((tag, True, kept + _segment(rest)[2], frozenset(), extra))
-
-
-def _segment(data: bytes) -> tuple[str, bool, list[bytes], frozenset[Hashable], Any]:
-    """A segment's header and its chunks, still encoded."""
-    found = decode_value(data)
-    if not (isinstance(found, tuple) and len(found) == 5 and found[0] == _CHANGES):
-        raise ValueError(f"not a change set of format {_CHANGES!r}")
-    return found
-
-
-def unchain(chains: dict[str, tuple[bytes, ...]]) -> Incremental:
-    """A stored incremental part -> the whole :class:`Incremental` a step restores."""
-    base = {partition_of(key): decode_changes(chain[0]) for key, chain in chains.items()}
-    later = [
-        Incremental({partition_of(key): decode_changes(chain[i])})
-        for key, chain in chains.items()
-        for i in range(1, len(chain))
-    ]
-    return fold_incremental(Incremental(base), *later)
-
-
-def partition_key(partition: Partition) -> str:
-    """How the store names a partition: ``"-"`` for None (an unpartitioned flow)."""
-    return "-" if partition is None else str(partition)
-
-
-def partition_of(key: str) -> Partition:
-    """The inverse of :func:`partition_key`."""
-    return None if key == "-" else int(key)
 
 
 def _unpicklable_key(changes: Changes) -> str:

@@ -5,7 +5,7 @@ for millions of keys, a second of pickling.  In the flow's process that second h
 interpreter lock (records wait, whatever thread it runs in), so chains larger than
 :data:`IN_PROCESS_BYTES` are compacted by ``python -m sluiceway.runtime.compactor``, a
 fresh interpreter that opens the store, folds with
-:func:`sluiceway.runtime.checkpointing.fold_segments` and writes each new base in one
+:func:`sluiceway.runtime.segments.fold_segments` and writes each new base in one
 transaction, on another core.  A fresh interpreter, not :mod:`multiprocessing`: its
 start methods import the user's ``__main__`` again (a script that runs its flow at import
 would run it twice), and forking a threaded process is unsafe.
@@ -28,6 +28,7 @@ from typing import Final
 
 from sluiceway.checkpoint.store import CheckpointStore
 from sluiceway.errors import CheckpointError
+from sluiceway.runtime.segments import fold_segments
 
 __all__ = ["IN_PROCESS_BYTES", "compact_in_child", "main"]
 
@@ -83,8 +84,6 @@ def compact_in_child(
 
 def main(argv: list[str]) -> int:
     """The child's entry: compact, print the count."""
-    from sluiceway.runtime.checkpointing import fold_segments  # noqa: PLC0415 - the child only
-
     directory, flow, ratio, after, larger_than = argv
     with CheckpointStore(directory) as store:
         n = store.compact(
