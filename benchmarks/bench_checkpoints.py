@@ -12,6 +12,13 @@
   measured once every key exists: throughput >= 90 % (by CPU time: the machine is
   shared; the wall-clock share is shown too) and every checkpoint done within the
   interval; the restore of the 2,000,000 keys < 3 s.
+* ``CK-codec``: the checkpoint codec (signed parts, the engine's state decoded by an
+  allow-list unpickler, user objects in a separate section) against plain pickle, on a
+  keyed state of 2,000,000 keys as ``KeyedStore.snapshot`` lays it out: once with
+  builtin values (a dict per key), once with a user dataclass per key.  Encode =
+  ``pickle.dumps`` vs ``codec.encode``; decode = ``pickle.loads`` vs ``codec.verify`` +
+  ``codec.decode``; best of three, the two taking turns.  No target: the figure says what
+  authentication costs.
 
 Each measurement runs in a fresh child process (see common.py).
 """
@@ -19,8 +26,10 @@ Each measurement runs in a fresh child process (see common.py).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import itertools
+import pickle
 import shutil
 import sys
 import tempfile
@@ -34,6 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from common import Params, Result, Row, child_main, run_child
 
 import sluiceway as sw
+from sluiceway.checkpoint import codec
+from sluiceway.checkpoint.keys import CheckpointKey, KeyRing
 from sluiceway.runtime.executor import Executor
 
 TARGET_OVERHEAD = 0.10
@@ -359,6 +370,117 @@ def run_keyed(quick: bool) -> list[Row]:
     ]
 
 
+@dataclasses.dataclass
+class Visit:
+    """A user's own class in keyed state (it goes to the codec's user section)."""
+
+    n: int
+    last: float
+
+
+def keyed_payload(keys: int, values: str) -> dict[str, Any]:
+    """Keyed state as KeyedStore.snapshot lays it out, ``keys`` keys with one value each."""
+    if values == "data":
+        data: dict[Any, dict[str, Any]] = {
+            f"user-{i}": {"visits": {"n": i, "last": i * 0.5}} for i in range(keys)
+        }
+    else:
+        data = {f"user-{i}": {"visits": Visit(i, i * 0.5)} for i in range(keys)}
+    return {
+        "data": data,
+        "kinds": {"visits": ("value", sw.state.TTL(3600))},
+        "ttl": [((f"user-{i}", "visits"), "processing", 3600.0) for i in range(0, keys, 100)],
+        "event_timers": [],
+        "processing_timers": [],
+    }
+
+
+def _interleaved(fns: dict[str, Any], repeats: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """Best time of each function, the functions taking turns (a shared, loaded machine
+    slows whichever runs during a busy spell: turns spread that over all of them)."""
+    best = dict.fromkeys(fns, float("inf"))
+    out: dict[str, Any] = {}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            gc.collect()
+            t0 = time.perf_counter()
+            out[name] = fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best, out
+
+
+def codec_cost(params: Params) -> Result:
+    """Child entry: plain pickle vs the codec on ``keys`` keys of keyed state."""
+    keys, values, repeats = int(params["keys"]), str(params["values"]), int(params["repeats"])
+    payload = keyed_payload(keys, values)
+    ring = KeyRing((CheckpointKey.of("k" * 43),), source="benchmark")
+    ctx = codec.part_context("bench", "visits", "process")
+    gc.freeze()
+    enc, made = _interleaved(
+        {
+            "pickle": lambda: pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL),
+            "codec": lambda: codec.encode(payload, ring.current, ctx),
+        },
+        repeats,
+    )
+    blob, part = made["pickle"], made["codec"]
+    del made
+
+    def verify_and_decode() -> Any:
+        assert codec.verify(part, ring, ctx).ok
+        return codec.decode(part)
+
+    dec, back = _interleaved(
+        {
+            "pickle": lambda: pickle.loads(blob),
+            "codec": verify_and_decode,
+            "verify": lambda: codec.verify(part, ring, ctx),
+        },
+        repeats,
+    )
+    assert len(back["codec"]["data"]) == keys
+    return {
+        "keys": keys,
+        "values": values,
+        "pickle_encode_s": enc["pickle"],
+        "pickle_decode_s": dec["pickle"],
+        "pickle_bytes": len(blob),
+        "codec_encode_s": enc["codec"],
+        "codec_decode_s": dec["codec"],
+        "codec_verify_s": dec["verify"],
+        "codec_bytes": len(part),
+    }
+
+
+def codec_rows(keys: int, repeats: int) -> tuple[list[Row], list[Result]]:
+    rows, results = [], []
+    for values in ("data", "user"):
+        r = run_child(
+            "bench_checkpoints", "codec_cost", {"keys": keys, "values": values, "repeats": repeats}
+        )
+        results.append(r)
+        what = "dict values" if values == "data" else "dataclass values (user section)"
+        for step in ("encode", "decode"):
+            plain, ours = r[f"pickle_{step}_s"], r[f"codec_{step}_s"]
+            rows.append(
+                Row(
+                    "CK-codec",
+                    f"{keys:,} keys, {what}, {step}",
+                    f"pickle {plain:.2f} s, codec {ours:.2f} s"
+                    + (f" (verify {r['codec_verify_s']:.2f} s)" if step == "decode" else ""),
+                    f"{ours / plain:.2f}x pickle",
+                )
+            )
+        rows.append(
+            Row(
+                "CK-codec",
+                f"{keys:,} keys, {what}, size",
+                f"pickle {r['pickle_bytes'] / 1e6:.1f} MB, codec {r['codec_bytes'] / 1e6:.1f} MB",
+            )
+        )
+    return rows, results
+
+
 def run(quick: bool) -> tuple[list[Row], Result]:
     """CK rows: W2 with checkpoints every second vs none, and the restore of 100k keys."""
     n = 2_000_000 if quick else 8_000_000
@@ -407,10 +529,23 @@ def run(quick: bool) -> tuple[list[Row], Result]:
         ),
     ]
     rows += run_keyed(quick)
-    return rows, {"events": n, "interval": interval, "best": best, "restore": rs}
+    more, costs = codec_rows(200_000 if quick else 2_000_000, 1 if quick else 3)
+    rows += more
+    return rows, {"events": n, "interval": interval, "best": best, "restore": rs, "codec": costs}
 
 
 if __name__ == "__main__":
-    child_main(
-        {"overhead": overhead, "restore": restore, "keyed": keyed, "keyed_restore": keyed_restore}
-    )
+    if len(sys.argv) > 1 and sys.argv[1] == "codec":  # only the codec rows, by hand
+        from common import render_table
+
+        print(render_table(codec_rows(int(sys.argv[2]) if len(sys.argv) > 2 else 2_000_000, 3)[0]))
+    else:
+        child_main(
+            {
+                "overhead": overhead,
+                "restore": restore,
+                "keyed": keyed,
+                "keyed_restore": keyed_restore,
+                "codec_cost": codec_cost,
+            }
+        )

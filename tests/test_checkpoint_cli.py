@@ -13,6 +13,8 @@ import pytest
 from sluiceway import cli
 from sluiceway.checkpoint import CheckpointStore, OperatorState, Segment
 from sluiceway.checkpoint.cli import format_bytes, format_utc
+from sluiceway.checkpoint.codec import encode, part_context, segment_context
+from sluiceway.checkpoint.keys import load_keys
 
 CREATED = 1_700_000_000.0  # 2023-11-14T22:13:20Z
 
@@ -21,6 +23,22 @@ CREATED = 1_700_000_000.0  # 2023-11-14T22:13:20Z
 def _no_global_logging(monkeypatch: pytest.MonkeyPatch) -> None:
     # The CLI configures the root logger of its own process; not of the test runner's.
     monkeypatch.setattr(cli, "_configure_logging", lambda level: None)
+
+
+def signed(flow: str, name: str, kind: str, value: object) -> OperatorState:
+    """A part as the runtime writes it: signed with the key it would use (the suite's own
+    default key, see conftest.py)."""
+    keys = load_keys()
+    assert keys is not None
+    return OperatorState(name, kind, encode(value, keys.current, part_context(flow, name, kind)))
+
+
+def clicks(n: int) -> bytes:
+    return signed("orders", "clicks", "source", f"offset={n}".encode()).data
+
+
+def totals(n: int) -> bytes:
+    return signed("orders", "totals", "window", b"w" * 2048 * n).data
 
 
 @pytest.fixture
@@ -32,8 +50,8 @@ def store_dir(tmp_path: Path) -> Path:
                 "orders",
                 n,
                 {
-                    "clicks": OperatorState("clicks", "source", f"offset={n}".encode()),
-                    "totals": OperatorState("totals", "window", b"w" * 2048 * n),
+                    "clicks": OperatorState("clicks", "source", clicks(n)),
+                    "totals": OperatorState("totals", "window", totals(n)),
                 },
                 created=CREATED + n,
                 duration=0.125,
@@ -73,7 +91,7 @@ def test_list_prints_a_table_newest_first(
         "4",
         "orders",
         "2023-11-14T22:13:24Z",
-        "8.0",
+        "8.2",
         "KiB",
         "-",
         "-",
@@ -85,7 +103,7 @@ def test_list_prints_a_table_newest_first(
         "3",
         "orders",
         "2023-11-14T22:13:23Z",
-        "6.0",
+        "6.2",
         "KiB",
         "-",
         "-",
@@ -95,7 +113,8 @@ def test_list_prints_a_table_newest_first(
     ]
     assert lines[3].split()[0] == "2"
     assert lines[4] == f"3 checkpoints in {store_dir / 'checkpoints.db'}"
-    assert len(lines) == 5
+    assert lines[5].startswith(f"signatures checked with key {load_keys().current.id} from ")  # type: ignore[union-attr]
+    assert len(lines) == 6
 
 
 def test_list_shows_why_a_checkpoint_is_torn(
@@ -107,7 +126,7 @@ def test_list_shows_why_a_checkpoint_is_torn(
     lines = out.splitlines()
     assert lines[1].endswith("torn: 2 operator states recorded but 1 stored")
     assert lines[2].endswith("ok")
-    assert lines[-1].endswith(", 1 torn")
+    assert lines[-2].endswith(", 1 torn")
 
 
 def test_list_json(store_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -122,13 +141,14 @@ def test_list_json(store_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
         "created": CREATED + 4,
         "created_utc": "2023-11-14T22:13:24Z",
         "duration": 0.125,
-        "size": len(b"offset=4") + 2048 * 4,
+        "size": len(clicks(4)) + len(totals(4)),
         "operators": 2,
         "final": True,
         "format_version": 3,
         "base_bytes": 0,
         "delta_bytes": 0,
         "ok": True,
+        "auth": "ok",
         "status": "ok",
     }
 
@@ -205,16 +225,34 @@ def test_inspect_the_newest(store_dir: Path, capsys: pytest.CaptureFixture[str])
     assert lines[0] == f"checkpoint 4 of flow 'orders' in {store_dir / 'checkpoints.db'}"
     assert "  created:        2023-11-14T22:13:24Z" in lines
     assert "  duration:       0.125 s" in lines
-    assert "  size:           8.0 KiB (8,200 bytes)" in lines
+    size = len(clicks(4)) + len(totals(4))
+    assert f"  size:           8.2 KiB ({size:,} bytes)" in lines
     assert "  operators:      2" in lines
     assert "  final:          yes" in lines
     assert "  format version: 3" in lines
     assert "  status:         ok" in lines
-    table = lines[lines.index("  status:         ok") + 1 :]
+    key = load_keys().current.id  # type: ignore[union-attr]
+    table = lines[lines.index("  status:         ok") + 2 :]
     assert [row.split() for row in table] == [
-        ["OPERATOR", "KIND", "BYTES", "SHA256"],
-        ["clicks", "source", "8", hashlib.sha256(b"offset=4").hexdigest()[:12]],
-        ["totals", "window", "8,192", hashlib.sha256(b"w" * 8192).hexdigest()[:12]],
+        ["OPERATOR", "KIND", "BYTES", "SHA256", "KEY", "AUTH", "USER", "OBJECTS"],
+        [
+            "clicks",
+            "source",
+            f"{len(clicks(4)):,}",
+            hashlib.sha256(clicks(4)).hexdigest()[:12],
+            key,
+            "ok",
+            "-",
+        ],
+        [
+            "totals",
+            "window",
+            f"{len(totals(4)):,}",
+            hashlib.sha256(totals(4)).hexdigest()[:12],
+            key,
+            "ok",
+            "-",
+        ],
     ]
 
 
@@ -226,18 +264,27 @@ def test_inspect_an_id_as_json(store_dir: Path, capsys: pytest.CaptureFixture[st
     assert data["final"] is False
     assert data["status"] == "ok"
     assert data["store"] == str(store_dir / "checkpoints.db")
+    key = load_keys().current.id  # type: ignore[union-attr]
     assert data["parts"] == [
         {
             "name": "clicks",
             "kind": "source",
-            "bytes": 8,
-            "sha256": hashlib.sha256(b"offset=2").hexdigest(),
+            "bytes": len(clicks(2)),
+            "sha256": hashlib.sha256(clicks(2)).hexdigest(),
+            "auth": "ok",
+            "key_id": key,
+            "user_objects": 0,
+            "user_types": [],
         },
         {
             "name": "totals",
             "kind": "window",
-            "bytes": 4096,
-            "sha256": hashlib.sha256(b"w" * 4096).hexdigest(),
+            "bytes": len(totals(2)),
+            "sha256": hashlib.sha256(totals(2)).hexdigest(),
+            "auth": "ok",
+            "key_id": key,
+            "user_objects": 0,
+            "user_types": [],
         },
     ]
 
@@ -326,9 +373,8 @@ def test_reset_and_inspect_of_one_flow_among_several(
 ) -> None:
     with CheckpointStore(store_dir) as store:
         for n in (1, 2, 3):
-            store.save(
-                "audit", n, {"a": OperatorState("a", "source", b"x")}, created=CREATED, duration=0
-            )
+            part = signed("audit", "a", "source", b"x")
+            store.save("audit", n, {"a": part}, created=CREATED, duration=0)
     code, out, err = run_cli(["checkpoints", "inspect", str(store_dir), "3"], capsys)
     assert code == 2
     assert err == (
@@ -413,27 +459,59 @@ def test_format_utc_of_a_time_out_of_range() -> None:
 def test_list_and_inspect_show_bases_and_deltas(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    keys = load_keys()
+    assert keys is not None
+    key = keys.current
+    sizes = []
     with CheckpointStore(tmp_path) as store:
-        for n, seg in ((1, Segment(True, b"b" * 3000)), (2, Segment(False, b"d" * 500))):
+        for n, whole, body in ((1, True, b"b" * 3000), (2, False, b"d" * 500)):
+            seg = Segment(
+                whole, encode(body, key, segment_context("counts", "sum", "-", base=whole))
+            )
+            sizes.append(len(seg.data))
+            data = encode(None, key, part_context("counts", "sum", "stateful_map"))
             store.save(
                 "counts",
                 n,
-                {"sum": OperatorState("sum", "stateful_map", b"", {"-": seg})},
+                {"sum": OperatorState("sum", "stateful_map", data, {"-": seg})},
                 created=CREATED + n,
                 duration=0.1,
                 parent=n - 1 or None,
             )
+    base, delta = sizes
     code, out, _ = run_cli(["checkpoints", "list", str(tmp_path)], capsys)
     assert code == 0
     rows = [line.split() for line in out.splitlines()[1:3]]
-    assert [r[3:8] for r in rows] == [["0", "B", "-", "500", "B"], ["0", "B", "2.9", "KiB", "-"]]
+    assert [r[5:8] for r in rows] == [
+        ["-", *format_bytes(delta).split()],
+        [*format_bytes(base).split(), "-"],
+    ]
+    assert [r[-1] for r in rows] == ["ok", "ok"]
     code, out, _ = run_cli(["checkpoints", "inspect", str(tmp_path)], capsys)
     assert code == 0
     lines = out.splitlines()
-    assert "  deltas written: 500 B (500 bytes)" in lines
-    assert lines[-1].split() == ["partition", "-", "base+deltas", "3,000+500", "1", "delta"]
+    assert f"  deltas written: {format_bytes(delta)} ({delta} bytes)" in lines
+    assert lines[-1].split() == [
+        "partition",
+        "-",
+        "base+deltas",
+        f"{base:,}+{delta:,}",
+        "1",
+        "delta",
+        key.id,
+        "ok",
+        "-",
+    ]
     code, out, _ = run_cli(["checkpoints", "inspect", str(tmp_path), "--json"], capsys)
     [part] = json.loads(out)["parts"]
     assert part["chains"] == [
-        {"partition": "-", "base_bytes": 3000, "deltas": 1, "delta_bytes": 500}
+        {
+            "partition": "-",
+            "base_bytes": base,
+            "deltas": 1,
+            "delta_bytes": delta,
+            "auth": "ok",
+            "user_objects": 0,
+            "user_types": [],
+        }
     ]

@@ -9,7 +9,6 @@ import asyncio
 import hashlib
 import json
 import os
-import pickle
 import random
 import signal
 import sqlite3
@@ -23,8 +22,9 @@ from typing import Any, ClassVar
 import pytest
 
 import sluiceway as sw
-from sluiceway.checkpoint import FORMAT_VERSION, CheckpointStore, OperatorState
+from sluiceway.checkpoint import FORMAT_VERSION, CheckpointStore, OperatorState, codec
 from sluiceway.checkpoint import store as store_module
+from sluiceway.checkpoint.keys import KeyRing
 from sluiceway.checkpoint.store import Segment
 from sluiceway.core.delta import Changes, Incremental
 from sluiceway.core.delta import fold as fold_changes
@@ -41,6 +41,9 @@ from sluiceway.testing import run_watched
 from sluiceway.time import SystemClock
 
 FLOW = "counts"
+KEY = KeyRing.parse("k" * 32, source="test").current
+BASE = codec.segment_context(FLOW, "sum", "-", base=True)
+DELTA = codec.segment_context(FLOW, "sum", "-", base=False)
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
@@ -50,7 +53,8 @@ def enc(whole: bool, upserts: dict[str, int], deletes: Sequence[str] = ()) -> Se
     return Segment(whole, data)
 
 
-def fold(blobs: Sequence[bytes]) -> bytes:
+def fold(operator: str, partition: str, blobs: Sequence[bytes]) -> bytes:
+    """The store's fold callable: (operator, partition, the chain's segments)."""
     state: dict[str, int] = {}
     for blob in blobs:
         changes = json.loads(blob)
@@ -61,7 +65,7 @@ def fold(blobs: Sequence[bytes]) -> bytes:
 
 
 def folded(chain: Sequence[bytes]) -> dict[str, int]:
-    result: dict[str, int] = json.loads(fold(chain))["set"]
+    result: dict[str, int] = json.loads(fold("sum", "0", chain))["set"]
     return result
 
 
@@ -168,9 +172,9 @@ def test_a_checkpoint_saved_during_a_compaction_gets_the_new_base_too(tmp_path: 
         for cid in (2, 3):
             save(store, cid, part({"0": enc(False, {f"k{cid}": cid})}), cid - 1)
 
-        def fold_while_the_flow_saves(blobs: Sequence[bytes]) -> bytes:
+        def fold_while_the_flow_saves(op: str, partition: str, blobs: Sequence[bytes]) -> bytes:
             save(flow, 4, part({"0": enc(False, {"k4": 4})}), 3)
-            return fold(blobs)
+            return fold(op, partition, blobs)
 
         assert store.compact(FLOW, fold_while_the_flow_saves, after=2) == 1
         four, three = store.load(4, FLOW), store.load(3, FLOW)
@@ -277,7 +281,7 @@ COMPACTOR = textwrap.dedent(
     def seg(whole, values):
         return Segment(whole, json.dumps({"set": values, "del": []}).encode())
 
-    def fold(blobs):
+    def fold(operator, partition, blobs):
         state = {}
         for blob in blobs:
             state.update(json.loads(blob)["set"])
@@ -485,12 +489,13 @@ def test_restore_hands_the_step_the_folded_whole_state(tmp_path: Path) -> None:
 def test_change_sets_and_compaction_round_trip() -> None:
     base = Changes(True, {f"k{i}": i for i in range(50_000)}, extra={"wm": 1})
     later = Changes(False, {"k1": -1, "new": 7}, frozenset({"k2"}), extra={"wm": 2})
-    assert decode_changes(encode_changes(base)) == base
-    folded = decode_changes(fold_segments([encode_changes(base), encode_changes(later)]))
+    assert decode_changes(encode_changes(base, KEY, BASE)) == base
+    chain = [encode_changes(base, KEY, BASE), encode_changes(later, KEY, DELTA)]
+    folded = decode_changes(fold_segments(chain, KEY, BASE))
     assert folded == fold_changes(base, later)
     assert (folded.upserts["k1"], "k2" in folded.upserts, folded.extra) == (-1, False, {"wm": 2})
     with pytest.raises(ValueError, match="not a change set"):
-        decode_changes(pickle.dumps({"a": 1}))
+        decode_changes(codec.encode({"a": 1}, KEY, BASE))
 
 
 def test_compaction_folds_like_core_delta_fold_over_many_chunks() -> None:
@@ -499,15 +504,15 @@ def test_compaction_folds_like_core_delta_fold_over_many_chunks() -> None:
     rnd = random.Random(5)
     for _ in range(5):
         base = Changes(True, {k: rnd.random() for k in range(0, 90_000, 2)}, extra=0)
-        chain, want = [encode_changes(base)], base
+        chain, want = [encode_changes(base, KEY, BASE)], base
         for step in range(rnd.randint(1, 5)):
             keys = rnd.sample(range(45_000), rnd.randint(0, 2_000))
             deletes = frozenset(keys[: len(keys) // 3])
             upserts = dict.fromkeys(keys[len(keys) // 3 :], step)
             later = Changes(False, upserts, deletes, extra=step + 1)
-            chain.append(encode_changes(later))
+            chain.append(encode_changes(later, KEY, DELTA))
             want = fold_changes(want, later)
-        assert decode_changes(fold_segments(chain)) == want
+        assert decode_changes(fold_segments(chain, KEY, BASE)) == want
 
 
 def test_an_unpicklable_value_in_a_change_set_names_the_operator_and_key(tmp_path: Path) -> None:

@@ -166,6 +166,20 @@ class _Mean(_Extracting):
 
 
 class _Empty:
+    """The accumulator of min/max/first/last/reduce before any value: one object, tested
+    with ``is``, so it stays one object through a checkpoint (pickling rebuilds it by
+    calling the class, which hands back the same instance)."""
+
+    _instance: _Empty | None = None
+
+    def __new__(cls) -> _Empty:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __reduce__(self) -> tuple[type[_Empty], tuple[()]]:
+        return (_Empty, ())
+
     def __repr__(self) -> str:
         return "<empty>"
 

@@ -17,6 +17,11 @@ The tree::
     ├── CheckpointError            a checkpoint could not be written or restored
     │   ├── CheckpointCorruptError a stored checkpoint fails its checks (torn, truncated,
     │   │                          not a checkpoint store, a format this version can't read)
+    │   ├── CheckpointAuthError    a checkpoint part is not authenticated by an available
+    │   │                          key (wrong key, altered, forged, or written before
+    │   │                          checkpoints were authenticated); nothing of it was loaded
+    │   ├── CheckpointKeyError     the checkpoint key cannot be used (too short, a key file
+    │   │                          others can read, a key inside the checkpoint directory)
     │   └── CheckpointMismatchError  the checkpoint belongs to a different flow (operators
     │                              added, removed or changed since it was taken)
     └── channel endings
@@ -44,8 +49,10 @@ __all__ = [
     "BrokenResourceError",
     "CancelReason",
     "ChannelOverflowError",
+    "CheckpointAuthError",
     "CheckpointCorruptError",
     "CheckpointError",
+    "CheckpointKeyError",
     "CheckpointMismatchError",
     "CliError",
     "ClosedResourceError",
@@ -323,6 +330,19 @@ class CheckpointError(SluicewayError):
 class CheckpointCorruptError(CheckpointError):
     """A stored checkpoint fails its checks: torn or truncated, altered bytes, not a
     sluiceway checkpoint store, or written in a format this version cannot read."""
+
+
+class CheckpointAuthError(CheckpointError):
+    """A part of a checkpoint does not verify under the checkpoint keys available: signed
+    with another key, altered or forged, or written without authentication by an older
+    sluiceway.  Raised before anything of the checkpoint is unpickled; the message names
+    the checkpoint, the operator, why, and what to do (docs/checkpoints.md, "Security")."""
+
+
+class CheckpointKeyError(CheckpointError):
+    """The checkpoint key cannot be used: missing, too short, in a key file that others can
+    read or write, or inside the checkpoint directory.  The message names the key's
+    source (never the key) and the fix."""
 
 
 class CheckpointMismatchError(CheckpointError):

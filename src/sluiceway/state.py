@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Generic, Literal, Protocol, TypeVar, runtime_checkable
 
+from sluiceway.checkpoint.codec import pack, unpack, unpacked
 from sluiceway.core.delta import Changes
 from sluiceway.errors import CheckpointError
 from sluiceway.time import Clock
@@ -156,11 +157,13 @@ class _Upserts(dict[Any, Any]):
     operator = ""
 
     def __reduce__(self) -> tuple[Any, ...]:
+        # Packed by the checkpoint codec (the engine's part as data, user objects pickled
+        # in its user section), restored as a plain dict.
         try:
-            blob = pickle.dumps(dict(self), protocol=pickle.HIGHEST_PROTOCOL)
+            packed = pack(dict(self))
         except Exception as exc:
             raise _unpicklable(self.operator, self, exc) from exc
-        return (pickle.loads, (blob,))
+        return (unpacked, (packed,))
 
 
 def _unpicklable(operator: str, states: dict[Any, Any], exc: Exception) -> CheckpointError:
@@ -719,7 +722,9 @@ class KeyedStore:
                 f"operator {self.operator!r}: not a keyed-state snapshot (an Incremental, or "
                 f"format 1): {type(state).__name__}"
             )
-        payload = pickle.loads(state["blob"])  # our own checkpoint's bytes
+        # Only from an unsigned checkpoint of an older sluiceway that its owner chose to
+        # trust (Checkpoints(trust_unauthenticated=ID)): signed parts never hold format 1.
+        payload = unpack(state["blob"])
         now = self.clock.time()
         self._reset(payload.pop("kinds"))
         self.data.update(payload.pop("data"))

@@ -8,6 +8,11 @@
     sluiceway checkpoints reset DIR --yes      # delete every checkpoint
     ... --flow NAME                            # only that flow's (several flows share DIR)
 
+``list`` and ``inspect`` also check every part's signature with the checkpoint keys
+available here (the same as ``sluiceway run`` uses, or ``--key-file``; they never create
+a key): a checkpoint is ``ok`` only if it is complete *and* every part verifies; else its
+status says ``torn``, ``wrong key``, ``altered`` or ``unauthenticated``, and why.
+
 ``reset`` says what it means for the outputs: the next run of each flow it reset starts
 from the beginning of its input, and a sink that appends gets a second copy of what it
 already holds.
@@ -32,6 +37,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
+from sluiceway.checkpoint import codec
+from sluiceway.checkpoint.keys import KeyRing, load_keys
 from sluiceway.checkpoint.store import (
     CheckpointInfo,
     CheckpointNotFoundError,
@@ -114,6 +121,16 @@ def add_checkpoints_command(
         default=None,
         help="only the checkpoints of this flow (flows that share DIR keep their own)",
     )
+    verifying = argparse.ArgumentParser(add_help=False)
+    verifying.add_argument(
+        "--key-file",
+        metavar="PATH",
+        type=Path,
+        default=None,
+        help="verify signatures with the key(s) in this file (default: as `sluiceway run`: "
+        "SLUICEWAY_CHECKPOINT_KEY, SLUICEWAY_CHECKPOINT_KEY_FILE, else your own key in "
+        "~/.config/sluiceway/)",
+    )
 
     checkpoints = commands.add_parser(
         "checkpoints",
@@ -127,20 +144,22 @@ def add_checkpoints_command(
 
     listing = actions.add_parser(
         "list",
-        parents=[directory, logging_options],
+        parents=[directory, verifying, logging_options],
         help="a table of the checkpoints, newest first, with whether each verifies",
         description="List the checkpoints in DIR, newest first: id, flow, when taken (UTC), "
-        "size, operators, whether final, and status (ok, or why it does not verify).",
+        "size, operators, whether final, and status: ok (complete, every part signed by an "
+        "available key), or torn / wrong key / altered / unauthenticated, and why.",
     )
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     listing.set_defaults(handler=run_checkpoints_command)
 
     inspect = actions.add_parser(
         "inspect",
-        parents=[directory, logging_options],
+        parents=[directory, verifying, logging_options],
         help="one checkpoint (default: the newest), operator by operator",
-        description="Show one checkpoint: its info and, per operator, name, kind, bytes "
-        "and sha256.  Exits 1 if it does not verify.",
+        description="Show one checkpoint: its info and, per operator, name, kind, bytes, "
+        "sha256, the key that signed it, whether it verifies, and the classes of the user "
+        "objects it holds (none: data only).  Exits 1 if it does not verify.",
     )
     inspect.add_argument(
         "id",
@@ -192,9 +211,11 @@ def run_checkpoints_command(args: argparse.Namespace) -> int:
     try:
         with CheckpointStore(directory) as store:
             if args.checkpoints_action == "list":
-                return _list(store, directory, args.flow, as_json=args.json)
+                keys = load_keys(key_file=args.key_file, checkpoint_dir=directory, create=False)
+                return _list(store, directory, args.flow, keys, as_json=args.json)
             if args.checkpoints_action == "inspect":
-                return _inspect(store, args.id, args.flow, as_json=args.json)
+                keys = load_keys(key_file=args.key_file, checkpoint_dir=directory, create=False)
+                return _inspect(store, args.id, args.flow, keys, as_json=args.json)
             return _reset(store, args.flow, confirmed=args.yes)
     except CheckpointNotFoundError as exc:
         raise CliError(str(exc), _EXIT_USAGE) from exc
@@ -228,24 +249,76 @@ def _write(line: str = "") -> None:
     sys.stdout.write(line + "\n")
 
 
-def _status(problem: str | None) -> str:
-    return "ok" if problem is None else f"torn: {problem}"
+_TORN: Final = "torn"
 
 
-def _info_json(info: CheckpointInfo, problem: str | None) -> dict[str, Any]:
+def _verdicts(
+    store: CheckpointStore, info: CheckpointInfo, keys: KeyRing | None
+) -> tuple[dict[str, codec.Verdict], frozenset[str]]:
+    """Each part's signature check, and each segment's of every chain the checkpoint
+    references (by :func:`codec.segment_label`), and the parts' names (the checkpoint
+    must be complete: not torn)."""
+    ckpt = store.load(info.id, info.flow)
+    verdicts = codec.checkpoint_verdicts(ckpt.states, ckpt.chains, keys, flow=info.flow)
+    return verdicts, frozenset(ckpt.states)
+
+
+def _check(
+    store: CheckpointStore, info: CheckpointInfo, problem: str | None, keys: KeyRing | None
+) -> tuple[str, str, dict[str, codec.Verdict]]:
+    """(auth: ok / torn / wrong key / altered / unauthenticated, status line, verdicts)."""
+    if problem is not None:
+        return _TORN, f"{_TORN}: {problem}", {}
+    verdicts, parts = _verdicts(store, info, keys)
+    failed = [(name, v) for name, v in verdicts.items() if not v.ok]
+    if not failed:
+        return "ok", "ok", verdicts
+    order = [codec.PartStatus.ALTERED, codec.PartStatus.WRONG_KEY, codec.PartStatus.UNAUTHENTICATED]
+    name, worst = min(failed, key=lambda f: order.index(f[1].status))
+    others = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+    what = f"operator {name!r}" if name in parts else f"segment {name}"
+    status = f"{worst.status.value}: {what}: {worst.reason}{others}"
+    return worst.status.value, status, verdicts
+
+
+def _info_json(info: CheckpointInfo, auth: str, status: str) -> dict[str, Any]:
     data = asdict(info)
     data["created_utc"] = format_utc(info.created)
-    data["ok"] = problem is None
-    data["status"] = _status(problem)
+    data["ok"] = auth == "ok"
+    data["auth"] = auth
+    data["status"] = status
     return data
 
 
-def _list(store: CheckpointStore, directory: Path, flow: str | None, *, as_json: bool) -> int:
-    found = store.list(flow)
+def _keys_line(keys: KeyRing | None) -> str:
+    if keys is None:
+        return (
+            "no checkpoint key here (none configured, no default key yet): signatures "
+            "cannot be verified; see --key-file"
+        )
+    return f"signatures checked with {keys.describe()}"
+
+
+def _keys_json(keys: KeyRing | None) -> dict[str, Any] | None:
+    if keys is None:
+        return None
+    return {"source": keys.source, "ids": [k.id for k in keys.keys]}
+
+
+def _list(
+    store: CheckpointStore,
+    directory: Path,
+    flow: str | None,
+    keys: KeyRing | None,
+    *,
+    as_json: bool,
+) -> int:
+    found = [(info, *_check(store, info, problem, keys)[:2]) for info, problem in store.list(flow)]
     if as_json:
         payload = {
             "store": str(store.path),
-            "checkpoints": [_info_json(info, problem) for info, problem in found],
+            "keys": _keys_json(keys),
+            "checkpoints": [_info_json(info, auth, status) for info, auth, status in found],
         }
         _write(json.dumps(payload, indent=2))
         return 0
@@ -273,9 +346,9 @@ def _list(store: CheckpointStore, directory: Path, flow: str | None, *, as_json:
             format_bytes(info.delta_bytes) if info.delta_bytes else "-",
             str(info.operators),
             "yes" if info.final else "no",
-            _status(problem),
+            status,
         )
-        for info, problem in found
+        for info, _, status in found
     ]
     right = {0, 3, 4, 5, 6}  # numbers line up on the right
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
@@ -285,9 +358,13 @@ def _list(store: CheckpointStore, directory: Path, flow: str | None, *, as_json:
             for i, cell in enumerate(row)
         ]
         _write("  ".join(cells).rstrip())
-    torn = sum(problem is not None for _, problem in found)
+    counts: dict[str, int] = {}
+    for _, auth, _ in found:
+        if auth != "ok":
+            counts[auth] = counts.get(auth, 0) + 1
     summary = f"{len(found)} checkpoint{'s' if len(found) != 1 else ''} in {store.path}"
-    _write(summary + (f", {torn} torn" if torn else ""))
+    _write(summary + "".join(f", {n} {auth}" for auth, n in counts.items()))
+    _write(_keys_line(keys))
     return 0
 
 
@@ -296,7 +373,12 @@ def _of(flow: str | None) -> str:
 
 
 def _inspect(
-    store: CheckpointStore, checkpoint_id: int | None, flow: str | None, *, as_json: bool
+    store: CheckpointStore,
+    checkpoint_id: int | None,
+    flow: str | None,
+    keys: KeyRing | None,
+    *,
+    as_json: bool,
 ) -> int:
     found = store.list(flow)
     if not found:
@@ -324,11 +406,13 @@ def _inspect(
             )
         info, problem = matches[0]
     parts = store.parts(info.id, info.flow)
-    code = 0 if problem is None else _EXIT_FAILED
+    auth, status, verdicts = _check(store, info, problem, keys)
+    code = 0 if auth == "ok" else _EXIT_FAILED
     if as_json:
-        payload = _info_json(info, problem)
+        payload = _info_json(info, auth, status)
         payload["store"] = str(store.path)
-        payload["parts"] = [_part_json(p) for p in parts]
+        payload["keys"] = _keys_json(keys)
+        payload["parts"] = [_part_json(p, verdicts.get(p.name), verdicts) for p in parts]
         _write(json.dumps(payload, indent=2))
         return code
     _write(f"checkpoint {info.id} of flow {info.flow!r} in {store.path}")
@@ -341,46 +425,110 @@ def _inspect(
         ("operators", str(info.operators)),
         ("final", "yes" if info.final else "no"),
         ("format version", str(info.format_version)),
-        ("status", _status(problem)),
+        ("status", status),
+        ("keys", _keys_line(keys)),
     ]:
         _write(f"  {label + ':':<16}{value}")
-    _write(_parts_table(parts))
+    _write(_parts_table(parts, verdicts))
     return code
 
 
-def _part_json(p: PartInfo) -> dict[str, Any]:
-    data: dict[str, Any] = {"name": p.name, "kind": p.kind, "bytes": p.size, "sha256": p.sha256}
-    if p.incremental:
-        data["chains"] = [
-            {
-                "partition": c.partition,
-                "base_bytes": c.base_size,
-                "deltas": c.deltas,
-                "delta_bytes": c.delta_size,
-            }
-            for c in p.chains
-        ]
+def _chain(
+    verdicts: dict[str, codec.Verdict], part: PartInfo, partition: str
+) -> list[codec.Verdict]:
+    """The verdicts of one chain's segments (base first)."""
+    prefix = f"{part.name!r} partition {partition} "
+    return [v for label, v in verdicts.items() if label.startswith(prefix)]
+
+
+def _chain_verdict(chain: list[codec.Verdict]) -> codec.Verdict | None:
+    """One chain as one verdict: its first failing segment's, else ok with every
+    segment's user objects summed (None: not verified)."""
+    if not chain:
+        return None
+    bad = [v for v in chain if not v.ok]
+    if bad:
+        return bad[0]
+    types = sorted({t for v in chain for t in v.user_types})
+    keys = ",".join(sorted({v.key_id or "-" for v in chain}))
+    return codec.Verdict(
+        codec.PartStatus.OK, "", keys, tuple(types), sum(v.user_objects for v in chain)
+    )
+
+
+def _part_json(
+    part: PartInfo, verdict: codec.Verdict | None, verdicts: dict[str, codec.Verdict]
+) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "name": part.name,
+        "kind": part.kind,
+        "bytes": part.size,
+        "sha256": part.sha256,
+    }
+    if verdict is not None:
+        data["auth"] = verdict.status.value
+        data["key_id"] = verdict.key_id
+        data["user_objects"] = verdict.user_objects
+        data["user_types"] = list(verdict.user_types)
+    if part.incremental:
+        data["chains"] = []
+        for c in part.chains:
+            chain = _chain_verdict(_chain(verdicts, part, c.partition))
+            data["chains"].append(
+                {
+                    "partition": c.partition,
+                    "base_bytes": c.base_size,
+                    "deltas": c.deltas,
+                    "delta_bytes": c.delta_size,
+                    "auth": None if chain is None else chain.status.value,
+                    "user_objects": None if chain is None else chain.user_objects,
+                    "user_types": [] if chain is None else list(chain.user_types),
+                }
+            )
     return data
 
 
-def _parts_table(parts: list[PartInfo]) -> str:
-    """One row per operator; an incremental one has a row per partition chain below it
-    (``partition P``: base bytes, how many deltas and their bytes)."""
+def _user_cell(verdict: codec.Verdict | None) -> str:
+    """What the part's user section holds: "-" for data only ("?" if unverified)."""
+    if verdict is None or not verdict.ok:
+        return "?"
+    if not verdict.user_objects:
+        return "-"
+    names = ", ".join(verdict.user_types[:3]) + (", ..." if len(verdict.user_types) > 3 else "")
+    return f"{verdict.user_objects:,} ({names})"
+
+
+def _parts_table(parts: list[PartInfo], verdicts: dict[str, codec.Verdict]) -> str:
     if not parts:
         return "no operator states"
-    header = ("OPERATOR", "KIND", "BYTES", "SHA256")
-    rows: list[tuple[str, str, str, str]] = []
+    header = ("OPERATOR", "KIND", "BYTES", "SHA256", "KEY", "AUTH", "USER OBJECTS")
+    rows: list[tuple[str, ...]] = []
     for p in parts:
-        rows.append((p.name, p.kind, f"{p.size:,}", p.sha256[:_SHA_PREFIX]))
-        rows += [
+        v = verdicts.get(p.name)
+        rows.append(
             (
-                f"  partition {c.partition}",
-                "base+deltas",
-                f"{c.base_size:,}+{c.delta_size:,}",
-                f"{c.deltas} delta{'s' if c.deltas != 1 else ''}",
+                p.name,
+                p.kind,
+                f"{p.size:,}",
+                p.sha256[:_SHA_PREFIX],
+                (v.key_id or "-") if v is not None else "?",
+                v.status.value if v is not None else "?",
+                _user_cell(v),
             )
-            for c in p.chains
-        ]
+        )
+        for c in p.chains:  # an incremental part: a row per partition chain below it
+            w = _chain_verdict(_chain(verdicts, p, c.partition))
+            rows.append(
+                (
+                    f"  partition {c.partition}",
+                    "base+deltas",
+                    f"{c.base_size:,}+{c.delta_size:,}",
+                    f"{c.deltas} delta{'s' if c.deltas != 1 else ''}",
+                    (w.key_id or "-") if w is not None else "?",
+                    w.status.value if w is not None else "?",
+                    _user_cell(w),
+                )
+            )
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = []
     for row in [header, *rows]:

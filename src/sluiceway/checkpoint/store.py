@@ -207,12 +207,15 @@ class OperatorState:
     Attributes:
         name: the operator's name, unique in its flow.
         kind: the operator's kind, e.g. ``"map"``, ``"window"``, ``"source"``, ``"sink"``.
-        data: the state, pickled by the runtime.  The store hashes and keeps these bytes
-            and never unpickles them.
+        data: the state, encoded and signed by the runtime
+            (:mod:`sluiceway.checkpoint.codec`).  The store hashes and keeps these bytes
+            and never decodes them; its sha256 digests catch accidents, the signatures
+            inside the bytes catch forgeries.
         segments: None for a whole part.  For an *incremental* part: partition ->
             :class:`Segment` of what is new for that partition since the parent
-            checkpoint; a partition that is absent keeps the parent's chain.  ``data``
-            then holds what the runtime keeps beside the partitions (often nothing).
+            checkpoint (each one signed by the runtime too); a partition that is absent
+            keeps the parent's chain.  ``data`` then holds what the runtime keeps beside
+            the partitions (often nothing).
         dropped: partitions of an incremental part that are gone (their chains are not
             carried into this checkpoint).
     """
@@ -827,7 +830,7 @@ class CheckpointStore:
     def compact(
         self,
         flow: str,
-        fold: Callable[[Sequence[bytes]], bytes],
+        fold: Callable[[str, str, Sequence[bytes]], bytes],
         *,
         ratio: float = 0.5,
         after: int = 10,
@@ -839,11 +842,13 @@ class CheckpointStore:
         many bytes (the runtime folds small chains in its thread, large ones in a
         process of their own).
 
-        ``fold`` turns a chain's encoded segments (base first) into the encoded whole
-        state; the store never decodes them itself.  Each chain is swapped for its new
-        base in one transaction, which also deletes the segments no kept checkpoint
-        needs any more (older checkpoints keep their own chains): a crash at any point
-        leaves either the old chain or the new base, both valid.  Works from what is
+        ``fold(operator, partition, segments)`` turns a chain's encoded segments (base
+        first) into the encoded whole state; the store never decodes them itself (the
+        runtime's fold verifies their signatures first and signs the new base).  Each
+        chain is swapped for its new base in one transaction, which also deletes the
+        segments no kept checkpoint needs any more (older checkpoints keep their own
+        chains): a crash at any point leaves either the old chain or the new base, both
+        valid.  Works from what is
         stored, never from a running flow's state, so it may run while the flow takes its
         next checkpoints: every checkpoint whose chain starts with the folded one -- also
         one saved meanwhile, on top of it -- gets the new base in its place.
@@ -871,7 +876,7 @@ class CheckpointStore:
         operator: str,
         partition: str,
         chain: builtins.list[int],
-        fold: Callable[[Sequence[bytes]], bytes],
+        fold: Callable[[str, str, Sequence[bytes]], bytes],
     ) -> int:
         """Fold one chain and swap it in (if it is still the newest checkpoint's)."""
         with self._lock, self._reading():
@@ -887,7 +892,8 @@ class CheckpointStore:
                         f"{partition} is missing or altered"
                     )
                 blobs.append(bytes(found[0]))
-        data = fold(blobs)  # outside the lock: the runtime decodes, folds and encodes
+        # Outside the lock: the runtime verifies, decodes, folds, encodes and signs.
+        data = fold(operator, partition, blobs)
         sha = hashlib.sha256(data).hexdigest()
         with self._lock:
             self._prepare_for_writing(conn)

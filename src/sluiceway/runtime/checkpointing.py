@@ -40,6 +40,7 @@ See ``docs/checkpoints.md`` for the guarantees.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import shlex
@@ -47,6 +48,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from sluiceway.checkpoint import codec
+from sluiceway.checkpoint.keys import KeyRing, load_keys
 from sluiceway.checkpoint.store import (
     Checkpoint,
     CheckpointInfo,
@@ -61,10 +64,8 @@ from sluiceway.errors import CheckpointError, CheckpointMismatchError
 from sluiceway.metrics.registry import CheckpointSnapshot, OperatorCheckpoint
 from sluiceway.runtime import compactor
 from sluiceway.runtime.segments import (
-    decode_value,
     encode_changes,
-    encode_value,
-    fold_segments,
+    fold_chain,
     partition_key,
     unchain,
 )
@@ -75,20 +76,27 @@ if TYPE_CHECKING:
     from sluiceway.flow import Flow
     from sluiceway.operators.base import Step
 
-__all__ = ["ACK_INTERVAL", "CheckpointStats", "Checkpoints", "Coordinator"]
+__all__ = ["ACK_INTERVAL", "ENV_TRUST", "CheckpointStats", "Checkpoints", "Coordinator"]
 
 log = logging.getLogger("sluiceway")
 
 ACK_INTERVAL = 0.1
 """Seconds between ack barriers when a flow without checkpoints has acknowledging sources."""
 
+ENV_TRUST = "SLUICEWAY_CHECKPOINT_TRUST_UNAUTHENTICATED"
+"""The environment's form of ``Checkpoints(trust_unauthenticated=ID)``."""
+
 
 @dataclass(frozen=True, slots=True)
 class Checkpoints:
     """Take checkpoints of a flow, and restore the latest one when it starts again.
 
-    >>> Checkpoints("/tmp/ckpt", interval=2)
-    Checkpoints(directory='/tmp/ckpt', interval=2.0, keep=3, compact_ratio=0.5, compact_after=10)
+    >>> Checkpoints("/tmp/ckpt", interval=2)  # doctest: +NORMALIZE_WHITESPACE
+    Checkpoints(directory='/tmp/ckpt', interval=2.0, keep=3, compact_ratio=0.5,
+                compact_after=10, key_file=None)
+
+    Every part of a checkpoint is signed with a key kept outside the checkpoint directory
+    and verified before anything of it is loaded (docs/checkpoints.md, "Security").
 
     Args:
         directory: where the checkpoint store lives (created at the first checkpoint).
@@ -97,10 +105,18 @@ class Checkpoints:
         compact_ratio: an incremental operator's chain of changes (one partition's) is
             folded into a new base once its bytes exceed this share of the base's...
         compact_after: ...or once it holds this many change sets.
+        key_file: the file holding the checkpoint key(s) (first line signs, later lines
+            are old keys still accepted).  Default: ``SLUICEWAY_CHECKPOINT_KEY``,
+            ``SLUICEWAY_CHECKPOINT_KEY_FILE``, else the user's own key, created once in
+            ``~/.config/sluiceway/`` (``$XDG_CONFIG_HOME``).
+        trust_unauthenticated: the id of one checkpoint written by a sluiceway from
+            before checkpoints were signed, to restore once although nothing proves who
+            wrote it (also ``SLUICEWAY_CHECKPOINT_TRUST_UNAUTHENTICATED=ID``).  Only if no
+            one else could write the directory; the checkpoints after it are signed.
 
     Raises:
-        ValueError: ``interval`` not > 0 seconds, ``keep`` or ``compact_after`` < 1, or
-            ``compact_ratio`` not > 0.
+        ValueError: ``interval`` not > 0 seconds, ``keep`` or ``compact_after`` < 1,
+            ``compact_ratio`` not > 0, or ``trust_unauthenticated`` not a checkpoint id.
     """
 
     directory: str | os.PathLike[str]
@@ -108,6 +124,8 @@ class Checkpoints:
     keep: int = 3
     compact_ratio: float = 0.5
     compact_after: int = 10
+    key_file: str | os.PathLike[str] | None = None
+    trust_unauthenticated: int | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "directory", os.fspath(self.directory))
@@ -126,6 +144,16 @@ class Checkpoints:
                 f"bytes, e.g. 0.5), got {ratio!r}"
             )
         object.__setattr__(self, "compact_ratio", float(ratio))
+        if self.key_file is not None:
+            object.__setattr__(self, "key_file", os.fspath(self.key_file))
+        trust = self.trust_unauthenticated
+        if trust is not None and (
+            isinstance(trust, bool) or not isinstance(trust, int) or trust < 1
+        ):
+            raise ValueError(
+                "Checkpoints trust_unauthenticated must be the id of a checkpoint (an int "
+                f">= 1), got {trust!r}"
+            )
 
 
 @dataclass(slots=True)
@@ -209,6 +237,9 @@ class Coordinator:
         self.config = config
         self.clock = clock
         self.store = None if config is None else CheckpointStore(config.directory, keep=config.keep)
+        self.keys: KeyRing | None = None
+        if config is not None:
+            self.keys = load_keys(key_file=config.key_file, checkpoint_dir=config.directory)
         self.interval = ACK_INTERVAL if config is None else config.interval
         self.kinds = {n.name: n.kind for n in flow.nodes}
         self.sources = sources
@@ -258,6 +289,7 @@ class Coordinator:
         self.next_id = self.store.next_id(self.flow.name)
         if ckpt is None:
             return None
+        codec.verify_checkpoint(ckpt.states, self.keys, **self._auth(ckpt))  # before all else
         self._check_compatible(ckpt)
         ckpt, values = self._committed(ckpt)
         self.parent = ckpt.info.id
@@ -272,18 +304,51 @@ class Coordinator:
         return ckpt
 
     def _load(self, ckpt: Checkpoint) -> dict[str, Any]:
+        """Every part and every segment of every chain verified under the keys, then (only
+        if all verify) decoded; an incremental part is its chains, folded."""
         assert self.store is not None
-        values: dict[str, Any] = {}
-        for name, st in ckpt.states.items():
+        values = codec.open_checkpoint(ckpt.states, self.keys, **self._auth(ckpt), warn=log.warning)
+        for name, chains in ckpt.chains.items():
             try:
-                chains = ckpt.chains.get(name)
-                values[name] = decode_value(st.data) if chains is None else unchain(chains)
+                values[name] = unchain(chains)
             except Exception as exc:
                 raise CheckpointError(
                     f"checkpoint {ckpt.info.id} in {self.store.path}: the state of operator "
-                    f"{name!r} cannot be loaded: {type(exc).__name__}: {exc}"
+                    f"{name!r} verifies but cannot be loaded: {type(exc).__name__}: {exc}"
                 ) from exc
         return values
+
+    def _auth(self, ckpt: Checkpoint) -> dict[str, Any]:
+        """What verifying ``ckpt`` needs beside its parts and the keys."""
+        assert self.store is not None
+        assert self.config is not None
+        return {
+            "chains": ckpt.chains,
+            "flow": self.flow.name,
+            "where": f"checkpoint {ckpt.info.id} of flow {self.flow.name!r} in {self.store.path}",
+            "fixes": f"`sluiceway checkpoints reset {shlex.quote(str(self.config.directory))} "
+            f'--flow {shlex.quote(self.flow.name)}` (docs/checkpoints.md, "Security")',
+            "trust_unauthenticated": ckpt.info.id == self._trusted(),
+        }
+
+    def _trusted(self) -> int | None:
+        """The id of the unsigned checkpoint the user chose to trust, if any."""
+        assert self.config is not None
+        if self.config.trust_unauthenticated is not None:
+            return self.config.trust_unauthenticated
+        raw = os.environ.get(ENV_TRUST)
+        if raw is None or not raw.strip():
+            return None
+        try:
+            trusted = int(raw)
+        except ValueError:
+            trusted = 0
+        if trusted < 1:
+            raise CheckpointError(
+                f"{ENV_TRUST} must be the id of the unsigned checkpoint to trust once (a "
+                f"whole number >= 1, see `sluiceway checkpoints list`), got {raw!r}"
+            )
+        return trusted
 
     def _committed(self, ckpt: Checkpoint) -> tuple[Checkpoint, dict[str, Any]]:
         """``ckpt``, or the newest earlier one, whose sinks all committed it.
@@ -349,16 +414,21 @@ class Coordinator:
     # -- reports from the stages -------------------------------------------------------
 
     def _pickle(self, name: str, value: Any) -> OperatorState:
+        """The signed part of ``value`` (see :mod:`sluiceway.checkpoint.codec`)."""
         if self.store is None:
             return _NO_STATE
+        assert self.keys is not None
+        kind = self.kinds[name]
         try:
-            data = encode_value(value)
+            data = codec.encode(
+                value, self.keys.current, codec.part_context(self.flow.name, name, kind)
+            )
         except Exception as exc:
             raise CheckpointError(
                 f"flow {self.flow.name!r}: the state of operator {name!r} cannot be "
                 f"checkpointed (pickled): {type(exc).__name__}: {exc}"
             ) from exc
-        return OperatorState(name, self.kinds[name], data)
+        return OperatorState(name, kind, data)
 
     def _capture(self, c: _InProgress, name: str, value: Any) -> None:
         """Take operator ``name``'s state into checkpoint ``c``: a change set as it is (the
@@ -485,21 +555,28 @@ class Coordinator:
         )
 
     def _incremental_part(self, name: str, changes: Incremental) -> OperatorState:
+        """Each partition's change set as a segment, signed for its flow, operator,
+        partition and kind (base or delta); the part beside them signed as any part."""
+        assert self.keys is not None
+        key, flow = self.keys.current, self.flow.name
         segments: dict[str, Segment] = {}
         for partition, part in changes.partitions.items():
+            where = partition_key(partition)
+            context = codec.segment_context(flow, name, where, base=part.whole)
             try:
-                data = encode_changes(part)
+                data = encode_changes(part, key, context)
             except Exception as exc:
                 raise CheckpointError(
                     f"flow {self.flow.name!r}: the state of operator {name!r} cannot be "
                     f"checkpointed (pickled){_unpicklable_key(part)}: "
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
-            segments[partition_key(partition)] = Segment(part.whole, data)
+            segments[where] = Segment(part.whole, data)
+        kind = self.kinds[name]
         return OperatorState(
             name,
-            self.kinds[name],
-            encode_value(None),  # nothing beside the partitions
+            kind,
+            codec.encode(None, key, codec.part_context(flow, name, kind)),  # nothing beside
             segments,
             frozenset(partition_key(p) for p in changes.dropped),
         )
@@ -516,12 +593,21 @@ class Coordinator:
         due = [size for _, _, size in self.store.due(flow, ratio=ratio, after=after)]
         if any(size <= limit for size in due):
             self.stats.compactions += self.store.compact(
-                flow, fold_segments, ratio=ratio, after=after, at_most=limit
+                flow,
+                functools.partial(fold_chain, self.keys, flow),
+                ratio=ratio,
+                after=after,
+                at_most=limit,
             )
         if any(size > limit for size in due):
             try:
                 self.stats.compactions += compactor.compact_in_child(
-                    self.config.directory, flow, ratio=ratio, after=after, larger_than=limit
+                    self.config.directory,
+                    flow,
+                    self.keys,
+                    ratio=ratio,
+                    after=after,
+                    larger_than=limit,
                 )
             except CheckpointError as exc:  # the chains stay valid: tried again next time
                 log.warning("%s; the chains stay as they are, compaction is tried again", exc)
@@ -614,7 +700,7 @@ def _unpicklable_key(changes: Changes) -> str:
     """`` (key K)`` naming the first key whose state cannot be pickled, or ``""``."""
     for key, value in changes.upserts.items():
         try:
-            encode_value((key, value))
+            codec.pack((key, value))
         except Exception:  # noqa: BLE001 - named in the caller's message
             return f" (key {key!r})"
     return ""

@@ -9,6 +9,9 @@ pulling, in-flight batches drain through the channels, ``batch`` operators flush
 close.  If that takes longer than the grace period (or a second stop is forced), the flow
 is cancelled and :class:`~sluiceway.errors.FlowCancelledError` reports exactly which
 channels and operators still held how many records.
+
+The stage tasks themselves are in :mod:`sluiceway.runtime.stages`; the accounting of what
+their pushes hold (for that report) in :mod:`sluiceway.runtime.inventory`.
 """
 
 from __future__ import annotations
@@ -19,20 +22,18 @@ import math
 import random
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
-from sluiceway.core.channel import ChannelReader, ChannelWriter, Overflow, open_channel
+from sluiceway.core.channel import ChannelReader, ChannelWriter, open_channel
 from sluiceway.core.contract import Sink, SinkContext, Source, SourceContext
-from sluiceway.core.messages import Barrier, Batch, Watermark
 from sluiceway.core.query import StateAnswer, worker_id
 from sluiceway.errors import (
     BadInputError,
     CancelReason,
     CheckpointError,
     ConnectorOpenError,
-    EndOfStream,
     FlowCancelledError,
     FlowDefinitionError,
     FlowFailedError,
@@ -40,20 +41,20 @@ from sluiceway.errors import (
     SluicewayError,
 )
 from sluiceway.flow import Flow, Node
-from sluiceway.flowcontrol.limiters import TokenBucket
 from sluiceway.flowcontrol.load import LoadEffects, LoadPolicy
-from sluiceway.metrics.histogram import LatencyHistogram
 from sluiceway.metrics.registry import FlowSnapshot, MetricsRegistry
 from sluiceway.operators.base import BuildContext, SendStep, Step
 from sluiceway.operators.errors import DeadLetterWriter, ErrorHandler
 from sluiceway.operators.io import SinkSpec, SourceSpec
 from sluiceway.operators.stateless import PortSpec
-from sluiceway.plan import PhysicalPlan, StagePlan, plan
+from sluiceway.plan import PhysicalPlan, plan
 from sluiceway.policies import DeadLetter, DeadLetterRecord, Retry
 from sluiceway.runtime.checkpointing import Checkpoints, CheckpointStats, Coordinator
 from sluiceway.runtime.claims import Claim, claim
+from sluiceway.runtime.inventory import time_processing
 from sluiceway.runtime.load import LoadMonitor
-from sluiceway.time import Clock, SystemClock, TimerHandle, yield_now
+from sluiceway.runtime.stages import ChannelStage, SourceStage, Stage
+from sluiceway.time import Clock, SystemClock, TimerHandle
 
 __all__ = ["Executor", "RunResult"]
 
@@ -79,280 +80,6 @@ class RunResult:
     stopped: bool
     elapsed: float
     checkpoints: CheckpointStats | None = None
-
-
-class _Stage:
-    def __init__(self, ex: Executor, sp: StagePlan, head: Step, steps: list[Step]) -> None:
-        self.ex = ex
-        self.plan = sp
-        self.head = head
-        self.steps = steps
-        self.timer_steps = [s for s in steps if s.uses_timer()]
-        self.inner: _Inner | None = None  # set by _time_processing: the pushes under way
-        self.task: asyncio.Task[Any] | None = None
-        self.pulling = False
-        self.stop_cancel = False
-
-    @property
-    def label(self) -> str:
-        return f"stage {self.plan.index} ({' -> '.join(n.name for n in self.plan.nodes)})"
-
-    async def run(self) -> None:
-        self.task = asyncio.current_task()
-        try:
-            if await self._run() is not _HALTED:
-                await self.ex.stage_finished(self)
-        except (SluicewayError, asyncio.CancelledError):
-            raise
-        except Exception as exc:
-            raise FlowFailedError(
-                f"{self.label} in flow {self.ex.flow.name!r} crashed: {type(exc).__name__}: {exc}",
-                flow=self.ex.flow.name,
-                operator=self.plan.head.name,
-            ) from exc
-
-    async def _run(self) -> object:
-        raise NotImplementedError
-
-
-_HALTED = object()  # a source stage stopped at a final checkpoint: nothing downstream ends
-
-
-class _SourceStage(_Stage):
-    def __init__(
-        self, ex: Executor, sp: StagePlan, head: Step, steps: list[Step], source: Source
-    ) -> None:
-        super().__init__(ex, sp, head, steps)
-        self.source = source
-        # Lossless channels give credit and are waited for.  A dropping or failing channel
-        # is never waited for (the source must not slow down, or its policy would never
-        # apply), but while it has room it sizes the pull: drops are for a reader that
-        # is behind, not for a batch larger than the room.
-        writers = [s.writer for s in steps if isinstance(s, SendStep)]
-        self.sends = [w for w in writers if w.overflow is Overflow.BLOCK]
-        self.sheds = [w for w in writers if w.overflow is not Overflow.BLOCK]
-        # Steps that pace records (rate_limit) cap the pull too (Step.demand).
-        self.demanders = [s for s in steps if type(s).demand is not Step.demand]
-        self.wm = -math.inf  # the watermark an event-time source last passed on
-        self.barrier: int | None = None  # a checkpoint to start at the next batch boundary
-        self.barrier_cancel = False
-        self.signal: asyncio.Future[None] | None = None
-        self.draining = False  # a stop drains what the source accepted (Source.stop_intake)
-        self.pull_limit: TokenBucket | None = None  # a load rule's LimitRate
-
-    def request_barrier(self, checkpoint_id: int) -> None:
-        """Start checkpoint ``checkpoint_id`` here before the next batch (interrupting a
-        pull that waits for input: pulls are cancellation-safe)."""
-        if self.task is None or self.task.done():
-            return
-        self.barrier = checkpoint_id
-        if self.signal is not None and not self.signal.done():
-            self.signal.set_result(None)
-        # A checkpoint interrupts a pull waiting for input; an ack barrier waits for it.
-        if self.pulling and self.ex.checkpointing and not (self.barrier_cancel or self.stop_cancel):
-            self.barrier_cancel = True
-            self.task.cancel("checkpoint barrier")
-
-    async def _inject(self) -> bool:
-        """Send the pending barrier; True if it was the final one of a stop."""
-        checkpoint_id, self.barrier = self.barrier, None
-        assert checkpoint_id is not None
-        coord = self.ex.coordinator
-        assert coord is not None
-        final = coord.is_final(checkpoint_id)
-        coord.source_barrier(self.plan.head.name, checkpoint_id, self.source.position())
-        await self.head.control(Barrier(checkpoint_id))
-        return final
-
-    async def _halt(self) -> object:
-        """A stop with checkpoints: pass barriers on until the final one, then halt."""
-        while True:
-            if self.barrier is not None and await self._inject():
-                return _HALTED
-            self.signal = asyncio.get_running_loop().create_future()
-            await self.signal
-
-    async def credit(self) -> int:
-        """How many records to ask for: the batch limit, the room downstream, or what
-        a pacing step lets through now (``Step.demand``), at least one.
-
-        When a channel is nearly full, first wait until it has room for a useful batch
-        (a full batch, or half the channel if that is smaller).  Without this, sustained
-        backpressure grinds batches down to single records: each freed slot would be
-        filled by a one-record pull.
-        """
-        n = self.ex.max_batch_size
-        for w in self.sends:
-            low_water = min(n, max(1, w.capacity // 2))
-            if w.room < low_water:
-                self.source.hold(True)
-                try:
-                    await w.wait_for_room(low_water)
-                finally:
-                    self.source.hold(False)
-            n = min(n, w.room)
-        for w in self.sheds:
-            if w.room:
-                n = min(n, w.room)
-        for s in self.demanders:
-            d = s.demand()
-            if d is not None:
-                n = min(n, d)
-        cap = self.ex.fetch_cap
-        if cap is not None:
-            n = min(n, cap)
-        return max(1, n)
-
-    async def _watermark(self) -> None:
-        """After a pull of an event-time source: pass its watermark on when it rose."""
-        wm = self.source.watermark()
-        if wm is not None and wm > self.wm:
-            self.wm = wm
-            self.head.metrics.watermark = wm / 1e6
-            await self.head.control(Watermark(wm))
-
-    def set_pull_rate(self, rate: float | None, burst: int) -> None:
-        """A load rule's LimitRate: pull no faster than ``rate`` records/s (None: off)."""
-        current = self.pull_limit
-        if rate is None:
-            self.pull_limit = None
-        elif current is None or current.rate != rate or current.burst != burst:
-            self.pull_limit = TokenBucket(rate, burst, clock=self.ex.clock)
-
-    async def _next_batch(self, n: int) -> Batch | None:
-        """Pull up to ``n`` records, after the wait a load rule's LimitRate asks for."""
-        limit = self.pull_limit
-        if limit is not None:
-            n = min(n, limit.burst)
-            clock = self.ex.clock
-            await clock.sleep(limit.reserve(n, clock.monotonic()))
-        return await self.source.next_batch(n)
-
-    async def _run(self) -> object:
-        ex, head, source = self.ex, self.head, self.source
-        clock, latency = ex.clock, head.metrics.latency
-        event_time = source.event_time
-        task = self.task
-        assert task is not None
-        try:
-            while True:
-                if self.barrier is not None:
-                    await self._inject()
-                if ex.stop_requested and not self.draining:
-                    if ex.checkpointing:
-                        return await self._halt()
-                    break
-                n = await self.credit()
-                if (ex.stop_requested and not self.draining) or self.barrier is not None:
-                    continue
-                self.pulling = True
-                try:
-                    batch = await self._next_batch(n)
-                except OperatorError as err:
-                    if err is not ex.bad_input_failure:
-                        raise
-                    # Bad input under Fail: stop here, at a position to resume from, but
-                    # let what was handed out before reach the sinks and be acknowledged,
-                    # so that a restart does not write it again; then the run fails.
-                    ex.request_stop()
-                    continue
-                except asyncio.CancelledError:
-                    if self.stop_cancel or self.barrier_cancel:
-                        self.stop_cancel = self.barrier_cancel = False
-                        if task.uncancel() == 0:
-                            continue
-                    raise
-                finally:
-                    self.pulling = False
-                if batch is None:
-                    break
-                if batch.values:
-                    t0 = clock.monotonic()
-                    await head.push(batch)
-                    latency.observe(clock.monotonic() - t0, len(batch.values))
-                if event_time:
-                    await self._watermark()
-                await yield_now()
-        except (SluicewayError, asyncio.CancelledError):
-            raise
-        except Exception as exc:
-            raise FlowFailedError(
-                f"source {self.plan.head.name!r} in flow {ex.flow.name!r} failed: "
-                f"{type(exc).__name__}: {exc}",
-                flow=ex.flow.name,
-                operator=self.plan.head.name,
-            ) from exc
-        await head.finish()
-        return None
-
-
-class _ChannelStage(_Stage):
-    def __init__(
-        self, ex: Executor, sp: StagePlan, head: Step, steps: list[Step], reader: ChannelReader
-    ) -> None:
-        super().__init__(ex, sp, head, steps)
-        self.reader = reader
-        self.fired = False  # the last pass over the timers fired one (and yielded)
-
-    async def _timers(self) -> float | None:
-        """Fire the timers that are due; return the instant to wait for input until.
-
-        Safe by construction, whatever ``next_deadline()`` returns:
-
-        * ``now`` is read once, *after* every deadline of the pass has been computed, and
-          each step is compared with the deadline it gave in that pass.  A deadline
-          computed from any clock read (``monotonic()``, or "due now") is therefore
-          ``<= now`` and fires: a step cannot make itself "not yet due" by reading the
-          clock again.  A deadline in the past fires.
-        * After a firing the stage yields to the event loop and then only polls its
-          channel (returns ``now``): a step that is due again at once, forever, costs a
-          loop turn per firing -- other stages, timers, signal handlers and a stop still
-          run, and input is still taken between firings.  A wait that ends without
-          input also yields, even if the deadline had passed before it began.
-        """
-        clock = self.ex.clock
-        deadlines = [(s, s.next_deadline()) for s in self.timer_steps]
-        now = clock.monotonic()
-        wait: float | None = None
-        fired = False
-        for step, d in deadlines:
-            if d is None:
-                continue
-            if d <= now:
-                await step.on_timer(now)
-                fired = True
-            elif wait is None or d < wait:
-                wait = d
-        self.fired = fired
-        if fired:
-            await yield_now()
-            return now
-        return wait
-
-    async def _run(self) -> object:
-        reader, head, clock = self.reader, self.head, self.ex.clock
-        latency = head.metrics.latency
-        timed = bool(self.timer_steps)
-        while True:
-            # Every turn awaits: a due timer is fired and followed by a yield, and the
-            # receive (with a deadline in the past: a poll) never spins on its own.
-            deadline = await self._timers() if timed else None
-            try:
-                item = await reader.receive(deadline)
-            except EndOfStream:
-                break
-            if item is None:  # a deadline passed, or a step woke the stage: timers next
-                if not self.fired:
-                    await yield_now()  # (a deadline just ahead of `now` may not have waited)
-                continue
-            if isinstance(item, Batch):
-                t0 = clock.monotonic()
-                await head.push_input(item, reader.input_index)
-                latency.observe(clock.monotonic() - t0, len(item.values))
-            else:
-                await head.control_input(item.message, item.input_index)
-        await head.finish()
-        return None
 
 
 class Executor:
@@ -442,7 +169,7 @@ class Executor:
 
     # -- building ----------------------------------------------------------------------
 
-    def _build(self) -> list[_Stage]:
+    def _build(self) -> list[Stage]:
         flow, clock = self.flow, self.clock
         for node in flow.nodes:
             policy = getattr(node.spec, "on_error", None)
@@ -504,22 +231,22 @@ class Executor:
                     if isinstance(c.spec, PortSpec)
                 }
                 steps[node.id].children.sort(key=lambda s: by_port.get(id(s), -1))
-        stages: list[_Stage] = []
+        stages: list[Stage] = []
         for sp in self.plan.stages:
             st_steps = [steps[n.id] for n in sp.nodes]
             st_steps += [c for s in st_steps for c in s.children if isinstance(c, SendStep)]
-            inner = _time_processing(st_steps, clock)
+            inner = time_processing(st_steps, clock)
             head = steps[sp.head.id]
             src = sp.source
             if src is not None:
-                stages.append(_SourceStage(self, sp, head, st_steps, src.source))
+                stages.append(SourceStage(self, sp, head, st_steps, src.source))
                 stages[-1].inner = inner
             else:
                 reader = readers[sp.head.id]
                 for step in st_steps:
                     if step.uses_timer():
                         step.wake = reader.interrupt
-                stages.append(_ChannelStage(self, sp, head, st_steps, reader))
+                stages.append(ChannelStage(self, sp, head, st_steps, reader))
                 stages[-1].inner = inner
         return stages
 
@@ -734,10 +461,10 @@ class Executor:
 
     def _request_barrier(self, checkpoint_id: int) -> None:
         for st in self.stages:
-            if isinstance(st, _SourceStage):
+            if isinstance(st, SourceStage):
                 st.request_barrier(checkpoint_id)
 
-    async def stage_finished(self, stage: _Stage) -> None:
+    async def stage_finished(self, stage: Stage) -> None:
         """A stage's input ended and it has flushed: its operators' states are final."""
         coord = self.coordinator
         if coord is not None:
@@ -774,7 +501,7 @@ class Executor:
     def _apply_load(self, effects: LoadEffects) -> None:
         self.fetch_cap = effects.fetch_cap
         for st in self.stages:
-            if not isinstance(st, _SourceStage):
+            if not isinstance(st, SourceStage):
                 continue
             st.set_pull_rate(effects.rate, effects.burst)
             st.source.shed(effects.shedding)
@@ -800,10 +527,10 @@ class Executor:
             assert self.coordinator is not None
             self.coordinator.stop()
         for st in self.stages:
-            if isinstance(st, _SourceStage) and not self.checkpointing:
+            if isinstance(st, SourceStage) and not self.checkpointing:
                 st.draining = st.source.stop_intake()
             if (
-                isinstance(st, _SourceStage)
+                isinstance(st, SourceStage)
                 and not st.draining
                 and st.pulling
                 and not st.barrier_cancel
@@ -867,7 +594,7 @@ class Executor:
             if r.fill:
                 held[f"channel {r.name}"] = r.fill
         for st in self.stages:
-            if isinstance(st, _SourceStage) and st.draining and st.source.backlog():
+            if isinstance(st, SourceStage) and st.draining and st.source.backlog():
                 held[f"accepted in source {st.plan.head.name}"] = st.source.backlog() or 0
             n = st.inner.in_process() if st.inner is not None else 0
             if n:
@@ -876,121 +603,6 @@ class Executor:
                 if s.pending():
                     held[f"operator {s.name}"] = s.pending()
         return held
-
-
-class _Frame:
-    """A push under way in a stage: for the inventory of a cancelled flow."""
-
-    __slots__ = ("n", "passed", "step", "weight")
-
-    def __init__(self, step: Step, n: int, weight: float) -> None:
-        self.step = step
-        self.n = n  # the records of the batch pushed into the step
-        self.weight = weight  # the stage's input records they stand for
-        self.passed = False  # the step has pushed something on to a child
-
-
-class _Inner:
-    """Per stage: seconds the steps called from the current ``push`` spent, and the
-    pushes under way (innermost last)."""
-
-    __slots__ = ("frames", "seconds")
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self.frames: list[_Frame] = []
-
-    def enter(self, step: Step, batch: Batch) -> _Frame:
-        frames = self.frames
-        n = len(batch.values)
-        weight: float = n
-        if frames:
-            parent = frames[-1]
-            parent.passed = True
-            per_record = parent.weight / parent.n if parent.n else 1.0
-            weight = parent.step.output_weight(batch) * per_record
-        frame = _Frame(step, n, weight)
-        frames.append(frame)
-        return frame
-
-    def leave(self, frame: _Frame) -> None:
-        frames = self.frames
-        if frames and frames[-1] is frame:
-            frames.pop()
-        elif frame in frames:  # pragma: no cover - pushes in a stage nest
-            frames.remove(frame)
-
-    def in_process(self) -> int:
-        """The stage's input records still inside its pushes: each step counts what it
-        holds itself (``Step.in_process``), scaled to the records its batch stands for."""
-        total = 0.0
-        for f in self.frames:
-            if f.n:
-                total += f.step.in_process(f.n, f.passed) * f.weight / f.n
-        return round(total)
-
-
-def _time_processing(steps: list[Step], clock: Clock) -> _Inner:
-    """Wrap each step's ``push`` to observe the time it alone spent per batch, and to
-    keep track of the pushes under way (for the exact inventory of a cancelled flow).
-
-    Steps of a stage call each other: the time in a ``push`` minus the time in the pushes
-    it made (children in the same stage, sends into channels -- backpressure) is the
-    operator's own.  Two clock reads per operator per batch.  ``on_timer``, ``finish``
-    and ``control`` are framed too (as pushes of no records), so what a step emits from
-    them is counted in the records it stands for -- not taken for the output of the push
-    that sent the control message on (``batch`` sends a held watermark on from a push).
-    """
-    inner = _Inner()
-    for step in steps:
-        hist = None if isinstance(step, SendStep) else step.metrics.processing
-        step.push = _timed(step, step.push, clock, inner, hist)  # type: ignore[method-assign,assignment]
-        step.on_timer = _framed(step, step.on_timer, inner)  # type: ignore[method-assign,assignment]
-        step.finish = _framed(step, step.finish, inner)  # type: ignore[method-assign,assignment]
-        step.control = _framed(step, step.control, inner)  # type: ignore[method-assign,assignment]
-    return inner
-
-
-_NO_RECORDS = Batch([])
-
-
-def _framed(
-    step: Step, fn: Callable[..., Awaitable[None]], inner: _Inner
-) -> Callable[..., Awaitable[None]]:
-    async def framed(*args: Any) -> None:
-        frame = inner.enter(step, _NO_RECORDS)
-        try:
-            await fn(*args)
-        finally:
-            inner.leave(frame)
-
-    return framed
-
-
-def _timed(
-    step: Step,
-    push: Callable[[Batch], Awaitable[None]],
-    clock: Clock,
-    inner: _Inner,
-    hist: LatencyHistogram | None,
-) -> Callable[[Batch], Awaitable[None]]:
-    now = clock.monotonic
-
-    async def timed_push(batch: Batch) -> None:
-        outer = inner.seconds
-        inner.seconds = 0.0
-        frame = inner.enter(step, batch)
-        t0 = now()
-        try:
-            await push(batch)
-        finally:
-            inner.leave(frame)
-            spent = now() - t0
-            if hist is not None and batch.values:
-                hist.observe(spent - inner.seconds, len(batch.values))
-            inner.seconds = outer + spent
-
-    return timed_push
 
 
 def _one_error(group: BaseExceptionGroup[BaseException], flow: str) -> BaseException:
