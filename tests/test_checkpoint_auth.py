@@ -872,8 +872,9 @@ def test_a_part_of_plain_data_has_no_user_section() -> None:
 def test_the_engines_own_state_is_data_only(
     name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Windows with the built-in aggregators, merge, batch, map_async, joins: their
-    checkpoints hold no user section (nothing the general unpickler would build)."""
+    """Windows with the built-in aggregators, merge, batch, map_async, joins, keyed
+    operators: their checkpoints -- whole parts and every segment of a chain -- hold no
+    user section (nothing the general unpickler would build)."""
     build_flow: Callable[[Path, list[dict[str, Any]]], sw.Flow] = FLOWS[name]
     ckdir = tmp_path / "ckpt"
     ckpt = sw.Checkpoints(ckdir, interval=0.25)
@@ -883,6 +884,9 @@ def test_the_engines_own_state_is_data_only(
     for part in parts:
         assert part["auth"] == "ok"
         assert part["user_types"] == [], part
+        for chain in part.get("chains", []):  # an incremental part's segments, chunked
+            assert chain["auth"] == "ok"
+            assert chain["user_types"] == [], (part["name"], chain)
 
 
 def test_list_without_any_key_creates_none_and_says_so(
