@@ -46,6 +46,8 @@ __all__ = [
     "TlsKafka",
     "TlsMosquitto",
     "TlsNats",
+    "TlsNatsNkey",
+    "TlsNatsToken",
     "TlsPostgres",
     "TlsRabbitMQ",
     "TlsRedis",
@@ -53,6 +55,8 @@ __all__ = [
     "tls_kafka",
     "tls_mosquitto",
     "tls_nats",
+    "tls_nats_nkey",
+    "tls_nats_token",
     "tls_postgres",
     "tls_rabbitmq",
     "tls_redis",
@@ -205,6 +209,43 @@ class TlsNats(ServerProcess):
     def answers(self) -> bool:
         info = nats_info("127.0.0.1", self.port, timeout=0.2)
         return info is not None and bool(info.get("tls_required"))
+
+
+class TlsNatsToken(TlsNats):
+    """``nats-server`` with JetStream, TLS required and a token login (``PASSWORD``)."""
+
+    def command(self) -> list[str]:
+        c = self.certs
+        conf = self.dir / "nats.conf"
+        conf.write_text(
+            f"listen: 127.0.0.1:{self.port}\n"
+            f'jetstream {{ store_dir: "{self.dir / "store"}" }}\n'
+            f'tls {{ cert_file: "{c.server_cert}", key_file: "{c.server_key}", '
+            f'ca_file: "{c.ca}", timeout: 2 }}\n'
+            f'authorization {{ token: "{PASSWORD}" }}\n',
+            encoding="utf-8",
+        )
+        return [self.binary, "-c", str(conf), "-l", str(self.dir / self.log_name)]
+
+
+class TlsNatsNkey(TlsNats):
+    """``nats-server`` with JetStream, TLS required and one NKEY user (``seed_file``)."""
+
+    seed_file: Path
+    public_key: str
+
+    def command(self) -> list[str]:
+        c = self.certs
+        conf = self.dir / "nats.conf"
+        conf.write_text(
+            f"listen: 127.0.0.1:{self.port}\n"
+            f'jetstream {{ store_dir: "{self.dir / "store"}" }}\n'
+            f'tls {{ cert_file: "{c.server_cert}", key_file: "{c.server_key}", '
+            f'ca_file: "{c.ca}", timeout: 2 }}\n'
+            f'authorization {{ users: [ {{ nkey: "{self.public_key}" }} ] }}\n',
+            encoding="utf-8",
+        )
+        return [self.binary, "-c", str(conf), "-l", str(self.dir / self.log_name)]
 
 
 # -- Mosquitto ---------------------------------------------------------------------------
@@ -454,6 +495,32 @@ def tls_redis(tls_certs: Certs) -> Iterator[TlsRedis]:
 @pytest.fixture(scope="session")
 def tls_nats(tls_certs: Certs) -> Iterator[TlsNats]:
     yield from _start(TlsNats, tls_certs)
+
+
+@pytest.fixture(scope="session")
+def tls_nats_token(tls_certs: Certs) -> Iterator[TlsNatsToken]:
+    yield from _start(TlsNatsToken, tls_certs)
+
+
+@pytest.fixture(scope="session")
+def tls_nats_nkey(tls_certs: Certs) -> Iterator[TlsNatsNkey]:
+    """A NATS server whose one user logs in with an NKEY made for the session."""
+    nkeys = pytest.importorskip("nkeys", reason="the nkeys package makes NATS NKEY logins")
+    binary = find_binary(TlsNatsNkey.paths)
+    if binary is None:
+        service_missing(TlsNatsNkey.missing())
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    server = TlsNatsNkey(binary)
+    server.certs = tls_certs
+    server.public_key = nkeys.from_seed(bytearray(seed)).public_key.decode()
+    server.seed_file = tls_certs.dir / "user.nk"
+    server.seed_file.write_bytes(seed)
+    server.seed_file.chmod(0o600)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
 
 
 @pytest.fixture(scope="session")

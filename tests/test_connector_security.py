@@ -6,6 +6,7 @@ with a clear ``ConnectorOpenError`` naming the server; no password is ever shown
 from __future__ import annotations
 
 import logging
+import os
 import re
 import ssl
 import uuid
@@ -25,6 +26,8 @@ from services_tls import (
     TlsKafka,
     TlsMosquitto,
     TlsNats,
+    TlsNatsNkey,
+    TlsNatsToken,
     TlsPostgres,
     TlsRabbitMQ,
     TlsRedis,
@@ -32,6 +35,8 @@ from services_tls import (
     tls_kafka,
     tls_mosquitto,
     tls_nats,
+    tls_nats_nkey,
+    tls_nats_token,
     tls_postgres,
     tls_rabbitmq,
     tls_redis,
@@ -48,6 +53,8 @@ __all__ = [
     "tls_kafka",
     "tls_mosquitto",
     "tls_nats",
+    "tls_nats_nkey",
+    "tls_nats_token",
     "tls_postgres",
     "tls_rabbitmq",
     "tls_redis",
@@ -237,6 +244,60 @@ def test_nats_refuses_clearly(
     text = open_fails(sink(nats_url), caplog, "does not speak TLS", plain)
     assert "no credentials were sent" in text
     open_fails(sink(tls=Tls(ca="missing-ca.pem")), caplog, "missing-ca.pem")
+
+
+def test_nats_over_tls_with_a_token_moves_records_and_refuses_a_wrong_one(
+    tls_nats_token: TlsNatsToken,
+    tls_certs: Certs,
+    password_env: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A token login (the token comes from the environment); a wrong token is refused
+    naming the server, and neither token is printed."""
+    tag = uuid.uuid4().hex[:8]
+    stream, subject = f"TOK{tag}", f"tok{tag}.in"
+    tls = Tls(ca=tls_certs.ca)
+    token = Secret.env(password_env)
+    first = sw.sources.NatsJetStream(
+        tls_nats_token.url, stream, subject, durable="d", create_stream=True,
+        stop_after_idle=0.2, tls=tls, token=token,
+    )  # fmt: skip
+    assert run_source(first) == []
+    run_sink(sw.sinks.NatsJetStream(tls_nats_token.url, subject, tls=tls, token=token), [1, 2])
+    source = sw.sources.NatsJetStream(
+        tls_nats_token.url, stream, subject, durable="d", stop_after_idle=0.3, tls=tls,
+        token=token,
+    )  # fmt: skip
+    assert run_source(source) == [1, 2]
+    wrong = sw.sinks.NatsJetStream(tls_nats_token.url, "tok.x", tls=tls, token="wrong-" + PASSWORD)
+    open_fails(wrong, caplog, "login was refused", f"127.0.0.1:{tls_nats_token.port}")
+
+
+def test_nats_over_tls_with_an_nkey_moves_records_and_refuses_another_key(
+    tls_nats_nkey: TlsNatsNkey, tls_certs: Certs, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An NKEY login from a seed file; a seed the server does not know is refused naming
+    the server."""
+    import nkeys  # noqa: PLC0415 - the fixture skips without it
+
+    tag = uuid.uuid4().hex[:8]
+    stream, subject = f"NK{tag}", f"nk{tag}.in"
+    tls, seed = Tls(ca=tls_certs.ca), str(tls_nats_nkey.seed_file)
+    first = sw.sources.NatsJetStream(
+        tls_nats_nkey.url, stream, subject, durable="d", create_stream=True,
+        stop_after_idle=0.2, tls=tls, nkeys_seed=seed,
+    )  # fmt: skip
+    assert run_source(first) == []
+    run_sink(sw.sinks.NatsJetStream(tls_nats_nkey.url, subject, tls=tls, nkeys_seed=seed), [5])
+    source = sw.sources.NatsJetStream(
+        tls_nats_nkey.url, stream, subject, durable="d", stop_after_idle=0.3, tls=tls,
+        nkeys_seed=seed,
+    )  # fmt: skip
+    assert run_source(source) == [5]
+    stranger = tmp_path / "stranger.nk"
+    stranger.write_bytes(nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER))
+    wrong = sw.sinks.NatsJetStream(tls_nats_nkey.url, "nk.x", tls=tls, nkeys_seed=str(stranger))
+    open_fails(wrong, caplog, "login was refused", f"127.0.0.1:{tls_nats_nkey.port}")
 
 
 def test_nats_login_options_are_checked() -> None:
