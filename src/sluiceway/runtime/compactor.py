@@ -5,7 +5,7 @@ for millions of keys, a second of pickling.  In the flow's process that second h
 interpreter lock (records wait, whatever thread it runs in), so chains larger than
 :data:`IN_PROCESS_BYTES` are compacted by ``python -m sluiceway.runtime.compactor``, a
 fresh interpreter that opens the store, folds with
-:func:`sluiceway.runtime.segments.fold_segments` and writes each new base in one
+:func:`sluiceway.runtime.segments.fold_chain` (verify, fold, sign) and writes each new base in one
 transaction, on another core.  A fresh interpreter, not :mod:`multiprocessing`: its
 start methods import the user's ``__main__`` again (a script that runs its flow at import
 would run it twice), and forking a threaded process is unsafe.
