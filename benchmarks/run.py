@@ -13,7 +13,8 @@ W2-mem, W3-mem and W4-mem measure the memory the same window computations add at
 window, interval and as-of joins against a plain hand-written join loop.  K1-K3: keyed
 ``stateful_map`` / ``process`` (value states, event-time timers) against a plain loop doing
 the same work, with and without change tracking; K4: a whole keyed-state snapshot against a
-change set.  IO, RL, RRL:
+change set; D1: keyed state on disk (``sw.state.OnDisk``) against the in-memory dict
+at 2,000,000 and 20,000,000 keys (throughput, peak RSS).  IO, RL, RRL:
 map_async and the rate limiters (local, Redis); OBS: the cost of the exporter and the live
 view; CK: checkpoints' overhead on W2 and the restore of 100,000 keys; LL: a file source
 reading one 50 / 100 MB line (time, memory, how long the loop is held); RS, NATS, RMQ,
@@ -42,6 +43,7 @@ from pathlib import Path
 import bench_async_io
 import bench_backpressure
 import bench_checkpoints
+import bench_disk
 import bench_files
 import bench_joins
 import bench_kafka
@@ -80,6 +82,7 @@ WORKLOADS: dict[str, Workload] = {
     "K2": bench_keyed.run_k2,
     "K3": bench_keyed.run_k3,
     "K4": bench_keyed.run_k4,
+    "D1": bench_disk.run,
     "IO": bench_async_io.run,
     "RL": bench_limiters.run,
     "RRL": bench_redis_limiter.run,

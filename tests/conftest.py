@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 
+from keyed_backends import keyed_backend
 from services import own_redis, redis_prefix, redis_url
 from sluiceway.checkpoint.keys import load_keys
 
@@ -33,4 +34,4 @@ load_keys()
 
 pytest_plugins = ["pytest_guard"]
 
-__all__ = ["own_redis", "redis_prefix", "redis_url"]
+__all__ = ["keyed_backend", "own_redis", "redis_prefix", "redis_url"]

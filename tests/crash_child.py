@@ -13,7 +13,11 @@ on restore nor at close: the at-least-once sink that must make the test fail.
 ``--die-compacting N``: the process SIGKILLs itself inside the transaction of its Nth
 compaction (after the new base is written, before the commit).
 
-Usage: crash_child.py INPUT WORKDIR RATE [--sink atomic|naive] [--die-compacting N]
+``--state disk`` keeps the keyed state (stateful_map, process) in ``sw.state.OnDisk`` files
+under WORKDIR/state with a cache of 8 of the 50 keys.
+
+Usage: crash_child.py INPUT WORKDIR RATE [--sink atomic|naive] [--state memory|disk]
+[--die-compacting N]
 """
 
 from __future__ import annotations
@@ -136,9 +140,12 @@ def die_inside_compaction(nth: int) -> None:
     CheckpointStore._drop_unreferenced = staticmethod(drop_unreferenced)  # type: ignore[method-assign,assignment]
 
 
-def build(inp: str, work: Path, rate: float, naive: bool, clock: sw.Clock) -> sw.Flow:
+def build(
+    inp: str, work: Path, rate: float, naive: bool, clock: sw.Clock, disk: bool = False
+) -> sw.Flow:
     sink = NaiveJsonLines if naive else sw.sinks.JsonLines
-    flow = sw.Flow("crash")
+    state = sw.state.OnDisk(path=work / "state", cache_keys=8) if disk else None
+    flow = sw.Flow("crash", state=state)
     s = flow.source(sw.sources.JsonLines(inp), name="input")
     s = s.rate_limit(TokenBucket(rate=rate, burst=500), name="pace")
     s = s.with_timestamps(lambda r: r["t"], max_out_of_orderness=0.1, name="stamp")
@@ -202,8 +209,9 @@ def main() -> None:
     naive = "--sink" in sys.argv and sys.argv[sys.argv.index("--sink") + 1] == "naive"
     if "--die-compacting" in sys.argv:
         die_inside_compaction(int(sys.argv[sys.argv.index("--die-compacting") + 1]))
+    disk = "--state" in sys.argv and sys.argv[sys.argv.index("--state") + 1] == "disk"
     clock = sw.SystemClock()
-    flow = build(inp, work, rate, naive, clock)
+    flow = build(inp, work, rate, naive, clock, disk)
     print("ready", flush=True)
     checkpoints = sw.Checkpoints(work / "ckpt", interval=0.05, compact_after=3)
     sw.run(flow, clock=clock, checkpoints=checkpoints)

@@ -75,10 +75,23 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def start_child(work: Path, inp: Path, sink: str, *extra: str) -> subprocess.Popen[bytes]:
+def start_child(
+    work: Path, inp: Path, sink: str, state: str, *extra: str
+) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     return subprocess.Popen(
-        [sys.executable, str(CHILD), str(inp), str(work), str(RATE), "--sink", sink, *extra],
+        [
+            sys.executable,
+            str(CHILD),
+            str(inp),
+            str(work),
+            str(RATE),
+            "--sink",
+            sink,
+            "--state",
+            state,
+            *extra,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
@@ -103,7 +116,13 @@ def wait_ready(p: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
 
 
 def crash_and_finish(
-    tmp_path: Path, *, sink: str, kills: int, seed: int, die_compacting: int | None = None
+    tmp_path: Path,
+    *,
+    sink: str,
+    kills: int,
+    seed: int,
+    state: str = "memory",
+    die_compacting: int | None = None,
 ) -> tuple[list[dict[str, Any]], Path, int]:
     """Kill the flow ``kills`` times mid-stream, then let a last run finish.  With
     ``die_compacting``, a first run kills itself inside that compaction's transaction."""
@@ -114,14 +133,14 @@ def crash_and_finish(
     rnd = random.Random(seed)
     done = 0
     if die_compacting is not None:
-        p = start_child(work, inp, sink, "--die-compacting", str(die_compacting))
+        p = start_child(work, inp, sink, state, "--die-compacting", str(die_compacting))
         wait_ready(p)
         out, err = p.communicate(timeout=60)
         assert p.returncode == -signal.SIGKILL, err.decode()
         assert out == b"dying inside a compaction\n"
         done += 1
     while done < kills:
-        p = start_child(work, inp, sink)
+        p = start_child(work, inp, sink, state)
         wait_ready(p)
         time.sleep(rnd.uniform(0.05, 0.35))
         if p.poll() is not None:
@@ -133,7 +152,7 @@ def crash_and_finish(
         p.send_signal(signal.SIGKILL)
         p.communicate()  # reap it and close its pipes
         done += 1
-    p = start_child(work, inp, sink)
+    p = start_child(work, inp, sink, state)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 0, err.decode()
     return rows, work, done
@@ -201,10 +220,17 @@ def check_outputs(rows: list[dict[str, Any]], work: Path) -> list[str]:
 
 
 @pytest.mark.timeout(180)
-def test_killed_at_random_instants_nothing_lost_duplicated_or_wrong(tmp_path: Path) -> None:
-    rows, work, kills = crash_and_finish(tmp_path, sink="atomic", kills=20, seed=11)
+@pytest.mark.parametrize("state", ["memory", "disk"])
+def test_killed_at_random_instants_nothing_lost_duplicated_or_wrong(
+    tmp_path: Path, state: str
+) -> None:
+    """On both keyed-state backends: with ``OnDisk`` the files of a killed run are stale
+    (the checkpoint is the truth), and the last run deletes them with its own."""
+    rows, work, kills = crash_and_finish(tmp_path, sink="atomic", kills=20, seed=11, state=state)
     assert kills >= 20
     assert check_outputs(rows, work) == []
+    if state == "disk":
+        assert list((work / "state").iterdir()) == []
 
 
 @pytest.mark.timeout(180)

@@ -565,6 +565,40 @@ def test_sink_does_not_silently_recreate_its_queue_after_an_outage(
         asyncio.run(depth(rabbitmq_url, out_q))
 
 
+def test_source_does_not_silently_recreate_its_queue_after_an_outage(
+    rabbitmq_url: str, rabbitmq_queue: str
+) -> None:
+    """declare=True declares a missing queue when the source starts; a queue gone after a
+    lost connection took its messages along: the source must stop naming it, not declare
+    an empty queue of the same name and wait there for good (the sink's rule too)."""
+    src = RabbitMQSource(rabbitmq_url, rabbitmq_queue)  # declare=True: a new queue
+
+    async def lose_connection() -> None:
+        assert src._conn is not None
+        await src._conn.close()  # as if the broker went away: the next pull reconnects
+
+    async def main() -> None:
+        ctx = sw.sources.SourceContext(
+            flow="f", name="in", clock=sw.SystemClock(), bad_input=_never, fails_on_bad_input=True
+        )
+        await src.open(ctx)  # declares it
+        try:
+            assert await depth(rabbitmq_url, rabbitmq_queue) == 0
+            await lose_connection()
+            assert await src.next_batch(10) is not None  # still there: reconnected, goes on
+            assert src._reconnect.outages == 1
+            await asyncio.to_thread(delete_queues, rabbitmq_url, rabbitmq_queue)
+            await lose_connection()
+            with pytest.raises(RabbitMQError, match=f"queue '{rabbitmq_queue}' is gone after"):
+                await src.next_batch(10)
+        finally:
+            await src.close()
+
+    asyncio.run(main())
+    with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):  # not declared again
+        asyncio.run(depth(rabbitmq_url, rabbitmq_queue))
+
+
 def test_sink_routing_key_per_record(rabbitmq_url: str, rabbitmq_queue: str) -> None:
     a, b = f"{rabbitmq_queue}.out", f"{rabbitmq_queue}.dlq"
     publish(rabbitmq_url, a, [])

@@ -357,6 +357,36 @@ def test_restore_acks_the_claimed_entries_the_checkpoint_lists(
     assert pending_count(redis_url, inp, "g") == 0
 
 
+def test_a_flow_run_twice_with_one_source_object_starts_afresh(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """The second run of the same flow (and source object) starts from what is pending in
+    Redis, not from the first run's state: its commits acknowledge (the first run's
+    close used to leave the source "closed", so nothing was acknowledged again), and the
+    first run's restored position is not applied again."""
+    inp = f"{redis_prefix}:in"
+    preload(redis_url, inp, 30)
+    client = redis.Redis.from_url(redis_url)
+    client.xgroup_create(inp, "g", id="0")
+    first = client.xreadgroup("g", "me", {inp: ">"}, count=10)[0][1]  # pending at "me"
+    src = source(redis_url, inp, consumer="me")
+    src.restore({"seq": 10, "hw": first[-1][0].decode(), "claimed": []})  # covers 0-9
+    out = sw.sinks.Collect()
+    flow = sw.Flow("rs-twice")
+    flow.source(src).sink(out)
+    sw.run(flow, handle_signals=False)
+    assert [r["i"] for r in out.items] == list(range(10, 30))
+    assert pending_count(redis_url, inp, "g") == 0
+    # another reader of "me" takes 30-39 and dies: pending, ids above the old hw
+    preload(redis_url, inp, 20, start=30)
+    client.xreadgroup("g", "me", {inp: ">"}, count=10)
+    client.close()
+    out.items.clear()
+    sw.run(flow, handle_signals=False)  # no restore this time
+    assert [r["i"] for r in out.items] == list(range(30, 50))
+    assert pending_count(redis_url, inp, "g") == 0  # acknowledged: the run was not "closed"
+
+
 def test_clean_close(redis_url: str, redis_prefix: str) -> None:
     inp, outs = f"{redis_prefix}:in", f"{redis_prefix}:out"
     preload(redis_url, inp, 10)

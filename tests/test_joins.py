@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import gc
+import logging
 import re
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import sluiceway as sw
+from sluiceway.core.messages import Batch
+from sluiceway.joins.base import _watermarks, gc_paused
 from sluiceway.testing import ScriptedSource, run_watched
 
 
@@ -85,6 +91,28 @@ def test_late_join_inputs_go_to_the_side_output() -> None:
     assert late.items[0].lateness == 7.0
     (op,) = [o for o in result.metrics.operators if o.kind == "interval_join"]
     assert op.late == 1
+
+
+def test_late_records_without_a_late_output_are_counted_and_warned_of_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The side-output handling joins share with window operators (operators/late.py)."""
+    flow = sw.Flow("f")
+    left = keyed(flow, [("a", 10), ("a", 3), ("a", 2)])  # 3 and 2: late, in two batches
+    right = keyed(flow, [("a", 4)])
+    left.interval_join(right, lower=-2, upper=2, name="ij").sink(sw.sinks.Collect())
+    left.window(sw.windows.Tumbling(5.0)).aggregate(sw.agg.count(), name="w").sink(
+        sw.sinks.Collect()
+    )
+    with caplog.at_level(logging.WARNING, logger="sluiceway"):
+        result = sw.testing.run_flow(flow, max_batch_size=1)
+    late = {o.name: o.late for o in result.metrics.operators if o.late}
+    assert late == {"ij": 2, "w": 2}
+    assert sorted(r.getMessage() for r in caplog.records) == [
+        f"{what} {name!r} in flow 'f' dropped late records (counted in its 'late' metric); "
+        "add .late() to its results to receive them"
+        for what, name in (("join", "ij"), ("window operator", "w"))
+    ]
 
 
 def test_a_processing_time_temporal_join_takes_the_latest_row_on_arrival() -> None:
@@ -238,3 +266,90 @@ def test_an_idle_input_stops_holding_the_join_watermark_back() -> None:
     assert pair == (("a", 5), ("a", 5))
     assert at < 30  # answered once the right input's watermark passed 5, not at t=30
     assert last == (("a", 40), ("a", 19))
+
+
+@given(
+    ts=st.lists(st.integers(0, 60), min_size=1, max_size=12),
+    base=st.integers(-10, 60),
+    bound=st.integers(0, 8),
+    lateness=st.integers(0, 8),
+    implicit=st.booleans(),
+)
+def test_a_batch_skips_the_lateness_test_only_when_none_of_its_records_is_late(
+    ts: list[int], base: int, bound: int, lateness: int, implicit: bool
+) -> None:
+    """A join's input batch: the watermark column, None only when no record can be late
+    by the test every join applies (``t + lateness < watermark``), and the watermark
+    before its last record -- whether the batch carries the column or its implicit form."""
+    column = Batch(ts, ts, ts, watermark_base=(base, bound)).watermarks
+    assert column is not None
+    batch = (
+        Batch(ts, ts, ts, watermark_base=(base, bound)) if implicit else Batch(ts, ts, ts, column)
+    )
+    wms, last = _watermarks(batch, ts, lateness)
+    assert last == column[-1]
+    # Skipped when the earliest record is not late against the highest watermark.
+    assert (wms is None) == (min(ts) + lateness >= max(column))
+    if wms is None:
+        assert not any(t + lateness < w for t, w in zip(ts, column, strict=True))
+    else:
+        assert wms == column
+
+
+def test_a_join_pauses_the_garbage_collector_only_while_it_makes_results() -> None:
+    assert gc.isenabled()
+    with gc_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(KeyError), gc_paused():
+        raise KeyError("x")
+    assert gc.isenabled()  # even when the results fail
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()  # the user's choice stays
+    finally:
+        gc.enable()
+
+
+async def _fetch(key: Any) -> Any:
+    return key
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (
+            lambda a, b: a.window_join(b, sw.windows.Tumbling(1), how="right"),
+            "window_join(how=...) must be 'inner', 'left' or 'full', got 'right'",
+        ),
+        (
+            lambda a, b: a.interval_join(b, lower=0, upper=1, how="full"),
+            "interval_join(how=...) must be 'inner' or 'left', got 'full'",
+        ),
+        (
+            lambda a, b: a.asof_join(b, how="full"),
+            "asof_join(how=...) must be 'inner' or 'left', got 'full'",
+        ),
+        (
+            lambda a, b: a.temporal_join(b, how="full"),
+            "temporal_join(how=...) must be 'inner' or 'left', got 'full'",
+        ),
+        (
+            lambda a, b: a.temporal_join(b, time="wall"),
+            "temporal_join(time=...) must be 'event' or 'processing', got 'wall'",
+        ),
+        (
+            lambda a, b: a.lookup_join(_fetch, how="full"),
+            "lookup_join(how=...) must be 'inner' or 'left', got 'full'",
+        ),
+    ],
+)
+def test_every_join_refuses_a_bad_choice_quoting_it_and_the_choices(
+    call: Any, message: str
+) -> None:
+    flow = sw.Flow("f")
+    left, right = keyed(flow, [("a", 1)]), keyed(flow, [("a", 1)])
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call(left, right)

@@ -24,6 +24,8 @@ from sluiceway.state import ProcessContext
 
 S = 1_000_000  # ticks per second
 
+pytestmark = pytest.mark.usefixtures("keyed_backend")  # every test on both backends
+
 
 class Capture(Step):
     def __init__(self) -> None:

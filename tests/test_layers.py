@@ -40,6 +40,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         (
             "sluiceway.agg",
             "sluiceway.checkpoint",
+            "sluiceway.diskstate",
             "sluiceway.flowcontrol",
             "sluiceway.metrics.histogram",
             "sluiceway.metrics.registry",

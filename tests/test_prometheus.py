@@ -160,6 +160,7 @@ def test_metric_families_names_labels_and_values() -> None:
         "sluiceway_retries": "counter",
         "sluiceway_dead_letters": "counter",
         "sluiceway_dropped": "counter",
+        "sluiceway_rejected": "counter",
         "sluiceway_late_records": "counter",
         "sluiceway_window_state": "gauge",
         "sluiceway_watermark_seconds": "gauge",
@@ -213,8 +214,8 @@ def test_collector_reads_the_snapshot_at_every_collect() -> None:
 
     collector = FlowCollector(snap)
     assert calls == []  # nothing read until a scrape
-    assert len(list(collector.collect())) == 19
-    assert len(list(collector.collect())) == 19
+    assert len(list(collector.collect())) == 20
+    assert len(list(collector.collect())) == 20
     assert len(calls) == 2
 
 

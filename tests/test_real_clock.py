@@ -597,3 +597,34 @@ def test_a_broker_that_is_not_there_fails_the_start_after_open_timeout() -> None
         sw.ConnectorOpenError, match=r"unreachable for 0\.\d s \(open_timeout=0\.5\)"
     ):
         run_watched(flow, run_for=3.0)
+
+
+def test_rejected_redis_stream_entries_are_claimed_again_after_retry_after(
+    redis_url: str, redis_prefix: str
+) -> None:
+    import_or_missing("redis")
+    import redis  # noqa: PLC0415
+
+    from sluiceway.connectors.redis_streams import RedisStreamSource  # noqa: PLC0415
+
+    stream = f"{redis_prefix}:rt"
+    client = redis.Redis.from_url(redis_url)
+    try:
+        for i in range(20):
+            client.xadd(stream, {"data": json.dumps({"i": i})})
+    finally:
+        client.close()
+    src = RedisStreamSource(redis_url, stream, "g", start="0", block_ms=200, stop_after_idle=0.3)
+    out: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    flow = sw.Flow("rt_redis_reject")
+    (
+        flow.source(src)
+        .rate_limit(
+            sw.flowcontrol.TokenBucket(rate=40, burst=4), when_limited="reject", retry_after=0.1
+        )
+        .sink(out)
+    )
+    result = run_watched(flow, run_for=5.0)
+    assert not result.stopped  # ended by itself: every rejection came back in time
+    assert sorted(r["i"] for r in out.items) == list(range(20))
+    assert src.rejected > 0

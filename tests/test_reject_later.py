@@ -8,9 +8,12 @@ server (see services_*.py)."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
+import time
 from collections import Counter, deque
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -108,6 +111,23 @@ def test_reject_is_refused_where_records_could_not_go_back() -> None:
         sw.testing.run_flow(branching)
 
 
+def test_mqtt_and_kafka_sources_pause_instead_and_say_so_at_build() -> None:
+    """MQTT has no negative acknowledgement and Kafka commits offsets: no hand-back.  The
+    flow is refused when built, naming the mode that pauses the source instead."""
+    import_or_missing("aiomqtt")
+    from sluiceway.connectors.mqtt import MqttSource  # noqa: PLC0415 - needs aiomqtt
+
+    sources: list[sw.sources.Source] = [MqttSource("127.0.0.1", "t/#", client_id="x")]
+    if importlib.util.find_spec("confluent_kafka") is not None:
+        from sluiceway.connectors.kafka import KafkaSource  # noqa: PLC0415
+
+        sources.append(KafkaSource("127.0.0.1:9092", "t", group="g"))
+    for src in sources:
+        flow = sw.Flow("no-hand-back")
+        with pytest.raises(sw.FlowDefinitionError, match=r"use when_limited='wait' \(the source"):
+            flow.source(src).rate_limit(TokenBucket(1, 1), when_limited="reject")
+
+
 # -- real brokers ---------------------------------------------------------------------------
 
 
@@ -170,3 +190,95 @@ def test_rabbitmq_requeues_every_rejected_message_and_each_is_processed_once(
     assert src.rejected > 0
     assert any(m.redelivered for m in out.items)  # requeued by the broker, delivered again
     assert asyncio.run(depth(rabbitmq_url, rabbitmq_queue)) == 0  # all acknowledged
+
+
+def test_redis_streams_leaves_rejected_entries_pending_and_claims_them_again(
+    redis_url: str, redis_prefix: str
+) -> None:
+    import_or_missing("redis")
+    from sluiceway.connectors.redis_streams import RedisStreamSource  # noqa: PLC0415
+    from test_connector_redis_streams import pending_count, preload  # noqa: PLC0415
+
+    stream = f"{redis_prefix}:jobs"
+    preload(redis_url, stream, 30)
+    src = RedisStreamSource(
+        redis_url, stream, "g", start="0", block_ms=50, stop_after_idle=0.5, include_metadata=True
+    )
+    out: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    seen: list[Any] = []
+    flow = sw.Flow("redis-reject")
+    (
+        flow.source(src)
+        .key_by(lambda e: "ab"[e.value["i"] % 2])
+        .rate_limit(
+            KeyedLimiter(lambda: TokenBucket(rate=20, burst=3)),
+            when_limited="reject",
+            retry_after=0.2,
+            name="per_tenant",
+        )
+        .map(lambda e: seen.append(e) or e.value["i"])
+        .sink(out)
+    )
+    result = sw.run(flow, handle_signals=False)
+    assert Counter(out.items) == Counter(range(30))  # each once
+    assert src.rejected > 0
+    assert result.metrics.operator("per_tenant").rejected == src.rejected  # in the metrics
+    assert any(e.redelivered for e in seen)  # claimed again from the pending list
+    assert pending_count(redis_url, stream, "g") == 0  # all acknowledged at the end
+
+
+def test_redis_streams_rejected_entries_survive_a_crash_and_a_restore(
+    redis_url: str, redis_prefix: str, tmp_path: Path
+) -> None:
+    """A crash while rejected entries wait to be claimed again: the checkpoint's ``hw``
+    is past them, yet the restart must deliver them (not acknowledge them as covered)."""
+    import_or_missing("redis")
+    from sluiceway.connectors.redis_streams import RedisStreamSource  # noqa: PLC0415
+    from test_connector_redis_streams import pending_count, preload  # noqa: PLC0415
+
+    stream, n = f"{redis_prefix}:jobs", 60
+    preload(redis_url, stream, n)
+    out = tmp_path / "out.jsonl"
+    ck = sw.Checkpoints(tmp_path / "ck", interval=0.05)
+
+    def build(src: RedisStreamSource, rate: float, retry_after: float) -> sw.Flow:
+        flow = sw.Flow("redis-reject-crash")  # the same consumer in both runs
+        (
+            flow.source(src, name="entries")
+            .key_by(lambda r: "ab"[r["i"] % 2])
+            .rate_limit(
+                KeyedLimiter(lambda: TokenBucket(rate=rate, burst=2)),
+                when_limited="reject",
+                retry_after=retry_after,
+            )
+            .sink(sw.sinks.JsonLines(out))
+        )
+        return flow
+
+    first = RedisStreamSource(redis_url, stream, "g", start="0", block_ms=50)
+
+    def checkpoints_done(handle: sw.FlowHandle) -> int:
+        stats = handle.metrics().checkpoints
+        return 0 if stats is None else stats.completed
+
+    async def crash() -> None:
+        # retry_after 60 s: what is rejected stays pending for the whole first run
+        handle = sw.start(build(first, rate=2, retry_after=60.0), checkpoints=ck)
+        deadline = time.monotonic() + 20
+        while not (first.rejected and checkpoints_done(handle) >= 5):
+            assert not handle.done(), await handle.wait()
+            assert time.monotonic() < deadline, "no checkpoint with a rejection pending"
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # more checkpoints, with hw past the rejected entries
+        handle.force_stop("simulated crash")
+        with pytest.raises(sw.FlowCancelledError):
+            await handle.wait()
+
+    asyncio.run(crash())
+    assert first.position()["rejected"]  # rejected entries were waiting
+    assert pending_count(redis_url, stream, "g") >= first.rejected
+    second = RedisStreamSource(redis_url, stream, "g", start="0", block_ms=50, stop_after_idle=1.0)
+    sw.run(build(second, rate=200, retry_after=0.05), checkpoints=ck, handle_signals=False)
+    rows = [json.loads(line)["i"] for line in out.read_text().splitlines()]
+    assert sorted(rows) == list(range(n))  # nothing lost, nothing twice
+    assert pending_count(redis_url, stream, "g") == 0

@@ -38,6 +38,7 @@ from sluiceway.errors import (
     FlowFailedError,
     OperatorError,
     SluicewayError,
+    StateStorageError,
 )
 from sluiceway.flow import (
     Flow,
@@ -98,6 +99,7 @@ __all__ = [
     "Sasl",
     "Secret",
     "SluicewayError",
+    "StateStorageError",
     "Stream",
     "SystemClock",
     "Tls",

@@ -14,6 +14,8 @@ The tree::
     ├── FlowCancelledError         the flow was cancelled before it drained (grace period over,
     │                              or a second stop signal); carries what was not flushed
     │                              and why (CancelReason)
+    ├── StateStorageError          on-disk keyed state could not be created, read or written
+    │                              (a directory not writable, the disk full); names the path
     ├── CheckpointError            a checkpoint could not be written or restored
     │   ├── CheckpointCorruptError a stored checkpoint fails its checks (torn, truncated,
     │   │                          not a checkpoint store, a format this version can't read)
@@ -63,6 +65,7 @@ __all__ = [
     "FlowFailedError",
     "OperatorError",
     "SluicewayError",
+    "StateStorageError",
     "hide",
     "redact",
     "short_repr",
@@ -272,6 +275,11 @@ class ChannelOverflowError(FlowFailedError):
             flow=flow,
             operator=edge,
         )
+
+
+class StateStorageError(SluicewayError):
+    """On-disk keyed state (``sw.state.OnDisk``) could not be created, read or written:
+    the message names the file or directory and the cause (not writable, disk full)."""
 
 
 class CancelReason(enum.Enum):

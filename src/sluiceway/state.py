@@ -28,13 +28,14 @@ import heapq
 import itertools
 import math
 import pickle
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Generic, Literal, Protocol, TypeVar, runtime_checkable
 
 from sluiceway.checkpoint.codec import pack, unpack, unpacked
 from sluiceway.core.delta import Changes
+from sluiceway.diskstate import DiskMap, InMemory, OnDisk, StateBackend, as_backend
 from sluiceway.errors import CheckpointError
 from sluiceway.time import Clock
 from sluiceway.time.durations import positive_seconds
@@ -44,13 +45,17 @@ from sluiceway.time.ticks import to_ticks
 
 __all__ = [
     "TTL",
+    "InMemory",
     "KeyedProcessFunction",
     "MapState",
+    "OnDisk",
     "ProcessContext",
+    "StateBackend",
     "TimeDomain",
     "TimerEvent",
     "TimerService",
     "ValueState",
+    "as_backend",
 ]
 
 K = TypeVar("K")
@@ -214,11 +219,16 @@ class KeyedStore:
     is a walk over those keys alone.
     """
 
-    def __init__(self, operator: str, clock: Clock, timestamped: bool) -> None:
+    def __init__(
+        self, operator: str, clock: Clock, timestamped: bool, disk: DiskMap | None = None
+    ) -> None:
         self.operator = operator
         self.clock = clock
         self.timestamped = timestamped
-        self.data: dict[Any, dict[str, Any]] = {}
+        self.disk = disk
+        """The on-disk backend's mapping (``sw.state.OnDisk``), which is then :attr:`data`;
+        None: the in-memory dict."""
+        self.data: MutableMapping[Any, dict[str, Any]] = {} if disk is None else disk
         self.kinds: dict[str, tuple[str, TTL | None]] = {}
         self.declared: set[str] = set()
         self.ttl_of: dict[Any, dict[Tail, tuple[float, TimeDomain]]] = {}
@@ -605,6 +615,17 @@ class KeyedStore:
 
     # -- checkpoints ---------------------------------------------------------------------
 
+    def settle(self) -> None:
+        """Between records (after a batch or a round of timers): the on-disk backend
+        writes back and bounds its cache (nothing for the in-memory dict)."""
+        if self.disk is not None:
+            self.disk.settle()
+
+    def close(self) -> None:
+        """The run is over: the on-disk backend closes its file."""
+        if self.disk is not None:
+            self.disk.close()
+
     def track(self, on: bool) -> None:
         """Keep :attr:`dirty` (on) or not (off: every snapshot is whole)."""
         self.dirty = set() if on else None
@@ -631,7 +652,7 @@ class KeyedStore:
                 for timers in self.timers.values():
                     keys |= timers.keys()
             elif not maps:  # the common case: values only, each key's dict as it is
-                upserts.update(self.data)
+                upserts.update(self.data if self.disk is None else self.disk.items())
                 keys = ()
         else:
             if dirty is None:
@@ -689,7 +710,9 @@ class KeyedStore:
         maps = [name for name, (kind, _) in kinds.items() if kind == "map"]
         self._reset(kinds)
         timers: list[tuple[str, float, int, Any, Any]] = []
-        data, ttl_of = self.data, self.ttl_of
+        ttl_of = self.ttl_of
+        # (OnDisk: collected, then written to the file in one go)
+        data: MutableMapping[Any, Any] = self.data if self.disk is None else {}
         for key, entry in changes.upserts.items():
             if not maps and _TTL_FIELD not in entry and _TIMERS_FIELD not in entry:
                 data[key] = entry  # never changed in place (copy on write)
@@ -710,6 +733,8 @@ class KeyedStore:
             for domain, t, seq, registered in pending or ():
                 moved = shift if domain == "processing" else 0
                 timers.append((domain, t + moved, seq, key, registered + moved))
+        if self.disk is not None:
+            self.disk.load(data.items())
         self._load_deadlines()
         self._load_timers(timers)
         return extra
@@ -727,7 +752,10 @@ class KeyedStore:
         payload = unpack(state["blob"])
         now = self.clock.time()
         self._reset(payload.pop("kinds"))
-        self.data.update(payload.pop("data"))
+        if self.disk is None:
+            self.data.update(payload.pop("data"))
+        else:
+            self.disk.load(payload.pop("data").items())
         for slot, dom, dl in payload.pop("ttl"):
             tail = slot[1] if len(slot) == 2 else (slot[1], slot[2])
             deadline = now + dl if dom == "processing" else dl

@@ -40,6 +40,10 @@ Errors::
 
     ConnectionError
     └── MqttUnavailableError   no connection for reconnect_timeout seconds (names host:port)
+    MqttRefusedError           refused login or TLS (at once); or a publish the broker
+                               refused (a PUBACK reason code >= 0x80, e.g. Not authorized
+                               by its ACL), raised pinned to the record
+                               (``PartialWriteError``), so the sink's error policy handles it
 """
 
 from __future__ import annotations
@@ -106,7 +110,9 @@ class MqttUnavailableError(ConnectionError):
 
 class MqttRefusedError(SluicewayError):
     """The broker refused the login, or TLS failed (an untrusted certificate, a broker
-    without TLS when ``tls=`` asks for it): trying again cannot help."""
+    without TLS when ``tls=`` asks for it), or the broker acknowledged a publish with a
+    failure reason code (MQTT 5 PUBACK >= 0x80: Not authorized, Quota exceeded, Topic
+    name invalid, ...) and did not take the message: trying again cannot help."""
 
 
 class _TlsContext(ssl.SSLContext):
@@ -494,6 +500,7 @@ class MqttSource(Source):
         self._last_activity = 0.0
         self._closed = False
         self._refused: str | None = None
+        self._held_client: paho.Client | None = None  # a connecting client not read
 
     # -- connection ----------------------------------------------------------------------
 
@@ -535,7 +542,11 @@ class MqttSource(Source):
         ctx = self._ctx
         assert ctx is not None
         self._link = None
+        self._held_client = None
         link = await self._conn.replace(link, ctx.clock, self._make_client)
+        if self._held_client is link.paho:
+            link.paused = True  # the window filled while it connected: not read since
+        self._held_client = None
         # Subscribe without waiting for the SUBACK: reading may pause before it comes
         # (a persistent session's messages flow right after the CONNACK).
         opts = SubscribeOptions(qos=self._qos, retainHandling=1)  # retained: first time
@@ -579,9 +590,24 @@ class MqttSource(Source):
         if msg.qos == 1:
             self._by_mid[msg.mid] = held
         self._buffer.append(held)
-        if len(self._buffer) >= self._window and link is not None and link.ready:
-            link.pause()  # credit: the rest waits in the broker (and the TCP buffers)
+        if len(self._buffer) >= self._window:
+            # credit: the rest waits in the broker (and the TCP buffers)
+            if link is not None and link.paho is client:
+                if link.ready:
+                    link.pause()
+            else:
+                self._hold_connecting(client)
         self._wake_up()
+
+    def _hold_connecting(self, client: paho.Client) -> None:
+        """The window filled while a connection is being made: a persistent session's
+        backlog flows right after the CONNACK, before ``_ensure_link`` has the link (on
+        a loaded machine, for many loop turns).  Stop reading that socket now; the link
+        starts paused."""
+        sock = client.socket()
+        if sock is not None and self._held_client is not client:
+            asyncio.get_running_loop().remove_reader(sock.fileno())
+            self._held_client = client
 
     # -- the Source protocol -------------------------------------------------------------
 
@@ -739,13 +765,22 @@ class MqttSource(Source):
         return len(self._buffer)
 
     async def close(self) -> None:
-        """Disconnect (the persistent session stays in the broker); safe to call twice."""
+        """Disconnect (the persistent session stays in the broker); safe to call twice.
+
+        What this run held and did not acknowledge is the broker's again (it resends it
+        to the next connection), so the run's state is dropped: a later run of this
+        object starts from its own restored position, or none.  (The count of messages
+        handed out goes on; positions only compare it within a run.)"""
         if self._closed:
             return
         self._closed = True
         link, self._link = self._link, None
         if link is not None:
             await link.close()
+        self._buffer.clear()
+        self._handed.clear()
+        self._by_mid.clear()
+        self._done = {}
 
     def describe(self) -> str:
         """``Mqtt(host:port/topic)``."""
@@ -832,6 +867,7 @@ class MqttSink(Sink):
         self._link: _Link | None = None
         self._inflight: dict[int, int] = {}  # packet id -> index in the batch
         self._done: list[bool] = []  # per record of the batch being written: acknowledged
+        self._refused: dict[int, Any] = {}  # index -> the failing PUBACK reason code
         self._wake: asyncio.Future[None] | None = None
         self._closed = False
 
@@ -850,10 +886,12 @@ class MqttSink(Sink):
         p.on_publish = self._on_publish
         return client
 
-    def _on_publish(self, _c: paho.Client, _u: Any, mid: int, _rc: Any, _props: Any = None) -> None:
+    def _on_publish(self, _c: paho.Client, _u: Any, mid: int, rc: Any, _props: Any = None) -> None:
         i = self._inflight.pop(mid, None)
         if i is not None:
-            self._done[i] = True
+            self._done[i] = True  # answered: not published again
+            if getattr(rc, "is_failure", False):  # answered "no": not written either
+                self._refused.setdefault(i, rc)
             wake = self._wake
             if wake is not None and not wake.done():
                 wake.set_result(None)
@@ -912,6 +950,15 @@ class MqttSink(Sink):
                 break
             messages.append((name, payload))
         await self._publish_all(ctx.clock, messages)
+        refused, self._refused = self._refused, {}
+        if refused:
+            i = min(refused)
+            no = MqttRefusedError(
+                f"{self.describe()}: the broker refused record {i} of the batch on topic "
+                f"{messages[i][0]!r}: {refused[i]} (PUBACK reason code "
+                f"{getattr(refused[i], 'value', '?')}); check the broker's ACL and limits"
+            )
+            raise PartialWriteError(i, no) from no
         if error is not None:
             raise PartialWriteError(error[0], error[1]) from error[1]
 
@@ -922,6 +969,7 @@ class MqttSink(Sink):
 
         Returns how many were acknowledged (all of them)."""
         done = self._done = [False] * len(messages)
+        self._refused = {}
         inflight = self._inflight
         qos, retain, cap = self._qos, self._retain, self._max_unacked
         try:

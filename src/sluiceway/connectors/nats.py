@@ -99,6 +99,7 @@ _NAK = b"-NAK"
 _BACKOFF_FIRST = 0.05
 _BACKOFF_MAX = 2.0
 _REDELIVERY_MARGIN = 0.25  # the server finds expired acks on a timer: give it a moment
+_ACKED_KEEP = 100_000  # acknowledged seqs remembered at most (see _Acked)
 
 # Errors after which the connection (or JetStream behind it) may come back by itself.
 _TRANSIENT: tuple[type[BaseException], ...] = (
@@ -438,6 +439,42 @@ def _shown(servers: list[str]) -> str:
     return redact(",".join(servers))
 
 
+class _Acked:
+    """Stream seqs this source acknowledged, remembered until no copy of them can still
+    be on its way in.
+
+    The server redelivers a message whose ack is late (ack_wait over); when the ack
+    then arrives, a copy may already be sent: in the reply of a fetch running while the
+    commit acknowledged it, or waiting in the subscription's queue for the next fetch.
+    Either way it reached this client before the answer to the commit's ack request,
+    so the first fetch of more than one message that *starts* after the ack -- which
+    takes everything queued -- has ingested every such copy; the seqs acked before it
+    are forgotten when it returns.  (A fetch of one takes one queued message only:
+    then at most ``_ACKED_KEEP`` seqs are kept.)"""
+
+    def __init__(self) -> None:
+        self._seqs: set[int] = set()
+        self._order: deque[tuple[int, int]] = deque()  # (fetches started before, seq)
+        self.fetches = 0  # fetches of more than one message started so far
+
+    def __contains__(self, seq: int) -> bool:
+        return seq in self._seqs
+
+    def add(self, seq: int) -> None:
+        if seq not in self._seqs:
+            self._seqs.add(seq)
+            self._order.append((self.fetches, seq))
+            if len(self._order) > _ACKED_KEEP:
+                self._seqs.discard(self._order.popleft()[1])
+
+    def fetched(self, started: int) -> None:
+        """The fetch numbered ``started`` (:attr:`fetches` when it began) returned:
+        forget what was acknowledged before it began."""
+        order, seqs = self._order, self._seqs
+        while order and order[0][0] < started:
+            seqs.discard(order.popleft()[1])
+
+
 def _ranges(seqs: set[int]) -> list[list[int]]:
     """``{1, 2, 3, 7}`` -> ``[[1, 3], [7, 7]]``."""
     out: list[list[int]] = []
@@ -594,10 +631,10 @@ class NatsSource(Source):
         self._owed_upto = 0
         self._owed = 0
         self._returned: set[int] = set()
-        self._owed_due = 0.0
-        self._owed_deadline = 0.0
+        self._owed_due = self._owed_deadline = 0.0
         self._unacked: deque[tuple[int, int, str]] = deque()  # (ordinal, stream seq, reply)
         self._held: set[int] = set()  # stream seqs in _buffer or _unacked
+        self._acked = _Acked()  # acknowledged: a copy still coming in is not handed out
         self._covered: set[int] = set()  # seqs a restored checkpoint covered, maybe unacked
         self._handed = 0  # ordinal of the next message handed out
         self._committed = 0  # every ordinal below is committed
@@ -865,10 +902,15 @@ class NatsSource(Source):
         if self._idle is not None:
             left = self._idle - (clock.monotonic() - self._last_input)
             timeout = max(0.05, min(timeout, left))
+        started = 0
+        if n > 1:
+            self._acked.fetches = started = self._acked.fetches + 1
         try:
             sub = await self._subscription()
             msgs = await sub.fetch(n, timeout=timeout)
         except TimeoutError as exc:  # nats.errors.TimeoutError included: no messages
+            if started:
+                self._acked.fetched(started)
             if link.connected() is None:
                 await link.trouble(exc)
                 self._last_input = clock.monotonic()
@@ -883,25 +925,24 @@ class NatsSource(Source):
             return
         link.ok()
         await self._ingest(msgs)
+        if started:
+            self._acked.fetched(started)
 
     async def _ingest(self, msgs: list[Msg]) -> None:
-        held, covered = self._held, self._covered
+        held, covered, acked = self._held, self._covered, self._acked
         acks: list[tuple[int, str]] = []
+        again: list[str] = []  # copies of acknowledged messages: acknowledged once more
         meta = None
         before = len(self._buffer) + len(self._parked)
         for msg in msgs:
             meta = msg.metadata
             seq = meta.sequence.stream
+            if seq in acked:  # sent before the server applied our ack: a copy, not input
+                self._in_flight_copy(seq)
+                again.append(msg.reply)
+                continue
             if seq in held:  # redelivered while still in flight: the first copy counts
-                self.redelivered_in_flight += 1
-                if not self._warned_redelivery:
-                    self._warned_redelivery = True
-                    log.warning(
-                        "%s: the server redelivered message %d while it was still in "
-                        "flight: ack_wait is shorter than fetch-to-commit; raise ack_wait",
-                        self.describe(),
-                        seq,
-                    )
+                self._in_flight_copy(seq)
                 continue
             if self._owed:
                 # Held until all the earlier run left is back, then handed out in stream
@@ -926,11 +967,11 @@ class NatsSource(Source):
             self._pending = meta.num_pending
         if len(self._buffer) + len(self._parked) > before:  # dropped copies are not input
             self._last_input = self._link.clock.monotonic()
-        if acks:
+        if acks or again:
             nc = self._link.connected()
             if nc is not None:
                 try:
-                    for _, reply in acks:
+                    for reply in [*again, *(reply for _, reply in acks)]:
                         await nc.publish(reply, _ACK)
                     await nc.flush()
                 except _NATS_ERRORS as exc:
@@ -940,8 +981,23 @@ class NatsSource(Source):
                         redact(repr(exc)),
                     )
                 else:
-                    covered.difference_update(seq for seq, _ in acks)
+                    for seq, _ in acks:
+                        covered.discard(seq)
+                        acked.add(seq)
                     self.acked += len(acks)
+
+    def _in_flight_copy(self, seq: int) -> None:
+        """The server redelivered message ``seq`` while it was in flight here (or while
+        its ack was on the way): the copy is dropped; the first time, a warning."""
+        self.redelivered_in_flight += 1
+        if not self._warned_redelivery:
+            self._warned_redelivery = True
+            log.warning(
+                "%s: the server redelivered message %d while it was still in "
+                "flight: ack_wait is shorter than fetch-to-commit; raise ack_wait",
+                self.describe(),
+                seq,
+            )
 
     async def _hand_out(self, ctx: SourceContext, max_records: int) -> Batch:
         buffer, unacked = self._buffer, self._unacked
@@ -1050,9 +1106,11 @@ class NatsSource(Source):
                 redact(repr(exc)),
             )
             return
-        held = self._held
+        held, acked = self._held, self._acked
         for _ in range(count):
-            held.discard(unacked.popleft()[1])
+            seq = unacked.popleft()[1]
+            held.discard(seq)
+            acked.add(seq)
         self.acked += count
 
     def _ack_timeout(self) -> float:

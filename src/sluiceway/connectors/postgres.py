@@ -52,6 +52,7 @@ and one INFO on recovery, for up to ``reconnect_timeout`` seconds; then it raise
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import decimal
 import errno
@@ -311,6 +312,9 @@ class PostgresSink(Sink):
         self.exactly_once = mode == "exactly_once"
         self._ctx: SinkContext | None = None
         self._conn: psycopg.AsyncConnection[Any] | None = None
+        # One transaction at a time on the one connection: the checkpoint coordinator's
+        # commit() runs while the sink's stage writes the next batch.
+        self._lock = asyncio.Lock()
         self._ready = False  # the table is checked (or created)
         self._insert_sql: dict[int, bytes] = {}  # rendered once: composing costs per row
         self._copy_sql: sql.Composed | None = None
@@ -381,7 +385,17 @@ class PostgresSink(Sink):
         self, op: Callable[[psycopg.AsyncConnection[Any], bool], Awaitable[T]]
     ) -> T:
         """Run ``op(conn, retry)`` in a transaction; on connection loss reconnect with
-        backoff and run it again (``retry`` True), until ``reconnect_timeout``."""
+        backoff and run it again (``retry`` True), until ``reconnect_timeout``.
+
+        One at a time (``write`` and the coordinator's ``commit`` run concurrently): two
+        transactions interleaved on one connection would commit each other's statements,
+        and two reconnecting at once would each open a connection and leak one."""
+        async with self._lock:
+            return await self._retrying_now(op)
+
+    async def _retrying_now(
+        self, op: Callable[[psycopg.AsyncConnection[Any], bool], Awaitable[T]]
+    ) -> T:
         ctx = self._ctx
         if ctx is None:
             raise RuntimeError(f"{self.describe()} is not open: the runtime calls open() first")
@@ -906,6 +920,10 @@ class PostgresSink(Sink):
         """Close the connection (safe to call twice).  exactly_once: when the last
         pre-committed checkpoint was also committed, first delete the rows written
         after it (a restart writes them again), so the table at rest is exact."""
+        async with self._lock:
+            await self._close()
+
+    async def _close(self) -> None:
         try:
             if (
                 self._mode == "exactly_once"

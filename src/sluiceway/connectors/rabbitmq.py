@@ -394,8 +394,11 @@ class RabbitMQSource(Source):
     Args:
         url: the broker, ``amqp://user:password@host:port/vhost``.
         queue: the queue to consume.
-        declare: declare the queue (durable) at connect; False: it must exist (checked
-            passively).
+        declare: declare a missing queue (durable) when the source starts; False: it
+            must exist (checked passively).  Only at the start: a queue that is gone
+            after a lost connection took its messages along (deleted, or lost by a broker
+            crash), so the source then stops with :class:`RabbitMQError` rather than
+            declaring an empty one and waiting on it.
         prefetch: the channel's QoS ``prefetch_count``: how many unacknowledged messages
             the broker pushes to this source at most (buffered, in the pipeline, or
             waiting for their commit).  Throughput is at most about ``prefetch`` per
@@ -486,6 +489,7 @@ class RabbitMQSource(Source):
         self._closed = False
         self._last_batch: list[tuple[int, Any]] = []  # (tag, channel) per record handed out
         self._nacked: set[int] = set()  # tags requeued on this channel, above _acked
+        self._connected = False  # connected once: the queue is never declared again
         self.rejected = 0
         """Messages requeued by ``rate_limit(when_limited="reject")``."""
 
@@ -523,6 +527,8 @@ class RabbitMQSource(Source):
                 # limits...): declaring it again with other arguments would be refused.
                 queue = await channel.declare_queue(self._queue, passive=True)
             except ChannelNotFoundEntity as exc:
+                if self._connected:
+                    raise RabbitMQError(self._queue_gone(exc)) from exc
                 if not self._declare:
                     raise RabbitMQError(self._queue_problem(exc)) from exc
                 channel = await conn.channel(publisher_confirms=False)  # 404 closed the last
@@ -543,10 +549,21 @@ class RabbitMQSource(Source):
             conn.close_callbacks.add(self._on_close)
             self._ready = queue.declaration_result.message_count
             await raw.basic_consume(self._queue, self._on_message, no_ack=False)
+            self._connected = True
         except BaseException:
             self._raw = None
             await _close_quietly(conn)
             raise
+
+    def _queue_gone(self, exc: ChannelClosed) -> str:
+        return (
+            f"{self.describe()} at {self._reconnect.server}: queue {self._queue!r} is gone "
+            f"after the connection was lost ({redact(exc)}), and with it the messages it "
+            "held.  Either it was deleted, or the broker crashed before it had stored the "
+            "queue (RabbitMQ 3.x can lose a durable queue declared moments before a "
+            "crash).  The source does not declare it again and wait on an empty queue: "
+            "find out what happened to its messages, then start the flow again"
+        )
 
     def _queue_problem(self, exc: ChannelClosed) -> str:
         where = f"{self.describe()} at {self._reconnect.server}"

@@ -23,6 +23,12 @@ then ``XCLAIM``) into a second consumer named ``<consumer>~claims`` and delivere
 ``XAUTOCLAIM`` is not used: it cannot tell our own slow in-flight entries from a dead
 consumer's, and would deliver ours twice.
 
+Under ``rate_limit(when_limited="reject")`` a rejected entry is left pending -- never
+acknowledged -- and claimed again (``XCLAIM``) by its own consumer once ``retry_after``
+has passed, if it is still that consumer's (:meth:`RedisStreamSource.redeliver_later`).
+Should the process die meanwhile, the entry is still pending: the restarted consumer
+reads it from its pending list, another consumer's ``claim_idle`` claims it.
+
 Guarantees: at-least-once without checkpoints (an entry is acknowledged after every sink
 wrote it; a crash redelivers the unacknowledged ones).  With checkpoints, a position
 records the highest id handed out and the claimed ids not yet acknowledged; a restart
@@ -42,10 +48,12 @@ naming the server.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import json
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal, TypeVar
@@ -344,6 +352,32 @@ def _encode_json(value: Any) -> bytes:
     return json.dumps(value, default=_to_json, ensure_ascii=False).encode("utf-8")
 
 
+# Claims entries back for a redelivery (``redeliver_later``), each only while it is still
+# pending at its owner: an entry acknowledged meanwhile, or claimed by another consumer
+# (its ``claim_idle``), is theirs now.  XCLAIM drops an entry deleted from the stream
+# from the pending list (Redis 7; older servers answer nil: acknowledged here).  Claiming
+# an entry twice (a reply lost, the call made again) only counts one more delivery.
+# KEYS[1] stream; ARGV[1] group, then pairs: owner, id.
+# Returns {entries claimed ({id, {field, value, ...}}), ids deleted}.
+_RECLAIM = """
+local claimed, deleted = {}, {}
+for i = 2, #ARGV, 2 do
+  local owner, id = ARGV[i], ARGV[i + 1]
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1, owner)
+  if p[1] then
+    local got = redis.call('XCLAIM', KEYS[1], ARGV[1], owner, 0, id)
+    if got[1] then
+      claimed[#claimed + 1] = got[1]
+    else
+      redis.call('XACK', KEYS[1], ARGV[1], id)
+      deleted[#deleted + 1] = id
+    end
+  end
+end
+return {claimed, deleted}
+"""
+
+
 def _check_field(field: object, what: str) -> str | None:
     if field is not None and not (isinstance(field, str) and field):
         raise ValueError(f"{what} field must be a non-empty str or None, got {field!r}")
@@ -354,6 +388,45 @@ def _check_field(field: object, what: str) -> str | None:
 
 _Fetched = tuple[bytes, dict[bytes, bytes] | None, bool, bool]
 """(entry id, fields or None when the entry was deleted, claimed, redelivered)"""
+
+
+class _Rejections:
+    """Entries handed back by ``redeliver_later``, pending until claimed again."""
+
+    def __init__(self) -> None:
+        self.ids: dict[bytes, bool] = {}
+        """Rejected and not handed out again: id -> claimed (held by the claims consumer)."""
+        self._due: list[tuple[float, int, list[bytes]]] = []  # heap: (due, order, ids)
+        self._order = itertools.count()
+        self.last_batch: list[tuple[bytes, bool]] = []
+        """The entries of the last batch handed out, per record: (id, claimed)."""
+        self.restored: set[bytes] = set()
+        """Ids a restored position listed as rejected: pending, never covered by it."""
+        self.count = 0
+
+    def add(self, entries: list[tuple[bytes, bool]], due: float) -> None:
+        self.ids.update(entries)
+        self.count += len(entries)
+        heapq.heappush(self._due, (due, next(self._order), [i for i, _ in entries]))
+
+    def next_due(self) -> float | None:
+        """When the first of them is due (clock.monotonic()), or None."""
+        return self._due[0][0] if self._due else None
+
+    def take_due(self, now: float) -> list[tuple[float, int, list[bytes]]]:
+        """Remove and return the groups due by ``now``; :meth:`put_back` undoes it."""
+        items: list[tuple[float, int, list[bytes]]] = []
+        while self._due and self._due[0][0] <= now:
+            items.append(heapq.heappop(self._due))
+        return items
+
+    def put_back(self, items: list[tuple[float, int, list[bytes]]]) -> None:
+        for item in items:
+            heapq.heappush(self._due, item)
+
+    def clear(self) -> None:
+        self.ids.clear()
+        self._due.clear()
 
 
 class RedisStreamSource(Source):
@@ -398,7 +471,7 @@ class RedisStreamSource(Source):
     dead-lettered and acknowledged at the next commit.
     """
 
-    def __init__(  # noqa: PLR0915 - one check and one field per option
+    def __init__(
         self,
         url: str,
         stream: str,
@@ -459,9 +532,20 @@ class RedisStreamSource(Source):
         self._security = _Security.of(url, tls, username, password, what)
         self._ctx: SourceContext | None = None
         self._link: _Link | None = None
-        self._consumer = ""
-        self._claimer = ""
+        self._consumer = self._claimer = ""
         self._where = ""
+        # What restore() was given, for the next run only (close() forgets it).
+        self._restore_hw: tuple[int, int] | None = None
+        self._restore_claimed: set[bytes] = set()
+        self._rejections = _Rejections()
+        self._backlog: int | None = None
+        self._backlog_at = float("-inf")
+        self._new_run()
+
+    def _new_run(self) -> None:
+        """The state of one run, fresh: a flow may run more than once with this object,
+        and what an earlier run held is pending in Redis, read again from there.  (The
+        ids a restored position listed as rejected are kept: they are for this run.)"""
         self._closed = False
         # Fetched, not handed out yet.
         self._buffer: deque[_Fetched] = deque()
@@ -477,11 +561,10 @@ class RedisStreamSource(Source):
         self._uncertain = False  # a ">" read was cut: its entries may be pending unseen
         self._claims_cursor: bytes | None = b"0"  # scanning the claims consumer's list
         self._next_claim = 0.0
-        self._restore_hw: tuple[int, int] | None = None
-        self._restore_claimed: set[bytes] = set()
+        restored = self._rejections.restored
+        self._rejections = _Rejections()
+        self._rejections.restored = restored
         self._idle = 0.0  # seconds spent in empty reads of new entries since the last one
-        self._backlog: int | None = None
-        self._backlog_at = float("-inf")
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -492,6 +575,7 @@ class RedisStreamSource(Source):
             RedisStreamError: Redis refuses, or stays unreachable past
                 ``reconnect_timeout``.
         """
+        self._new_run()
         self._ctx = ctx
         self._consumer = self._consumer_arg or f"{ctx.flow}.{ctx.name}"
         self._claimer = f"{self._consumer}~claims"
@@ -507,7 +591,10 @@ class RedisStreamSource(Source):
             self._next_claim = now  # claim at the first read
         self._pending_cursor = b"0"
         # The claims consumer exists only where claiming is (or was) on: reading creates it.
-        claiming = self._claim_idle is not None or self._restore_claimed
+        # (A claimed entry that was rejected stays there until claimed back.)
+        claiming = (
+            self._claim_idle is not None or self._restore_claimed or self._rejections.restored
+        )
         self._claims_cursor = b"0" if claiming else None
 
     async def _create_group(self) -> None:
@@ -529,6 +616,9 @@ class RedisStreamSource(Source):
         if self._closed:
             return
         self._closed = True
+        self._restore_hw = None  # a later run of this object restores anew, or not at all
+        self._restore_claimed = set()
+        self._rejections.restored = set()
         if self._link is not None:
             await self._link.client.aclose()
 
@@ -539,13 +629,18 @@ class RedisStreamSource(Source):
     # -- positions -----------------------------------------------------------------
 
     def position(self) -> dict[str, Any]:
-        """``{"seq": records handed out, "hw": highest id read, "claimed": [ids]}``.
+        """``{"seq": records handed out, "hw": highest id read, "claimed": [ids],
+        "rejected": [ids]}``.
 
-        ``claimed`` lists the claimed entries handed out and not yet acknowledged."""
+        ``claimed`` lists the claimed entries handed out and not yet acknowledged;
+        ``rejected`` the entries handed back (:meth:`redeliver_later`) and not handed out
+        again: they are pending although ``hw`` is past them, and no restart from this
+        position may acknowledge them."""
         return {
             "seq": self._seq,
             "hw": None if self._hw is None else _text(self._hw),
             "claimed": sorted(_text(i) for i in self._claims_out),
+            "rejected": sorted(_text(i) for i in self._rejections.ids),
         }
 
     def restore(self, position: Any) -> None:
@@ -559,6 +654,7 @@ class RedisStreamSource(Source):
         hw = position["hw"]
         self._restore_hw = None if hw is None else _id_key(str(hw).encode())
         self._restore_claimed = {str(i).encode() for i in position.get("claimed", ())}
+        self._rejections.restored = {str(i).encode() for i in position.get("rejected", ())}
 
     async def commit(self, position: Any) -> None:
         """Acknowledge (``XACK``) every entry handed out before ``position``."""
@@ -582,6 +678,12 @@ class RedisStreamSource(Source):
         for _ in range(taken):
             self._unacked.popleft()
         self._claims_out.difference_update(claimed)
+
+    @property
+    def rejected(self) -> int:
+        """Entries left pending for a later delivery so far
+        (``rate_limit(when_limited="reject")``)."""
+        return self._rejections.count
 
     def backlog(self) -> int | None:
         """Entries of the group not yet delivered (``lag``) plus entries pending at other
@@ -617,10 +719,36 @@ class RedisStreamSource(Source):
             got = await link.call(lambda: self._read(want))
             if not got and not self._buffer:
                 idle = self._stop_after_idle
-                if idle is not None and self._idle >= idle:
-                    return None
+                if idle is not None and self._idle >= idle and not self._rejections.ids:
+                    return None  # (rejected entries are input still to come)
                 return Batch([])
         return await self._hand_out(ctx, max_records)
+
+    async def redeliver_later(self, indices: Sequence[int], delay: float) -> None:
+        """Leave the entries at ``indices`` of the last batch pending, to be claimed
+        again (``XCLAIM``, by their own consumer) after ``delay`` seconds.
+
+        Nothing is sent to Redis now: the entries are taken out of what commits
+        acknowledge, and listed in :meth:`position` until they are handed out again, so a
+        restart from a checkpoint does not acknowledge them either.  If this process
+        dies meanwhile, they are still pending: the restarted consumer reads them from its
+        pending list, another consumer's ``claim_idle`` claims them."""
+        assert self._ctx is not None
+        entries = [self._rejections.last_batch[i] for i in indices]
+        if not entries:
+            return
+        gone = {entry_id for entry_id, _ in entries}
+        left = len(gone)
+        for _, ids, claims in reversed(self._unacked):  # the last batch is at the end
+            kept = [i for i in ids if i not in gone]
+            if len(kept) < len(ids):
+                left -= len(ids) - len(kept)
+                ids[:] = kept
+                claims[:] = [i for i in claims if i not in gone]
+            if not left:
+                break
+        self._claims_out.difference_update(gone)
+        self._rejections.add(entries, self._ctx.clock.monotonic() + delay)
 
     async def _read(self, want: int) -> bool:
         """:meth:`_fetch`, recreating the group if it vanished (a restarted Redis that
@@ -641,12 +769,23 @@ class RedisStreamSource(Source):
         )
         await self._create_group()
         self._pending_cursor = b"0"
+        if self._rejections.ids:  # their pending list went with the group
+            log.warning(
+                "%s: %d rejected entries waiting to be claimed again were pending in the "
+                "lost group; they are delivered again only if the new group's start covers them",
+                self.describe(),
+                len(self._rejections.ids),
+            )
+            self._rejections.clear()
         return False
 
     async def _fetch(self, want: int) -> bool:
         """Fill the buffer with one read; True if anything came (ack-skipped included)."""
         client = self._link.client if self._link is not None else None
         assert client is not None
+        due = self._rejections.next_due()
+        if due is not None and due <= self._clock_now() and await self._reclaim():
+            return True
         if self._uncertain:  # a cut ">" read: look at our pending list after the last id
             self._uncertain = False
             self._pending_cursor = self._last_fetched
@@ -672,6 +811,9 @@ class RedisStreamSource(Source):
             block = max(1, min(block, int((idle - self._idle) * 1000) + 1))
         assert self._ctx is not None
         clock = self._ctx.clock
+        due = self._rejections.next_due()
+        if due is not None:  # wake up when rejected entries are due
+            block = max(1, min(block, int((due - clock.monotonic()) * 1000) + 1))
         t0 = clock.monotonic()
         self._uncertain = True
         try:
@@ -704,10 +846,58 @@ class RedisStreamSource(Source):
             self._claims_cursor = None
             return False
         self._claims_cursor = entries[-1][0]
-        held = self._claims_out | self._claims_buffered
+        held = self._claims_out | self._claims_buffered | self._rejections.ids.keys()
         fresh = [e for e in entries if e[0] not in held]
         await self._take(fresh, claimed=True, redelivered=True)
         return True
+
+    def _clock_now(self) -> float:
+        assert self._ctx is not None
+        return self._ctx.clock.monotonic()
+
+    async def _reclaim(self) -> bool:
+        """Claim back the rejected entries that are due, each by the consumer that holds
+        it (ours, or the claims consumer) if it still does, in one round trip; True if
+        any came.  A call cut before its reply leaves them due: the next one claims them
+        again."""
+        assert self._link is not None
+        rejected = self._rejections.ids
+        items = self._rejections.take_due(self._clock_now())
+        ids = [i for _, _, batch in items for i in batch if i in rejected]
+        if not ids:
+            return False
+        args: list[bytes | str] = []
+        for entry_id in ids:
+            args += [self._claimer if rejected[entry_id] else self._consumer, entry_id]
+        try:
+            back, deleted = await self._link.client.eval(
+                _RECLAIM, 1, self._stream, self._group, *args
+            )
+        except BaseException:
+            self._rejections.put_back(items)
+            raise
+        got: set[bytes] = set()
+        for entry_id, flat in back:
+            claimed = rejected[entry_id]
+            fields = dict(zip(flat[::2], flat[1::2], strict=True)) or None
+            self._buffer.append((entry_id, fields, claimed, True))
+            if claimed:
+                self._claims_buffered.add(entry_id)
+            got.add(entry_id)
+        for entry_id in ids:
+            if entry_id not in got:  # acknowledged, claimed by another, or deleted
+                del rejected[entry_id]
+        if deleted:
+            log.warning(
+                "%s: %d rejected entr%s deleted from %s before being delivered again "
+                "(XDEL or trimming): %s; nothing to deliver, acknowledged",
+                self.describe(),
+                len(deleted),
+                "y was" if len(deleted) == 1 else "ies were",
+                self._where,
+                ", ".join(_text(i) for i in deleted),
+            )
+        return bool(got)
 
     async def _take(
         self,
@@ -721,9 +911,13 @@ class RedisStreamSource(Source):
         buffer = self._buffer
         restore_hw, restore_claimed = self._restore_hw, self._restore_claimed
         for entry_id, fields in entries:
-            if redelivered and (
-                (claimed and entry_id in restore_claimed)
-                or (not claimed and restore_hw is not None and _id_key(entry_id) <= restore_hw)
+            if (
+                redelivered
+                and entry_id not in self._rejections.restored  # pending since a rejection
+                and (
+                    (claimed and entry_id in restore_claimed)
+                    or (not claimed and restore_hw is not None and _id_key(entry_id) <= restore_hw)
+                )
             ):
                 covered.append(entry_id)
                 continue
@@ -743,6 +937,8 @@ class RedisStreamSource(Source):
         claims: list[bytes] = []
         hw = self._hw
         deleted: list[bytes] = []
+        self._rejections.last_batch = handed = []
+        rejected = self._rejections.ids
         while buffer and len(records) < max_records:
             entry_id, fields, claimed, redelivered = buffer[0]
             value, raw, problem = self._decode_entry(fields)
@@ -760,10 +956,13 @@ class RedisStreamSource(Source):
                 if metadata:
                     value = RedisStreamEntry(value, _text(entry_id), self._stream, redelivered)
                 records.append(value)
+                handed.append((entry_id, claimed))
             else:
                 deleted.append(entry_id)
             buffer.popleft()
             ids.append(entry_id)
+            if rejected:
+                rejected.pop(entry_id, None)
             if claimed:
                 claims.append(entry_id)
                 self._claims_buffered.discard(entry_id)

@@ -6,6 +6,7 @@ label turns a function or a connector into the default part of an operator's nam
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 import sys
@@ -59,6 +60,21 @@ def check_breaker(breaker: object, when_open: str, policy: ErrorPolicy, method: 
             f"{method}(when_open='dead_letter') needs on_error=sw.DeadLetter(sink) "
             "(or a Retry that ends in one): the records must go somewhere"
         )
+
+
+def check_choice(value: object, choices: tuple[str, ...], what: str) -> None:
+    """Refuse ``value`` unless it is one of ``choices``; ``what`` names the argument, as
+    in ``"window_join(how=...)"``."""
+    if value not in choices:
+        allowed = ", ".join(repr(c) for c in choices[:-1]) + f" or {choices[-1]!r}"
+        raise ValueError(f"{what} must be {allowed}, got {value!r}")
+
+
+def is_async_callable(fn: object) -> bool:
+    """``async def`` functions and objects whose ``__call__`` is one."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - an async callable object
+    )
 
 
 def positive_int(value: object, what: str) -> int:

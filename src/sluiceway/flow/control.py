@@ -10,7 +10,13 @@ from typing import Any
 
 from sluiceway.core.channel import Overflow
 from sluiceway.errors import FlowDefinitionError
-from sluiceway.flow.args import check_breaker, check_callable, fn_label, positive_int
+from sluiceway.flow.args import (
+    check_breaker,
+    check_callable,
+    fn_label,
+    is_async_callable,
+    positive_int,
+)
 from sluiceway.flow.graph import At, Node, derive
 from sluiceway.flowcontrol.adaptive import Adaptive
 from sluiceway.flowcontrol.breaker import CircuitBreaker
@@ -67,9 +73,7 @@ def map_async(
     on_error: object,
 ) -> Node:
     check_callable(fn, "map_async")
-    if not inspect.iscoroutinefunction(fn) and not inspect.iscoroutinefunction(
-        getattr(fn, "__call__", None)  # noqa: B004 - an async callable object
-    ):
+    if not is_async_callable(fn):
         raise TypeError(
             f"map_async() expects an async function (async def), got {fn!r}; "
             "use map() for a plain function"
@@ -152,8 +156,8 @@ def _rejecting_rate_limit(
         raise FlowDefinitionError(
             f"rate_limit(when_limited='reject'): source {source_node.describe()} "
             f"({source.describe()}) cannot hand records back to a broker for later; "
-            "reject works after NATS JetStream and RabbitMQ sources -- use "
-            "when_limited='wait' (the source is paused by backpressure) instead"
+            "reject works after NATS JetStream, RabbitMQ and Redis Streams sources -- "
+            "use when_limited='wait' (the source is paused by backpressure) instead"
         )
     if keyed and not at.node.keyed:
         raise FlowDefinitionError(

@@ -17,6 +17,7 @@ from sluiceway.flow.args import positive_int, user_location
 from sluiceway.operators.base import OpSpec
 from sluiceway.operators.io import SinkSpec, SourceSpec
 from sluiceway.operators.rate_limit import RateLimitSpec
+from sluiceway.state import InMemory, OnDisk, as_backend
 
 __all__ = ["At", "Graph", "Node", "derive"]
 
@@ -52,12 +53,22 @@ class Graph:
         name: the flow's name (in errors, metrics and logs).
         channel_capacity: records held by an implicit channel (before a ``merge`` or a
             timed ``batch``); ``buffer(capacity=...)`` sets its own.
+        state: where keyed state (``stateful_map``, ``process``) is kept unless the
+            operator says otherwise: ``sw.state.InMemory()`` (the default) or
+            ``sw.state.OnDisk(path=..., cache_keys=...)`` (docs/state.md, "Backends").
     """
 
-    def __init__(self, name: str, *, channel_capacity: int = _DEFAULT_CAPACITY) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        channel_capacity: int = _DEFAULT_CAPACITY,
+        state: InMemory | OnDisk | None = None,
+    ) -> None:
         if not isinstance(name, str) or not name:
             raise TypeError(f"Flow name must be a non-empty string, got {name!r}")
         self.name = name
+        self.state = None if state is None else as_backend(state, "Flow(state=...)")
         self.channel_capacity = positive_int(channel_capacity, "channel_capacity")
         self.nodes: list[Node] = []
         self._names: set[str] = set()

@@ -4,7 +4,6 @@ as a temporal table, and a keyed stream enriched from an external system
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any, Literal
@@ -13,7 +12,9 @@ from sluiceway.errors import FlowDefinitionError
 from sluiceway.flow.args import (
     check_breaker,
     check_callable,
+    check_choice,
     fn_label,
+    is_async_callable,
     positive_int,
     ticks_of,
 )
@@ -72,8 +73,7 @@ def window_join_spec(
             "window_join() expects sw.windows.Tumbling(...), Sliding(...) or "
             f"Session(...), got {assigner!r}"
         )
-    if how not in ("inner", "left", "full"):
-        raise ValueError(f"window_join(how=...) must be 'inner', 'left' or 'full', got {how!r}")
+    check_choice(how, ("inner", "left", "full"), "window_join(how=...)")
     lateness = ticks_of(allowed_lateness, "window_join(allowed_lateness=...)")
     return WindowJoinSpec(assigner, how, lateness)
 
@@ -84,8 +84,7 @@ def interval_join_spec(
     how: Literal["inner", "left"],
     allowed_lateness: float | timedelta,
 ) -> IntervalJoinSpec:
-    if how not in ("inner", "left"):
-        raise ValueError(f"interval_join(how=...) must be 'inner' or 'left', got {how!r}")
+    check_choice(how, ("inner", "left"), "interval_join(how=...)")
     lo = ticks_of(lower, "interval_join(lower=...)", signed=True)
     hi = ticks_of(upper, "interval_join(upper=...)", signed=True)
     if lo > hi:
@@ -99,8 +98,7 @@ def asof_join_spec(
     how: Literal["inner", "left"],
     allowed_lateness: float | timedelta,
 ) -> AsOfJoinSpec:
-    if how not in ("inner", "left"):
-        raise ValueError(f"asof_join(how=...) must be 'inner' or 'left', got {how!r}")
+    check_choice(how, ("inner", "left"), "asof_join(how=...)")
     tol = None if tolerance is None else ticks_of(tolerance, "asof_join(tolerance=...)")
     lateness = ticks_of(allowed_lateness, "asof_join(allowed_lateness=...)")
     return AsOfJoinSpec(how, lateness, tolerance=tol)
@@ -114,8 +112,7 @@ def temporal_join_spec(
 ) -> JoinSpec:
     """The event-time temporal join (a :class:`TemporalJoinSpec`, whose results have late
     records) or, with ``time="processing"``, the latest-row join."""
-    if how not in ("inner", "left"):
-        raise ValueError(f"temporal_join(how=...) must be 'inner' or 'left', got {how!r}")
+    check_choice(how, ("inner", "left"), "temporal_join(how=...)")
     if is_delete is not None:
         check_callable(is_delete, "temporal_join(is_delete=...)")
     if time == "processing":
@@ -125,8 +122,7 @@ def temporal_join_spec(
                 "allowed_lateness has no meaning there"
             )
         return LatestJoinSpec(how, is_delete)
-    if time != "event":
-        raise ValueError(f"temporal_join(time=...) must be 'event' or 'processing', got {time!r}")
+    check_choice(time, ("event", "processing"), "temporal_join(time=...)")
     lateness = ticks_of(allowed_lateness, "temporal_join(allowed_lateness=...)")
     return TemporalJoinSpec(how, lateness, tolerance=None, is_delete=is_delete)
 
@@ -145,14 +141,11 @@ def lookup_join(
     name: str | None,
     on_error: object,
 ) -> Node:
-    if not inspect.iscoroutinefunction(fetch) and not inspect.iscoroutinefunction(
-        getattr(fetch, "__call__", None)  # noqa: B004 - an async callable object
-    ):
+    if not is_async_callable(fetch):
         raise TypeError(
             f"lookup_join() expects an async function fetch(key) (async def), got {fetch!r}"
         )
-    if how not in ("inner", "left"):
-        raise ValueError(f"lookup_join(how=...) must be 'inner' or 'left', got {how!r}")
+    check_choice(how, ("inner", "left"), "lookup_join(how=...)")
     size = positive_int(cache_size, "lookup_join cache_size")
     ttl_s = None if ttl is None else positive_seconds(ttl, "lookup_join ttl")
     if isinstance(concurrency, bool) or not isinstance(concurrency, int | Adaptive):

@@ -12,7 +12,14 @@ from sluiceway.flow.args import check_callable, fn_label
 from sluiceway.flow.graph import At, Node, derive
 from sluiceway.operators.keyed_state import KeyedProcessSpec, StatefulMapSpec, process_factory
 from sluiceway.policies import check_policy
-from sluiceway.state import TTL, as_ttl
+from sluiceway.state import TTL, StateBackend, as_backend, as_ttl
+
+
+def _backend(at: At, state: object, what: str) -> StateBackend | None:
+    """The operator's ``state=``, else its flow's (None: the engine's default)."""
+    if state is None:
+        return at.flow.state
+    return as_backend(state, what)
 
 
 def stateful_map(
@@ -21,6 +28,7 @@ def stateful_map(
     name: str | None,
     ttl: float | timedelta | TTL | None,
     on_error: object,
+    state: object = None,
 ) -> Node:
     check_callable(fn, "stateful_map")
     policy = check_policy(on_error, "stateful_map()")
@@ -32,11 +40,12 @@ def stateful_map(
             f"{at.node.describe()} has no event time; call .with_timestamps(...) "
             "before it, or use a processing-time TTL"
         )
-    spec = StatefulMapSpec(fn, ttl=t, on_error=policy, timestamped=timestamped)
+    backend = _backend(at, state, "stateful_map(state=...)")
+    spec = StatefulMapSpec(fn, ttl=t, on_error=policy, timestamped=timestamped, state=backend)
     return derive(at, spec, name, f"stateful_map_{fn_label(fn)}")
 
 
-def process(at: At, fn: object, name: str | None, on_error: object) -> Node:
+def process(at: At, fn: object, name: str | None, on_error: object, state: object = None) -> Node:
     factory, has_timer = process_factory(fn)
     policy = check_policy(on_error, "process()")
     spec = KeyedProcessSpec(
@@ -44,5 +53,6 @@ def process(at: At, fn: object, name: str | None, on_error: object) -> Node:
         on_error=policy,
         timestamped=at.node.timestamped,
         processing_timers=has_timer,
+        state=_backend(at, state, "process(state=...)"),
     )
     return derive(at, spec, name, f"process_{fn_label(fn)}")

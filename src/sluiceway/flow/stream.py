@@ -57,7 +57,7 @@ from sluiceway.flowcontrol.limiters import KeyedLimiter, Limiter
 from sluiceway.operators.base import OpSpec
 from sluiceway.operators.stateless import FilterSpec, FlatMapSpec, InspectSpec, MapSpec
 from sluiceway.policies import DeadLetter, ErrorPolicy, Fail
-from sluiceway.state import TTL, KeyedProcessFunction
+from sluiceway.state import TTL, InMemory, KeyedProcessFunction, OnDisk
 from sluiceway.watermarks import WatermarkStrategy
 from sluiceway.windows.assigners import Session, Sliding, Tumbling
 from sluiceway.windows.operator import Aggregation
@@ -84,6 +84,9 @@ class Flow(Graph):
         name: the flow's name (in errors, metrics and logs).
         channel_capacity: records held by an implicit channel (before a ``merge`` or a
             timed ``batch``); ``buffer(capacity=...)`` sets its own.
+        state: where keyed state (``stateful_map``, ``process``) is kept unless the
+            operator says otherwise: ``sw.state.InMemory()`` (the default) or
+            ``sw.state.OnDisk(path=..., cache_keys=...)`` (docs/state.md, "Backends").
     """
 
     def source(
@@ -320,7 +323,7 @@ class Stream(Generic[T]):
         ``when_limited="reject"``: a record the limiter does not admit now is handed back
         to its broker, to be delivered again after ``retry_after`` seconds, instead of
         being waited for (the records after it go on).  It must follow a broker source
-        that can redeliver (NATS JetStream, RabbitMQ) directly, or
+        that can redeliver (NATS JetStream, RabbitMQ, Redis Streams) directly, or
         through ``key_by`` for a ``KeyedLimiter``; order is not kept for rejected
         records.
 
@@ -428,6 +431,7 @@ class KeyedStream(Stream[T], Generic[K, T]):
         name: str | None = None,
         ttl: float | timedelta | TTL | None = None,
         on_error: ErrorPolicy = Fail(),
+        state: InMemory | OnDisk | None = None,
     ) -> KeyedStream[K, U]:
         """``fn(state, value) -> (state, output)`` with a state per key.
 
@@ -437,7 +441,8 @@ class KeyedStream(Stream[T], Generic[K, T]):
         last write, i.e. the key's last record that returned a state; reads do not count):
         seconds of processing time, or ``sw.state.TTL(seconds, time="event")``.  A
         record that fails (``on_error``) leaves its key's state as it was.  The state is
-        in checkpoints.  See docs/state.md.
+        in checkpoints.  ``state=sw.state.OnDisk(...)`` keeps it on disk behind a
+        bounded cache (default: the flow's ``state=``, in memory).  See docs/state.md.
 
         >>> import sluiceway as sw
         >>> def total(acc, x):
@@ -447,7 +452,7 @@ class KeyedStream(Stream[T], Generic[K, T]):
         ...     lambda s: s.key_by(lambda x: x % 2).stateful_map(total), [1, 2, 3, 4])
         [1, 2, 4, 6]
         """
-        return KeyedStream(self.flow, keyed.stateful_map(self, fn, name, ttl, on_error))
+        return KeyedStream(self.flow, keyed.stateful_map(self, fn, name, ttl, on_error, state))
 
     def process(
         self,
@@ -455,6 +460,7 @@ class KeyedStream(Stream[T], Generic[K, T]):
         *,
         name: str | None = None,
         on_error: ErrorPolicy = Fail(),
+        state: InMemory | OnDisk | None = None,
     ) -> KeyedStream[K, Any]:
         """A keyed process function: state, timers and any number of outputs per record.
 
@@ -466,7 +472,9 @@ class KeyedStream(Stream[T], Generic[K, T]):
         ``set``/``put``, not from reads.  An event-time timer at ``t`` fires once the
         watermark has passed ``t`` (after the records at ``t``), and ``on_timer`` gets
         ``t`` exactly as registered.  A failed record or timer (``on_error``) leaves
-        state, timers and output as they were.  See docs/state.md.
+        state, timers and output as they were.  ``state=sw.state.OnDisk(...)`` keeps
+        the state on disk behind a bounded cache (default: the flow's ``state=``, in
+        memory).  See docs/state.md.
 
         >>> import sluiceway as sw
         >>> class FirstOfEach:
@@ -479,7 +487,7 @@ class KeyedStream(Stream[T], Generic[K, T]):
         ...     lambda s: s.key_by(len).process(FirstOfEach), ["a", "bb", "c", "dd", "eee"])
         [(1, 'a'), (2, 'bb'), (3, 'eee')]
         """
-        return KeyedStream(self.flow, keyed.process(self, fn, name, on_error))
+        return KeyedStream(self.flow, keyed.process(self, fn, name, on_error, state))
 
     # -- joins (docs/joins.md) ---------------------------------------------------------
 

@@ -29,9 +29,10 @@ from __future__ import annotations
 from bisect import bisect_right, insort
 from collections.abc import Callable
 from heapq import heappop, heappush
+from itertools import count, repeat
 from typing import Any, ClassVar, Literal
 
-from sluiceway.joins.base import INF, JoinSpec, JoinStep
+from sluiceway.joins.base import INF, JoinSpec, JoinStep, WatermarkColumn
 from sluiceway.operators.base import BuildContext, Step
 
 __all__ = ["AsOfJoinSpec", "TemporalJoinSpec"]
@@ -61,11 +62,20 @@ class _AsOfJoinStep(JoinStep):
         return self.count
 
     def _records(
-        self, side: int, values: list[Any], ts: list[int], keys: list[Any], wms: list[float]
+        self, side: int, values: list[Any], ts: list[int], keys: list[Any], wms: WatermarkColumn
     ) -> None:
-        lateness, tolerance, waiting = self.lateness, self.tolerance, self.waiting
-        seq = self.seq[side]
-        for v, t, k, w in zip(values, ts, keys, wms, strict=True):
+        lateness, seq = self.lateness, self.seq[side]
+        if wms is None and side == 0:  # no late record: only the waiting heap to fill
+            waiting = self.waiting
+            for item in zip(ts, count(seq + 1), keys, values):
+                heappush(waiting, item)
+            self.seq[side] = seq + len(values)
+            self.count += len(values)
+            return
+        tolerance, waiting, rights = self.tolerance, self.waiting, self.rights
+        cutoff = self.wm - lateness  # see _prune: the same for the whole batch
+        plain = self.is_delete is None  # else _prune may also drop a deletion
+        for v, t, k, w in zip(values, ts, keys, wms or repeat(-INF, len(ts)), strict=True):
             seq += 1
             if t + lateness < w:
                 self.late_record(side, v, t, k, w)
@@ -74,13 +84,19 @@ class _AsOfJoinStep(JoinStep):
             if side == 0:
                 heappush(waiting, (t, seq, k, v))
                 continue
-            rows = self.rights.get(k)
+            rows = rights.get(k)
             if rows is None:
-                rows = self.rights[k] = []
+                rows = rights[k] = [(t, seq, v)]
                 if tolerance is not None:  # one entry per key: see _advance
                     heappush(self.expiry, (t + tolerance, seq, k))
-            # (time, seq) is unique: tuples compare without ever reaching the value.
-            insort(rows, (t, seq, v))
+            else:
+                # (time, seq) is unique: tuples compare without ever reaching the value.
+                if rows[-1][0] <= t:  # in order: the common case
+                    rows.append((t, seq, v))
+                else:
+                    insort(rows, (t, seq, v))
+                if plain and rows[1][0] > cutoff:  # nothing to prune (the common case)
+                    continue
             self._prune(k, rows)
         self.seq[side] = seq
 
@@ -102,11 +118,11 @@ class _AsOfJoinStep(JoinStep):
     def _advance(self, wm: float) -> None:
         waiting, lateness, tolerance = self.waiting, self.lateness, self.tolerance
         rights, is_delete, left = self.rights, self.is_delete, self.how == "left"
-        out, out_ts, out_keys = self.out, self.out_ts, self.out_keys
-        answered = 0
+        out, out_ts, out_keys = self.out.append, self.out_ts.append, self.out_keys.append
+        freed = 0
         while waiting and waiting[0][0] + lateness < wm:
             t, _, k, v = heappop(waiting)
-            answered += 1
+            freed += 1
             match = None
             rows = rights.get(k)
             if rows:
@@ -118,12 +134,11 @@ class _AsOfJoinStep(JoinStep):
                             match = None
                     if i:  # left records answered later are not earlier: none needs these
                         del rows[:i]
-                        self.count -= i
+                        freed += i
             if match is not None or left:
-                out.append((v, match))
-                out_ts.append(t)
-                out_keys.append(k)
-        self.count -= answered
+                out((v, match))
+                out_ts(t)
+                out_keys(k)
         expiry = self.expiry
         if expiry and expiry[0][0] + lateness < wm:
             assert tolerance is not None
@@ -133,16 +148,17 @@ class _AsOfJoinStep(JoinStep):
                 rows = rights.get(k)
                 if rows is None:
                     continue
-                # Too old for any left record still to come; (oldest, -1) sorts before
-                # every record at ``oldest``, which are kept.
-                i = bisect_right(rows, (oldest, -1))
-                if i:
+                if rows[0][0] < oldest:  # else answering left records pruned them already
+                    # Too old for any left record still to come; (oldest, -1) sorts
+                    # before every record at ``oldest``, which are kept.
+                    i = bisect_right(rows, (oldest, -1))
                     del rows[:i]
-                    self.count -= i
+                    freed += i
                 if rows:  # the key's entry again, for its oldest record
                     heappush(expiry, (rows[0][0] + tolerance, n, k))
                 else:
                     del rights[k]
+        self.count -= freed
 
 
 class AsOfJoinSpec(JoinSpec):

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right, insort
 from heapq import heappop, heappush
+from itertools import repeat
 from typing import Any, ClassVar, Literal
 
-from sluiceway.joins.base import INF, JoinSpec, JoinStep
+from sluiceway.joins.base import INF, JoinSpec, JoinStep, WatermarkColumn
 from sluiceway.operators.base import BuildContext, Step
 
 __all__ = ["IntervalJoinSpec"]
@@ -48,7 +49,7 @@ class _IntervalJoinStep(JoinStep):
         return self.count
 
     def _records(
-        self, side: int, values: list[Any], ts: list[int], keys: list[Any], wms: list[float]
+        self, side: int, values: list[Any], ts: list[int], keys: list[Any], wms: WatermarkColumn
     ) -> None:
         lower, upper, lateness = self.lower, self.upper, self.lateness
         mine, theirs = self.buffers[side], self.buffers[1 - side]
@@ -59,7 +60,7 @@ class _IntervalJoinStep(JoinStep):
         keep_for = upper if side == 0 else -lower
         seq = self.seq[side]
         added = 0
-        for v, t, k, w in zip(values, ts, keys, wms, strict=True):
+        for v, t, k, w in zip(values, ts, keys, wms or repeat(-INF, len(ts)), strict=True):
             seq += 1
             if t + lateness < w:
                 self.late_record(side, v, t, k, w)

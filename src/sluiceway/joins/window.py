@@ -26,10 +26,12 @@ watermark (a session that closed may not grow again).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from heapq import heappop, heappush
+from itertools import count, product, repeat
 from typing import Any, ClassVar, Literal
 
-from sluiceway.joins.base import JoinSpec, JoinStep
+from sluiceway.joins.base import INF, JoinSpec, JoinStep, WatermarkColumn, gc_paused
 from sluiceway.operators.base import BuildContext, Step
 from sluiceway.windows.assigners import Session, Sliding, Tumbling
 
@@ -39,15 +41,16 @@ How = Literal["inner", "left", "full"]
 _INF_SEQ = 1 << 62  # the order of a key without left records: after every key with one
 
 
-def _pairs(lefts: list[Any], rights: list[Any], how: How) -> list[tuple[Any, Any]]:
-    """The results of one key in one window, left record by left record."""
+def _pairs(lefts: list[Any], rights: list[Any], how: How) -> Iterable[tuple[Any, Any]]:
+    """The results of one key in one window, left record by left record (made in C:
+    ``product`` and ``zip`` build the tuples at a third of a comprehension's cost)."""
     if lefts and rights:
-        return [(a, b) for a in lefts for b in rights]
+        return product(lefts, rights)
     if lefts and how != "inner":
-        return [(a, None) for a in lefts]
+        return zip(lefts, repeat(None))
     if rights and how == "full":
-        return [(None, b) for b in rights]
-    return []
+        return zip(repeat(None), rights)
+    return ()
 
 
 # One key in one window: [first left seq, first right seq, lefts, rights] (records in
@@ -87,36 +90,16 @@ class _GridJoinStep(JoinStep):
         return out
 
     def _records(
-        self, side: int, values: list[Any], ts: list[int], keys: list[Any], wms: list[float]
+        self, side: int, values: list[Any], ts: list[int], keys: list[Any], wms: WatermarkColumn
     ) -> None:
-        panes, size, lateness, off = self.panes, self.size, self.lateness, self.offset
-        tumbling = self.slide == size
+        if self.slide == self.size:
+            self._tumbling(side, values, ts, keys, wms)
+            return
+        panes, size, lateness = self.panes, self.size, self.lateness
         first, records = (_FL, _LS) if side == 0 else (_FR, _RS)
         seq = self.seq[side]
         added = 0
-        if tumbling:  # one window per record: the loop below, unrolled
-            for v, t, k, w in zip(values, ts, keys, wms, strict=True):
-                seq += 1
-                start = t - (t - off) % size
-                if start + size + lateness <= w:
-                    self.late_record(side, v, t, k, w)
-                    continue
-                pane = panes.get(start)
-                if pane is None:
-                    pane = panes[start] = {}
-                    heappush(self.closing, start)
-                entry = pane.get(k)
-                if entry is None:
-                    entry = pane[k] = [_INF_SEQ, _INF_SEQ, [], []]
-                    entry[first] = seq
-                elif entry[first] == _INF_SEQ:
-                    entry[first] = seq
-                entry[records].append(v)
-                added += 1
-            self.seq[side] = seq
-            self.count += added
-            return
-        for v, t, k, w in zip(values, ts, keys, wms, strict=True):
+        for v, t, k, w in zip(values, ts, keys, wms or repeat(-INF, len(ts)), strict=True):
             seq += 1
             for start in self._starts(t):
                 if start + size + lateness <= w:
@@ -136,20 +119,61 @@ class _GridJoinStep(JoinStep):
         self.seq[side] = seq
         self.count += added
 
+    def _tumbling(
+        self, side: int, values: list[Any], ts: list[int], keys: list[Any], wms: WatermarkColumn
+    ) -> None:
+        """:meth:`_records` for one window per record: the loop there, unrolled."""
+        panes, size, off = self.panes, self.size, self.offset
+        closes = size + self.lateness  # a window closes at start + closes
+        first, records = (_FL, _LS) if side == 0 else (_FR, _RS)
+        seq = self.seq[side]
+        last, pane = None, {}
+        added = 0
+        for n, v, t, k, w in zip(count(seq + 1), values, ts, keys, wms or repeat(-INF, len(ts))):
+            start = t - (t - off) % size
+            if start + closes <= w:
+                self.late_record(side, v, t, k, w)
+                continue
+            if start != last:  # records come mostly in order: often the same window
+                last = start
+                got = panes.get(start)
+                if got is None:
+                    got = panes[start] = {}
+                    heappush(self.closing, start)
+                pane = got
+            entry = pane.get(k)
+            if entry is None:
+                entry = pane[k] = [_INF_SEQ, _INF_SEQ, [], []]
+                entry[first] = n
+            elif entry[first] == _INF_SEQ:
+                entry[first] = n
+            entry[records].append(v)
+            added += 1
+        self.seq[side] = seq + len(values)
+        self.count += added
+
     def _advance(self, wm: float) -> None:
+        closing, size, lateness = self.closing, self.size, self.lateness
+        if closing and closing[0] + size + lateness <= wm:
+            with gc_paused():  # every pair of the windows that close, at once
+                self._close(wm)
+
+    def _close(self, wm: float) -> None:
         closing, size, lateness, how = self.closing, self.size, self.lateness, self.how
         out, out_ts, out_keys = self.out, self.out_ts, self.out_keys
         while closing and closing[0] + size + lateness <= wm:
             start = heappop(closing)
             pane = self.panes.pop(start)
-            t = start + size - 1
+            made = len(out)
+            gone = 0
             for k, entry in sorted(pane.items(), key=_key_order):
                 lefts, rights = entry[_LS], entry[_RS]
-                self.count -= len(lefts) + len(rights)
-                pairs = _pairs(lefts, rights, how)
-                out += pairs
-                out_ts += [t] * len(pairs)
-                out_keys += [k] * len(pairs)
+                gone += len(lefts) + len(rights)
+                n = len(out)
+                out += _pairs(lefts, rights, how)
+                out_keys += repeat(k, len(out) - n)
+            self.count -= gone
+            out_ts += repeat(start + size - 1, len(out) - made)
 
 
 def _key_order(item: tuple[Any, list[Any]]) -> tuple[int, int]:
@@ -180,11 +204,11 @@ class _SessionJoinStep(JoinStep):
         return self.count
 
     def _records(
-        self, side: int, values: list[Any], ts: list[int], keys: list[Any], wms: list[float]
+        self, side: int, values: list[Any], ts: list[int], keys: list[Any], wms: WatermarkColumn
     ) -> None:
         gap, lateness = self.gap, self.lateness
         seq = self.seq[side]
-        for v, t, k, w in zip(values, ts, keys, wms, strict=True):
+        for v, t, k, w in zip(values, ts, keys, wms or repeat(-INF, len(ts)), strict=True):
             seq += 1
             if t + lateness < w:
                 self.late_record(side, v, t, k, w)
@@ -230,11 +254,13 @@ class _SessionJoinStep(JoinStep):
             else:
                 del self.sessions[k]
         closed.sort(key=lambda c: c[:4])
-        for _, _, _, _, k, s in closed:
-            lefts = [v for _, _, v in s[_L]]
-            rights = [v for _, _, v in s[_R]]
-            for pair in _pairs(lefts, rights, self.how):
-                self.result(pair, s[_E] - 1, k)
+        out, out_ts, out_keys = self.out, self.out_ts, self.out_keys
+        with gc_paused():  # every pair of the sessions that close, at once
+            for _, _, _, _, k, s in closed:
+                n = len(out)
+                out += _pairs([v for _, _, v in s[_L]], [v for _, _, v in s[_R]], self.how)
+                out_ts += repeat(s[_E] - 1, len(out) - n)
+                out_keys += repeat(k, len(out) - n)
 
 
 class WindowJoinSpec(JoinSpec):

@@ -80,6 +80,11 @@ _OPERATOR_COUNTERS = (
         "dropped",
     ),
     (
+        "sluiceway_rejected",
+        "Records handed back to the broker for a later delivery (rate_limit reject).",
+        "rejected",
+    ),
+    (
         "sluiceway_late_records",
         "Records that arrived after their window closed (window operators).",
         "late",
@@ -92,7 +97,7 @@ def metric_families(snapshot: FlowSnapshot) -> list[Metric]:
 
     Counters per operator (labels ``flow``, ``operator``, ``kind``):
     ``sluiceway_{records_in,records_out,errors,failed_attempts,retries,dead_letters,dropped,
-    late_records}
+    rejected,late_records}
     _total``.  Gauges per operator: ``sluiceway_window_state`` (open windows),
     ``sluiceway_watermark_seconds`` (only once the operator has seen a watermark) and
     ``sluiceway_circuit_open`` (only operators with a circuit breaker; 1 while open),

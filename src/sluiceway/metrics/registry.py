@@ -46,6 +46,7 @@ class OperatorMetrics:
         "processing",
         "records_in",
         "records_out",
+        "rejected",
         "retries",
         "stage",
         "state",
@@ -71,6 +72,9 @@ class OperatorMetrics:
         self.watermark = -math.inf
         self.circuit_state = ""
         self.circuit_opens = 0
+        self.rejected = 0
+        """Records handed back to their broker for a later delivery
+        (``rate_limit(when_limited="reject")``); one record rejected twice counts 2."""
         self.latency = LatencyHistogram()
         """Per record, the time its batch took through this operator's stage (recorded
         for stage heads: the operator that takes batches from a source or a channel)."""
@@ -126,6 +130,9 @@ class OperatorSnapshot:
     processing_p95: float = math.nan
     processing_p99: float = math.nan
     failed_attempts: int = 0
+    rejected: int = 0
+    """Records a ``rate_limit(when_limited="reject")`` handed back to the broker for a
+    later delivery (each time: a record rejected twice counts 2)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,6 +378,7 @@ class MetricsRegistry:
                 processing_p95=m.processing.percentile(95),
                 processing_p99=m.processing.percentile(99),
                 failed_attempts=m.failed_attempts,
+                rejected=m.rejected,
             )
             for m in self._operators.values()
         )

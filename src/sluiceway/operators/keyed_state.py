@@ -24,11 +24,20 @@ import inspect
 import math
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any, ClassVar
 
 from sluiceway.core.delta import Incremental, Partition
 from sluiceway.core.messages import Batch, Control, Watermark
 from sluiceway.core.query import KeyState
+from sluiceway.diskstate import (
+    DiskMap,
+    InMemory,
+    OnDisk,
+    StateBackend,
+    open_run_dir,
+    remove_run_dir,
+)
 from sluiceway.operators.base import BuildContext, OpSpec, Step, without
 from sluiceway.operators.errors import ErrorHandler
 from sluiceway.policies import ErrorPolicy, Fail
@@ -38,6 +47,9 @@ from sluiceway.time import Clock, yield_now
 __all__ = ["KeyedProcessSpec", "StatefulMapSpec"]
 
 _INF = math.inf
+DEFAULT_BACKEND: StateBackend = InMemory()
+"""The backend of a keyed operator when neither it nor its flow names one (tests run the
+keyed-state suites on both backends by replacing it)."""
 _TICKS = 1_000_000
 _YIELD_EVERY = 1024  # timers fired between two turns of the event loop, at most
 
@@ -55,7 +67,9 @@ class _KeyedProcessStep(Step):
         self.timer_fn: Callable[[ProcessContext[Any], Any], Any] | None = getattr(
             self.fn, "on_timer", None
         )
-        self.store = KeyedStore(ctx.name, ctx.clock, spec.timestamped)
+        self.backend: StateBackend = DEFAULT_BACKEND if spec.state is None else spec.state
+        self.run_dir: Path | None = None  # OnDisk: this run's directory of files
+        self.store = self._new_store(None)
         self.stores: dict[Partition, KeyedStore] = {None: self.store}
         """The state per source partition (one store each, so that one partition's share
         can be snapshotted, restored or dropped alone); today every record belongs to
@@ -74,6 +88,26 @@ class _KeyedProcessStep(Step):
         self.max_ts: float = -_INF  # the largest event time seen (ticks)
         self.cur_ts: int | None = None  # event time of what is being handled (ticks)
         self.cur_wm: float = -_INF  # the watermark its outputs carry
+
+    def _new_store(self, partition: Partition) -> KeyedStore:
+        """A partition's store, on the operator's backend (OnDisk: a file of its own, so
+        that a partition's share can be dropped alone)."""
+        backend = self.backend
+        disk = None
+        if isinstance(backend, OnDisk):
+            if self.run_dir is None:
+                self.run_dir = open_run_dir(backend, self.name)
+            part = "all" if partition is None else f"p{partition}"
+            disk = DiskMap(self.run_dir / f"{part}.sqlite", backend.cache_keys, self.name)
+        return KeyedStore(self.name, self.clock, self.timestamped, disk)
+
+    def close(self) -> None:
+        """Close the on-disk backend's files and delete this run's directory."""
+        for store in self.stores.values():
+            store.close()
+        if self.run_dir is not None:
+            remove_run_dir(self.run_dir)
+            self.run_dir = None
 
     # -- output ------------------------------------------------------------------------
 
@@ -106,6 +140,8 @@ class _KeyedProcessStep(Step):
             del self.out_ts[n:], self.out_wms[n:]
 
     async def _flush(self) -> None:
+        for store in self.stores.values():
+            store.settle()
         m = self.metrics
         m.state = self._keys_held()
         if self.timestamped:
@@ -239,6 +275,8 @@ class _KeyedProcessStep(Step):
         if keys is None:  # pragma: no cover - the builder allows this on keyed streams only
             raise TypeError(f"operator {self.name!r} got records without keys")
         store = self.store
+        if store.disk is not None:
+            store.disk.prefetch(keys)
         store.proc_now = now = self.clock.time()
         if store.next_due("processing") <= now:
             store.expire("processing", now)  # (due timers fired before this batch came in)
@@ -382,6 +420,9 @@ class _KeyedProcessStep(Step):
         from the restoring run's clock (the time between does not count).
         """
         whole = self.next_whole or not self.changes_accepted
+        for store in self.stores.values():
+            if store.disk is not None:
+                store.disk.write_back()  # (a barrier: the dirty keys go to the files)
         extra = {"format": 2, "wm": self.store.wm, "rec_wm": self.rec_wm, "max_ts": self.max_ts}
         parts = {p: store.changes(whole, extra) for p, store in self.stores.items()}
         self.next_whole = False
@@ -400,7 +441,7 @@ class _KeyedProcessStep(Step):
             for p, changes in state.partitions.items():
                 store = self.stores.get(p)
                 if store is None:
-                    store = self.stores[p] = KeyedStore(self.name, self.clock, self.timestamped)
+                    store = self.stores[p] = self._new_store(p)
                     store.track(self.changes_accepted)
                 extra = store.load(changes)
         else:
@@ -433,9 +474,11 @@ class KeyedProcessSpec(OpSpec):
         on_error: ErrorPolicy = Fail(),
         timestamped: bool,
         processing_timers: bool,
+        state: StateBackend | None = None,
     ) -> None:
         self.factory = factory
         self.on_error = on_error
+        self.state = state
         self.timestamped = timestamped
         self.processing_timers = processing_timers
 
@@ -524,6 +567,8 @@ class _StatefulMapStep(_KeyedProcessStep):
         if keys is None:  # pragma: no cover - the builder allows this on keyed streams only
             raise TypeError(f"operator {self.name!r} got records without keys")
         store = self.store
+        if store.disk is not None:
+            store.disk.prefetch(keys)
         data, fn = store.data, self.user_fn
         if store.dirty is not None:  # (a failed record's key too: it is written as it is)
             store.dirty.update(keys)
@@ -545,6 +590,7 @@ class _StatefulMapStep(_KeyedProcessStep):
             elif d is not None:
                 del data[k]
             out.append(o)
+        store.settle()
         self.metrics.state = len(data)
         await self.emit((batch if failed is None else without(batch, failed)).with_values(out))
 
@@ -561,6 +607,7 @@ class StatefulMapSpec(KeyedProcessSpec):
         ttl: TTL | None,
         on_error: ErrorPolicy = Fail(),
         timestamped: bool,
+        state: StateBackend | None = None,
     ) -> None:
         self.fn = fn
         self.ttl = ttl
@@ -569,6 +616,7 @@ class StatefulMapSpec(KeyedProcessSpec):
             on_error=on_error,
             timestamped=timestamped,
             processing_timers=ttl is not None and ttl.time == "processing",
+            state=state,
         )
 
     def build(self, ctx: BuildContext) -> Step:

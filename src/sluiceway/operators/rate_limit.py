@@ -153,6 +153,7 @@ class _RejectingRateLimitStep(Step):
         if back:
             await self.source.redeliver_later(back, self.retry_after)
             self.rejected += len(back)
+            self.metrics.rejected += len(back)
         if taken:
             await self.emit(without(batch, back) if back else batch)
         if back and (not taken or not self.keyed):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import logging
 import math
 import textwrap
 import types
@@ -29,12 +28,11 @@ from sluiceway.agg import Aggregator
 from sluiceway.core.messages import Batch, Control, Watermark
 from sluiceway.core.query import KeyState, OpenWindow
 from sluiceway.operators.base import BuildContext, OpSpec, Step
+from sluiceway.operators.late import Lateness, LateOutputStep
 from sluiceway.time import Clock
 from sluiceway.windows.assigners import Session, Sliding, Tumbling
 
 __all__ = ["Aggregation", "LateRecord", "WindowResult", "WindowSpec"]
-
-log = logging.getLogger("sluiceway")
 
 _INF = math.inf
 _MISSING: Any = object()
@@ -77,7 +75,7 @@ class WindowResult:
 
 
 @dataclass(slots=True)
-class LateRecord:
+class LateRecord(Lateness):
     """A record that arrived after its window closed (``end + allowed_lateness``).
 
     Attributes:
@@ -94,11 +92,6 @@ class LateRecord:
     window_start: float
     window_end: float
     watermark: float
-
-    @property
-    def lateness(self) -> float:
-        """Seconds by which the watermark had passed the record's event time."""
-        return self.watermark - self.timestamp
 
 
 class Aggregation:
@@ -191,13 +184,14 @@ def _code(src: str) -> types.CodeType:
     return compile(src, "<sluiceway window>", "exec")
 
 
-class _WindowStep(Step):
+class _WindowStep(LateOutputStep):
     """What every window operator shares: output, late records, watermarks, timers."""
 
+    what = "window operator"
+
     def __init__(self, ctx: BuildContext, spec: WindowSpec) -> None:
-        super().__init__(ctx.name, ctx.metrics)
+        super().__init__(ctx.name, ctx.metrics, ctx.flow, spec.late_output)
         self.spec = spec
-        self.flow = ctx.flow
         self.clock: Clock = ctx.clock
         self.agg = spec.aggregation
         self.lateness = spec.lateness
@@ -207,8 +201,6 @@ class _WindowStep(Step):
         self.next_due: float = _INF  # the earliest watermark at which something happens
         self.dirty: Any = None  # windows changed since the last early firing
         self.next_early: float | None = None
-        self._outputs: tuple[list[Step], Step | None] | None = None
-        self._warned = False
         # Output of the batch being processed.
         self.out: list[WindowResult] = []
         self.out_ts: list[int] = []
@@ -223,14 +215,6 @@ class _WindowStep(Step):
         self.chunk = ctx.max_batch_size
 
     # -- output ------------------------------------------------------------------------
-
-    def outputs(self) -> tuple[list[Step], Step | None]:
-        if self._outputs is None:
-            if self.spec.late_output:
-                self._outputs = (self.children[:-1], self.children[-1])
-            else:
-                self._outputs = (self.children, None)
-        return self._outputs
 
     def _emit(
         self, k: Any, start: int, end: int, acc: list[Any], kind: str, final: bool, rev: int
@@ -251,7 +235,7 @@ class _WindowStep(Step):
     async def _flush_output(self) -> None:
         """Send the results and late records gathered so far; metrics first, so that
         whoever looks while they travel sees the state they came from."""
-        main, late_child = self.outputs()
+        main = self.outputs()[0]
         m = self.metrics
         m.state = self.open_windows()
         m.watermark = self.wm / 1e6
@@ -270,16 +254,7 @@ class _WindowStep(Step):
         while self.fired:
             await self._send_pane(*self.fired.pop(0), main)
         if late is not None:
-            if late_child is not None:
-                await late_child.push(late)
-            elif not self._warned:
-                self._warned = True
-                log.warning(
-                    "window operator %r in flow %r dropped late records (counted in its "
-                    "'late' metric); add .late() to its results to receive them",
-                    self.name,
-                    self.flow,
-                )
+            await self.send_late(late)
 
     async def _send_pane(
         self, pane: dict[Any, list[Any]], start: int, end: int, wm: float, to: list[Step]
