@@ -6,26 +6,37 @@ back (a fan-in, so barriers are aligned); counts and sums per key in one-second 
 time windows; keeps a running count per key in user state; writes both to exactly-once
 JSON Lines sinks.  The crash matrix: beside those, every other operator that holds
 state or records -- session windows, a process function with event-time timers,
-``map_async`` with calls finishing out of order, ``batch`` with a delay -- writes to a
-sink of its own.  ``--sink naive`` swaps in a sink that neither truncates on restore nor
-at close: the at-least-once sink that must make the test fail.
+``map_async`` with calls finishing out of order, ``batch`` with a delay, a keyed count
+whose checkpoints are change sets (incremental: a base and deltas, compacted every three)
+-- writes to a sink of its own.  ``--sink naive`` swaps in a sink that neither truncates
+on restore nor at close: the at-least-once sink that must make the test fail.
+``--die-compacting N``: the process SIGKILLs itself inside the transaction of its Nth
+compaction (after the new base is written, before the commit).
 
 ``--state disk`` keeps the keyed state (stateful_map, process) in ``sw.state.OnDisk`` files
 under WORKDIR/state with a cache of 8 of the 50 keys.
 
 Usage: crash_child.py INPUT WORKDIR RATE [--sink atomic|naive] [--state memory|disk]
+[--die-compacting N]
 """
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import sluiceway as sw
+from sluiceway.checkpoint.store import CheckpointStore
 from sluiceway.connectors.files import JsonLinesSink
+from sluiceway.core.delta import Changes, Incremental
 from sluiceway.flowcontrol import TokenBucket
+from sluiceway.metrics.registry import OperatorMetrics
+from sluiceway.operators.base import BuildContext, OpSpec, Step
+from sluiceway.runtime.messages import Batch
 
 STATE_EVERY = 50  # the user-state branch writes every 50th count of a key
 
@@ -67,6 +78,68 @@ class PerSecond:
         counts.remove(time - 1.0)
 
 
+class DeltaCounts(OpSpec):
+    """A running count per key, like ``counts``, whose snapshots are change sets: the
+    keys counted since the previous snapshot (whole the first time)."""
+
+    kind: ClassVar[str] = "delta_counts"
+
+    def build(self, ctx: BuildContext) -> Step:
+        return DeltaCountsStep(ctx.name, ctx.metrics)
+
+
+class DeltaCountsStep(Step):
+    def __init__(self, name: str, metrics: OperatorMetrics) -> None:
+        super().__init__(name, metrics)
+        self.counts: dict[int, int] = {}
+        self.dirty: set[int] = set()
+        self.whole = True
+
+    async def push(self, batch: Batch) -> None:
+        out = []
+        for record in batch.values:
+            n = self.counts[record["k"]] = self.counts.get(record["k"], 0) + 1
+            self.dirty.add(record["k"])
+            if n % STATE_EVERY == 0:
+                out.append({"k": record["k"], "n": n, "id": record["id"]})
+        self.metrics.state = len(self.counts)
+        if out:
+            await self.emit(Batch(out))
+
+    def snapshot(self) -> Any:
+        upserts = dict(self.counts) if self.whole else {k: self.counts[k] for k in self.dirty}
+        changes = Changes(self.whole, upserts)
+        self.whole, self.dirty = False, set()
+        return Incremental({None: changes})
+
+    def restore(self, state: Any) -> None:
+        self.counts = dict(state.partitions[None].upserts) if state.partitions else {}
+        self.whole = False
+
+
+def die_inside_compaction(nth: int) -> None:
+    """SIGKILL this process inside the transaction of its ``nth`` compaction."""
+    compact, drop = CheckpointStore._compact_chain, CheckpointStore._drop_unreferenced
+    seen = [0, False]
+
+    def compact_chain(self: CheckpointStore, *args: Any) -> int:
+        seen[0] += 1
+        seen[1] = True
+        try:
+            return compact(self, *args)
+        finally:
+            seen[1] = False
+
+    def drop_unreferenced(conn: Any, flow: str | None) -> None:
+        drop(conn, flow)
+        if seen[1] and seen[0] >= nth:
+            print("dying inside a compaction", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    CheckpointStore._compact_chain = compact_chain  # type: ignore[method-assign]
+    CheckpointStore._drop_unreferenced = staticmethod(drop_unreferenced)  # type: ignore[method-assign,assignment]
+
+
 def build(
     inp: str, work: Path, rate: float, naive: bool, clock: sw.Clock, disk: bool = False
 ) -> sw.Flow:
@@ -104,6 +177,9 @@ def build(
         .map(lambda w: {"k": w.key, "start": w.start, "count": w.value}, name="session_row")
         .sink(sink(work / "sessions.jsonl"), name="sessions_out")
     )
+    keyed._wrap(keyed._derive(DeltaCounts(), "delta_counts", "delta_counts")).sink(
+        sink(work / "delta_counts.jsonl"), name="delta_counts_out"
+    )
     keyed.filter(lambda r: r["k"] % 5 == 0, name="fifth").process(
         PerSecond, name="per_second_timers"
     ).sink(sink(work / "timers.jsonl"), name="timers_out")
@@ -131,11 +207,14 @@ def build(
 def main() -> None:
     inp, work, rate = sys.argv[1], Path(sys.argv[2]), float(sys.argv[3])
     naive = "--sink" in sys.argv and sys.argv[sys.argv.index("--sink") + 1] == "naive"
+    if "--die-compacting" in sys.argv:
+        die_inside_compaction(int(sys.argv[sys.argv.index("--die-compacting") + 1]))
     disk = "--state" in sys.argv and sys.argv[sys.argv.index("--state") + 1] == "disk"
     clock = sw.SystemClock()
     flow = build(inp, work, rate, naive, clock, disk)
     print("ready", flush=True)
-    sw.run(flow, clock=clock, checkpoints=sw.Checkpoints(work / "ckpt", interval=0.05))
+    checkpoints = sw.Checkpoints(work / "ckpt", interval=0.05, compact_after=3)
+    sw.run(flow, clock=clock, checkpoints=checkpoints)
 
 
 if __name__ == "__main__":

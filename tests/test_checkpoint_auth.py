@@ -19,11 +19,13 @@ import json
 import logging
 import os
 import pickle
+import sqlite3
 import stat
 import struct
 import tempfile
 import threading
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,8 @@ from sluiceway.checkpoint.keys import (
     load_keys,
 )
 from sluiceway.core.delta import Changes, Incremental
+from sluiceway.runtime import compactor
+from sluiceway.runtime.segments import fold_chain, unchain
 from test_checkpoints import FLOWS, _run_until, records
 
 KEY_A = "a" * 20 + "-first-key-of-the-test"
@@ -129,12 +133,13 @@ def _body(engine: bytes, user: bytes = b"") -> bytes:
     return struct.pack(">I", len(meta)) + meta + struct.pack(">Q", len(engine)) + engine + user
 
 
-def _forgeries(marker: Path, real: bytes) -> dict[str, bytes]:
-    """What someone who can write the store, but not read the key, can make."""
+def _forgeries(marker: Path, real: bytes, ctx: bytes | None = None) -> dict[str, bytes]:
+    """What someone who can write the store, but not read the key, can make (``ctx``:
+    the context it claims, by default the 'count' part's)."""
     evil = pickle.dumps(Payload(marker))
     real_key_id = real[7:15]
     own_key = KeyRing.parse("x" * 40, source="the attacker's own key").current
-    ctx = codec.part_context(FLOW, "count", "stateful_map")
+    ctx = ctx or codec.part_context(FLOW, "count", "stateful_map")
     return {
         # what the previous version would have unpickled at once
         "plain pickle": evil,
@@ -218,6 +223,155 @@ def test_every_part_is_verified_before_any_is_unpickled(tmp_path: Path) -> None:
     with pytest.raises(sw.CheckpointAuthError, match=r"operator 'src': altered"):
         run_to_end(out, ckpt)
     assert not marker.exists()
+
+
+# -- the attack on a chain: a forged base or delta segment --------------------------------
+
+
+_FORGERIES = [
+    "plain pickle",
+    "made-up key",
+    "real key id",
+    "copied signature",
+    "copied signature, user section",
+    "attacker's key",
+]
+
+
+@pytest.mark.parametrize("forgery", _FORGERIES)
+@pytest.mark.parametrize("position", [0, -1], ids=["base", "delta"])
+def test_a_forged_segment_is_refused_and_runs_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], forgery: str, position: int
+) -> None:
+    """A base or a delta of the chain the newest checkpoint references, replaced in the
+    store file (sha256 recomputed) by what an attacker without the key can make: the
+    restart refuses it, naming the segment; nothing is unpickled; `checkpoints list`
+    and `inspect` say it is not ok; the compaction of that chain refuses it too."""
+    ckdir, out, marker = tmp_path / "ckpt", tmp_path / "out.jsonl", tmp_path / "pwned"
+    ckpt = sw.Checkpoints(ckdir, interval=0.25, compact_ratio=100)  # keep the deltas
+
+    def forge(real: bytes) -> bytes:
+        ctx = codec.segment_context(FLOW, "count", "-", base=position == 0)
+        return _forgeries(marker, real, ctx)[forgery]
+
+    stop_midway(out, ckpt)
+    label = _rewrite_segment(ckdir, position, forge)
+    with pytest.raises(sw.CheckpointAuthError) as refused:
+        run_to_end(out, ckpt)
+    message = str(refused.value)
+    assert not marker.exists(), "the forged segment ran its payload"
+    assert f"segment {label}: " in message
+    assert "none of it was loaded" in message
+    assert f"sluiceway checkpoints reset {ckdir} --flow {FLOW}" in message
+    latest = list_json(ckdir, capsys)["checkpoints"][0]
+    assert latest["ok"] is False
+    assert latest["status"].split(":")[0] in {"unauthenticated", "wrong key", "altered"}
+    assert cli.main(["checkpoints", "inspect", str(ckdir), str(latest["id"])]) == 1
+    assert "partition -  base+deltas" in capsys.readouterr().out
+    keys = load_keys()
+    with CheckpointStore(ckdir) as store, pytest.raises(sw.CheckpointAuthError, match=label):
+        store.compact(FLOW, partial(fold_chain, keys, FLOW), after=1)
+    assert not marker.exists(), "compaction ran the forged segment's payload"
+
+
+def test_trust_unauthenticated_never_covers_an_unsigned_segment(tmp_path: Path) -> None:
+    """Trusting an unsigned checkpoint is for whole parts an older sluiceway wrote; no
+    sluiceway wrote unsigned segments, so an unsigned one is refused even then."""
+    ckdir, out, marker = tmp_path / "ckpt", tmp_path / "out.jsonl", tmp_path / "pwned"
+    ckpt = sw.Checkpoints(ckdir, interval=0.25, compact_ratio=100)
+    stop_midway(out, ckpt)
+    label = _rewrite_segment(ckdir, -1, lambda _: pickle.dumps(Payload(marker)))
+    with CheckpointStore(ckdir) as store:
+        latest = store.latest(FLOW)
+        assert latest is not None
+    trusting = sw.Checkpoints(ckdir, interval=0.25, trust_unauthenticated=latest.info.id)
+    with pytest.raises(sw.CheckpointAuthError, match=f"segment {label}: unauthenticated"):
+        run_to_end(out, trusting)
+    assert not marker.exists()
+
+
+def test_every_segment_is_verified_before_any_is_unpickled(tmp_path: Path) -> None:
+    """A base signed with the right key (the test holds it) whose user section would run
+    code is not decoded while a delta of the same chain fails to verify."""
+    ckdir, out, marker = tmp_path / "ckpt", tmp_path / "out.jsonl", tmp_path / "pwned"
+    ckpt = sw.Checkpoints(ckdir, interval=0.25, compact_ratio=100)
+    stop_midway(out, ckpt)
+    keys = load_keys()
+    assert keys is not None
+    ctx = codec.segment_context(FLOW, "count", "-", base=True)
+    _rewrite_segment(ckdir, 0, lambda _: codec.encode(Payload(marker), keys.current, ctx))
+    label = _rewrite_segment(ckdir, -1, lambda data: _flip(data, "last byte"))
+    with pytest.raises(sw.CheckpointAuthError, match=f"segment {label}: altered"):
+        run_to_end(out, ckpt)
+    assert not marker.exists()
+    with CheckpointStore(ckdir) as store, pytest.raises(sw.CheckpointAuthError):
+        store.compact(FLOW, partial(fold_chain, keys, FLOW), after=1)
+    assert not marker.exists()
+
+
+def test_a_segment_moved_to_another_partition_or_position_is_refused() -> None:
+    """A segment's MAC binds its flow, operator, partition and kind (base or delta): a
+    delta cannot pose as a base, nor move to another operator's or partition's chain."""
+    key = KeyRing.parse("k" * 32, source="test").current
+    ring = KeyRing((key,), "test")
+    delta = codec.encode({"a": 1}, key, codec.segment_context(FLOW, "count", "0", base=False))
+    assert codec.verify(delta, ring, codec.segment_context(FLOW, "count", "0", base=False)).ok
+    for flow, op, partition, base in [
+        (FLOW, "count", "0", True),
+        (FLOW, "count", "1", False),
+        (FLOW, "other", "0", False),
+        ("another flow", "count", "0", False),
+    ]:
+        ctx = codec.segment_context(flow, op, partition, base=base)
+        assert codec.verify(delta, ring, ctx).status is codec.PartStatus.ALTERED
+    # ...nor pass for the operator's whole part
+    ctx = codec.part_context(FLOW, "count/0", "delta")
+    assert codec.part_context(FLOW, "count", "stateful_map") != ctx
+
+
+def test_the_compactor_child_gets_the_key_ring_in_its_environment_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The child folds and signs with the flow's keys, whatever their source (here a key
+    file with an older key too); they reach it in its environment, never on its command
+    line (which `ps` shows every user) nor in the checkpoint directory."""
+    key_file = tmp_path / "keys"
+    key_file.write_text(f"{KEY_A}\n{KEY_B}\n")
+    key_file.chmod(0o600)
+    keys = load_keys(key_file=key_file)
+    assert keys is not None
+    seen: dict[str, Any] = {}
+    real_run = compactor.subprocess.run
+
+    def spy(command: list[str], **kwargs: Any) -> Any:
+        seen["command"], seen["env"] = command, kwargs["env"]
+        return real_run(command, **kwargs)
+
+    monkeypatch.setattr(compactor.subprocess, "run", spy)
+    monkeypatch.setenv(ENV_KEY_FILE, str(key_file))
+    # the child unpickles the keys' Tally objects it folds: it must import this module
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
+    ckdir = tmp_path / "ckpt"
+    stop_midway(
+        tmp_path / "out.jsonl",
+        sw.Checkpoints(ckdir, interval=0.25, key_file=key_file, compact_ratio=100),
+    )
+    assert compactor.compact_in_child(ckdir, FLOW, keys, ratio=0.5, after=1, larger_than=-1) == 1
+    assert not any(KEY_A in arg or KEY_B in arg for arg in seen["command"])
+    assert seen["env"][ENV_KEY].splitlines() == [KEY_A, KEY_B]
+    assert ENV_KEY_FILE not in seen["env"]  # one source: the ring as the flow loaded it
+    assert not any(KEY_A.encode() in p.read_bytes() for p in ckdir.rglob("*") if p.is_file())
+    # The new base verifies under the flow's keys, and the flow restores from it.
+    with CheckpointStore(ckdir) as store:
+        latest = store.latest(FLOW)
+        assert latest is not None
+        assert len(latest.chains["count"]["-"]) == 1
+        codec.verify_checkpoint(
+            latest.states, keys, chains=latest.chains, flow=FLOW, where="x", fixes="y"
+        )
+    # ...and a child without the key refuses rather than fold what it cannot verify
+    with pytest.raises(sw.CheckpointError, match="none is available"):
+        compactor.compact_in_child(ckdir, FLOW, None, ratio=0.5, after=1, larger_than=-1)
 
 
 # -- keys: wrong key, rotation ---------------------------------------------------------
@@ -323,40 +477,106 @@ def test_machines_sharing_a_configured_key_restore_each_others_checkpoints(
 # -- one altered byte ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("where", "status"),
-    [
-        ("magic", "unauthenticated"),
-        ("format", "altered"),
-        ("key id", "wrong key"),
-        ("mac", "altered"),
-        ("meta", "altered"),
-        ("engine", "altered"),
-        ("last byte", "altered"),
-    ],
-)
+def _flip(data: bytes, where: str) -> bytes:
+    """``data`` (a signed part or segment) with one bit changed in its ``where``."""
+    (meta_len,) = struct.unpack_from(">I", data, 47)
+    offsets = {
+        "magic": 0,
+        "format": 6,
+        "key id": 9,
+        "mac": 30,
+        "meta": 51 + meta_len // 2,
+        "engine": 51 + meta_len + 8 + 1,
+    }
+    flipped = bytearray(data)
+    flipped[offsets.get(where, len(data) - 1)] ^= 0x01
+    return bytes(flipped)
+
+
+def _rewrite_segment(ckdir: Path, position: int, forge: Callable[[bytes], bytes]) -> str:
+    """Replace a segment of the newest checkpoint's 'count' chain in the store file, as
+    someone who can write it (but cannot read the key) can: new bytes, and the sha256 the
+    store keeps beside them to catch accidents.  ``position``: 0 the base, -1 the last
+    delta.  Returns how messages name it (:func:`codec.segment_label`)."""
+    with CheckpointStore(ckdir) as store:
+        real = store.latest(FLOW)
+        assert real is not None
+        cid = real.info.id
+        (partition,) = real.chains["count"]
+    conn = sqlite3.connect(ckdir / "checkpoints.db")
+    try:
+        ids = [
+            sid
+            for (sid,) in conn.execute(
+                "SELECT segment_id FROM refs WHERE flow = ? AND checkpoint_id = ? AND"
+                " operator = 'count' ORDER BY position",
+                (FLOW, cid),
+            )
+        ]
+        assert len(ids) >= 2, "the test needs a chain with a delta"
+        sid = ids[position]
+        (data,) = conn.execute("SELECT data FROM segments WHERE id = ?", (sid,)).fetchone()
+        forged = forge(bytes(data))
+        with conn:
+            conn.execute(
+                "UPDATE segments SET data = ?, size = ?, sha256 = ? WHERE id = ?",
+                (forged, len(forged), hashlib.sha256(forged).hexdigest(), sid),
+            )
+    finally:
+        conn.close()
+    return codec.segment_label("count", partition, position % len(ids))
+
+
+_ONE_BYTE = [
+    ("magic", "unauthenticated"),
+    ("format", "altered"),
+    ("key id", "wrong key"),
+    ("mac", "altered"),
+    ("meta", "altered"),
+    ("engine", "altered"),
+    ("last byte", "altered"),
+]
+
+
+@pytest.mark.parametrize(("where", "status"), _ONE_BYTE)
 def test_a_part_altered_by_one_byte_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str, status: str
 ) -> None:
     ckdir, out = tmp_path / "ckpt", tmp_path / "out.jsonl"
     ckpt = sw.Checkpoints(ckdir, interval=0.25)
     stop_midway(out, ckpt)
-    offsets = {"magic": 0, "format": 6, "key id": 9, "mac": 30, "meta": 55, "engine": 120}
     with CheckpointStore(ckdir) as store:
         real = store.latest(FLOW)
         assert real is not None
-        data = bytearray(real.states["count"].data)
-        at = offsets.get(where, len(data) - 1)
-        data[at] ^= 0x01
-        states = {**real.states, "count": OperatorState("count", "stateful_map", bytes(data))}
+        data = _flip(real.states["src"].data, where)
+        states = {**real.states, "src": OperatorState("src", "source", data)}
         altered = store.next_id(FLOW)
-        store.save(FLOW, altered, states, created=real.info.created, duration=0)
-    with pytest.raises(sw.CheckpointAuthError, match=f"operator 'count': {status}"):
+        store.save(FLOW, altered, states, created=real.info.created, duration=0, parent=altered - 1)
+    with pytest.raises(sw.CheckpointAuthError, match=f"operator 'src': {status}"):
         run_to_end(out, ckpt)
-    assert status_of(ckdir, altered, capsys).startswith(f"{status}: operator 'count'")
+    assert status_of(ckdir, altered, capsys).startswith(f"{status}: operator 'src'")
     code = cli.main(["checkpoints", "inspect", str(ckdir), str(altered)])
     assert code == 1
     assert capsys.readouterr().out
+
+
+@pytest.mark.parametrize("position", [0, -1], ids=["base", "delta"])
+@pytest.mark.parametrize(("where", "status"), _ONE_BYTE)
+def test_a_segment_altered_by_one_byte_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str, status: str, position: int
+) -> None:
+    """A base or a delta of an incremental operator's chain, one bit changed (and the
+    store's sha256 recomputed): refused, named, and `checkpoints list` says why."""
+    ckdir, out = tmp_path / "ckpt", tmp_path / "out.jsonl"
+    ckpt = sw.Checkpoints(ckdir, interval=0.25, compact_ratio=100)  # keep the deltas
+    stop_midway(out, ckpt)
+    label = _rewrite_segment(ckdir, position, lambda data: _flip(data, where))
+    with pytest.raises(sw.CheckpointAuthError) as refused:
+        run_to_end(out, ckpt)
+    assert f"segment {label}: {status}" in str(refused.value)
+    latest = list_json(ckdir, capsys)["checkpoints"][0]
+    assert latest["ok"] is False
+    assert latest["status"].startswith(f"{status}: segment {label}")
 
 
 # -- checkpoints of the previous version -----------------------------------------------
@@ -374,10 +594,10 @@ def _make_unsigned(ckdir: Path) -> int:
     with CheckpointStore(ckdir) as store:
         real = store.latest(FLOW)
         assert real is not None
+        values = {name: codec.decode(st.data) for name, st in real.states.items()}
+        values.update({name: unchain(chains) for name, chains in real.chains.items()})
         states = {
-            name: OperatorState(
-                name, st.kind, pickle.dumps(_as_written_before(codec.decode(st.data)))
-            )
+            name: OperatorState(name, st.kind, pickle.dumps(_as_written_before(values[name])))
             for name, st in real.states.items()
         }
         old = store.next_id(FLOW)
@@ -652,8 +872,9 @@ def test_a_part_of_plain_data_has_no_user_section() -> None:
 def test_the_engines_own_state_is_data_only(
     name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Windows with the built-in aggregators, merge, batch, map_async, joins: their
-    checkpoints hold no user section (nothing the general unpickler would build)."""
+    """Windows with the built-in aggregators, merge, batch, map_async, joins, keyed
+    operators: their checkpoints -- whole parts and every segment of a chain -- hold no
+    user section (nothing the general unpickler would build)."""
     build_flow: Callable[[Path, list[dict[str, Any]]], sw.Flow] = FLOWS[name]
     ckdir = tmp_path / "ckpt"
     ckpt = sw.Checkpoints(ckdir, interval=0.25)
@@ -663,6 +884,9 @@ def test_the_engines_own_state_is_data_only(
     for part in parts:
         assert part["auth"] == "ok"
         assert part["user_types"] == [], part
+        for chain in part.get("chains", []):  # an incremental part's segments, chunked
+            assert chain["auth"] == "ok"
+            assert chain["user_types"] == [], (part["name"], chain)
 
 
 def test_list_without_any_key_creates_none_and_says_so(
@@ -688,7 +912,9 @@ def test_list_without_any_key_creates_none_and_says_so(
     assert lines[-1] == f"signatures checked with key {a} from the key file {key_file}"
     assert cli.main(["checkpoints", "inspect", str(ckdir), "--key-file", str(key_file)]) == 0
     rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()}
-    assert rows["count"][-2:] == ["5", f"({__name__}.Tally)"]  # 5 keys' Tally objects
+    assert rows["count"][-2:] == ["ok", "-"]  # incremental: the state is in its chain...
+    assert rows["partition"][-3] == "ok"  # ...whose segments hold the keys' Tally objects
+    assert rows["partition"][-1] == f"({__name__}.Tally)"
     assert rows["src"][-2:] == ["ok", "-"]  # a position: data only
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from sluiceway import cli
-from sluiceway.checkpoint import CheckpointStore, OperatorState
+from sluiceway.checkpoint import CheckpointStore, OperatorState, Segment
 from sluiceway.checkpoint.cli import format_bytes, format_utc
-from sluiceway.checkpoint.codec import encode, part_context
+from sluiceway.checkpoint.codec import encode, part_context, segment_context
 from sluiceway.checkpoint.keys import load_keys
 
 CREATED = 1_700_000_000.0  # 2023-11-14T22:13:20Z
@@ -84,7 +84,8 @@ def test_list_prints_a_table_newest_first(
     assert (code, err) == (0, "")
     lines = out.splitlines()
     assert lines[0].split() == [
-        "ID", "FLOW", "CREATED", "(UTC)", "SIZE", "OPERATORS", "FINAL", "STATUS"
+        "ID", "FLOW", "CREATED", "(UTC)", "SIZE", "BASES", "DELTAS", "OPERATORS", "FINAL",
+        "STATUS",
     ]  # fmt: skip
     assert lines[1].split() == [
         "4",
@@ -92,6 +93,8 @@ def test_list_prints_a_table_newest_first(
         "2023-11-14T22:13:24Z",
         "8.2",
         "KiB",
+        "-",
+        "-",
         "2",
         "yes",
         "ok",
@@ -102,6 +105,8 @@ def test_list_prints_a_table_newest_first(
         "2023-11-14T22:13:23Z",
         "6.2",
         "KiB",
+        "-",
+        "-",
         "2",
         "no",
         "ok",
@@ -139,7 +144,9 @@ def test_list_json(store_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
         "size": len(clicks(4)) + len(totals(4)),
         "operators": 2,
         "final": True,
-        "format_version": 2,
+        "format_version": 3,
+        "base_bytes": 0,
+        "delta_bytes": 0,
         "ok": True,
         "auth": "ok",
         "status": "ok",
@@ -222,7 +229,7 @@ def test_inspect_the_newest(store_dir: Path, capsys: pytest.CaptureFixture[str])
     assert f"  size:           8.2 KiB ({size:,} bytes)" in lines
     assert "  operators:      2" in lines
     assert "  final:          yes" in lines
-    assert "  format version: 2" in lines
+    assert "  format version: 3" in lines
     assert "  status:         ok" in lines
     key = load_keys().current.id  # type: ignore[union-attr]
     table = lines[lines.index("  status:         ok") + 2 :]
@@ -447,3 +454,64 @@ def test_format_bytes(n: int, text: str) -> None:
 
 def test_format_utc_of_a_time_out_of_range() -> None:
     assert format_utc(1e20) == "1e+20 (epoch seconds)"
+
+
+def test_list_and_inspect_show_bases_and_deltas(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    keys = load_keys()
+    assert keys is not None
+    key = keys.current
+    sizes = []
+    with CheckpointStore(tmp_path) as store:
+        for n, whole, body in ((1, True, b"b" * 3000), (2, False, b"d" * 500)):
+            seg = Segment(
+                whole, encode(body, key, segment_context("counts", "sum", "-", base=whole))
+            )
+            sizes.append(len(seg.data))
+            data = encode(None, key, part_context("counts", "sum", "stateful_map"))
+            store.save(
+                "counts",
+                n,
+                {"sum": OperatorState("sum", "stateful_map", data, {"-": seg})},
+                created=CREATED + n,
+                duration=0.1,
+                parent=n - 1 or None,
+            )
+    base, delta = sizes
+    code, out, _ = run_cli(["checkpoints", "list", str(tmp_path)], capsys)
+    assert code == 0
+    rows = [line.split() for line in out.splitlines()[1:3]]
+    assert [r[5:8] for r in rows] == [
+        ["-", *format_bytes(delta).split()],
+        [*format_bytes(base).split(), "-"],
+    ]
+    assert [r[-1] for r in rows] == ["ok", "ok"]
+    code, out, _ = run_cli(["checkpoints", "inspect", str(tmp_path)], capsys)
+    assert code == 0
+    lines = out.splitlines()
+    assert f"  deltas written: {format_bytes(delta)} ({delta} bytes)" in lines
+    assert lines[-1].split() == [
+        "partition",
+        "-",
+        "base+deltas",
+        f"{base:,}+{delta:,}",
+        "1",
+        "delta",
+        key.id,
+        "ok",
+        "-",
+    ]
+    code, out, _ = run_cli(["checkpoints", "inspect", str(tmp_path), "--json"], capsys)
+    [part] = json.loads(out)["parts"]
+    assert part["chains"] == [
+        {
+            "partition": "-",
+            "base_bytes": base,
+            "deltas": 1,
+            "delta_bytes": delta,
+            "auth": "ok",
+            "user_objects": 0,
+            "user_types": [],
+        }
+    ]

@@ -75,7 +75,9 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def start_child(work: Path, inp: Path, sink: str, state: str) -> subprocess.Popen[bytes]:
+def start_child(
+    work: Path, inp: Path, sink: str, state: str, *extra: str
+) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     return subprocess.Popen(
         [
@@ -88,6 +90,7 @@ def start_child(work: Path, inp: Path, sink: str, state: str) -> subprocess.Pope
             sink,
             "--state",
             state,
+            *extra,
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -113,15 +116,29 @@ def wait_ready(p: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
 
 
 def crash_and_finish(
-    tmp_path: Path, *, sink: str, kills: int, seed: int, state: str = "memory"
+    tmp_path: Path,
+    *,
+    sink: str,
+    kills: int,
+    seed: int,
+    state: str = "memory",
+    die_compacting: int | None = None,
 ) -> tuple[list[dict[str, Any]], Path, int]:
-    """Kill the flow ``kills`` times mid-stream, then let a last run finish."""
+    """Kill the flow ``kills`` times mid-stream, then let a last run finish.  With
+    ``die_compacting``, a first run kills itself inside that compaction's transaction."""
     inp = tmp_path / "input.jsonl"
     rows = make_input(inp, RECORDS, seed)
     work = tmp_path / "work"
     work.mkdir()
     rnd = random.Random(seed)
     done = 0
+    if die_compacting is not None:
+        p = start_child(work, inp, sink, state, "--die-compacting", str(die_compacting))
+        wait_ready(p)
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == -signal.SIGKILL, err.decode()
+        assert out == b"dying inside a compaction\n"
+        done += 1
     while done < kills:
         p = start_child(work, inp, sink, state)
         wait_ready(p)
@@ -175,6 +192,16 @@ def check_outputs(rows: list[dict[str, Any]], work: Path) -> list[str]:
                 f"multiple of {STATE_EVERY} up to {total} exactly once"
             )
 
+    delta_seen: dict[int, list[int]] = defaultdict(list)
+    for r in read_rows(work / "delta_counts.jsonl"):
+        delta_seen[r["k"]].append(r["n"])
+    for k, total in per_key.items():
+        if sorted(delta_seen[k]) != list(range(STATE_EVERY, total + 1, STATE_EVERY)):
+            problems.append(
+                f"incremental count: key {k}: running counts {sorted(delta_seen[k])[:5]}... "
+                f"are not each multiple of {STATE_EVERY} up to {total} exactly once"
+            )
+
     per_second = Counter((k, start, n) for k, start, n, _ in want.elements() if k % 5 == 0)
     timers = Counter((r["k"], r["start"], r["count"]) for r in read_rows(work / "timers.jsonl"))
     problems += _exactly_once("process timers", timers, per_second)
@@ -204,6 +231,20 @@ def test_killed_at_random_instants_nothing_lost_duplicated_or_wrong(
     assert check_outputs(rows, work) == []
     if state == "disk":
         assert list((work / "state").iterdir()) == []
+
+
+@pytest.mark.timeout(180)
+def test_a_sigkill_inside_a_compaction_then_at_random_loses_and_doubles_nothing(
+    tmp_path: Path,
+) -> None:
+    """Incremental checkpoints compacted every three: the first run dies inside the
+    transaction of its second compaction (new base written, folded deltas deleted, not
+    committed); the restart restores the old base and chain."""
+    rows, work, kills = crash_and_finish(
+        tmp_path, sink="atomic", kills=6, seed=13, die_compacting=2
+    )
+    assert kills >= 6
+    assert check_outputs(rows, work) == []
 
 
 @pytest.mark.timeout(120)

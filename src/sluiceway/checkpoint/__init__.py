@@ -9,20 +9,24 @@ verifies every part of :meth:`CheckpointStore.latest` before it decodes any.  Se
 
 from sluiceway.checkpoint.store import (
     FORMAT_VERSION,
+    ChainInfo,
     Checkpoint,
     CheckpointInfo,
     CheckpointNotFoundError,
     CheckpointStore,
     OperatorState,
     PartInfo,
+    Segment,
 )
 
 __all__ = [
     "FORMAT_VERSION",
+    "ChainInfo",
     "Checkpoint",
     "CheckpointInfo",
     "CheckpointNotFoundError",
     "CheckpointStore",
     "OperatorState",
     "PartInfo",
+    "Segment",
 ]

@@ -254,13 +254,13 @@ _TORN: Final = "torn"
 
 def _verdicts(
     store: CheckpointStore, info: CheckpointInfo, keys: KeyRing | None
-) -> dict[str, codec.Verdict]:
-    """Each part's signature check (the checkpoint must be complete: not torn)."""
+) -> tuple[dict[str, codec.Verdict], frozenset[str]]:
+    """Each part's signature check, and each segment's of every chain the checkpoint
+    references (by :func:`codec.segment_label`), and the parts' names (the checkpoint
+    must be complete: not torn)."""
     ckpt = store.load(info.id, info.flow)
-    return {
-        name: codec.verify(st.data, keys, codec.part_context(info.flow, name, st.kind))
-        for name, st in sorted(ckpt.states.items())
-    }
+    verdicts = codec.checkpoint_verdicts(ckpt.states, ckpt.chains, keys, flow=info.flow)
+    return verdicts, frozenset(ckpt.states)
 
 
 def _check(
@@ -269,14 +269,15 @@ def _check(
     """(auth: ok / torn / wrong key / altered / unauthenticated, status line, verdicts)."""
     if problem is not None:
         return _TORN, f"{_TORN}: {problem}", {}
-    verdicts = _verdicts(store, info, keys)
+    verdicts, parts = _verdicts(store, info, keys)
     failed = [(name, v) for name, v in verdicts.items() if not v.ok]
     if not failed:
         return "ok", "ok", verdicts
     order = [codec.PartStatus.ALTERED, codec.PartStatus.WRONG_KEY, codec.PartStatus.UNAUTHENTICATED]
     name, worst = min(failed, key=lambda f: order.index(f[1].status))
     others = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
-    status = f"{worst.status.value}: operator {name!r}: {worst.reason}{others}"
+    what = f"operator {name!r}" if name in parts else f"segment {name}"
+    status = f"{worst.status.value}: {what}: {worst.reason}{others}"
     return worst.status.value, status, verdicts
 
 
@@ -324,20 +325,32 @@ def _list(
     if not found:
         _write(f"no checkpoints{_of(flow)} in {directory}")
         return 0
-    header = ("ID", "FLOW", "CREATED (UTC)", "SIZE", "OPERATORS", "FINAL", "STATUS")
+    header = (
+        "ID",
+        "FLOW",
+        "CREATED (UTC)",
+        "SIZE",
+        "BASES",
+        "DELTAS",
+        "OPERATORS",
+        "FINAL",
+        "STATUS",
+    )
     rows = [
         (
             str(info.id),
             info.flow,
             format_utc(info.created),
             format_bytes(info.size),
+            format_bytes(info.base_bytes) if info.base_bytes else "-",
+            format_bytes(info.delta_bytes) if info.delta_bytes else "-",
             str(info.operators),
             "yes" if info.final else "no",
             status,
         )
         for info, _, status in found
     ]
-    right = {0, 3, 4}  # numbers line up on the right
+    right = {0, 3, 4, 5, 6}  # numbers line up on the right
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         cells = [
@@ -399,7 +412,7 @@ def _inspect(
         payload = _info_json(info, auth, status)
         payload["store"] = str(store.path)
         payload["keys"] = _keys_json(keys)
-        payload["parts"] = [_part_json(p, verdicts.get(p.name)) for p in parts]
+        payload["parts"] = [_part_json(p, verdicts.get(p.name), verdicts) for p in parts]
         _write(json.dumps(payload, indent=2))
         return code
     _write(f"checkpoint {info.id} of flow {info.flow!r} in {store.path}")
@@ -407,6 +420,8 @@ def _inspect(
         ("created", format_utc(info.created)),
         ("duration", f"{info.duration:.3f} s"),
         ("size", f"{format_bytes(info.size)} ({info.size:,} bytes)"),
+        ("bases written", f"{format_bytes(info.base_bytes)} ({info.base_bytes:,} bytes)"),
+        ("deltas written", f"{format_bytes(info.delta_bytes)} ({info.delta_bytes:,} bytes)"),
         ("operators", str(info.operators)),
         ("final", "yes" if info.final else "no"),
         ("format version", str(info.format_version)),
@@ -418,7 +433,32 @@ def _inspect(
     return code
 
 
-def _part_json(part: PartInfo, verdict: codec.Verdict | None) -> dict[str, Any]:
+def _chain(
+    verdicts: dict[str, codec.Verdict], part: PartInfo, partition: str
+) -> list[codec.Verdict]:
+    """The verdicts of one chain's segments (base first)."""
+    prefix = f"{part.name!r} partition {partition} "
+    return [v for label, v in verdicts.items() if label.startswith(prefix)]
+
+
+def _chain_verdict(chain: list[codec.Verdict]) -> codec.Verdict | None:
+    """One chain as one verdict: its first failing segment's, else ok with every
+    segment's user objects summed (None: not verified)."""
+    if not chain:
+        return None
+    bad = [v for v in chain if not v.ok]
+    if bad:
+        return bad[0]
+    types = sorted({t for v in chain for t in v.user_types})
+    keys = ",".join(sorted({v.key_id or "-" for v in chain}))
+    return codec.Verdict(
+        codec.PartStatus.OK, "", keys, tuple(types), sum(v.user_objects for v in chain)
+    )
+
+
+def _part_json(
+    part: PartInfo, verdict: codec.Verdict | None, verdicts: dict[str, codec.Verdict]
+) -> dict[str, Any]:
     data: dict[str, Any] = {
         "name": part.name,
         "kind": part.kind,
@@ -430,6 +470,21 @@ def _part_json(part: PartInfo, verdict: codec.Verdict | None) -> dict[str, Any]:
         data["key_id"] = verdict.key_id
         data["user_objects"] = verdict.user_objects
         data["user_types"] = list(verdict.user_types)
+    if part.incremental:
+        data["chains"] = []
+        for c in part.chains:
+            chain = _chain_verdict(_chain(verdicts, part, c.partition))
+            data["chains"].append(
+                {
+                    "partition": c.partition,
+                    "base_bytes": c.base_size,
+                    "deltas": c.deltas,
+                    "delta_bytes": c.delta_size,
+                    "auth": None if chain is None else chain.status.value,
+                    "user_objects": None if chain is None else chain.user_objects,
+                    "user_types": [] if chain is None else list(chain.user_types),
+                }
+            )
     return data
 
 
@@ -447,18 +502,33 @@ def _parts_table(parts: list[PartInfo], verdicts: dict[str, codec.Verdict]) -> s
     if not parts:
         return "no operator states"
     header = ("OPERATOR", "KIND", "BYTES", "SHA256", "KEY", "AUTH", "USER OBJECTS")
-    rows = [
-        (
-            p.name,
-            p.kind,
-            f"{p.size:,}",
-            p.sha256[:_SHA_PREFIX],
-            (v.key_id or "-") if (v := verdicts.get(p.name)) is not None else "?",
-            v.status.value if v is not None else "?",
-            _user_cell(v),
+    rows: list[tuple[str, ...]] = []
+    for p in parts:
+        v = verdicts.get(p.name)
+        rows.append(
+            (
+                p.name,
+                p.kind,
+                f"{p.size:,}",
+                p.sha256[:_SHA_PREFIX],
+                (v.key_id or "-") if v is not None else "?",
+                v.status.value if v is not None else "?",
+                _user_cell(v),
+            )
         )
-        for p in parts
-    ]
+        for c in p.chains:  # an incremental part: a row per partition chain below it
+            w = _chain_verdict(_chain(verdicts, p, c.partition))
+            rows.append(
+                (
+                    f"  partition {c.partition}",
+                    "base+deltas",
+                    f"{c.base_size:,}+{c.delta_size:,}",
+                    f"{c.deltas} delta{'s' if c.deltas != 1 else ''}",
+                    (w.key_id or "-") if w is not None else "?",
+                    w.status.value if w is not None else "?",
+                    _user_cell(w),
+                )
+            )
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = []
     for row in [header, *rows]:

@@ -58,7 +58,7 @@ import pickle
 import struct
 import uuid
 import zoneinfo
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import BuiltinFunctionType, FunctionType
 from typing import Any, Final
@@ -202,6 +202,32 @@ class Packed:
 def part_context(flow: str, name: str, kind: str) -> bytes:
     """What a part's MAC binds it to: its flow, operator (part) name and kind."""
     return json.dumps([flow, name, kind], ensure_ascii=True).encode("ascii")
+
+
+def segment_context(flow: str, operator: str, partition: str, *, base: bool) -> bytes:
+    """What a segment's MAC binds it to: its flow, operator and partition, and whether it
+    is a chain's base or one of its deltas.  Not the checkpoint id: one stored segment is
+    shared by every checkpoint whose chain holds it (docs/checkpoints.md, "Security")."""
+    return part_context(flow, f"{operator}/{partition}", "base" if base else "delta")
+
+
+def segment_label(operator: str, partition: str, position: int) -> str:
+    """How messages name a segment: ``'sum' partition 0 base`` / ``... delta 3``."""
+    where = "base" if position == 0 else f"delta {position}"
+    return f"{operator!r} partition {partition} {where}"
+
+
+def chain_verdicts(
+    flow: str, operator: str, partition: str, chain: Sequence[bytes], keys: KeyRing | None
+) -> dict[str, Verdict]:
+    """Each segment of one stored chain (base first) checked under ``keys``; decodes
+    nothing."""
+    return {
+        segment_label(operator, partition, i): verify(
+            blob, keys, segment_context(flow, operator, partition, base=i == 0)
+        )
+        for i, blob in enumerate(chain)
+    }
 
 
 # -- encoding -----------------------------------------------------------------------------
@@ -479,16 +505,37 @@ class _EngineUnpickler(pickle.Unpickler):
 # -- a whole checkpoint -------------------------------------------------------------------
 
 
+def checkpoint_verdicts(
+    states: Mapping[str, OperatorState],
+    chains: Mapping[str, Mapping[str, Sequence[bytes]]],
+    keys: KeyRing | None,
+    *,
+    flow: str,
+) -> dict[str, Verdict]:
+    """The verdict of every part and of every segment of every chain of a checkpoint
+    (segments named by :func:`segment_label`); decodes nothing."""
+    verdicts = {
+        name: verify(st.data, keys, part_context(flow, name, st.kind))
+        for name, st in sorted(states.items())
+    }
+    for operator, partitions in sorted(chains.items()):
+        for partition, chain in sorted(partitions.items()):
+            verdicts.update(chain_verdicts(flow, operator, partition, chain, keys))
+    return verdicts
+
+
 def verify_checkpoint(
     states: Mapping[str, OperatorState],
     keys: KeyRing | None,
     *,
+    chains: Mapping[str, Mapping[str, Sequence[bytes]]] | None = None,
     flow: str,
     where: str,
     fixes: str,
     trust_unauthenticated: bool = False,
 ) -> dict[str, Verdict]:
-    """Verify every part of a checkpoint; decodes nothing.
+    """Verify every part of a checkpoint and every segment of every chain it references
+    (``Checkpoint.chains``: operator -> partition -> base, deltas); decodes nothing.
 
     Args: as :func:`open_checkpoint`.
 
@@ -499,17 +546,19 @@ def verify_checkpoint(
         CheckpointAuthError: some part does not verify; every failing part is named,
             with why, the keys tried and what to do.
     """
-    verdicts = {
-        name: verify(st.data, keys, part_context(flow, name, st.kind))
-        for name, st in sorted(states.items())
-    }
+    verdicts = checkpoint_verdicts(states, chains or {}, keys, flow=flow)
     failed = {
         name: v
         for name, v in verdicts.items()
-        if not v.ok and not (trust_unauthenticated and v.status is PartStatus.UNAUTHENTICATED)
+        if not v.ok
+        and not (
+            trust_unauthenticated
+            and name in states  # a segment is never trusted unsigned: none predates signing
+            and v.status is PartStatus.UNAUTHENTICATED
+        )
     }
     if failed:
-        raise CheckpointAuthError(_refusal(where, failed, keys, fixes))
+        raise CheckpointAuthError(_refusal(where, failed, keys, fixes, states))
     return verdicts
 
 
@@ -517,16 +566,20 @@ def open_checkpoint(
     states: Mapping[str, OperatorState],
     keys: KeyRing | None,
     *,
+    chains: Mapping[str, Mapping[str, Sequence[bytes]]] | None = None,
     flow: str,
     where: str,
     fixes: str,
     trust_unauthenticated: bool = False,
     warn: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Verify every part of a checkpoint, then -- only if all verify -- decode them.
+    """Verify every part of a checkpoint and every segment of its chains, then -- only if
+    all verify -- decode the parts (the caller decodes the verified chains).
 
     Args:
         states: the checkpoint's parts by operator name.
+        chains: its incremental parts' chains (``Checkpoint.chains``): every segment
+            must verify, unsigned ones included (trust never covers a segment).
         keys: the keys available.
         flow: the flow's name (part of each part's context).
         where: what the checkpoint is, for messages (``checkpoint 4 of flow 'x' in F``).
@@ -547,12 +600,15 @@ def open_checkpoint(
     verdicts = verify_checkpoint(
         states,
         keys,
+        chains=chains,
         flow=flow,
         where=where,
         fixes=fixes,
         trust_unauthenticated=trust_unauthenticated,
     )
-    trusted = [n for n, v in verdicts.items() if v.status is PartStatus.UNAUTHENTICATED]
+    trusted = [
+        n for n, v in verdicts.items() if n in states and v.status is PartStatus.UNAUTHENTICATED
+    ]
     if trusted and warn is not None:
         warn(
             f"{where}: restoring the unsigned state of {', '.join(map(repr, trusted))} "
@@ -570,13 +626,24 @@ def open_checkpoint(
     return values
 
 
-def _refusal(where: str, failed: Mapping[str, Verdict], keys: KeyRing | None, fixes: str) -> str:
-    same: dict[tuple[PartStatus, str], list[str]] = {}
+def _refusal(
+    where: str,
+    failed: Mapping[str, Verdict],
+    keys: KeyRing | None,
+    fixes: str,
+    parts_named: Iterable[str],
+) -> str:
+    """The refusal: the failing parts (``parts_named``) by operator name, the failing
+    segments by :func:`segment_label`, each group with why; then the keys and the fixes."""
+    whole = set(parts_named)
+    same: dict[tuple[PartStatus, str, bool], list[str]] = {}
     for name, v in failed.items():
-        same.setdefault((v.status, v.reason), []).append(repr(name))
+        part = name in whole
+        same.setdefault((v.status, v.reason, part), []).append(repr(name) if part else name)
     parts = "; ".join(
-        f"operator{'s' if len(names) > 1 else ''} {', '.join(names)}: {status.value}: {reason}"
-        for (status, reason), names in same.items()
+        f"{'operator' if part else 'segment'}{'s' if len(names) > 1 else ''} "
+        f"{', '.join(names)}: {status.value}: {reason}"
+        for (status, reason, part), names in same.items()
     )
     statuses = {v.status for v in failed.values()}
     advice: list[str] = []

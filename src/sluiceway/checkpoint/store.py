@@ -52,8 +52,8 @@ import math
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, NoReturn, Self
@@ -62,20 +62,22 @@ from sluiceway.errors import CheckpointCorruptError, CheckpointError
 
 __all__ = [
     "FORMAT_VERSION",
+    "ChainInfo",
     "Checkpoint",
     "CheckpointInfo",
     "CheckpointNotFoundError",
     "CheckpointStore",
     "OperatorState",
     "PartInfo",
+    "Segment",
 ]
 
-FORMAT_VERSION: Final = 2
+FORMAT_VERSION: Final = 3
 """The layout of the store file.  A file with a newer version is refused, never guessed at;
-an older one (1) is migrated."""
+an older one (1, 2) is migrated."""
 
 _APPLICATION: Final = "sluiceway-checkpoints"
-_TABLES: Final = frozenset({"meta", "flows", "checkpoints", "parts"})
+_TABLES: Final = frozenset({"meta", "flows", "checkpoints", "parts", "segments", "refs"})
 _BUSY_TIMEOUT_MS: Final = 10_000
 # A long-lived connection keeps its WAL file; after a checkpoint of the WAL into the
 # database, SQLite truncates the WAL back to this size (bytes), so one huge save does not
@@ -84,7 +86,7 @@ _JOURNAL_SIZE_LIMIT: Final = 16 * 1024 * 1024
 
 log = logging.getLogger("sluiceway")
 
-_SCHEMA: Final = (
+_SCHEMA_2: Final = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     """CREATE TABLE IF NOT EXISTS flows (
         flow TEXT PRIMARY KEY,
@@ -114,11 +116,45 @@ _SCHEMA: Final = (
     )""",
 )
 
+_SEGMENTS: Final = (
+    """CREATE TABLE IF NOT EXISTS segments (
+        id INTEGER PRIMARY KEY,
+        flow TEXT NOT NULL,
+        operator TEXT NOT NULL,
+        partition TEXT NOT NULL,
+        whole INTEGER NOT NULL,
+        size INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        data BLOB NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS refs (
+        flow TEXT NOT NULL,
+        checkpoint_id INTEGER NOT NULL,
+        operator TEXT NOT NULL,
+        partition TEXT NOT NULL,
+        position INTEGER NOT NULL,
+        segment_id INTEGER NOT NULL,
+        PRIMARY KEY (flow, checkpoint_id, operator, partition, position)
+    )""",
+    "CREATE INDEX IF NOT EXISTS refs_by_segment ON refs (segment_id)",
+)
+"""Version 3: incremental parts.  A segment is one partition's whole state (a base) or its
+changes since the segment before (a delta), as the runtime encoded them; ``refs`` lists,
+per checkpoint, operator and partition, the chain it needs: a base, then deltas, oldest
+first.  Segments are shared by the checkpoints whose chains hold them and deleted when
+no kept checkpoint refers to them any more."""
+
+_COLUMNS_3: Final = (
+    "ALTER TABLE checkpoints ADD COLUMN base_bytes INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE checkpoints ADD COLUMN delta_bytes INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE parts ADD COLUMN partitions INTEGER",
+)
+
 _MIGRATE_FROM_1: Final = (
     "DROP INDEX IF EXISTS checkpoints_by_flow",
     "ALTER TABLE checkpoints RENAME TO checkpoints_v1",
     "ALTER TABLE parts RENAME TO parts_v1",
-    *_SCHEMA[1:],
+    *_SCHEMA_2[1:],
     "INSERT INTO checkpoints (flow, id, created, duration, size, operators, final,"
     " format_version, digest) SELECT flow, id, created, duration, size, operators, final,"
     " format_version, digest FROM checkpoints_v1",
@@ -133,6 +169,36 @@ _MIGRATE_FROM_1: Final = (
 """Version 1 -> 2: ids and ``keep`` per flow.  Version 1's ``last_id`` stays in meta as the
 floor of every flow's ids, so no id it gave out is given out again."""
 
+_SCHEMA: Final = (
+    _SCHEMA_2[0],
+    _SCHEMA_2[1],
+    _SCHEMA_2[2].replace(
+        "digest TEXT NOT NULL,",
+        "digest TEXT NOT NULL,\n        base_bytes INTEGER NOT NULL DEFAULT 0,"
+        "\n        delta_bytes INTEGER NOT NULL DEFAULT 0,",
+    ),
+    _SCHEMA_2[3].replace("data BLOB NOT NULL,", "data BLOB NOT NULL, partitions INTEGER,"),
+    *_SEGMENTS,
+)
+"""A new file: version 3 (idempotent, as another process may create it at the same time)."""
+
+_MIGRATE_FROM_2: Final = (
+    *_COLUMNS_3,
+    *_SEGMENTS,
+    "UPDATE meta SET value = '3' WHERE key = 'format_version'",
+)
+"""Version 2 -> 3: the tables of incremental parts, and two columns; every checkpoint of
+version 2 keeps its rows, digest and ``format_version`` 2 (it has no incremental part)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """One partition's state in an incremental part: whole (a base) or the changes since
+    the checkpoint the save names as its ``parent`` (a delta), encoded by the runtime."""
+
+    whole: bool
+    data: bytes
+
 
 @dataclass(frozen=True, slots=True)
 class OperatorState:
@@ -145,11 +211,20 @@ class OperatorState:
             (:mod:`sluiceway.checkpoint.codec`).  The store hashes and keeps these bytes
             and never decodes them; its sha256 digests catch accidents, the signatures
             inside the bytes catch forgeries.
+        segments: None for a whole part.  For an *incremental* part: partition ->
+            :class:`Segment` of what is new for that partition since the parent
+            checkpoint (each one signed by the runtime too); a partition that is absent
+            keeps the parent's chain.  ``data`` then holds what the runtime keeps beside
+            the partitions (often nothing).
+        dropped: partitions of an incremental part that are gone (their chains are not
+            carried into this checkpoint).
     """
 
     name: str
     kind: str
     data: bytes
+    segments: Mapping[str, Segment] | None = None
+    dropped: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +241,10 @@ class CheckpointInfo:
         operators: how many :class:`OperatorState` entries it holds.
         final: whether it was taken as the flow stopped or ended.
         format_version: the store format it was written in.
+        base_bytes: bytes of whole partition states (bases) this checkpoint wrote for its
+            incremental parts.
+        delta_bytes: bytes of partition changes (deltas) it wrote.  What the save wrote
+            in all is ``size + base_bytes + delta_bytes``.
     """
 
     id: int
@@ -176,14 +255,42 @@ class CheckpointInfo:
     operators: int
     final: bool
     format_version: int
+    base_bytes: int = 0
+    delta_bytes: int = 0
+
+    @property
+    def written(self) -> int:
+        """The bytes this checkpoint's save wrote: parts, bases and deltas."""
+        return self.size + self.base_bytes + self.delta_bytes
 
 
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
-    """A complete, verified checkpoint: its info and every operator's state by name."""
+    """A complete, verified checkpoint: its info and every operator's state by name.
+
+    ``chains`` holds the incremental parts: operator -> partition -> the encoded base and
+    the deltas after it, oldest first (what the runtime folds into the whole state)."""
 
     info: CheckpointInfo
     states: dict[str, OperatorState]
+    chains: dict[str, dict[str, tuple[bytes, ...]]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ChainInfo:
+    """One partition's chain in an incremental part (for ``inspect``).
+
+    Attributes:
+        partition: the partition, as the runtime named it.
+        base_size: bytes of its base.
+        deltas: how many deltas follow the base.
+        delta_size: their bytes.
+    """
+
+    partition: str
+    base_size: int
+    deltas: int
+    delta_size: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,12 +302,19 @@ class PartInfo:
         kind: the operator's kind.
         size: the stored number of bytes.
         sha256: the stored sha256 of the bytes, in hex.
+        chains: for an incremental part, its partitions' chains (empty for a whole part).
     """
 
     name: str
     kind: str
     size: int
     sha256: str
+    chains: tuple[ChainInfo, ...] = ()
+
+    @property
+    def incremental(self) -> bool:
+        """True for a part kept as per-partition bases and deltas."""
+        return bool(self.chains)
 
 
 class CheckpointNotFoundError(CheckpointError, KeyError):
@@ -218,7 +332,7 @@ def _digest(
     size: int,
     count: int,
     format_version: int,
-    parts: list[tuple[str, str, str]],
+    parts: list[tuple[Any, ...]],
 ) -> str:
     """The checkpoint-level digest: over the row's identity and every part's hash."""
     canonical = json.dumps(
@@ -248,6 +362,19 @@ def _check_state(key: object, state: object) -> OperatorState:
         raise TypeError(
             f"state data must be bytes, got {type(state.data).__name__} (operator {state.name!r})"
         )
+    for partition, segment in (state.segments or {}).items():
+        if not isinstance(partition, str) or not isinstance(segment, Segment):
+            raise TypeError(
+                f"segments of operator {state.name!r} must map partition names (str) to "
+                f"Segment, got {partition!r}: {type(segment).__name__}"
+            )
+        if not isinstance(segment.data, bytes):
+            raise TypeError(
+                f"segment data must be bytes, got {type(segment.data).__name__} (operator "
+                f"{state.name!r}, partition {partition!r})"
+            )
+    if state.dropped and state.segments is None:
+        raise ValueError(f"operator {state.name!r}: dropped partitions need an incremental part")
     return state
 
 
@@ -305,6 +432,7 @@ class CheckpointStore:
         created: float,
         duration: float,
         final: bool = False,
+        parent: int | None = None,
     ) -> CheckpointInfo:
         """Save a complete checkpoint atomically, then prune the flow's to the newest ``keep``.
 
@@ -316,6 +444,10 @@ class CheckpointStore:
             created: when the checkpoint was taken, in epoch seconds.
             duration: how long taking it took, in seconds (>= 0).
             final: taken as the flow stopped or ended.
+            parent: the checkpoint the deltas of incremental parts follow (the one the
+                steps last snapshotted into, or restored from); its chains are carried
+                on for partitions without a new segment.  None: no parent, every
+                partition must be given whole.
 
         Returns:
             The saved checkpoint's info.
@@ -324,7 +456,8 @@ class CheckpointStore:
             ValueError: the id does not increase, or an argument is out of range.
             TypeError: a state is not an :class:`OperatorState` of bytes.
             CheckpointCorruptError: the file is not a store this version can write.
-            CheckpointError: SQLite failed to write (disk full, permissions...).
+            CheckpointError: SQLite failed to write (disk full, permissions...), or a
+                delta has no base in ``parent`` to follow.
         """
         if not isinstance(flow, str) or not flow:
             raise ValueError(f"flow must be a non-empty string, got {flow!r}")
@@ -337,8 +470,19 @@ class CheckpointStore:
         if not (math.isfinite(duration) and duration >= 0):
             raise ValueError(f"duration must be a number of seconds >= 0, got {duration!r}")
         checked = [_check_state(key, state) for key, state in states.items()]
-        hashes = [(s.name, s.kind, hashlib.sha256(s.data).hexdigest()) for s in checked]
+        shas = [hashlib.sha256(s.data).hexdigest() for s in checked]
+        segment_shas = {
+            (s.name, p): hashlib.sha256(seg.data).hexdigest()
+            for s in checked
+            for p, seg in (s.segments or {}).items()
+        }
         size = sum(len(s.data) for s in checked)
+        base_bytes = sum(
+            len(seg.data) for s in checked for seg in (s.segments or {}).values() if seg.whole
+        )
+        delta_bytes = sum(
+            len(seg.data) for s in checked for seg in (s.segments or {}).values() if not seg.whole
+        )
         info = CheckpointInfo(
             id=checkpoint_id,
             flow=flow,
@@ -348,15 +492,8 @@ class CheckpointStore:
             operators=len(checked),
             final=bool(final),
             format_version=FORMAT_VERSION,
-        )
-        digest = _digest(
-            checkpoint_id,
-            flow,
-            final=info.final,
-            size=size,
-            count=len(checked),
-            format_version=FORMAT_VERSION,
-            parts=hashes,
+            base_bytes=base_bytes,
+            delta_bytes=delta_bytes,
         )
         with self._lock:
             conn = self._open_for_writing()
@@ -370,9 +507,32 @@ class CheckpointStore:
                             f"(next_id() is {last + 1}); is another run of flow {flow!r} "
                             "using this checkpoint directory at the same time?"
                         )
+                    counts = {
+                        s.name: self._save_chains(
+                            conn, flow, checkpoint_id, parent, s, segment_shas
+                        )
+                        for s in checked
+                        if s.segments is not None
+                    }
+                    hashes = [
+                        (s.name, s.kind, sha)
+                        if s.segments is None
+                        else (s.name, s.kind, sha, counts[s.name])
+                        for s, sha in zip(checked, shas, strict=True)
+                    ]
+                    digest = _digest(
+                        checkpoint_id,
+                        flow,
+                        final=info.final,
+                        size=size,
+                        count=len(checked),
+                        format_version=FORMAT_VERSION,
+                        parts=hashes,
+                    )
                     conn.execute(
                         "INSERT INTO checkpoints (flow, id, created, duration, size, operators,"
-                        " final, format_version, digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        " final, format_version, digest, base_bytes, delta_bytes)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (
                             info.flow,
                             info.id,
@@ -383,14 +543,25 @@ class CheckpointStore:
                             int(info.final),
                             info.format_version,
                             digest,
+                            base_bytes,
+                            delta_bytes,
                         ),
                     )
                     conn.executemany(
-                        "INSERT INTO parts (flow, checkpoint_id, name, kind, size, sha256, data)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        "INSERT INTO parts (flow, checkpoint_id, name, kind, size, sha256, data,"
+                        " partitions) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                         (
-                            (flow, checkpoint_id, s.name, s.kind, len(s.data), sha, s.data)
-                            for s, (_, _, sha) in zip(checked, hashes, strict=True)
+                            (
+                                flow,
+                                checkpoint_id,
+                                s.name,
+                                s.kind,
+                                len(s.data),
+                                sha,
+                                s.data,
+                                counts.get(s.name),
+                            )
+                            for s, sha in zip(checked, shas, strict=True)
                         ),
                     )
                     conn.execute(
@@ -405,6 +576,71 @@ class CheckpointStore:
                     f"{self.path}: {exc}"
                 ) from exc
         return info
+
+    def _save_chains(
+        self,
+        conn: sqlite3.Connection,
+        flow: str,
+        checkpoint_id: int,
+        parent: int | None,
+        state: OperatorState,
+        shas: Mapping[tuple[str, str], str],
+    ) -> int:
+        """Write an incremental part's new segments and the chains the checkpoint needs
+        (the parent's, carried on, with the new segments); returns how many partitions."""
+        chains = {} if parent is None else self._chains(conn, flow, parent, state.name)
+        for partition in state.dropped:
+            chains.pop(partition, None)
+        for partition, segment in sorted((state.segments or {}).items()):
+            if not segment.whole and partition not in chains:
+                of = "no parent checkpoint" if parent is None else f"checkpoint {parent}"
+                raise CheckpointError(
+                    f"could not save checkpoint {checkpoint_id} of flow {flow!r} to "
+                    f"{self.path}: operator {state.name!r} gave changes for partition "
+                    f"{partition!r}, but {of} holds a base for them to follow (the first "
+                    "snapshot of a partition, and the first after a restore from a whole "
+                    "part, must be whole)"
+                )
+            cursor = conn.execute(
+                "INSERT INTO segments (flow, operator, partition, whole, size, sha256, data)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    flow,
+                    state.name,
+                    partition,
+                    int(segment.whole),
+                    len(segment.data),
+                    shas[(state.name, partition)],
+                    segment.data,
+                ),
+            )
+            sid = cursor.lastrowid
+            assert sid is not None
+            chains[partition] = [sid] if segment.whole else [*chains[partition], sid]
+        conn.executemany(
+            "INSERT INTO refs (flow, checkpoint_id, operator, partition, position, segment_id)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                (flow, checkpoint_id, state.name, partition, position, sid)
+                for partition, ids in chains.items()
+                for position, sid in enumerate(ids)
+            ),
+        )
+        return len(chains)
+
+    @staticmethod
+    def _chains(
+        conn: sqlite3.Connection, flow: str, checkpoint_id: int, operator: str
+    ) -> dict[str, builtins.list[int]]:
+        """The segment ids of each partition's chain of an incremental part, oldest first."""
+        chains: dict[str, builtins.list[int]] = {}
+        for partition, sid in conn.execute(
+            "SELECT partition, segment_id FROM refs WHERE flow = ? AND checkpoint_id = ? AND"
+            " operator = ? ORDER BY partition, position",
+            (flow, checkpoint_id, operator),
+        ):
+            chains.setdefault(str(partition), []).append(int(sid))
+        return chains
 
     def latest(self, flow: str) -> Checkpoint | None:
         """The newest checkpoint of ``flow`` that verifies, or None if it has none.
@@ -528,7 +764,181 @@ class CheckpointStore:
                     " checkpoint_id = ? ORDER BY name",
                     (flow, checkpoint_id),
                 ).fetchall()
-        return [PartInfo(str(n), str(k), int(s), str(h)) for n, k, s, h in rows]
+                chains: dict[str, builtins.list[ChainInfo]] = {}
+                for name, partition, base, deltas, delta_size in conn.execute(
+                    "SELECT r.operator, r.partition, sum(CASE WHEN r.position = 0 THEN s.size"
+                    " ELSE 0 END), count(*) - 1, sum(CASE WHEN r.position > 0 THEN s.size"
+                    " ELSE 0 END) FROM refs r LEFT JOIN segments s ON s.id = r.segment_id"
+                    " WHERE r.flow = ? AND r.checkpoint_id = ?"
+                    " GROUP BY r.operator, r.partition ORDER BY r.operator, r.partition",
+                    (flow, checkpoint_id),
+                ):
+                    chains.setdefault(str(name), []).append(
+                        ChainInfo(str(partition), int(base or 0), int(deltas), int(delta_size or 0))
+                    )
+        return [
+            PartInfo(str(n), str(k), int(s), str(h), tuple(chains.get(str(n), ())))
+            for n, k, s, h in rows
+        ]
+
+    def due(
+        self, flow: str, *, ratio: float = 0.5, after: int = 10
+    ) -> builtins.list[tuple[str, str, int]]:
+        """The chains of ``flow``'s newest checkpoint that :meth:`compact` would fold:
+        ``(operator, partition, bytes of the chain)``.
+
+        A chain (one operator's partition) is due when its deltas' bytes exceed ``ratio``
+        times its base's, or when it has ``after`` deltas or more.
+        """
+        return [(op, p, size) for op, p, _, size in self._due(flow, ratio, after)[1]]
+
+    def _due(
+        self, flow: str, ratio: float, after: int
+    ) -> tuple[int | None, builtins.list[tuple[str, str, builtins.list[int], int]]]:
+        if not (ratio > 0 and math.isfinite(ratio)):
+            raise ValueError(f"compaction ratio must be a finite number > 0, got {ratio!r}")
+        if isinstance(after, bool) or not isinstance(after, int) or after < 1:
+            raise ValueError(f"compaction after must be a whole number >= 1, got {after!r}")
+        with self._lock:
+            conn = self._open(create=False)
+            if conn is None:
+                return None, []
+            with self._reading():
+                row = conn.execute(
+                    "SELECT max(id) FROM checkpoints WHERE flow = ?", (flow,)
+                ).fetchone()
+                newest = None if row is None or row[0] is None else int(row[0])
+                chains: dict[tuple[str, str], builtins.list[tuple[int, int]]] = {}
+                for operator, partition, sid, size in conn.execute(
+                    "SELECT r.operator, r.partition, r.segment_id, s.size"
+                    " FROM refs r JOIN segments s ON s.id = r.segment_id"
+                    " WHERE r.flow = ? AND r.checkpoint_id = ?"
+                    " ORDER BY r.operator, r.partition, r.position",
+                    (flow, newest),
+                ):
+                    chains.setdefault((str(operator), str(partition)), []).append(
+                        (int(sid), int(size))
+                    )
+        due = []
+        for (operator, partition), chain in chains.items():
+            deltas = sum(size for _, size in chain[1:])
+            if len(chain) > 1 and (len(chain) - 1 >= after or deltas > ratio * chain[0][1]):
+                total = chain[0][1] + deltas
+                due.append((operator, partition, [sid for sid, _ in chain], total))
+        return newest, due
+
+    def compact(
+        self,
+        flow: str,
+        fold: Callable[[str, str, Sequence[bytes]], bytes],
+        *,
+        ratio: float = 0.5,
+        after: int = 10,
+        larger_than: int = -1,
+        at_most: int | None = None,
+    ) -> int:
+        """Fold the due chains (see :meth:`due`) of ``flow``'s newest checkpoint into new
+        bases; returns how many.  ``larger_than`` / ``at_most``: only the chains of that
+        many bytes (the runtime folds small chains in its thread, large ones in a
+        process of their own).
+
+        ``fold(operator, partition, segments)`` turns a chain's encoded segments (base
+        first) into the encoded whole state; the store never decodes them itself (the
+        runtime's fold verifies their signatures first and signs the new base).  Each
+        chain is swapped for its new base in one transaction, which also deletes the
+        segments no kept checkpoint needs any more (older checkpoints keep their own
+        chains): a crash at any point leaves either the old chain or the new base, both
+        valid.  Works from what is
+        stored, never from a running flow's state, so it may run while the flow takes its
+        next checkpoints: every checkpoint whose chain starts with the folded one -- also
+        one saved meanwhile, on top of it -- gets the new base in its place.
+
+        Raises:
+            CheckpointError: SQLite failed, or a segment does not verify (the chain is
+                left as it is).
+        """
+        newest, due = self._due(flow, ratio, after)
+        done = 0
+        for operator, partition, chain, size in due:
+            if size <= larger_than or (at_most is not None and size > at_most):
+                continue
+            assert newest is not None
+            conn = self._conn
+            assert conn is not None
+            done += self._compact_chain(conn, flow, newest, operator, partition, chain, fold)
+        return done
+
+    def _compact_chain(
+        self,
+        conn: sqlite3.Connection,
+        flow: str,
+        checkpoint_id: int,
+        operator: str,
+        partition: str,
+        chain: builtins.list[int],
+        fold: Callable[[str, str, Sequence[bytes]], bytes],
+    ) -> int:
+        """Fold one chain and swap it in (if it is still the newest checkpoint's)."""
+        with self._lock, self._reading():
+            blobs: builtins.list[bytes] = []
+            for sid in chain:
+                found = conn.execute(
+                    "SELECT data, sha256 FROM segments WHERE id = ?", (sid,)
+                ).fetchone()
+                if found is None or hashlib.sha256(bytes(found[0])).hexdigest() != found[1]:
+                    raise CheckpointError(
+                        f"cannot compact checkpoint {checkpoint_id} of flow {flow!r} in "
+                        f"{self.path}: segment {sid} of operator {operator!r} partition "
+                        f"{partition} is missing or altered"
+                    )
+                blobs.append(bytes(found[0]))
+        # Outside the lock: the runtime verifies, decodes, folds, encodes and signs.
+        data = fold(operator, partition, blobs)
+        sha = hashlib.sha256(data).hexdigest()
+        with self._lock:
+            self._prepare_for_writing(conn)
+            try:
+                with self._transaction(conn):
+                    # Every kept checkpoint whose chain starts with the folded one (the
+                    # compacted checkpoint, and those saved on top of it meanwhile) now
+                    # starts with the new base instead.
+                    users: dict[int, builtins.list[int]] = {}
+                    for cid, sid in conn.execute(
+                        "SELECT checkpoint_id, segment_id FROM refs WHERE flow = ? AND"
+                        " operator = ? AND partition = ? ORDER BY checkpoint_id, position",
+                        (flow, operator, partition),
+                    ):
+                        users.setdefault(int(cid), []).append(int(sid))
+                    users = {c: ids for c, ids in users.items() if ids[: len(chain)] == chain}
+                    if not users:
+                        return 0  # pruned meanwhile: nothing to swap
+                    cursor = conn.execute(
+                        "INSERT INTO segments (flow, operator, partition, whole, size,"
+                        " sha256, data) VALUES (?, ?, ?, 1, ?, ?, ?)",
+                        (flow, operator, partition, len(data), sha, data),
+                    )
+                    new = cursor.lastrowid
+                    for cid, ids in users.items():
+                        conn.execute(
+                            "DELETE FROM refs WHERE flow = ? AND checkpoint_id = ? AND"
+                            " operator = ? AND partition = ?",
+                            (flow, cid, operator, partition),
+                        )
+                        conn.executemany(
+                            "INSERT INTO refs (flow, checkpoint_id, operator, partition,"
+                            " position, segment_id) VALUES (?, ?, ?, ?, ?, ?)",
+                            (
+                                (flow, cid, operator, partition, position, sid)
+                                for position, sid in enumerate([new, *ids[len(chain) :]])
+                            ),
+                        )
+                    self._drop_unreferenced(conn, flow)
+            except sqlite3.Error as exc:
+                raise CheckpointError(
+                    f"could not compact checkpoint {checkpoint_id} of flow {flow!r} in "
+                    f"{self.path}: {exc}"
+                ) from exc
+        return 1
 
     def next_id(self, flow: str | None = None) -> int:
         """The id for ``flow``'s next checkpoint: 1 + the largest id it ever saved here
@@ -564,6 +974,8 @@ class CheckpointStore:
                     )
                     conn.execute(f"DELETE FROM parts {where[0]}", where[1])
                     conn.execute(f"DELETE FROM checkpoints {where[0]}", where[1])
+                    conn.execute(f"DELETE FROM refs {where[0]}", where[1])
+                    self._drop_unreferenced(conn, flow)
             except sqlite3.DatabaseError as exc:
                 raise self._unreadable(exc) from exc
         return count
@@ -697,6 +1109,9 @@ class CheckpointStore:
         if version == 1:
             self._migrate_from_1(conn)
             tables = (tables - {"checkpoints_v1", "parts_v1"}) | {"flows"}
+        if version <= 2:
+            self._migrate_from_2(conn)
+            tables |= {"segments", "refs"}
         missing = _TABLES - tables
         if missing or "last_id" not in meta:
             what = f"tables {', '.join(sorted(missing))}" if missing else "the last_id entry"
@@ -723,7 +1138,7 @@ class CheckpointStore:
 
     def _migrate_from_1(self, conn: sqlite3.Connection) -> None:
         """Rewrite a version 1 file as version 2 in one transaction (once: a process that
-        finds it done already when it gets the write lock does nothing)."""
+        finds it done already when it gets the write lock does nothing); then on to 3."""
         try:
             with self._transaction(conn):
                 row = conn.execute("SELECT value FROM meta WHERE key = 'format_version'").fetchone()
@@ -733,6 +1148,22 @@ class CheckpointStore:
         except sqlite3.Error as exc:
             raise CheckpointError(
                 f"cannot migrate the checkpoint store {self.path} from format version 1 to "
+                f"2 (it needs to be written once): {exc}"
+            ) from exc
+        log.info("checkpoint store %s migrated to format version 2", self.path)
+
+    def _migrate_from_2(self, conn: sqlite3.Connection) -> None:
+        """Add the tables and columns of incremental parts to a version 2 file, in one
+        transaction (once, as for version 1)."""
+        try:
+            with self._transaction(conn):
+                row = conn.execute("SELECT value FROM meta WHERE key = 'format_version'").fetchone()
+                if row is not None and str(row[0]) == "2":
+                    for statement in _MIGRATE_FROM_2:
+                        conn.execute(statement)
+        except sqlite3.Error as exc:
+            raise CheckpointError(
+                f"cannot migrate the checkpoint store {self.path} from format version 2 to "
                 f"{FORMAT_VERSION} (it needs to be written once): {exc}"
             ) from exc
         log.info("checkpoint store %s migrated to format version %d", self.path, FORMAT_VERSION)
@@ -835,8 +1266,8 @@ class CheckpointStore:
 
     def _row(self, conn: sqlite3.Connection, flow: str, checkpoint_id: int) -> tuple[Any, ...]:
         row = conn.execute(
-            "SELECT id, flow, created, duration, size, operators, final, format_version, digest"
-            " FROM checkpoints WHERE flow = ? AND id = ?",
+            "SELECT id, flow, created, duration, size, operators, final, format_version, digest,"
+            " base_bytes, delta_bytes FROM checkpoints WHERE flow = ? AND id = ?",
             (flow, checkpoint_id),
         ).fetchone()
         if row is None:
@@ -847,9 +1278,8 @@ class CheckpointStore:
         self, conn: sqlite3.Connection, flow: str, checkpoint_id: int
     ) -> tuple[Checkpoint, str | None]:
         """The checkpoint as stored, and None if it verifies, else the reason it does not."""
-        cid, flow, created, duration, size, count, final, version, digest = self._row(
-            conn, flow, checkpoint_id
-        )
+        row = self._row(conn, flow, checkpoint_id)
+        cid, flow, created, duration, size, count, final, version, digest, based, delta = row
         info = CheckpointInfo(
             id=int(cid),
             flow=str(flow),
@@ -859,15 +1289,25 @@ class CheckpointStore:
             operators=int(count),
             final=bool(final),
             format_version=int(version),
+            base_bytes=int(based),
+            delta_bytes=int(delta),
         )
         states: dict[str, OperatorState] = {}
-        hashes: list[tuple[str, str, str]] = []
+        chains: dict[str, dict[str, tuple[bytes, ...]]] = {}
+        hashes: list[tuple[Any, ...]] = []
         problems: list[str] = []
-        for name, kind, part_size, sha, data in conn.execute(
-            "SELECT name, kind, size, sha256, data FROM parts WHERE flow = ? AND"
+        for name, kind, part_size, sha, data, partitions in conn.execute(
+            "SELECT name, kind, size, sha256, data, partitions FROM parts WHERE flow = ? AND"
             " checkpoint_id = ? ORDER BY name",
             (flow, checkpoint_id),
         ):
+            if partitions is not None:
+                chains[str(name)] = self._read_chains(
+                    conn, flow, checkpoint_id, str(name), int(partitions), problems
+                )
+                hashes.append((str(name), str(kind), str(sha), int(partitions)))
+            else:
+                hashes.append((str(name), str(kind), str(sha)))
             blob = bytes(data) if isinstance(data, bytes | bytearray | memoryview) else None
             if blob is None:
                 problems.append(f"the state of operator {name!r} is not bytes")
@@ -880,7 +1320,6 @@ class CheckpointStore:
                     f"{str(sha)[:12]})"
                 )
             states[str(name)] = OperatorState(str(name), str(kind), blob)
-            hashes.append((str(name), str(kind), str(sha)))
         if info.format_version > FORMAT_VERSION:
             problems.append(
                 f"written in format version {info.format_version}, newer than this "
@@ -903,7 +1342,48 @@ class CheckpointStore:
             )
             if expected != digest:
                 problems.append("its digest does not match its row and parts (altered)")
-        return Checkpoint(info, states), "; ".join(problems) or None
+        return Checkpoint(info, states, chains), "; ".join(problems) or None
+
+    def _read_chains(
+        self,
+        conn: sqlite3.Connection,
+        flow: str,
+        checkpoint_id: int,
+        operator: str,
+        partitions: int,
+        problems: builtins.list[str],
+    ) -> dict[str, tuple[bytes, ...]]:
+        """An incremental part's chains, verified: each a base then deltas, every segment
+        present and matching its sha256; adds what is wrong to ``problems``."""
+        found: dict[str, builtins.list[bytes]] = {}
+        for partition, position, sid, whole, seg_size, sha, data in conn.execute(
+            "SELECT r.partition, r.position, r.segment_id, s.whole, s.size, s.sha256, s.data"
+            " FROM refs r LEFT JOIN segments s ON s.id = r.segment_id"
+            " WHERE r.flow = ? AND r.checkpoint_id = ? AND r.operator = ?"
+            " ORDER BY r.partition, r.position",
+            (flow, checkpoint_id, operator),
+        ):
+            where = f"segment {position} of partition {partition} of operator {operator!r}"
+            chain = found.setdefault(str(partition), [])
+            if data is None:
+                problems.append(f"{where} (id {sid}) is missing")
+                continue
+            blob = bytes(data)
+            actual = hashlib.sha256(blob).hexdigest()
+            if len(blob) != seg_size or actual != sha:
+                problems.append(
+                    f"{where} was altered ({len(blob)} bytes with sha256 {actual[:12]}, "
+                    f"stored as {seg_size} bytes with sha256 {str(sha)[:12]})"
+                )
+            if position != len(chain) or bool(whole) != (position == 0):
+                problems.append(f"{where} is out of place (a chain is a base, then deltas)")
+            chain.append(blob)
+        if len(found) != partitions:
+            problems.append(
+                f"operator {operator!r}: {partitions} partition chains recorded but "
+                f"{len(found)} stored"
+            )
+        return {p: tuple(chain) for p, chain in found.items()}
 
     # -- writing ------------------------------------------------------------------------
 
@@ -920,6 +1400,21 @@ class CheckpointStore:
             "DELETE FROM checkpoints WHERE flow = ? AND id NOT IN"
             " (SELECT id FROM checkpoints WHERE flow = ? ORDER BY id DESC LIMIT ?)",
             args,
+        )
+        conn.execute(
+            "DELETE FROM refs WHERE flow = ? AND checkpoint_id NOT IN"
+            " (SELECT id FROM checkpoints WHERE flow = ?)",
+            (flow, flow),
+        )
+        self._drop_unreferenced(conn, flow)
+
+    @staticmethod
+    def _drop_unreferenced(conn: sqlite3.Connection, flow: str | None) -> None:
+        """Delete the segments (of ``flow``) that no kept checkpoint's chain holds."""
+        conn.execute(
+            "DELETE FROM segments WHERE (? IS NULL OR flow = ?) AND NOT EXISTS"
+            " (SELECT 1 FROM refs WHERE refs.segment_id = segments.id)",
+            (flow, flow),
         )
 
     # -- errors -------------------------------------------------------------------------

@@ -108,9 +108,14 @@ def metric_families(snapshot: FlowSnapshot, *, worker: str | None = None) -> lis
     Per channel (labels ``flow``, ``edge``): gauges ``sluiceway_channel_fill`` and
     ``sluiceway_channel_capacity``, counters ``sluiceway_channel_blocked_seconds_total``
     and ``sluiceway_channel_dropped_total``.  With checkpoints (label ``flow``):
-    ``sluiceway_checkpoints_completed_total`` and, once one is stored, gauges
-    ``sluiceway_checkpoint_last_id``, ``sluiceway_checkpoint_duration_seconds`` and
-    ``sluiceway_checkpoint_size_bytes`` (of the last one).  With a load policy (label
+    ``sluiceway_checkpoints_completed_total``, ``sluiceway_checkpoint_compactions_total``
+    and, once one is stored, gauges of the last one: ``sluiceway_checkpoint_last_id``,
+    ``sluiceway_checkpoint_duration_seconds`` (barrier injected -> durable),
+    ``sluiceway_checkpoint_alignment_seconds``, ``sluiceway_checkpoint_write_seconds``,
+    ``sluiceway_checkpoint_size_bytes`` (state held), ``sluiceway_checkpoint_written_bytes``
+    and ``sluiceway_checkpoint_delta_bytes``; per operator (label ``operator``)
+    ``sluiceway_checkpoint_operator_bytes``, ``sluiceway_checkpoint_operator_keys`` and
+    ``sluiceway_checkpoint_operator_snapshot_seconds``.  With a load policy (label
     ``flow``): gauges ``sluiceway_load_signal`` (label ``signal``),
     ``sluiceway_load_rule_active`` (label ``rule``, the rules that hold),
     ``sluiceway_wants_more_instances`` and ``sluiceway_admission_shedding``, counter
@@ -270,7 +275,13 @@ def _checkpoint_families(flow: str, ck: CheckpointSnapshot) -> list[Metric]:
         labels=["flow"],
     )
     completed.add_metric([flow], ck.completed)
-    out: list[Metric] = [completed]
+    compactions = CounterMetricFamily(
+        "sluiceway_checkpoint_compactions",
+        "Chains of incremental state folded into new bases by this run.",
+        labels=["flow"],
+    )
+    compactions.add_metric([flow], ck.compactions)
+    out: list[Metric] = [completed, compactions]
     if ck.last_id is not None:
         for name, help_text, value in (
             ("sluiceway_checkpoint_last_id", "The id of the last checkpoint stored.", ck.last_id),
@@ -280,14 +291,50 @@ def _checkpoint_families(flow: str, ck: CheckpointSnapshot) -> list[Metric]:
                 ck.last_duration,
             ),
             (
+                "sluiceway_checkpoint_alignment_seconds",
+                "Seconds from the last checkpoint's barrier injection until every operator "
+                "had reported.",
+                ck.last_alignment,
+            ),
+            (
+                "sluiceway_checkpoint_write_seconds",
+                "Seconds the last checkpoint's serialising and write took, off the "
+                "processing path.",
+                ck.last_write,
+            ),
+            (
                 "sluiceway_checkpoint_size_bytes",
-                "Bytes of operator state in the last checkpoint.",
+                "Bytes of operator state the last checkpoint holds in the store.",
                 ck.last_size,
+            ),
+            (
+                "sluiceway_checkpoint_written_bytes",
+                "Bytes the last checkpoint wrote (whole parts, bases and deltas).",
+                ck.last_written,
+            ),
+            (
+                "sluiceway_checkpoint_delta_bytes",
+                "Bytes of change sets (deltas) the last checkpoint wrote.",
+                ck.last_delta_bytes,
             ),
         ):
             gauge = GaugeMetricFamily(name, help_text, labels=["flow"])
             gauge.add_metric([flow], value)
             out.append(gauge)
+    per_operator = [
+        ("bytes", "Bytes an operator's state takes in the store, as of the last checkpoint."),
+        ("keys", "Entries (keys, open windows) an operator held at the last checkpoint."),
+        ("snapshot_seconds", "Seconds an operator's snapshot took on the processing path."),
+    ]
+    for attr, help_text in per_operator:
+        gauge = GaugeMetricFamily(
+            f"sluiceway_checkpoint_operator_{attr}", help_text, labels=["flow", "operator"]
+        )
+        for op in ck.operators:
+            value = getattr(op, attr)
+            if value is not None:
+                gauge.add_metric([flow, op.name], value)
+        out.append(gauge)
     return out
 
 

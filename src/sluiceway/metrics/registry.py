@@ -23,6 +23,7 @@ __all__ = [
     "FlowSnapshot",
     "LoadSnapshot",
     "MetricsRegistry",
+    "OperatorCheckpoint",
     "OperatorMetrics",
     "OperatorSnapshot",
     "Rates",
@@ -145,18 +146,57 @@ class Rates:
 
 
 @dataclass(frozen=True, slots=True)
+class OperatorCheckpoint:
+    """One operator's share of the last checkpoint.
+
+    Attributes:
+        name: the operator.
+        bytes: what its state takes in the store: its part, plus for an incremental
+            operator every base and delta of the chains the checkpoint refers to.
+        base_bytes: of those, the bases' bytes (0 for a whole part).
+        delta_bytes: the deltas' bytes.
+        deltas: the longest chain's number of deltas (0 after a compaction).
+        keys: the entries it held at the barrier (keys, open windows; None: not
+            reported, e.g. an operator whose input had ended).
+        snapshot_seconds: seconds its snapshot took on the processing path (taking the
+            state at the barrier, and pickling it when it is not a change set).
+    """
+
+    name: str
+    bytes: int
+    base_bytes: int
+    delta_bytes: int
+    deltas: int
+    keys: int | None
+    snapshot_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
 class CheckpointSnapshot:
     """What a flow's checkpoints have done so far (flows with checkpoints only).
 
     ``last_duration`` is seconds from the barrier's injection to the checkpoint being
-    stored; ``last_size`` the bytes of state it holds; ``restored_from`` the checkpoint
-    the run started from (None: a fresh start)."""
+    durable in the store (``max_duration``: the longest of the run); ``last_alignment``
+    the part of it until every operator had reported (the barrier's way through the
+    flow, with the alignment at fan-ins);
+    ``last_write`` the serialising of change sets and the write, in a worker thread;
+    ``last_size`` the bytes of state it holds in the store; ``last_written`` the bytes its
+    save wrote, ``last_delta_bytes`` of them change sets; ``compactions`` chains folded
+    into new bases by this run; ``restored_from`` the checkpoint the run started from
+    (None: a fresh start); ``operators`` each operator's share."""
 
     completed: int
     last_id: int | None
     last_duration: float
     last_size: int
     restored_from: int | None
+    max_duration: float = 0.0
+    last_alignment: float = 0.0
+    last_write: float = 0.0
+    last_written: int = 0
+    last_delta_bytes: int = 0
+    compactions: int = 0
+    operators: tuple[OperatorCheckpoint, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,10 +6,24 @@ from __future__ import annotations
 import math
 from typing import TypedDict
 
-from sluiceway.metrics.registry import FlowSnapshot, LoadSnapshot, OperatorSnapshot, Rates
+from sluiceway.metrics.registry import (
+    CheckpointSnapshot,
+    FlowSnapshot,
+    LoadSnapshot,
+    OperatorSnapshot,
+    Rates,
+)
 from sluiceway.metrics.web_graph import FlowGraph
 
-__all__ = ["EdgeState", "FlowState", "LoadState", "NodeState", "StageState", "flow_state"]
+__all__ = [
+    "CheckpointState",
+    "EdgeState",
+    "FlowState",
+    "LoadState",
+    "NodeState",
+    "StageState",
+    "flow_state",
+]
 
 _ZEROS = (0, 0, 0, 0, 0, 0)  # records in/out, errors, retries, dead letters, dropped
 
@@ -84,6 +98,24 @@ class FlowState(TypedDict):
     nodes: list[NodeState]
     edges: list[EdgeState]
     load: LoadState | None
+    checkpoints: CheckpointState | None
+
+
+class CheckpointState(TypedDict):
+    """The last checkpoint, for flows with checkpoints (``/api/flow``'s ``checkpoints``;
+    the fields of :class:`~sluiceway.metrics.registry.CheckpointSnapshot`)."""
+
+    completed: int
+    last_id: int | None
+    duration: float
+    alignment: float
+    write: float
+    size: int
+    written: int
+    delta_bytes: int
+    compactions: int
+    operators: dict[str, dict[str, float | int | None]]
+    """Per operator: ``bytes``, ``keys``, ``snapshot_seconds``."""
 
 
 class LoadState(TypedDict):
@@ -226,6 +258,25 @@ def flow_state(
         nodes=nodes,
         edges=edges,
         load=None if now.load is None else _load_state(now.load),
+        checkpoints=None if now.checkpoints is None else _checkpoint_state(now.checkpoints),
+    )
+
+
+def _checkpoint_state(ck: CheckpointSnapshot) -> CheckpointState:
+    return CheckpointState(
+        completed=ck.completed,
+        last_id=ck.last_id,
+        duration=ck.last_duration,
+        alignment=ck.last_alignment,
+        write=ck.last_write,
+        size=ck.last_size,
+        written=ck.last_written,
+        delta_bytes=ck.last_delta_bytes,
+        compactions=ck.compactions,
+        operators={
+            op.name: {"bytes": op.bytes, "keys": op.keys, "snapshot_seconds": op.snapshot_seconds}
+            for op in ck.operators
+        },
     )
 
 

@@ -5,9 +5,22 @@ stage records the source's position between two batches and sends
 :class:`~sluiceway.core.messages.Barrier` down its stage; every operator snapshots
 when the barrier passes it (fan-in channels align the barrier first, see
 :mod:`sluiceway.core.channel`), and a sink pre-commits (makes what it wrote durable).
-Once every operator has reported, the checkpoint is written to the store in one
-transaction, and only then are sinks told to commit and sources that the records before
-it will never be asked for again.
+Once every operator has reported, the checkpoint is serialised and written to the store
+in one transaction, in a worker thread (:meth:`Clock.run_in_thread`) while records keep
+flowing, and only then are sinks told to commit and sources that the records before it
+will never be asked for again.  One checkpoint is in flight at a time: a slow store
+slows checkpoints, not records.
+
+A step whose :meth:`~sluiceway.operators.base.Step.snapshot` returns an
+:class:`~sluiceway.core.delta.Incremental` hands over only what changed since its
+previous snapshot (per partition); the store keeps a base and the chain of changes per
+operator and partition (:mod:`sluiceway.checkpoint.store`), and a restore hands the step
+the folded, whole state.  Those change sets are serialised in the worker thread, in
+chunks, so the event loop gets the GIL between them; a whole snapshot, which may share
+mutable objects with the live step, is pickled at the barrier as before.  After a save,
+long chains are compacted: small ones in the store's thread, large ones in a child
+process (:mod:`sluiceway.runtime.compactor`); :mod:`sluiceway.runtime.segments` is where
+stored bytes are decoded and encoded.
 
 An operator whose input has ended reports its final state once; it stands for that
 operator in every later checkpoint.  When every input ends, a last checkpoint of those
@@ -27,21 +40,35 @@ See ``docs/checkpoints.md`` for the guarantees.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from sluiceway.checkpoint import codec
 from sluiceway.checkpoint.keys import KeyRing, load_keys
-from sluiceway.checkpoint.store import Checkpoint, CheckpointStore, OperatorState
+from sluiceway.checkpoint.store import (
+    Checkpoint,
+    CheckpointInfo,
+    CheckpointStore,
+    OperatorState,
+    Segment,
+)
 from sluiceway.core.contract import Sink, Source
+from sluiceway.core.delta import Changes, Incremental
 from sluiceway.core.messages import Barrier
 from sluiceway.errors import CheckpointError, CheckpointMismatchError
-from sluiceway.metrics.registry import CheckpointSnapshot
+from sluiceway.metrics.registry import CheckpointSnapshot, OperatorCheckpoint
+from sluiceway.runtime import compactor
+from sluiceway.runtime.segments import (
+    encode_changes,
+    fold_chain,
+    partition_key,
+    unchain,
+)
 from sluiceway.time import Clock
 from sluiceway.time.durations import positive_seconds
 
@@ -64,8 +91,9 @@ ENV_TRUST = "SLUICEWAY_CHECKPOINT_TRUST_UNAUTHENTICATED"
 class Checkpoints:
     """Take checkpoints of a flow, and restore the latest one when it starts again.
 
-    >>> Checkpoints("/tmp/ckpt", interval=2)
-    Checkpoints(directory='/tmp/ckpt', interval=2.0, keep=3, key_file=None)
+    >>> Checkpoints("/tmp/ckpt", interval=2)  # doctest: +NORMALIZE_WHITESPACE
+    Checkpoints(directory='/tmp/ckpt', interval=2.0, keep=3, compact_ratio=0.5,
+                compact_after=10, key_file=None)
 
     Every part of a checkpoint is signed with a key kept outside the checkpoint directory
     and verified before anything of it is loaded (docs/checkpoints.md, "Security").
@@ -74,6 +102,9 @@ class Checkpoints:
         directory: where the checkpoint store lives (created at the first checkpoint).
         interval: seconds between the starts of two checkpoints (on the flow's clock).
         keep: how many complete checkpoints to keep (older ones are deleted).
+        compact_ratio: an incremental operator's chain of changes (one partition's) is
+            folded into a new base once its bytes exceed this share of the base's...
+        compact_after: ...or once it holds this many change sets.
         key_file: the file holding the checkpoint key(s) (first line signs, later lines
             are old keys still accepted).  Default: ``SLUICEWAY_CHECKPOINT_KEY``,
             ``SLUICEWAY_CHECKPOINT_KEY_FILE``, else the user's own key, created once in
@@ -84,13 +115,15 @@ class Checkpoints:
             one else could write the directory; the checkpoints after it are signed.
 
     Raises:
-        ValueError: ``interval`` not > 0 seconds, ``keep`` < 1, or
-            ``trust_unauthenticated`` not a checkpoint id.
+        ValueError: ``interval`` not > 0 seconds, ``keep`` or ``compact_after`` < 1,
+            ``compact_ratio`` not > 0, or ``trust_unauthenticated`` not a checkpoint id.
     """
 
     directory: str | os.PathLike[str]
     interval: float = 5.0
     keep: int = 3
+    compact_ratio: float = 0.5
+    compact_after: int = 10
     key_file: str | os.PathLike[str] | None = None
     trust_unauthenticated: int | None = field(default=None, repr=False)
 
@@ -101,6 +134,16 @@ class Checkpoints:
         )
         if not isinstance(self.keep, int) or isinstance(self.keep, bool) or self.keep < 1:
             raise ValueError(f"Checkpoints keep must be an int >= 1, got {self.keep!r}")
+        after = self.compact_after
+        if not isinstance(after, int) or isinstance(after, bool) or after < 1:
+            raise ValueError(f"Checkpoints compact_after must be an int >= 1, got {after!r}")
+        ratio = self.compact_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio < 1e9:
+            raise ValueError(
+                f"Checkpoints compact_ratio must be a number > 0 (a share of the base's "
+                f"bytes, e.g. 0.5), got {ratio!r}"
+            )
+        object.__setattr__(self, "compact_ratio", float(ratio))
         if self.key_file is not None:
             object.__setattr__(self, "key_file", os.fspath(self.key_file))
         trust = self.trust_unauthenticated
@@ -120,15 +163,43 @@ class CheckpointStats:
     completed: int = 0
     last_id: int | None = None
     last_duration: float = 0.0
-    """Seconds from the barrier's injection to the checkpoint being stored."""
+    """Seconds from the barrier's injection to the checkpoint being durable in the store
+    (the barrier's way through the flow, the serialisation and the write)."""
+    max_duration: float = 0.0
+    """The longest ``last_duration`` of this run: with one checkpoint in flight at a time,
+    above the interval means checkpoints fall behind."""
+    last_alignment: float = 0.0
+    """Seconds from the barrier's injection until every operator had reported."""
+    last_write: float = 0.0
+    """Seconds the worker thread took to serialise the change sets and write."""
     last_size: int = 0
-    """Bytes of state in the last checkpoint."""
+    """Bytes of state the last checkpoint holds (its whole parts and every chain it
+    refers to, as stored after compaction)."""
+    last_written: int = 0
+    """Bytes the last checkpoint wrote (whole parts, bases and deltas)."""
+    last_delta_bytes: int = 0
+    """Of those, bytes of change sets (deltas)."""
+    compactions: int = 0
+    """Chains folded into new bases by this run."""
     restored_from: int | None = None
     """The checkpoint this run started from (None: a fresh start)."""
+    operators: dict[str, OperatorCheckpoint] = field(default_factory=dict)
+    """Per operator, in the last checkpoint."""
 
     def snapshot(self) -> CheckpointSnapshot:
         return CheckpointSnapshot(
-            self.completed, self.last_id, self.last_duration, self.last_size, self.restored_from
+            self.completed,
+            self.last_id,
+            self.last_duration,
+            self.last_size,
+            self.restored_from,
+            max_duration=self.max_duration,
+            last_alignment=self.last_alignment,
+            last_write=self.last_write,
+            last_written=self.last_written,
+            last_delta_bytes=self.last_delta_bytes,
+            compactions=self.compactions,
+            operators=tuple(self.operators[n] for n in sorted(self.operators)),
         )
 
 
@@ -142,6 +213,11 @@ class _InProgress:
     states: dict[str, OperatorState] = field(default_factory=dict)
     values: dict[str, Any] = field(default_factory=dict)
     """Unpickled states of sources and sinks: handed to their commit()."""
+    changes: dict[str, Incremental] = field(default_factory=dict)
+    """The change sets of incremental steps, serialised in the worker thread."""
+    snapshot_seconds: dict[str, float] = field(default_factory=dict)
+    keys: dict[str, int] = field(default_factory=dict)
+    aligned: float | None = None
 
 
 class Coordinator:
@@ -170,7 +246,15 @@ class Coordinator:
         self.sinks = sinks
         self.request_barrier = request_barrier
         self.stats = CheckpointStats()
-        self.final: dict[str, tuple[OperatorState, Any]] = {}
+        self.final: dict[str, tuple[OperatorState | None, Any]] = {}
+        """Operators whose input ended: their pickled final state (None for a change set,
+        serialised with the checkpoint) and its value."""
+        self._final_stored: set[str] = set()
+        """Incremental operators whose final change set is stored: later checkpoints
+        carry their chains on unchanged."""
+        self.parent: int | None = None
+        """The checkpoint the steps' change sets follow: the last one stored, or the one
+        this run restored."""
         self.current: _InProgress | None = None
         self.next_id = 1
         self.stop_wanted = False
@@ -208,6 +292,7 @@ class Coordinator:
         codec.verify_checkpoint(ckpt.states, self.keys, **self._auth(ckpt))  # before all else
         self._check_compatible(ckpt)
         ckpt, values = self._committed(ckpt)
+        self.parent = ckpt.info.id
         where = f"checkpoint {ckpt.info.id} in {self.store.path}"
         for name, value in values.items():
             if name in self.sources:
@@ -219,14 +304,26 @@ class Coordinator:
         return ckpt
 
     def _load(self, ckpt: Checkpoint) -> dict[str, Any]:
-        """Every part verified under the keys, then (only if all verify) decoded."""
-        return codec.open_checkpoint(ckpt.states, self.keys, **self._auth(ckpt), warn=log.warning)
+        """Every part and every segment of every chain verified under the keys, then (only
+        if all verify) decoded; an incremental part is its chains, folded."""
+        assert self.store is not None
+        values = codec.open_checkpoint(ckpt.states, self.keys, **self._auth(ckpt), warn=log.warning)
+        for name, chains in ckpt.chains.items():
+            try:
+                values[name] = unchain(chains)
+            except Exception as exc:
+                raise CheckpointError(
+                    f"checkpoint {ckpt.info.id} in {self.store.path}: the state of operator "
+                    f"{name!r} verifies but cannot be loaded: {type(exc).__name__}: {exc}"
+                ) from exc
+        return values
 
     def _auth(self, ckpt: Checkpoint) -> dict[str, Any]:
         """What verifying ``ckpt`` needs beside its parts and the keys."""
         assert self.store is not None
         assert self.config is not None
         return {
+            "chains": ckpt.chains,
             "flow": self.flow.name,
             "where": f"checkpoint {ckpt.info.id} of flow {self.flow.name!r} in {self.store.path}",
             "fixes": f"`sluiceway checkpoints reset {shlex.quote(str(self.config.directory))} "
@@ -333,39 +430,50 @@ class Coordinator:
             ) from exc
         return OperatorState(name, kind, data)
 
-    def _report(self, checkpoint_id: int, name: str, value: Any) -> None:
-        c = self.current
-        if c is None or c.id != checkpoint_id:
-            raise AssertionError(f"barrier {checkpoint_id} at {name!r} with no such checkpoint")
-        c.states[name] = self._pickle(name, value)
+    def _capture(self, c: _InProgress, name: str, value: Any) -> None:
+        """Take operator ``name``'s state into checkpoint ``c``: a change set as it is (the
+        step hands over copies; serialised in the worker thread), anything else pickled
+        now (a whole snapshot may share mutable objects with the live step)."""
+        if isinstance(value, Incremental) and self.store is not None:
+            c.changes[name] = value
+        else:
+            c.states[name] = self._pickle(name, value)
         if name in self.sinks or name in self.sources:
             c.values[name] = value
         c.waiting.discard(name)
         if not c.waiting and not c.ready.done():
+            c.aligned = self.clock.monotonic()
             c.ready.set_result(None)
+
+    def _report(self, checkpoint_id: int, name: str, value: Any) -> None:
+        c = self.current
+        if c is None or c.id != checkpoint_id:
+            raise AssertionError(f"barrier {checkpoint_id} at {name!r} with no such checkpoint")
+        self._capture(c, name, value)
 
     async def on_barrier(self, step: Step, barrier: Barrier) -> None:
         """The hook the runtime sets on every operator step."""
         if self.store is None:  # an ack barrier: it only has to get through
             self._report(barrier.checkpoint_id, step.name, None)
             return
+        began = self.clock.monotonic()
         value = await step.prepare_checkpoint(barrier.checkpoint_id)
         self._report(barrier.checkpoint_id, step.name, value)
+        c = self.current
+        if c is not None and c.id == barrier.checkpoint_id:
+            c.snapshot_seconds[step.name] = self.clock.monotonic() - began
+            c.keys[step.name] = step.metrics.state
 
     def source_barrier(self, name: str, checkpoint_id: int, position: Any) -> None:
         self._report(checkpoint_id, name, position)
 
     def finished(self, name: str, value: Any) -> None:
         """Operator ``name``'s input ended; ``value`` is its final state."""
-        state = self._pickle(name, value)
-        self.final[name] = (state, value)
+        incremental = isinstance(value, Incremental) and self.store is not None
+        self.final[name] = (None if incremental else self._pickle(name, value), value)
         c = self.current
         if c is not None and name in c.waiting:
-            c.states[name] = state
-            c.values[name] = value
-            c.waiting.discard(name)
-            if not c.waiting and not c.ready.done():
-                c.ready.set_result(None)
+            self._capture(c, name, value)
 
     # -- taking checkpoints ------------------------------------------------------------
 
@@ -379,10 +487,16 @@ class Coordinator:
         )
         self.next_id += 1
         for name, (state, value) in self.final.items():
-            c.states[name] = state
+            if state is not None:
+                c.states[name] = state
+            elif name in self._final_stored:  # stored once: its chains carry on as they are
+                c.changes[name] = Incremental({})
+            else:
+                c.changes[name] = value
             c.values[name] = value
         self.current = c
         if not c.waiting:
+            c.aligned = c.started
             c.ready.set_result(None)
         elif inject:
             self.request_barrier(c.id)
@@ -396,24 +510,129 @@ class Coordinator:
                 await source.commit(c.values.get(name))
             return
         created = self.clock.time()
-        duration = self.clock.monotonic() - c.started
-        info = await self.clock.run_in_thread(
-            partial(self.store.save, created=created, duration=duration, final=c.final),
-            self.flow.name,
-            c.id,
-            c.states,
-        )
+        writing = self.clock.monotonic()
+        info = await self.clock.run_in_thread(self._write, c, created, writing - c.started)
+        durable = self.clock.monotonic()
         self.current = None
         self._last_final = c.final
+        self.parent = c.id
+        self._final_stored.update(n for n in c.changes if n in self.final)
         s = self.stats
         s.completed += 1
-        s.last_id, s.last_duration, s.last_size = c.id, duration, info.size
-        log.debug("flow %r: checkpoint %d stored (%d bytes)", self.flow.name, c.id, info.size)
+        s.last_id, s.last_duration = c.id, durable - c.started
+        s.max_duration = max(s.max_duration, s.last_duration)
+        s.last_alignment = (c.aligned if c.aligned is not None else writing) - c.started
+        s.last_write = durable - writing
+        s.last_written, s.last_delta_bytes = info.written, info.delta_bytes
+        log.debug(
+            "flow %r: checkpoint %d stored (%d bytes written, %.3f s)",
+            self.flow.name,
+            c.id,
+            info.written,
+            s.last_duration,
+        )
         async with self.committing:
             for name, sink in self.sinks.items():
                 await sink.commit(c.id, c.values.get(name))
         for name, source in self.sources.items():
             await source.commit(c.values.get(name))
+        await self.clock.run_in_thread(self._compact, c)
+
+    def _write(self, c: _InProgress, created: float, duration: float) -> CheckpointInfo:
+        """In the worker thread: serialise the change sets, save the checkpoint."""
+        assert self.store is not None
+        states = dict(c.states)
+        for name, changes in c.changes.items():
+            states[name] = self._incremental_part(name, changes)
+        return self.store.save(
+            self.flow.name,
+            c.id,
+            states,
+            created=created,
+            duration=duration,
+            final=c.final,
+            parent=self.parent,
+        )
+
+    def _incremental_part(self, name: str, changes: Incremental) -> OperatorState:
+        """Each partition's change set as a segment, signed for its flow, operator,
+        partition and kind (base or delta); the part beside them signed as any part."""
+        assert self.keys is not None
+        key, flow = self.keys.current, self.flow.name
+        segments: dict[str, Segment] = {}
+        for partition, part in changes.partitions.items():
+            where = partition_key(partition)
+            context = codec.segment_context(flow, name, where, base=part.whole)
+            try:
+                data = encode_changes(part, key, context)
+            except Exception as exc:
+                raise CheckpointError(
+                    f"flow {self.flow.name!r}: the state of operator {name!r} cannot be "
+                    f"checkpointed (pickled){_unpicklable_key(part)}: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            segments[where] = Segment(part.whole, data)
+        kind = self.kinds[name]
+        return OperatorState(
+            name,
+            kind,
+            codec.encode(None, key, codec.part_context(flow, name, kind)),  # nothing beside
+            segments,
+            frozenset(partition_key(p) for p in changes.dropped),
+        )
+
+    def _compact(self, c: _InProgress) -> None:
+        """In the worker thread, after the commits: fold long chains into new bases --
+        small ones here, large ones in a child process, off this process's interpreter
+        lock (:mod:`sluiceway.runtime.compactor`) -- then read back what each operator's
+        state takes in the store."""
+        assert self.store is not None
+        assert self.config is not None
+        flow, ratio, after = self.flow.name, self.config.compact_ratio, self.config.compact_after
+        limit = compactor.IN_PROCESS_BYTES
+        due = [size for _, _, size in self.store.due(flow, ratio=ratio, after=after)]
+        if any(size <= limit for size in due):
+            self.stats.compactions += self.store.compact(
+                flow,
+                functools.partial(fold_chain, self.keys, flow),
+                ratio=ratio,
+                after=after,
+                at_most=limit,
+            )
+        if any(size > limit for size in due):
+            try:
+                self.stats.compactions += compactor.compact_in_child(
+                    self.config.directory,
+                    flow,
+                    self.keys,
+                    ratio=ratio,
+                    after=after,
+                    larger_than=limit,
+                )
+            except CheckpointError as exc:  # the chains stay valid: tried again next time
+                log.warning("%s; the chains stay as they are, compaction is tried again", exc)
+        parts = self.store.parts(c.id, flow)
+        ops: dict[str, OperatorCheckpoint] = {}
+        before = self.stats.operators
+        for p in parts:
+            base = sum(ch.base_size for ch in p.chains)
+            deltas = sum(ch.delta_size for ch in p.chains)
+            ops[p.name] = OperatorCheckpoint(
+                name=p.name,
+                bytes=p.size + base + deltas,
+                base_bytes=base,
+                delta_bytes=deltas,
+                deltas=max((ch.deltas for ch in p.chains), default=0),
+                # an operator whose input ended reports no new figures: its last ones stand
+                keys=c.keys[p.name]
+                if p.name in c.keys
+                else getattr(before.get(p.name), "keys", None),
+                snapshot_seconds=c.snapshot_seconds.get(
+                    p.name, getattr(before.get(p.name), "snapshot_seconds", 0.0)
+                ),
+            )
+        self.stats.operators = ops
+        self.stats.last_size = sum(o.bytes for o in ops.values())
 
     async def initial(self, steps: dict[str, Step]) -> None:
         """A fresh start: checkpoint the state before the first record, so that a crash
@@ -475,3 +694,13 @@ class Coordinator:
 
 
 _NO_STATE = OperatorState("", "", b"")
+
+
+def _unpicklable_key(changes: Changes) -> str:
+    """`` (key K)`` naming the first key whose state cannot be pickled, or ``""``."""
+    for key, value in changes.upserts.items():
+        try:
+            codec.pack((key, value))
+        except Exception:  # noqa: BLE001 - named in the caller's message
+            return f" (key {key!r})"
+    return ""

@@ -162,6 +162,8 @@ class Executor:
             for name, step in self._steps.items():
                 if name not in self.coordinator.sources:
                     step.on_barrier = self.coordinator.on_barrier
+                    # the store keeps bases and chains of changes: steps may snapshot those
+                    step.accept_changes(self.coordinator.durable)
             if self.coordinator.durable:
                 self.metrics.add_checkpoints(self.coordinator.stats.snapshot)
 
