@@ -193,6 +193,10 @@ class TlsNats(ServerProcess):
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
+    def authorization(self) -> str:
+        """The server's ``authorization`` block: who may log in, and how."""
+        return f'users: [ {{ user: "{USER}", password: "{PASSWORD}" }} ]'
+
     def command(self) -> list[str]:
         c = self.certs
         conf = self.dir / "nats.conf"
@@ -201,7 +205,7 @@ class TlsNats(ServerProcess):
             f'jetstream {{ store_dir: "{self.dir / "store"}" }}\n'
             f'tls {{ cert_file: "{c.server_cert}", key_file: "{c.server_key}", '
             f'ca_file: "{c.ca}", timeout: 2 }}\n'
-            f'authorization {{ users: [ {{ user: "{USER}", password: "{PASSWORD}" }} ] }}\n',
+            f"authorization {{ {self.authorization()} }}\n",
             encoding="utf-8",
         )
         return [self.binary, "-c", str(conf), "-l", str(self.dir / self.log_name)]
@@ -214,18 +218,8 @@ class TlsNats(ServerProcess):
 class TlsNatsToken(TlsNats):
     """``nats-server`` with JetStream, TLS required and a token login (``PASSWORD``)."""
 
-    def command(self) -> list[str]:
-        c = self.certs
-        conf = self.dir / "nats.conf"
-        conf.write_text(
-            f"listen: 127.0.0.1:{self.port}\n"
-            f'jetstream {{ store_dir: "{self.dir / "store"}" }}\n'
-            f'tls {{ cert_file: "{c.server_cert}", key_file: "{c.server_key}", '
-            f'ca_file: "{c.ca}", timeout: 2 }}\n'
-            f'authorization {{ token: "{PASSWORD}" }}\n',
-            encoding="utf-8",
-        )
-        return [self.binary, "-c", str(conf), "-l", str(self.dir / self.log_name)]
+    def authorization(self) -> str:
+        return f'token: "{PASSWORD}"'
 
 
 class TlsNatsNkey(TlsNats):
@@ -234,18 +228,8 @@ class TlsNatsNkey(TlsNats):
     seed_file: Path
     public_key: str
 
-    def command(self) -> list[str]:
-        c = self.certs
-        conf = self.dir / "nats.conf"
-        conf.write_text(
-            f"listen: 127.0.0.1:{self.port}\n"
-            f'jetstream {{ store_dir: "{self.dir / "store"}" }}\n'
-            f'tls {{ cert_file: "{c.server_cert}", key_file: "{c.server_key}", '
-            f'ca_file: "{c.ca}", timeout: 2 }}\n'
-            f'authorization {{ users: [ {{ nkey: "{self.public_key}" }} ] }}\n',
-            encoding="utf-8",
-        )
-        return [self.binary, "-c", str(conf), "-l", str(self.dir / self.log_name)]
+    def authorization(self) -> str:
+        return f'users: [ {{ nkey: "{self.public_key}" }} ]'
 
 
 # -- Mosquitto ---------------------------------------------------------------------------
