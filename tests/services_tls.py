@@ -229,6 +229,13 @@ class TlsNatsNkey(TlsNats):
     public_key: str
 
     def authorization(self) -> str:
+        import nkeys  # noqa: PLC0415 - the fixture skips without it
+
+        seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+        self.public_key = nkeys.from_seed(bytearray(seed)).public_key.decode()
+        self.seed_file = self.certs.dir / "user.nk"
+        self.seed_file.write_bytes(seed)
+        self.seed_file.chmod(0o600)
         return f'users: [ {{ nkey: "{self.public_key}" }} ]'
 
 
@@ -489,22 +496,8 @@ def tls_nats_token(tls_certs: Certs) -> Iterator[TlsNatsToken]:
 @pytest.fixture(scope="session")
 def tls_nats_nkey(tls_certs: Certs) -> Iterator[TlsNatsNkey]:
     """A NATS server whose one user logs in with an NKEY made for the session."""
-    nkeys = pytest.importorskip("nkeys", reason="the nkeys package makes NATS NKEY logins")
-    binary = find_binary(TlsNatsNkey.paths)
-    if binary is None:
-        service_missing(TlsNatsNkey.missing())
-    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
-    server = TlsNatsNkey(binary)
-    server.certs = tls_certs
-    server.public_key = nkeys.from_seed(bytearray(seed)).public_key.decode()
-    server.seed_file = tls_certs.dir / "user.nk"
-    server.seed_file.write_bytes(seed)
-    server.seed_file.chmod(0o600)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.close()
+    pytest.importorskip("nkeys", reason="the nkeys package makes NATS NKEY logins")
+    yield from _start(TlsNatsNkey, tls_certs)
 
 
 @pytest.fixture(scope="session")
