@@ -14,7 +14,6 @@ client that trusts only it must refuse every server here.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import getpass
 import os
@@ -25,7 +24,6 @@ import ssl
 import subprocess
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -429,7 +427,7 @@ class TlsKafka:
                 )
                 self.data.mkdir(parents=True, exist_ok=True)
                 self.config.write_text(conf, encoding="utf-8")
-                cluster = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+                cluster = kb.new_cluster_id()
                 scram = f"SCRAM-SHA-256=[name={USER},password={PASSWORD}]"
                 subprocess.run(
                     [*self._java(), kb.STORAGE_TOOL, "format", "-t", cluster,
