@@ -27,13 +27,14 @@ tolerance, none older than the watermark minus the tolerance.
 from __future__ import annotations
 
 from bisect import bisect_right, insort
-from collections.abc import Callable
-from heapq import heappop, heappush
+from collections.abc import Callable, Iterator
+from heapq import heapify, heappop, heappush
 from itertools import count, repeat
 from typing import Any, ClassVar, Literal
 
 from sluiceway.joins.base import INF, JoinSpec, JoinStep, WatermarkColumn
 from sluiceway.operators.base import BuildContext, Step
+from sluiceway.operators.incremental import GONE
 
 __all__ = ["AsOfJoinSpec", "TemporalJoinSpec"]
 
@@ -61,14 +62,54 @@ class _AsOfJoinStep(JoinStep):
     def held(self) -> int:
         return self.count
 
+    # Snapshot entries: ``("w", seq) -> (time, seq, key, value)`` per waiting left record
+    # (its change mark: the same tuple, or None once answered) and ``("r", key) -> right
+    # records`` per key.
+
+    def _entries(self) -> Iterator[tuple[Any, Any]]:
+        for item in self.waiting:
+            yield ("w", item[1]), item
+        for k, rows in self.rights.items():
+            yield ("r", k), tuple(rows)
+
+    def _size(self) -> int:
+        return len(self.waiting) + len(self.rights)
+
+    def _entry(self, key: Any, mark: Any) -> Any:
+        if key[0] == "w":
+            return GONE if mark is None else mark
+        rows = self.rights.get(key[1])
+        return GONE if rows is None else tuple(rows)
+
+    def _load(self, upserts: dict[Any, Any], extra: dict[str, Any]) -> None:
+        waiting, rights = [], {}
+        for (kind, x), entry in upserts.items():
+            if kind == "w":
+                waiting.append(entry)
+            else:
+                rights[x] = list(entry)
+        heapify(waiting)
+        self.waiting, self.rights = waiting, rights
+        self.count = len(waiting) + sum(map(len, rights.values()))
+        self.expiry = []
+        if self.tolerance is not None:  # one entry per key, for its oldest record
+            self.expiry = [(r[0][0] + self.tolerance, r[0][1], k) for k, r in rights.items()]
+            heapify(self.expiry)
+
     def _records(
         self, side: int, values: list[Any], ts: list[int], keys: list[Any], wms: WatermarkColumn
     ) -> None:
         lateness, seq = self.lateness, self.seq[side]
+        changed = self.changes.changed
         if wms is None and side == 0:  # no late record: only the waiting heap to fill
             waiting = self.waiting
-            for item in zip(ts, count(seq + 1), keys, values):
-                heappush(waiting, item)
+            if changed is None:
+                for item in zip(ts, count(seq + 1), keys, values):
+                    heappush(waiting, item)
+            else:
+                for item in zip(ts, count(seq + 1), keys, values):
+                    heappush(waiting, item)
+                    changed["w", item[1]] = item
             self.seq[side] = seq + len(values)
             self.count += len(values)
             return
@@ -82,8 +123,13 @@ class _AsOfJoinStep(JoinStep):
                 continue
             self.count += 1
             if side == 0:
-                heappush(waiting, (t, seq, k, v))
+                item = (t, seq, k, v)
+                heappush(waiting, item)
+                if changed is not None:
+                    changed["w", seq] = item
                 continue
+            if changed is not None:
+                changed["r", k] = None
             rows = rights.get(k)
             if rows is None:
                 rows = rights[k] = [(t, seq, v)]
@@ -95,6 +141,11 @@ class _AsOfJoinStep(JoinStep):
                     rows.append((t, seq, v))
                 else:
                     insort(rows, (t, seq, v))
+                    if tolerance is not None and rows[0][1] == seq:
+                        # the key's oldest record now: an entry for it too, so the key's
+                        # earliest entry is never later than its oldest record's (what a
+                        # restore rebuilds: the same pruning either way)
+                        heappush(self.expiry, (t + tolerance, seq, k))
                 if plain and rows[1][0] > cutoff:  # nothing to prune (the common case)
                     continue
             self._prune(k, rows)
@@ -115,14 +166,26 @@ class _AsOfJoinStep(JoinStep):
         if not rows:
             del self.rights[k]
 
+    def _answered(self, n: int) -> None:
+        """Waiting left record ``n`` was answered: gone from the next change set."""
+        changed = self.changes.changed
+        assert changed is not None
+        if n > self.snap_seq[0]:  # came and went since the last snapshot: in neither
+            changed.pop(("w", n), None)
+        else:
+            changed["w", n] = None
+
     def _advance(self, wm: float) -> None:
         waiting, lateness, tolerance = self.waiting, self.lateness, self.tolerance
         rights, is_delete, left = self.rights, self.is_delete, self.how == "left"
         out, out_ts, out_keys = self.out.append, self.out_ts.append, self.out_keys.append
         freed = 0
+        changed = self.changes.changed
         while waiting and waiting[0][0] + lateness < wm:
-            t, _, k, v = heappop(waiting)
+            t, n, k, v = heappop(waiting)
             freed += 1
+            if changed is not None:
+                self._answered(n)
             match = None
             rows = rights.get(k)
             if rows:
@@ -135,6 +198,8 @@ class _AsOfJoinStep(JoinStep):
                     if i:  # left records answered later are not earlier: none needs these
                         del rows[:i]
                         freed += i
+                        if changed is not None:
+                            changed["r", k] = None
             if match is not None or left:
                 out((v, match))
                 out_ts(t)
@@ -148,6 +213,8 @@ class _AsOfJoinStep(JoinStep):
                 rows = rights.get(k)
                 if rows is None:
                     continue
+                if changed is not None:
+                    changed["r", k] = None
                 if rows[0][0] < oldest:  # else answering left records pruned them already
                     # Too old for any left record still to come; (oldest, -1) sorts
                     # before every record at ``oldest``, which are kept.

@@ -20,8 +20,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+from sluiceway.core.delta import Incremental
 from sluiceway.core.messages import Batch, Control, Watermark
 from sluiceway.operators.base import BuildContext, OpSpec, Step
+from sluiceway.operators.incremental import ChangeLog, whole_changes
 from sluiceway.operators.late import Lateness, LateOutputStep
 
 __all__ = ["JoinSpec", "JoinStep", "LateJoinRecord", "Side"]
@@ -134,6 +136,10 @@ class JoinStep(LateOutputStep):
         self.late: list[LateJoinRecord] = []
         self.late_ts: list[int] = []
         self.late_keys: list[Any] = []
+        self.changes = ChangeLog(ctx.name)  # what changed since the last snapshot
+        # ``seq`` at the last snapshot: a record numbered above it came after (a join
+        # that buffers records forgets their marks when they expire before the next one)
+        self.snap_seq = [0, 0]
 
     # -- subclasses ----------------------------------------------------------------------
 
@@ -158,6 +164,7 @@ class JoinStep(LateOutputStep):
         raise NotImplementedError
 
     _STATE: ClassVar[tuple[str, ...]] = ("wms", "idle", "wm", "seq")
+    """The attributes a snapshot of the earlier format held (a dict of them)."""
 
     # -- output --------------------------------------------------------------------------
 
@@ -246,14 +253,82 @@ class JoinStep(LateOutputStep):
 
     # -- checkpoints ---------------------------------------------------------------------
 
-    def snapshot(self) -> Any:
+    def accept_changes(self, accepted: bool) -> None:
+        """Whether the checkpoint store takes change sets (see :meth:`snapshot`)."""
+        self.changes.accept(accepted)
+
+    def snapshot(self) -> Incremental:
+        """What the join holds as :class:`~sluiceway.core.delta.Changes` of partition
+        None -- entries keyed as each join keeps its buffers (see ``_entries``), the
+        watermarks and sequence numbers in ``extra``.
+
+        Whole, unless the checkpoint side takes change sets (:meth:`accept_changes`):
+        then only the first snapshot (and the first after a restore) is whole, and each
+        later one holds the entries appended to, matched or expired since the one
+        before.  It shares nothing the join changes afterwards.
+        """
         assert not self.out, "snapshot mid-batch"
         assert not self.late, "snapshot mid-batch"
-        return {name: getattr(self, name) for name in self._STATE}
+        extra = {"format": 2, "wms": list(self.wms), "idle": list(self.idle), "wm": self.wm}
+        extra.update(self._extra(), seq=list(self.seq))
+        snap = self.changes.snapshot(
+            self._entries,
+            self._entry,
+            extra,
+            self._fresh_entries,
+            size=self._size(),
+            fresh_size=self._fresh_size(),
+        )
+        self._taken()
+        return snap
+
+    def _entries(self) -> Iterator[tuple[Any, Any]]:
+        """Every entry of the join's state (a whole snapshot)."""
+        raise NotImplementedError
+
+    def _entry(self, key: Any, mark: Any) -> Any:
+        """One marked entry now, or ``GONE``."""
+        raise NotImplementedError
+
+    def _extra(self) -> dict[str, Any]:
+        """The rest of the state (small), copied."""
+        return {}
+
+    def _fresh_entries(self) -> Iterator[tuple[Any, Any]]:
+        """The entries of a change set that were not marked one by one."""
+        return iter(())
+
+    def _fresh_size(self) -> int:
+        """How many entries :meth:`_fresh_entries` gives."""
+        return 0
+
+    def _size(self) -> int:
+        """How many entries the whole state has."""
+        raise NotImplementedError
+
+    def _taken(self) -> None:
+        """A snapshot was taken (or loaded): the next change set starts now."""
+        self.snap_seq = list(self.seq)
+
+    def _load(self, upserts: dict[Any, Any], extra: dict[str, Any]) -> None:
+        """Rebuild the buffers from a whole snapshot's entries."""
+        raise NotImplementedError
 
     def restore(self, state: Any) -> None:
-        for name in self._STATE:
-            setattr(self, name, state[name])
+        """Load a whole :class:`~sluiceway.core.delta.Incremental`, or a snapshot of the
+        earlier format (a dict of the join's attributes)."""
+        if isinstance(state, Incremental):
+            changes = whole_changes(self.name, state)
+            if changes is not None:
+                extra = changes.extra
+                self.wms, self.idle, self.wm = list(extra["wms"]), list(extra["idle"]), extra["wm"]
+                self.seq = list(extra["seq"])
+                self._load(changes.upserts, extra)
+        else:
+            for name in self._STATE:
+                setattr(self, name, state[name])
+        self.changes.restored()
+        self._taken()
         self.metrics.state = self.held()
         if self.wm > -INF:
             self.metrics.watermark = self.wm / 1e6

@@ -18,12 +18,14 @@ their arrival.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right, insort
-from heapq import heappop, heappush
+from collections.abc import Iterator
+from heapq import heapify, heappop, heappush
 from itertools import repeat
 from typing import Any, ClassVar, Literal
 
 from sluiceway.joins.base import INF, JoinSpec, JoinStep, WatermarkColumn
 from sluiceway.operators.base import BuildContext, Step
+from sluiceway.operators.incremental import GONE
 
 __all__ = ["IntervalJoinSpec"]
 
@@ -48,6 +50,37 @@ class _IntervalJoinStep(JoinStep):
     def held(self) -> int:
         return self.count
 
+    # A snapshot entry per buffered record: ``(side, seq) -> (key, time, value, matched)``;
+    # its change mark is ``(key, record)``, or None once it expired.
+
+    def _entries(self) -> Iterator[tuple[Any, Any]]:
+        for side, buffer in enumerate(self.buffers):
+            for k, rows in buffer.items():
+                for t, seq, v, matched in rows:
+                    yield (side, seq), (k, t, v, matched)
+
+    def _size(self) -> int:
+        return self.count
+
+    def _entry(self, key: Any, mark: Any) -> Any:
+        if mark is None:
+            return GONE
+        k, (t, _, v, matched) = mark
+        return (k, t, v, matched)
+
+    def _load(self, upserts: dict[Any, Any], extra: dict[str, Any]) -> None:
+        buffers: tuple[dict[Any, list[list[Any]]], dict[Any, list[list[Any]]]] = ({}, {})
+        expiry = []
+        keep_for = (self.upper, -self.lower)
+        for (side, seq), (k, t, v, matched) in upserts.items():
+            buffers[side].setdefault(k, []).append([t, seq, v, matched])
+            expiry.append((t + keep_for[side] + self.lateness, side, seq, k))
+        for buffer in buffers:
+            for rows in buffer.values():
+                rows.sort(key=lambda r: (r[0], r[1]))
+        heapify(expiry)
+        self.buffers, self.expiry, self.count = buffers, expiry, len(expiry)
+
     def _records(
         self, side: int, values: list[Any], ts: list[int], keys: list[Any], wms: WatermarkColumn
     ) -> None:
@@ -60,6 +93,7 @@ class _IntervalJoinStep(JoinStep):
         keep_for = upper if side == 0 else -lower
         seq = self.seq[side]
         added = 0
+        changed = self.changes.changed
         for v, t, k, w in zip(values, ts, keys, wms or repeat(-INF, len(ts)), strict=True):
             seq += 1
             if t + lateness < w:
@@ -74,6 +108,8 @@ class _IntervalJoinStep(JoinStep):
                 if i < j:
                     entry[3] = True
                     for o in others[i:j]:
+                        if changed is not None and not o[3]:
+                            changed[1 - side, o[1]] = (k, o)
                         o[3] = True
                         pair = (v, o[2]) if side == 0 else (o[2], v)
                         out.append(pair)
@@ -88,16 +124,24 @@ class _IntervalJoinStep(JoinStep):
                 insort(rows, entry)
             heappush(expiry, (t + keep_for + lateness, side, seq, k))
             added += 1
+            if changed is not None:
+                changed[side, seq] = (k, entry)
         self.seq[side] = seq
         self.count += added
 
     def _advance(self, wm: float) -> None:
         expiry, buffers, outer = self.expiry, self.buffers, self.how == "left"
         gone = 0
+        changed, snap_seq = self.changes.changed, self.snap_seq
         while expiry and expiry[0][0] < wm:
             _, side, _, k = heappop(expiry)
             rows = buffers[side][k]
-            t, _, v, matched = rows.pop(0)
+            t, seq, v, matched = rows.pop(0)
+            if changed is not None:
+                if seq > snap_seq[side]:  # came and went since the last snapshot: in neither
+                    changed.pop((side, seq), None)
+                else:
+                    changed[side, seq] = None
             if not rows:
                 del buffers[side][k]
             gone += 1

@@ -15,9 +15,11 @@ from collections.abc import Callable
 from itertools import compress
 from typing import Any, ClassVar, Literal
 
+from sluiceway.core.delta import Incremental
 from sluiceway.core.messages import Batch, Control, Watermark
 from sluiceway.joins.base import JoinSpec
 from sluiceway.operators.base import BuildContext, Step
+from sluiceway.operators.incremental import GONE, ChangeLog, whole_changes
 
 __all__ = ["LatestJoinSpec"]
 
@@ -29,6 +31,7 @@ class _LatestJoinStep(Step):
         super().__init__(ctx.name, ctx.metrics)
         self.spec = spec
         self.table: dict[Any, Any] = {}
+        self.changes = ChangeLog(ctx.name)  # keys upserted or deleted since the last snapshot
 
     async def push(self, batch: Batch) -> None:  # pragma: no cover - always a fan-in
         raise AssertionError("a join receives its inputs through push_input")
@@ -48,6 +51,8 @@ class _LatestJoinStep(Step):
                     table.pop(k, None)
                 else:
                     table[k] = v
+            if self.changes.changed is not None:
+                self.changes.changed.update(dict.fromkeys(keys))
             self.metrics.state = len(table)
             return
         rows = [table.get(k, _MISSING) for k in keys]
@@ -64,11 +69,27 @@ class _LatestJoinStep(Step):
             return  # the output follows the left input's event time only
         await self.control(message)
 
-    def snapshot(self) -> Any:
-        return dict(self.table)
+    def accept_changes(self, accepted: bool) -> None:
+        self.changes.accept(accepted)
+
+    def snapshot(self) -> Incremental:
+        """The table as :class:`~sluiceway.core.delta.Changes` of partition None, key ->
+        row: whole, or (once the checkpoint side takes change sets) the keys upserted
+        and deleted since the previous snapshot."""
+        table = self.table
+        return self.changes.snapshot(
+            table.items, lambda k, _: table.get(k, GONE), None, size=len(table)
+        )
 
     def restore(self, state: Any) -> None:
-        self.table = dict(state)
+        """Load a whole :class:`~sluiceway.core.delta.Incremental`, or the earlier format
+        (the table as a dict)."""
+        if isinstance(state, Incremental):
+            changes = whole_changes(self.name, state)
+            self.table = {} if changes is None else dict(changes.upserts)
+        else:
+            self.table = dict(state)
+        self.changes.restored()
         self.metrics.state = len(self.table)
 
     def pending(self) -> int:

@@ -26,13 +26,14 @@ watermark (a session that closed may not grow again).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from heapq import heappop, heappush
+from collections.abc import Iterable, Iterator
+from heapq import heapify, heappop, heappush
 from itertools import count, product, repeat
 from typing import Any, ClassVar, Literal
 
 from sluiceway.joins.base import INF, JoinSpec, JoinStep, WatermarkColumn, gc_paused
 from sluiceway.operators.base import BuildContext, Step
+from sluiceway.operators.incremental import GONE
 from sluiceway.windows.assigners import Session, Sliding, Tumbling
 
 __all__ = ["WindowJoinSpec"]
@@ -72,11 +73,57 @@ class _GridJoinStep(JoinStep):
         self.panes: dict[int, dict[Any, list[Any]]] = {}
         self.closing: list[int] = []  # starts of open panes, by start (= by close)
         self.count = 0
+        # While change sets are taken: the panes opened since the last snapshot, whose
+        # entries are not marked one by one (the next change set holds all of them; one
+        # that closes before it is in none).
+        self.fresh: set[int] = set()
 
     _STATE = (*JoinStep._STATE, "panes", "closing", "count")
 
     def held(self) -> int:
         return self.count
+
+    # A snapshot entry per key and window: ``(key, start) -> (first left seq, first right
+    # seq, lefts, rights)`` (the records as tuples).
+
+    def _entries(self) -> Iterator[tuple[Any, Any]]:
+        for start, pane in self.panes.items():
+            for k, e in pane.items():
+                yield (k, start), (e[_FL], e[_FR], tuple(e[_LS]), tuple(e[_RS]))
+
+    def _fresh_entries(self) -> Iterator[tuple[Any, Any]]:
+        for start in sorted(self.fresh):
+            for k, e in self.panes[start].items():
+                yield (k, start), (e[_FL], e[_FR], tuple(e[_LS]), tuple(e[_RS]))
+
+    def _fresh_size(self) -> int:
+        return sum(len(self.panes[start]) for start in self.fresh)
+
+    def _size(self) -> int:
+        return sum(map(len, self.panes.values()))
+
+    def _taken(self) -> None:
+        super()._taken()
+        self.fresh.clear()
+
+    def _entry(self, key: Any, mark: Any) -> Any:
+        k, start = key
+        pane = self.panes.get(start)
+        e = None if pane is None else pane.get(k)
+        return GONE if e is None else (e[_FL], e[_FR], tuple(e[_LS]), tuple(e[_RS]))
+
+    def _load(self, upserts: dict[Any, Any], extra: dict[str, Any]) -> None:
+        panes: dict[int, dict[Any, list[Any]]] = {}
+        count = 0
+        for (k, start), (fl, fr, lefts, rights) in upserts.items():
+            pane = panes.get(start)
+            if pane is None:
+                pane = panes[start] = {}
+            pane[k] = [fl, fr, list(lefts), list(rights)]
+            count += len(lefts) + len(rights)
+        self.panes, self.count = panes, count
+        self.closing = list(panes)
+        heapify(self.closing)
 
     def _starts(self, t: int) -> list[int]:
         """The starts of the windows holding ``t``, earliest first."""
@@ -99,6 +146,7 @@ class _GridJoinStep(JoinStep):
         first, records = (_FL, _LS) if side == 0 else (_FR, _RS)
         seq = self.seq[side]
         added = 0
+        changed = self.changes.changed
         for v, t, k, w in zip(values, ts, keys, wms or repeat(-INF, len(ts)), strict=True):
             seq += 1
             for start in self._starts(t):
@@ -109,6 +157,8 @@ class _GridJoinStep(JoinStep):
                 if pane is None:
                     pane = panes[start] = {}
                     heappush(self.closing, start)
+                    if changed is not None:
+                        self.fresh.add(start)
                 entry = pane.get(k)
                 if entry is None:
                     entry = pane[k] = [_INF_SEQ, _INF_SEQ, [], []]
@@ -116,6 +166,8 @@ class _GridJoinStep(JoinStep):
                     entry[first] = seq
                 entry[records].append(v)
                 added += 1
+                if changed is not None and start not in self.fresh:
+                    changed[k, start] = None
         self.seq[side] = seq
         self.count += added
 
@@ -129,6 +181,8 @@ class _GridJoinStep(JoinStep):
         seq = self.seq[side]
         last, pane = None, {}
         added = 0
+        changed = self.changes.changed
+        marks = None  # ``changed`` while the pane's entries are marked one by one
         for n, v, t, k, w in zip(count(seq + 1), values, ts, keys, wms or repeat(-INF, len(ts))):
             start = t - (t - off) % size
             if start + closes <= w:
@@ -140,7 +194,10 @@ class _GridJoinStep(JoinStep):
                 if got is None:
                     got = panes[start] = {}
                     heappush(self.closing, start)
+                    if changed is not None:
+                        self.fresh.add(start)
                 pane = got
+                marks = changed if start not in self.fresh else None
             entry = pane.get(k)
             if entry is None:
                 entry = pane[k] = [_INF_SEQ, _INF_SEQ, [], []]
@@ -149,6 +206,8 @@ class _GridJoinStep(JoinStep):
                 entry[first] = n
             entry[records].append(v)
             added += 1
+            if marks is not None:
+                marks[k, start] = None
         self.seq[side] = seq + len(values)
         self.count += added
 
@@ -161,9 +220,14 @@ class _GridJoinStep(JoinStep):
     def _close(self, wm: float) -> None:
         closing, size, lateness, how = self.closing, self.size, self.lateness, self.how
         out, out_ts, out_keys = self.out, self.out_ts, self.out_keys
+        changed = self.changes.changed
         while closing and closing[0] + size + lateness <= wm:
             start = heappop(closing)
             pane = self.panes.pop(start)
+            if start in self.fresh:  # opened and closed since the last snapshot: in neither
+                self.fresh.discard(start)
+            elif changed is not None:  # every key's entry of the window is gone
+                changed.update(dict.fromkeys(zip(pane, repeat(start))))
             made = len(out)
             gone = 0
             for k, entry in sorted(pane.items(), key=_key_order):
@@ -203,16 +267,48 @@ class _SessionJoinStep(JoinStep):
     def held(self) -> int:
         return self.count
 
+    # A snapshot entry per key: ``key -> sessions``, each ``(start, end, lefts, rights)``.
+
+    def _entries(self) -> Iterator[tuple[Any, Any]]:
+        for k, ss in self.sessions.items():
+            yield k, tuple((s[_S], s[_E], tuple(s[_L]), tuple(s[_R])) for s in ss)
+
+    def _entry(self, key: Any, mark: Any) -> Any:
+        ss = self.sessions.get(key)
+        if ss is None:
+            return GONE
+        return tuple((s[_S], s[_E], tuple(s[_L]), tuple(s[_R])) for s in ss)
+
+    def _extra(self) -> dict[str, Any]:
+        return {"n": self.n}
+
+    def _size(self) -> int:
+        return len(self.sessions)
+
+    def _load(self, upserts: dict[Any, Any], extra: dict[str, Any]) -> None:
+        self.sessions, self.heap, self.n, self.count = {}, [], extra["n"], 0
+        i = 0  # (heap tie-breakers below every ``n``: ``n`` goes on as it was)
+        for k, ss in upserts.items():
+            self.sessions[k] = [[a, e, list(ls), list(rs)] for a, e, ls, rs in ss]
+            for s in self.sessions[k]:  # an entry at each session's close (see _advance)
+                i -= 1
+                self.heap.append((s[_E] + self.lateness, i, k))
+                self.count += len(s[_L]) + len(s[_R])
+        heapify(self.heap)
+
     def _records(
         self, side: int, values: list[Any], ts: list[int], keys: list[Any], wms: WatermarkColumn
     ) -> None:
         gap, lateness = self.gap, self.lateness
         seq = self.seq[side]
+        changed = self.changes.changed
         for v, t, k, w in zip(values, ts, keys, wms or repeat(-INF, len(ts)), strict=True):
             seq += 1
             if t + lateness < w:
                 self.late_record(side, v, t, k, w)
                 continue
+            if changed is not None:
+                changed[k] = None
             e = t + gap
             ss = self.sessions.setdefault(k, [])
             s: list[Any] = [t, e, [], []]
@@ -237,6 +333,7 @@ class _SessionJoinStep(JoinStep):
             ss = self.sessions.get(k)
             if ss is None:
                 continue  # an entry for sessions already closed
+            self.changes.mark(k)
             keep = []
             for s in ss:
                 close = s[_E] + lateness

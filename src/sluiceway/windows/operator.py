@@ -17,17 +17,19 @@ import functools
 import math
 import textwrap
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from heapq import heappop, heappush
+from heapq import heapify, heappop, heappush
 from itertools import islice, repeat
 from typing import Any, ClassVar
 
-from sluiceway.agg import Aggregator
+from sluiceway.agg import EMPTY, Aggregator, Reduce, _Count
+from sluiceway.core.delta import Incremental
 from sluiceway.core.messages import Batch, Control, Watermark
 from sluiceway.core.query import KeyState, OpenWindow
 from sluiceway.operators.base import BuildContext, OpSpec, Step
+from sluiceway.operators.incremental import GONE, ChangeLog, whole_changes
 from sluiceway.operators.late import Lateness, LateOutputStep
 from sluiceway.time import Clock
 from sluiceway.windows.assigners import Session, Sliding, Tumbling
@@ -159,6 +161,19 @@ class Aggregation:
         self.init: Callable[[Any, int], Any] = ns["init"]
         self.add: Callable[[Any, Any, int], Any] = ns["add"]
         self.result: Callable[[Any], Any] = ns["result"]
+        self.copy = self._copier()
+        """``copy(acc)``: an accumulator that shares nothing the window changes in place
+        (for a change set, which is serialised after the barrier); None: they never are
+        (a count)."""
+
+    def _copier(self) -> Callable[[Any], Any] | None:
+        slots = [_slot_copier(a) for a in self.aggs]
+        if self.is_bare:
+            return slots[0]
+        if all(c is None for c in slots):
+            return list.copy
+        copiers = [c or _same for c in slots]
+        return lambda a: [c(x) for c, x in zip(copiers, a, strict=True)]
 
     def bare(self) -> Aggregation:
         """The bare form of a one-aggregator aggregation (self if already bare)."""
@@ -172,6 +187,32 @@ class Aggregation:
 
     def merge(self, a: list[Any], b: list[Any]) -> list[Any]:
         return [g.merge(x, y) for g, x, y in zip(self.aggs, a, b, strict=True)]
+
+
+_ATOMIC = frozenset({int, float, complex, str, bytes, bool, type(None), type(EMPTY)})
+
+
+def _same(x: Any) -> Any:
+    return x
+
+
+def _shallow(x: Any) -> Any:
+    """A built-in's accumulator: a number or ``EMPTY``, or a list or set (of the user's
+    values, which the window never changes) that the window changes in place."""
+    return x.copy() if type(x) in (list, set, dict) else x
+
+
+def _deep(x: Any) -> Any:
+    """A user aggregator's or a reduce's accumulator: anything, maybe changed in place."""
+    return x if type(x) in _ATOMIC else copy.deepcopy(x)
+
+
+def _slot_copier(agg: Aggregator[Any, Any]) -> Callable[[Any], Any] | None:
+    if type(agg) is _Count:
+        return None  # an int
+    if type(agg).__module__ == Aggregator.__module__ and not isinstance(agg, Reduce):
+        return _shallow
+    return _deep
 
 
 def _seconds(ticks: float) -> float | None:
@@ -213,6 +254,7 @@ class _WindowStep(LateOutputStep):
         # Final panes fired and not yet sent: (pane, start, end, carried watermark).
         self.fired: list[tuple[dict[Any, list[Any]], int, int, float]] = []
         self.chunk = ctx.max_batch_size
+        self.changes = ChangeLog(ctx.name)  # what changed since the last snapshot
 
     # -- output ------------------------------------------------------------------------
 
@@ -381,26 +423,102 @@ class _WindowStep(LateOutputStep):
     # -- checkpoints -------------------------------------------------------------------
 
     _STATE: ClassVar[tuple[str, ...]] = ("wm", "rec_wm", "sent_wm", "next_due", "dirty")
-    """The attributes that hold the operator's state (the rest is configuration)."""
+    """The attributes that held the operator's state in a snapshot of the earlier format
+    (a dict of them, restored by :meth:`restore`)."""
+    _TIMES: ClassVar[tuple[str, ...]] = ("wm", "rec_wm", "sent_wm", "next_due")
 
-    def snapshot(self) -> Any:
+    def accept_changes(self, accepted: bool) -> None:
+        """Whether the checkpoint store takes change sets (see :meth:`snapshot`)."""
+        self.changes.accept(accepted)
+
+    def snapshot(self) -> Incremental:
+        """The open windows as :class:`~sluiceway.core.delta.Changes` of partition None,
+        one entry per window state key (a grid window: ``(key, start)``; a key's
+        sessions: ``key``), the watermarks and the per-pane heaps in ``extra``.
+
+        Whole, unless the checkpoint side takes change sets (:meth:`accept_changes`):
+        then only the first snapshot (and the first after a restore) is whole, and each
+        later one holds the windows opened, updated, fired or closed since the one
+        before.  Accumulators are copied: the snapshot shares nothing the operator
+        changes afterwards.
+        """
         # Between batches, everything fired has been sent: only open windows remain.
         assert not self.fired, "snapshot mid-batch"
         assert not self.out, "snapshot mid-batch"
         assert not self.late, "snapshot mid-batch"
-        state = {name: getattr(self, name) for name in self._STATE}
-        state["early_pending"] = self.next_early is not None
-        return state
+        extra = {name: getattr(self, name) for name in self._TIMES}
+        extra.update(self._extra(), format=2, early_pending=self.next_early is not None)
+        snap = self.changes.snapshot(
+            self._entries,
+            self._entry,
+            extra,
+            self._fresh_entries,
+            size=self._size(),
+            fresh_size=self._fresh_size(),
+        )
+        self._taken()
+        return snap
+
+    def _entries(self) -> Iterator[tuple[Any, Any]]:
+        """Every window state key's entry (a whole snapshot)."""
+        raise NotImplementedError
+
+    def _entry(self, key: Any, mark: Any) -> Any:
+        """One window state key's entry now, or ``GONE``."""
+        raise NotImplementedError
+
+    def _extra(self) -> dict[str, Any]:
+        """The rest of the state, copied (it goes in every snapshot)."""
+        raise NotImplementedError
+
+    def _fresh_entries(self) -> Iterator[tuple[Any, Any]]:
+        """The entries of a change set that were not marked one by one."""
+        return iter(())
+
+    def _fresh_size(self) -> int:
+        """How many entries :meth:`_fresh_entries` gives."""
+        return 0
+
+    def _size(self) -> int:
+        """How many entries a whole snapshot has (one per window by default)."""
+        return self.open_windows()
+
+    def _taken(self) -> None:
+        """A snapshot was taken (the next change set starts now)."""
+
+    def _load(self, upserts: dict[Any, Any], extra: dict[str, Any]) -> None:
+        """Rebuild the state from a whole snapshot's entries and ``extra``."""
+        raise NotImplementedError
 
     def restore(self, state: Any) -> None:
-        for name in self._STATE:
-            if name in state:  # (sent_wm is not in checkpoints of earlier versions)
-                setattr(self, name, state[name])
-        if state["early_pending"]:  # a processing-time deadline: restart it on this clock
+        """Load a whole :class:`~sluiceway.core.delta.Incremental`, or a snapshot of the
+        earlier format (a dict of the operator's attributes, written before windows took
+        change sets)."""
+        if isinstance(state, Incremental):
+            changes = whole_changes(self.name, state)
+            pending = False
+            if changes is not None:
+                extra = changes.extra
+                for name in self._TIMES:
+                    setattr(self, name, extra[name])
+                self._load(changes.upserts, extra)
+                pending = extra["early_pending"]
+        else:
+            for name in self._STATE:
+                if name in state:  # (sent_wm is not in checkpoints of earlier versions)
+                    setattr(self, name, state[name])
+            self._loaded_format1()
+            pending = state["early_pending"]
+        self.changes.restored()
+        self._taken()
+        if pending:  # a processing-time deadline: restart it on this clock
             assert self.spec.early_every is not None
             self.next_early = self.clock.monotonic() + self.spec.early_every
         self.metrics.state = self.open_windows()
         self.metrics.watermark = self.wm / 1e6
+
+    def _loaded_format1(self) -> None:
+        """After a snapshot of the earlier format was loaded into the attributes."""
 
     def pending(self) -> int:
         """Open windows, and results of fired ones not sent yet (lost if cancelled)."""
@@ -419,6 +537,8 @@ def records(self, values, ts, keys, wms):
     off = self.offset
     back = self.back
     missing = _MISSING
+    changed = self.changes.changed
+    fresh = self.fresh
     cur = self.wm
     due = self.next_due
     last_wm = self.rec_wm
@@ -442,6 +562,8 @@ def records(self, values, ts, keys):
     off = self.offset
     back = self.back
     missing = _MISSING
+    changed = self.changes.changed
+    fresh = self.fresh
     for v, t, k in zip(values, ts, keys):
 {WINDOWS}
 """
@@ -465,10 +587,16 @@ self._open(v, t, k, start, pane)
 
 
 def _grid_loops(
-    agg: Aggregation, tumbling: bool, offset: bool, uneven: bool, early: bool
+    agg: Aggregation, tumbling: bool, offset: bool, uneven: bool, early: bool, track: bool
 ) -> tuple[str, str]:
-    """The source of the exact and the fast record loop of a grid window operator."""
+    """The source of the exact and the fast record loop of a grid window operator
+    (``track``: marking each window a record changes, for change sets)."""
     loops = []
+    marks = []
+    if early:
+        marks.append("    self.dirty.add((k, start))")
+    if track:
+        marks.append("    if start not in fresh:\n        changed[k, start] = None")
     for exact in (True, False):
         window = _WINDOW.format(
             ON_TIME=" and start + size > cur" if exact else "",
@@ -480,7 +608,7 @@ def _grid_loops(
             # A bare accumulator may be None (a reduce over None values): a sentinel.
             MISSING=", missing" if agg.is_bare else "",
             NONE="missing" if agg.is_bare else "None",
-            MARK="    self.dirty.add((k, start))" if early else "",
+            MARK="\n".join(marks),
             BEFORE_OPEN="self.wm = cur" if exact else "",
             AFTER_OPEN="due = self.next_due" if exact else "",
         )
@@ -524,18 +652,35 @@ class _GridWindowStep(_WindowStep):
         self.dirty: set[tuple[Any, int]] | None = set() if spec.early_every else None
         self.heap: list[int] = []  # ends of panes to fire
         self.expiry: list[int] = []  # end + lateness of panes that fired
+        # While change sets are taken: the panes opened since the last snapshot.  Their
+        # windows are not marked one by one: the next change set holds all of them, and
+        # one that closes before it is in no change set at all.
+        self.fresh: set[int] = set()
         if len(self.agg.aggs) == 1:  # the accumulator itself in the pane, no list around it
             self.agg = self.agg.bare()
+        self.tumbling = isinstance(assigner, Tumbling)
+        self._compile()
+
+    def _compile(self) -> None:
+        """The record loops for this operator (again when change tracking starts)."""
         loops = _grid_loops(
             self.agg,
-            tumbling=isinstance(assigner, Tumbling),
+            tumbling=self.tumbling,
             offset=self.offset != 0,
             uneven=self.size % self.slide != 0,
-            early=spec.early_every is not None,
+            early=self.spec.early_every is not None,
+            track=self.changes.changed is not None,
         )
         exact, fast = (self.agg.compile(src)["records"] for src in loops)
         self._records = types.MethodType(exact, self)  # type: ignore[method-assign]
         self._records_fast = types.MethodType(fast, self)
+
+    def accept_changes(self, accepted: bool) -> None:
+        tracking = self.changes.changed is not None
+        super().accept_changes(accepted)
+        if tracking != (self.changes.changed is not None):
+            self.fresh.clear()
+            self._compile()
 
     def _earliest_end(self, t: int) -> int:
         """The earliest end among the windows holding instant ``t``."""
@@ -578,7 +723,14 @@ class _GridWindowStep(_WindowStep):
             else:
                 rev = revs.get(slot, 0)
                 revs[slot] = rev + 1
+                self._mark(k, start)
         self._emit(k, start, end, acc, kind, final, rev)
+
+    def _mark(self, k: Any, start: int) -> None:
+        """Window ``(k, start)`` changed (for the next change set)."""
+        changed = self.changes.changed
+        if changed is not None and start not in self.fresh:
+            changed[k, start] = None
 
     def _forget(self, k: Any, start: int) -> None:
         """Window ``(k, start)`` is gone: drop its revision count and early mark."""
@@ -597,6 +749,8 @@ class _GridWindowStep(_WindowStep):
             return
         if pane is None:
             pane = self.panes[start] = {}
+            if self.changes.changed is not None:
+                self.fresh.add(start)
             if end > cur:
                 heappush(self.heap, end)
                 self.next_due = min(self.next_due, end)
@@ -608,12 +762,75 @@ class _GridWindowStep(_WindowStep):
             a = pane[k] = self.agg.init(v, t)
         else:
             a = pane[k] = self.agg.add(a, v, t)
+        self._mark(k, start)
         if end <= cur:  # a late firing, within allowed lateness
             self._result(k, start, end, a, "late", False)
         if self.dirty is not None:
             self.dirty.add((k, start))
 
     _STATE = (*_WindowStep._STATE, "panes", "revs", "heap", "expiry")
+
+    # A window's entry in a snapshot: ``(key, start) -> accumulator``, or with results
+    # counted (allowed lateness, early firing) ``(key, start) -> (accumulator, revision)``.
+
+    def _entries(self) -> Iterator[tuple[Any, Any]]:
+        for start, pane in self.panes.items():
+            yield from self._pane_entries(start, pane)
+
+    def _pane_entries(self, start: int, pane: dict[Any, Any]) -> Iterator[tuple[Any, Any]]:
+        revs, acc_copy = self.revs, self.agg.copy
+        if revs is None and acc_copy is None:  # (a count: ints, as they are)
+            yield from zip(zip(pane, repeat(start)), pane.values(), strict=True)
+            return
+        for k, a in pane.items():
+            acc = a if acc_copy is None else acc_copy(a)
+            yield (k, start), acc if revs is None else (acc, revs.get((k, start), 0))
+
+    def _fresh_entries(self) -> Iterator[tuple[Any, Any]]:
+        for start in sorted(self.fresh):
+            yield from self._pane_entries(start, self.panes[start])
+
+    def _fresh_size(self) -> int:
+        return sum(len(self.panes[start]) for start in self.fresh)
+
+    def _taken(self) -> None:
+        self.fresh.clear()
+
+    def _entry(self, key: Any, mark: Any) -> Any:
+        k, start = key
+        pane = self.panes.get(start)
+        a = _MISSING if pane is None else pane.get(k, _MISSING)
+        if a is _MISSING:
+            return GONE
+        acc = a if self.agg.copy is None else self.agg.copy(a)
+        return acc if self.revs is None else (acc, self.revs.get(key, 0))
+
+    def _extra(self) -> dict[str, Any]:
+        early = None if self.dirty is None else set(self.dirty)  # (order: no matter)
+        return {"heap": list(self.heap), "expiry": list(self.expiry), "early": early}
+
+    def _load(self, upserts: dict[Any, Any], extra: dict[str, Any]) -> None:
+        panes: dict[int, dict[Any, Any]] = {}
+        revs = self.revs
+        if revs is not None:
+            revs.clear()
+        for (k, start), entry in upserts.items():
+            pane = panes.get(start)
+            if pane is None:
+                pane = panes[start] = {}
+            if revs is None:
+                pane[k] = entry
+            else:
+                pane[k], rev = entry
+                if rev:
+                    revs[k, start] = rev
+        self.panes = panes
+        self.heap = list(extra["heap"])
+        self.expiry = list(extra["expiry"])
+        heapify(self.heap)
+        heapify(self.expiry)
+        if self.dirty is not None:
+            self.dirty = set(extra["early"] or ())
 
     def query(self, key: Any, at: float | None) -> KeyState:
         wm = self.wm
@@ -675,6 +892,10 @@ class _GridWindowStep(_WindowStep):
         if self.revs is not None or self.dirty is not None:
             for k in pane:
                 self._forget(k, start)
+        if start in self.fresh:  # opened and closed since the last snapshot: in neither
+            self.fresh.discard(start)  # (its windows were never marked)
+        elif self.changes.changed is not None:  # every window of the pane is gone
+            self.changes.changed.update(dict.fromkeys(zip(pane, repeat(start))))
 
     def _early(self) -> None:
         dirty = self.dirty
@@ -716,6 +937,56 @@ class _SessionWindowStep(_WindowStep):
 
     _STATE = (*_WindowStep._STATE, "sessions", "due", "heap", "seq", "open")
 
+    # A key's entry in a snapshot: ``key -> (sessions, due)``, each session a tuple as in
+    # ``sessions`` with its accumulator copied.
+
+    def _entries(self) -> Iterator[tuple[Any, Any]]:
+        entry = self._key_entry
+        for k, ss in self.sessions.items():
+            yield k, entry(k, ss)
+
+    def _key_entry(self, k: Any, ss: list[list[Any]]) -> Any:
+        acc_copy = self.agg.copy
+        assert acc_copy is not None  # (a session's accumulator is a list)
+        return (
+            tuple((s[_S], s[_E], acc_copy(s[_ACC]), *s[_OPENED:]) for s in ss),
+            self.due[k],
+        )
+
+    def _entry(self, key: Any, mark: Any) -> Any:
+        ss = self.sessions.get(key)
+        return GONE if ss is None else self._key_entry(key, ss)
+
+    def _size(self) -> int:
+        return len(self.sessions)
+
+    def _extra(self) -> dict[str, Any]:
+        dirty = self.dirty
+        # (a set: _early sorts what it fires)
+        early = None if dirty is None else {(k, s[_OPENED]) for k, s in dirty.values()}
+        return {"seq": self.seq, "open": self.open, "early": early}
+
+    def _load(self, upserts: dict[Any, Any], extra: dict[str, Any]) -> None:
+        self.sessions = {k: [list(s) for s in ss] for k, (ss, _) in upserts.items()}
+        self.due = {k: due for k, (_, due) in upserts.items()}
+        self.seq = extra["seq"]
+        self.open = extra["open"]
+        # One live entry per key (see the class), told apart by numbers below every
+        # sequence number, so that ``seq`` goes on as in the run that took the snapshot.
+        heap = [(due, -i, k) for i, (k, due) in enumerate(self.due.items(), 1)]
+        heapify(heap)
+        self.heap = heap
+        if self.dirty is not None:
+            by_opening = {(k, s[_OPENED]): s for k, ss in self.sessions.items() for s in ss}
+            self.dirty = {}
+            for k, opened in extra["early"] or ():
+                s = by_opening[k, opened]
+                self.dirty[id(s)] = (k, s)
+
+    def _loaded_format1(self) -> None:
+        if self.dirty:  # keyed by the identity of each session: new objects, new ids
+            self.dirty = {id(s): (k, s) for k, s in self.dirty.values()}
+
     def query(self, key: Any, at: float | None) -> KeyState:
         tick = None if at is None else round(at * 1e6)
         found: list[OpenWindow] = []
@@ -730,16 +1001,11 @@ class _SessionWindowStep(_WindowStep):
     def open_windows(self) -> int:
         return self.open
 
-    def restore(self, state: Any) -> None:
-        super().restore(state)
-        if self.dirty:  # keyed by the identity of each session: new objects, new ids
-            self.dirty = {id(s): (k, s) for k, s in self.dirty.values()}
-
     def _records(  # noqa: PLR0915 - one hot loop; helpers would cost a call per record
         self, values: list[Any], ts: list[int], keys: Any, wms: list[float]
     ) -> None:
         sessions, add, init = self.sessions, self.agg.add, self.agg.init
-        gap, dirty = self.gap, self.dirty
+        gap, dirty, changed = self.gap, self.dirty, self.changes.changed
         cur = self.wm
         due = self.next_due
         last = self.rec_wm
@@ -751,6 +1017,8 @@ class _SessionWindowStep(_WindowStep):
                     self._advance(w)
                     due = self.next_due
             last = w
+            if changed is not None:  # (a late record marks its key for nothing: harmless)
+                changed[k] = None
             ss = sessions.get(k)
             e = t + gap
             if ss is not None:
@@ -857,10 +1125,13 @@ class _SessionWindowStep(_WindowStep):
         # (time, 0 = fires / 1 = closes, opening order, key, session): emitted sorted, so
         # the sequence does not depend on the steps the watermark took to get here.
         events: list[tuple[int, int, int, Any, list[Any]]] = []
+        changed = self.changes.changed
         while heap and heap[0][0] <= wm:
             d, _, k = heappop(heap)
             if due.get(k) != d:
                 continue  # superseded by an earlier entry, which already ran
+            if changed is not None:
+                changed[k] = None
             keep = []
             nxt = _INF
             for s in sessions[k]:
@@ -905,6 +1176,7 @@ class _SessionWindowStep(_WindowStep):
         for end, _, k, s in due:
             self._emit(k, s[_S], end, s[_ACC], "early", False, s[_REVS])
             s[_REVS] += 1
+            self.changes.mark(k)
 
 
 class WindowSpec(OpSpec):
