@@ -12,6 +12,12 @@
   measured once every key exists: throughput >= 90 % (by CPU time: the machine is
   shared; the wall-clock share is shown too) and every checkpoint done within the
   interval; the restore of the 2,000,000 keys < 3 s.
+* ``CK-win`` (issue 20): bytes per checkpoint of a window operator holding many keys of
+  which few change: 200,000 keys with an open window each (one long tumbling window,
+  count and sum), then 100 hot keys receive every record; checkpoints every second of a
+  virtual clock.  Whole snapshots (how windows were checkpointed before they took change
+  sets; here by refusing change sets) vs change sets: the median bytes written per
+  checkpoint once every key exists.  No target: the figure says what a checkpoint costs.
 * ``CK-codec``: the checkpoint codec (signed parts, the engine's state decoded by an
   allow-list unpickler, user objects in a separate section) against plain pickle, on a
   keyed state of 2,000,000 keys as ``KeyedStore.snapshot`` lays it out: once with
@@ -43,9 +49,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from common import Params, Result, Row, child_main, run_child
 
 import sluiceway as sw
-from sluiceway.checkpoint import codec
+from sluiceway.checkpoint import CheckpointStore, codec
 from sluiceway.checkpoint.keys import CheckpointKey, KeyRing
 from sluiceway.runtime.executor import Executor
+from sluiceway.windows.operator import _WindowStep
 
 TARGET_OVERHEAD = 0.10
 TARGET_RESTORE_S = 2.0
@@ -370,6 +377,75 @@ def run_keyed(quick: bool) -> list[Row]:
     ]
 
 
+def window_bytes(params: Params) -> Result:
+    """Child entry: ``keys`` keys of open windows, then ``hot`` keys changing; the bytes
+    each checkpoint wrote, with change sets or (``mode`` "whole") without."""
+    keys, hot, rate = int(params["keys"]), int(params["hot"]), float(params["rate"])
+    if params["mode"] == "whole":  # windows as before change sets: every snapshot whole
+        _WindowStep.accept_changes = lambda self, accepted: None  # type: ignore[method-assign]
+
+    def stream() -> Iterator[Event]:
+        for i in range(keys):  # every key opens its window (one window: nothing fires)
+            yield (f"u{i}", i / keys, 1.0)
+        for j in itertools.count():
+            yield (f"u{j % hot}", 1.0 + j / 1e6, 1.0)
+
+    filled = keys / rate  # seconds of the clock until every key exists
+    tmp = Path(tempfile.mkdtemp(prefix="sw-ck-win-"))
+    try:
+        ck = sw.Checkpoints(tmp, interval=1.0, keep=1000, compact_after=10**6)
+        clock = sw.VirtualClock()
+
+        async def go() -> sw.RunResult:
+            flow = build(sw.sources.Generator(stream, rate=rate), _Fold(), size=1e9)
+            handle = sw.start(flow, clock=clock, checkpoints=ck)
+            await clock.sleep(filled + float(params["seconds"]))
+            return await handle.stop()
+
+        began = clock.time()
+        t0 = time.process_time()
+        asyncio.run(go())
+        cpu = time.process_time() - t0
+        with CheckpointStore(tmp) as store:
+            infos = [info for info, _ in store.list("ck_w2")]
+        steady = sorted(i.written for i in infos if i.created > began + filled + 1.0)
+        return {
+            "mode": params["mode"],
+            "keys": keys,
+            "hot": hot,
+            "checkpoints": len(steady),
+            "median_written": steady[len(steady) // 2],
+            "max_written": steady[-1],
+            "cpu_seconds": cpu,
+        }
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def window_rows(keys: int, hot: int) -> tuple[list[Row], list[Result]]:
+    """CK-win rows: whole snapshots vs change sets of one window operator."""
+    got = [
+        run_child(
+            "bench_checkpoints",
+            "window_bytes",
+            {"keys": keys, "hot": hot, "mode": mode, "rate": keys / 2, "seconds": 6},
+        )
+        for mode in ("whole", "changes")
+    ]
+    whole, changes = got
+    rows = [
+        Row(
+            "CK-win",
+            f"tumbling window, {keys:,} keys open, {hot} changing: {label}",
+            f"{r['median_written'] / 1e3:,.1f} kB per checkpoint (max "
+            f"{r['max_written'] / 1e3:,.1f} kB, {r['checkpoints']} checkpoints)",
+            "" if r is whole else f"{r['median_written'] / whole['median_written']:.4f}x whole",
+        )
+        for r, label in ((whole, "whole snapshots (before)"), (changes, "change sets"))
+    ]
+    return rows, got
+
+
 @dataclasses.dataclass
 class Visit:
     """A user's own class in keyed state (it goes to the codec's user section)."""
@@ -529,9 +605,18 @@ def run(quick: bool) -> tuple[list[Row], Result]:
         ),
     ]
     rows += run_keyed(quick)
+    win, win_bytes = window_rows(20_000 if quick else 200_000, 100)
+    rows += win
     more, costs = codec_rows(200_000 if quick else 2_000_000, 1 if quick else 3)
     rows += more
-    return rows, {"events": n, "interval": interval, "best": best, "restore": rs, "codec": costs}
+    return rows, {
+        "events": n,
+        "interval": interval,
+        "best": best,
+        "restore": rs,
+        "window_bytes": win_bytes,
+        "codec": costs,
+    }
 
 
 if __name__ == "__main__":
@@ -539,6 +624,10 @@ if __name__ == "__main__":
         from common import render_table
 
         print(render_table(codec_rows(int(sys.argv[2]) if len(sys.argv) > 2 else 2_000_000, 3)[0]))
+    elif len(sys.argv) > 1 and sys.argv[1] == "win":  # only the CK-win rows, by hand
+        from common import render_table
+
+        print(render_table(window_rows(int(sys.argv[2]) if len(sys.argv) > 2 else 200_000, 100)[0]))
     else:
         child_main(
             {
@@ -547,5 +636,6 @@ if __name__ == "__main__":
                 "keyed": keyed,
                 "keyed_restore": keyed_restore,
                 "codec_cost": codec_cost,
+                "window_bytes": window_bytes,
             }
         )
