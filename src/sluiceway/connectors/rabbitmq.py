@@ -21,9 +21,12 @@ checkpoint interval with them): raise it with long checkpoint intervals.
 Delivery tags belong to a channel.  When the connection is lost, the broker requeues
 every message it had delivered and not seen acknowledged; they come again (with
 ``redelivered`` set) on the new channel, and positions of the old channel are void
-(their commit does nothing).  The same holds when the flow crashes: ``restore`` has
-nothing to do, the broker redelivers.  Hence **at-least-once**: a record handed out but
-not acknowledged when a connection or process dies is delivered again.
+(their commit does nothing).  The same holds when the flow crashes: the broker
+redelivers.  Hence **at-least-once**: a record handed out but not acknowledged when a
+connection or process dies is delivered again.  With checkpoints, a position also lists
+the ``message_id`` of the messages whose acknowledgement may not have reached the broker,
+so that after a restore the redeliveries that checkpoint covers are acknowledged and
+skipped (see :class:`_AckLedger`): exactly-once output with an exactly-once sink.
 
 ``sw.sinks.RabbitMQ(url, exchange, routing_key)`` publishes every record of a batch
 concurrently on a channel with **publisher confirms** and returns when the broker
