@@ -328,13 +328,22 @@ def test_a_stopped_flow_resumes_from_its_checkpoint_with_nothing_lost_or_doubled
             flow.source(sw.sources.Iterable(range(n)))
             .rate_limit(TokenBucket(rate=6000, burst=100))
             .map(lambda i: {"id": i})
-            .sink(PostgresSink(pg_dsn, pg_table, mode="exactly_once", create_table=True))
+            .sink(
+                PostgresSink(pg_dsn, pg_table, mode="exactly_once", create_table=True),
+                name="pg",
+            )
         )
         return flow
 
     async def stop_midway() -> None:
         handle = sw.start(build(), checkpoints=checkpoints)
-        await asyncio.sleep(0.2)
+        # Not a fixed 0.2 s: under load the sink had not even opened (and created its
+        # table) by then, and the stop found nothing written.
+        deadline = time.monotonic() + 20
+        while handle.metrics().operator("pg").records_in == 0:
+            assert not handle.done(), await handle.wait()
+            assert time.monotonic() < deadline, "the sink wrote nothing in 20 s"
+            await asyncio.sleep(0.01)
         await handle.stop()
 
     asyncio.run(stop_midway())

@@ -5,6 +5,8 @@ with a clear ``ConnectorOpenError`` naming the server; no password is ever shown
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import os
 import re
@@ -192,6 +194,65 @@ def test_redis_refuses_clearly(
     # a CA file that is not there
     text = open_fails(sink(tls=Tls(ca="/nonexistent/ca.pem")), caplog, "/nonexistent/ca.pem")
     assert "TLS ca file" in text
+
+
+def open_sockets_to(port: int) -> list[str]:
+    """This process's TCP sockets to 127.0.0.1:``port`` (Linux: /proc), with their state."""
+    mine = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/self/fd/{fd}")
+            if link.startswith("socket:["):
+                mine.add(link[len("socket:[") : -1])
+    found = []
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    for fields in (line.split() for line in lines):
+        local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
+        if int(remote.split(":")[1], 16) == port and inode in mine:
+            found.append(f"local port {int(local.split(':')[1], 16)}, tcp state {state}")
+    return found
+
+
+class _FreezeOnDisconnect(logging.Handler):
+    """Freezes the server (SIGSTOP) when redis-py logs the failure it is about to
+    disconnect on: the server cannot answer the client's TLS close after that."""
+
+    def __init__(self, server: TlsRedis) -> None:
+        super().__init__(logging.DEBUG)
+        self.server = server
+        self.frozen = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.frozen and "while reading response" in record.getMessage():
+            self.frozen = True
+            self.server.pause()
+
+
+def test_redis_refused_login_over_tls_leaves_no_socket_open(
+    tls_redis: TlsRedis, tls_certs: Certs, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ResourceWarning that failed test_redis_refuses_clearly 1 run in 25: on the
+    refused login redis-py drops the connection without waiting for the TLS close, which
+    needs the server's answer; a slow server had not answered when the failed flow's loop
+    ended, and the socket was never closed.  Here the server is frozen at that moment."""
+    client_log = logging.getLogger("redis.asyncio.connection")
+    freeze = _FreezeOnDisconnect(tls_redis)
+    level = client_log.level
+    client_log.setLevel(logging.DEBUG)
+    client_log.addHandler(freeze)
+    try:
+        sink = sw.sinks.RedisStream(
+            tls_redis.url, f"sec:{uuid.uuid4().hex}", tls=Tls(ca=tls_certs.ca),
+            username=USER, password="wrong-" + PASSWORD,
+        )  # fmt: skip
+        open_fails(sink, caplog, "refused access")
+        assert freeze.frozen, "the server was not frozen: the hook missed redis-py's log line"
+        assert open_sockets_to(tls_redis.port) == []
+    finally:
+        client_log.removeHandler(freeze)
+        client_log.setLevel(level)
+        tls_redis.resume()
+    gc.collect()  # a socket left open warns now, in this test
 
 
 def test_redis_refuses_two_passwords() -> None:

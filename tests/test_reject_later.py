@@ -282,3 +282,55 @@ def test_redis_streams_rejected_entries_survive_a_crash_and_a_restore(
     rows = [json.loads(line)["i"] for line in out.read_text().splitlines()]
     assert sorted(rows) == list(range(n))  # nothing lost, nothing twice
     assert pending_count(redis_url, stream, "g") == 0
+
+
+def test_rabbitmq_rejected_messages_are_never_skipped_as_covered_after_a_restore(
+    rabbitmq_url: str, rabbitmq_queue: str, tmp_path: Path
+) -> None:
+    """A crash between storing a checkpoint and its acks: the restored source skips the
+    redeliveries that checkpoint covers, but a message a rejecting rate limit requeued was
+    handed out and not processed -- it must come out once, not be skipped as covered."""
+    import_or_missing("aio_pika")
+    from sluiceway.connectors.rabbitmq import RabbitMQSource  # noqa: PLC0415
+    from test_connector_rabbitmq import _AckNeverSent, depth, publish  # noqa: PLC0415
+
+    n = 60
+    publish(rabbitmq_url, rabbitmq_queue, [json.dumps({"i": i}).encode() for i in range(n)])
+    out = tmp_path / "out.jsonl"
+    ck = sw.Checkpoints(tmp_path / "ck", interval=0.1)
+
+    def build(src: RabbitMQSource, rate: float) -> sw.Flow:
+        flow = sw.Flow("rabbit-reject-crash")
+        (
+            flow.source(src, name="messages")
+            .key_by(lambda r: "ab"[r["i"] % 2])
+            .rate_limit(
+                KeyedLimiter(lambda: TokenBucket(rate=rate, burst=2)),
+                when_limited="reject",
+                retry_after=0.05,
+            )
+            .sink(sw.sinks.JsonLines(out))
+        )
+        return flow
+
+    first = _AckNeverSent(rabbitmq_url, rabbitmq_queue, after=20)
+
+    async def crash() -> None:
+        handle = sw.start(build(first, rate=20), checkpoints=ck)
+        deadline = time.monotonic() + 20
+        while first.hung_at is None:
+            assert not handle.done(), await handle.wait()
+            assert time.monotonic() < deadline, "no checkpoint covered 20 records"
+            await asyncio.sleep(0.01)
+        handle.force_stop("simulated crash after storing a checkpoint, before its acks")
+        with pytest.raises(sw.FlowCancelledError):
+            await handle.wait()
+
+    asyncio.run(crash())
+    assert first.rejected > 0
+    second = RabbitMQSource(rabbitmq_url, rabbitmq_queue, stop_after_idle=1.0)
+    sw.run(build(second, rate=2000), checkpoints=ck, handle_signals=False)
+    rows = [json.loads(line)["i"] for line in out.read_text().splitlines()]
+    assert sorted(rows) == list(range(n))  # nothing lost, nothing twice
+    assert second.skipped_redeliveries > 0
+    assert asyncio.run(depth(rabbitmq_url, rabbitmq_queue)) == 0

@@ -21,9 +21,12 @@ checkpoint interval with them): raise it with long checkpoint intervals.
 Delivery tags belong to a channel.  When the connection is lost, the broker requeues
 every message it had delivered and not seen acknowledged; they come again (with
 ``redelivered`` set) on the new channel, and positions of the old channel are void
-(their commit does nothing).  The same holds when the flow crashes: ``restore`` has
-nothing to do, the broker redelivers.  Hence **at-least-once**: a record handed out but
-not acknowledged when a connection or process dies is delivered again.
+(their commit does nothing).  The same holds when the flow crashes: the broker
+redelivers.  Hence **at-least-once**: a record handed out but not acknowledged when a
+connection or process dies is delivered again.  With checkpoints, a position also lists
+the ``message_id`` of the messages whose acknowledgement may not have reached the broker,
+so that after a restore the redeliveries that checkpoint covers are acknowledged and
+skipped (see :class:`_AckLedger`): exactly-once output with an exactly-once sink.
 
 ``sw.sinks.RabbitMQ(url, exchange, routing_key)`` publishes every record of a batch
 concurrently on a channel with **publisher confirms** and returns when the broker
@@ -385,6 +388,111 @@ def _encode_json(value: Any) -> bytes:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
 
+class _AckLedger:
+    """With checkpoints: the messages a checkpoint covers whose acknowledgement may not
+    have reached the broker, and after a restore, recognising their redeliveries.
+
+    The runtime stores a checkpoint, then calls ``commit``, which acknowledges.  A flow
+    that stops in between (or whose last ack is lost with the connection: an ack gets
+    no reply) has its messages redelivered although the checkpoint holds their output.
+    So every position lists the ``message_id`` of what was handed out since the ack
+    before the last one (one ack of slack), and ``restore`` takes that list back:
+    a redelivery (``redelivered`` set) with one of those ids is acknowledged and skipped.
+
+    Only ``message_id`` is trusted.  A digest of the body and properties would confuse two
+    messages published on purpose with the same content and no id: if the covered one's
+    ack did reach the broker, its twin's redelivery would be dropped -- a lost message.
+    Messages without an id are counted instead, and their redeliveries handed out again
+    (logged once).  Memory: at most ~2 x ``prefetch`` entries, plus the restored set
+    (<= what the last run listed), which is dropped at the first delivery that is not a
+    redelivery (the broker puts requeued messages back ahead of the rest).
+    """
+
+    __slots__ = ("anonymous", "covered", "entries", "on", "skipped", "warned")
+
+    def __init__(self) -> None:
+        self.on = False  # the flow takes checkpoints
+        self.entries: deque[tuple[int, str | None]] = deque()  # (tag, message_id)
+        self.covered: set[str] = set()  # restored: ids whose redelivery is skipped
+        self.anonymous = 0  # restored: covered messages that had no message_id
+        self.warned = False
+        self.skipped = 0
+
+    @property
+    def restoring(self) -> bool:
+        return bool(self.covered) or self.anonymous > 0
+
+    def handed(self, message: aiormq.abc.DeliveredMessage) -> int:
+        """``message`` is handed out, skipped or dead-lettered: acked with the next
+        commit.  Returns its delivery tag."""
+        delivery = message.delivery
+        assert isinstance(delivery, spec.Basic.Deliver)
+        tag = delivery.delivery_tag or 0
+        if self.on:
+            self.entries.append((tag, message.header.properties.message_id or None))
+        return tag
+
+    def acked(self, before: int) -> None:
+        """A new ack is sent: forget what the ack before it (up to ``before``) covered."""
+        entries = self.entries
+        while entries and entries[0][0] <= before:
+            entries.popleft()
+
+    def new_channel(self) -> None:
+        """Tags restart; the old channel's unacked messages are requeued and come again
+        in this run (the outage window of docs/connectors/rabbitmq.md)."""
+        self.entries.clear()
+
+    def requeued(self, tags: set[int]) -> None:
+        if tags and self.on:
+            self.entries = deque(e for e in self.entries if e[0] not in tags)
+
+    def fields(self) -> dict[str, Any]:
+        ids = [mid for _tag, mid in self.entries if mid is not None]
+        ids.extend(self.covered)
+        anonymous = sum(1 for _tag, mid in self.entries if mid is None) + self.anonymous
+        return {"unacked_ids": ids, "unacked_anonymous": anonymous}
+
+    def restore(self, ids: list[str], anonymous: int) -> None:
+        self.covered = set(ids)
+        self.anonymous = anonymous
+
+    def skips(self, message: aiormq.abc.DeliveredMessage, who: str) -> bool:
+        """True for a redelivery of a message the restored checkpoint covers."""
+        delivery = message.delivery
+        assert isinstance(delivery, spec.Basic.Deliver)
+        if not delivery.redelivered:  # the redeliveries are over
+            self.covered.clear()
+            self.anonymous = 0
+            return False
+        message_id = message.header.properties.message_id
+        if not message_id:
+            if self.anonymous and not self.warned:
+                self.warned = True
+                log.warning(
+                    "%s: the restored checkpoint covers %d message(s) without a message_id "
+                    "whose acknowledgement may not have reached the broker.  A redelivery "
+                    "without message_id cannot be told apart from another message with the "
+                    "same content, so it is handed out again and may be written twice; "
+                    "publish with unique message_ids to have such redeliveries skipped",
+                    who,
+                    self.anonymous,
+                )
+            return False
+        if message_id not in self.covered:
+            return False
+        self.covered.discard(message_id)
+        if self.skipped == 0:
+            log.info(
+                "%s: acknowledging and skipping redelivered messages that the restored "
+                "checkpoint already covers (the last run stopped before their "
+                "acknowledgement reached the broker); counted in skipped_redeliveries",
+                who,
+            )
+        self.skipped += 1
+        return True
+
+
 # -- the source ----------------------------------------------------------------------
 
 
@@ -490,6 +598,7 @@ class RabbitMQSource(Source):
         self._last_batch: list[tuple[int, Any]] = []  # (tag, channel) per record handed out
         self._nacked: set[int] = set()  # tags requeued on this channel, above _acked
         self._connected = False  # connected once: the queue is never declared again
+        self._ledger = _AckLedger()
         self.rejected = 0
         """Messages requeued by ``rate_limit(when_limited="reject")``."""
 
@@ -509,6 +618,7 @@ class RabbitMQSource(Source):
                 declared as a durable queue (it exists with other arguments).
         """
         self._ctx = ctx
+        self._ledger.on = ctx.checkpointing
         self._reconnect.who = f"source {ctx.name!r} ({self.describe()})"
         await self._reconnect.opening(ctx.clock, self._connect, self._open_timeout)
         self._last_message = ctx.clock.monotonic()
@@ -544,6 +654,9 @@ class RabbitMQSource(Source):
             self._epoch += 1
             self._last_tag = self._acked = 0
             self._nacked = set()
+            # The old channel's unacknowledged messages are requeued and come again in
+            # this run (the outage window in docs/connectors/rabbitmq.md).
+            self._ledger.new_channel()
             self._buf.clear()
             self._raw, self._conn, self._broken = raw, conn, False
             conn.close_callbacks.add(self._on_close)
@@ -655,14 +768,21 @@ class RabbitMQSource(Source):
         records: list[Any] = []
         self._last_batch = handed = []
         last = self._last_tag
+        ledger = self._ledger
         while buf and len(records) < max_records:
             message = buf[0]
+            if ledger.restoring and ledger.skips(message, self._reconnect.who):
+                buf.popleft()  # acknowledged with the next commit, like a handed-out one
+                last = ledger.handed(message)
+                continue
             try:
                 value = decode(message.body)
             except Exception as exc:  # noqa: BLE001 - any decode failure is bad input
                 if records:  # hand out the good ones first; report this one next time
                     break
                 last = await self._bad(ctx, message, exc)
+                if message.channel is self._raw:  # dead-lettered: acked like a record
+                    ledger.handed(message)
                 continue
             buf.popleft()
             delivery = message.delivery
@@ -681,6 +801,7 @@ class RabbitMQSource(Source):
                 )
             records.append(value)
             handed.append((last, message.channel))
+            ledger.handed(message)
         self._last_tag = last
         self._handed += len(records)
         return Batch(records)
@@ -695,6 +816,9 @@ class RabbitMQSource(Source):
         raw = self._raw
         entries = [self._last_batch[i] for i in indices]
         self.rejected += len(entries)
+        # Requeued, not processed: no checkpoint may list them as covered, or their
+        # redelivery after a restore would be skipped (lost).
+        self._ledger.requeued({tag for tag, channel in entries if channel is raw})
         for tag, channel in entries:
             if channel is not raw or raw is None or not self._usable():
                 continue  # an old channel: the broker requeued it when that one closed
@@ -763,23 +887,67 @@ class RabbitMQSource(Source):
     # -- positions and acknowledgements ----------------------------------------------
 
     def position(self) -> dict[str, Any]:
-        """``{"session", "epoch", "tag", "handed_out"}``: the last delivery tag handed out
-        on the current channel (tags are per channel: ``epoch`` counts channels)."""
-        return {
+        """``{"session", "epoch", "tag", "handed_out", "unacked_ids", "unacked_anonymous"}``:
+        the last delivery tag handed out on the current channel (tags are per channel:
+        ``epoch`` counts channels); with checkpoints, the ``message_id`` of every message
+        handed out before it whose acknowledgement may not have reached the broker, and
+        how many such messages had none.
+
+        ``unacked_ids`` is what :meth:`restore` needs to recognise the redeliveries of
+        messages this position covers: a flow that stops between storing the checkpoint
+        and acknowledging it gets them again.  It holds the messages since the
+        acknowledgement before the last one (one ack of slack: an ack gets no reply, so
+        the last one may have been lost with the connection), plus what is left of the
+        restored set; at most ~3 x ``prefetch`` ids.
+        """
+        pos: dict[str, Any] = {
             "session": self._session,
             "epoch": self._epoch,
             "tag": self._last_tag,
             "handed_out": self._handed,
         }
+        if self._ledger.on:
+            pos.update(self._ledger.fields())
+        return pos
 
     def restore(self, position: Any) -> None:
-        """Nothing to do: the broker requeued every message the old run had not
-        acknowledged when its connection died; they come again with ``redelivered``."""
+        """Prepare to skip the redeliveries the checkpoint at ``position`` covers.
+
+        The broker requeued every message the old run had not acknowledged when its
+        connection died; they come again with ``redelivered`` set.  Those whose
+        ``message_id`` is in the position's ``unacked_ids`` were handed out before the
+        checkpoint, so their output is in it: they are acknowledged (with the next
+        commit) and not handed out again (:attr:`skipped_redeliveries`).  Every other
+        redelivery is handed out: it was not processed before the checkpoint.  A message
+        without ``message_id`` cannot be recognised safely (a different message with the
+        same content must not be dropped), so it is handed out again too.
+
+        Raises:
+            ValueError: ``position`` is not a position of this source.
+        """
         if not (isinstance(position, dict) and "tag" in position):
             raise ValueError(
                 f"{self.describe()}: a checkpoint position must be a dict from position(), "
                 f"got {short_repr(position)}"
             )
+        ids = position.get("unacked_ids", [])  # absent in checkpoints of older versions
+        anonymous = position.get("unacked_anonymous", 0)
+        if not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)) or not (
+            isinstance(anonymous, int) and anonymous >= 0
+        ):
+            raise ValueError(
+                f"{self.describe()}: a checkpoint position's unacked_ids must be a list of "
+                f"message_id strings and unacked_anonymous an int >= 0, got "
+                f"{short_repr(position)}"
+            )
+        self._ledger.restore(ids, anonymous)
+
+    @property
+    def skipped_redeliveries(self) -> int:
+        """Redelivered messages acknowledged and not handed out, because the checkpoint
+        the flow restored already covers them (the last run stopped between storing that
+        checkpoint and acknowledging it)."""
+        return self._ledger.skipped
 
     async def commit(self, position: Any) -> None:
         """Acknowledge (``multiple=True``) every message handed out before ``position``.
@@ -805,6 +973,7 @@ class RabbitMQSource(Source):
             self._lost = exc
             self._broken = True
             return
+        self._ledger.acked(self._acked)  # one ack of slack: see _AckLedger
         self._acked = tag
         if nacked:
             self._nacked = {t for t in nacked if t > tag}

@@ -185,12 +185,40 @@ class _Credentials(CredentialProvider):
         return self.get_credentials()
 
 
+class _TlsConnection(SSLConnection):
+    """redis-py's TLS connection, but a disconnect that does not wait closes the socket.
+
+    On an error reply during the handshake (a refused login) redis-py disconnects with
+    ``nowait=True``: ``writer.close()`` and no ``wait_closed()``.  Over TLS that close is a
+    graceful shutdown that needs the server's answer, so the socket stays open until the
+    event loop gets it.  A flow that fails to open ends its loop at once; when the server
+    was slower than that (under load), the socket was never closed and a ResourceWarning
+    came later, in whatever code ran the garbage collector.  A disconnect that does not
+    wait now aborts the transport too: the socket is closed on the loop's next turn,
+    without a round trip.
+    """
+
+    async def disconnect(
+        self,
+        nowait: bool = False,
+        error: Exception | None = None,
+        failure_count: int | None = None,
+        health_check_failed: bool = False,
+    ) -> None:
+        writer = self._writer
+        await super().disconnect(nowait, error, failure_count, health_check_failed)
+        if nowait and writer is not None:
+            writer.transport.abort()
+
+
 def _client(url: str, sec: _Security, what: str) -> aioredis.Redis:
     options: dict[str, Any] = {}
-    if sec.tls is not None:  # rediss:// in the URL works too, with the system's trust store
+    if url.startswith("rediss://"):  # TLS with the system's trust store
+        options["connection_class"] = _TlsConnection
+    if sec.tls is not None:
         ca, cert, key = sec.tls.files(what)
         options.update(
-            connection_class=SSLConnection,
+            connection_class=_TlsConnection,
             ssl_ca_certs=ca,
             ssl_certfile=cert,
             ssl_keyfile=key,
