@@ -137,13 +137,14 @@ class TimerEvent:
 
 # -- the store ---------------------------------------------------------------------------
 
-# Undo-log entries: what to put back when user code fails half-way through a record.  The
-# first entry of a record is always ``(_U_KEY, the key's states dict as it was)``: the
-# record's first change puts a copy of that dict in its place and changes the copy (user
-# code changes only the current key, which is still current when a rollback runs), so
-# the commonest write -- a value state's -- logs nothing more; map entries (changed in
-# place), deadlines and timers have entries of their own.
-_U_KEY, _U_ENTRY, _U_DEADLINE, _U_TIMER_ADD, _U_TIMER_DEL = range(5)
+# Undo-log entries: what to put back when user code fails half-way through a record, other
+# than the key's states dict itself.  That needs no entry: the store keeps the dict the
+# record started with (``KeyedStore.base``), the record's first change of it puts a copy
+# in its place (copy on write: ``cur is base`` says "not copied yet"), and a rollback puts
+# ``base`` back (user code changes only the current key).  So the commonest write -- a
+# value state's -- logs nothing; map entries (changed in place, in maps the copy shares),
+# deadlines and timers have entries of their own.
+_U_ENTRY, _U_DEADLINE, _U_TIMER_ADD, _U_TIMER_DEL = range(4)
 
 # A key's entry in a snapshot is a dict of its states by name (str) and, under these two
 # non-str names, its TTL deadlines and its pending timers.
@@ -202,16 +203,18 @@ class KeyedStore:
     partition, so that a partition's share can be snapshotted, restored or dropped alone).
 
     Internal to sluiceway (the operator drives it; user code sees the handles).  While
-    user code runs for one record, every change is appended to :attr:`undo`, so that
+    user code runs for one record, the key's states dict it started with is kept
+    (:attr:`base`) and every other change is appended to :attr:`undo`, so that
     :meth:`rollback` can undo it when the code fails: a failed record leaves the state as
-    it was.  The caller clears the log after a record that succeeded (a plain list append
-    per change, no call per record); a non-empty log after a record is also how the step
-    knows that the record's key changed (:attr:`dirty`).
+    it was.  The caller :meth:`commit` s a record that succeeded (the step's loops inline
+    it: no call per record); a non-empty log or ``cur is not base`` after a record is also
+    how the step knows that the record's key changed (:attr:`dirty`).
 
     Layout: ``data[key][name]`` is a value state's value or a map state's ``dict``.  A
-    key's ``data[key]`` dict is never changed in place once a record is done with it: a
-    change makes a copy (once per record, the undo log keeps the old one), so snapshots
-    hold those dicts without copying them (map states, changed in place, are copied).  TTL
+    key's ``data[key]`` dict is never changed in place once a record is done with it: the
+    record's first change puts a copy in its place (:meth:`own`) and :attr:`base` keeps the
+    old one for a rollback, so snapshots hold those dicts without copying them (map
+    states, changed in place, are copied).  TTL
     deadlines: ``ttl_of[key][tail] = (deadline, domain)``, ``tail`` a value state's name or
     ``(name, map key)``.  Timers: ``timers[domain][key][time] = (seq, time as registered)``.
     Processing-time deadlines and timers are seconds of ``clock.time()``; event-time ones
@@ -257,6 +260,10 @@ class KeyedStore:
         self.cur: dict[str, Any] | None = None
         """``data.get(key)``: the current key's states, looked up once per record (kept
         up to date by every change to ``data[key]`` while user code runs)."""
+        self.base: dict[str, Any] | None = None
+        """The current key's states dict as the running code found it (set with
+        :attr:`cur`), never changed while it runs: :attr:`cur` is a copy once the code
+        changed it (:meth:`own`), and :meth:`rollback` puts it back."""
         self.wm: float = -_INF  # the event-time watermark (ticks) user code sees
         self.proc_now = 0.0  # clock.time(), read once per batch or timer round
         self.event_now: float = -_INF  # ticks: the record's event time or the timer's
@@ -287,37 +294,38 @@ class KeyedStore:
     def at(self, key: Any) -> None:
         """Make ``key`` the current key (user code is about to run for it)."""
         self.key = key
-        self.cur = self.data.get(key)
+        self.base = self.cur = self.data.get(key)
 
     def get(self, name: str) -> Any:
         d = self.cur
         return _MISSING if d is None else d.get(name, _MISSING)
 
-    def save(self) -> None:
-        """Log the current key's states dict and put a copy in its place, to be changed
-        (call before the first change of a record: when :attr:`undo` is empty)."""
+    def own(self) -> dict[str, Any]:
+        """The current key's states dict, to be changed: on the running code's first
+        change a copy of :attr:`base` (or a new dict) put in its place."""
         d = self.cur
-        self.undo.append((_U_KEY, d))
-        if d is not None:
-            self.cur = self.data[self.key] = d.copy()
+        if d is None or d is self.base:
+            d = self.cur = self.data[self.key] = {} if d is None else d.copy()
+        return d
+
+    def commit(self) -> None:
+        """The running code succeeded: keep its changes (the key is :attr:`dirty` if it
+        changed anything), and start again from them."""
+        if self.undo or self.cur is not self.base:
+            if self.dirty is not None:
+                self.dirty.add(self.key)
+            self.undo.clear()
+            self.base = self.cur
 
     def put(self, name: str, value: Any) -> None:
-        if not self.undo:
-            self.save()
-        d = self.cur
-        if d is None:
-            d = self.cur = self.data[self.key] = {}
-        d[name] = value
+        self.own()[name] = value
 
     def delete(self, name: str) -> None:
         key = self.key
         d = self.cur
         if d is None or name not in d:
             return
-        if not self.undo:
-            self.save()
-            d = self.cur
-            assert d is not None
+        d = self.own()
         old = d.pop(name)
         if not d:
             del self.data[key]
@@ -339,8 +347,6 @@ class KeyedStore:
         if m is None:
             m = {}
             self.put(name, m)
-        if not self.undo:
-            self.save()
         self.undo.append((_U_ENTRY, m, mk, m.get(mk, _MISSING)))
         m[mk] = value
 
@@ -351,8 +357,6 @@ class KeyedStore:
         if len(m) == 1:  # the last entry: the map goes
             self.delete(name)
             return
-        if not self.undo:
-            self.save()
         old = m.pop(mk)
         self.undo.append((_U_ENTRY, m, mk, old))
         self.forget((name, mk))
@@ -371,8 +375,6 @@ class KeyedStore:
         old = _MISSING if slots is None else slots.get(tail, _MISSING)
         if old is not _MISSING and old[0] >= deadline:  # event time: an out-of-order write
             return
-        if not self.undo:
-            self.save()
         self.undo.append((_U_DEADLINE, key, tail, old))
         if slots is None:
             slots = self.ttl_of[key] = {}
@@ -401,8 +403,6 @@ class KeyedStore:
             return
         if not slots:
             del self.ttl_of[key]
-        if not self.undo:
-            self.save()
         self.undo.append((_U_DEADLINE, key, tail, old))
 
     def _expire(self, key: Any, tail: Tail) -> None:
@@ -430,7 +430,7 @@ class KeyedStore:
         else:
             del self.data[key]
         if key == self.key:
-            self.cur = self.data.get(key)
+            self.base = self.cur = self.data.get(key)
 
     def expire(self, domain: str, upto: float) -> float:
         """Expire the TTL slots of ``domain`` whose deadline is at or before ``upto``;
@@ -471,8 +471,6 @@ class KeyedStore:
             self.deferred.append((t, seq, key))  # see begin_round
         else:
             heapq.heappush(self.timer_heaps[domain], (t, seq, key))
-        if not self.undo:
-            self.save()
         self.undo.append((_U_TIMER_ADD, domain, key, t))
 
     def delete_timer(self, domain: str, t: float) -> None:
@@ -486,8 +484,6 @@ class KeyedStore:
             return
         if not kt:
             del timers[key]
-        if not self.undo:
-            self.save()
         self.undo.append((_U_TIMER_DEL, domain, key, t, entry))
 
     def begin_round(self, domain: str, *, final: bool = False) -> None:
@@ -570,18 +566,13 @@ class KeyedStore:
     # -- the undo log --------------------------------------------------------------------
 
     def rollback(self) -> None:
-        """Undo every change in :attr:`undo`, newest first."""
+        """Undo every change in :attr:`undo`, newest first, then put the current key's
+        states dict back as the running code found it (:attr:`base`)."""
         undo, data = self.undo, self.data
         while undo:
             u = undo.pop()
             op = u[0]
-            if op == _U_KEY:
-                saved = u[1]
-                if saved is None:
-                    data.pop(self.key, None)
-                else:
-                    data[self.key] = saved
-            elif op == _U_ENTRY:
+            if op == _U_ENTRY:
                 _, m, mk, old = u
                 if old is _MISSING:
                     m.pop(mk, None)
@@ -611,7 +602,13 @@ class KeyedStore:
                 _, domain, key, t, entry = u
                 self.timers[domain].setdefault(key, {})[t] = entry
                 heapq.heappush(self.timer_heaps[domain], (t, entry[0], key))
-        self.cur = data.get(self.key)
+        base = self.base
+        if self.cur is not base:
+            if base is None:
+                data.pop(self.key, None)
+            else:
+                data[self.key] = base
+            self.cur = base
 
     # -- checkpoints ---------------------------------------------------------------------
 
@@ -772,7 +769,7 @@ class KeyedStore:
 
     def _reset(self, kinds: dict[str, tuple[str, TTL | None]]) -> None:
         self.data.clear()
-        self.cur = None
+        self.base = self.cur = None
         self.kinds = dict(kinds)
         self.declared = set()
         self.ttl_of, self.scheduled = {}, {}
@@ -818,11 +815,10 @@ class ValueState(Generic[T]):
     [1, 2, 3]
     """
 
-    __slots__ = ("_arg", "_name", "_store", "_ttl", "_undo")
+    __slots__ = ("_arg", "_name", "_store", "_ttl")
 
     def __init__(self, store: KeyedStore, name: str, ttl: TTL | None, arg: object = None) -> None:
         self._store = store
-        self._undo = store.undo  # (the same list for the store's life)
         self._name = name
         self._ttl = ttl
         self._arg = arg  # ttl= as given (ProcessContext.value's cache)
@@ -838,16 +834,12 @@ class ValueState(Generic[T]):
     def set(self, value: T) -> None:
         """Replace the value (and restart its TTL)."""
         store = self._store
-        d, name = store.cur, self._name
-        if not self._undo:  # the record's first change: KeyedStore.save, inline
-            self._undo.append((_U_KEY, d))
-            if d is not None:
-                d = store.cur = store.data[store.key] = d.copy()
-        if d is None:
-            d = store.cur = store.data[store.key] = {}
-        d[name] = value
+        d = store.cur
+        if d is store.base or d is None:  # the first change: KeyedStore.own, inline
+            d = store.cur = store.data[store.key] = {} if d is None else d.copy()
+        d[self._name] = value
         if self._ttl is not None:
-            store.touch(name, self._ttl)
+            store.touch(self._name, self._ttl)
 
     def clear(self) -> None:
         """Delete the value."""

@@ -173,11 +173,7 @@ class _KeyedProcessStep(Step):
         except Exception as exc:  # noqa: BLE001 - any user error goes to the error policy
             await self._recover(call, record, exc, mark)
             return
-        store = self.store
-        if store.undo:
-            if store.dirty is not None:
-                store.dirty.add(store.key)
-            store.undo.clear()
+        self.store.commit()
 
     async def _recover(
         self, call: Callable[[], Any], record: Any, exc: Exception, mark: int
@@ -198,10 +194,7 @@ class _KeyedProcessStep(Step):
 
         await self.errors.recover([record], exc, again)
         store.proc_now = self.clock.time()  # retries waited on the clock
-        if store.undo:  # a retry succeeded
-            if store.dirty is not None:
-                store.dirty.add(store.key)
-            store.undo.clear()
+        store.commit()  # (a retry succeeded, or nothing is left to keep)
 
     async def _advance_event(self, wm: float) -> None:
         """Fire the event-time timers the watermark ``wm`` has passed (TTLs expire on
@@ -280,15 +273,16 @@ class _KeyedProcessStep(Step):
         store.proc_now = now = self.clock.time()
         if store.next_due("processing") <= now:
             store.expire("processing", now)  # (due timers fired before this batch came in)
-        # The loops below are _guarded() inline: the common path (no exception) costs a
-        # length, a call and a test of the undo log per record.
+        # The loops below are _guarded() inline (KeyedStore.at and commit): the common
+        # path (no exception) costs a length, a call and a test of the undo log per record
+        # (and with change tracking, whether the key's states dict was replaced).
         if not self.timestamped:
             ctx, fn = self.ctx, self.process_fn
             undo, out, data, dirty = store.undo, self.out, store.data, store.dirty
             ctx.timestamp = None
             for v, k in zip(values, keys, strict=True):
                 ctx.key = store.key = k
-                store.cur = data.get(k)
+                store.base = store.cur = d = data.get(k)
                 mark = len(out)
                 try:
                     fn(ctx, v)
@@ -299,6 +293,8 @@ class _KeyedProcessStep(Step):
                     if dirty is not None:
                         dirty.add(k)
                     undo.clear()
+                elif dirty is not None and store.cur is not d:
+                    dirty.add(k)
         else:
             await self._push_timed(batch)
         await self._flush()
@@ -325,7 +321,7 @@ class _KeyedProcessStep(Step):
                     due = store.event_due()
             last = w
             ctx.key = store.key = k
-            store.cur = data.get(k)
+            store.base = store.cur = d = data.get(k)
             ctx.timestamp = t / _TICKS
             store.event_now = t
             self.cur_ts, self.cur_wm = t, w
@@ -346,6 +342,8 @@ class _KeyedProcessStep(Step):
                     due = timer_heap[0][0]
                 if ttl_heap and ttl_heap[0][0] < due:
                     due = ttl_heap[0][0]
+            elif store.dirty is not None and store.cur is not d:
+                store.dirty.add(k)
         self.rec_wm = last
         hi = max(ts)
         self.max_ts = max(self.max_ts, hi)
