@@ -24,6 +24,7 @@ for that long is dropped.  See docs/state.md.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import math
@@ -997,6 +998,18 @@ class TimerService:
         return self._store.proc_now
 
 
+class _ValueOf(Protocol):
+    def __call__(
+        self, name: str, *, ttl: float | timedelta | TTL | None = None
+    ) -> ValueState[Any]: ...
+
+
+class _MapOf(Protocol):
+    def __call__(
+        self, name: str, *, ttl: float | timedelta | TTL | None = None
+    ) -> MapState[Any, Any]: ...
+
+
 class ProcessContext(Generic[K]):
     """What ``process(ctx, value)`` and ``on_timer(ctx, time)`` work with.
 
@@ -1010,9 +1023,28 @@ class ProcessContext(Generic[K]):
         timers: the :class:`TimerService`.
         emit: ``emit(value)`` sends ``value`` downstream, with this key (and event time,
             when there is one).
+        value: ``value(name, *, ttl=None)``: the :class:`ValueState` ``name`` of the
+            current key (declare it with the same ``ttl`` every time).
+        map: ``map(name, *, ttl=None)``: the :class:`MapState` ``name`` of the current
+            key (the same).
+
+    ``value`` and ``map`` return the same handle for the same arguments (a cache in C:
+    user code asks for its handles on every record); a ``ttl`` must be hashable, as
+    every valid one is.
     """
 
-    __slots__ = ("_maps", "_store", "_values", "emit", "key", "time_domain", "timers", "timestamp")
+    __slots__ = (
+        "_maps",
+        "_store",
+        "_values",
+        "emit",
+        "key",
+        "map",
+        "time_domain",
+        "timers",
+        "timestamp",
+        "value",
+    )
 
     def __init__(
         self,
@@ -1036,6 +1068,8 @@ class ProcessContext(Generic[K]):
                 )
 
         self.timers = TimerService(store, check, has_on_timer)
+        self.value: _ValueOf = functools.lru_cache(maxsize=None)(self._value)
+        self.map: _MapOf = functools.lru_cache(maxsize=None)(self._map)
 
     def __repr__(self) -> str:
         return f"<ProcessContext key={self.key!r} timestamp={self.timestamp!r}>"
@@ -1050,9 +1084,8 @@ class ProcessContext(Generic[K]):
         """The flow's clock now, in epoch seconds (read once per batch)."""
         return self._store.proc_now
 
-    def value(self, name: str, *, ttl: float | timedelta | TTL | None = None) -> ValueState[Any]:
-        """The value state ``name`` of the current key (declare it with the same ``ttl``
-        every time)."""
+    def _value(self, name: str, *, ttl: float | timedelta | TTL | None = None) -> ValueState[Any]:
+        """:attr:`value` behind its cache: the handle, declared on its first use."""
         h = self._values.get(name)
         if h is None or (h._arg is not ttl and h._arg != ttl):  # (is: the usual None)
             t = as_ttl(ttl, f"value({name!r}, ttl=...)")
@@ -1060,8 +1093,8 @@ class ProcessContext(Generic[K]):
             h = self._values[name] = ValueState(self._store, name, t, ttl)
         return h
 
-    def map(self, name: str, *, ttl: float | timedelta | TTL | None = None) -> MapState[Any, Any]:
-        """The map state ``name`` of the current key."""
+    def _map(self, name: str, *, ttl: float | timedelta | TTL | None = None) -> MapState[Any, Any]:
+        """:attr:`map` behind its cache: the handle, declared on its first use."""
         h = self._maps.get(name)
         if h is None or (h._arg is not ttl and h._arg != ttl):
             t = as_ttl(ttl, f"map({name!r}, ttl=...)")
