@@ -113,17 +113,16 @@ class _KeyedProcessStep(Step):
 
     def _emitter(self) -> Callable[[Any], None]:
         """``ctx.emit``: appends to the output columns (kept as the same lists for the
-        step's life, so the function holds them directly)."""
+        step's life, so the function holds them directly).
+
+        Without event time it is ``out.append`` itself (a call in C, not a Python
+        function per output): the outputs beyond ``out_keys`` are the ones the code that
+        ran last emitted, and get its key (:meth:`_stamp`) before other code runs."""
         out, out_keys, out_ts, out_wms = self.out, self.out_keys, self.out_ts, self.out_wms
         step, store = self, self.store
 
         if not self.timestamped:
-
-            def emit(value: Any) -> None:
-                out.append(value)
-                out_keys.append(store.key)
-
-            return emit
+            return out.append
 
         def emit_timed(value: Any) -> None:
             assert step.cur_ts is not None
@@ -134,12 +133,19 @@ class _KeyedProcessStep(Step):
 
         return emit_timed
 
+    def _stamp(self) -> None:
+        """Give the outputs not stamped yet the current key (see :meth:`_emitter`)."""
+        n = len(self.out) - len(self.out_keys)
+        if n:
+            self.out_keys.extend([self.store.key] * n)
+
     def _truncate(self, n: int) -> None:
         del self.out[n:], self.out_keys[n:]
         if self.timestamped:
             del self.out_ts[n:], self.out_wms[n:]
 
     async def _flush(self) -> None:
+        self._stamp()
         for store in self.stores.values():
             store.settle()
         m = self.metrics
@@ -167,13 +173,15 @@ class _KeyedProcessStep(Step):
     async def _guarded(self, call: Callable[[], Any], record: Any) -> None:
         """``call()`` as one transaction: on an exception its changes and outputs are
         undone, and the error policy decides (retry, dead-letter, or fail)."""
+        self._stamp()
         mark = len(self.out)
         try:
             call()
         except Exception as exc:  # noqa: BLE001 - any user error goes to the error policy
             await self._recover(call, record, exc, mark)
-            return
-        self.store.commit()
+        else:
+            self.store.commit()
+        self._stamp()
 
     async def _recover(
         self, call: Callable[[], Any], record: Any, exc: Exception, mark: int
@@ -279,11 +287,20 @@ class _KeyedProcessStep(Step):
         if not self.timestamped:
             ctx, fn = self.ctx, self.process_fn
             undo, out, data, dirty = store.undo, self.out, store.data, store.dirty
+            out_keys = self.out_keys
             ctx.timestamp = None
+            self._stamp()
+            stamped = len(out)
             for v, k in zip(values, keys, strict=True):
+                mark = len(out)
+                if mark != stamped:  # the record before emitted (_stamp, inline)
+                    if mark - stamped == 1:
+                        out_keys.append(store.key)
+                    else:
+                        out_keys.extend([store.key] * (mark - stamped))
+                    stamped = mark
                 ctx.key = store.key = k
                 store.base = store.cur = d = data.get(k)
-                mark = len(out)
                 try:
                     fn(ctx, v)
                 except Exception as exc:  # noqa: BLE001 - any user error: the error policy
