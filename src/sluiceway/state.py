@@ -77,6 +77,16 @@ class _Missing:
 _MISSING: Any = _Missing()
 
 
+class _Owned:
+    def __repr__(self) -> str:
+        return "<owned>"
+
+
+_OWNED: Any = _Owned()
+"""``KeyedStore.base`` of a key whose states dict the store changes in place (see
+``KeyedStore.owned``): no dict is ever ``_OWNED``, so no change copies one."""
+
+
 @dataclass(frozen=True, slots=True)
 class TTL:
     """State not *written* for ``seconds`` is dropped: the time counts since the last
@@ -264,7 +274,13 @@ class KeyedStore:
         self.base: dict[str, Any] | None = None
         """The current key's states dict as the running code found it (set with
         :attr:`cur`), never changed while it runs: :attr:`cur` is a copy once the code
-        changed it (:meth:`own`), and :meth:`rollback` puts it back."""
+        changed it (:meth:`own`), and :meth:`rollback` puts it back.  ``_OWNED`` for a
+        key in :attr:`owned`."""
+        self.owned: set[Any] | None = None
+        """None, unless nothing is ever rolled back (:meth:`in_place`): then the keys
+        whose states dict the store changes in place instead of copying it -- a dict that
+        a record made (:meth:`own`) since the last snapshot (and, on disk, since the last
+        write-back), which no snapshot and no file holds."""
         self.wm: float = -_INF  # the event-time watermark (ticks) user code sees
         self.proc_now = 0.0  # clock.time(), read once per batch or timer round
         self.event_now: float = -_INF  # ticks: the record's event time or the timer's
@@ -296,6 +312,27 @@ class KeyedStore:
         """Make ``key`` the current key (user code is about to run for it)."""
         self.key = key
         self.base = self.cur = self.data.get(key)
+        if self.owned is not None and key in self.owned:
+            self.base = _OWNED
+
+    def in_place(self, on: bool) -> None:
+        """Whether nothing is ever rolled back: the operator's error policy is ``Fail``,
+        so a record that fails stops the flow (it resumes from its last checkpoint) and
+        no later record or snapshot sees what it changed.  Then a key's states dict is
+        copied once after each snapshot instead of once per record (:attr:`owned`)."""
+        self.owned = set() if on else None
+
+    def made(self, d: dict[str, Any] | None) -> None:
+        """The running code succeeded for the current key, which had the states dict
+        ``d`` when it started: a dict it made (a copy, or a new one) is the store's own
+        (:attr:`owned`), and the key changed (:attr:`dirty`).  The step's loops inline
+        it."""
+        cur = self.cur
+        if cur is not d:
+            if self.dirty is not None:
+                self.dirty.add(self.key)
+            if self.owned is not None and cur is not None:
+                self.owned.add(self.key)
 
     def get(self, name: str) -> Any:
         d = self.cur
@@ -312,11 +349,14 @@ class KeyedStore:
     def commit(self) -> None:
         """The running code succeeded: keep its changes (the key is :attr:`dirty` if it
         changed anything), and start again from them."""
-        if self.undo or self.cur is not self.base:
+        if self.undo:
             if self.dirty is not None:
                 self.dirty.add(self.key)
             self.undo.clear()
-            self.base = self.cur
+        base = self.base
+        if base is not _OWNED:
+            self.made(base)
+        self.at(self.key)
 
     def put(self, name: str, value: Any) -> None:
         self.own()[name] = value
@@ -431,7 +471,7 @@ class KeyedStore:
         else:
             del self.data[key]
         if key == self.key:
-            self.base = self.cur = self.data.get(key)
+            self.at(key)
 
     def expire(self, domain: str, upto: float) -> float:
         """Expire the TTL slots of ``domain`` whose deadline is at or before ``upto``;
@@ -604,7 +644,7 @@ class KeyedStore:
                 self.timers[domain].setdefault(key, {})[t] = entry
                 heapq.heappush(self.timer_heaps[domain], (t, entry[0], key))
         base = self.base
-        if self.cur is not base:
+        if self.cur is not base and base is not _OWNED:  # (_OWNED: see in_place)
             if base is None:
                 data.pop(self.key, None)
             else:
@@ -618,6 +658,8 @@ class KeyedStore:
         writes back and bounds its cache (nothing for the in-memory dict)."""
         if self.disk is not None:
             self.disk.settle()
+            if self.owned:  # (written back, or evicted: changed in place, lost)
+                self.owned.clear()
 
     def close(self) -> None:
         """The run is over: the on-disk backend closes its file."""
@@ -627,6 +669,8 @@ class KeyedStore:
     def track(self, on: bool) -> None:
         """Keep :attr:`dirty` (on) or not (off: every snapshot is whole)."""
         self.dirty = set() if on else None
+        if self.owned:  # (an owned key is dirty: changing it in place marks nothing)
+            self.owned.clear()
 
     def changes(self, whole: bool, extra: dict[str, Any]) -> Changes:
         """The state as :class:`~sluiceway.core.delta.Changes`: all of it (``whole``) or
@@ -665,6 +709,8 @@ class KeyedStore:
                 upserts[key] = st
         if dirty is not None:
             self.dirty = set()
+        if self.owned:  # the snapshot holds the dicts: changed in place no more
+            self.owned.clear()
         info = {"clock": self.clock.time(), "kinds": dict(self.kinds), **extra}
         return Changes(whole, upserts, frozenset(deletes), info)
 
@@ -778,6 +824,8 @@ class KeyedStore:
         self.timers = {"processing": {}, "event": {}}
         self.timer_heaps = {"processing": [], "event": []}
         self.undo.clear()
+        if self.owned:
+            self.owned.clear()
 
     def _load_deadlines(self) -> None:
         for key, slots in self.ttl_of.items():

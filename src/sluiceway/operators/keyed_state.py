@@ -41,7 +41,7 @@ from sluiceway.diskstate import (
 from sluiceway.operators.base import BuildContext, OpSpec, Step, without
 from sluiceway.operators.errors import ErrorHandler
 from sluiceway.policies import ErrorPolicy, Fail
-from sluiceway.state import TTL, KeyedStore, ProcessContext, TimerEvent
+from sluiceway.state import _OWNED, TTL, KeyedStore, ProcessContext, TimerEvent
 from sluiceway.time import Clock, yield_now
 
 __all__ = ["KeyedProcessSpec", "StatefulMapSpec"]
@@ -99,7 +99,10 @@ class _KeyedProcessStep(Step):
                 self.run_dir = open_run_dir(backend, self.name)
             part = "all" if partition is None else f"p{partition}"
             disk = DiskMap(self.run_dir / f"{part}.sqlite", backend.cache_keys, self.name)
-        return KeyedStore(self.name, self.clock, self.timestamped, disk)
+        store = KeyedStore(self.name, self.clock, self.timestamped, disk)
+        # Fail: a failed record stops the flow, nothing is rolled back (see in_place).
+        store.in_place(isinstance(self.errors.policy, Fail))
+        return store
 
     def close(self) -> None:
         """Close the on-disk backend's files and delete this run's directory."""
@@ -287,7 +290,7 @@ class _KeyedProcessStep(Step):
         if not self.timestamped:
             ctx, fn = self.ctx, self.process_fn
             undo, out, data, dirty = store.undo, self.out, store.data, store.dirty
-            out_keys = self.out_keys
+            out_keys, owned = self.out_keys, store.owned
             ctx.timestamp = None
             self._stamp()
             stamped = len(out)
@@ -300,7 +303,8 @@ class _KeyedProcessStep(Step):
                         out_keys.extend([store.key] * (mark - stamped))
                     stamped = mark
                 ctx.key = store.key = k
-                store.base = store.cur = d = data.get(k)
+                store.cur = d = data.get(k)
+                store.base = d if owned is None or k not in owned else _OWNED
                 try:
                     fn(ctx, v)
                 except Exception as exc:  # noqa: BLE001 - any user error: the error policy
@@ -310,8 +314,11 @@ class _KeyedProcessStep(Step):
                     if dirty is not None:
                         dirty.add(k)
                     undo.clear()
-                elif dirty is not None and store.cur is not d:
-                    dirty.add(k)
+                if store.cur is not d:  # KeyedStore.made, inline
+                    if dirty is not None:
+                        dirty.add(k)
+                    if owned is not None and store.cur is not None:
+                        owned.add(k)
         else:
             await self._push_timed(batch)
         await self._flush()
@@ -320,7 +327,7 @@ class _KeyedProcessStep(Step):
         """:meth:`push` on a timestamped stream: before each record, advance to the
         watermark it came with (firing the timers it passed)."""
         store, ctx, fn = self.store, self.ctx, self.process_fn
-        undo, out, data = store.undo, self.out, store.data
+        undo, out, data, owned = store.undo, self.out, store.data, store.owned
         values, keys = batch.values, batch.keys
         assert keys is not None
         ts, wms = batch.timestamps, batch.watermarks
@@ -338,7 +345,8 @@ class _KeyedProcessStep(Step):
                     due = store.event_due()
             last = w
             ctx.key = store.key = k
-            store.base = store.cur = d = data.get(k)
+            store.cur = d = data.get(k)
+            store.base = d if owned is None or k not in owned else _OWNED
             ctx.timestamp = t / _TICKS
             store.event_now = t
             self.cur_ts, self.cur_wm = t, w
@@ -359,8 +367,8 @@ class _KeyedProcessStep(Step):
                     due = timer_heap[0][0]
                 if ttl_heap and ttl_heap[0][0] < due:
                     due = ttl_heap[0][0]
-            elif store.dirty is not None and store.cur is not d:
-                store.dirty.add(k)
+            if store.cur is not d:
+                store.made(d)
         self.rec_wm = last
         hi = max(ts)
         self.max_ts = max(self.max_ts, hi)
