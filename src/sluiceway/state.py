@@ -217,15 +217,18 @@ class KeyedStore:
     user code runs for one record, the key's states dict it started with is kept
     (:attr:`base`) and every other change is appended to :attr:`undo`, so that
     :meth:`rollback` can undo it when the code fails: a failed record leaves the state as
-    it was.  The caller :meth:`commit` s a record that succeeded (the step's loops inline
-    it: no call per record); a non-empty log or ``cur is not base`` after a record is also
-    how the step knows that the record's key changed (:attr:`dirty`).
+    it was.  After a record that succeeded the caller clears the log (:meth:`commit`; the
+    step's loops inline it: no call per record); a non-empty log or ``cur is not base``
+    after a record is also how the step knows that the record's key changed
+    (:attr:`dirty`).
 
     Layout: ``data[key][name]`` is a value state's value or a map state's ``dict``.  A
     key's ``data[key]`` dict is never changed in place once a record is done with it: the
     record's first change puts a copy in its place (:meth:`own`) and :attr:`base` keeps the
     old one for a rollback, so snapshots hold those dicts without copying them (map
-    states, changed in place, are copied).  TTL
+    states, changed in place, are copied).  Under the ``Fail`` policy nothing is rolled
+    back (:meth:`in_place`), and a dict is copied once after each snapshot, not once per
+    record: the dicts no snapshot holds are changed in place (:attr:`owned`).  TTL
     deadlines: ``ttl_of[key][tail] = (deadline, domain)``, ``tail`` a value state's name or
     ``(name, map key)``.  Timers: ``timers[domain][key][time] = (seq, time as registered)``.
     Processing-time deadlines and timers are seconds of ``clock.time()``; event-time ones
