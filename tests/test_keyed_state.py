@@ -702,6 +702,40 @@ def test_with_fail_a_dict_changed_in_place_is_never_one_a_snapshot_or_file_holds
         assert pickle.dumps(snap) == blob
 
 
+@pytest.mark.parametrize("fail", [True, False])
+def test_map_entries_changed_after_a_write_back_reach_the_disk_file(fail: bool) -> None:
+    """A map entry put or removed changes the key's state even when the key's states dict
+    stays the same: on disk (3 keys cached here) the key must be written back again, or
+    the change is lost when the cache drops the key (and at a crash)."""
+    clock = sw.VirtualClock()
+    spec = process_spec(Scripted, timestamped=False)
+    m = OperatorMetrics("op", spec.kind, 0)
+    dlq: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    errors = ErrorHandler(
+        sw.Fail() if fail else sw.DeadLetter(dlq),
+        flow="t",
+        operator="op",
+        clock=clock,
+        metrics=m,
+        dead_letters={id(dlq): DeadLetterWriter(dlq, "t")},
+        rng=random.Random(0),
+    )
+    step = spec.build(BuildContext("t", "op", clock, m, errors, 1024))
+    cap = Capture()
+    step.children.append(cap)
+    keys = [f"k{i}" for i in range(6)]
+    rows: list[tuple[str, tuple[Any, ...], Any]] = []
+    for n in range(4):
+        part = [(k, (("put", n % 2, n), ("remove", (n + 1) % 2)), False) for k in keys]
+        part += [(k, (("put", 5, n),), False) for k in keys[:2]]  # a map that exists
+        rows += part
+        asyncio.run(step.push(Batch(part, keys=[r[0] for r in part])))
+    expected, state = scripted_model(rows)
+    assert [r[0] for r in cap.rows] == expected
+    (changes,) = step.snapshot().partitions.values()
+    assert {k: {"m": dict(v["m"])} for k, v in changes.upserts.items()} == state
+
+
 def test_stateful_map_dead_letter_keeps_the_previous_state() -> None:
     def strict_sum(total: int | None, x: tuple[str, int]) -> tuple[int, int]:
         if x[1] < 0:

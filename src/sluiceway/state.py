@@ -391,6 +391,8 @@ class KeyedStore:
         if m is None:
             m = {}
             self.put(name, m)
+        else:
+            self.own()  # (the map changes: on disk, the key is written back again)
         self.undo.append((_U_ENTRY, m, mk, m.get(mk, _MISSING)))
         m[mk] = value
 
@@ -401,6 +403,7 @@ class KeyedStore:
         if len(m) == 1:  # the last entry: the map goes
             self.delete(name)
             return
+        self.own()  # (as in put_entry)
         old = m.pop(mk)
         self.undo.append((_U_ENTRY, m, mk, old))
         self.forget((name, mk))
