@@ -11,6 +11,7 @@ import random
 import re
 import threading
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sluiceway as sw
+from sluiceway.core.delta import fold_incremental
 from sluiceway.metrics.registry import OperatorMetrics
 from sluiceway.operators.base import BuildContext, OpSpec, Step
-from sluiceway.operators.errors import ErrorHandler
+from sluiceway.operators.errors import DeadLetterWriter, ErrorHandler
 from sluiceway.operators.keyed_state import KeyedProcessSpec, StatefulMapSpec, process_factory
 from sluiceway.runtime.messages import Batch, Control, Watermark
 from sluiceway.state import TTL, ProcessContext, TimerEvent
@@ -477,6 +479,261 @@ def test_a_retried_record_is_applied_exactly_once() -> None:
         ("timer", "k", 101.0),
         ("timer", "k", 103.0),
     ]
+
+
+class Scripted:
+    """Per record ``(key, ops, fail)``: the value/map operations ``ops``, then a failure
+    (``fail``: always; ``"once"``: on the first attempt), else the key's whole state out."""
+
+    maps = True  # (False: no map state, so a snapshot holds each key's dict as it is)
+
+    def __init__(self) -> None:
+        self.attempts: dict[int, int] = {}
+
+    def process(self, ctx: ProcessContext[Any], r: tuple[str, tuple[Any, ...], Any]) -> None:
+        _, ops, fail = r
+        for op in ops:
+            if op[0] == "set":
+                ctx.value(op[1]).set(op[2])
+            elif op[0] == "clear":
+                ctx.value(op[1]).clear()
+            elif op[0] == "put":
+                ctx.map("m").put(op[1], op[2])
+            elif op[0] == "remove":
+                ctx.map("m").remove(op[1])
+            else:
+                ctx.map("m").clear()
+        seen = self.attempts[id(r)] = self.attempts.get(id(r), 0) + 1
+        if fail is True or (fail == "once" and seen == 1):
+            raise RuntimeError("fails after writing")
+        ctx.emit((ctx.key, scripted_view(ctx, self.maps)))
+
+
+class ScriptedValues(Scripted):
+    maps = False
+
+
+def scripted_view(ctx: ProcessContext[Any], maps: bool = True) -> dict[str, Any]:
+    view: dict[str, Any] = {n: ctx.value(n).get() for n in ("a", "b") if ctx.value(n).exists}
+    if maps and len(ctx.map("m")):
+        view["m"] = dict(ctx.map("m").items())
+    return view
+
+
+def scripted_model(
+    rows: list[tuple[str, tuple[Any, ...], Any]],
+) -> tuple[list[Any], dict[str, dict[str, Any]]]:
+    """What Scripted must give: the outputs, and the state of every key at the end (a
+    record that fails for good changes nothing)."""
+    state: dict[str, dict[str, Any]] = {}
+    out = []
+    for key, ops, fail in rows:
+        if fail is True:
+            continue
+        st_ = state.setdefault(key, {})
+        for op in ops:
+            if op[0] == "set":
+                st_[op[1]] = op[2]
+            elif op[0] == "clear":
+                st_.pop(op[1], None)
+            elif op[0] == "put":
+                st_.setdefault("m", {})[op[1]] = op[2]
+            elif op[0] == "remove":
+                st_.get("m", {}).pop(op[1], None)
+                if not st_.get("m", True):
+                    del st_["m"]
+            else:
+                st_.pop("m", None)
+        out.append((key, {k: dict(v) if k == "m" else v for k, v in st_.items()}))
+    return out, {k: v for k, v in state.items() if v}
+
+
+def keyed_process(fn: Any, policy: sw.ErrorPolicy, keyed: Any) -> Any:
+    return keyed.process(fn, on_error=policy)
+
+
+def test_a_failed_record_that_wrote_a_cell_twice_or_deleted_leaves_no_trace() -> None:
+    """The rollback paths of copy on write: a cell written twice, a value deleted, the
+    key's last value deleted (its states dict goes), deleted and written again, a new key,
+    map entries -- each followed by a failure -- leave the state as it was."""
+    rows: list[tuple[str, tuple[Any, ...], Any]] = [
+        ("k", (("set", "a", 1), ("set", "b", 10), ("put", 0, "x")), False),
+        ("k", (("set", "a", 2), ("set", "a", 3)), True),  # a cell written twice
+        ("k", (("clear", "a"),), True),  # a deletion
+        ("k", (("clear", "a"), ("set", "a", 4)), True),  # deleted, written again
+        ("k", (("clear", "a"), ("clear", "b"), ("map_clear",)), True),  # everything goes
+        ("k", (("clear", "a"), ("clear", "b"), ("map_clear",), ("set", "b", 5)), True),
+        ("k", (("put", 0, "y"), ("put", 1, "z"), ("remove", 0)), True),  # map entries
+        ("new", (("set", "a", 7), ("put", 1, "w")), True),  # a new key
+        ("k", (), False),
+        ("new", (), False),
+        ("k", (("set", "a", 8), ("set", "a", 9)), "once"),  # retried: applied once
+    ]
+    expected = [
+        ("k", {"a": 1, "b": 10, "m": {0: "x"}}),
+        ("k", {"a": 1, "b": 10, "m": {0: "x"}}),
+        ("new", {}),
+        ("k", {"a": 9, "b": 10, "m": {0: "x"}}),
+    ]
+    assert scripted_model(rows)[0] == expected
+    for ts in (None, lambda r: 1.0):  # the loops of streams without and with event time
+        dlq: sw.sinks.Collect[Any] = sw.sinks.Collect()
+        policy = sw.Retry(2, sw.Backoff(initial=0.1), then=sw.DeadLetter(dlq))
+        flow, out = keyed_flow(rows, partial(keyed_process, Scripted(), policy), ts=ts)
+        sw.testing.run_flow(flow)
+        assert out.items == expected
+        assert [d.record for d in dlq.items] == [r for r in rows if r[2] is True]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(
+            st.sampled_from(["k1", "k2", "k3", "k4", "k5", "k6"]),  # (OnDisk caches 3)
+            st.lists(
+                st.one_of(
+                    st.tuples(st.just("set"), st.sampled_from(["a", "b"]), st.integers(0, 9)),
+                    st.tuples(st.just("clear"), st.sampled_from(["a", "b"])),
+                    st.tuples(st.just("put"), st.integers(0, 2), st.integers(0, 9)),
+                    st.tuples(st.just("remove"), st.integers(0, 2)),
+                    st.tuples(st.just("map_clear")),
+                ),
+                max_size=5,
+            ).map(tuple),
+            st.booleans(),
+        ),
+        max_size=30,
+    ),
+    timed=st.booleans(),
+    size=st.integers(1, 8),
+    snap_every=st.integers(1, 4),
+    fail=st.booleans(),
+    track=st.booleans(),
+    maps=st.booleans(),
+)
+def test_failed_records_leave_no_trace_in_state_or_snapshots(
+    rows: list[tuple[str, tuple[Any, ...], bool]],
+    timed: bool,
+    size: int,
+    snap_every: int,
+    fail: bool,
+    track: bool,
+    maps: bool,
+) -> None:
+    """Against a model that skips the failing records: the outputs, every key's state in
+    the final snapshot (or the change sets folded), and the snapshots taken on the way
+    (they must not change after).  With ``fail``, the policy is ``Fail`` and no record
+    fails: the store then changes a key's states dict in place once it made it, and
+    must still never change one a snapshot holds (or, on disk, one written back).
+    Without ``maps`` (map state), snapshots hold each key's states dict itself."""
+    if fail:
+        rows = [r for r in rows if not r[2]]
+    if not maps:
+        rows = [(k, tuple(op for op in ops if op[0] in ("set", "clear")), f) for k, ops, f in rows]
+    clock = sw.VirtualClock()
+    dlq: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    m = OperatorMetrics("op", "process", 0)
+    errors = ErrorHandler(
+        sw.Fail() if fail else sw.DeadLetter(dlq),
+        flow="t",
+        operator="op",
+        clock=clock,
+        metrics=m,
+        dead_letters={id(dlq): DeadLetterWriter(dlq, "t")},
+        rng=random.Random(0),
+    )
+    step = process_spec(Scripted if maps else ScriptedValues, timestamped=timed).build(
+        BuildContext("t", "op", clock, m, errors, 1024)
+    )
+    cap = Capture()
+    step.children.append(cap)
+    step.accept_changes(track)
+    kept: list[tuple[Any, bytes]] = []
+    hi = -math.inf
+    for i in range(0, len(rows), size):
+        part = rows[i : i + size]
+        if timed:
+            batch, hi = event_batch([(r, r[0], i * S) for r in part], hi)
+        else:
+            batch = Batch(list(part), keys=[r[0] for r in part])
+        asyncio.run(step.push(batch))
+        if (i // size) % snap_every == 0:
+            snap = step.snapshot()
+            kept.append((snap, pickle.dumps(snap)))
+    expected, state = scripted_model(rows)
+    assert [row[0] for row in cap.rows] == expected
+    snaps = [snap for snap, _ in kept] + [step.snapshot()]
+    (changes,) = fold_incremental(snaps[0], *snaps[1:]).partitions.values()
+    assert {
+        k: {n: dict(v) if n == "m" else v for n, v in st_.items()}
+        for k, st_ in changes.upserts.items()
+    } == state
+    for snap, blob in kept:  # later records changed nothing a snapshot holds
+        assert pickle.dumps(snap) == blob
+
+
+def test_with_fail_a_dict_changed_in_place_is_never_one_a_snapshot_or_file_holds(
+    keyed_backend: str,
+) -> None:
+    """``Fail``: nothing is rolled back, so the store changes a key's states dict in place
+    once it made it -- but never one a snapshot holds (a later record copies it again),
+    and, on disk, never one written back to the file (the change would be lost when the
+    cache drops it: it caches 3 keys here)."""
+    clock = sw.VirtualClock()
+    step, cap, _ = make_step(process_spec(ScriptedValues, timestamped=False), clock)
+    step.accept_changes(True)
+    keys = [f"k{i}" for i in range(6)]
+    model: dict[str, dict[str, Any]] = {}
+    kept: list[tuple[Any, bytes]] = []
+    for n in range(1, 5):
+        for i, batch_keys in enumerate([keys, keys[-1:], keys[:-1], keys[::-1]]):
+            rows = [(k, (("set", "a", n * 10 + i), ("set", "b", n)), False) for k in batch_keys]
+            asyncio.run(step.push(Batch(rows, keys=batch_keys)))
+            for k in batch_keys:
+                model[k] = {"a": n * 10 + i, "b": n}
+        if n % 2:
+            snap = step.snapshot()
+            kept.append((snap, pickle.dumps(snap)))
+    assert cap.rows[-1][0] == ("k0", model["k0"])
+    snaps = [snap for snap, _ in kept] + [step.snapshot()]
+    (changes,) = fold_incremental(snaps[0], *snaps[1:]).partitions.values()
+    assert dict(changes.upserts) == model
+    for snap, blob in kept:
+        assert pickle.dumps(snap) == blob
+
+
+@pytest.mark.parametrize("fail", [True, False])
+def test_map_entries_changed_after_a_write_back_reach_the_disk_file(fail: bool) -> None:
+    """A map entry put or removed changes the key's state even when the key's states dict
+    stays the same: on disk (3 keys cached here) the key must be written back again, or
+    the change is lost when the cache drops the key (and at a crash)."""
+    clock = sw.VirtualClock()
+    spec = process_spec(Scripted, timestamped=False)
+    m = OperatorMetrics("op", spec.kind, 0)
+    dlq: sw.sinks.Collect[Any] = sw.sinks.Collect()
+    errors = ErrorHandler(
+        sw.Fail() if fail else sw.DeadLetter(dlq),
+        flow="t",
+        operator="op",
+        clock=clock,
+        metrics=m,
+        dead_letters={id(dlq): DeadLetterWriter(dlq, "t")},
+        rng=random.Random(0),
+    )
+    step = spec.build(BuildContext("t", "op", clock, m, errors, 1024))
+    cap = Capture()
+    step.children.append(cap)
+    keys = [f"k{i}" for i in range(6)]
+    rows: list[tuple[str, tuple[Any, ...], Any]] = []
+    for n in range(4):
+        part = [(k, (("put", n % 2, n), ("remove", (n + 1) % 2)), False) for k in keys]
+        part += [(k, (("put", 5, n),), False) for k in keys[:2]]  # a map that exists
+        rows += part
+        asyncio.run(step.push(Batch(part, keys=[r[0] for r in part])))
+    expected, state = scripted_model(rows)
+    assert [r[0] for r in cap.rows] == expected
+    (changes,) = step.snapshot().partitions.values()
+    assert {k: {"m": dict(v["m"])} for k, v in changes.upserts.items()} == state
 
 
 def test_stateful_map_dead_letter_keeps_the_previous_state() -> None:

@@ -24,6 +24,7 @@ for that long is dropped.  See docs/state.md.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import math
@@ -74,6 +75,16 @@ class _Missing:
 
 
 _MISSING: Any = _Missing()
+
+
+class _Owned:
+    def __repr__(self) -> str:
+        return "<owned>"
+
+
+_OWNED: Any = _Owned()
+"""``KeyedStore.base`` of a key whose states dict the store changes in place (see
+``KeyedStore.owned``): no dict is ever ``_OWNED``, so no change copies one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,13 +148,14 @@ class TimerEvent:
 
 # -- the store ---------------------------------------------------------------------------
 
-# Undo-log entries: what to put back when user code fails half-way through a record.  The
-# first entry of a record is always ``(_U_KEY, the key's states dict as it was)``: the
-# record's first change puts a copy of that dict in its place and changes the copy (user
-# code changes only the current key, which is still current when a rollback runs), so
-# the commonest write -- a value state's -- logs nothing more; map entries (changed in
-# place), deadlines and timers have entries of their own.
-_U_KEY, _U_ENTRY, _U_DEADLINE, _U_TIMER_ADD, _U_TIMER_DEL = range(5)
+# Undo-log entries: what to put back when user code fails half-way through a record, other
+# than the key's states dict itself.  That needs no entry: the store keeps the dict the
+# record started with (``KeyedStore.base``), the record's first change of it puts a copy
+# in its place (copy on write: ``cur is base`` says "not copied yet"), and a rollback puts
+# ``base`` back (user code changes only the current key).  So the commonest write -- a
+# value state's -- logs nothing; map entries (changed in place, in maps the copy shares),
+# deadlines and timers have entries of their own.
+_U_ENTRY, _U_DEADLINE, _U_TIMER_ADD, _U_TIMER_DEL = range(4)
 
 # A key's entry in a snapshot is a dict of its states by name (str) and, under these two
 # non-str names, its TTL deadlines and its pending timers.
@@ -202,16 +214,21 @@ class KeyedStore:
     partition, so that a partition's share can be snapshotted, restored or dropped alone).
 
     Internal to sluiceway (the operator drives it; user code sees the handles).  While
-    user code runs for one record, every change is appended to :attr:`undo`, so that
+    user code runs for one record, the key's states dict it started with is kept
+    (:attr:`base`) and every other change is appended to :attr:`undo`, so that
     :meth:`rollback` can undo it when the code fails: a failed record leaves the state as
-    it was.  The caller clears the log after a record that succeeded (a plain list append
-    per change, no call per record); a non-empty log after a record is also how the step
-    knows that the record's key changed (:attr:`dirty`).
+    it was.  After a record that succeeded the caller clears the log (:meth:`commit`; the
+    step's loops inline it: no call per record); a non-empty log or ``cur is not base``
+    after a record is also how the step knows that the record's key changed
+    (:attr:`dirty`).
 
     Layout: ``data[key][name]`` is a value state's value or a map state's ``dict``.  A
-    key's ``data[key]`` dict is never changed in place once a record is done with it: a
-    change makes a copy (once per record, the undo log keeps the old one), so snapshots
-    hold those dicts without copying them (map states, changed in place, are copied).  TTL
+    key's ``data[key]`` dict is never changed in place once a record is done with it: the
+    record's first change puts a copy in its place (:meth:`own`) and :attr:`base` keeps the
+    old one for a rollback, so snapshots hold those dicts without copying them (map
+    states, changed in place, are copied).  Under the ``Fail`` policy nothing is rolled
+    back (:meth:`in_place`), and a dict is copied once after each snapshot, not once per
+    record: the dicts no snapshot holds are changed in place (:attr:`owned`).  TTL
     deadlines: ``ttl_of[key][tail] = (deadline, domain)``, ``tail`` a value state's name or
     ``(name, map key)``.  Timers: ``timers[domain][key][time] = (seq, time as registered)``.
     Processing-time deadlines and timers are seconds of ``clock.time()``; event-time ones
@@ -257,6 +274,16 @@ class KeyedStore:
         self.cur: dict[str, Any] | None = None
         """``data.get(key)``: the current key's states, looked up once per record (kept
         up to date by every change to ``data[key]`` while user code runs)."""
+        self.base: dict[str, Any] | None = None
+        """The current key's states dict as the running code found it (set with
+        :attr:`cur`), never changed while it runs: :attr:`cur` is a copy once the code
+        changed it (:meth:`own`), and :meth:`rollback` puts it back.  ``_OWNED`` for a
+        key in :attr:`owned`."""
+        self.owned: set[Any] | None = None
+        """None, unless nothing is ever rolled back (:meth:`in_place`): then the keys
+        whose states dict the store changes in place instead of copying it -- a dict that
+        a record made (:meth:`own`) since the last snapshot (and, on disk, since the last
+        write-back), which no snapshot and no file holds."""
         self.wm: float = -_INF  # the event-time watermark (ticks) user code sees
         self.proc_now = 0.0  # clock.time(), read once per batch or timer round
         self.event_now: float = -_INF  # ticks: the record's event time or the timer's
@@ -287,37 +314,62 @@ class KeyedStore:
     def at(self, key: Any) -> None:
         """Make ``key`` the current key (user code is about to run for it)."""
         self.key = key
-        self.cur = self.data.get(key)
+        self.base = self.cur = self.data.get(key)
+        if self.owned is not None and key in self.owned:
+            self.base = _OWNED
+
+    def in_place(self, on: bool) -> None:
+        """Whether nothing is ever rolled back: the operator's error policy is ``Fail``,
+        so a record that fails stops the flow (it resumes from its last checkpoint) and
+        no later record or snapshot sees what it changed.  Then a key's states dict is
+        copied once after each snapshot instead of once per record (:attr:`owned`)."""
+        self.owned = set() if on else None
+
+    def made(self, d: dict[str, Any] | None) -> None:
+        """The running code succeeded for the current key, which had the states dict
+        ``d`` when it started: a dict it made (a copy, or a new one) is the store's own
+        (:attr:`owned`), and the key changed (:attr:`dirty`).  The step's loops inline
+        it."""
+        cur = self.cur
+        if cur is not d:
+            if self.dirty is not None:
+                self.dirty.add(self.key)
+            if self.owned is not None and cur is not None:
+                self.owned.add(self.key)
 
     def get(self, name: str) -> Any:
         d = self.cur
         return _MISSING if d is None else d.get(name, _MISSING)
 
-    def save(self) -> None:
-        """Log the current key's states dict and put a copy in its place, to be changed
-        (call before the first change of a record: when :attr:`undo` is empty)."""
+    def own(self) -> dict[str, Any]:
+        """The current key's states dict, to be changed: on the running code's first
+        change a copy of :attr:`base` (or a new dict) put in its place."""
         d = self.cur
-        self.undo.append((_U_KEY, d))
-        if d is not None:
-            self.cur = self.data[self.key] = d.copy()
+        if d is None or d is self.base:
+            d = self.cur = self.data[self.key] = {} if d is None else d.copy()
+        return d
+
+    def commit(self) -> None:
+        """The running code succeeded: keep its changes (the key is :attr:`dirty` if it
+        changed anything), and start again from them."""
+        if self.undo:
+            if self.dirty is not None:
+                self.dirty.add(self.key)
+            self.undo.clear()
+        base = self.base
+        if base is not _OWNED:
+            self.made(base)
+        self.at(self.key)
 
     def put(self, name: str, value: Any) -> None:
-        if not self.undo:
-            self.save()
-        d = self.cur
-        if d is None:
-            d = self.cur = self.data[self.key] = {}
-        d[name] = value
+        self.own()[name] = value
 
     def delete(self, name: str) -> None:
         key = self.key
         d = self.cur
         if d is None or name not in d:
             return
-        if not self.undo:
-            self.save()
-            d = self.cur
-            assert d is not None
+        d = self.own()
         old = d.pop(name)
         if not d:
             del self.data[key]
@@ -339,8 +391,8 @@ class KeyedStore:
         if m is None:
             m = {}
             self.put(name, m)
-        if not self.undo:
-            self.save()
+        else:
+            self.own()  # (the map changes: on disk, the key is written back again)
         self.undo.append((_U_ENTRY, m, mk, m.get(mk, _MISSING)))
         m[mk] = value
 
@@ -351,8 +403,7 @@ class KeyedStore:
         if len(m) == 1:  # the last entry: the map goes
             self.delete(name)
             return
-        if not self.undo:
-            self.save()
+        self.own()  # (as in put_entry)
         old = m.pop(mk)
         self.undo.append((_U_ENTRY, m, mk, old))
         self.forget((name, mk))
@@ -371,8 +422,6 @@ class KeyedStore:
         old = _MISSING if slots is None else slots.get(tail, _MISSING)
         if old is not _MISSING and old[0] >= deadline:  # event time: an out-of-order write
             return
-        if not self.undo:
-            self.save()
         self.undo.append((_U_DEADLINE, key, tail, old))
         if slots is None:
             slots = self.ttl_of[key] = {}
@@ -401,8 +450,6 @@ class KeyedStore:
             return
         if not slots:
             del self.ttl_of[key]
-        if not self.undo:
-            self.save()
         self.undo.append((_U_DEADLINE, key, tail, old))
 
     def _expire(self, key: Any, tail: Tail) -> None:
@@ -430,7 +477,7 @@ class KeyedStore:
         else:
             del self.data[key]
         if key == self.key:
-            self.cur = self.data.get(key)
+            self.at(key)
 
     def expire(self, domain: str, upto: float) -> float:
         """Expire the TTL slots of ``domain`` whose deadline is at or before ``upto``;
@@ -471,8 +518,6 @@ class KeyedStore:
             self.deferred.append((t, seq, key))  # see begin_round
         else:
             heapq.heappush(self.timer_heaps[domain], (t, seq, key))
-        if not self.undo:
-            self.save()
         self.undo.append((_U_TIMER_ADD, domain, key, t))
 
     def delete_timer(self, domain: str, t: float) -> None:
@@ -486,8 +531,6 @@ class KeyedStore:
             return
         if not kt:
             del timers[key]
-        if not self.undo:
-            self.save()
         self.undo.append((_U_TIMER_DEL, domain, key, t, entry))
 
     def begin_round(self, domain: str, *, final: bool = False) -> None:
@@ -570,18 +613,13 @@ class KeyedStore:
     # -- the undo log --------------------------------------------------------------------
 
     def rollback(self) -> None:
-        """Undo every change in :attr:`undo`, newest first."""
+        """Undo every change in :attr:`undo`, newest first, then put the current key's
+        states dict back as the running code found it (:attr:`base`)."""
         undo, data = self.undo, self.data
         while undo:
             u = undo.pop()
             op = u[0]
-            if op == _U_KEY:
-                saved = u[1]
-                if saved is None:
-                    data.pop(self.key, None)
-                else:
-                    data[self.key] = saved
-            elif op == _U_ENTRY:
+            if op == _U_ENTRY:
                 _, m, mk, old = u
                 if old is _MISSING:
                     m.pop(mk, None)
@@ -611,7 +649,13 @@ class KeyedStore:
                 _, domain, key, t, entry = u
                 self.timers[domain].setdefault(key, {})[t] = entry
                 heapq.heappush(self.timer_heaps[domain], (t, entry[0], key))
-        self.cur = data.get(self.key)
+        base = self.base
+        if self.cur is not base and base is not _OWNED:  # (_OWNED: see in_place)
+            if base is None:
+                data.pop(self.key, None)
+            else:
+                data[self.key] = base
+            self.cur = base
 
     # -- checkpoints ---------------------------------------------------------------------
 
@@ -620,6 +664,8 @@ class KeyedStore:
         writes back and bounds its cache (nothing for the in-memory dict)."""
         if self.disk is not None:
             self.disk.settle()
+            if self.owned:  # (written back, or evicted: changed in place, lost)
+                self.owned.clear()
 
     def close(self) -> None:
         """The run is over: the on-disk backend closes its file."""
@@ -629,6 +675,8 @@ class KeyedStore:
     def track(self, on: bool) -> None:
         """Keep :attr:`dirty` (on) or not (off: every snapshot is whole)."""
         self.dirty = set() if on else None
+        if self.owned:  # (an owned key is dirty: changing it in place marks nothing)
+            self.owned.clear()
 
     def changes(self, whole: bool, extra: dict[str, Any]) -> Changes:
         """The state as :class:`~sluiceway.core.delta.Changes`: all of it (``whole``) or
@@ -667,6 +715,8 @@ class KeyedStore:
                 upserts[key] = st
         if dirty is not None:
             self.dirty = set()
+        if self.owned:  # the snapshot holds the dicts: changed in place no more
+            self.owned.clear()
         info = {"clock": self.clock.time(), "kinds": dict(self.kinds), **extra}
         return Changes(whole, upserts, frozenset(deletes), info)
 
@@ -772,7 +822,7 @@ class KeyedStore:
 
     def _reset(self, kinds: dict[str, tuple[str, TTL | None]]) -> None:
         self.data.clear()
-        self.cur = None
+        self.base = self.cur = None
         self.kinds = dict(kinds)
         self.declared = set()
         self.ttl_of, self.scheduled = {}, {}
@@ -780,6 +830,8 @@ class KeyedStore:
         self.timers = {"processing": {}, "event": {}}
         self.timer_heaps = {"processing": [], "event": []}
         self.undo.clear()
+        if self.owned:
+            self.owned.clear()
 
     def _load_deadlines(self) -> None:
         for key, slots in self.ttl_of.items():
@@ -818,11 +870,10 @@ class ValueState(Generic[T]):
     [1, 2, 3]
     """
 
-    __slots__ = ("_arg", "_name", "_store", "_ttl", "_undo")
+    __slots__ = ("_arg", "_name", "_store", "_ttl")
 
     def __init__(self, store: KeyedStore, name: str, ttl: TTL | None, arg: object = None) -> None:
         self._store = store
-        self._undo = store.undo  # (the same list for the store's life)
         self._name = name
         self._ttl = ttl
         self._arg = arg  # ttl= as given (ProcessContext.value's cache)
@@ -838,16 +889,12 @@ class ValueState(Generic[T]):
     def set(self, value: T) -> None:
         """Replace the value (and restart its TTL)."""
         store = self._store
-        d, name = store.cur, self._name
-        if not self._undo:  # the record's first change: KeyedStore.save, inline
-            self._undo.append((_U_KEY, d))
-            if d is not None:
-                d = store.cur = store.data[store.key] = d.copy()
-        if d is None:
-            d = store.cur = store.data[store.key] = {}
-        d[name] = value
+        d = store.cur
+        if d is store.base or d is None:  # the first change: KeyedStore.own, inline
+            d = store.cur = store.data[store.key] = {} if d is None else d.copy()
+        d[self._name] = value
         if self._ttl is not None:
-            store.touch(name, self._ttl)
+            store.touch(self._name, self._ttl)
 
     def clear(self) -> None:
         """Delete the value."""
@@ -1005,6 +1052,18 @@ class TimerService:
         return self._store.proc_now
 
 
+class _ValueOf(Protocol):
+    def __call__(
+        self, name: str, *, ttl: float | timedelta | TTL | None = None
+    ) -> ValueState[Any]: ...
+
+
+class _MapOf(Protocol):
+    def __call__(
+        self, name: str, *, ttl: float | timedelta | TTL | None = None
+    ) -> MapState[Any, Any]: ...
+
+
 class ProcessContext(Generic[K]):
     """What ``process(ctx, value)`` and ``on_timer(ctx, time)`` work with.
 
@@ -1018,9 +1077,28 @@ class ProcessContext(Generic[K]):
         timers: the :class:`TimerService`.
         emit: ``emit(value)`` sends ``value`` downstream, with this key (and event time,
             when there is one).
+        value: ``value(name, *, ttl=None)``: the :class:`ValueState` ``name`` of the
+            current key (declare it with the same ``ttl`` every time).
+        map: ``map(name, *, ttl=None)``: the :class:`MapState` ``name`` of the current
+            key (the same).
+
+    ``value`` and ``map`` return the same handle for the same arguments (a cache in C:
+    user code asks for its handles on every record); a ``ttl`` must be hashable, as
+    every valid one is.
     """
 
-    __slots__ = ("_maps", "_store", "_values", "emit", "key", "time_domain", "timers", "timestamp")
+    __slots__ = (
+        "_maps",
+        "_store",
+        "_values",
+        "emit",
+        "key",
+        "map",
+        "time_domain",
+        "timers",
+        "timestamp",
+        "value",
+    )
 
     def __init__(
         self,
@@ -1044,6 +1122,8 @@ class ProcessContext(Generic[K]):
                 )
 
         self.timers = TimerService(store, check, has_on_timer)
+        self.value: _ValueOf = functools.lru_cache(maxsize=None)(self._value)
+        self.map: _MapOf = functools.lru_cache(maxsize=None)(self._map)
 
     def __repr__(self) -> str:
         return f"<ProcessContext key={self.key!r} timestamp={self.timestamp!r}>"
@@ -1058,9 +1138,8 @@ class ProcessContext(Generic[K]):
         """The flow's clock now, in epoch seconds (read once per batch)."""
         return self._store.proc_now
 
-    def value(self, name: str, *, ttl: float | timedelta | TTL | None = None) -> ValueState[Any]:
-        """The value state ``name`` of the current key (declare it with the same ``ttl``
-        every time)."""
+    def _value(self, name: str, *, ttl: float | timedelta | TTL | None = None) -> ValueState[Any]:
+        """:attr:`value` behind its cache: the handle, declared on its first use."""
         h = self._values.get(name)
         if h is None or (h._arg is not ttl and h._arg != ttl):  # (is: the usual None)
             t = as_ttl(ttl, f"value({name!r}, ttl=...)")
@@ -1068,8 +1147,8 @@ class ProcessContext(Generic[K]):
             h = self._values[name] = ValueState(self._store, name, t, ttl)
         return h
 
-    def map(self, name: str, *, ttl: float | timedelta | TTL | None = None) -> MapState[Any, Any]:
-        """The map state ``name`` of the current key."""
+    def _map(self, name: str, *, ttl: float | timedelta | TTL | None = None) -> MapState[Any, Any]:
+        """:attr:`map` behind its cache: the handle, declared on its first use."""
         h = self._maps.get(name)
         if h is None or (h._arg is not ttl and h._arg != ttl):
             t = as_ttl(ttl, f"map({name!r}, ttl=...)")

@@ -41,7 +41,7 @@ from sluiceway.diskstate import (
 from sluiceway.operators.base import BuildContext, OpSpec, Step, without
 from sluiceway.operators.errors import ErrorHandler
 from sluiceway.policies import ErrorPolicy, Fail
-from sluiceway.state import TTL, KeyedStore, ProcessContext, TimerEvent
+from sluiceway.state import _OWNED, TTL, KeyedStore, ProcessContext, TimerEvent
 from sluiceway.time import Clock, yield_now
 
 __all__ = ["KeyedProcessSpec", "StatefulMapSpec"]
@@ -99,7 +99,10 @@ class _KeyedProcessStep(Step):
                 self.run_dir = open_run_dir(backend, self.name)
             part = "all" if partition is None else f"p{partition}"
             disk = DiskMap(self.run_dir / f"{part}.sqlite", backend.cache_keys, self.name)
-        return KeyedStore(self.name, self.clock, self.timestamped, disk)
+        store = KeyedStore(self.name, self.clock, self.timestamped, disk)
+        # Fail: a failed record stops the flow, nothing is rolled back (see in_place).
+        store.in_place(isinstance(self.errors.policy, Fail))
+        return store
 
     def close(self) -> None:
         """Close the on-disk backend's files and delete this run's directory."""
@@ -113,17 +116,16 @@ class _KeyedProcessStep(Step):
 
     def _emitter(self) -> Callable[[Any], None]:
         """``ctx.emit``: appends to the output columns (kept as the same lists for the
-        step's life, so the function holds them directly)."""
+        step's life, so the function holds them directly).
+
+        Without event time it is ``out.append`` itself (a call in C, not a Python
+        function per output): the outputs beyond ``out_keys`` are the ones the code that
+        ran last emitted, and get its key (:meth:`_stamp`) before other code runs."""
         out, out_keys, out_ts, out_wms = self.out, self.out_keys, self.out_ts, self.out_wms
         step, store = self, self.store
 
         if not self.timestamped:
-
-            def emit(value: Any) -> None:
-                out.append(value)
-                out_keys.append(store.key)
-
-            return emit
+            return out.append
 
         def emit_timed(value: Any) -> None:
             assert step.cur_ts is not None
@@ -134,12 +136,19 @@ class _KeyedProcessStep(Step):
 
         return emit_timed
 
+    def _stamp(self) -> None:
+        """Give the outputs not stamped yet the current key (see :meth:`_emitter`)."""
+        n = len(self.out) - len(self.out_keys)
+        if n:
+            self.out_keys.extend([self.store.key] * n)
+
     def _truncate(self, n: int) -> None:
         del self.out[n:], self.out_keys[n:]
         if self.timestamped:
             del self.out_ts[n:], self.out_wms[n:]
 
     async def _flush(self) -> None:
+        self._stamp()
         for store in self.stores.values():
             store.settle()
         m = self.metrics
@@ -167,17 +176,15 @@ class _KeyedProcessStep(Step):
     async def _guarded(self, call: Callable[[], Any], record: Any) -> None:
         """``call()`` as one transaction: on an exception its changes and outputs are
         undone, and the error policy decides (retry, dead-letter, or fail)."""
+        self._stamp()
         mark = len(self.out)
         try:
             call()
         except Exception as exc:  # noqa: BLE001 - any user error goes to the error policy
             await self._recover(call, record, exc, mark)
-            return
-        store = self.store
-        if store.undo:
-            if store.dirty is not None:
-                store.dirty.add(store.key)
-            store.undo.clear()
+        else:
+            self.store.commit()
+        self._stamp()
 
     async def _recover(
         self, call: Callable[[], Any], record: Any, exc: Exception, mark: int
@@ -198,10 +205,7 @@ class _KeyedProcessStep(Step):
 
         await self.errors.recover([record], exc, again)
         store.proc_now = self.clock.time()  # retries waited on the clock
-        if store.undo:  # a retry succeeded
-            if store.dirty is not None:
-                store.dirty.add(store.key)
-            store.undo.clear()
+        store.commit()  # (a retry succeeded, or nothing is left to keep)
 
     async def _advance_event(self, wm: float) -> None:
         """Fire the event-time timers the watermark ``wm`` has passed (TTLs expire on
@@ -280,16 +284,27 @@ class _KeyedProcessStep(Step):
         store.proc_now = now = self.clock.time()
         if store.next_due("processing") <= now:
             store.expire("processing", now)  # (due timers fired before this batch came in)
-        # The loops below are _guarded() inline: the common path (no exception) costs a
-        # length, a call and a test of the undo log per record.
+        # The loops below are _guarded() inline (KeyedStore.at and commit): the common
+        # path (no exception) costs a length, a call and a test of the undo log per record
+        # (and with change tracking, whether the key's states dict was replaced).
         if not self.timestamped:
             ctx, fn = self.ctx, self.process_fn
             undo, out, data, dirty = store.undo, self.out, store.data, store.dirty
+            out_keys, owned = self.out_keys, store.owned
             ctx.timestamp = None
+            self._stamp()
+            stamped = len(out)
             for v, k in zip(values, keys, strict=True):
-                ctx.key = store.key = k
-                store.cur = data.get(k)
                 mark = len(out)
+                if mark != stamped:  # the record before emitted (_stamp, inline)
+                    if mark - stamped == 1:
+                        out_keys.append(store.key)
+                    else:
+                        out_keys.extend([store.key] * (mark - stamped))
+                    stamped = mark
+                ctx.key = store.key = k
+                store.cur = d = data.get(k)
+                store.base = d if owned is None or k not in owned else _OWNED
                 try:
                     fn(ctx, v)
                 except Exception as exc:  # noqa: BLE001 - any user error: the error policy
@@ -299,6 +314,11 @@ class _KeyedProcessStep(Step):
                     if dirty is not None:
                         dirty.add(k)
                     undo.clear()
+                if store.cur is not d:  # KeyedStore.made, inline
+                    if dirty is not None:
+                        dirty.add(k)
+                    if owned is not None and store.cur is not None:
+                        owned.add(k)
         else:
             await self._push_timed(batch)
         await self._flush()
@@ -307,7 +327,7 @@ class _KeyedProcessStep(Step):
         """:meth:`push` on a timestamped stream: before each record, advance to the
         watermark it came with (firing the timers it passed)."""
         store, ctx, fn = self.store, self.ctx, self.process_fn
-        undo, out, data = store.undo, self.out, store.data
+        undo, out, data, owned = store.undo, self.out, store.data, store.owned
         values, keys = batch.values, batch.keys
         assert keys is not None
         ts, wms = batch.timestamps, batch.watermarks
@@ -325,7 +345,8 @@ class _KeyedProcessStep(Step):
                     due = store.event_due()
             last = w
             ctx.key = store.key = k
-            store.cur = data.get(k)
+            store.cur = d = data.get(k)
+            store.base = d if owned is None or k not in owned else _OWNED
             ctx.timestamp = t / _TICKS
             store.event_now = t
             self.cur_ts, self.cur_wm = t, w
@@ -346,6 +367,8 @@ class _KeyedProcessStep(Step):
                     due = timer_heap[0][0]
                 if ttl_heap and ttl_heap[0][0] < due:
                     due = ttl_heap[0][0]
+            if store.cur is not d:
+                store.made(d)
         self.rec_wm = last
         hi = max(ts)
         self.max_ts = max(self.max_ts, hi)
