@@ -19,8 +19,9 @@ the folded, whole state.  Those change sets are serialised in the worker thread,
 chunks, so the event loop gets the GIL between them; a whole snapshot, which may share
 mutable objects with the live step, is pickled at the barrier as before.  After a save,
 long chains are compacted: small ones in the store's thread, large ones in a child
-process (:mod:`sluiceway.runtime.compactor`); :mod:`sluiceway.runtime.segments` is where
-stored bytes are decoded and encoded.
+process (:mod:`sluiceway.runtime.compactor`) that later checkpoints do not wait for (the
+final one does); :mod:`sluiceway.runtime.segments` is where stored bytes are decoded and
+encoded.
 
 An operator whose input has ended reports its final state once; it stands for that
 operator in every later checkpoint.  When every input ends, a last checkpoint of those
