@@ -39,19 +39,13 @@ from sluiceway.checkpoint.store import CheckpointStore
 from sluiceway.errors import CheckpointError
 from sluiceway.runtime.segments import fold_chain
 
-__all__ = ["IN_PROCESS_BYTES", "NICE", "Child", "compact_in_child", "main", "start_child"]
+__all__ = ["IN_PROCESS_BYTES", "Child", "compact_in_child", "main", "start_child"]
 
 IN_PROCESS_BYTES: Final = 4 * 1024 * 1024
 """Chains of at most this many bytes (base and deltas) are folded in the flow's own
 checkpoint thread: starting an interpreter costs more than folding them."""
 
 _TIMEOUT: Final = 600.0
-
-NICE: Final = 10
-"""The child lowers its scheduling priority by this much (POSIX ``nice``): compaction is
-housekeeping, and on a machine with no idle core it should not take CPU from the flow's
-records (or anyone else's).  It still gets its share: CFS gives a niced process a smaller
-slice, never none."""
 
 
 class Child:
@@ -203,8 +197,6 @@ def compact_in_child(
 def main(argv: list[str]) -> int:
     """The child's entry: compact, print the count."""
     directory, flow, ratio, after, larger_than = argv
-    if hasattr(os, "nice"):  # housekeeping: on a busy machine the records come first
-        os.nice(NICE)
     keys = load_keys(checkpoint_dir=directory, create=False)  # from the environment
     with CheckpointStore(directory) as store:
         n = store.compact(
