@@ -341,13 +341,13 @@ def test_the_compactor_child_gets_the_key_ring_in_its_environment_only(
     keys = load_keys(key_file=key_file)
     assert keys is not None
     seen: dict[str, Any] = {}
-    real_run = compactor.subprocess.run
+    real_popen = compactor.subprocess.Popen
 
     def spy(command: list[str], **kwargs: Any) -> Any:
         seen["command"], seen["env"] = command, kwargs["env"]
-        return real_run(command, **kwargs)
+        return real_popen(command, **kwargs)
 
-    monkeypatch.setattr(compactor.subprocess, "run", spy)
+    monkeypatch.setattr(compactor.subprocess, "Popen", spy)
     monkeypatch.setenv(ENV_KEY_FILE, str(key_file))
     # the child unpickles the keys' Tally objects it folds: it must import this module
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))

@@ -608,19 +608,67 @@ def test_large_chains_are_compacted_in_a_child_process(
     interpreter, off the flow's interpreter lock; the result restores the same."""
     monkeypatch.setattr(compactor, "IN_PROCESS_BYTES", 0)
     children: list[int] = []
-    real = compactor.compact_in_child
+    real = compactor.Child._result
 
-    def counted(*args: Any, **kwargs: Any) -> int:
-        n = real(*args, **kwargs)
+    def counted(self: compactor.Child) -> int:
+        n = real(self)
         children.append(n)
         return n
 
-    monkeypatch.setattr(compactor, "compact_in_child", counted)
+    monkeypatch.setattr(compactor.Child, "_result", counted)
     rows = rows_of(1500)
     ckpt = sw.Checkpoints(tmp_path / "c", interval=0.2, compact_after=2)
     result = sw.testing.run_flow(delta_flow(tmp_path / "out", rows), checkpoints=ckpt)
     assert result.checkpoints is not None
     assert sum(children) == result.checkpoints.compactions > 0
+    ex = Executor(delta_flow(tmp_path / "out", rows), checkpoints=ckpt)
+    assert ex.coordinator is not None
+    ex.coordinator.restore(ex._steps)
+    step = ex._steps["count"]
+    assert isinstance(step, DeltaCountStep)
+    assert step.seen == len(rows)
+    ex.coordinator.close()
+
+
+def test_checkpoints_go_on_while_the_compactor_process_folds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flow does not wait for the compactor process: checkpoints are saved while it
+    runs (here it takes a second before it even starts), each of them gets the new base
+    when it swaps it in, and the final checkpoint waits for it.  Before, the checkpoint
+    loop waited for every compaction, so no checkpoint was taken while one ran."""
+    monkeypatch.setattr(compactor, "IN_PROCESS_BYTES", 0)
+    slow = tmp_path / "slow-python"
+    slow.write_text(f'#!/bin/sh\nsleep 1\nexec "{sys.executable}" "$@"\n')
+    slow.chmod(0o755)
+    monkeypatch.setattr(compactor.sys, "executable", str(slow))
+    directory = tmp_path / "c"
+
+    def next_id() -> int:
+        with CheckpointStore(directory) as store:
+            return store.next_id("delta")
+
+    spans: list[list[int]] = []  # per child: the next checkpoint id at its start and end
+    real_start, real_result = compactor.start_child, compactor.Child._result
+
+    def start(*args: Any, **kwargs: Any) -> compactor.Child:
+        spans.append([next_id()])
+        return real_start(*args, **kwargs)
+
+    def result(self: compactor.Child) -> int:
+        spans[-1].append(next_id())
+        return real_result(self)
+
+    monkeypatch.setattr(compactor, "start_child", start)
+    monkeypatch.setattr(compactor.Child, "_result", result)
+    rows = rows_of(1500)
+    ckpt = sw.Checkpoints(directory, interval=0.1, compact_after=2)
+    result_ = sw.testing.run_flow(delta_flow(tmp_path / "out", rows), checkpoints=ckpt)
+    assert result_.checkpoints is not None
+    assert spans
+    assert all(len(span) == 2 for span in spans)  # every child was waited for
+    assert sum(end - begin for begin, end in spans) > 0  # checkpoints went on meanwhile
+    assert result_.checkpoints.compactions > 0
     ex = Executor(delta_flow(tmp_path / "out", rows), checkpoints=ckpt)
     assert ex.coordinator is not None
     ex.coordinator.restore(ex._steps)

@@ -281,6 +281,69 @@ def test_stateful_map_change_sets() -> None:
     assert whole_state(step2.snapshot()) == {"a": {"state": 7}, "b": {"state": 1}}
 
 
+def _sum_or_drop(s: int | None, x: tuple[str, int]) -> tuple[int | None, int]:
+    """``stateful_map`` test function: add, delete (< 0), or fail (0)."""
+    if x[1] == 0:
+        raise RuntimeError("boom")
+    if x[1] < 0:
+        return None, 0
+    return (s or 0) + x[1], x[1]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from("abcde"), st.sampled_from([1, 2, -1, 0])), max_size=60),
+    st.lists(st.integers(0, 60), max_size=8),
+    st.sets(st.integers(0, 8)),
+)
+def test_stateful_map_change_sets_fold_to_the_whole_state_at_every_point(
+    rows: list[tuple[str, int]], cuts: list[int], snaps: set[int]
+) -> None:
+    """``stateful_map`` records each new states dict as it puts it in place (the snapshot
+    takes those as they are) and deletes as keys to look up: in any order within one
+    change set (written then deleted, deleted then written again, a failed record in
+    between), the change sets fold into exactly the whole state at every point."""
+    clock = sw.VirtualClock()
+    spec = StatefulMapSpec(_sum_or_drop, ttl=None, timestamped=False)  # dead letters: make_step
+    inc, _ = make_step(spec, clock)
+    ref, _ = make_step(spec, clock)
+    inc.accept_changes(True)
+    chain: list[Incremental] = []
+    wholes: list[Incremental] = []
+    bounds = [0, *sorted({c for c in cuts if 0 < c < len(rows)}), len(rows)]
+    for i, (a, b) in enumerate(itertools.pairwise(bounds)):
+        part = rows[a:b]
+        for step in (inc, ref):
+            asyncio.run(step.push(Batch(list(part), keys=[r[0] for r in part])))
+        if i in snaps or b == len(rows):
+            chain.append(pickle.loads(pickle.dumps(inc.snapshot())))
+            wholes.append(pickle.loads(pickle.dumps(ref.snapshot())))
+    for i, whole in enumerate(wholes):
+        if i:
+            (changes,) = chain[i].partitions.values()
+            assert not changes.whole
+            assert not changes.upserts.keys() & changes.deletes
+        assert whole_state(fold_incremental(chain[0], *chain[1 : i + 1])) == whole_state(whole)
+
+
+def test_a_stateful_map_change_set_holds_what_was_written_not_what_failed() -> None:
+    clock = sw.VirtualClock()
+    spec = StatefulMapSpec(_sum_or_drop, ttl=None, timestamped=False)  # dead letters: make_step
+    step, _ = make_step(spec, clock)
+    step.accept_changes(True)
+    asyncio.run(step.push(Batch([("a", 1), ("b", 1), ("c", 1)], keys=["a", "b", "c"])))
+    assert step.snapshot().whole
+    rows = [("a", 2), ("b", 0), ("c", -1), ("c", 2), ("d", 1), ("d", -1)]
+    asyncio.run(step.push(Batch(rows, keys=[r[0] for r in rows])))
+    (changes,) = step.snapshot().partitions.values()
+    # a written; b failed (unchanged: not in the change set); c deleted then written
+    # again; d written then deleted (d held nothing before: a delete of nothing is harmless)
+    assert changes.upserts == {"a": {"state": 3}, "c": {"state": 2}}
+    assert changes.deletes == {"d"}
+    (changes,) = step.snapshot().partitions.values()
+    assert (changes.upserts, changes.deletes) == ({}, frozenset())
+
+
 def test_a_format_1_snapshot_still_restores() -> None:
     """Checkpoints written before Incremental: one pickled blob, processing times as
     seconds remaining."""

@@ -268,7 +268,13 @@ class KeyedStore:
         self.undo: list[tuple[Any, ...]] = []
         self.dirty: set[Any] | None = None
         """Keys written, deleted, expired or whose timers changed since the last snapshot
-        (None: not tracked -- every snapshot is whole)."""
+        (None: not tracked -- every snapshot is whole); the snapshot looks each one up."""
+        self.written: _Upserts | None = None
+        """Tracked with :attr:`dirty`: keys whose new states dict a step recorded as it put
+        it in place since the last snapshot (``stateful_map``'s loop), so that the
+        snapshot takes them as they are instead of looking each one up at the barrier
+        (copy on write: the dict put in place last is the key's entry until the next
+        write).  A key that is also in :attr:`dirty` is looked up (a delete, say)."""
         # The context of the code running now.
         self.key: Any = None
         self.cur: dict[str, Any] | None = None
@@ -673,10 +679,17 @@ class KeyedStore:
             self.disk.close()
 
     def track(self, on: bool) -> None:
-        """Keep :attr:`dirty` (on) or not (off: every snapshot is whole)."""
+        """Keep :attr:`dirty` and :attr:`written` (on) or not (off: every snapshot is
+        whole)."""
         self.dirty = set() if on else None
         if self.owned:  # (an owned key is dirty: changing it in place marks nothing)
             self.owned.clear()
+        self.written = self._upserts() if on else None
+
+    def _upserts(self) -> _Upserts:
+        upserts = _Upserts()
+        upserts.operator = self.operator
+        return upserts
 
     def changes(self, whole: bool, extra: dict[str, Any]) -> Changes:
         """The state as :class:`~sluiceway.core.delta.Changes`: all of it (``whole``) or
@@ -689,10 +702,9 @@ class KeyedStore:
         processing-time ones again.
         """
         maps = [name for name, (kind, _) in self.kinds.items() if kind == "map"]
-        upserts = _Upserts()
-        upserts.operator = self.operator
+        upserts = self._upserts()
         deletes: set[Any] = set()
-        dirty = self.dirty
+        dirty, written = self.dirty, self.written
         if whole:
             keys: Any = self.data.keys()
             if self.ttl_of or any(self.timers.values()):
@@ -703,18 +715,23 @@ class KeyedStore:
                 upserts.update(self.data if self.disk is None else self.disk.items())
                 keys = ()
         else:
-            if dirty is None:
+            if dirty is None or written is None:
                 raise AssertionError("changes(whole=False) without dirty-key tracking")
+            # The keys written as recorded, as they are: no walk over them here, on the
+            # event loop (handed over, not copied: tracking starts a new dict below).
+            upserts = written
             keys = dirty
         state_of = self._state_of
         for key in keys:
             st = state_of(key, maps)
             if st is None:
+                upserts.pop(key, None)
                 deletes.add(key)
             else:
                 upserts[key] = st
         if dirty is not None:
             self.dirty = set()
+            self.written = self._upserts()
         if self.owned:  # the snapshot holds the dicts: changed in place no more
             self.owned.clear()
         info = {"clock": self.clock.time(), "kinds": dict(self.kinds), **extra}
@@ -851,6 +868,7 @@ class KeyedStore:
         self.undo.clear()
         if self.dirty is not None:
             self.dirty = set()
+            self.written = self._upserts()
 
 
 # -- what user code sees -----------------------------------------------------------------

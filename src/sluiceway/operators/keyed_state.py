@@ -593,8 +593,10 @@ class _StatefulMapStep(_KeyedProcessStep):
         if store.disk is not None:
             store.disk.prefetch(keys)
         data, fn = store.data, self.user_fn
-        if store.dirty is not None:  # (a failed record's key too: it is written as it is)
-            store.dirty.update(keys)
+        # Change tracking (checkpoints take change sets): a new states dict is recorded
+        # as it is put in place (the snapshot takes it without a look-up), a delete as a
+        # key to look up.  A failed record changed nothing, so it records nothing.
+        written, dirty = store.written, store.dirty
         out: list[Any] = []
         failed: list[int] | None = None
         for i, (v, k) in enumerate(zip(values, keys, strict=True)):
@@ -609,9 +611,13 @@ class _StatefulMapStep(_KeyedProcessStep):
                     continue
                 new, o = result
             if new is not None:
-                data[k] = {"state": new}  # a new dict: a snapshot may hold the old one
+                data[k] = nd = {"state": new}  # a new dict: a snapshot may hold the old one
+                if written is not None:
+                    written[k] = nd
             elif d is not None:
                 del data[k]
+                if dirty is not None:
+                    dirty.add(k)
             out.append(o)
         store.settle()
         self.metrics.state = len(data)

@@ -19,8 +19,9 @@ the folded, whole state.  Those change sets are serialised in the worker thread,
 chunks, so the event loop gets the GIL between them; a whole snapshot, which may share
 mutable objects with the live step, is pickled at the barrier as before.  After a save,
 long chains are compacted: small ones in the store's thread, large ones in a child
-process (:mod:`sluiceway.runtime.compactor`); :mod:`sluiceway.runtime.segments` is where
-stored bytes are decoded and encoded.
+process (:mod:`sluiceway.runtime.compactor`) that later checkpoints do not wait for (the
+final one does); :mod:`sluiceway.runtime.segments` is where stored bytes are decoded and
+encoded.
 
 An operator whose input has ended reports its final state once; it stands for that
 operator in every later checkpoint.  When every input ends, a last checkpoint of those
@@ -256,6 +257,9 @@ class Coordinator:
         """The checkpoint the steps' change sets follow: the last one stored, or the one
         this run restored."""
         self.current: _InProgress | None = None
+        self._compactor: compactor.Child | None = None
+        """The compactor process under way, if any (one at a time; checkpoints do not
+        wait for it, except the final one)."""
         self.next_id = 1
         self.stop_wanted = False
         self.all_ended = False
@@ -584,11 +588,13 @@ class Coordinator:
     def _compact(self, c: _InProgress) -> None:
         """In the worker thread, after the commits: fold long chains into new bases --
         small ones here, large ones in a child process, off this process's interpreter
-        lock (:mod:`sluiceway.runtime.compactor`) -- then read back what each operator's
-        state takes in the store."""
+        lock (:mod:`sluiceway.runtime.compactor`), which the next checkpoints do not wait
+        for (the final one does) -- then read back what each operator's state takes in
+        the store."""
         assert self.store is not None
         assert self.config is not None
         flow, ratio, after = self.flow.name, self.config.compact_ratio, self.config.compact_after
+        self._reap(wait=c.final)
         limit = compactor.IN_PROCESS_BYTES
         due = [size for _, _, size in self.store.due(flow, ratio=ratio, after=after)]
         if any(size <= limit for size in due):
@@ -599,18 +605,21 @@ class Coordinator:
                 after=after,
                 at_most=limit,
             )
-        if any(size > limit for size in due):
+        if self._compactor is None and any(size > limit for size in due):
             try:
-                self.stats.compactions += compactor.compact_in_child(
+                self._compactor = compactor.start_child(
                     self.config.directory,
                     flow,
                     self.keys,
                     ratio=ratio,
                     after=after,
                     larger_than=limit,
+                    now=self.clock.monotonic(),
                 )
             except CheckpointError as exc:  # the chains stay valid: tried again next time
                 log.warning("%s; the chains stay as they are, compaction is tried again", exc)
+            if c.final:
+                self._reap(wait=True)
         parts = self.store.parts(c.id, flow)
         ops: dict[str, OperatorCheckpoint] = {}
         before = self.stats.operators
@@ -688,7 +697,28 @@ class Coordinator:
         if self.current is None and not self._last_final:
             await self._complete(self._begin(final=True))
 
+    def _reap(self, *, wait: bool) -> None:
+        """Count what the compactor process folded once it has ended (``wait``: wait for
+        it); a failure is a warning, the chains stay valid and are folded later."""
+        child = self._compactor
+        if child is None:
+            return
+        try:
+            done = child.wait() if wait else child.poll(self.clock.monotonic())
+        except CheckpointError as exc:
+            self._compactor = None
+            log.warning("%s; the chains stay as they are, compaction is tried again", exc)
+            return
+        if done is not None:
+            self._compactor = None
+            self.stats.compactions += done
+
     def close(self) -> None:
+        """The run is over: a compactor process still under way is stopped (a run that
+        ends normally waited for it at its final checkpoint; the chains stay valid)."""
+        if self._compactor is not None:
+            self._compactor.stop()
+            self._compactor = None
         if self.store is not None:
             self.store.close()
 
