@@ -30,6 +30,7 @@ import importlib.util
 import inspect
 import logging
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Awaitable, Sequence
@@ -42,7 +43,7 @@ from sluiceway.checkpoint.cli import add_checkpoints_command
 from sluiceway.console import LiveView, format_count
 from sluiceway.errors import CliError
 from sluiceway.plan import plan as make_plan
-from sluiceway.scaleout.checks import check_scalable
+from sluiceway.scaleout.checks import check_scalable, check_tasks, keyed_state
 from sluiceway.scaleout.supervisor import WorkerCommand, supervise, watch_supervisor
 from sluiceway.scaleout.worker import worker_id
 
@@ -695,6 +696,10 @@ def _worker_commands(args: argparse.Namespace) -> list[WorkerCommand]:
         for flag, port in (("--metrics-port", args.metrics_port), ("--ui-port", args.ui_port)):
             if port is not None:
                 argv += [flag, str(port + i if port else 0)]
+        if args.checkpoint_dir is not None:  # keyed flows: every task's checkpoints
+            argv += ["--checkpoint-dir", args.checkpoint_dir]
+        if args.checkpoint_interval is not None:
+            argv += ["--checkpoint-interval", repr(args.checkpoint_interval)]
         commands.append(WorkerCommand(i, tuple(argv)))
     return commands
 
@@ -714,6 +719,8 @@ def _run_workers(flow: sw.Flow, args: argparse.Namespace) -> int:
                 f"{port + args.workers - 1}, past {_MAX_PORT}; choose a lower port or 0",
                 _EXIT_USAGE,
             )
+    if args.checkpoint_interval is not None and args.checkpoint_dir is None:
+        raise CliError("--checkpoint-interval needs --checkpoint-dir DIR", _EXIT_USAGE)
     try:
         check_scalable(flow, args.workers, checkpoint_dir=args.checkpoint_dir is not None)
     except sw.FlowDefinitionError as exc:
@@ -721,6 +728,113 @@ def _run_workers(flow: sw.Flow, args: argparse.Namespace) -> int:
             f"cannot run {args.target} on {args.workers} workers: {exc}", _EXIT_FAILED
         ) from exc
     return supervise(_worker_commands(args))
+
+
+async def _task_metrics(manager: Any, port: int) -> None:
+    """Serve the Prometheus metrics of every task of this worker at ``port``."""
+    try:
+        from sluiceway.scaleout.metrics import TaskExporter  # noqa: PLC0415 - an extra
+    except ModuleNotFoundError as exc:
+        raise CliError(
+            "--metrics-port needs prometheus-client: pip install 'sluiceway[prometheus]'",
+            _EXIT_USAGE,
+        ) from exc
+    exporter = TaskExporter(manager, port, worker=worker_id())
+    serving = asyncio.ensure_future(exporter.serve())
+    try:
+        await exporter.wait_serving()
+        _say(f"Prometheus metrics at {exporter.url}")
+        await serving
+    except OSError as exc:
+        raise CliError(f"--metrics-port {port}: {exc}", _EXIT_USAGE) from exc
+    finally:
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+
+
+async def _tasks_main(manager: Any, metrics_port: int | None, forced: list[int]) -> Any:
+    """Run the task manager with SIGINT/SIGTERM handled (the first stops the tasks at a
+    checkpoint, a second, recorded in ``forced``, cancels them) and the metrics served."""
+    loop = asyncio.get_running_loop()
+    received: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        received.append(signum)
+        if len(received) == 1:
+            _say(f"stopping the tasks at a checkpoint ({signal.Signals(signum).name})")
+            manager.request_stop()
+        else:
+            forced.append(signum)
+            manager.force_stop()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        if metrics_port is None:
+            return await manager.run()
+        serving = asyncio.ensure_future(_task_metrics(manager, metrics_port))
+        running = asyncio.ensure_future(manager.run())
+        try:
+            await asyncio.wait({serving, running}, return_when=asyncio.FIRST_COMPLETED)
+            if serving.done() and not running.done():  # binding failed
+                manager.force_stop()
+                await asyncio.gather(running, return_exceptions=True)
+                serving.result()
+            return await running
+        finally:
+            serving.cancel()
+            await asyncio.gather(serving, return_exceptions=True)
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+
+
+def _run_tasks(flow: sw.Flow, args: argparse.Namespace) -> int:
+    """A worker of a keyed flow: one task per owned Kafka partition, each the flow itself
+    with its own checkpoints in ``--checkpoint-dir``/tasks/p<p> (``sluiceway.scaleout.tasks``)."""
+    try:
+        check_tasks(flow, checkpoint_dir=args.checkpoint_dir is not None)
+    except sw.FlowDefinitionError as exc:
+        raise CliError(f"cannot run {args.target} as a worker: {exc}", _EXIT_FAILED) from exc
+    if args.live:
+        raise CliError(
+            "--live draws the table of one flow; a worker of a keyed flow runs one task per "
+            "partition: use --metrics-port (a `task` label on every series)",
+            _EXIT_USAGE,
+        )
+    if args.ui_port is not None:
+        raise CliError(
+            "--ui-port is not available for a worker of a keyed flow yet (one task per "
+            "partition); use --metrics-port",
+            _EXIT_USAGE,
+        )
+    from sluiceway.scaleout.tasks import TaskManager, TaskSpec  # noqa: PLC0415 - needs Kafka
+
+    interval = 5.0 if args.checkpoint_interval is None else args.checkpoint_interval
+    spec = TaskSpec(
+        args.checkpoint_dir,
+        checkpoint_interval=interval,
+        grace_period=args.grace_period,
+        max_batch_size=args.max_batch_size,
+    )
+    manager = TaskManager(flow, spec, on_task=lambda event, p: _say(f"task p{p} {event}"))
+    forced: list[int] = []
+    try:
+        results = asyncio.run(_tasks_main(manager, args.metrics_port, forced))
+    except sw.FlowDefinitionError as exc:
+        raise CliError(f"invalid flow: {exc}", _EXIT_FAILED) from exc
+    except sw.FlowCancelledError as exc:
+        code = 128 + forced[0] if forced else _EXIT_FAILED
+        raise CliError(str(exc), code) from exc
+    except (sw.CheckpointError, sw.ConnectorOpenError) as exc:
+        raise CliError(str(exc), _EXIT_FAILED) from exc
+    except sw.SluicewayError as exc:
+        raise CliError(str(exc), _EXIT_FAILED, _cause_chain(exc)) from exc
+    if forced:
+        return 128 + forced[0]
+    for p, result in sorted(results.items()):
+        _say(f"task p{p}: {_totals(result)}")
+    return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -734,6 +848,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.workers > 1:
         return _run_workers(flow, args)
     watch_supervisor()  # a worker of --workers: stop when the supervisor is gone
+    if worker_id() is not None and keyed_state(flow):
+        return _run_tasks(flow, args)
     monitors: list[sw.Monitor] = []
     if args.live:
         monitors.append(LiveView(sys.stderr, interval=1.0, live=True))

@@ -427,6 +427,9 @@ class KafkaSource(Source):
         tls: TlsLike = None,
         sasl: Sasl | None = None,
     ) -> None:
+        self._init_args: dict[str, Any] = {
+            k: v for k, v in locals().items() if k not in ("self", "__class__")
+        }
         what = "sources.Kafka"
         _check_bootstrap(bootstrap_servers, what)
         names = [topics] if isinstance(topics, str) else list(topics)
@@ -501,6 +504,71 @@ class KafkaSource(Source):
         transactions: :meth:`commit` then leaves them to it."""
         self._backlog_at = -_INF
         self._lag_query: asyncio.Future[None] | None = None
+        self._pinned: int | None = None
+        self.commit_through: Callable[[dict[tuple[str, int], int]], None] | None = None
+        """Pinned mode (:meth:`for_task`): where :meth:`commit` hands the offsets instead
+        of committing them itself.  Kafka refuses an offset commit from a consumer that is
+        not a member of a group with active members (``UNKNOWN_MEMBER_ID``); the worker's
+        membership consumer, a member, commits them (:mod:`sluiceway.scaleout.tasks`)."""
+
+    # -- one task's copy -----------------------------------------------------------
+
+    @property
+    def pinned(self) -> int | None:
+        """The partition this copy reads of every topic (:meth:`for_task`), or None for
+        a source in the consumer group."""
+        return self._pinned
+
+    @property
+    def topics(self) -> tuple[str, ...]:
+        """The topics (or ``^`` patterns) this source reads."""
+        return tuple(self._topics)
+
+    @property
+    def group(self) -> str:
+        """The consumer group (``group.id``)."""
+        return self._group
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return self._bootstrap
+
+    def client_config(self) -> dict[str, ConfigValue]:
+        """The librdkafka options of this source's own clients beside the defaults:
+        ``config=`` and the security settings of ``tls=``/``sasl=`` (for another client
+        of the same group, such as a worker's membership consumer)."""
+        return {
+            **self._user_config,
+            **_security_config(self._tls, self._sasl, self._errors.what),
+        }
+
+    def for_task(self, partition: int) -> KafkaSource:
+        """A fresh, unopened copy that reads partition ``partition`` of every topic of
+        this source by manual assignment -- no group membership -- for one task of a
+        scaled-out keyed flow (:mod:`sluiceway.scaleout.tasks`).
+
+        Offsets still belong to this source's group: a fresh copy starts at the group's
+        committed offset (else ``auto_offset_reset``), a transactional sink commits the
+        copy's offsets to the group in its transactions (Kafka accepts a transactional
+        offset commit from a non-member), and :meth:`commit` hands them to
+        :attr:`commit_through`.
+
+        Raises:
+            ValueError: a topic pattern (``^...``): a task reads named topics, whose
+                partition counts are checked to match.
+        """
+        patterns = [t for t in self._topics if t.startswith("^")]
+        if patterns:
+            raise ValueError(
+                f"{self.describe()}: a task of a scaled-out keyed flow reads partition "
+                f"{partition} of named topics; the pattern(s) {patterns} may match topics "
+                "with other partition counts: name the topics"
+            )
+        if isinstance(partition, bool) or not isinstance(partition, int) or partition < 0:
+            raise ValueError(f"{self.describe()}: partition must be an int >= 0, got {partition!r}")
+        copy = KafkaSource(**self._init_args)
+        copy._pinned = partition
+        return copy
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -508,7 +576,8 @@ class KafkaSource(Source):
         conf: dict[str, Any] = {
             "bootstrap.servers": self._bootstrap,
             "group.id": self._group,
-            "client.id": f"sluiceway.{ctx.flow}.{ctx.name}",
+            "client.id": f"sluiceway.{ctx.flow}.{ctx.name}"
+            + ("" if self._pinned is None else f"-p{self._pinned}"),
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "auto.offset.reset": self._reset,
@@ -547,12 +616,24 @@ class KafkaSource(Source):
         self._revoking = None
         try:
             self._consumer = ck.Consumer(self._consumer_config(ctx))
-            self._consumer.subscribe(
-                self._topics, on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._lost
-            )
+            if self._pinned is None:
+                self._consumer.subscribe(
+                    self._topics,
+                    on_assign=self._assigned,
+                    on_revoke=self._revoked,
+                    on_lost=self._lost,
+                )
+            else:
+                # Manual assignment: the restored offsets, else (OFFSET_INVALID) the
+                # group's committed offset, else auto_offset_reset.
+                tps = [ck.TopicPartition(t, self._pinned) for t in self._topics]
+                self._assigned(self._consumer, tps, incremental=False)
         except (ck.KafkaException, ValueError, TypeError) as exc:
-            raise KafkaError(f"{self._errors.what}: cannot subscribe: {exc}") from exc
+            how = "subscribe" if self._pinned is None else f"assign partition {self._pinned}"
+            raise KafkaError(f"{self._errors.what}: cannot {how}: {exc}") from exc
         self._last_record = ctx.clock.monotonic()
+        if self._pinned is not None:
+            self._apply_events()
 
     async def close(self) -> None:
         """Leave the group (its partitions go to the other members at once) and close.
@@ -581,7 +662,13 @@ class KafkaSource(Source):
 
     # -- assignment (librdkafka calls these inside a fetch, in its thread) ------------
 
-    def _assigned(self, consumer: ck.Consumer, partitions: list[ck.TopicPartition]) -> None:
+    def _assigned(
+        self,
+        consumer: ck.Consumer,
+        partitions: list[ck.TopicPartition],
+        *,
+        incremental: bool = True,
+    ) -> None:
         with self._lock:
             restored = self._restored
             seek = [
@@ -590,7 +677,10 @@ class KafkaSource(Source):
                 else tp
                 for tp in partitions
             ]
-            consumer.incremental_assign(seek)
+            if incremental:
+                consumer.incremental_assign(seek)
+            else:
+                consumer.assign(seek)
             self._events.append((True, [(tp.topic, tp.partition) for tp in partitions]))
 
     def _revoked(self, consumer: ck.Consumer, partitions: list[ck.TopicPartition]) -> None:
@@ -784,6 +874,11 @@ class KafkaSource(Source):
             if (t, p) in self._parts and self._committed.get((t, p)) != off
         ]
         if not offsets:
+            return
+        if self._pinned is not None and self.commit_through is not None:
+            self.commit_through({(tp.topic, tp.partition): tp.offset for tp in offsets})
+            for tp in offsets:
+                self._committed[(tp.topic, tp.partition)] = tp.offset
             return
         rev = self._revoking
         if rev is not None:
@@ -1201,6 +1296,9 @@ class KafkaSink(Sink):
         tls: TlsLike = None,
         sasl: Sasl | None = None,
     ) -> None:
+        self._init_args: dict[str, Any] = {
+            k: v for k, v in locals().items() if k not in ("self", "__class__")
+        }
         what = "sinks.Kafka"
         _check_bootstrap(bootstrap_servers, what)
         if not (isinstance(topic, str) and topic):
@@ -1241,10 +1339,28 @@ class KafkaSink(Sink):
         self._prepared: asyncio.Event | None = None  # set: writes may go on
         self._marker: ck.Consumer | None = None
         self._closed = False
+        self._tid_suffix = ""  # "-p<partition>" for one task's copy (for_task)
 
     def describe(self) -> str:
         """``Kafka(<topic>)``."""
         return f"Kafka({self._topic})"
+
+    def for_task(self, partition: int) -> KafkaSink:
+        """A fresh, unopened copy for one task of a scaled-out keyed flow (the task of
+        source partition ``partition``, :mod:`sluiceway.scaleout.tasks`).  With
+        ``exactly_once`` its transactional id is this sink's followed by
+        ``-p<partition>``: stable per partition, so the next owner of the partition fences
+        a zombie (its ``init_transactions``) and aborts what that left open, and differs
+        between the tasks running at the same time."""
+        if isinstance(partition, bool) or not isinstance(partition, int) or partition < 0:
+            raise ValueError(f"{self.describe()}: partition must be an int >= 0, got {partition!r}")
+        args = dict(self._init_args)
+        copy = KafkaSink(**args)
+        if self._tid_arg is not None:
+            copy._tid_arg = f"{self._tid_arg}-p{partition}"
+        else:
+            copy._tid_suffix = f"-p{partition}"
+        return copy
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -1281,7 +1397,9 @@ class KafkaSink(Sink):
                 f"{self._errors.what}: exactly_once=True needs checkpoints (one transaction "
                 "per checkpoint epoch); run the flow with checkpoints=sw.Checkpoints(...)"
             )
-        self._tid = self._tid or self._tid_arg or f"sluiceway.{ctx.flow}.{ctx.name}"
+        self._tid = (
+            self._tid or self._tid_arg or f"sluiceway.{ctx.flow}.{ctx.name}{self._tid_suffix}"
+        )
         self._prepared = asyncio.Event()
         self._prepared.set()
         self._closed = False

@@ -1,20 +1,21 @@
 """Which flows can run on several workers, checked before any worker starts.
 
-A flow runs on N workers when each record reaches exactly one of them and no state has
-to be shared between them.  Today that means (see docs/scaling.md):
+A flow runs on N workers when each record reaches exactly one of them and every key's
+state is where its records are.  That means (see docs/scaling.md):
 
 * every source **splits its records between the processes reading it**: a Kafka
   consumer group (the broker assigns each partition to one worker) or a RabbitMQ queue
   (competing consumers).  A file, an in-memory iterable or a generator is read whole by
   every worker: each record would be processed N times.  A source of your own that
   splits work says so with a ``shares_work = True`` attribute;
-* **no keyed state**: windows, joins, ``process`` and ``stateful_map`` keep state per
-  key, and each worker would hold a share of it that does not move with the partitions
-  when the group rebalances (a window would be counted in two halves, silently).  State
-  per source partition that moves with it is the next step of the scale-out work;
-* **no shared checkpoint directory**: N workers writing one checkpoint store would
-  overwrite each other's positions, and a partition's offsets would not follow it to its
-  next owner.
+* a flow with **keyed state** (windows, joins, ``process``, ``stateful_map``) runs as one
+  task per Kafka partition (:mod:`sluiceway.scaleout.tasks`), whose state moves with the
+  partition through the task's checkpoints: it needs ``--checkpoint-dir`` (a directory
+  every worker reaches), Kafka sources only (of one group), and sinks that can be copied
+  per task (Kafka);
+* a stateless flow takes **no checkpoint directory**: N workers writing one checkpoint
+  store would overwrite each other's positions (its Kafka source commits offsets to the
+  group once the sinks wrote the records).
 
 Violations raise :class:`~sluiceway.errors.FlowDefinitionError` naming the operator and
 the fix -- a flow is never split silently.
@@ -30,7 +31,7 @@ from sluiceway.operators.io import SourceSpec
 from sluiceway.operators.keyed_state import KeyedProcessSpec
 from sluiceway.windows.operator import WindowSpec
 
-__all__ = ["check_scalable", "shares_work"]
+__all__ = ["check_scalable", "check_tasks", "keyed_state", "shares_work"]
 
 _KEYED_STATE = (WindowSpec, JoinSpec, KeyedProcessSpec)
 
@@ -53,16 +54,44 @@ def shares_work(source: Source) -> bool:
     }
 
 
-def check_scalable(flow: Flow, workers: int, *, checkpoint_dir: bool) -> None:
-    """Refuse a flow that ``workers`` processes cannot run correctly together.
+def keyed_state(flow: Flow) -> list[str]:
+    """The operators of ``flow`` that keep keyed state (described for messages)."""
+    return [node.describe() for node in flow.nodes if isinstance(node.spec, _KEYED_STATE)]
+
+
+def check_tasks(flow: Flow, *, checkpoint_dir: bool) -> None:
+    """Refuse a keyed flow that cannot run as one task per partition on several workers.
 
     Raises:
-        FlowDefinitionError: a source every worker would read whole, an operator with
-            keyed state, or a checkpoint directory the workers would share; the message
-            names the operator and the fix.
+        FlowDefinitionError: no checkpoint directory (the state would not move with its
+            partition), a source that is not Kafka, Kafka sources of several groups, or a
+            sink that cannot be copied per task; the message names the fix.
+    """
+    keyed = keyed_state(flow)
+    if not checkpoint_dir:
+        raise FlowDefinitionError(
+            f"operator {keyed[0]} keeps keyed state, which moves between workers with its "
+            "partition through the checkpoints of the partition's task: give "
+            "--checkpoint-dir DIR, a directory every worker reaches (one machine, or a "
+            "shared volume). Without it each worker would keep a share of a key's state "
+            "that stays behind when the partition moves (docs/scaling.md)"
+        )
+    from sluiceway.scaleout.tasks import task_flow  # noqa: PLC0415 - needs confluent-kafka
+
+    task_flow(flow, 0)
+
+
+def check_scalable(flow: Flow, workers: int, *, checkpoint_dir: bool) -> bool:
+    """Refuse a flow that ``workers`` processes cannot run correctly together; True when
+    it runs as one task per partition (keyed state, :func:`check_tasks`).
+
+    Raises:
+        FlowDefinitionError: a source every worker would read whole, a keyed flow that
+            cannot run as tasks, or a stateless flow with a checkpoint directory the
+            workers would share; the message names the operator and the fix.
     """
     if workers <= 1:
-        return
+        return False
     for node in flow.nodes:
         spec = node.spec
         if isinstance(spec, SourceSpec) and not shares_work(spec.source):
@@ -73,21 +102,15 @@ def check_scalable(flow: Flow, workers: int, *, checkpoint_dir: bool) -> None:
                 "in a consumer group, a RabbitMQ queue), or run one worker; a source of your "
                 "own that splits them can say so with shares_work = True"
             )
-    for node in flow.nodes:
-        if isinstance(node.spec, _KEYED_STATE):
-            raise FlowDefinitionError(
-                f"operator {node.describe()} keeps keyed state, and each worker would "
-                "hold a share of it that does not move with its partitions when the group "
-                "rebalances (a key's window or state split between workers). Run it as one "
-                "worker for now, or split the job: a stateless flow on several workers "
-                "writing to a topic partitioned by the key, read by one keyed worker "
-                "(docs/scaling.md)"
-            )
+    if keyed_state(flow):
+        check_tasks(flow, checkpoint_dir=checkpoint_dir)
+        return True
     if checkpoint_dir:
         raise FlowDefinitionError(
-            f"{workers} workers would share one checkpoint directory and overwrite each "
-            "other's positions. Leave out --checkpoint-dir: a Kafka source then commits its "
-            "offsets to the consumer group once the sinks wrote the records (at-least-once, "
-            "and partitions move between workers with their offsets); checkpoints per "
-            "partition for several workers are not built yet (docs/scaling.md)"
+            f"{workers} workers of a flow without keyed state would share one checkpoint "
+            "directory and overwrite each other's positions. Leave out --checkpoint-dir: a "
+            "Kafka source then commits its offsets to the consumer group once the sinks "
+            "wrote the records (at-least-once, and partitions move between workers with "
+            "their offsets). Keyed flows use it per partition (docs/scaling.md)"
         )
+    return False

@@ -1,0 +1,672 @@
+"""Keyed flows on several workers: one **task** per source partition, moving with it.
+
+A task is the flow itself -- the same operators, the same plan and executor, the same
+checkpoints and exactly-once protocol as one process -- restricted to partition ``p`` of
+every Kafka topic the flow reads (co-partitioned topics: partition ``p`` of each holds
+the same keys).  Everything keyed (windows, joins, ``process``/``stateful_map``, timers,
+watermarks) is then per partition without any change to the operators, and a partition
+moves between workers by stopping its task on one and starting it on the other:
+
+* **Own connectors**: :func:`task_flow` copies the flow with fresh, unopened connectors
+  made by each one's ``for_task(p)``: a Kafka source reading partition ``p`` by manual
+  assignment (no group membership), an exactly-once Kafka sink with the transactional id
+  ``<id>-p<p>`` -- stable per partition, so the next owner's ``init_transactions``
+  fences a zombie and aborts what it left open.  A sink that cannot be copied per task
+  (a file, a list in memory) is refused.
+* **Own checkpoints**: ``<checkpoint-dir>/tasks/p<p>``, in a directory every worker
+  reaches (one machine, or a shared volume): the next owner restores from it.
+* **Membership**: one consumer per worker (:class:`TaskManager`) is the member of the
+  flow's consumer group.  It subscribes to the flow's first topic (its partitions name
+  the tasks; the others are co-partitioned), never hands out a record (what it is given
+  stays paused), and turns the group's decisions into task starts and stops:
+
+  - *assigned* ``p``: start task ``p`` (after the previous run of ``p`` here, if one is
+    still stopping): it restores ``tasks/p<p>`` and goes on from there;
+  - *revoked* ``p`` (another worker joined, or this one leaves): stop task ``p``
+    gracefully -- a final checkpoint, its transaction committed, its offsets committed --
+    before the revoke callback returns, so the next owner starts exactly there; past
+    ``revoke_timeout`` the task is cancelled (the next owner goes back to its last
+    checkpoint, nothing is lost or doubled with a transactional sink);
+  - *lost* ``p`` (this worker's session expired: someone else owns ``p`` already):
+    cancel the task, commit nothing.
+
+* **Offsets**: a transactional sink commits a task's offsets to the flow's group in its
+  transactions (Kafka accepts a transactional offset commit from a consumer that is not
+  a member).  Kafka refuses a plain offset commit from a non-member of a group with
+  members (``UNKNOWN_MEMBER_ID``), so without one a task hands its offsets to the
+  membership consumer, which commits them (lag metrics and KEDA keep working; the
+  positions that count are the checkpoint's).
+
+See docs/scaling.md ("Keyed flows on several workers").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import confluent_kafka as ck
+
+from sluiceway.connectors.kafka import KafkaError, KafkaSource
+from sluiceway.core.contract import Sink, Source
+from sluiceway.errors import FlowCancelledError, FlowDefinitionError
+from sluiceway.flow import Flow, Node
+from sluiceway.metrics.registry import FlowSnapshot
+from sluiceway.operators.io import SinkSpec, SourceSpec
+from sluiceway.policies import DeadLetter, Retry
+from sluiceway.runtime.checkpointing import Checkpoints
+from sluiceway.runtime.executor import RunResult
+from sluiceway.runtime.handle import FlowHandle, start
+from sluiceway.time import Clock, SystemClock
+
+__all__ = [
+    "TaskManager",
+    "TaskSpec",
+    "check_partitions",
+    "kafka_sources",
+    "task_dir",
+    "task_flow",
+]
+
+log = logging.getLogger("sluiceway")
+
+_POLL = 0.2  # seconds one poll of the membership consumer waits (rebalances come in it)
+_FATAL = (
+    ck.KafkaError.UNKNOWN_TOPIC_OR_PART,
+    ck.KafkaError.TOPIC_AUTHORIZATION_FAILED,
+    ck.KafkaError.GROUP_AUTHORIZATION_FAILED,
+)
+
+
+def task_dir(checkpoint_dir: str | os.PathLike[str], partition: int) -> str:
+    """Where task ``partition`` keeps its checkpoints: ``<checkpoint_dir>/tasks/p<p>``."""
+    return os.path.join(os.fspath(checkpoint_dir), "tasks", f"p{partition}")
+
+
+# -- the flow of one task -----------------------------------------------------------
+
+
+def kafka_sources(flow: Flow) -> list[tuple[Node, KafkaSource]]:
+    """The flow's sources, each a Kafka source of one group on one cluster.
+
+    Raises:
+        FlowDefinitionError: a source that is not Kafka (its records would not be split
+            by partition, so its keys' state could not move), or sources of different
+            groups or clusters (the tasks of one flow belong to one group).
+    """
+    found: list[tuple[Node, KafkaSource]] = []
+    for node in flow.nodes:
+        spec = node.spec
+        if not isinstance(spec, SourceSpec):
+            continue
+        if not isinstance(spec.source, KafkaSource):
+            raise FlowDefinitionError(
+                f"source {node.describe()} ({spec.source.describe()}) is not a Kafka topic: "
+                "a keyed flow runs on several workers as one task per Kafka partition, and "
+                "the state of a key moves with its partition. Read the input from Kafka "
+                "(e.g. a stateless flow that copies it into a topic keyed by the key), or "
+                "run the keyed flow as one process"
+            )
+        found.append((node, spec.source))
+    if not found:
+        raise FlowDefinitionError(f"flow {flow.name!r} has no source")
+    first = found[0][1]
+    for node, src in found[1:]:
+        if (src.group, src.bootstrap_servers) != (first.group, first.bootstrap_servers):
+            raise FlowDefinitionError(
+                f"source {node.describe()} reads in group {src.group!r} of "
+                f"{src.bootstrap_servers!r}, source {found[0][0].describe()} in group "
+                f"{first.group!r} of {first.bootstrap_servers!r}: the tasks of a keyed flow on "
+                "several workers belong to one consumer group; give every source the same "
+                "group and bootstrap servers"
+            )
+    return found
+
+
+def _copy(obj: Any, partition: int, what: str) -> Any:
+    """``obj.for_task(partition)``, or the error naming why the flow cannot run as tasks."""
+    for_task = getattr(obj, "for_task", None)
+    if for_task is None:
+        raise FlowDefinitionError(
+            f"{what} ({obj.describe()}) cannot be copied for each partition's task: a keyed "
+            "flow on several workers runs one copy of the flow per Kafka partition, each "
+            "with its own connectors, and this one would be shared by all of them (a file "
+            "or a list written by every task at once). Write the results to Kafka "
+            "(sw.sinks.Kafka, exactly_once=True for exactly-once output across moves), or "
+            "run the flow as one process"
+        )
+    return for_task(partition)
+
+
+def _policy(policy: Any, partition: int, where: str, made: dict[int, Any]) -> Any:
+    """An error policy whose dead-letter sink is this task's own copy."""
+    if isinstance(policy, DeadLetter):
+        sink = made.get(id(policy.sink))
+        if sink is None:
+            sink = made[id(policy.sink)] = _copy(
+                policy.sink, partition, f"dead-letter sink of {where}"
+            )
+        return DeadLetter(sink)
+    if isinstance(policy, Retry) and isinstance(policy.then, DeadLetter):
+        return dataclasses.replace(policy, then=_policy(policy.then, partition, where, made))
+    return policy
+
+
+def task_flow(flow: Flow, partition: int) -> Flow:
+    """The flow of task ``partition``: the same operators, with fresh copies of every
+    source and sink (and dead-letter sink) made by their ``for_task(partition)``.
+
+    Raises:
+        FlowDefinitionError: a source that is not Kafka, or a sink that cannot be copied
+            per task; the message names it and the fix.
+    """
+    kafka_sources(flow)
+    made: dict[int, Any] = {}  # id(original connector) -> this task's copy
+    nodes: dict[int, Node] = {}
+    for node in flow.topological_order():
+        spec = copy.copy(node.spec)
+        if isinstance(spec, SourceSpec):
+            src: Source = made.get(id(spec.source)) or _copy(
+                spec.source, partition, f"source {node.describe()}"
+            )
+            made[id(spec.source)] = src
+            object.__setattr__(spec, "source", src)
+        elif isinstance(spec, SinkSpec):
+            sink: Sink = made.get(id(spec.sink)) or _copy(
+                spec.sink, partition, f"sink {node.describe()}"
+            )
+            made[id(spec.sink)] = sink
+            object.__setattr__(spec, "sink", sink)
+        policy = getattr(spec, "on_error", None)
+        if policy is not None:
+            object.__setattr__(spec, "on_error", _policy(policy, partition, node.describe(), made))
+        names: list[str] = (
+            [f.name for f in dataclasses.fields(spec)] if dataclasses.is_dataclass(spec) else []
+        )
+        for name in names:
+            value = getattr(spec, name, None)
+            if isinstance(value, Source) and id(value) in made:  # rate_limit(reject)'s source
+                object.__setattr__(spec, name, made[id(value)])
+        twin = Node(
+            node.id,
+            node.name,
+            spec,
+            [nodes[i.id] for i in node.inputs],
+            node.where,
+            node.keyed,
+            timestamped=node.timestamped,
+        )
+        for i in twin.inputs:
+            i.consumers.append(twin)
+        nodes[node.id] = twin
+    out = copy.copy(flow)
+    out.nodes = [nodes[n.id] for n in flow.nodes]
+    out._sources = {id(n.spec.source): n for n in out.nodes if isinstance(n.spec, SourceSpec)}
+    out._sinks = {id(n.spec.sink): n for n in out.nodes if isinstance(n.spec, SinkSpec)}
+    return out
+
+
+def check_partitions(flow: Flow, *, timeout: float = 30.0) -> int:
+    """The partition count the flow's topics share, read from the cluster's metadata.
+
+    Raises:
+        FlowDefinitionError: topics with different partition counts (not co-partitioned:
+            partition ``p`` of one would not hold the keys of partition ``p`` of the
+            other), or a topic that does not exist.
+        KafkaError: the cluster did not answer.
+    """
+    sources = kafka_sources(flow)
+    first = sources[0][1]
+    topics = sorted({t for _, s in sources for t in s.topics})
+    from confluent_kafka.admin import AdminClient  # noqa: PLC0415 - only here
+
+    admin = AdminClient({"bootstrap.servers": first.bootstrap_servers, **first.client_config()})
+    try:
+        meta = admin.list_topics(timeout=timeout)
+    except ck.KafkaException as exc:
+        raise KafkaError(
+            f"cannot read the partition counts of {topics} from {first.bootstrap_servers!r}: {exc}"
+        ) from exc
+    counts: dict[str, int] = {}
+    for t in topics:
+        tm = meta.topics.get(t)
+        if tm is None or tm.error is not None or not tm.partitions:
+            raise FlowDefinitionError(
+                f"topic {t!r} (read by flow {flow.name!r}) does not exist on "
+                f"{first.bootstrap_servers!r}: create it before starting the workers (its "
+                "partition count is the number of tasks)"
+            )
+        counts[t] = len(tm.partitions)
+    if len(set(counts.values())) > 1:
+        listed = ", ".join(f"{t!r}: {n}" for t, n in counts.items())
+        raise FlowDefinitionError(
+            f"the topics of flow {flow.name!r} are not co-partitioned ({listed} partitions): "
+            "a task reads partition p of every topic, which must hold the same keys. "
+            "Give them the same partition count (and the same key partitioner), or "
+            "repartition one into a topic with the other's count"
+        )
+    return next(iter(counts.values()))
+
+
+# -- the task manager ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    """How every task of a worker runs.
+
+    Attributes:
+        checkpoint_dir: the checkpoint directory shared by the workers; task ``p`` keeps
+            its checkpoints in ``<checkpoint_dir>/tasks/p<p>``.
+        checkpoint_interval: seconds between two checkpoints of a task.
+        grace_period: seconds a task's stop may take before it is cancelled.
+        max_batch_size: the most records a task's source is asked for at once.
+        revoke_timeout: seconds the revoke callback waits for the tasks of the revoked
+            partitions to stop at a checkpoint (then they are cancelled and their next
+            owner goes back to their last checkpoint).  None: the flow's Kafka source's.
+    """
+
+    checkpoint_dir: str
+    checkpoint_interval: float = 5.0
+    grace_period: float = 10.0
+    max_batch_size: int = 1024
+    revoke_timeout: float | None = None
+
+
+@dataclass(eq=False)
+class _Task:
+    partition: int
+    handle: FlowHandle | None = None
+    runner: asyncio.Task[None] | None = None
+    ending: str | None = None  # "stop" (graceful) or "cancel" (lost), set by us
+    result: RunResult | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass(slots=True)
+class _Handover:
+    """A rebalance callback waiting, in the membership thread, for the event loop."""
+
+    partitions: list[int]
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class TaskManager:
+    """Runs a keyed flow as one task per owned partition, on one worker.
+
+    Args:
+        flow: the flow (its sources all Kafka, of one group; its sinks copyable).
+        spec: checkpoints and limits of the tasks.
+        clock: the clock of the tasks and of every deadline here.
+        on_task: called with ``(event, partition)`` for ``"started"``, ``"stopped"``,
+            ``"cancelled"``, ``"ended"`` (for messages and tests).
+
+    :meth:`run` joins the group and runs until :meth:`request_stop` (the tasks stop at a
+    final checkpoint, the worker leaves the group), until every task it ran ended by
+    itself (their input ended), or until a task fails (the others stop at a checkpoint,
+    and the task's error is raised).
+    """
+
+    def __init__(
+        self,
+        flow: Flow,
+        spec: TaskSpec,
+        *,
+        clock: Clock | None = None,
+        on_task: Callable[[str, int], None] | None = None,
+    ) -> None:
+        sources = kafka_sources(flow)
+        task_flow(flow, 0)  # every sink can be copied: refuse now, not at the first task
+        self.flow = flow
+        self.spec = spec
+        self.clock = clock or SystemClock()
+        self._on_task = on_task
+        first = sources[0][1]
+        self._source = first
+        self._lead = sorted(t for _, s in sources for t in s.topics)[0]
+        revoke = spec.revoke_timeout
+        self.revoke_timeout = first._revoke_timeout if revoke is None else revoke
+        self.tasks: dict[int, _Task] = {}
+        self.owned: set[int] = set()
+        self.ran = 0  # tasks started so far
+        self.results: dict[int, RunResult] = {}
+        self._consumer: ck.Consumer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tg: asyncio.TaskGroup | None = None
+        self._stop = False
+        self._failure: BaseException | None = None
+        self._lock = threading.Lock()
+        self._to_commit: dict[tuple[str, int], int] = {}
+        self._starting: set[int] = set()
+        self._ended: set[int] = set()  # partitions whose last task ended by itself
+        self._polling: asyncio.Future[None] | None = None
+
+    # -- membership (librdkafka calls these inside a poll, in its thread) ------------
+
+    def _consumer_config(self) -> dict[str, Any]:
+        src = self._source
+        return {
+            "bootstrap.servers": src.bootstrap_servers,
+            "group.id": src.group,
+            "client.id": f"sluiceway.{self.flow.name}.membership",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "partition.assignment.strategy": "cooperative-sticky",
+            # Not stable-only: the tasks' open transactions must not hold the
+            # membership's own offset lookups back.
+            "isolation.level": "read_uncommitted",
+            "queued.max.messages.kbytes": 64,
+            "logger": logging.getLogger("sluiceway.kafka"),
+            **src.client_config(),
+        }
+
+    def _hand(self, what: str, tps: list[ck.TopicPartition]) -> _Handover:
+        """Hand ``tps`` to the event loop (``what``: assign, revoke, lose)."""
+        h = _Handover(sorted({tp.partition for tp in tps}))
+        loop = self._loop
+        if loop is None or not h.partitions:
+            h.done.set()
+            return h
+        try:
+            loop.call_soon_threadsafe(self._on_loop, what, h)
+        except RuntimeError:  # the loop is closed: nothing runs any more
+            h.done.set()
+        return h
+
+    def _assigned(self, consumer: ck.Consumer, tps: list[ck.TopicPartition]) -> None:
+        consumer.incremental_assign(tps)
+        if tps:
+            consumer.pause(tps)  # the tasks read the records, never the membership
+        self._hand("assign", tps)
+
+    def _revoked(self, consumer: ck.Consumer, tps: list[ck.TopicPartition]) -> None:
+        h = self._hand("revoke", tps)
+        h.done.wait()  # set by the event loop: stopped at a checkpoint, or cancelled
+        self._commit_offsets(consumer, set(h.partitions))
+        consumer.incremental_unassign(tps)
+
+    def _lost(self, consumer: ck.Consumer, tps: list[ck.TopicPartition]) -> None:
+        h = self._hand("lose", tps)
+        h.done.wait()
+        with self._lock:  # another member owns them: nothing of theirs is committed
+            for tp in list(self._to_commit):
+                if tp[1] in h.partitions:
+                    del self._to_commit[tp]
+        consumer.incremental_unassign(tps)
+
+    def _commit_offsets(self, consumer: ck.Consumer, only: set[int] | None = None) -> None:
+        """Commit what the tasks handed over (in the membership thread)."""
+        with self._lock:
+            picked = {
+                tp: off for tp, off in self._to_commit.items() if only is None or tp[1] in only
+            }
+            for tp in picked:
+                del self._to_commit[tp]
+        if not picked:
+            return
+        offsets = [ck.TopicPartition(t, p, off) for (t, p), off in sorted(picked.items())]
+        try:
+            consumer.commit(offsets=offsets, asynchronous=False)
+        except ck.KafkaException as exc:
+            log.warning(
+                "flow %r: committing the tasks' offsets %s failed: %s (their checkpoints "
+                "hold the positions; only lag metrics lag)",
+                self.flow.name,
+                picked,
+                exc,
+            )
+
+    def _commit_through(self, offsets: dict[tuple[str, int], int]) -> None:
+        """A task's source: these offsets are durable (its checkpoint is stored)."""
+        with self._lock:
+            self._to_commit.update(offsets)
+
+    def _poll(self) -> None:
+        """One poll of the membership consumer (in a thread): heartbeats, rebalance
+        callbacks, and the commit of the offsets the tasks handed over."""
+        consumer = self._consumer
+        assert consumer is not None
+        msg = consumer.poll(_POLL)
+        err = None if msg is None else msg.error()
+        if err is not None and (err.fatal() or err.code() in _FATAL):
+            raise KafkaError(f"flow {self.flow.name!r}: group membership: {err.str()}")
+        self._commit_offsets(consumer)
+
+    # -- in the event loop ---------------------------------------------------------
+
+    def _on_loop(self, what: str, h: _Handover) -> None:
+        assert self._tg is not None
+        if what == "assign":
+            self.owned.update(h.partitions)
+            for p in h.partitions:
+                self._tg.create_task(self._start(p), name=f"{self.flow.name}/start p{p}")
+            h.done.set()
+        else:
+            self.owned.difference_update(h.partitions)
+            graceful = what == "revoke"
+            self._tg.create_task(
+                self._stop_tasks(h, graceful=graceful), name=f"{self.flow.name}/{what}"
+            )
+
+    def _say(self, event: str, partition: int) -> None:
+        log.info("flow %r: task p%d %s", self.flow.name, partition, event)
+        if self._on_task is not None:
+            self._on_task(event, partition)
+
+    async def _start(self, p: int) -> None:
+        self._starting.add(p)
+        try:
+            before = self.tasks.get(p)
+            if before is not None:  # the previous run of p here is still stopping
+                await before.done.wait()
+            if p not in self.owned or self._stop or self._failure is not None:
+                return
+            task = self._launch(p)
+        except Exception as exc:  # noqa: BLE001 - the worker fails with it
+            self._fail(exc)
+            return
+        finally:
+            self._starting.discard(p)
+        await self._watch(task)
+
+    def _launch(self, p: int) -> _Task:
+        flow = task_flow(self.flow, p)
+        for node in flow.nodes:
+            if isinstance(node.spec, SourceSpec) and isinstance(node.spec.source, KafkaSource):
+                node.spec.source.commit_through = self._commit_through
+        spec = self.spec
+        task = self.tasks[p] = _Task(p)
+        task.handle = start(
+            flow,
+            clock=self.clock,
+            grace_period=spec.grace_period,
+            max_batch_size=spec.max_batch_size,
+            checkpoints=Checkpoints(
+                task_dir(spec.checkpoint_dir, p), interval=spec.checkpoint_interval
+            ),
+        )
+        self.ran += 1
+        self._ended.discard(p)
+        self._say("started", p)
+        return task
+
+    async def _watch(self, task: _Task) -> None:
+        """Wait for task's end; a failure that we did not cause fails the worker."""
+        assert task.handle is not None
+        p = task.partition
+        try:
+            task.result = await task.handle.wait()
+            self.results[p] = task.result
+            if task.ending is None:
+                self._ended.add(p)
+            self._say("stopped" if task.ending else "ended", p)
+        except FlowCancelledError as exc:
+            if task.ending is None:
+                self._fail(exc)
+            self._say("cancelled", p)
+        except Exception as exc:  # noqa: BLE001 - the worker fails with it
+            if task.ending == "cancel":
+                log.info(
+                    "flow %r: task p%d ended with %r after it was lost", self.flow.name, p, exc
+                )
+            else:
+                self._fail(exc)
+            self._say("failed", p)
+        finally:
+            task.done.set()
+            if self.tasks.get(p) is task:
+                del self.tasks[p]
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._failure is None:
+            self._failure = exc
+
+    async def _stop_tasks(self, h: _Handover, *, graceful: bool) -> None:
+        """Stop the tasks of ``h`` at a checkpoint (``graceful``, bounded by the revoke
+        timeout, then cancelled) or cancel them; then let the callback go on."""
+        try:
+            tasks = [t for p in h.partitions if (t := self.tasks.get(p)) is not None]
+            await self._stop_all(tasks, graceful=graceful, within=self.revoke_timeout)
+        finally:
+            h.done.set()
+
+    async def _stop_all(self, tasks: list[_Task], *, graceful: bool, within: float) -> None:
+        clock = self.clock
+        for t in tasks:
+            if t.handle is None:
+                continue
+            if graceful and t.ending is None:
+                t.ending = "stop"
+                t.handle.request_stop()
+            else:
+                t.ending = "cancel"
+                t.handle.force_stop("its partition was lost" if not graceful else "stopped")
+        if not tasks:
+            return
+        all_done = asyncio.ensure_future(asyncio.gather(*(t.done.wait() for t in tasks)))
+        try:
+            deadline = clock.monotonic() + within
+            waiting: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            all_done.add_done_callback(lambda _f: _resolve(waiting))
+            if not await clock.wait_until(waiting, deadline):
+                late = [t for t in tasks if not t.done.is_set()]
+                log.warning(
+                    "flow %r: task(s) %s did not stop at a checkpoint within %gs: cancelled "
+                    "(their next owner goes back to their last checkpoint)",
+                    self.flow.name,
+                    ", ".join(f"p{t.partition}" for t in late),
+                    within,
+                )
+                for t in late:
+                    t.ending = "cancel"
+                    assert t.handle is not None
+                    t.handle.force_stop(f"not stopped at a checkpoint within {within:g}s")
+                await all_done
+        finally:
+            if not all_done.done():
+                all_done.cancel()
+
+    def request_stop(self) -> None:
+        """Stop every task at a final checkpoint, commit, and leave the group (safe from
+        a signal handler)."""
+        self._stop = True
+
+    def force_stop(self) -> None:
+        """Cancel every task now (a second signal)."""
+        self._stop = True
+        for t in list(self.tasks.values()):
+            if t.handle is not None:
+                t.ending = "cancel"
+                t.handle.force_stop("forced stop")
+
+    def snapshots(self) -> dict[int, FlowSnapshot]:
+        """Every running task's metrics, by partition."""
+        return {p: t.handle.metrics() for p, t in sorted(self.tasks.items()) if t.handle}
+
+    def _finished(self) -> bool:
+        """The last task of every partition this worker owns ended by itself (their
+        input ended), and none runs or is about to start."""
+        return (
+            bool(self.owned) and not self.tasks and not self._starting and self.owned <= self._ended
+        )
+
+    async def run(self) -> dict[int, RunResult]:
+        """Join the group and run the tasks of the partitions it assigns; the results of
+        the tasks this worker ran, by partition (the last run of each).
+
+        Raises:
+            FlowDefinitionError: the topics are not co-partitioned, or do not exist.
+            KafkaError: the membership consumer failed.
+            SluicewayError: a task failed (its own error).
+        """
+        clock = self.clock
+        await clock.run_in_thread(check_partitions, self.flow)
+        self._loop = asyncio.get_running_loop()
+        try:
+            self._consumer = ck.Consumer(self._consumer_config())
+            self._consumer.subscribe(
+                [self._lead], on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._lost
+            )
+        except (ck.KafkaException, ValueError, TypeError) as exc:
+            raise KafkaError(f"flow {self.flow.name!r}: cannot join group: {exc}") from exc
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                await self._membership()
+                await self._leave()
+        except BaseExceptionGroup as group:
+            first = next(
+                (e for e in group.exceptions if not isinstance(e, asyncio.CancelledError)),
+                group.exceptions[0],
+            )
+            raise first from first.__cause__
+        finally:
+            self._tg = None
+            self._loop = None
+            if self._polling is not None and not self._polling.done():
+                await asyncio.wait([self._polling])  # never close beside a poll
+            consumer, self._consumer = self._consumer, None
+            if consumer is not None:  # a failure on the way: leave without committing
+                await clock.run_in_thread(consumer.close)
+        if self._failure is not None:
+            raise self._failure
+        return dict(self.results)
+
+    async def _membership(self) -> None:
+        """Poll until a stop, a failure, or every task ended by itself."""
+        while not self._stop and self._failure is None and not self._finished():
+            self._polling = asyncio.ensure_future(self.clock.run_in_thread(self._poll))
+            try:
+                await self._polling
+            except KafkaError as exc:
+                self._fail(exc)
+
+    async def _leave(self) -> None:
+        """Stop the tasks at a checkpoint (cancel them after a failure), commit, and
+        leave the group: the partitions go to the other workers only now."""
+        tasks = list(self.tasks.values())
+        await self._stop_all(
+            tasks, graceful=self._failure is None, within=self.spec.grace_period + 1.0
+        )
+        consumer, self._consumer = self._consumer, None
+        if consumer is None:
+            return
+        self._loop = None  # the revoke callbacks of close() find nothing left to stop
+        await self.clock.run_in_thread(self._close, consumer)
+
+    def _close(self, consumer: ck.Consumer) -> None:
+        if self._failure is None:
+            self._commit_offsets(consumer)
+        consumer.close()
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
