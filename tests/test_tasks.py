@@ -1,0 +1,453 @@
+"""Keyed flows on several workers as one task per Kafka partition (``scaleout/tasks.py``).
+
+Every worker is a real process (``python -m sluiceway run`` with ``SLUICEWAY_WORKER_ID``)
+on the real broker; the output goes to Kafka through the transactional sink and is read
+back ``read_committed``.  The expected output is computed from the input alone (a running
+count per key, a 10 s tumbling-window count per key), so "equals the oracle" means: no
+record lost, none counted twice, and no key's state started over when its partition moved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import services_kafka
+import sluiceway as sw
+from services import import_or_missing
+from services_kafka import KafkaTopics, produce, read_topic
+from sluiceway.core.contract import Sink
+from test_workers import _Lines
+
+kafka_bootstrap = services_kafka.kafka_bootstrap
+kafka_topics = services_kafka.kafka_topics
+
+import_or_missing("confluent_kafka")
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+BASE = 1_700_000_000  # event time of record 0, seconds
+KEYS = 8
+PARTITIONS = 4
+
+JOB = textwrap.dedent(
+    """
+    import os
+
+    import sluiceway as sw
+    from sluiceway.connectors.kafka import KafkaSink, KafkaSource
+    from sluiceway.flowcontrol import TokenBucket
+
+    WID = os.environ.get("SLUICEWAY_WORKER_ID", "solo")
+    RATE = float(os.environ.get("JOB_RATE", "0"))
+
+
+    def count(acc, v):
+        acc = (acc or 0) + 1
+        return acc, {{"kind": "count", "k": v["k"], "i": v["i"], "n": acc, "w": WID}}
+
+
+    def window_row(w):
+        return {{"kind": "window", "k": w.key, "start": w.start, "n": w.value, "w": WID}}
+
+
+    def source():
+        return KafkaSource(
+            {bootstrap!r}, {topic!r}, {group!r}, poll_timeout=0.1,
+            timestamp=lambda v: v["t"], config={{"session.timeout.ms": 6000}},
+        )
+
+
+    def flow():
+        f = sw.Flow("tasks", channel_capacity=64)
+        s = f.source(source(), name="in")
+        if RATE:
+            s = s.rate_limit(TokenBucket(rate=RATE, burst=5), name="pace")
+        keyed = s.key_by(lambda v: v["k"])
+        counts = keyed.stateful_map(count, name="count")
+        windows = keyed.window(sw.windows.Tumbling(10)).aggregate(sw.agg.count()).map(window_row)
+        counts.merge(windows).sink(
+            KafkaSink({bootstrap!r}, {topic!r} + "-out", key=lambda r: r["k"], exactly_once=True),
+            name="out",
+        )
+        return f
+
+
+    def to_list():
+        f = sw.Flow("tasks")
+        f.source(source()).key_by(lambda v: v["k"]).stateful_map(count).sink(sw.sinks.Collect())
+        return f
+
+
+    def from_file():
+        f = sw.Flow("tasks")
+        f.source(sw.sources.JsonLines("in.jsonl")).key_by(lambda v: v).stateful_map(count).sink(
+            sw.sinks.Kafka({bootstrap!r}, "x")
+        )
+        return f
+    """
+)
+
+
+def _job(tmp_path: Path, bootstrap: str, topic: str) -> Path:
+    path = tmp_path / "job.py"
+    path.write_text(JOB.format(bootstrap=bootstrap, topic=topic, group=f"{topic}.tasks"))
+    return path
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICEWAY_WORKER")}
+    env["PYTHONPATH"] = str(SRC)
+    return {**env, **extra}
+
+
+def _records(lo: int, hi: int) -> list[dict[str, Any]]:
+    return [{"k": f"k{i % KEYS}", "i": i, "t": BASE + i} for i in range(lo, hi)]
+
+
+def _produce(bootstrap: str, topic: str, records: list[dict[str, Any]]) -> None:
+    import confluent_kafka as ck  # noqa: PLC0415
+
+    p = ck.Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    for r in records:  # keyed: a key's records are in one partition, in order
+        p.produce(topic, json.dumps(r).encode(), key=r["k"].encode())
+    assert p.flush(30) == 0
+
+
+def _flush(bootstrap: str, topic: str) -> None:
+    """One far-future record per partition: every window of every task closes."""
+    produce(
+        bootstrap,
+        topic,
+        [{"k": "flush", "i": -1, "t": BASE + 100_000}] * PARTITIONS,
+        partition=list(range(PARTITIONS)),
+    )
+
+
+def _oracle(records: list[dict[str, Any]]) -> Counter[tuple[Any, ...]]:
+    """What one process computes for ``records``: the running count per key, and the
+    count per key and 10 s window."""
+    out: Counter[tuple[Any, ...]] = Counter()
+    seen: Counter[str] = Counter()
+    windows: Counter[tuple[str, float]] = Counter()
+    for r in records:
+        seen[r["k"]] += 1
+        out[("count", r["k"], r["i"], seen[r["k"]])] += 1
+        windows[(r["k"], float(r["t"] - r["t"] % 10))] += 1
+    for (k, start), n in windows.items():
+        out[("window", k, start, n)] += 1
+    return out
+
+
+def _got(rows: list[dict[str, Any]]) -> Counter[tuple[Any, ...]]:
+    out: Counter[tuple[Any, ...]] = Counter()
+    for r in rows:
+        if r["k"] == "flush":
+            continue
+        third = r["i"] if r["kind"] == "count" else r["start"]
+        out[(r["kind"], r["k"], third, r["n"])] += 1
+    return out
+
+
+def _output(
+    bootstrap: str, topic: str, want: int, *, kind: str | None = None, within: int = 120
+) -> list[dict[str, Any]]:
+    """The committed output, read until ``want`` rows (of ``kind``; flush windows
+    aside) came, or ``within`` reads later."""
+    rows: list[dict[str, Any]] = []
+    for _ in range(within):
+        found = read_topic(bootstrap, topic, partitions=PARTITIONS, quiet_for=1.0)
+        rows = [json.loads(r[3]) for r in found]
+        if sum(1 for r in rows if r["k"] != "flush" and kind in (None, r["kind"])) >= want:
+            return rows
+    return rows
+
+
+class _Workers:
+    """Worker processes started by hand, as ``--workers`` (or Kubernetes) would."""
+
+    def __init__(self, tmp_path: Path, target: str, **env: str) -> None:
+        self.tmp_path = tmp_path
+        self.target = target
+        self.env = env
+        self.procs: dict[str, subprocess.Popen[str]] = {}
+        self.lines: dict[str, _Lines] = {}
+
+    def start(self, wid: str, *extra: str) -> None:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "sluiceway",
+                "run",
+                self.target,
+                "--checkpoint-dir",
+                str(self.tmp_path / "ck"),
+                "--checkpoint-interval",
+                "0.5",
+                *extra,
+            ],
+            cwd=self.tmp_path,
+            env=_env(SLUICEWAY_WORKER_ID=wid, **self.env),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.procs[wid] = proc
+        self.lines[wid] = _Lines(proc)
+
+    def started(self, wid: str) -> set[int]:
+        return {int(m.group(1)) for m in self.lines[wid].wait_for(r"task p(\d+) started", 0)}
+
+    def stop_all(self) -> dict[str, str]:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        texts = {}
+        for wid, proc in self.procs.items():
+            proc.wait(timeout=60)
+            texts[wid] = self.lines[wid].text()
+        return texts
+
+    def kill_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+
+
+def _out_topic(kafka_topics: KafkaTopics, topic: str) -> str:
+    from confluent_kafka import admin  # noqa: PLC0415
+
+    out = topic + "-out"
+    for fut in kafka_topics.admin.create_topics([admin.NewTopic(out, PARTITIONS, 1)]).values():
+        fut.result()
+    kafka_topics.made.append(out)
+    return out
+
+
+@pytest.mark.timeout(240)
+def test_two_workers_equal_the_oracle_and_a_third_joining_moves_state_along(
+    kafka_bootstrap: str, kafka_topics: KafkaTopics, tmp_path: Path
+) -> None:
+    topic = kafka_topics.new(PARTITIONS)
+    out = _out_topic(kafka_topics, topic)
+    first, second = _records(0, 200), _records(200, 400)
+    _produce(kafka_bootstrap, topic, first)
+    workers = _Workers(tmp_path, f"{_job(tmp_path, kafka_bootstrap, topic)}:flow")
+    try:
+        workers.start("0")
+        workers.start("1")
+        _output(kafka_bootstrap, out, len(first), kind="count")  # the first half, all counted
+        before = workers.started("0") | workers.started("1")
+        assert before == set(range(PARTITIONS))
+        workers.start("2")  # joins: the group moves partitions (and their tasks) to it
+        workers.lines["2"].wait_for(r"task p\d+ started", within=60)
+        _produce(kafka_bootstrap, topic, second)
+        _flush(kafka_bootstrap, topic)
+        want = _oracle(first + second)
+        rows = _output(kafka_bootstrap, out, sum(want.values()))
+        texts = workers.stop_all()
+    finally:
+        workers.kill_all()
+    for wid, proc in workers.procs.items():
+        assert proc.returncode == 0, texts[wid]
+    got = _got(rows)
+    missing, extra = sorted((want - got).elements()), sorted((got - want).elements())
+    assert got == want, f"missing {missing[:8]}, extra {extra[:8]}"
+    moved = workers.started("2")
+    assert moved, texts["2"]
+    # State moved along: keys counted on worker 2 go on from where their old owner was.
+    counts_on_2 = [r for r in rows if r["kind"] == "count" and r["w"] == "2" and r["i"] >= 0]
+    assert counts_on_2, "worker 2 counted nothing after it joined"
+    assert min(r["n"] for r in counts_on_2) > 1, "a key's count started over on worker 2"
+    for p in moved:
+        assert f"task p{p} stopped" in texts["0"] + texts["1"], (texts["0"], texts["1"])
+
+
+@pytest.mark.timeout(240)
+def test_a_killed_worker_s_partitions_restart_elsewhere_exactly_once(
+    kafka_bootstrap: str, kafka_topics: KafkaTopics, tmp_path: Path
+) -> None:
+    topic = kafka_topics.new(PARTITIONS)
+    out = _out_topic(kafka_topics, topic)
+    records = _records(0, 400)
+    _produce(kafka_bootstrap, topic, records)
+    _flush(kafka_bootstrap, topic)
+    want = _oracle(records)
+    job = _job(tmp_path, kafka_bootstrap, topic)
+    workers = _Workers(tmp_path, f"{job}:flow", JOB_RATE="40")  # slow: killed mid-stream
+    try:
+        workers.start("0")
+        workers.start("1")
+        workers.lines["1"].wait_for(r"task p\d+ started", within=60)
+        _output(kafka_bootstrap, out, 60)
+        victim = workers.started("1")
+        assert workers.procs["1"].poll() is None
+        workers.procs["1"].send_signal(signal.SIGKILL)  # open transactions, no final checkpoint
+        for p in victim:  # after the session timeout, worker 0 takes them over
+            workers.lines["0"].wait_for(rf"task p{p} started", count=1, within=60)
+        rows = _output(kafka_bootstrap, out, sum(want.values()), within=180)
+        texts = workers.stop_all()
+    finally:
+        workers.kill_all()
+    assert workers.procs["1"].returncode == -signal.SIGKILL
+    assert workers.procs["0"].returncode == 0, texts["0"]
+    got = _got(rows)
+    lost, doubled = want - got, got - want
+    assert not lost, f"lost {sum(lost.values())}: {sorted(lost.elements())[:8]}"
+    assert not doubled, f"doubled {sum(doubled.values())}: {sorted(doubled.elements())[:8]}"
+    assert victim <= workers.started("0"), texts["0"]
+
+
+def test_a_keyed_flow_that_cannot_run_as_tasks_is_refused(tmp_path: Path) -> None:
+    job = _job(tmp_path, "127.0.0.1:1", "never-read")
+    cases = [
+        (["--workers", "2"], "flow", "give --checkpoint-dir DIR"),
+        ([], "flow", "give --checkpoint-dir DIR"),  # a worker started by hand
+        (["--workers", "2", "--checkpoint-dir", "ck"], "to_list", "cannot be copied for each"),
+        (["--checkpoint-dir", "ck"], "to_list", "cannot be copied for each partition"),
+        (["--workers", "2", "--checkpoint-dir", "ck"], "from_file", "would be read whole"),
+    ]
+    (tmp_path / "in.jsonl").write_text("1\n")
+    for extra, target, message in cases:
+        env = _env() if "--workers" in extra else _env(SLUICEWAY_WORKER_ID="0")
+        p = subprocess.run(
+            [sys.executable, "-m", "sluiceway", "run", f"{job}:{target}", *extra],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert p.returncode == 1, (extra, target, p.stderr)
+        assert message in p.stderr, (extra, target, p.stderr)
+        assert "task p" not in p.stderr
+
+
+def test_topics_with_different_partition_counts_are_refused(
+    kafka_bootstrap: str, kafka_topics: KafkaTopics
+) -> None:
+    from sluiceway.connectors.kafka import KafkaSink, KafkaSource  # noqa: PLC0415
+    from sluiceway.scaleout.tasks import check_partitions  # noqa: PLC0415
+
+    a, b = kafka_topics.new(2), kafka_topics.new(3)
+    flow = sw.Flow("two")
+    left = flow.source(KafkaSource(kafka_bootstrap, a, "g"), name="a")
+    right = flow.source(KafkaSource(kafka_bootstrap, b, "g"), name="b")
+    left.merge(right).key_by(lambda v: v).stateful_map(lambda s, v: (s, v)).sink(
+        KafkaSink(kafka_bootstrap, a)
+    )
+    with pytest.raises(sw.FlowDefinitionError, match=rf"not co-partitioned.*'{b}': 3"):
+        check_partitions(flow)
+    flow2 = sw.Flow("one")
+    flow2.source(KafkaSource(kafka_bootstrap, "no-such-topic-" + a, "g")).sink(
+        KafkaSink(kafka_bootstrap, a)
+    )
+    with pytest.raises(sw.FlowDefinitionError, match="does not exist"):
+        check_partitions(flow2)
+
+
+def test_a_pinned_source_reads_one_partition_of_every_topic_from_the_group_offset(
+    kafka_bootstrap: str, kafka_topics: KafkaTopics
+) -> None:
+    """``KafkaSource.for_task(1)``: partition 1 of both topics, by manual assignment,
+    from the group's committed offset (no group membership: it never waits for a
+    rebalance), and a copy that is a fresh object (the original stays unopened)."""
+    import confluent_kafka as ck  # noqa: PLC0415
+
+    from sluiceway.connectors.kafka import KafkaSource  # noqa: PLC0415
+
+    a, b = kafka_topics.new(2), kafka_topics.new(2)
+    for t in (a, b):
+        for p in (0, 1):
+            produce(kafka_bootstrap, t, [{"t": t, "p": p, "i": i} for i in range(10)], partition=p)
+    group = a + ".pinned"
+    c = ck.Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": group})
+    c.commit(offsets=[ck.TopicPartition(a, 1, 4)], asynchronous=False)  # an empty group
+    c.close()
+    original = KafkaSource(kafka_bootstrap, [a, b], group, stop_after_idle=1.0, poll_timeout=0.1)
+    pinned = original.for_task(1)
+    assert pinned is not original
+    assert (pinned.pinned, original.pinned) == (1, None)
+    out = sw.sinks.Collect()
+    flow = sw.Flow("pinned")
+    flow.source(pinned).sink(out)
+    sw.run(flow)
+    got = sorted((r["t"] == a, r["p"], r["i"]) for r in out.items)
+    assert got == sorted([(True, 1, i) for i in range(4, 10)] + [(False, 1, i) for i in range(10)])
+    with pytest.raises(ValueError, match="name the topics"):
+        KafkaSource(kafka_bootstrap, "^pat.*", group).for_task(0)
+
+
+class _SlowSink(Sink):
+    """A sink whose writes take ``seconds`` each; copied per task (``for_task``)."""
+
+    def __init__(self, seconds: float, events: list[str]) -> None:
+        self.seconds = seconds
+        self.events = events
+        self.clock: Any = None
+
+    def for_task(self, partition: int) -> _SlowSink:
+        return _SlowSink(self.seconds, self.events)
+
+    async def open(self, ctx: Any) -> None:
+        self.clock = ctx.clock
+
+    async def write(self, batch: Any) -> None:
+        self.events.append("write")
+        await self.clock.sleep(self.seconds)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_revoke_during_a_slow_sink_cancels_the_task_at_the_revoke_timeout(
+    kafka_bootstrap: str, kafka_topics: KafkaTopics, tmp_path: Path
+) -> None:
+    """Two task managers in one event loop (one process): the second joining takes
+    partitions from the first, whose task is stuck in a 30 s write; the revoke waits
+    ``revoke_timeout`` (1 s, real clock) and cancels it instead of holding the group."""
+    from sluiceway.connectors.kafka import KafkaSource  # noqa: PLC0415
+    from sluiceway.scaleout.tasks import TaskManager, TaskSpec  # noqa: PLC0415
+
+    topic = kafka_topics.new(2)
+    produce(kafka_bootstrap, topic, [{"i": i} for i in range(20)], partition=[0, 1] * 10)
+    events: list[tuple[str, str, int]] = []
+
+    def manager(name: str) -> TaskManager:
+        flow = sw.Flow("slow")
+        flow.source(
+            KafkaSource(kafka_bootstrap, topic, topic + ".g", config={"session.timeout.ms": 6000})
+        ).key_by(lambda v: v["i"]).stateful_map(lambda s, v: (s, v)).sink(_SlowSink(30.0, []))
+        spec = TaskSpec(str(tmp_path / "ck"), checkpoint_interval=0.2, revoke_timeout=1.0)
+        return TaskManager(flow, spec, on_task=lambda e, p: events.append((name, e, p)))
+
+    clock = sw.SystemClock()
+
+    async def main() -> None:
+        first = manager("first")
+        running = asyncio.ensure_future(first.run())
+        while not any(e == "started" for _, e, _ in events):
+            await clock.sleep(0.1)
+        second = manager("second")
+        joining = asyncio.ensure_future(second.run())
+        while not any(n == "second" and e == "started" for n, e, _ in events):
+            await clock.sleep(0.1)
+        first.force_stop()
+        second.force_stop()
+        await asyncio.gather(running, joining, return_exceptions=True)
+
+    asyncio.run(asyncio.wait_for(main(), 90))
+    cancelled = {p for n, e, p in events if n == "first" and e == "cancelled"}
+    taken = {p for n, e, p in events if n == "second" and e == "started"}
+    assert taken, events
+    assert taken <= cancelled, events
