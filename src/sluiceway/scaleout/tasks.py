@@ -347,6 +347,7 @@ class TaskManager:
         self._starting: set[int] = set()
         self._ended: set[int] = set()  # partitions whose last task ended by itself
         self._polling: asyncio.Future[None] | None = None
+        self._polled = asyncio.Event()  # set after each poll of the membership consumer
 
     # -- membership (librdkafka calls these inside a poll, in its thread) ------------
 
@@ -442,7 +443,9 @@ class TaskManager:
     # -- in the event loop ---------------------------------------------------------
 
     def _on_loop(self, what: str, h: _Handover) -> None:
-        assert self._tg is not None
+        if self._tg is None:  # the run is over: nothing left to start or stop
+            h.done.set()
+            return
         if what == "assign":
             self.owned.update(h.partitions)
             for p in h.partitions:
@@ -516,13 +519,36 @@ class TaskManager:
                 log.info(
                     "flow %r: task p%d ended with %r after it was lost", self.flow.name, p, exc
                 )
+            elif _fenced(exc):
+                # Another worker's task of p initialised its transactional id: the group
+                # gave p away while this worker was not looking (a pause longer than the
+                # session).  Its output is aborted; the membership hears of the loss at
+                # its next poll.  Not a failure of this worker.
+                log.warning(
+                    "flow %r: task p%d was fenced by a newer owner of its partition: "
+                    "closed, its open transaction aborted (%s)",
+                    self.flow.name,
+                    p,
+                    exc,
+                )
+                assert self._tg is not None
+                self._tg.create_task(self._restart_if_owned(p), name=f"{self.flow.name}/p{p}")
             else:
                 self._fail(exc)
-            self._say("failed", p)
+            self._say("fenced" if _fenced(exc) and task.ending != "cancel" else "failed", p)
         finally:
             task.done.set()
             if self.tasks.get(p) is task:
                 del self.tasks[p]
+
+    async def _restart_if_owned(self, p: int) -> None:
+        """After a fencing: two polls later (the membership hears of a loss in them),
+        start ``p`` again if this worker still owns it."""
+        for _ in range(2):
+            self._polled.clear()
+            await self._polled.wait()
+        if p in self.owned and p not in self.tasks and not self._stop:
+            await self._start(p)
 
     def _fail(self, exc: BaseException) -> None:
         if self._failure is None:
@@ -647,6 +673,7 @@ class TaskManager:
                 await self._polling
             except KafkaError as exc:
                 self._fail(exc)
+            self._polled.set()
 
     async def _leave(self) -> None:
         """Stop the tasks at a checkpoint (cancel them after a failure), commit, and
@@ -665,6 +692,27 @@ class TaskManager:
         if self._failure is None:
             self._commit_offsets(consumer)
         consumer.close()
+
+
+_FENCING = (
+    ck.KafkaError._FENCED,
+    ck.KafkaError.PRODUCER_FENCED,
+    ck.KafkaError.INVALID_PRODUCER_EPOCH,
+)
+
+
+def _fenced(exc: BaseException) -> bool:
+    """Is ``exc`` (or a cause of it) Kafka fencing this producer's transactional id?"""
+    seen: set[int] = set()
+    at: BaseException | None = exc
+    while at is not None and id(at) not in seen:
+        seen.add(id(at))
+        if isinstance(at, ck.KafkaException) and at.args:
+            err = at.args[0]
+            if isinstance(err, ck.KafkaError) and err.code() in _FENCING:
+                return True
+        at = at.__cause__ or at.__context__
+    return False
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:
