@@ -54,7 +54,7 @@ from typing import Any
 
 import confluent_kafka as ck
 
-from sluiceway.connectors.kafka import KafkaError, KafkaSource
+from sluiceway.connectors.kafka import _SECURITY_KEYS, KafkaError, KafkaSource
 from sluiceway.core.contract import Sink, Source
 from sluiceway.errors import FlowCancelledError, FlowDefinitionError
 from sluiceway.flow import Flow, Node
@@ -227,7 +227,8 @@ def check_partitions(flow: Flow, *, timeout: float = 30.0) -> int:
     topics = sorted({t for _, s in sources for t in s.topics})
     from confluent_kafka.admin import AdminClient  # noqa: PLC0415 - only here
 
-    admin = AdminClient({"bootstrap.servers": first.bootstrap_servers, **first.client_config()})
+    security = {k: v for k, v in first.client_config().items() if k.startswith(_SECURITY_KEYS)}
+    admin = AdminClient({"bootstrap.servers": first.bootstrap_servers, **security})
     try:
         meta = admin.list_topics(timeout=timeout)
     except ck.KafkaException as exc:
