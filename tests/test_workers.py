@@ -328,13 +328,19 @@ def test_workers_stop_by_themselves_when_the_supervisor_is_killed(
         (
             "keyed",
             [],
-            r"operator 'per_second' \(window, defined at job.py:\d+\) keeps keyed state.*"
-            r"Run it as one worker",
+            r"operator 'per_second' \(window, defined at job.py:\d+\) keeps keyed state, "
+            r"which moves between workers .* give --checkpoint-dir DIR",
+        ),
+        (
+            "keyed",
+            ["--checkpoint-dir", "ck"],
+            r"sink 'sink_Stdout' .* cannot be copied for each partition's task",
         ),
         (
             "flow",
             ["--checkpoint-dir", "ck"],
-            r"2 workers would share one checkpoint directory.*Leave out --checkpoint-dir",
+            r"2 workers of a flow without keyed state would share one checkpoint directory.*"
+            r"Leave out --checkpoint-dir",
         ),
     ],
 )
