@@ -482,3 +482,40 @@ def test_a_revoke_during_a_slow_sink_cancels_the_task_at_the_revoke_timeout(
     taken = {p for n, e, p in events if n == "second" and e == "started"}
     assert taken, events
     assert taken <= cancelled, events
+
+
+@pytest.mark.timeout(120)
+def test_at_least_once_tasks_commit_their_offsets_through_the_membership(
+    kafka_bootstrap: str, kafka_topics: KafkaTopics, tmp_path: Path
+) -> None:
+    """Without a transactional sink, a task's offsets (plain commits, which Kafka refuses
+    from a non-member of a group with members) reach the group through the worker's
+    membership consumer: after a stop the group's committed offsets are the ends."""
+    from services_kafka import committed_offsets  # noqa: PLC0415
+    from sluiceway.connectors.kafka import KafkaSink, KafkaSource  # noqa: PLC0415
+    from sluiceway.scaleout.tasks import TaskManager, TaskSpec  # noqa: PLC0415
+
+    topic = kafka_topics.new(2)
+    sizes = (7, 12)
+    for p, n in enumerate(sizes):
+        produce(kafka_bootstrap, topic, [{"p": p, "i": i} for i in range(n)], partition=p)
+    group = topic + ".alo"
+    flow = sw.Flow("alo")
+    flow.source(KafkaSource(kafka_bootstrap, topic, group), name="in").key_by(
+        lambda v: v["i"]
+    ).stateful_map(lambda s, v: (s, v)).sink(
+        KafkaSink(kafka_bootstrap, kafka_topics.new(1)), name="out"
+    )
+    manager = TaskManager(flow, TaskSpec(str(tmp_path / "ck"), checkpoint_interval=0.3))
+    clock = sw.SystemClock()
+
+    async def main() -> None:
+        running = asyncio.ensure_future(manager.run())
+        while sum(s.operator("out").records_in for s in manager.snapshots().values()) < 19:
+            await clock.sleep(0.1)
+        await clock.sleep(1.0)  # a checkpoint or two after the last record
+        manager.request_stop()
+        await running
+
+    asyncio.run(asyncio.wait_for(main(), 90))
+    assert committed_offsets(kafka_bootstrap, group, topic, 2) == list(sizes)
