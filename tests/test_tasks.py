@@ -519,3 +519,65 @@ def test_at_least_once_tasks_commit_their_offsets_through_the_membership(
 
     asyncio.run(asyncio.wait_for(main(), 90))
     assert committed_offsets(kafka_bootstrap, group, topic, 2) == list(sizes)
+
+
+@pytest.mark.timeout(300)
+def test_a_paused_worker_comes_back_as_a_zombie_and_is_fenced(
+    kafka_bootstrap: str, kafka_topics: KafkaTopics, tmp_path: Path
+) -> None:
+    """Worker 1 is SIGSTOPped past its session: worker 0 takes its partitions over (and
+    fences its transactional ids).  SIGCONT: worker 1's tasks find themselves fenced or
+    lost and close without writing anything visible; worker 1 goes on as a member (it does
+    not fail), and the output is still exactly the oracle's."""
+    topic = kafka_topics.new(PARTITIONS)
+    out = _out_topic(kafka_topics, topic)
+    records = _records(0, 400)
+    _produce(kafka_bootstrap, topic, records)
+    _flush(kafka_bootstrap, topic)
+    want = _oracle(records)
+    job = _job(tmp_path, kafka_bootstrap, topic)
+    workers = _Workers(tmp_path, f"{job}:flow", JOB_RATE="40")
+    try:
+        workers.start("0", wid="0")
+        workers.start("1", wid="1")
+        workers.wait_for("1", r"task p\d+ started")
+        _output(kafka_bootstrap, out, 60)
+        starts = len(workers.wait_for("0", r"task p\d+ started", 0))
+        workers.procs["1"].send_signal(signal.SIGSTOP)
+        workers.wait_for("0", r"task p\d+ started", count=starts + 1)  # took one over
+        workers.procs["1"].send_signal(signal.SIGCONT)
+        workers.wait_for("1", r"task p\d+ (fenced|cancelled)")
+        rows = _output(kafka_bootstrap, out, sum(want.values()), within=180)
+        texts = workers.stop_all()
+    finally:
+        workers.kill_all()
+    for name, proc in workers.procs.items():
+        assert proc.returncode == 0, texts[name]
+    got = _got(rows)
+    lost, doubled = want - got, got - want
+    assert not lost, f"lost {sum(lost.values())}: {sorted(lost.elements())[:8]}"
+    assert not doubled, f"doubled {sum(doubled.values())}: {sorted(doubled.elements())[:8]}"
+
+
+def test_fencing_is_told_from_other_failures_through_the_causes() -> None:
+    import confluent_kafka as ck  # noqa: PLC0415
+
+    from sluiceway.connectors.kafka import KafkaSinkError  # noqa: PLC0415
+    from sluiceway.scaleout.tasks import _fenced  # noqa: PLC0415
+
+    def chained(code: int) -> Exception:
+        try:
+            try:
+                raise ck.KafkaException(ck.KafkaError(code))
+            except ck.KafkaException as exc:
+                raise KafkaSinkError("write failed") from exc
+        except KafkaSinkError as exc:
+            try:
+                raise sw.FlowFailedError("flow 'x' failed", flow="x") from exc
+            except sw.FlowFailedError as outer:
+                return outer
+
+    assert _fenced(chained(ck.KafkaError._FENCED))
+    assert _fenced(chained(ck.KafkaError.PRODUCER_FENCED))
+    assert not _fenced(chained(ck.KafkaError._MSG_TIMED_OUT))
+    assert not _fenced(ValueError("not Kafka"))

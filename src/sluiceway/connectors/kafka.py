@@ -1515,15 +1515,20 @@ class KafkaSink(Sink):
         while await ctx.clock.run_in_thread(producer.flush, _FLUSH_SLICE):
             if self._errors.fatal is not None:
                 break
+        # The client's own error is the cause: what it says (fenced by a newer producer of
+        # this transactional id, for one) stays readable by code, not only in the text.
         if self._errors.fatal is not None:
-            raise KafkaSinkError(f"{self._errors.what}: fatal Kafka error: {self._errors.fatal}")
+            fatal = self._errors.fatal
+            raise KafkaSinkError(
+                f"{self._errors.what}: fatal Kafka error: {fatal}"
+            ) from ck.KafkaException(fatal)
         if self._failed:
             failed, self._failed = self._failed, []
             err, _ = failed[0]
             raise KafkaSinkError(
                 f"{self._errors.what}: Kafka did not take {len(failed)} record(s) for topic "
                 f"{self._topic!r}; first error: {err.str()}"
-            )
+            ) from ck.KafkaException(err)
 
     # -- transactions -------------------------------------------------------------------
 
