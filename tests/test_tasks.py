@@ -91,6 +91,14 @@ JOB = textwrap.dedent(
         return f
 
 
+    def pattern():
+        f = sw.Flow("tasks")
+        f.source(KafkaSource({bootstrap!r}, "^never.*", "g")).key_by(lambda v: v).stateful_map(
+            count
+        ).sink(KafkaSink({bootstrap!r}, "x"))
+        return f
+
+
     def from_file():
         f = sw.Flow("tasks")
         f.source(sw.sources.JsonLines("in.jsonl")).key_by(lambda v: v).stateful_map(count).sink(
@@ -347,6 +355,7 @@ def test_a_keyed_flow_that_cannot_run_as_tasks_is_refused(tmp_path: Path) -> Non
         (["--workers", "2", "--checkpoint-dir", "ck"], "to_list", "cannot be copied for each"),
         (["--checkpoint-dir", "ck"], "to_list", "cannot be copied for each partition"),
         (["--workers", "2", "--checkpoint-dir", "ck"], "from_file", "would be read whole"),
+        (["--checkpoint-dir", "ck"], "pattern", "pattern(s) ['^never.*'] may match topics"),
     ]
     (tmp_path / "in.jsonl").write_text("1\n")
     for extra, target, message in cases:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import importlib
 import importlib.util
 import inspect
@@ -756,6 +757,13 @@ async def _tasks_main(manager: Any, metrics_port: int | None, forced: list[int])
     """Run the task manager with SIGINT/SIGTERM handled (the first stops the tasks at a
     checkpoint, a second, recorded in ``forced``, cancels them) and the metrics served."""
     loop = asyncio.get_running_loop()
+    # Every task keeps a Kafka fetch in a worker thread, and the membership consumer's
+    # poll waits in one through a revoke: the default pool (cores + 4 threads) would make
+    # the tasks of a worker owning many partitions queue for threads.  Threads start
+    # lazily; 128 is a bound, not a cost.
+    loop.set_default_executor(
+        concurrent.futures.ThreadPoolExecutor(max_workers=128, thread_name_prefix="sluiceway")
+    )
     received: list[int] = []
 
     def on_signal(signum: int) -> None:

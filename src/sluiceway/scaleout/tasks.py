@@ -142,7 +142,10 @@ def _copy(obj: Any, partition: int, what: str) -> Any:
             "(sw.sinks.Kafka, exactly_once=True for exactly-once output across moves), or "
             "run the flow as one process"
         )
-    return for_task(partition)
+    try:
+        return for_task(partition)
+    except ValueError as exc:  # e.g. a topic pattern: say which operator, as a definition error
+        raise FlowDefinitionError(f"{what}: {exc}") from exc
 
 
 def _policy(policy: Any, partition: int, where: str, made: dict[int, Any]) -> Any:
