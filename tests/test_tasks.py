@@ -590,3 +590,26 @@ def test_fencing_is_told_from_other_failures_through_the_causes() -> None:
     assert _fenced(chained(ck.KafkaError.PRODUCER_FENCED))
     assert not _fenced(chained(ck.KafkaError._MSG_TIMED_OUT))
     assert not _fenced(ValueError("not Kafka"))
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_ends_once_the_input_of_every_task_it_owns_ended(
+    kafka_bootstrap: str, kafka_topics: KafkaTopics, tmp_path: Path
+) -> None:
+    """Sources with ``stop_after_idle``: each task ends by itself (a final checkpoint),
+    and the worker, owning nothing that still runs, leaves the group and returns."""
+    from sluiceway.connectors.kafka import KafkaSink, KafkaSource  # noqa: PLC0415
+    from sluiceway.scaleout.tasks import TaskManager, TaskSpec  # noqa: PLC0415
+
+    topic = kafka_topics.new(2)
+    produce(kafka_bootstrap, topic, [{"i": i} for i in range(10)], partition=[0, 1] * 5)
+    flow = sw.Flow("ends")
+    src = KafkaSource(kafka_bootstrap, topic, topic + ".g", stop_after_idle=1.0, poll_timeout=0.1)
+    flow.source(src, name="in").key_by(lambda v: v["i"]).stateful_map(
+        lambda s, v: ((s or 0) + 1, v)
+    ).sink(KafkaSink(kafka_bootstrap, kafka_topics.new(1)), name="out")
+    manager = TaskManager(flow, TaskSpec(str(tmp_path / "ck"), checkpoint_interval=0.3))
+    results = asyncio.run(asyncio.wait_for(manager.run(), 90))
+    assert sorted(results) == [0, 1]
+    assert [r.metrics.operator("out").records_in for _, r in sorted(results.items())] == [5, 5]
+    assert not any(r.stopped for r in results.values())  # ended by themselves
