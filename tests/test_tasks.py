@@ -175,8 +175,9 @@ def _output(
     """The committed output, read until ``want`` rows (of ``kind``; flush windows
     aside) came, or ``within`` reads later."""
     rows: list[dict[str, Any]] = []
-    for _ in range(within):
-        found = read_topic(bootstrap, topic, partitions=PARTITIONS, expect=want, quiet_for=1.0)
+    for _ in range(within // 5):
+        # quiet_for: a fresh reader's first fetch may take seconds on a loaded machine
+        found = read_topic(bootstrap, topic, partitions=PARTITIONS, expect=want, quiet_for=5.0)
         rows = [json.loads(r[3]) for r in found]
         if sum(1 for r in rows if r["k"] != "flush" and kind in (None, r["kind"])) >= want:
             return rows
