@@ -275,12 +275,18 @@ def test_two_workers_equal_the_oracle_and_a_third_joining_moves_state_along(
         workers.start("pair", "--workers", "2", "--metrics-port", "0")
         _output(kafka_bootstrap, out, len(first), kind="count")  # the first half, all counted
         assert workers.started("0") | workers.started("1") == set(range(PARTITIONS))
-        [url] = workers.wait_for("pair", r"sluiceway\[worker 0\]: Prometheus metrics at (\S+)")
-        metrics = urllib.request.urlopen(url.group(1), timeout=10).read().decode()
-        # one port per worker, a series per task it runs now (labelled task="p<partition>")
-        series = re.findall(r'sluiceway_records_out_total{[^}]*task="p(\d+)"', metrics)
-        assert series, metrics
-        assert {int(p) for p in series} <= workers.started("0"), metrics
+        # one port per worker, a series per task it runs now (labelled task="p<partition>");
+        # a worker may own no partition at this instant (the other took all at first)
+        scraped: set[int] = set()
+        for wid in "01":
+            [url] = workers.wait_for(
+                "pair", rf"sluiceway\[worker {wid}\]: Prometheus metrics at (\S+)"
+            )
+            metrics = urllib.request.urlopen(url.group(1), timeout=10).read().decode()
+            series = {int(p) for p in re.findall(r'records_out_total{[^}]*task="p(\d+)"', metrics)}
+            assert series <= workers.started(wid), metrics
+            scraped |= series
+        assert scraped, "no task series on either worker's metrics port"
         workers.start("third", wid="2")  # joins: the group moves partitions (and tasks) to it
         workers.wait_for("third", r"task p\d+ started")
         _produce(kafka_bootstrap, topic, second)
