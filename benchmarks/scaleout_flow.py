@@ -6,12 +6,15 @@ configured by environment variables: ``SCALE_BOOTSTRAP``, ``SCALE_INPUT`` (group
 Kafka -> ``key_by(k)`` -> ``stateful_map`` (a count per key; the hash of each record) ->
 the transactional Kafka sink.  Records ``{"k", "i", "p", "ts"?, "q"?}``: ``q`` (quiet)
 records only build state and write nothing; the others write
-``{"k", "n", "h", "p", "ts", "w"}`` (``w``: the worker, ``SLUICEWAY_WORKER_ID``).
+``{"k", "n", "h", "p", "ts", "w", "at"}`` (``w``: the worker, ``SLUICEWAY_WORKER_ID``;
+``at``: the wall-clock time the record was processed, for rates that do not depend on
+when transactions commit).
 """
 
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import sluiceway as sw
@@ -34,7 +37,7 @@ def count(state: int | None, r: dict[str, Any]) -> tuple[int, Any]:
     if r.get("q"):
         return n, None
     out = {"k": r["k"], "n": n, "h": burn(r["i"], ROUNDS), "p": r.get("p"), "ts": r.get("ts")}
-    return n, {**out, "w": WORKER}
+    return n, {**out, "w": WORKER, "at": time.time()}
 
 
 def flow() -> sw.Flow:

@@ -47,7 +47,9 @@ KEYS_PER_PARTITION = 4
 RECORDS = 4800  # about 600 per partition
 STEP = 1 / 64  # event-time seconds between consecutive records (exact in binary)
 BASE = 1_700_000_000.0
-RATE = 15  # records per second one task takes: ~40 s of stream per partition
+# Records per second a worker takes (its tasks share the flow's rate limiter): the
+# stream lasts ~1.5 min, long enough for five membership changes mid-stream.
+RATE = 25
 CHECKPOINT_INTERVAL = "0.5"
 # A partition changes owner at most once per membership change (a, b start; c joins; one
 # is killed; d joins; one stops): 6 owners at most, in turn.  Two owners writing at once
@@ -265,6 +267,10 @@ def skip_if_refused(bootstrap: str, topics: KafkaTopics, tmp_path: Path) -> None
     try:
         [first] = lines.wait_for(r"started 2 workers|error:", within=60)[:1]
         if first.group(0) != "error:":
+            # Both workers run their tasks (one each: the topic has 2 partitions), then
+            # Ctrl-C.  (Not before: a SIGINT while a worker's interpreter still starts
+            # kills it in its imports.)
+            lines.wait_for(r"sluiceway\[worker \d\]: task p\d started", count=2, within=90)
             proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=60)
     finally:
@@ -278,7 +284,7 @@ def skip_if_refused(bootstrap: str, topics: KafkaTopics, tmp_path: Path) -> None
     assert code == 0, f"--workers 2 on the keyed flow did not start and stop cleanly:\n{text}"
 
 
-@pytest.mark.timeout(300)  # ~2.5 min: a paced stream of ~40 s per partition, five moves
+@pytest.mark.timeout(300)  # ~2.5 min: a paced stream, five membership changes
 def test_elastic_chaos_keyed_state_and_windows_are_exactly_once(
     kafka_bootstrap: str,
     kafka_topics: KafkaTopics,

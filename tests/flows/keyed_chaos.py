@@ -3,8 +3,8 @@ keyed_chaos.py:flow``), configured by environment variables:
 
 ``CHAOS_BOOTSTRAP``, ``CHAOS_INPUT`` (the input topic; the group is ``<input>.chaos``),
 ``CHAOS_OUTPUT`` (the output topic; transactional id ``<output>.tx``), ``CHAOS_RATE``
-(records per second one copy of the flow takes: it paces the run so that workers join,
-die and leave mid-stream).
+(records per second the flow's rate limiter lets through: it paces the run so that
+workers join, die and leave mid-stream).
 
 Input records are ``{"k": key, "i": n-th record of the key, "t": event time, "v": int}``
 with keys ``"<partition>-<name>"`` written to partition ``<partition>``.  Two keyed
