@@ -267,10 +267,11 @@ def skip_if_refused(bootstrap: str, topics: KafkaTopics, tmp_path: Path) -> None
     try:
         [first] = lines.wait_for(r"started 2 workers|error:", within=60)[:1]
         if first.group(0) != "error:":
-            # Both workers run their tasks (one each: the topic has 2 partitions), then
-            # Ctrl-C.  (Not before: a SIGINT while a worker's interpreter still starts
-            # kills it in its imports.)
-            lines.wait_for(r"sluiceway\[worker \d\]: task p\d started", count=2, within=90)
+            # Both workers run a task (the topic has 2 partitions), then Ctrl-C.  (Not
+            # before: a SIGINT while a worker's interpreter still starts kills it in its
+            # imports.)
+            for wid in (0, 1):
+                lines.wait_for(rf"sluiceway\[worker {wid}\]: task p\d started", within=90)
             proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=60)
     finally:
@@ -323,12 +324,25 @@ def test_elastic_chaos_keyed_state_and_windows_are_exactly_once(
         workers.start("b")
         at_fraction(0.10, 0.20)
         workers.start("c")  # joins mid-stream: partitions and their state move to it
-        at_fraction(0.30, 0.45)
+        when = rng.choice(["while c joins", "later"])
+        if when == "later":
+            at_fraction(0.30, 0.45)
+        else:  # c's interpreter starts, it joins, the others revoke and hand over
+            threading.Event().wait(rng.uniform(0.5, 6.0))
         victim = rng.choice(workers.running())
         workers.procs[victim].send_signal(signal.SIGKILL)  # its partitions are lost
-        print(f"SIGKILL worker {victim} at {out.runs()} of {total_runs} outputs")
+        print(f"SIGKILL worker {victim} {when}, at {out.runs()} of {total_runs} outputs")
+        threading.Event().wait(rng.uniform(0.0, 3.0))
         workers.start("d")  # the replacement
-        at_fraction(0.60, 0.75)
+        at_fraction(0.50, 0.60)
+        # A zombie: a worker frozen past its session timeout loses its partitions to the
+        # others while it still believes it owns them; woken up, it must not write.
+        frozen = rng.choice(workers.running())
+        workers.procs[frozen].send_signal(signal.SIGSTOP)
+        print(f"SIGSTOP worker {frozen} at {out.runs()} of {total_runs} outputs")
+        threading.Event().wait(rng.uniform(8.0, 12.0))  # session.timeout.ms is 6 s
+        workers.procs[frozen].send_signal(signal.SIGCONT)
+        at_fraction(0.65, 0.75)
         leaving = rng.choice([w for w in workers.running() if w != "d"] or ["d"])
         print(f"SIGINT worker {leaving} at {out.runs()} of {total_runs} outputs")
         assert workers.stop(leaving) == 0, workers.report()
@@ -361,11 +375,15 @@ def test_elastic_chaos_keyed_state_and_windows_are_exactly_once(
     # ... and each partition's outputs come from one owner at a time: runs of one worker,
     # never two interleaved.
     owners: dict[int, list[str]] = {}
+    turns: dict[int, list[str]] = {}  # "<worker>@<running totals output so far>"
+    seen = 0
     for r in rows:
+        seen += r["kind"] == "run"
         runs = owners.setdefault(partition_of(r["k"]), [])
         if not runs or runs[-1] != r["w"]:
             runs.append(r["w"])
-    print("owners per partition, in turn:", {p: "".join(ws) for p, ws in sorted(owners.items())})
+            turns.setdefault(partition_of(r["k"]), []).append(f"{r['w']}@{seen}")
+    print("owners per partition, in turn:", {p: " ".join(ws) for p, ws in sorted(turns.items())})
     assert all(len(ws) <= MAX_OWNER_RUNS for ws in owners.values()), (
         f"seed {seed}: a partition's outputs alternate between workers: {owners}"
     )
