@@ -5,8 +5,10 @@ A keyed flow with user state (``tests/flows/keyed_chaos.py``: a running total pe
 partitions keyed by the key and writes with the transactional Kafka sink.  Workers are
 real, separate processes (``python -m sluiceway run ... --checkpoint-dir D`` with
 ``SLUICEWAY_WORKER_ID``), each in a working directory of its own, sharing the checkpoint
-directory; while the stream runs, workers join, one is SIGKILLed at a random instant, a
-replacement joins and one stops gracefully (SIGINT).  A ``read_committed`` reader's
+directory; while the stream runs, workers join, one is SIGKILLed at a random instant (at
+times while another joins), a replacement joins, one is frozen (SIGSTOP) past its session
+timeout and woken up -- a zombie the others must fence -- and one stops gracefully
+(SIGINT).  A ``read_committed`` reader's
 output must equal the oracle computed here from the input -- nothing lost, nothing
 written twice, every running total and window aggregate exact -- and a key never has
 two owners at once.
@@ -286,7 +288,7 @@ def skip_if_refused(bootstrap: str, topics: KafkaTopics, tmp_path: Path) -> None
     assert code == 0, f"--workers 2 on the keyed flow did not start and stop cleanly:\n{text}"
 
 
-@pytest.mark.timeout(300)  # ~2.5 min: a paced stream, five membership changes
+@pytest.mark.timeout(300)  # ~2 min: a paced stream, six membership changes
 def test_elastic_chaos_keyed_state_and_windows_are_exactly_once(
     kafka_bootstrap: str,
     kafka_topics: KafkaTopics,
