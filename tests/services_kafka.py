@@ -192,10 +192,12 @@ def produce(
     timestamps_ms: list[int] | None = None,
     raw: bool = False,
     batch: int | None = None,
+    keys: list[str] | None = None,
 ) -> None:
     """Write ``values`` (JSON, or bytes as they are with ``raw``) in order and wait.
     ``partition`` is one for all or one per record; ``batch`` caps the records per
-    record batch (small batches: a consumer receives the partitions interleaved)."""
+    record batch (small batches: a consumer receives the partitions interleaved);
+    ``keys`` are the records' keys (UTF-8), one per record."""
     import json  # noqa: PLC0415
 
     import confluent_kafka as ck  # noqa: PLC0415
@@ -212,6 +214,8 @@ def produce(
             kw["partition"] = partition
         if timestamps_ms is not None:
             kw["timestamp"] = timestamps_ms[i]
+        if keys is not None:
+            kw["key"] = keys[i].encode()
         p.produce(topic, v if raw else json.dumps(v).encode(), **kw)
         p.poll(0)
     assert p.flush(30) == 0, "records not delivered"

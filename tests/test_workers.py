@@ -9,11 +9,9 @@ Every worker is a real process (``python -m sluiceway run``) on the real broker.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
-import sys
 import textwrap
 import threading
 import urllib.request
@@ -25,13 +23,12 @@ import pytest
 import services_kafka
 from services import import_or_missing
 from services_kafka import KafkaTopics, produce, read_topic
+from workers_harness import Lines, alive, run_cmd, worker_env
 
 kafka_bootstrap = services_kafka.kafka_bootstrap
 kafka_topics = services_kafka.kafka_topics
 
 import_or_missing("confluent_kafka")
-
-SRC = Path(__file__).resolve().parents[1] / "src"
 
 JOB = textwrap.dedent(
     """
@@ -121,16 +118,6 @@ def _job(tmp_path: Path, bootstrap: str, topic: str) -> Path:
     return path
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICEWAY_WORKER")}
-    env["PYTHONPATH"] = str(SRC)
-    return {**env, **extra}
-
-
-def _cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "sluiceway", "run", *args]
-
-
 def _outputs(tmp_path: Path) -> dict[str, list[tuple[int, int]]]:
     out: dict[str, list[tuple[int, int]]] = {}
     for path in sorted(tmp_path.glob("out-*.jsonl")):
@@ -145,53 +132,7 @@ def _fill(bootstrap: str, topic: str, n: int) -> set[tuple[int, int]]:
     return {(p, i) for p in range(4) for i in range(n)}
 
 
-class _Lines:
-    """A child's stderr, read in a thread, for waiting on lines."""
-
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        assert proc.stderr is not None
-        self.lines: list[str] = []
-        self.cond = threading.Condition()
-        self.thread = threading.Thread(target=self._read, args=(proc.stderr,), daemon=True)
-        self.thread.start()
-
-    def _read(self, stream: Any) -> None:
-        with stream:
-            for line in stream:
-                with self.cond:
-                    self.lines.append(line)
-                    self.cond.notify_all()
-        with self.cond:
-            self.lines.append("")  # the end
-            self.cond.notify_all()
-
-    def wait_for(self, pattern: str, count: int = 1, within: float = 60.0) -> list[re.Match[str]]:
-        rx = re.compile(pattern)
-
-        def found() -> list[re.Match[str]]:
-            return [m for line in self.lines if (m := rx.search(line))]
-
-        with self.cond:
-            ok = self.cond.wait_for(lambda: len(found()) >= count or "" in self.lines, within)
-            hits = found()
-        assert ok, f"timed out waiting for {pattern!r} in:\n{''.join(self.lines)}"
-        assert len(hits) >= count, f"no {pattern!r} in:\n{''.join(self.lines)}"
-        return hits
-
-    def text(self) -> str:
-        self.thread.join(timeout=30)
-        return "".join(self.lines)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
-
-
-def _worker_pids(lines: _Lines) -> list[int]:
+def _worker_pids(lines: Lines) -> list[int]:
     [m] = lines.wait_for(r"started 2 workers \(0: pid (\d+), 1: pid (\d+)\)")
     return [int(m.group(1)), int(m.group(2))]
 
@@ -203,9 +144,9 @@ def test_two_workers_split_the_partitions_and_end_together(
     want = _fill(kafka_bootstrap, topic, 500)
     job = _job(tmp_path, kafka_bootstrap, topic)
     p = subprocess.run(
-        _cmd(f"{job}:flow", "--workers", "2"),
+        run_cmd(f"{job}:flow", "--workers", "2"),
         cwd=tmp_path,
-        env=_env(),
+        env=worker_env(),
         capture_output=True,
         text=True,
         timeout=180,
@@ -229,13 +170,13 @@ def test_ctrl_c_stops_every_worker_and_each_serves_its_metrics_labelled(
     _fill(kafka_bootstrap, topic, 50)
     job = _job(tmp_path, kafka_bootstrap, topic)
     proc = subprocess.Popen(
-        _cmd(f"{job}:flow", "--workers", "2", "--metrics-port", "0"),
+        run_cmd(f"{job}:flow", "--workers", "2", "--metrics-port", "0"),
         cwd=tmp_path,
-        env=_env(JOB_MODE="endless"),
+        env=worker_env(JOB_MODE="endless"),
         stderr=subprocess.PIPE,
         text=True,
     )
-    lines = _Lines(proc)
+    lines = Lines(proc)
     try:
         pids = _worker_pids(lines)
         urls = {
@@ -259,7 +200,7 @@ def test_ctrl_c_stops_every_worker_and_each_serves_its_metrics_labelled(
     text = lines.text()
     assert "stopping 2 worker(s) (SIGINT)" in text
     assert text.count("stopped after") == 2, text
-    assert not any(_alive(pid) for pid in pids)
+    assert not any(alive(pid) for pid in pids)
 
 
 def test_a_failing_worker_is_named_and_the_others_stop(
@@ -269,9 +210,9 @@ def test_a_failing_worker_is_named_and_the_others_stop(
     _fill(kafka_bootstrap, topic, 200)
     job = _job(tmp_path, kafka_bootstrap, topic)
     p = subprocess.run(
-        _cmd(f"{job}:failing", "--workers", "2"),
+        run_cmd(f"{job}:failing", "--workers", "2"),
         cwd=tmp_path,
-        env=_env(JOB_MODE="endless"),
+        env=worker_env(JOB_MODE="endless"),
         capture_output=True,
         text=True,
         timeout=180,
@@ -291,13 +232,13 @@ def test_workers_stop_by_themselves_when_the_supervisor_is_killed(
     _fill(kafka_bootstrap, topic, 50)
     job = _job(tmp_path, kafka_bootstrap, topic)
     proc = subprocess.Popen(
-        _cmd(f"{job}:flow", "--workers", "2", "--metrics-port", "0"),
+        run_cmd(f"{job}:flow", "--workers", "2", "--metrics-port", "0"),
         cwd=tmp_path,
-        env=_env(JOB_MODE="endless"),
+        env=worker_env(JOB_MODE="endless"),
         stderr=subprocess.PIPE,
         text=True,
     )
-    lines = _Lines(proc)
+    lines = Lines(proc)
     try:
         pids = _worker_pids(lines)
         lines.wait_for(r"Prometheus metrics at", count=2)  # both flows are running
@@ -310,10 +251,10 @@ def test_workers_stop_by_themselves_when_the_supervisor_is_killed(
         if proc.poll() is None:
             proc.kill()
     for _ in range(200):
-        if not any(_alive(pid) for pid in pids):
+        if not any(alive(pid) for pid in pids):
             break
         threading.Event().wait(0.05)
-    assert not any(_alive(pid) for pid in pids)
+    assert not any(alive(pid) for pid in pids)
 
 
 @pytest.mark.parametrize(
@@ -349,9 +290,9 @@ def test_a_flow_that_cannot_be_split_is_refused_before_any_worker_starts(
 ) -> None:
     job = _job(tmp_path, "127.0.0.1:1", "never-read")
     p = subprocess.run(
-        _cmd(f"{job}:{target}", "--workers", "2", *extra),
+        run_cmd(f"{job}:{target}", "--workers", "2", *extra),
         cwd=tmp_path,
-        env=_env(),
+        env=worker_env(),
         capture_output=True,
         text=True,
         timeout=60,
@@ -372,9 +313,9 @@ def test_live_and_ports_past_the_range_are_refused(tmp_path: Path) -> None:
         (["--metrics-port", "65535"], "--metrics-port 65535 with --workers 2 needs ports up to"),
     ):
         p = subprocess.run(
-            _cmd(f"{job}:flow", "--workers", "2", *extra),
+            run_cmd(f"{job}:flow", "--workers", "2", *extra),
             cwd=tmp_path,
-            env=_env(),
+            env=worker_env(),
             capture_output=True,
             text=True,
             timeout=60,
@@ -410,9 +351,9 @@ def test_workers_joining_crashing_and_replaced_lose_nothing(
 
         def start(wid: str) -> None:
             procs[wid] = subprocess.Popen(
-                _cmd(f"{job}:to_kafka"),
+                run_cmd(f"{job}:to_kafka"),
                 cwd=tmp_path,
-                env=_env(SLUICEWAY_WORKER_ID=wid),
+                env=worker_env(SLUICEWAY_WORKER_ID=wid),
                 stderr=subprocess.PIPE,
                 text=True,
             )
