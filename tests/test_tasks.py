@@ -29,7 +29,7 @@ import sluiceway as sw
 from services import import_or_missing
 from services_kafka import KafkaTopics, produce, read_topic
 from sluiceway.core.contract import Sink
-from test_workers import _Lines
+from workers_harness import Lines as _Lines
 
 kafka_bootstrap = services_kafka.kafka_bootstrap
 kafka_topics = services_kafka.kafka_topics
@@ -597,6 +597,35 @@ def test_fencing_is_told_from_other_failures_through_the_causes() -> None:
     assert _fenced(chained(ck.KafkaError.PRODUCER_FENCED))
     assert not _fenced(chained(ck.KafkaError._MSG_TIMED_OUT))
     assert not _fenced(ValueError("not Kafka"))
+
+
+def test_a_zombie_refused_by_the_shared_checkpoint_store_is_superseded_not_failed(
+    tmp_path: Path,
+) -> None:
+    """The new owner of a partition saved checkpoint 7 in the task's directory; the zombie
+    (its old owner, paused past its session) then tries to save its own 7. The store
+    refuses it with a CheckpointConflictError, which closes the zombie's task like a
+    Kafka fencing instead of failing (and stopping) its worker."""
+    from sluiceway.checkpoint.store import (  # noqa: PLC0415
+        CheckpointConflictError,
+        CheckpointStore,
+        OperatorState,
+    )
+    from sluiceway.scaleout.tasks import _fenced  # noqa: PLC0415
+
+    states = {"op": OperatorState("op", "map", b"state")}
+    new_owner, zombie = CheckpointStore(tmp_path), CheckpointStore(tmp_path)
+    try:
+        new_owner.save("flow", 7, states, created=0.0, duration=0.0)
+        with pytest.raises(CheckpointConflictError, match="another run") as refused:
+            zombie.save("flow", 7, states, created=0.0, duration=0.0)
+    finally:
+        new_owner.close()
+        zombie.close()
+    assert isinstance(refused.value, ValueError)  # what it was before it had a class
+    with pytest.raises(sw.FlowFailedError) as outer:
+        raise sw.FlowFailedError("flow 'x' failed", flow="x") from refused.value
+    assert _fenced(outer.value)
 
 
 @pytest.mark.timeout(120)

@@ -64,6 +64,7 @@ __all__ = [
     "FORMAT_VERSION",
     "ChainInfo",
     "Checkpoint",
+    "CheckpointConflictError",
     "CheckpointInfo",
     "CheckpointNotFoundError",
     "CheckpointStore",
@@ -324,6 +325,12 @@ class CheckpointNotFoundError(CheckpointError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class CheckpointConflictError(CheckpointError, ValueError):
+    """Another run of the flow saved this checkpoint id (or a later one) in the same store
+    first: two runs share the checkpoint directory at once.  Also a ``ValueError``, as
+    before it had a class of its own."""
+
+
 def _digest(
     checkpoint_id: int,
     flow: str,
@@ -453,7 +460,8 @@ class CheckpointStore:
             The saved checkpoint's info.
 
         Raises:
-            ValueError: the id does not increase, or an argument is out of range.
+            CheckpointConflictError: the id does not increase (another run saved it).
+            ValueError: an argument is out of range.
             TypeError: a state is not an :class:`OperatorState` of bytes.
             CheckpointCorruptError: the file is not a store this version can write.
             CheckpointError: SQLite failed to write (disk full, permissions...), or a
@@ -501,7 +509,7 @@ class CheckpointStore:
                 with self._transaction(conn):
                     last = self._last_id(conn, flow)
                     if checkpoint_id <= last:
-                        raise ValueError(
+                        raise CheckpointConflictError(
                             f"checkpoint ids must increase: got {checkpoint_id}, but "
                             f"{last} was already saved for flow {flow!r} in {self.path} "
                             f"(next_id() is {last + 1}); is another run of flow {flow!r} "

@@ -54,6 +54,7 @@ from typing import Any
 
 import confluent_kafka as ck
 
+from sluiceway.checkpoint.store import CheckpointConflictError
 from sluiceway.connectors.kafka import _SECURITY_KEYS, KafkaError, KafkaSource
 from sluiceway.core.contract import Sink, Source
 from sluiceway.errors import FlowCancelledError, FlowDefinitionError
@@ -706,11 +707,16 @@ _FENCING = (
 
 
 def _fenced(exc: BaseException) -> bool:
-    """Is ``exc`` (or a cause of it) Kafka fencing this producer's transactional id?"""
+    """Was this task superseded by a newer owner of its partition?  ``exc`` (or a cause
+    of it) is Kafka fencing this producer's transactional id, or the shared checkpoint
+    store refusing a checkpoint id the newer owner saved first (a zombie that had not
+    written to Kafka since the takeover finds out there)."""
     seen: set[int] = set()
     at: BaseException | None = exc
     while at is not None and id(at) not in seen:
         seen.add(id(at))
+        if isinstance(at, CheckpointConflictError):
+            return True
         if isinstance(at, ck.KafkaException) and at.args:
             err = at.args[0]
             if isinstance(err, ck.KafkaError) and err.code() in _FENCING:
