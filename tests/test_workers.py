@@ -92,6 +92,13 @@ JOB = textwrap.dedent(
         return flow
 
 
+    def slow():
+        import threading
+
+        threading.Event().wait(2.0)  # a flow that takes a while to build (imports, models)
+        return flow
+
+
     def keyed():
         f = sw.Flow("keyed")
         (
@@ -223,6 +230,36 @@ def test_a_failing_worker_is_named_and_the_others_stop(
     assert "sluiceway[worker 1]: error: calling" in p.stderr
     assert "worker 1 fails on purpose" in p.stderr
     assert "sluiceway[worker 0]: flow 'scaled' stopped" in p.stderr
+
+
+def test_ctrl_c_while_the_workers_still_load_the_flow_stops_them_gracefully(
+    kafka_bootstrap: str, kafka_topics: KafkaTopics, tmp_path: Path
+) -> None:
+    """The supervisor forwards a Ctrl-C to workers still building their flow: each one
+    runs it and stops it at once, gracefully (its totals, exit 0), instead of dying in
+    the import with a KeyboardInterrupt traceback and exit code 130."""
+    topic = kafka_topics.new(4)
+    _fill(kafka_bootstrap, topic, 10)
+    job = _job(tmp_path, kafka_bootstrap, topic)
+    proc = subprocess.Popen(
+        run_cmd(f"{job}:slow", "--workers", "2"),
+        cwd=tmp_path,
+        env=worker_env(JOB_MODE="endless"),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines = Lines(proc)
+    try:
+        _worker_pids(lines)
+        proc.send_signal(signal.SIGINT)  # the workers are inside slow() for 2 s
+        assert proc.wait(timeout=90) == 0, lines.text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = lines.text()
+    assert text.count("flow 'scaled' stopped after") == 2, text
+    assert "KeyboardInterrupt" not in text
+    assert "interrupted" not in text
 
 
 def test_workers_stop_by_themselves_when_the_supervisor_is_killed(

@@ -44,9 +44,10 @@ from sluiceway.checkpoint.cli import add_checkpoints_command
 from sluiceway.console import LiveView, format_count
 from sluiceway.errors import CliError
 from sluiceway.plan import plan as make_plan
+from sluiceway.runtime.handle import hold_signals, take_held_signals
 from sluiceway.scaleout.checks import check_scalable, check_tasks, keyed_state
 from sluiceway.scaleout.supervisor import WorkerCommand, supervise, watch_supervisor
-from sluiceway.scaleout.worker import worker_id
+from sluiceway.scaleout.worker import ENV_SUPERVISOR_FD, worker_id
 
 __all__ = ["CliError", "build_parser", "load_flow", "main"]
 
@@ -777,6 +778,8 @@ async def _tasks_main(manager: Any, metrics_port: int | None, forced: list[int])
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
+    for held in take_held_signals():  # received while the worker was loading the flow
+        on_signal(held)
     try:
         if metrics_port is None:
             return await manager.run()
@@ -974,6 +977,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns the exit code.  ``--help``, ``--version`` and bad options exit through
     :class:`SystemExit`, as argparse does.
     """
+    if os.environ.get(ENV_SUPERVISOR_FD):
+        # A worker of --workers: the supervisor may forward a Ctrl-C while this process
+        # still loads the flow; the flow then stops at once, gracefully.
+        hold_signals()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -19,7 +19,15 @@ from sluiceway.runtime.checkpointing import Checkpoints
 from sluiceway.runtime.executor import Executor, RunResult
 from sluiceway.time import Clock
 
-__all__ = ["FlowHandle", "Monitor", "run", "run_async", "start"]
+__all__ = [
+    "FlowHandle",
+    "Monitor",
+    "hold_signals",
+    "run",
+    "run_async",
+    "start",
+    "take_held_signals",
+]
 
 Monitor = Callable[["FlowHandle"], Awaitable[None]]
 """A coroutine function run beside a flow (a live view, a stop-after timer...).
@@ -263,6 +271,38 @@ def run(
     return asyncio.run(main())
 
 
+_held: list[signal.Signals] = []
+
+
+def hold_signals() -> None:
+    """From now until a run installs its own handlers, remember SIGINT and SIGTERM
+    instead of acting on them; the next run that installs handlers acts on them at once.
+
+    For a worker of ``sluiceway run --workers``: its supervisor forwards a Ctrl-C to it
+    perhaps while it still imports the flow, where Python's default would end it with a
+    ``KeyboardInterrupt`` traceback instead of a flow stopped gracefully (with its totals).
+    The supervisor starts workers with both signals blocked, so one sent before this call
+    waits; this call unblocks them.  Only in the main thread (signal handlers live there).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def held(signum: int, _frame: object) -> None:
+        _held.append(signal.Signals(signum))
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, held)
+    # The supervisor starts its workers with these blocked: let through what waits.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+def take_held_signals() -> list[signal.Signals]:
+    """The signals :func:`hold_signals` remembered, in order (and forget them)."""
+    taken = list(_held)
+    _held.clear()
+    return taken
+
+
 def _install_signals(handle: FlowHandle, announce: bool) -> list[signal.Signals]:
     if threading.current_thread() is not threading.main_thread():
         return []
@@ -285,6 +325,8 @@ def _install_signals(handle: FlowHandle, announce: bool) -> list[signal.Signals]
         except (NotImplementedError, RuntimeError):  # pragma: no cover - non-Unix
             continue
         installed.append(sig)
+    for sig in take_held_signals():  # received before this run could handle them
+        on_signal(sig)
     return installed
 
 

@@ -51,6 +51,11 @@ async def _supervise(commands: Sequence[WorkerCommand]) -> int:
     loop = asyncio.get_running_loop()
     read_end, write_end = os.pipe()
     procs: dict[int, asyncio.subprocess.Process] = {}
+    # The workers start with SIGINT and SIGTERM blocked (the mask is inherited through
+    # exec), so a signal forwarded before a worker can handle it waits instead of killing
+    # it mid-import; the worker lets them through once it holds them (hold_signals).
+    stop_signals = {signal.SIGINT, signal.SIGTERM}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     try:
         for cmd in commands:
             env = {
@@ -72,6 +77,7 @@ async def _supervise(commands: Sequence[WorkerCommand]) -> int:
         os.close(write_end)
         raise
     finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(read_end)
     pids = ", ".join(f"{i}: pid {p.pid}" for i, p in procs.items())
     _say(f"started {len(procs)} workers ({pids})")
