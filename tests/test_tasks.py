@@ -381,6 +381,43 @@ def test_a_keyed_flow_that_cannot_run_as_tasks_is_refused(tmp_path: Path) -> Non
         assert "task p" not in p.stderr
 
 
+def test_a_checkpoint_directory_of_the_other_layout_is_refused(tmp_path: Path) -> None:
+    """One process keeps its checkpoints in DIR/checkpoints.db, workers per partition in
+    DIR/tasks/p<N>: switching between the two on one directory would start without the
+    state while the group's offsets go on (keys counted from zero, silently)."""
+    job = _job(tmp_path, "127.0.0.1:1", "never-read")
+    single, workers = tmp_path / "single", tmp_path / "workers"
+    sw.run(_one_checkpoint_flow(), checkpoints=sw.Checkpoints(single))
+    assert (single / "checkpoints.db").exists()
+    (workers / "tasks" / "p0").mkdir(parents=True)
+    cases = [
+        (["--workers", "2", "--checkpoint-dir", str(single)], {}, "run as one process"),
+        (["--checkpoint-dir", str(single)], {"SLUICEWAY_WORKER_ID": "0"}, "run as one process"),
+        (["--checkpoint-dir", str(workers)], {}, "per-partition checkpoints of workers"),
+    ]
+    for extra, env, message in cases:
+        p = subprocess.run(
+            [sys.executable, "-m", "sluiceway", "run", f"{job}:flow", *extra],
+            cwd=tmp_path,
+            env=_env(**env),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert p.returncode == 1, (extra, p.stderr)
+        assert message in p.stderr, (extra, p.stderr)
+        assert "task p" not in p.stderr
+
+
+def _one_checkpoint_flow() -> sw.Flow:
+    flow = sw.Flow("flow")
+    flow.source(sw.sources.Iterable([1, 2, 3])).key_by(lambda v: v).stateful_map(
+        lambda s, v: ((s or 0) + 1, v)
+    ).sink(sw.sinks.Collect())
+    return flow
+
+
 def test_topics_with_different_partition_counts_are_refused(
     kafka_bootstrap: str, kafka_topics: KafkaTopics
 ) -> None:

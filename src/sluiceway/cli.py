@@ -45,7 +45,7 @@ from sluiceway.console import LiveView, format_count
 from sluiceway.errors import CliError
 from sluiceway.plan import plan as make_plan
 from sluiceway.runtime.handle import hold_signals, take_held_signals
-from sluiceway.scaleout.checks import check_scalable, check_tasks, keyed_state
+from sluiceway.scaleout.checks import check_layout, check_scalable, check_tasks, keyed_state
 from sluiceway.scaleout.supervisor import WorkerCommand, supervise, watch_supervisor
 from sluiceway.scaleout.worker import ENV_SUPERVISOR_FD, worker_id
 
@@ -724,7 +724,8 @@ def _run_workers(flow: sw.Flow, args: argparse.Namespace) -> int:
     if args.checkpoint_interval is not None and args.checkpoint_dir is None:
         raise CliError("--checkpoint-interval needs --checkpoint-dir DIR", _EXIT_USAGE)
     try:
-        check_scalable(flow, args.workers, checkpoint_dir=args.checkpoint_dir is not None)
+        if check_scalable(flow, args.workers, checkpoint_dir=args.checkpoint_dir is not None):
+            check_layout(args.checkpoint_dir, tasks=True)
     except sw.FlowDefinitionError as exc:
         raise CliError(
             f"cannot run {args.target} on {args.workers} workers: {exc}", _EXIT_FAILED
@@ -805,6 +806,7 @@ def _run_tasks(flow: sw.Flow, args: argparse.Namespace) -> int:
     with its own checkpoints in ``--checkpoint-dir``/tasks/p<p> (``sluiceway.scaleout.tasks``)."""
     try:
         check_tasks(flow, checkpoint_dir=args.checkpoint_dir is not None)
+        check_layout(args.checkpoint_dir, tasks=True)
     except sw.FlowDefinitionError as exc:
         raise CliError(f"cannot run {args.target} as a worker: {exc}", _EXIT_FAILED) from exc
     if args.live:
@@ -870,6 +872,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     monitor = _with_web_view(args.ui_port, _together(*monitors) if monitors else None)
     checkpoints = None
     if args.checkpoint_dir is not None:
+        try:
+            check_layout(args.checkpoint_dir, tasks=False)
+        except sw.FlowDefinitionError as exc:
+            raise CliError(f"cannot run {args.target}: {exc}", _EXIT_FAILED) from exc
         interval = 5.0 if args.checkpoint_interval is None else args.checkpoint_interval
         checkpoints = sw.Checkpoints(args.checkpoint_dir, interval=interval)
     elif args.checkpoint_interval is not None:

@@ -23,6 +23,10 @@ the fix -- a flow is never split silently.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+from sluiceway.checkpoint.store import CheckpointStore
 from sluiceway.core.contract import Source
 from sluiceway.errors import FlowDefinitionError
 from sluiceway.flow import Flow
@@ -31,7 +35,7 @@ from sluiceway.operators.io import SourceSpec
 from sluiceway.operators.keyed_state import KeyedProcessSpec
 from sluiceway.windows.operator import WindowSpec
 
-__all__ = ["check_scalable", "check_tasks", "keyed_state", "shares_work"]
+__all__ = ["check_layout", "check_scalable", "check_tasks", "keyed_state", "shares_work"]
 
 _KEYED_STATE = (WindowSpec, JoinSpec, KeyedProcessSpec)
 
@@ -79,6 +83,38 @@ def check_tasks(flow: Flow, *, checkpoint_dir: bool) -> None:
     from sluiceway.scaleout.tasks import task_flow  # noqa: PLC0415 - needs confluent-kafka
 
     task_flow(flow, 0)
+
+
+def check_layout(checkpoint_dir: str | os.PathLike[str], *, tasks: bool) -> None:
+    """Refuse a checkpoint directory written the other way: by the flow run as one
+    process (``DIR/checkpoints.db``) for a worker of a keyed flow (``tasks``), whose
+    tasks keep theirs in ``DIR/tasks/p<N>``; or by workers for a flow run as one process.
+    Either way the run would start without the state while the consumer group's offsets
+    go on (or go back to an old checkpoint): keys would be counted from zero, silently.
+
+    Raises:
+        FlowDefinitionError: the directory holds the other layout; the message says how
+            to go on.
+    """
+    root = Path(checkpoint_dir)
+    single = root / CheckpointStore.FILENAME
+    if tasks and single.exists():
+        raise FlowDefinitionError(
+            f"{root} holds the checkpoints of this flow run as one process ({single}); a "
+            "worker of a keyed flow keeps them per partition in "
+            f"{root / 'tasks'}/p<N> and would start without that state while the group's "
+            "offsets go on. Keep running it as one process, or start over with another "
+            "--checkpoint-dir (and a new consumer group, to read the input again). To be "
+            "able to scale out later, run even a single process as a worker: "
+            "SLUICEWAY_WORKER_ID=0 sluiceway run ... (docs/scaling.md)"
+        )
+    if not tasks and (root / "tasks").is_dir():
+        raise FlowDefinitionError(
+            f"{root} holds the per-partition checkpoints of workers ({root / 'tasks'}); "
+            "run this flow as a worker to go on from them (SLUICEWAY_WORKER_ID=0 "
+            "sluiceway run ..., or --workers N), or give another --checkpoint-dir "
+            "(docs/scaling.md)"
+        )
 
 
 def check_scalable(flow: Flow, workers: int, *, checkpoint_dir: bool) -> bool:
