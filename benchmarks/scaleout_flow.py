@@ -57,7 +57,7 @@ def flow() -> sw.Flow:
             ),
             name="in",
         )
-        .key_by(lambda r: r["k"], name="by_key")
+        .key_by(lambda r: r["k"], name="by_key", partitioned=True)
         .stateful_map(count, name="count")
         .filter(lambda r: r is not None, name="loud")
         .sink(

@@ -75,7 +75,7 @@ JOB = textwrap.dedent(
         s = f.source(source(), name="in")
         if RATE:
             s = s.rate_limit(TokenBucket(rate=RATE, burst=5), name="pace")
-        keyed = s.key_by(lambda v: v["k"])
+        keyed = s.key_by(lambda v: v["k"], partitioned=True)
         counts = keyed.stateful_map(count, name="count")
         windows = keyed.window(sw.windows.Tumbling(10)).aggregate(sw.agg.count()).map(window_row)
         counts.merge(windows).sink(
@@ -87,23 +87,24 @@ JOB = textwrap.dedent(
 
     def to_list():
         f = sw.Flow("tasks")
-        f.source(source()).key_by(lambda v: v["k"]).stateful_map(count).sink(sw.sinks.Collect())
+        keyed = f.source(source()).key_by(lambda v: v["k"], partitioned=True)
+        keyed.stateful_map(count).sink(sw.sinks.Collect())
         return f
 
 
     def pattern():
         f = sw.Flow("tasks")
-        f.source(KafkaSource({bootstrap!r}, "^never.*", "g")).key_by(lambda v: v).stateful_map(
-            count
-        ).sink(KafkaSink({bootstrap!r}, "x"))
+        keyed = f.source(KafkaSource({bootstrap!r}, "^never.*", "g")).key_by(
+            lambda v: v, partitioned=True
+        )
+        keyed.stateful_map(count).sink(KafkaSink({bootstrap!r}, "x"))
         return f
 
 
     def from_file():
         f = sw.Flow("tasks")
-        f.source(sw.sources.JsonLines("in.jsonl")).key_by(lambda v: v).stateful_map(count).sink(
-            sw.sinks.Kafka({bootstrap!r}, "x")
-        )
+        keyed = f.source(sw.sources.JsonLines("in.jsonl")).key_by(lambda v: v, partitioned=True)
+        keyed.stateful_map(count).sink(sw.sinks.Kafka({bootstrap!r}, "x"))
         return f
     """
 )
@@ -511,7 +512,9 @@ def test_a_revoke_during_a_slow_sink_cancels_the_task_at_the_revoke_timeout(
         flow = sw.Flow("slow")
         flow.source(
             KafkaSource(kafka_bootstrap, topic, topic + ".g", config={"session.timeout.ms": 6000})
-        ).key_by(lambda v: v["i"]).stateful_map(lambda s, v: (s, v)).sink(_SlowSink(30.0, []))
+        ).key_by(lambda v: v["i"], partitioned=True).stateful_map(lambda s, v: (s, v)).sink(
+            _SlowSink(30.0, [])
+        )
         spec = TaskSpec(str(tmp_path / "ck"), checkpoint_interval=0.2, revoke_timeout=1.0)
         return TaskManager(flow, spec, on_task=lambda e, p: events.append((name, e, p)))
 
@@ -678,7 +681,7 @@ def test_a_worker_ends_once_the_input_of_every_task_it_owns_ended(
     produce(kafka_bootstrap, topic, [{"i": i} for i in range(10)], partition=[0, 1] * 5)
     flow = sw.Flow("ends")
     src = KafkaSource(kafka_bootstrap, topic, topic + ".g", stop_after_idle=1.0, poll_timeout=0.1)
-    flow.source(src, name="in").key_by(lambda v: v["i"]).stateful_map(
+    flow.source(src, name="in").key_by(lambda v: v["i"], partitioned=True).stateful_map(
         lambda s, v: ((s or 0) + 1, v)
     ).sink(KafkaSink(kafka_bootstrap, kafka_topics.new(1)), name="out")
     manager = TaskManager(flow, TaskSpec(str(tmp_path / "ck"), checkpoint_interval=0.3))

@@ -312,7 +312,8 @@ def test_workers_stop_by_themselves_when_the_supervisor_is_killed(
         (
             "keyed",
             ["--checkpoint-dir", "ck"],
-            r"sink 'sink_Stdout' .* cannot be copied for each partition's task",
+            r"'key_by_lambda' .* keys records for operator 'per_second' .* counted in two "
+            r"halves, silently\. .* key_by\(\.\.\., partitioned=True\)",
         ),
         (
             "flow",

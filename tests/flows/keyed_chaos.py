@@ -74,7 +74,7 @@ def flow() -> sw.Flow:
             name="in",
         )
         .rate_limit(TokenBucket(rate=rate, burst=max(1, int(rate / 4))), name="pace")
-        .key_by(lambda r: r["k"], name="by_key")
+        .key_by(lambda r: r["k"], name="by_key", partitioned=True)
     )
     totals = keyed.stateful_map(running_total, name="totals")
     windows = (

@@ -27,10 +27,15 @@ def fn_op(
     return derive(at, spec_cls(fn, policy), name, f"{method}_{fn_label(fn)}")
 
 
-def key_by(at: At, fn: Callable[[Any], Any], name: str | None, on_error: object) -> Node:
+def key_by(
+    at: At, fn: Callable[[Any], Any], name: str | None, on_error: object, partitioned: object
+) -> Node:
     check_callable(fn, "key_by")
     policy = check_policy(on_error, "key_by()")
-    return derive(at, KeyBySpec(fn, policy), name, f"key_by_{fn_label(fn)}", keyed=True)
+    if not isinstance(partitioned, bool):
+        raise TypeError(f"key_by() partitioned must be True or False, got {partitioned!r}")
+    spec = KeyBySpec(fn, policy, partitioned)
+    return derive(at, spec, name, f"key_by_{fn_label(fn)}", keyed=True)
 
 
 def merge(at: At, others: Sequence[At], name: str | None, capacity: int | None) -> Node:

@@ -179,14 +179,26 @@ class Stream(Generic[T]):
         return self._wrap(node)  # type: ignore[no-any-return]
 
     def key_by(
-        self, fn: Callable[[T], K], *, name: str | None = None, on_error: ErrorPolicy = Fail()
+        self,
+        fn: Callable[[T], K],
+        *,
+        name: str | None = None,
+        on_error: ErrorPolicy = Fail(),
+        partitioned: bool = False,
     ) -> KeyedStream[K, T]:
         """Attach the key ``fn(record)`` to every record, for keyed (stateful) operators.
 
         The key travels beside the record (values are unchanged) and survives ``map``,
         ``filter``, ``flat_map``, ``inspect`` and ``buffer``.
+
+        ``partitioned=True`` says that the input is already partitioned by this key:
+        every record of a key comes from one partition of the Kafka topic (it was
+        written with this key as its message key, or one that maps to it one to one).
+        A keyed flow on several workers keeps each partition's state in the worker that
+        owns the partition, so it needs this promise and refuses to start without it
+        (``docs/scaling.md``); one process does not care.
         """
-        return KeyedStream(self.flow, stateless.key_by(self, fn, name, on_error))
+        return KeyedStream(self.flow, stateless.key_by(self, fn, name, on_error, partitioned))
 
     def merge(
         self, *others: Stream[Any], name: str | None = None, capacity: int | None = None

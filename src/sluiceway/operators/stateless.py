@@ -156,9 +156,12 @@ class _KeyByStep(_UserFnStep):
 
 @dataclass(frozen=True, slots=True)
 class KeyBySpec(_UserFnSpec):
-    """``stream.key_by(fn)``: attach a key to every record (values unchanged)."""
+    """``stream.key_by(fn)``: attach a key to every record (values unchanged).
+    ``partitioned``: the user says each key arrives in one source partition only (the
+    input topic is keyed by this key), which a flow on several workers needs."""
 
     kind: ClassVar[str] = "key_by"
+    partitioned: bool = False
 
     def build(self, ctx: BuildContext) -> Step:
         return _KeyByStep(ctx, self.fn)

@@ -33,6 +33,7 @@ from sluiceway.flow import Flow
 from sluiceway.joins.base import JoinSpec
 from sluiceway.operators.io import SourceSpec
 from sluiceway.operators.keyed_state import KeyedProcessSpec
+from sluiceway.operators.stateless import KeyBySpec
 from sluiceway.windows.operator import WindowSpec
 
 __all__ = ["check_layout", "check_scalable", "check_tasks", "keyed_state", "shares_work"]
@@ -80,6 +81,18 @@ def check_tasks(flow: Flow, *, checkpoint_dir: bool) -> None:
             "shared volume). Without it each worker would keep a share of a key's state "
             "that stays behind when the partition moves (docs/scaling.md)"
         )
+    for node in flow.nodes:
+        if isinstance(node.spec, KeyBySpec) and not node.spec.partitioned:
+            raise FlowDefinitionError(
+                f"{node.describe()} keys records for operator {keyed[0]}, and on several "
+                "workers each partition's state lives in the worker that owns the partition: "
+                "a key arriving in two partitions would be counted in two halves, silently. "
+                "If the input topic is keyed by this key (each key in one partition), say so: "
+                "key_by(..., partitioned=True). If not, write the records to a topic keyed "
+                "by it first (a stateless flow with sw.sinks.Kafka(key=...)) and key that "
+                "topic's stream; repartitioning inside the flow is not built yet "
+                "(docs/scaling.md)"
+            )
     from sluiceway.scaleout.tasks import task_flow  # noqa: PLC0415 - needs confluent-kafka
 
     task_flow(flow, 0)
