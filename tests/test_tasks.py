@@ -791,3 +791,37 @@ def test_a_task_worker_reports_ownership_and_restore_times_and_serves_its_page(
         workers.kill_all()
     for name, proc in workers.procs.items():
         assert proc.returncode == 0, texts[name]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("flag", "what"), [("--ui-port", "the web view"), ("--metrics-port", "Prometheus metrics")]
+)
+def test_a_task_worker_whose_port_is_taken_exits_with_a_usage_error(
+    kafka_bootstrap: str, kafka_topics: KafkaTopics, tmp_path: Path, flag: str, what: str
+) -> None:
+    """The worker names the flag and the port, and exits 2 at once (it waited for the
+    server to bind for good, running its tasks without it)."""
+    import socket  # noqa: PLC0415
+
+    topic = kafka_topics.new(PARTITIONS)
+    job = _job(tmp_path, kafka_bootstrap, topic)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        p = subprocess.run(
+            [
+                sys.executable, "-m", "sluiceway", "run", f"{job}:flow",
+                "--checkpoint-dir", str(tmp_path / "ck"), flag, str(port),
+            ],
+            cwd=tmp_path,
+            env=_env(SLUICEWAY_WORKER_ID="0"),
+            capture_output=True,
+            text=True,
+            timeout=50,
+            check=False,
+        )  # fmt: skip
+    assert p.returncode == 2, p.stderr
+    assert f"{flag} {port}: cannot serve {what} on 127.0.0.1:{port}" in p.stderr
+    assert "task p" not in p.stderr

@@ -752,15 +752,19 @@ async def _task_server(manager: Any, flag: str, port: int) -> None:
         server = TaskExporter(manager, port, worker=worker_id())
         what = "Prometheus metrics"
     serving = asyncio.ensure_future(server.serve())
+    bound = asyncio.ensure_future(server.wait_serving())
     try:
-        await server.wait_serving()
-        _say(f"{what} at {server.url}")
+        # serve() fails without ever serving when the port cannot be bound
+        await asyncio.wait({serving, bound}, return_when=asyncio.FIRST_COMPLETED)
+        if not serving.done():
+            _say(f"{what} at {server.url}")
         await serving
     except OSError as exc:
         raise CliError(f"{flag} {port}: {exc}", _EXIT_USAGE) from exc
     finally:
-        serving.cancel()
-        await asyncio.gather(serving, return_exceptions=True)
+        for f in (serving, bound):
+            f.cancel()
+        await asyncio.gather(serving, bound, return_exceptions=True)
 
 
 async def _tasks_main(manager: Any, ports: dict[str, int], forced: list[int]) -> Any:
