@@ -628,3 +628,55 @@ def test_rejected_redis_stream_entries_are_claimed_again_after_retry_after(
     assert not result.stopped  # ended by itself: every rejection came back in time
     assert sorted(r["i"] for r in out.items) == list(range(20))
     assert src.rejected > 0
+
+
+class _SlowOpening(sw.sinks.Collect[int]):
+    """Collects, after an ``open`` that takes 0.3 s of the clock (a producer's
+    ``init_transactions``, a checkpoint restore)."""
+
+    async def open(self, ctx: Any) -> None:
+        await ctx.clock.sleep(0.3)
+        await super().open(ctx)
+
+
+def test_a_flow_says_when_it_runs_after_a_slow_open() -> None:
+    """``FlowHandle.wait_running``: the time a task's restore ends (the worker's restore
+    times are measured with it)."""
+    out = _SlowOpening()
+    flow = sw.Flow("rt_running")
+    flow.source(sw.sources.Generator(endless, rate=100)).sink(out)
+    seen: list[tuple[float, float | None, float]] = []
+
+    async def during(handle: sw.FlowHandle) -> None:
+        asked = handle.clock.monotonic()
+        assert handle.running_since is None
+        running = await handle.wait_running()
+        seen.append((asked, running, handle.clock.monotonic()))
+        await handle.clock.sleep(0.3)  # then it runs: records come through
+
+    run_watched(flow, run_for=2.0, during=during)
+    [(asked, running, after)] = seen
+    assert running is not None
+    assert asked + 0.25 <= running <= after
+    assert out.items
+
+
+class _FailsToOpen(sw.sinks.Collect[int]):
+    async def open(self, ctx: Any) -> None:
+        await ctx.clock.sleep(0.1)
+        raise OSError("no such server")
+
+
+def test_a_flow_that_ends_before_it_runs_says_so() -> None:
+    """``wait_running`` returns None when the flow ends first (it never ran)."""
+    flow = sw.Flow("rt_never_running")
+    flow.source(sw.sources.Generator(endless, rate=100)).sink(_FailsToOpen())
+
+    async def main() -> float | None:
+        handle = sw.start(flow)
+        running = await asyncio.wait_for(handle.wait_running(), 5)
+        with pytest.raises(sw.SluicewayError):
+            await handle.wait()
+        return running
+
+    assert asyncio.run(main()) is None

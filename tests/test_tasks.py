@@ -17,6 +17,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -689,3 +691,137 @@ def test_a_worker_ends_once_the_input_of_every_task_it_owns_ended(
     assert sorted(results) == [0, 1]
     assert [r.metrics.operator("out").records_in for _, r in sorted(results.items())] == [5, 5]
     assert not any(r.stopped for r in results.values())  # ended by themselves
+
+
+def _get(url: str) -> str:
+    return str(urllib.request.urlopen(url, timeout=10).read().decode())
+
+
+def _series(metrics: str, name: str) -> dict[str, float]:
+    """``task`` label -> value of the series ``name`` (one per task)."""
+    rx = rf'^{name}{{[^}}]*task="(p\d+)"[^}}]*}} (\S+)$'
+    return {m.group(1): float(m.group(2)) for m in re.finditer(rx, metrics, re.MULTILINE)}
+
+
+@pytest.mark.timeout(180)
+def test_a_task_worker_reports_ownership_and_restore_times_and_serves_its_page(
+    kafka_bootstrap: str, kafka_topics: KafkaTopics, tmp_path: Path
+) -> None:
+    """Worker 0 alone owns every partition: its metrics (label ``worker``) and its web
+    view (``--ui-port``) show the four tasks running with their restore times; worker 1
+    joins and takes partitions over (restoring their checkpoints): worker 0's owned set
+    shrinks to the rest, worker 1 reports the restores of what it took."""
+    topic = kafka_topics.new(PARTITIONS)
+    _out_topic(kafka_topics, topic)
+    _produce(kafka_bootstrap, topic, _records(0, 200))
+    job = _job(tmp_path, kafka_bootstrap, topic)
+    workers = _Workers(tmp_path, f"{job}:flow", "--metrics-port", "0", "--ui-port", "0")
+    try:
+        workers.start("w0", wid="0")
+        workers.wait_for("w0", r"task p\d+ started", PARTITIONS)
+        [metrics_url] = workers.wait_for("w0", r"Prometheus metrics at (\S+)")
+        [ui] = workers.wait_for("w0", r"web view at (\S+)")
+        ui_url = ui.group(1).rstrip("/")
+        # every task running, with its restore time, and the data it holds
+        for _ in range(100):
+            doc = json.loads(_get(ui_url + "/api/tasks"))
+            if [t["state"] for t in doc["tasks"]] == ["running"] * PARTITIONS and all(
+                t["state_entries"] for t in doc["tasks"]
+            ):
+                break
+            time.sleep(0.2)
+        assert doc["worker"] == "0"
+        assert doc["owned"] == list(range(PARTITIONS)), doc
+        assert [t["state"] for t in doc["tasks"]] == ["running"] * PARTITIONS, doc
+        for t in doc["tasks"]:
+            assert 0 < t["restore_seconds"] < 60, doc
+            assert t["records_in"] > 0, doc
+        assert doc["events"]["started"] == PARTITIONS, doc
+        page = _get(ui_url + "/")
+        assert "p0, p1, p2, p3" in page, page
+        assert "running" in page, page
+        graph = json.loads(_get(ui_url + "/p1/api/flow"))
+        assert {n["name"] for n in graph["nodes"]} >= {"in", "count", "out"}, graph
+        assert "<html" in _get(ui_url + "/p1/")
+        with pytest.raises(urllib.error.HTTPError, match="404"):
+            _get(ui_url + f"/p{PARTITIONS}/api/flow")
+        metrics = _get(metrics_url.group(1))
+        assert _series(metrics, "sluiceway_task_owned") == {f"p{p}": 1.0 for p in range(4)}
+        assert 'worker="0"' in metrics.split("sluiceway_task_owned{")[1].split("\n")[0]
+        restore = _series(metrics, "sluiceway_task_restore_seconds")
+        assert set(restore) == {f"p{p}" for p in range(PARTITIONS)}, metrics
+        assert all(0 < v < 60 for v in restore.values()), restore
+        assert re.search(
+            rf"^sluiceway_task_restore_duration_seconds_count{{[^}}]*}} {PARTITIONS}\.0$",
+            metrics,
+            re.MULTILINE,
+        ), metrics
+        assert re.search(
+            r'^sluiceway_task_events_total{[^}]*event="started"[^}]*} 4\.0$', metrics, re.MULTILINE
+        ), metrics
+        assert all(v > 0 for v in _series(metrics, "sluiceway_task_state_entries").values())
+
+        workers.start("w1", wid="1")  # joins: takes partitions over, restoring them
+        workers.wait_for("w1", r"task p\d+ started")
+        [ui1] = workers.wait_for("w1", r"web view at (\S+)")
+        taken: set[int] = set()
+        for _ in range(150):
+            doc0 = json.loads(_get(ui_url + "/api/tasks"))
+            doc1 = json.loads(_get(ui1.group(1).rstrip("/") + "/api/tasks"))
+            taken = set(doc1["owned"])
+            running1 = [t for t in doc1["tasks"] if t["state"] == "running"]
+            if (
+                taken
+                and set(doc0["owned"]) == set(range(PARTITIONS)) - taken
+                and len(running1) == len(taken)
+                and all(t["partition"] in doc0["owned"] for t in doc0["tasks"])
+            ):
+                break
+            time.sleep(0.2)
+        assert taken, doc1
+        assert set(doc0["owned"]) == set(range(PARTITIONS)) - taken, (doc0, doc1)
+        assert doc0["events"]["stopped"] == len(taken), doc0
+        for t in doc1["tasks"]:  # a takeover: restored from worker 0's checkpoints
+            assert 0 < t["restore_seconds"] < 60, doc1
+        metrics0 = _get(metrics_url.group(1))
+        owned0 = set(_series(metrics0, "sluiceway_task_owned"))
+        assert owned0 == {f"p{p}" for p in set(range(PARTITIONS)) - taken}, metrics0
+        texts = workers.stop_all()
+    finally:
+        workers.kill_all()
+    for name, proc in workers.procs.items():
+        assert proc.returncode == 0, texts[name]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("flag", "what"), [("--ui-port", "the web view"), ("--metrics-port", "Prometheus metrics")]
+)
+def test_a_task_worker_whose_port_is_taken_exits_with_a_usage_error(
+    kafka_bootstrap: str, kafka_topics: KafkaTopics, tmp_path: Path, flag: str, what: str
+) -> None:
+    """The worker names the flag and the port, and exits 2 at once (it waited for the
+    server to bind for good, running its tasks without it)."""
+    import socket  # noqa: PLC0415
+
+    topic = kafka_topics.new(PARTITIONS)
+    job = _job(tmp_path, kafka_bootstrap, topic)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        p = subprocess.run(
+            [
+                sys.executable, "-m", "sluiceway", "run", f"{job}:flow",
+                "--checkpoint-dir", str(tmp_path / "ck"), flag, str(port),
+            ],
+            cwd=tmp_path,
+            env=_env(SLUICEWAY_WORKER_ID="0"),
+            capture_output=True,
+            text=True,
+            timeout=50,
+            check=False,
+        )  # fmt: skip
+    assert p.returncode == 2, p.stderr
+    assert f"{flag} {port}: cannot serve {what} on 127.0.0.1:{port}" in p.stderr
+    assert "task p" not in p.stderr

@@ -733,31 +733,44 @@ def _run_workers(flow: sw.Flow, args: argparse.Namespace) -> int:
     return supervise(_worker_commands(args))
 
 
-async def _task_metrics(manager: Any, port: int) -> None:
-    """Serve the Prometheus metrics of every task of this worker at ``port``."""
+async def _task_server(manager: Any, flag: str, port: int) -> None:
+    """Serve this worker's Prometheus metrics (``flag`` --metrics-port) or web view
+    (--ui-port) at ``port``, for every task it runs."""
+    if flag == "--ui-port":
+        from sluiceway.scaleout.web import TaskWebView  # noqa: PLC0415 - only --ui-port
+
+        server: Any = TaskWebView(manager, port, worker=worker_id())
+        what = "web view"
+    else:
+        try:
+            from sluiceway.scaleout.metrics import TaskExporter  # noqa: PLC0415 - an extra
+        except ModuleNotFoundError as exc:
+            raise CliError(
+                "--metrics-port needs prometheus-client: pip install 'sluiceway[prometheus]'",
+                _EXIT_USAGE,
+            ) from exc
+        server = TaskExporter(manager, port, worker=worker_id())
+        what = "Prometheus metrics"
+    serving = asyncio.ensure_future(server.serve())
+    bound = asyncio.ensure_future(server.wait_serving())
     try:
-        from sluiceway.scaleout.metrics import TaskExporter  # noqa: PLC0415 - an extra
-    except ModuleNotFoundError as exc:
-        raise CliError(
-            "--metrics-port needs prometheus-client: pip install 'sluiceway[prometheus]'",
-            _EXIT_USAGE,
-        ) from exc
-    exporter = TaskExporter(manager, port, worker=worker_id())
-    serving = asyncio.ensure_future(exporter.serve())
-    try:
-        await exporter.wait_serving()
-        _say(f"Prometheus metrics at {exporter.url}")
+        # serve() fails without ever serving when the port cannot be bound
+        await asyncio.wait({serving, bound}, return_when=asyncio.FIRST_COMPLETED)
+        if not serving.done():
+            _say(f"{what} at {server.url}")
         await serving
     except OSError as exc:
-        raise CliError(f"--metrics-port {port}: {exc}", _EXIT_USAGE) from exc
+        raise CliError(f"{flag} {port}: {exc}", _EXIT_USAGE) from exc
     finally:
-        serving.cancel()
-        await asyncio.gather(serving, return_exceptions=True)
+        for f in (serving, bound):
+            f.cancel()
+        await asyncio.gather(serving, bound, return_exceptions=True)
 
 
-async def _tasks_main(manager: Any, metrics_port: int | None, forced: list[int]) -> Any:
+async def _tasks_main(manager: Any, ports: dict[str, int], forced: list[int]) -> Any:
     """Run the task manager with SIGINT/SIGTERM handled (the first stops the tasks at a
-    checkpoint, a second, recorded in ``forced``, cancels them) and the metrics served."""
+    checkpoint, a second, recorded in ``forced``, cancels them) and the metrics and the
+    web view served (``ports``: by flag)."""
     loop = asyncio.get_running_loop()
     # Every task keeps a Kafka fetch in a worker thread, and the membership consumer's
     # poll waits in one through a revoke: the default pool (cores + 4 threads) would make
@@ -782,20 +795,22 @@ async def _tasks_main(manager: Any, metrics_port: int | None, forced: list[int])
     for held in take_held_signals():  # received while the worker was loading the flow
         on_signal(held)
     try:
-        if metrics_port is None:
+        if not ports:
             return await manager.run()
-        serving = asyncio.ensure_future(_task_metrics(manager, metrics_port))
+        servers = [asyncio.ensure_future(_task_server(manager, f, p)) for f, p in ports.items()]
         running = asyncio.ensure_future(manager.run())
         try:
-            await asyncio.wait({serving, running}, return_when=asyncio.FIRST_COMPLETED)
-            if serving.done() and not running.done():  # binding failed
+            await asyncio.wait({*servers, running}, return_when=asyncio.FIRST_COMPLETED)
+            failed = [s for s in servers if s.done()]
+            if failed and not running.done():  # binding failed
                 manager.force_stop()
                 await asyncio.gather(running, return_exceptions=True)
-                serving.result()
+                failed[0].result()
             return await running
         finally:
-            serving.cancel()
-            await asyncio.gather(serving, return_exceptions=True)
+            for s in servers:
+                s.cancel()
+            await asyncio.gather(*servers, return_exceptions=True)
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
@@ -815,12 +830,6 @@ def _run_tasks(flow: sw.Flow, args: argparse.Namespace) -> int:
             "partition: use --metrics-port (a `task` label on every series)",
             _EXIT_USAGE,
         )
-    if args.ui_port is not None:
-        raise CliError(
-            "--ui-port is not available for a worker of a keyed flow yet (one task per "
-            "partition); use --metrics-port",
-            _EXIT_USAGE,
-        )
     from sluiceway.scaleout.tasks import TaskManager, TaskSpec  # noqa: PLC0415 - needs Kafka
 
     interval = 5.0 if args.checkpoint_interval is None else args.checkpoint_interval
@@ -833,7 +842,12 @@ def _run_tasks(flow: sw.Flow, args: argparse.Namespace) -> int:
     manager = TaskManager(flow, spec, on_task=lambda event, p: _say(f"task p{p} {event}"))
     forced: list[int] = []
     try:
-        results = asyncio.run(_tasks_main(manager, args.metrics_port, forced))
+        ports = {
+            flag: port
+            for flag, port in (("--metrics-port", args.metrics_port), ("--ui-port", args.ui_port))
+            if port is not None
+        }
+        results = asyncio.run(_tasks_main(manager, ports, forced))
     except sw.FlowDefinitionError as exc:
         raise CliError(f"invalid flow: {exc}", _EXIT_FAILED) from exc
     except sw.FlowCancelledError as exc:

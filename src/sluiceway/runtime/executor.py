@@ -85,7 +85,7 @@ class RunResult:
 class Executor:
     """Builds the runtime objects for a flow and runs them.  Use :func:`sluiceway.start`."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0915 - one field per runtime object
         self,
         flow: Flow,
         *,
@@ -132,6 +132,10 @@ class Executor:
         self._running_stages = 0
         self._halting = False
         self._in_group = False
+        # Set once the flow runs (state restored, connectors opened, the first
+        # checkpoint taken), with the clock's monotonic time then (running_since).
+        self.running_since: float | None = None
+        self.running = asyncio.Event()
         self._claim: Claim | None = None
         self.bad_input_failure: OperatorError | None = None
         """A source's bad input under ``Fail``: raised once the flow has drained."""
@@ -266,6 +270,8 @@ class Executor:
             if self.checkpointing and coord is not None and coord.stats.restored_from is None:
                 await coord.initial(self._steps)
             self._running_stages = len(self.stages)
+            self.running_since = self.clock.monotonic()
+            self.running.set()
             self._in_group = True
             async with asyncio.TaskGroup() as tg:
                 self._spawn(tg, coord)

@@ -89,6 +89,22 @@ class FlowHandle:
         """
         return self._executor.query(operator, key, at)
 
+    @property
+    def running_since(self) -> float | None:
+        """The clock's monotonic time at which the flow began running (its checkpoint
+        restored, its connectors opened); None while it is still starting."""
+        return self._executor.running_since
+
+    async def wait_running(self) -> float | None:
+        """Wait until the flow runs (see :attr:`running_since`, returned) or ends first
+        (None: it never ran)."""
+        running = asyncio.ensure_future(self._executor.running.wait())
+        try:
+            await asyncio.wait({running, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            running.cancel()
+        return self._executor.running_since
+
     def unflushed(self) -> dict[str, int]:
         """Records held in channels and operators right now."""
         return self._executor.unflushed()

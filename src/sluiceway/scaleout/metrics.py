@@ -5,22 +5,38 @@ with its own counters.  :class:`TaskExporter` serves all of them on the worker's
 ``--metrics-port``, every series labelled ``task="p<partition>"`` (and ``worker``), the
 series of one family from every task under one ``# TYPE`` line.  A task that stops (its
 partition moved) leaves the scrape; its new owner reports it from there on.
+
+Beside them, the worker's own series (labels ``flow`` and ``worker``; ``task`` where per
+task): ``sluiceway_task_owned`` (1 per partition the group assigned to this worker),
+``sluiceway_task_state`` (1 per task, label ``state``: starting, restoring, running,
+stopping), ``sluiceway_task_events_total`` (label ``event``: started, stopped, ended,
+cancelled, fenced, failed), ``sluiceway_task_restore_seconds`` (the last restore time of
+each task here: its start to its flow running), the histogram
+``sluiceway_task_restore_duration_seconds`` of every restore on this worker, and
+``sluiceway_task_state_entries`` (the entries every operator of a task holds: keys,
+open windows).
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING
 
-from prometheus_client.core import Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from sluiceway.metrics.prometheus import PrometheusExporter, metric_families
+from sluiceway.scaleout.tasks import RESTORE_BUCKETS
+from sluiceway.scaleout.web import serve_worker
 
 if TYPE_CHECKING:
     from sluiceway.runtime.handle import FlowHandle
-    from sluiceway.scaleout.tasks import TaskManager
+    from sluiceway.scaleout.tasks import TaskManager, TaskStatus
 
 __all__ = ["TaskCollector", "TaskExporter"]
 
@@ -33,8 +49,12 @@ class TaskCollector(Collector):
         self._worker = worker
 
     def collect(self) -> Iterator[Metric]:
+        status = self._manager.status()
         merged: dict[str, Metric] = {}
-        for p, snapshot in self._manager.snapshots().items():
+        for task in status:
+            if task.snapshot is None:
+                continue
+            p, snapshot = task.partition, task.snapshot
             for family in metric_families(snapshot, worker=self._worker):
                 samples = [s._replace(labels={**s.labels, "task": f"p{p}"}) for s in family.samples]
                 have = merged.get(family.name)
@@ -44,18 +64,69 @@ class TaskCollector(Collector):
                 else:
                     have.samples.extend(samples)
         yield from merged.values()
+        yield from worker_families(self._manager, status, worker=self._worker)
 
 
-class _WorkerHandle:
-    """What the HTTP server needs of a flow's handle, for a whole worker."""
-
-    def __init__(self, manager: TaskManager, ended: asyncio.Future[Any]) -> None:
-        self.flow = manager.flow
-        self.clock = manager.clock
-        self._ended = ended
-
-    async def wait(self) -> None:
-        await asyncio.shield(self._ended)
+def worker_families(
+    manager: TaskManager, status: list[TaskStatus], *, worker: str | None = None
+) -> list[Metric]:
+    """The worker's own series: ownership, task states and events, restore times, state
+    size per task (see the module's docstring)."""
+    flow = manager.flow.name
+    extra = [] if worker is None else [worker]
+    names = [] if worker is None else ["worker"]
+    owned = GaugeMetricFamily(
+        "sluiceway_task_owned",
+        "1 for each partition the consumer group assigned to this worker (its task runs here).",
+        labels=["flow", "task", *names],
+    )
+    state = GaugeMetricFamily(
+        "sluiceway_task_state",
+        "1 for each task on this worker, labelled with its state "
+        "(starting, restoring, running, stopping).",
+        labels=["flow", "task", "state", *names],
+    )
+    restore = GaugeMetricFamily(
+        "sluiceway_task_restore_seconds",
+        "Seconds the task's last start here took until its flow ran (checkpoint restore, "
+        "connectors opened, exactly-once producer initialised).",
+        labels=["flow", "task", *names],
+    )
+    entries = GaugeMetricFamily(
+        "sluiceway_task_state_entries",
+        "Entries (keys, open windows) the operators of the task hold now.",
+        labels=["flow", "task", *names],
+    )
+    for t in status:
+        task = f"p{t.partition}"
+        if t.owned:
+            owned.add_metric([flow, task, *extra], 1.0)
+        state.add_metric([flow, task, t.state, *extra], 1.0)
+        if t.restore_seconds is not None:
+            restore.add_metric([flow, task, *extra], t.restore_seconds)
+        if t.snapshot is not None:
+            entries.add_metric([flow, task, *extra], sum(o.state for o in t.snapshot.operators))
+    events = CounterMetricFamily(
+        "sluiceway_task_events",
+        "Task starts and ends on this worker, by event (started, stopped, ended, "
+        "cancelled, fenced, failed).",
+        labels=["flow", "event", *names],
+    )
+    for event in ("started", "stopped", "ended", "cancelled", "fenced", "failed"):
+        events.add_metric([flow, event, *extra], manager.events[event])
+    r = manager.restores
+    duration = HistogramMetricFamily(
+        "sluiceway_task_restore_duration_seconds",
+        "Restore times of the tasks started on this worker (start to flow running).",
+        labels=["flow", *names],
+    )
+    duration.add_metric(
+        [flow, *extra],
+        [(f"{b:g}", n) for b, n in zip(RESTORE_BUCKETS, r.buckets, strict=True)]
+        + [("+Inf", r.count)],
+        sum_value=r.total,
+    )
+    return [owned, state, events, restore, duration, entries]
 
 
 class TaskExporter(PrometheusExporter):
@@ -73,5 +144,4 @@ class TaskExporter(PrometheusExporter):
 
     async def serve(self) -> None:
         """Serve until cancelled."""
-        forever: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        await self(cast("FlowHandle", _WorkerHandle(self._manager, forever)))
+        await serve_worker(self, self._manager)

@@ -48,6 +48,7 @@ import dataclasses
 import logging
 import os
 import threading
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,8 +69,11 @@ from sluiceway.runtime.handle import FlowHandle, start
 from sluiceway.time import Clock, SystemClock
 
 __all__ = [
+    "RESTORE_BUCKETS",
+    "RestoreTimes",
     "TaskManager",
     "TaskSpec",
+    "TaskStatus",
     "check_partitions",
     "kafka_sources",
     "task_dir",
@@ -285,9 +289,68 @@ class TaskSpec:
     revoke_timeout: float | None = None
 
 
+RESTORE_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+"""Upper bounds (seconds) of the buckets of the restore-time histogram."""
+
+
+@dataclass(slots=True)
+class RestoreTimes:
+    """The restore times of a worker's tasks so far: seconds from a task's start to its
+    flow running (its checkpoint restored, its connectors opened -- an exactly-once
+    sink's ``init_transactions``, which fences the previous owner -- and, on a fresh
+    start, the first checkpoint taken).
+
+    >>> r = RestoreTimes()
+    >>> r.observe(3, 0.3); r.observe(1, 7.0)
+    >>> r.count, round(r.total, 1), r.last[3], r.buckets[:4]
+    (2, 7.3, 0.3, [0, 0, 1, 1])
+    """
+
+    count: int = 0
+    total: float = 0.0
+    buckets: list[int] = field(default_factory=lambda: [0] * len(RESTORE_BUCKETS))
+    """Cumulative: ``buckets[i]`` restores took at most ``RESTORE_BUCKETS[i]`` seconds."""
+    last: dict[int, float] = field(default_factory=dict)
+    """The last restore time of each partition this worker ran a task of."""
+
+    def observe(self, partition: int, seconds: float) -> None:
+        self.count += 1
+        self.total += seconds
+        self.last[partition] = seconds
+        for i, bound in enumerate(RESTORE_BUCKETS):
+            if seconds <= bound:
+                self.buckets[i] += 1
+
+
+@dataclass(frozen=True, slots=True)
+class TaskStatus:
+    """One partition of a worker: owned and/or with a task here.
+
+    Attributes:
+        partition: the partition (the task is ``p<partition>``).
+        owned: the group assigned it to this worker (False: its task is still stopping
+            after a revoke).
+        state: ``starting`` (owned, its task not started yet: the previous run here is
+            still stopping), ``restoring`` (its flow restores the checkpoint and opens
+            its connectors), ``running``, or ``stopping``.
+        restore_seconds: the restore time of this run (None while restoring).
+        snapshot: the task's metrics (None without a task).
+        started_at: the clock's monotonic time the task started (None without a task).
+    """
+
+    partition: int
+    owned: bool
+    state: str
+    restore_seconds: float | None = None
+    snapshot: FlowSnapshot | None = None
+    started_at: float | None = None
+
+
 @dataclass(eq=False)
 class _Task:
     partition: int
+    started_at: float = 0.0  # the clock's monotonic time at the task's start
+    restore_seconds: float | None = None
     handle: FlowHandle | None = None
     runner: asyncio.Task[None] | None = None
     ending: str | None = None  # "stop" (graceful) or "cancel" (lost), set by us
@@ -341,6 +404,8 @@ class TaskManager:
         self.tasks: dict[int, _Task] = {}
         self.owned: set[int] = set()
         self.ran = 0  # tasks started so far
+        self.events: Counter[str] = Counter()  # on_task events so far ("started", ...)
+        self.restores = RestoreTimes()
         self.results: dict[int, RunResult] = {}
         self._consumer: ck.Consumer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -465,6 +530,7 @@ class TaskManager:
 
     def _say(self, event: str, partition: int) -> None:
         log.info("flow %r: task p%d %s", self.flow.name, partition, event)
+        self.events[event] += 1
         if self._on_task is not None:
             self._on_task(event, partition)
 
@@ -490,7 +556,7 @@ class TaskManager:
             if isinstance(node.spec, SourceSpec) and isinstance(node.spec.source, KafkaSource):
                 node.spec.source.commit_through = self._commit_through
         spec = self.spec
-        task = self.tasks[p] = _Task(p)
+        task = self.tasks[p] = _Task(p, started_at=self.clock.monotonic())
         task.handle = start(
             flow,
             clock=self.clock,
@@ -503,7 +569,17 @@ class TaskManager:
         self.ran += 1
         self._ended.discard(p)
         self._say("started", p)
+        assert self._tg is not None
+        self._tg.create_task(self._time_restore(task), name=f"{self.flow.name}/restore p{p}")
         return task
+
+    async def _time_restore(self, task: _Task) -> None:
+        """Once the task's flow runs: record its restore time."""
+        assert task.handle is not None
+        running = await task.handle.wait_running()
+        if running is not None:
+            task.restore_seconds = max(0.0, running - task.started_at)
+            self.restores.observe(task.partition, task.restore_seconds)
 
     async def _watch(self, task: _Task) -> None:
         """Wait for task's end; a failure that we did not cause fails the worker."""
@@ -616,6 +692,33 @@ class TaskManager:
             if t.handle is not None:
                 t.ending = "cancel"
                 t.handle.force_stop("forced stop")
+
+    def status(self) -> list[TaskStatus]:
+        """Every partition this worker owns or runs a task of, by partition."""
+        out = []
+        for p in sorted(self.owned | set(self.tasks)):
+            task = self.tasks.get(p)
+            handle = None if task is None else task.handle
+            if task is None or handle is None:
+                out.append(TaskStatus(p, p in self.owned, "starting"))
+                continue
+            if task.ending is not None or handle.stopping or p not in self.owned:
+                state = "stopping"
+            elif handle.running_since is None:
+                state = "restoring"
+            else:
+                state = "running"
+            out.append(
+                TaskStatus(
+                    p,
+                    p in self.owned,
+                    state,
+                    task.restore_seconds,
+                    handle.metrics(),
+                    task.started_at,
+                )
+            )
+        return out
 
     def snapshots(self) -> dict[int, FlowSnapshot]:
         """Every running task's metrics, by partition."""
