@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal
 from sluiceway.core.delta import Incremental
 from sluiceway.core.messages import Batch, Control, Watermark
 from sluiceway.operators.base import BuildContext, OpSpec, Step
-from sluiceway.operators.incremental import ChangeLog, whole_changes
+from sluiceway.operators.incremental import ChangeLog, ChangeSets, whole_changes
 from sluiceway.operators.late import Lateness, LateOutputStep
 
 __all__ = ["JoinSpec", "JoinStep", "LateJoinRecord", "Side"]
@@ -112,7 +112,7 @@ class JoinSpec(OpSpec):
         raise NotImplementedError
 
 
-class JoinStep(LateOutputStep):
+class JoinStep(ChangeSets, LateOutputStep):
     """The two-input machinery; subclasses implement :meth:`_records` and :meth:`_advance`.
 
     Each record gets a sequence number on its side (``seq[side]``, in that input's order):
@@ -271,48 +271,15 @@ class JoinStep(LateOutputStep):
         assert not self.late, "snapshot mid-batch"
         extra = {"format": 2, "wms": list(self.wms), "idle": list(self.idle), "wm": self.wm}
         extra.update(self._extra(), seq=list(self.seq))
-        snap = self.changes.snapshot(
-            self._entries,
-            self._entry,
-            extra,
-            self._fresh_entries,
-            size=self._size(),
-            fresh_size=self._fresh_size(),
-        )
-        self._taken()
-        return snap
-
-    def _entries(self) -> Iterator[tuple[Any, Any]]:
-        """Every entry of the join's state (a whole snapshot)."""
-        raise NotImplementedError
-
-    def _entry(self, key: Any, mark: Any) -> Any:
-        """One marked entry now, or ``GONE``."""
-        raise NotImplementedError
+        return self._change_set(extra)
 
     def _extra(self) -> dict[str, Any]:
         """The rest of the state (small), copied."""
         return {}
 
-    def _fresh_entries(self) -> Iterator[tuple[Any, Any]]:
-        """The entries of a change set that were not marked one by one."""
-        return iter(())
-
-    def _fresh_size(self) -> int:
-        """How many entries :meth:`_fresh_entries` gives."""
-        return 0
-
-    def _size(self) -> int:
-        """How many entries the whole state has."""
-        raise NotImplementedError
-
     def _taken(self) -> None:
         """A snapshot was taken (or loaded): the next change set starts now."""
         self.snap_seq = list(self.seq)
-
-    def _load(self, upserts: dict[Any, Any], extra: dict[str, Any]) -> None:
-        """Rebuild the buffers from a whole snapshot's entries."""
-        raise NotImplementedError
 
     def restore(self, state: Any) -> None:
         """Load a whole :class:`~sluiceway.core.delta.Incremental`, or a snapshot of the

@@ -36,12 +36,12 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Any
 
 from sluiceway.core.delta import Changes, Incremental
 
-__all__ = ["GONE", "ChangeLog", "whole_changes"]
+__all__ = ["GONE", "ChangeLog", "ChangeSets", "whole_changes"]
 
 GONE: Any = object()
 """What an operator's ``entry`` function returns for a state key that holds nothing now."""
@@ -129,6 +129,54 @@ class ChangeLog:
         self.next_whole = True
         if self.changed is not None:
             self.changed.clear()
+
+
+class ChangeSets:
+    """The snapshot side of a step whose state is entries marked in a :class:`ChangeLog`
+    (the window and join steps): :meth:`_change_set` takes the snapshot from the hooks
+    below, which the step fills in."""
+
+    changes: ChangeLog
+
+    def _change_set(self, extra: dict[str, Any]) -> Incremental:
+        """The state as one partition's changes (or whole), ``extra`` beside it."""
+        snap = self.changes.snapshot(
+            self._entries,
+            self._entry,
+            extra,
+            self._fresh_entries,
+            size=self._size(),
+            fresh_size=self._fresh_size(),
+        )
+        self._taken()
+        return snap
+
+    def _entries(self) -> Iterator[tuple[Any, Any]]:
+        """Every entry of the state (a whole snapshot)."""
+        raise NotImplementedError
+
+    def _entry(self, key: Any, mark: Any) -> Any:
+        """One marked entry now, or :data:`GONE`."""
+        raise NotImplementedError
+
+    def _fresh_entries(self) -> Iterator[tuple[Any, Any]]:
+        """The entries of a change set that were not marked one by one."""
+        return iter(())
+
+    def _fresh_size(self) -> int:
+        """How many entries :meth:`_fresh_entries` gives."""
+        return 0
+
+    def _size(self) -> int:
+        """How many entries the whole state has."""
+        raise NotImplementedError
+
+    def _taken(self) -> None:
+        """A snapshot was taken (the next change set starts now)."""
+
+    def _load(self, upserts: dict[Any, Any], extra: dict[str, Any]) -> None:
+        """Rebuild the state from a whole snapshot's entries and ``extra``."""
+        raise NotImplementedError
 
 
 def whole_changes(operator: str, state: Incremental) -> Changes | None:

@@ -29,7 +29,7 @@ from sluiceway.core.delta import Incremental
 from sluiceway.core.messages import Batch, Control, Watermark
 from sluiceway.core.query import KeyState, OpenWindow
 from sluiceway.operators.base import BuildContext, OpSpec, Step
-from sluiceway.operators.incremental import GONE, ChangeLog, whole_changes
+from sluiceway.operators.incremental import GONE, ChangeLog, ChangeSets, whole_changes
 from sluiceway.operators.late import Lateness, LateOutputStep
 from sluiceway.time import Clock
 from sluiceway.windows.assigners import Session, Sliding, Tumbling
@@ -225,7 +225,7 @@ def _code(src: str) -> types.CodeType:
     return compile(src, "<sluiceway window>", "exec")
 
 
-class _WindowStep(LateOutputStep):
+class _WindowStep(ChangeSets, LateOutputStep):
     """What every window operator shares: output, late records, watermarks, timers."""
 
     what = "window operator"
@@ -448,47 +448,15 @@ class _WindowStep(LateOutputStep):
         assert not self.late, "snapshot mid-batch"
         extra = {name: getattr(self, name) for name in self._TIMES}
         extra.update(self._extra(), format=2, early_pending=self.next_early is not None)
-        snap = self.changes.snapshot(
-            self._entries,
-            self._entry,
-            extra,
-            self._fresh_entries,
-            size=self._size(),
-            fresh_size=self._fresh_size(),
-        )
-        self._taken()
-        return snap
-
-    def _entries(self) -> Iterator[tuple[Any, Any]]:
-        """Every window state key's entry (a whole snapshot)."""
-        raise NotImplementedError
-
-    def _entry(self, key: Any, mark: Any) -> Any:
-        """One window state key's entry now, or ``GONE``."""
-        raise NotImplementedError
+        return self._change_set(extra)
 
     def _extra(self) -> dict[str, Any]:
         """The rest of the state, copied (it goes in every snapshot)."""
         raise NotImplementedError
 
-    def _fresh_entries(self) -> Iterator[tuple[Any, Any]]:
-        """The entries of a change set that were not marked one by one."""
-        return iter(())
-
-    def _fresh_size(self) -> int:
-        """How many entries :meth:`_fresh_entries` gives."""
-        return 0
-
     def _size(self) -> int:
         """How many entries a whole snapshot has (one per window by default)."""
         return self.open_windows()
-
-    def _taken(self) -> None:
-        """A snapshot was taken (the next change set starts now)."""
-
-    def _load(self, upserts: dict[Any, Any], extra: dict[str, Any]) -> None:
-        """Rebuild the state from a whole snapshot's entries and ``extra``."""
-        raise NotImplementedError
 
     def restore(self, state: Any) -> None:
         """Load a whole :class:`~sluiceway.core.delta.Incremental`, or a snapshot of the
