@@ -30,6 +30,7 @@ import shutil
 import sqlite3
 import tempfile
 from collections.abc import Iterable, Iterator, MutableMapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -329,20 +330,10 @@ class DiskMap(MutableMapping[Any, Any]):
             raise self._unpicklable(exc) from exc
         dels = [(_key(k),) for k, v in dirty.items() if v is _GONE]
         puts.sort()  # in key order: the B-tree is walked once, not at random
-        db = self.db
-        try:
-            db.execute("BEGIN")
-            try:
-                if dels:
-                    db.executemany("DELETE FROM s WHERE k = ?", dels)
-                db.executemany("INSERT OR REPLACE INTO s VALUES (?, ?)", puts)
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:  # (SQLite rolls back itself on some errors: full)
-                    db.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise self._error("write", exc) from exc
+        with self._writing() as db:
+            if dels:
+                db.executemany("DELETE FROM s WHERE k = ?", dels)
+            db.executemany("INSERT OR REPLACE INTO s VALUES (?, ?)", puts)
         self.clean.update(dirty)
         dirty.clear()
 
@@ -412,11 +403,19 @@ class DiskMap(MutableMapping[Any, Any]):
                 n += 1
                 yield _key(k), _dumps(v, _PROTOCOL)
 
+        with self._writing() as db:
+            db.executemany("INSERT OR REPLACE INTO s VALUES (?, ?)", pickled())
+        self.count = n
+
+    @contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: committed, or rolled back on any error; SQLite's
+        errors become :class:`StateStorageError`."""
         db = self.db
         try:
             db.execute("BEGIN")
             try:
-                db.executemany("INSERT OR REPLACE INTO s VALUES (?, ?)", pickled())
+                yield db
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:  # (SQLite rolls back itself on some errors: full)
@@ -424,7 +423,6 @@ class DiskMap(MutableMapping[Any, Any]):
                 raise
         except sqlite3.Error as exc:
             raise self._error("write", exc) from exc
-        self.count = n
 
     def close(self) -> None:
         """Close the file (the caller deletes the run's directory)."""

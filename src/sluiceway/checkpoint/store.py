@@ -1145,36 +1145,30 @@ class CheckpointStore:
         _fsync_directory(self._directory)  # the new file's directory entry is durable too
 
     def _migrate_from_1(self, conn: sqlite3.Connection) -> None:
-        """Rewrite a version 1 file as version 2 in one transaction (once: a process that
-        finds it done already when it gets the write lock does nothing); then on to 3."""
-        try:
-            with self._transaction(conn):
-                row = conn.execute("SELECT value FROM meta WHERE key = 'format_version'").fetchone()
-                if row is not None and str(row[0]) == "1":
-                    for statement in _MIGRATE_FROM_1:
-                        conn.execute(statement)
-        except sqlite3.Error as exc:
-            raise CheckpointError(
-                f"cannot migrate the checkpoint store {self.path} from format version 1 to "
-                f"2 (it needs to be written once): {exc}"
-            ) from exc
-        log.info("checkpoint store %s migrated to format version 2", self.path)
+        """Rewrite a version 1 file as version 2; then on to 3."""
+        self._migrate(conn, 1, 2, _MIGRATE_FROM_1)
 
     def _migrate_from_2(self, conn: sqlite3.Connection) -> None:
-        """Add the tables and columns of incremental parts to a version 2 file, in one
-        transaction (once, as for version 1)."""
+        """Add the tables and columns of incremental parts to a version 2 file."""
+        self._migrate(conn, 2, FORMAT_VERSION, _MIGRATE_FROM_2)
+
+    def _migrate(
+        self, conn: sqlite3.Connection, old: int, new: int, statements: Sequence[str]
+    ) -> None:
+        """Run ``statements`` on a version ``old`` file in one transaction, once: a
+        process that finds it done already when it gets the write lock does nothing."""
         try:
             with self._transaction(conn):
                 row = conn.execute("SELECT value FROM meta WHERE key = 'format_version'").fetchone()
-                if row is not None and str(row[0]) == "2":
-                    for statement in _MIGRATE_FROM_2:
+                if row is not None and str(row[0]) == str(old):
+                    for statement in statements:
                         conn.execute(statement)
         except sqlite3.Error as exc:
             raise CheckpointError(
-                f"cannot migrate the checkpoint store {self.path} from format version 2 to "
-                f"{FORMAT_VERSION} (it needs to be written once): {exc}"
+                f"cannot migrate the checkpoint store {self.path} from format version {old} "
+                f"to {new} (it needs to be written once): {exc}"
             ) from exc
-        log.info("checkpoint store %s migrated to format version %d", self.path, FORMAT_VERSION)
+        log.info("checkpoint store %s migrated to format version %d", self.path, new)
 
     def _prepare_for_writing(self, conn: sqlite3.Connection) -> None:
         """Switch the file to WAL mode, once per connection, before the first write.
