@@ -830,6 +830,7 @@ def _run_tasks(flow: sw.Flow, args: argparse.Namespace) -> int:
             "partition: use --metrics-port (a `task` label on every series)",
             _EXIT_USAGE,
         )
+    from sluiceway.scaleout.repartition import StagedTasks, stages  # noqa: PLC0415 - needs Kafka
     from sluiceway.scaleout.tasks import TaskManager, TaskSpec  # noqa: PLC0415 - needs Kafka
 
     interval = 5.0 if args.checkpoint_interval is None else args.checkpoint_interval
@@ -839,14 +840,24 @@ def _run_tasks(flow: sw.Flow, args: argparse.Namespace) -> int:
         grace_period=args.grace_period,
         max_batch_size=args.max_batch_size,
     )
-    manager = TaskManager(flow, spec, on_task=lambda event, p: _say(f"task p{p} {event}"))
+    ports = {
+        flag: port
+        for flag, port in (("--metrics-port", args.metrics_port), ("--ui-port", args.ui_port))
+        if port is not None
+    }
+    manager: Any
+    if len(stages(flow)) > 1:  # repartitions through Kafka: a task manager per stage
+        if ports:
+            raise CliError(
+                f"{next(iter(ports))} is not built yet for a worker of a flow that "
+                "repartitions through Kafka (docs/scaling.md); leave it out",
+                _EXIT_USAGE,
+            )
+        manager = StagedTasks(flow, spec, on_task=lambda event, name: _say(f"task {name} {event}"))
+    else:
+        manager = TaskManager(flow, spec, on_task=lambda event, p: _say(f"task p{p} {event}"))
     forced: list[int] = []
     try:
-        ports = {
-            flag: port
-            for flag, port in (("--metrics-port", args.metrics_port), ("--ui-port", args.ui_port))
-            if port is not None
-        }
         results = asyncio.run(_tasks_main(manager, ports, forced))
     except sw.FlowDefinitionError as exc:
         raise CliError(f"invalid flow: {exc}", _EXIT_FAILED) from exc
@@ -860,7 +871,7 @@ def _run_tasks(flow: sw.Flow, args: argparse.Namespace) -> int:
     if forced:
         return 128 + forced[0]
     for p, result in sorted(results.items()):
-        _say(f"task p{p}: {_totals(result)}")
+        _say(f"task {p if isinstance(p, str) else f'p{p}'}: {_totals(result)}")
     return 0
 
 

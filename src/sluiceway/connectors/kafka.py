@@ -93,6 +93,10 @@ Serializer = Literal["bytes", "utf-8", "json"] | Callable[[Any], bytes | str]
 text (``str(value)``), JSON, or your function."""
 ConfigValue = str | int | float | bool
 
+CONTROL: Any = object()
+"""What a source's ``_decode`` returns for a control message of an internal topic (a
+watermark marker): its offset is consumed, no record is handed out."""
+
 
 class KafkaError(SluicewayError):
     """Kafka refused something the connector needs (a subscription, a transaction)."""
@@ -398,6 +402,11 @@ class KafkaSource(Source):
     dead letter's record is a :class:`KafkaRecord` with the raw payload.
     """
 
+    _records_advance_watermark = True
+    """Each partition's watermark follows the largest event time of its records.  A
+    source whose watermark comes in control messages instead (a repartition topic's,
+    :mod:`sluiceway.scaleout.repartition`) sets it False."""
+
     # A revocation in progress: the partitions being taken away, released (the fetching
     # thread, waiting in librdkafka's callback, goes on) once the records handed out of
     # them are written and committed, or at the revoke_timeout.  Set per run in open().
@@ -542,10 +551,11 @@ class KafkaSource(Source):
             **_security_config(self._tls, self._sasl, self._errors.what),
         }
 
-    def for_task(self, partition: int) -> KafkaSource:
+    def for_task(self, partition: int, *, stage: int = 0) -> KafkaSource:
         """A fresh, unopened copy that reads partition ``partition`` of every topic of
         this source by manual assignment -- no group membership -- for one task of a
-        scaled-out keyed flow (:mod:`sluiceway.scaleout.tasks`).
+        scaled-out keyed flow (:mod:`sluiceway.scaleout.tasks`; ``stage``: the
+        sub-topology of a flow that repartitions, :mod:`sluiceway.scaleout.repartition`).
 
         Offsets still belong to this source's group: a fresh copy starts at the group's
         committed offset (else ``auto_offset_reset``), a transactional sink commits the
@@ -566,9 +576,13 @@ class KafkaSource(Source):
             )
         if isinstance(partition, bool) or not isinstance(partition, int) or partition < 0:
             raise ValueError(f"{self.describe()}: partition must be an int >= 0, got {partition!r}")
-        copy = KafkaSource(**self._init_args)
+        copy = self._fresh()
         copy._pinned = partition
         return copy
+
+    def _fresh(self) -> KafkaSource:
+        """A new, unopened source with this one's arguments (a subclass keeps its own)."""
+        return KafkaSource(**self._init_args)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -1007,6 +1021,16 @@ class KafkaSource(Source):
         low = self._low(self._ctx.clock.monotonic())
         self._wm = max(self._wm, low)
 
+    def idle(self) -> bool:
+        """True when every partition this source owns is idle: no data for
+        ``idle_timeout`` and nothing left to read (the source's watermark then waits
+        for the next record).  False without an idle timeout or partitions."""
+        timeout = self._idle_timeout
+        if timeout is None or not self._parts or self._ctx is None:
+            return False
+        now = self._ctx.clock.monotonic()
+        return all(now - p.last_data >= timeout and not p.lag() for p in self._parts.values())
+
     @property
     def paused(self) -> bool:
         """True while the owned partitions are paused because the flow has no room."""
@@ -1128,6 +1152,7 @@ class KafkaSource(Source):
         parts = self._parts
         decode = self._decode
         event_time = self.event_time
+        by_records = self._records_advance_watermark
         bound = self._bound
         records: list[Any] = []
         stamps: list[int] = []
@@ -1154,11 +1179,14 @@ class KafkaSource(Source):
             buffer.popleft()
             part.next_offset = m.offset() + 1
             part.last_data = now
+            if value is CONTROL:  # a control message of an internal topic: no record
+                wm = max(wm, self._low(now))
+                continue
             records.append(value)
             if event_time:
                 stamps.append(t)
                 marks.append(wm)
-                if t > part.max_ts:
+                if by_records and t > part.max_ts:
                     before = part.max_ts - bound
                     part.max_ts = t
                     if before <= wm:  # it may have been the lowest: the minimum may rise
@@ -1345,22 +1373,27 @@ class KafkaSink(Sink):
         """``Kafka(<topic>)``."""
         return f"Kafka({self._topic})"
 
-    def for_task(self, partition: int) -> KafkaSink:
+    def for_task(self, partition: int, *, stage: int = 0) -> KafkaSink:
         """A fresh, unopened copy for one task of a scaled-out keyed flow (the task of
         source partition ``partition``, :mod:`sluiceway.scaleout.tasks`).  With
         ``exactly_once`` its transactional id is this sink's followed by
-        ``-p<partition>``: stable per partition, so the next owner of the partition fences
-        a zombie (its ``init_transactions``) and aborts what that left open, and differs
+        ``-p<partition>`` (``-s<stage>-p<partition>`` in sub-topology ``stage`` > 0 of a
+        flow that repartitions): stable per task, so the next owner of the task fences a
+        zombie (its ``init_transactions``) and aborts what that left open, and differs
         between the tasks running at the same time."""
         if isinstance(partition, bool) or not isinstance(partition, int) or partition < 0:
             raise ValueError(f"{self.describe()}: partition must be an int >= 0, got {partition!r}")
-        args = dict(self._init_args)
-        copy = KafkaSink(**args)
+        copy = self._fresh()
+        suffix = f"-s{stage}-p{partition}" if stage else f"-p{partition}"
         if self._tid_arg is not None:
-            copy._tid_arg = f"{self._tid_arg}-p{partition}"
+            copy._tid_arg = f"{self._tid_arg}{suffix}"
         else:
-            copy._tid_suffix = f"-p{partition}"
+            copy._tid_suffix = suffix
         return copy
+
+    def _fresh(self) -> KafkaSink:
+        """A new, unopened sink with this one's arguments (a subclass keeps its own)."""
+        return KafkaSink(**self._init_args)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -1471,23 +1504,11 @@ class KafkaSink(Sink):
         if self.exactly_once and not self._in_txn:
             self._begin()
         produce, topic = producer.produce, self._topic
-        ser, keyfn, keyser = self._value, self._key, self._key_serializer
-        headfn, partfn = self._headers, self._partition
-        stamps = batch.timestamps
+        message = self._message
         failed: tuple[int, Exception] | None = None
         for i, v in enumerate(batch.values):
             try:
-                payload = ser(v)
-                kwargs: dict[str, Any] = {}
-                if keyfn is not None:
-                    kwargs["key"] = keyser(keyfn(v))
-                if headfn is not None:
-                    h = headfn(v)
-                    kwargs["headers"] = list(h.items()) if isinstance(h, Mapping) else list(h)
-                if partfn is not None:
-                    kwargs["partition"] = partfn(v)
-                if stamps is not None:
-                    kwargs["timestamp"] = stamps[i] // 1000
+                payload, kwargs = message(batch, i, v)
             except Exception as exc:  # noqa: BLE001 - pinned to this record (PartialWriteError)
                 failed = (i, exc)
                 break
@@ -1506,6 +1527,22 @@ class KafkaSink(Sink):
         await self._flush()
         if failed is not None:
             raise PartialWriteError(failed[0], failed[1]) from failed[1]
+
+    def _message(self, batch: Batch, i: int, v: Any) -> tuple[bytes | str, dict[str, Any]]:
+        """Record ``i`` (value ``v``) of ``batch`` as a payload and ``produce`` options."""
+        payload = self._value(v)
+        kwargs: dict[str, Any] = {}
+        if self._key is not None:
+            kwargs["key"] = self._key_serializer(self._key(v))
+        if self._headers is not None:
+            h = self._headers(v)
+            kwargs["headers"] = list(h.items()) if isinstance(h, Mapping) else list(h)
+        if self._partition is not None:
+            kwargs["partition"] = self._partition(v)
+        stamps = batch.timestamps
+        if stamps is not None:
+            kwargs["timestamp"] = stamps[i] // 1000
+        return payload, kwargs
 
     async def _flush(self) -> None:
         """Wait until librdkafka delivered (or gave up on) everything queued."""

@@ -28,13 +28,27 @@ def fn_op(
 
 
 def key_by(
-    at: At, fn: Callable[[Any], Any], name: str | None, on_error: object, partitioned: object
+    at: At,
+    fn: Callable[[Any], Any],
+    name: str | None,
+    on_error: object,
+    partitioned: object,
+    partitions: object = None,
 ) -> Node:
     check_callable(fn, "key_by")
     policy = check_policy(on_error, "key_by()")
     if not isinstance(partitioned, bool):
         raise TypeError(f"key_by() partitioned must be True or False, got {partitioned!r}")
-    spec = KeyBySpec(fn, policy, partitioned)
+    if partitions is not None:
+        if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
+            raise ValueError(f"key_by() partitions must be an int >= 1 or None, got {partitions!r}")
+        if partitioned:
+            raise FlowDefinitionError(
+                f"key_by(partitioned=True, partitions={partitions}): partitions is the "
+                "partition count of the topic a flow on several workers repartitions "
+                "through, and a partitioned key_by does not repartition; leave one out"
+            )
+    spec = KeyBySpec(fn, policy, partitioned, partitions)
     return derive(at, spec, name, f"key_by_{fn_label(fn)}", keyed=True)
 
 

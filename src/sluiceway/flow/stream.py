@@ -185,6 +185,7 @@ class Stream(Generic[T]):
         name: str | None = None,
         on_error: ErrorPolicy = Fail(),
         partitioned: bool = False,
+        partitions: int | None = None,
     ) -> KeyedStream[K, T]:
         """Attach the key ``fn(record)`` to every record, for keyed (stateful) operators.
 
@@ -195,10 +196,14 @@ class Stream(Generic[T]):
         every record of a key comes from one partition of the Kafka topic (it was
         written with this key as its message key, or one that maps to it one to one).
         A keyed flow on several workers keeps each partition's state in the worker that
-        owns the partition, so it needs this promise and refuses to start without it
-        (``docs/scaling.md``); one process does not care.
+        owns the partition; without this promise it **repartitions through Kafka**: the
+        records go through an internal topic keyed by ``fn(record)`` of ``partitions``
+        partitions (None: the source topic's count), read back by the same consumer
+        group (``docs/scaling.md``).  One process does not care about either.
         """
-        return KeyedStream(self.flow, stateless.key_by(self, fn, name, on_error, partitioned))
+        return KeyedStream(
+            self.flow, stateless.key_by(self, fn, name, on_error, partitioned, partitions)
+        )
 
     def merge(
         self, *others: Stream[Any], name: str | None = None, capacity: int | None = None

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from sluiceway.core.contract import PartialWriteError, Sink, Source
-from sluiceway.core.messages import Batch
+from sluiceway.core.messages import Batch, Control, Watermark
 from sluiceway.flowcontrol.breaker import CircuitBreaker, watch_breaker
 from sluiceway.operators.base import BuildContext, OpSpec, Step
 from sluiceway.operators.errors import ErrorHandler
@@ -42,6 +43,11 @@ class _SinkStep(Step):
         self.when_open = spec.when_open
         self.unwritten = 0  # records of the push under way not written yet
         self.writing = False  # inside sink.write(): its progress() counts
+        # A sink that passes the flow's event time on (a repartition topic's internal
+        # sink, sluiceway.scaleout.repartition) hears every watermark in-band.
+        self.on_watermark: Callable[[Watermark], None] | None = getattr(
+            spec.sink, "on_watermark", None
+        )
 
     async def push(self, batch: Batch) -> None:
         m = self.metrics
@@ -66,6 +72,11 @@ class _SinkStep(Step):
                     return
         finally:
             self.unwritten = 0
+
+    async def control(self, message: Control) -> None:
+        if self.on_watermark is not None and type(message) is Watermark:
+            self.on_watermark(message)
+        await super().control(message)
 
     def in_process(self, n: int, passed: bool) -> int:
         """Records of the push under way not written yet: a sink that writes record by

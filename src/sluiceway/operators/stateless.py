@@ -158,10 +158,12 @@ class _KeyByStep(_UserFnStep):
 class KeyBySpec(_UserFnSpec):
     """``stream.key_by(fn)``: attach a key to every record (values unchanged).
     ``partitioned``: the user says each key arrives in one source partition only (the
-    input topic is keyed by this key), which a flow on several workers needs."""
+    input topic is keyed by this key); otherwise a flow on several workers repartitions
+    through Kafka, into a topic of ``partitions`` partitions (None: the source topic's)."""
 
     kind: ClassVar[str] = "key_by"
     partitioned: bool = False
+    partitions: int | None = None
 
     def build(self, ctx: BuildContext) -> Step:
         return _KeyByStep(ctx, self.fn)

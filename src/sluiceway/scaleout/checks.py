@@ -81,21 +81,28 @@ def check_tasks(flow: Flow, *, checkpoint_dir: bool) -> None:
             "shared volume). Without it each worker would keep a share of a key's state "
             "that stays behind when the partition moves (docs/scaling.md)"
         )
-    for node in flow.nodes:
-        if isinstance(node.spec, KeyBySpec) and not node.spec.partitioned:
-            raise FlowDefinitionError(
-                f"{node.describe()} keys records for operator {keyed[0]}, and on several "
-                "workers each partition's state lives in the worker that owns the partition: "
-                "a key arriving in two partitions would be counted in two halves, silently. "
-                "If the input topic is keyed by this key (each key in one partition), say so: "
-                "key_by(..., partitioned=True). If not, write the records to a topic keyed "
-                "by it first (a stateless flow with sw.sinks.Kafka(key=...)) and key that "
-                "topic's stream; repartitioning inside the flow is not built yet "
-                "(docs/scaling.md)"
-            )
-    from sluiceway.scaleout.tasks import task_flow  # noqa: PLC0415 - needs confluent-kafka
+    from sluiceway.connectors.kafka import KafkaSource  # noqa: PLC0415 - needs confluent-kafka
+    from sluiceway.scaleout.repartition import stages  # noqa: PLC0415
+    from sluiceway.scaleout.tasks import task_flow  # noqa: PLC0415
 
-    task_flow(flow, 0)
+    unkeyed = [n for n in flow.nodes if isinstance(n.spec, KeyBySpec) and not n.spec.partitioned]
+    others = [
+        (n, n.spec.source)
+        for n in flow.nodes
+        if isinstance(n.spec, SourceSpec) and not isinstance(n.spec.source, KafkaSource)
+    ]
+    if unkeyed and others:
+        raise FlowDefinitionError(
+            f"{unkeyed[0].describe()} keys records for operator {keyed[0]}, and on several "
+            "workers each partition's state lives in the worker that owns the partition: "
+            "the records must be repartitioned by the key, which goes through Kafka, and "
+            f"source {others[0][0].describe()} ({others[0][1].describe()}) is not a "
+            "Kafka topic. Copy the input into a Kafka topic first (a stateless flow with "
+            "sw.sinks.Kafka(key=...): keyed by this key, then key_by(..., "
+            "partitioned=True)), or run the keyed flow as one process (docs/scaling.md)"
+        )
+    for stage in stages(flow):
+        task_flow(stage.flow, 0, stage=stage.index)
 
 
 def check_layout(checkpoint_dir: str | os.PathLike[str], *, tasks: bool) -> None:

@@ -78,6 +78,7 @@ __all__ = [
     "kafka_sources",
     "task_dir",
     "task_flow",
+    "task_name",
 ]
 
 log = logging.getLogger("sluiceway")
@@ -90,9 +91,16 @@ _FATAL = (
 )
 
 
-def task_dir(checkpoint_dir: str | os.PathLike[str], partition: int) -> str:
-    """Where task ``partition`` keeps its checkpoints: ``<checkpoint_dir>/tasks/p<p>``."""
-    return os.path.join(os.fspath(checkpoint_dir), "tasks", f"p{partition}")
+def task_name(partition: int, stage: int = 0) -> str:
+    """A task's name: ``p<partition>``, or ``s<stage>-p<partition>`` for sub-topology
+    ``stage`` > 0 of a flow that repartitions (:mod:`sluiceway.scaleout.repartition`)."""
+    return f"s{stage}-p{partition}" if stage else f"p{partition}"
+
+
+def task_dir(checkpoint_dir: str | os.PathLike[str], partition: int, stage: int = 0) -> str:
+    """Where task ``partition`` (of sub-topology ``stage``) keeps its checkpoints:
+    ``<checkpoint_dir>/tasks/p<p>`` (``tasks/s<stage>-p<p>``)."""
+    return os.path.join(os.fspath(checkpoint_dir), "tasks", task_name(partition, stage))
 
 
 # -- the flow of one task -----------------------------------------------------------
@@ -135,7 +143,7 @@ def kafka_sources(flow: Flow) -> list[tuple[Node, KafkaSource]]:
     return found
 
 
-def _copy(obj: Any, partition: int, what: str) -> Any:
+def _copy(obj: Any, partition: int, what: str, stage: int = 0) -> Any:
     """``obj.for_task(partition)``, or the error naming why the flow cannot run as tasks."""
     for_task = getattr(obj, "for_task", None)
     if for_task is None:
@@ -148,28 +156,29 @@ def _copy(obj: Any, partition: int, what: str) -> Any:
             "run the flow as one process"
         )
     try:
-        return for_task(partition)
+        return for_task(partition, stage=stage) if stage else for_task(partition)
     except ValueError as exc:  # e.g. a topic pattern: say which operator, as a definition error
         raise FlowDefinitionError(f"{what}: {exc}") from exc
 
 
-def _policy(policy: Any, partition: int, where: str, made: dict[int, Any]) -> Any:
+def _policy(policy: Any, partition: int, where: str, made: dict[int, Any], stage: int) -> Any:
     """An error policy whose dead-letter sink is this task's own copy."""
     if isinstance(policy, DeadLetter):
         sink = made.get(id(policy.sink))
         if sink is None:
             sink = made[id(policy.sink)] = _copy(
-                policy.sink, partition, f"dead-letter sink of {where}"
+                policy.sink, partition, f"dead-letter sink of {where}", stage
             )
         return DeadLetter(sink)
     if isinstance(policy, Retry) and isinstance(policy.then, DeadLetter):
-        return dataclasses.replace(policy, then=_policy(policy.then, partition, where, made))
+        return dataclasses.replace(policy, then=_policy(policy.then, partition, where, made, stage))
     return policy
 
 
-def task_flow(flow: Flow, partition: int) -> Flow:
+def task_flow(flow: Flow, partition: int, *, stage: int = 0) -> Flow:
     """The flow of task ``partition``: the same operators, with fresh copies of every
-    source and sink (and dead-letter sink) made by their ``for_task(partition)``.
+    source and sink (and dead-letter sink) made by their ``for_task(partition)``
+    (``for_task(partition, stage=stage)`` in sub-topology ``stage`` > 0).
 
     Raises:
         FlowDefinitionError: a source that is not Kafka, or a sink that cannot be copied
@@ -182,19 +191,21 @@ def task_flow(flow: Flow, partition: int) -> Flow:
         spec = copy.copy(node.spec)
         if isinstance(spec, SourceSpec):
             src: Source = made.get(id(spec.source)) or _copy(
-                spec.source, partition, f"source {node.describe()}"
+                spec.source, partition, f"source {node.describe()}", stage
             )
             made[id(spec.source)] = src
             object.__setattr__(spec, "source", src)
         elif isinstance(spec, SinkSpec):
             sink: Sink = made.get(id(spec.sink)) or _copy(
-                spec.sink, partition, f"sink {node.describe()}"
+                spec.sink, partition, f"sink {node.describe()}", stage
             )
             made[id(spec.sink)] = sink
             object.__setattr__(spec, "sink", sink)
         policy = getattr(spec, "on_error", None)
         if policy is not None:
-            object.__setattr__(spec, "on_error", _policy(policy, partition, node.describe(), made))
+            object.__setattr__(
+                spec, "on_error", _policy(policy, partition, node.describe(), made, stage)
+            )
         names: list[str] = (
             [f.name for f in dataclasses.fields(spec)] if dataclasses.is_dataclass(spec) else []
         )
@@ -375,6 +386,10 @@ class TaskManager:
         clock: the clock of the tasks and of every deadline here.
         on_task: called with ``(event, partition)`` for ``"started"``, ``"stopped"``,
             ``"cancelled"``, ``"ended"`` (for messages and tests).
+        stage: the sub-topology of a flow that repartitions through Kafka whose tasks
+            this manager runs (:mod:`sluiceway.scaleout.repartition`): its tasks are
+            ``s<stage>-p<p>``, checkpointed in ``tasks/s<stage>-p<p>``; 0 (the default)
+            keeps ``p<p>`` and ``tasks/p<p>``.
 
     :meth:`run` joins the group and runs until :meth:`request_stop` (the tasks stop at a
     final checkpoint, the worker leaves the group), until every task it ran ended by
@@ -389,9 +404,12 @@ class TaskManager:
         *,
         clock: Clock | None = None,
         on_task: Callable[[str, int], None] | None = None,
+        stage: int = 0,
     ) -> None:
         sources = kafka_sources(flow)
-        task_flow(flow, 0)  # every sink can be copied: refuse now, not at the first task
+        # every sink can be copied: refuse now, not at the first task
+        task_flow(flow, 0, stage=stage)
+        self.stage = stage
         self.flow = flow
         self.spec = spec
         self.clock = clock or SystemClock()
@@ -426,7 +444,8 @@ class TaskManager:
         return {
             "bootstrap.servers": src.bootstrap_servers,
             "group.id": src.group,
-            "client.id": f"sluiceway.{self.flow.name}.membership",
+            "client.id": f"sluiceway.{self.flow.name}.membership"
+            + (f"-s{self.stage}" if self.stage else ""),
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "partition.assignment.strategy": "cooperative-sticky",
@@ -529,7 +548,7 @@ class TaskManager:
             )
 
     def _say(self, event: str, partition: int) -> None:
-        log.info("flow %r: task p%d %s", self.flow.name, partition, event)
+        log.info("flow %r: task %s %s", self.flow.name, task_name(partition, self.stage), event)
         self.events[event] += 1
         if self._on_task is not None:
             self._on_task(event, partition)
@@ -551,7 +570,7 @@ class TaskManager:
         await self._watch(task)
 
     def _launch(self, p: int) -> _Task:
-        flow = task_flow(self.flow, p)
+        flow = task_flow(self.flow, p, stage=self.stage)
         for node in flow.nodes:
             if isinstance(node.spec, SourceSpec) and isinstance(node.spec.source, KafkaSource):
                 node.spec.source.commit_through = self._commit_through
@@ -563,7 +582,7 @@ class TaskManager:
             grace_period=spec.grace_period,
             max_batch_size=spec.max_batch_size,
             checkpoints=Checkpoints(
-                task_dir(spec.checkpoint_dir, p), interval=spec.checkpoint_interval
+                task_dir(spec.checkpoint_dir, p, self.stage), interval=spec.checkpoint_interval
             ),
         )
         self.ran += 1
@@ -598,7 +617,10 @@ class TaskManager:
         except Exception as exc:  # noqa: BLE001 - the worker fails with it
             if task.ending == "cancel":
                 log.info(
-                    "flow %r: task p%d ended with %r after it was lost", self.flow.name, p, exc
+                    "flow %r: task %s ended with %r after it was lost",
+                    self.flow.name,
+                    task_name(p, self.stage),
+                    exc,
                 )
             elif _fenced(exc):
                 # Another worker's task of p initialised its transactional id: the group
@@ -606,10 +628,10 @@ class TaskManager:
                 # session).  Its output is aborted; the membership hears of the loss at
                 # its next poll.  Not a failure of this worker.
                 log.warning(
-                    "flow %r: task p%d was fenced by a newer owner of its partition: "
+                    "flow %r: task %s was fenced by a newer owner of its partition: "
                     "closed, its open transaction aborted (%s)",
                     self.flow.name,
-                    p,
+                    task_name(p, self.stage),
                     exc,
                 )
                 assert self._tg is not None

@@ -1,0 +1,672 @@
+"""Repartitioning through Kafka: a keyed flow on several workers whose input topic is not
+keyed by the flow's key (Kafka Streams' repartition topics).
+
+A worker runs a keyed flow as one task per Kafka partition (:mod:`.tasks`), so each key
+must arrive in one partition.  When a ``key_by(fn)`` does not promise that
+(``partitioned=True``), the flow is split there into **sub-topologies** (stages):
+
+* **stage 0**: everything before the ``key_by``, the ``key_by`` itself, and an internal
+  sink writing every record to the **repartition topic** with ``fn(record)`` as its
+  message key (murmur2, as Kafka's Java clients): every record of a key lands in one
+  partition;
+* **stage 1**: an internal source reading that topic, ``key_by(fn, partitioned=True)``
+  and the rest of the flow.  A second unpartitioned ``key_by`` further down splits
+  stage 1 the same way (stage 2 reads a second topic), and so on.
+
+Each stage runs as tasks of its own -- stage 0's are ``p<p>`` (``tasks/p<p>``,
+transactional ids ``<id>-p<p>``) as for a flow without repartitioning, stage ``n``'s
+are ``s<n>-p<p>`` (``tasks/s<n>-p<p>``, ``<id>-s<n>-p<p>``) -- each stage with a
+membership consumer of its own in the flow's consumer group (subscribed to the stage's
+input topic: the group assigns the source topic's partitions and the repartition
+topic's, each to one worker).
+
+* **Topic**: ``<group>-<flow>-<key_by name>-repartition`` (characters Kafka does not
+  allow become ``_``), created by the workers at start (idempotently; a topic that
+  exists with another partition count is an error), with ``key_by(fn, partitions=N)``
+  partitions, else the source topic's.
+* **Exactly-once**: stage 0's internal sink is transactional when every sink of the flow
+  is (the stage-0 task's input offsets commit in the same transaction), and stage 1
+  reads ``read_committed``: each record crosses once.  Otherwise at-least-once.
+* **Records** travel as parts of the checkpoint codec (:mod:`sluiceway.checkpoint.codec`):
+  signed with the checkpoint key and bound to the flow and topic, so a stage never
+  unpickles bytes it cannot authenticate; a message that does not verify is bad input.
+  The record's event time travels inside (microseconds; the Kafka timestamp, in
+  milliseconds, is set too, for people reading the topic).
+* **Watermarks**: at each checkpoint a stage-0 task writes a *marker* (a message with
+  the header ``sluiceway-marker``) to every partition of the repartition topic, carrying
+  its upstream partition, the watermark that reached its sink, and whether its source is
+  idle.  A stage-1 task's watermark is the minimum over the latest markers of all
+  upstream partitions (idle ones left out, as a source in one process leaves out its
+  idle partitions), so an event-time window after the repartition closes as it would in
+  one process.  Markers are never handed to user code.
+
+See docs/scaling.md ("Repartitioning through Kafka").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import itertools
+import json
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import confluent_kafka as ck
+
+from sluiceway.checkpoint.codec import decode as decode_part
+from sluiceway.checkpoint.codec import encode, part_context, verify
+from sluiceway.checkpoint.keys import KeyRing, load_keys
+from sluiceway.connectors.kafka import (
+    _SECURITY_KEYS,
+    CONTROL,
+    KafkaError,
+    KafkaSink,
+    KafkaSource,
+)
+from sluiceway.core.contract import SinkContext, SourceContext
+from sluiceway.core.messages import Batch, Watermark
+from sluiceway.errors import FlowDefinitionError
+from sluiceway.flow import Flow, Node
+from sluiceway.operators.io import SinkSpec, SourceSpec
+from sluiceway.operators.stateless import KeyBySpec
+from sluiceway.runtime.executor import RunResult
+from sluiceway.scaleout.tasks import TaskManager, TaskSpec, kafka_sources, task_name
+from sluiceway.time import Clock, SystemClock
+
+__all__ = [
+    "MARKER_HEADER",
+    "RepartitionSink",
+    "RepartitionSource",
+    "Stage",
+    "StagedTasks",
+    "partition_key",
+    "repartition_topic",
+    "stages",
+]
+
+MARKER_HEADER = "sluiceway-marker"
+"""The header that flags a watermark marker in a repartition topic."""
+
+_INF = math.inf
+_TOPIC_CHARS = re.compile(r"[^a-zA-Z0-9._-]")
+
+
+def repartition_topic(group: str, flow: str, key_by: str) -> str:
+    """The internal topic of ``key_by`` of ``flow`` in consumer group ``group``, named as
+    Kafka Streams names its repartition topics (``<application.id>-<name>-repartition``).
+
+    >>> repartition_topic("spend", "per user", "by_user")
+    'spend-per_user-by_user-repartition'
+    """
+    name = f"{group}-{flow}-{key_by}-repartition"
+    return _TOPIC_CHARS.sub("_", name)[:249]
+
+
+def partition_key(key: Any) -> bytes:
+    """The message key of a record of key ``key`` in a repartition topic: equal keys give
+    equal bytes in every process (so they land in one partition).
+
+    >>> partition_key("u1"), partition_key(7), partition_key(7.0), partition_key(("a", 1))
+    (b'"u1"', b'7', b'7', b'["a",1]')
+
+    Raises:
+        TypeError: a key that is not a str, bytes, number, bool, None or a tuple/list of
+            those (its bytes would not be the same in every process).
+    """
+    return json.dumps(_plain(key), separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _plain(key: Any) -> Any:
+    if key is None or isinstance(key, str | int):
+        return int(key) if isinstance(key, bool) else key
+    if isinstance(key, float):
+        return int(key) if key.is_integer() else key  # 7.0 == 7: one key, one partition
+    if isinstance(key, bytes):
+        return {"b": key.hex()}
+    if isinstance(key, tuple | list):
+        return [_plain(k) for k in key]
+    raise TypeError(
+        f"key {key!r} ({type(key).__name__}) cannot be written to a repartition topic: a "
+        "key must be a str, bytes, number, bool, None or a tuple of those, so that every "
+        "worker sends it to the same partition; key_by a tuple of its fields instead"
+    )
+
+
+# -- the internal connectors ----------------------------------------------------------
+
+
+def _record_context(flow: str, topic: str) -> bytes:
+    return part_context(flow, topic, "repartition record")
+
+
+def _marker_context(flow: str, topic: str) -> bytes:
+    return part_context(flow, topic, "repartition marker")
+
+
+class RepartitionSink(KafkaSink):
+    """Stage 0's end: every record to the repartition topic, keyed by its key, as a signed
+    part; watermark markers at each checkpoint (see the module docstring).
+
+    Args:
+        source: the flow's (first) Kafka source: bootstrap servers and security.
+        topic: the repartition topic.
+        flow: the flow's name (records are bound to it and to the topic).
+        keys: the checkpoint keys that sign the records (None: only the shape of the
+            split is wanted, for checks; such a sink cannot be opened).
+        exactly_once: write in the stage-0 task's transactions.
+    """
+
+    def __init__(
+        self,
+        source: KafkaSource,
+        topic: str,
+        flow: str,
+        keys: KeyRing | None,
+        *,
+        exactly_once: bool,
+    ) -> None:
+        args = source._init_args
+        super().__init__(
+            source.bootstrap_servers,
+            topic,
+            value="bytes",
+            exactly_once=exactly_once,
+            config={k: v for k, v in source._user_config.items() if k.startswith(_SECURITY_KEYS)},
+            tls=args["tls"],
+            sasl=args["sasl"],
+        )
+        self._args = (source, topic, flow, keys, exactly_once)
+        self._flow = flow
+        self._ring = keys
+        self._records = _record_context(flow, topic)
+        self._markers = _marker_context(flow, topic)
+        self.partitions = 0
+        """The repartition topic's partition count (set by the workers at start)."""
+        self.upstream: int | None = None
+        """The partition of the stage-0 task this copy belongs to (``for_task``)."""
+        self._wm = -_INF  # the watermark that reached this sink, in-band
+        self._sent: tuple[float, bool] | None = None  # the last marker's (watermark, idle)
+
+    def describe(self) -> str:
+        return f"Kafka({self._topic}, repartition)"
+
+    def _fresh(self) -> RepartitionSink:
+        out = RepartitionSink(*self._args[:4], exactly_once=self._args[4])
+        out.partitions = self.partitions
+        return out
+
+    def for_task(self, partition: int, *, stage: int = 0) -> KafkaSink:
+        out = super().for_task(partition, stage=stage)
+        assert isinstance(out, RepartitionSink)
+        out.upstream = partition
+        return out
+
+    async def open(self, ctx: SinkContext) -> None:
+        if self._ring is None:
+            raise KafkaError(
+                f"sink {ctx.name!r} ({self.describe()}): no checkpoint key to sign with"
+            )
+        await super().open(ctx)
+
+    def _message(self, batch: Batch, i: int, v: Any) -> tuple[bytes | str, dict[str, Any]]:
+        assert batch.keys is not None, "a repartition sink follows its key_by"
+        assert self._ring is not None
+        stamps = batch.timestamps
+        stamp = None if stamps is None else stamps[i]
+        kwargs: dict[str, Any] = {"key": partition_key(batch.keys[i])}
+        if stamp is not None:
+            kwargs["timestamp"] = stamp // 1000
+        return encode((stamp, v), self._ring.current, self._records), kwargs
+
+    def on_watermark(self, message: Watermark) -> None:
+        """A watermark reached this sink (in-band: every record before it is written)."""
+        if not message.idle and message.time > self._wm:
+            self._wm = message.time
+
+    async def pre_commit(self, checkpoint_id: int | None) -> Any:
+        """Write a marker to every partition when the watermark or idleness changed, in
+        the checkpoint's transaction (exactly-once) or before its flush."""
+        if self._producer is not None and self.upstream is not None and self.partitions:
+            ctx = self._ctx
+            idle = ctx is not None and all(
+                s.idle() for s in ctx.sources if isinstance(s, KafkaSource)
+            )
+            mark = (self._wm, idle)
+            if mark != self._sent and (self._wm > -_INF or idle):
+                if self.exactly_once and not self._in_txn:
+                    self._begin()
+                assert self._ring is not None
+                payload = encode(
+                    {"from": self.upstream, "wm": self._wm, "idle": idle},
+                    self._ring.current,
+                    self._markers,
+                )
+                for p in range(self.partitions):
+                    self._producer.produce(
+                        self._topic, payload, partition=p, headers=[(MARKER_HEADER, b"1")]
+                    )
+                self._sent = mark
+        return await super().pre_commit(checkpoint_id)
+
+    def restore(self, state: Any) -> None:
+        super().restore(state)
+        self._sent = None  # a restarted task says where it is again
+
+
+class RepartitionSource(KafkaSource):
+    """Stage ``n``'s start: the records of the repartition topic (verified, then decoded),
+    with the event time they had upstream and a watermark from the markers.
+
+    Args:
+        source: the flow's (first) Kafka source: servers, group, security, timeouts.
+        topic: the repartition topic.
+        flow: the flow's name.
+        keys: the checkpoint keys the records are signed with (None: as for the sink).
+        event_time: the records carry event time (the stream before the ``key_by`` did).
+    """
+
+    _records_advance_watermark = False
+
+    def __init__(
+        self,
+        source: KafkaSource,
+        topic: str,
+        flow: str,
+        keys: KeyRing | None,
+        *,
+        event_time: bool,
+    ) -> None:
+        a = source._init_args
+        super().__init__(
+            source.bootstrap_servers,
+            topic,
+            source.group,
+            value="bytes",
+            timestamp="record" if event_time else None,
+            idle_timeout=None,  # an idle upstream says so in its markers
+            stop_after_idle=a["stop_after_idle"],
+            poll_timeout=a["poll_timeout"],
+            revoke_timeout=a["revoke_timeout"],
+            config=a["config"],
+            tls=a["tls"],
+            sasl=a["sasl"],
+        )
+        self._args = (source, topic, flow, keys, event_time)
+        self._ring = keys
+        self._records = _record_context(flow, topic)
+        self._markers = _marker_context(flow, topic)
+        self.upstreams = 0
+        """How many partitions the upstream stage has (set by the workers at start): a
+        partition's watermark waits for a marker of each."""
+        self._marks: dict[tuple[str, int], dict[int, tuple[float, bool]]] = {}
+
+    def describe(self) -> str:
+        return f"Kafka({self._topics[0]}, repartition, group={self._group})"
+
+    def _fresh(self) -> RepartitionSource:
+        out = RepartitionSource(*self._args[:4], event_time=self._args[4])
+        out.upstreams = self.upstreams
+        return out
+
+    async def open(self, ctx: SourceContext) -> None:
+        if self._ring is None:
+            raise KafkaError(f"source {ctx.name!r} ({self.describe()}): no checkpoint key")
+        await super().open(ctx)
+
+    def _open(self, m: Any, context: bytes, what: str) -> Any:
+        raw = m.value()
+        verdict = verify(raw or b"", self._ring, context)
+        if not verdict.ok:
+            raise ValueError(
+                f"not a {what} of flow {self._args[2]!r}'s repartition topic: "
+                f"{verdict.reason} (is another flow or a stranger writing to "
+                f"{self._topics[0]!r}? do the workers share one checkpoint key?)"
+            )
+        return decode_part(raw)
+
+    def _decode(self, m: Any) -> tuple[Any, int]:
+        headers = m.headers()
+        if headers and any(k == MARKER_HEADER for k, _ in headers):
+            mark = self._open(m, self._markers, "watermark marker")
+            self._on_marker((m.topic(), m.partition()), mark)
+            return CONTROL, 0
+        stamp, value = self._open(m, self._records, "record")
+        return value, (stamp or 0)
+
+    def _on_marker(self, tp: tuple[str, int], mark: dict[str, Any]) -> None:
+        marks = self._marks.setdefault(tp, {})
+        marks[int(mark["from"])] = (float(mark["wm"]), bool(mark["idle"]))
+        part = self._parts.get(tp)
+        if part is None or len(marks) < self.upstreams:
+            return  # an upstream partition has not said where it is yet
+        active = [wm for wm, idle in marks.values() if not idle]
+        if active and min(active) > part.max_ts:
+            part.max_ts = min(active)
+
+    def position(self) -> dict[str, Any]:
+        out = super().position()
+        out["markers"] = {
+            f"{t}:{p}": {str(u): [wm, idle] for u, (wm, idle) in marks.items()}
+            for (t, p), marks in self._marks.items()
+        }
+        return out
+
+    def restore(self, position: Any) -> None:
+        super().restore(position)
+        markers = position.get("markers") or {}
+        self._marks = {}
+        for name, marks in markers.items():
+            t, _, p = str(name).rpartition(":")
+            self._marks[(t, int(p))] = {
+                int(u): (float(wm), bool(idle)) for u, (wm, idle) in marks.items()
+            }
+
+    async def close(self) -> None:
+        await super().close()
+        self._marks = {}  # the restored markers were this run's
+
+
+# -- the split ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Stage:
+    """One sub-topology of a flow that repartitions.
+
+    Attributes:
+        index: 0 for the one reading the flow's sources, ``n`` for the one after the
+            ``n``-th repartition.
+        flow: its flow (stage 0 ends in a :class:`RepartitionSink`, stage ``n`` starts
+            with a :class:`RepartitionSource`).
+        topic: the repartition topic this stage writes (None: the last stage).
+        partitions: that topic's partition count, if ``key_by(partitions=N)`` chose it.
+    """
+
+    index: int
+    flow: Flow
+    topic: str | None = None
+    partitions: int | None = None
+
+
+def _unpartitioned(flow: Flow) -> list[Node]:
+    return [
+        n
+        for n in flow.topological_order()
+        if isinstance(n.spec, KeyBySpec) and not n.spec.partitioned
+    ]
+
+
+def _rebuilt(flow: Flow, nodes: list[Node]) -> Flow:
+    out = copy.copy(flow)
+    out.nodes = nodes
+    out._names = {n.name for n in nodes}
+    out._sources = {id(n.spec.source): n for n in nodes if isinstance(n.spec, SourceSpec)}
+    out._sinks = {id(n.spec.sink): n for n in nodes if isinstance(n.spec, SinkSpec)}
+    return out
+
+
+def _twin(node: Node, inputs: list[Node], spec: Any = None) -> Node:
+    twin = Node(
+        node.id,
+        node.name,
+        node.spec if spec is None else spec,
+        inputs,
+        node.where,
+        node.keyed,
+        timestamped=node.timestamped,
+    )
+    for i in inputs:
+        i.consumers.append(twin)
+    return twin
+
+
+def _fresh_name(flow: Flow, base: str) -> str:
+    names = {n.name for n in flow.nodes}
+    name, n = base, 2
+    while name in names:
+        name, n = f"{base}_{n}", n + 1
+    return name
+
+
+def stages(flow: Flow, keys: KeyRing | None = None) -> list[Stage]:
+    """The sub-topologies of ``flow`` on several workers: one (the flow itself) when
+    every ``key_by`` is ``partitioned``, else split at each one that is not.
+
+    Raises:
+        FlowDefinitionError: a source that is not Kafka, or an unpartitioned ``key_by``
+            whose downstream operators also read a stream from before it (a join of a
+            repartitioned stream with one that is not: repartition both).
+    """
+    cuts = _unpartitioned(flow)
+    if not cuts:
+        return [Stage(0, flow)]
+    sources = kafka_sources(flow)
+    first = sources[0][1]
+    out: list[Stage] = []
+    current = flow
+    index = 0
+    while True:
+        cuts = _unpartitioned(current)
+        if not cuts:
+            out.append(Stage(index, current))
+            return out
+        cut = cuts[0]
+        assert isinstance(cut.spec, KeyBySpec)
+        down: set[int] = set()
+        todo = [cut]
+        while todo:
+            n = todo.pop()
+            if id(n) not in down:
+                down.add(id(n))
+                todo.extend(n.consumers)
+        for n in current.topological_order():
+            if id(n) in down and n is not cut and any(id(i) not in down for i in n.inputs):
+                raise FlowDefinitionError(
+                    f"{n.describe()} reads the stream of {cut.describe()}, which a flow "
+                    "on several workers repartitions through Kafka, together with a "
+                    "stream that is not repartitioned: its keys would be in different "
+                    "partitions. key_by every input of it the same way (each is "
+                    "repartitioned), or say partitioned=True where the topic is keyed "
+                    "by the key"
+                )
+        topic = repartition_topic(first.group, flow.name, cut.name)
+        ids = max(n.id for n in current.nodes) + 1
+        # stage: everything outside ``down``, the key_by, and the internal sink
+        twins: dict[int, Node] = {}
+        for n in current.topological_order():
+            if id(n) not in down or n is cut:
+                twins[id(n)] = _twin(n, [twins[id(i)] for i in n.inputs])
+        exactly_once = all(
+            isinstance(n.spec.sink, KafkaSink) and n.spec.sink.exactly_once
+            for n in flow.nodes
+            if isinstance(n.spec, SinkSpec)
+        )
+        sink = RepartitionSink(first, topic, flow.name, keys, exactly_once=exactly_once)
+        sink_node = Node(
+            ids,
+            _fresh_name(current, f"{cut.name}_repartition"),
+            SinkSpec(sink),
+            [twins[id(cut)]],
+            cut.where,
+            True,
+            timestamped=cut.timestamped,
+        )
+        twins[id(cut)].consumers.append(sink_node)
+        kept = [twins[id(n)] for n in current.nodes if id(n) in twins]
+        out.append(Stage(index, _rebuilt(current, [*kept, sink_node]), topic, cut.spec.partitions))
+        # the next stage: the internal source, the key_by (partitioned now), the rest
+        source = RepartitionSource(first, topic, flow.name, keys, event_time=cut.timestamped)
+        source_node = Node(
+            ids + 1,
+            _fresh_name(current, f"{cut.name}_repartitioned"),
+            SourceSpec(source),
+            [],
+            cut.where,
+            False,
+            timestamped=cut.timestamped,
+        )
+        nxt: dict[int, Node] = {}
+        for n in current.topological_order():
+            if id(n) not in down:
+                continue
+            if n is cut:
+                spec = dataclasses.replace(cut.spec, partitioned=True, partitions=None)
+                nxt[id(n)] = _twin(n, [source_node], spec)
+            else:
+                nxt[id(n)] = _twin(n, [nxt[id(i)] for i in n.inputs])
+        current = _rebuilt(
+            current, [source_node, *(nxt[id(n)] for n in current.nodes if id(n) in nxt)]
+        )
+        index += 1
+
+
+# -- the workers -------------------------------------------------------------------------
+
+
+def ensure_topics(plan: Sequence[Stage], *, timeout: float = 30.0) -> None:
+    """Create the repartition topics of ``plan`` (idempotent: a topic another worker
+    created meanwhile is fine) and tell each stage's internal connectors the partition
+    counts: the topic's, and the upstream stage's input.  Blocking (call it in a thread).
+
+    Raises:
+        FlowDefinitionError: a repartition topic that exists with another partition count
+            than the one chosen, or a missing input topic.
+        KafkaError: the cluster did not answer, or refused to create the topic.
+    """
+    from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]  # noqa: PLC0415
+
+    from sluiceway.scaleout.tasks import check_partitions  # noqa: PLC0415
+
+    first = kafka_sources(plan[0].flow)[0][1]
+    security = {k: v for k, v in first.client_config().items() if k.startswith(_SECURITY_KEYS)}
+    admin = AdminClient({"bootstrap.servers": first.bootstrap_servers, **security})
+    upstream = check_partitions(plan[0].flow, timeout=timeout)
+    for stage, after in itertools.pairwise(plan):
+        assert stage.topic is not None
+        want = stage.partitions or upstream
+        futures = admin.create_topics(
+            [NewTopic(stage.topic, want, -1)], operation_timeout=timeout, request_timeout=timeout
+        )
+        try:
+            futures[stage.topic].result(timeout=timeout)
+        except ck.KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if not (
+                isinstance(err, ck.KafkaError) and err.code() == ck.KafkaError.TOPIC_ALREADY_EXISTS
+            ):
+                raise KafkaError(
+                    f"cannot create the repartition topic {stage.topic!r} on "
+                    f"{first.bootstrap_servers!r}: {exc}"
+                ) from exc
+        meta = admin.list_topics(stage.topic, timeout=timeout).topics.get(stage.topic)
+        have = 0 if meta is None or meta.error is not None else len(meta.partitions)
+        if have != want:
+            raise FlowDefinitionError(
+                f"the repartition topic {stage.topic!r} exists with {have} partitions, and "
+                f"flow {stage.flow.name!r} repartitions into {want} "
+                + ("(key_by(partitions=...))" if stage.partitions else "(the source topic's)")
+                + ": delete the topic (its records are in flight between the stages: only "
+                "when no worker runs and stage 1 has read it all), or choose its count with "
+                f"key_by(..., partitions={have})"
+            )
+        for node in stage.flow.nodes:
+            if isinstance(node.spec, SinkSpec) and isinstance(node.spec.sink, RepartitionSink):
+                node.spec.sink.partitions = want
+        for node in after.flow.nodes:
+            if isinstance(node.spec, SourceSpec) and isinstance(
+                node.spec.source, RepartitionSource
+            ):
+                node.spec.source.upstreams = upstream
+        upstream = want
+
+
+class StagedTasks:
+    """A worker of a flow that repartitions: one :class:`~.tasks.TaskManager` per stage,
+    each with its own membership in the flow's group, run together.
+
+    Args:
+        flow: the flow (sources Kafka, of one group).
+        spec: checkpoints and limits of every task.
+        clock: the clock of every task.
+        on_task: called with ``(event, task name)`` (``p3``, ``s1-p3``).
+        keys: the checkpoint keys that sign the records between the stages (default:
+            the checkpoint directory's, as its checkpoints load them).
+
+    :meth:`run` creates the repartition topics, then runs every stage's tasks until a
+    stop (each stage stops at a checkpoint), until every stage ended, or until one
+    fails (the others then stop at a checkpoint, and its error is raised).
+    """
+
+    def __init__(
+        self,
+        flow: Flow,
+        spec: TaskSpec,
+        *,
+        clock: Clock | None = None,
+        on_task: Callable[[str, str], None] | None = None,
+        keys: KeyRing | None = None,
+    ) -> None:
+        ring = keys if keys is not None else load_keys(checkpoint_dir=spec.checkpoint_dir)
+        if ring is None:
+            raise FlowDefinitionError(
+                f"flow {flow.name!r} repartitions through Kafka, and its records are signed "
+                'with the checkpoint key: configure one (docs/checkpoints.md, "Security")'
+            )
+        self.flow = flow
+        self.clock = clock or SystemClock()
+        self.plan = stages(flow, ring)
+        self.managers = [
+            TaskManager(
+                stage.flow,
+                spec,
+                clock=self.clock,
+                stage=stage.index,
+                on_task=None if on_task is None else _named(on_task, stage.index),
+            )
+            for stage in self.plan
+        ]
+
+    def request_stop(self) -> None:
+        for m in self.managers:
+            m.request_stop()
+
+    def force_stop(self) -> None:
+        for m in self.managers:
+            m.force_stop()
+
+    async def run(self) -> dict[str, RunResult]:
+        """Run every stage's tasks; the results of the tasks this worker ran, by task name.
+
+        Raises:
+            FlowDefinitionError: a repartition topic with another partition count, topics
+                not co-partitioned, or missing.
+            KafkaError: a membership consumer failed, or the cluster did not answer.
+            SluicewayError: a task failed (its own error).
+        """
+        await self.clock.run_in_thread(ensure_topics, self.plan)
+
+        async def one(m: TaskManager) -> dict[int, RunResult]:
+            try:
+                return await m.run()
+            except BaseException:
+                self.request_stop()
+                raise
+
+        done = await asyncio.gather(*(one(m) for m in self.managers), return_exceptions=True)
+        failed = [r for r in done if isinstance(r, BaseException)]
+        if failed:
+            raise failed[0]
+        out: dict[str, RunResult] = {}
+        for m, results in zip(self.managers, done, strict=True):
+            assert not isinstance(results, BaseException)
+            out.update({task_name(p, m.stage): r for p, r in results.items()})
+        return out
+
+
+def _named(on_task: Callable[[str, str], None], stage: int) -> Callable[[str, int], None]:
+    return lambda event, p: on_task(event, task_name(p, stage))

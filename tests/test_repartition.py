@@ -1,0 +1,431 @@
+"""Keyed flows on several workers whose input is not keyed by the flow's key (issue 15):
+the workers repartition through Kafka (``sluiceway.scaleout.repartition``).
+
+``tests/flows/repart_flow.py`` keeps a running count and total per key (``stateful_map``)
+and one-second event-time windows per key, behind ``key_by(fn)`` without
+``partitioned=True``; its input topic's records of a key are spread over every partition.
+Workers are real, separate processes (``python -m sluiceway run ... --checkpoint-dir D``
+with ``SLUICEWAY_WORKER_ID``), each in a working directory of its own, sharing the
+checkpoint directory.  A ``read_committed`` reader's output must match the input exactly:
+every record counted once in its key's state (the counts a key's outputs carry are
+1..N), every window's count and sum exact, and a key's outputs from one worker at a time.
+
+The records of a key reach its state in an order that depends on timing (they come from
+several partitions, in one process too), so running totals are checked by what does not
+depend on it: each count once, the last total, and the order within one input partition.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import threading
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import services_kafka
+from services import import_or_missing
+from services_kafka import KafkaTopics, produce, read_topic
+from workers_harness import run_cmd, worker_env
+
+kafka_bootstrap = services_kafka.kafka_bootstrap
+kafka_topics = services_kafka.kafka_topics
+
+import_or_missing("confluent_kafka")
+
+import sluiceway as sw  # noqa: E402
+from sluiceway.checkpoint.keys import CheckpointKey, KeyRing  # noqa: E402
+from sluiceway.connectors.kafka import KafkaSink, KafkaSource  # noqa: E402
+from sluiceway.scaleout.checks import check_tasks  # noqa: E402
+from sluiceway.scaleout.repartition import (  # noqa: E402
+    RepartitionSink,
+    RepartitionSource,
+    StagedTasks,
+    ensure_topics,
+    partition_key,
+    repartition_topic,
+    stages,
+)
+from sluiceway.scaleout.tasks import TaskSpec, task_dir  # noqa: E402
+
+FLOW = Path(__file__).resolve().parent / "flows" / "repart_flow.py"
+PARTITIONS = 4
+KEYS = 24
+BASE = 1_700_000_000.0
+STEP = 1 / 64  # event-time seconds between consecutive records (exact in binary)
+
+
+def make_input(rng: random.Random, records: int) -> list[dict[str, Any]]:
+    """``records`` records of random keys with increasing event times, each to a random
+    partition (the topic is not keyed by the key), then one record per partition far
+    later (an ``end`` key of its own) whose watermark closes every window."""
+    seen: Counter[str] = Counter()
+    out = []
+    for j in range(records):
+        k = f"user-{rng.randrange(KEYS)}"
+        p = rng.randrange(PARTITIONS)
+        out.append({"k": k, "i": seen[k], "p": p, "t": BASE + j * STEP, "v": rng.randrange(100)})
+        seen[k] += 1
+    t_end = BASE + records * STEP + 5.0
+    out += [{"k": f"end-{p}", "i": 0, "p": p, "t": t_end, "v": 0} for p in range(PARTITIONS)]
+    return out
+
+
+def windows_oracle(records: list[dict[str, Any]]) -> Counter[tuple[Any, ...]]:
+    """Every one-second window of a key, with its count and sum (end keys' never close)."""
+    windows: dict[tuple[str, float], tuple[int, int]] = {}
+    for r in records:
+        if not r["k"].startswith("end-"):
+            start = float(int(r["t"]))
+            n, s = windows.get((r["k"], start), (0, 0))
+            windows[(r["k"], start)] = n + 1, s + r["v"]
+    return Counter(("win", k, start, n, s) for (k, start), (n, s) in windows.items())
+
+
+def check_output(records: list[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
+    """The output of the flow for ``records``, read in its order, is exact (see the module
+    docstring); fails naming what differs."""
+    runs = [r for r in rows if r["kind"] == "run"]
+    got = Counter((r["k"], r["i"]) for r in runs)
+    want = Counter((r["k"], r["i"]) for r in records)
+    lost, twice = want - got, got - want
+    assert not lost, f"{len(lost)} records lost, e.g. {sorted(lost)[:5]}"
+    assert not twice, f"{len(twice)} written twice or unknown, e.g. {sorted(twice)[:5]}"
+    by_key: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        by_key.setdefault(r["k"], []).append(r)
+    totals: Counter[str] = Counter()
+    for r in records:
+        totals[r["k"]] += r["v"]
+    partition = {(r["k"], r["i"]): r["p"] for r in records}
+    for k, outs in by_key.items():
+        counts = sorted(o["n"] for o in outs)
+        assert counts == list(range(1, len(outs) + 1)), f"key {k}: counts {counts}"
+        last = max(outs, key=lambda o: o["n"])
+        assert last["total"] == totals[k], f"key {k}: total {last['total']} != {totals[k]}"
+        for p in range(PARTITIONS):  # within one input partition, in order
+            ns = [o["n"] for o in sorted(outs, key=lambda o: o["i"]) if partition[(k, o["i"])] == p]
+            assert ns == sorted(ns), f"key {k}, partition {p}: counts out of order {ns}"
+    wins = Counter(
+        ("win", r["k"], r["start"], r["n"], r["sum"]) for r in rows if r["kind"] == "win"
+    )
+    want_wins = windows_oracle(records)
+    lost_w, extra_w = want_wins - wins, wins - want_wins
+    assert not lost_w, f"windows: {len(lost_w)} missing or wrong, e.g. {sorted(lost_w)[:3]}"
+    assert not extra_w, f"windows: {len(extra_w)} twice or wrong, e.g. {sorted(extra_w)[:3]}"
+
+
+def owner_runs(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """For each key, the workers that wrote its outputs, in turn (``["a", "b"]``: a,
+    then b took the key over)."""
+    owners: dict[str, list[str]] = {}
+    for r in rows:
+        seq = owners.setdefault(r["k"], [])
+        if not seq or seq[-1] != r["w"]:
+            seq.append(r["w"])
+    return owners
+
+
+class Workers:
+    """Worker processes of ``repart_flow.py``, each in a working directory of its own,
+    sharing one checkpoint directory; stderr to ``<dir>/stderr.log``."""
+
+    def __init__(self, root: Path, env: dict[str, str], *args: str) -> None:
+        self.root = root
+        self.env = env
+        self.args = args
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, wid: str) -> None:
+        work = self.root / f"worker-{wid}"
+        work.mkdir()
+        with (work / "stderr.log").open("wb") as err:
+            self.procs[wid] = subprocess.Popen(
+                run_cmd(
+                    f"{FLOW}:flow",
+                    "--checkpoint-dir",
+                    str(self.root / "checkpoints"),
+                    "--checkpoint-interval",
+                    "0.5",
+                    *self.args,
+                ),
+                cwd=work,
+                env={**self.env, "SLUICEWAY_WORKER_ID": wid},
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+
+    def running(self) -> list[str]:
+        return [w for w, p in self.procs.items() if p.poll() is None]
+
+    def stop(self, wid: str, within: float = 60.0) -> int:
+        """SIGINT (Ctrl-C): a graceful stop; its exit code."""
+        self.procs[wid].send_signal(signal.SIGINT)
+        return self.procs[wid].wait(timeout=within)
+
+    def report(self) -> str:
+        out = []
+        for w, p in self.procs.items():
+            text = (self.root / f"worker-{w}" / "stderr.log").read_text(errors="replace")
+            out.append(f"--- worker {w} (exit {p.poll()}):\n" + "\n".join(text.splitlines()[-30:]))
+        return "\n".join(out)
+
+    def kill_all(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=30)
+
+
+class Output:
+    """The output topic read with ``read_committed`` in a thread, as it grows."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        import confluent_kafka as ck  # noqa: PLC0415
+
+        self.consumer = ck.Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": f"reader-{uuid.uuid4().hex[:8]}",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+                "logger": services_kafka._quiet,
+            }
+        )
+        self.consumer.assign([ck.TopicPartition(topic, 0, ck.OFFSET_BEGINNING)])
+        self.rows: list[dict[str, Any]] = []
+        self.cond = threading.Condition()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._read, daemon=True, name="output-reader")
+        self.thread.start()
+
+    def _read(self) -> None:
+        while not self.stopping.is_set():
+            msgs = self.consumer.consume(1000, 0.2)
+            rows = [json.loads(m.value()) for m in msgs if m.error() is None]
+            if rows:
+                with self.cond:
+                    self.rows.extend(rows)
+                    self.cond.notify_all()
+
+    def count(self, kind: str) -> int:
+        with self.cond:
+            return sum(1 for r in self.rows if r["kind"] == kind)
+
+    def wait_for(self, n: int, kind: str, within: float) -> None:
+        with self.cond:
+            ok = self.cond.wait_for(lambda: sum(r["kind"] == kind for r in self.rows) >= n, within)
+        assert ok, f"timed out after {within:.0f} s waiting for {n} {kind!r} outputs"
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=30)
+        self.consumer.close()
+
+
+@pytest.fixture
+def chaos_rng() -> tuple[int, random.Random]:
+    seed = int(os.environ.get("SLUICEWAY_CHAOS_SEED") or random.randrange(2**31))
+    print(f"chaos seed {seed} (replay: SLUICEWAY_CHAOS_SEED={seed})")
+    return seed, random.Random(seed)
+
+
+@pytest.fixture
+def repart(kafka_bootstrap: str, kafka_topics: KafkaTopics) -> dict[str, str]:
+    """An input topic (``PARTITIONS``), an output topic, and the environment of the flow;
+    the repartition topic the workers create is deleted at the end too."""
+    inp, out = kafka_topics.new(PARTITIONS), kafka_topics.new(1)
+    kafka_topics.made.append(repartition_topic(f"{inp}.repart", "repart", "by_key"))
+    return {"REPART_BOOTSTRAP": kafka_bootstrap, "REPART_INPUT": inp, "REPART_OUTPUT": out}
+
+
+def _run_to_the_end(
+    tmp_path: Path,
+    env: dict[str, str],
+    records: list[dict[str, Any]],
+    *args: str,
+    within: float = 120.0,
+) -> list[dict[str, Any]]:
+    """Two workers until every output is in; stopped with Ctrl-C; every row, from the start."""
+    bootstrap, out_topic = env["REPART_BOOTSTRAP"], env["REPART_OUTPUT"]
+    workers = Workers(tmp_path, worker_env(**env), *args)
+    out = Output(bootstrap, out_topic)
+    wins = sum(windows_oracle(records).values())
+    try:
+        workers.start("a")
+        workers.start("b")
+        out.wait_for(len(records), "run", within)
+        out.wait_for(wins, "win", 30)
+        for wid in workers.running():
+            assert workers.stop(wid) == 0, workers.report()
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{workers.report()}") from None
+    finally:
+        workers.kill_all()
+        out.close()
+    return [json.loads(v) for (_, _, _, v) in read_topic(bootstrap, out_topic, quiet_for=3)]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("batch", [1, 1024])
+def test_two_workers_repartition_exactly_once(
+    repart: dict[str, str],
+    tmp_path: Path,
+    batch: int,
+    chaos_rng: tuple[int, random.Random],
+) -> None:
+    """The input is keyed by something else: two workers repartition it (into 3 partitions,
+    ``key_by(partitions=3)``) and every running total and window is exact, each once."""
+    _, rng = chaos_rng
+    records = make_input(rng, 1500)
+    produce(
+        repart["REPART_BOOTSTRAP"],
+        repart["REPART_INPUT"],
+        records,
+        partition=[r["p"] for r in records],
+    )
+    env = {**repart, "REPART_PARTITIONS": "3", "REPART_WINDOWS": "1"}
+    rows = _run_to_the_end(tmp_path, env, records, "--max-batch-size", str(batch))
+    check_output(records, rows)
+    owners = owner_runs(rows)
+    print("owners per key, in turn:", {k: " ".join(ws) for k, ws in sorted(owners.items())})
+    assert all(len(ws) <= 3 for ws in owners.values()), f"a key alternates owners: {owners}"
+
+
+# -- the split, without workers ------------------------------------------------------------
+
+RING = KeyRing((CheckpointKey.of("r" * 32),), source="a test")
+
+
+def _counting(state: int | None, v: Any) -> tuple[int, int]:
+    return (state or 0) + 1, (state or 0) + 1
+
+
+def _flow(bootstrap: str, inp: str, out: str, *, partitions: int | None = None) -> sw.Flow:
+    f = sw.Flow("split")
+    (
+        f.source(KafkaSource(bootstrap, inp, "g"), name="in")
+        .map(lambda v: v, name="clean")
+        .key_by(lambda v: v["k"], name="by_k", partitions=partitions)
+        .stateful_map(_counting, name="count")
+        .key_by(lambda n: n % 2, name="by_parity")
+        .stateful_map(_counting, name="again")
+        .sink(KafkaSink(bootstrap, out, exactly_once=True), name="out")
+    )
+    return f
+
+
+def test_a_flow_is_split_at_each_unpartitioned_key_by() -> None:
+    """Stage 0 ends in the internal sink after the key_by; stage n starts with the internal
+    source and the key_by, partitioned now; two key_bys make three stages."""
+    plan = stages(_flow("127.0.0.1:1", "in", "out", partitions=3), RING)
+    assert [[n.name for n in st.flow.topological_order()] for st in plan] == [
+        ["in", "clean", "by_k", "by_k_repartition"],
+        ["by_k_repartitioned", "by_k", "count", "by_parity", "by_parity_repartition"],
+        ["by_parity_repartitioned", "by_parity", "again", "out"],
+    ]
+    assert [(st.index, st.topic, st.partitions) for st in plan] == [
+        (0, "g-split-by_k-repartition", 3),
+        (1, "g-split-by_parity-repartition", None),
+        (2, None, None),
+    ]
+    sink = plan[0].flow.nodes[-1].spec.sink  # type: ignore[attr-defined]
+    assert isinstance(sink, RepartitionSink)
+    assert sink.exactly_once  # the flow's sinks are: the internal ones are too
+    source = plan[1].flow.nodes[0].spec.source  # type: ignore[attr-defined]
+    assert isinstance(source, RepartitionSource)
+    assert source.group == "g"
+    key_by = plan[1].flow.nodes[1].spec
+    assert key_by.partitioned  # type: ignore[attr-defined]
+    # each task of stage n writes with its own transactional id, keeps its own checkpoints
+    copy = KafkaSink("127.0.0.1:1", "out", exactly_once=True, transactional_id="t").for_task(
+        3, stage=2
+    )
+    assert copy._tid_arg == "t-s2-p3"
+    assert task_dir("ck", 3, 2).endswith("tasks/s2-p3")
+    assert task_dir("ck", 3).endswith("tasks/p3")
+
+
+def test_repartitioning_is_refused_where_it_cannot_serve() -> None:
+    """A non-Kafka source; a repartitioned stream joined with one that is not."""
+    f = sw.Flow("file")
+    f.source(sw.sources.JsonLines("in.jsonl"), name="lines").key_by(lambda v: v).stateful_map(
+        _counting, name="count"
+    ).sink(KafkaSink("127.0.0.1:1", "x"))
+    with pytest.raises(
+        sw.FlowDefinitionError,
+        match=r"must be repartitioned by the key, which goes through Kafka, and source 'lines'",
+    ):
+        check_tasks(f, checkpoint_dir=True)
+    f = sw.Flow("mixed")
+    a = f.source(KafkaSource("127.0.0.1:1", "a", "g"), name="a").key_by(lambda v: v)
+    b = f.source(KafkaSource("127.0.0.1:1", "b", "g"), name="b").key_by(
+        lambda v: v, partitioned=True
+    )
+    a.merge(b, name="both").stateful_map(_counting).sink(KafkaSink("127.0.0.1:1", "x"))
+    with pytest.raises(
+        sw.FlowDefinitionError, match=r"'both' .* together with a stream that is not"
+    ):
+        check_tasks(f, checkpoint_dir=True)
+    with pytest.raises(sw.FlowDefinitionError, match=r"leave one out"):
+        sw.Flow("x").source(KafkaSource("127.0.0.1:1", "a", "g")).key_by(
+            lambda v: v, partitioned=True, partitions=3
+        )
+
+
+def test_partition_keys_are_the_same_bytes_for_equal_keys() -> None:
+    assert partition_key(1) == partition_key(1.0) == partition_key(True)
+    assert partition_key(("a", 2)) == partition_key(["a", 2.0])
+    assert partition_key(None) == b"null"  # never a null key: that would go anywhere
+    with pytest.raises(TypeError, match=r"key_by a tuple of its fields"):
+        partition_key(object())
+
+
+def test_records_that_do_not_verify_are_bad_input() -> None:
+    """A message written by someone without the key is refused, never unpickled."""
+    import pickle  # noqa: PLC0415
+
+    src = RepartitionSource(KafkaSource("127.0.0.1:1", "in", "g"), "t", "f", RING, event_time=True)
+
+    class Message:
+        def __init__(self, value: bytes) -> None:
+            self._value = value
+
+        def value(self) -> bytes:
+            return self._value
+
+        def headers(self) -> None:
+            return None
+
+    with pytest.raises(ValueError, match=r"not a record of flow 'f'.*not signed"):
+        src._decode(Message(pickle.dumps((0, "x"))))
+
+
+def test_the_topic_is_created_once_and_a_wrong_count_refused(
+    kafka_bootstrap: str, kafka_topics: KafkaTopics
+) -> None:
+    inp = kafka_topics.new(2)
+    flow = _flow(kafka_bootstrap, inp, "out", partitions=3)
+    plan = stages(flow, RING)
+    kafka_topics.made += [st.topic for st in plan if st.topic]
+    ensure_topics(plan)
+    ensure_topics(plan)  # a second worker: the topic is there already
+    assert plan[0].flow.nodes[-1].spec.sink.partitions == 3  # type: ignore[attr-defined]
+    assert plan[1].flow.nodes[0].spec.source.upstreams == 2  # type: ignore[attr-defined]
+    assert plan[2].flow.nodes[0].spec.source.upstreams == 3  # type: ignore[attr-defined]
+    again = stages(_flow(kafka_bootstrap, inp, "out", partitions=4), RING)
+    with pytest.raises(sw.FlowDefinitionError, match=r"exists with 3 partitions.*into 4"):
+        ensure_topics(again)
+
+
+def test_a_worker_runs_a_task_manager_per_stage(tmp_path: Path) -> None:
+    spec = TaskSpec(str(tmp_path / "ck"))
+    staged = StagedTasks(_flow("127.0.0.1:1", "in", "out"), spec, keys=RING)
+    assert [m.stage for m in staged.managers] == [0, 1, 2]
