@@ -12,7 +12,8 @@ state is where its records are.  That means (see docs/scaling.md):
   task per Kafka partition (:mod:`sluiceway.scaleout.tasks`), whose state moves with the
   partition through the task's checkpoints: it needs ``--checkpoint-dir`` (a directory
   every worker reaches), Kafka sources only (of one group), and sinks that can be copied
-  per task (Kafka);
+  per task (Kafka); a ``key_by`` without ``partitioned=True`` is repartitioned through
+  Kafka (:mod:`sluiceway.scaleout.repartition`), which needs Kafka sources too;
 * a stateless flow takes **no checkpoint directory**: N workers writing one checkpoint
   store would overwrite each other's positions (its Kafka source commits offsets to the
   group once the sinks wrote the records).
@@ -69,8 +70,9 @@ def check_tasks(flow: Flow, *, checkpoint_dir: bool) -> None:
 
     Raises:
         FlowDefinitionError: no checkpoint directory (the state would not move with its
-            partition), a source that is not Kafka, Kafka sources of several groups, or a
-            sink that cannot be copied per task; the message names the fix.
+            partition), a source that is not Kafka, Kafka sources of several groups, a
+            sink that cannot be copied per task, or a repartitioned stream read together
+            with one that is not; the message names the fix.
     """
     keyed = keyed_state(flow)
     if not checkpoint_dir:
