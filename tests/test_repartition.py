@@ -501,3 +501,21 @@ def test_elastic_chaos_with_repartitioning_is_exactly_once(
     print("owners per key, in turn:", {k: " ".join(ws) for k, ws in sorted(owners.items())})
     # a key's stage-1 partition changes owner about once per membership change
     assert all(len(ws) <= 8 for ws in owners.values()), f"seed {seed}: owners alternate: {owners}"
+
+
+def test_a_worker_of_a_repartitioning_flow_refuses_metrics_ports(
+    repart: dict[str, str], tmp_path: Path
+) -> None:
+    """Not built yet: said before anything starts, naming the flag."""
+    p = subprocess.run(
+        run_cmd(f"{FLOW}:flow", "--checkpoint-dir", "ck", "--metrics-port", "0"),
+        cwd=tmp_path,
+        env=worker_env(**repart, SLUICEWAY_WORKER_ID="a"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert p.returncode == 2, p.stderr
+    assert "--metrics-port is not built yet for a worker of a flow that repartitions" in p.stderr
+    assert not (tmp_path / "ck").exists()
