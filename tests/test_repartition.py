@@ -519,3 +519,21 @@ def test_a_worker_of_a_repartitioning_flow_refuses_metrics_ports(
     assert p.returncode == 2, p.stderr
     assert "--metrics-port is not built yet for a worker of a flow that repartitions" in p.stderr
     assert not (tmp_path / "ck").exists()
+
+
+def test_the_internal_source_reads_every_committed_record_as_its_own_member() -> None:
+    """The flow source's ``latest``/``read_uncommitted`` would skip or double records of
+    the repartition topic; its static member id would clash with stage 0's membership."""
+    src = KafkaSource(
+        "127.0.0.1:1",
+        "in",
+        "g",
+        auto_offset_reset="latest",
+        config={"isolation.level": "read_uncommitted", "group.instance.id": "pod-1"},
+    )
+    inner = RepartitionSource(src, "t", "f", RING, event_time=False)
+    conf = inner.client_config()
+    assert "isolation.level" not in conf
+    assert "auto.offset.reset" not in conf
+    assert conf["group.instance.id"] == "pod-1-t"
+    assert inner._reset == "earliest"

@@ -93,6 +93,9 @@ MARKER_HEADER = "sluiceway-marker"
 """The header that flags a watermark marker in a repartition topic."""
 
 _INF = math.inf
+# Consumer options of the flow's source that the internal source does not take over: it
+# reads the repartition topic from its start, and only what stage 0 committed.
+_FIXED_CONSUMER = ("auto.offset.reset", "isolation.level")
 _TOPIC_CHARS = re.compile(r"[^a-zA-Z0-9._-]")
 
 
@@ -282,6 +285,11 @@ class RepartitionSource(KafkaSource):
         event_time: bool,
     ) -> None:
         a = source._init_args
+        config = dict(a["config"] or {})
+        for fixed in _FIXED_CONSUMER:  # earliest, read_committed: every record, once
+            config.pop(fixed, None)
+        if "group.instance.id" in config:  # one static member per stage and worker
+            config["group.instance.id"] = f"{config['group.instance.id']}-{topic}"
         super().__init__(
             source.bootstrap_servers,
             topic,
@@ -292,7 +300,7 @@ class RepartitionSource(KafkaSource):
             stop_after_idle=a["stop_after_idle"],
             poll_timeout=a["poll_timeout"],
             revoke_timeout=a["revoke_timeout"],
-            config=a["config"],
+            config=config,
             tls=a["tls"],
             sasl=a["sasl"],
         )
