@@ -299,6 +299,26 @@ def test_two_workers_repartition_exactly_once(
     assert all(len(ws) <= 3 for ws in owners.values()), f"a key alternates owners: {owners}"
 
 
+@pytest.mark.timeout(240)
+def test_an_idle_upstream_partition_does_not_hold_the_windows_back(
+    repart: dict[str, str], tmp_path: Path, chaos_rng: tuple[int, random.Random]
+) -> None:
+    """As in one process: an input partition without data for ``idle_timeout`` (its
+    stage-0 task says so in its markers) leaves the watermark after the repartition to
+    the others, and every window closes."""
+    _, rng = chaos_rng
+    records = [r for r in make_input(rng, 600) if r["p"] != 3]  # partition 3 stays empty
+    produce(
+        repart["REPART_BOOTSTRAP"],
+        repart["REPART_INPUT"],
+        records,
+        partition=[r["p"] for r in records],
+    )
+    env = {**repart, "REPART_WINDOWS": "1", "REPART_IDLE": "1"}
+    rows = _run_to_the_end(tmp_path, env, records)
+    check_output(records, rows)
+
+
 # -- the split, without workers ------------------------------------------------------------
 
 RING = KeyRing((CheckpointKey.of("r" * 32),), source="a test")

@@ -7,7 +7,8 @@ environment variables:
 ``REPART_OUTPUT`` (transactional id ``<output>.tx``), ``REPART_PARTITIONS`` (the
 repartition topic's partition count, ``key_by(partitions=...)``; unset: the input's),
 ``REPART_RATE`` (records per second the flow's rate limiter lets through; unset: no
-limit), ``REPART_WINDOWS`` (``1``: also one-second event-time windows per key).
+limit), ``REPART_WINDOWS`` (``1``: also one-second event-time windows per key),
+``REPART_IDLE`` (the source's ``idle_timeout`` in seconds; unset: None).
 
 Input records are ``{"k": key, "i": n-th record of the key, "t": event time, "v": int}``.
 Outputs, through one transactional Kafka sink:
@@ -59,6 +60,7 @@ def flow() -> sw.Flow:
     out = os.environ["REPART_OUTPUT"]
     partitions = os.environ.get("REPART_PARTITIONS")
     rate = os.environ.get("REPART_RATE")
+    idle = os.environ.get("REPART_IDLE")
     f = sw.Flow("repart", channel_capacity=64)
     stream = f.source(
         KafkaSource(
@@ -69,7 +71,7 @@ def flow() -> sw.Flow:
             poll_timeout=0.1,
             # Every partition has records up to its end record: a partition waiting for
             # its turn must hold the windows back, never make its records late.
-            idle_timeout=None,
+            idle_timeout=float(idle) if idle else None,
             # A killed worker's partitions move after 6 s (the broker's minimum), not 45.
             config={"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000},
         ),
