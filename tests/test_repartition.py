@@ -23,7 +23,6 @@ import random
 import signal
 import subprocess
 import threading
-import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ import pytest
 import services_kafka
 from services import import_or_missing
 from services_kafka import KafkaTopics, produce, read_topic
-from workers_harness import run_cmd, worker_env
+from workers_harness import Output, Workers, run_cmd, worker_env
 
 kafka_bootstrap = services_kafka.kafka_bootstrap
 kafka_topics = services_kafka.kafka_topics
@@ -60,6 +59,7 @@ PARTITIONS = 4
 KEYS = 24
 BASE = 1_700_000_000.0
 STEP = 1 / 64  # event-time seconds between consecutive records (exact in binary)
+CHECKPOINTS = ("--checkpoint-interval", "0.5")
 
 
 def make_input(rng: random.Random, records: int) -> list[dict[str, Any]]:
@@ -133,103 +133,6 @@ def owner_runs(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
     return owners
 
 
-class Workers:
-    """Worker processes of ``repart_flow.py``, each in a working directory of its own,
-    sharing one checkpoint directory; stderr to ``<dir>/stderr.log``."""
-
-    def __init__(self, root: Path, env: dict[str, str], *args: str) -> None:
-        self.root = root
-        self.env = env
-        self.args = args
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(self, wid: str) -> None:
-        work = self.root / f"worker-{wid}"
-        work.mkdir()
-        with (work / "stderr.log").open("wb") as err:
-            self.procs[wid] = subprocess.Popen(
-                run_cmd(
-                    f"{FLOW}:flow",
-                    "--checkpoint-dir",
-                    str(self.root / "checkpoints"),
-                    "--checkpoint-interval",
-                    "0.5",
-                    *self.args,
-                ),
-                cwd=work,
-                env={**self.env, "SLUICEWAY_WORKER_ID": wid},
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-            )
-
-    def running(self) -> list[str]:
-        return [w for w, p in self.procs.items() if p.poll() is None]
-
-    def stop(self, wid: str, within: float = 60.0) -> int:
-        """SIGINT (Ctrl-C): a graceful stop; its exit code."""
-        self.procs[wid].send_signal(signal.SIGINT)
-        return self.procs[wid].wait(timeout=within)
-
-    def report(self) -> str:
-        out = []
-        for w, p in self.procs.items():
-            text = (self.root / f"worker-{w}" / "stderr.log").read_text(errors="replace")
-            out.append(f"--- worker {w} (exit {p.poll()}):\n" + "\n".join(text.splitlines()[-30:]))
-        return "\n".join(out)
-
-    def kill_all(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.kill()
-                p.wait(timeout=30)
-
-
-class Output:
-    """The output topic read with ``read_committed`` in a thread, as it grows."""
-
-    def __init__(self, bootstrap: str, topic: str) -> None:
-        import confluent_kafka as ck  # noqa: PLC0415
-
-        self.consumer = ck.Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": f"reader-{uuid.uuid4().hex[:8]}",
-                "enable.auto.commit": False,
-                "isolation.level": "read_committed",
-                "logger": services_kafka._quiet,
-            }
-        )
-        self.consumer.assign([ck.TopicPartition(topic, 0, ck.OFFSET_BEGINNING)])
-        self.rows: list[dict[str, Any]] = []
-        self.cond = threading.Condition()
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._read, daemon=True, name="output-reader")
-        self.thread.start()
-
-    def _read(self) -> None:
-        while not self.stopping.is_set():
-            msgs = self.consumer.consume(1000, 0.2)
-            rows = [json.loads(m.value()) for m in msgs if m.error() is None]
-            if rows:
-                with self.cond:
-                    self.rows.extend(rows)
-                    self.cond.notify_all()
-
-    def count(self, kind: str) -> int:
-        with self.cond:
-            return sum(1 for r in self.rows if r["kind"] == kind)
-
-    def wait_for(self, n: int, kind: str, within: float) -> None:
-        with self.cond:
-            ok = self.cond.wait_for(lambda: sum(r["kind"] == kind for r in self.rows) >= n, within)
-        assert ok, f"timed out after {within:.0f} s waiting for {n} {kind!r} outputs"
-
-    def close(self) -> None:
-        self.stopping.set()
-        self.thread.join(timeout=30)
-        self.consumer.close()
-
-
 @pytest.fixture
 def chaos_rng() -> tuple[int, random.Random]:
     seed = int(os.environ.get("SLUICEWAY_CHAOS_SEED") or random.randrange(2**31))
@@ -255,8 +158,8 @@ def _run_to_the_end(
 ) -> list[dict[str, Any]]:
     """Two workers until every output is in; stopped with Ctrl-C; every row, from the start."""
     bootstrap, out_topic = env["REPART_BOOTSTRAP"], env["REPART_OUTPUT"]
-    workers = Workers(tmp_path, worker_env(**env), *args)
-    out = Output(bootstrap, out_topic)
+    workers = Workers(tmp_path, worker_env(**env), f"{FLOW}:flow", *CHECKPOINTS, *args)
+    out = Output(bootstrap, out_topic, services_kafka._quiet)
     wins = sum(windows_oracle(records).values())
     try:
         workers.start("a")
@@ -471,8 +374,8 @@ def test_elastic_chaos_with_repartitioning_is_exactly_once(
     bootstrap = repart["REPART_BOOTSTRAP"]
     produce(bootstrap, repart["REPART_INPUT"], records, partition=[r["p"] for r in records])
     env = {**repart, "REPART_WINDOWS": "1", "REPART_RATE": str(CHAOS_RATE)}
-    workers = Workers(tmp_path, worker_env(**env))
-    out = Output(bootstrap, repart["REPART_OUTPUT"])
+    workers = Workers(tmp_path, worker_env(**env), f"{FLOW}:flow", *CHECKPOINTS)
+    out = Output(bootstrap, repart["REPART_OUTPUT"], services_kafka._quiet)
     wins = sum(windows_oracle(records).values())
 
     def at_fraction(lo: float, hi: float) -> None:

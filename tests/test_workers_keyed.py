@@ -25,9 +25,7 @@ import random
 import signal
 import subprocess
 import threading
-import uuid
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +34,7 @@ import pytest
 import services_kafka
 from services import import_or_missing
 from services_kafka import KafkaTopics, produce, read_topic
-from workers_harness import Lines, run_cmd, worker_env
+from workers_harness import Lines, Output, Workers, run_cmd, worker_env
 
 kafka_bootstrap = services_kafka.kafka_bootstrap
 kafka_topics = services_kafka.kafka_topics
@@ -149,106 +147,6 @@ def canon(row: dict[str, Any]) -> tuple[Any, ...]:
     return ("win", row["k"], row["start"], row["n"], row["sum"])
 
 
-class Output:
-    """The output topic read with ``read_committed`` in a thread, as it grows."""
-
-    def __init__(self, bootstrap: str, topic: str) -> None:
-        import confluent_kafka as ck  # noqa: PLC0415
-
-        self.consumer = ck.Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": f"reader-{uuid.uuid4().hex[:8]}",
-                "enable.auto.commit": False,
-                "isolation.level": "read_committed",
-                "logger": services_kafka._quiet,
-            }
-        )
-        self.consumer.assign([ck.TopicPartition(topic, 0, ck.OFFSET_BEGINNING)])
-        self.rows: list[dict[str, Any]] = []
-        self.cond = threading.Condition()
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._read, daemon=True, name="output-reader")
-        self.thread.start()
-
-    def _read(self) -> None:
-        while not self.stopping.is_set():
-            msgs = self.consumer.consume(1000, 0.2)
-            rows = [json.loads(m.value()) for m in msgs if m.error() is None]
-            if rows:
-                with self.cond:
-                    self.rows.extend(rows)
-                    self.cond.notify_all()
-
-    def runs(self) -> int:
-        """How many running-total outputs were committed so far."""
-        with self.cond:
-            return sum(1 for r in self.rows if r["kind"] == "run")
-
-    def wait(self, what: str, done: Callable[[], bool], within: float) -> None:
-        with self.cond:
-            ok = self.cond.wait_for(done, within)
-        assert ok, f"timed out after {within:.0f} s waiting for {what}"
-
-    def close(self) -> None:
-        self.stopping.set()
-        self.thread.join(timeout=30)
-        self.consumer.close()
-
-
-class Workers:
-    """Worker processes started by hand, each in a working directory of its own, sharing
-    one checkpoint directory; stderr to ``<dir>/stderr.log``."""
-
-    def __init__(self, root: Path, env: dict[str, str]) -> None:
-        self.root = root
-        self.env = env
-        self.checkpoints = root / "checkpoints"
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(self, wid: str) -> None:
-        work = self.root / f"worker-{wid}"
-        work.mkdir()
-        with (work / "stderr.log").open("wb") as err:
-            self.procs[wid] = subprocess.Popen(
-                run_cmd(
-                    f"{FLOW}:flow",
-                    "--checkpoint-dir",
-                    str(self.checkpoints),
-                    "--checkpoint-interval",
-                    CHECKPOINT_INTERVAL,
-                ),
-                cwd=work,
-                env={**self.env, "SLUICEWAY_WORKER_ID": wid},
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-            )
-        print(f"started worker {wid} (pid {self.procs[wid].pid})")
-
-    def running(self) -> list[str]:
-        return [w for w, p in self.procs.items() if p.poll() is None]
-
-    def stop(self, wid: str, within: float = 60.0) -> int:
-        """SIGINT (Ctrl-C): a graceful stop; its exit code."""
-        self.procs[wid].send_signal(signal.SIGINT)
-        return self.procs[wid].wait(timeout=within)
-
-    def stderr(self, wid: str, lines: int = 25) -> str:
-        text = (self.root / f"worker-{wid}" / "stderr.log").read_text(errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
-
-    def report(self) -> str:
-        return "\n".join(
-            f"--- worker {w} (exit {p.poll()}):\n{self.stderr(w)}" for w, p in self.procs.items()
-        )
-
-    def kill_all(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.kill()
-                p.wait(timeout=30)
-
-
 @pytest.fixture
 def chaos_rng() -> tuple[int, random.Random]:
     seed = int(os.environ.get("SLUICEWAY_CHAOS_SEED") or random.randrange(2**31))
@@ -315,8 +213,8 @@ def test_elastic_chaos_keyed_state_and_windows_are_exactly_once(
         CHAOS_OUTPUT=out_topic,
         CHAOS_RATE=str(RATE),
     )
-    workers = Workers(tmp_path, env)
-    out = Output(kafka_bootstrap, out_topic)
+    workers = Workers(tmp_path, env, f"{FLOW}:flow", "--checkpoint-interval", CHECKPOINT_INTERVAL)
+    out = Output(kafka_bootstrap, out_topic, services_kafka._quiet)
 
     def at_fraction(lo: float, hi: float) -> None:
         n = int(rng.uniform(lo, hi) * total_runs)
