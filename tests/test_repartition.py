@@ -17,6 +17,7 @@ depend on it: each count once, the last total, and the order within one input pa
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -53,6 +54,7 @@ from sluiceway.scaleout.repartition import (  # noqa: E402
     stages,
 )
 from sluiceway.scaleout.tasks import TaskSpec, task_dir  # noqa: E402
+from sluiceway.time import SystemClock  # noqa: E402
 
 FLOW = Path(__file__).resolve().parent / "flows" / "repart_flow.py"
 PARTITIONS = 4
@@ -331,6 +333,13 @@ def test_records_that_do_not_verify_are_bad_input() -> None:
         src._decode(Message(pickle.dumps((0, "x"))))
 
 
+def ensure_topics_now(plan: list[Any]) -> None:
+    """:func:`ensure_topics` on the real clock, under the test's timeout (its wait for the
+    metadata sleeps on the clock)."""
+    asyncio.run(asyncio.wait_for(ensure_topics(plan, SystemClock()), 60))
+
+
+@pytest.mark.slow  # the real clock: ensure_topics waits on it for the metadata
 def test_the_topic_is_created_once_and_a_wrong_count_refused(
     kafka_bootstrap: str, kafka_topics: KafkaTopics
 ) -> None:
@@ -338,14 +347,14 @@ def test_the_topic_is_created_once_and_a_wrong_count_refused(
     flow = _flow(kafka_bootstrap, inp, "out", partitions=3)
     plan = stages(flow, RING)
     kafka_topics.made += [st.topic for st in plan if st.topic]
-    ensure_topics(plan)
-    ensure_topics(plan)  # a second worker: the topic is there already
+    ensure_topics_now(plan)
+    ensure_topics_now(plan)  # a second worker: the topic is there already
     assert plan[0].flow.nodes[-1].spec.sink.partitions == 3  # type: ignore[attr-defined]
     assert plan[1].flow.nodes[0].spec.source.upstreams == 2  # type: ignore[attr-defined]
     assert plan[2].flow.nodes[0].spec.source.upstreams == 3  # type: ignore[attr-defined]
     again = stages(_flow(kafka_bootstrap, inp, "out", partitions=4), RING)
     with pytest.raises(sw.FlowDefinitionError, match=r"exists with 3 partitions.*into 4"):
-        ensure_topics(again)
+        ensure_topics_now(again)
 
 
 def test_a_worker_runs_a_task_manager_per_stage(tmp_path: Path) -> None:

@@ -536,43 +536,70 @@ def stages(flow: Flow, keys: KeyRing | None = None) -> list[Stage]:
 # -- the workers -------------------------------------------------------------------------
 
 
-def ensure_topics(plan: Sequence[Stage], *, timeout: float = 30.0) -> None:
+_READY_EVERY = 0.2  # seconds between two looks at a topic that is still being created
+
+
+def _create(admin: Any, topic: str, partitions: int, timeout: float) -> None:
+    """Create ``topic`` (blocking); one that exists already is fine."""
+    from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]  # noqa: PLC0415
+
+    futures = admin.create_topics(
+        [NewTopic(topic, partitions, -1)], operation_timeout=timeout, request_timeout=timeout
+    )
+    try:
+        futures[topic].result(timeout=timeout)
+    except ck.KafkaException as exc:
+        err = exc.args[0] if exc.args else None
+        if not (
+            isinstance(err, ck.KafkaError) and err.code() == ck.KafkaError.TOPIC_ALREADY_EXISTS
+        ):
+            raise KafkaError(f"cannot create the repartition topic {topic!r}: {exc}") from exc
+
+
+def _count(admin: Any, topic: str, timeout: float) -> int | None:
+    """``topic``'s partition count, None while it is not ready (blocking)."""
+    try:
+        meta = admin.list_topics(topic, timeout=timeout).topics.get(topic)
+    except ck.KafkaException as exc:
+        raise KafkaError(f"cannot read the metadata of topic {topic!r}: {exc}") from exc
+    if meta is None or meta.error is not None or not meta.partitions:
+        return None  # being created (by this worker or another): not in the metadata yet
+    return len(meta.partitions)
+
+
+async def ensure_topics(plan: Sequence[Stage], clock: Clock, *, within: float = 30.0) -> None:
     """Create the repartition topics of ``plan`` (idempotent: a topic another worker
-    created meanwhile is fine) and tell each stage's internal connectors the partition
-    counts: the topic's, and the upstream stage's input.  Blocking (call it in a thread).
+    created meanwhile is fine), wait until the cluster's metadata has them (at most
+    ``within`` seconds each), and tell each stage's internal connectors the partition
+    counts: the topic's, and the upstream stage's input.
 
     Raises:
         FlowDefinitionError: a repartition topic that exists with another partition count
             than the one chosen, or a missing input topic.
-        KafkaError: the cluster did not answer, or refused to create the topic.
+        KafkaError: the cluster did not answer, refused to create the topic, or did not
+            show it within ``within`` seconds.
     """
-    from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]  # noqa: PLC0415
+    from confluent_kafka.admin import AdminClient  # noqa: PLC0415 - only here
 
     from sluiceway.scaleout.tasks import check_partitions  # noqa: PLC0415
 
     first = kafka_sources(plan[0].flow)[0][1]
     security = {k: v for k, v in first.client_config().items() if k.startswith(_SECURITY_KEYS)}
     admin = AdminClient({"bootstrap.servers": first.bootstrap_servers, **security})
-    upstream = check_partitions(plan[0].flow, timeout=timeout)
+    upstream = await clock.run_in_thread(lambda: check_partitions(plan[0].flow, timeout=within))
     for stage, after in itertools.pairwise(plan):
         assert stage.topic is not None
         want = stage.partitions or upstream
-        futures = admin.create_topics(
-            [NewTopic(stage.topic, want, -1)], operation_timeout=timeout, request_timeout=timeout
-        )
-        try:
-            futures[stage.topic].result(timeout=timeout)
-        except ck.KafkaException as exc:
-            err = exc.args[0] if exc.args else None
-            if not (
-                isinstance(err, ck.KafkaError) and err.code() == ck.KafkaError.TOPIC_ALREADY_EXISTS
-            ):
+        await clock.run_in_thread(_create, admin, stage.topic, want, within)
+        deadline = clock.monotonic() + within
+        while (have := await clock.run_in_thread(_count, admin, stage.topic, within)) is None:
+            now = clock.monotonic()
+            if now >= deadline:
                 raise KafkaError(
-                    f"cannot create the repartition topic {stage.topic!r} on "
-                    f"{first.bootstrap_servers!r}: {exc}"
-                ) from exc
-        meta = admin.list_topics(stage.topic, timeout=timeout).topics.get(stage.topic)
-        have = 0 if meta is None or meta.error is not None else len(meta.partitions)
+                    f"the repartition topic {stage.topic!r} was created, and "
+                    f"{first.bootstrap_servers!r} did not show it within {within:g}s"
+                )
+            await clock.sleep(min(_READY_EVERY, deadline - now))
         if have != want:
             raise FlowDefinitionError(
                 f"the repartition topic {stage.topic!r} exists with {have} partitions, and "
@@ -656,7 +683,7 @@ class StagedTasks:
             KafkaError: a membership consumer failed, or the cluster did not answer.
             SluicewayError: a task failed (its own error).
         """
-        await self.clock.run_in_thread(ensure_topics, self.plan)
+        await ensure_topics(self.plan, self.clock)
 
         async def one(m: TaskManager) -> dict[int, RunResult]:
             try:
