@@ -289,6 +289,8 @@ def test_elastic_chaos_keyed_state_and_windows_are_exactly_once(
     assert all(len(ws) <= MAX_OWNER_RUNS for ws in owners.values()), (
         f"seed {seed}: a partition's outputs alternate between workers: {owners}"
     )
-    # The workers that joined mid-stream took partitions over (state moved to them).
+    # The workers that joined mid-stream took partitions over (state moved to them) --
+    # all but c when it was SIGKILLed while joining: it may die before its first commit.
+    joiners = {"d"} if (victim, when) == ("c", "while c joins") else {"c", "d"}
     wrote = {r["w"] for r in rows}
-    assert {"c", "d"} <= wrote, f"seed {seed}: outputs only from {sorted(wrote)}"
+    assert joiners <= wrote, f"seed {seed}: outputs only from {sorted(wrote)}"
