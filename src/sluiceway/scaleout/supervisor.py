@@ -55,7 +55,23 @@ async def _supervise(commands: Sequence[WorkerCommand]) -> int:
     # exec), so a signal forwarded before a worker can handle it waits instead of killing
     # it mid-import; the worker lets them through once it holds them (hold_signals).
     stop_signals = {signal.SIGINT, signal.SIGTERM}
+    stopping: list[int] = []  # signals forwarded so far
+
+    def forward(signum: int) -> None:
+        running = [p for p in procs.values() if p.returncode is None]
+        if not stopping:
+            _say(f"stopping {len(running)} worker(s) ({signal.Signals(signum).name})")
+        stopping.append(signum)
+        for p in running:
+            p.send_signal(signum)
+
+    # The handlers are in place before the mask is lifted, so a Ctrl-C that came while
+    # the workers were starting (or right after "started") is forwarded to every one of
+    # them once all exist -- never the default KeyboardInterrupt of this process (exit
+    # 130, the workers left to notice the supervisor is gone).
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    for signum in stop_signals:
+        loop.add_signal_handler(signum, forward, signum)
     try:
         for cmd in commands:
             env = {
@@ -74,6 +90,8 @@ async def _supervise(commands: Sequence[WorkerCommand]) -> int:
     except BaseException:
         for p in procs.values():
             p.kill()
+        for signum in stop_signals:
+            loop.remove_signal_handler(signum)
         os.close(write_end)
         raise
     finally:
@@ -82,18 +100,6 @@ async def _supervise(commands: Sequence[WorkerCommand]) -> int:
     pids = ", ".join(f"{i}: pid {p.pid}" for i, p in procs.items())
     _say(f"started {len(procs)} workers ({pids})")
 
-    stopping: list[int] = []  # signals forwarded so far
-
-    def forward(signum: int) -> None:
-        running = [p for p in procs.values() if p.returncode is None]
-        if not stopping:
-            _say(f"stopping {len(running)} worker(s) ({signal.Signals(signum).name})")
-        stopping.append(signum)
-        for p in running:
-            p.send_signal(signum)
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, forward, signum)
     failed: list[str] = []
     codes: dict[int, int] = {}
     try:
