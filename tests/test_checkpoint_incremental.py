@@ -15,6 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -33,6 +34,7 @@ from sluiceway.metrics.prometheus import metric_families
 from sluiceway.metrics.registry import OperatorMetrics
 from sluiceway.metrics.web import flow_graph, flow_state
 from sluiceway.operators.base import BuildContext, OpSpec, Step
+from sluiceway.operators.keyed_state import _KeyedProcessStep
 from sluiceway.runtime import compactor
 from sluiceway.runtime.executor import Executor
 from sluiceway.runtime.messages import Batch
@@ -498,21 +500,162 @@ def test_change_sets_and_compaction_round_trip() -> None:
         decode_changes(codec.encode({"a": 1}, KEY, BASE))
 
 
-def test_compaction_folds_like_core_delta_fold_over_many_chunks() -> None:
+def _chunks(segment: bytes) -> list[Any]:
+    """A segment's chunks as packed (columns or dicts), for looking at their layout."""
+    tag, _, chunks, _, _ = codec.decode(segment)
+    assert tag == "sluiceway-changes-2"
+    return [codec.unpack(c) for c in chunks]
+
+
+def test_one_value_states_are_written_as_columns() -> None:
+    """stateful_map's entries ({"state": v}) go to the segment as two flat columns, not a
+    dict per key (a third of the worker thread's CPU); they come back as entries, a new
+    dict each (a keyed store may change a restored entry in place)."""
+    upserts = {k: {"state": k * 3} for k in range(45_000)}
+    later = Changes(False, upserts, frozenset({"gone"}), extra={"wm": 1})
+    segment = encode_changes(later, KEY, DELTA)
+    chunks = _chunks(segment)
+    assert [type(c) for c in chunks] == [tuple, tuple, tuple]  # 20,000 keys a chunk
+    field, keys, values = chunks[2]
+    assert (field, keys[:2], values[:2]) == ("state", [40_000, 40_001], [120_000, 120_003])
+    back = decode_changes(segment)
+    assert back == later
+    assert len({id(entry) for entry in back.upserts.values()}) == len(upserts)
+
+
+class _Visit:
+    """A user's class in a state value: pickled in the segment's user section."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Visit) and other.n == self.n
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize(
+    ("entries", "columns"),
+    [
+        ([{"state": 1}, {"state": (2, "x")}, {"state": None}], True),
+        ([{"state": _Visit(1)}, {"state": _Visit(2)}], True),
+        ([{"state": 1}, {"other": 2}], False),  # another field
+        ([{"state": 1}, {"state": 2, "more": 3}], False),  # another size
+        ([{"state": 1}, {"state": 2, 0: [(("state",), (9.0, "event"))]}], False),  # a TTL
+        ([{0: 1}, {0: 2}], False),  # a field that is not a str
+        ([{"state": 1}, 7], False),  # an entry that is not a dict
+        ([7, {"state": 1}], False),
+        ([{}, {}], False),
+    ],
+)
+def test_a_chunk_is_columns_only_if_every_entry_is_one_and_the_same_field(
+    entries: list[Any], columns: bool
+) -> None:
+    later = Changes(False, dict(enumerate(entries)), extra=None)
+    segment = encode_changes(later, KEY, DELTA)
+    [chunk] = _chunks(segment)
+    assert type(chunk) is (tuple if columns else dict)
+    assert decode_changes(segment) == later
+    user = any(isinstance(v, _Visit) for e in entries if isinstance(e, dict) for v in e.values())
+    assert bool(codec.verify(segment, KeyRing((KEY,), source="test"), DELTA).user_types) == user
+
+
+def test_segments_of_format_1_still_decode_and_fold() -> None:
+    """A chain written before the columns (tag 1, dict chunks) restores and compacts,
+    also with deltas written after (tag 2) on top of it."""
+    old = {k: {"state": k} for k in range(30_000)}
+    base = codec.encode(
+        (
+            "sluiceway-changes-1",
+            True,
+            [
+                codec.pack(dict(list(old.items())[:20_000])),
+                codec.pack(dict(list(old.items())[20_000:])),
+            ],
+            frozenset(),
+            {"wm": 0},
+        ),
+        KEY,
+        BASE,
+    )
+    assert decode_changes(base) == Changes(True, old, extra={"wm": 0})
+    later = Changes(False, {1: {"state": -1}, 40_000: {"state": 4}}, frozenset({2}), {"wm": 1})
+    folded = decode_changes(fold_segments([base, encode_changes(later, KEY, DELTA)], KEY, BASE))
+    assert folded == fold_changes(Changes(True, old, extra={"wm": 0}), later)
+
+
+def _sum_flow(keys: int) -> sw.Flow:
+    flow = sw.Flow("sums")
+    (
+        flow.source(sw.sources.Iterable(list(range(keys)) * 2), name="in")
+        .key_by(lambda x: x, name="key")
+        .stateful_map(lambda s, v: ((s or 0) + v, None), name="sum")
+        .filter(lambda x: False, name="none")
+        .sink(sw.sinks.Collect(), name="out")
+    )
+    return flow
+
+
+def test_change_sets_are_encoded_on_the_event_loop_and_restore(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The change sets are serialised on the event loop's thread, a chunk at a time, not
+    in the store's worker thread: there, asking for the interpreter lock while the loop
+    releases and retakes it at every turn took seconds (CK-2M).  What is stored restores
+    the keyed state exactly (columns of one-value states, several chunks)."""
+    threads: list[str] = []
+    real_pack = codec.pack
+
+    def pack(value: Any) -> codec.Packed:
+        threads.append(threading.current_thread().name)
+        return real_pack(value)
+
+    monkeypatch.setattr(codec, "pack", pack)
+    # (no compaction: it folds small chains in the worker thread, from the stored bytes)
+    ckpt = sw.Checkpoints(tmp_path, interval=3600, compact_after=100, compact_ratio=1e6)
+    result = sw.testing.run_flow(_sum_flow(45_000), checkpoints=ckpt)
+    assert result.checkpoints is not None
+    assert len(threads) >= 3  # the final checkpoint's 45,000 keys: three chunks at least
+    assert set(threads) == {threading.current_thread().name}
+    monkeypatch.undo()
+    ex = Executor(_sum_flow(45_000), checkpoints=ckpt)
+    assert ex.coordinator is not None
+    ex.coordinator.restore(ex._steps)
+    step = ex._steps["sum"]
+    assert isinstance(step, _KeyedProcessStep)
+    assert step.store.data == {k: {"state": 2 * k} for k in range(45_000)}
+    ex.coordinator.close()
+
+
+@pytest.mark.parametrize("entries", ["plain", "one state (columns)", "mixed"])
+def test_compaction_folds_like_core_delta_fold_over_many_chunks(entries: str) -> None:
     """Random chains over a base of several chunks: keys written, deleted, written
-    again; some chunks untouched.  The compacted base is exactly core.delta's fold."""
+    again; some chunks untouched.  The compacted base is exactly core.delta's fold --
+    with chunks of dicts, of columns (one value state per key), and of both."""
     rnd = random.Random(5)
+
+    def entry(v: float) -> Any:
+        if entries == "plain":
+            return v
+        if entries == "mixed" and rnd.random() < 0.1:
+            return {"state": v, "other": 1}
+        return {"state": v}
+
     for _ in range(5):
-        base = Changes(True, {k: rnd.random() for k in range(0, 90_000, 2)}, extra=0)
+        base = Changes(True, {k: entry(rnd.random()) for k in range(0, 90_000, 2)}, extra=0)
         chain, want = [encode_changes(base, KEY, BASE)], base
         for step in range(rnd.randint(1, 5)):
             keys = rnd.sample(range(45_000), rnd.randint(0, 2_000))
             deletes = frozenset(keys[: len(keys) // 3])
-            upserts = dict.fromkeys(keys[len(keys) // 3 :], step)
+            upserts = {k: entry(step) for k in keys[len(keys) // 3 :]}
             later = Changes(False, upserts, deletes, extra=step + 1)
             chain.append(encode_changes(later, KEY, DELTA))
             want = fold_changes(want, later)
-        assert decode_changes(fold_segments(chain, KEY, BASE)) == want
+        folded = fold_segments(chain, KEY, BASE)
+        assert decode_changes(folded) == want
+        kinds = {type(c) for c in _chunks(folded)}
+        assert kinds == {"plain": {dict}, "one state (columns)": {tuple}}.get(entries, kinds)
 
 
 def test_an_unpicklable_value_in_a_change_set_names_the_operator_and_key(tmp_path: Path) -> None:

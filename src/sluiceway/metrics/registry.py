@@ -179,7 +179,7 @@ class CheckpointSnapshot:
     durable in the store (``max_duration``: the longest of the run); ``last_alignment``
     the part of it until every operator had reported (the barrier's way through the
     flow, with the alignment at fan-ins);
-    ``last_write`` the serialising of change sets and the write, in a worker thread;
+    ``last_write`` the serialising of change sets (event loop) and the write (a thread);
     ``last_size`` the bytes of state it holds in the store; ``last_written`` the bytes its
     save wrote, ``last_delta_bytes`` of them change sets; ``compactions`` chains folded
     into new bases by this run; ``restored_from`` the checkpoint the run started from

@@ -5,19 +5,21 @@ stage records the source's position between two batches and sends
 :class:`~sluiceway.core.messages.Barrier` down its stage; every operator snapshots
 when the barrier passes it (fan-in channels align the barrier first, see
 :mod:`sluiceway.core.channel`), and a sink pre-commits (makes what it wrote durable).
-Once every operator has reported, the checkpoint is serialised and written to the store
-in one transaction, in a worker thread (:meth:`Clock.run_in_thread`) while records keep
-flowing, and only then are sinks told to commit and sources that the records before it
-will never be asked for again.  One checkpoint is in flight at a time: a slow store
+Once every operator has reported, the checkpoint is serialised (on the event loop, a
+chunk of keys at a time between the records) and written to the store in one transaction,
+in a worker thread (:meth:`Clock.run_in_thread`) while records keep flowing, and only then
+are sinks told to commit and sources that the records before it will never be asked for
+again.  One checkpoint is in flight at a time: a slow store
 slows checkpoints, not records.
 
 A step whose :meth:`~sluiceway.operators.base.Step.snapshot` returns an
 :class:`~sluiceway.core.delta.Incremental` hands over only what changed since its
 previous snapshot (per partition); the store keeps a base and the chain of changes per
 operator and partition (:mod:`sluiceway.checkpoint.store`), and a restore hands the step
-the folded, whole state.  Those change sets are serialised in the worker thread, in
-chunks, so the event loop gets the GIL between them; a whole snapshot, which may share
-mutable objects with the live step, is pickled at the barrier as before.  After a save,
+the folded, whole state.  Those change sets are serialised after the barrier, in
+chunks with the records running between them (see :meth:`Coordinator._encode` for why
+not in the thread); a whole snapshot, which may share mutable objects with the live
+step, is pickled at the barrier as before.  After a save,
 long chains are compacted: small ones in the store's thread, large ones in a child
 process (:mod:`sluiceway.runtime.compactor`) that later checkpoints do not wait for (the
 final one does); :mod:`sluiceway.runtime.segments` is where stored bytes are decoded and
@@ -65,12 +67,12 @@ from sluiceway.errors import CheckpointError, CheckpointMismatchError
 from sluiceway.metrics.registry import CheckpointSnapshot, OperatorCheckpoint
 from sluiceway.runtime import compactor
 from sluiceway.runtime.segments import (
-    encode_changes,
+    encoding_changes,
     fold_chain,
     partition_key,
     unchain,
 )
-from sluiceway.time import Clock
+from sluiceway.time import Clock, yield_now
 from sluiceway.time.durations import positive_seconds
 
 if TYPE_CHECKING:
@@ -172,7 +174,8 @@ class CheckpointStats:
     last_alignment: float = 0.0
     """Seconds from the barrier's injection until every operator had reported."""
     last_write: float = 0.0
-    """Seconds the worker thread took to serialise the change sets and write."""
+    """Seconds from every operator having reported to the checkpoint being durable:
+    serialising the change sets (on the event loop) and writing (in a worker thread)."""
     last_size: int = 0
     """Bytes of state the last checkpoint holds (its whole parts and every chain it
     refers to, as stored after compaction)."""
@@ -215,7 +218,7 @@ class _InProgress:
     values: dict[str, Any] = field(default_factory=dict)
     """Unpickled states of sources and sinks: handed to their commit()."""
     changes: dict[str, Incremental] = field(default_factory=dict)
-    """The change sets of incremental steps, serialised in the worker thread."""
+    """The change sets of incremental steps, serialised after the barrier."""
     snapshot_seconds: dict[str, float] = field(default_factory=dict)
     keys: dict[str, int] = field(default_factory=dict)
     aligned: float | None = None
@@ -436,7 +439,7 @@ class Coordinator:
 
     def _capture(self, c: _InProgress, name: str, value: Any) -> None:
         """Take operator ``name``'s state into checkpoint ``c``: a change set as it is (the
-        step hands over copies; serialised in the worker thread), anything else pickled
+        step hands over copies; serialised once every operator has reported), anything else pickled
         now (a whole snapshot may share mutable objects with the live step)."""
         if isinstance(value, Incremental) and self.store is not None:
             c.changes[name] = value
@@ -515,7 +518,8 @@ class Coordinator:
             return
         created = self.clock.time()
         writing = self.clock.monotonic()
-        info = await self.clock.run_in_thread(self._write, c, created, writing - c.started)
+        states = await self._encode(c)
+        info = await self.clock.run_in_thread(self._write, c, states, created, writing - c.started)
         durable = self.clock.monotonic()
         self.current = None
         self._last_final = c.final
@@ -542,12 +546,26 @@ class Coordinator:
             await source.commit(c.values.get(name))
         await self.clock.run_in_thread(self._compact, c)
 
-    def _write(self, c: _InProgress, created: float, duration: float) -> CheckpointInfo:
-        """In the worker thread: serialise the change sets, save the checkpoint."""
-        assert self.store is not None
+    async def _encode(self, c: _InProgress) -> dict[str, OperatorState]:
+        """Every part of checkpoint ``c``, the change sets serialised now: on the event
+        loop, a chunk at a time, the records running between two chunks.
+
+        Not in the worker thread: Python threads take turns on one interpreter lock, and
+        a thread asking for it while the event loop releases and takes it back at every
+        turn (its ``select``) waits until it wins a race -- measured: 0.07 s of pickling
+        that took 4 s to get done, a checkpoint late by as much (CK-2M in
+        ``benchmarks/RESULTS.md``).  Here it costs what it costs, a few milliseconds per
+        chunk; the thread is left with hashing and SQLite, which run without the lock."""
         states = dict(c.states)
         for name, changes in c.changes.items():
-            states[name] = self._incremental_part(name, changes)
+            states[name] = await self._incremental_part(name, changes)
+        return states
+
+    def _write(
+        self, c: _InProgress, states: dict[str, OperatorState], created: float, duration: float
+    ) -> CheckpointInfo:
+        """In the worker thread: save the checkpoint."""
+        assert self.store is not None
         return self.store.save(
             self.flow.name,
             c.id,
@@ -558,9 +576,10 @@ class Coordinator:
             parent=self.parent,
         )
 
-    def _incremental_part(self, name: str, changes: Incremental) -> OperatorState:
+    async def _incremental_part(self, name: str, changes: Incremental) -> OperatorState:
         """Each partition's change set as a segment, signed for its flow, operator,
-        partition and kind (base or delta); the part beside them signed as any part."""
+        partition and kind (base or delta); the part beside them signed as any part.
+        Yields to the event loop between two chunks of keys."""
         assert self.keys is not None
         key, flow = self.keys.current, self.flow.name
         segments: dict[str, Segment] = {}
@@ -568,13 +587,16 @@ class Coordinator:
             where = partition_key(partition)
             context = codec.segment_context(flow, name, where, base=part.whole)
             try:
-                data = encode_changes(part, key, context)
+                for data in encoding_changes(part, key, context):
+                    if data is None:
+                        await yield_now()
             except Exception as exc:
                 raise CheckpointError(
                     f"flow {self.flow.name!r}: the state of operator {name!r} cannot be "
                     f"checkpointed (pickled){_unpicklable_key(part)}: "
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
+            assert data is not None
             segments[where] = Segment(part.whole, data)
         kind = self.kinds[name]
         return OperatorState(

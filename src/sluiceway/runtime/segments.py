@@ -13,7 +13,7 @@ is only ever given segments that verified.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from itertools import islice
 from typing import Any, Final
 
@@ -25,6 +25,7 @@ from sluiceway.errors import CheckpointAuthError
 __all__ = [
     "decode_changes",
     "encode_changes",
+    "encoding_changes",
     "fold_chain",
     "fold_segments",
     "partition_key",
@@ -32,23 +33,81 @@ __all__ = [
     "unchain",
 ]
 
-_CHANGES: Final = "sluiceway-changes-1"
+_CHANGES: Final = "sluiceway-changes-2"
+"""The tag of the segments written now: chunks are dicts or columns (:func:`_pack_chunk`)."""
+_FORMATS: Final = frozenset({"sluiceway-changes-1", _CHANGES})
+"""Tags read: format 1's chunks are all dicts (a sluiceway from before the columns)."""
 _CHUNK: Final = 20_000
-"""Keys packed per call when serialising a change set in the worker thread: the event
-loop's thread can take the GIL back between two calls (a pickle call holds it)."""
+"""Keys packed per call when serialising a change set: the runtime does it on the event
+loop and lets the records run between two chunks (a few milliseconds each)."""
 
 
 def encode_changes(changes: Changes, key: CheckpointKey, context: bytes) -> bytes:
-    """One partition's :class:`Changes` as a signed segment: the upserts packed in dicts
-    of ``_CHUNK`` keys, so that serialising millions of keys in a worker thread leaves the
-    event loop the GIL between chunks (dicts pickle faster and smaller than lists of
-    pairs).  ``context``: :func:`~sluiceway.checkpoint.codec.segment_context`."""
-    items = iter(changes.upserts.items())
+    """One partition's :class:`Changes` as a signed segment: the upserts packed in chunks
+    of ``_CHUNK`` keys (:func:`_pack_chunk`).  ``context``:
+    :func:`~sluiceway.checkpoint.codec.segment_context`."""
+    *_, segment = encoding_changes(changes, key, context)
+    assert segment is not None
+    return segment
+
+
+def encoding_changes(
+    changes: Changes, key: CheckpointKey, context: bytes
+) -> Iterator[bytes | None]:
+    """:func:`encode_changes` a chunk at a time: None after each chunk of ``_CHUNK`` keys,
+    then the segment.  The runtime encodes on the event loop and lets the records run
+    between two chunks (each a few milliseconds)."""
+    upserts = changes.upserts
+    keys, entries = iter(upserts.keys()), iter(upserts.values())
     chunks: list[codec.Packed] = []
-    while chunk := dict(islice(items, _CHUNK)):
-        chunks.append(codec.pack(chunk))
+    while chunk := list(islice(keys, _CHUNK)):
+        chunks.append(_pack_chunk(chunk, list(islice(entries, len(chunk)))))
+        yield None
     header = (_CHANGES, changes.whole, chunks, changes.deletes, changes.extra)
-    return codec.encode(header, key, context)
+    yield codec.encode(header, key, context)
+
+
+def _pack_chunk(keys: list[Hashable], entries: list[Any]) -> codec.Packed:
+    """One chunk of upserts, packed: as *columns* ``(field, keys, values)`` when every
+    entry is a dict of one and the same str field -- a keyed step's entry of one value
+    state, ``{"state": v}`` for ``stateful_map`` -- else as the dict ``key -> entry``.
+
+    Columns are what makes a change set of one-value states cheap to write: pickling two
+    flat lists skips a dict per key, which costs about three times as much CPU (measured
+    with 400,000 random keys of 2,000,000: ~150 against ~520 ns a key, checks included)
+    and half again the bytes; and every millisecond of it is taken from the records (it
+    runs on the event loop, between their batches)."""
+    values = _one_field(entries)
+    if values is None:
+        return codec.pack(dict(zip(keys, entries, strict=True)))
+    field, column = values
+    return codec.pack((field, keys, column))
+
+
+def _one_field(entries: list[Any]) -> tuple[str, list[Any]] | None:
+    """``(field, [entry[field] ...])`` if every entry is a dict holding just ``field`` (a
+    str), else None."""
+    first = entries[0]
+    if type(first) is not dict or len(first) != 1:
+        return None
+    (field,) = first
+    if type(field) is not str:
+        return None
+    try:  # an entry of another field raises; one of another type or size is left out
+        column = [e[field] for e in entries if type(e) is dict and len(e) == 1]
+    except KeyError:
+        return None
+    return (field, column) if len(column) == len(entries) else None
+
+
+def _unpack_chunk(packed: codec.Packed) -> dict[Hashable, Any]:
+    """The inverse of :func:`_pack_chunk`: ``key -> entry``, a new dict per entry (a
+    keyed store may change a restored entry in place)."""
+    chunk = codec.unpack(packed)
+    if type(chunk) is dict:
+        return chunk
+    field, keys, column = chunk
+    return dict(zip(keys, [{field: v} for v in column], strict=True))
 
 
 def decode_changes(data: bytes) -> Changes:
@@ -56,7 +115,7 @@ def decode_changes(data: bytes) -> Changes:
     _, whole, chunks, deletes, extra = _segment(data)
     upserts: dict[Hashable, Any] = {}
     for chunk in chunks:
-        upserts.update(codec.unpack(chunk))
+        upserts.update(_unpack_chunk(chunk))
     return Changes(whole, upserts, deletes, extra)
 
 
@@ -93,7 +152,7 @@ def fold_segments(blobs: Sequence[bytes], key: CheckpointKey, context: bytes) ->
     building the whole state: the deltas are folded into one net change, each chunk of
     the base loses the keys that change wrote or deleted (a chunk nothing touched keeps
     its packed bytes as they are), and the net upserts follow as new chunks."""
-    tag, whole, chunks, deletes, extra = _segment(blobs[0])
+    _, whole, chunks, deletes, extra = _segment(blobs[0])
     if not whole or deletes:
         raise ValueError("a stored chain must start with a whole base")
     upserts: dict[Hashable, Any] = {}
@@ -110,34 +169,50 @@ def fold_segments(blobs: Sequence[bytes], key: CheckpointKey, context: bytes) ->
         extra = later.extra
     touched = deleted | upserts.keys()
     kept: list[codec.Packed] = []
-    small: dict[Hashable, Any] = {}
+    small: dict[Hashable, Any] = {}  # what is left of dict chunks that lost keys
+    columns: dict[str, tuple[list[Hashable], list[Any]]] = {}  # ... and of column chunks
     for packed in chunks:
         if not touched:
             kept.append(packed)
             continue
         chunk = codec.unpack(packed)
+        if type(chunk) is not dict:  # columns: filtered as columns, no entry is built
+            field, keys, values = chunk
+            if touched.isdisjoint(keys):
+                kept.append(packed)
+                continue
+            left_keys, left_values = columns.setdefault(field, ([], []))
+            for k, v in zip(keys, values, strict=True):
+                if k not in touched:
+                    left_keys.append(k)
+                    left_values.append(v)
+            if len(left_keys) >= _CHUNK:  # shrunken chunks are merged: about _CHUNK keys
+                kept.append(codec.pack((field, left_keys, left_values)))
+                del columns[field]
+            continue
         stale = chunk.keys() & touched
         if not stale:
             kept.append(packed)
             continue
         for k in stale:
             del chunk[k]
-        small.update(chunk)  # shrunken chunks are merged, so chunks stay about _CHUNK keys
+        small.update(chunk)
         if len(small) >= _CHUNK:
-            kept.append(codec.pack(small))
+            kept.append(_pack_chunk(list(small), list(small.values())))
             small = {}
+    kept.extend(codec.pack((f, ks, vs)) for f, (ks, vs) in columns.items() if ks)
     small.update(upserts)
-    items = iter(small.items())
-    while rest := dict(islice(items, _CHUNK)):
-        kept.append(codec.pack(rest))
-    return codec.encode((tag, True, kept, frozenset(), extra), key, context)
+    keys, entries = iter(small.keys()), iter(small.values())
+    while rest := list(islice(keys, _CHUNK)):
+        kept.append(_pack_chunk(rest, list(islice(entries, len(rest)))))
+    return codec.encode((_CHANGES, True, kept, frozenset(), extra), key, context)
 
 
 def _segment(data: bytes) -> tuple[str, bool, list[codec.Packed], frozenset[Hashable], Any]:
     """A verified segment's header and its chunks, still packed."""
     found = codec.decode(data)
-    if not (isinstance(found, tuple) and len(found) == 5 and found[0] == _CHANGES):
-        raise ValueError(f"not a change set of format {_CHANGES!r}")
+    if not (isinstance(found, tuple) and len(found) == 5 and found[0] in _FORMATS):
+        raise ValueError(f"not a change set of format {_CHANGES!r} (or its predecessor)")
     return found
 
 
