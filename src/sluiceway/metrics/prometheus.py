@@ -298,8 +298,8 @@ def _checkpoint_families(flow: str, ck: CheckpointSnapshot) -> list[Metric]:
             ),
             (
                 "sluiceway_checkpoint_write_seconds",
-                "Seconds the last checkpoint's serialising and write took, off the "
-                "processing path.",
+                "Seconds the last checkpoint's serialising (on the event loop, between "
+                "the records) and write (in a worker thread) took.",
                 ck.last_write,
             ),
             (
