@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -39,6 +40,7 @@ from sluiceway.runtime import compactor
 from sluiceway.runtime.executor import Executor
 from sluiceway.runtime.messages import Batch
 from sluiceway.runtime.segments import decode_changes, encode_changes, fold_segments
+from sluiceway.state import KeyedStore
 from sluiceway.testing import run_watched
 from sluiceway.time import SystemClock
 
@@ -626,6 +628,46 @@ def test_change_sets_are_encoded_on_the_event_loop_and_restore(
     assert isinstance(step, _KeyedProcessStep)
     assert step.store.data == {k: {"state": 2 * k} for k in range(45_000)}
     ex.coordinator.close()
+
+
+def test_a_change_set_is_let_go_once_encoded_before_the_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change set keeps alive every state it holds, also those the operator replaced
+    since; held until the write, they made the collector run young collections by the
+    dozen per checkpoint (CK-2M).  By the time the store writes a checkpoint, its change
+    sets are gone -- except an operator's final one, which stands for it later."""
+    handed: list[weakref.ref[Any]] = []
+    real_changes = KeyedStore.changes
+
+    def changes(self: KeyedStore, whole: bool, extra: dict[str, Any]) -> Changes:
+        got = real_changes(self, whole, extra)
+        handed.append(weakref.ref(got.upserts))
+        return got
+
+    alive: list[tuple[bool, bool]] = []  # (final, the newest change set still alive)
+    real_save = CheckpointStore.save
+
+    def save(self: CheckpointStore, *args: Any, **kwargs: Any) -> Any:
+        alive.append((kwargs["final"], handed[-1]() is not None))
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(KeyedStore, "changes", changes)
+    monkeypatch.setattr(CheckpointStore, "save", save)
+    clock = sw.VirtualClock()
+    flow = sw.Flow("sums")
+    (
+        flow.source(sw.sources.Generator(lambda: iter(range(3000)), rate=1000), name="in")
+        .key_by(lambda x: x % 700, name="key")
+        .stateful_map(lambda s, v: ((s or 0) + v, None), name="sum")
+        .filter(lambda x: False, name="none")
+        .sink(sw.sinks.Collect(), name="out")
+    )
+    result = sw.testing.run_flow(flow, clock=clock, checkpoints=sw.Checkpoints(tmp_path, 0.5))
+    assert result.checkpoints is not None
+    periodic = [held for final, held in alive if not final]
+    assert len(periodic) >= 4
+    assert not any(periodic)
 
 
 @pytest.mark.parametrize("entries", ["plain", "one state (columns)", "mixed"])

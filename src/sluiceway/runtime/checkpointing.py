@@ -519,6 +519,9 @@ class Coordinator:
         created = self.clock.time()
         writing = self.clock.monotonic()
         states = await self._encode(c)
+        for name in c.changes:
+            if name not in self.final:  # encoded: let the change set go (see _encode)
+                c.changes[name] = _ENCODED
         info = await self.clock.run_in_thread(self._write, c, states, created, writing - c.started)
         durable = self.clock.monotonic()
         self.current = None
@@ -555,7 +558,13 @@ class Coordinator:
         turn (its ``select``) waits until it wins a race -- measured: 0.07 s of pickling
         that took 4 s to get done, a checkpoint late by as much (CK-2M in
         ``benchmarks/RESULTS.md``).  Here it costs what it costs, a few milliseconds per
-        chunk; the thread is left with hashing and SQLite, which run without the lock."""
+        chunk; the thread is left with hashing and SQLite, which run without the lock.
+
+        The caller lets the change sets go once they are encoded, not after the write: a
+        change set keeps every state it holds alive, also those the operator has replaced
+        since, and keeping them for the write and the commits had the collector run young
+        collections by the hundred (each freed state would have cancelled an allocation)
+        and, every few checkpoints, a full one over the whole keyed state."""
         states = dict(c.states)
         for name, changes in c.changes.items():
             states[name] = await self._incremental_part(name, changes)
@@ -746,6 +755,8 @@ class Coordinator:
 
 
 _NO_STATE = OperatorState("", "", b"")
+_ENCODED = Incremental({})
+"""Stands for a change set in a checkpoint in progress once it is encoded."""
 
 
 def _unpicklable_key(changes: Changes) -> str:
