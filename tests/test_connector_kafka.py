@@ -39,6 +39,7 @@ import_or_missing("confluent_kafka")
 
 import sluiceway as sw  # noqa: E402 - after the skip-or-fail check above
 from sluiceway.connectors.kafka import (  # noqa: E402
+    KafkaError,
     KafkaRecord,
     KafkaSink,
     KafkaSinkError,
@@ -664,3 +665,71 @@ def test_a_member_joining_mid_stream_reads_nothing_twice(
     assert set(every) == {(p, i) for p in range(4) for i in range(n)}
     twice = len(every) - len(set(every))
     assert twice == 0, f"{twice} records read twice across the rebalance"
+
+
+@pytest.mark.timeout(60)
+def test_a_sink_fenced_during_a_flush_fails_with_the_fencing_not_a_system_error(
+    kafka_bootstrap: str, kafka_topics: KafkaTopics
+) -> None:
+    """A newer producer of the sink's transactional id fences it while records are in
+    flight.  confluent-kafka raises the fatal error by leaving it pending while it goes on
+    running the delivery reports of the failed records, so the sink's delivery callback
+    ran with an error set and the flush died with ``SystemError`` ("<method 'append' of
+    'list' objects> returned a result with an exception set") -- which no one recognises
+    as a fencing (a worker's task failed the worker instead of closing as superseded).
+    Now every callback keeps what it met, and the flush raises a KafkaError naming the
+    call and the callback, the fencing as its cause."""
+    import confluent_kafka as ck  # noqa: PLC0415
+
+    from sluiceway.core.contract import SinkContext  # noqa: PLC0415
+    from sluiceway.scaleout.tasks import _fenced  # noqa: PLC0415
+
+    topic = kafka_topics.new(1)
+    tid = f"{topic}.tx"
+    sink = KafkaSink(kafka_bootstrap, topic, exactly_once=True, transactional_id=tid)
+    clock = sw.SystemClock()
+
+    async def main() -> BaseException:
+        await sink.open(SinkContext("fenced", "out", clock, checkpointing=True))
+        try:
+            await sink.write(sw.Batch(list(range(10))))  # the transaction is open
+            newer = ck.Producer({"bootstrap.servers": kafka_bootstrap, "transactional.id": tid})
+            await clock.run_in_thread(newer.init_transactions, 30.0)  # fences the sink
+            with pytest.raises(Exception) as failed:  # noqa: PT011 - the type is the point
+                await sink.write(sw.Batch(list(range(2000))))
+            return failed.value
+        finally:
+            await sink.close()
+
+    err = asyncio.run(asyncio.wait_for(main(), 50))
+    assert not isinstance(err, SystemError), repr(err)
+    assert isinstance(err, KafkaError), repr(err)
+    assert "flush failed" in str(err), err
+    assert "the client's on_delivery callback" in str(err), err
+    assert isinstance(err.__cause__, ck.KafkaException), repr(err.__cause__)
+    assert _fenced(err)
+
+
+def test_a_callback_that_fails_inside_a_client_call_is_raised_after_it_naming_both() -> None:
+    """A callback librdkafka runs inside ``flush``/``poll`` never raises into it (the C
+    extension would turn that into a ``SystemError``): what it met is kept, and raised
+    once the call returned, naming the call and the callback."""
+    from sluiceway.connectors.kafka import _ErrorLog  # noqa: PLC0415
+
+    errors = _ErrorLog("sink 'out' (Kafka(t))")
+
+    def report(err: object, msg: object) -> None:
+        raise ValueError(f"cannot record {err!r}")
+
+    on_delivery = errors.guarded("on_delivery", report)
+
+    def poll(timeout: float) -> int:
+        on_delivery("boom", None)  # what librdkafka does inside the call
+        return 0
+
+    with pytest.raises(KafkaError, match=r"poll failed: the client's on_delivery callback") as e:
+        errors.call("poll", poll, 0.1)
+    assert str(e.value).startswith("sink 'out' (Kafka(t)): poll failed"), e.value
+    assert isinstance(e.value.__cause__, ValueError)
+    assert errors.failures == []  # raised once
+    assert errors.call("poll", lambda t: 7, 0.1) == 7

@@ -52,6 +52,7 @@ exactly-once for ``read_committed`` readers.  See ``docs/connectors/kafka.md``.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import logging
 import math
@@ -60,7 +61,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import confluent_kafka as ck
 
@@ -84,6 +85,7 @@ log = logging.getLogger("sluiceway")
 _client_log = logging.getLogger("sluiceway.kafka")  # librdkafka's own log lines
 
 _INF = math.inf
+_T = TypeVar("_T")
 _BACKLOG_EVERY = 1.0  # seconds between two refreshes of the per-partition lag
 
 Deserializer = Literal["bytes", "utf-8", "json"] | Callable[[bytes], Any]
@@ -283,17 +285,112 @@ _PLAINTEXT_PEER = "connecting to a PLAINTEXT broker listener?"
 _PLAINTEXT_TRIES = 3
 
 
+# ``PyErr_Occurred()`` called the way ctypes calls the Python API: with the GIL held, and
+# raising afterwards the error that is pending in this thread, if there is one.
+_pending_error = ctypes.PYFUNCTYPE(ctypes.c_void_p)(("PyErr_Occurred", ctypes.pythonapi))
+
+
+def _raise_pending() -> None:
+    """Raise the error confluent-kafka left pending in this thread, if there is one.
+
+    After a fatal error (a transactional producer fenced by a newer one) confluent-kafka
+    sets a ``KafkaException`` and goes on running the client's callbacks in the same
+    ``flush``/``poll``: Python code then runs with that error pending.  Where it surfaces
+    depends on the interpreter -- as a ``SystemError`` ("returned a result with an
+    exception set", the ``KafkaException`` its cause) at a call into C whose result is
+    checked, or not at all inside ``logging``, which swallows it -- and the client call
+    then fails with "returned NULL without setting an exception", the Kafka error lost.
+    A guarded callback calls this first, so it meets the pending error itself and keeps it
+    (:meth:`_ErrorLog.guarded`)."""
+    _pending_error()
+
+
 class _ErrorLog:
     """librdkafka's ``error_cb``: one WARNING when the brokers become unreachable, one
-    INFO when they answer again; fatal errors are kept for the connector to raise."""
+    INFO when they answer again; fatal errors are kept for the connector to raise.
+
+    Also the keeper of what the client's Python callbacks could not do.  librdkafka runs
+    them (delivery reports, ``error_cb``, its log lines) inside the client's blocking calls
+    -- ``flush``, ``poll``, ``consume``, the transactional calls -- where an exception
+    escaping a callback comes out of the call as a ``SystemError`` or the callback's own
+    error, and a callback that swallowed confluent-kafka's pending fatal error makes the
+    call fail with "returned NULL without setting an exception", the Kafka error lost.  So
+    every callback is :meth:`guarded` (it never raises; what it met is kept) and every such
+    call goes through :meth:`call`, which raises what was kept once the call returned: the
+    Kafka error behind it as the cause, the callback and the call named.
+    """
 
     def __init__(self, what: str) -> None:
         self.what = what
         self.down = False
         self.fatal: ck.KafkaError | None = None
         self.plaintext = 0  # TLS handshakes in a row that a plaintext listener dropped
+        self.failures: list[tuple[str, BaseException]] = []  # (callback, what it met)
 
     def __call__(self, err: ck.KafkaError) -> None:
+        try:
+            _raise_pending()
+            self._report(err)
+        except BaseException as exc:  # noqa: BLE001 - never into librdkafka: see call()
+            self.failures.append(("error_cb", exc))
+
+    def guarded(self, name: str, fn: Callable[..., object]) -> Callable[..., None]:
+        """``fn`` as a callback for librdkafka that never raises: what it meets (also an
+        error confluent-kafka left pending) is kept and raised by :meth:`call`."""
+
+        def callback(*args: Any) -> None:
+            try:
+                _raise_pending()
+                fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - never into librdkafka: see call()
+                self.failures.append((name, exc))
+
+        return callback
+
+    def logger(self) -> _ClientLogger:
+        """librdkafka's ``logger``: its log lines to ``sluiceway.kafka``, guarded."""
+        return _ClientLogger(self.guarded("logger", _client_log.log))
+
+    def call(self, what: str, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn(*args)``, a blocking call of the client during which librdkafka runs its
+        callbacks (in a worker thread).
+
+        Raises:
+            KafkaError: a callback failed during the call (or the call failed with a
+                ``SystemError`` from one): the message names the call, the callback and
+                the Kafka error behind it, which is the cause (so a fencing reads as one).
+            KafkaException: what the call itself raised.
+        """
+        try:
+            result = fn(*args)
+        except SystemError as exc:
+            err = self._callback_error(what, exc)
+        else:
+            if not self.failures:
+                return result
+            err = self._callback_error(what, None)
+        raise err from err.__cause__
+
+    def _callback_error(self, what: str, raised: SystemError | None) -> KafkaError:
+        failures, self.failures = self.failures, []
+        met = [exc for _, exc in failures] + ([] if raised is None else [raised])
+        kafka = next((k for exc in met if (k := _kafka_cause(exc)) is not None), None)
+        names = ", ".join(dict.fromkeys(name for name, _ in failures))
+        where = f"the client's {names} callback" if names else "a callback of the client"
+        first = met[0]
+        if kafka is not None:
+            then = "" if first is kafka else f", which then failed with {_named(first)}"
+            err = KafkaError(
+                f"{self.what}: {what} failed: {kafka} (confluent-kafka raised it inside "
+                f"{where}{then})"
+            )
+            err.__cause__ = kafka
+        else:
+            err = KafkaError(f"{self.what}: {what} failed: {where} raised {_named(first)}")
+            err.__cause__ = first
+        return err
+
+    def _report(self, err: ck.KafkaError) -> None:
         plaintext = _PLAINTEXT_PEER in err.str()
         self.plaintext = self.plaintext + 1 if plaintext else 0
         if err.fatal() or err.code() in _REFUSED or self.plaintext >= _PLAINTEXT_TRIES:
@@ -317,6 +414,29 @@ class _ErrorLog:
         if self.down:
             self.down = False
             log.info("%s: Kafka answers again", self.what)
+
+
+class _ClientLogger:
+    """What librdkafka's ``logger`` option needs: an object with ``log(level, msg, *args)``."""
+
+    def __init__(self, log: Callable[..., None]) -> None:
+        self.log = log
+
+
+def _named(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _kafka_cause(exc: BaseException) -> ck.KafkaException | None:
+    """The ``KafkaException`` in ``exc``'s chain of causes, if any."""
+    seen: set[int] = set()
+    at: BaseException | None = exc
+    while at is not None and id(at) not in seen:
+        if isinstance(at, ck.KafkaException):
+            return at
+        seen.add(id(at))
+        at = at.__cause__ or at.__context__
+    return None
 
 
 # -- the source ----------------------------------------------------------------------
@@ -600,10 +720,10 @@ class KafkaSource(Source):
             # Bounded prefetch: at most this many KB per consumer wait in librdkafka.
             "queued.max.messages.kbytes": 8192,
             "enable.partition.eof": False,
-            "logger": _client_log,
         }
         conf.update(self._user_config)
         conf.update(_security_config(self._tls, self._sasl, self._errors.what))
+        conf["logger"] = self._errors.logger()
         conf["error_cb"] = self._errors
         return conf
 
@@ -664,7 +784,7 @@ class KafkaSource(Source):
                 await asyncio.wait([pending])
         self._fetch = None
         assert self._ctx is not None
-        await self._ctx.clock.run_in_thread(consumer.close)
+        await self._ctx.clock.run_in_thread(self._errors.call, "close", consumer.close)
         self._consumer = None
         with self._lock:  # the restored position was this run's
             self._restored = {}
@@ -906,7 +1026,9 @@ class KafkaSource(Source):
         consumer = self._consumer
         assert self._ctx is not None
         try:
-            await self._ctx.clock.run_in_thread(_commit, consumer, offsets)
+            await self._ctx.clock.run_in_thread(
+                self._errors.call, "commit", _commit, consumer, offsets
+            )
         except ck.KafkaException as exc:
             # A rebalance took the partitions meanwhile: their next owner reads from the
             # last committed offset (at-least-once), nothing is lost.
@@ -1075,7 +1197,9 @@ class KafkaSource(Source):
             if self._fetch is None:
                 want = max_records
                 self._fetch = asyncio.ensure_future(
-                    clock.run_in_thread(consumer.consume, want, self._poll)
+                    clock.run_in_thread(
+                        self._errors.call, "fetch", consumer.consume, want, self._poll
+                    )
                 )
             fetch = self._fetch
             if not fetch.done():
@@ -1405,14 +1529,14 @@ class KafkaSink(Sink):
             "partitioner": "murmur2_random",
             "linger.ms": 5,
             "delivery.report.only.error": True,
-            "logger": _client_log,
         }
         if self.exactly_once:
             conf["transactional.id"] = self._tid
         conf.update(self._user_config)
         conf.update(_security_config(self._tls, self._sasl, self._errors.what))
+        conf["logger"] = self._errors.logger()
         conf["error_cb"] = self._errors
-        conf["on_delivery"] = self._delivered
+        conf["on_delivery"] = self._errors.guarded("on_delivery", self._delivered)
         return conf
 
     async def open(self, ctx: SinkContext) -> None:
@@ -1471,11 +1595,13 @@ class KafkaSink(Sink):
             if self._in_txn:
                 self._in_txn = False
                 try:
-                    await ctx.clock.run_in_thread(producer.abort_transaction, 10.0)
+                    await ctx.clock.run_in_thread(
+                        self._errors.call, "abort_transaction", producer.abort_transaction, 10.0
+                    )
                 except ck.KafkaException as exc:
                     log.warning("%s: abort at close failed: %s", self._errors.what, exc)
         elif self._errors.fatal is None:  # after a refused login nothing can be delivered
-            await ctx.clock.run_in_thread(producer.flush, 10.0)
+            await ctx.clock.run_in_thread(self._errors.call, "flush", producer.flush, 10.0)
         if self._marker is not None:
             await ctx.clock.run_in_thread(self._marker.close)
             self._marker = None
@@ -1518,7 +1644,7 @@ class KafkaSink(Sink):
                     self._txn_records += 1
                     break
                 except BufferError:  # librdkafka's queue is full: let it deliver some
-                    await ctx.clock.run_in_thread(producer.poll, 0.05)
+                    await ctx.clock.run_in_thread(self._errors.call, "poll", producer.poll, 0.05)
                 except (ck.KafkaException, TypeError, ValueError) as exc:
                     failed = (i, exc)
                     break
@@ -1549,7 +1675,8 @@ class KafkaSink(Sink):
         producer, ctx = self._producer, self._ctx
         assert producer is not None
         assert ctx is not None
-        while await ctx.clock.run_in_thread(producer.flush, _FLUSH_SLICE):
+        call = self._errors.call
+        while await ctx.clock.run_in_thread(call, "flush", producer.flush, _FLUSH_SLICE):
             if self._errors.fatal is not None:
                 break
         # The client's own error is the cause: what it says (fenced by a newer producer of
@@ -1584,7 +1711,7 @@ class KafkaSink(Sink):
         clock = self._ctx.clock
         while True:
             try:
-                return await clock.run_in_thread(fn, *args)
+                return await clock.run_in_thread(self._errors.call, what, fn, *args)
             except ck.KafkaException as exc:
                 err = exc.args[0] if exc.args else None
                 if isinstance(err, ck.KafkaError) and err.retriable():
@@ -1595,7 +1722,12 @@ class KafkaSink(Sink):
                     self._in_txn = False
                     assert self._producer is not None
                     try:
-                        await clock.run_in_thread(self._producer.abort_transaction, 30.0)
+                        await clock.run_in_thread(
+                            self._errors.call,
+                            "abort_transaction",
+                            self._producer.abort_transaction,
+                            30.0,
+                        )
                     except ck.KafkaException as abort_exc:
                         log.warning("%s: abort failed: %s", self._errors.what, abort_exc)
                 raise KafkaError(
@@ -1613,7 +1745,7 @@ class KafkaSink(Sink):
                     "bootstrap.servers": self._bootstrap,
                     "group.id": self._marker_group(),
                     "enable.auto.commit": False,
-                    "logger": _client_log,
+                    "logger": self._errors.logger(),
                     **{k: v for k, v in self._user_config.items() if k.startswith(_SECURITY_KEYS)},
                     **_security_config(self._tls, self._sasl, self._errors.what),
                 }
@@ -1692,7 +1824,7 @@ class KafkaSink(Sink):
         # transaction to time out.
         producer = self._producer = self._new_producer()
         try:
-            producer.init_transactions(60.0)
+            self._errors.call("init_transactions", producer.init_transactions, 60.0)
         except ck.KafkaException as exc:
             raise KafkaError(
                 f"{self._errors.what}: cannot initialise transactions for transactional id "
