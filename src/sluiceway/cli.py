@@ -34,7 +34,7 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any, NoReturn, TextIO
@@ -733,9 +733,9 @@ def _run_workers(flow: sw.Flow, args: argparse.Namespace) -> int:
     return supervise(_worker_commands(args))
 
 
-async def _task_server(manager: Any, flag: str, port: int) -> None:
+async def _task_server(manager: Any, flag: str, port: int, say: Callable[[str], None]) -> None:
     """Serve this worker's Prometheus metrics (``flag`` --metrics-port) or web view
-    (--ui-port) at ``port``, for every task it runs."""
+    (--ui-port) at ``port``, for every task it runs (``say``: where the URL is told)."""
     if flag == "--ui-port":
         from sluiceway.scaleout.web import TaskWebView  # noqa: PLC0415 - only --ui-port
 
@@ -757,7 +757,7 @@ async def _task_server(manager: Any, flag: str, port: int) -> None:
         # serve() fails without ever serving when the port cannot be bound
         await asyncio.wait({serving, bound}, return_when=asyncio.FIRST_COMPLETED)
         if not serving.done():
-            _say(f"{what} at {server.url}")
+            say(f"{what} at {server.url}")
         await serving
     except OSError as exc:
         raise CliError(f"{flag} {port}: {exc}", _EXIT_USAGE) from exc
@@ -767,10 +767,12 @@ async def _task_server(manager: Any, flag: str, port: int) -> None:
         await asyncio.gather(serving, bound, return_exceptions=True)
 
 
-async def _tasks_main(manager: Any, ports: dict[str, int], forced: list[int]) -> Any:
+async def _tasks_main(
+    manager: Any, ports: dict[str, int], forced: list[int], view: Any = None
+) -> Any:
     """Run the task manager with SIGINT/SIGTERM handled (the first stops the tasks at a
-    checkpoint, a second, recorded in ``forced``, cancels them) and the metrics and the
-    web view served (``ports``: by flag)."""
+    checkpoint, a second, recorded in ``forced``, cancels them), the metrics and the web
+    view served (``ports``: by flag) and the live view (``view``, --live) drawn."""
     loop = asyncio.get_running_loop()
     # Every task keeps a Kafka fetch in a worker thread, and the membership consumer's
     # poll waits in one through a revoke: the default pool (cores + 4 threads) would make
@@ -784,7 +786,10 @@ async def _tasks_main(manager: Any, ports: dict[str, int], forced: list[int]) ->
     def on_signal(signum: int) -> None:
         received.append(signum)
         if len(received) == 1:
-            _say(f"stopping the tasks at a checkpoint ({signal.Signals(signum).name})")
+            if view is None:
+                _say(f"stopping the tasks at a checkpoint ({signal.Signals(signum).name})")
+            else:  # in the frame, which the line would push out of place
+                view.stopping = True
             manager.request_stop()
         else:
             forced.append(signum)
@@ -794,10 +799,14 @@ async def _tasks_main(manager: Any, ports: dict[str, int], forced: list[int]) ->
         loop.add_signal_handler(signum, on_signal, signum)
     for held in take_held_signals():  # received while the worker was loading the flow
         on_signal(held)
+    drawing = None if view is None else asyncio.ensure_future(view(manager))
     try:
         if not ports:
             return await manager.run()
-        servers = [asyncio.ensure_future(_task_server(manager, f, p)) for f, p in ports.items()]
+        say = _say if view is None else (lambda text: view.say(f"{_me()}: {text}"))
+        servers = [
+            asyncio.ensure_future(_task_server(manager, f, p, say)) for f, p in ports.items()
+        ]
         running = asyncio.ensure_future(manager.run())
         try:
             await asyncio.wait({*servers, running}, return_when=asyncio.FIRST_COMPLETED)
@@ -812,6 +821,9 @@ async def _tasks_main(manager: Any, ports: dict[str, int], forced: list[int]) ->
                 s.cancel()
             await asyncio.gather(*servers, return_exceptions=True)
     finally:
+        if drawing is not None:  # a last frame, with the tasks as they ended
+            drawing.cancel()
+            await asyncio.gather(drawing, return_exceptions=True)
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
 
@@ -824,12 +836,7 @@ def _run_tasks(flow: sw.Flow, args: argparse.Namespace) -> int:
         check_layout(args.checkpoint_dir, tasks=True)
     except sw.FlowDefinitionError as exc:
         raise CliError(f"cannot run {args.target} as a worker: {exc}", _EXIT_FAILED) from exc
-    if args.live:
-        raise CliError(
-            "--live draws the table of one flow; a worker of a keyed flow runs one task per "
-            "partition: use --metrics-port (a `task` label on every series)",
-            _EXIT_USAGE,
-        )
+    from sluiceway.scaleout.live import TaskLiveView  # noqa: PLC0415 - a worker of tasks
     from sluiceway.scaleout.repartition import StagedTasks, stages  # noqa: PLC0415 - needs Kafka
     from sluiceway.scaleout.tasks import TaskManager, TaskSpec  # noqa: PLC0415 - needs Kafka
 
@@ -845,20 +852,25 @@ def _run_tasks(flow: sw.Flow, args: argparse.Namespace) -> int:
         for flag, port in (("--metrics-port", args.metrics_port), ("--ui-port", args.ui_port))
         if port is not None
     }
+    staged = len(stages(flow)) > 1  # repartitions through Kafka: a task manager per stage
+    if staged and (ports or args.live):
+        flag = next(iter(ports)) if ports else "--live"
+        raise CliError(
+            f"{flag} is not built yet for a worker of a flow that repartitions through "
+            "Kafka (docs/scaling.md); leave it out",
+            _EXIT_USAGE,
+        )
+    # --live: the worker's tasks in a table on stderr; its own lines scroll above it
+    view = TaskLiveView(sys.stderr, worker=worker_id()) if args.live else None
+    say = _say if view is None else (lambda text: view.say(f"{_me()}: {text}"))
     manager: Any
-    if len(stages(flow)) > 1:  # repartitions through Kafka: a task manager per stage
-        if ports:
-            raise CliError(
-                f"{next(iter(ports))} is not built yet for a worker of a flow that "
-                "repartitions through Kafka (docs/scaling.md); leave it out",
-                _EXIT_USAGE,
-            )
-        manager = StagedTasks(flow, spec, on_task=lambda event, name: _say(f"task {name} {event}"))
+    if staged:
+        manager = StagedTasks(flow, spec, on_task=lambda event, name: say(f"task {name} {event}"))
     else:
-        manager = TaskManager(flow, spec, on_task=lambda event, p: _say(f"task p{p} {event}"))
+        manager = TaskManager(flow, spec, on_task=lambda event, p: say(f"task p{p} {event}"))
     forced: list[int] = []
     try:
-        results = asyncio.run(_tasks_main(manager, ports, forced))
+        results = asyncio.run(_tasks_main(manager, ports, forced, view))
     except sw.FlowDefinitionError as exc:
         raise CliError(f"invalid flow: {exc}", _EXIT_FAILED) from exc
     except sw.FlowCancelledError as exc:

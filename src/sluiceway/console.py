@@ -39,7 +39,17 @@ from typing import TextIO
 from sluiceway.metrics import FlowSnapshot, Rates
 from sluiceway.runtime.handle import FlowHandle
 
-__all__ = ["LiveView", "format_count", "format_rate", "render", "render_line", "strip_ansi"]
+__all__ = [
+    "Frames",
+    "LiveView",
+    "cut",
+    "format_count",
+    "format_rate",
+    "render",
+    "render_line",
+    "strip_ansi",
+    "table",
+]
 
 _BOLD = "\x1b[1m"
 _DIM = "\x1b[2m"
@@ -115,12 +125,21 @@ def _seconds(value: float) -> str:
     return f"{value:.1f}s"
 
 
-def _cut(line: str, width: int) -> str:
+def cut(line: str, width: int) -> str:
+    """``line``, cut to ``width`` columns (ending in ``~`` when cut).
+
+    >>> cut("abcdef", 4)
+    'abc~'
+    """
     return line if len(line) <= width else line[: max(0, width - 1)] + "~"
 
 
-def _table(header: list[str], rows: list[list[str]], left: int) -> list[str]:
-    """Columns sized to their content; the first ``left`` columns align left."""
+def table(header: list[str], rows: list[list[str]], left: int) -> list[str]:
+    """Columns sized to their content; the first ``left`` columns align left.
+
+    >>> table(["name", "n"], [["a", "1"], ["bbb", "22"]], left=1)
+    ['name   n', 'a      1', 'bbb   22']
+    """
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     out = []
     for r in [header, *rows]:
@@ -164,7 +183,7 @@ def render(
         if op.errors or op.dead_letters or op.dropped:
             bad_ops.add(i)
         row = [
-            _cut(op.name, _NAME_LIMIT),
+            cut(op.name, _NAME_LIMIT),
             op.kind,
             str(op.stage),
             format_count(op.records_in),
@@ -182,7 +201,7 @@ def render(
         op_rows.append(row)
     header = ["operator", "kind", "stage", "in", "out", "in/s", "out/s", "errors", "retries"]
     header += ["dead", "p99", "late", "wm lag"] if event_time else ["dead", "p99"]
-    ops = _table(header, op_rows, left=2)
+    ops = table(header, op_rows, left=2)
 
     ch_rows: list[list[str]] = []
     hot: set[int] = set()
@@ -192,7 +211,7 @@ def render(
             hot.add(i)
         ch_rows.append(
             [
-                _cut(ch.name, _NAME_LIMIT),
+                cut(ch.name, _NAME_LIMIT),
                 f"{format_count(ch.fill)}/{format_count(ch.capacity)}",
                 _bar(ch.fill, ch.capacity),
                 format_count(ch.max_fill),
@@ -202,7 +221,7 @@ def render(
             ]
         )
     chans = (
-        _table(
+        table(
             ["channel", "fill/capacity", "", "max fill", "backpressure", "dropped", "overflow"],
             ch_rows,
             left=3,
@@ -214,14 +233,14 @@ def render(
     def style(line: str, code: str) -> str:
         return f"{code}{line}{_RESET}" if color else line
 
-    lines = [style(_cut(title, width), _BOLD), ""]
-    lines.append(style(_cut(ops[0], width), _BOLD))
+    lines = [style(cut(title, width), _BOLD), ""]
+    lines.append(style(cut(ops[0], width), _BOLD))
     for i, line in enumerate(ops[1:]):
-        lines.append(style(_cut(line, width), _RED) if i in bad_ops else _cut(line, width))
+        lines.append(style(cut(line, width), _RED) if i in bad_ops else cut(line, width))
     lines.append("")
-    lines.append(style(_cut(chans[0], width), _BOLD) if ch_rows else _cut(chans[0], width))
+    lines.append(style(cut(chans[0], width), _BOLD) if ch_rows else cut(chans[0], width))
     for i, line in enumerate(chans[1:]):
-        lines.append(style(_cut(line, width), _YELLOW) if i in hot else _cut(line, width))
+        lines.append(style(cut(line, width), _YELLOW) if i in hot else cut(line, width))
     return "\n".join(lines)
 
 
@@ -256,6 +275,62 @@ def render_line(
     elif snapshot.channels:
         parts.append("backpressure -")
     return "  ".join(parts)
+
+
+class Frames:
+    """A frame of text redrawn in place on a terminal (ANSI: cursor up, clear below), with
+    lines that scroll above it (:meth:`above`).
+
+    Args:
+        stream: where to write.
+        width: the widest a line may be (default: the terminal's width, re-read at every
+            frame, one column short of the edge so no terminal wraps a full line).
+    """
+
+    def __init__(self, stream: TextIO, width: int | None = None) -> None:
+        self.stream = stream
+        self.width = width
+        self._drawn = 0  # lines of the frame on screen
+        self._last: list[str] = []
+
+    def columns(self) -> int:
+        """The widest a line of the next frame may be."""
+        return (self.width or shutil.get_terminal_size((100, 24)).columns) - 1
+
+    def begin(self) -> None:
+        """Hide the cursor while frames are drawn."""
+        self.write(_HIDE_CURSOR)
+
+    def end(self) -> None:
+        """Give the cursor back (the last frame stays on screen)."""
+        self.write(_SHOW_CURSOR)
+
+    def show(self, text: str) -> None:
+        """Replace the frame on screen with ``text`` (lines cut by the caller)."""
+        lines = text.split("\n")
+        rows = shutil.get_terminal_size((100, 24)).lines
+        if self.width is None and len(lines) > rows - 1:
+            # Cursor-up cannot reach above the screen's top: keep the frame on screen.
+            keep = max(1, rows - 2)
+            lines = [*lines[:keep], f"... {len(lines) - keep} more lines (enlarge the terminal)"]
+        self.write(self._up() + _CLEAR_BELOW + "\n".join(lines) + "\n")
+        self._drawn = len(lines)
+        self._last = lines
+
+    def above(self, line: str) -> None:
+        """Write ``line`` where the frame is and redraw the frame under it: the line
+        stays on screen above the frames that follow."""
+        self.write(self._up() + _CLEAR_BELOW + line + "\n")
+        self._drawn = 0
+        if self._last:
+            self.show("\n".join(self._last))
+
+    def _up(self) -> str:
+        return f"\x1b[{self._drawn}F" if self._drawn else ""
+
+    def write(self, text: str) -> None:
+        self.stream.write(text)
+        self.stream.flush()
 
 
 class LiveView:
@@ -300,7 +375,7 @@ class LiveView:
             color = live and _isatty(stream) and "NO_COLOR" not in os.environ
         self.color = color
         self.footer = footer
-        self._drawn = 0
+        self._frames = Frames(stream, width)
         self._handle: FlowHandle | None = None
 
     async def __call__(self, handle: FlowHandle) -> None:
@@ -311,7 +386,7 @@ class LiveView:
         next_tick = started + self.interval
         try:
             if self.live:
-                self._write(_HIDE_CURSOR)
+                self._frames.begin()
                 self._draw(previous, None, started)
             while True:
                 await clock.sleep_until(next_tick)
@@ -331,7 +406,7 @@ class LiveView:
                 # tick may be a moment ago: rates over that would mean nothing), and
                 # give the cursor back.
                 self._draw(handle.metrics(), first, started)
-                self._write(_SHOW_CURSOR)
+                self._frames.end()
 
     def _footer(self) -> str | None:
         return None if self.footer is None else self.footer()
@@ -342,9 +417,7 @@ class LiveView:
         return line if not extra else f"{line} | {' '.join(extra.split())}"
 
     def _draw(self, now: FlowSnapshot, previous: FlowSnapshot | None, started: float) -> None:
-        size = shutil.get_terminal_size((100, 24))
-        # One column short of the edge, so no terminal wraps a full line.
-        width = (self.width or size.columns) - 1
+        width = self._frames.columns()
         text = render(now, previous, width, started=started, color=self.color)
         handle = self._handle
         if handle is not None and handle.stopping and not handle.done():
@@ -352,19 +425,11 @@ class LiveView:
             text = "stopping: draining in-flight records (Ctrl-C again to force)\n" + text
         extra = self._footer()
         if extra:
-            text += "\n\n" + "\n".join(_cut(line, width) for line in extra.splitlines())
-        lines = text.split("\n")
-        if self.width is None and len(lines) > size.lines - 1:
-            # Cursor-up cannot reach above the screen's top: keep the frame on screen.
-            keep = max(1, size.lines - 2)
-            lines = [*lines[:keep], f"... {len(lines) - keep} more lines (enlarge the terminal)"]
-        up = f"\x1b[{self._drawn}F" if self._drawn else ""
-        self._write(up + _CLEAR_BELOW + "\n".join(lines) + "\n")
-        self._drawn = len(lines)
+            text += "\n\n" + "\n".join(cut(line, width) for line in extra.splitlines())
+        self._frames.show(text)
 
     def _write(self, text: str) -> None:
-        self.stream.write(text)
-        self.stream.flush()
+        self._frames.write(text)
 
 
 def _isatty(stream: TextIO) -> bool:

@@ -817,6 +817,7 @@ class TaskManager:
             return
         self._loop = None  # the revoke callbacks of close() find nothing left to stop
         await self.clock.run_in_thread(self._close, consumer)
+        self.owned.clear()  # out of the group: what it owned is the others' now
 
     def _close(self, consumer: ck.Consumer) -> None:
         if self._failure is None:
