@@ -3,6 +3,7 @@ redrawn on stderr (``scaleout/live.py``), the same data as its web page."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -76,6 +77,12 @@ def test_a_task_worker_with_live_draws_its_tasks_with_its_lines_above(
             proc.kill()
             proc.wait(timeout=30)
     text = lines.text()
+    from confluent_kafka.admin import AdminClient  # noqa: PLC0415
+
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    for fut in admin.delete_consumer_groups([topic + ".g"], request_timeout=10).values():
+        with contextlib.suppress(Exception):  # best effort at cleanup
+            fut.result(timeout=10)
     assert proc.returncode == 0, text
     assert text.startswith("\x1b[?25l"), text[:200]  # the cursor hidden while drawing...
     assert "\x1b[?25h" in text  # ...and given back
