@@ -1,4 +1,5 @@
-"""``sluiceway checkpoints list|inspect|reset DIR``: look into a checkpoint store.
+"""``sluiceway checkpoints list|inspect|reset DIR``: look into a checkpoint store (a
+directory, or a PostgreSQL store given by its ``postgresql://`` URL).
 
 ::
 
@@ -44,6 +45,7 @@ from sluiceway.checkpoint.store import (
     CheckpointNotFoundError,
     CheckpointStore,
     PartInfo,
+    is_url,
 )
 from sluiceway.errors import CheckpointError, CliError
 
@@ -111,9 +113,9 @@ def add_checkpoints_command(
     directory.add_argument(
         "directory",
         metavar="DIR",
-        type=Path,
+        type=_location,
         help="the checkpoint directory (the one given to `sluiceway run --checkpoint-dir`), "
-        "which holds checkpoints.db",
+        "which holds checkpoints.db, or a PostgreSQL store: postgresql://USER@HOST/DB?schema=NAME",
     )
     directory.add_argument(
         "--flow",
@@ -223,8 +225,29 @@ def run_checkpoints_command(args: argparse.Namespace) -> int:
         raise CliError(str(exc), _EXIT_FAILED) from exc
 
 
-def _store_directory(given: Path) -> Path:
-    """The directory holding the store; also accepts the path of the store file itself."""
+def _location(given: str) -> str | Path:
+    """A PostgreSQL URL as it is, anything else a path."""
+    return given if is_url(given) else Path(given)
+
+
+def _store_directory(given: str | Path) -> str | Path:
+    """The directory holding the store; also accepts the path of the store file itself.
+    A PostgreSQL URL must name a schema that holds a store."""
+    if isinstance(given, str):
+        from sluiceway.checkpoint.postgres import has_store, split_url  # noqa: PLC0415
+
+        try:
+            _, schema, where = split_url(given)
+            found = has_store(given)
+        except (ValueError, CheckpointError) as exc:
+            raise CliError(str(exc), _EXIT_USAGE) from exc
+        if not found:
+            raise CliError(
+                f"no checkpoint store in {where} (schema {schema!r} holds none); give the "
+                "URL passed to `sluiceway run --checkpoint-dir`, with its ?schema=",
+                _EXIT_USAGE,
+            )
+        return given
     if given.is_file():
         if given.name == CheckpointStore.FILENAME:
             return given.parent
@@ -307,7 +330,7 @@ def _keys_json(keys: KeyRing | None) -> dict[str, Any] | None:
 
 def _list(
     store: CheckpointStore,
-    directory: Path,
+    directory: str | Path,
     flow: str | None,
     keys: KeyRing | None,
     *,
@@ -323,7 +346,7 @@ def _list(
         _write(json.dumps(payload, indent=2))
         return 0
     if not found:
-        _write(f"no checkpoints{_of(flow)} in {directory}")
+        _write(f"no checkpoints{_of(flow)} in {store.where}")
         return 0
     header = (
         "ID",
