@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from services_postgres import pg_dsn, pg_store_url  # noqa: F401 - fixtures
 from sluiceway.checkpoint import (
     FORMAT_VERSION,
     CheckpointInfo,
@@ -33,7 +34,6 @@ from sluiceway.checkpoint import (
 from sluiceway.checkpoint import postgres as pg_module
 from sluiceway.checkpoint import store as store_module
 from sluiceway.errors import CheckpointCorruptError, CheckpointError
-from services_postgres import pg_dsn, pg_store_url  # noqa: F401 - fixtures
 
 FLOW = "orders"
 

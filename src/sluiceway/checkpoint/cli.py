@@ -346,7 +346,8 @@ def _list(
         _write(json.dumps(payload, indent=2))
         return 0
     if not found:
-        _write(f"no checkpoints{_of(flow)} in {store.where}")
+        shown = directory if isinstance(directory, Path) else store.where  # no password
+        _write(f"no checkpoints{_of(flow)} in {shown}")
         return 0
     header = (
         "ID",
