@@ -339,7 +339,7 @@ def _list(
     found = [(info, *_check(store, info, problem, keys)[:2]) for info, problem in store.list(flow)]
     if as_json:
         payload = {
-            "store": str(store.path),
+            "store": store.where,
             "keys": _keys_json(keys),
             "checkpoints": [_info_json(info, auth, status) for info, auth, status in found],
         }
@@ -386,7 +386,7 @@ def _list(
     for _, auth, _ in found:
         if auth != "ok":
             counts[auth] = counts.get(auth, 0) + 1
-    summary = f"{len(found)} checkpoint{'s' if len(found) != 1 else ''} in {store.path}"
+    summary = f"{len(found)} checkpoint{'s' if len(found) != 1 else ''} in {store.where}"
     _write(summary + "".join(f", {n} {auth}" for auth, n in counts.items()))
     _write(_keys_line(keys))
     return 0
@@ -406,7 +406,7 @@ def _inspect(
 ) -> int:
     found = store.list(flow)
     if not found:
-        raise CheckpointNotFoundError(f"no checkpoints{_of(flow)} in {store.path} to inspect")
+        raise CheckpointNotFoundError(f"no checkpoints{_of(flow)} in {store.where} to inspect")
     several = len({i.flow for i, _ in found}) > 1
     if checkpoint_id is None:
         info, problem = max(found, key=lambda f: (f[0].created, f[0].id))
@@ -418,13 +418,13 @@ def _inspect(
                 for i, _ in sorted(found, key=lambda f: (f[0].flow, f[0].id))
             )
             raise CheckpointNotFoundError(
-                f"no checkpoint {checkpoint_id}{_of(flow)} in {store.path} (checkpoints "
+                f"no checkpoint {checkpoint_id}{_of(flow)} in {store.where} (checkpoints "
                 f"there: {ids})"
             )
         if len(matches) > 1:
             names = ", ".join(repr(i.flow) for i, _ in matches)
             raise CliError(
-                f"flows {names} each have a checkpoint {checkpoint_id} in {store.path}; "
+                f"flows {names} each have a checkpoint {checkpoint_id} in {store.where}; "
                 "say which with --flow NAME",
                 _EXIT_USAGE,
             )
@@ -434,12 +434,12 @@ def _inspect(
     code = 0 if auth == "ok" else _EXIT_FAILED
     if as_json:
         payload = _info_json(info, auth, status)
-        payload["store"] = str(store.path)
+        payload["store"] = store.where
         payload["keys"] = _keys_json(keys)
         payload["parts"] = [_part_json(p, verdicts.get(p.name), verdicts) for p in parts]
         _write(json.dumps(payload, indent=2))
         return code
-    _write(f"checkpoint {info.id} of flow {info.flow!r} in {store.path}")
+    _write(f"checkpoint {info.id} of flow {info.flow!r} in {store.where}")
     for label, value in [
         ("created", format_utc(info.created)),
         ("duration", f"{info.duration:.3f} s"),
@@ -565,12 +565,12 @@ def _parts_table(parts: list[PartInfo], verdicts: dict[str, codec.Verdict]) -> s
 
 def _reset(store: CheckpointStore, flow: str | None, *, confirmed: bool) -> int:
     def what(n: int) -> str:
-        return f"{n} checkpoint{'s' if n != 1 else ''}{_of(flow)} in {store.path}"
+        return f"{n} checkpoint{'s' if n != 1 else ''}{_of(flow)} in {store.where}"
 
     if not confirmed:
         count = len(store.list(flow))
         if count == 0:
-            _write(f"no checkpoints{_of(flow)} in {store.path}; nothing to delete")
+            _write(f"no checkpoints{_of(flow)} in {store.where}; nothing to delete")
             return 0
         counted = what(count)
         if not sys.stdin.isatty():
@@ -589,7 +589,7 @@ def _reset(store: CheckpointStore, flow: str | None, *, confirmed: bool) -> int:
     next_id = store.next_id(flow)
     _write(
         f"deleted {deleted} checkpoint{'s' if deleted != 1 else ''}{_of(flow)} from "
-        f"{store.path} (the next checkpoint id is {next_id})"
+        f"{store.where} (the next checkpoint id is {next_id})"
     )
     if flows:
         names = ", ".join(repr(f) for f in flows)
