@@ -256,3 +256,27 @@ def _no_leaked_threads() -> Iterator[None]:
     before = threading.active_count()
     yield
     assert threading.active_count() == before
+
+
+def _terminate(dsn: str, store: CheckpointStore) -> None:
+    """End the store's server session, as a server restart or a failover would."""
+    import psycopg  # noqa: PLC0415
+
+    conn = store._conn
+    assert conn is not None
+    pid = conn.conn.info.backend_pid  # type: ignore[attr-defined]
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        assert admin.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone() == (True,)
+
+
+def test_a_connection_the_server_ended_is_replaced(url: str, pg_dsn: str) -> None:
+    """Between two calls (at the BEGIN of the next transaction: nothing done yet) the
+    store reconnects and the call goes on; a flow's next checkpoint does not fail."""
+    with CheckpointStore(url) as store:
+        store.save(FLOW, 1, state("one"), created=1.0, duration=0.0)
+        _terminate(pg_dsn, store)
+        store.save(FLOW, 2, state("two"), created=2.0, duration=0.0)
+        _terminate(pg_dsn, store)
+        latest = store.latest(FLOW)
+        assert latest is not None
+        assert latest.states == state("two")

@@ -33,7 +33,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -138,18 +138,37 @@ def _placeholders(statement: str) -> str:
 class _PgConnection:
     """A psycopg connection in autocommit mode behind the store's
     :class:`~sluiceway.checkpoint.store.Connection`: ``?`` placeholders, binary results
-    (blobs come back as bytes, not hex text)."""
+    (blobs come back as bytes, not hex text).
 
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+    A connection the server broke (a restart, a failover, an idle timeout) is found out
+    at the next statement; when that is the ``BEGIN`` of a transaction -- nothing done
+    yet -- it is replaced through ``reopen`` and the ``BEGIN`` sent again, so the call
+    goes on.  A connection lost inside a transaction fails the call (the server rolls
+    the transaction back); the next call reconnects."""
+
+    def __init__(
+        self,
+        conn: psycopg.Connection[Any],
+        reopen: Callable[[], psycopg.Connection[Any]] | None = None,
+    ) -> None:
         self.conn = conn
+        self._reopen = reopen
 
     @property
     def in_transaction(self) -> bool:
         return bool(self.conn.info.transaction_status != 0)  # 0: IDLE
 
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Any:
-        cursor = self.conn.cursor(binary=True)
-        cursor.execute(_placeholders(sql), parameters)
+        try:
+            cursor = self.conn.cursor(binary=True)
+            cursor.execute(_placeholders(sql), parameters)
+        except Exception:
+            if self._reopen is None or not sql.startswith("BEGIN") or not self.conn.broken:
+                raise
+            self.conn.close()
+            self.conn = self._reopen()
+            cursor = self.conn.cursor(binary=True)
+            cursor.execute(_placeholders(sql), parameters)
         return cursor
 
     def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> Any:
@@ -202,6 +221,9 @@ class PostgresBackend:
         self._search_path = f"SET search_path TO {quoted}"
 
     def connect(self, *, create: bool) -> Connection | None:
+        return _PgConnection(self._open(), self._open)
+
+    def _open(self) -> psycopg.Connection[Any]:
         _, conn = _connect(self._url)
         try:
             conn.execute(self._search_path)
@@ -209,7 +231,7 @@ class PostgresBackend:
         except self._psycopg.Error as exc:
             conn.close()
             raise CheckpointError(f"cannot open the checkpoint store {self.where}: {exc}") from exc
-        return _PgConnection(conn)
+        return conn
 
     def configure(self, conn: Connection) -> None:
         pass
