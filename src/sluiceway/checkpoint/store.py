@@ -1,4 +1,7 @@
-"""The checkpoint store: complete checkpoints of flows' state in one SQLite file.
+"""The checkpoint store: complete checkpoints of flows' state in one SQLite file (or, for
+workers on several machines, a PostgreSQL schema: :mod:`sluiceway.checkpoint.postgres`,
+the same tables and SQL behind a :class:`Backend`; a ``postgresql://`` URL in place of the
+directory selects it).
 
 A checkpoint is a set of :class:`OperatorState` blobs (pickled by the runtime; the store
 never unpickles them) saved under a flow's name and an id in **one** SQLite transaction,
@@ -481,7 +484,8 @@ class CheckpointStore:
             ValueError: an argument is out of range.
             TypeError: a state is not an :class:`OperatorState` of bytes.
             CheckpointCorruptError: the file is not a store this version can write.
-            CheckpointError: SQLite failed to write (disk full, permissions...), or a
+            CheckpointError: the database failed to write (disk full, permissions, the
+                server gone...), or a
                 delta has no base in ``parent`` to follow.
         """
         if not isinstance(flow, str) or not flow:
@@ -887,7 +891,7 @@ class CheckpointStore:
         one saved meanwhile, on top of it -- gets the new base in its place.
 
         Raises:
-            CheckpointError: SQLite failed, or a segment does not verify (the chain is
+            CheckpointError: the database failed, or a segment does not verify (the chain is
                 left as it is).
         """
         newest, due = self._due(flow, ratio, after)
@@ -1183,8 +1187,8 @@ class CheckpointStore:
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[None]:
-        """A read transaction (one consistent snapshot); SQLite errors become corrupt-file
-        errors naming the file."""
+        """A read transaction (one consistent snapshot); database errors become
+        errors naming the store (damage: CheckpointCorruptError)."""
         assert self._conn is not None
         conn = self._conn
         try:
