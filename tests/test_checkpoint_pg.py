@@ -280,3 +280,23 @@ def test_a_connection_the_server_ended_is_replaced(url: str, pg_dsn: str) -> Non
         latest = store.latest(FLOW)
         assert latest is not None
         assert latest.states == state("two")
+
+
+def test_an_unreachable_store_is_a_clear_error_without_the_password(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sluiceway.cli import main  # noqa: PLC0415
+
+    job = tmp_path / "job.py"
+    job.write_text(
+        "import sluiceway as sw\n"
+        "def flow():\n"
+        "    f = sw.Flow('j')\n"
+        "    f.source(sw.sources.Iterable([1, 2])).sink(sw.sinks.Collect())\n"
+        "    return f\n"
+    )
+    url = "postgresql://sw:s3cret@127.0.0.1:1/apps?schema=spend"
+    assert main(["run", f"{job}:flow", "--checkpoint-dir", url]) == 1
+    err = capsys.readouterr().err
+    assert "cannot connect to the checkpoint store postgresql://sw@127.0.0.1:1/apps" in err
+    assert "s3cret" not in err
