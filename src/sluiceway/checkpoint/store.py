@@ -419,7 +419,6 @@ class CheckpointStore:
     def __init__(self, directory: str | os.PathLike[str], *, keep: int = 3) -> None:
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise ValueError(f"keep must be a whole number >= 1, got {keep!r}")
-        self._location = os.fspath(directory)
         self._backend = _backend_for(directory)
         self._keep = keep
         self._lock = threading.Lock()
