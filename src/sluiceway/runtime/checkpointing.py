@@ -103,7 +103,9 @@ class Checkpoints:
     and verified before anything of it is loaded (docs/checkpoints.md, "Security").
 
     Args:
-        directory: where the checkpoint store lives (created at the first checkpoint).
+        directory: where the checkpoint store lives (created at the first checkpoint); a
+            ``postgresql://...?schema=NAME`` URL keeps it in PostgreSQL
+            (docs/checkpoints.md, "In PostgreSQL").
         interval: seconds between the starts of two checkpoints (on the flow's clock).
         keep: how many complete checkpoints to keep (older ones are deleted).
         compact_ratio: an incremental operator's chain of changes (one partition's) is
