@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from sluiceway.checkpoint.store import _SCHEMA, Connection
+from sluiceway.checkpoint.backend import Connection
 from sluiceway.errors import CheckpointCorruptError, CheckpointError
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ _DIALECT: Final = (
 
 
 def _dialect(statement: str) -> str:
-    """A statement of the SQLite store's schema in PostgreSQL's types."""
+    """A statement creating a table of the SQLite store, in PostgreSQL's types."""
     for pattern, replacement in _DIALECT:
         statement = pattern.sub(replacement, statement)
     return statement
@@ -197,7 +197,9 @@ class PostgresBackend:
     begin_read: Sequence[str] = ("BEGIN ISOLATION LEVEL REPEATABLE READ",)
     returning_id = " RETURNING id"
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, tables: Sequence[str]) -> None:
+        """``tables``: the statements that create the SQLite store's tables, written
+        here in PostgreSQL's types (the store passes them: one schema, two dialects)."""
         self._psycopg = _import_psycopg()
         self.Error: type[Exception] = self._psycopg.Error
         self.DatabaseError: type[Exception] = self._psycopg.DatabaseError
@@ -212,7 +214,7 @@ class PostgresBackend:
         quoted = '"' + self.schema_name.replace('"', '""') + '"'
         self.schema: Sequence[str] = (
             f"CREATE SCHEMA IF NOT EXISTS {quoted}",
-            *(_dialect(s) for s in _SCHEMA),
+            *(_dialect(s) for s in tables),
             # Parts and segments are encoded (and often compressed) by the runtime: kept
             # out of line without compressing them again.
             "ALTER TABLE parts ALTER COLUMN data SET STORAGE EXTERNAL",

@@ -55,12 +55,13 @@ import math
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, NoReturn, Protocol, Self
+from typing import Any, Final, NoReturn, Self
 
+from sluiceway.checkpoint.backend import Backend, Connection
 from sluiceway.errors import CheckpointCorruptError, CheckpointError
 
 __all__ = [
@@ -1434,48 +1435,6 @@ class CheckpointStore:
         return self._backend.unreadable(exc, self.where)
 
 
-class Connection(Protocol):
-    """What the store uses of a DB-API connection in autocommit mode, with ``?``
-    placeholders (transactions are the store's explicit statements)."""
-
-    @property
-    def in_transaction(self) -> bool: ...
-    def execute(self, sql: str, parameters: Sequence[Any] = ..., /) -> Any: ...
-    def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> Any: ...
-    def close(self) -> None: ...
-
-
-class Backend(Protocol):
-    """Where a :class:`CheckpointStore` keeps its tables: the connection, the SQL dialect's
-    few differences, durability and what an error means.  The store's SQL, checks and
-    transactions are the same on every backend; :class:`_SQLite` is the default,
-    :class:`sluiceway.checkpoint.postgres.PostgresBackend` the shared one."""
-
-    Error: type[Exception]
-    DatabaseError: type[Exception]
-    kind: str
-    """What a store is, for messages: ``"a SQLite database"``."""
-    where: str
-    """The store, for messages (never with a password)."""
-    schema: Sequence[str]
-    """The statements that create a new store (idempotent)."""
-    begin_read: Sequence[str]
-    """The statements that open a read transaction on one consistent snapshot."""
-    begin_write: Sequence[str]
-    """The statements that open a write transaction, one writer of the store at a time."""
-    returning_id: str
-    """Appended to an INSERT into segments to get the new row's id back."""
-
-    def connect(self, *, create: bool) -> Connection | None: ...
-    def configure(self, conn: Connection) -> None: ...
-    def tables(self, conn: Connection) -> set[str]: ...
-    def initialized(self) -> None: ...
-    def prepare_for_writing(self, conn: Connection) -> None: ...
-    def inserted_id(self, cursor: Any) -> int | None: ...
-    def broken(self, conn: Connection) -> bool: ...
-    def unreadable(self, exc: Exception, where: str) -> CheckpointError: ...
-
-
 class _SQLite:
     """The default backend: ``DIR/checkpoints.db``, a SQLite file in WAL mode with
     ``synchronous = FULL``."""
@@ -1590,7 +1549,7 @@ def _backend_for(location: str | os.PathLike[str]) -> Backend:
     if is_url(location):
         from sluiceway.checkpoint.postgres import PostgresBackend  # noqa: PLC0415 - optional
 
-        return PostgresBackend(str(location))
+        return PostgresBackend(str(location), tables=_SCHEMA)
     return _SQLite(Path(location))
 
 
