@@ -213,7 +213,8 @@ def main() -> None:
     clock = sw.SystemClock()
     flow = build(inp, work, rate, naive, clock, disk)
     print("ready", flush=True)
-    checkpoints = sw.Checkpoints(work / "ckpt", interval=0.05, compact_after=3)
+    store = sys.argv[sys.argv.index("--store") + 1] if "--store" in sys.argv else work / "ckpt"
+    checkpoints = sw.Checkpoints(store, interval=0.05, compact_after=3)
     sw.run(flow, clock=clock, checkpoints=checkpoints)
 
 

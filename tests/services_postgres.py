@@ -6,6 +6,8 @@
 * ``pg_table``: a fresh table name ``sw_test_<uuid>`` for one test; the table and its
   ``_sluiceway_epochs`` progress table are dropped afterwards.  Nothing else on the shared
   server is touched: never reconfigure, stop or drop anything you did not create.
+* ``pg_store_url``: a checkpoint store URL ``<dsn>?schema=sw_test_<uuid>`` for one test;
+  the schema and those inside it (``sw_test_<uuid>/tasks/p0``...) are dropped afterwards.
 * ``own_postgres``: a :class:`PostgresServer` of the test's own, which it may stop and
   restart (outage tests).
 
@@ -32,9 +34,11 @@ from services import free_port, service_missing
 
 __all__ = [
     "PostgresServer",
+    "drop_schemas",
     "drop_table",
     "own_postgres",
     "pg_dsn",
+    "pg_store_url",
     "pg_table",
     "postgres_answers",
 ]
@@ -187,3 +191,31 @@ def own_postgres() -> Iterator[PostgresServer]:
     """A private PostgreSQL this test may stop and restart."""
     with PostgresServer.start_new() as server:
         yield server
+
+
+def drop_schemas(dsn: str, schema: str) -> None:
+    """Drop ``schema`` and the schemas named ``<schema>/...`` (a checkpoint store in
+    PostgreSQL and the stores inside it, e.g. its tasks'), if they exist."""
+    import psycopg  # noqa: PLC0415
+    from psycopg import sql  # noqa: PLC0415
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        like = schema.replace("_", "\\_") + "/%"
+        names = [
+            str(r[0])
+            for r in conn.execute(
+                "SELECT nspname FROM pg_namespace WHERE nspname = %s OR nspname LIKE %s",
+                (schema, like),
+            )
+        ]
+        for name in names:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def pg_store_url(pg_dsn: str) -> Iterator[str]:
+    """A checkpoint store URL for this test: a fresh schema ``sw_test_<uuid>`` of the
+    test database; it and the stores inside it are dropped afterwards."""
+    schema = f"sw_test_{uuid.uuid4().hex[:16]}"
+    yield f"{pg_dsn}?schema={schema}"
+    drop_schemas(pg_dsn, schema)

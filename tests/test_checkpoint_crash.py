@@ -26,6 +26,11 @@ from typing import Any
 
 import pytest
 
+import services_postgres
+
+pg_dsn = services_postgres.pg_dsn
+pg_store_url = services_postgres.pg_store_url
+
 CHILD = Path(__file__).with_name("crash_child.py")
 SRC = Path(__file__).resolve().parents[1] / "src"
 RECORDS = 300_000
@@ -123,9 +128,12 @@ def crash_and_finish(
     seed: int,
     state: str = "memory",
     die_compacting: int | None = None,
+    store: str | None = None,
 ) -> tuple[list[dict[str, Any]], Path, int]:
     """Kill the flow ``kills`` times mid-stream, then let a last run finish.  With
-    ``die_compacting``, a first run kills itself inside that compaction's transaction."""
+    ``die_compacting``, a first run kills itself inside that compaction's transaction;
+    ``store``: a checkpoint store URL (else a directory in the work directory)."""
+    at = () if store is None else ("--store", store)
     inp = tmp_path / "input.jsonl"
     rows = make_input(inp, RECORDS, seed)
     work = tmp_path / "work"
@@ -133,14 +141,14 @@ def crash_and_finish(
     rnd = random.Random(seed)
     done = 0
     if die_compacting is not None:
-        p = start_child(work, inp, sink, state, "--die-compacting", str(die_compacting))
+        p = start_child(work, inp, sink, state, "--die-compacting", str(die_compacting), *at)
         wait_ready(p)
         out, err = p.communicate(timeout=60)
         assert p.returncode == -signal.SIGKILL, err.decode()
         assert out == b"dying inside a compaction\n"
         done += 1
     while done < kills:
-        p = start_child(work, inp, sink, state)
+        p = start_child(work, inp, sink, state, *at)
         wait_ready(p)
         time.sleep(rnd.uniform(0.05, 0.35))
         if p.poll() is not None:
@@ -152,7 +160,7 @@ def crash_and_finish(
         p.send_signal(signal.SIGKILL)
         p.communicate()  # reap it and close its pipes
         done += 1
-    p = start_child(work, inp, sink, state)
+    p = start_child(work, inp, sink, state, *at)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 0, err.decode()
     return rows, work, done
@@ -245,6 +253,21 @@ def test_a_sigkill_inside_a_compaction_then_at_random_loses_and_doubles_nothing(
     )
     assert kills >= 6
     assert check_outputs(rows, work) == []
+
+
+@pytest.mark.timeout(180)
+def test_on_postgresql_sigkills_in_saves_and_a_compaction_lose_and_double_nothing(
+    tmp_path: Path, pg_store_url: str
+) -> None:
+    """The same flow with its checkpoint store in PostgreSQL: a first run dies inside
+    the transaction of its second compaction, the next ones at random instants (with a
+    checkpoint every 50 ms, often in a save); the output equals the oracle."""
+    rows, work, kills = crash_and_finish(
+        tmp_path, sink="atomic", kills=4, seed=14, die_compacting=2, store=pg_store_url
+    )
+    assert kills >= 4
+    assert check_outputs(rows, work) == []
+    assert not (work / "ckpt").exists()  # nothing went to a directory
 
 
 @pytest.mark.timeout(120)

@@ -1,4 +1,8 @@
-"""The checkpoint store: atomic saves, pruning, verification, fallback and bad files."""
+"""The checkpoint store: atomic saves, pruning, verification, fallback and bad files.
+
+The tests of the store's contract run on both backends (``location``: a directory, or a
+PostgreSQL URL with a schema of the test's own); those about the SQLite file itself (WAL,
+migrations, bad files) on SQLite only."""
 
 from __future__ import annotations
 
@@ -15,9 +19,11 @@ import textwrap
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from services_postgres import pg_dsn, pg_store_url  # noqa: F401 - fixtures
 from sluiceway.checkpoint import (
     FORMAT_VERSION,
     CheckpointInfo,
@@ -25,6 +31,7 @@ from sluiceway.checkpoint import (
     CheckpointStore,
     OperatorState,
 )
+from sluiceway.checkpoint import postgres as pg_module
 from sluiceway.checkpoint import store as store_module
 from sluiceway.errors import CheckpointCorruptError, CheckpointError
 
@@ -45,13 +52,21 @@ def save(store: CheckpointStore, n: int, *, flow: str = FLOW, final: bool = Fals
     store.save(flow, n, states(n), created=1_700_000_000.0 + n, duration=0.25, final=final)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a store lives: a directory, or a PostgreSQL URL (a schema of its own)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "cp")
+    return str(request.getfixturevalue("pg_store_url"))
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[CheckpointStore]:
-    with CheckpointStore(tmp_path / "cp") as s:
+def store(location: str) -> Iterator[CheckpointStore]:
+    with CheckpointStore(location) as s:
         yield s
 
 
-_RAW: list[sqlite3.Connection] = []
+_RAW: list[Any] = []
 
 
 @pytest.fixture(autouse=True)
@@ -61,10 +76,19 @@ def _close_raw_connections() -> Iterator[None]:
         _RAW.pop().close()
 
 
-def raw(store: CheckpointStore) -> sqlite3.Connection:
-    """A second, plain connection to the store file, to damage it as a crash or a disk
-    would (closed after the test)."""
-    conn = sqlite3.connect(store.path, isolation_level=None)
+def raw(store: CheckpointStore) -> Any:
+    """A second, plain connection to the store (``?`` placeholders, autocommit), to damage
+    it as a crash or a disk would (closed after the test)."""
+    conn: Any
+    if store_module.is_url(store.where):
+        import psycopg  # noqa: PLC0415
+
+        conninfo, schema, _ = pg_module.split_url(store.where)
+        pg = psycopg.connect(conninfo, autocommit=True)
+        pg.execute(psycopg.sql.SQL("SET search_path TO {}").format(psycopg.sql.Identifier(schema)))
+        conn = pg_module._PgConnection(pg)
+    else:
+        conn = sqlite3.connect(store.path, isolation_level=None)
     _RAW.append(conn)
     return conn
 
@@ -72,8 +96,8 @@ def raw(store: CheckpointStore) -> sqlite3.Connection:
 # -- saving and reading back ----------------------------------------------------------
 
 
-def test_round_trip(tmp_path: Path) -> None:
-    with CheckpointStore(tmp_path / "cp") as store:
+def test_round_trip(location: str) -> None:
+    with CheckpointStore(location) as store:
         info = store.save(FLOW, 7, states(7), created=1234.5, duration=0.75, final=True)
     assert info == CheckpointInfo(
         id=7,
@@ -85,7 +109,7 @@ def test_round_trip(tmp_path: Path) -> None:
         final=True,
         format_version=FORMAT_VERSION,
     )
-    with CheckpointStore(tmp_path / "cp") as reopened:  # a new process would do this
+    with CheckpointStore(location) as reopened:  # a new process would do this
         latest = reopened.latest(FLOW)
         assert latest is not None
         assert latest.info == info
@@ -125,12 +149,13 @@ def test_the_first_save_creates_the_directory(tmp_path: Path) -> None:
     assert (directory / "checkpoints.db").is_file()
 
 
-def test_the_file_is_durable_and_in_wal_mode(store: CheckpointStore) -> None:
-    save(store, 1)
-    assert raw(store).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    conn = store._conn  # the store's own connection: synchronous is per connection
-    assert conn is not None
-    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+def test_the_file_is_durable_and_in_wal_mode(tmp_path: Path) -> None:
+    with CheckpointStore(tmp_path) as store:
+        save(store, 1)
+        assert raw(store).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        conn = store._conn  # the store's own connection: synchronous is per connection
+        assert conn is not None
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
 
 
 def test_an_empty_file_reads_as_no_store_and_is_initialized_by_a_save(tmp_path: Path) -> None:
@@ -148,7 +173,7 @@ def test_load_of_an_absent_id_lists_what_is_there(store: CheckpointStore) -> Non
     save(store, 2)
     with pytest.raises(CheckpointNotFoundError) as info:
         store.load(5)
-    assert str(info.value) == f"no checkpoint 5 in {store.path} (checkpoints there: 1, 2)"
+    assert str(info.value) == f"no checkpoint 5 in {store.where} (checkpoints there: 1, 2)"
     assert isinstance(info.value, KeyError)
     assert isinstance(info.value, CheckpointError)
 
@@ -169,8 +194,8 @@ def test_parts_show_what_is_stored(store: CheckpointStore) -> None:
 # -- pruning and ids ------------------------------------------------------------------
 
 
-def test_keeps_the_newest_n(tmp_path: Path) -> None:
-    with CheckpointStore(tmp_path, keep=2) as store:
+def test_keeps_the_newest_n(location: str) -> None:
+    with CheckpointStore(location, keep=2) as store:
         for n in range(1, 6):
             save(store, n)
         assert [info.id for info, _ in store.list()] == [5, 4]
@@ -182,10 +207,10 @@ def test_keeps_the_newest_n(tmp_path: Path) -> None:
         assert orphans.fetchone()[0] == 0
 
 
-def test_keep_and_ids_count_per_flow(tmp_path: Path) -> None:
+def test_keep_and_ids_count_per_flow(location: str) -> None:
     """Flows sharing a store: one flow's saves never prune another's checkpoints, and
     each counts its own ids."""
-    with CheckpointStore(tmp_path, keep=3) as store:
+    with CheckpointStore(location, keep=3) as store:
         for n in (1, 2, 3, 4):
             save(store, n, flow="orders")
         for n in (1, 2, 3, 4, 5, 6):
@@ -235,12 +260,12 @@ SAVER = textwrap.dedent(
 )
 
 
-def test_flows_saving_to_one_new_store_at_the_same_time(tmp_path: Path) -> None:
+def test_flows_saving_to_one_new_store_at_the_same_time(tmp_path: Path, location: str) -> None:
     """Four processes create and fill one store at once: no 'table meta already exists',
     no clash of ids; each flow keeps its own newest two."""
     script = tmp_path / "saver.py"
     script.write_text(SAVER)
-    directory = tmp_path / "cp"
+    directory = location
     procs = [
         subprocess.Popen(  # the environment (PYTHONPATH) is this test's
             [sys.executable, str(script), str(directory), f"flow{i}"],
@@ -332,8 +357,8 @@ def test_ids_must_increase(store: CheckpointStore) -> None:
     assert store.next_id() == 6
 
 
-def test_ids_are_never_reused_after_pruning_or_reset(tmp_path: Path) -> None:
-    with CheckpointStore(tmp_path, keep=1) as store:
+def test_ids_are_never_reused_after_pruning_or_reset(location: str) -> None:
+    with CheckpointStore(location, keep=1) as store:
         save(store, 1)
         save(store, 2)
         assert store.reset() == 1
@@ -394,8 +419,8 @@ def test_save_checks_its_arguments(
     assert store.next_id() == 1
 
 
-def test_a_closed_store_refuses_use(tmp_path: Path) -> None:
-    store = CheckpointStore(tmp_path)
+def test_a_closed_store_refuses_use(location: str) -> None:
+    store = CheckpointStore(location)
     save(store, 1)
     store.close()
     store.close()  # idempotent
@@ -447,28 +472,27 @@ def test_concurrent_readers_and_a_writer_thread(store: CheckpointStore) -> None:
 # -- torn checkpoints fall back ------------------------------------------------------
 
 
-def _flip_a_byte(conn: sqlite3.Connection) -> None:
-    conn.execute(
-        "UPDATE parts SET data = CAST(replace(CAST(data AS TEXT), 'offset=3', 'offset=9')"
-        " AS BLOB) WHERE checkpoint_id = 3 AND name = 'source'"
-    )
-    assert conn.total_changes == 1
+def _flip_a_byte(conn: Any) -> None:
+    where = "WHERE checkpoint_id = 3 AND name = 'source'"
+    [(data,)] = conn.execute(f"SELECT data FROM parts {where}").fetchall()
+    assert bytes(data) == b"offset=300"
+    conn.execute(f"UPDATE parts SET data = ? {where}", (b"offset=900",))
 
 
-def _delete_a_part(conn: sqlite3.Connection) -> None:
+def _delete_a_part(conn: Any) -> None:
     conn.execute("DELETE FROM parts WHERE checkpoint_id = 3 AND name = 'totals'")
 
 
-def _alter_the_count(conn: sqlite3.Connection) -> None:
+def _alter_the_count(conn: Any) -> None:
     conn.execute("UPDATE checkpoints SET operators = 2 WHERE id = 3")
 
 
-def _delete_a_part_and_fix_the_count(conn: sqlite3.Connection) -> None:
+def _delete_a_part_and_fix_the_count(conn: Any) -> None:
     _delete_a_part(conn)
     conn.execute("UPDATE checkpoints SET operators = 2, size = 10 WHERE id = 3")
 
 
-def _alter_a_kind(conn: sqlite3.Connection) -> None:
+def _alter_a_kind(conn: Any) -> None:
     conn.execute("UPDATE parts SET kind = 'map' WHERE checkpoint_id = 3 AND name = 'totals'")
 
 
@@ -485,7 +509,7 @@ DAMAGES = {
 def test_latest_falls_back_past_a_torn_newest_checkpoint(
     store: CheckpointStore,
     caplog: pytest.LogCaptureFixture,
-    damage: tuple[Callable[[sqlite3.Connection], None], str],
+    damage: tuple[Callable[[Any], None], str],
 ) -> None:
     damage_it, reason = damage
     for n in (1, 2, 3):
@@ -503,7 +527,7 @@ def test_latest_falls_back_past_a_torn_newest_checkpoint(
     assert record.levelno == logging.WARNING
     message = record.getMessage()
     assert "checkpoint 3 " in message
-    assert str(store.path) in message
+    assert store.where in message
     assert reason in message
     listed = store.list()
     assert [(info.id, problem is None) for info, problem in listed] == [
@@ -522,14 +546,14 @@ def test_none_verifies(store: CheckpointStore, caplog: pytest.LogCaptureFixture)
     save(store, 1)
     save(store, 2)
     conn = raw(store)
-    conn.execute("UPDATE parts SET data = x'00' WHERE name = 'sink'")
+    conn.execute("UPDATE parts SET data = ? WHERE name = 'sink'", (b"\x00",))
     with (
         caplog.at_level(logging.WARNING, logger="sluiceway"),
         pytest.raises(CheckpointCorruptError) as info,
     ):
         store.latest(FLOW)
     message = str(info.value)
-    assert str(store.path) in message
+    assert store.where in message
     assert "checkpoint 2: the state of operator 'sink' was altered" in message
     assert "checkpoint 1: the state of operator 'sink' was altered" in message
     assert len(caplog.records) == 2

@@ -192,33 +192,51 @@ class _Workers:
     ``SLUICEWAY_WORKER_ID`` (as on several machines); every line they print is signed
     ``sluiceway[worker <id>]``."""
 
-    def __init__(self, tmp_path: Path, target: str, *args: str, **env: str) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        target: str,
+        *args: str,
+        checkpoint_dir: str | None = None,
+        **env: str,
+    ) -> None:
         self.tmp_path = tmp_path
+        self.checkpoint_dir = str(tmp_path / "ck") if checkpoint_dir is None else checkpoint_dir
         self.target = target
         self.args = args
         self.env = env
         self.procs: dict[str, subprocess.Popen[str]] = {}
         self.lines: dict[str, _Lines] = {}
 
-    def start(self, name: str, *extra: str, wid: str | None = None) -> None:
+    def start(
+        self,
+        name: str,
+        *extra: str,
+        wid: str | None = None,
+        target: str | None = None,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         """Start process ``name``: worker ``wid``, or (None) a supervisor of ``extra``'s
-        ``--workers N``."""
+        ``--workers N``; ``target``, ``cwd`` and ``env`` (added to the workers'), as on a
+        machine of its own."""
+        more = {**self.env, **(env or {})}
         proc = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
                 "sluiceway",
                 "run",
-                self.target,
+                target or self.target,
                 "--checkpoint-dir",
-                str(self.tmp_path / "ck"),
+                self.checkpoint_dir,
                 "--checkpoint-interval",
                 "0.5",
                 *self.args,
                 *extra,
             ],
-            cwd=self.tmp_path,
-            env=_env(**self.env) if wid is None else _env(SLUICEWAY_WORKER_ID=wid, **self.env),
+            cwd=cwd or self.tmp_path,
+            env=_env(**more) if wid is None else _env(SLUICEWAY_WORKER_ID=wid, **more),
             stderr=subprocess.PIPE,
             text=True,
         )

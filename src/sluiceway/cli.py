@@ -726,7 +726,7 @@ def _run_workers(flow: sw.Flow, args: argparse.Namespace) -> int:
     try:
         if check_scalable(flow, args.workers, checkpoint_dir=args.checkpoint_dir is not None):
             check_layout(args.checkpoint_dir, tasks=True)
-    except sw.FlowDefinitionError as exc:
+    except (sw.FlowDefinitionError, sw.CheckpointError) as exc:  # PG unreachable
         raise CliError(
             f"cannot run {args.target} on {args.workers} workers: {exc}", _EXIT_FAILED
         ) from exc
@@ -834,7 +834,7 @@ def _run_tasks(flow: sw.Flow, args: argparse.Namespace) -> int:
     try:
         check_tasks(flow, checkpoint_dir=args.checkpoint_dir is not None)
         check_layout(args.checkpoint_dir, tasks=True)
-    except sw.FlowDefinitionError as exc:
+    except (sw.FlowDefinitionError, sw.CheckpointError) as exc:  # PG unreachable
         raise CliError(f"cannot run {args.target} as a worker: {exc}", _EXIT_FAILED) from exc
     from sluiceway.scaleout.live import TaskLiveView  # noqa: PLC0415 - a worker of tasks
     from sluiceway.scaleout.repartition import StagedTasks, stages  # noqa: PLC0415 - needs Kafka
@@ -911,7 +911,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.checkpoint_dir is not None:
         try:
             check_layout(args.checkpoint_dir, tasks=False)
-        except sw.FlowDefinitionError as exc:
+        except (sw.FlowDefinitionError, sw.CheckpointError) as exc:  # PG unreachable
             raise CliError(f"cannot run {args.target}: {exc}", _EXIT_FAILED) from exc
         interval = 5.0 if args.checkpoint_interval is None else args.checkpoint_interval
         checkpoints = sw.Checkpoints(args.checkpoint_dir, interval=interval)

@@ -1,4 +1,5 @@
-"""``sluiceway checkpoints list|inspect|reset DIR``: look into a checkpoint store.
+"""``sluiceway checkpoints list|inspect|reset DIR``: look into a checkpoint store (a
+directory, or a PostgreSQL store given by its ``postgresql://`` URL).
 
 ::
 
@@ -44,6 +45,7 @@ from sluiceway.checkpoint.store import (
     CheckpointNotFoundError,
     CheckpointStore,
     PartInfo,
+    is_url,
 )
 from sluiceway.errors import CheckpointError, CliError
 
@@ -111,9 +113,9 @@ def add_checkpoints_command(
     directory.add_argument(
         "directory",
         metavar="DIR",
-        type=Path,
+        type=_location,
         help="the checkpoint directory (the one given to `sluiceway run --checkpoint-dir`), "
-        "which holds checkpoints.db",
+        "which holds checkpoints.db, or a PostgreSQL store: postgresql://USER@HOST/DB?schema=NAME",
     )
     directory.add_argument(
         "--flow",
@@ -223,8 +225,29 @@ def run_checkpoints_command(args: argparse.Namespace) -> int:
         raise CliError(str(exc), _EXIT_FAILED) from exc
 
 
-def _store_directory(given: Path) -> Path:
-    """The directory holding the store; also accepts the path of the store file itself."""
+def _location(given: str) -> str | Path:
+    """A PostgreSQL URL as it is, anything else a path."""
+    return given if is_url(given) else Path(given)
+
+
+def _store_directory(given: str | Path) -> str | Path:
+    """The directory holding the store; also accepts the path of the store file itself.
+    A PostgreSQL URL must name a schema that holds a store."""
+    if isinstance(given, str):
+        from sluiceway.checkpoint.postgres import has_store, split_url  # noqa: PLC0415
+
+        try:
+            _, schema, where = split_url(given)
+            found = has_store(given)
+        except (ValueError, CheckpointError) as exc:
+            raise CliError(str(exc), _EXIT_USAGE) from exc
+        if not found:
+            raise CliError(
+                f"no checkpoint store in {where} (schema {schema!r} holds none); give the "
+                "URL passed to `sluiceway run --checkpoint-dir`, with its ?schema=",
+                _EXIT_USAGE,
+            )
+        return given
     if given.is_file():
         if given.name == CheckpointStore.FILENAME:
             return given.parent
@@ -307,7 +330,7 @@ def _keys_json(keys: KeyRing | None) -> dict[str, Any] | None:
 
 def _list(
     store: CheckpointStore,
-    directory: Path,
+    directory: str | Path,
     flow: str | None,
     keys: KeyRing | None,
     *,
@@ -316,14 +339,15 @@ def _list(
     found = [(info, *_check(store, info, problem, keys)[:2]) for info, problem in store.list(flow)]
     if as_json:
         payload = {
-            "store": str(store.path),
+            "store": store.where,
             "keys": _keys_json(keys),
             "checkpoints": [_info_json(info, auth, status) for info, auth, status in found],
         }
         _write(json.dumps(payload, indent=2))
         return 0
     if not found:
-        _write(f"no checkpoints{_of(flow)} in {directory}")
+        shown = directory if isinstance(directory, Path) else store.where  # no password
+        _write(f"no checkpoints{_of(flow)} in {shown}")
         return 0
     header = (
         "ID",
@@ -362,7 +386,7 @@ def _list(
     for _, auth, _ in found:
         if auth != "ok":
             counts[auth] = counts.get(auth, 0) + 1
-    summary = f"{len(found)} checkpoint{'s' if len(found) != 1 else ''} in {store.path}"
+    summary = f"{len(found)} checkpoint{'s' if len(found) != 1 else ''} in {store.where}"
     _write(summary + "".join(f", {n} {auth}" for auth, n in counts.items()))
     _write(_keys_line(keys))
     return 0
@@ -382,7 +406,7 @@ def _inspect(
 ) -> int:
     found = store.list(flow)
     if not found:
-        raise CheckpointNotFoundError(f"no checkpoints{_of(flow)} in {store.path} to inspect")
+        raise CheckpointNotFoundError(f"no checkpoints{_of(flow)} in {store.where} to inspect")
     several = len({i.flow for i, _ in found}) > 1
     if checkpoint_id is None:
         info, problem = max(found, key=lambda f: (f[0].created, f[0].id))
@@ -394,13 +418,13 @@ def _inspect(
                 for i, _ in sorted(found, key=lambda f: (f[0].flow, f[0].id))
             )
             raise CheckpointNotFoundError(
-                f"no checkpoint {checkpoint_id}{_of(flow)} in {store.path} (checkpoints "
+                f"no checkpoint {checkpoint_id}{_of(flow)} in {store.where} (checkpoints "
                 f"there: {ids})"
             )
         if len(matches) > 1:
             names = ", ".join(repr(i.flow) for i, _ in matches)
             raise CliError(
-                f"flows {names} each have a checkpoint {checkpoint_id} in {store.path}; "
+                f"flows {names} each have a checkpoint {checkpoint_id} in {store.where}; "
                 "say which with --flow NAME",
                 _EXIT_USAGE,
             )
@@ -410,12 +434,12 @@ def _inspect(
     code = 0 if auth == "ok" else _EXIT_FAILED
     if as_json:
         payload = _info_json(info, auth, status)
-        payload["store"] = str(store.path)
+        payload["store"] = store.where
         payload["keys"] = _keys_json(keys)
         payload["parts"] = [_part_json(p, verdicts.get(p.name), verdicts) for p in parts]
         _write(json.dumps(payload, indent=2))
         return code
-    _write(f"checkpoint {info.id} of flow {info.flow!r} in {store.path}")
+    _write(f"checkpoint {info.id} of flow {info.flow!r} in {store.where}")
     for label, value in [
         ("created", format_utc(info.created)),
         ("duration", f"{info.duration:.3f} s"),
@@ -541,12 +565,12 @@ def _parts_table(parts: list[PartInfo], verdicts: dict[str, codec.Verdict]) -> s
 
 def _reset(store: CheckpointStore, flow: str | None, *, confirmed: bool) -> int:
     def what(n: int) -> str:
-        return f"{n} checkpoint{'s' if n != 1 else ''}{_of(flow)} in {store.path}"
+        return f"{n} checkpoint{'s' if n != 1 else ''}{_of(flow)} in {store.where}"
 
     if not confirmed:
         count = len(store.list(flow))
         if count == 0:
-            _write(f"no checkpoints{_of(flow)} in {store.path}; nothing to delete")
+            _write(f"no checkpoints{_of(flow)} in {store.where}; nothing to delete")
             return 0
         counted = what(count)
         if not sys.stdin.isatty():
@@ -565,7 +589,7 @@ def _reset(store: CheckpointStore, flow: str | None, *, confirmed: bool) -> int:
     next_id = store.next_id(flow)
     _write(
         f"deleted {deleted} checkpoint{'s' if deleted != 1 else ''}{_of(flow)} from "
-        f"{store.path} (the next checkpoint id is {next_id})"
+        f"{store.where} (the next checkpoint id is {next_id})"
     )
     if flows:
         names = ", ".join(repr(f) for f in flows)

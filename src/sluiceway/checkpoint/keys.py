@@ -258,8 +258,10 @@ def _check_private(path: Path, st: os.stat_result, what: str) -> None:
 def _check_outside(path: Path, checkpoint_dir: str | os.PathLike[str] | None, what: str) -> None:
     """A key inside the checkpoint directory protects nothing: whoever can write the
     checkpoints could replace it."""
-    if checkpoint_dir is None:
-        return
+    if checkpoint_dir is None or (
+        isinstance(checkpoint_dir, str) and checkpoint_dir.startswith(("postgresql:", "postgres:"))
+    ):
+        return  # a store in PostgreSQL: no file of it can be a key file
     key = Path(os.path.abspath(path)).resolve()
     directory = Path(os.path.abspath(checkpoint_dir)).resolve()
     if key == directory or directory in key.parents:

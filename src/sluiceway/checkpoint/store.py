@@ -1,4 +1,7 @@
-"""The checkpoint store: complete checkpoints of flows' state in one SQLite file.
+"""The checkpoint store: complete checkpoints of flows' state in one SQLite file (or, for
+workers on several machines, a PostgreSQL schema: :mod:`sluiceway.checkpoint.postgres`,
+the same tables and SQL behind a :class:`Backend`; a ``postgresql://`` URL in place of the
+directory selects it).
 
 A checkpoint is a set of :class:`OperatorState` blobs (pickled by the runtime; the store
 never unpickles them) saved under a flow's name and an id in **one** SQLite transaction,
@@ -58,19 +61,24 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, NoReturn, Self
 
+from sluiceway.checkpoint.backend import Backend, Connection
 from sluiceway.errors import CheckpointCorruptError, CheckpointError
 
 __all__ = [
     "FORMAT_VERSION",
+    "Backend",
     "ChainInfo",
     "Checkpoint",
     "CheckpointConflictError",
     "CheckpointInfo",
     "CheckpointNotFoundError",
     "CheckpointStore",
+    "Connection",
     "OperatorState",
     "PartInfo",
     "Segment",
+    "is_url",
+    "sub_location",
 ]
 
 FORMAT_VERSION: Final = 3
@@ -79,6 +87,7 @@ an older one (1, 2) is migrated."""
 
 _APPLICATION: Final = "sluiceway-checkpoints"
 _TABLES: Final = frozenset({"meta", "flows", "checkpoints", "parts", "segments", "refs"})
+_URL_SCHEMES: Final = ("postgresql://", "postgres://")
 _BUSY_TIMEOUT_MS: Final = 10_000
 # A long-lived connection keeps its WAL file; after a checkpoint of the WAL into the
 # database, SQLite truncates the WAL back to this size (bytes), so one huge save does not
@@ -411,10 +420,10 @@ class CheckpointStore:
     def __init__(self, directory: str | os.PathLike[str], *, keep: int = 3) -> None:
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise ValueError(f"keep must be a whole number >= 1, got {keep!r}")
-        self._directory = Path(directory)
+        self._backend = _backend_for(directory)
         self._keep = keep
         self._lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = None
+        self._conn: Connection | None = None
         self._writable = False
         self._closed = False
 
@@ -422,8 +431,19 @@ class CheckpointStore:
 
     @property
     def path(self) -> Path:
-        """The store file: ``directory / "checkpoints.db"``."""
-        return self._directory / self.FILENAME
+        """The store file: ``directory / "checkpoints.db"`` (SQLite only).
+
+        Raises:
+            ValueError: the store is in PostgreSQL (see :attr:`where`).
+        """
+        if not isinstance(self._backend, _SQLite):
+            raise ValueError(f"the checkpoint store {self.where} is not a file")
+        return self._backend.path
+
+    @property
+    def where(self) -> str:
+        """The store, for messages: its file, or its PostgreSQL URL without the password."""
+        return self._backend.where
 
     @property
     def keep(self) -> int:
@@ -464,7 +484,8 @@ class CheckpointStore:
             ValueError: an argument is out of range.
             TypeError: a state is not an :class:`OperatorState` of bytes.
             CheckpointCorruptError: the file is not a store this version can write.
-            CheckpointError: SQLite failed to write (disk full, permissions...), or a
+            CheckpointError: the database failed to write (disk full, permissions, the
+                server gone...), or a
                 delta has no base in ``parent`` to follow.
         """
         if not isinstance(flow, str) or not flow:
@@ -511,7 +532,7 @@ class CheckpointStore:
                     if checkpoint_id <= last:
                         raise CheckpointConflictError(
                             f"checkpoint ids must increase: got {checkpoint_id}, but "
-                            f"{last} was already saved for flow {flow!r} in {self.path} "
+                            f"{last} was already saved for flow {flow!r} in {self.where} "
                             f"(next_id() is {last + 1}); is another run of flow {flow!r} "
                             "using this checkpoint directory at the same time?"
                         )
@@ -578,16 +599,16 @@ class CheckpointStore:
                         (flow, checkpoint_id),
                     )
                     self._prune(conn, flow)
-            except sqlite3.Error as exc:
+            except self._backend.Error as exc:
                 raise CheckpointError(
                     f"could not save checkpoint {checkpoint_id} of flow {flow!r} to "
-                    f"{self.path}: {exc}"
+                    f"{self.where}: {exc}"
                 ) from exc
         return info
 
     def _save_chains(
         self,
-        conn: sqlite3.Connection,
+        conn: Connection,
         flow: str,
         checkpoint_id: int,
         parent: int | None,
@@ -604,14 +625,13 @@ class CheckpointStore:
                 of = "no parent checkpoint" if parent is None else f"checkpoint {parent}"
                 raise CheckpointError(
                     f"could not save checkpoint {checkpoint_id} of flow {flow!r} to "
-                    f"{self.path}: operator {state.name!r} gave changes for partition "
+                    f"{self.where}: operator {state.name!r} gave changes for partition "
                     f"{partition!r}, but {of} holds a base for them to follow (the first "
                     "snapshot of a partition, and the first after a restore from a whole "
                     "part, must be whole)"
                 )
-            cursor = conn.execute(
-                "INSERT INTO segments (flow, operator, partition, whole, size, sha256, data)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            sid = self._insert_segment(
+                conn,
                 (
                     flow,
                     state.name,
@@ -622,8 +642,6 @@ class CheckpointStore:
                     segment.data,
                 ),
             )
-            sid = cursor.lastrowid
-            assert sid is not None
             chains[partition] = [sid] if segment.whole else [*chains[partition], sid]
         conn.executemany(
             "INSERT INTO refs (flow, checkpoint_id, operator, partition, position, segment_id)"
@@ -636,9 +654,20 @@ class CheckpointStore:
         )
         return len(chains)
 
+    def _insert_segment(self, conn: Connection, row: tuple[Any, ...]) -> int:
+        """Insert one segment; its new id."""
+        cursor = conn.execute(
+            "INSERT INTO segments (flow, operator, partition, whole, size, sha256, data)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)" + self._backend.returning_id,
+            row,
+        )
+        sid = self._backend.inserted_id(cursor)
+        assert sid is not None
+        return sid
+
     @staticmethod
     def _chains(
-        conn: sqlite3.Connection, flow: str, checkpoint_id: int, operator: str
+        conn: Connection, flow: str, checkpoint_id: int, operator: str
     ) -> dict[str, builtins.list[int]]:
         """The segment ids of each partition's chain of an incremental part, oldest first."""
         chains: dict[str, builtins.list[int]] = {}
@@ -682,13 +711,13 @@ class CheckpointStore:
                         "checkpoint",
                         checkpoint_id,
                         flow,
-                        self.path,
+                        self.where,
                         problem,
                     )
         if not problems:
             return None
         raise CheckpointCorruptError(
-            f"no checkpoint of flow {flow!r} in {self.path} verifies: " + "; ".join(problems)
+            f"no checkpoint of flow {flow!r} in {self.where} verifies: " + "; ".join(problems)
         )
 
     def load(self, checkpoint_id: int, flow: str | None = None) -> Checkpoint:
@@ -704,14 +733,14 @@ class CheckpointStore:
             conn = self._open(create=False)
             if conn is None:
                 raise CheckpointNotFoundError(
-                    f"no checkpoint {checkpoint_id}: {self.path} does not exist"
+                    f"no checkpoint {checkpoint_id}: {self.where} does not exist"
                 )
             with self._reading():
                 flow = self._flow_of(conn, checkpoint_id, flow)
                 checkpoint, problem = self._read(conn, flow, checkpoint_id)
         if problem is not None:
             raise CheckpointCorruptError(
-                f"checkpoint {checkpoint_id} of flow {flow!r} in {self.path} is torn: {problem}"
+                f"checkpoint {checkpoint_id} of flow {flow!r} in {self.where} is torn: {problem}"
             )
         return checkpoint
 
@@ -728,7 +757,7 @@ class CheckpointStore:
                 return []
             with self._reading():
                 rows = conn.execute(
-                    "SELECT flow, id FROM checkpoints WHERE ? IS NULL OR flow = ?"
+                    "SELECT flow, id FROM checkpoints WHERE CAST(? AS TEXT) IS NULL OR flow = ?"
                     " ORDER BY flow, id DESC",
                     (flow, flow),
                 ).fetchall()
@@ -763,7 +792,7 @@ class CheckpointStore:
             conn = self._open(create=False)
             if conn is None:
                 raise CheckpointNotFoundError(
-                    f"no checkpoint {checkpoint_id}: {self.path} does not exist"
+                    f"no checkpoint {checkpoint_id}: {self.where} does not exist"
                 )
             with self._reading():
                 flow = self._flow_of(conn, checkpoint_id, flow)
@@ -862,7 +891,7 @@ class CheckpointStore:
         one saved meanwhile, on top of it -- gets the new base in its place.
 
         Raises:
-            CheckpointError: SQLite failed, or a segment does not verify (the chain is
+            CheckpointError: the database failed, or a segment does not verify (the chain is
                 left as it is).
         """
         newest, due = self._due(flow, ratio, after)
@@ -878,7 +907,7 @@ class CheckpointStore:
 
     def _compact_chain(
         self,
-        conn: sqlite3.Connection,
+        conn: Connection,
         flow: str,
         checkpoint_id: int,
         operator: str,
@@ -896,7 +925,7 @@ class CheckpointStore:
                 if found is None or hashlib.sha256(bytes(found[0])).hexdigest() != found[1]:
                     raise CheckpointError(
                         f"cannot compact checkpoint {checkpoint_id} of flow {flow!r} in "
-                        f"{self.path}: segment {sid} of operator {operator!r} partition "
+                        f"{self.where}: segment {sid} of operator {operator!r} partition "
                         f"{partition} is missing or altered"
                     )
                 blobs.append(bytes(found[0]))
@@ -920,12 +949,9 @@ class CheckpointStore:
                     users = {c: ids for c, ids in users.items() if ids[: len(chain)] == chain}
                     if not users:
                         return 0  # pruned meanwhile: nothing to swap
-                    cursor = conn.execute(
-                        "INSERT INTO segments (flow, operator, partition, whole, size,"
-                        " sha256, data) VALUES (?, ?, ?, 1, ?, ?, ?)",
-                        (flow, operator, partition, len(data), sha, data),
+                    new = self._insert_segment(
+                        conn, (flow, operator, partition, 1, len(data), sha, data)
                     )
-                    new = cursor.lastrowid
                     for cid, ids in users.items():
                         conn.execute(
                             "DELETE FROM refs WHERE flow = ? AND checkpoint_id = ? AND"
@@ -941,10 +967,10 @@ class CheckpointStore:
                             ),
                         )
                     self._drop_unreferenced(conn, flow)
-            except sqlite3.Error as exc:
+            except self._backend.Error as exc:
                 raise CheckpointError(
                     f"could not compact checkpoint {checkpoint_id} of flow {flow!r} in "
-                    f"{self.path}: {exc}"
+                    f"{self.where}: {exc}"
                 ) from exc
         return 1
 
@@ -972,7 +998,7 @@ class CheckpointStore:
             if conn is None:
                 return 0
             self._prepare_for_writing(conn)
-            where = ("WHERE ? IS NULL OR flow = ?", (flow, flow))
+            where = ("WHERE CAST(? AS TEXT) IS NULL OR flow = ?", (flow, flow))
             try:
                 with self._transaction(conn):
                     count = int(
@@ -984,7 +1010,7 @@ class CheckpointStore:
                     conn.execute(f"DELETE FROM checkpoints {where[0]}", where[1])
                     conn.execute(f"DELETE FROM refs {where[0]}", where[1])
                     self._drop_unreferenced(conn, flow)
-            except sqlite3.DatabaseError as exc:
+            except self._backend.DatabaseError as exc:
                 raise self._unreadable(exc) from exc
         return count
 
@@ -1008,62 +1034,43 @@ class CheckpointStore:
         self.close()
 
     def __repr__(self) -> str:
-        return f"CheckpointStore({str(self._directory)!r}, keep={self._keep})"
+        return f"CheckpointStore({self.where!r}, keep={self._keep})"
 
     # -- opening ------------------------------------------------------------------------
 
-    def _open(self, *, create: bool) -> sqlite3.Connection | None:
+    def _open(self, *, create: bool) -> Connection | None:
         """The connection, opened on first use; None if there is no store and not ``create``.
 
-        Called with the lock held.  A reading method never creates the directory or the
-        file; an empty SQLite file (a store whose creation was interrupted) reads as no
-        store, and the first save initializes it.
+        Called with the lock held.  A reading method never creates the store (a directory
+        or file; a schema); an empty one (a creation that was interrupted) reads as no
+        store, and the first save initializes it.  A connection the server broke (a
+        PostgreSQL restart) is replaced.
         """
         if self._closed:
-            raise CheckpointError(f"the checkpoint store at {self.path} is closed")
+            raise CheckpointError(f"the checkpoint store at {self.where} is closed")
+        if self._conn is not None and self._backend.broken(self._conn):
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn, self._writable = None, False
         if self._conn is None:
             self._conn = self._connect(create=create)
         if self._conn is not None and create:
             self._prepare_for_writing(self._conn)
         return self._conn
 
-    def _open_for_writing(self) -> sqlite3.Connection:
+    def _open_for_writing(self) -> Connection:
         conn = self._open(create=True)
         assert conn is not None  # create=True opens or raises
         return conn
 
-    def _connect(self, *, create: bool) -> sqlite3.Connection | None:
-        path = self.path
-        if path.is_dir():
-            raise CheckpointCorruptError(
-                f"{path} is a directory; expected the checkpoint store file (a SQLite "
-                "database) there"
-            )
-        if not path.exists():
-            if not create:
-                return None
-            try:
-                self._directory.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise CheckpointError(
-                    f"cannot create the checkpoint directory {self._directory}: {exc}"
-                ) from exc
-        # mode=rw never creates a file, so a reading method leaves no empty store behind.
-        mode = "rwc" if create else "rw"
-        try:
-            conn = sqlite3.connect(
-                f"{path.resolve().as_uri()}?mode={mode}",
-                uri=True,
-                isolation_level=None,  # autocommit: transactions are explicit BEGIN/COMMIT
-                check_same_thread=False,  # used by one thread at a time, under self._lock
-                timeout=_BUSY_TIMEOUT_MS / 1000,
-            )
-        except sqlite3.Error as exc:
-            raise CheckpointError(f"cannot open the checkpoint store {path}: {exc}") from exc
+    def _connect(self, *, create: bool) -> Connection | None:
+        conn = self._backend.connect(create=create)
+        if conn is None:
+            return None
         try:
             is_store = self._validate(conn, initialize=create)
             if is_store:
-                conn.execute("PRAGMA synchronous = FULL")
+                self._backend.configure(conn)
         except BaseException:
             conn.close()
             raise
@@ -1072,31 +1079,28 @@ class CheckpointStore:
             return None
         return conn
 
-    def _validate(self, conn: sqlite3.Connection, *, initialize: bool) -> bool:
-        """Check that the file is a sluiceway store of a format this version reads.
+    def _validate(self, conn: Connection, *, initialize: bool) -> bool:
+        """Check that the store is a sluiceway store of a format this version reads.
 
-        Returns False for an empty SQLite file when not ``initialize`` (it is initialized
+        Returns False for an empty store when not ``initialize`` (it is initialized
         otherwise).
         """
         try:
-            tables = {
-                str(row[0])
-                for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-            }
+            tables = self._backend.tables(conn)
             if not tables:
                 if not initialize:
                     return False
                 self._initialize(conn)  # idempotent: another process may be at it too
                 tables = set(_TABLES)
             if "meta" not in tables:
-                found = f"a SQLite database with tables {', '.join(sorted(tables))}"
+                found = f"{self._backend.kind} with tables {', '.join(sorted(tables))}"
                 raise self._not_a_store(found)
             meta = {str(k): str(v) for k, v in conn.execute("SELECT key, value FROM meta")}
-        except sqlite3.DatabaseError as exc:
+        except self._backend.DatabaseError as exc:
             raise self._unreadable(exc) from exc
         if meta.get("application") != _APPLICATION:
             raise self._not_a_store(
-                f"a SQLite database whose meta table has application={meta.get('application')!r}"
+                f"{self._backend.kind} whose meta table has application={meta.get('application')!r}"
             )
         raw = meta.get("format_version")
         try:
@@ -1105,13 +1109,13 @@ class CheckpointStore:
             version = 0
         if version > FORMAT_VERSION:
             raise CheckpointCorruptError(
-                f"{self.path} was written in checkpoint format version {version}, newer than "
+                f"{self.where} was written in checkpoint format version {version}, newer than "
                 f"this sluiceway reads (version {FORMAT_VERSION}); upgrade sluiceway, or use "
                 "another checkpoint directory"
             )
         if version < 1:
             raise CheckpointCorruptError(
-                f"{self.path} is a sluiceway checkpoint store with an invalid format version "
+                f"{self.where} is a sluiceway checkpoint store with an invalid format version "
                 f"{raw!r}; expected {FORMAT_VERSION}"
             )
         if version == 1:
@@ -1124,37 +1128,35 @@ class CheckpointStore:
         if missing or "last_id" not in meta:
             what = f"tables {', '.join(sorted(missing))}" if missing else "the last_id entry"
             raise CheckpointCorruptError(
-                f"{self.path} is a damaged sluiceway checkpoint store: {what} missing"
+                f"{self.where} is a damaged sluiceway checkpoint store: {what} missing"
             )
         return True
 
-    def _initialize(self, conn: sqlite3.Connection) -> None:
-        """Create the tables.  Safe when another process initializes the file at the same
+    def _initialize(self, conn: Connection) -> None:
+        """Create the tables.  Safe when another process initializes the store at the same
         time: one transaction waits for the other, and nothing is created twice."""
         with self._transaction(conn):
-            for statement in _SCHEMA:
+            for statement in self._backend.schema:
                 conn.execute(statement)
             conn.executemany(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)",
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING",
                 [
                     ("application", _APPLICATION),
                     ("format_version", str(FORMAT_VERSION)),
                     ("last_id", "0"),
                 ],
             )
-        _fsync_directory(self._directory)  # the new file's directory entry is durable too
+        self._backend.initialized()
 
-    def _migrate_from_1(self, conn: sqlite3.Connection) -> None:
+    def _migrate_from_1(self, conn: Connection) -> None:
         """Rewrite a version 1 file as version 2; then on to 3."""
         self._migrate(conn, 1, 2, _MIGRATE_FROM_1)
 
-    def _migrate_from_2(self, conn: sqlite3.Connection) -> None:
+    def _migrate_from_2(self, conn: Connection) -> None:
         """Add the tables and columns of incremental parts to a version 2 file."""
         self._migrate(conn, 2, FORMAT_VERSION, _MIGRATE_FROM_2)
 
-    def _migrate(
-        self, conn: sqlite3.Connection, old: int, new: int, statements: Sequence[str]
-    ) -> None:
+    def _migrate(self, conn: Connection, old: int, new: int, statements: Sequence[str]) -> None:
         """Run ``statements`` on a version ``old`` file in one transaction, once: a
         process that finds it done already when it gets the write lock does nothing."""
         try:
@@ -1163,57 +1165,55 @@ class CheckpointStore:
                 if row is not None and str(row[0]) == str(old):
                     for statement in statements:
                         conn.execute(statement)
-        except sqlite3.Error as exc:
+        except self._backend.Error as exc:
             raise CheckpointError(
-                f"cannot migrate the checkpoint store {self.path} from format version {old} "
+                f"cannot migrate the checkpoint store {self.where} from format version {old} "
                 f"to {new} (it needs to be written once): {exc}"
             ) from exc
-        log.info("checkpoint store %s migrated to format version %d", self.path, new)
+        log.info("checkpoint store %s migrated to format version %d", self.where, new)
 
-    def _prepare_for_writing(self, conn: sqlite3.Connection) -> None:
-        """Switch the file to WAL mode, once per connection, before the first write.
-
-        Why WAL rather than a rollback journal (DELETE): with synchronous=FULL both are
-        durable at COMMIT and atomic across a crash (uncommitted WAL frames are ignored on
-        recovery; a hot rollback journal is rolled back).  WAL adds that readers in other
-        processes (``sluiceway checkpoints list`` beside a running flow) never block the
-        flow's saves nor are blocked by them, and a commit is one sequential append plus
-        one fsync.  The cost: ``-wal``/``-shm`` files beside the store while it is open,
-        and a local file system (not NFS), as SQLite's WAL always needs.
-        """
+    def _prepare_for_writing(self, conn: Connection) -> None:
+        """Make the connection ready to write, once (SQLite: WAL mode, see
+        :meth:`_SQLite.prepare_for_writing`)."""
         if self._writable:
             return
         try:
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            conn.execute(f"PRAGMA journal_size_limit = {_JOURNAL_SIZE_LIMIT}")
-        except sqlite3.Error as exc:
-            raise CheckpointError(f"cannot write the checkpoint store {self.path}: {exc}") from exc
-        if str(mode).lower() != "wal":  # pragma: no cover - only on file systems without WAL
-            log.warning("checkpoint store %s: WAL mode unavailable, using %s", self.path, mode)
+            self._backend.prepare_for_writing(conn)
+        except self._backend.Error as exc:
+            raise CheckpointError(f"cannot write the checkpoint store {self.where}: {exc}") from exc
         self._writable = True
 
     # -- reading ------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[None]:
-        """A read transaction (one consistent snapshot); SQLite errors become corrupt-file
-        errors naming the file."""
+        """A read transaction (one consistent snapshot); database errors become
+        errors naming the store (damage: CheckpointCorruptError)."""
         assert self._conn is not None
         conn = self._conn
         try:
-            conn.execute("BEGIN")
+            for statement in self._backend.begin_read:
+                conn.execute(statement)
             try:
                 yield
             finally:
                 if conn.in_transaction:
                     conn.execute("COMMIT")
-        except sqlite3.DatabaseError as exc:
+        except self._backend.DatabaseError as exc:
             raise self._unreadable(exc) from exc
 
     @contextlib.contextmanager
-    def _transaction(self, conn: sqlite3.Connection) -> Iterator[None]:
-        """A write transaction: BEGIN IMMEDIATE ... COMMIT, rolled back on any error."""
-        conn.execute("BEGIN IMMEDIATE")
+    def _transaction(self, conn: Connection) -> Iterator[None]:
+        """A write transaction, one writer of the store at a time (SQLite: BEGIN IMMEDIATE;
+        PostgreSQL: a transaction lock on the store's schema) ... COMMIT, rolled back on
+        any error."""
+        try:
+            for statement in self._backend.begin_write:
+                conn.execute(statement)
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
         try:
             yield
         except BaseException:
@@ -1223,16 +1223,16 @@ class CheckpointStore:
         conn.execute("COMMIT")
 
     @staticmethod
-    def _last_id(conn: sqlite3.Connection, flow: str | None) -> int:
+    def _last_id(conn: Connection, flow: str | None) -> int:
         """The largest id ``flow`` (None: any flow) saved, or the floor below every id."""
         row = conn.execute("SELECT value FROM meta WHERE key = 'last_id'").fetchone()
         floor = int(row[0]) if row is not None else 0
         row = conn.execute(
-            "SELECT max(last_id) FROM flows WHERE ? IS NULL OR flow = ?", (flow, flow)
+            "SELECT max(last_id) FROM flows WHERE CAST(? AS TEXT) IS NULL OR flow = ?", (flow, flow)
         ).fetchone()
         return max(floor, int(row[0]) if row is not None and row[0] is not None else 0)
 
-    def _flow_of(self, conn: sqlite3.Connection, checkpoint_id: int, flow: str | None) -> str:
+    def _flow_of(self, conn: Connection, checkpoint_id: int, flow: str | None) -> str:
         """The flow whose checkpoint ``checkpoint_id`` is meant (``flow`` if given)."""
         if flow is not None:
             return flow
@@ -1245,17 +1245,18 @@ class CheckpointStore:
         if len(flows) > 1:
             raise ValueError(
                 f"flows {', '.join(map(repr, flows))} each have a checkpoint {checkpoint_id} "
-                f"in {self.path}; say which flow (flow=...)"
+                f"in {self.where}; say which flow (flow=...)"
             )
         if not flows:
             self._missing(conn, checkpoint_id, None)
         return flows[0]
 
-    def _missing(self, conn: sqlite3.Connection, checkpoint_id: int, flow: str | None) -> NoReturn:
+    def _missing(self, conn: Connection, checkpoint_id: int, flow: str | None) -> NoReturn:
         have = [
             (str(f), int(i))
             for f, i in conn.execute(
-                "SELECT flow, id FROM checkpoints WHERE ? IS NULL OR flow = ? ORDER BY flow, id",
+                "SELECT flow, id FROM checkpoints WHERE CAST(? AS TEXT) IS NULL OR flow = ?"
+                " ORDER BY flow, id",
                 (flow, flow),
             )
         ]
@@ -1263,10 +1264,10 @@ class CheckpointStore:
         listed = ", ".join(f"{f}/{i}" if several else str(i) for f, i in have) or "none"
         of = f" of flow {flow!r}" if flow is not None else ""
         raise CheckpointNotFoundError(
-            f"no checkpoint {checkpoint_id}{of} in {self.path} (checkpoints there: {listed})"
+            f"no checkpoint {checkpoint_id}{of} in {self.where} (checkpoints there: {listed})"
         )
 
-    def _row(self, conn: sqlite3.Connection, flow: str, checkpoint_id: int) -> tuple[Any, ...]:
+    def _row(self, conn: Connection, flow: str, checkpoint_id: int) -> tuple[Any, ...]:
         row = conn.execute(
             "SELECT id, flow, created, duration, size, operators, final, format_version, digest,"
             " base_bytes, delta_bytes FROM checkpoints WHERE flow = ? AND id = ?",
@@ -1277,7 +1278,7 @@ class CheckpointStore:
         return tuple(row)
 
     def _read(
-        self, conn: sqlite3.Connection, flow: str, checkpoint_id: int
+        self, conn: Connection, flow: str, checkpoint_id: int
     ) -> tuple[Checkpoint, str | None]:
         """The checkpoint as stored, and None if it verifies, else the reason it does not."""
         row = self._row(conn, flow, checkpoint_id)
@@ -1348,7 +1349,7 @@ class CheckpointStore:
 
     def _read_chains(
         self,
-        conn: sqlite3.Connection,
+        conn: Connection,
         flow: str,
         checkpoint_id: int,
         operator: str,
@@ -1389,7 +1390,7 @@ class CheckpointStore:
 
     # -- writing ------------------------------------------------------------------------
 
-    def _prune(self, conn: sqlite3.Connection, flow: str) -> None:
+    def _prune(self, conn: Connection, flow: str) -> None:
         """Delete ``flow``'s checkpoints older than its newest ``keep`` (other flows'
         are theirs to prune)."""
         args = (flow, flow, self._keep)
@@ -1411,10 +1412,10 @@ class CheckpointStore:
         self._drop_unreferenced(conn, flow)
 
     @staticmethod
-    def _drop_unreferenced(conn: sqlite3.Connection, flow: str | None) -> None:
+    def _drop_unreferenced(conn: Connection, flow: str | None) -> None:
         """Delete the segments (of ``flow``) that no kept checkpoint's chain holds."""
         conn.execute(
-            "DELETE FROM segments WHERE (? IS NULL OR flow = ?) AND NOT EXISTS"
+            "DELETE FROM segments WHERE (CAST(? AS TEXT) IS NULL OR flow = ?) AND NOT EXISTS"
             " (SELECT 1 FROM refs WHERE refs.segment_id = segments.id)",
             (flow, flow),
         )
@@ -1423,25 +1424,133 @@ class CheckpointStore:
 
     def _not_a_store(self, found: str) -> CheckpointCorruptError:
         return CheckpointCorruptError(
-            f"{self.path} is not a sluiceway checkpoint store: found {found}; expected a "
+            f"{self.where} is not a sluiceway checkpoint store: found {found}; expected a "
             f"store written by sluiceway (format version {FORMAT_VERSION}). Move the file "
             "away or choose another checkpoint directory"
         )
 
-    def _unreadable(self, exc: sqlite3.Error) -> CheckpointError:
-        """A SQLite error while reading: damage (CheckpointCorruptError) or not (busy,
-        I/O, permissions: CheckpointError), both naming the file."""
+    def _unreadable(self, exc: Exception) -> CheckpointError:
+        """A database error while reading, as the backend judges it: damage
+        (CheckpointCorruptError) or not (busy, I/O, permissions: CheckpointError)."""
+        return self._backend.unreadable(exc, self.where)
+
+
+class _SQLite:
+    """The default backend: ``DIR/checkpoints.db``, a SQLite file in WAL mode with
+    ``synchronous = FULL``."""
+
+    Error: type[Exception] = sqlite3.Error
+    DatabaseError: type[Exception] = sqlite3.DatabaseError
+    kind = "a SQLite database"
+    schema: Sequence[str] = _SCHEMA
+    begin_read: Sequence[str] = ("BEGIN",)
+    begin_write: Sequence[str] = ("BEGIN IMMEDIATE",)
+    returning_id = ""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / CheckpointStore.FILENAME
+        self.where = str(self.path)
+
+    def connect(self, *, create: bool) -> Connection | None:
+        path = self.path
+        if path.is_dir():
+            raise CheckpointCorruptError(
+                f"{path} is a directory; expected the checkpoint store file (a SQLite "
+                "database) there"
+            )
+        if not path.exists():
+            if not create:
+                return None
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise CheckpointError(
+                    f"cannot create the checkpoint directory {self.directory}: {exc}"
+                ) from exc
+        # mode=rw never creates a file, so a reading method leaves no empty store behind.
+        mode = "rwc" if create else "rw"
+        try:
+            return sqlite3.connect(
+                f"{path.resolve().as_uri()}?mode={mode}",
+                uri=True,
+                isolation_level=None,  # autocommit: transactions are explicit BEGIN/COMMIT
+                check_same_thread=False,  # used by one thread at a time, under the lock
+                timeout=_BUSY_TIMEOUT_MS / 1000,
+            )
+        except sqlite3.Error as exc:
+            raise CheckpointError(f"cannot open the checkpoint store {path}: {exc}") from exc
+
+    def configure(self, conn: Connection) -> None:
+        conn.execute("PRAGMA synchronous = FULL")
+
+    def tables(self, conn: Connection) -> set[str]:
+        rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        return {str(row[0]) for row in rows}
+
+    def initialized(self) -> None:
+        _fsync_directory(self.directory)  # the new file's directory entry is durable too
+
+    def prepare_for_writing(self, conn: Connection) -> None:
+        """Switch the file to WAL mode, once per connection, before the first write.
+
+        Why WAL rather than a rollback journal (DELETE): with synchronous=FULL both are
+        durable at COMMIT and atomic across a crash (uncommitted WAL frames are ignored on
+        recovery; a hot rollback journal is rolled back).  WAL adds that readers in other
+        processes (``sluiceway checkpoints list`` beside a running flow) never block the
+        flow's saves nor are blocked by them, and a commit is one sequential append plus
+        one fsync.  The cost: ``-wal``/``-shm`` files beside the store while it is open,
+        and a local file system (not NFS), as SQLite's WAL always needs.
+        """
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        conn.execute(f"PRAGMA journal_size_limit = {_JOURNAL_SIZE_LIMIT}")
+        if str(mode).lower() != "wal":  # pragma: no cover - only on file systems without WAL
+            log.warning("checkpoint store %s: WAL mode unavailable, using %s", self.where, mode)
+
+    def inserted_id(self, cursor: Any) -> int | None:
+        rowid = cursor.lastrowid
+        return None if rowid is None else int(rowid)
+
+    def broken(self, conn: Connection) -> bool:
+        return False
+
+    def unreadable(self, exc: Exception, where: str) -> CheckpointError:
+        """Damage (CheckpointCorruptError) or not (busy, I/O, permissions:
+        CheckpointError), both naming the file."""
         name = getattr(exc, "sqlite_errorname", "") or ""
         damaged = name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or (
             not name and not isinstance(exc, sqlite3.OperationalError)
         )
         if not damaged:
-            return CheckpointError(f"cannot read the checkpoint store {self.path}: {exc}")
+            return CheckpointError(f"cannot read the checkpoint store {where}: {exc}")
         return CheckpointCorruptError(
-            f"{self.path} is not a readable sluiceway checkpoint store: SQLite says "
+            f"{where} is not a readable sluiceway checkpoint store: SQLite says "
             f"{str(exc)!r} (the file is truncated, damaged or not a SQLite database); "
             f"expected a store written by sluiceway (format version {FORMAT_VERSION})"
         )
+
+
+def is_url(location: str | os.PathLike[str]) -> bool:
+    """Is ``location`` a PostgreSQL URL (``postgresql://...``) rather than a directory?"""
+    return isinstance(location, str) and location.startswith(_URL_SCHEMES)
+
+
+def sub_location(location: str | os.PathLike[str], *names: str) -> str:
+    """The location of a store inside ``location``: ``DIR/tasks/p3`` for a directory;
+    for a PostgreSQL URL, the same URL whose schema is ``<schema>/tasks/p3``."""
+    if is_url(location):
+        from sluiceway.checkpoint.postgres import sub_url  # noqa: PLC0415 - optional
+
+        return sub_url(str(location), *names)
+    return os.path.join(os.fspath(location), *names)
+
+
+def _backend_for(location: str | os.PathLike[str]) -> Backend:
+    if is_url(location):
+        from sluiceway.checkpoint.postgres import PostgresBackend  # noqa: PLC0415 - optional
+
+        return PostgresBackend(str(location), tables=_SCHEMA)
+    return _SQLite(Path(location))
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -59,6 +59,7 @@ from sluiceway.checkpoint.store import (
     CheckpointStore,
     OperatorState,
     Segment,
+    is_url,
 )
 from sluiceway.core.contract import Sink, Source
 from sluiceway.core.delta import Changes, Incremental
@@ -102,7 +103,9 @@ class Checkpoints:
     and verified before anything of it is loaded (docs/checkpoints.md, "Security").
 
     Args:
-        directory: where the checkpoint store lives (created at the first checkpoint).
+        directory: where the checkpoint store lives (created at the first checkpoint); a
+            ``postgresql://...?schema=NAME`` URL keeps it in PostgreSQL
+            (docs/checkpoints.md, "In PostgreSQL").
         interval: seconds between the starts of two checkpoints (on the flow's clock).
         keep: how many complete checkpoints to keep (older ones are deleted).
         compact_ratio: an incremental operator's chain of changes (one partition's) is
@@ -282,6 +285,14 @@ class Coordinator:
                     "with a factory, a file, a broker), or run the flow without checkpoints"
                 )
 
+    def _store_arg(self) -> str:
+        """The store as ``sluiceway checkpoints`` takes it: the directory, or the URL
+        without its password."""
+        assert self.config is not None
+        assert self.store is not None
+        directory = str(self.config.directory)
+        return self.store.where if is_url(directory) else directory
+
     # -- recovery ----------------------------------------------------------------------
 
     @property
@@ -300,7 +311,7 @@ class Coordinator:
         self._check_compatible(ckpt)
         ckpt, values = self._committed(ckpt)
         self.parent = ckpt.info.id
-        where = f"checkpoint {ckpt.info.id} in {self.store.path}"
+        where = f"checkpoint {ckpt.info.id} in {self.store.where}"
         for name, value in values.items():
             if name in self.sources:
                 self.sources[name].restore(value)
@@ -320,7 +331,7 @@ class Coordinator:
                 values[name] = unchain(chains)
             except Exception as exc:
                 raise CheckpointError(
-                    f"checkpoint {ckpt.info.id} in {self.store.path}: the state of operator "
+                    f"checkpoint {ckpt.info.id} in {self.store.where}: the state of operator "
                     f"{name!r} verifies but cannot be loaded: {type(exc).__name__}: {exc}"
                 ) from exc
         return values
@@ -332,8 +343,8 @@ class Coordinator:
         return {
             "chains": ckpt.chains,
             "flow": self.flow.name,
-            "where": f"checkpoint {ckpt.info.id} of flow {self.flow.name!r} in {self.store.path}",
-            "fixes": f"`sluiceway checkpoints reset {shlex.quote(str(self.config.directory))} "
+            "where": f"checkpoint {ckpt.info.id} of flow {self.flow.name!r} in {self.store.where}",
+            "fixes": f"`sluiceway checkpoints reset {shlex.quote(self._store_arg())} "
             f'--flow {shlex.quote(self.flow.name)}` (docs/checkpoints.md, "Security")',
             "trust_unauthenticated": ckpt.info.id == self._trusted(),
         }
@@ -376,7 +387,7 @@ class Coordinator:
         ]
         if not older:
             raise CheckpointError(
-                f"checkpoint {ckpt.info.id} in {self.store.path} was stored, but sink(s) "
+                f"checkpoint {ckpt.info.id} in {self.store.where} was stored, but sink(s) "
                 f"{', '.join(map(repr, refused))} never committed it and no earlier "
                 "checkpoint is kept to go back to; start over with `sluiceway checkpoints "
                 "reset`"
@@ -409,10 +420,10 @@ class Coordinator:
         assert self.store is not None
         assert self.config is not None
         raise CheckpointMismatchError(
-            f"checkpoint {ckpt.info.id} in {self.store.path} was taken by a different "
+            f"checkpoint {ckpt.info.id} in {self.store.where} was taken by a different "
             f"version of flow {self.flow.name!r}: {'; '.join(sorted(problems))}.  Restore "
             "the flow as it was, or start over with `sluiceway checkpoints reset "
-            f"{shlex.quote(str(self.config.directory))} --flow {shlex.quote(self.flow.name)}`"
+            f"{shlex.quote(self._store_arg())} --flow {shlex.quote(self.flow.name)}`"
             " -- the run after that reads "
             "its input from the beginning, so move or empty the outputs of sinks that "
             "append (sinks.JsonLines, append-mode tables) first, or they get a second copy"

@@ -13,12 +13,14 @@ would run it twice), and forking a threaded process is unsafe.
 The flow does not wait for it (:func:`start_child`): checkpoints go on at their interval
 while the child folds, and the store swaps the new base into every checkpoint whose chain
 starts with the folded one, those saved meanwhile included; one child runs at a time.
-The child reads the store file like any other process (SQLite serialises it with the
-flow's saves); if the flow's process dies meanwhile, the child still finishes or leaves
-the old chain, both valid.  It verifies every segment it folds and signs each new base
-with the flow's key ring, which it is given in its environment
+The child opens the store like any other process (SQLite, or the store's lock in
+PostgreSQL, serialises it with the flow's saves); if the flow's process dies meanwhile,
+the child still finishes or leaves the old chain, both valid.  It verifies every segment
+it folds and signs each new base with the flow's key ring, which it is given in its environment
 (``SLUICEWAY_CHECKPOINT_KEY``: the ring's keys, one a line, signing key first) -- never
 on its command line, which ``ps`` shows to every user, nor in the checkpoint directory.
+For a store in PostgreSQL, DIR is its URL without the password, which the child finds in
+``PGPASSWORD`` (libpq's own variable) when the URL held one.
 
 Usage: ``SLUICEWAY_CHECKPOINT_KEY=... python -m sluiceway.runtime.compactor DIR FLOW RATIO
 AFTER LARGER_THAN``; prints how many chains it folded.
@@ -35,7 +37,7 @@ from pathlib import Path
 from typing import IO, Final
 
 from sluiceway.checkpoint.keys import ENV_KEY, ENV_KEY_FILE, KeyRing, load_keys
-from sluiceway.checkpoint.store import CheckpointStore
+from sluiceway.checkpoint.store import CheckpointStore, is_url
 from sluiceway.errors import CheckpointError
 from sluiceway.runtime.segments import fold_chain
 
@@ -141,7 +143,7 @@ def start_child(
     Raises:
         CheckpointError: no key to hand it, or the interpreter cannot be started.
     """
-    what = f"compacting the checkpoints of flow {flow!r} in {directory}"
+    what = f"compacting the checkpoints of flow {flow!r} in {_shown(directory)}"
     if keys is None:
         raise CheckpointError(f"{what} needs the checkpoint key, and none is available")
     package = Path(__file__).resolve().parents[2]  # the directory holding sluiceway/
@@ -150,11 +152,18 @@ def start_child(
     env["PYTHONPATH"] = path
     # The ring as its text form: the same keys, whatever source the flow loaded them from.
     env[ENV_KEY] = "\n".join(k.secret.decode("utf-8") for k in keys.keys)
+    location = os.fspath(directory)
+    if is_url(location):  # a PostgreSQL store: its password goes where libpq reads it
+        from sluiceway.checkpoint.postgres import redacted  # noqa: PLC0415 - optional
+
+        location, password = redacted(location)
+        if password is not None:
+            env["PGPASSWORD"] = password
     command = [
         sys.executable,
         "-m",
         "sluiceway.runtime.compactor",
-        os.fspath(directory),
+        location,
         flow,
         repr(ratio),
         str(after),
@@ -172,6 +181,16 @@ def start_child(
             f"{what} failed: could not run {sys.executable} -m sluiceway.runtime.compactor: {exc}"
         ) from exc
     return Child(process, out, err, what, now)
+
+
+def _shown(directory: str | os.PathLike[str]) -> str:
+    """The store for messages: a URL without its password."""
+    location = os.fspath(directory)
+    if not is_url(location):
+        return location
+    from sluiceway.checkpoint.postgres import redacted  # noqa: PLC0415 - optional
+
+    return redacted(location)[0]
 
 
 def compact_in_child(

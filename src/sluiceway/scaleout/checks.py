@@ -11,9 +11,10 @@ state is where its records are.  That means (see docs/scaling.md):
 * a flow with **keyed state** (windows, joins, ``process``, ``stateful_map``) runs as one
   task per Kafka partition (:mod:`sluiceway.scaleout.tasks`), whose state moves with the
   partition through the task's checkpoints: it needs ``--checkpoint-dir`` (a directory
-  every worker reaches), Kafka sources only (of one group), and sinks that can be copied
-  per task (Kafka); a ``key_by`` without ``partitioned=True`` is repartitioned through
-  Kafka (:mod:`sluiceway.scaleout.repartition`), which needs Kafka sources too;
+  every worker reaches, or a ``postgresql://`` store for workers on several machines),
+  Kafka sources only (of one group), and sinks that can be copied per task (Kafka); a
+  ``key_by`` without ``partitioned=True`` is repartitioned through Kafka
+  (:mod:`sluiceway.scaleout.repartition`), which needs Kafka sources too;
 * a stateless flow takes **no checkpoint directory**: N workers writing one checkpoint
   store would overwrite each other's positions (its Kafka source commits offsets to the
   group once the sinks wrote the records).
@@ -27,7 +28,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sluiceway.checkpoint.store import CheckpointStore
+from sluiceway.checkpoint.store import CheckpointStore, is_url
 from sluiceway.core.contract import Source
 from sluiceway.errors import FlowDefinitionError
 from sluiceway.flow import Flow
@@ -80,8 +81,10 @@ def check_tasks(flow: Flow, *, checkpoint_dir: bool) -> None:
             f"operator {keyed[0]} keeps keyed state, which moves between workers with its "
             "partition through the checkpoints of the partition's task: give "
             "--checkpoint-dir DIR, a directory every worker reaches (one machine, or a "
-            "shared volume). Without it each worker would keep a share of a key's state "
-            "that stays behind when the partition moves (docs/scaling.md)"
+            "shared volume), or a PostgreSQL store for workers on several machines "
+            "(--checkpoint-dir postgresql://user@host/db?schema=NAME). Without it each "
+            "worker would keep a share of a key's state that stays behind when the "
+            "partition moves (docs/scaling.md)"
         )
     from sluiceway.connectors.kafka import KafkaSource  # noqa: PLC0415 - needs confluent-kafka
     from sluiceway.scaleout.repartition import stages  # noqa: PLC0415
@@ -118,6 +121,9 @@ def check_layout(checkpoint_dir: str | os.PathLike[str], *, tasks: bool) -> None
         FlowDefinitionError: the directory holds the other layout; the message says how
             to go on.
     """
+    if is_url(checkpoint_dir):
+        _check_layout_in_postgres(str(checkpoint_dir), tasks=tasks)
+        return
     root = Path(checkpoint_dir)
     single = root / CheckpointStore.FILENAME
     if tasks and single.exists():
@@ -136,6 +142,31 @@ def check_layout(checkpoint_dir: str | os.PathLike[str], *, tasks: bool) -> None
             "run this flow as a worker to go on from them (SLUICEWAY_WORKER_ID=0 "
             "sluiceway run ..., or --workers N), or give another --checkpoint-dir "
             "(docs/scaling.md)"
+        )
+
+
+def _check_layout_in_postgres(url: str, *, tasks: bool) -> None:
+    """:func:`check_layout` for a store in PostgreSQL: the flow run as one process keeps
+    its checkpoints in the URL's schema, workers in the schemas ``<schema>/tasks/p<N>``."""
+    from sluiceway.checkpoint.postgres import has_store, split_url, stores_under  # noqa: PLC0415
+
+    _, schema, where = split_url(url)
+    if tasks and has_store(url):
+        raise FlowDefinitionError(
+            f"{where} holds the checkpoints of this flow run as one process (schema "
+            f"{schema!r}); a worker of a keyed flow keeps them per partition in the schemas "
+            f"{schema + '/tasks/p<N>'!r} and would start without that state while the group's "
+            "offsets go on. Keep running it as one process, or start over with another "
+            "schema (and a new consumer group, to read the input again). To be able to scale "
+            "out later, run even a single process as a worker: SLUICEWAY_WORKER_ID=0 "
+            "sluiceway run ... (docs/scaling.md)"
+        )
+    if not tasks and (found := stores_under(url, "tasks")):
+        raise FlowDefinitionError(
+            f"{where} holds the per-partition checkpoints of workers (schemas "
+            f"{', '.join(map(repr, found[:3]))}{', ...' if len(found) > 3 else ''}); run this "
+            "flow as a worker to go on from them (SLUICEWAY_WORKER_ID=0 sluiceway run ..., "
+            "or --workers N), or give another schema (docs/scaling.md)"
         )
 
 

@@ -55,7 +55,7 @@ from typing import Any
 
 import confluent_kafka as ck
 
-from sluiceway.checkpoint.store import CheckpointConflictError
+from sluiceway.checkpoint.store import CheckpointConflictError, sub_location
 from sluiceway.connectors.kafka import _SECURITY_KEYS, KafkaError, KafkaSource
 from sluiceway.core.contract import Sink, Source
 from sluiceway.errors import FlowCancelledError, FlowDefinitionError
@@ -99,8 +99,9 @@ def task_name(partition: int, stage: int = 0) -> str:
 
 def task_dir(checkpoint_dir: str | os.PathLike[str], partition: int, stage: int = 0) -> str:
     """Where task ``partition`` (of sub-topology ``stage``) keeps its checkpoints:
-    ``<checkpoint_dir>/tasks/p<p>`` (``tasks/s<stage>-p<p>``)."""
-    return os.path.join(os.fspath(checkpoint_dir), "tasks", task_name(partition, stage))
+    ``<checkpoint_dir>/tasks/p<p>`` (``tasks/s<stage>-p<p>``); in a PostgreSQL store (a
+    ``postgresql://`` URL), the schema ``<schema>/tasks/p<p>`` (``.../s<stage>-p<p>``)."""
+    return sub_location(checkpoint_dir, "tasks", task_name(partition, stage))
 
 
 # -- the flow of one task -----------------------------------------------------------
