@@ -25,33 +25,13 @@ Outputs, through one transactional Kafka sink:
 from __future__ import annotations
 
 import os
-from typing import Any
+
+# The same outputs as the chaos flow's (the workers put this file's folder on sys.path).
+from keyed_chaos import running_total, window_row
 
 import sluiceway as sw
 from sluiceway.connectors.kafka import KafkaSink, KafkaSource
 from sluiceway.flowcontrol import TokenBucket
-
-
-def _worker() -> str:
-    return os.environ.get("SLUICEWAY_WORKER_ID", "solo")
-
-
-def running_total(state: tuple[int, int] | None, r: dict[str, Any]) -> tuple[Any, Any]:
-    n, total = state or (0, 0)
-    n, total = n + 1, total + r["v"]
-    out = {"kind": "run", "k": r["k"], "i": r["i"], "n": n, "total": total, "w": _worker()}
-    return (n, total), out
-
-
-def window_row(w: Any) -> dict[str, Any]:
-    return {
-        "kind": "win",
-        "k": w.key,
-        "start": w.start,
-        "n": w.value["n"],
-        "sum": w.value["sum"],
-        "w": _worker(),
-    }
 
 
 def flow() -> sw.Flow:
