@@ -843,3 +843,41 @@ def test_a_task_worker_whose_port_is_taken_exits_with_a_usage_error(
     assert p.returncode == 2, p.stderr
     assert f"{flag} {port}: cannot serve {what} on 127.0.0.1:{port}" in p.stderr
     assert "task p" not in p.stderr
+
+
+@pytest.mark.parametrize(
+    ("exactly_once", "dead_letter", "interval", "want"),
+    [
+        (True, None, 1.0, 2.0),  # at least 2 s
+        (True, None, 4.0, 4.0),  # an interval
+        (True, None, 60.0, 10.0),  # never past the source's revoke_timeout
+        (False, None, 1.0, 10.0),  # at-least-once: cancelling would write twice
+        (True, False, 1.0, 10.0),  # a dead-letter sink outside the transactions
+        (True, True, 1.0, 2.0),
+    ],
+)
+def test_a_transactional_flow_hands_a_revoked_partition_over_within_an_interval(
+    exactly_once: bool, dead_letter: bool | None, interval: float, want: float
+) -> None:
+    """A revoked task stops at a checkpoint, whose barrier queues behind what the task
+    fetched: a flow that is behind took up to the source's revoke_timeout (10 s) to hand
+    its partition over while the next owner waited (benchmarks/RESULTS.md, SO). With every
+    sink transactional, cancelling after an interval is safe (the next owner redoes at
+    most an interval, nothing committed twice), so the wait is bounded by it."""
+    from sluiceway.connectors.kafka import KafkaSink, KafkaSource  # noqa: PLC0415
+    from sluiceway.scaleout.tasks import TaskManager, TaskSpec  # noqa: PLC0415
+
+    flow = sw.Flow("handover")
+    keyed = flow.source(KafkaSource("127.0.0.1:9", "in", "g")).key_by(
+        lambda v: v["k"], partitioned=True
+    )
+    policy: Any = sw.Fail()
+    if dead_letter is not None:
+        policy = sw.DeadLetter(KafkaSink("127.0.0.1:9", "dlq", exactly_once=dead_letter))
+    keyed.stateful_map(lambda s, v: (s, v), on_error=policy).sink(
+        KafkaSink("127.0.0.1:9", "out", exactly_once=exactly_once)
+    )
+    manager = TaskManager(flow, TaskSpec("ck", checkpoint_interval=interval))
+    assert manager.revoke_timeout == want
+    explicit = TaskSpec("ck", checkpoint_interval=interval, revoke_timeout=30.0)
+    assert TaskManager(flow, explicit).revoke_timeout == 30.0  # what the user set holds

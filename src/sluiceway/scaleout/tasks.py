@@ -291,7 +291,10 @@ class TaskSpec:
         max_batch_size: the most records a task's source is asked for at once.
         revoke_timeout: seconds the revoke callback waits for the tasks of the revoked
             partitions to stop at a checkpoint (then they are cancelled and their next
-            owner goes back to their last checkpoint).  None: the flow's Kafka source's.
+            owner goes back to their last checkpoint).  None: the flow's Kafka source's,
+            and for a flow whose sinks are all transactional at most the checkpoint
+            interval (at least 2 s): a task that cannot stop within an interval is
+            behind, and redoing an interval costs less than its next owner waiting.
     """
 
     checkpoint_dir: str
@@ -299,6 +302,27 @@ class TaskSpec:
     grace_period: float = 10.0
     max_batch_size: int = 1024
     revoke_timeout: float | None = None
+
+
+_MIN_HANDOVER = 2.0
+"""The shortest graceful stop a revoked task of a transactional flow gets (seconds)."""
+
+
+def _all_transactional(flow: Flow) -> bool:
+    """Does every sink of ``flow``, dead-letter sinks included, write in Kafka
+    transactions (so that a task cancelled mid-interval leaves nothing a
+    ``read_committed`` reader sees)?"""
+    sinks: list[Any] = []
+    for node in flow.nodes:
+        spec = node.spec
+        if isinstance(spec, SinkSpec):
+            sinks.append(spec.sink)
+        policy = getattr(spec, "on_error", None)
+        if isinstance(policy, Retry):
+            policy = policy.then
+        if isinstance(policy, DeadLetter):
+            sinks.append(policy.sink)
+    return bool(sinks) and all(getattr(s, "exactly_once", False) is True for s in sinks)
 
 
 RESTORE_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -420,6 +444,16 @@ class TaskManager:
         self._lead = sorted(t for _, s in sources for t in s.topics)[0]
         revoke = spec.revoke_timeout
         self.revoke_timeout = first._revoke_timeout if revoke is None else revoke
+        if revoke is None and _all_transactional(flow):
+            # A revoked task stops at a checkpoint, whose barrier queues behind what the
+            # task already fetched: a flow that is behind (a backlog, CPU-heavy records)
+            # takes many seconds to drain it while the next owner waits idle.  With every
+            # sink transactional, cancelling is safe -- the open transaction is aborted,
+            # the next owner restores the last checkpoint and redoes at most an interval
+            # -- so a stop that takes longer than an interval is not worth waiting for.
+            self.revoke_timeout = min(
+                self.revoke_timeout, max(_MIN_HANDOVER, spec.checkpoint_interval)
+            )
         self.tasks: dict[int, _Task] = {}
         self.owned: set[int] = set()
         self.ran = 0  # tasks started so far
