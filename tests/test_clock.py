@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 
 import sluiceway as sw
 from sluiceway.time import Clock, SystemClock, VirtualClock, yield_now
+from sluiceway.time.clock import PROMPT_SWITCH_INTERVAL, _PromptThreads
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "sluiceway"
 
@@ -467,3 +469,40 @@ def test_the_idle_check_survives_the_ready_queue_growing_while_it_looks() -> Non
         assert clock.monotonic() == 5
 
     asyncio.run(main())
+
+
+def test_the_switch_interval_is_lowered_while_threads_work_and_put_back_after() -> None:
+    """run_in_thread lowers the interpreter's switch interval (a busy event loop would
+    starve the thread otherwise, see _PromptThreads) and puts the caller's back when the
+    last thread call ends -- unless the caller changed it meanwhile, or had it lower."""
+    prompt = _PromptThreads()
+    before = sys.getswitchinterval()
+    try:
+        prompt.enter()
+        prompt.enter()  # two calls under way
+        assert sys.getswitchinterval() == pytest.approx(PROMPT_SWITCH_INTERVAL)
+        prompt.exit()
+        assert sys.getswitchinterval() == pytest.approx(PROMPT_SWITCH_INTERVAL)  # one left
+        prompt.exit()
+        assert sys.getswitchinterval() == before
+
+        prompt.enter()
+        sys.setswitchinterval(0.01)  # the application's own choice, made meanwhile
+        prompt.exit()
+        assert sys.getswitchinterval() == pytest.approx(0.01)
+
+        sys.setswitchinterval(0.0001)  # lower already: left alone
+        prompt.enter()
+        assert sys.getswitchinterval() == pytest.approx(0.0001)
+        prompt.exit()
+        assert sys.getswitchinterval() == pytest.approx(0.0001)
+    finally:
+        sys.setswitchinterval(before)
+
+
+@pytest.mark.parametrize("clock", [SystemClock(), VirtualClock()], ids=["system", "virtual"])
+def test_run_in_thread_lowers_the_switch_interval_while_it_runs(clock: Clock) -> None:
+    before = sys.getswitchinterval()
+    seen = asyncio.run(clock.run_in_thread(sys.getswitchinterval))
+    assert seen == pytest.approx(PROMPT_SWITCH_INTERVAL)
+    assert sys.getswitchinterval() == before
