@@ -17,6 +17,7 @@ import sys
 import textwrap
 import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -548,6 +549,8 @@ class _Visit:
         ([{0: 1}, {0: 2}], False),  # a field that is not a str
         ([{"state": 1}, 7], False),  # an entry that is not a dict
         ([7, {"state": 1}], False),
+        ([{"state": 1}, "state"], False),  # a str (subscripted by a str: a TypeError)
+        ([{"state": 1}, OrderedDict(state=2)], False),  # a dict, but not exactly one
         ([{}, {}], False),
     ],
 )

