@@ -7,9 +7,9 @@ One port per worker, served by the web view's own server (:class:`HttpMonitor`),
 
 * ``GET /``: this worker's page -- the partitions it owns (of each stage's topic), and
   each task's state (starting, restoring, running, stopping), restore time, records in
-  and out, lag (its sources' backlog: the records of its partitions not read yet) and the
-  entries its operators hold, each linking to the task's graph; the page reloads itself every 2
-  seconds.
+  and out, lag (its sources' backlog: the records of its partitions not read yet) and
+  the entries its operators hold, each linking to the task's graph; the page reloads
+  itself every 2 seconds.
 * ``GET /api/tasks``: the same as JSON (:func:`tasks_document`).
 * ``GET /<task>/`` (``/p<N>/``, ``/s<n>-p<N>/``): the web view's page (the flow's graph
   with live numbers) of that task, which polls ``/<task>/api/flow`` (every task of a
