@@ -56,7 +56,8 @@ from sluiceway.scaleout.repartition import (  # noqa: E402
     repartition_topic,
     stages,
 )
-from sluiceway.scaleout.tasks import TaskSpec, task_dir  # noqa: E402
+from sluiceway.scaleout.tasks import TaskSpec, task_dir, task_name  # noqa: E402
+from sluiceway.scaleout.web import tasks_document  # noqa: E402
 from sluiceway.time import SystemClock  # noqa: E402
 
 FLOW = Path(__file__).resolve().parent / "flows" / "repart_flow.py"
@@ -364,6 +365,22 @@ def test_a_worker_runs_a_task_manager_per_stage(tmp_path: Path) -> None:
     spec = TaskSpec(str(tmp_path / "ck"))
     staged = StagedTasks(_flow("127.0.0.1:1", "in", "out"), spec, keys=RING)
     assert [m.stage for m in staged.managers] == [0, 1, 2]
+    # its monitoring surface: every stage's input topic and operators, events and
+    # restores of all its managers together
+    topics = ["in", repartition_topic("g", "split", "by_k"), "g-split-by_parity-repartition"]
+    assert [(i.stage, i.topic) for i in staged.stage_inputs()] == list(enumerate(topics))
+    assert [i.flow for i in staged.stage_inputs()] == [m.flow for m in staged.managers]
+    for m, seconds in zip(staged.managers, (0.05, 0.3, 0.7), strict=True):
+        m.events["started"] += 1
+        m.restores.observe(task_name(0, m.stage), seconds)
+    staged.managers[2].events["stopped"] += 1
+    assert staged.events == {"started": 3, "stopped": 1}
+    r = staged.restores
+    assert (r.count, round(r.total, 2), r.buckets[:4]) == (3, 1.05, [1, 1, 2, 3])
+    assert r.last == {"p0": 0.05, "s1-p0": 0.3, "s2-p0": 0.7}
+    doc = tasks_document(staged, staged.status(), "w")
+    assert doc["stages"] == [{"stage": i, "topic": t, "owned": []} for i, t in enumerate(topics)]
+    assert (doc["owned"], doc["tasks"], doc["events"]) == ([], [], {"started": 3, "stopped": 1})
 
 
 # -- chaos -----------------------------------------------------------------------------------
