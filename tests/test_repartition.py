@@ -24,6 +24,8 @@ import random
 import signal
 import subprocess
 import threading
+import urllib.error
+import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,7 @@ import pytest
 import services_kafka
 from services import import_or_missing
 from services_kafka import KafkaTopics, produce, read_topic
-from workers_harness import Output, Workers, run_cmd, worker_env
+from workers_harness import Lines, Output, Workers, run_cmd, worker_env
 
 kafka_bootstrap = services_kafka.kafka_bootstrap
 kafka_topics = services_kafka.kafka_topics
@@ -43,6 +45,7 @@ import_or_missing("confluent_kafka")
 import sluiceway as sw  # noqa: E402
 from sluiceway.checkpoint.keys import CheckpointKey, KeyRing  # noqa: E402
 from sluiceway.connectors.kafka import KafkaSink, KafkaSource  # noqa: E402
+from sluiceway.console import strip_ansi  # noqa: E402
 from sluiceway.scaleout.checks import check_tasks  # noqa: E402
 from sluiceway.scaleout.repartition import (  # noqa: E402
     RepartitionSink,
@@ -53,7 +56,8 @@ from sluiceway.scaleout.repartition import (  # noqa: E402
     repartition_topic,
     stages,
 )
-from sluiceway.scaleout.tasks import TaskSpec, task_dir  # noqa: E402
+from sluiceway.scaleout.tasks import TaskSpec, task_dir, task_name  # noqa: E402
+from sluiceway.scaleout.web import tasks_document  # noqa: E402
 from sluiceway.time import SystemClock  # noqa: E402
 
 FLOW = Path(__file__).resolve().parent / "flows" / "repart_flow.py"
@@ -361,6 +365,22 @@ def test_a_worker_runs_a_task_manager_per_stage(tmp_path: Path) -> None:
     spec = TaskSpec(str(tmp_path / "ck"))
     staged = StagedTasks(_flow("127.0.0.1:1", "in", "out"), spec, keys=RING)
     assert [m.stage for m in staged.managers] == [0, 1, 2]
+    # its monitoring surface: every stage's input topic and operators, events and
+    # restores of all its managers together
+    topics = ["in", repartition_topic("g", "split", "by_k"), "g-split-by_parity-repartition"]
+    assert [(i.stage, i.topic) for i in staged.stage_inputs()] == list(enumerate(topics))
+    assert [i.flow for i in staged.stage_inputs()] == [m.flow for m in staged.managers]
+    for m, seconds in zip(staged.managers, (0.05, 0.3, 0.7), strict=True):
+        m.events["started"] += 1
+        m.restores.observe(task_name(0, m.stage), seconds)
+    staged.managers[2].events["stopped"] += 1
+    assert staged.events == {"started": 3, "stopped": 1}
+    r = staged.restores
+    assert (r.count, round(r.total, 2), r.buckets[:4]) == (3, 1.05, [1, 1, 2, 3])
+    assert r.last == {"p0": 0.05, "s1-p0": 0.3, "s2-p0": 0.7}
+    doc = tasks_document(staged, staged.status(), "w")
+    assert doc["stages"] == [{"stage": i, "topic": t, "owned": []} for i, t in enumerate(topics)]
+    assert (doc["owned"], doc["tasks"], doc["events"]) == ([], [], {"started": 3, "stopped": 1})
 
 
 # -- chaos -----------------------------------------------------------------------------------
@@ -435,22 +455,134 @@ def test_elastic_chaos_with_repartitioning_is_exactly_once(
     assert all(len(ws) <= 8 for ws in owners.values()), f"seed {seed}: owners alternate: {owners}"
 
 
-def test_a_worker_of_a_repartitioning_flow_refuses_metrics_ports(
+def _get(url: str) -> str:
+    return str(urllib.request.urlopen(url, timeout=10).read().decode())
+
+
+def _samples(metrics: str, name: str) -> list[dict[str, str]]:
+    """The label sets of every sample of ``name`` in a scrape (with its value as
+    ``"value"``)."""
+    from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
+
+    return [
+        {**s.labels, "value": str(s.value)}
+        for family in text_string_to_metric_families(metrics)
+        for s in family.samples
+        if s.name == name
+    ]
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_of_a_repartitioning_flow_shows_every_stage_in_its_views(
     repart: dict[str, str], tmp_path: Path
 ) -> None:
-    """Not built yet: said before anything starts, naming the flag."""
-    p = subprocess.run(
-        run_cmd(f"{FLOW}:flow", "--checkpoint-dir", "ck", "--metrics-port", "0"),
+    """One worker (``--metrics-port``, ``--ui-port`` and ``--live`` at once) owns every
+    partition of both stages: the input topic's 4 (tasks ``p0``-``p3``) and the
+    repartition topic's 3 (``s1-p0``-``s1-p2``).  Its ``/api/tasks``, its page, its
+    Prometheus series (labels ``task``, ``topic``, ``partition``, ``worker``) and its live
+    table show each task of each stage with the partition and topic it owns, its restore
+    time, records, lag and state; each task's graph is its stage's."""
+    records = make_input(random.Random(15), 200)
+    bootstrap, inp = repart["REPART_BOOTSTRAP"], repart["REPART_INPUT"]
+    produce(bootstrap, inp, records, partition=[r["p"] for r in records])
+    rep = repartition_topic(f"{inp}.repart", "repart", "by_key")
+    env = worker_env(**repart, REPART_PARTITIONS="3", SLUICEWAY_WORKER_ID="a", COLUMNS="250")
+    ports = ("--metrics-port", "0", "--ui-port", "0")
+    proc = subprocess.Popen(
+        run_cmd(f"{FLOW}:flow", "--checkpoint-dir", "ck", *CHECKPOINTS, *ports, "--live"),
         cwd=tmp_path,
-        env=worker_env(**repart, SLUICEWAY_WORKER_ID="a"),
-        capture_output=True,
+        env=env,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=60,
-        check=False,
     )
-    assert p.returncode == 2, p.stderr
-    assert "--metrics-port is not built yet for a worker of a flow that repartitions" in p.stderr
-    assert not (tmp_path / "ck").exists()
+    lines = Lines(proc)
+    stage0 = [f"p{p}" for p in range(PARTITIONS)]
+    stage1 = [f"s1-p{p}" for p in range(3)]
+    try:
+        [metrics_at] = lines.wait_for(r"Prometheus metrics at (\S+)")
+        [ui_at] = lines.wait_for(r"web view at (\S+)")
+        ui = ui_at.group(1).rstrip("/")
+        doc: dict[str, Any] = {}
+        for _ in range(300):  # every record through both stages, every lag known
+            doc = json.loads(_get(ui + "/api/tasks"))
+            tasks = {t["task"]: t for t in doc["tasks"]}
+            if (
+                sorted(tasks) == sorted(stage0 + stage1)
+                and all(t["state"] == "running" and t["backlog"] is not None for t in doc["tasks"])
+                and sum(tasks[t]["records_out"] for t in stage1) == len(records)
+            ):
+                break
+            threading.Event().wait(0.2)
+        tasks = {t["task"]: t for t in doc["tasks"]}
+        assert sorted(tasks) == sorted(stage0 + stage1), doc
+        assert doc["worker"] == "a"
+        assert doc["owned"] == list(range(PARTITIONS)), doc  # stage 0's, as before
+        assert doc["stages"] == [
+            {"stage": 0, "topic": inp, "owned": list(range(PARTITIONS))},
+            {"stage": 1, "topic": rep, "owned": [0, 1, 2]},
+        ], doc
+        for name, t in tasks.items():
+            stage = 1 if name.startswith("s1-") else 0
+            assert (t["stage"], t["topic"], t["owned"]) == (stage, rep if stage else inp, True)
+            assert t["state"] == "running", doc
+            assert 0 < t["restore_seconds"] < 60, doc
+            assert isinstance(t["backlog"], int), doc
+        # every record crossed once: out of stage 0, into and out of stage 1
+        assert sum(tasks[t]["records_out"] for t in stage0) == len(records), doc
+        assert sum(tasks[t]["records_in"] for t in stage1) == len(records), doc
+        assert sum(tasks[t]["records_out"] for t in stage1) == len(records), doc
+        assert all(tasks[t]["state_entries"] > 0 for t in stage1), doc  # the keys' totals
+        assert doc["events"] == {"started": 7}, doc
+        assert doc["restores"]["count"] == 7, doc
+        page = _get(ui + "/")
+        assert f"p0, p1, p2, p3 of {inp}; s1-p0, s1-p1, s1-p2 of {rep}" in page, page
+        assert '<a href="s1-p2/">s1-p2</a>' in page, page
+        graph1 = {n["name"] for n in json.loads(_get(ui + "/s1-p2/api/flow"))["nodes"]}
+        graph0 = {n["name"] for n in json.loads(_get(ui + "/p3/api/flow"))["nodes"]}
+        assert {"by_key_repartitioned", "totals", "out"} <= graph1, graph1
+        assert {"in", "by_key", "by_key_repartition"} <= graph0, graph0
+        assert "totals" not in graph0, graph0
+        with pytest.raises(urllib.error.HTTPError, match="404"):
+            _get(ui + "/s1-p3/api/flow")
+
+        metrics = _get(metrics_at.group(1))
+        owned = _samples(metrics, "sluiceway_task_owned")
+        assert sorted((o["task"], o["topic"], o["partition"], o["worker"]) for o in owned) == [
+            *((f"p{p}", inp, str(p), "a") for p in range(PARTITIONS)),
+            *((f"s1-p{p}", rep, str(p), "a") for p in range(3)),
+        ], owned
+        restore = {s["task"] for s in _samples(metrics, "sluiceway_task_restore_seconds")}
+        assert restore == set(stage0 + stage1), metrics
+        started = [
+            s for s in _samples(metrics, "sluiceway_task_events_total") if s["event"] == "started"
+        ]
+        assert [s["value"] for s in started] == ["7.0"], started
+        totals = _samples(metrics, "sluiceway_records_out_total")
+        by_stage1 = [s for s in totals if s["operator"] == "totals"]
+        assert {s["task"] for s in by_stage1} == set(stage1), totals
+        assert sum(float(s["value"]) for s in by_stage1) == len(records), by_stage1
+        lag = {
+            (s["task"], s["partition"])
+            for s in _samples(metrics, "sluiceway_source_partition_backlog")
+        }
+        assert {(f"s1-p{p}", f"{rep}:{p}") for p in range(3)} <= lag, lag
+        entries = _samples(metrics, "sluiceway_task_state_entries")
+        assert {s["task"] for s in entries if float(s["value"]) > 0} >= set(stage1), entries
+
+        # --live: a row per task of each stage, what it owns per topic
+        lines.wait_for(rf"owns p0, p1, p2, p3 of {inp}; s1-p0, s1-p1, s1-p2 of {rep}; task")
+        for name in stage1:
+            lines.wait_for(rf"^{name}\s+yes\s+running\s+\d+\.\d{{3}}\s+\d+\s+\d+\s.*\s[1-9]\d*$")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    text = lines.text()
+    assert proc.returncode == 0, text
+    final = strip_ansi(text.split("\x1b[J")[-1])  # the last frame: the worker left
+    assert "task events: 7 started, 7 stopped" in final, final
 
 
 def test_the_internal_source_reads_every_committed_record_as_its_own_member() -> None:

@@ -750,10 +750,13 @@ def test_a_task_worker_reports_ownership_and_restore_times_and_serves_its_page(
             time.sleep(0.2)
         assert doc["worker"] == "0"
         assert doc["owned"] == list(range(PARTITIONS)), doc
+        # one stage (no repartitioning): the input topic's partitions
+        assert doc["stages"] == [{"stage": 0, "topic": topic, "owned": list(range(PARTITIONS))}]
         assert [t["state"] for t in doc["tasks"]] == ["running"] * PARTITIONS, doc
         for t in doc["tasks"]:
             assert 0 < t["restore_seconds"] < 60, doc
             assert t["records_in"] > 0, doc
+            assert (t["stage"], t["topic"]) == (0, topic), doc
         assert doc["events"]["started"] == PARTITIONS, doc
         page = _get(ui_url + "/")
         assert "p0, p1, p2, p3" in page, page
@@ -765,7 +768,9 @@ def test_a_task_worker_reports_ownership_and_restore_times_and_serves_its_page(
             _get(ui_url + f"/p{PARTITIONS}/api/flow")
         metrics = _get(metrics_url.group(1))
         assert _series(metrics, "sluiceway_task_owned") == {f"p{p}": 1.0 for p in range(4)}
-        assert 'worker="0"' in metrics.split("sluiceway_task_owned{")[1].split("\n")[0]
+        owned_line = metrics.split("sluiceway_task_owned{")[1].split("\n")[0]
+        assert 'worker="0"' in owned_line
+        assert f'topic="{topic}"' in owned_line, owned_line
         restore = _series(metrics, "sluiceway_task_restore_seconds")
         assert set(restore) == {f"p{p}" for p in range(PARTITIONS)}, metrics
         assert all(0 < v < 60 for v in restore.values()), restore

@@ -37,7 +37,7 @@ import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import sluiceway as sw
 from sluiceway.checkpoint.cli import add_checkpoints_command
@@ -48,6 +48,11 @@ from sluiceway.runtime.handle import hold_signals, take_held_signals
 from sluiceway.scaleout.checks import check_layout, check_scalable, check_tasks, keyed_state
 from sluiceway.scaleout.supervisor import WorkerCommand, supervise, watch_supervisor
 from sluiceway.scaleout.worker import ENV_SUPERVISOR_FD, worker_id
+
+if TYPE_CHECKING:  # a worker of tasks needs Kafka: imported where one runs
+    from sluiceway.scaleout.live import TaskLiveView
+    from sluiceway.scaleout.repartition import StagedTasks
+    from sluiceway.scaleout.tasks import TaskManager, TaskWorker
 
 __all__ = ["CliError", "build_parser", "load_flow", "main"]
 
@@ -733,7 +738,9 @@ def _run_workers(flow: sw.Flow, args: argparse.Namespace) -> int:
     return supervise(_worker_commands(args))
 
 
-async def _task_server(manager: Any, flag: str, port: int, say: Callable[[str], None]) -> None:
+async def _task_server(
+    manager: TaskWorker, flag: str, port: int, say: Callable[[str], None]
+) -> None:
     """Serve this worker's Prometheus metrics (``flag`` --metrics-port) or web view
     (--ui-port) at ``port``, for every task it runs (``say``: where the URL is told)."""
     if flag == "--ui-port":
@@ -768,7 +775,10 @@ async def _task_server(manager: Any, flag: str, port: int, say: Callable[[str], 
 
 
 async def _tasks_main(
-    manager: Any, ports: dict[str, int], forced: list[int], view: Any = None
+    manager: TaskManager | StagedTasks,
+    ports: dict[str, int],
+    forced: list[int],
+    view: TaskLiveView | None = None,
 ) -> Any:
     """Run the task manager with SIGINT/SIGTERM handled (the first stops the tasks at a
     checkpoint, a second, recorded in ``forced``, cancels them), the metrics and the web
@@ -830,7 +840,10 @@ async def _tasks_main(
 
 def _run_tasks(flow: sw.Flow, args: argparse.Namespace) -> int:
     """A worker of a keyed flow: one task per owned Kafka partition, each the flow itself
-    with its own checkpoints in ``--checkpoint-dir``/tasks/p<p> (``sluiceway.scaleout.tasks``)."""
+    with its own checkpoints in ``--checkpoint-dir``/tasks/p<p> (``sluiceway.scaleout.tasks``);
+    with a task manager per stage of a flow that repartitions through Kafka (tasks
+    ``s<n>-p<p>`` too, ``sluiceway.scaleout.repartition``).  --metrics-port, --ui-port and
+    --live show every task of every stage (``sluiceway.scaleout.metrics``, ``.web``, ``.live``)."""
     try:
         check_tasks(flow, checkpoint_dir=args.checkpoint_dir is not None)
         check_layout(args.checkpoint_dir, tasks=True)
@@ -853,17 +866,10 @@ def _run_tasks(flow: sw.Flow, args: argparse.Namespace) -> int:
         if port is not None
     }
     staged = len(stages(flow)) > 1  # repartitions through Kafka: a task manager per stage
-    if staged and (ports or args.live):
-        flag = next(iter(ports)) if ports else "--live"
-        raise CliError(
-            f"{flag} is not built yet for a worker of a flow that repartitions through "
-            "Kafka (docs/scaling.md); leave it out",
-            _EXIT_USAGE,
-        )
     # --live: the worker's tasks in a table on stderr; its own lines scroll above it
     view = TaskLiveView(sys.stderr, worker=worker_id()) if args.live else None
     say = _say if view is None else (lambda text: view.say(f"{_me()}: {text}"))
-    manager: Any
+    manager: TaskManager | StagedTasks
     if staged:
         manager = StagedTasks(flow, spec, on_task=lambda event, name: say(f"task {name} {event}"))
     else:

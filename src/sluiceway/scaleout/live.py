@@ -1,18 +1,23 @@
 """The live terminal view of a worker running a keyed flow as tasks (``run --live``).
 
 It shows what the worker's web page shows (:mod:`sluiceway.scaleout.web`), from the same
-document (:func:`~sluiceway.scaleout.web.tasks_document` of
-:meth:`~sluiceway.scaleout.tasks.TaskManager.status`): the partitions the worker owns, its
+document (:func:`~sluiceway.scaleout.web.tasks_document` of the worker's
+:meth:`~sluiceway.scaleout.tasks.TaskWorker.status`): the partitions the worker owns, its
 task events and restores, and a row per task with its state, restore time, records in and
-out (and their rates) and the entries its operators hold::
+out (and their rates), lag (its sources' backlog: the records of its partitions not read
+yet) and the entries its operators hold::
 
     sluiceway  flow 'spend'  worker 0  t=12.0s
     owns p0, p1, p3; task events: 3 started; restores: 3, 0.412 s on average
 
-    task  owned  state      restore (s)  records in  records out  in/s  out/s  state entries
-    p0    yes    running          0.402       1,204        1,204    98     98            310
-    p1    yes    restoring            -           -            -     -      -              -
-    p3    yes    running          0.431       1,187        1,187   101    101            296
+    task  owned  state      restore (s)  records in  records out  in/s  out/s  lag  state entries
+    p0    yes    running          0.402       1,204        1,204    98     98    0            310
+    p1    yes    restoring            -           -            -     -      -    -              -
+    p3    yes    running          0.431       1,187        1,187   101    101   12            296
+
+A worker of a flow that repartitions through Kafka shows the tasks of every stage
+(``s1-p2`` reads partition 2 of the repartition topic), and what it owns per topic
+(``owns p0, p1 of orders; s1-p2 of spend-by_user-repartition``).
 
 The table is redrawn in place every ``interval`` seconds of the worker's clock; the
 worker's own lines (``task p1 started``) scroll above it (:meth:`TaskLiveView.say`).
@@ -24,10 +29,10 @@ import math
 from typing import TYPE_CHECKING, Any, TextIO
 
 from sluiceway.console import Frames, cut, format_count, format_rate, table
-from sluiceway.scaleout.web import tasks_document
+from sluiceway.scaleout.web import owned_summary, tasks_document
 
 if TYPE_CHECKING:
-    from sluiceway.scaleout.tasks import TaskManager
+    from sluiceway.scaleout.tasks import TaskWorker
 
 __all__ = ["TaskLiveView", "render_tasks"]
 
@@ -56,21 +61,22 @@ def render_tasks(
 ) -> str:
     """The worker's page as text of at most ``width`` columns.
 
-    >>> doc = {"flow": "spend", "worker": "0", "owned": [0, 1], "events": {"started": 2},
+    >>> doc = {"flow": "spend", "worker": "0", "events": {"started": 2},
+    ...        "stages": [{"stage": 0, "topic": "orders", "owned": [0, 1]}],
     ...        "restores": {"count": 1, "total_seconds": 0.25}, "tasks": [
-    ...     {"task": "p0", "partition": 0, "owned": True, "state": "running",
+    ...     {"task": "p0", "stage": 0, "partition": 0, "owned": True, "state": "running",
     ...      "restore_seconds": 0.25, "records_in": 1200, "records_out": 1190,
-    ...      "state_entries": 40},
-    ...     {"task": "p1", "partition": 1, "owned": True, "state": "restoring",
+    ...      "backlog": 3, "state_entries": 40},
+    ...     {"task": "p1", "stage": 0, "partition": 1, "owned": True, "state": "restoring",
     ...      "restore_seconds": None, "records_in": None, "records_out": None,
-    ...      "state_entries": None}]}
+    ...      "backlog": None, "state_entries": None}]}
     >>> print(render_tasks(doc, 100, age=3.0))
     sluiceway  flow 'spend'  worker 0  t=3.0s
     owns p0, p1; task events: 2 started; restores: 1, 0.250 s on average
     <BLANKLINE>
-    task  owned  state      restore (s)  records in  records out  in/s  out/s  state entries
-    p0    yes    running          0.250       1,200        1,190     -      -             40
-    p1    yes    restoring            -           -            -     -      -              -
+    task  owned  state      restore (s)  records in  records out  in/s  out/s  lag  state entries
+    p0    yes    running          0.250       1,200        1,190     -      -    3             40
+    p1    yes    restoring            -           -            -     -      -    -              -
 
     Args:
         doc: the worker's ``/api/tasks`` document (:func:`tasks_document`).
@@ -83,7 +89,7 @@ def render_tasks(
     title = f"sluiceway  flow {doc['flow']!r}  worker {doc['worker'] or '(one)'}"
     if age is not None:
         title += f"  t={age:.1f}s"
-    owned = ", ".join(f"p{p}" for p in doc["owned"]) or "nothing"
+    owned = owned_summary(doc) or "nothing"
     events = ", ".join(f"{n} {e}" for e, n in doc["events"].items()) or "none"
     r = doc["restores"]
     mean = f"{r['total_seconds'] / r['count']:.3f} s on average" if r["count"] else "none yet"
@@ -105,11 +111,12 @@ def render_tasks(
                 _count(t["records_out"]),
                 _rate(t, "records_in", was, seconds),
                 _rate(t, "records_out", was, seconds),
+                _count(t["backlog"]),
                 _count(t["state_entries"]),
             ]
         )
     header = ["task", "owned", "state", "restore (s)", "records in", "records out"]
-    header += ["in/s", "out/s", "state entries"]
+    header += ["in/s", "out/s", "lag", "state entries"]
     lines = [title, f"owns {owned}; task events: {events}; restores: {r['count']}, {mean}"]
     if stopping:
         lines.insert(0, "stopping: every task at a checkpoint (Ctrl-C again to force)")
@@ -150,7 +157,7 @@ class TaskLiveView:
         """A line of the worker's (``task p1 started``), above the frame."""
         self._frames.above(line)
 
-    async def __call__(self, manager: TaskManager) -> None:
+    async def __call__(self, manager: TaskWorker) -> None:
         """Draw a frame every ``interval`` until cancelled; then a last one."""
         clock = manager.clock
         started = clock.monotonic()

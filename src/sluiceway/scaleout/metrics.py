@@ -4,10 +4,14 @@ Each task (one per owned partition, :mod:`sluiceway.scaleout.tasks`) is a run of
 with its own counters.  :class:`TaskExporter` serves all of them on the worker's
 ``--metrics-port``, every series labelled ``task="p<partition>"`` (and ``worker``), the
 series of one family from every task under one ``# TYPE`` line.  A task that stops (its
-partition moved) leaves the scrape; its new owner reports it from there on.
+partition moved) leaves the scrape; its new owner reports it from there on.  A worker of
+a flow that repartitions through Kafka (:class:`~.repartition.StagedTasks`) serves the
+tasks of every stage the same way: stage ``n``'s are ``task="s<n>-p<partition>"``, their
+sources the repartition topic's (its lag in ``sluiceway_source_partition_backlog``).
 
 Beside them, the worker's own series (labels ``flow`` and ``worker``; ``task`` where per
-task): ``sluiceway_task_owned`` (1 per partition the group assigned to this worker),
+task): ``sluiceway_task_owned`` (1 per partition the group assigned to this worker, with
+labels ``topic`` and ``partition``: the stage's input topic),
 ``sluiceway_task_state`` (1 per task, label ``state``: starting, restoring, running,
 stopping), ``sluiceway_task_events_total`` (label ``event``: started, stopped, ended,
 cancelled, fenced, failed), ``sluiceway_task_restore_seconds`` (the last restore time of
@@ -36,7 +40,7 @@ from sluiceway.scaleout.web import serve_worker
 
 if TYPE_CHECKING:
     from sluiceway.runtime.handle import FlowHandle
-    from sluiceway.scaleout.tasks import TaskManager, TaskStatus
+    from sluiceway.scaleout.tasks import TaskStatus, TaskWorker
 
 __all__ = ["TaskCollector", "TaskExporter"]
 
@@ -44,7 +48,7 @@ __all__ = ["TaskCollector", "TaskExporter"]
 class TaskCollector(Collector):
     """Every running task's metric families, merged by name, labelled ``task``."""
 
-    def __init__(self, manager: TaskManager, *, worker: str | None = None) -> None:
+    def __init__(self, manager: TaskWorker, *, worker: str | None = None) -> None:
         self._manager = manager
         self._worker = worker
 
@@ -54,9 +58,9 @@ class TaskCollector(Collector):
         for task in status:
             if task.snapshot is None:
                 continue
-            p, snapshot = task.partition, task.snapshot
+            name, snapshot = task.task, task.snapshot
             for family in metric_families(snapshot, worker=self._worker):
-                samples = [s._replace(labels={**s.labels, "task": f"p{p}"}) for s in family.samples]
+                samples = [s._replace(labels={**s.labels, "task": name}) for s in family.samples]
                 have = merged.get(family.name)
                 if have is None:
                     family.samples = samples
@@ -68,7 +72,7 @@ class TaskCollector(Collector):
 
 
 def worker_families(
-    manager: TaskManager, status: list[TaskStatus], *, worker: str | None = None
+    manager: TaskWorker, status: list[TaskStatus], *, worker: str | None = None
 ) -> list[Metric]:
     """The worker's own series: ownership, task states and events, restore times, state
     size per task (see the module's docstring)."""
@@ -77,8 +81,9 @@ def worker_families(
     names = [] if worker is None else ["worker"]
     owned = GaugeMetricFamily(
         "sluiceway_task_owned",
-        "1 for each partition the consumer group assigned to this worker (its task runs here).",
-        labels=["flow", "task", *names],
+        "1 for each partition the consumer group assigned to this worker (its task runs here), "
+        "of topic: the flow's input, or a repartition topic a later stage reads.",
+        labels=["flow", "task", "topic", "partition", *names],
     )
     state = GaugeMetricFamily(
         "sluiceway_task_state",
@@ -98,9 +103,9 @@ def worker_families(
         labels=["flow", "task", *names],
     )
     for t in status:
-        task = f"p{t.partition}"
+        task = t.task
         if t.owned:
-            owned.add_metric([flow, task, *extra], 1.0)
+            owned.add_metric([flow, task, t.topic, str(t.partition), *extra], 1.0)
         state.add_metric([flow, task, t.state, *extra], 1.0)
         if t.restore_seconds is not None:
             restore.add_metric([flow, task, *extra], t.restore_seconds)
@@ -112,8 +117,9 @@ def worker_families(
         "cancelled, fenced, failed).",
         labels=["flow", "event", *names],
     )
+    counts = manager.events
     for event in ("started", "stopped", "ended", "cancelled", "fenced", "failed"):
-        events.add_metric([flow, event, *extra], manager.events[event])
+        events.add_metric([flow, event, *extra], counts[event])
     r = manager.restores
     duration = HistogramMetricFamily(
         "sluiceway_task_restore_duration_seconds",
@@ -133,7 +139,7 @@ class TaskExporter(PrometheusExporter):
     """``/metrics`` of every task of a worker (see the module's docstring)."""
 
     def __init__(
-        self, manager: TaskManager, port: int, host: str = "127.0.0.1", *, worker: str | None = None
+        self, manager: TaskWorker, port: int, host: str = "127.0.0.1", *, worker: str | None = None
     ) -> None:
         super().__init__(port, host, worker=worker)
         self._manager = manager

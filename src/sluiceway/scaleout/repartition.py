@@ -52,6 +52,7 @@ import itertools
 import json
 import math
 import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -75,7 +76,15 @@ from sluiceway.flow import Flow, Node
 from sluiceway.operators.io import SinkSpec, SourceSpec
 from sluiceway.operators.stateless import KeyBySpec
 from sluiceway.runtime.executor import RunResult
-from sluiceway.scaleout.tasks import TaskManager, TaskSpec, kafka_sources, task_name
+from sluiceway.scaleout.tasks import (
+    RestoreTimes,
+    StageInput,
+    TaskManager,
+    TaskSpec,
+    TaskStatus,
+    kafka_sources,
+    task_name,
+)
 from sluiceway.time import Clock, SystemClock
 
 __all__ = [
@@ -635,6 +644,10 @@ class StagedTasks:
     :meth:`run` creates the repartition topics, then runs every stage's tasks until a
     stop (each stage stops at a checkpoint), until every stage ended, or until one
     fails (the others then stop at a checkpoint, and its error is raised).
+
+    Its monitoring surface is its managers' merged (a
+    :class:`~sluiceway.scaleout.tasks.TaskWorker`, as one manager is): :meth:`status`
+    lists the tasks of every stage, :attr:`events` and :attr:`restores` count them all.
     """
 
     def __init__(
@@ -665,6 +678,24 @@ class StagedTasks:
             )
             for stage in self.plan
         ]
+
+    @property
+    def events(self) -> Counter[str]:
+        """The task events of every stage on this worker so far."""
+        return sum((m.events for m in self.managers), Counter())
+
+    @property
+    def restores(self) -> RestoreTimes:
+        """The restore times of every stage's tasks on this worker."""
+        return RestoreTimes.merged([m.restores for m in self.managers])
+
+    def status(self) -> list[TaskStatus]:
+        """Every task of every stage this worker owns or runs (``p3``, then ``s1-p3``)."""
+        return [t for m in self.managers for t in m.status()]
+
+    def stage_inputs(self) -> list[StageInput]:
+        """Every stage: stage 0 reads the flow's topic, stage ``n`` a repartition topic."""
+        return [i for m in self.managers for i in m.stage_inputs()]
 
     def request_stop(self) -> None:
         for m in self.managers:

@@ -51,7 +51,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import confluent_kafka as ck
 
@@ -71,9 +71,11 @@ from sluiceway.time import Clock, SystemClock
 __all__ = [
     "RESTORE_BUCKETS",
     "RestoreTimes",
+    "StageInput",
     "TaskManager",
     "TaskSpec",
     "TaskStatus",
+    "TaskWorker",
     "check_partitions",
     "kafka_sources",
     "task_dir",
@@ -337,33 +339,47 @@ class RestoreTimes:
     start, the first checkpoint taken).
 
     >>> r = RestoreTimes()
-    >>> r.observe(3, 0.3); r.observe(1, 7.0)
-    >>> r.count, round(r.total, 1), r.last[3], r.buckets[:4]
+    >>> r.observe("p3", 0.3); r.observe("s1-p1", 7.0)
+    >>> r.count, round(r.total, 1), r.last["p3"], r.buckets[:4]
     (2, 7.3, 0.3, [0, 0, 1, 1])
+    >>> RestoreTimes.merged([r, r]).count
+    4
     """
 
     count: int = 0
     total: float = 0.0
     buckets: list[int] = field(default_factory=lambda: [0] * len(RESTORE_BUCKETS))
     """Cumulative: ``buckets[i]`` restores took at most ``RESTORE_BUCKETS[i]`` seconds."""
-    last: dict[int, float] = field(default_factory=dict)
-    """The last restore time of each partition this worker ran a task of."""
+    last: dict[str, float] = field(default_factory=dict)
+    """The last restore time of each task (by name: ``p3``, ``s1-p3``) this worker ran."""
 
-    def observe(self, partition: int, seconds: float) -> None:
+    def observe(self, task: str, seconds: float) -> None:
         self.count += 1
         self.total += seconds
-        self.last[partition] = seconds
+        self.last[task] = seconds
         for i, bound in enumerate(RESTORE_BUCKETS):
             if seconds <= bound:
                 self.buckets[i] += 1
 
+    @classmethod
+    def merged(cls, times: list[RestoreTimes]) -> RestoreTimes:
+        """The restores of several task managers as one worker's (a copy)."""
+        out = cls()
+        for t in times:
+            out.count += t.count
+            out.total += t.total
+            out.buckets = [a + b for a, b in zip(out.buckets, t.buckets, strict=True)]
+            out.last.update(t.last)
+        return out
+
 
 @dataclass(frozen=True, slots=True)
 class TaskStatus:
-    """One partition of a worker: owned and/or with a task here.
+    """One task of a worker: its partition owned and/or its task here.
 
     Attributes:
-        partition: the partition (the task is ``p<partition>``).
+        partition: the partition (the task is ``p<partition>``, ``s<stage>-p<partition>``
+            in sub-topology ``stage`` > 0: :attr:`task`).
         owned: the group assigned it to this worker (False: its task is still stopping
             after a revoke).
         state: ``starting`` (owned, its task not started yet: the previous run here is
@@ -372,6 +388,10 @@ class TaskStatus:
         restore_seconds: the restore time of this run (None while restoring).
         snapshot: the task's metrics (None without a task).
         started_at: the clock's monotonic time the task started (None without a task).
+        stage: the sub-topology of a flow that repartitions through Kafka (0: the one
+            reading the flow's sources, the only one without repartitioning).
+        topic: the topic whose partition this is: the flow's (first) input topic in
+            stage 0, the repartition topic stage ``stage`` reads after it.
     """
 
     partition: int
@@ -380,6 +400,61 @@ class TaskStatus:
     restore_seconds: float | None = None
     snapshot: FlowSnapshot | None = None
     started_at: float | None = None
+    stage: int = 0
+    topic: str = ""
+
+    @property
+    def task(self) -> str:
+        """The task's name: ``p3``, or ``s1-p3`` (:func:`task_name`)."""
+        return task_name(self.partition, self.stage)
+
+
+@dataclass(frozen=True, slots=True)
+class StageInput:
+    """A sub-topology of a worker's flow, as its monitoring shows it.
+
+    Attributes:
+        stage: 0, or ``n`` after the ``n``-th repartition.
+        topic: the topic whose partitions name its tasks (the one its membership
+            consumer subscribes to).
+        flow: the flow each of its tasks runs (its operators: the graph of a task).
+    """
+
+    stage: int
+    topic: str
+    flow: Flow
+
+
+class TaskWorker(Protocol):
+    """What the metrics, the web view and the live view of a worker of a keyed flow read
+    (:mod:`.metrics`, :mod:`.web`, :mod:`.live`): a :class:`TaskManager`, or a
+    :class:`~.repartition.StagedTasks` (one manager per sub-topology, merged)."""
+
+    @property
+    def flow(self) -> Flow:
+        """The flow as its user wrote it (its name labels everything)."""
+        ...
+
+    @property
+    def clock(self) -> Clock: ...
+
+    @property
+    def events(self) -> Counter[str]:
+        """Task events on this worker so far (``started``, ``stopped``, ...)."""
+        ...
+
+    @property
+    def restores(self) -> RestoreTimes:
+        """The restore times of the tasks started on this worker."""
+        ...
+
+    def status(self) -> list[TaskStatus]:
+        """Every task this worker owns or runs, by stage, then partition."""
+        ...
+
+    def stage_inputs(self) -> list[StageInput]:
+        """Every sub-topology of the flow, by stage."""
+        ...
 
 
 @dataclass(eq=False)
@@ -442,6 +517,8 @@ class TaskManager:
         first = sources[0][1]
         self._source = first
         self._lead = sorted(t for _, s in sources for t in s.topics)[0]
+        self.topic = self._lead
+        """The topic whose partitions name the tasks (the membership subscribes to it)."""
         revoke = spec.revoke_timeout
         self.revoke_timeout = first._revoke_timeout if revoke is None else revoke
         if revoke is None and _all_transactional(flow):
@@ -633,7 +710,7 @@ class TaskManager:
         running = await task.handle.wait_running()
         if running is not None:
             task.restore_seconds = max(0.0, running - task.started_at)
-            self.restores.observe(task.partition, task.restore_seconds)
+            self.restores.observe(task_name(task.partition, self.stage), task.restore_seconds)
 
     async def _watch(self, task: _Task) -> None:
         """Wait for task's end; a failure that we did not cause fails the worker."""
@@ -753,11 +830,12 @@ class TaskManager:
     def status(self) -> list[TaskStatus]:
         """Every partition this worker owns or runs a task of, by partition."""
         out = []
+        stage, topic = self.stage, self.topic
         for p in sorted(self.owned | set(self.tasks)):
             task = self.tasks.get(p)
             handle = None if task is None else task.handle
             if task is None or handle is None:
-                out.append(TaskStatus(p, p in self.owned, "starting"))
+                out.append(TaskStatus(p, p in self.owned, "starting", stage=stage, topic=topic))
                 continue
             if task.ending is not None or handle.stopping or p not in self.owned:
                 state = "stopping"
@@ -773,9 +851,15 @@ class TaskManager:
                     task.restore_seconds,
                     handle.metrics(),
                     task.started_at,
+                    stage=stage,
+                    topic=topic,
                 )
             )
         return out
+
+    def stage_inputs(self) -> list[StageInput]:
+        """This manager's sub-topology (:class:`TaskWorker`)."""
+        return [StageInput(self.stage, self.topic, self.flow)]
 
     def snapshots(self) -> dict[int, FlowSnapshot]:
         """Every running task's metrics, by partition."""

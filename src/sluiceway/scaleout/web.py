@@ -1,15 +1,19 @@
 """The web view of a worker running a keyed flow as tasks (``--ui-port``).
 
-One port per worker, served by the web view's own server (:class:`HttpMonitor`):
+One port per worker, served by the web view's own server (:class:`HttpMonitor`), for a
+:class:`~sluiceway.scaleout.tasks.TaskWorker`: a :class:`~.tasks.TaskManager`, or the
+:class:`~.repartition.StagedTasks` of a flow that repartitions through Kafka (its tasks
+``p<N>`` of stage 0 and ``s<n>-p<N>`` of stage ``n``, which reads a repartition topic):
 
-* ``GET /``: this worker's page -- the partitions it owns, and each task's state
-  (starting, restoring, running, stopping), restore time, records in and out and the
-  entries its operators hold, each linking to the task's graph; the page reloads itself
-  every 2 seconds.
+* ``GET /``: this worker's page -- the partitions it owns (of each stage's topic), and
+  each task's state (starting, restoring, running, stopping), restore time, records in
+  and out, lag (its sources' backlog: the records of its partitions not read yet) and
+  the entries its operators hold, each linking to the task's graph; the page reloads
+  itself every 2 seconds.
 * ``GET /api/tasks``: the same as JSON (:func:`tasks_document`).
-* ``GET /p<N>/``: the web view's page (the flow's graph with live numbers) of task
-  ``p<N>``, which polls ``/p<N>/api/flow`` (every task runs the same operators: one
-  layout serves them all).
+* ``GET /<task>/`` (``/p<N>/``, ``/s<n>-p<N>/``): the web view's page (the flow's graph
+  with live numbers) of that task, which polls ``/<task>/api/flow`` (every task of a
+  stage runs the same operators: one layout per stage serves them all).
 
 Nothing here runs per record: a request reads the tasks' counters of that moment.
 """
@@ -30,54 +34,93 @@ from sluiceway.metrics.web_graph import FlowGraph
 
 if TYPE_CHECKING:
     from sluiceway.runtime.handle import FlowHandle
-    from sluiceway.scaleout.tasks import TaskManager, TaskStatus
+    from sluiceway.scaleout.tasks import TaskStatus, TaskWorker
 
-__all__ = ["TaskWebView", "tasks_document"]
+__all__ = ["TaskWebView", "owned_summary", "tasks_document"]
 
-_TASK = re.compile(r"/p(\d+)(/.*)")
+_TASK = re.compile(r"/((?:s\d+-)?p\d+)(/.*)")
 _RATE_EVERY = 1.0  # seconds of the clock between the two snapshots rates are taken from
 
 
-def _totals(snapshot: FlowSnapshot | None) -> tuple[int | None, int | None, int | None]:
-    """Records in (from the sources), out (into the sinks), entries held."""
+def _totals(snapshot: FlowSnapshot | None) -> dict[str, int | None]:
+    """Records in (from the sources), out (into the sinks), backlog (the sources' unread
+    input, where they know it), entries held."""
     if snapshot is None:
-        return None, None, None
+        return dict.fromkeys(("records_in", "records_out", "backlog", "state_entries"))
     ops = snapshot.operators
-    return (
-        sum(o.records_out for o in ops if o.kind == "source"),
-        sum(o.records_in for o in ops if o.kind == "sink"),
-        sum(o.state for o in ops),
-    )
+    backlogs = [o.backlog for o in ops if o.kind == "source" and o.backlog is not None]
+    return {
+        "records_in": sum(o.records_out for o in ops if o.kind == "source"),
+        "records_out": sum(o.records_in for o in ops if o.kind == "sink"),
+        "backlog": sum(backlogs) if backlogs else None,
+        "state_entries": sum(o.state for o in ops),
+    }
 
 
 def tasks_document(
-    manager: TaskManager, status: list[TaskStatus], worker: str | None
+    manager: TaskWorker, status: list[TaskStatus], worker: str | None
 ) -> dict[str, Any]:
-    """The ``/api/tasks`` document of a worker (``status``: :meth:`TaskManager.status`)."""
-    tasks = []
-    for t in status:
-        records_in, records_out, entries = _totals(t.snapshot)
-        tasks.append(
-            {
-                "task": f"p{t.partition}",
-                "partition": t.partition,
-                "owned": t.owned,
-                "state": t.state,
-                "restore_seconds": t.restore_seconds,
-                "records_in": records_in,
-                "records_out": records_out,
-                "state_entries": entries,
-            }
-        )
+    """The ``/api/tasks`` document of a worker (``status``: its ``status()``).
+
+    ``owned`` lists the partitions of stage 0 (the flow's input topic) this worker owns;
+    ``stages`` each stage's topic and owned partitions (one entry without repartitioning).
+    """
+    tasks = [
+        {
+            "task": t.task,
+            "stage": t.stage,
+            "topic": t.topic,
+            "partition": t.partition,
+            "owned": t.owned,
+            "state": t.state,
+            "restore_seconds": t.restore_seconds,
+            **_totals(t.snapshot),
+        }
+        for t in status
+    ]
+    stages = [
+        {
+            "stage": i.stage,
+            "topic": i.topic,
+            "owned": sorted(t.partition for t in status if t.stage == i.stage and t.owned),
+        }
+        for i in manager.stage_inputs()
+    ]
     r = manager.restores
+    events = manager.events
     return {
         "flow": manager.flow.name,
         "worker": worker,
-        "owned": sorted(manager.owned),
+        "owned": stages[0]["owned"],
+        "stages": stages,
         "tasks": tasks,
-        "events": {e: manager.events[e] for e in sorted(manager.events)},
+        "events": {e: events[e] for e in sorted(events)},
         "restores": {"count": r.count, "total_seconds": r.total},
     }
+
+
+def owned_summary(doc: dict[str, Any]) -> str:
+    """What the worker of ``doc`` (:func:`tasks_document`) owns, as its page and live
+    view say it: the tasks of its owned partitions, each stage's topic named when the
+    flow has several ("" for nothing).
+
+    >>> def task(name, stage): return {"task": name, "stage": stage, "owned": True}
+    >>> one = {"stages": [{"stage": 0, "topic": "in"}], "tasks": [task("p0", 0)]}
+    >>> owned_summary(one)
+    'p0'
+    >>> two = {"stages": [*one["stages"], {"stage": 1, "topic": "t-rep"}],
+    ...        "tasks": [task("p0", 0), task("p2", 0), task("s1-p1", 1)]}
+    >>> owned_summary(two)
+    'p0, p2 of in; s1-p1 of t-rep'
+    """
+    stages = doc["stages"]
+    parts = []
+    for st in stages:
+        names = [t["task"] for t in doc["tasks"] if t["stage"] == st["stage"] and t["owned"]]
+        if names:
+            listed = ", ".join(names)
+            parts.append(listed if len(stages) == 1 else f"{listed} of {st['topic']}")
+    return "; ".join(parts)
 
 
 def _cell(value: object, digits: int = 0) -> str:
@@ -90,7 +133,7 @@ def _cell(value: object, digits: int = 0) -> str:
 
 def _page(doc: dict[str, Any]) -> bytes:
     title = f"flow {doc['flow']!r}, worker {doc['worker'] or '(one)'}"
-    owned = ", ".join(f"p{p}" for p in doc["owned"]) or "none (yet)"
+    owned = owned_summary(doc) or "none (yet)"
     rows = []
     for t in doc["tasks"]:
         name = html.escape(t["task"])
@@ -100,7 +143,8 @@ def _page(doc: dict[str, Any]) -> bytes:
             f"<td>{'yes' if t['owned'] else 'no (leaving)'}</td>"
             f"<td>{html.escape(t['state'])}</td>"
             f"<td>{_cell(t['restore_seconds'], 3)}</td><td>{_cell(t['records_in'])}</td>"
-            f"<td>{_cell(t['records_out'])}</td><td>{_cell(t['state_entries'])}</td></tr>"
+            f"<td>{_cell(t['records_out'])}</td><td>{_cell(t['backlog'])}</td>"
+            f"<td>{_cell(t['state_entries'])}</td></tr>"
         )
     events = ", ".join(f"{n} {e}" for e, n in doc["events"].items()) or "none"
     r = doc["restores"]
@@ -119,7 +163,7 @@ tr.restoring td, tr.starting td {{ color: #a60; }} tr.stopping td {{ color: #888
 <p>Owns partitions: <b id="owned">{html.escape(owned)}</b>. Task events: {html.escape(events)}.
 Restores: {r["count"]}, {mean}. The data: <a href="api/tasks">/api/tasks</a>.</p>
 <table><thead><tr><th>task</th><th>owned</th><th>state</th><th>restore (s)</th>
-<th>records in</th><th>records out</th><th>state entries</th></tr></thead>
+<th>records in</th><th>records out</th><th>lag</th><th>state entries</th></tr></thead>
 <tbody>
 {chr(10).join(rows)}
 </tbody></table></body></html>
@@ -130,7 +174,7 @@ Restores: {r["count"]}, {mean}. The data: <a href="api/tasks">/api/tasks</a>.</p
 class _WorkerHandle:
     """What the HTTP server needs of a flow's handle, for a whole worker."""
 
-    def __init__(self, manager: TaskManager, ended: asyncio.Future[Any]) -> None:
+    def __init__(self, manager: TaskWorker, ended: asyncio.Future[Any]) -> None:
         self.flow = manager.flow
         self.clock = manager.clock
         self._ended = ended
@@ -139,7 +183,7 @@ class _WorkerHandle:
         await asyncio.shield(self._ended)
 
 
-async def serve_worker(server: HttpMonitor, manager: TaskManager) -> None:
+async def serve_worker(server: HttpMonitor, manager: TaskWorker) -> None:
     """Serve ``server`` for the whole worker ``manager`` runs, until cancelled."""
     forever: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
     await server(cast("FlowHandle", _WorkerHandle(manager, forever)))
@@ -153,18 +197,18 @@ class TaskWebView(HttpMonitor):
     extra_headers = "Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n"
 
     def __init__(
-        self, manager: TaskManager, port: int, host: str = "127.0.0.1", *, worker: str | None = None
+        self, manager: TaskWorker, port: int, host: str = "127.0.0.1", *, worker: str | None = None
     ) -> None:
         super().__init__(port, host)
         self._manager = manager
         self._worker = worker
-        self._graph: FlowGraph | None = None
+        self._graphs: dict[int, FlowGraph] = {}  # by stage: its tasks run one flow
         self._html = b""
-        # (partition, task start) -> the two snapshots rates are taken from
-        self._samples: dict[tuple[int, float], tuple[FlowSnapshot | None, FlowSnapshot]] = {}
+        # (task, task start) -> the two snapshots rates are taken from
+        self._samples: dict[tuple[str, float], tuple[FlowSnapshot | None, FlowSnapshot]] = {}
 
     def _start(self, handle: FlowHandle) -> None:
-        self._graph = flow_graph(self._manager.flow)
+        self._graphs = {i.stage: flow_graph(i.flow) for i in self._manager.stage_inputs()}
         self._html = page()
 
     async def serve(self) -> None:
@@ -186,30 +230,29 @@ class TaskWebView(HttpMonitor):
                 HTTPStatus.NOT_FOUND,
                 PLAIN,
                 b"not found; this worker's tasks are at /, their data at /api/tasks, the "
-                b"graph of task p<N> at /p<N>/\n",
+                b"graph of task p<N> (s<n>-p<N> in stage n) at /p<N>/ (/s<n>-p<N>/)\n",
             )
-        p = int(m.group(1))
-        task = next((t for t in status if t.partition == p and t.snapshot is not None), None)
+        name = m.group(1)
+        task = next((t for t in status if t.task == name and t.snapshot is not None), None)
         if task is None or task.snapshot is None:
-            here = ", ".join(f"p{t.partition}" for t in status if t.snapshot) or "none"
-            message = f"task p{p} does not run on this worker (its tasks: {here})\n"
+            here = ", ".join(t.task for t in status if t.snapshot) or "none"
+            message = f"task {name} does not run on this worker (its tasks: {here})\n"
             return HTTPStatus.NOT_FOUND, PLAIN, message.encode()
         if m.group(2) != "/api/flow":
             return HTTPStatus.OK, "text/html; charset=utf-8", self._html
-        assert self._graph is not None
         assert task.started_at is not None
         now = task.snapshot
-        key = (p, task.started_at)
+        key = (name, task.started_at)
         previous, latest = self._samples.get(key, (None, now))
         if now.time - latest.time >= _RATE_EVERY:
             previous, latest = latest, now
-        self._samples = {k: v for k, v in self._samples.items() if k[0] != p}
+        self._samples = {k: v for k, v in self._samples.items() if k[0] != name}
         self._samples[key] = (previous, latest)
         rates = over = None
         if previous is not None and latest.time > previous.time:
             rates, over = latest.rates_since(previous), latest.time - previous.time
         document = flow_state(
-            self._graph,
+            self._graphs[task.stage],
             now,
             rates,
             rates_over=over,
