@@ -46,6 +46,7 @@ import sluiceway as sw  # noqa: E402
 from sluiceway.checkpoint.keys import CheckpointKey, KeyRing  # noqa: E402
 from sluiceway.connectors.kafka import KafkaSink, KafkaSource  # noqa: E402
 from sluiceway.console import strip_ansi  # noqa: E402
+from sluiceway.core.contract import SinkContext  # noqa: E402
 from sluiceway.scaleout.checks import check_tasks  # noqa: E402
 from sluiceway.scaleout.repartition import (  # noqa: E402
     RepartitionSink,
@@ -280,6 +281,28 @@ def test_a_flow_is_split_at_each_unpartitioned_key_by() -> None:
     assert copy._tid_arg == "t-s2-p3"
     assert task_dir("ck", 3, 2).endswith("tasks/s2-p3")
     assert task_dir("ck", 3).endswith("tasks/p3")
+
+
+def test_a_tasks_default_transactional_id_names_its_consumer_group() -> None:
+    """Two deployments of one flow under different groups on one cluster (staging and
+    production) must not fence each other's tasks: the default id of a task's sink is
+    sluiceway.<group>.<flow>.<sink>-p<p> (-s<n>-p<p> in stage n); a flow in one process
+    keeps sluiceway.<flow>.<sink>."""
+    clock = sw.VirtualClock()
+
+    def tid(sink: KafkaSink, *sources: sw.sources.Source) -> str:
+        return sink._default_tid(SinkContext("spend", "out", clock, True, sources=sources))
+
+    sink = KafkaSink("127.0.0.1:1", "out", exactly_once=True)
+    staging = KafkaSource("127.0.0.1:1", ["in"], group="spend-staging")
+    production = KafkaSource("127.0.0.1:1", ["in"], group="spend-prod")
+    assert tid(sink.for_task(3), staging.for_task(3)) == "sluiceway.spend-staging.spend.out-p3"
+    assert tid(sink.for_task(3), production.for_task(3)) == "sluiceway.spend-prod.spend.out-p3"
+    assert (
+        tid(sink.for_task(1, stage=1), production.for_task(1, stage=1))
+        == "sluiceway.spend-prod.spend.out-s1-p1"
+    )
+    assert tid(sink, production) == "sluiceway.spend.out"  # one process: as before
 
 
 def test_repartitioning_is_refused_where_it_cannot_serve() -> None:

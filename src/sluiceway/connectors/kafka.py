@@ -1417,8 +1417,10 @@ class KafkaSink(Sink):
             consumed offsets commit in the same transaction.  Readers see the output
             exactly once with ``isolation.level=read_committed``.
         transactional_id: the producer's ``transactional.id`` (default
-            ``"sluiceway.<flow>.<operator>"``).  It must be the same across restarts of
-            one flow and differ between flows (and workers) running at the same time.
+            ``"sluiceway.<flow>.<operator>"``; in a task of a flow on several workers
+            ``"sluiceway.<group>.<flow>.<operator>-p<p>"``).  It must be the same across
+            restarts of one flow and differ between flows (and workers) running at the
+            same time.  A restart from a checkpoint goes on with the id it recorded.
         config: any librdkafka producer option; overrides the connector's defaults.
         tls, sasl: as for ``sw.sources.Kafka`` (a refused handshake or login fails the
             write with :class:`KafkaSinkError`).
@@ -1515,6 +1517,17 @@ class KafkaSink(Sink):
             copy._tid_suffix = suffix
         return copy
 
+    def _default_tid(self, ctx: SinkContext) -> str:
+        """``sluiceway.<flow>.<operator>``; for a task's copy (:meth:`for_task`)
+        ``sluiceway.<group>.<flow>.<operator>-p<p>``, the group of the flow's Kafka source
+        in it -- the application's name, as Kafka Streams' ``<application.id>-<task>``: two
+        deployments of one flow under different groups (staging and production on one
+        cluster) would otherwise fence each other's tasks."""
+        groups = [s.group for s in ctx.sources if isinstance(s, KafkaSource)]
+        if self._tid_suffix and groups:
+            return f"sluiceway.{groups[0]}.{ctx.flow}.{ctx.name}{self._tid_suffix}"
+        return f"sluiceway.{ctx.flow}.{ctx.name}{self._tid_suffix}"
+
     def _fresh(self) -> KafkaSink:
         """A new, unopened sink with this one's arguments (a subclass keeps its own)."""
         return KafkaSink(**self._init_args)
@@ -1554,9 +1567,7 @@ class KafkaSink(Sink):
                 f"{self._errors.what}: exactly_once=True needs checkpoints (one transaction "
                 "per checkpoint epoch); run the flow with checkpoints=sw.Checkpoints(...)"
             )
-        self._tid = (
-            self._tid or self._tid_arg or f"sluiceway.{ctx.flow}.{ctx.name}{self._tid_suffix}"
-        )
+        self._tid = self._tid or self._tid_arg or self._default_tid(ctx)
         self._prepared = asyncio.Event()
         self._prepared.set()
         self._closed = False
