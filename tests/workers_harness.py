@@ -88,14 +88,17 @@ def alive(pid: int) -> bool:
 
 class Workers:
     """Worker processes of ``target`` (``path:function``) started by hand, each in a working
-    directory of its own, sharing one checkpoint directory (``<root>/checkpoints``), with
-    ``args`` after it; stderr to ``<root>/worker-<id>/stderr.log``."""
+    directory of its own, sharing one checkpoint directory (``<root>/checkpoints``; none
+    with ``checkpoints=False``), with ``args`` after it; stderr to
+    ``<root>/worker-<id>/stderr.log``."""
 
-    def __init__(self, root: Path, env: dict[str, str], target: str, *args: str) -> None:
+    def __init__(
+        self, root: Path, env: dict[str, str], target: str, *args: str, checkpoints: bool = True
+    ) -> None:
         self.root = root
         self.env = env
         self.target = target
-        self.args = args
+        self.args = ("--checkpoint-dir", str(root / "checkpoints"), *args) if checkpoints else args
         self.checkpoints = root / "checkpoints"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -104,7 +107,7 @@ class Workers:
         work.mkdir()
         with (work / "stderr.log").open("wb") as err:
             self.procs[wid] = subprocess.Popen(
-                run_cmd(self.target, "--checkpoint-dir", str(self.checkpoints), *self.args),
+                run_cmd(self.target, *self.args),
                 cwd=work,
                 env={**self.env, "SLUICEWAY_WORKER_ID": wid},
                 stdout=subprocess.DEVNULL,

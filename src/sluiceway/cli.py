@@ -45,7 +45,13 @@ from sluiceway.console import LiveView, format_count
 from sluiceway.errors import CliError
 from sluiceway.plan import plan as make_plan
 from sluiceway.runtime.handle import hold_signals, take_held_signals
-from sluiceway.scaleout.checks import check_layout, check_scalable, check_tasks, keyed_state
+from sluiceway.scaleout.checks import (
+    check_layout,
+    check_scalable,
+    check_tasks,
+    keyed_state,
+    runs_as_tasks,
+)
 from sluiceway.scaleout.supervisor import WorkerCommand, supervise, watch_supervisor
 from sluiceway.scaleout.worker import ENV_SUPERVISOR_FD, worker_id
 
@@ -208,7 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_float,
         default=None,
         metavar="S",
-        help="seconds between checkpoints (default: 5; needs --checkpoint-dir)",
+        help="seconds between checkpoints (default: 5; needs --checkpoint-dir, except for "
+        "a worker of a stateless flow whose sinks are all exactly-once Kafka sinks: the "
+        "seconds between its transactions)",
     )
     run.add_argument(
         "--workers",
@@ -726,15 +734,17 @@ def _run_workers(flow: sw.Flow, args: argparse.Namespace) -> int:
                 f"{port + args.workers - 1}, past {_MAX_PORT}; choose a lower port or 0",
                 _EXIT_USAGE,
             )
-    if args.checkpoint_interval is not None and args.checkpoint_dir is None:
-        raise CliError("--checkpoint-interval needs --checkpoint-dir DIR", _EXIT_USAGE)
     try:
-        if check_scalable(flow, args.workers, checkpoint_dir=args.checkpoint_dir is not None):
+        tasks = check_scalable(flow, args.workers, checkpoint_dir=args.checkpoint_dir is not None)
+        if tasks and args.checkpoint_dir is not None:
             check_layout(args.checkpoint_dir, tasks=True)
     except (sw.FlowDefinitionError, sw.CheckpointError) as exc:  # PG unreachable
         raise CliError(
             f"cannot run {args.target} on {args.workers} workers: {exc}", _EXIT_FAILED
         ) from exc
+    # (a stateless exactly-once flow's tasks take the interval of their transactions)
+    if args.checkpoint_interval is not None and args.checkpoint_dir is None and not tasks:
+        raise CliError("--checkpoint-interval needs --checkpoint-dir DIR", _EXIT_USAGE)
     return supervise(_worker_commands(args))
 
 
@@ -843,10 +853,12 @@ def _run_tasks(flow: sw.Flow, args: argparse.Namespace) -> int:
     with its own checkpoints in ``--checkpoint-dir``/tasks/p<p> (``sluiceway.scaleout.tasks``);
     with a task manager per stage of a flow that repartitions through Kafka (tasks
     ``s<n>-p<p>`` too, ``sluiceway.scaleout.repartition``).  --metrics-port, --ui-port and
-    --live show every task of every stage (``sluiceway.scaleout.metrics``, ``.web``, ``.live``)."""
+    --live show every task of every stage (``sluiceway.scaleout.metrics``, ``.web``, ``.live``).
+    A stateless exactly-once flow runs as the same tasks, without a checkpoint directory."""
     try:
         check_tasks(flow, checkpoint_dir=args.checkpoint_dir is not None)
-        check_layout(args.checkpoint_dir, tasks=True)
+        if args.checkpoint_dir is not None:
+            check_layout(args.checkpoint_dir, tasks=True)
     except (sw.FlowDefinitionError, sw.CheckpointError) as exc:  # PG unreachable
         raise CliError(f"cannot run {args.target} as a worker: {exc}", _EXIT_FAILED) from exc
     from sluiceway.scaleout.live import TaskLiveView  # noqa: PLC0415 - a worker of tasks
@@ -865,7 +877,8 @@ def _run_tasks(flow: sw.Flow, args: argparse.Namespace) -> int:
         for flag, port in (("--metrics-port", args.metrics_port), ("--ui-port", args.ui_port))
         if port is not None
     }
-    staged = len(stages(flow)) > 1  # repartitions through Kafka: a task manager per stage
+    # repartitions through Kafka (for keyed state only): a task manager per stage
+    staged = bool(keyed_state(flow)) and len(stages(flow)) > 1
     # --live: the worker's tasks in a table on stderr; its own lines scroll above it
     view = TaskLiveView(sys.stderr, worker=worker_id()) if args.live else None
     say = _say if view is None else (lambda text: view.say(f"{_me()}: {text}"))
@@ -904,7 +917,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.workers > 1:
         return _run_workers(flow, args)
     watch_supervisor()  # a worker of --workers: stop when the supervisor is gone
-    if worker_id() is not None and keyed_state(flow):
+    if worker_id() is not None and runs_as_tasks(flow):
         return _run_tasks(flow, args)
     monitors: list[sw.Monitor] = []
     if args.live:

@@ -1,4 +1,5 @@
-"""Keyed flows on several workers: one **task** per source partition, moving with it.
+"""Keyed flows -- and stateless exactly-once ones -- on several workers: one **task** per
+source partition, moving with it.
 
 A task is the flow itself -- the same operators, the same plan and executor, the same
 checkpoints and exactly-once protocol as one process -- restricted to partition ``p`` of
@@ -14,7 +15,13 @@ moves between workers by stopping its task on one and starting it on the other:
   fences a zombie and aborts what it left open.  A sink that cannot be copied per task
   (a file, a list in memory) is refused.
 * **Own checkpoints**: ``<checkpoint-dir>/tasks/p<p>``, in a directory every worker
-  reaches (one machine, or a shared volume): the next owner restores from it.
+  reaches (one machine, or a shared volume): the next owner restores from it.  A
+  stateless flow whose sinks are all exactly-once Kafka sinks
+  (:func:`~sluiceway.scaleout.checks.exactly_once_kafka`) has nothing to restore but its
+  input offsets, and those commit in the transaction of its output: its tasks run
+  without a checkpoint directory (``TaskSpec(None)``), each run checkpointing into a
+  private store of its own that is deleted when it ends, and starting from the offsets
+  the group committed -- in the previous owner's last committed transaction.
 * **Membership**: one consumer per worker (:class:`TaskManager`) is the member of the
   flow's consumer group.  It subscribes to the flow's first topic (its partitions name
   the tasks; the others are co-partitioned), never hands out a record (what it is given
@@ -47,6 +54,8 @@ import copy
 import dataclasses
 import logging
 import os
+import shutil
+import tempfile
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -66,6 +75,7 @@ from sluiceway.policies import DeadLetter, Retry
 from sluiceway.runtime.checkpointing import Checkpoints
 from sluiceway.runtime.executor import RunResult
 from sluiceway.runtime.handle import FlowHandle, start
+from sluiceway.scaleout.checks import every_sink, exactly_once_kafka, keyed_state
 from sluiceway.time import Clock, SystemClock
 
 __all__ = [
@@ -287,7 +297,10 @@ class TaskSpec:
 
     Attributes:
         checkpoint_dir: the checkpoint directory shared by the workers; task ``p`` keeps
-            its checkpoints in ``<checkpoint_dir>/tasks/p<p>``.
+            its checkpoints in ``<checkpoint_dir>/tasks/p<p>``.  None, for a stateless
+            flow whose sinks are all exactly-once Kafka sinks only: each run of a task
+            checkpoints into a private temporary store, deleted when it ends, and starts
+            from the offsets its group committed (in the output's transactions).
         checkpoint_interval: seconds between two checkpoints of a task.
         grace_period: seconds a task's stop may take before it is cancelled.
         max_batch_size: the most records a task's source is asked for at once.
@@ -299,7 +312,7 @@ class TaskSpec:
             behind, and redoing an interval costs less than its next owner waiting.
     """
 
-    checkpoint_dir: str
+    checkpoint_dir: str | None
     checkpoint_interval: float = 5.0
     grace_period: float = 10.0
     max_batch_size: int = 1024
@@ -314,16 +327,7 @@ def _all_transactional(flow: Flow) -> bool:
     """Does every sink of ``flow``, dead-letter sinks included, write in Kafka
     transactions (so that a task cancelled mid-interval leaves nothing a
     ``read_committed`` reader sees)?"""
-    sinks: list[Any] = []
-    for node in flow.nodes:
-        spec = node.spec
-        if isinstance(spec, SinkSpec):
-            sinks.append(spec.sink)
-        policy = getattr(spec, "on_error", None)
-        if isinstance(policy, Retry):
-            policy = policy.then
-        if isinstance(policy, DeadLetter):
-            sinks.append(policy.sink)
+    sinks = every_sink(flow)
     return bool(sinks) and all(getattr(s, "exactly_once", False) is True for s in sinks)
 
 
@@ -463,6 +467,7 @@ class _Task:
     started_at: float = 0.0  # the clock's monotonic time at the task's start
     restore_seconds: float | None = None
     handle: FlowHandle | None = None
+    private: str | None = None  # its own checkpoint store, deleted at its end (no dir)
     runner: asyncio.Task[None] | None = None
     ending: str | None = None  # "stop" (graceful) or "cancel" (lost), set by us
     result: RunResult | None = None
@@ -478,7 +483,8 @@ class _Handover:
 
 
 class TaskManager:
-    """Runs a keyed flow as one task per owned partition, on one worker.
+    """Runs a keyed flow (or a stateless exactly-once one) as one task per owned
+    partition, on one worker.
 
     Args:
         flow: the flow (its sources all Kafka, of one group; its sinks copyable).
@@ -509,6 +515,18 @@ class TaskManager:
         sources = kafka_sources(flow)
         # every sink can be copied: refuse now, not at the first task
         task_flow(flow, 0, stage=stage)
+        if spec.checkpoint_dir is None and (keyed_state(flow) or not exactly_once_kafka(flow)):
+            why = (
+                "keeps keyed state"
+                if keyed_state(flow)
+                else "writes to a sink that is not an exactly-once Kafka sink"
+            )
+            raise FlowDefinitionError(
+                f"flow {flow.name!r} {why}: its tasks need a checkpoint directory every "
+                "worker reaches (TaskSpec(checkpoint_dir)); only a stateless flow whose "
+                "sinks are all exactly-once Kafka sinks goes on from the offsets its "
+                "transactions committed"
+            )
         self.stage = stage
         self.flow = flow
         self.spec = spec
@@ -548,6 +566,7 @@ class TaskManager:
         self._ended: set[int] = set()  # partitions whose last task ended by itself
         self._polling: asyncio.Future[None] | None = None
         self._polled = asyncio.Event()  # set after each poll of the membership consumer
+        self._private_root: str | None = None  # the tasks' private stores (no checkpoint dir)
 
     # -- membership (librdkafka calls these inside a poll, in its thread) ------------
 
@@ -688,15 +707,30 @@ class TaskManager:
                 node.spec.source.commit_through = self._commit_through
         spec = self.spec
         task = self.tasks[p] = _Task(p, started_at=self.clock.monotonic())
-        task.handle = start(
-            flow,
-            clock=self.clock,
-            grace_period=spec.grace_period,
-            max_batch_size=spec.max_batch_size,
-            checkpoints=Checkpoints(
-                task_dir(spec.checkpoint_dir, p, self.stage), interval=spec.checkpoint_interval
-            ),
-        )
+        if spec.checkpoint_dir is None:
+            # Nothing to restore: the run starts from the group's committed offsets, which
+            # the previous owner's last committed transaction wrote with its output.  A
+            # store kept from an earlier run here would hold older positions.
+            if self._private_root is None:  # one per worker: what a crash leaves is in it
+                self._private_root = tempfile.mkdtemp(prefix=f"sluiceway-{self.flow.name}-")
+            task.private = tempfile.mkdtemp(
+                prefix=f"{task_name(p, self.stage)}-", dir=self._private_root
+            )
+            location = task.private
+        else:
+            location = task_dir(spec.checkpoint_dir, p, self.stage)
+        try:
+            task.handle = start(
+                flow,
+                clock=self.clock,
+                grace_period=spec.grace_period,
+                max_batch_size=spec.max_batch_size,
+                checkpoints=Checkpoints(location, interval=spec.checkpoint_interval),
+            )
+        except BaseException:
+            del self.tasks[p]
+            _discard(task)
+            raise
         self.ran += 1
         self._ended.discard(p)
         self._say("started", p)
@@ -752,6 +786,7 @@ class TaskManager:
                 self._fail(exc)
             self._say("fenced" if _fenced(exc) and task.ending != "cancel" else "failed", p)
         finally:
+            _discard(task)
             task.done.set()
             if self.tasks.get(p) is task:
                 del self.tasks[p]
@@ -910,6 +945,9 @@ class TaskManager:
             consumer, self._consumer = self._consumer, None
             if consumer is not None:  # a failure on the way: leave without committing
                 await clock.run_in_thread(consumer.close)
+            if self._private_root is not None and not self.tasks:
+                shutil.rmtree(self._private_root, ignore_errors=True)  # a temporary directory
+                self._private_root = None
         if self._failure is not None:
             raise self._failure
         return dict(self.results)
@@ -968,6 +1006,13 @@ def _fenced(exc: BaseException) -> bool:
                 return True
         at = at.__cause__ or at.__context__
     return False
+
+
+def _discard(task: _Task) -> None:
+    """Delete the private checkpoint store of a task's run that has ended."""
+    if task.private is not None:
+        shutil.rmtree(task.private, ignore_errors=True)  # a temporary directory
+        task.private = None
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:
