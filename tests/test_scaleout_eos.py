@@ -35,11 +35,8 @@ import_or_missing("confluent_kafka")
 import sluiceway as sw  # noqa: E402
 from sluiceway import cli  # noqa: E402
 from sluiceway.connectors.kafka import KafkaSink, KafkaSource  # noqa: E402
-from sluiceway.scaleout.checks import (  # noqa: E402
-    check_scalable,
-    exactly_once_kafka,
-    runs_as_tasks,
-)
+from sluiceway.scaleout.checks import check_scalable  # noqa: E402
+from sluiceway.scaleout.kinds import exactly_once_kafka, runs_as_tasks  # noqa: E402
 from sluiceway.scaleout.tasks import TaskManager, TaskSpec  # noqa: E402
 from sluiceway.scaleout.worker import ENV_WORKER_ID  # noqa: E402
 

@@ -2,6 +2,8 @@
 
 * :mod:`~sluiceway.scaleout.worker` -- this process's worker identity (``worker_id()``),
   set by ``sluiceway run --workers N`` or by hand (``SLUICEWAY_WORKER_ID``).
+* :mod:`~sluiceway.scaleout.kinds` -- what kind of flow a worker runs: keyed state, or
+  Kafka to Kafka exactly once (one task per partition), or a plain group member.
 * :mod:`~sluiceway.scaleout.checks` -- which flows can run on several workers, and the
   error (naming the fix) for those that cannot.
 * :mod:`~sluiceway.scaleout.supervisor` -- ``--workers N``: start N worker processes,

@@ -19,7 +19,8 @@ state is where its records are.  That means (see docs/scaling.md):
   store would overwrite each other's positions (its Kafka source commits offsets to the
   group once the sinks wrote the records);
 * a stateless flow whose sources are all Kafka and whose sinks (dead-letter sinks
-  included) are all exactly-once Kafka sinks (:func:`exactly_once_kafka`) runs as tasks
+  included) are all exactly-once Kafka sinks
+  (:func:`~sluiceway.scaleout.kinds.exactly_once_kafka`) runs as tasks
   too, for exactly-once output across moves and crashes: each task's consumed offsets
   commit in the transaction that holds its output, so the group's committed offset is
   all a task needs to start from -- no checkpoint directory (refused: nothing in it
@@ -39,25 +40,18 @@ from sluiceway.checkpoint.store import CheckpointStore, is_url
 from sluiceway.core.contract import Source
 from sluiceway.errors import FlowDefinitionError
 from sluiceway.flow import Flow
-from sluiceway.joins.base import JoinSpec
-from sluiceway.operators.io import SinkSpec, SourceSpec
-from sluiceway.operators.keyed_state import KeyedProcessSpec
+from sluiceway.operators.io import SourceSpec
 from sluiceway.operators.stateless import KeyBySpec
-from sluiceway.policies import DeadLetter, Retry
-from sluiceway.windows.operator import WindowSpec
+from sluiceway.scaleout.kinds import keyed_state, runs_as_tasks
 
 __all__ = [
     "check_layout",
     "check_scalable",
     "check_tasks",
-    "every_sink",
-    "exactly_once_kafka",
     "keyed_state",
     "runs_as_tasks",
     "shares_work",
 ]
-
-_KEYED_STATE = (WindowSpec, JoinSpec, KeyedProcessSpec)
 
 
 def shares_work(source: Source) -> bool:
@@ -78,56 +72,6 @@ def shares_work(source: Source) -> bool:
     }
 
 
-def keyed_state(flow: Flow) -> list[str]:
-    """The operators of ``flow`` that keep keyed state (described for messages)."""
-    return [node.describe() for node in flow.nodes if isinstance(node.spec, _KEYED_STATE)]
-
-
-def every_sink(flow: Flow) -> list[object]:
-    """Every sink of ``flow``, dead-letter sinks (of ``DeadLetter`` and ``Retry(then=
-    DeadLetter)`` error policies) included."""
-    sinks: list[object] = []
-    for node in flow.nodes:
-        spec = node.spec
-        if isinstance(spec, SinkSpec):
-            sinks.append(spec.sink)
-        policy = getattr(spec, "on_error", None)
-        if isinstance(policy, Retry):
-            policy = policy.then
-        if isinstance(policy, DeadLetter):
-            sinks.append(policy.sink)
-    return sinks
-
-
-def exactly_once_kafka(flow: Flow) -> bool:
-    """Is ``flow`` Kafka to Kafka, exactly once: every source a Kafka source and every
-    sink, dead-letter sinks included, a Kafka sink with ``exactly_once=True``?
-
-    Such a flow without keyed state runs on several workers as one task per partition
-    (:func:`runs_as_tasks`), like a keyed flow: a task's consumed offsets commit in the
-    transaction of its output, and the next owner of the partition fences the previous
-    one, so a crash neither loses nor doubles output.
-    """
-    sinks = every_sink(flow)
-    if not sinks or not all(getattr(s, "exactly_once", False) is True for s in sinks):
-        return False  # (no import of Kafka for flows that do not use it)
-    from sluiceway.connectors.kafka import KafkaSink, KafkaSource  # noqa: PLC0415 - an extra
-
-    sources = [n.spec.source for n in flow.nodes if isinstance(n.spec, SourceSpec)]
-    return all(isinstance(s, KafkaSink) for s in sinks) and all(
-        isinstance(s, KafkaSource) for s in sources
-    )
-
-
-def runs_as_tasks(flow: Flow) -> bool:
-    """Does a worker run ``flow`` as one task per Kafka partition
-    (:mod:`sluiceway.scaleout.tasks`)?  A flow with keyed state does (its state moves
-    with its partition), and so does a stateless one that is :func:`exactly_once_kafka`
-    (exactly-once across moves); any other stateless flow is a plain member of the
-    consumer group (at-least-once when a worker crashes)."""
-    return bool(keyed_state(flow)) or exactly_once_kafka(flow)
-
-
 def check_tasks(flow: Flow, *, checkpoint_dir: bool) -> None:
     """Refuse a flow that cannot run as one task per partition on several workers.
 
@@ -136,8 +80,8 @@ def check_tasks(flow: Flow, *, checkpoint_dir: bool) -> None:
             not move with its partition), a source that is not Kafka, Kafka sources of
             several groups, a sink that cannot be copied per task, or a repartitioned
             stream read together with one that is not; for a stateless exactly-once flow
-            (:func:`exactly_once_kafka`), a checkpoint directory, or topic patterns;
-            the message names the fix.
+            (:func:`~sluiceway.scaleout.kinds.exactly_once_kafka`), a checkpoint
+            directory, or topic patterns; the message names the fix.
     """
     keyed = keyed_state(flow)
     if not keyed:
@@ -178,7 +122,8 @@ def check_tasks(flow: Flow, *, checkpoint_dir: bool) -> None:
 
 
 def _check_stateless_tasks(flow: Flow, *, checkpoint_dir: bool) -> None:
-    """:func:`check_tasks` for a stateless flow that is :func:`exactly_once_kafka`."""
+    """:func:`check_tasks` for a stateless flow that is
+    :func:`~sluiceway.scaleout.kinds.exactly_once_kafka`."""
     if checkpoint_dir:
         raise FlowDefinitionError(
             f"flow {flow.name!r} has no keyed state and writes only to exactly-once Kafka "

@@ -17,7 +17,7 @@ moves between workers by stopping its task on one and starting it on the other:
 * **Own checkpoints**: ``<checkpoint-dir>/tasks/p<p>``, in a directory every worker
   reaches (one machine, or a shared volume): the next owner restores from it.  A
   stateless flow whose sinks are all exactly-once Kafka sinks
-  (:func:`~sluiceway.scaleout.checks.exactly_once_kafka`) has nothing to restore but its
+  (:func:`~sluiceway.scaleout.kinds.exactly_once_kafka`) has nothing to restore but its
   input offsets, and those commit in the transaction of its output: its tasks run
   without a checkpoint directory (``TaskSpec(None)``), each run checkpointing into a
   private store of its own that is deleted when it ends, and starting from the offsets
@@ -75,7 +75,7 @@ from sluiceway.policies import DeadLetter, Retry
 from sluiceway.runtime.checkpointing import Checkpoints
 from sluiceway.runtime.executor import RunResult
 from sluiceway.runtime.handle import FlowHandle, start
-from sluiceway.scaleout.checks import every_sink, exactly_once_kafka, keyed_state
+from sluiceway.scaleout.kinds import every_sink, exactly_once_kafka, keyed_state
 from sluiceway.time import Clock, SystemClock
 
 __all__ = [
