@@ -728,7 +728,6 @@ class TaskManager:
                 checkpoints=Checkpoints(location, interval=spec.checkpoint_interval),
             )
         except BaseException:
-            del self.tasks[p]
             _discard(task)
             raise
         self.ran += 1
