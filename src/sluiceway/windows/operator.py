@@ -944,6 +944,9 @@ class _SessionWindowStep(_WindowStep):
         heap = [(due, -i, k) for i, (k, due) in enumerate(self.due.items(), 1)]
         heapify(heap)
         self.heap = heap
+        # (the checkpoint's value is this one, unless an earlier version -- which left
+        # superseded entries on top of the heap -- wrote it: see _next_due)
+        self._next_due()
         if self.dirty is not None:
             by_opening = {(k, s[_OPENED]): s for k, ss in self.sessions.items() for s in ss}
             self.dirty = {}
@@ -952,6 +955,7 @@ class _SessionWindowStep(_WindowStep):
                 self.dirty[id(s)] = (k, s)
 
     def _loaded_format1(self) -> None:
+        self._next_due()  # (the heap was saved with its superseded entries: see _next_due)
         if self.dirty:  # keyed by the identity of each session: new objects, new ids
             self.dirty = {id(s): (k, s) for k, s in self.dirty.values()}
 
@@ -1131,8 +1135,23 @@ class _SessionWindowStep(_WindowStep):
             else:
                 self._emit(k, s[_S], s[_E], s[_ACC], "on_time", not lateness, s[_REVS])
             s[_REVS] += 1
-        self.next_due = heap[0][0] if heap else _INF
+        self._next_due()
         self.wm = wm
+
+    def _next_due(self) -> None:
+        """``next_due`` = the earliest ``due`` of a key, exactly: a function of the state.
+
+        Superseded heap entries (a key rescheduled earlier, or gone) stay until they come
+        up; those on top are dropped here, as the next ``_advance`` would drop them.  Left
+        there, ``next_due`` would be the stale time of one -- early, and depending on the
+        history of the heap, which a checkpoint does not keep: an operator restored from
+        one (its heap rebuilt from ``due``) would hold another ``next_due`` than the one
+        that never stopped, and so would their later snapshots.
+        """
+        heap, due = self.heap, self.due
+        while heap and due.get(heap[0][2]) != heap[0][0]:
+            heappop(heap)
+        self.next_due = heap[0][0] if heap else _INF
 
     def _early(self) -> None:
         dirty = self.dirty
