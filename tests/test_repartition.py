@@ -18,6 +18,7 @@ depend on it: each count once, the last total, and the order within one input pa
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -34,7 +35,7 @@ import pytest
 
 import services_kafka
 from services import import_or_missing
-from services_kafka import KafkaTopics, produce, read_topic
+from services_kafka import KafkaTopics, committed_offsets, produce, read_topic
 from workers_harness import Lines, Output, Workers, run_cmd, worker_env
 
 kafka_bootstrap = services_kafka.kafka_bootstrap
@@ -49,6 +50,7 @@ from sluiceway.console import strip_ansi  # noqa: E402
 from sluiceway.core.contract import SinkContext  # noqa: E402
 from sluiceway.scaleout.checks import check_tasks  # noqa: E402
 from sluiceway.scaleout.repartition import (  # noqa: E402
+    Purger,
     RepartitionSink,
     RepartitionSource,
     StagedTasks,
@@ -404,6 +406,132 @@ def test_a_worker_runs_a_task_manager_per_stage(tmp_path: Path) -> None:
     doc = tasks_document(staged, staged.status(), "w")
     assert doc["stages"] == [{"stage": i, "topic": t, "owned": []} for i, t in enumerate(topics)]
     assert (doc["owned"], doc["tasks"], doc["events"]) == ([], [], {"started": 3, "stopped": 1})
+
+
+# -- the purge ---------------------------------------------------------------------------
+
+
+def _lows(bootstrap: str, topic: str, partitions: int) -> list[int]:
+    """The low watermark (the first offset still held) of each partition of ``topic``."""
+    import confluent_kafka as ck  # noqa: PLC0415
+
+    c = ck.Consumer({"bootstrap.servers": bootstrap, "group.id": "lows", "logger": _quiet})
+    try:
+        return [
+            c.get_watermark_offsets(ck.TopicPartition(topic, p), timeout=10)[0]
+            for p in range(partitions)
+        ]
+    finally:
+        c.close()
+
+
+def _topic_config(bootstrap: str, topic: str) -> dict[str, str]:
+    from confluent_kafka.admin import AdminClient, ConfigResource  # noqa: PLC0415
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    [future] = admin.describe_configs([ConfigResource("topic", topic)]).values()
+    return {name: entry.value for name, entry in future.result(timeout=10).items()}
+
+
+_quiet = services_kafka._quiet
+
+
+@pytest.mark.timeout(90)
+def test_stage_n_deletes_the_records_it_has_checkpointed(
+    repart: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The repartition topic is created never to expire by time, and a stage-1 task
+    deletes its partition's records below the offsets of each durable checkpoint (a
+    worker in this process, the real clock, a purge every 0.2 s): once the flow has read
+    everything, each partition's low watermark is the group's committed offset -- and the
+    output is still exact."""
+    bootstrap, inp, out_topic = (
+        repart["REPART_BOOTSTRAP"],
+        repart["REPART_INPUT"],
+        repart["REPART_OUTPUT"],
+    )
+    records = make_input(random.Random(15), 300)
+    produce(bootstrap, inp, records, partition=[r["p"] for r in records])
+    for name, value in {**repart, "REPART_PARTITIONS": "2", "REPART_WINDOWS": "1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.syspath_prepend(str(FLOW.parent))
+    import repart_flow  # noqa: PLC0415 - from tests/flows, configured by the environment
+
+    group, topic = f"{inp}.repart", repartition_topic(f"{inp}.repart", "repart", "by_key")
+    spec = TaskSpec(str(tmp_path / "ck"), checkpoint_interval=0.3, purge_interval=0.2)
+    staged = StagedTasks(repart_flow.flow(), spec, keys=RING)
+    output = Output(bootstrap, out_topic, _quiet)
+    wins = sum(windows_oracle(records).values())
+    clock = SystemClock()
+    seen: dict[str, list[int]] = {}
+
+    async def main() -> None:
+        running = asyncio.ensure_future(staged.run())
+        try:
+            while output.count("run") < len(records) or output.count("win") < wins:
+                assert not running.done(), running.result()
+                await clock.sleep(0.1)
+            # everything is read; the checkpoints go on, and the purge catches up
+            while True:
+                committed = await clock.run_in_thread(committed_offsets, bootstrap, group, topic, 2)
+                lows = await clock.run_in_thread(_lows, bootstrap, topic, 2)
+                seen.update(committed=committed, lows=lows)
+                if min(committed) > 0 and lows == committed:
+                    break
+                await clock.sleep(0.2)
+        finally:
+            staged.request_stop()
+            await running
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 45))
+    except TimeoutError:
+        raise AssertionError(f"not purged to the committed offsets: {seen}") from None
+    finally:
+        output.close()
+    config = _topic_config(bootstrap, topic)
+    assert (config["cleanup.policy"], config["retention.ms"]) == ("delete", "-1"), config
+    assert staged.purger is not None
+    stats = staged.purger.statistics()
+    assert stats.failures == 0, stats.last_error
+    rows = [json.loads(v) for (_, _, _, v) in read_topic(bootstrap, out_topic, quiet_for=1)]
+    check_output(records, rows)
+
+
+@pytest.mark.slow  # the real clock: a purge at most every interval
+@pytest.mark.timeout(60)
+def test_a_purge_waits_for_its_interval_on_the_real_clock(
+    kafka_bootstrap: str, kafka_topics: KafkaTopics
+) -> None:
+    """Offered an offset every 20 ms for a while, a purger with an interval of 0.3 s
+    sends a request at most every 0.3 s of the real clock, each answered, and the
+    topic's low watermark ends at the last offset it sent."""
+    from confluent_kafka.admin import AdminClient  # noqa: PLC0415
+
+    topic = kafka_topics.new(1)
+    produce(kafka_bootstrap, topic, [{"i": i} for i in range(200)], partition=0)
+    purger = Purger(AdminClient({"bootstrap.servers": kafka_bootstrap}), 0.3, "smoke")
+    clock = SystemClock()
+    sent: list[float] = []
+
+    async def main() -> None:
+        offset = 0
+        while len(sent) < 4:
+            offset = min(200, offset + 2)
+            before, now = purger.statistics().requests, clock.monotonic()
+            purger.durable({(topic, 0): offset}, now)
+            if purger.statistics().requests > before:
+                sent.append(now)
+            await clock.sleep(0.02)
+        while purger.statistics().purged < 4:  # the last answer
+            await clock.sleep(0.02)
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+    gaps = [b - a for a, b in itertools.pairwise(sent)]
+    assert all(g >= 0.3 for g in gaps), gaps
+    stats = purger.statistics()
+    assert (stats.requests, stats.purged, stats.failures) == (4, 4, 0), stats
+    assert _lows(kafka_bootstrap, topic, 1) == [stats.offsets[(topic, 0)]]
 
 
 # -- chaos -----------------------------------------------------------------------------------

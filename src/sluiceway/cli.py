@@ -219,6 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
         "seconds between its transactions)",
     )
     run.add_argument(
+        "--purge-interval",
+        type=_non_negative_float,
+        default=30.0,
+        metavar="S",
+        help="a worker of a flow that repartitions through Kafka: the least seconds "
+        "between two deletions of the records of the repartition topics its tasks have "
+        "checkpointed (default: 30; 0: after every checkpoint)",
+    )
+    run.add_argument(
         "--workers",
         type=_positive_int,
         default=1,
@@ -871,6 +880,7 @@ def _run_tasks(flow: sw.Flow, args: argparse.Namespace) -> int:
         checkpoint_interval=interval,
         grace_period=args.grace_period,
         max_batch_size=args.max_batch_size,
+        purge_interval=args.purge_interval,
     )
     ports = {
         flag: port

@@ -23,7 +23,16 @@ topic's, each to one worker).
 * **Topic**: ``<group>-<flow>-<key_by name>-repartition`` (characters Kafka does not
   allow become ``_``), created by the workers at start (idempotently; a topic that
   exists with another partition count is an error), with ``key_by(fn, partitions=N)``
-  partitions, else the source topic's.
+  partitions, else the source topic's, and Kafka Streams' configs for repartition
+  topics (:data:`TOPIC_CONFIG`: never deleted by time, 50 MB segments).  A topic that
+  exists already is left as it is.
+* **Purge**: a stage-``n`` task whose checkpoint is durable (and, exactly-once, its
+  transaction committed) will never read its partition of the repartition topic below
+  the offsets of that checkpoint again, and no other task reads that partition: the
+  worker's :class:`Purger` deletes those records (``deleteRecords``, as Kafka Streams'
+  ``TaskManager.maybePurgeCommittedRecords``), at most every ``purge_interval``
+  seconds (:class:`~.tasks.TaskSpec`), one request in flight at a time; a failure is
+  logged and counted, and the next purge asks again.
 * **Exactly-once**: stage 0's internal sink is transactional when every sink of the flow
   is (the stage-0 task's input offsets commit in the same transaction), and stage 1
   reads ``read_committed``: each record crosses once.  Otherwise at-least-once.
@@ -50,10 +59,12 @@ import copy
 import dataclasses
 import itertools
 import json
+import logging
 import math
 import re
+import threading
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +79,7 @@ from sluiceway.connectors.kafka import (
     KafkaError,
     KafkaSink,
     KafkaSource,
+    _untp,
 )
 from sluiceway.core.contract import SinkContext, SourceContext
 from sluiceway.core.messages import Batch, Watermark
@@ -89,6 +101,10 @@ from sluiceway.time import Clock, SystemClock
 
 __all__ = [
     "MARKER_HEADER",
+    "PURGE_INTERVAL",
+    "TOPIC_CONFIG",
+    "PurgeStats",
+    "Purger",
     "RepartitionSink",
     "RepartitionSource",
     "Stage",
@@ -98,8 +114,25 @@ __all__ = [
     "stages",
 ]
 
+log = logging.getLogger("sluiceway")
+
 MARKER_HEADER = "sluiceway-marker"
 """The header that flags a watermark marker in a repartition topic."""
+
+TOPIC_CONFIG: Mapping[str, str] = {
+    "cleanup.policy": "delete",
+    "retention.ms": "-1",
+    "segment.bytes": str(50 * 1024 * 1024),
+}
+"""The configs a repartition topic is created with (Kafka Streams' for its repartition
+topics): records are never deleted by time -- a retention shorter than a stopped flow's
+pause would delete records stage 1 has not read -- but by the :class:`Purger` once read;
+segments of 50 MB, so that the purged ones are freed (a segment's disk space is released
+once every record of it is below the topic's start offset)."""
+
+PURGE_INTERVAL = 30.0
+"""The default seconds between two purges of a worker (Kafka Streams'
+``repartition.purge.interval.ms``)."""
 
 _INF = math.inf
 # Consumer options of the flow's source that the internal source does not take over: it
@@ -320,6 +353,9 @@ class RepartitionSource(KafkaSource):
         self.upstreams = 0
         """How many partitions the upstream stage has (set by the workers at start): a
         partition's watermark waits for a marker of each."""
+        self.purger: Purger | None = None
+        """The worker's :class:`Purger` (set by the workers at start): told the offsets
+        of every durable checkpoint.  None: the records stay."""
         self._marks: dict[tuple[str, int], dict[int, tuple[float, bool]]] = {}
 
     def describe(self) -> str:
@@ -328,6 +364,7 @@ class RepartitionSource(KafkaSource):
     def _fresh(self) -> RepartitionSource:
         out = RepartitionSource(*self._args[:4], event_time=self._args[4])
         out.upstreams = self.upstreams
+        out.purger = self.purger
         return out
 
     async def open(self, ctx: SourceContext) -> None:
@@ -383,9 +420,195 @@ class RepartitionSource(KafkaSource):
                 int(u): (float(wm), bool(idle)) for u, (wm, idle) in marks.items()
             }
 
+    async def commit(self, position: Any) -> None:
+        """A checkpoint holding ``position`` is durable (and with exactly-once sinks its
+        transaction committed: the runtime commits sources after sinks): commit the
+        offsets as any Kafka source, and offer them to the worker's :class:`Purger` --
+        this task resumes from them or from later ones, and no other task reads its
+        partition, so the records below them are read for good."""
+        await super().commit(position)
+        purger, ctx = self.purger, self._ctx
+        if purger is None or ctx is None or not ctx.checkpointing:
+            return  # without checkpoints, nothing says where a restart resumes
+        if not isinstance(position, Mapping):
+            return
+        topic = self._topics[0]
+        offsets = {}
+        for name, off in (position.get("offsets") or {}).items():
+            t, p = _untp(name)
+            if t == topic and (self._pinned is None or p == self._pinned):
+                offsets[(t, p)] = int(off)
+        if offsets:
+            purger.durable(offsets, ctx.clock.monotonic())
+
     async def close(self) -> None:
         await super().close()
         self._marks = {}  # the restored markers were this run's
+
+
+# -- the purge ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeStats:
+    """What a :class:`Purger` did so far.
+
+    Attributes:
+        requests: delete-records requests sent.
+        purged: partitions whose records were deleted up to an offset (one per partition
+            and request that succeeded).
+        failures: partitions a request failed for (each logged as a warning).
+        last_error: the last failure's message (None: none yet).
+        offsets: per ``(topic, partition)``, the offset the records below which were
+            deleted last.
+    """
+
+    requests: int = 0
+    purged: int = 0
+    failures: int = 0
+    last_error: str | None = None
+    offsets: Mapping[tuple[str, int], int] = dataclasses.field(default_factory=dict)
+
+
+def _purge_interval(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"purge_interval must be a number of seconds, got {value!r}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"purge_interval must be a number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
+class Purger:
+    """Deletes the records of the repartition topics that the stage-``n`` tasks of one
+    worker have checkpointed (Kafka Streams' ``maybePurgeCommittedRecords``).
+
+    A task's :class:`RepartitionSource` calls :meth:`durable` once its checkpoint is
+    durable -- stored, and with exactly-once sinks its transaction committed -- with the
+    offsets that checkpoint resumes from: records below them are never read again (the
+    partition's next owner restores that checkpoint or a later one).  When the interval
+    since the last request has passed and no request is in flight, every offset offered
+    since and not deleted yet goes out in one ``deleteRecords`` request: asynchronous
+    (the admin client's own thread does the work; the event loop never waits for it), its
+    failures logged and counted, never failing the flow -- a failed partition is asked
+    again at the next purge, with its latest offset.
+
+    Args:
+        admin: a ``confluent_kafka.admin.AdminClient`` of the cluster.
+        interval: the least seconds between two requests (0: at every checkpoint).
+        flow: the flow's name (for messages).
+        timeout: seconds one request may take.
+
+    Raises:
+        ValueError: a negative or non-finite interval.
+
+    The schedule is a function of the ``now`` the caller passes (the task's clock); here
+    with an admin client that answers at once (a real one answers from its thread):
+
+    >>> from concurrent.futures import Future
+    >>> class Answering:
+    ...     def delete_records(self, tps, **timeouts):
+    ...         answers = {tp: Future() for tp in tps}
+    ...         for f in answers.values():
+    ...             f.set_result(None)
+    ...         return answers
+    >>> p = Purger(Answering(), 30.0, "f")
+    >>> p.durable({("t", 0): 10}, now=0.0)  # sent
+    >>> p.durable({("t", 0): 20}, now=12.0)  # kept for the next purge
+    >>> p.statistics().offsets, p.due(29.9), p.due(30.0)
+    ({('t', 0): 10}, False, True)
+    >>> p.durable({("t", 1): 5}, now=30.0)
+    >>> p.statistics().offsets, p.statistics().requests
+    ({('t', 0): 20, ('t', 1): 5}, 2)
+    """
+
+    def __init__(self, admin: Any, interval: float, flow: str, *, timeout: float = 30.0) -> None:
+        self._admin = admin
+        self.interval = _purge_interval(interval)
+        self._flow = flow
+        self._timeout = timeout
+        self._next = -_INF  # the clock's time from which the next request may go
+        self._lock = threading.Lock()  # the admin client's thread completes requests
+        self._wanted: dict[tuple[str, int], int] = {}  # offered: durable below these
+        self._done: dict[tuple[str, int], int] = {}  # deleted below these
+        self._in_flight = 0
+        self._requests = self._purged = self._failures = 0
+        self._last_error: str | None = None
+
+    def due(self, now: float) -> bool:
+        """May a request go at ``now``: the interval since the last one has passed, and
+        that one is answered?"""
+        with self._lock:
+            return self._in_flight == 0 and now >= self._next
+
+    def durable(self, offsets: Mapping[tuple[str, int], int], now: float) -> None:
+        """A task's checkpoint is durable: below ``offsets`` its repartition partitions'
+        records are read for good.  Sends a request when one is :meth:`due`."""
+        with self._lock:
+            for tp, off in offsets.items():
+                if off > self._wanted.get(tp, -1):
+                    self._wanted[tp] = off
+            if self._in_flight or now < self._next:
+                return
+            todo = {tp: off for tp, off in self._wanted.items() if off > self._done.get(tp, 0)}
+            if not todo:
+                return
+            self._next = now + self.interval
+            self._requests += 1
+            self._in_flight = len(todo)
+        self._send(todo)
+
+    def _send(self, todo: dict[tuple[str, int], int]) -> None:
+        tps = [ck.TopicPartition(t, p, off) for (t, p), off in sorted(todo.items())]
+        try:
+            futures = self._admin.delete_records(
+                tps, request_timeout=self._timeout, operation_timeout=self._timeout
+            )
+        except (ck.KafkaException, ValueError, TypeError) as exc:
+            with self._lock:
+                self._in_flight = 0
+            for tp in todo:
+                self._failed(tp, exc)
+            return
+        for tp, future in futures.items():
+            key = (tp.topic, tp.partition)
+            future.add_done_callback(lambda f, key=key: self._answered(key, todo[key], f))
+
+    def _answered(self, tp: tuple[str, int], offset: int, future: Any) -> None:
+        """A partition's answer (in the admin client's thread, or at once)."""
+        exc = future.exception()
+        with self._lock:
+            self._in_flight -= 1
+            if exc is None:
+                self._purged += 1
+                self._done[tp] = max(self._done.get(tp, 0), offset)
+        if exc is None:
+            log.debug("flow %r: %s[%d] purged below offset %d", self._flow, *tp, offset)
+        else:
+            self._failed(tp, exc)
+
+    def _failed(self, tp: tuple[str, int], exc: BaseException) -> None:
+        message = f"{type(exc).__name__}: {exc}"
+        with self._lock:
+            self._failures += 1
+            self._last_error = message
+        log.warning(
+            "flow %r: deleting the read records of repartition topic %s[%d] failed: %s "
+            "(nothing is lost: they are deleted at the next purge)",
+            self._flow,
+            *tp,
+            message,
+        )
+
+    def statistics(self) -> PurgeStats:
+        """What this purger did so far."""
+        with self._lock:
+            return PurgeStats(
+                self._requests,
+                self._purged,
+                self._failures,
+                self._last_error,
+                dict(self._done),
+            )
 
 
 # -- the split ----------------------------------------------------------------------------
@@ -549,11 +772,14 @@ _READY_EVERY = 0.2  # seconds between two looks at a topic that is still being c
 
 
 def _create(admin: Any, topic: str, partitions: int, timeout: float) -> None:
-    """Create ``topic`` (blocking); one that exists already is fine."""
+    """Create ``topic`` with :data:`TOPIC_CONFIG` (blocking); one that exists already is
+    fine, and left as it is."""
     from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]  # noqa: PLC0415
 
     futures = admin.create_topics(
-        [NewTopic(topic, partitions, -1)], operation_timeout=timeout, request_timeout=timeout
+        [NewTopic(topic, partitions, -1, config=dict(TOPIC_CONFIG))],
+        operation_timeout=timeout,
+        request_timeout=timeout,
     )
     try:
         futures[topic].result(timeout=timeout)
@@ -576,11 +802,23 @@ def _count(admin: Any, topic: str, timeout: float) -> int | None:
     return len(meta.partitions)
 
 
-async def ensure_topics(plan: Sequence[Stage], clock: Clock, *, within: float = 30.0) -> None:
-    """Create the repartition topics of ``plan`` (idempotent: a topic another worker
-    created meanwhile is fine), wait until the cluster's metadata has them (at most
-    ``within`` seconds each), and tell each stage's internal connectors the partition
-    counts: the topic's, and the upstream stage's input.
+def _admin(plan: Sequence[Stage]) -> Any:
+    """An admin client of the cluster of ``plan``'s first source, with its security."""
+    from confluent_kafka.admin import AdminClient  # noqa: PLC0415 - only here
+
+    first = kafka_sources(plan[0].flow)[0][1]
+    security = {k: v for k, v in first.client_config().items() if k.startswith(_SECURITY_KEYS)}
+    return AdminClient({"bootstrap.servers": first.bootstrap_servers, **security})
+
+
+async def ensure_topics(
+    plan: Sequence[Stage], clock: Clock, *, within: float = 30.0, admin: Any = None
+) -> None:
+    """Create the repartition topics of ``plan`` with :data:`TOPIC_CONFIG` (idempotent:
+    a topic another worker created meanwhile is fine, and one that exists is left as it
+    is), wait until the cluster's metadata has them (at most ``within`` seconds each), and
+    tell each stage's internal connectors the partition counts: the topic's, and the
+    upstream stage's input.  ``admin``: the admin client to use (default: a new one).
 
     Raises:
         FlowDefinitionError: a repartition topic that exists with another partition count
@@ -588,13 +826,11 @@ async def ensure_topics(plan: Sequence[Stage], clock: Clock, *, within: float = 
         KafkaError: the cluster did not answer, refused to create the topic, or did not
             show it within ``within`` seconds.
     """
-    from confluent_kafka.admin import AdminClient  # noqa: PLC0415 - only here
-
     from sluiceway.scaleout.tasks import check_partitions  # noqa: PLC0415
 
     first = kafka_sources(plan[0].flow)[0][1]
-    security = {k: v for k, v in first.client_config().items() if k.startswith(_SECURITY_KEYS)}
-    admin = AdminClient({"bootstrap.servers": first.bootstrap_servers, **security})
+    if admin is None:
+        admin = await clock.run_in_thread(_admin, plan)
     upstream = await clock.run_in_thread(lambda: check_partitions(plan[0].flow, timeout=within))
     for stage, after in itertools.pairwise(plan):
         assert stage.topic is not None
@@ -648,6 +884,13 @@ class StagedTasks:
     Its monitoring surface is its managers' merged (a
     :class:`~sluiceway.scaleout.tasks.TaskWorker`, as one manager is): :meth:`status`
     lists the tasks of every stage, :attr:`events` and :attr:`restores` count them all.
+
+    While the tasks run, its :attr:`purger` deletes the records its stage-``n`` tasks have
+    checkpointed, at most every ``spec.purge_interval`` seconds.
+
+    Raises:
+        FlowDefinitionError: no checkpoint key.
+        ValueError: a negative ``spec.purge_interval``.
     """
 
     def __init__(
@@ -668,6 +911,9 @@ class StagedTasks:
         self.flow = flow
         self.clock = clock or SystemClock()
         self.plan = stages(flow, ring)
+        self.purge_interval = _purge_interval(spec.purge_interval)
+        self.purger: Purger | None = None
+        """Deletes what the stage-``n`` tasks have read (made by :meth:`run`)."""
         self.managers = [
             TaskManager(
                 stage.flow,
@@ -714,7 +960,14 @@ class StagedTasks:
             KafkaError: a membership consumer failed, or the cluster did not answer.
             SluicewayError: a task failed (its own error).
         """
-        await ensure_topics(self.plan, self.clock)
+        admin = await self.clock.run_in_thread(_admin, self.plan)
+        await ensure_topics(self.plan, self.clock, admin=admin)
+        self.purger = Purger(admin, self.purge_interval, self.flow.name)
+        for stage in self.plan[1:]:
+            for node in stage.flow.nodes:
+                spec = node.spec
+                if isinstance(spec, SourceSpec) and isinstance(spec.source, RepartitionSource):
+                    spec.source.purger = self.purger
 
         async def one(m: TaskManager) -> dict[int, RunResult]:
             try:

@@ -310,6 +310,10 @@ class TaskSpec:
             and for a flow whose sinks are all transactional at most the checkpoint
             interval (at least 2 s): a task that cannot stop within an interval is
             behind, and redoing an interval costs less than its next owner waiting.
+        purge_interval: for a flow that repartitions through Kafka, the least seconds
+            between two deletions of the records of the repartition topics that the
+            worker's tasks have checkpointed (Kafka Streams'
+            ``repartition.purge.interval.ms``; :mod:`sluiceway.scaleout.repartition`).
     """
 
     checkpoint_dir: str | None
@@ -317,6 +321,7 @@ class TaskSpec:
     grace_period: float = 10.0
     max_batch_size: int = 1024
     revoke_timeout: float | None = None
+    purge_interval: float = 30.0
 
 
 _MIN_HANDOVER = 2.0
