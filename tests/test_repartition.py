@@ -276,6 +276,10 @@ def test_a_flow_is_split_at_each_unpartitioned_key_by() -> None:
     assert source.group == "g"
     key_by = plan[1].flow.nodes[1].spec
     assert key_by.partitioned  # type: ignore[attr-defined]
+    # the internal sink's transactional ids are the topic's: of the group, not only the
+    # flow (the same flow in another group must not fence them)
+    assert sink._tid_arg == "sluiceway.g-split-by_k-repartition"
+    assert sink.for_task(2)._tid_arg == "sluiceway.g-split-by_k-repartition-p2"
     # each task of stage n writes with its own transactional id, keeps its own checkpoints
     copy = KafkaSink("127.0.0.1:1", "out", exactly_once=True, transactional_id="t").for_task(
         3, stage=2

@@ -35,7 +35,8 @@ topic's, each to one worker).
   logged and counted, and the next purge asks again.
 * **Exactly-once**: stage 0's internal sink is transactional when every sink of the flow
   is (the stage-0 task's input offsets commit in the same transaction), and stage 1
-  reads ``read_committed``: each record crosses once.  Otherwise at-least-once.
+  reads ``read_committed``: each record crosses once.  Otherwise at-least-once.  Its
+  transactional ids are ``sluiceway.<topic>-p<p>``: of the topic, hence of the group.
 * **Records** travel as parts of the checkpoint codec (:mod:`sluiceway.checkpoint.codec`):
   signed with the checkpoint key and bound to the flow and topic, so a stage never
   unpickles bytes it cannot authenticate; a message that does not verify is bad input.
@@ -221,6 +222,9 @@ class RepartitionSink(KafkaSink):
             topic,
             value="bytes",
             exactly_once=exactly_once,
+            # Not the default sluiceway.<flow>.<sink>: the same flow in another group (a
+            # second deployment on the cluster) would fence this one's transactions.
+            transactional_id=f"sluiceway.{topic}",
             config={k: v for k, v in source._user_config.items() if k.startswith(_SECURITY_KEYS)},
             tls=args["tls"],
             sasl=args["sasl"],
