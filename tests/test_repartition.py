@@ -502,6 +502,47 @@ def test_stage_n_deletes_the_records_it_has_checkpointed(
     check_output(records, rows)
 
 
+def test_a_task_purges_below_the_checkpoint_before_its_latest(
+    kafka_bootstrap: str, kafka_topics: KafkaTopics
+) -> None:
+    """One checkpoint behind: should the latest turn out torn, the store falls back to
+    the one before it, whose records must still be there.  A restored task's first
+    checkpoint purges below the checkpoint it restored."""
+    from confluent_kafka.admin import AdminClient  # noqa: PLC0415
+
+    from sluiceway.core.contract import SourceContext  # noqa: PLC0415
+
+    topic = kafka_topics.new(1)
+    produce(kafka_bootstrap, topic, [{"i": i} for i in range(60)], partition=0)
+    flow_source = KafkaSource(kafka_bootstrap, "in", topic + ".g")
+    src = RepartitionSource(flow_source, topic, "f", RING, event_time=False).for_task(0)
+    assert isinstance(src, RepartitionSource)
+    purger = Purger(AdminClient({"bootstrap.servers": kafka_bootstrap}), 0.0, "f")
+    src.purger = purger
+    clock = SystemClock()
+    lows: list[int] = []
+
+    async def bad(exc: Exception) -> None:
+        raise exc
+
+    async def main() -> None:
+        ctx = SourceContext("f", "in", clock, bad, True, checkpointing=True)
+        src.restore({"offsets": {f"{topic}:0": 10}})
+        await src.open(ctx)
+        try:
+            for n, offset in enumerate((30, 50), start=1):
+                await src.commit({"offsets": {f"{topic}:0": offset}})
+                while (st := purger.statistics()).purged + st.failures < n:
+                    await clock.sleep(0.02)
+                lows.extend(await clock.run_in_thread(_lows, kafka_bootstrap, topic, 1))
+        finally:
+            await src.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+    assert purger.statistics().failures == 0, purger.statistics().last_error
+    assert lows == [10, 30]
+
+
 @pytest.mark.slow  # the real clock: a purge at most every interval
 @pytest.mark.timeout(60)
 def test_a_purge_waits_for_its_interval_on_the_real_clock(

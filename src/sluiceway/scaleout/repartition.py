@@ -28,7 +28,8 @@ topic's, each to one worker).
   exists already is left as it is.
 * **Purge**: a stage-``n`` task whose checkpoint is durable (and, exactly-once, its
   transaction committed) will never read its partition of the repartition topic below
-  the offsets of that checkpoint again, and no other task reads that partition: the
+  the offsets of the durable checkpoint before it again (should the latest turn out
+  torn, the store falls back to that one), and no other task reads that partition: the
   worker's :class:`Purger` deletes those records (``deleteRecords``, as Kafka Streams'
   ``TaskManager.maybePurgeCommittedRecords``), at most every ``purge_interval``
   seconds (:class:`~.tasks.TaskSpec`), one request in flight at a time; a failure is
@@ -102,7 +103,6 @@ from sluiceway.time import Clock, SystemClock
 
 __all__ = [
     "MARKER_HEADER",
-    "PURGE_INTERVAL",
     "TOPIC_CONFIG",
     "PurgeStats",
     "Purger",
@@ -130,10 +130,6 @@ topics): records are never deleted by time -- a retention shorter than a stopped
 pause would delete records stage 1 has not read -- but by the :class:`Purger` once read;
 segments of 50 MB, so that the purged ones are freed (a segment's disk space is released
 once every record of it is below the topic's start offset)."""
-
-PURGE_INTERVAL = 30.0
-"""The default seconds between two purges of a worker (Kafka Streams'
-``repartition.purge.interval.ms``)."""
 
 _INF = math.inf
 # Consumer options of the flow's source that the internal source does not take over: it
@@ -359,7 +355,8 @@ class RepartitionSource(KafkaSource):
         partition's watermark waits for a marker of each."""
         self.purger: Purger | None = None
         """The worker's :class:`Purger` (set by the workers at start): told the offsets
-        of every durable checkpoint.  None: the records stay."""
+        of every durable checkpoint but the latest.  None: the records stay."""
+        self._purgeable: dict[tuple[str, int], int] = {}  # the last durable checkpoint's
         self._marks: dict[tuple[str, int], dict[int, tuple[float, bool]]] = {}
 
     def describe(self) -> str:
@@ -416,6 +413,7 @@ class RepartitionSource(KafkaSource):
 
     def restore(self, position: Any) -> None:
         super().restore(position)
+        self._purgeable = self._offsets_of(position)  # the checkpoint restored is durable
         markers = position.get("markers") or {}
         self._marks = {}
         for name, marks in markers.items():
@@ -424,30 +422,37 @@ class RepartitionSource(KafkaSource):
                 int(u): (float(wm), bool(idle)) for u, (wm, idle) in marks.items()
             }
 
+    def _offsets_of(self, position: Any) -> dict[tuple[str, int], int]:
+        """The offsets of ``position`` in this task's partition(s) of the topic."""
+        offsets = position.get("offsets") if isinstance(position, Mapping) else None
+        topic, out = self._topics[0], {}
+        for name, off in (offsets or {}).items():
+            t, p = _untp(name)
+            if t == topic and (self._pinned is None or p == self._pinned):
+                out[(t, p)] = int(off)
+        return out
+
     async def commit(self, position: Any) -> None:
         """A checkpoint holding ``position`` is durable (and with exactly-once sinks its
         transaction committed: the runtime commits sources after sinks): commit the
-        offsets as any Kafka source, and offer them to the worker's :class:`Purger` --
-        this task resumes from them or from later ones, and no other task reads its
-        partition, so the records below them are read for good."""
+        offsets as any Kafka source, and offer the worker's :class:`Purger` those of the
+        durable checkpoint *before* this one -- this task resumes from that one or a
+        later one (from it when this one turns out torn: the store falls back to the
+        previous checkpoint that verifies), and no other task reads its partition, so
+        the records below them are read for good."""
         await super().commit(position)
         purger, ctx = self.purger, self._ctx
         if purger is None or ctx is None or not ctx.checkpointing:
             return  # without checkpoints, nothing says where a restart resumes
-        if not isinstance(position, Mapping):
-            return
-        topic = self._topics[0]
-        offsets = {}
-        for name, off in (position.get("offsets") or {}).items():
-            t, p = _untp(name)
-            if t == topic and (self._pinned is None or p == self._pinned):
-                offsets[(t, p)] = int(off)
-        if offsets:
-            purger.durable(offsets, ctx.clock.monotonic())
+        offsets = self._offsets_of(position)
+        before, self._purgeable = self._purgeable, {**self._purgeable, **offsets}
+        if before:
+            purger.durable(before, ctx.clock.monotonic())
 
     async def close(self) -> None:
         await super().close()
         self._marks = {}  # the restored markers were this run's
+        self._purgeable = {}
 
 
 # -- the purge ------------------------------------------------------------------------
@@ -463,8 +468,8 @@ class PurgeStats:
             and request that succeeded).
         failures: partitions a request failed for (each logged as a warning).
         last_error: the last failure's message (None: none yet).
-        offsets: per ``(topic, partition)``, the offset the records below which were
-            deleted last.
+        offsets: per ``(topic, partition)``, the offset below which its records were
+            last deleted.
     """
 
     requests: int = 0
@@ -488,8 +493,8 @@ class Purger:
 
     A task's :class:`RepartitionSource` calls :meth:`durable` once its checkpoint is
     durable -- stored, and with exactly-once sinks its transaction committed -- with the
-    offsets that checkpoint resumes from: records below them are never read again (the
-    partition's next owner restores that checkpoint or a later one).  When the interval
+    offsets the checkpoint before it resumes from: records below them are never read
+    again (the partition's next owner restores one of the two, or a later one).  When the interval
     since the last request has passed and no request is in flight, every offset offered
     since and not deleted yet goes out in one ``deleteRecords`` request: asynchronous
     (the admin client's own thread does the work; the event loop never waits for it), its
@@ -503,6 +508,7 @@ class Purger:
         timeout: seconds one request may take.
 
     Raises:
+        TypeError: an interval that is not a number.
         ValueError: a negative or non-finite interval.
 
     The schedule is a function of the ``now`` the caller passes (the task's clock); here
