@@ -689,6 +689,71 @@ def test_a_zombie_refused_by_the_shared_checkpoint_store_is_superseded_not_faile
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("stop_at", ["fenced", "restarted"])
+def test_a_fenced_task_restarts_while_owned_and_a_stop_before_that_still_ends_the_worker(
+    kafka_bootstrap: str, kafka_topics: KafkaTopics, tmp_path: Path, stop_at: str
+) -> None:
+    """A task fenced by a newer producer of its transactional id starts again two
+    membership polls later (its worker still owns the partition).  A stop that comes
+    before those polls (``stop_at="fenced"``) ends the worker all the same, the restart
+    dropped -- instead of leaving it idle forever, out of its group, every later SIGTERM
+    doing nothing (issue 15: orphan workers that never stopped)."""
+    import confluent_kafka as ck  # noqa: PLC0415
+
+    from sluiceway.connectors.kafka import KafkaSink, KafkaSource  # noqa: PLC0415
+    from sluiceway.scaleout.tasks import TaskManager, TaskSpec  # noqa: PLC0415
+
+    topic = kafka_topics.new(1)
+    tid = topic + ".tid"
+    flow = sw.Flow("fenced")
+    flow.source(KafkaSource(kafka_bootstrap, topic, topic + ".g", poll_timeout=0.1)).key_by(
+        lambda v: v["i"], partitioned=True
+    ).stateful_map(lambda s, v: (s, v)).sink(
+        KafkaSink(kafka_bootstrap, kafka_topics.new(1), exactly_once=True, transactional_id=tid),
+        name="out",
+    )
+    events: list[str] = []
+
+    def on_task(event: str, p: int) -> None:
+        events.append(event)
+        if event == "fenced" and stop_at == "fenced":  # before the polls of the restart
+            manager.request_stop()
+        if event == "started" and len(events) > 1:
+            manager.request_stop()
+
+    manager = TaskManager(
+        flow, TaskSpec(str(tmp_path / "ck"), checkpoint_interval=0.2), on_task=on_task
+    )
+    clock = sw.SystemClock()
+
+    def fence() -> None:  # the next owner of p0 initialises its transactional id
+        newer = ck.Producer({"bootstrap.servers": kafka_bootstrap, "transactional.id": tid + "-p0"})
+        newer.init_transactions(30)
+
+    async def main() -> None:
+        running = asyncio.ensure_future(manager.run())
+        while not any(h.handle and h.handle.running_since for h in manager.tasks.values()):
+            await clock.sleep(0.05)
+        await clock.run_in_thread(fence)
+        i = 0
+        while "fenced" not in events and not running.done():  # writes find the fencing
+            await clock.run_in_thread(produce, kafka_bootstrap, topic, [{"i": i}])
+            i += 1
+            await clock.sleep(0.1)
+        ended = await clock.wait_until(running, clock.monotonic() + 15.0)  # not forever
+        assert ended, f"the worker did not end after its stop: {events}"
+        running.result()
+
+    asyncio.run(asyncio.wait_for(main(), 90))
+    want = (
+        ["started", "fenced"]
+        if stop_at == "fenced"
+        else ["started", "fenced", "started", "stopped"]
+    )
+    assert events == want, events
+
+
+@pytest.mark.timeout(120)
 def test_a_worker_ends_once_the_input_of_every_task_it_owns_ended(
     kafka_bootstrap: str, kafka_topics: KafkaTopics, tmp_path: Path
 ) -> None:
