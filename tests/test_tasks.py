@@ -754,6 +754,43 @@ def test_a_fenced_task_restarts_while_owned_and_a_stop_before_that_still_ends_th
 
 
 @pytest.mark.timeout(120)
+def test_a_worker_whose_stderr_reader_is_gone_still_stops_at_a_sigterm(
+    kafka_bootstrap: str, kafka_topics: KafkaTopics, tmp_path: Path
+) -> None:
+    """A worker outliving what read its stderr (a supervisor killed with -9, the terminal
+    or the test that read the pipe gone): its messages cannot be written any more, and
+    the SIGTERM that says so ("stopping the tasks...") must stop it all the same, with
+    its tasks at a checkpoint -- not raise BrokenPipeError in the signal handler before
+    the stop is requested, leaving a worker that runs on (issue 15)."""
+    topic = kafka_topics.new(PARTITIONS)
+    _out_topic(kafka_topics, topic)
+    _produce(kafka_bootstrap, topic, _records(0, 20))
+    job = _job(tmp_path, kafka_bootstrap, topic)
+    ck = ["--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-interval", "0.5"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sluiceway", "run", f"{job}:flow", *ck],
+        cwd=tmp_path,
+        env=_env(SLUICEWAY_WORKER_ID="0"),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if re.search(r"task p\d+ started", line):
+                break
+        proc.stderr.close()  # the reader is gone: the worker's next line meets EPIPE
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)  # a stop at a checkpoint: within the grace period
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert code == 0
+    assert list((tmp_path / "ck" / "tasks").glob("p*")), "no task checkpointed"
+
+
+@pytest.mark.timeout(120)
 def test_a_worker_ends_once_the_input_of_every_task_it_owns_ended(
     kafka_bootstrap: str, kafka_topics: KafkaTopics, tmp_path: Path
 ) -> None:
