@@ -754,6 +754,40 @@ def test_a_fenced_task_restarts_while_owned_and_a_stop_before_that_still_ends_th
 
 
 @pytest.mark.timeout(120)
+def test_a_failing_task_callback_fails_the_worker_instead_of_leaving_its_task_unwatched(
+    kafka_bootstrap: str, kafka_topics: KafkaTopics, tmp_path: Path
+) -> None:
+    """``on_task("started")`` raising (a message that cannot be written) fails the worker
+    with that error; the task it announced, already running, is still watched to its
+    end, so the worker's stop does not wait forever for a task nobody saw end."""
+    from sluiceway.connectors.kafka import KafkaSink, KafkaSource  # noqa: PLC0415
+    from sluiceway.scaleout.tasks import TaskManager, TaskSpec  # noqa: PLC0415
+
+    topic = kafka_topics.new(1)
+    flow = sw.Flow("loud")
+    flow.source(KafkaSource(kafka_bootstrap, topic, topic + ".g", poll_timeout=0.1)).key_by(
+        lambda v: v["i"], partitioned=True
+    ).stateful_map(lambda s, v: (s, v)).sink(KafkaSink(kafka_bootstrap, kafka_topics.new(1)))
+
+    def on_task(event: str, p: int) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    spec = TaskSpec(str(tmp_path / "ck"), checkpoint_interval=0.2, grace_period=1.0)
+    manager = TaskManager(flow, spec, on_task=on_task)
+    clock = sw.SystemClock()
+
+    async def main() -> None:
+        running = asyncio.ensure_future(manager.run())
+        ended = await clock.wait_until(running, clock.monotonic() + 15.0)  # not forever
+        assert ended, "the worker did not end after its task's callback failed"
+        with pytest.raises(BrokenPipeError):
+            running.result()
+
+    asyncio.run(asyncio.wait_for(main(), 90))
+    assert not manager.tasks
+
+
+@pytest.mark.timeout(120)
 def test_a_worker_whose_stderr_reader_is_gone_still_stops_at_a_sigterm(
     kafka_bootstrap: str, kafka_topics: KafkaTopics, tmp_path: Path
 ) -> None:

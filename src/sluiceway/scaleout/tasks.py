@@ -706,15 +706,25 @@ class TaskManager:
             return
         finally:
             self._starting.discard(p)
+        try:
+            self._say("started", p)
+            assert self._tg is not None
+            self._tg.create_task(self._time_restore(task), name=f"{self.flow.name}/restore p{p}")
+        except Exception as exc:  # noqa: BLE001 - the worker fails with it
+            self._fail(exc)
+        # Whatever failed above, the task runs: it is watched to its end, which is what
+        # a stop of it waits for (an unwatched task's stop would wait forever).
         await self._watch(task)
 
     def _launch(self, p: int) -> _Task:
+        """Start the task of ``p``: in :attr:`tasks` once its flow started, never before
+        (a task there is one that :meth:`_watch` sees end)."""
         flow = task_flow(self.flow, p, stage=self.stage)
         for node in flow.nodes:
             if isinstance(node.spec, SourceSpec) and isinstance(node.spec.source, KafkaSource):
                 node.spec.source.commit_through = self._commit_through
         spec = self.spec
-        task = self.tasks[p] = _Task(p, started_at=self.clock.monotonic())
+        task = _Task(p, started_at=self.clock.monotonic())
         if spec.checkpoint_dir is None:
             # Nothing to restore: the run starts from the group's committed offsets, which
             # the previous owner's last committed transaction wrote with its output.  A
@@ -738,11 +748,9 @@ class TaskManager:
         except BaseException:
             _discard(task)
             raise
+        self.tasks[p] = task
         self.ran += 1
         self._ended.discard(p)
-        self._say("started", p)
-        assert self._tg is not None
-        self._tg.create_task(self._time_restore(task), name=f"{self.flow.name}/restore p{p}")
         return task
 
     async def _time_restore(self, task: _Task) -> None:
