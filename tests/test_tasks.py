@@ -689,6 +689,142 @@ def test_a_zombie_refused_by_the_shared_checkpoint_store_is_superseded_not_faile
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("stop_at", ["fenced", "restarted"])
+def test_a_fenced_task_restarts_while_owned_and_a_stop_before_that_still_ends_the_worker(
+    kafka_bootstrap: str, kafka_topics: KafkaTopics, tmp_path: Path, stop_at: str
+) -> None:
+    """A task fenced by a newer producer of its transactional id starts again two
+    membership polls later (its worker still owns the partition).  A stop that comes
+    before those polls (``stop_at="fenced"``) ends the worker all the same, the restart
+    dropped -- instead of leaving it idle forever, out of its group, every later SIGTERM
+    doing nothing (issue 15: orphan workers that never stopped)."""
+    import confluent_kafka as ck  # noqa: PLC0415
+
+    from sluiceway.connectors.kafka import KafkaSink, KafkaSource  # noqa: PLC0415
+    from sluiceway.scaleout.tasks import TaskManager, TaskSpec  # noqa: PLC0415
+
+    topic = kafka_topics.new(1)
+    tid = topic + ".tid"
+    flow = sw.Flow("fenced")
+    flow.source(KafkaSource(kafka_bootstrap, topic, topic + ".g", poll_timeout=0.1)).key_by(
+        lambda v: v["i"], partitioned=True
+    ).stateful_map(lambda s, v: (s, v)).sink(
+        KafkaSink(kafka_bootstrap, kafka_topics.new(1), exactly_once=True, transactional_id=tid),
+        name="out",
+    )
+    events: list[str] = []
+
+    def on_task(event: str, p: int) -> None:
+        events.append(event)
+        if event == "fenced" and stop_at == "fenced":  # before the polls of the restart
+            manager.request_stop()
+        if event == "started" and len(events) > 1:
+            manager.request_stop()
+
+    manager = TaskManager(
+        flow, TaskSpec(str(tmp_path / "ck"), checkpoint_interval=0.2), on_task=on_task
+    )
+    clock = sw.SystemClock()
+
+    def fence() -> None:  # the next owner of p0 initialises its transactional id
+        newer = ck.Producer({"bootstrap.servers": kafka_bootstrap, "transactional.id": tid + "-p0"})
+        newer.init_transactions(30)
+
+    async def main() -> None:
+        running = asyncio.ensure_future(manager.run())
+        while not any(h.handle and h.handle.running_since for h in manager.tasks.values()):
+            await clock.sleep(0.05)
+        await clock.run_in_thread(fence)
+        i = 0
+        while "fenced" not in events and not running.done():  # writes find the fencing
+            await clock.run_in_thread(produce, kafka_bootstrap, topic, [{"i": i}])
+            i += 1
+            await clock.sleep(0.1)
+        ended = await clock.wait_until(running, clock.monotonic() + 15.0)  # not forever
+        assert ended, f"the worker did not end after its stop: {events}"
+        running.result()
+
+    asyncio.run(asyncio.wait_for(main(), 90))
+    want = (
+        ["started", "fenced"]
+        if stop_at == "fenced"
+        else ["started", "fenced", "started", "stopped"]
+    )
+    assert events == want, events
+
+
+@pytest.mark.timeout(120)
+def test_a_failing_task_callback_fails_the_worker_instead_of_leaving_its_task_unwatched(
+    kafka_bootstrap: str, kafka_topics: KafkaTopics, tmp_path: Path
+) -> None:
+    """``on_task("started")`` raising (a message that cannot be written) fails the worker
+    with that error; the task it announced, already running, is still watched to its
+    end, so the worker's stop does not wait forever for a task nobody saw end."""
+    from sluiceway.connectors.kafka import KafkaSink, KafkaSource  # noqa: PLC0415
+    from sluiceway.scaleout.tasks import TaskManager, TaskSpec  # noqa: PLC0415
+
+    topic = kafka_topics.new(1)
+    flow = sw.Flow("loud")
+    flow.source(KafkaSource(kafka_bootstrap, topic, topic + ".g", poll_timeout=0.1)).key_by(
+        lambda v: v["i"], partitioned=True
+    ).stateful_map(lambda s, v: (s, v)).sink(KafkaSink(kafka_bootstrap, kafka_topics.new(1)))
+
+    def on_task(event: str, p: int) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    spec = TaskSpec(str(tmp_path / "ck"), checkpoint_interval=0.2, grace_period=1.0)
+    manager = TaskManager(flow, spec, on_task=on_task)
+    clock = sw.SystemClock()
+
+    async def main() -> None:
+        running = asyncio.ensure_future(manager.run())
+        ended = await clock.wait_until(running, clock.monotonic() + 15.0)  # not forever
+        assert ended, "the worker did not end after its task's callback failed"
+        with pytest.raises(BrokenPipeError):
+            running.result()
+
+    asyncio.run(asyncio.wait_for(main(), 90))
+    assert not manager.tasks
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_whose_stderr_reader_is_gone_still_stops_at_a_sigterm(
+    kafka_bootstrap: str, kafka_topics: KafkaTopics, tmp_path: Path
+) -> None:
+    """A worker outliving what read its stderr (a supervisor killed with -9, the terminal
+    or the test that read the pipe gone): its messages cannot be written any more, and
+    the SIGTERM that says so ("stopping the tasks...") must stop it all the same, with
+    its tasks at a checkpoint -- not raise BrokenPipeError in the signal handler before
+    the stop is requested, leaving a worker that runs on (issue 15)."""
+    topic = kafka_topics.new(PARTITIONS)
+    _out_topic(kafka_topics, topic)
+    _produce(kafka_bootstrap, topic, _records(0, 20))
+    job = _job(tmp_path, kafka_bootstrap, topic)
+    ck = ["--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-interval", "0.5"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sluiceway", "run", f"{job}:flow", *ck],
+        cwd=tmp_path,
+        env=_env(SLUICEWAY_WORKER_ID="0"),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if re.search(r"task p\d+ started", line):
+                break
+        proc.stderr.close()  # the reader is gone: the worker's next line meets EPIPE
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)  # a stop at a checkpoint: within the grace period
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert code == 0
+    assert list((tmp_path / "ck" / "tasks").glob("p*")), "no task checkpointed"
+
+
+@pytest.mark.timeout(120)
 def test_a_worker_ends_once_the_input_of_every_task_it_owns_ended(
     kafka_bootstrap: str, kafka_topics: KafkaTopics, tmp_path: Path
 ) -> None:

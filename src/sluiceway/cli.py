@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import sluiceway as sw
 from sluiceway.checkpoint.cli import add_checkpoints_command
-from sluiceway.console import LiveView, format_count
+from sluiceway.console import LiveView, format_count, say
 from sluiceway.errors import CliError
 from sluiceway.plan import plan as make_plan
 from sluiceway.runtime.handle import hold_signals, take_held_signals
@@ -815,11 +815,11 @@ async def _tasks_main(
     def on_signal(signum: int) -> None:
         received.append(signum)
         if len(received) == 1:
+            manager.request_stop()  # first: nothing said after it can keep it from happening
             if view is None:
                 _say(f"stopping the tasks at a checkpoint ({signal.Signals(signum).name})")
             else:  # in the frame, which the line would push out of place
                 view.stopping = True
-            manager.request_stop()
         else:
             forced.append(signum)
             manager.force_stop()
@@ -1034,8 +1034,7 @@ def _me() -> str:
 def _say(text: str) -> None:
     """One line on stderr, signed, in one write (the lines of several workers share a
     terminal: a line must not be cut by another's)."""
-    sys.stderr.write(f"{_me()}: {text}\n")
-    sys.stderr.flush()
+    say(f"{_me()}: {text}")
 
 
 def _fail(parser: argparse.ArgumentParser) -> NoReturn:

@@ -33,6 +33,7 @@ import math
 import os
 import re
 import shutil
+import sys
 from collections.abc import Callable
 from typing import TextIO
 
@@ -47,6 +48,7 @@ __all__ = [
     "format_rate",
     "render",
     "render_line",
+    "say",
     "strip_ansi",
     "table",
 ]
@@ -435,3 +437,23 @@ class LiveView:
 def _isatty(stream: TextIO) -> bool:
     isatty = getattr(stream, "isatty", None)
     return bool(isatty()) if callable(isatty) else False
+
+
+def say(line: str) -> None:
+    """``line`` on stderr, in one write (the lines of several workers share a terminal:
+    a line must not be cut by another's).
+
+    When nothing reads stderr any more (a pipe whose reader ended: the supervisor or the
+    terminal is gone), the line is lost and stderr goes to /dev/null from then on: a
+    process that cannot be heard must still do what it was told -- a worker whose
+    SIGTERM handler said "stopping" must stop, not fail with BrokenPipeError -- and exit
+    without Python's own failing flush of stderr at exit."""
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stderr.fileno())
+        finally:
+            os.close(devnull)

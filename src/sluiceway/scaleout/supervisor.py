@@ -26,6 +26,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from sluiceway.console import say
 from sluiceway.scaleout.worker import ENV_SUPERVISOR_FD, ENV_WORKER_ID, ENV_WORKERS
 
 __all__ = ["WorkerCommand", "supervise", "watch_supervisor"]
@@ -43,8 +44,7 @@ class WorkerCommand:
 
 def _say(text: str) -> None:
     """One line on stderr, as the command's own messages are."""
-    sys.stderr.write(f"sluiceway: {text}\n")
-    sys.stderr.flush()
+    say(f"sluiceway: {text}")
 
 
 async def _supervise(commands: Sequence[WorkerCommand]) -> int:
@@ -59,11 +59,11 @@ async def _supervise(commands: Sequence[WorkerCommand]) -> int:
 
     def forward(signum: int) -> None:
         running = [p for p in procs.values() if p.returncode is None]
-        if not stopping:
-            _say(f"stopping {len(running)} worker(s) ({signal.Signals(signum).name})")
         stopping.append(signum)
-        for p in running:
+        for p in running:  # first: nothing said after it can keep it from happening
             p.send_signal(signum)
+        if len(stopping) == 1:
+            _say(f"stopping {len(running)} worker(s) ({signal.Signals(signum).name})")
 
     # The handlers are in place before the mask is lifted, so a Ctrl-C that came while
     # the workers were starting (or right after "started") is forwarded to every one of

@@ -96,6 +96,7 @@ __all__ = [
 log = logging.getLogger("sluiceway")
 
 _POLL = 0.2  # seconds one poll of the membership consumer waits (rebalances come in it)
+_RESTART_POLLS = 2  # polls after a fencing before the task starts again (if owned)
 _FATAL = (
     ck.KafkaError.UNKNOWN_TOPIC_OR_PART,
     ck.KafkaError.TOPIC_AUTHORIZATION_FAILED,
@@ -570,7 +571,9 @@ class TaskManager:
         self._starting: set[int] = set()
         self._ended: set[int] = set()  # partitions whose last task ended by itself
         self._polling: asyncio.Future[None] | None = None
-        self._polled = asyncio.Event()  # set after each poll of the membership consumer
+        self._polls = 0  # polls of the membership consumer so far
+        # fenced partitions: the poll count after which their task starts again if owned
+        self._restarts: dict[int, int] = {}
         self._private_root: str | None = None  # the tasks' private stores (no checkpoint dir)
 
     # -- membership (librdkafka calls these inside a poll, in its thread) ------------
@@ -703,15 +706,25 @@ class TaskManager:
             return
         finally:
             self._starting.discard(p)
+        try:
+            self._say("started", p)
+            assert self._tg is not None
+            self._tg.create_task(self._time_restore(task), name=f"{self.flow.name}/restore p{p}")
+        except Exception as exc:  # noqa: BLE001 - the worker fails with it
+            self._fail(exc)
+        # Whatever failed above, the task runs: it is watched to its end, which is what
+        # a stop of it waits for (an unwatched task's stop would wait forever).
         await self._watch(task)
 
     def _launch(self, p: int) -> _Task:
+        """Start the task of ``p``: in :attr:`tasks` once its flow started, never before
+        (a task there is one that :meth:`_watch` sees end)."""
         flow = task_flow(self.flow, p, stage=self.stage)
         for node in flow.nodes:
             if isinstance(node.spec, SourceSpec) and isinstance(node.spec.source, KafkaSource):
                 node.spec.source.commit_through = self._commit_through
         spec = self.spec
-        task = self.tasks[p] = _Task(p, started_at=self.clock.monotonic())
+        task = _Task(p, started_at=self.clock.monotonic())
         if spec.checkpoint_dir is None:
             # Nothing to restore: the run starts from the group's committed offsets, which
             # the previous owner's last committed transaction wrote with its output.  A
@@ -735,11 +748,9 @@ class TaskManager:
         except BaseException:
             _discard(task)
             raise
+        self.tasks[p] = task
         self.ran += 1
         self._ended.discard(p)
-        self._say("started", p)
-        assert self._tg is not None
-        self._tg.create_task(self._time_restore(task), name=f"{self.flow.name}/restore p{p}")
         return task
 
     async def _time_restore(self, task: _Task) -> None:
@@ -784,8 +795,7 @@ class TaskManager:
                     task_name(p, self.stage),
                     exc,
                 )
-                assert self._tg is not None
-                self._tg.create_task(self._restart_if_owned(p), name=f"{self.flow.name}/p{p}")
+                self._restarts[p] = self._polls + _RESTART_POLLS
             else:
                 self._fail(exc)
             self._say("fenced" if _fenced(exc) and task.ending != "cancel" else "failed", p)
@@ -795,14 +805,18 @@ class TaskManager:
             if self.tasks.get(p) is task:
                 del self.tasks[p]
 
-    async def _restart_if_owned(self, p: int) -> None:
-        """After a fencing: two polls later (the membership hears of a loss in them),
-        start ``p`` again if this worker still owns it."""
-        for _ in range(2):
-            self._polled.clear()
-            await self._polled.wait()
-        if p in self.owned and p not in self.tasks and not self._stop:
-            await self._start(p)
+    def _restart_fenced(self) -> None:
+        """After each poll: start again the fenced tasks whose partition this worker still
+        owns :data:`_RESTART_POLLS` polls after the fencing (the membership hears of a
+        loss in them).  Driven by the membership loop, so a restart still due when the
+        loop ends (a stop, a failure) is dropped, never waited for: a waiter of its own
+        would outlive the loop and hold the task group, and the worker, open forever."""
+        due = [p for p, at in self._restarts.items() if at <= self._polls]
+        for p in due:
+            del self._restarts[p]
+            if p in self.owned and p not in self.tasks and p not in self._starting:
+                assert self._tg is not None
+                self._tg.create_task(self._start(p), name=f"{self.flow.name}/start p{p}")
 
     def _fail(self, exc: BaseException) -> None:
         if self._failure is None:
@@ -964,7 +978,8 @@ class TaskManager:
                 await self._polling
             except KafkaError as exc:
                 self._fail(exc)
-            self._polled.set()
+            self._polls += 1
+            self._restart_fenced()
 
     async def _leave(self) -> None:
         """Stop the tasks at a checkpoint (cancel them after a failure), commit, and
