@@ -19,8 +19,6 @@ Usage: ``python benchmarks/bench_checkpoint_store.py [--quick] [--url URL]``.
 
 from __future__ import annotations
 
-import asyncio
-import gc
 import os
 import shutil
 import statistics
@@ -32,13 +30,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from bench_checkpoints import _Fold, keyed_events, keyed_flow
+from bench_checkpoints import fill_keyed, time_keyed_restore
 from common import Params, Result, Row, module_main, run_child
 
 import sluiceway as sw
 from sluiceway.checkpoint import CheckpointStore, OperatorState
 from sluiceway.checkpoint.store import Segment
-from sluiceway.runtime.executor import Executor
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
 REPEATS = 3
@@ -72,30 +69,13 @@ def flow_restore(params: Params) -> Result:
     location, tmp = _location(params)
     try:
         ck = sw.Checkpoints(location, interval=2.0)
-
-        async def fill() -> sw.RunResult:
-            endless = sw.sources.Generator(lambda: keyed_events(10**12, keys))
-            handle = sw.start(keyed_flow(endless, _Fold()), checkpoints=ck)
-            while handle.metrics().operator("sum").records_in < keys:  # noqa: ASYNC110
-                await asyncio.sleep(0.05)  # a benchmark polling in real time
-            return await handle.stop()
-
-        stopped = asyncio.run(fill())
-        assert stopped.checkpoints is not None
+        fill_keyed(ck, keys)
         with CheckpointStore(location) as store:
             latest = store.latest("ck_keyed")
             assert latest is not None
             chains = [c for part in latest.chains.values() for c in part.values()]
             stored = sum(len(blob) for chain in chains for blob in chain)
-        gc.collect()
-        t0 = time.perf_counter()
-        endless = sw.sources.Generator(lambda: keyed_events(10**12, keys))
-        ex = Executor(keyed_flow(endless, _Fold()), checkpoints=ck)
-        assert ex.coordinator is not None
-        ex.coordinator.restore(ex._steps)
-        dt = time.perf_counter() - t0
-        held = ex.metrics.snapshot().operator("sum").state
-        ex.coordinator.close()
+        dt, held = time_keyed_restore(ck, keys)
         return {"restore_seconds": dt, "state_entries": held, "stored_bytes": stored}
     finally:
         _drop(location, tmp)

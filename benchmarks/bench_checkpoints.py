@@ -285,6 +285,37 @@ def keyed(params: Params) -> Result:
     return out
 
 
+def fill_keyed(ck: sw.Checkpoints, keys: int) -> sw.RunResult:
+    """Run the keyed flow until ``keys`` keys of stateful_map state exist, then stop it at
+    a checkpoint (into ``ck``)."""
+
+    async def fill() -> sw.RunResult:
+        endless = sw.sources.Generator(lambda: keyed_events(10**12, keys))
+        handle = sw.start(keyed_flow(endless, _Fold()), checkpoints=ck)
+        while handle.metrics().operator("sum").records_in < keys:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)  # a benchmark polling in real time
+        return await handle.stop()
+
+    stopped = asyncio.run(fill())
+    assert stopped.checkpoints is not None
+    return stopped
+
+
+def time_keyed_restore(ck: sw.Checkpoints, keys: int) -> tuple[float, int]:
+    """How long a new run of the keyed flow takes to restore from ``ck`` (seconds), and
+    the keys its operator then holds."""
+    gc.collect()
+    t0 = time.perf_counter()
+    endless = sw.sources.Generator(lambda: keyed_events(10**12, keys))
+    ex = Executor(keyed_flow(endless, _Fold()), checkpoints=ck)
+    assert ex.coordinator is not None
+    ex.coordinator.restore(ex._steps)
+    dt = time.perf_counter() - t0
+    held = ex.metrics.snapshot().operator("sum").state
+    ex.coordinator.close()
+    return dt, held
+
+
 def keyed_restore(params: Params) -> Result:
     """Child entry: fill ``keys`` keys of stateful_map state, stop at a checkpoint, time
     the restore of a new run."""
@@ -293,26 +324,9 @@ def keyed_restore(params: Params) -> Result:
     try:
         # every 2 s: a base and change sets after it (compacted as they grow)
         ck = sw.Checkpoints(tmp, interval=2.0)
-
-        async def fill() -> sw.RunResult:
-            endless = sw.sources.Generator(lambda: keyed_events(10**12, keys))
-            flow = keyed_flow(endless, _Fold())
-            handle = sw.start(flow, checkpoints=ck)
-            while handle.metrics().operator("sum").records_in < keys:  # noqa: ASYNC110
-                await asyncio.sleep(0.05)  # a benchmark polling in real time
-            return await handle.stop()
-
-        stopped = asyncio.run(fill())
+        stopped = fill_keyed(ck, keys)
         assert stopped.checkpoints is not None
-        gc.collect()
-        t0 = time.perf_counter()
-        endless = sw.sources.Generator(lambda: keyed_events(10**12, keys))
-        ex = Executor(keyed_flow(endless, _Fold()), checkpoints=ck)
-        assert ex.coordinator is not None
-        ex.coordinator.restore(ex._steps)
-        dt = time.perf_counter() - t0
-        held = ex.metrics.snapshot().operator("sum").state
-        ex.coordinator.close()
+        dt, held = time_keyed_restore(ck, keys)
         return {
             "keys": keys,
             "restore_seconds": dt,
