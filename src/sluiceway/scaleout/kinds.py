@@ -21,7 +21,13 @@ from sluiceway.operators.keyed_state import KeyedProcessSpec
 from sluiceway.policies import DeadLetter, Retry
 from sluiceway.windows.operator import WindowSpec
 
-__all__ = ["every_sink", "exactly_once_kafka", "keyed_state", "runs_as_tasks"]
+__all__ = [
+    "all_transactional",
+    "every_sink",
+    "exactly_once_kafka",
+    "keyed_state",
+    "runs_as_tasks",
+]
 
 _KEYED_STATE = (WindowSpec, JoinSpec, KeyedProcessSpec)
 
@@ -47,6 +53,14 @@ def every_sink(flow: Flow) -> list[object]:
     return sinks
 
 
+def all_transactional(flow: Flow) -> bool:
+    """Does every sink of ``flow``, dead-letter sinks included, write in transactions
+    (``exactly_once=True``), so that a task cancelled mid-interval leaves nothing a
+    ``read_committed`` reader sees?"""
+    sinks = every_sink(flow)
+    return bool(sinks) and all(getattr(s, "exactly_once", False) is True for s in sinks)
+
+
 def exactly_once_kafka(flow: Flow) -> bool:
     """Is ``flow`` Kafka to Kafka, exactly once: every source a Kafka source and every
     sink, dead-letter sinks included, a Kafka sink with ``exactly_once=True``?
@@ -56,13 +70,12 @@ def exactly_once_kafka(flow: Flow) -> bool:
     transaction of its output, and the next owner of the partition fences the previous
     one, so a crash neither loses nor doubles output.
     """
-    sinks = every_sink(flow)
-    if not sinks or not all(getattr(s, "exactly_once", False) is True for s in sinks):
+    if not all_transactional(flow):
         return False  # (no import of Kafka for flows that do not use it)
     from sluiceway.connectors.kafka import KafkaSink, KafkaSource  # noqa: PLC0415 - an extra
 
     sources = [n.spec.source for n in flow.nodes if isinstance(n.spec, SourceSpec)]
-    return all(isinstance(s, KafkaSink) for s in sinks) and all(
+    return all(isinstance(s, KafkaSink) for s in every_sink(flow)) and all(
         isinstance(s, KafkaSource) for s in sources
     )
 

@@ -75,7 +75,7 @@ from sluiceway.policies import DeadLetter, Retry
 from sluiceway.runtime.checkpointing import Checkpoints
 from sluiceway.runtime.executor import RunResult
 from sluiceway.runtime.handle import FlowHandle, start
-from sluiceway.scaleout.kinds import every_sink, exactly_once_kafka, keyed_state
+from sluiceway.scaleout.kinds import all_transactional, exactly_once_kafka, keyed_state
 from sluiceway.time import Clock, SystemClock
 
 __all__ = [
@@ -329,14 +329,6 @@ _MIN_HANDOVER = 2.0
 """The shortest graceful stop a revoked task of a transactional flow gets (seconds)."""
 
 
-def _all_transactional(flow: Flow) -> bool:
-    """Does every sink of ``flow``, dead-letter sinks included, write in Kafka
-    transactions (so that a task cancelled mid-interval leaves nothing a
-    ``read_committed`` reader sees)?"""
-    sinks = every_sink(flow)
-    return bool(sinks) and all(getattr(s, "exactly_once", False) is True for s in sinks)
-
-
 RESTORE_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 """Upper bounds (seconds) of the buckets of the restore-time histogram."""
 
@@ -545,7 +537,7 @@ class TaskManager:
         """The topic whose partitions name the tasks (the membership subscribes to it)."""
         revoke = spec.revoke_timeout
         self.revoke_timeout = first._revoke_timeout if revoke is None else revoke
-        if revoke is None and _all_transactional(flow):
+        if revoke is None and all_transactional(flow):
             # A revoked task stops at a checkpoint, whose barrier queues behind what the
             # task already fetched: a flow that is behind (a backlog, CPU-heavy records)
             # takes many seconds to drain it while the next owner waits idle.  With every
