@@ -548,7 +548,10 @@ class Purger:
         """May a request go at ``now``: the interval since the last one has passed, and
         that one is answered?"""
         with self._lock:
-            return self._in_flight == 0 and now >= self._next
+            return self._due(now)
+
+    def _due(self, now: float) -> bool:  # (the lock held)
+        return self._in_flight == 0 and now >= self._next
 
     def durable(self, offsets: Mapping[tuple[str, int], int], now: float) -> None:
         """A task's checkpoint is durable: below ``offsets`` its repartition partitions'
@@ -557,7 +560,7 @@ class Purger:
             for tp, off in offsets.items():
                 if off > self._wanted.get(tp, -1):
                     self._wanted[tp] = off
-            if self._in_flight or now < self._next:
+            if not self._due(now):
                 return
             todo = {tp: off for tp, off in self._wanted.items() if off > self._done.get(tp, 0)}
             if not todo:
