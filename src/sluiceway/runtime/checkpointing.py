@@ -570,6 +570,9 @@ class Coordinator:
         that took 4 s to get done, a checkpoint late by as much (CK-2M in
         ``benchmarks/RESULTS.md``).  Here it costs what it costs, a few milliseconds per
         chunk; the thread is left with hashing and SQLite, which run without the lock.
+        (``Clock.run_in_thread`` now lowers the switch interval, which ends that race for
+        the write too; the encoding stays here all the same: in a thread it would hold the
+        same lock for the same time, with no say in when the records run.)
 
         The caller lets the change sets go once they are encoded, not after the write: a
         change set keeps every state it holds alive, also those the operator has replaced
