@@ -19,6 +19,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -524,6 +525,20 @@ def test_one_value_states_are_written_as_columns() -> None:
     back = decode_changes(segment)
     assert back == later
     assert len({id(entry) for entry in back.upserts.values()}) == len(upserts)
+
+
+def test_a_change_set_of_one_value_states_vouched_for_is_written_the_same() -> None:
+    """``Changes.one_field`` (stateful_map's store vouches that every entry is
+    ``{"state": v}``): the same columns, without checking each entry; and an entry that
+    is not so fails the checkpoint rather than losing a field."""
+    upserts = {k: {"state": k * 3} for k in range(45_000)}
+    later = Changes(False, upserts, frozenset({"gone"}), extra={"wm": 1}, one_field="state")
+    segment = encode_changes(later, KEY, DELTA)
+    assert _chunks(segment) == _chunks(encode_changes(replace(later, one_field=None), KEY, DELTA))
+    assert decode_changes(segment) == later
+    bad = Changes(False, {1: {"other": 2}}, one_field="state")
+    with pytest.raises(KeyError):
+        encode_changes(bad, KEY, DELTA)
 
 
 class _Visit:

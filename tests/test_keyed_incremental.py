@@ -20,7 +20,7 @@ from sluiceway.metrics.registry import OperatorMetrics
 from sluiceway.operators.base import BuildContext, OpSpec, Step
 from sluiceway.operators.errors import DeadLetterWriter, ErrorHandler
 from sluiceway.operators.keyed_state import KeyedProcessSpec, StatefulMapSpec, process_factory
-from sluiceway.state import ProcessContext
+from sluiceway.state import OVERLAY_PROBE, Overlay, ProcessContext
 
 S = 1_000_000  # ticks per second
 
@@ -324,6 +324,112 @@ def test_stateful_map_change_sets_fold_to_the_whole_state_at_every_point(
             assert not changes.whole
             assert not changes.upserts.keys() & changes.deletes
         assert whole_state(fold_incremental(chain[0], *chain[1 : i + 1])) == whole_state(whole)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from("abcde"), st.sampled_from([1, 2, -1, 0])), max_size=60),
+    st.lists(st.integers(0, 60), max_size=8),
+    st.sets(st.integers(0, 8)),
+    st.integers(4, 40),
+    st.booleans(),
+)
+def test_the_overlay_of_hot_keys_changes_nothing_anyone_sees(
+    rows: list[tuple[str, int]], cuts: list[int], snaps: set[int], window: int, on: bool
+) -> None:
+    """``stateful_map`` with its overlay (in memory: the states of keys written again
+    kept in a small dict, folded in at every snapshot and every ``window`` records, on
+    and off as keys repeat or not) and without it (writing through): the same outputs,
+    query answers and key counts after every batch, and change sets that fold into the
+    same whole state at every snapshot."""
+    clock = sw.VirtualClock()
+    spec = StatefulMapSpec(_sum_or_drop, ttl=None, timestamped=False)  # dead letters: make_step
+    inc, out = make_step(spec, clock)
+    ref, ref_out = make_step(spec, clock)
+    inc.accept_changes(True)
+    ov = inc.store.overlay  # (None on disk: the test then checks the two alike)
+    if ov is not None:
+        ov.window, ov.on = window, on
+    ref.store.overlay = None
+    chain: list[Incremental] = []
+    wholes: list[Incremental] = []
+    bounds = [0, *sorted({c for c in cuts if 0 < c < len(rows)}), len(rows)]
+    for i, (a, b) in enumerate(itertools.pairwise(bounds)):
+        part = rows[a:b]
+        for step in (inc, ref):
+            asyncio.run(step.push(Batch(list(part), keys=[r[0] for r in part])))
+        assert out.rows == ref_out.rows
+        assert [inc.query(k, None) for k in "abcde"] == [ref.query(k, None) for k in "abcde"]
+        assert inc.metrics.state == ref.metrics.state
+        if i in snaps or b == len(rows):
+            chain.append(pickle.loads(pickle.dumps(inc.snapshot())))
+            wholes.append(pickle.loads(pickle.dumps(ref.snapshot())))
+    for i, whole in enumerate(wholes):
+        assert whole_state(fold_incremental(chain[0], *chain[1 : i + 1])) == whole_state(whole)
+
+
+def test_stateful_map_keeps_keys_written_again_in_the_overlay() -> None:
+    """In memory, a key the state held is written into the overlay alone until a fold
+    (a snapshot here); a new key is written through."""
+    clock = sw.VirtualClock()
+    spec = StatefulMapSpec(_sum_or_drop, ttl=None, timestamped=False, state=sw.state.InMemory())
+    step, _ = make_step(spec, clock)
+    step.accept_changes(True)
+    store = step.store
+    assert store.overlay is not None
+    assert store.overlay.on
+    asyncio.run(step.push(Batch([("a", 1), ("b", 1)], keys=["a", "b"])))
+    assert store.overlay.hot == {}
+    assert store.data == {"a": {"state": 1}, "b": {"state": 1}}
+    asyncio.run(step.push(Batch([("a", 2), ("a", 3), ("c", 1)], keys=["a", "a", "c"])))
+    assert store.overlay.hot == {"a": 6}
+    assert store.data["a"] == {"state": 1}
+    assert store.data["c"] == {"state": 1}
+    assert step.query("a", None).state == 6
+    assert step.metrics.state == 3
+    (changes,) = step.snapshot().partitions.values()  # the first: whole
+    assert changes.upserts == {"a": {"state": 6}, "b": {"state": 1}, "c": {"state": 1}}
+    assert store.overlay.hot == {}
+    assert store.data["a"] == {"state": 6}
+    assert changes.one_field == "state"
+
+
+def test_the_overlay_is_on_while_keys_repeat_and_tried_again_after_writing_through() -> None:
+    ov = Overlay(window=400)
+    ov.records, ov.distinct = 99, 1000  # too few records (< a quarter window): no decision
+    ov.decide(None)
+    assert (ov.on, ov.records, ov.distinct) == (True, 99, 1000)
+    ov.records, ov.distinct = 400, 100  # each key 4 times: on
+    ov.decide(None)
+    assert (ov.on, ov.records, ov.distinct) == (True, 0, 0)
+    # fewer: off; untracked (no change set counts the keys), tried again after 1, 2, 4,
+    # ... decisions, each try that fails doubling the wait, at most OVERLAY_PROBE
+    waits = []
+    for _ in range(9):
+        ov.records, ov.distinct = 400, 101
+        ov.decide(None)
+        assert not ov.on
+        n = 0
+        while not ov.on:
+            ov.records = 400
+            ov.decide(None)
+            n += 1
+        waits.append(n)
+    assert waits == [1, 2, 4, 8, 16, 32, 64, 64, 64]
+    assert OVERLAY_PROBE == 64
+    ov.records, ov.distinct = 400, 100  # a try that pays: the next wait is 1 again
+    ov.decide(None)
+    ov.records, ov.distinct = 400, 101
+    ov.decide(None)
+    ov.records = 400
+    ov.decide(None)
+    assert ov.on
+    ov.on, ov.records = False, 400  # writing through, tracked: the change sets count
+    ov.decide(through=100)
+    assert ov.on
+    ov.on, ov.records = False, 400
+    ov.decide(through=300)
+    assert not ov.on
 
 
 def test_a_stateful_map_change_set_holds_what_was_written_not_what_failed() -> None:

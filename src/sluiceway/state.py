@@ -162,6 +162,19 @@ _U_ENTRY, _U_DEADLINE, _U_TIMER_ADD, _U_TIMER_DEL = range(4)
 _TTL_FIELD = 0
 _TIMERS_FIELD = 1
 
+OVERLAY_WINDOW = 1 << 19
+"""``stateful_map``'s :class:`Overlay` is folded into the whole state at the latest after
+this many records, and whether it pays is judged over a quarter of as many at least."""
+OVERLAY_REPEATS = 4
+"""The overlay stays on while the keys it held were written at least this many times
+each, on average, over a window (:data:`OVERLAY_WINDOW`).  Below it, writing through is
+cheaper: the overlay saves a look-up in the whole state per repeated write, and costs a
+write into the whole state per key at each fold (measured in
+``benchmarks/bench_checkpoints.py``, CK-2M and CK-2M-uniform)."""
+OVERLAY_PROBE = 64
+"""Writing through untracked, the overlay is tried again after 1, 2, 4, ... decisions
+(each try that fails doubles the wait), at most this many."""
+
 Tail = Any
 """Where a TTL deadline belongs within a key: a value state's name, or ``(name, map key)``."""
 
@@ -206,6 +219,80 @@ def _unpicklable(operator: str, states: dict[Any, Any], exc: Exception) -> Check
         f"operator {operator!r}: its state cannot be pickled for a checkpoint: "
         f"{type(exc).__name__}: {exc}"
     )
+
+
+class Overlay:
+    """``stateful_map``'s overlay of the keys it writes again and again (in memory).
+
+    While on, the loop keeps the new state of a key the store held before in :attr:`hot`
+    alone (a value, not a states dict), read before the whole state;
+    :meth:`KeyedStore.fold` puts it there (and in the change set being gathered) at
+    each snapshot and at the latest after :attr:`window` records.  A hot key is then
+    read and written in that small dict, not in the whole state -- whose look-ups miss
+    the processor's caches once it holds millions of keys -- and a checkpoint tracking
+    its change costs nothing more.  A key the store did not hold is written through, so
+    the whole state always holds every key.  On while it pays: see :meth:`decide`.
+    """
+
+    __slots__ = (
+        "counted",
+        "distinct",
+        "hot",
+        "on",
+        "probe",
+        "records",
+        "since",
+        "wait",
+        "window",
+    )
+
+    def __init__(self, window: int = OVERLAY_WINDOW) -> None:
+        self.on = True
+        self.hot: dict[Any, Any] = {}
+        """Key -> its newest state (a key the whole state holds, with an older entry)."""
+        self.window = window
+        self.records = 0
+        """Records the loop handled since the last decision."""
+        self.since = 0
+        """Records the loop handled since the last fold."""
+        self.distinct = 0
+        """Keys written since the last decision, summed over the folds (a key in two
+        folds counts twice): those the overlay held and the new ones written through."""
+        self.probe = 0
+        """Decisions still to write through before the overlay is tried again."""
+        self.wait = 1
+        """Decisions to write through after the next try that fails (doubling)."""
+        self.counted = False
+        """Whether :attr:`distinct` counted keys written through (see :meth:`decide`)."""
+
+    def decide(self, through: int | None) -> None:
+        """After a fold: ``through`` keys were written through since the last snapshot
+        (None: not counted).  Once a quarter of a :attr:`window` of records was handled
+        since the last decision, the overlay is on until the next if the keys written
+        meanwhile were written :data:`OVERLAY_REPEATS` times each, on average.  Writing
+        through, those keys are counted by the change sets (a checkpoint tracks them);
+        untracked, the overlay is tried again after 1, 2, 4, ... decisions, at most
+        :data:`OVERLAY_PROBE` (a workload whose keys never repeat pays for ever fewer
+        tries; one whose keys start repeating gets the overlay back soon)."""
+        self.since = 0
+        if through is not None:
+            self.distinct += through
+            self.counted = True
+        if self.records < self.window // 4:
+            return  # (too few records to judge by: wait for more)
+        if self.on or self.counted:
+            pays = self.records >= OVERLAY_REPEATS * self.distinct
+            if self.on and not pays:
+                self.probe = self.wait
+                self.wait = min(2 * self.wait, OVERLAY_PROBE)
+            elif pays:
+                self.wait = 1
+            self.on = pays
+        else:
+            self.probe -= 1
+            self.on = self.probe <= 0
+        self.records = self.distinct = 0
+        self.counted = False
 
 
 class KeyedStore:
@@ -274,7 +361,14 @@ class KeyedStore:
         it in place since the last snapshot (``stateful_map``'s loop), so that the
         snapshot takes them as they are instead of looking each one up at the barrier
         (copy on write: the dict put in place last is the key's entry until the next
-        write).  A key that is also in :attr:`dirty` is looked up (a delete, say)."""
+        write).  A key that is also in :attr:`dirty` is looked up (a delete, say).  While
+        an :attr:`overlay` is on, the newest state of a key in it is there."""
+        self.one_field: str | None = None
+        """``"state"`` when every key's entry is ``{"state": value}`` (``stateful_map``'s
+        store): its change sets say so (:class:`~sluiceway.core.delta.Changes`)."""
+        self.overlay: Overlay | None = None
+        """``stateful_map``'s overlay of the keys it writes again and again (in memory;
+        None: none): :class:`Overlay`."""
         # The context of the code running now.
         self.key: Any = None
         self.cur: dict[str, Any] | None = None
@@ -342,6 +436,42 @@ class KeyedStore:
                 self.dirty.add(self.key)
             if self.owned is not None and cur is not None:
                 self.owned.add(self.key)
+
+    def entry(self, key: Any) -> dict[str, Any] | None:
+        """``key``'s states dict (None: the key holds nothing), with the overlay's state
+        if it has one (:attr:`overlay`)."""
+        v = None if self.overlay is None else self.overlay.hot.get(key)
+        return self.data.get(key) if v is None else {"state": v}
+
+    def discard(self, key: Any) -> None:
+        """Delete ``key``'s entry, which it holds (``stateful_map``'s function returned
+        None for it)."""
+        if self.dirty is not None:
+            self.dirty.add(key)
+        if self.overlay is not None:
+            self.overlay.hot.pop(key, None)
+        del self.data[key]
+
+    def fold(self, snapshot: bool = False) -> None:
+        """Put the overlay's states in :attr:`data` (and :attr:`written`, as changes):
+        :attr:`data` is the whole state again.  Then let the overlay decide whether it
+        stays on (:meth:`Overlay.decide`), told at a ``snapshot`` how many keys were
+        written through since the last one (:attr:`written`) if it was off."""
+        ov = self.overlay
+        if ov is None:
+            return
+        hot, written = ov.hot, self.written
+        through = None
+        if hot:
+            entries = dict(zip(hot, [{"state": v} for v in hot.values()], strict=True))
+            self.data.update(entries)
+            if written is not None:
+                written.update(entries)
+            ov.distinct += len(hot)
+            ov.hot = {}
+        elif snapshot and written is not None and not ov.on:
+            through = len(written)
+        ov.decide(through)
 
     def get(self, name: str) -> Any:
         d = self.cur
@@ -681,6 +811,7 @@ class KeyedStore:
     def track(self, on: bool) -> None:
         """Keep :attr:`dirty` and :attr:`written` (on) or not (off: every snapshot is
         whole)."""
+        self.fold()
         self.dirty = set() if on else None
         if self.owned:  # (an owned key is dirty: changing it in place marks nothing)
             self.owned.clear()
@@ -701,6 +832,7 @@ class KeyedStore:
         ``clock`` (this run's ``clock.time()``), from which :meth:`load` counts the
         processing-time ones again.
         """
+        self.fold(snapshot=True)  # (the overlay's: in the state and in the change set)
         maps = [name for name, (kind, _) in self.kinds.items() if kind == "map"]
         upserts = self._upserts()
         deletes: set[Any] = set()
@@ -735,7 +867,7 @@ class KeyedStore:
         if self.owned:  # the snapshot holds the dicts: changed in place no more
             self.owned.clear()
         info = {"clock": self.clock.time(), "kinds": dict(self.kinds), **extra}
-        return Changes(whole, upserts, frozenset(deletes), info)
+        return Changes(whole, upserts, frozenset(deletes), info, self.one_field)
 
     def _state_of(self, key: Any, maps: list[str]) -> dict[Any, Any] | None:
         """One key's entry in a snapshot (None: the key holds nothing)."""
@@ -839,6 +971,8 @@ class KeyedStore:
 
     def _reset(self, kinds: dict[str, tuple[str, TTL | None]]) -> None:
         self.data.clear()
+        if self.overlay is not None:
+            self.overlay = Overlay(self.overlay.window)
         self.base = self.cur = None
         self.kinds = dict(kinds)
         self.declared = set()

@@ -49,6 +49,9 @@ class Changes:
         deletes: keys deleted since the previous snapshot (empty when ``whole``).  A key
             is in ``upserts`` or in ``deletes``, never both.
         extra: the rest of the partition's state, always whole (the newest wins).
+        one_field: set when every upsert is the dict ``{one_field: value}``, as the step
+            made them (``stateful_map``'s): a checkpoint then writes them as columns
+            without checking each.
 
     Raises:
         ValueError: a whole state with deletes, or a key both written and deleted.
@@ -58,6 +61,7 @@ class Changes:
     upserts: dict[Hashable, Any]
     deletes: frozenset[Hashable] = frozenset()
     extra: Any = None
+    one_field: str | None = field(default=None, compare=False)  # a hint, not state
 
     def __post_init__(self) -> None:
         if self.whole and self.deletes:

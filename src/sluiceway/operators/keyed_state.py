@@ -41,7 +41,7 @@ from sluiceway.diskstate import (
 from sluiceway.operators.base import BuildContext, OpSpec, Step, without
 from sluiceway.operators.errors import ErrorHandler
 from sluiceway.policies import ErrorPolicy, Fail
-from sluiceway.state import _OWNED, TTL, KeyedStore, ProcessContext, TimerEvent
+from sluiceway.state import _OWNED, TTL, KeyedStore, Overlay, ProcessContext, TimerEvent
 from sluiceway.time import Clock, yield_now
 
 __all__ = ["KeyedProcessSpec", "StatefulMapSpec"]
@@ -413,7 +413,7 @@ class _KeyedProcessStep(Step):
     # -- checkpoints ---------------------------------------------------------------------
 
     def query(self, key: Any, at: float | None) -> KeyState:
-        data = self.store.data.get(key)
+        data = self.store.entry(key)
         wm = self.store.wm / 1e6 if math.isfinite(self.store.wm) else None
         if data is None:
             return KeyState(False, watermark=wm)
@@ -581,6 +581,15 @@ class _StatefulMapStep(_KeyedProcessStep):
         super().__init__(ctx, spec)
         self.user_fn = spec.fn
 
+    def _new_store(self, partition: Partition) -> KeyedStore:
+        """A partition's store, with an overlay of hot keys in memory (the on-disk
+        backend has its own cache): :class:`~sluiceway.state.Overlay`."""
+        store = super()._new_store(partition)
+        store.one_field = "state"
+        if store.disk is None:
+            store.overlay = Overlay()
+        return store
+
     async def push(self, batch: Batch) -> None:
         values = batch.values
         if not values:
@@ -590,13 +599,33 @@ class _StatefulMapStep(_KeyedProcessStep):
         if keys is None:  # pragma: no cover - the builder allows this on keyed streams only
             raise TypeError(f"operator {self.name!r} got records without keys")
         store = self.store
+        ov = store.overlay
+        if ov is not None and ov.on:
+            out, failed = await self._push_hot(values, keys, ov)
+        else:
+            out, failed = await self._push_through(values, keys)
+        if ov is not None:
+            ov.records += len(values)
+            ov.since += len(values)
+            if ov.since >= ov.window:
+                store.fold()
+        store.settle()
+        self.metrics.state = len(store.data)
+        await self.emit((batch if failed is None else without(batch, failed)).with_values(out))
+
+    async def _push_through(
+        self, values: list[Any], keys: list[Any]
+    ) -> tuple[list[Any], list[int] | None]:
+        """The outputs, and the records that failed (None: none did), writing each new
+        state into the whole state (``data``)."""
+        store = self.store
         if store.disk is not None:
             store.disk.prefetch(keys)
         data, fn = store.data, self.user_fn
         # Change tracking (checkpoints take change sets): a new states dict is recorded
         # as it is put in place (the snapshot takes it without a look-up), a delete as a
-        # key to look up.  A failed record changed nothing, so it records nothing.
-        written, dirty = store.written, store.dirty
+        # key to look up (discard).  A failed record changed nothing: it records nothing.
+        written = store.written
         out: list[Any] = []
         failed: list[int] | None = None
         for i, (v, k) in enumerate(zip(values, keys, strict=True)):
@@ -615,13 +644,49 @@ class _StatefulMapStep(_KeyedProcessStep):
                 if written is not None:
                     written[k] = nd
             elif d is not None:
-                del data[k]
-                if dirty is not None:
-                    dirty.add(k)
+                store.discard(k)
             out.append(o)
-        store.settle()
-        self.metrics.state = len(data)
-        await self.emit((batch if failed is None else without(batch, failed)).with_values(out))
+        return out, failed
+
+    async def _push_hot(
+        self, values: list[Any], keys: list[Any], ov: Overlay
+    ) -> tuple[list[Any], list[int] | None]:
+        """:meth:`_push_through` with the overlay ``ov`` on: the new state of a key held
+        before goes into ``ov.hot`` alone (a value, not a dict), read before the whole
+        state; a fold puts it there (and in the change set).  A new key is written
+        through (so ``data`` holds every key: its size is the state's)."""
+        store = self.store
+        data, hot, written, fn = store.data, ov.hot, store.written, self.user_fn
+        get = hot.get
+        born = 0  # new keys (written through)
+        out: list[Any] = []
+        failed: list[int] | None = None
+        for i, (v, k) in enumerate(zip(values, keys, strict=True)):
+            state = get(k)  # (a state is never None: None deletes the key)
+            if state is None:
+                d = data.get(k)
+                state = None if d is None else d["state"]
+            try:
+                new, o = _pair(fn(state, v))
+            except Exception as exc:  # noqa: BLE001 - any user error goes to the error policy
+                ok, result = await self.errors.recover([v], exc, partial(_call, fn, state, v))
+                if not ok:
+                    failed = [i] if failed is None else [*failed, i]
+                    continue
+                new, o = result
+            if new is None:
+                if state is not None:
+                    store.discard(k)
+            elif state is not None:
+                hot[k] = new
+            else:
+                data[k] = nd = {"state": new}
+                if written is not None:
+                    written[k] = nd
+                born += 1
+            out.append(o)
+        ov.distinct += born
+        return out, failed
 
 
 class StatefulMapSpec(KeyedProcessSpec):
