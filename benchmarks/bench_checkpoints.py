@@ -11,7 +11,8 @@
   20,000 hot keys, the rest spread over all keys).  Checkpoints every second vs none,
   measured once every key exists: throughput >= 90 % (by CPU time: the machine is
   shared; the wall-clock share is shown too) and every checkpoint done within the
-  interval; the restore of the 2,000,000 keys < 3 s.  ``CK-2M-uniform``: the same with
+  interval; the restore of the 2,000,000 keys < 3 s, and a restarted run's first output
+  less than 1 s after that (from ``sw.start``, restore included).  ``CK-2M-uniform``: the same with
   every record on any key (no hot keys: ``stateful_map``'s overlay of hot keys stays
   off), stated.
 * ``CK-win`` (issue 20): bytes per checkpoint of a window operator holding many keys of
@@ -194,6 +195,7 @@ def restore(params: Params) -> Result:
 HOT = 20_000
 TARGET_KEYED_SHARE = 0.90
 TARGET_KEYED_RESTORE_S = 3.0
+TARGET_FIRST_OUTPUT_S = 1.0  # a restart's first output, after the restore
 
 
 def keyed_events(
@@ -319,6 +321,24 @@ def time_keyed_restore(ck: sw.Checkpoints, keys: int) -> tuple[float, int]:
     return dt, held
 
 
+def time_keyed_first_output(ck: sw.Checkpoints, keys: int) -> float:
+    """How long a new run of the keyed flow takes from ``sw.start`` (restoring from
+    ``ck``) to the stateful operator's first output (seconds)."""
+
+    async def first() -> float:
+        endless = sw.sources.Generator(lambda: keyed_events(10**12, keys))
+        t0 = time.perf_counter()
+        handle = sw.start(keyed_flow(endless, _Fold()), checkpoints=ck)
+        while handle.metrics().operator("sum").records_out == 0:  # noqa: ASYNC110
+            await asyncio.sleep(0.002)  # a benchmark polling in real time
+        dt = time.perf_counter() - t0
+        await handle.stop()
+        return dt
+
+    gc.collect()
+    return asyncio.run(first())
+
+
 def keyed_restore(params: Params) -> Result:
     """Child entry: fill ``keys`` keys of stateful_map state, stop at a checkpoint, time
     the restore of a new run."""
@@ -330,9 +350,11 @@ def keyed_restore(params: Params) -> Result:
         stopped = fill_keyed(ck, keys)
         assert stopped.checkpoints is not None
         dt, held = time_keyed_restore(ck, keys)
+        first = time_keyed_first_output(ck, keys)
         return {
             "keys": keys,
             "restore_seconds": dt,
+            "first_output_seconds": first,
             "state_entries": held,
             "checkpoint_bytes": stopped.checkpoints.last_size,
             "checkpoint_seconds": stopped.checkpoints.last_duration,
@@ -413,10 +435,14 @@ def run_keyed(quick: bool) -> list[Row]:
             "CK-2M-restore",
             f"stateful_map, {keys:,} keys",
             f"{rs['restore_seconds']:.2f} s ({rs['checkpoint_bytes'] / 1e6:.1f} MB, "
-            f"{rs['state_entries']:,} keys)",
-            "",
-            f"< {TARGET_KEYED_RESTORE_S:g} s",
-            "PASS" if rs["restore_seconds"] < TARGET_KEYED_RESTORE_S else "FAIL",
+            f"{rs['state_entries']:,} keys); a new run's start to its first output "
+            f"{rs['first_output_seconds']:.2f} s",
+            f"restore + {rs['first_output_seconds'] - rs['restore_seconds']:.2f} s",
+            f"< {TARGET_KEYED_RESTORE_S:g} s; first output < restore + {TARGET_FIRST_OUTPUT_S:g} s",
+            "PASS"
+            if rs["restore_seconds"] < TARGET_KEYED_RESTORE_S
+            and rs["first_output_seconds"] < rs["restore_seconds"] + TARGET_FIRST_OUTPUT_S
+            else "FAIL",
         ),
     ]
 
