@@ -15,7 +15,8 @@ import pytest
 
 import sluiceway as sw
 from sluiceway.time import Clock, SystemClock, VirtualClock, yield_now
-from sluiceway.time.clock import PROMPT_SWITCH_INTERVAL, _PromptThreads
+from sluiceway.time import clock as clock_module
+from sluiceway.time.clock import HAND_OVER_EVERY, PROMPT_SWITCH_INTERVAL, _PromptThreads
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "sluiceway"
 
@@ -496,6 +497,39 @@ def test_the_switch_interval_is_lowered_while_threads_work_and_put_back_after() 
         assert sys.getswitchinterval() == pytest.approx(0.0001)
         prompt.exit()
         assert sys.getswitchinterval() == pytest.approx(0.0001)
+    finally:
+        sys.setswitchinterval(before)
+
+
+def test_the_loop_hands_the_lock_over_at_most_once_per_interval_while_threads_work(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """hand_over (at the loop's yield points) lets a waiting thread have the interpreter
+    lock with a time.sleep(0) -- only while work runs in threads, and at most once per
+    HAND_OVER_EVERY of the loop's time (each costs the loop ~0.1 ms)."""
+    prompt = _PromptThreads()
+    now = [100.0]
+    slept: list[float] = []
+    monkeypatch.setattr(clock_module._time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(clock_module._time, "sleep", slept.append)
+    prompt.hand_over()
+    assert slept == []  # no thread at work: nothing to hand over
+    before = sys.getswitchinterval()
+    try:
+        prompt.enter()
+        for _ in range(3):  # at one instant: once
+            prompt.hand_over()
+        assert slept == [0]
+        now[0] += HAND_OVER_EVERY / 2
+        prompt.hand_over()
+        assert slept == [0]  # too soon
+        now[0] += HAND_OVER_EVERY  # (past the interval, whatever the rounding)
+        prompt.hand_over()
+        assert slept == [0, 0]
+        prompt.exit()
+        now[0] += 1.0
+        prompt.hand_over()
+        assert slept == [0, 0]
     finally:
         sys.setswitchinterval(before)
 
