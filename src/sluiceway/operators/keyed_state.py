@@ -654,7 +654,9 @@ class _StatefulMapStep(_KeyedProcessStep):
         """:meth:`_push_through` with the overlay ``ov`` on: the new state of a key held
         before goes into ``ov.hot`` alone (a value, not a dict), read before the whole
         state; a fold puts it there (and in the change set).  A new key is written
-        through (so ``data`` holds every key: its size is the state's)."""
+        through (so ``data`` holds every key: its size is the state's).  A loop of its
+        own, the user call and error policy written again, rather than a branch per
+        record in one loop: this is the record path."""
         store = self.store
         data, hot, written, fn = store.data, ov.hot, store.written, self.user_fn
         get = hot.get
