@@ -229,10 +229,17 @@ def read_topic(
     committed: bool = True,
     expect: int | None = None,
     quiet_for: float = 2.0,
+    to_end: bool = False,
 ) -> list[Any]:
     """Every record of ``topic`` (``read_committed`` unless ``committed=False``) as
     ``(partition, offset, key, value)``, read until ``expect`` came or ``quiet_for``
-    seconds brought nothing."""
+    seconds brought nothing.
+
+    ``to_end=True`` is for a topic nobody writes to any more (its writers stopped): the
+    read also ends once every partition was read to its end -- the reader reached the
+    partition's high watermark, as the broker gave it with the records, so a transaction
+    whose commit marker is not written yet is waited for.  ``quiet_for`` still bounds a
+    wait for a transaction left open (``read_committed`` stops short of it, as before)."""
     import confluent_kafka as ck  # noqa: PLC0415
 
     c = ck.Consumer(
@@ -241,19 +248,35 @@ def read_topic(
             "group.id": f"reader-{uuid.uuid4().hex[:8]}",
             "enable.auto.commit": False,
             "isolation.level": "read_committed" if committed else "read_uncommitted",
+            "enable.partition.eof": to_end,
+            **({"fetch.wait.max.ms": 100} if to_end else {}),  # the end comes in a fetch
             "logger": _quiet,
         }
     )
     try:
         c.assign([ck.TopicPartition(topic, p, ck.OFFSET_BEGINNING) for p in range(partitions)])
         out: list[Any] = []
+        ended: set[int] = set()  # partitions read to their high watermark
         quiet = 0.0
         while (expect is None or len(out) < expect) and quiet < quiet_for:
             msgs = c.consume(1000, 0.25)
-            quiet = 0.0 if msgs else quiet + 0.25
+            eof = ck.KafkaError._PARTITION_EOF
+            eofs = [m for m in msgs if (e := m.error()) is not None and e.code() == eof]
+            quiet = 0.0 if len(msgs) > len(eofs) else quiet + 0.25  # an end is no record
             for m in msgs:
                 if m.error() is None:
                     out.append((m.partition(), m.offset(), m.key(), m.value()))
+                    ended.discard(m.partition())
+            for m in eofs:
+                # the end of what is readable: the high watermark (as the fetch that
+                # reached the end had it) unless an open transaction (read_committed) or
+                # a commit marker still to come holds it back
+                tp = ck.TopicPartition(topic, m.partition())
+                _, high = c.get_watermark_offsets(tp, cached=True)
+                if m.offset() >= high:
+                    ended.add(m.partition())
+            if to_end and len(ended) == partitions:
+                break
         return out
     finally:
         c.close()

@@ -182,7 +182,8 @@ def _run_to_the_end(
     finally:
         workers.kill_all()
         out.close()
-    return [json.loads(v) for (_, _, _, v) in read_topic(bootstrap, out_topic, quiet_for=3)]
+    found = read_topic(bootstrap, out_topic, quiet_for=3, to_end=True)
+    return [json.loads(v) for (_, _, _, v) in found]
 
 
 @pytest.mark.timeout(240)
@@ -498,8 +499,8 @@ def test_stage_n_deletes_the_records_it_has_checkpointed(
     assert staged.purger is not None
     stats = staged.purger.statistics()
     assert stats.failures == 0, stats.last_error
-    rows = [json.loads(v) for (_, _, _, v) in read_topic(bootstrap, out_topic, quiet_for=1)]
-    check_output(records, rows)
+    found = read_topic(bootstrap, out_topic, quiet_for=1, to_end=True)
+    check_output(records, [json.loads(v) for (_, _, _, v) in found])
 
 
 def test_a_task_purges_below_the_checkpoint_before_its_latest(
@@ -630,18 +631,16 @@ def test_elastic_chaos_with_repartitioning_is_exactly_once(
         assert workers.stop(leaving) == 0, workers.report()
         out.wait_for(len(records), "run", 120)
         out.wait_for(wins, "win", 60)
-        for wid in workers.running():
-            assert workers.stop(wid) == 0, workers.report()
+        codes = workers.stop_running()
+        assert set(codes.values()) == {0}, f"exit codes {codes}\n{workers.report()}"
         assert workers.procs[victim].returncode == -signal.SIGKILL
     except AssertionError as exc:
         raise AssertionError(f"seed {seed}: {exc}\n{workers.report()}") from None
     finally:
         workers.kill_all()
         out.close()
-    rows = [
-        json.loads(v)
-        for (_, _, _, v) in read_topic(bootstrap, repart["REPART_OUTPUT"], quiet_for=3)
-    ]
+    found = read_topic(bootstrap, repart["REPART_OUTPUT"], quiet_for=3, to_end=True)
+    rows = [json.loads(v) for (_, _, _, v) in found]
     try:
         check_output(records, rows)
     except AssertionError as exc:

@@ -119,7 +119,8 @@ def test_a_stateless_flow_is_exactly_once_when_a_worker_is_killed_mid_stream(
     finally:
         workers.kill_all()
         out.close()
-    rows = [json.loads(v) for (_, _, _, v) in read_topic(kafka_bootstrap, out_topic, quiet_for=1.0)]
+    found = read_topic(kafka_bootstrap, out_topic, quiet_for=1.0, to_end=True)
+    rows = [json.loads(v) for (_, _, _, v) in found]
     got = Counter((r["p"], r["i"]) for r in rows)
     lost, twice = want - got, got - want
     by_worker = Counter(r["w"] for r in rows)

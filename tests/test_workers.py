@@ -396,7 +396,8 @@ def test_workers_joining_crashing_and_replaced_lose_nothing(
             )
 
         def written(quiet_for: float = 0.5) -> list[Any]:
-            found = read_topic(kafka_bootstrap, out_topic, quiet_for=quiet_for)
+            """Every record of the output, once every worker has ended (to its end)."""
+            found = read_topic(kafka_bootstrap, out_topic, quiet_for=quiet_for, to_end=True)
             return [json.loads(r[3]) for r in found]
 
         def wait_written(n: int) -> None:

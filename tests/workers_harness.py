@@ -123,6 +123,15 @@ class Workers:
         self.procs[wid].send_signal(signal.SIGINT)
         return self.procs[wid].wait(timeout=within)
 
+    def stop_running(self, within: float = 60.0) -> dict[str, int]:
+        """SIGINT to every running worker at once, then each one's exit code: no worker
+        takes over the partitions of one stopping before it (at the end of a test, with
+        the output complete, that handover would only cost time)."""
+        running = self.running()
+        for wid in running:
+            self.procs[wid].send_signal(signal.SIGINT)
+        return {wid: self.procs[wid].wait(timeout=within) for wid in running}
+
     def stderr(self, wid: str, lines: int = 25) -> str:
         text = (self.root / f"worker-{wid}" / "stderr.log").read_text(errors="replace")
         return "\n".join(text.splitlines()[-lines:])
