@@ -16,6 +16,11 @@ compaction (after the new base is written, before the commit).
 ``--state disk`` keeps the keyed state (stateful_map, process) in ``sw.state.OnDisk`` files
 under WORKDIR/state with a cache of 8 of the 50 keys.
 
+It prints ``ready`` once the flow is built (nothing opened yet), then waits for a line on
+stdin before it runs: the test starts the next run while this one still runs, so that
+the kills come one after the other, not an interpreter's start apart.  Stdin closed
+without a line: it ends without running.
+
 Usage: crash_child.py INPUT WORKDIR RATE [--sink atomic|naive] [--state memory|disk]
 [--die-compacting N]
 """
@@ -213,6 +218,8 @@ def main() -> None:
     clock = sw.SystemClock()
     flow = build(inp, work, rate, naive, clock, disk)
     print("ready", flush=True)
+    if not sys.stdin.readline():  # the test went away before this run's turn
+        return
     store = sys.argv[sys.argv.index("--store") + 1] if "--store" in sys.argv else work / "ckpt"
     checkpoints = sw.Checkpoints(store, interval=0.05, compact_after=3)
     sw.run(flow, clock=clock, checkpoints=checkpoints)

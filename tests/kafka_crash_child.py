@@ -5,6 +5,11 @@ transactional sink, checkpointed every 0.2 s, paced so that a run lasts long eno
 killed mid-stream.  The input ends after 1.5 s without records (then the windows flush and
 a final checkpoint commits the last transaction).
 
+It prints ``ready`` once the flow is built (nothing opened yet), then waits for a line on
+stdin before it runs: the test starts the next run while this one still runs, so that
+the kills come one after the other, not an interpreter's start apart.  Stdin closed
+without a line: it ends without running.
+
 Usage: kafka_crash_child.py BOOTSTRAP INPUT_TOPIC OUTPUT_TOPIC WORKDIR RATE
 """
 
@@ -72,6 +77,8 @@ def main() -> None:
     bootstrap, inp, out, work, rate = sys.argv[1:6]
     flow = build(bootstrap, inp, out, float(rate))
     print("ready", flush=True)
+    if not sys.stdin.readline():  # the test went away before this run's turn
+        return
     ck = sw.Checkpoints(Path(work) / "ck", interval=0.2)
     sw.run(flow, checkpoints=ck, handle_signals=False, max_batch_size=100)
 

@@ -6,6 +6,11 @@ second into a Parquet dataset (partitioned), a Delta table or an Iceberg table.
 ``--naive`` swaps in a Parquet sink that publishes each file as soon as it is written,
 ignoring checkpoints: the at-least-once sink that must make the test fail.
 
+It prints ``ready`` once the flow is built (nothing opened yet), then waits for a line on
+stdin before it runs: the test starts the next run while this one still runs, so that
+the kills come one after the other, not an interpreter's start apart.  Stdin closed
+without a line: it ends without running.
+
 Usage: lakehouse_crash_child.py FORMAT INPUT WORKDIR RATE [--naive]
 """
 
@@ -66,6 +71,8 @@ def main() -> None:
         .sink(make_sink(fmt, work, "--naive" in sys.argv), name="table_out")
     )
     print("ready", flush=True)
+    if not sys.stdin.readline():  # the test went away before this run's turn
+        return
     sw.run(flow, checkpoints=sw.Checkpoints(work / "ckpt", interval=CHECKPOINT_INTERVAL))
 
 

@@ -97,10 +97,26 @@ def start_child(
             state,
             *extra,
         ],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
     )
+
+
+def go(p: subprocess.Popen[bytes]) -> None:
+    """Let a child that is ready (:func:`wait_ready`) run: it waits for a line on stdin."""
+    assert p.stdin is not None
+    p.stdin.write(b"go\n")
+    p.stdin.flush()
+
+
+def reap(children: list[subprocess.Popen[bytes]]) -> None:
+    """Kill whichever of ``children`` still runs (or waits for its go) and reap it."""
+    for child in children:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
 
 
 def wait_ready(p: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
@@ -140,29 +156,38 @@ def crash_and_finish(
     work.mkdir()
     rnd = random.Random(seed)
     done = 0
-    if die_compacting is not None:
-        p = start_child(work, inp, sink, state, "--die-compacting", str(die_compacting), *at)
-        wait_ready(p)
-        out, err = p.communicate(timeout=60)
-        assert p.returncode == -signal.SIGKILL, err.decode()
-        assert out == b"dying inside a compaction\n"
-        done += 1
-    while done < kills:
-        p = start_child(work, inp, sink, state, *at)
-        wait_ready(p)
-        time.sleep(rnd.uniform(0.05, 0.35))
-        if p.poll() is not None:
-            err = p.communicate()[1].decode()
-            raise AssertionError(
-                f"run {done + 1} ended (exit {p.returncode}) before its kill: the input is "
-                f"too short for {kills} kills\n{err}"
-            )
-        p.send_signal(signal.SIGKILL)
-        p.communicate()  # reap it and close its pipes
-        done += 1
-    p = start_child(work, inp, sink, state, *at)
-    _, err = p.communicate(timeout=120)
-    assert p.returncode == 0, err.decode()
+    # Each run is started while the one before it runs (it waits for go()): a kill's
+    # instant counts from its run's go, as it counted from its start.
+    children = [start_child(work, inp, sink, state, *at)]
+    try:
+        if die_compacting is not None:
+            p = start_child(work, inp, sink, state, "--die-compacting", str(die_compacting), *at)
+            children.append(p)
+            wait_ready(p)
+            out, err = p.communicate(b"go\n", timeout=60)
+            assert p.returncode == -signal.SIGKILL, err.decode()
+            assert out == b"dying inside a compaction\n"
+            done += 1
+        while done < kills:
+            p = children[0]
+            wait_ready(p)
+            go(p)
+            children.insert(0, start_child(work, inp, sink, state, *at))  # the next run
+            time.sleep(rnd.uniform(0.05, 0.35))
+            if p.poll() is not None:
+                err = p.communicate()[1].decode()
+                raise AssertionError(
+                    f"run {done + 1} ended (exit {p.returncode}) before its kill: the input "
+                    f"is too short for {kills} kills\n{err}"
+                )
+            p.send_signal(signal.SIGKILL)
+            p.communicate()  # reap it and close its pipes
+            done += 1
+        p = children[0]
+        _, err = p.communicate(b"go\n", timeout=120)
+        assert p.returncode == 0, err.decode()
+    finally:
+        reap(children)
     return rows, work, done
 
 

@@ -450,24 +450,51 @@ def test_sigkill_at_random_instants_is_exactly_once_kafka_to_kafka(
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     child = str(Path(__file__).with_name("kafka_crash_child.py"))
     cmd = [sys.executable, child, kafka_bootstrap, inp, out, str(tmp_path)]
-    # Killed runs go at 300 records/s: 20 of them (2 s at most each) cannot finish the
-    # job; the last run goes fast.  The pace changes timing only, never the results.
-    rng = random.Random(7)
-    for _ in range(20):
-        p = subprocess.Popen([*cmd, "100"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+
+    runs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(rate: str) -> subprocess.Popen[bytes]:
+        """A run that starts its interpreter and builds the flow, then waits for go()."""
+        pipe = subprocess.PIPE
+        runs.append(subprocess.Popen([*cmd, rate], stdin=pipe, stdout=pipe, stderr=pipe, env=env))
+        return runs[-1]
+
+    def go(p: subprocess.Popen[bytes]) -> None:
+        assert p.stdin is not None
         assert p.stdout is not None
         assert p.stdout.readline().strip() == b"ready"
-        time.sleep(rng.uniform(0.3, 2.0))
-        if p.poll() is not None:
-            _, err = p.communicate()
-            raise AssertionError(f"the child ended by itself: {err.decode()[-3000:]}")
-        p.send_signal(signal.SIGKILL)
-        p.communicate()
-    # The killed runs got somewhere: some windows are committed already.
-    progress = committed_offsets(kafka_bootstrap, f"{inp}.crash", inp, 2)
-    assert read_topic(kafka_bootstrap, out, partitions=2), f"no output; offsets {progress}"
-    p = subprocess.run([*cmd, "5000"], capture_output=True, env=env, timeout=120, check=False)
-    assert p.returncode == 0, p.stderr.decode()[-3000:]
+        p.stdin.write(b"go\n")
+        p.stdin.flush()
+
+    # Killed runs go at 100 records/s: 20 of them (2 s at most each) cannot finish the
+    # job; the last run goes fast.  The pace changes timing only, never the results.
+    # Each run is started while the one before it runs (it waits for go()): a kill's
+    # instant counts from its run's go, as it counted from its start.
+    rng = random.Random(7)
+    nxt = spawn("100")
+    try:
+        for done in range(20):
+            p = nxt
+            go(p)
+            nxt = spawn("100" if done < 19 else "5000")
+            time.sleep(rng.uniform(0.3, 2.0))
+            if p.poll() is not None:
+                _, err = p.communicate()
+                raise AssertionError(f"the child ended by itself: {err.decode()[-3000:]}")
+            p.send_signal(signal.SIGKILL)
+            p.communicate()
+        # The killed runs got somewhere: some windows are committed already.
+        progress = committed_offsets(kafka_bootstrap, f"{inp}.crash", inp, 2)
+        some = read_topic(kafka_bootstrap, out, partitions=2, expect=1)
+        assert some, f"no output; offsets {progress}"
+        go(nxt)
+        _, err = nxt.communicate(timeout=120)
+        assert nxt.returncode == 0, err.decode()[-3000:]
+    finally:
+        for run in runs:
+            if run.poll() is None:
+                run.kill()
+                run.communicate()
     rows = read_topic(kafka_bootstrap, out, partitions=2, expect=sum(oracle.values()))
     got = Counter(
         (v["k"], v["start"], v["count"], v["sum"]) for v in (json.loads(r[3]) for r in rows)

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from test_checkpoint_crash import make_input, wait_ready
+from test_checkpoint_crash import go, make_input, reap, wait_ready
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -45,6 +45,7 @@ def start_child(
     args = [sys.executable, str(CHILD), fmt, str(inp), str(work), str(rate)]
     return subprocess.Popen(
         [*args, *(["--naive"] if naive else [])],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
@@ -66,22 +67,31 @@ def crash_and_finish(
     work = tmp_path / "work"
     work.mkdir()
     rnd = random.Random(seed)
-    for done in range(kills):
-        p = start_child(fmt, work, inp, RATE, naive)
-        wait_ready(p)
-        time.sleep(rnd.uniform(0.3, 1.6))
-        if p.poll() is not None:
-            err = p.communicate()[1].decode()
-            raise AssertionError(
-                f"run {done + 1} ended (exit {p.returncode}) before its kill\n{err}"
-            )
-        p.send_signal(signal.SIGKILL)
-        p.communicate()
-        if after_kill is not None:
-            after_kill(work)
-    p = start_child(fmt, work, inp, 1e9, naive)
-    _, err = p.communicate(timeout=120)
-    assert p.returncode == 0, err.decode()
+    # Each run is started while the one before it runs (it waits for go()): a kill's
+    # instant counts from its run's go, as it counted from its start.
+    children = [start_child(fmt, work, inp, RATE if kills else 1e9, naive)]
+    try:
+        for done in range(kills):
+            p = children[0]
+            wait_ready(p)
+            go(p)
+            rate = RATE if done + 1 < kills else 1e9  # the next run: the last one finishes
+            children.insert(0, start_child(fmt, work, inp, rate, naive))
+            time.sleep(rnd.uniform(0.3, 1.6))
+            if p.poll() is not None:
+                err = p.communicate()[1].decode()
+                raise AssertionError(
+                    f"run {done + 1} ended (exit {p.returncode}) before its kill\n{err}"
+                )
+            p.send_signal(signal.SIGKILL)
+            p.communicate()
+            if after_kill is not None:
+                after_kill(work)
+        p = children[0]
+        _, err = p.communicate(b"go\n", timeout=120)
+        assert p.returncode == 0, err.decode()
+    finally:
+        reap(children)
     return kills, work
 
 
