@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +26,11 @@ from services import free_port, import_or_missing
 from services_rabbitmq import (
     RabbitMQServer,
     delete_queues,
-    own_rabbitmq,
     rabbitmq_queue,
     rabbitmq_url,
 )
 
-FIXTURES = (own_rabbitmq, rabbitmq_queue, rabbitmq_url)  # used by name as test arguments
+FIXTURES = (rabbitmq_queue, rabbitmq_url)  # used by name as test arguments
 
 import_or_missing("aio_pika")
 
@@ -808,31 +807,51 @@ def test_example_flow_builds_and_runs(rabbitmq_url: str, rabbitmq_queue: str) ->
 
 # -- outage --------------------------------------------------------------------------
 
+OUTAGES = ("kill", "stop")
+
+
+@pytest.fixture(scope="module")
+def outage_rabbitmq() -> Iterator[RabbitMQServer]:
+    """A private node for the outage tests, started once for all of them (a node boots in
+    seconds, not milliseconds): each test kills or stops it and starts it again itself,
+    on queues of its own (``outage-<how>.in`` and ``.out``).
+
+    RabbitMQ 3.x acknowledges a queue declaration before it is safely on disk: a node
+    SIGKILLed ~2 s after declaring a durable queue may come back without it, and without
+    every message it had confirmed into it (the sink then stops with RabbitMQError, see
+    test_sink_does_not_silently_recreate_its_queue_after_an_outage).  The crash these
+    tests are about hits queues that exist, so every test's queues are declared here and
+    one clean restart puts their declarations on disk."""
+    with RabbitMQServer.start_new() as server:
+        for how in OUTAGES:
+            publish(server.url, f"outage-{how}.in", [])
+            publish(server.url, f"outage-{how}.out", [])
+        server.stop()
+        server.start()
+        yield server
+
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("how", ["kill", "stop"])
+@pytest.mark.parametrize("how", OUTAGES)
 def test_outage_broker_killed_and_restarted_mid_stream(
-    own_rabbitmq: RabbitMQServer, caplog: pytest.LogCaptureFixture, how: str
+    outage_rabbitmq: RabbitMQServer, caplog: pytest.LogCaptureFixture, how: str
 ) -> None:
     """Stop the broker mid-stream -- SIGKILL (a crash: only what is on disk survives) or
     SIGTERM (a clean shutdown: clients get CONNECTION_FORCED) -- and restart it on the
     same port and data directory: source and sink reconnect with backoff; every message
     the broker confirmed (the input, and the output the sink got confirms for) is there
     afterwards; duplicates are allowed (at-least-once) and counted."""
-    server = own_rabbitmq
+    server = outage_rabbitmq
+    server.start()  # nothing to do unless a test before this one failed while it was down
     url, n = server.url, 3000
-    out_q = "outage.out"
-    publish_ids(url, "outage.in", n)
-    publish(url, out_q, [])
-    # RabbitMQ 3.x acknowledges a queue declaration before it is safely on disk: a node
-    # SIGKILLed ~2 s after declaring a durable queue may come back without it, and
-    # without every message it had confirmed into it (the sink then stops with
-    # RabbitMQError, see test_sink_does_not_silently_recreate_its_queue_after_an_outage).
-    # The crash this test is about hits queues that exist, so a clean restart first puts
-    # their declarations on disk.
-    server.stop()
-    server.start()
+    in_q, out_q = f"outage-{how}.in", f"outage-{how}.out"
+    # Into the queue declared (and put on disk) for this test: a message the node
+    # confirmed is on disk, which is what the crash must not lose.
+    publish_ids(url, in_q, n)
+    for queue, want in ((in_q, n), (out_q, 0)):  # queues of this test alone
+        held = asyncio.run(depth(url, queue))
+        assert held == want, f"{queue} holds {held} messages before the outage, not {want}"
     written: list[int] = []
 
     def pace(r: dict[str, int]) -> dict[str, int]:
@@ -840,7 +859,7 @@ def test_outage_broker_killed_and_restarted_mid_stream(
         return r
 
     flow = sw.Flow("outage")
-    src = RabbitMQSource(url, "outage.in", prefetch=200, stop_after_idle=3.0)
+    src = RabbitMQSource(url, in_q, prefetch=200, stop_after_idle=3.0)
     sink = RabbitMQSink(url, declare_queue=out_q)
     (
         flow.source(src, name="in")
@@ -869,7 +888,7 @@ def test_outage_broker_killed_and_restarted_mid_stream(
         assert f"127.0.0.1:{server.port}" in record.getMessage()
     out = Counter(r["id"] for r in drain(url, out_q))
     assert set(out) == set(range(n)), f"{n - len(set(out))} records lost"
-    assert asyncio.run(depth(url, "outage.in")) == 0
+    assert asyncio.run(depth(url, in_q)) == 0
     dups = sum(c - 1 for c in out.values())
     print(f"outage ({how}): {n} records, {dups} duplicates, boot times {server.boot_seconds}")
 
