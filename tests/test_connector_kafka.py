@@ -29,6 +29,7 @@ import pytest
 import services_kafka
 from services import import_or_missing
 from services_kafka import KafkaServer, KafkaTopics, committed_offsets, produce, read_topic
+from test_checkpoint_crash import go, reap, wait_ready
 
 kafka_bootstrap = services_kafka.kafka_bootstrap
 kafka_topic = services_kafka.kafka_topic
@@ -459,13 +460,6 @@ def test_sigkill_at_random_instants_is_exactly_once_kafka_to_kafka(
         runs.append(subprocess.Popen([*cmd, rate], stdin=pipe, stdout=pipe, stderr=pipe, env=env))
         return runs[-1]
 
-    def go(p: subprocess.Popen[bytes]) -> None:
-        assert p.stdin is not None
-        assert p.stdout is not None
-        assert p.stdout.readline().strip() == b"ready"
-        p.stdin.write(b"go\n")
-        p.stdin.flush()
-
     # Killed runs go at 100 records/s: 20 of them (2 s at most each) cannot finish the
     # job; the last run goes fast.  The pace changes timing only, never the results.
     # Each run is started while the one before it runs (it waits for go()): a kill's
@@ -475,6 +469,7 @@ def test_sigkill_at_random_instants_is_exactly_once_kafka_to_kafka(
     try:
         for done in range(20):
             p = nxt
+            wait_ready(p)
             go(p)
             nxt = spawn("100" if done < 19 else "5000")
             time.sleep(rng.uniform(0.3, 2.0))
@@ -487,14 +482,12 @@ def test_sigkill_at_random_instants_is_exactly_once_kafka_to_kafka(
         progress = committed_offsets(kafka_bootstrap, f"{inp}.crash", inp, 2)
         some = read_topic(kafka_bootstrap, out, partitions=2, expect=1)
         assert some, f"no output; offsets {progress}"
+        wait_ready(nxt)
         go(nxt)
         _, err = nxt.communicate(timeout=120)
         assert nxt.returncode == 0, err.decode()[-3000:]
     finally:
-        for run in runs:
-            if run.poll() is None:
-                run.kill()
-                run.communicate()
+        reap(runs)
     rows = read_topic(kafka_bootstrap, out, partitions=2, expect=sum(oracle.values()))
     got = Counter(
         (v["k"], v["start"], v["count"], v["sum"]) for v in (json.loads(r[3]) for r in rows)
